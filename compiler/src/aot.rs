@@ -1,0 +1,103 @@
+//! Ahead-of-time compilation: `.wasm`/`.wat` in, signed `.kiln` artifact out.
+
+use std::time::{Duration, Instant};
+
+use kiln_protocol::artifact;
+use kiln_protocol::keys::SecretKey;
+use kiln_protocol::manifest::{
+    ArtifactTarget, CompileSettings, Digest, EngineInfo, Import, ImportKind, Manifest,
+};
+use kiln_protocol::KILN_ABI_VERSION;
+use wasmer::sys::{Cranelift, EngineBuilder};
+use wasmer::{ExternType, Module};
+
+use crate::targets::ResolvedTarget;
+
+/// The wasmer version this build links; devices must embed exactly the same.
+pub const WASMER_VERSION: &str = wasmer_types::VERSION;
+
+#[derive(Debug, Clone)]
+pub struct CompileOptions {
+    pub target: ResolvedTarget,
+    pub name: String,
+    pub version: u64,
+    pub created_at: Option<u64>,
+}
+
+#[derive(Debug)]
+pub struct Compiled {
+    pub bytes: Vec<u8>,
+    pub manifest: Manifest,
+    pub compile_time: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AotError {
+    #[error("not valid WebAssembly text or binary: {0}")]
+    Parse(String),
+    #[error("invalid module: {0}")]
+    Compile(String),
+    #[error("cannot serialize the compiled module: {0}")]
+    Serialize(String),
+    #[error("cannot seal the artifact: {0}")]
+    Seal(#[from] artifact::ArtifactError),
+}
+
+/// Compiles `source` (binary or text format) for `opts.target` and signs the result.
+/// Equal inputs give byte-identical output: nothing depends on the host or the clock.
+pub fn compile(source: &[u8], opts: &CompileOptions, key: &SecretKey) -> Result<Compiled, AotError> {
+    let wasm = wat::parse_bytes(source).map_err(|e| AotError::Parse(e.to_string()))?;
+    let started = Instant::now();
+    let engine: wasmer::Engine = EngineBuilder::new(Cranelift::new())
+        .set_target(Some(opts.target.wasmer_target()))
+        .into();
+    let module = Module::new(&engine, &wasm).map_err(|e| AotError::Compile(e.to_string()))?;
+    let payload = module
+        .serialize()
+        .map_err(|e| AotError::Serialize(e.to_string()))?;
+    let compile_time = started.elapsed();
+
+    let manifest = Manifest {
+        name: opts.name.clone(),
+        version: opts.version,
+        target: ArtifactTarget {
+            triple: opts.target.triple.to_string(),
+            cpu_features: opts.target.feature_names(),
+            profile: opts.target.profile.clone(),
+        },
+        engine: EngineInfo {
+            wasmer: WASMER_VERSION.into(),
+            kiln_abi: KILN_ABI_VERSION,
+        },
+        source: Digest::of(&wasm),
+        payload: Digest::of(&payload),
+        settings: CompileSettings::default(),
+        imports: module
+            .imports()
+            .map(|i| Import {
+                module: i.module().to_string(),
+                name: i.name().to_string(),
+                kind: kind_of(i.ty()),
+            })
+            .collect(),
+        exports: module.exports().functions().map(|e| e.name().to_string()).collect(),
+        created_at: opts.created_at,
+        producer: format!("kiln {} (cranelift)", env!("CARGO_PKG_VERSION")),
+    };
+    let bytes = artifact::seal(&manifest, &payload, key)?;
+    Ok(Compiled {
+        bytes,
+        manifest,
+        compile_time,
+    })
+}
+
+fn kind_of(ty: &ExternType) -> ImportKind {
+    match ty {
+        ExternType::Function(_) => ImportKind::Function,
+        ExternType::Memory(_) => ImportKind::Memory,
+        ExternType::Table(_) => ImportKind::Table,
+        ExternType::Global(_) => ImportKind::Global,
+        ExternType::Tag(_) => ImportKind::Tag,
+    }
+}

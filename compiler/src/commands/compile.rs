@@ -1,0 +1,140 @@
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Context, Result};
+use clap::Parser;
+
+use crate::aot::{self, AotError, CompileOptions};
+use crate::exit::{coded, Code};
+use crate::keyfile;
+use crate::targets::{self, ResolvedTarget};
+
+const AFTER_HELP: &str = "\
+Examples:
+  kiln compile app.wasm --target aarch64-linux --sign fleet.key -o app.kiln
+  kiln compile filter.wat --target riscv64-linux --sign fleet.key -o filter.kiln --name filter --version 7
+  kiln compile app.wasm --target x86_64-unknown-linux-gnu --cpu-feature avx2 --sign fleet.key -o app.kiln
+
+The same input with the same options gives a byte-identical artifact; set SOURCE_DATE_EPOCH
+to record a creation time.";
+
+/// Compile a .wasm or .wat module into a signed native artifact for a device
+#[derive(Parser, Debug)]
+#[command(after_help = AFTER_HELP)]
+pub struct CompileCommand {
+    /// WebAssembly module, binary (.wasm) or text (.wat)
+    #[arg(value_name = "INPUT")]
+    pub input: PathBuf,
+
+    /// Target profile (see `kiln targets`) or a raw target triple
+    #[arg(long, value_name = "PROFILE|TRIPLE")]
+    pub target: String,
+
+    /// Extra CPU feature the device is known to have (repeatable), e.g. avx2
+    #[arg(long = "cpu-feature", value_name = "FEATURE")]
+    pub cpu_features: Vec<String>,
+
+    /// Secret key to sign the artifact with (from `kiln keygen`)
+    #[arg(long, value_name = "KEY")]
+    pub sign: PathBuf,
+
+    /// Module name recorded in the manifest [default: input file stem]
+    #[arg(long)]
+    pub name: Option<String>,
+
+    /// Module version (monotonic; devices refuse to roll back to a lower one)
+    #[arg(long, default_value_t = 1)]
+    pub version: u64,
+
+    /// Artifact to write
+    #[arg(short, long, value_name = "OUTPUT")]
+    pub output: PathBuf,
+
+    /// Read target profiles from this folder instead of the built-in ones
+    #[arg(long, value_name = "DIR", env = "KILN_TARGETS_DIR")]
+    pub targets_dir: Option<PathBuf>,
+}
+
+impl CompileCommand {
+    pub fn execute(self) -> Result<()> {
+        let profiles = targets::load(self.targets_dir.as_deref()).map_err(|e| coded(Code::InvalidInput, e))?;
+        let target = ResolvedTarget::resolve(&self.target, &self.cpu_features, &profiles)
+            .map_err(|e| coded(Code::Usage, e))?;
+        let key = keyfile::read_secret(&self.sign).map_err(|e| coded(Code::Key, e))?;
+        let source = fs::read(&self.input)
+            .with_context(|| format!("cannot read `{}`", self.input.display()))
+            .map_err(|e| coded(Code::NoInput, e))?;
+        let name = match self.name {
+            Some(name) => name,
+            None => self
+                .input
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .ok_or_else(|| coded(Code::Usage, anyhow!("cannot derive a module name from `{}`; pass --name", self.input.display())))?,
+        };
+        let opts = CompileOptions {
+            target,
+            name,
+            version: self.version,
+            created_at: source_date_epoch()?,
+        };
+        let compiled = aot::compile(&source, &opts, &key).map_err(|e| {
+            let code = match e {
+                AotError::Parse(_) | AotError::Compile(_) => Code::InvalidInput,
+                _ => Code::Failure,
+            };
+            coded(code, anyhow!(e).context(format!("cannot compile `{}`", self.input.display())))
+        })?;
+        write_atomically(&self.output, &compiled.bytes)
+            .with_context(|| format!("cannot write `{}`", self.output.display()))
+            .map_err(|e| coded(Code::CannotWrite, e))?;
+        let features = opts.target.feature_names();
+        eprintln!(
+            "compiled {} -> {} for {}{}: wasm {} -> artifact {} in {:.2}s, signed by key {}",
+            self.input.display(),
+            self.output.display(),
+            opts.target.label(),
+            if features.is_empty() { String::new() } else { format!(" [{}]", features.join(",")) },
+            human_size(compiled.manifest.source.len),
+            human_size(compiled.bytes.len() as u64),
+            compiled.compile_time.as_secs_f64(),
+            key.public().id(),
+        );
+        Ok(())
+    }
+}
+
+fn source_date_epoch() -> Result<Option<u64>> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| coded(Code::Usage, anyhow!("SOURCE_DATE_EPOCH `{v}` is not a number of seconds"))),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Temp file in the same directory, fsync, rename: a reader never sees half an artifact.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    fs::File::open(dir)?.sync_all()
+}
+
+pub fn human_size(bytes: u64) -> String {
+    if bytes < 1024 {
+        format!("{bytes} B")
+    } else if bytes < 1024 * 1024 {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    } else {
+        format!("{:.2} MiB", bytes as f64 / (1024.0 * 1024.0))
+    }
+}

@@ -1,0 +1,6 @@
+//! One file and one struct per subcommand.
+
+pub mod compile;
+pub mod inspect;
+pub mod keygen;
+pub mod targets;

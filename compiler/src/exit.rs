@@ -1,0 +1,55 @@
+//! Exit codes of `kiln`. Every failure prints one line; the code says which kind.
+
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Code {
+    /// Anything not classified below.
+    Failure = 1,
+    /// Bad command line (clap's own code).
+    Usage = 2,
+    /// The input is not valid: bad WebAssembly, a tampered or foreign artifact.
+    InvalidInput = 65,
+    /// An input file does not exist or cannot be read.
+    NoInput = 66,
+    /// An output file cannot be written.
+    CannotWrite = 73,
+    /// A key is missing, malformed, untrusted or has unsafe permissions.
+    Key = 77,
+}
+
+/// An error that carries the exit code `kiln` ends with.
+#[derive(Debug)]
+pub struct Coded {
+    pub code: Code,
+    pub message: String,
+}
+
+impl fmt::Display for Coded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Coded {}
+
+/// Wraps `err` (with its whole context chain on one line) into an error with `code`.
+pub fn coded(code: Code, err: impl Into<anyhow::Error>) -> anyhow::Error {
+    let err = err.into();
+    anyhow::Error::new(Coded {
+        code,
+        message: one_line(&err),
+    })
+}
+
+/// `outer: inner: root cause`, the way the error is printed.
+pub fn one_line(err: &anyhow::Error) -> String {
+    err.chain().map(ToString::to_string).collect::<Vec<_>>().join(": ")
+}
+
+pub fn code_of(err: &anyhow::Error) -> Code {
+    err.chain()
+        .find_map(|e| e.downcast_ref::<Coded>())
+        .map_or(Code::Failure, |c| c.code)
+}

@@ -1,0 +1,48 @@
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kiln_compiler::commands::{
+    compile::CompileCommand, inspect::InspectCommand, keygen::KeygenCommand,
+    targets::TargetsCommand,
+};
+use kiln_compiler::exit;
+
+const AFTER_HELP: &str = "\
+Examples:
+  kiln keygen -o fleet.key
+  kiln compile app.wasm --target aarch64-linux --sign fleet.key -o app.kiln
+  kiln inspect app.kiln --trust fleet.pub
+  kiln targets";
+
+/// Kiln: compile WebAssembly into signed native artifacts for edge devices
+#[derive(Parser)]
+#[command(name = "kiln", version, after_help = AFTER_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Keygen(KeygenCommand),
+    Compile(CompileCommand),
+    Inspect(InspectCommand),
+    Targets(TargetsCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Keygen(c) => c.execute(),
+        Command::Compile(c) => c.execute(),
+        Command::Inspect(c) => c.execute(),
+        Command::Targets(c) => c.execute(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("kiln: error: {}", exit::one_line(&err));
+            ExitCode::from(exit::code_of(&err) as u8)
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! Target profiles: the stock ones built into `kiln`, or a folder of `.toml` files.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use anyhow::{bail, Context, Result};
+use kiln_protocol::target::TargetProfile;
+use wasmer::sys::{CpuFeature, Triple};
+use wasmer_types::target::Target;
+
+include!(concat!(env!("OUT_DIR"), "/profiles.rs"));
+
+/// Loads the profiles from `dir`, or the built-in ones.
+pub fn load(dir: Option<&Path>) -> Result<Vec<TargetProfile>> {
+    let mut profiles = Vec::new();
+    match dir {
+        None => {
+            for (stem, text) in BUILTIN_PROFILES {
+                profiles.push(
+                    TargetProfile::parse(stem, text)
+                        .with_context(|| format!("built-in profile `{stem}`"))?,
+                );
+            }
+        }
+        Some(dir) => {
+            let entries = std::fs::read_dir(dir)
+                .with_context(|| format!("cannot read targets directory `{}`", dir.display()))?;
+            let mut paths: Vec<_> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+                .collect();
+            paths.sort();
+            for path in paths {
+                let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read `{}`", path.display()))?;
+                profiles.push(
+                    TargetProfile::parse(&stem, &text)
+                        .with_context(|| format!("invalid target profile `{}`", path.display()))?,
+                );
+            }
+        }
+    }
+    Ok(profiles)
+}
+
+/// A compile target with everything parsed: triple, CPU features, where it came from.
+#[derive(Debug, Clone)]
+pub struct ResolvedTarget {
+    pub triple: Triple,
+    pub cpu_features: Vec<CpuFeature>,
+    pub profile: Option<String>,
+}
+
+impl ResolvedTarget {
+    /// `spec` is a profile name or a raw triple; `extra` adds CPU features on top of
+    /// the profile's baseline. The host CPU is never consulted.
+    pub fn resolve(spec: &str, extra: &[String], profiles: &[TargetProfile]) -> Result<Self> {
+        let (triple, mut names, profile) = match profiles.iter().find(|p| p.name == spec) {
+            Some(p) => (p.triple.clone(), p.cpu_features.clone(), Some(p.name.clone())),
+            None if spec.contains('-') => (spec.to_string(), Vec::new(), None),
+            None => bail!(
+                "unknown target `{spec}`: not a profile ({}) and not a triple",
+                profiles.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        };
+        names.extend(extra.iter().cloned());
+        let triple = Triple::from_str(&triple)
+            .map_err(|e| anyhow::anyhow!("invalid target triple `{triple}`: {e}"))?;
+        let mut cpu_features = Vec::new();
+        for name in &names {
+            let feature = CpuFeature::from_str(name)
+                .map_err(|_| anyhow::anyhow!("unknown CPU feature `{name}` for {triple}"))?;
+            if !cpu_features.contains(&feature) {
+                cpu_features.push(feature);
+            }
+        }
+        if triple.architecture == wasmer::sys::Architecture::X86_64
+            && !cpu_features.contains(&CpuFeature::SSE2)
+        {
+            cpu_features.push(CpuFeature::SSE2);
+        }
+        cpu_features.sort_by_key(|f| *f as u32);
+        Ok(Self {
+            triple,
+            cpu_features,
+            profile,
+        })
+    }
+
+    pub fn wasmer_target(&self) -> Target {
+        Target::new(self.triple.clone(), self.cpu_features.iter().copied().collect())
+    }
+
+    pub fn feature_names(&self) -> Vec<String> {
+        self.cpu_features.iter().map(ToString::to_string).collect()
+    }
+
+    pub fn label(&self) -> String {
+        match &self.profile {
+            Some(p) => format!("{p} ({})", self.triple),
+            None => self.triple.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_profiles_cover_the_three_architectures_and_a_board() {
+        let profiles = load(None).unwrap();
+        for name in ["x86_64-linux", "aarch64-linux", "riscv64-linux", "x86_64-v3-linux"] {
+            assert!(profiles.iter().any(|p| p.name == name), "missing {name}");
+        }
+    }
+
+    #[test]
+    fn profile_and_raw_triple_resolve() {
+        let profiles = load(None).unwrap();
+        let t = ResolvedTarget::resolve("aarch64-linux", &[], &profiles).unwrap();
+        assert_eq!(t.triple.to_string(), "aarch64-unknown-linux-gnu");
+        assert_eq!(t.feature_names(), vec!["neon"]);
+        let t = ResolvedTarget::resolve("riscv64gc-unknown-linux-gnu", &[], &profiles).unwrap();
+        assert!(t.profile.is_none());
+        let err = ResolvedTarget::resolve("arm-board", &[], &profiles).unwrap_err();
+        assert!(err.to_string().contains("aarch64-linux"), "{err}");
+        let err = ResolvedTarget::resolve("x86_64-linux", &["avx9".into()], &profiles).unwrap_err();
+        assert!(err.to_string().contains("avx9"), "{err}");
+    }
+}

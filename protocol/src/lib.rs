@@ -1,0 +1,26 @@
+//! The contract between `kiln` (host) and `kilnd` (device). No wasmer in here: both sides
+//! agree on these bytes without agreeing on a compiler.
+//!
+//! ```
+//! use kiln_protocol::{artifact, keys::SecretKey, manifest::Manifest};
+//!
+//! let key = SecretKey::generate().unwrap();
+//! let manifest = Manifest::example(b"native code");
+//! let bytes = artifact::seal(&manifest, b"native code", &key).unwrap();
+//!
+//! let trust = kiln_protocol::keys::TrustedKeys::new(vec![key.public()]);
+//! let verified = artifact::Envelope::parse(&bytes).unwrap().verify(&trust).unwrap();
+//! assert_eq!(verified.payload, b"native code");
+//! assert_eq!(verified.manifest, manifest);
+//! ```
+
+pub mod artifact;
+pub mod compat;
+pub mod keys;
+pub mod manifest;
+pub mod target;
+
+/// Version of the `kiln` host ABI (import module `kiln`) this build implements.
+/// An artifact declares the ABI it was built against; a device runs it if its own
+/// ABI is at least that.
+pub const KILN_ABI_VERSION: u32 = 1;

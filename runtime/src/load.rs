@@ -1,0 +1,87 @@
+//! Verify, then load. The order is the security boundary:
+//! envelope header -> signature by a trusted key -> manifest -> payload length and
+//! sha256 -> target, CPU features, wasmer version, ABI -> `Module::deserialize` of
+//! exactly the bytes that were hashed (the file is read once, never re-read).
+
+use std::path::{Path, PathBuf};
+
+use kiln_protocol::artifact::{ArtifactError, Envelope};
+use kiln_protocol::compat::{self, Incompatible};
+use kiln_protocol::keys::{PublicKey, TrustedKeys};
+use kiln_protocol::manifest::Manifest;
+use wasmer::sys::NativeEngineExt;
+use wasmer::{Engine, Module};
+
+use crate::exit::{Code, Failure};
+use crate::host;
+
+/// A verified, deserialized module and the manifest it was signed with.
+pub struct Loaded {
+    pub manifest: Manifest,
+    pub module: Module,
+    pub engine: Engine,
+}
+
+pub fn read_trusted_keys(paths: &[PathBuf]) -> Result<TrustedKeys, Failure> {
+    let mut keys = Vec::new();
+    for path in paths {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Failure::new(Code::NoInput, format!("cannot read trusted key `{}`: {e}", path.display()))
+        })?;
+        let key = PublicKey::from_text(&text).map_err(|e| {
+            Failure::new(Code::Untrusted, format!("invalid trusted key `{}`: {e}", path.display()))
+        })?;
+        keys.push(key);
+    }
+    Ok(TrustedKeys::new(keys))
+}
+
+pub fn load_artifact(path: &Path, trust: &TrustedKeys) -> Result<Loaded, Failure> {
+    let file = path.display();
+    let bytes = std::fs::read(path)
+        .map_err(|e| Failure::new(Code::NoInput, format!("cannot read artifact `{file}`: {e}")))?;
+    load_bytes(&bytes, trust).map_err(|f| Failure::new(f.code, format!("artifact `{file}`: {}", f.message)))
+}
+
+/// Verifies `bytes` completely, then deserializes the verified payload.
+pub fn load_bytes(bytes: &[u8], trust: &TrustedKeys) -> Result<Loaded, Failure> {
+    let verified = Envelope::parse(bytes)
+        .and_then(|envelope| envelope.verify(trust))
+        .map_err(|e| Failure::new(artifact_code(&e), e.to_string()))?;
+    compat::check(&verified.manifest, &host::facts())
+        .map_err(|e| Failure::new(incompatible_code(&e), e.to_string()))?;
+
+    let engine = Engine::headless();
+    // SAFETY: the payload is exactly the byte range whose sha256 is in a manifest signed
+    // by a trusted key, and that manifest names this wasmer version, this target and
+    // CPU features present here; the bytes were produced by `Module::serialize`.
+    let module = unsafe { Module::deserialize(&engine, verified.payload) }
+        .map_err(|e| Failure::new(Code::LoadFailed, format!("cannot load the verified payload: {e}")))?;
+    Ok(Loaded {
+        manifest: verified.manifest,
+        module,
+        engine,
+    })
+}
+
+fn artifact_code(e: &ArtifactError) -> Code {
+    match e {
+        ArtifactError::Empty | ArtifactError::PlainWasm | ArtifactError::BadMagic => Code::NotArtifact,
+        ArtifactError::UnsupportedVersion { .. } | ArtifactError::UnknownFlags(_) => Code::UnsupportedFormat,
+        ArtifactError::UntrustedSigner { .. } => Code::Untrusted,
+        ArtifactError::Truncated { .. }
+        | ArtifactError::ManifestTooLarge(_)
+        | ArtifactError::BadSignature { .. }
+        | ArtifactError::ManifestDecode(_)
+        | ArtifactError::PayloadLength { .. }
+        | ArtifactError::PayloadHash { .. } => Code::Corrupt,
+    }
+}
+
+fn incompatible_code(e: &Incompatible) -> Code {
+    match e {
+        Incompatible::Target { .. } => Code::WrongTarget,
+        Incompatible::CpuFeatures { .. } => Code::MissingCpuFeature,
+        Incompatible::Wasmer { .. } | Incompatible::Abi { .. } => Code::IncompatibleEngine,
+    }
+}

@@ -1,0 +1,91 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kiln_runtime::exit::{Code, Failure};
+use kiln_runtime::load::{load_artifact, read_trusted_keys};
+use kiln_runtime::wasi::{self, DirMapping, WasiOptions};
+
+const AFTER_HELP: &str = "\
+Examples:
+  kilnd run app.kiln --trust fleet.pub
+  kilnd run app.kiln --trust fleet.pub --dir ./data:/data --env MODE=prod -- --verbose input.txt";
+
+/// kilnd: headless runtime for signed kiln artifacts
+#[derive(Parser)]
+#[command(name = "kilnd", version, after_help = AFTER_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Run(RunCommand),
+}
+
+/// Verify an artifact and run its WASI `_start`; exits with the module's exit code
+#[derive(Parser)]
+#[command(after_help = AFTER_HELP)]
+struct RunCommand {
+    /// Artifact built by `kiln compile`
+    #[arg(value_name = "ARTIFACT")]
+    artifact: PathBuf,
+    /// Public key whose signatures are accepted (repeatable, at least one)
+    #[arg(long, value_name = "KEY.pub", required = true)]
+    trust: Vec<PathBuf>,
+    /// Make a host directory visible to the module: HOST[:GUEST] (repeatable)
+    #[arg(long, value_name = "HOST[:GUEST]")]
+    dir: Vec<DirMapping>,
+    /// Environment variable for the module: KEY=VALUE (repeatable); nothing else is passed
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Arguments for the module (after `--`)
+    #[arg(last = true, value_name = "ARGS")]
+    args: Vec<String>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("`{s}` is not KEY=VALUE")),
+    }
+}
+
+impl RunCommand {
+    fn execute(self) -> Result<i32, Failure> {
+        let trust = read_trusted_keys(&self.trust)?;
+        let loaded = load_artifact(&self.artifact, &trust)?;
+        let name = loaded.manifest.name.clone();
+        if !loaded.manifest.is_command() {
+            return Err(Failure::new(
+                Code::LoadFailed,
+                format!(
+                    "artifact `{}`: module `{name}` has no `_start`; it is not a WASI command",
+                    self.artifact.display()
+                ),
+            ));
+        }
+        let opts = WasiOptions {
+            args: self.args,
+            env: self.env,
+            dirs: self.dir,
+        };
+        wasi::run_command(loaded.engine, loaded.module, &name, loaded.manifest.source.sha256, &opts)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(run) => run.execute(),
+    };
+    match result {
+        // WASI exit codes are 0..=255 on POSIX; anything larger wraps like a shell would.
+        Ok(code) => ExitCode::from(code as u8),
+        Err(failure) => {
+            eprintln!("kilnd: error: {failure}");
+            ExitCode::from(failure.code as u8)
+        }
+    }
+}
