@@ -4,7 +4,8 @@
 use std::{env, fs, path::PathBuf};
 
 fn main() {
-    let dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets it")).join("../targets");
+    let dir =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets it")).join("../targets");
     println!("cargo:rerun-if-changed={}", dir.display());
     let mut entries: Vec<PathBuf> = fs::read_dir(&dir)
         .expect("targets/ directory")
@@ -17,7 +18,10 @@ fn main() {
         println!("cargo:rerun-if-changed={}", path.display());
         let stem = path.file_stem().expect("file stem").to_string_lossy();
         let abs = path.canonicalize().expect("canonical path");
-        code.push_str(&format!("    ({stem:?}, include_str!({:?})),\n", abs.display().to_string()));
+        code.push_str(&format!(
+            "    ({stem:?}, include_str!({:?})),\n",
+            abs.display().to_string()
+        ));
     }
     code.push_str("];\n");
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets it")).join("profiles.rs");

@@ -45,7 +45,11 @@ pub enum AotError {
 
 /// Compiles `source` (binary or text format) for `opts.target` and signs the result.
 /// Equal inputs give byte-identical output: nothing depends on the host or the clock.
-pub fn compile(source: &[u8], opts: &CompileOptions, key: &SecretKey) -> Result<Compiled, AotError> {
+pub fn compile(
+    source: &[u8],
+    opts: &CompileOptions,
+    key: &SecretKey,
+) -> Result<Compiled, AotError> {
     let wasm = wat::parse_bytes(source).map_err(|e| AotError::Parse(e.to_string()))?;
     let started = Instant::now();
     let engine: wasmer::Engine = EngineBuilder::new(Cranelift::new())
@@ -80,7 +84,11 @@ pub fn compile(source: &[u8], opts: &CompileOptions, key: &SecretKey) -> Result<
                 kind: kind_of(i.ty()),
             })
             .collect(),
-        exports: module.exports().functions().map(|e| e.name().to_string()).collect(),
+        exports: module
+            .exports()
+            .functions()
+            .map(|e| e.name().to_string())
+            .collect(),
         created_at: opts.created_at,
         producer: format!("kiln {} (cranelift)", env!("CARGO_PKG_VERSION")),
     };

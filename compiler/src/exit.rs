@@ -45,7 +45,10 @@ pub fn coded(code: Code, err: impl Into<anyhow::Error>) -> anyhow::Error {
 
 /// `outer: inner: root cause`, the way the error is printed.
 pub fn one_line(err: &anyhow::Error) -> String {
-    err.chain().map(ToString::to_string).collect::<Vec<_>>().join(": ")
+    err.chain()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 pub fn code_of(err: &anyhow::Error) -> Code {

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::str::FromStr;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use kiln_protocol::target::TargetProfile;
 use wasmer::sys::{CpuFeature, Triple};
 use wasmer_types::target::Target;
@@ -52,21 +52,44 @@ pub struct ResolvedTarget {
     pub profile: Option<String>,
 }
 
+/// Kiln devices are Linux on one of the architectures kilnd is built for.
+fn is_supported(triple: &Triple) -> bool {
+    use wasmer::sys::{Architecture, OperatingSystem};
+    matches!(
+        triple.architecture,
+        Architecture::X86_64 | Architecture::Aarch64(_) | Architecture::Riscv64(_)
+    ) && triple.operating_system == OperatingSystem::Linux
+}
+
 impl ResolvedTarget {
     /// `spec` is a profile name or a raw triple; `extra` adds CPU features on top of
     /// the profile's baseline. The host CPU is never consulted.
     pub fn resolve(spec: &str, extra: &[String], profiles: &[TargetProfile]) -> Result<Self> {
-        let (triple, mut names, profile) = match profiles.iter().find(|p| p.name == spec) {
-            Some(p) => (p.triple.clone(), p.cpu_features.clone(), Some(p.name.clone())),
-            None if spec.contains('-') => (spec.to_string(), Vec::new(), None),
-            None => bail!(
-                "unknown target `{spec}`: not a profile ({}) and not a triple",
-                profiles.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
-            ),
+        let names_of = || {
+            profiles
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         };
-        names.extend(extra.iter().cloned());
+        let (triple, mut names, profile) = match profiles.iter().find(|p| p.name == spec) {
+            Some(p) => (
+                p.triple.clone(),
+                p.cpu_features.clone(),
+                Some(p.name.clone()),
+            ),
+            None => (spec.to_string(), Vec::new(), None),
+        };
         let triple = Triple::from_str(&triple)
-            .map_err(|e| anyhow::anyhow!("invalid target triple `{triple}`: {e}"))?;
+            .ok()
+            .filter(is_supported)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "unknown target `{spec}`: not a profile ({}) and not a supported Linux triple (x86_64, aarch64 or riscv64)",
+                    names_of()
+                )
+            })?;
+        names.extend(extra.iter().cloned());
         let mut cpu_features = Vec::new();
         for name in &names {
             let feature = CpuFeature::from_str(name)
@@ -89,7 +112,10 @@ impl ResolvedTarget {
     }
 
     pub fn wasmer_target(&self) -> Target {
-        Target::new(self.triple.clone(), self.cpu_features.iter().copied().collect())
+        Target::new(
+            self.triple.clone(),
+            self.cpu_features.iter().copied().collect(),
+        )
     }
 
     pub fn feature_names(&self) -> Vec<String> {
@@ -111,7 +137,12 @@ mod tests {
     #[test]
     fn builtin_profiles_cover_the_three_architectures_and_a_board() {
         let profiles = load(None).unwrap();
-        for name in ["x86_64-linux", "aarch64-linux", "riscv64-linux", "x86_64-v3-linux"] {
+        for name in [
+            "x86_64-linux",
+            "aarch64-linux",
+            "riscv64-linux",
+            "x86_64-v3-linux",
+        ] {
             assert!(profiles.iter().any(|p| p.name == name), "missing {name}");
         }
     }

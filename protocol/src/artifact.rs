@@ -33,7 +33,9 @@ const WASM_MAGIC: [u8; 4] = *b"\0asm";
 pub enum ArtifactError {
     #[error("file is empty")]
     Empty,
-    #[error("this is a plain WebAssembly module, not a kiln artifact; compile it with `kiln compile`")]
+    #[error(
+        "this is a plain WebAssembly module, not a kiln artifact; compile it with `kiln compile`"
+    )]
     PlainWasm,
     #[error("not a kiln artifact (bad magic bytes)")]
     BadMagic,
@@ -43,7 +45,9 @@ pub enum ArtifactError {
         need: u64,
         have: u64,
     },
-    #[error("format version {found} is newer than this build supports ({supported}); update kilnd")]
+    #[error(
+        "format version {found} is newer than this build supports ({supported}); update kilnd"
+    )]
     UnsupportedVersion { found: u16, supported: u16 },
     #[error("unknown header flags {0:#06x}")]
     UnknownFlags(u16),
@@ -65,11 +69,18 @@ fn list(ids: &[KeyId]) -> String {
     if ids.is_empty() {
         return "none".into();
     }
-    ids.iter().map(KeyId::to_string).collect::<Vec<_>>().join(", ")
+    ids.iter()
+        .map(KeyId::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Builds a signed artifact from a manifest and the payload it describes.
-pub fn seal(manifest: &Manifest, payload: &[u8], key: &SecretKey) -> Result<Vec<u8>, ArtifactError> {
+pub fn seal(
+    manifest: &Manifest,
+    payload: &[u8],
+    key: &SecretKey,
+) -> Result<Vec<u8>, ArtifactError> {
     let expected = Digest::of(payload);
     if manifest.payload != expected {
         return Err(ArtifactError::PayloadHash {
@@ -275,7 +286,10 @@ mod tests {
     fn every_truncation_is_refused() {
         let (bytes, key) = sealed();
         for len in 0..bytes.len() {
-            assert!(open(&bytes[..len], &key).is_err(), "truncation to {len} accepted");
+            assert!(
+                open(&bytes[..len], &key).is_err(),
+                "truncation to {len} accepted"
+            );
         }
         assert!(open(&bytes, &key).is_ok());
     }

@@ -128,8 +128,14 @@ mod tests {
 
     #[test]
     fn vendor_does_not_matter_but_abi_environment_does() {
-        assert!(same_target("x86_64-pc-linux-gnu", "x86_64-unknown-linux-gnu"));
-        assert!(!same_target("x86_64-unknown-linux-musl", "x86_64-unknown-linux-gnu"));
+        assert!(same_target(
+            "x86_64-pc-linux-gnu",
+            "x86_64-unknown-linux-gnu"
+        ));
+        assert!(!same_target(
+            "x86_64-unknown-linux-musl",
+            "x86_64-unknown-linux-gnu"
+        ));
     }
 
     #[test]

@@ -28,8 +28,8 @@ pub struct TargetProfile {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
-    #[error("{0}")]
-    Toml(#[from] toml::de::Error),
+    #[error("line {line}: {message}")]
+    Toml { line: usize, message: String },
     #[error("profile name `{name}` does not match its file name `{file}`")]
     NameMismatch { name: String, file: String },
 }
@@ -37,7 +37,12 @@ pub enum ProfileError {
 impl TargetProfile {
     /// Parses a profile; `stem` is the file name without `.toml`.
     pub fn parse(stem: &str, text: &str) -> Result<Self, ProfileError> {
-        let profile: Self = toml::from_str(text)?;
+        let profile: Self = toml::from_str(text).map_err(|e| ProfileError::Toml {
+            line: e
+                .span()
+                .map_or(1, |span| text[..span.start].matches('\n').count() + 1),
+            message: e.message().to_string(),
+        })?;
         if profile.name != stem {
             return Err(ProfileError::NameMismatch {
                 name: profile.name,
@@ -80,6 +85,8 @@ description = "Raspberry Pi 4"
         let text = format!("{A72}cpu_featurs = [\"crc\"]\n");
         let err = TargetProfile::parse("rpi4", &text).unwrap_err().to_string();
         assert!(err.contains("cpu_featurs"), "{err}");
+        assert!(err.starts_with("line 8: "), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
     }
 
     #[test]

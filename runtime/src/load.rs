@@ -26,10 +26,16 @@ pub fn read_trusted_keys(paths: &[PathBuf]) -> Result<TrustedKeys, Failure> {
     let mut keys = Vec::new();
     for path in paths {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            Failure::new(Code::NoInput, format!("cannot read trusted key `{}`: {e}", path.display()))
+            Failure::new(
+                Code::NoInput,
+                format!("cannot read trusted key `{}`: {e}", path.display()),
+            )
         })?;
         let key = PublicKey::from_text(&text).map_err(|e| {
-            Failure::new(Code::Untrusted, format!("invalid trusted key `{}`: {e}", path.display()))
+            Failure::new(
+                Code::Untrusted,
+                format!("invalid trusted key `{}`: {e}", path.display()),
+            )
         })?;
         keys.push(key);
     }
@@ -40,7 +46,8 @@ pub fn load_artifact(path: &Path, trust: &TrustedKeys) -> Result<Loaded, Failure
     let file = path.display();
     let bytes = std::fs::read(path)
         .map_err(|e| Failure::new(Code::NoInput, format!("cannot read artifact `{file}`: {e}")))?;
-    load_bytes(&bytes, trust).map_err(|f| Failure::new(f.code, format!("artifact `{file}`: {}", f.message)))
+    load_bytes(&bytes, trust)
+        .map_err(|f| Failure::new(f.code, format!("artifact `{file}`: {}", f.message)))
 }
 
 /// Verifies `bytes` completely, then deserializes the verified payload.
@@ -51,12 +58,23 @@ pub fn load_bytes(bytes: &[u8], trust: &TrustedKeys) -> Result<Loaded, Failure> 
     compat::check(&verified.manifest, &host::facts())
         .map_err(|e| Failure::new(incompatible_code(&e), e.to_string()))?;
 
+    tracing::debug!(
+        module = %verified.manifest.name,
+        version = verified.manifest.version,
+        signer = %verified.signer,
+        bytes = verified.payload.len(),
+        "deserializing verified payload"
+    );
     let engine = Engine::headless();
     // SAFETY: the payload is exactly the byte range whose sha256 is in a manifest signed
     // by a trusted key, and that manifest names this wasmer version, this target and
     // CPU features present here; the bytes were produced by `Module::serialize`.
-    let module = unsafe { Module::deserialize(&engine, verified.payload) }
-        .map_err(|e| Failure::new(Code::LoadFailed, format!("cannot load the verified payload: {e}")))?;
+    let module = unsafe { Module::deserialize(&engine, verified.payload) }.map_err(|e| {
+        Failure::new(
+            Code::LoadFailed,
+            format!("cannot load the verified payload: {e}"),
+        )
+    })?;
     Ok(Loaded {
         manifest: verified.manifest,
         module,
@@ -66,8 +84,12 @@ pub fn load_bytes(bytes: &[u8], trust: &TrustedKeys) -> Result<Loaded, Failure> 
 
 fn artifact_code(e: &ArtifactError) -> Code {
     match e {
-        ArtifactError::Empty | ArtifactError::PlainWasm | ArtifactError::BadMagic => Code::NotArtifact,
-        ArtifactError::UnsupportedVersion { .. } | ArtifactError::UnknownFlags(_) => Code::UnsupportedFormat,
+        ArtifactError::Empty | ArtifactError::PlainWasm | ArtifactError::BadMagic => {
+            Code::NotArtifact
+        }
+        ArtifactError::UnsupportedVersion { .. } | ArtifactError::UnknownFlags(_) => {
+            Code::UnsupportedFormat
+        }
         ArtifactError::UntrustedSigner { .. } => Code::Untrusted,
         ArtifactError::Truncated { .. }
         | ArtifactError::ManifestTooLarge(_)

@@ -71,11 +71,30 @@ impl RunCommand {
             env: self.env,
             dirs: self.dir,
         };
-        wasi::run_command(loaded.engine, loaded.module, &name, loaded.manifest.source.sha256, &opts)
+        wasi::run_command(loaded.engine, loaded.module, &name, &opts)
     }
 }
 
+/// `KILN_LOG=debug|info|warn|error` turns on kilnd's own log on stderr; `kilnd run`
+/// is silent by default so the module's output is all the user sees.
+fn init_logging() {
+    let level = match std::env::var("KILN_LOG").as_deref() {
+        Ok("trace") => tracing::Level::TRACE,
+        Ok("debug") => tracing::Level::DEBUG,
+        Ok("info") => tracing::Level::INFO,
+        Ok("warn") => tracing::Level::WARN,
+        Ok("error") => tracing::Level::ERROR,
+        _ => return,
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
+}
+
 fn main() -> ExitCode {
+    init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(run) => run.execute(),

@@ -3,11 +3,12 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use wasmer::{Engine, Module};
-use wasmer_types::ModuleHash;
-use wasmer_wasix::runners::wasi::{RuntimeOrEngine, WasiRunner};
-use wasmer_wasix::runners::MappedDirectory;
-use wasmer_wasix::{WasiError, WasiRuntimeError};
+use std::sync::Arc;
+
+use wasmer::{Engine, Module, Store};
+use wasmer_wasix::virtual_fs::{host_fs, mount_fs::MountFileSystem, RootFileSystemBuilder};
+use wasmer_wasix::wasmer_wasix_types::wasi::{Errno, ExitCode};
+use wasmer_wasix::{WasiEnv, WasiError};
 
 use crate::exit::{Code, Failure};
 
@@ -55,32 +56,16 @@ pub struct WasiOptions {
     pub dirs: Vec<DirMapping>,
 }
 
-/// Runs `_start` and returns the module's exit code.
+/// Runs `_start` on this thread and returns the module's exit code. kilnd calls the
+/// entry point itself (rather than through wasix's process runner) so that a trap is
+/// reported once, in kilnd's words, with kilnd's exit code.
 pub fn run_command(
     engine: Engine,
     module: Module,
     name: &str,
-    source_sha256: [u8; 32],
     opts: &WasiOptions,
 ) -> Result<i32, Failure> {
-    let mut mapped = Vec::with_capacity(opts.dirs.len());
-    for dir in &opts.dirs {
-        // wasix panics on a missing host directory; refuse it here with its name.
-        let host = dir.host.canonicalize().map_err(|e| {
-            Failure::new(Code::NoInput, format!("cannot map directory `{}`: {e}", dir.host.display()))
-        })?;
-        if !host.is_dir() {
-            return Err(Failure::new(
-                Code::NoInput,
-                format!("cannot map `{}`: not a directory", dir.host.display()),
-            ));
-        }
-        mapped.push(MappedDirectory {
-            host,
-            guest: dir.guest.clone(),
-        });
-    }
-
+    // wasix does its file and timer I/O on a tokio runtime; one worker is plenty.
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -88,59 +73,122 @@ pub fn run_command(
         .map_err(|e| Failure::new(Code::Internal, format!("cannot start the I/O runtime: {e}")))?;
     let _guard = tokio.enter();
 
-    let mut runner = WasiRunner::new();
-    runner
-        .with_args(opts.args.iter().cloned())
-        .with_envs(opts.env.iter().cloned())
-        .with_mapped_directories(mapped);
-    let result = runner.run_wasm(
-        RuntimeOrEngine::Engine(engine),
-        name,
-        module,
-        ModuleHash::from_bytes(source_sha256),
-    );
-    match result {
-        Ok(()) => Ok(0),
-        Err(err) => Err(classify(name, &err)).or_else(|f: Failure| match exit_code_of(&err) {
-            Some(code) => Ok(code),
-            None => Err(f),
-        }),
+    let mut builder = WasiEnv::builder(name)
+        .args(opts.args.iter())
+        .envs(opts.env.iter().cloned());
+    builder.set_engine(engine.clone());
+    builder.set_mount_fs(sandbox(&opts.dirs, tokio.handle())?);
+    // Rust's WASI libc resolves both absolute and relative paths through preopens:
+    // "/" for the former, "." (the working directory, also "/") for the latter.
+    builder
+        .add_preopen_dir("/")
+        .and_then(|()| {
+            builder.add_preopen_build(|p| {
+                p.directory("/")
+                    .alias(".")
+                    .read(true)
+                    .write(true)
+                    .create(true)
+            })
+        })
+        .map_err(|e| Failure::new(Code::Internal, format!("cannot set up the sandbox: {e}")))?;
+
+    check_imports(name, &module)?;
+    let mut store = Store::new(engine);
+    let (instance, env) = builder.instantiate(module, &mut store).map_err(|e| {
+        Failure::new(
+            Code::LoadFailed,
+            format!("module `{name}` cannot be instantiated: {e}"),
+        )
+    })?;
+    let start = instance.exports.get_function("_start").map_err(|e| {
+        Failure::new(
+            Code::LoadFailed,
+            format!("module `{name}` has no usable `_start`: {e}"),
+        )
+    })?;
+    let outcome = match start.call(&mut store, &[]) {
+        Ok(_) => Ok(0),
+        Err(err) => match err.downcast::<WasiError>() {
+            Ok(WasiError::Exit(code)) => Ok(code.raw()),
+            Ok(other) => Err(Failure::new(
+                Code::Trap,
+                format!("module `{name}` stopped: {other}"),
+            )),
+            Err(rt) => Err(trap(name, rt)),
+        },
+    };
+    let exit = match &outcome {
+        Ok(code) => ExitCode::from(*code as u16),
+        Err(_) => ExitCode::from(Errno::Noexec),
+    };
+    // Flushes and closes the module's files and stdio.
+    env.on_exit(&mut store, Some(exit));
+    outcome
+}
+
+/// Import modules this kilnd provides to command modules.
+const PROVIDED: &[&str] = &[
+    "wasi_snapshot_preview1",
+    "wasi_unstable",
+    "wasix_32v1",
+    "wasix_64v1",
+];
+
+/// Names the first import nobody provides, instead of wasmer's generic link error.
+fn check_imports(name: &str, module: &Module) -> Result<(), Failure> {
+    match module.imports().find(|i| !PROVIDED.contains(&i.module())) {
+        Some(i) => Err(Failure::new(
+            Code::LoadFailed,
+            format!(
+                "module `{name}` imports `{}`.`{}`, which this kilnd does not provide (it provides {})",
+                i.module(),
+                i.name(),
+                PROVIDED.join(", ")
+            ),
+        )),
+        None => Ok(()),
     }
 }
 
-fn exit_code_of(err: &anyhow::Error) -> Option<i32> {
-    err.chain().find_map(|e| {
-        if let Some(w) = e.downcast_ref::<WasiRuntimeError>() {
-            return w.as_exit_code().map(|c| c.raw());
+/// The module's whole file system: an empty in-memory root with `/dev/null` and
+/// friends, and the mapped host directories. Nothing else of the host is visible.
+fn sandbox(
+    dirs: &[DirMapping],
+    handle: &tokio::runtime::Handle,
+) -> Result<MountFileSystem, Failure> {
+    let guests: Vec<&str> = dirs.iter().map(|d| d.guest.as_str()).collect();
+    let root = RootFileSystemBuilder::default().build_ext(&guests);
+    for dir in dirs {
+        let fail = |why: String| {
+            Failure::new(
+                Code::NoInput,
+                format!("cannot map directory `{}`: {why}", dir.host.display()),
+            )
+        };
+        if dir.guest == "/" || !dir.guest.starts_with('/') {
+            return Err(fail(format!(
+                "guest path `{}` must be absolute and not `/`, e.g. `--dir {}:/data`",
+                dir.guest,
+                dir.host.display()
+            )));
         }
-        if let Some(WasiError::Exit(code)) = e.downcast_ref::<WasiError>() {
-            return Some(code.raw());
+        let host = dir.host.canonicalize().map_err(|e| fail(e.to_string()))?;
+        if !host.is_dir() {
+            return Err(fail("not a directory".into()));
         }
-        None
-    })
-}
-
-fn classify(name: &str, err: &anyhow::Error) -> Failure {
-    for e in err.chain() {
-        if let Some(WasiRuntimeError::Runtime(rt)) = e.downcast_ref::<WasiRuntimeError>() {
-            return trap(name, rt);
-        }
-        if let Some(rt) = e.downcast_ref::<wasmer::RuntimeError>() {
-            return trap(name, rt);
-        }
-        if let Some(WasiRuntimeError::Instantiation(i)) = e.downcast_ref::<WasiRuntimeError>() {
-            return Failure::new(Code::LoadFailed, format!("module `{name}` cannot be instantiated: {i}"));
-        }
+        let fs = host_fs::FileSystem::new(handle.clone(), host).map_err(|e| fail(e.to_string()))?;
+        root.mount(Path::new(&dir.guest), Arc::new(fs))
+            .map_err(|e| fail(format!("cannot mount at `{}`: {e}", dir.guest)))?;
     }
-    let chain: Vec<String> = err.chain().map(|e| e.to_string()).collect();
-    Failure::new(Code::LoadFailed, format!("module `{name}` failed: {}", chain.join(": ")))
+    Ok(root)
 }
 
-fn trap(name: &str, rt: &wasmer::RuntimeError) -> Failure {
-    let what = match rt.clone().to_trap() {
-        Some(code) => code.to_string(),
-        None => rt.message(),
+fn trap(name: &str, rt: wasmer::RuntimeError) -> Failure {
+    let message = rt.message();
+    let what = match rt.to_trap() {
+        Some(code) => format!("{} [{code}]", code.message()),
+        None => message,
     };
     Failure::new(Code::Trap, format!("module `{name}` trapped: {what}"))
 }
-

@@ -58,7 +58,8 @@ pub struct CompileCommand {
 
 impl CompileCommand {
     pub fn execute(self) -> Result<()> {
-        let profiles = targets::load(self.targets_dir.as_deref()).map_err(|e| coded(Code::InvalidInput, e))?;
+        let profiles =
+            targets::load(self.targets_dir.as_deref()).map_err(|e| coded(Code::InvalidInput, e))?;
         let target = ResolvedTarget::resolve(&self.target, &self.cpu_features, &profiles)
             .map_err(|e| coded(Code::Usage, e))?;
         let key = keyfile::read_secret(&self.sign).map_err(|e| coded(Code::Key, e))?;
@@ -71,7 +72,15 @@ impl CompileCommand {
                 .input
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
-                .ok_or_else(|| coded(Code::Usage, anyhow!("cannot derive a module name from `{}`; pass --name", self.input.display())))?,
+                .ok_or_else(|| {
+                    coded(
+                        Code::Usage,
+                        anyhow!(
+                            "cannot derive a module name from `{}`; pass --name",
+                            self.input.display()
+                        ),
+                    )
+                })?,
         };
         let opts = CompileOptions {
             target,
@@ -84,7 +93,10 @@ impl CompileCommand {
                 AotError::Parse(_) | AotError::Compile(_) => Code::InvalidInput,
                 _ => Code::Failure,
             };
-            coded(code, anyhow!(e).context(format!("cannot compile `{}`", self.input.display())))
+            coded(
+                code,
+                anyhow!(e).context(format!("cannot compile `{}`", self.input.display())),
+            )
         })?;
         write_atomically(&self.output, &compiled.bytes)
             .with_context(|| format!("cannot write `{}`", self.output.display()))
@@ -95,7 +107,11 @@ impl CompileCommand {
             self.input.display(),
             self.output.display(),
             opts.target.label(),
-            if features.is_empty() { String::new() } else { format!(" [{}]", features.join(",")) },
+            if features.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", features.join(","))
+            },
             human_size(compiled.manifest.source.len),
             human_size(compiled.bytes.len() as u64),
             compiled.compile_time.as_secs_f64(),
@@ -107,11 +123,12 @@ impl CompileCommand {
 
 fn source_date_epoch() -> Result<Option<u64>> {
     match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .map(Some)
-            .map_err(|_| coded(Code::Usage, anyhow!("SOURCE_DATE_EPOCH `{v}` is not a number of seconds"))),
+        Ok(v) => v.trim().parse().map(Some).map_err(|_| {
+            coded(
+                Code::Usage,
+                anyhow!("SOURCE_DATE_EPOCH `{v}` is not a number of seconds"),
+            )
+        }),
         Err(_) => Ok(None),
     }
 }

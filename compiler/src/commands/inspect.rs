@@ -49,13 +49,20 @@ impl InspectCommand {
             .map(|p| keyfile::read_public(p))
             .collect::<Result<Vec<_>>>()
             .map_err(|e| coded(Code::Key, e))?;
-        let envelope = Envelope::parse(&bytes)
-            .map_err(|e| coded(Code::InvalidInput, anyhow!(e).context(format!("artifact `{file}`"))))?;
+        let envelope = Envelope::parse(&bytes).map_err(|e| {
+            coded(
+                Code::InvalidInput,
+                anyhow!(e).context(format!("artifact `{file}`")),
+            )
+        })?;
         // Without --trust this is a look at unverified data, and says so.
         let (manifest, check): (Manifest, Option<Result<(), ArtifactError>>) = if keys.is_empty() {
-            let manifest = envelope
-                .manifest_unverified()
-                .map_err(|e| coded(Code::InvalidInput, anyhow!(e).context(format!("artifact `{file}`"))))?;
+            let manifest = envelope.manifest_unverified().map_err(|e| {
+                coded(
+                    Code::InvalidInput,
+                    anyhow!(e).context(format!("artifact `{file}`")),
+                )
+            })?;
             (manifest, None)
         } else {
             let trust = TrustedKeys::new(keys);
@@ -78,12 +85,18 @@ impl InspectCommand {
             Some(Err(e)) => format!("INVALID: {e}"),
         };
         if self.json {
-            println!("{}", report_json(&file, bytes.len(), &envelope, &manifest, &check));
+            println!(
+                "{}",
+                report_json(&file, bytes.len(), &envelope, &manifest, &check)
+            );
         } else {
             print_text(&file, bytes.len(), &envelope, &manifest, &signature);
         }
         match check {
-            Some(Err(e)) => Err(coded(verify_code(&e), anyhow!(e).context(format!("artifact `{file}`")))),
+            Some(Err(e)) => Err(coded(
+                verify_code(&e),
+                anyhow!(e).context(format!("artifact `{file}`")),
+            )),
             _ => Ok(()),
         }
     }
@@ -101,32 +114,100 @@ fn print_text(file: &str, size: usize, envelope: &Envelope, m: &Manifest, signat
     row("artifact", &format!("{file} ({})", human_size(size as u64)));
     row("name", &m.name);
     row("version", &m.version.to_string());
-    let profile = m.target.profile.as_deref().map(|p| format!(" (profile {p})")).unwrap_or_default();
+    let profile = m
+        .target
+        .profile
+        .as_deref()
+        .map(|p| format!(" (profile {p})"))
+        .unwrap_or_default();
     row("target", &format!("{}{profile}", m.target.triple));
-    row("cpu", &if m.target.cpu_features.is_empty() { "baseline".into() } else { m.target.cpu_features.join(", ") });
-    row("engine", &format!("wasmer {}, kiln ABI {}", m.engine.wasmer, m.engine.kiln_abi));
-    row("kind", if m.is_command() { "WASI command (_start)" } else { "library/reactor" });
-    row("source", &format!("sha256 {} ({} wasm)", m.source.hex(), human_size(m.source.len)));
-    row("payload", &format!("sha256 {} ({} native)", m.payload.hex(), human_size(m.payload.len)));
-    row("metering", &m.settings.metering.map_or("off".into(), |f| format!("{f} fuel")));
-    row("memory cap", &m.settings.memory_limit_pages.map_or("module default".into(), |p| format!("{p} pages ({})", human_size(u64::from(p) * 65536))));
+    row(
+        "cpu",
+        &if m.target.cpu_features.is_empty() {
+            "baseline".into()
+        } else {
+            m.target.cpu_features.join(", ")
+        },
+    );
+    row(
+        "engine",
+        &format!("wasmer {}, kiln ABI {}", m.engine.wasmer, m.engine.kiln_abi),
+    );
+    row(
+        "kind",
+        if m.is_command() {
+            "WASI command (_start)"
+        } else {
+            "library/reactor"
+        },
+    );
+    row(
+        "source",
+        &format!(
+            "sha256 {} ({} wasm)",
+            m.source.hex(),
+            human_size(m.source.len)
+        ),
+    );
+    row(
+        "payload",
+        &format!(
+            "sha256 {} ({} native)",
+            m.payload.hex(),
+            human_size(m.payload.len)
+        ),
+    );
+    row(
+        "metering",
+        &m.settings
+            .metering
+            .map_or("off".into(), |f| format!("{f} fuel")),
+    );
+    row(
+        "memory cap",
+        &m.settings
+            .memory_limit_pages
+            .map_or("module default".into(), |p| {
+                format!("{p} pages ({})", human_size(u64::from(p) * 65536))
+            }),
+    );
     let mut by_interface: Vec<(&str, usize)> = Vec::new();
     for import in &m.imports {
-        match by_interface.iter_mut().find(|(i, _)| *i == import.interface()) {
+        match by_interface
+            .iter_mut()
+            .find(|(i, _)| *i == import.interface())
+        {
             Some((_, n)) => *n += 1,
             None => by_interface.push((import.interface(), 1)),
         }
     }
-    let imports = by_interface.iter().map(|(i, n)| format!("{i} ({n})")).collect::<Vec<_>>().join(", ");
-    row("imports", if imports.is_empty() { "none" } else { &imports });
+    let imports = by_interface
+        .iter()
+        .map(|(i, n)| format!("{i} ({n})"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    row(
+        "imports",
+        if imports.is_empty() { "none" } else { &imports },
+    );
     row("exports", &m.exports.join(", "));
-    row("created", &m.created_at.map_or("not recorded".into(), |t| format!("{t} (unix seconds)")));
+    row(
+        "created",
+        &m.created_at
+            .map_or("not recorded".into(), |t| format!("{t} (unix seconds)")),
+    );
     row("producer", &m.producer);
     row("signer", &format!("key {}", envelope.key_id));
     row("signature", signature);
 }
 
-fn report_json(file: &str, size: usize, envelope: &Envelope, m: &Manifest, check: &Option<Result<(), ArtifactError>>) -> serde_json::Value {
+fn report_json(
+    file: &str,
+    size: usize,
+    envelope: &Envelope,
+    m: &Manifest,
+    check: &Option<Result<(), ArtifactError>>,
+) -> serde_json::Value {
     let (status, error) = match check {
         None => ("unchecked", None),
         Some(Ok(())) => ("valid", None),

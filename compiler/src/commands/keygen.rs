@@ -27,7 +27,10 @@ impl KeygenCommand {
         if public_path == self.output {
             return Err(coded(
                 Code::Usage,
-                anyhow::anyhow!("secret key file `{}` must not end in .pub", self.output.display()),
+                anyhow::anyhow!(
+                    "secret key file `{}` must not end in .pub",
+                    self.output.display()
+                ),
             ));
         }
         let key = SecretKey::generate().map_err(|e| coded(Code::Failure, e))?;

@@ -1,0 +1,75 @@
+//! The device binary links no compiler.
+
+use std::process::Command;
+
+use crate::util::{kilnd_path, profile, repo};
+use crate::DEVICES;
+
+const COMPILERS: [&str; 4] = [
+    "wasmer-compiler-cranelift",
+    "cranelift-codegen",
+    "wasmer-compiler-llvm",
+    "wasmer-compiler-singlepass",
+];
+
+#[test]
+fn kilnd_dependency_tree_has_no_compiler_on_any_target() {
+    for device in DEVICES {
+        let triple = profile(device).triple;
+        let out = Command::new(env!("CARGO"))
+            .current_dir(repo())
+            .args([
+                "tree",
+                "-p",
+                "kiln-runtime",
+                "-e",
+                "normal",
+                "--prefix",
+                "none",
+                "--target",
+                &triple,
+            ])
+            .output()
+            .expect("cargo tree");
+        let tree = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "cargo tree failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(tree.contains("wasmer v7.4.2"), "unexpected tree:\n{tree}");
+        for compiler in COMPILERS {
+            assert!(
+                !tree.contains(compiler),
+                "{compiler} is in kilnd's tree for {triple}:\n{tree}"
+            );
+        }
+    }
+}
+
+const NEEDLE: &str = "cranelift-codegen";
+
+fn contains(path: &std::path::Path, needle: &str) -> bool {
+    let bytes = std::fs::read(path).unwrap();
+    bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[test]
+fn kilnd_binaries_contain_no_compiler_code() {
+    // Panic locations keep crate paths even in a stripped binary. Positive control:
+    // this test binary links kiln's compiler, so the probe must find it here.
+    let me = std::env::current_exe().unwrap();
+    assert!(
+        contains(&me, NEEDLE),
+        "probe cannot see cranelift in {}",
+        me.display()
+    );
+    for device in DEVICES {
+        let path = kilnd_path(&profile(device));
+        assert!(
+            !contains(&path, NEEDLE),
+            "{} contains `{NEEDLE}`",
+            path.display()
+        );
+    }
+}

@@ -1,0 +1,249 @@
+//! Test harness: finds the binaries under test, compiles fixtures once per target, and
+//! runs `kilnd` the way a user would (wrapped in the profile's qemu command for other
+//! architectures). On failure it prints the command, status, stdout and stderr.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+use clap::Parser;
+use kiln_compiler::commands::compile::CompileCommand;
+use kiln_compiler::commands::keygen::KeygenCommand;
+use kiln_protocol::target::TargetProfile;
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
+}
+
+/// The cargo target dir this test was built in (`<dir>/debug/deps/e2e-*`).
+pub fn target_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("CARGO_TARGET_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.ancestors().nth(3).expect("target dir").to_path_buf()
+}
+
+pub fn profile(name: &str) -> TargetProfile {
+    let path = repo().join("targets").join(format!("{name}.toml"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    TargetProfile::parse(name, &text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The release `kilnd` for the profile's triple, built alone by `scripts/test.sh`.
+pub fn kilnd_path(profile: &TargetProfile) -> PathBuf {
+    let path = target_dir().join(&profile.triple).join("release/kilnd");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p kiln-runtime --release --target {}` (scripts/test.sh does)",
+        path.display(),
+        profile.triple
+    );
+    path
+}
+
+/// A built example or fixture, by file name: `hello.wasm` (Rust, built by
+/// scripts/test.sh for wasm32-wasip1), `compute.wat`, or `fixtures/*.wat`.
+pub fn source(name: &str) -> PathBuf {
+    if name == "hello.wasm" {
+        let path = target_dir().join("examples/wasm32-wasip1/release/hello.wasm");
+        assert!(
+            path.exists(),
+            "{} is missing: build it with `cargo build --release --target wasm32-wasip1 --manifest-path examples/hello/Cargo.toml --target-dir {}/examples`",
+            path.display(),
+            target_dir().display()
+        );
+        return path;
+    }
+    repo().join("examples").join(name)
+}
+
+/// One temp dir for the whole test run holding the fleet key pair and the compiled
+/// artifacts, so each (source, target) pair is compiled once.
+pub struct Shared {
+    pub dir: tempfile::TempDir,
+    compiled: Mutex<HashMap<(String, String), PathBuf>>,
+}
+
+pub fn shared() -> &'static Shared {
+    static SHARED: OnceLock<Shared> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let key = dir.path().join("fleet.key");
+        KeygenCommand::try_parse_from(["keygen", "-o", key.to_str().expect("utf-8 path")])
+            .expect("keygen args")
+            .execute()
+            .expect("keygen");
+        Shared {
+            dir,
+            compiled: Mutex::new(HashMap::new()),
+        }
+    })
+}
+
+impl Shared {
+    pub fn key(&self) -> PathBuf {
+        self.dir.path().join("fleet.key")
+    }
+
+    pub fn trust(&self) -> PathBuf {
+        self.dir.path().join("fleet.pub")
+    }
+
+    /// Compiles `name` for `target` with `kiln compile` (once) and returns the artifact.
+    pub fn artifact(&self, name: &str, target: &str) -> PathBuf {
+        let key = (name.to_string(), target.to_string());
+        let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(path) = compiled.get(&key) {
+            return path.clone();
+        }
+        let stem = Path::new(name)
+            .file_stem()
+            .expect("stem")
+            .to_string_lossy()
+            .into_owned();
+        let out = self.dir.path().join(format!("{stem}-{target}.kiln"));
+        compile(&source(name), target, &self.key(), &out, &[]);
+        compiled.insert(key, out.clone());
+        out
+    }
+}
+
+/// Runs `kiln compile` in-process, exactly as the command line would.
+pub fn compile(input: &Path, target: &str, key: &Path, out: &Path, extra: &[&str]) {
+    let mut args = vec![
+        "compile".to_string(),
+        input.display().to_string(),
+        "--target".into(),
+        target.into(),
+        "--sign".into(),
+        key.display().to_string(),
+        "-o".into(),
+        out.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    CompileCommand::try_parse_from(&args)
+        .expect("compile args")
+        .execute()
+        .unwrap_or_else(|e| panic!("kiln {}: {e:#}", args.join(" ")));
+}
+
+/// A device: the `kilnd` of a target profile, wrapped in its qemu command.
+pub struct Device {
+    pub profile: TargetProfile,
+    /// Replaces the profile's qemu command (e.g. to emulate an older CPU).
+    pub qemu_override: Option<Vec<String>>,
+}
+
+impl Device {
+    pub fn new(profile_name: &str) -> Self {
+        Self {
+            profile: profile(profile_name),
+            qemu_override: None,
+        }
+    }
+
+    /// `kilnd ARGS...` as the device would run it.
+    pub fn kilnd(&self, args: &[&str]) -> Run {
+        Run::new(self.command(args))
+    }
+
+    /// The command line behind [`Device::kilnd`], to adjust before running.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let kilnd = kilnd_path(&self.profile);
+        let qemu = self.qemu_override.as_ref().unwrap_or(&self.profile.qemu);
+        let mut cmd = match qemu.split_first() {
+            Some((prog, rest)) => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(&kilnd);
+                c
+            }
+            None => Command::new(&kilnd),
+        };
+        cmd.args(args).env_remove("KILN_LOG");
+        cmd
+    }
+
+    /// `kilnd run ARTIFACT --trust fleet.pub EXTRA...`
+    pub fn run(&self, artifact: &Path, extra: &[&str]) -> Run {
+        Run::new(self.run_command(artifact, extra))
+    }
+
+    pub fn run_command(&self, artifact: &Path, extra: &[&str]) -> Command {
+        let trust = shared().trust();
+        let mut args = vec!["run", path_str(artifact), "--trust", path_str(&trust)];
+        args.extend_from_slice(extra);
+        self.command(&args)
+    }
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// A finished process with everything needed to explain a failed assertion.
+pub struct Run {
+    pub command: String,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn new(mut cmd: Command) -> Self {
+        let command = format!("{cmd:?}");
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("cannot start {command}: {e}"));
+        Self {
+            command,
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    #[track_caller]
+    pub fn assert_code(&self, code: i32) -> &Self {
+        assert_eq!(self.code, Some(code), "wrong exit code\n{self}");
+        self
+    }
+
+    #[track_caller]
+    pub fn assert_stdout(&self, expected: &str) -> &Self {
+        assert_eq!(self.stdout, expected, "wrong stdout\n{self}");
+        self
+    }
+
+    /// kilnd refused: exactly one line on stderr, `kilnd: error: ...` containing every
+    /// `needle`, nothing on stdout (the module never ran).
+    #[track_caller]
+    pub fn assert_refused(&self, code: i32, needles: &[&str]) -> &Self {
+        self.assert_code(code);
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "expected one line on stderr\n{self}");
+        assert!(
+            lines[0].starts_with("kilnd: error: "),
+            "not a kilnd error line\n{self}"
+        );
+        for needle in needles {
+            assert!(lines[0].contains(needle), "stderr lacks `{needle}`\n{self}");
+        }
+        assert_eq!(self.stdout, "", "the module produced output\n{self}");
+        self
+    }
+}
+
+impl fmt::Display for Run {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "command: {}", self.command)?;
+        writeln!(f, "exit code: {:?}", self.code)?;
+        writeln!(f, "--- stdout ---\n{}", self.stdout)?;
+        write!(f, "--- stderr ---\n{}", self.stderr)
+    }
+}

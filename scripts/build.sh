@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Builds everything the demo and the tests use, each profile once, into one target dir:
+#   - kilnd for every device triple, each in its own cargo invocation (-p kiln-runtime
+#     alone, so feature unification can never link the host's compiler into it);
+#   - the host tool `kiln`;
+#   - the Rust example modules for wasm32-wasip1.
+# Prints the stripped size of each kilnd.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${CARGO_TARGET_DIR:=$HOME/.cache/kiln/target}"
+export CARGO_TARGET_DIR
+
+for triple in x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu; do
+  echo "build: kilnd for $triple"
+  cargo build --locked --quiet -p kiln-runtime --release --target "$triple"
+done
+echo "build: kiln (host)"
+cargo build --locked --quiet -p kiln-compiler
+echo "build: example modules for wasm32-wasip1"
+cargo build --quiet --release --target wasm32-wasip1 \
+  --manifest-path examples/hello/Cargo.toml --target-dir "$CARGO_TARGET_DIR/examples"
+
+for triple in x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu; do
+  printf 'build: kilnd %-30s %s bytes (stripped, release)\n' "$triple" \
+    "$(stat -c %s "$CARGO_TARGET_DIR/$triple/release/kilnd")"
+done

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what Kiln needs on Debian/Ubuntu, and only what is missing (idempotent):
+# cross gcc for aarch64 and riscv64, qemu-user, mosquitto, and the rustup targets.
+set -euo pipefail
+
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
+
+packages=()
+have aarch64-linux-gnu-gcc || packages+=(gcc-aarch64-linux-gnu)
+[ -e /usr/aarch64-linux-gnu/lib/libc.so.6 ] || packages+=(libc6-dev-arm64-cross)
+have riscv64-linux-gnu-gcc || packages+=(gcc-riscv64-linux-gnu)
+[ -e /usr/riscv64-linux-gnu/lib/libc.so.6 ] || packages+=(libc6-dev-riscv64-cross)
+{ have qemu-aarch64 && have qemu-riscv64 && have qemu-x86_64; } || packages+=(qemu-user)
+have mosquitto || packages+=(mosquitto)
+
+if [ ${#packages[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "setup: installing ${packages[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+fi
+
+installed=$(rustup target list --installed)
+for target in aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu wasm32-wasip1; do
+  grep -qx "$target" <<<"$installed" || rustup target add "$target"
+done
