@@ -1,4 +1,5 @@
 //! `kiln` driven as a user drives it: the real binary, real files, exit codes and messages.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

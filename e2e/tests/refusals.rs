@@ -1,6 +1,6 @@
 //! Every bad input is refused with one line, a distinct exit code, and before a single
-//! payload byte is deserialized. kilnd logs "deserializing verified payload" at debug
-//! level right before `Module::deserialize`; the positive control shows that line
+//! payload byte is deserialized. kilnd logs "deserializing verified payload" (info)
+//! right before `Module::deserialize`; the positive control shows that line
 //! appears for a good artifact, and every refusal asserts it never does.
 
 use std::fs;

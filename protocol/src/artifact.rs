@@ -152,14 +152,11 @@ impl<'a> Envelope<'a> {
             });
         }
         let version = u16::from_le_bytes([bytes[8], bytes[9]]);
-        if version > FORMAT_VERSION {
+        if version != FORMAT_VERSION {
             return Err(ArtifactError::UnsupportedVersion {
                 found: version,
                 supported: FORMAT_VERSION,
             });
-        }
-        if version == 0 {
-            return Err(ArtifactError::BadMagic);
         }
         let flags = u16::from_le_bytes([bytes[10], bytes[11]]);
         if flags != 0 {

@@ -58,7 +58,7 @@ pub fn load_bytes(bytes: &[u8], trust: &TrustedKeys) -> Result<Loaded, Failure> 
     compat::check(&verified.manifest, &host::facts())
         .map_err(|e| Failure::new(incompatible_code(&e), e.to_string()))?;
 
-    tracing::debug!(
+    tracing::info!(
         module = %verified.manifest.name,
         version = verified.manifest.version,
         signer = %verified.signer,
