@@ -2,7 +2,6 @@
 //! only, the given host directories only, stdio through to the terminal.
 
 use std::path::{Component, Path, PathBuf};
-
 use std::sync::Arc;
 
 use wasmer::{Engine, Module, Store};
@@ -22,8 +21,8 @@ pub struct DirMapping {
 impl std::str::FromStr for DirMapping {
     type Err = String;
 
-    /// `HOST[:GUEST]`; without GUEST the directory appears at the same path, relative
-    /// paths under `/` (the guest's working directory).
+    /// `HOST[:GUEST]`. Without GUEST the directory keeps its path, taken from `/` (the
+    /// guest's working directory): `data` and `./data` appear as `/data`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (host, guest) = match s.split_once(':') {
             Some((h, g)) => (h, g.to_string()),
