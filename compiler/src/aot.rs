@@ -8,7 +8,7 @@ use kiln_protocol::manifest::{
     ArtifactTarget, CompileSettings, Digest, EngineInfo, Import, ImportKind, Manifest,
 };
 use kiln_protocol::KILN_ABI_VERSION;
-use wasmer::sys::{Cranelift, EngineBuilder};
+use wasmer::sys::{Architecture, Cranelift, EngineBuilder, Features};
 use wasmer::{ExternType, Module};
 
 use crate::targets::ResolvedTarget;
@@ -54,8 +54,24 @@ pub fn compile(
     let started = Instant::now();
     let engine: wasmer::Engine = EngineBuilder::new(Cranelift::new())
         .set_target(Some(opts.target.wasmer_target()))
+        .set_features(Some(wasm_features(&opts.target)))
         .into();
-    let module = Module::new(&engine, &wasm).map_err(|e| AotError::Compile(e.to_string()))?;
+    // Cranelift reports some unsupported lowerings by panicking; kiln turns that into
+    // an error naming the module instead of dying.
+    let module =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Module::new(&engine, &wasm)))
+            .map_err(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                AotError::Compile(format!(
+                    "Cranelift crashed compiling it for {}: {what}",
+                    opts.target.triple
+                ))
+            })?
+            .map_err(|e| AotError::Compile(simd_hint(e.to_string(), &opts.target)))?;
     let payload = module
         .serialize()
         .map_err(|e| AotError::Serialize(e.to_string()))?;
@@ -98,6 +114,32 @@ pub fn compile(
         manifest,
         compile_time,
     })
+}
+
+/// The WebAssembly features a target can run. Cranelift's riscv64 backend lowers
+/// wasm SIMD only with the V extension, which wasmer 7.4.2 cannot enable (it panics
+/// inside Cranelift otherwise), so SIMD is off for riscv64 and such modules are
+/// rejected at validation with a clear message.
+fn wasm_features(target: &ResolvedTarget) -> Features {
+    // What wasmer's Cranelift enables by default for Linux targets...
+    let mut features = Features::default();
+    features
+        .exceptions(true)
+        .relaxed_simd(true)
+        .wide_arithmetic(true);
+    // ...minus what its riscv64 backend cannot lower.
+    if matches!(target.triple.architecture, Architecture::Riscv64(_)) {
+        features.simd(false).relaxed_simd(false);
+    }
+    features
+}
+
+fn simd_hint(message: String, target: &ResolvedTarget) -> String {
+    if matches!(target.triple.architecture, Architecture::Riscv64(_)) && message.contains("SIMD") {
+        format!("{message}; wasm SIMD needs the RISC-V V extension, which kiln cannot target yet")
+    } else {
+        message
+    }
 }
 
 fn kind_of(ty: &ExternType) -> ImportKind {

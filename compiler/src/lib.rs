@@ -17,6 +17,7 @@
 
 pub mod aot;
 pub mod commands;
+pub mod conformance;
 pub mod exit;
 pub mod keyfile;
 pub mod targets;

@@ -2,8 +2,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kiln_compiler::commands::{
-    compile::CompileCommand, inspect::InspectCommand, keygen::KeygenCommand,
-    targets::TargetsCommand,
+    compile::CompileCommand, conformance::ConformanceCommand, inspect::InspectCommand,
+    keygen::KeygenCommand, targets::TargetsCommand,
 };
 use kiln_compiler::exit;
 
@@ -28,6 +28,7 @@ enum Command {
     Compile(CompileCommand),
     Inspect(InspectCommand),
     Targets(TargetsCommand),
+    Conformance(ConformanceCommand),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +38,7 @@ fn main() -> ExitCode {
         Command::Compile(c) => c.execute(),
         Command::Inspect(c) => c.execute(),
         Command::Targets(c) => c.execute(),
+        Command::Conformance(c) => c.execute(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -18,6 +18,7 @@ pub mod artifact;
 pub mod compat;
 pub mod keys;
 pub mod manifest;
+pub mod script;
 pub mod target;
 
 /// Version of the `kiln` host ABI (import module `kiln`) this build implements.

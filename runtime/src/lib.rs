@@ -10,6 +10,7 @@
 //! # Ok::<(), kiln_runtime::exit::Failure>(())
 //! ```
 
+pub mod conformance;
 pub mod exit;
 pub mod host;
 pub mod load;

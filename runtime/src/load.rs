@@ -46,12 +46,12 @@ pub fn load_artifact(path: &Path, trust: &TrustedKeys) -> Result<Loaded, Failure
     let file = path.display();
     let bytes = std::fs::read(path)
         .map_err(|e| Failure::new(Code::NoInput, format!("cannot read artifact `{file}`: {e}")))?;
-    load_bytes(&bytes, trust)
+    load_bytes(&bytes, trust, &Engine::headless())
         .map_err(|f| Failure::new(f.code, format!("artifact `{file}`: {}", f.message)))
 }
 
-/// Verifies `bytes` completely, then deserializes the verified payload.
-pub fn load_bytes(bytes: &[u8], trust: &TrustedKeys) -> Result<Loaded, Failure> {
+/// Verifies `bytes` completely, then deserializes the verified payload into `engine`.
+pub fn load_bytes(bytes: &[u8], trust: &TrustedKeys, engine: &Engine) -> Result<Loaded, Failure> {
     let verified = Envelope::parse(bytes)
         .and_then(|envelope| envelope.verify(trust))
         .map_err(|e| Failure::new(artifact_code(&e), e.to_string()))?;
@@ -65,11 +65,10 @@ pub fn load_bytes(bytes: &[u8], trust: &TrustedKeys) -> Result<Loaded, Failure> 
         bytes = verified.payload.len(),
         "deserializing verified payload"
     );
-    let engine = Engine::headless();
     // SAFETY: the payload is exactly the byte range whose sha256 is in a manifest signed
     // by a trusted key, and that manifest names this wasmer version, this target and
     // CPU features present here; the bytes were produced by `Module::serialize`.
-    let module = unsafe { Module::deserialize(&engine, verified.payload) }.map_err(|e| {
+    let module = unsafe { Module::deserialize(engine, verified.payload) }.map_err(|e| {
         Failure::new(
             Code::LoadFailed,
             format!("cannot load the verified payload: {e}"),
@@ -78,7 +77,7 @@ pub fn load_bytes(bytes: &[u8], trust: &TrustedKeys) -> Result<Loaded, Failure> 
     Ok(Loaded {
         manifest: verified.manifest,
         module,
-        engine,
+        engine: engine.clone(),
     })
 }
 

@@ -2,6 +2,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use kiln_protocol::script::Script;
+use kiln_runtime::conformance;
 use kiln_runtime::exit::{Code, Failure};
 use kiln_runtime::load::{load_artifact, read_trusted_keys};
 use kiln_runtime::wasi::{self, DirMapping, WasiOptions};
@@ -22,6 +24,39 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Run(RunCommand),
+    Conformance(ConformanceCommand),
+}
+
+/// Replay a spec-test script compiled by `kiln conformance`; prints `ok LINE` or
+/// `fail LINE WHY` per command, exits 0 when all passed and 1 otherwise
+#[derive(Parser)]
+struct ConformanceCommand {
+    /// Script written by `kiln conformance --emit-dir`
+    #[arg(value_name = "SCRIPT")]
+    script: PathBuf,
+    /// Public key the script's artifacts must be signed with (repeatable)
+    #[arg(long, value_name = "KEY.pub", required = true)]
+    trust: Vec<PathBuf>,
+}
+
+impl ConformanceCommand {
+    fn execute(self) -> Result<i32, Failure> {
+        let trust = read_trusted_keys(&self.trust)?;
+        let file = self.script.display();
+        let bytes = std::fs::read(&self.script).map_err(|e| {
+            Failure::new(Code::NoInput, format!("cannot read script `{file}`: {e}"))
+        })?;
+        let Script::V1(script) = postcard::from_bytes::<Script>(&bytes).map_err(|e| {
+            Failure::new(
+                Code::NotArtifact,
+                format!("script `{file}` does not decode: {e}"),
+            )
+        })?;
+        let mut stdout = std::io::stdout().lock();
+        let tally = conformance::replay(&script, &trust, &mut stdout)
+            .map_err(|e| Failure::new(Code::Internal, format!("cannot write results: {e}")))?;
+        Ok(i32::from(tally.failed > 0))
+    }
 }
 
 /// Verify an artifact and run its WASI `_start`; exits with the module's exit code
@@ -98,6 +133,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(run) => run.execute(),
+        Command::Conformance(c) => c.execute(),
     };
     match result {
         // WASI exit codes are 0..=255 on POSIX; anything larger wraps like a shell would.
