@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds everything the demo and the tests use, each profile once, into one target dir:
+# Installs what is missing (scripts/setup.sh), then builds everything the demo and the
+# tests use, each profile once, into one target dir:
 #   - kilnd for every device triple, each in its own cargo invocation (-p kiln-runtime
 #     alone, so feature unification can never link the host's compiler into it);
 #   - the host tool `kiln`;
@@ -9,6 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${CARGO_TARGET_DIR:=$HOME/.cache/kiln/target}"
 export CARGO_TARGET_DIR
+scripts/setup.sh
 
 for triple in x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu; do
   echo "build: kilnd for $triple"

@@ -16,7 +16,6 @@ if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then
   shift
 fi
 
-scripts/setup.sh
 scripts/build.sh
 
 status=0

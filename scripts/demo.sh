@@ -6,7 +6,6 @@ cd "$(dirname "$0")/.."
 : "${CARGO_TARGET_DIR:=$HOME/.cache/kiln/target}"
 export CARGO_TARGET_DIR
 
-scripts/setup.sh
 scripts/build.sh
 
 kiln="$CARGO_TARGET_DIR/debug/kiln"

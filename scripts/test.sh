@@ -6,7 +6,6 @@ cd "$(dirname "$0")/.."
 : "${CARGO_TARGET_DIR:=$HOME/.cache/kiln/target}"
 export CARGO_TARGET_DIR
 
-scripts/setup.sh
 scripts/build.sh
 cargo fmt --all -- --check
 # Host crates and end-to-end tests; kiln-runtime is not a default member, so its

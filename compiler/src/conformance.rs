@@ -175,12 +175,23 @@ impl Translator<'_> {
                     Ok(Expect::Exhausts(message.into())),
                 );
             }
-            WastDirective::ModuleDefinition(_) | WastDirective::ModuleInstance { .. } => self.skip(
+            // A definition is only validated, which compiling for the target does.
+            WastDirective::ModuleDefinition(mut module) => {
+                let compiled = module
+                    .encode()
+                    .map_err(|e| one_line(&e.to_string()))
+                    .and_then(|wasm| self.compile(&wasm));
+                self.host.push(match compiled {
+                    Ok(_) => HostOutcome::Pass(line),
+                    Err(why) => HostOutcome::Fail(line, format!("kiln cannot compile it: {why}")),
+                });
+            }
+            WastDirective::ModuleInstance { .. } => self.skip(
                 line,
-                "module definitions/instances (wasm 3.0 script syntax) are not replayed yet",
+                "module instances (wasm 3.0 script syntax) are not replayed yet",
             ),
-            WastDirective::AssertException { .. } => {
-                self.skip(line, "exception handling assertions are not replayed yet")
+            WastDirective::AssertException { exec, .. } => {
+                self.action(line, execute_action(&exec), Ok(Expect::Throws))
             }
             WastDirective::AssertSuspension { .. } => {
                 self.skip(line, "stack switching is not supported by wasmer")

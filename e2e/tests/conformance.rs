@@ -91,6 +91,7 @@ fn a_wrong_result_is_reported_not_passed() {
 (assert_return (invoke "add" (i32.const 1) (i32.const 2)) (i32.const 3))
 (assert_return (invoke "add" (i32.const 1) (i32.const 2)) (i32.const 4))
 (assert_trap (invoke "add" (i32.const 1) (i32.const 2)) "unreachable")
+(assert_exception (invoke "add" (i32.const 1) (i32.const 2)))
 "#,
     )
     .unwrap();
@@ -98,7 +99,7 @@ fn a_wrong_result_is_reported_not_passed() {
         let err = conformance(device, std::slice::from_ref(&wast))
             .expect_err("wrong results must fail the run");
         assert!(
-            err.to_string().contains("2 unexpected failure(s)"),
+            err.to_string().contains("3 unexpected failure(s)"),
             "{device}: {err:#}"
         );
     }

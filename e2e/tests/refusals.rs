@@ -159,7 +159,7 @@ fn an_artifact_needing_a_cpu_feature_the_machine_lacks_is_refused() {
     // x86-64-v3 code (AVX2, BMI2, ...) on an emulated CPU without those features.
     let artifact = shared().artifact("compute.wat", "x86_64-v3-linux");
     let mut device = Device::new("x86_64-linux");
-    device.qemu_override = Some(vec!["qemu-x86_64".into(), "-cpu".into(), "qemu64".into()]);
+    device.profile.qemu = vec!["qemu-x86_64".into(), "-cpu".into(), "qemu64".into()];
     refused(&device, &artifact, 77, &["avx2", "bmi2", "lacks"]);
 }
 

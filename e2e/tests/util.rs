@@ -133,18 +133,16 @@ pub fn compile(input: &Path, target: &str, key: &Path, out: &Path, extra: &[&str
         .unwrap_or_else(|e| panic!("kiln {}: {e:#}", args.join(" ")));
 }
 
-/// A device: the `kilnd` of a target profile, wrapped in its qemu command.
+/// A device: the `kilnd` of a target profile, wrapped in its qemu command (tests may
+/// change `profile.qemu`, e.g. to emulate an older CPU).
 pub struct Device {
     pub profile: TargetProfile,
-    /// Replaces the profile's qemu command (e.g. to emulate an older CPU).
-    pub qemu_override: Option<Vec<String>>,
 }
 
 impl Device {
     pub fn new(profile_name: &str) -> Self {
         Self {
             profile: profile(profile_name),
-            qemu_override: None,
         }
     }
 
@@ -155,16 +153,7 @@ impl Device {
 
     /// The command line behind [`Device::kilnd`], to adjust before running.
     pub fn command(&self, args: &[&str]) -> Command {
-        let kilnd = kilnd_path(&self.profile);
-        let qemu = self.qemu_override.as_ref().unwrap_or(&self.profile.qemu);
-        let mut cmd = match qemu.split_first() {
-            Some((prog, rest)) => {
-                let mut c = Command::new(prog);
-                c.args(rest).arg(&kilnd);
-                c
-            }
-            None => Command::new(&kilnd),
-        };
+        let mut cmd = self.profile.command(&kilnd_path(&self.profile));
         cmd.args(args).env_remove("KILN_LOG");
         cmd
     }

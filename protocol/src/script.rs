@@ -94,6 +94,8 @@ pub enum Expect {
     Traps(String),
     /// `assert_exhaustion`: the call stack runs out.
     Exhausts(String),
+    /// `assert_exception`: the call ends in an uncaught wasm exception.
+    Throws,
 }
 
 /// An argument. Floats are carried as bits so NaN payloads survive.

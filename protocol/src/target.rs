@@ -1,7 +1,23 @@
 //! Device profiles are data: `targets/<name>.toml`, one file a board. Adding a board
 //! is adding a file.
 
+use std::path::Path;
+use std::process::Command;
+
 use serde::Deserialize;
+
+/// `program`, prefixed by `wrapper` (e.g. `qemu-riscv64 -L /usr/riscv64-linux-gnu`)
+/// unless that is empty.
+pub fn wrapped_command(wrapper: &[String], program: &Path) -> Command {
+    match wrapper.split_first() {
+        Some((runner, args)) => {
+            let mut cmd = Command::new(runner);
+            cmd.args(args).arg(program);
+            cmd
+        }
+        None => Command::new(program),
+    }
+}
 
 /// One device profile. Unknown keys are an error, so a typo never silently drops a
 /// setting.
@@ -50,6 +66,12 @@ impl TargetProfile {
             });
         }
         Ok(profile)
+    }
+
+    /// A command running `program` (a binary built for this target) on this host:
+    /// wrapped in the profile's qemu command, or directly when native.
+    pub fn command(&self, program: &Path) -> Command {
+        wrapped_command(&self.qemu, program)
     }
 
     /// Rust's name for the architecture (`aarch64`, `riscv64`, `x86_64`).

@@ -191,7 +191,7 @@ impl Replay<'_> {
         }
     }
 
-    fn act(&mut self, action: &Action) -> Result<Vec<wasmer::Value>, Result<TrapCode, String>> {
+    fn act(&mut self, action: &Action) -> Result<Vec<wasmer::Value>, Stop> {
         match action {
             Action::Invoke {
                 module,
@@ -201,18 +201,25 @@ impl Replay<'_> {
                 let func = self
                     .instance(module.as_deref())
                     .and_then(|i| i.exports.get_function(field).map_err(|e| e.to_string()))
-                    .map_err(Err)?
+                    .map_err(Stop::Error)?
                     .clone();
                 let args: Vec<wasmer::Value> = args.iter().map(|a| self.value(a)).collect();
                 func.call(&mut self.store, &args)
                     .map(|r| r.into_vec())
-                    .map_err(|e| e.to_trap().ok_or_else(|| "host error".to_string()))
+                    .map_err(|e| {
+                        if e.is_exception() {
+                            Stop::Exception
+                        } else {
+                            e.to_trap()
+                                .map_or_else(|| Stop::Error("host error".into()), Stop::Trap)
+                        }
+                    })
             }
             Action::Get { module, global } => {
                 let g = self
                     .instance(module.as_deref())
                     .and_then(|i| i.exports.get_global(global).map_err(|e| e.to_string()))
-                    .map_err(Err)?
+                    .map_err(Stop::Error)?
                     .clone();
                 Ok(vec![g.get(&mut self.store)])
             }
@@ -235,13 +242,27 @@ impl Replay<'_> {
     }
 }
 
+/// How an action ended when it did not return.
+enum Stop {
+    Trap(TrapCode),
+    Exception,
+    /// The action could not run (missing module or export, host failure).
+    Error(String),
+}
+
 fn check(
     store: &Store,
-    result: Result<Vec<wasmer::Value>, Result<TrapCode, String>>,
+    result: Result<Vec<wasmer::Value>, Stop>,
     expect: &Expect,
 ) -> Result<(), String> {
     match (result, expect) {
-        (Err(Err(why)), _) => Err(why),
+        (Err(Stop::Error(why)), _) => Err(why),
+        (Err(Stop::Exception), Expect::Throws) => Ok(()),
+        (Err(Stop::Exception), _) => Err("uncaught exception".into()),
+        (Ok(values), Expect::Throws) => Err(format!(
+            "expected an exception, got {:?}",
+            values.iter().map(show).collect::<Vec<_>>()
+        )),
         (Ok(_), Expect::Completes) => Ok(()),
         (Ok(values), Expect::Returns(patterns)) => {
             if values.len() != patterns.len() {
@@ -261,14 +282,14 @@ fn check(
             "expected trap `{msg}`, got {:?}",
             values.iter().map(show).collect::<Vec<_>>()
         )),
-        (Err(Ok(TrapCode::StackOverflow)), Expect::Exhausts(_)) => Ok(()),
-        (Err(Ok(code)), Expect::Exhausts(msg)) => Err(format!(
+        (Err(Stop::Trap(TrapCode::StackOverflow)), Expect::Exhausts(_)) => Ok(()),
+        (Err(Stop::Trap(code)), Expect::Exhausts(msg)) => Err(format!(
             "expected `{msg}`, trapped with `{}`",
             code.message()
         )),
         // Any trap satisfies assert_trap: the exact wording is the engine's, not behaviour.
-        (Err(Ok(_)), Expect::Traps(_)) => Ok(()),
-        (Err(Ok(code)), _) => Err(format!("trapped: {}", code.message())),
+        (Err(Stop::Trap(_)), Expect::Traps(_)) => Ok(()),
+        (Err(Stop::Trap(code)), _) => Err(format!("trapped: {}", code.message())),
     }
 }
 

@@ -1,6 +1,5 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command as Process;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -8,6 +7,7 @@ use anyhow::{anyhow, Context, Result};
 use clap::Parser;
 use kiln_protocol::keys::SecretKey;
 use kiln_protocol::script::{Outcome, Script};
+use kiln_protocol::target::wrapped_command;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -309,14 +309,7 @@ impl Runner<'_> {
                 .map(|l| (*l, Err(format!("cannot write script: {why}"))))
                 .collect();
         }
-        let mut cmd = match self.qemu.split_first() {
-            Some((prog, rest)) => {
-                let mut c = Process::new(prog);
-                c.args(rest).arg(self.kilnd);
-                c
-            }
-            None => Process::new(self.kilnd),
-        };
+        let mut cmd = wrapped_command(&self.qemu, self.kilnd);
         cmd.arg("conformance")
             .arg(&path)
             .arg("--trust")
