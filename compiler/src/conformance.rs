@@ -92,6 +92,13 @@ impl Translator<'_> {
             .map_err(|e| one_line(&e.to_string()))
     }
 
+    fn encode_and_compile(&self, module: &mut QuoteWat<'_>) -> Result<Vec<u8>, String> {
+        module
+            .encode()
+            .map_err(|e| one_line(&e.to_string()))
+            .and_then(|wasm| self.compile(&wasm))
+    }
+
     fn directive(&mut self, d: WastDirective<'_>) {
         let line = self.line(d.span());
         match d {
@@ -102,26 +109,16 @@ impl Translator<'_> {
             WastDirective::AssertUnlinkable {
                 module, message, ..
             } => {
-                let mut module = QuoteWat::Wat(module);
-                self.module(
-                    line,
-                    None,
-                    &mut module,
-                    Instantiation::Unlinkable(message.into()),
-                );
+                let expect = Instantiation::Unlinkable(message.into());
+                self.module(line, None, &mut QuoteWat::Wat(module), expect);
             }
             WastDirective::AssertTrap {
                 exec: WastExecute::Wat(module),
                 message,
                 ..
             } => {
-                let mut module = QuoteWat::Wat(module);
-                self.module(
-                    line,
-                    None,
-                    &mut module,
-                    Instantiation::Traps(message.into()),
-                );
+                let expect = Instantiation::Traps(message.into());
+                self.module(line, None, &mut QuoteWat::Wat(module), expect);
             }
             WastDirective::AssertInvalid {
                 mut module,
@@ -177,11 +174,7 @@ impl Translator<'_> {
             }
             // A definition is only validated, which compiling for the target does.
             WastDirective::ModuleDefinition(mut module) => {
-                let compiled = module
-                    .encode()
-                    .map_err(|e| one_line(&e.to_string()))
-                    .and_then(|wasm| self.compile(&wasm));
-                self.host.push(match compiled {
+                self.host.push(match self.encode_and_compile(&mut module) {
                     Ok(_) => HostOutcome::Pass(line),
                     Err(why) => HostOutcome::Fail(line, format!("kiln cannot compile it: {why}")),
                 });
@@ -222,11 +215,7 @@ impl Translator<'_> {
         {
             return self.skip(line, "components are not supported");
         }
-        let compiled = module
-            .encode()
-            .map_err(|e| one_line(&e.to_string()))
-            .and_then(|wasm| self.compile(&wasm));
-        self.commands.push(match compiled {
+        self.commands.push(match self.encode_and_compile(module) {
             Ok(artifact) => Command::Module {
                 line,
                 name,
