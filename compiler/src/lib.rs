@@ -19,5 +19,6 @@ pub mod aot;
 pub mod commands;
 pub mod conformance;
 pub mod exit;
+pub mod files;
 pub mod keyfile;
 pub mod targets;

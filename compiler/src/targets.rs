@@ -5,6 +5,8 @@ use std::str::FromStr;
 
 use anyhow::{Context, Result};
 use kiln_protocol::target::TargetProfile;
+
+use crate::files;
 use wasmer::sys::{CpuFeature, Triple};
 use wasmer_types::target::Target;
 
@@ -23,14 +25,7 @@ pub fn load(dir: Option<&Path>) -> Result<Vec<TargetProfile>> {
             }
         }
         Some(dir) => {
-            let entries = std::fs::read_dir(dir)
-                .with_context(|| format!("cannot read targets directory `{}`", dir.display()))?;
-            let mut paths: Vec<_> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-                .collect();
-            paths.sort();
-            for path in paths {
+            for path in files::with_extension(dir, "toml")? {
                 let stem = path.file_stem().unwrap_or_default().to_string_lossy();
                 let text = std::fs::read_to_string(&path)
                     .with_context(|| format!("cannot read `{}`", path.display()))?;

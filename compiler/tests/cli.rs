@@ -49,6 +49,13 @@ fn fails(out: Output, code: i32, needle: &str) {
     );
 }
 
+#[track_caller]
+fn assert_contains_all(text: &str, needles: &[&str]) {
+    for needle in needles {
+        assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
+    }
+}
+
 fn compute_wat() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/compute.wat")
 }
@@ -118,19 +125,17 @@ fn compile_prints_what_it_built() {
     let dir = keyed_dir();
     let out = ok(compile(dir.path(), "riscv64-linux", "app.kiln"));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    for needle in [
-        "compute.wat",
-        "app.kiln",
-        "riscv64-linux",
-        "riscv64gc-unknown-linux-gnu",
-        "KiB",
-        "signed by key",
-    ] {
-        assert!(
-            stderr.contains(needle),
-            "summary lacks `{needle}`: {stderr}"
-        );
-    }
+    assert_contains_all(
+        &stderr,
+        &[
+            "compute.wat",
+            "app.kiln",
+            "riscv64-linux",
+            "riscv64gc-unknown-linux-gnu",
+            "KiB",
+            "signed by key",
+        ],
+    );
 }
 
 #[test]
@@ -246,15 +251,16 @@ fn bad_inputs_get_one_line_and_a_distinct_code() {
 fn targets_lists_every_profile_with_its_triple() {
     let out = ok(kiln(Path::new("."), &["targets"]));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    for needle in [
-        "aarch64-linux",
-        "riscv64gc-unknown-linux-gnu",
-        "x86_64-v3-linux",
-        "avx2",
-        "rpi4-aarch64",
-    ] {
-        assert!(stdout.contains(needle), "missing `{needle}`:\n{stdout}");
-    }
+    assert_contains_all(
+        &stdout,
+        &[
+            "aarch64-linux",
+            "riscv64gc-unknown-linux-gnu",
+            "x86_64-v3-linux",
+            "avx2",
+            "rpi4-aarch64",
+        ],
+    );
 }
 
 #[test]

@@ -220,13 +220,7 @@ fn wast_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for path in paths {
         if path.is_dir() {
-            let mut found: Vec<PathBuf> = std::fs::read_dir(path)
-                .with_context(|| format!("cannot read `{}`", path.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| e == "wast"))
-                .collect();
-            found.sort();
-            files.extend(found);
+            files.extend(crate::files::with_extension(path, "wast")?);
         } else if path.exists() {
             files.push(path.clone());
         } else {
