@@ -1,5 +1,6 @@
 //! Ahead-of-time compilation: `.wasm`/`.wat` in, signed `.kiln` artifact out.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_protocol::artifact;
@@ -8,8 +9,9 @@ use kiln_protocol::manifest::{
     ArtifactTarget, CompileSettings, Digest, EngineInfo, Import, ImportKind, Manifest,
 };
 use kiln_protocol::KILN_ABI_VERSION;
-use wasmer::sys::{Architecture, Cranelift, EngineBuilder, Features};
+use wasmer::sys::{Architecture, CompilerConfig, Cranelift, EngineBuilder, Features};
 use wasmer::{ExternType, Module};
+use wasmer_middlewares::Metering;
 
 use crate::targets::ResolvedTarget;
 
@@ -22,6 +24,8 @@ pub struct CompileOptions {
     pub name: String,
     pub version: u64,
     pub created_at: Option<u64>,
+    /// Metering budget and memory cap, signed into the manifest.
+    pub settings: CompileSettings,
 }
 
 #[derive(Debug)]
@@ -52,7 +56,13 @@ pub fn compile(
 ) -> Result<Compiled, AotError> {
     let wasm = wat::parse_bytes(source).map_err(|e| AotError::Parse(e.to_string()))?;
     let started = Instant::now();
-    let engine: wasmer::Engine = EngineBuilder::new(Cranelift::new())
+    let mut cranelift = Cranelift::new();
+    if let Some(budget) = opts.settings.metering {
+        // Metering counts one point per operator; the device resets the points to the
+        // per-call budget before every call and reads back what was used.
+        cranelift.push_middleware(Arc::new(Metering::new(budget, |_: &_| 1)));
+    }
+    let engine: wasmer::Engine = EngineBuilder::new(cranelift)
         .set_target(Some(opts.target.wasmer_target()))
         .set_features(Some(wasm_features(&opts.target)))
         .into();
@@ -91,7 +101,7 @@ pub fn compile(
         },
         source: Digest::of(&wasm),
         payload: Digest::of(&payload),
-        settings: CompileSettings::default(),
+        settings: opts.settings.clone(),
         imports: module
             .imports()
             .map(|i| Import {

@@ -86,6 +86,7 @@ impl Translator<'_> {
             name: "spectest".into(),
             version: 1,
             created_at: None,
+            settings: Default::default(),
         };
         aot::compile(wasm, &opts, self.key)
             .map(|c| c.bytes)

@@ -14,12 +14,14 @@
 //! assert_eq!(verified.manifest, manifest);
 //! ```
 
+pub mod abi;
 pub mod artifact;
 pub mod compat;
 pub mod keys;
 pub mod manifest;
 pub mod script;
 pub mod target;
+pub mod worker;
 
 /// Version of the `kiln` host ABI (import module `kiln`) this build implements.
 /// An artifact declares the ABI it was built against; a device runs it if its own

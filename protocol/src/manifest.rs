@@ -76,6 +76,44 @@ pub struct CompileSettings {
     pub memory_limit_pages: Option<u32>,
 }
 
+/// Bytes in one WebAssembly page.
+pub const PAGE: u64 = 64 * 1024;
+
+/// A memory size as pages (`256`) or bytes with a unit (`16MiB`, `512KiB`, `1GiB`),
+/// rounded up to whole pages; at least one page.
+pub fn parse_memory_size(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let (num, unit) = t
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((t, ""), |i| t.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a page count or a size like 16MiB"))?;
+    let bytes = match unit.trim() {
+        "" => return page_count(n, s),
+        "KiB" => n.checked_mul(1 << 10),
+        "MiB" => n.checked_mul(1 << 20),
+        "GiB" => n.checked_mul(1 << 30),
+        other => {
+            return Err(format!(
+                "`{s}`: unknown unit `{other}` (use KiB, MiB or GiB)"
+            ))
+        }
+    };
+    page_count(bytes.map_or(u64::MAX, |b| b.div_ceil(PAGE)), s)
+}
+
+fn page_count(pages: u64, s: &str) -> Result<u32, String> {
+    // 65536 pages is all a 32-bit memory can address.
+    if (1..=65536).contains(&pages) {
+        Ok(pages as u32)
+    } else {
+        Err(format!(
+            "`{s}` must be between 1 page (64KiB) and 65536 pages (4GiB)"
+        ))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Import {
     pub module: String,
@@ -110,6 +148,11 @@ impl Manifest {
         self.exports.iter().any(|e| e == "_start")
     }
 
+    /// Does the module export `name`?
+    pub fn exports_fn(&self, name: &str) -> bool {
+        self.exports.iter().any(|e| e == name)
+    }
+
     /// A small filled-in manifest for docs and tests.
     pub fn example(payload: &[u8]) -> Self {
         Self {
@@ -132,5 +175,24 @@ impl Manifest {
             created_at: None,
             producer: "test".into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes_parse_to_pages() {
+        assert_eq!(parse_memory_size("16"), Ok(16));
+        assert_eq!(parse_memory_size("1MiB"), Ok(16));
+        assert_eq!(parse_memory_size("100KiB"), Ok(2));
+        assert_eq!(parse_memory_size("4GiB"), Ok(65536));
+        assert!(parse_memory_size("0").is_err());
+        assert!(parse_memory_size("5GiB").is_err());
+        assert!(parse_memory_size("12MB")
+            .unwrap_err()
+            .contains("unknown unit `MB`"));
+        assert!(parse_memory_size("lots").is_err());
     }
 }

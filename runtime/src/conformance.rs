@@ -151,7 +151,8 @@ impl Replay<'_> {
     ) -> Result<(), String> {
         // A module that fails to load or link must not leave its predecessor current.
         self.current = None;
-        let loaded = load_bytes(artifact, self.trust, &self.engine).map_err(|f| f.message)?;
+        let loaded =
+            load_bytes(artifact, self.trust, |_| self.engine.clone()).map_err(|f| f.message)?;
         let mut imports = Imports::new();
         for import in loaded.module.imports() {
             let found = if import.module() == "spectest" {

@@ -30,6 +30,10 @@ pub enum Code {
     LoadFailed = 79,
     /// The module trapped (unreachable, out-of-bounds, stack overflow, ...).
     Trap = 80,
+    /// `kilnd.toml` is unreadable or invalid.
+    Config = 81,
+    /// `kilnd serve`: every module ended and at least one was marked failed.
+    ModuleFailed = 82,
 }
 
 /// A kilnd failure: exit code plus the one line printed for it.

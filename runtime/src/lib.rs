@@ -5,13 +5,21 @@
 //! use kiln_runtime::load::{load_artifact, read_trusted_keys};
 //!
 //! let trust = read_trusted_keys(&["fleet.pub".into()])?;
-//! let loaded = load_artifact("app.kiln".as_ref(), &trust)?;
+//! let loaded = load_artifact("app.kiln".as_ref(), &trust, |_| wasmer::Engine::headless())?;
 //! println!("{} v{} ready", loaded.manifest.name, loaded.manifest.version);
 //! # Ok::<(), kiln_runtime::exit::Failure>(())
 //! ```
 
+pub mod abi;
+pub mod capture;
+pub mod config;
 pub mod conformance;
 pub mod exit;
+pub mod guest;
 pub mod host;
+pub mod limits;
 pub mod load;
+pub mod serve;
+pub mod supervisor;
 pub mod wasi;
+pub mod worker;

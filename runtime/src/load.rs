@@ -4,12 +4,12 @@
 //! exactly the bytes that were hashed (the file is read once, never re-read).
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use kiln_protocol::artifact::{ArtifactError, Envelope};
 use kiln_protocol::compat::{self, Incompatible};
 use kiln_protocol::keys::{PublicKey, TrustedKeys};
 use kiln_protocol::manifest::Manifest;
-use wasmer::sys::NativeEngineExt;
 use wasmer::{Engine, Module};
 
 use crate::exit::{Code, Failure};
@@ -20,6 +20,9 @@ pub struct Loaded {
     pub manifest: Manifest,
     pub module: Module,
     pub engine: Engine,
+    /// Reading is the caller's; these are verification and `Module::deserialize`.
+    pub verify_time: Duration,
+    pub deserialize_time: Duration,
 }
 
 pub fn read_trusted_keys(paths: &[PathBuf]) -> Result<TrustedKeys, Failure> {
@@ -42,21 +45,35 @@ pub fn read_trusted_keys(paths: &[PathBuf]) -> Result<TrustedKeys, Failure> {
     Ok(TrustedKeys::new(keys))
 }
 
-pub fn load_artifact(path: &Path, trust: &TrustedKeys) -> Result<Loaded, Failure> {
+/// Reads, verifies and loads the artifact at `path`; `engine_for` picks the engine
+/// (and so the memory cap) from the verified manifest.
+pub fn load_artifact(
+    path: &Path,
+    trust: &TrustedKeys,
+    engine_for: impl FnOnce(&Manifest) -> Engine,
+) -> Result<Loaded, Failure> {
     let file = path.display();
     let bytes = std::fs::read(path)
         .map_err(|e| Failure::new(Code::NoInput, format!("cannot read artifact `{file}`: {e}")))?;
-    load_bytes(&bytes, trust, &Engine::headless())
+    load_bytes(&bytes, trust, engine_for)
         .map_err(|f| Failure::new(f.code, format!("artifact `{file}`: {}", f.message)))
 }
 
-/// Verifies `bytes` completely, then deserializes the verified payload into `engine`.
-pub fn load_bytes(bytes: &[u8], trust: &TrustedKeys, engine: &Engine) -> Result<Loaded, Failure> {
+/// Verifies `bytes` completely, then deserializes the verified payload into the
+/// engine `engine_for` returns for the verified manifest.
+pub fn load_bytes(
+    bytes: &[u8],
+    trust: &TrustedKeys,
+    engine_for: impl FnOnce(&Manifest) -> Engine,
+) -> Result<Loaded, Failure> {
+    let started = Instant::now();
     let verified = Envelope::parse(bytes)
         .and_then(|envelope| envelope.verify(trust))
         .map_err(|e| Failure::new(artifact_code(&e), e.to_string()))?;
     compat::check(&verified.manifest, &host::facts())
         .map_err(|e| Failure::new(incompatible_code(&e), e.to_string()))?;
+    let verify_time = started.elapsed();
+    let engine = engine_for(&verified.manifest);
 
     tracing::info!(
         module = %verified.manifest.name,
@@ -68,7 +85,8 @@ pub fn load_bytes(bytes: &[u8], trust: &TrustedKeys, engine: &Engine) -> Result<
     // SAFETY: the payload is exactly the byte range whose sha256 is in a manifest signed
     // by a trusted key, and that manifest names this wasmer version, this target and
     // CPU features present here; the bytes were produced by `Module::serialize`.
-    let module = unsafe { Module::deserialize(engine, verified.payload) }.map_err(|e| {
+    let started = Instant::now();
+    let module = unsafe { Module::deserialize(&engine, verified.payload) }.map_err(|e| {
         Failure::new(
             Code::LoadFailed,
             format!("cannot load the verified payload: {e}"),
@@ -77,7 +95,9 @@ pub fn load_bytes(bytes: &[u8], trust: &TrustedKeys, engine: &Engine) -> Result<
     Ok(Loaded {
         manifest: verified.manifest,
         module,
-        engine: engine.clone(),
+        engine,
+        verify_time,
+        deserialize_time: started.elapsed(),
     })
 }
 

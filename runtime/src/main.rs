@@ -3,15 +3,19 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kiln_protocol::script::Script;
+use kiln_protocol::worker::Reply;
 use kiln_runtime::conformance;
 use kiln_runtime::exit::{Code, Failure};
+use kiln_runtime::guest::{self, GuestOptions};
+use kiln_runtime::limits;
 use kiln_runtime::load::{load_artifact, read_trusted_keys};
-use kiln_runtime::wasi::{self, DirMapping, WasiOptions};
+use kiln_runtime::wasi::{DirMapping, WasiOptions};
 
 const AFTER_HELP: &str = "\
 Examples:
   kilnd run app.kiln --trust fleet.pub
-  kilnd run app.kiln --trust fleet.pub --dir ./data:/data --env MODE=prod -- --verbose input.txt";
+  kilnd run app.kiln --trust fleet.pub --dir ./data:/data --env MODE=prod -- --verbose input.txt
+  kilnd serve --config /etc/kiln/kilnd.toml";
 
 /// kilnd: headless runtime for signed kiln artifacts
 #[derive(Parser)]
@@ -24,8 +28,36 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Run(RunCommand),
+    Serve(ServeCommand),
     Conformance(ConformanceCommand),
+    /// Internal: one module's worker process, started by `kilnd serve`
+    #[command(hide = true)]
+    Worker,
 }
+
+/// Supervise the modules of a config, each in its own worker process under its
+/// limits; reports starts, stops (with the reason), logs and telemetry as JSON lines
+/// on stdout
+#[derive(Parser)]
+#[command(after_help = SERVE_HELP)]
+struct ServeCommand {
+    /// Daemon config (kilnd.toml)
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+}
+
+const SERVE_HELP: &str = "\
+Example kilnd.toml:
+  trust = [\"fleet.pub\"]
+
+  [[module]]
+  artifact = \"sensor-filter.kiln\"
+  tick_ms = 1000
+  config = \"alpha=0.3\"
+  memory_limit = \"4MiB\"
+  fuel_per_call = 5000000
+  timeout_ms = 1000
+  restart = { backoff_ms = 500, backoff_max_ms = 30000, max_crashes = 5, window_s = 300 }";
 
 /// Replay a spec-test script compiled by `kiln conformance`; prints `ok LINE` or
 /// `fail LINE WHY` per command, exits 0 when all passed and 1 otherwise
@@ -90,7 +122,13 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 impl RunCommand {
     fn execute(self) -> Result<i32, Failure> {
         let trust = read_trusted_keys(&self.trust)?;
-        let loaded = load_artifact(&self.artifact, &trust)?;
+        let loaded = load_artifact(&self.artifact, &trust, |m| {
+            limits::engine(
+                m.settings
+                    .memory_limit_pages
+                    .unwrap_or(limits::DEFAULT_MEMORY_PAGES),
+            )
+        })?;
         let name = loaded.manifest.name.clone();
         if !loaded.manifest.is_command() {
             return Err(Failure::new(
@@ -101,39 +139,67 @@ impl RunCommand {
                 ),
             ));
         }
-        let opts = WasiOptions {
-            args: self.args,
-            env: self.env,
-            dirs: self.dir,
+        let fuel = loaded.manifest.settings.metering;
+        let opts = GuestOptions {
+            wasi: WasiOptions {
+                args: self.args,
+                env: self.env,
+                dirs: self.dir,
+            },
+            config: Vec::new(),
+            fuel,
+            emit: std::sync::Arc::new(move |reply| print_record(&name, reply)),
+            capture_stdio: false,
         };
-        wasi::run_command(loaded.engine, loaded.module, &name, &opts)
+        guest::run_command(loaded, opts)
+    }
+}
+
+/// `kilnd run` shows what a module sends through the kiln ABI on stderr.
+fn print_record(module: &str, reply: Reply) {
+    match reply {
+        Reply::Telemetry { stream, data } => {
+            eprintln!(
+                "{module}: telemetry {stream}: {}",
+                String::from_utf8_lossy(&data)
+            )
+        }
+        Reply::Log { level, line, .. } => eprintln!("{module}: {}: {line}", level.as_str()),
+        _ => {}
     }
 }
 
 /// `KILN_LOG=debug|info|warn|error` turns on kilnd's own log on stderr; `kilnd run`
 /// is silent by default so the module's output is all the user sees.
-fn init_logging() {
+fn init_logging(serving: bool) {
     let level = match std::env::var("KILN_LOG").as_deref() {
         Ok("trace") => tracing::Level::TRACE,
         Ok("debug") => tracing::Level::DEBUG,
         Ok("info") => tracing::Level::INFO,
         Ok("warn") => tracing::Level::WARN,
         Ok("error") => tracing::Level::ERROR,
+        _ if serving => tracing::Level::INFO,
         _ => return,
     };
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .init();
 }
 
 fn main() -> ExitCode {
-    init_logging();
+    let serving = std::env::args()
+        .nth(1)
+        .is_some_and(|a| a == "serve" || a == "worker");
+    init_logging(serving);
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(run) => run.execute(),
+        Command::Serve(s) => kiln_runtime::serve::serve(&s.config),
         Command::Conformance(c) => c.execute(),
+        Command::Worker => Ok(kiln_runtime::worker::serve()),
     };
     match result {
         // WASI exit codes are 0..=255 on POSIX; anything larger wraps like a shell would.

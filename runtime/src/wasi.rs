@@ -1,13 +1,13 @@
-//! Runs a WASI command module (`_start`) with wasmer-wasix: the given args and env
-//! only, the given host directories only, stdio through to the terminal.
+//! The WASI side of a module's sandbox (wasmer-wasix): the given args and env only,
+//! the given host directories only, mounted over an empty in-memory root.
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-use wasmer::{Engine, Module, Store};
+use kiln_protocol::abi;
+use wasmer::Module;
 use wasmer_wasix::virtual_fs::{host_fs, mount_fs::MountFileSystem, RootFileSystemBuilder};
-use wasmer_wasix::wasmer_wasix_types::wasi::{Errno, ExitCode};
-use wasmer_wasix::{WasiEnv, WasiError};
+use wasmer_wasix::{WasiEnv, WasiEnvBuilder};
 
 use crate::exit::{Code, Failure};
 
@@ -55,28 +55,16 @@ pub struct WasiOptions {
     pub dirs: Vec<DirMapping>,
 }
 
-/// Runs `_start` on this thread and returns the module's exit code. kilnd calls the
-/// entry point itself (rather than through wasix's process runner) so that a trap is
-/// reported once, in kilnd's words, with kilnd's exit code.
-pub fn run_command(
-    engine: Engine,
-    module: Module,
+/// A WASI environment for module `name`: only the given args, env and directories.
+pub fn builder(
     name: &str,
     opts: &WasiOptions,
-) -> Result<i32, Failure> {
-    // wasix does its file and timer I/O on a tokio runtime; one worker is plenty.
-    let tokio = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(|e| Failure::new(Code::Internal, format!("cannot start the I/O runtime: {e}")))?;
-    let _guard = tokio.enter();
-
+    handle: &tokio::runtime::Handle,
+) -> Result<WasiEnvBuilder, Failure> {
     let mut builder = WasiEnv::builder(name)
         .args(opts.args.iter())
         .envs(opts.env.iter().cloned());
-    builder.set_engine(engine.clone());
-    builder.set_mount_fs(sandbox(&opts.dirs, tokio.handle())?);
+    builder.set_mount_fs(sandbox(&opts.dirs, handle)?);
     // Rust's WASI libc resolves both absolute and relative paths through preopens:
     // "/" for the former, "." (the working directory, also "/") for the latter.
     builder
@@ -91,43 +79,12 @@ pub fn run_command(
             })
         })
         .map_err(|e| Failure::new(Code::Internal, format!("cannot set up the sandbox: {e}")))?;
-
-    check_imports(name, &module)?;
-    let mut store = Store::new(engine);
-    let (instance, env) = builder.instantiate(module, &mut store).map_err(|e| {
-        Failure::new(
-            Code::LoadFailed,
-            format!("module `{name}` cannot be instantiated: {e}"),
-        )
-    })?;
-    let start = instance.exports.get_function("_start").map_err(|e| {
-        Failure::new(
-            Code::LoadFailed,
-            format!("module `{name}` has no usable `_start`: {e}"),
-        )
-    })?;
-    let outcome = match start.call(&mut store, &[]) {
-        Ok(_) => Ok(0),
-        Err(err) => match err.downcast::<WasiError>() {
-            Ok(WasiError::Exit(code)) => Ok(code.raw()),
-            Ok(other) => Err(Failure::new(
-                Code::Trap,
-                format!("module `{name}` stopped: {other}"),
-            )),
-            Err(rt) => Err(trap(name, rt)),
-        },
-    };
-    let exit = match &outcome {
-        Ok(code) => ExitCode::from(*code as u16),
-        Err(_) => ExitCode::from(Errno::Noexec),
-    };
-    // Flushes and closes the module's files and stdio.
-    env.on_exit(&mut store, Some(exit));
-    outcome
+    Ok(builder)
 }
 
-/// Import modules this kilnd provides to command modules.
-const PROVIDED: &[&str] = &[
+/// Import modules this kilnd provides.
+pub const PROVIDED: &[&str] = &[
+    abi::MODULE,
     "wasi_snapshot_preview1",
     "wasi_unstable",
     "wasix_32v1",
@@ -135,8 +92,28 @@ const PROVIDED: &[&str] = &[
 ];
 
 /// Names the first import nobody provides, instead of wasmer's generic link error.
-fn check_imports(name: &str, module: &Module) -> Result<(), Failure> {
-    match module.imports().find(|i| !PROVIDED.contains(&i.module())) {
+pub fn check_imports(name: &str, module: &Module) -> Result<(), Failure> {
+    let unknown = |i: &wasmer::ImportType| {
+        if i.module() == abi::MODULE {
+            !abi::IMPORTS.iter().any(|(f, ..)| *f == i.name())
+        } else {
+            !PROVIDED.contains(&i.module())
+        }
+    };
+    if let Some(i) = module
+        .imports()
+        .find(|i| i.module() == abi::MODULE && unknown(i))
+    {
+        return Err(Failure::new(
+            Code::LoadFailed,
+            format!(
+                "module `{name}` imports `kiln`.`{}`, which kiln host ABI v{} does not have",
+                i.name(),
+                kiln_protocol::KILN_ABI_VERSION
+            ),
+        ));
+    }
+    match module.imports().find(unknown) {
         Some(i) => Err(Failure::new(
             Code::LoadFailed,
             format!(
@@ -183,11 +160,10 @@ fn sandbox(
     Ok(root)
 }
 
-fn trap(name: &str, rt: wasmer::RuntimeError) -> Failure {
-    let message = rt.message();
-    let what = match rt.to_trap() {
+/// A trap in kilnd's words: wasmer's trap code when it has one, else its message.
+pub fn trap_message(rt: &wasmer::RuntimeError) -> String {
+    match rt.clone().to_trap() {
         Some(code) => format!("{} [{code}]", code.message()),
-        None => message,
-    };
-    Failure::new(Code::Trap, format!("module `{name}` trapped: {what}"))
+        None => rt.message(),
+    }
 }

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, Context, Result};
 use clap::Parser;
 
+use kiln_protocol::manifest::{parse_memory_size, CompileSettings};
+
 use crate::aot::{self, AotError, CompileOptions};
 use crate::exit::{coded, Code};
 use crate::keyfile;
@@ -15,6 +17,7 @@ Examples:
   kiln compile app.wasm --target aarch64-linux --sign fleet.key -o app.kiln
   kiln compile filter.wat --target riscv64-linux --sign fleet.key -o filter.kiln --name filter --version 7
   kiln compile app.wasm --target x86_64-unknown-linux-gnu --cpu-feature avx2 --sign fleet.key -o app.kiln
+  kiln compile sensor.wasm --target aarch64-linux --sign fleet.key -o sensor.kiln --fuel 5000000 --memory-limit 4MiB
 
 The same input with the same options gives a byte-identical artifact; set SOURCE_DATE_EPOCH
 to record a creation time.";
@@ -46,6 +49,16 @@ pub struct CompileCommand {
     /// Module version (monotonic; devices refuse to roll back to a lower one)
     #[arg(long, default_value_t = 1)]
     pub version: u64,
+
+    /// Compile in wasmer metering with this many fuel points per call (one per
+    /// operator); running out is a clean trap the device reports
+    #[arg(long, value_name = "POINTS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub fuel: Option<u64>,
+
+    /// Default cap on the module's linear memory: pages (64 KiB each) or a size such
+    /// as 16MiB; a deployment may set its own
+    #[arg(long, value_name = "PAGES|SIZE", value_parser = parse_memory_limit)]
+    pub memory_limit: Option<u32>,
 
     /// Artifact to write
     #[arg(short, long, value_name = "OUTPUT")]
@@ -87,6 +100,10 @@ impl CompileCommand {
             name,
             version: self.version,
             created_at: source_date_epoch()?,
+            settings: CompileSettings {
+                metering: self.fuel,
+                memory_limit_pages: self.memory_limit,
+            },
         };
         let compiled = aot::compile(&source, &opts, &key).map_err(|e| {
             let code = match e {
@@ -119,6 +136,10 @@ impl CompileCommand {
         );
         Ok(())
     }
+}
+
+fn parse_memory_limit(s: &str) -> Result<u32, String> {
+    parse_memory_size(s)
 }
 
 fn source_date_epoch() -> Result<Option<u64>> {

@@ -1,0 +1,116 @@
+//! The kiln host ABI, version 1: what a module may import from module `kiln` and what a
+//! reactor module exports for the daemon to drive. This file is the reference; the
+//! README's "Host ABI" page is generated from the same names.
+//!
+//! Pointers and lengths are `i32` offsets into the module's exported `memory`. Functions
+//! that return `i32` return a count (>= 0) or one of the negative [`Status`] codes; a bad
+//! pointer is reported, never trapped on, so a guest can recover.
+//!
+//! | import (module `kiln`) | signature | does |
+//! |---|---|---|
+//! | `publish` | `(stream_ptr, stream_len, data_ptr, data_len) -> i32` | telemetry record on `stream` |
+//! | `log` | `(level, ptr, len) -> i32` | log line at [`Level`] (0 error .. 4 trace) |
+//! | `config_len` | `() -> i32` | length of the module's config bytes |
+//! | `config_read` | `(ptr, len) -> i32` | copies up to `len` config bytes, returns count |
+//! | `message_len` | `() -> i32` | length of the message being delivered, or `NO_MESSAGE` |
+//! | `message_read` | `(ptr, len) -> i32` | copies up to `len` bytes of the message |
+//! | `message_topic` | `(ptr, len) -> i32` | copies its topic (`module/stream`), returns count |
+//! | `monotonic_ns` | `() -> i64` | nanoseconds since the worker started, never goes back |
+//! | `wall_ns` | `() -> i64` | nanoseconds since the Unix epoch (the device's clock) |
+//!
+//! | export (reactor) | signature | called |
+//! |---|---|---|
+//! | `kiln_init` | `() -> i32` | once after instantiation; non-zero fails the start |
+//! | `kiln_tick` | `() -> i32` | every tick interval; non-zero is reported as a failed tick |
+//! | `kiln_on_message` | `(len: i32) -> i32` | for each message routed to the module |
+//!
+//! A module with `_start` is a WASI command instead: it runs once, its stdout and stderr
+//! become log records line by line. Every call runs under the module's limits: fuel per
+//! call (if compiled with metering), the linear-memory cap and the wall-clock watchdog.
+
+use serde::{Deserialize, Serialize};
+
+/// Import module name of the kiln host ABI.
+pub const MODULE: &str = "kiln";
+
+/// Every function the ABI provides, with its wasm signature (params, results).
+pub const IMPORTS: &[(&str, &[ValType], &[ValType])] = &[
+    ("publish", &[I32, I32, I32, I32], &[I32]),
+    ("log", &[I32, I32, I32], &[I32]),
+    ("config_len", &[], &[I32]),
+    ("config_read", &[I32, I32], &[I32]),
+    ("message_len", &[], &[I32]),
+    ("message_read", &[I32, I32], &[I32]),
+    ("message_topic", &[I32, I32], &[I32]),
+    ("monotonic_ns", &[], &[I64]),
+    ("wall_ns", &[], &[I64]),
+];
+
+/// Reactor exports the daemon calls, with their signatures.
+pub const INIT: &str = "kiln_init";
+pub const TICK: &str = "kiln_tick";
+pub const ON_MESSAGE: &str = "kiln_on_message";
+pub const EXPORTS: &[(&str, &[ValType], &[ValType])] = &[
+    (INIT, &[], &[I32]),
+    (TICK, &[], &[I32]),
+    (ON_MESSAGE, &[I32], &[I32]),
+];
+
+/// Largest stream name, telemetry payload and log line a guest may hand over.
+pub const MAX_STREAM: usize = 64;
+pub const MAX_PUBLISH: usize = 64 * 1024;
+pub const MAX_LOG: usize = 4 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValType {
+    I32,
+    I64,
+}
+use ValType::{I32, I64};
+
+/// Negative results of ABI calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum Status {
+    /// A pointer/length pair is outside the module's memory.
+    OutOfBounds = -1,
+    /// More than the ABI accepts (see `MAX_*`).
+    TooLarge = -2,
+    /// `message_*` outside `kiln_on_message`.
+    NoMessage = -3,
+    /// A stream name that is empty or not UTF-8, or a log level outside 0..=4.
+    Invalid = -4,
+}
+
+/// Log levels, as numbers on the ABI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Level {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl Level {
+    pub fn from_abi(n: i32) -> Option<Self> {
+        Some(match n {
+            0 => Self::Error,
+            1 => Self::Warn,
+            2 => Self::Info,
+            3 => Self::Debug,
+            4 => Self::Trace,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Error => "error",
+            Self::Warn => "warn",
+            Self::Info => "info",
+            Self::Debug => "debug",
+            Self::Trace => "trace",
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! Frames between the `kilnd` supervisor and a worker (`kilnd worker`, one process per
+//! module) over the worker's stdin/stdout: a little-endian `u32` length, then a postcard
+//! message tagged by version. The supervisor asks ([`ToWorker`]), the worker answers
+//! each call with exactly one `Done`, possibly after `Telemetry`/`Log` frames the
+//! call produced ([`FromWorker`]).
+
+use std::io::{self, Read, Write};
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::abi::Level;
+
+/// Largest frame either side accepts; a larger length prefix means a broken peer.
+pub const MAX_FRAME: u32 = 4 * 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToWorker {
+    V1(Request),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum FromWorker {
+    V1(Reply),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// First frame: verify and load the artifact, instantiate, call `kiln_init`.
+    Start(Box<StartSpec>),
+    /// Call `kiln_tick`.
+    Tick,
+    /// Call `kiln_on_message` with this message.
+    Message { topic: String, data: Vec<u8> },
+    /// Run a command module's `_start`.
+    Run,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StartSpec {
+    pub artifact: String,
+    /// Public keys in their text form (`kiln-public-key-v1 ...`); the worker verifies
+    /// the artifact itself, right before it maps it.
+    pub trusted_keys: Vec<String>,
+    pub config: Vec<u8>,
+    pub limits: Limits,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Host directory and where the module sees it.
+    pub dirs: Vec<(String, String)>,
+}
+
+/// Limits the worker enforces itself; the wall-clock watchdog is the supervisor's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Cap on linear memory in 64 KiB pages; growth beyond fails inside the guest.
+    pub memory_pages: Option<u32>,
+    /// Fuel for each call; only for artifacts compiled with metering.
+    pub fuel_per_call: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Reply {
+    Ready(Ready),
+    Telemetry {
+        stream: String,
+        data: Vec<u8>,
+    },
+    Log {
+        level: Level,
+        source: LogSource,
+        line: String,
+    },
+    Done(Done),
+    /// The worker cannot go on and exits after this frame.
+    Fatal(Stop),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ready {
+    pub name: String,
+    pub version: u64,
+    pub command: bool,
+    /// A reactor that exports `kiln_tick`.
+    pub ticks: bool,
+    /// Time spent reading + verifying, deserializing, instantiating, in `kiln_init`.
+    pub verify_us: u64,
+    pub deserialize_us: u64,
+    pub instantiate_us: u64,
+    pub init_us: u64,
+    pub memory_pages: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Done {
+    /// What the export returned (0 = fine); for `_start`, the WASI exit code.
+    pub status: i32,
+    pub elapsed_us: u64,
+    /// Fuel the call used, when the artifact was compiled with metering.
+    pub fuel_used: Option<u64>,
+    pub memory_pages: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogSource {
+    /// `kiln.log`.
+    Abi,
+    Stdout,
+    Stderr,
+}
+
+/// Why a worker stopped. Shown to people with `Display`; kept structured so telemetry
+/// can count reasons.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stop {
+    /// A command module's `_start` returned (0) or called `proc_exit`.
+    Exited(i32),
+    /// The artifact was refused or could not be instantiated (kilnd exit code + why).
+    LoadFailed {
+        code: u8,
+        message: String,
+    },
+    /// `kiln_init` returned non-zero.
+    InitFailed(i32),
+    Trap {
+        call: String,
+        message: String,
+    },
+    FuelExhausted {
+        call: String,
+        budget: u64,
+    },
+    /// A call exceeded the wall-clock limit and the supervisor killed the worker.
+    Watchdog {
+        call: String,
+        limit_ms: u64,
+    },
+    /// The worker process died on a signal (a wasmer fault, the OOM killer, ...).
+    Signal {
+        signal: i32,
+        name: String,
+    },
+    /// The worker exited without saying why, or broke the frame protocol.
+    Lost(String),
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stop::Exited(code) => write!(f, "exited with code {code}"),
+            Stop::LoadFailed { message, .. } => write!(f, "cannot start: {message}"),
+            Stop::InitFailed(code) => write!(f, "kiln_init returned {code}"),
+            Stop::Trap { call, message } => write!(f, "trapped in {call}: {message}"),
+            Stop::FuelExhausted { call, budget } => {
+                write!(f, "fuel exhausted in {call} (budget {budget} per call)")
+            }
+            Stop::Watchdog { call, limit_ms } => {
+                write!(f, "watchdog: {call} did not return within {limit_ms} ms")
+            }
+            Stop::Signal { signal, name } => write!(f, "killed by signal {signal} ({name})"),
+            Stop::Lost(why) => write!(f, "worker lost: {why}"),
+        }
+    }
+}
+
+impl Stop {
+    /// Short stable name for counting and matching.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Stop::Exited(_) => "exited",
+            Stop::LoadFailed { .. } => "load-failed",
+            Stop::InitFailed(_) => "init-failed",
+            Stop::Trap { .. } => "trap",
+            Stop::FuelExhausted { .. } => "fuel-exhausted",
+            Stop::Watchdog { .. } => "watchdog",
+            Stop::Signal { .. } => "signal",
+            Stop::Lost(_) => "lost",
+        }
+    }
+
+    /// A clean end that is not restarted: a command that exited 0.
+    pub fn is_clean(&self) -> bool {
+        matches!(self, Stop::Exited(0))
+    }
+}
+
+/// Writes one frame.
+pub fn write_frame<T: Serialize>(out: &mut impl Write, message: &T) -> io::Result<()> {
+    let body = postcard::to_stdvec(message)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    let len = u32::try_from(body.len())
+        .ok()
+        .filter(|n| *n <= MAX_FRAME)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "frame too large"))?;
+    out.write_all(&len.to_le_bytes())?;
+    out.write_all(&body)?;
+    out.flush()
+}
+
+/// Reads one frame; `Ok(None)` on a clean end of stream between frames.
+pub fn read_frame<T: DeserializeOwned>(input: &mut impl Read) -> io::Result<Option<T>> {
+    let mut len = [0u8; 4];
+    match input.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(len);
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes exceeds the {MAX_FRAME}-byte limit"),
+        ));
+    }
+    let mut body = vec![0u8; len as usize];
+    input.read_exact(&mut body)?;
+    postcard::from_bytes(&body)
+        .map(Some)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad frame: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_end_cleanly() {
+        let mut pipe = Vec::new();
+        let tick = ToWorker::V1(Request::Tick);
+        let msg = ToWorker::V1(Request::Message {
+            topic: "sensor/temp".into(),
+            data: vec![1, 2, 3],
+        });
+        write_frame(&mut pipe, &tick).unwrap();
+        write_frame(&mut pipe, &msg).unwrap();
+        let mut r = pipe.as_slice();
+        assert_eq!(read_frame::<ToWorker>(&mut r).unwrap(), Some(tick));
+        assert_eq!(read_frame::<ToWorker>(&mut r).unwrap(), Some(msg));
+        assert_eq!(read_frame::<ToWorker>(&mut r).unwrap(), None);
+    }
+
+    #[test]
+    fn oversized_or_garbage_frames_are_errors() {
+        let mut r: &[u8] = &(MAX_FRAME + 1).to_le_bytes();
+        assert!(read_frame::<ToWorker>(&mut r).is_err());
+        let mut r: &[u8] = &[2, 0, 0, 0, 9, 9];
+        assert!(read_frame::<ToWorker>(&mut r).is_err());
+        // A truncated body is an error, not a clean end.
+        let mut r: &[u8] = &[8, 0, 0, 0, 0];
+        assert!(read_frame::<ToWorker>(&mut r).is_err());
+    }
+
+    /// Version 1 frames written by this release; later releases must keep decoding them.
+    #[test]
+    fn v1_fixture_still_decodes() {
+        let done = FromWorker::V1(Reply::Done(Done {
+            status: 0,
+            elapsed_us: 5,
+            fuel_used: Some(7),
+            memory_pages: 17,
+        }));
+        let bytes = postcard::to_stdvec(&done).unwrap();
+        assert_eq!(bytes, [0, 3, 0, 5, 1, 7, 17]);
+        assert_eq!(postcard::from_bytes::<FromWorker>(&bytes).unwrap(), done);
+    }
+}

@@ -1,0 +1,191 @@
+//! The host side of the kiln ABI (import module `kiln`, see `kiln_protocol::abi`).
+//! Every guest pointer is bounds-checked against the module's memory; a bad one is
+//! answered with a negative status, never a host panic.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use kiln_protocol::abi::{self, Level, Status, MAX_LOG, MAX_PUBLISH, MAX_STREAM};
+use kiln_protocol::worker::{LogSource, Reply};
+use wasmer::{AsStoreMut, Exports, Function, FunctionEnv, FunctionEnvMut, Imports, Memory, Store};
+
+/// Where a module's records go: frames to the supervisor in a worker, stderr in
+/// `kilnd run`.
+pub type Emit = Arc<dyn Fn(Reply) + Send + Sync>;
+
+pub struct KilnEnv {
+    pub memory: Option<Memory>,
+    pub config: Vec<u8>,
+    /// The message being delivered by `kiln_on_message`: topic and bytes.
+    pub message: Option<(String, Vec<u8>)>,
+    pub emit: Emit,
+    pub started: Instant,
+}
+
+impl KilnEnv {
+    pub fn new(config: Vec<u8>, emit: Emit) -> Self {
+        Self {
+            memory: None,
+            config,
+            message: None,
+            emit,
+            started: Instant::now(),
+        }
+    }
+}
+
+/// The `kiln` import namespace bound to `env`.
+pub fn imports(store: &mut Store, env: &FunctionEnv<KilnEnv>) -> Imports {
+    let mut ns = Exports::new();
+    ns.insert("publish", Function::new_typed_with_env(store, env, publish));
+    ns.insert("log", Function::new_typed_with_env(store, env, log));
+    ns.insert(
+        "config_len",
+        Function::new_typed_with_env(store, env, config_len),
+    );
+    ns.insert(
+        "config_read",
+        Function::new_typed_with_env(store, env, config_read),
+    );
+    ns.insert(
+        "message_len",
+        Function::new_typed_with_env(store, env, message_len),
+    );
+    ns.insert(
+        "message_read",
+        Function::new_typed_with_env(store, env, message_read),
+    );
+    ns.insert(
+        "message_topic",
+        Function::new_typed_with_env(store, env, message_topic),
+    );
+    ns.insert(
+        "monotonic_ns",
+        Function::new_typed_with_env(store, env, monotonic_ns),
+    );
+    ns.insert("wall_ns", Function::new_typed_with_env(store, env, wall_ns));
+    let mut imports = Imports::new();
+    imports.register_namespace(abi::MODULE, ns);
+    imports
+}
+
+fn read(ctx: &FunctionEnvMut<'_, KilnEnv>, ptr: i32, len: i32, max: usize) -> Result<Vec<u8>, i32> {
+    let len = usize::try_from(len).map_err(|_| Status::OutOfBounds as i32)?;
+    if len > max {
+        return Err(Status::TooLarge as i32);
+    }
+    let ptr = u32::try_from(ptr).map_err(|_| Status::OutOfBounds as i32)?;
+    let memory = ctx
+        .data()
+        .memory
+        .as_ref()
+        .ok_or(Status::OutOfBounds as i32)?;
+    let mut buf = vec![0u8; len];
+    memory
+        .view(ctx)
+        .read(u64::from(ptr), &mut buf)
+        .map_err(|_| Status::OutOfBounds as i32)?;
+    Ok(buf)
+}
+
+/// Copies as much of `bytes` as fits into the guest buffer; returns the count.
+fn write(ctx: &mut FunctionEnvMut<'_, KilnEnv>, ptr: i32, len: i32, bytes: &[u8]) -> i32 {
+    let (Ok(ptr), Ok(len)) = (u32::try_from(ptr), usize::try_from(len)) else {
+        return Status::OutOfBounds as i32;
+    };
+    let n = bytes.len().min(len);
+    let (env, store) = ctx.data_and_store_mut();
+    let Some(memory) = env.memory.as_ref() else {
+        return Status::OutOfBounds as i32;
+    };
+    match memory.view(&store).write(u64::from(ptr), &bytes[..n]) {
+        Ok(()) => n as i32,
+        Err(_) => Status::OutOfBounds as i32,
+    }
+}
+
+fn publish(
+    ctx: FunctionEnvMut<'_, KilnEnv>,
+    stream_ptr: i32,
+    stream_len: i32,
+    data_ptr: i32,
+    data_len: i32,
+) -> i32 {
+    let stream = match read(&ctx, stream_ptr, stream_len, MAX_STREAM) {
+        Ok(s) => s,
+        Err(status) => return status,
+    };
+    let Ok(stream) = String::from_utf8(stream) else {
+        return Status::Invalid as i32;
+    };
+    if stream.is_empty() {
+        return Status::Invalid as i32;
+    }
+    let data = match read(&ctx, data_ptr, data_len, MAX_PUBLISH) {
+        Ok(d) => d,
+        Err(status) => return status,
+    };
+    (ctx.data().emit)(Reply::Telemetry { stream, data });
+    0
+}
+
+fn log(ctx: FunctionEnvMut<'_, KilnEnv>, level: i32, ptr: i32, len: i32) -> i32 {
+    let Some(level) = Level::from_abi(level) else {
+        return Status::Invalid as i32;
+    };
+    let line = match read(&ctx, ptr, len, MAX_LOG) {
+        Ok(l) => l,
+        Err(status) => return status,
+    };
+    (ctx.data().emit)(Reply::Log {
+        level,
+        source: LogSource::Abi,
+        line: String::from_utf8_lossy(&line).into_owned(),
+    });
+    0
+}
+
+fn config_len(ctx: FunctionEnvMut<'_, KilnEnv>) -> i32 {
+    ctx.data().config.len() as i32
+}
+
+fn config_read(mut ctx: FunctionEnvMut<'_, KilnEnv>, ptr: i32, len: i32) -> i32 {
+    let config = ctx.data().config.clone();
+    write(&mut ctx, ptr, len, &config)
+}
+
+fn message_len(ctx: FunctionEnvMut<'_, KilnEnv>) -> i32 {
+    match &ctx.data().message {
+        Some((_, data)) => data.len() as i32,
+        None => Status::NoMessage as i32,
+    }
+}
+
+fn message_read(mut ctx: FunctionEnvMut<'_, KilnEnv>, ptr: i32, len: i32) -> i32 {
+    match ctx.data().message.as_ref().map(|(_, d)| d.clone()) {
+        Some(data) => write(&mut ctx, ptr, len, &data),
+        None => Status::NoMessage as i32,
+    }
+}
+
+fn message_topic(mut ctx: FunctionEnvMut<'_, KilnEnv>, ptr: i32, len: i32) -> i32 {
+    match ctx.data().message.as_ref().map(|(t, _)| t.clone()) {
+        Some(topic) => write(&mut ctx, ptr, len, topic.as_bytes()),
+        None => Status::NoMessage as i32,
+    }
+}
+
+fn monotonic_ns(ctx: FunctionEnvMut<'_, KilnEnv>) -> i64 {
+    ctx.data().started.elapsed().as_nanos() as i64
+}
+
+fn wall_ns(_ctx: FunctionEnvMut<'_, KilnEnv>) -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// Records the instance's exported memory so the ABI can read and write it.
+pub fn bind_memory(store: &mut impl AsStoreMut, env: &FunctionEnv<KilnEnv>, memory: Memory) {
+    env.as_mut(store).memory = Some(memory);
+}

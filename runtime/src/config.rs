@@ -1,0 +1,307 @@
+//! `kilnd.toml`: what the daemon runs and under which limits. Paths are relative to
+//! the file's directory. Unknown keys are errors, so a typo never silently drops a
+//! limit.
+//!
+//! ```toml
+//! trust = ["fleet.pub"]
+//!
+//! [[module]]
+//! artifact = "sensor-filter.kiln"
+//! tick_ms = 1000
+//! config = "alpha=0.3"
+//! memory_limit = "4MiB"        # or pages; default: the artifact's, else 256MiB
+//! fuel_per_call = 5000000      # needs an artifact compiled with --fuel
+//! timeout_ms = 1000            # wall-clock watchdog per call
+//! restart = { backoff_ms = 500, backoff_max_ms = 30000, max_crashes = 5, window_s = 300 }
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kiln_protocol::manifest::parse_memory_size;
+use serde::Deserialize;
+
+use crate::wasi::DirMapping;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Device id (used for MQTT topics by `serve` with a broker).
+    pub device: Option<String>,
+    /// Public keys whose artifacts this device runs.
+    pub trust: Vec<PathBuf>,
+    /// Command that starts a worker in front of kilnd itself, e.g. a qemu-user command
+    /// when kilnd runs emulated on a host without binfmt_misc; empty on a device.
+    #[serde(default)]
+    pub worker_launcher: Vec<String>,
+    #[serde(default, rename = "module")]
+    pub modules: Vec<ModuleConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleConfig {
+    pub artifact: PathBuf,
+    /// Defaults to the artifact's file stem.
+    pub name: Option<String>,
+    /// Interval between `kiln_tick` calls.
+    #[serde(default = "defaults::tick_ms")]
+    pub tick_ms: u64,
+    /// Config bytes the module reads with `kiln.config_read`, as text...
+    pub config: Option<String>,
+    /// ...or from a file.
+    pub config_file: Option<PathBuf>,
+    /// Linear-memory cap: pages or a size (`4MiB`).
+    pub memory_limit: Option<String>,
+    pub fuel_per_call: Option<u64>,
+    /// Wall-clock limit for `kiln_init`, each tick and each message.
+    #[serde(default = "defaults::timeout_ms")]
+    pub timeout_ms: u64,
+    /// Wall-clock limit for a command's `_start`; none by default.
+    pub run_timeout_ms: Option<u64>,
+    /// Wall-clock limit for spawn + verify + load + instantiate.
+    #[serde(default = "defaults::start_timeout_ms")]
+    pub start_timeout_ms: u64,
+    /// Topics (`module/stream`) whose telemetry is delivered to `kiln_on_message`.
+    #[serde(default)]
+    pub inbox: Vec<String>,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// `HOST[:GUEST]` directories the module may use.
+    #[serde(default)]
+    pub dirs: Vec<String>,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestartPolicy {
+    /// Delay before the first restart; doubles with each crash in the window.
+    pub backoff_ms: u64,
+    pub backoff_max_ms: u64,
+    /// This many crashes within `window_s` mark the module failed.
+    pub max_crashes: u32,
+    pub window_s: u64,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self {
+            backoff_ms: 500,
+            backoff_max_ms: 30_000,
+            max_crashes: 5,
+            window_s: 300,
+        }
+    }
+}
+
+impl RestartPolicy {
+    /// Delay before restarting after the `n`th crash (1-based) in the window.
+    pub fn delay(&self, n: u32) -> Duration {
+        let factor = 1u64 << n.saturating_sub(1).min(20);
+        Duration::from_millis(
+            self.backoff_ms
+                .saturating_mul(factor)
+                .min(self.backoff_max_ms),
+        )
+    }
+
+    pub fn window(&self) -> Duration {
+        Duration::from_secs(self.window_s)
+    }
+}
+
+mod defaults {
+    pub fn tick_ms() -> u64 {
+        1000
+    }
+    pub fn timeout_ms() -> u64 {
+        1000
+    }
+    pub fn start_timeout_ms() -> u64 {
+        30_000
+    }
+}
+
+/// A module ready to supervise: names resolved, paths absolute, limits parsed.
+#[derive(Debug, Clone)]
+pub struct ModulePlan {
+    pub name: String,
+    pub artifact: PathBuf,
+    pub config: Vec<u8>,
+    pub memory_pages: Option<u32>,
+    pub fuel_per_call: Option<u64>,
+    pub tick: Duration,
+    pub timeout: Duration,
+    pub run_timeout: Option<Duration>,
+    pub start_timeout: Duration,
+    pub inbox: Vec<String>,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub dirs: Vec<DirMapping>,
+    pub restart: RestartPolicy,
+}
+
+impl Config {
+    /// Reads and checks `path`; every error is one line naming the file.
+    pub fn load(path: &Path) -> Result<(Self, Vec<ModulePlan>), String> {
+        let file = path.display();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config `{file}`: {e}"))?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| {
+            let msg = e.message().to_string();
+            match e.span() {
+                Some(span) => {
+                    let line = text[..span.start].lines().count().max(1);
+                    format!("config `{file}` line {line}: {msg}")
+                }
+                None => format!("config `{file}`: {msg}"),
+            }
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &Path| base.join(p);
+        config.trust = config.trust.iter().map(|p| resolve(p)).collect();
+        if config.trust.is_empty() {
+            return Err(format!("config `{file}`: `trust` names no public key"));
+        }
+        let mut names = BTreeSet::new();
+        let mut plans = Vec::new();
+        for m in &config.modules {
+            let bad =
+                |why: String| format!("config `{file}`: module `{}`: {why}", m.artifact.display());
+            let name = match &m.name {
+                Some(n) => n.clone(),
+                None => m
+                    .artifact
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .ok_or_else(|| bad("cannot derive a name; set `name`".into()))?,
+            };
+            if name.is_empty() || name.contains('/') {
+                return Err(bad(format!("name `{name}` must be non-empty without `/`")));
+            }
+            if !names.insert(name.clone()) {
+                return Err(bad(format!("a second module is named `{name}`")));
+            }
+            let config_bytes = match (&m.config, &m.config_file) {
+                (Some(_), Some(_)) => {
+                    return Err(bad("set `config` or `config_file`, not both".into()))
+                }
+                (Some(text), None) => text.clone().into_bytes(),
+                (None, Some(p)) => std::fs::read(resolve(p))
+                    .map_err(|e| bad(format!("cannot read config_file `{}`: {e}", p.display())))?,
+                (None, None) => Vec::new(),
+            };
+            let memory_pages = m
+                .memory_limit
+                .as_deref()
+                .map(parse_memory_size)
+                .transpose()
+                .map_err(|e| bad(format!("memory_limit {e}")))?;
+            if m.tick_ms == 0 || m.timeout_ms == 0 {
+                return Err(bad("tick_ms and timeout_ms must be above 0".into()));
+            }
+            if m.restart.max_crashes == 0 {
+                return Err(bad("restart.max_crashes must be at least 1".into()));
+            }
+            let dirs = m
+                .dirs
+                .iter()
+                .map(|d| {
+                    d.parse::<DirMapping>().map(|mut d| {
+                        d.host = resolve(&d.host);
+                        d
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(bad)?;
+            plans.push(ModulePlan {
+                name,
+                artifact: resolve(&m.artifact),
+                config: config_bytes,
+                memory_pages,
+                fuel_per_call: m.fuel_per_call,
+                tick: Duration::from_millis(m.tick_ms),
+                timeout: Duration::from_millis(m.timeout_ms),
+                run_timeout: m.run_timeout_ms.map(Duration::from_millis),
+                start_timeout: Duration::from_millis(m.start_timeout_ms),
+                inbox: m.inbox.clone(),
+                args: m.args.clone(),
+                env: m.env.clone().into_iter().collect(),
+                dirs,
+                restart: m.restart,
+            });
+        }
+        if plans.is_empty() {
+            return Err(format!("config `{file}`: no [[module]] to run"));
+        }
+        Ok((config, plans))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Vec<ModulePlan>, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kilnd.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path).map(|(_, plans)| plans)
+    }
+
+    #[test]
+    fn a_full_module_entry_resolves_against_the_file() {
+        let plans = load(
+            r#"
+trust = ["fleet.pub"]
+[[module]]
+artifact = "a/sensor.kiln"
+config = "alpha=0.3"
+memory_limit = "1MiB"
+restart = { backoff_ms = 100, max_crashes = 3 }
+"#,
+        )
+        .unwrap();
+        let p = &plans[0];
+        assert_eq!(p.name, "sensor");
+        assert!(p.artifact.ends_with("a/sensor.kiln") && p.artifact.is_absolute());
+        assert_eq!(p.memory_pages, Some(16));
+        assert_eq!(p.config, b"alpha=0.3");
+        assert_eq!(p.restart.max_crashes, 3);
+        assert_eq!(p.restart.backoff_max_ms, 30_000);
+    }
+
+    #[test]
+    fn mistakes_are_one_line_and_name_the_file() {
+        let typo =
+            load("trust = [\"k.pub\"]\n[[module]]\nartifact = \"a.kiln\"\nfuel = 5\n").unwrap_err();
+        assert!(
+            typo.contains("kilnd.toml` line 4") && typo.contains("unknown field `fuel`"),
+            "{typo}"
+        );
+        let dup = load("trust = [\"k.pub\"]\n[[module]]\nartifact = \"a.kiln\"\n[[module]]\nartifact = \"x/a.kiln\"\n")
+            .unwrap_err();
+        assert!(dup.contains("a second module is named `a`"), "{dup}");
+        assert!(load("trust = []\n")
+            .unwrap_err()
+            .contains("names no public key"));
+        assert!(!typo.contains('\n'));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let p = RestartPolicy {
+            backoff_ms: 100,
+            backoff_max_ms: 350,
+            max_crashes: 9,
+            window_s: 60,
+        };
+        let ms: Vec<u128> = (1..=4).map(|n| p.delay(n).as_millis()).collect();
+        assert_eq!(ms, [100, 200, 350, 350]);
+    }
+}

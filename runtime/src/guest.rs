@@ -1,0 +1,322 @@
+//! One running module: a verified artifact instantiated with WASI (its sandboxed file
+//! system, args and env) and the kiln host ABI, under its limits. `kilnd run` and the
+//! worker processes both drive modules through this type.
+
+use std::time::Instant;
+
+use kiln_protocol::abi;
+use kiln_protocol::worker::{Done, LogSource, Reply, Stop};
+use wasmer::{Function, FunctionEnv, Imports, Instance, Store, Type, Value};
+use wasmer_wasix::wasmer_wasix_types::wasi::{Errno, ExitCode};
+use wasmer_wasix::{WasiError, WasiFunctionEnv};
+
+use crate::abi::{Emit, KilnEnv};
+use crate::capture::LineCapture;
+use crate::exit::{Code, Failure};
+use crate::load::Loaded;
+use crate::wasi::{self, WasiOptions};
+
+const REMAINING: &str = "wasmer_metering_remaining_points";
+const EXHAUSTED: &str = "wasmer_metering_points_exhausted";
+
+pub struct GuestOptions {
+    pub wasi: WasiOptions,
+    pub config: Vec<u8>,
+    /// Fuel per call; `Some` only for artifacts compiled with metering.
+    pub fuel: Option<u64>,
+    /// Where telemetry and log records go.
+    pub emit: Emit,
+    /// Capture stdout/stderr as log records (workers) instead of passing them through
+    /// to kilnd's own (`kilnd run`).
+    pub capture_stdio: bool,
+}
+
+pub struct Guest {
+    pub name: String,
+    store: Store,
+    instance: Instance,
+    wasi: Option<WasiFunctionEnv>,
+    kiln: FunctionEnv<KilnEnv>,
+    fuel: Option<u64>,
+    captures: Vec<LineCapture>,
+    // wasix does its file and timer I/O on a tokio runtime; one worker is plenty.
+    tokio: tokio::runtime::Runtime,
+}
+
+impl Guest {
+    /// Instantiates `loaded`, runs WASI's `_initialize` if the module has one (but not
+    /// `kiln_init`, which is a call like any other).
+    pub fn instantiate(loaded: Loaded, opts: GuestOptions) -> Result<Self, Failure> {
+        let name = loaded.manifest.name.clone();
+        let fail = |why: String| Failure::new(Code::LoadFailed, format!("module `{name}` {why}"));
+        wasi::check_imports(&name, &loaded.module)?;
+        check_reactor_exports(&loaded.module).map_err(&fail)?;
+        let tokio = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                Failure::new(Code::Internal, format!("cannot start the I/O runtime: {e}"))
+            })?;
+        let _guard = tokio.enter();
+
+        let mut builder = wasi::builder(&name, &opts.wasi, tokio.handle())?;
+        builder.set_engine(loaded.engine.clone());
+        let mut captures = Vec::new();
+        if opts.capture_stdio {
+            for source in [LogSource::Stdout, LogSource::Stderr] {
+                let emit = opts.emit.clone();
+                let level = match source {
+                    LogSource::Stderr => abi::Level::Warn,
+                    _ => abi::Level::Info,
+                };
+                let capture = LineCapture::new(std::sync::Arc::new(move |line| {
+                    emit(Reply::Log {
+                        level,
+                        source,
+                        line,
+                    })
+                }));
+                match source {
+                    LogSource::Stderr => builder.set_stderr(Box::new(capture.clone())),
+                    _ => builder.set_stdout(Box::new(capture.clone())),
+                }
+                captures.push(capture);
+            }
+        }
+
+        let mut store = Store::new(loaded.engine.clone());
+        let module = loaded.module;
+        let uses_wasi = module
+            .imports()
+            .any(|i| i.module() != abi::MODULE && wasi::PROVIDED.contains(&i.module()));
+        let (wasi_env, mut imports) = if uses_wasi {
+            let env = builder
+                .finalize(&mut store)
+                .map_err(|e| fail(format!("cannot set up WASI: {e}")))?;
+            let imports = env
+                .import_object_for_all_wasi_versions(&mut store, &module)
+                .map_err(|e| fail(format!("cannot set up WASI: {e}")))?;
+            (Some(env), imports)
+        } else {
+            (None, Imports::new())
+        };
+        let kiln = FunctionEnv::new(&mut store, KilnEnv::new(opts.config, opts.emit.clone()));
+        for ((ns, name), ext) in crate::abi::imports(&mut store, &kiln).into_iter() {
+            imports.define(&ns, &name, ext);
+        }
+        let instance = Instance::new(&mut store, &module, &imports)
+            .map_err(|e| fail(format!("cannot be instantiated: {e}")))?;
+        if let Ok(memory) = instance.exports.get_memory("memory") {
+            crate::abi::bind_memory(&mut store, &kiln, memory.clone());
+        }
+        let mut wasi_env = wasi_env;
+        if let Some(env) = wasi_env.as_mut() {
+            env.initialize(&mut store, instance.clone())
+                .map_err(|e| fail(format!("cannot set up WASI: {e}")))?;
+        }
+        let mut guest = Self {
+            name: name.clone(),
+            store,
+            instance,
+            wasi: wasi_env,
+            kiln,
+            fuel: opts.fuel,
+            captures,
+            tokio,
+        };
+        if guest.instance.exports.get_function("_initialize").is_ok() {
+            guest
+                .call("_initialize", &[])
+                .map_err(|stop| fail(format!("failed in _initialize: {stop}")))?;
+        }
+        Ok(guest)
+    }
+
+    pub fn exports(&self, name: &str) -> bool {
+        self.instance.exports.get_function(name).is_ok()
+    }
+
+    /// Current size of the module's memory in pages.
+    pub fn memory_pages(&self) -> u32 {
+        self.instance
+            .exports
+            .get_memory("memory")
+            .map_or(0, |m| m.view(&self.store).size().0)
+    }
+
+    /// Calls a reactor export, with the fuel reset to the per-call budget first.
+    pub fn call(&mut self, export: &str, args: &[Value]) -> Result<Done, Stop> {
+        let _guard = self.tokio.enter();
+        let func: Function = self
+            .instance
+            .exports
+            .get_function(export)
+            .map_err(|e| Stop::Lost(format!("no export {export}: {e}")))?
+            .clone();
+        if let Some(budget) = self.fuel {
+            self.set_fuel(budget);
+        }
+        let started = Instant::now();
+        let result = func.call(&mut self.store, args);
+        let elapsed_us = started.elapsed().as_micros() as u64;
+        let fuel_used = self.fuel.map(|budget| budget - self.remaining_fuel());
+        let status = match result {
+            Ok(values) => match values.first() {
+                Some(Value::I32(n)) => *n,
+                _ => 0,
+            },
+            Err(err) => return Err(self.classify(export, err)),
+        };
+        Ok(Done {
+            status,
+            elapsed_us,
+            fuel_used,
+            memory_pages: self.memory_pages(),
+        })
+    }
+
+    /// Runs a command's `_start`; its WASI exit code is `Done::status`.
+    pub fn run_start(&mut self) -> Result<Done, Stop> {
+        match self.call("_start", &[]) {
+            Err(Stop::Exited(code)) => Ok(Done {
+                status: code,
+                elapsed_us: 0,
+                fuel_used: None,
+                memory_pages: self.memory_pages(),
+            }),
+            other => other,
+        }
+    }
+
+    /// Delivers a message through `kiln_on_message`.
+    pub fn deliver(&mut self, topic: String, data: Vec<u8>) -> Result<Done, Stop> {
+        let len = data.len() as i32;
+        self.kiln.as_mut(&mut self.store).message = Some((topic, data));
+        let done = self.call(abi::ON_MESSAGE, &[Value::I32(len)]);
+        self.kiln.as_mut(&mut self.store).message = None;
+        done
+    }
+
+    /// Flushes captured output and closes the module's files and stdio.
+    pub fn finish(mut self, exit_code: Option<i32>) {
+        for capture in &self.captures {
+            capture.flush_partial();
+        }
+        let _guard = self.tokio.enter();
+        if let Some(env) = self.wasi.take() {
+            let code = match exit_code {
+                Some(code) => ExitCode::from(code as u16),
+                None => ExitCode::from(Errno::Noexec),
+            };
+            env.on_exit(&mut self.store, Some(code));
+        }
+    }
+
+    fn set_fuel(&mut self, points: u64) {
+        let exports = &self.instance.exports;
+        if let Ok(g) = exports.get_global(REMAINING) {
+            let _ = g.set(&mut self.store, Value::I64(points as i64));
+        }
+        if let Ok(g) = exports.get_global(EXHAUSTED) {
+            let _ = g.set(&mut self.store, Value::I32(0));
+        }
+    }
+
+    fn remaining_fuel(&mut self) -> u64 {
+        if self.fuel_exhausted() {
+            return 0;
+        }
+        match self.instance.exports.get_global(REMAINING) {
+            Ok(g) => match g.get(&mut self.store) {
+                Value::I64(n) => n as u64,
+                _ => 0,
+            },
+            Err(_) => 0,
+        }
+    }
+
+    fn fuel_exhausted(&mut self) -> bool {
+        self.fuel.is_some()
+            && matches!(
+                self.instance
+                    .exports
+                    .get_global(EXHAUSTED)
+                    .map(|g| g.get(&mut self.store)),
+                Ok(Value::I32(n)) if n != 0
+            )
+    }
+
+    fn classify(&mut self, export: &str, err: wasmer::RuntimeError) -> Stop {
+        if self.fuel_exhausted() {
+            return Stop::FuelExhausted {
+                call: export.into(),
+                budget: self.fuel.unwrap_or(0),
+            };
+        }
+        match err.downcast::<WasiError>() {
+            Ok(WasiError::Exit(code)) => Stop::Exited(code.raw()),
+            Ok(other) => Stop::Trap {
+                call: export.into(),
+                message: other.to_string(),
+            },
+            Err(rt) => Stop::Trap {
+                call: export.into(),
+                message: wasi::trap_message(&rt),
+            },
+        }
+    }
+}
+
+/// A reactor export with the wrong signature would fail on every call; refuse it once,
+/// at start, naming the export and the signature the ABI wants.
+fn check_reactor_exports(module: &wasmer::Module) -> Result<(), String> {
+    for export in module.exports() {
+        let Some((name, params, results)) = abi::EXPORTS
+            .iter()
+            .find(|(name, ..)| *name == export.name())
+        else {
+            continue;
+        };
+        let want = |tys: &[abi::ValType]| -> Vec<Type> {
+            tys.iter()
+                .map(|t| match t {
+                    abi::ValType::I32 => Type::I32,
+                    abi::ValType::I64 => Type::I64,
+                })
+                .collect()
+        };
+        let ok = match export.ty() {
+            wasmer::ExternType::Function(f) => {
+                f.params() == want(params) && f.results() == want(results)
+            }
+            _ => false,
+        };
+        if !ok {
+            return Err(format!(
+                "exports `{name}` as {:?}; kiln ABI v{} wants a function {:?} -> {:?}",
+                export.ty(),
+                kiln_protocol::KILN_ABI_VERSION,
+                params,
+                results
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Runs a command module to completion in this process: `kilnd run`.
+pub fn run_command(loaded: Loaded, opts: GuestOptions) -> Result<i32, Failure> {
+    let mut guest = Guest::instantiate(loaded, opts)?;
+    match guest.run_start() {
+        Ok(done) => {
+            guest.finish(Some(done.status));
+            Ok(done.status)
+        }
+        Err(stop) => {
+            let name = guest.name.clone();
+            guest.finish(None);
+            Err(Failure::new(Code::Trap, format!("module `{name}` {stop}")))
+        }
+    }
+}

@@ -1,0 +1,447 @@
+//! The supervisor: one thread per module keeps that module's worker process alive.
+//! It starts the worker, drives it (ticks on schedule, messages from its inbox), holds
+//! every call to a wall-clock deadline, and when the worker dies says why and restarts
+//! it after an exponential backoff, until too many crashes in the window mark the
+//! module failed. A worker's death never touches the supervisor or other modules.
+
+use std::io::{BufReader, BufWriter};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use kiln_protocol::abi::Level;
+use kiln_protocol::worker::{
+    read_frame, write_frame, Done, FromWorker, Limits, LogSource, Ready, Reply, Request, StartSpec,
+    Stop, ToWorker,
+};
+
+use crate::config::ModulePlan;
+
+/// What the supervisor reports about a module.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Telemetry {
+        stream: String,
+        data: Vec<u8>,
+    },
+    Log {
+        level: Level,
+        source: LogSource,
+        line: String,
+    },
+    /// A worker is up: its start-up split, and the first tick if the module ticks.
+    Started {
+        attempt: u32,
+        pid: u32,
+        ready: Ready,
+        /// Spawn to ready (and first tick done, for ticking modules).
+        start_us: u64,
+        first_tick: Option<Done>,
+        rss_kib: Option<u64>,
+    },
+    TickFailed {
+        status: i32,
+    },
+    Stopped {
+        reason: Stop,
+        uptime_ms: u64,
+        peak_rss_kib: Option<u64>,
+        crashes_in_window: u32,
+        restart_in_ms: Option<u64>,
+    },
+    /// Given up: too many crashes in the window.
+    Failed {
+        crashes: u32,
+        window_s: u64,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub at_ms: u64,
+    pub module: String,
+    pub event: Event,
+}
+
+/// A message for a module's `kiln_on_message`: topic and bytes.
+pub type Message = (String, Vec<u8>);
+
+/// How to start a worker: `launcher... exe worker`.
+#[derive(Debug, Clone)]
+pub struct WorkerCommand {
+    pub launcher: Vec<String>,
+    pub exe: PathBuf,
+}
+
+impl WorkerCommand {
+    fn command(&self) -> Command {
+        let mut cmd = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(&self.exe);
+                cmd
+            }
+            None => Command::new(&self.exe),
+        };
+        cmd.arg("worker")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        cmd
+    }
+}
+
+pub struct Supervised {
+    pub plan: ModulePlan,
+    pub trusted_keys: Vec<String>,
+    pub inbox: Receiver<Message>,
+}
+
+/// Keeps `module` running until it ends cleanly or is marked failed.
+pub fn supervise(module: Supervised, workers: WorkerCommand, sink: Sender<Record>) {
+    let name = module.plan.name.clone();
+    let report = |event: Event| {
+        let _ = sink.send(Record {
+            at_ms: now_ms(),
+            module: name.clone(),
+            event,
+        });
+    };
+    let policy = module.plan.restart;
+    let mut crashes: Vec<Instant> = Vec::new();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let started = Instant::now();
+        let (reason, peak_rss_kib) = run_worker(&module, &workers, attempt, &report);
+        let uptime_ms = started.elapsed().as_millis() as u64;
+        if reason.is_clean() {
+            report(Event::Stopped {
+                reason,
+                uptime_ms,
+                peak_rss_kib,
+                crashes_in_window: crashes.len() as u32,
+                restart_in_ms: None,
+            });
+            return;
+        }
+        crashes.retain(|t| t.elapsed() < policy.window());
+        crashes.push(Instant::now());
+        let n = crashes.len() as u32;
+        let give_up = n >= policy.max_crashes;
+        let delay = policy.delay(n);
+        tracing::warn!(module = %name, %reason, crashes = n, "worker stopped");
+        report(Event::Stopped {
+            reason,
+            uptime_ms,
+            peak_rss_kib,
+            crashes_in_window: n,
+            restart_in_ms: (!give_up).then_some(delay.as_millis() as u64),
+        });
+        if give_up {
+            tracing::error!(module = %name, crashes = n, "module failed; not restarting");
+            report(Event::Failed {
+                crashes: n,
+                window_s: policy.window_s,
+            });
+            return;
+        }
+        std::thread::sleep(delay);
+    }
+}
+
+/// One worker's life, from spawn to death; returns why it ended and its peak RSS.
+fn run_worker(
+    module: &Supervised,
+    workers: &WorkerCommand,
+    attempt: u32,
+    report: &dyn Fn(Event),
+) -> (Stop, Option<u64>) {
+    let plan = &module.plan;
+    let spawned = Instant::now();
+    let mut child = match workers.command().spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            return (
+                Stop::Lost(format!("cannot start a worker ({:?}): {e}", workers.exe)),
+                None,
+            )
+        }
+    };
+    let mut worker = Worker::attach(&mut child);
+    let spec = StartSpec {
+        artifact: plan.artifact.display().to_string(),
+        trusted_keys: module.trusted_keys.clone(),
+        config: plan.config.clone(),
+        limits: Limits {
+            memory_pages: plan.memory_pages,
+            fuel_per_call: plan.fuel_per_call,
+        },
+        args: plan.args.clone(),
+        env: plan.env.clone(),
+        dirs: plan
+            .dirs
+            .iter()
+            .map(|d| (d.host.display().to_string(), d.guest.clone()))
+            .collect(),
+    };
+    let stop = (|| -> Result<(), Stop> {
+        worker.send(Request::Start(Box::new(spec)))?;
+        let ready = worker.await_ready(plan.start_timeout, report)?;
+        let rss_kib = rss_kib(child.id());
+        if ready.command {
+            let done = worker.call(Request::Run, "_start", plan.run_timeout, report)?;
+            return Err(Stop::Exited(done.status));
+        }
+        let first_tick = if ready.ticks {
+            Some(worker.call(Request::Tick, "kiln_tick", Some(plan.timeout), report)?)
+        } else {
+            None
+        };
+        report(Event::Started {
+            attempt,
+            pid: child.id(),
+            ready: ready.clone(),
+            start_us: spawned.elapsed().as_micros() as u64,
+            first_tick: first_tick.clone(),
+            rss_kib,
+        });
+        if let Some(done) = first_tick.filter(|d| d.status != 0) {
+            report(Event::TickFailed {
+                status: done.status,
+            });
+        }
+        let mut next_tick = Instant::now() + plan.tick;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            let (request, call) = match module.inbox.recv_timeout(if ready.ticks {
+                wait
+            } else {
+                Duration::from_secs(3600)
+            }) {
+                Ok((topic, data)) => (Request::Message { topic, data }, "kiln_on_message"),
+                Err(RecvTimeoutError::Timeout) if ready.ticks => {
+                    next_tick += plan.tick;
+                    (Request::Tick, "kiln_tick")
+                }
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(wait);
+                    next_tick += plan.tick;
+                    (Request::Tick, "kiln_tick")
+                }
+            };
+            let done = worker.call(request, call, Some(plan.timeout), report)?;
+            if done.status != 0 && call == "kiln_tick" {
+                report(Event::TickFailed {
+                    status: done.status,
+                });
+            }
+        }
+    })()
+    .err()
+    .unwrap_or_else(|| Stop::Lost("worker loop ended".into()));
+    drop(worker);
+    let (status, peak) = reap(&mut child, Duration::from_secs(2));
+    // A worker that died on its own without a last word: its exit status says why.
+    let stop = match (stop, status) {
+        (Stop::Lost(_), Some(Exit::Signal(signal))) => Stop::Signal {
+            signal,
+            name: signal_name(signal).into(),
+        },
+        (Stop::Lost(why), Some(Exit::Code(code))) => {
+            Stop::Lost(format!("{why}; it exited with code {code}"))
+        }
+        (stop, _) => stop,
+    };
+    (stop, peak)
+}
+
+/// The supervisor's end of one worker's pipes.
+struct Worker {
+    stdin: Option<BufWriter<ChildStdin>>,
+    frames: Receiver<Result<Reply, String>>,
+    pid: u32,
+}
+
+impl Worker {
+    fn attach(child: &mut Child) -> Self {
+        let (tx, frames) = mpsc::channel();
+        if let Some(stdout) = child.stdout.take() {
+            std::thread::spawn(move || {
+                let mut input = BufReader::new(stdout);
+                loop {
+                    let frame = match read_frame::<FromWorker>(&mut input) {
+                        Ok(Some(FromWorker::V1(reply))) => Ok(reply),
+                        Ok(None) => return,
+                        Err(e) => Err(e.to_string()),
+                    };
+                    let broken = frame.is_err();
+                    if tx.send(frame).is_err() || broken {
+                        return;
+                    }
+                }
+            });
+        }
+        Self {
+            stdin: child.stdin.take().map(BufWriter::new),
+            frames,
+            pid: child.id(),
+        }
+    }
+
+    fn send(&mut self, request: Request) -> Result<(), Stop> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| Stop::Lost("worker stdin closed".into()))?;
+        write_frame(stdin, &ToWorker::V1(request)).map_err(|e| self.gone(e.to_string()))
+    }
+
+    /// Waits for the next frame that is not a record, forwarding records on the way.
+    fn next(
+        &mut self,
+        deadline: Option<Instant>,
+        call: &str,
+        limit: Option<Duration>,
+        report: &dyn Fn(Event),
+    ) -> Result<Reply, Stop> {
+        loop {
+            let frame = match deadline {
+                Some(d) => match self
+                    .frames
+                    .recv_timeout(d.saturating_duration_since(Instant::now()))
+                {
+                    Ok(frame) => frame,
+                    Err(RecvTimeoutError::Timeout) => {
+                        // SAFETY: kill() on our own child's pid, which is not yet reaped.
+                        unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
+                        return Err(Stop::Watchdog {
+                            call: call.into(),
+                            limit_ms: limit.map_or(0, |l| l.as_millis() as u64),
+                        });
+                    }
+                    Err(RecvTimeoutError::Disconnected) => {
+                        return Err(self.gone("the worker closed its pipe".into()))
+                    }
+                },
+                None => self
+                    .frames
+                    .recv()
+                    .map_err(|_| self.gone("the worker closed its pipe".into()))?,
+            };
+            match frame.map_err(|e| Stop::Lost(format!("broken frame from the worker: {e}")))? {
+                Reply::Telemetry { stream, data } => report(Event::Telemetry { stream, data }),
+                Reply::Log {
+                    level,
+                    source,
+                    line,
+                } => report(Event::Log {
+                    level,
+                    source,
+                    line,
+                }),
+                Reply::Fatal(stop) => return Err(stop),
+                other => return Ok(other),
+            }
+        }
+    }
+
+    fn await_ready(&mut self, limit: Duration, report: &dyn Fn(Event)) -> Result<Ready, Stop> {
+        match self.next(Some(Instant::now() + limit), "start", Some(limit), report)? {
+            Reply::Ready(ready) => Ok(ready),
+            other => Err(Stop::Lost(format!("expected Ready, got {other:?}"))),
+        }
+    }
+
+    fn call(
+        &mut self,
+        request: Request,
+        call: &str,
+        limit: Option<Duration>,
+        report: &dyn Fn(Event),
+    ) -> Result<Done, Stop> {
+        self.send(request)?;
+        let deadline = limit.map(|l| Instant::now() + l);
+        match self.next(deadline, call, limit, report)? {
+            Reply::Done(done) => Ok(done),
+            other => Err(Stop::Lost(format!("expected Done, got {other:?}"))),
+        }
+    }
+
+    fn gone(&self, why: String) -> Stop {
+        Stop::Lost(why)
+    }
+}
+
+enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+/// Waits for the worker to exit (killing it after `grace`) and collects its exit
+/// status and peak RSS.
+fn reap(child: &mut Child, grace: Duration) -> (Option<Exit>, Option<u64>) {
+    let pid = child.id() as libc::pid_t;
+    let deadline = Instant::now() + grace;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to fill in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: wait4 on our own child with valid out-pointers.
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if r == pid {
+            break;
+        }
+        if r < 0 {
+            return (None, None);
+        }
+        if Instant::now() >= deadline {
+            // SAFETY: kill and a blocking wait4 on our own, not yet reaped child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::wait4(pid, &mut status, 0, &mut usage);
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let exit = if libc::WIFSIGNALED(status) {
+        Exit::Signal(libc::WTERMSIG(status))
+    } else {
+        Exit::Code(libc::WEXITSTATUS(status))
+    };
+    (Some(exit), Some(usage.ru_maxrss as u64))
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGTERM => "SIGTERM",
+        _ => "signal",
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A bounded inbox per module: a slow module drops messages instead of growing the
+/// supervisor's memory.
+pub fn inbox() -> (SyncSender<Message>, Receiver<Message>) {
+    mpsc::sync_channel(64)
+}

@@ -1,0 +1,202 @@
+//! A worker process (`kilnd worker`): runs exactly one module for the supervisor,
+//! which is its parent. Requests arrive as frames on stdin, replies leave as frames on
+//! stdout; the module's own stdout and stderr are captured into log frames, so nothing
+//! else ever writes to the frame pipe. Anything fatal ends the process: a trap may
+//! leave the instance in any state, and the supervisor starts a fresh one.
+
+use std::io::{self, BufReader, BufWriter, Write};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kiln_protocol::abi;
+use kiln_protocol::keys::{PublicKey, TrustedKeys};
+use kiln_protocol::worker::{
+    read_frame, write_frame, FromWorker, Ready, Reply, Request, StartSpec, Stop, ToWorker,
+};
+
+use crate::abi::Emit;
+use crate::guest::{Guest, GuestOptions};
+use crate::limits;
+use crate::load::load_artifact;
+use crate::wasi::{DirMapping, WasiOptions};
+
+/// Serves one module until the supervisor hangs up or the module fails; returns the
+/// process exit code (0 after a clean end, 1 after a fatal reply, 2 for a broken pipe).
+pub fn serve() -> i32 {
+    die_with_parent();
+    let mut input = BufReader::new(io::stdin().lock());
+    let out = Arc::new(Mutex::new(BufWriter::new(io::stdout())));
+    let emit: Emit = Arc::new(move |reply| {
+        let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
+        if write_frame(&mut *out, &FromWorker::V1(reply)).is_err() {
+            // The supervisor is gone; nobody is left to serve.
+            std::process::exit(2);
+        }
+    });
+
+    let spec = match read_frame::<ToWorker>(&mut input) {
+        Ok(Some(ToWorker::V1(Request::Start(spec)))) => spec,
+        Ok(other) => {
+            tracing::error!(?other, "worker: the first frame must be Start");
+            return 2;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "worker: cannot read the Start frame");
+            return 2;
+        }
+    };
+    let mut guest = match start(*spec, &emit) {
+        Ok(guest) => guest,
+        Err(stop) => {
+            emit(Reply::Fatal(stop));
+            return 1;
+        }
+    };
+    loop {
+        let request = match read_frame::<ToWorker>(&mut input) {
+            Ok(Some(ToWorker::V1(request))) => request,
+            Ok(None) => {
+                guest.finish(Some(0));
+                return 0;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "worker: broken request pipe");
+                return 2;
+            }
+        };
+        let result = match request {
+            Request::Tick => guest.call(abi::TICK, &[]),
+            Request::Message { topic, data } => guest.deliver(topic, data),
+            Request::Run => match guest.run_start() {
+                Ok(done) => {
+                    let status = done.status;
+                    emit(Reply::Done(done));
+                    guest.finish(Some(status));
+                    return 0;
+                }
+                Err(stop) => Err(stop),
+            },
+            Request::Start(_) => Err(Stop::Lost("a second Start frame".into())),
+        };
+        match result {
+            Ok(done) => emit(Reply::Done(done)),
+            Err(stop) => {
+                let code = match &stop {
+                    Stop::Exited(code) => Some(*code),
+                    _ => None,
+                };
+                guest.finish(code);
+                emit(Reply::Fatal(stop));
+                return 1;
+            }
+        }
+    }
+}
+
+fn start(spec: StartSpec, emit: &Emit) -> Result<Guest, Stop> {
+    let load_failed = |code: u8, message: String| Stop::LoadFailed { code, message };
+    let keys = spec
+        .trusted_keys
+        .iter()
+        .map(|text| PublicKey::from_text(text))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| load_failed(75, format!("bad trusted key: {e}")))?;
+    let trust = TrustedKeys::new(keys);
+    let limits = spec.limits;
+    let loaded = load_artifact(Path::new(&spec.artifact), &trust, |manifest| {
+        limits::engine(
+            limits
+                .memory_pages
+                .or(manifest.settings.memory_limit_pages)
+                .unwrap_or(limits::DEFAULT_MEMORY_PAGES),
+        )
+    })
+    .map_err(|f| load_failed(f.code as u8, f.message))?;
+    let manifest = loaded.manifest.clone();
+    let fuel = match (manifest.settings.metering, limits.fuel_per_call) {
+        (Some(compiled), asked) => Some(asked.unwrap_or(compiled)),
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(load_failed(
+                79,
+                format!(
+                    "module `{}` has a fuel limit but was compiled without metering; compile it with `kiln compile --fuel N`",
+                    manifest.name
+                ),
+            ))
+        }
+    };
+    let command = manifest.is_command();
+    if !command && !manifest.exports_fn(abi::TICK) && !manifest.exports_fn(abi::ON_MESSAGE) {
+        return Err(load_failed(
+            79,
+            format!(
+                "module `{}` is neither a WASI command (`_start`) nor a kiln reactor (`{}` or `{}`)",
+                manifest.name,
+                abi::TICK,
+                abi::ON_MESSAGE
+            ),
+        ));
+    }
+    let (verify_us, deserialize_us) = (
+        loaded.verify_time.as_micros() as u64,
+        loaded.deserialize_time.as_micros() as u64,
+    );
+    let started = Instant::now();
+    let dirs = spec
+        .dirs
+        .into_iter()
+        .map(|(host, guest)| DirMapping {
+            host: host.into(),
+            guest,
+        })
+        .collect();
+    let opts = GuestOptions {
+        wasi: WasiOptions {
+            args: spec.args,
+            env: spec.env,
+            dirs,
+        },
+        config: spec.config,
+        fuel,
+        emit: emit.clone(),
+        capture_stdio: true,
+    };
+    let mut guest =
+        Guest::instantiate(loaded, opts).map_err(|f| load_failed(f.code as u8, f.message))?;
+    let instantiate_us = started.elapsed().as_micros() as u64;
+    let started = Instant::now();
+    if !command && guest.exports(abi::INIT) {
+        let done = guest.call(abi::INIT, &[])?;
+        if done.status != 0 {
+            return Err(Stop::InitFailed(done.status));
+        }
+    }
+    emit(Reply::Ready(Ready {
+        name: manifest.name,
+        version: manifest.version,
+        command,
+        ticks: !command && guest.exports(abi::TICK),
+        verify_us,
+        deserialize_us,
+        instantiate_us,
+        init_us: started.elapsed().as_micros() as u64,
+        memory_pages: guest.memory_pages(),
+    }));
+    Ok(guest)
+}
+
+/// A worker must never outlive its supervisor, even when it is stuck in guest code.
+fn die_with_parent() {
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and changes nothing
+    // but this process's own death signal.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
+    // The parent may already have died before the call above took effect.
+    if std::os::unix::process::parent_id() == 1 {
+        std::process::exit(2);
+    }
+    let _ = io::stderr().flush();
+}
