@@ -4,7 +4,8 @@
 #   - kilnd for every device triple, each in its own cargo invocation (-p kiln-runtime
 #     alone, so feature unification can never link the host's compiler into it);
 #   - the host tool `kiln`;
-#   - the Rust example modules for wasm32-wasip1.
+#   - the Rust example modules for wasm32-wasip1 (hello, a WASI command; sensor-filter,
+#     a reactor written with the kiln-guest SDK).
 # Prints the stripped size of each kilnd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,8 +20,10 @@ done
 echo "build: kiln (host)"
 cargo build --locked --quiet -p kiln-compiler
 echo "build: example modules for wasm32-wasip1"
-cargo build --quiet --release --target wasm32-wasip1 \
-  --manifest-path examples/hello/Cargo.toml --target-dir "$CARGO_TARGET_DIR/examples"
+for example in hello sensor-filter; do
+  cargo build --locked --quiet --release --target wasm32-wasip1 \
+    --manifest-path "examples/$example/Cargo.toml" --target-dir "$CARGO_TARGET_DIR/examples"
+done
 
 for triple in x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu; do
   printf 'build: kilnd %-30s %s bytes (stripped, release)\n' "$triple" \

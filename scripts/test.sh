@@ -8,6 +8,12 @@ export CARGO_TARGET_DIR
 
 scripts/build.sh
 cargo fmt --all -- --check
+# The guest SDK and the Rust examples live outside the host workspace (wasm32 only).
+for crate in guest examples/hello examples/sensor-filter; do
+  cargo fmt --manifest-path "$crate/Cargo.toml" -- --check
+done
+cargo clippy --locked --quiet --manifest-path guest/Cargo.toml --target wasm32-wasip1 \
+  --target-dir "$CARGO_TARGET_DIR/examples" -- -D warnings
 # Host crates and end-to-end tests; kiln-runtime is not a default member, so its
 # features are never unified with the compiler's.
 cargo test --locked

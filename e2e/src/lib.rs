@@ -1,2 +1,97 @@
-//! End-to-end tests live in `tests/`: `kiln` compiles on the host, the `kilnd` built
-//! for each target (by `scripts/test.sh`) runs the result natively or under qemu-user.
+//! The harness that drives the real binaries: end-to-end tests (`tests/`) and the
+//! benchmark (`src/bin/bench.rs`). `kiln` compiles on the host, in-process; the `kilnd`
+//! built for each target (by `scripts/build.sh`) runs natively or under qemu-user.
+
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)] // a panic is the failure report
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use kiln_compiler::commands::compile::CompileCommand;
+use kiln_protocol::target::TargetProfile;
+
+/// The device profiles every behaviour is checked on: native, and two under qemu-user.
+pub const DEVICES: [&str; 3] = ["x86_64-linux", "aarch64-linux", "riscv64-linux"];
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
+}
+
+/// The cargo target dir this harness was built in: `CARGO_TARGET_DIR`, or the parent
+/// of the profile directory holding this executable (`<dir>/debug/deps/e2e-*`,
+/// `<dir>/release/bench`).
+pub fn target_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("CARGO_TARGET_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("own executable path");
+    exe.ancestors()
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n == "debug" || n == "release")
+        })
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+pub fn profile(name: &str) -> TargetProfile {
+    let path = repo().join("targets").join(format!("{name}.toml"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    TargetProfile::parse(name, &text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The release `kilnd` for the profile's triple, built alone by `scripts/test.sh`.
+pub fn kilnd_path(profile: &TargetProfile) -> PathBuf {
+    let path = target_dir().join(&profile.triple).join("release/kilnd");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p kiln-runtime --release --target {}` (scripts/test.sh does)",
+        path.display(),
+        profile.triple
+    );
+    path
+}
+
+/// A built example or fixture, by file name: `hello.wasm`, `sensor_filter.wasm` (Rust,
+/// built by scripts/test.sh for wasm32-wasip1), `compute.wat`, or `fixtures/*.wat`.
+pub fn source(name: &str) -> PathBuf {
+    if name.ends_with(".wasm") {
+        let path = target_dir()
+            .join("examples/wasm32-wasip1/release")
+            .join(name);
+        assert!(
+            path.exists(),
+            "{} is missing: build the examples with scripts/build.sh",
+            path.display(),
+        );
+        return path;
+    }
+    repo().join("examples").join(name)
+}
+
+/// Runs `kiln compile` in-process, exactly as the command line would.
+pub fn compile(input: &Path, target: &str, key: &Path, out: &Path, extra: &[&str]) {
+    let mut args = vec![
+        "compile".to_string(),
+        input.display().to_string(),
+        "--target".into(),
+        target.into(),
+        "--sign".into(),
+        key.display().to_string(),
+        "-o".into(),
+        out.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    CompileCommand::try_parse_from(&args)
+        .expect("compile args")
+        .execute()
+        .unwrap_or_else(|e| panic!("kiln {}: {e:#}", args.join(" ")));
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}

@@ -9,65 +9,18 @@ use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
 use clap::Parser;
-use kiln_compiler::commands::compile::CompileCommand;
 use kiln_compiler::commands::keygen::KeygenCommand;
+pub use kiln_e2e::{compile, kilnd_path, path_str, profile, repo, source};
 use kiln_protocol::target::TargetProfile;
 
-pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repo root")
-        .to_path_buf()
-}
-
-/// The cargo target dir this test was built in (`<dir>/debug/deps/e2e-*`).
-pub fn target_dir() -> PathBuf {
-    if let Ok(dir) = std::env::var("CARGO_TARGET_DIR") {
-        return PathBuf::from(dir);
-    }
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.ancestors().nth(3).expect("target dir").to_path_buf()
-}
-
-pub fn profile(name: &str) -> TargetProfile {
-    let path = repo().join("targets").join(format!("{name}.toml"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    TargetProfile::parse(name, &text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// The release `kilnd` for the profile's triple, built alone by `scripts/test.sh`.
-pub fn kilnd_path(profile: &TargetProfile) -> PathBuf {
-    let path = target_dir().join(&profile.triple).join("release/kilnd");
-    assert!(
-        path.exists(),
-        "{} is missing: build it with `cargo build -p kiln-runtime --release --target {}` (scripts/test.sh does)",
-        path.display(),
-        profile.triple
-    );
-    path
-}
-
-/// A built example or fixture, by file name: `hello.wasm` (Rust, built by
-/// scripts/test.sh for wasm32-wasip1), `compute.wat`, or `fixtures/*.wat`.
-pub fn source(name: &str) -> PathBuf {
-    if name == "hello.wasm" {
-        let path = target_dir().join("examples/wasm32-wasip1/release/hello.wasm");
-        assert!(
-            path.exists(),
-            "{} is missing: build it with `cargo build --release --target wasm32-wasip1 --manifest-path examples/hello/Cargo.toml --target-dir {}/examples`",
-            path.display(),
-            target_dir().display()
-        );
-        return path;
-    }
-    repo().join("examples").join(name)
-}
+/// Source name, target, extra `kiln compile` options.
+type CompileKey = (String, String, Vec<String>);
 
 /// One temp dir for the whole test run holding the fleet key pair and the compiled
 /// artifacts, so each (source, target) pair is compiled once.
 pub struct Shared {
     pub dir: tempfile::TempDir,
-    compiled: Mutex<HashMap<(String, String), PathBuf>>,
+    compiled: Mutex<HashMap<CompileKey, PathBuf>>,
 }
 
 pub fn shared() -> &'static Shared {
@@ -97,7 +50,13 @@ impl Shared {
 
     /// Compiles `name` for `target` with `kiln compile` (once) and returns the artifact.
     pub fn artifact(&self, name: &str, target: &str) -> PathBuf {
-        let key = (name.to_string(), target.to_string());
+        self.artifact_with(name, target, &[])
+    }
+
+    /// Like [`Shared::artifact`], with extra `kiln compile` options.
+    pub fn artifact_with(&self, name: &str, target: &str, extra: &[&str]) -> PathBuf {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let key = (name.to_string(), target.to_string(), extra.clone());
         let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(path) = compiled.get(&key) {
             return path.clone();
@@ -107,30 +66,15 @@ impl Shared {
             .expect("stem")
             .to_string_lossy()
             .into_owned();
-        let out = self.dir.path().join(format!("{stem}-{target}.kiln"));
-        compile(&source(name), target, &self.key(), &out, &[]);
+        let out = self
+            .dir
+            .path()
+            .join(format!("{stem}-{target}-{}.kiln", compiled.len()));
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        compile(&source(name), target, &self.key(), &out, &extra);
         compiled.insert(key, out.clone());
         out
     }
-}
-
-/// Runs `kiln compile` in-process, exactly as the command line would.
-pub fn compile(input: &Path, target: &str, key: &Path, out: &Path, extra: &[&str]) {
-    let mut args = vec![
-        "compile".to_string(),
-        input.display().to_string(),
-        "--target".into(),
-        target.into(),
-        "--sign".into(),
-        key.display().to_string(),
-        "-o".into(),
-        out.display().to_string(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    CompileCommand::try_parse_from(&args)
-        .expect("compile args")
-        .execute()
-        .unwrap_or_else(|e| panic!("kiln {}: {e:#}", args.join(" ")));
 }
 
 /// A device: the `kilnd` of a target profile, wrapped in its qemu command (tests may
@@ -169,10 +113,6 @@ impl Device {
         args.extend_from_slice(extra);
         self.command(&args)
     }
-}
-
-pub fn path_str(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
 }
 
 /// A finished process with everything needed to explain a failed assertion.

@@ -141,6 +141,11 @@ pub enum Stop {
     },
     /// The worker exited without saying why, or broke the frame protocol.
     Lost(String),
+    /// The supervisor ended the worker between calls: to stop the module, or to swap
+    /// in a new artifact or config.
+    Requested {
+        swap: bool,
+    },
 }
 
 impl std::fmt::Display for Stop {
@@ -158,6 +163,8 @@ impl std::fmt::Display for Stop {
             }
             Stop::Signal { signal, name } => write!(f, "killed by signal {signal} ({name})"),
             Stop::Lost(why) => write!(f, "worker lost: {why}"),
+            Stop::Requested { swap: true } => f.write_str("replaced between calls"),
+            Stop::Requested { swap: false } => f.write_str("stopped on request"),
         }
     }
 }
@@ -174,12 +181,14 @@ impl Stop {
             Stop::Watchdog { .. } => "watchdog",
             Stop::Signal { .. } => "signal",
             Stop::Lost(_) => "lost",
+            Stop::Requested { swap: true } => "swapped",
+            Stop::Requested { swap: false } => "stopped",
         }
     }
 
-    /// A clean end that is not restarted: a command that exited 0.
+    /// Not a crash: a command that exited 0, or an end the supervisor asked for.
     pub fn is_clean(&self) -> bool {
-        matches!(self, Stop::Exited(0))
+        matches!(self, Stop::Exited(0) | Stop::Requested { .. })
     }
 }
 

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kiln_protocol::manifest::parse_memory_size;
+use kiln_protocol::manifest::{parse_memory_size, Digest};
 use serde::Deserialize;
 
 use crate::wasi::DirMapping;
@@ -77,7 +77,7 @@ pub struct ModuleConfig {
     pub restart: RestartPolicy,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RestartPolicy {
     /// Delay before the first restart; doubles with each crash in the window.
@@ -128,10 +128,12 @@ mod defaults {
 }
 
 /// A module ready to supervise: names resolved, paths absolute, limits parsed.
-#[derive(Debug, Clone)]
+/// `artifact_digest` makes a rewritten artifact file a change, so a reload swaps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModulePlan {
     pub name: String,
     pub artifact: PathBuf,
+    pub artifact_digest: Option<[u8; 32]>,
     pub config: Vec<u8>,
     pub memory_pages: Option<u32>,
     pub fuel_per_call: Option<u64>,
@@ -156,7 +158,7 @@ impl Config {
             let msg = e.message().to_string();
             match e.span() {
                 Some(span) => {
-                    let line = text[..span.start].lines().count().max(1);
+                    let line = text[..span.start].matches('\n').count() + 1;
                     format!("config `{file}` line {line}: {msg}")
                 }
                 None => format!("config `{file}`: {msg}"),
@@ -222,6 +224,9 @@ impl Config {
             plans.push(ModulePlan {
                 name,
                 artifact: resolve(&m.artifact),
+                artifact_digest: std::fs::read(resolve(&m.artifact))
+                    .ok()
+                    .map(|b| Digest::of(&b).sha256),
                 config: config_bytes,
                 memory_pages,
                 fuel_per_call: m.fuel_per_call,

@@ -178,10 +178,11 @@ impl Guest {
 
     /// Runs a command's `_start`; its WASI exit code is `Done::status`.
     pub fn run_start(&mut self) -> Result<Done, Stop> {
+        let started = Instant::now();
         match self.call("_start", &[]) {
             Err(Stop::Exited(code)) => Ok(Done {
                 status: code,
-                elapsed_us: 0,
+                elapsed_us: started.elapsed().as_micros() as u64,
                 fuel_used: None,
                 memory_pages: self.memory_pages(),
             }),
@@ -305,13 +306,38 @@ fn check_reactor_exports(module: &wasmer::Module) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs a command module to completion in this process: `kilnd run`.
-pub fn run_command(loaded: Loaded, opts: GuestOptions) -> Result<i32, Failure> {
+/// Runs a command module to completion in this process (`kilnd run`); with
+/// `timings`, prints where the time went on stderr.
+pub fn run_command(loaded: Loaded, opts: GuestOptions, timings: bool) -> Result<i32, Failure> {
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    let split = format!(
+        "read {:.2} ms, verify {:.2} ms, deserialize {:.2} ms",
+        ms(loaded.read_time),
+        ms(loaded.verify_time),
+        ms(loaded.deserialize_time)
+    );
+    let started = Instant::now();
     let mut guest = Guest::instantiate(loaded, opts)?;
-    match guest.run_start() {
+    let instantiate = ms(started.elapsed());
+    let result = guest.run_start();
+    if timings {
+        let run = result
+            .as_ref()
+            .map_or(0.0, |d| d.elapsed_us as f64 / 1000.0);
+        eprintln!("kilnd: timings: {split}, instantiate {instantiate:.2} ms, run {run:.2} ms");
+    }
+    match result {
         Ok(done) => {
             guest.finish(Some(done.status));
             Ok(done.status)
+        }
+        Err(Stop::Trap { message, .. }) => {
+            let name = guest.name.clone();
+            guest.finish(None);
+            Err(Failure::new(
+                Code::Trap,
+                format!("module `{name}` trapped: {message}"),
+            ))
         }
         Err(stop) => {
             let name = guest.name.clone();

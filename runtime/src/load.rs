@@ -20,7 +20,9 @@ pub struct Loaded {
     pub manifest: Manifest,
     pub module: Module,
     pub engine: Engine,
-    /// Reading is the caller's; these are verification and `Module::deserialize`.
+    /// Reading the file (zero when the caller had the bytes), verification, and
+    /// `Module::deserialize`.
+    pub read_time: Duration,
     pub verify_time: Duration,
     pub deserialize_time: Duration,
 }
@@ -53,10 +55,14 @@ pub fn load_artifact(
     engine_for: impl FnOnce(&Manifest) -> Engine,
 ) -> Result<Loaded, Failure> {
     let file = path.display();
+    let started = Instant::now();
     let bytes = std::fs::read(path)
         .map_err(|e| Failure::new(Code::NoInput, format!("cannot read artifact `{file}`: {e}")))?;
-    load_bytes(&bytes, trust, engine_for)
-        .map_err(|f| Failure::new(f.code, format!("artifact `{file}`: {}", f.message)))
+    let read_time = started.elapsed();
+    let mut loaded = load_bytes(&bytes, trust, engine_for)
+        .map_err(|f| Failure::new(f.code, format!("artifact `{file}`: {}", f.message)))?;
+    loaded.read_time = read_time;
+    Ok(loaded)
 }
 
 /// Verifies `bytes` completely, then deserializes the verified payload into the
@@ -96,6 +102,7 @@ pub fn load_bytes(
         manifest: verified.manifest,
         module,
         engine,
+        read_time: Duration::ZERO,
         verify_time,
         deserialize_time: started.elapsed(),
     })

@@ -107,6 +107,9 @@ struct RunCommand {
     /// Environment variable for the module: KEY=VALUE (repeatable); nothing else is passed
     #[arg(long, value_name = "KEY=VALUE", value_parser = parse_env)]
     env: Vec<(String, String)>,
+    /// Print where the time went (read, verify, deserialize, instantiate, run) on stderr
+    #[arg(long)]
+    timings: bool,
     /// Arguments for the module (after `--`)
     #[arg(last = true, value_name = "ARGS")]
     args: Vec<String>,
@@ -151,7 +154,7 @@ impl RunCommand {
             emit: std::sync::Arc::new(move |reply| print_record(&name, reply)),
             capture_stdio: false,
         };
-        guest::run_command(loaded, opts)
+        guest::run_command(loaded, opts, self.timings)
     }
 }
 

@@ -6,30 +6,26 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
-use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use kiln_protocol::worker::Stop;
 use serde_json::{json, Value};
 
-use crate::config::Config;
+use crate::config::{Config, ModulePlan};
 use crate::exit::{Code, Failure};
-use crate::supervisor::{self, Event, Message, Record, Supervised, WorkerCommand};
+use crate::supervisor::{self, Event, Input, Record, Supervised, WorkerCommand};
 
 /// Runs until every module has ended; fails if any module was marked failed.
+/// SIGHUP reloads the config: changed modules are swapped between calls, new ones
+/// started, removed ones stopped. SIGTERM and SIGINT stop every module between calls.
 pub fn serve(config_path: &Path) -> Result<i32, Failure> {
+    let signals = Signals::block()?;
     let (config, plans) = Config::load(config_path).map_err(|e| Failure::new(Code::Config, e))?;
-    let mut trusted_keys = Vec::new();
-    for path in &config.trust {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            Failure::new(
-                Code::NoInput,
-                format!("cannot read trusted key `{}`: {e}", path.display()),
-            )
-        })?;
-        // Parsed here only to fail early with the file's name; workers get the text.
-        crate::load::read_trusted_keys(std::slice::from_ref(path))?;
-        trusted_keys.push(text);
-    }
+    let trusted_keys = read_keys(&config)?;
     let exe = std::env::current_exe().map_err(|e| {
         Failure::new(
             Code::Internal,
@@ -42,71 +38,197 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
     };
 
     let (sink, records) = mpsc::channel::<Record>();
-    let mut routes: HashMap<String, Vec<(String, SyncSender<Message>)>> = HashMap::new();
-    let mut threads = Vec::new();
-    for plan in plans {
-        let (tx, inbox) = supervisor::inbox();
-        for topic in &plan.inbox {
-            routes
-                .entry(topic.clone())
-                .or_default()
-                .push((plan.name.clone(), tx.clone()));
-        }
-        tracing::info!(module = %plan.name, artifact = %plan.artifact.display(), "supervising");
-        let module = Supervised {
-            plan,
-            trusted_keys: trusted_keys.clone(),
-            inbox,
-        };
-        let (workers, sink) = (workers.clone(), sink.clone());
-        threads.push(std::thread::spawn(move || {
-            supervisor::supervise(module, workers, sink)
-        }));
-    }
-    drop(sink);
+    let modules = Arc::new(Mutex::new(Modules {
+        workers,
+        trusted_keys,
+        sink,
+        running: HashMap::new(),
+    }));
+    lock(&modules).apply(plans);
+    let control = modules.clone();
+    let path = config_path.to_path_buf();
+    std::thread::spawn(move || signals.serve(&path, &control));
 
     let mut failed = 0;
     let mut stdout = std::io::stdout().lock();
-    // Ends when every supervisor thread has returned and dropped its sender.
-    for record in records {
+    loop {
+        let record = match records.recv_timeout(Duration::from_millis(200)) {
+            Ok(record) => record,
+            Err(RecvTimeoutError::Timeout) => {
+                if lock(&modules).all_ended() {
+                    break;
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
         if let Event::Telemetry { stream, data } = &record.event {
-            route(&routes, &record.module, stream, data);
+            lock(&modules).route(&record.module, stream, data);
         }
         if matches!(record.event, Event::Failed { .. }) {
             failed += 1;
         }
-        let line = to_json(&record);
-        if writeln!(stdout, "{line}")
-            .and_then(|()| stdout.flush())
-            .is_err()
-        {
-            // Nobody reads our reports any more; keep supervising regardless.
-        }
+        // Nobody may read our reports any more; keep supervising regardless.
+        let _ = writeln!(stdout, "{}", to_json(&record)).and_then(|()| stdout.flush());
     }
-    for t in threads {
-        let _ = t.join();
-    }
-    Ok(if failed > 0 {
+    Ok(if failed > 0 && !STOPPED.load(Ordering::SeqCst) {
         Code::ModuleFailed as i32
     } else {
         0
     })
 }
 
-fn route(
-    routes: &HashMap<String, Vec<(String, SyncSender<Message>)>>,
-    module: &str,
-    stream: &str,
-    data: &[u8],
-) {
-    let topic = format!("{module}/{stream}");
-    for (to, tx) in routes.get(&topic).into_iter().flatten() {
-        match tx.try_send((topic.clone(), data.to_vec())) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                tracing::warn!(module = %to, %topic, "inbox full; message dropped")
+fn read_keys(config: &Config) -> Result<Vec<String>, Failure> {
+    let mut keys = Vec::new();
+    for path in &config.trust {
+        // Parsed here only to fail early with the file's name; workers get the text.
+        crate::load::read_trusted_keys(std::slice::from_ref(path))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Failure::new(
+                Code::NoInput,
+                format!("cannot read trusted key `{}`: {e}", path.display()),
+            )
+        })?;
+        keys.push(text);
+    }
+    Ok(keys)
+}
+
+/// The modules being supervised, by name.
+struct Modules {
+    workers: WorkerCommand,
+    trusted_keys: Vec<String>,
+    sink: Sender<Record>,
+    running: HashMap<String, Running>,
+}
+
+struct Running {
+    plan: ModulePlan,
+    input: SyncSender<Input>,
+    thread: JoinHandle<()>,
+}
+
+impl Modules {
+    /// Brings the running set to `plans`: starts new modules, swaps changed ones
+    /// between calls, stops removed ones.
+    fn apply(&mut self, plans: Vec<ModulePlan>) {
+        let names: Vec<String> = plans.iter().map(|p| p.name.clone()).collect();
+        for (name, running) in &self.running {
+            if !names.contains(name) && !running.thread.is_finished() {
+                tracing::info!(module = %name, "removed from the config; stopping");
+                let _ = running.input.send(Input::Stop);
             }
-            Err(TrySendError::Disconnected(_)) => {}
+        }
+        for plan in plans {
+            match self.running.get_mut(&plan.name) {
+                Some(r) if !r.thread.is_finished() => {
+                    if r.plan != plan {
+                        tracing::info!(module = %plan.name, "changed in the config; swapping");
+                        let _ = r.input.send(Input::Swap(Box::new(plan.clone())));
+                        r.plan = plan;
+                    }
+                }
+                _ => self.start(plan),
+            }
+        }
+    }
+
+    fn start(&mut self, plan: ModulePlan) {
+        let (input, inbox) = supervisor::inbox();
+        tracing::info!(module = %plan.name, artifact = %plan.artifact.display(), "supervising");
+        let module = Supervised {
+            plan: plan.clone(),
+            trusted_keys: self.trusted_keys.clone(),
+            inbox,
+        };
+        let (workers, sink) = (self.workers.clone(), self.sink.clone());
+        let thread = std::thread::spawn(move || supervisor::supervise(module, workers, sink));
+        self.running.insert(
+            plan.name.clone(),
+            Running {
+                plan,
+                input,
+                thread,
+            },
+        );
+    }
+
+    fn stop_all(&self) {
+        for running in self.running.values() {
+            let _ = running.input.send(Input::Stop);
+        }
+    }
+
+    fn all_ended(&self) -> bool {
+        self.running.values().all(|r| r.thread.is_finished())
+    }
+
+    /// Delivers telemetry of `module/stream` to every module whose inbox lists it.
+    fn route(&self, module: &str, stream: &str, data: &[u8]) {
+        let topic = format!("{module}/{stream}");
+        for (name, r) in &self.running {
+            if !r.plan.inbox.contains(&topic) {
+                continue;
+            }
+            let message = Input::Message((topic.clone(), data.to_vec()));
+            if let Err(TrySendError::Full(_)) = r.input.try_send(message) {
+                tracing::warn!(module = %name, %topic, "inbox full; message dropped");
+            }
+        }
+    }
+}
+
+fn lock(modules: &Mutex<Modules>) -> MutexGuard<'_, Modules> {
+    modules.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Set once SIGTERM or SIGINT asked every module to stop: the exit is then clean.
+static STOPPED: AtomicBool = AtomicBool::new(false);
+
+/// SIGHUP, SIGTERM and SIGINT, blocked in every thread and taken by one with sigwait,
+/// so no handler runs at an arbitrary point. Workers start with an empty mask (std
+/// resets it when it spawns a process).
+struct Signals {
+    set: libc::sigset_t,
+}
+
+impl Signals {
+    fn block() -> Result<Self, Failure> {
+        // SAFETY: sigset_t is plain data initialised by sigemptyset before use; the
+        // mask is set before any thread is spawned, so every thread inherits it.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for sig in [libc::SIGHUP, libc::SIGTERM, libc::SIGINT] {
+                libc::sigaddset(&mut set, sig);
+            }
+            if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+                return Err(Failure::new(Code::Internal, "cannot block signals"));
+            }
+            Ok(Self { set })
+        }
+    }
+
+    fn serve(self, config_path: &Path, modules: &Mutex<Modules>) {
+        loop {
+            let mut sig = 0;
+            // SAFETY: waits on the set built in `block`, with a valid out-pointer.
+            if unsafe { libc::sigwait(&self.set, &mut sig) } != 0 {
+                return;
+            }
+            if sig == libc::SIGHUP {
+                match Config::load(config_path) {
+                    Ok((_, plans)) => {
+                        tracing::info!(config = %config_path.display(), "reloading");
+                        lock(modules).apply(plans);
+                    }
+                    Err(e) => tracing::error!("reload refused, keeping what runs: {e}"),
+                }
+            } else {
+                tracing::info!(signal = sig, "stopping every module");
+                STOPPED.store(true, Ordering::SeqCst);
+                lock(modules).stop_all();
+            }
         }
     }
 }

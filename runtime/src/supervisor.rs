@@ -67,6 +67,16 @@ pub struct Record {
 /// A message for a module's `kiln_on_message`: topic and bytes.
 pub type Message = (String, Vec<u8>);
 
+/// What a module's supervisor thread acts on between calls.
+#[derive(Debug)]
+pub enum Input {
+    Message(Message),
+    /// Replace the running worker with one for this plan (new artifact or config).
+    Swap(Box<ModulePlan>),
+    /// End the worker and the module.
+    Stop,
+}
+
 /// How to start a worker: `launcher... exe worker`.
 #[derive(Debug, Clone)]
 pub struct WorkerCommand {
@@ -95,11 +105,11 @@ impl WorkerCommand {
 pub struct Supervised {
     pub plan: ModulePlan,
     pub trusted_keys: Vec<String>,
-    pub inbox: Receiver<Message>,
+    pub inbox: Receiver<Input>,
 }
 
-/// Keeps `module` running until it ends cleanly or is marked failed.
-pub fn supervise(module: Supervised, workers: WorkerCommand, sink: Sender<Record>) {
+/// Keeps `module` running until it ends cleanly, is stopped, or is marked failed.
+pub fn supervise(mut module: Supervised, workers: WorkerCommand, sink: Sender<Record>) {
     let name = module.plan.name.clone();
     let report = |event: Event| {
         let _ = sink.send(Record {
@@ -108,28 +118,38 @@ pub fn supervise(module: Supervised, workers: WorkerCommand, sink: Sender<Record
             event,
         });
     };
-    let policy = module.plan.restart;
     let mut crashes: Vec<Instant> = Vec::new();
     let mut attempt = 0;
+    let mut next: Option<ModulePlan> = None;
     loop {
+        if let Some(plan) = next.take() {
+            module.plan = plan;
+            crashes.clear();
+        }
+        let policy = module.plan.restart;
         attempt += 1;
         let started = Instant::now();
-        let (reason, peak_rss_kib) = run_worker(&module, &workers, attempt, &report);
+        let (reason, peak_rss_kib) = run_worker(&module, &workers, attempt, &mut next, &report);
         let uptime_ms = started.elapsed().as_millis() as u64;
         if reason.is_clean() {
+            let swap = next.is_some();
             report(Event::Stopped {
                 reason,
                 uptime_ms,
                 peak_rss_kib,
                 crashes_in_window: crashes.len() as u32,
-                restart_in_ms: None,
+                restart_in_ms: swap.then_some(0),
             });
+            if swap {
+                continue;
+            }
             return;
         }
         crashes.retain(|t| t.elapsed() < policy.window());
         crashes.push(Instant::now());
         let n = crashes.len() as u32;
-        let give_up = n >= policy.max_crashes;
+        // A refused artifact is refused again on every attempt: nothing to retry.
+        let give_up = n >= policy.max_crashes || matches!(reason, Stop::LoadFailed { .. });
         let delay = policy.delay(n);
         tracing::warn!(module = %name, %reason, crashes = n, "worker stopped");
         report(Event::Stopped {
@@ -147,7 +167,33 @@ pub fn supervise(module: Supervised, workers: WorkerCommand, sink: Sender<Record
             });
             return;
         }
-        std::thread::sleep(delay);
+        // Wait out the backoff, still listening for a swap or a stop; messages for a
+        // module that is down are dropped.
+        let until = Instant::now() + delay;
+        loop {
+            match module
+                .inbox
+                .recv_timeout(until.saturating_duration_since(Instant::now()))
+            {
+                Ok(Input::Message(_)) => continue,
+                Ok(Input::Swap(plan)) => next = Some(*plan),
+                Ok(Input::Stop) => {
+                    report(Event::Stopped {
+                        reason: Stop::Requested { swap: false },
+                        uptime_ms: 0,
+                        peak_rss_kib: None,
+                        crashes_in_window: n,
+                        restart_in_ms: None,
+                    });
+                    return;
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(until.saturating_duration_since(Instant::now()))
+                }
+            }
+            break;
+        }
     }
 }
 
@@ -156,6 +202,7 @@ fn run_worker(
     module: &Supervised,
     workers: &WorkerCommand,
     attempt: u32,
+    next: &mut Option<ModulePlan>,
     report: &dyn Fn(Event),
 ) -> (Stop, Option<u64>) {
     let plan = &module.plan;
@@ -220,7 +267,14 @@ fn run_worker(
             } else {
                 Duration::from_secs(3600)
             }) {
-                Ok((topic, data)) => (Request::Message { topic, data }, "kiln_on_message"),
+                Ok(Input::Message((topic, data))) => {
+                    (Request::Message { topic, data }, "kiln_on_message")
+                }
+                Ok(Input::Swap(plan)) => {
+                    *next = Some(*plan);
+                    return Err(Stop::Requested { swap: true });
+                }
+                Ok(Input::Stop) => return Err(Stop::Requested { swap: false }),
                 Err(RecvTimeoutError::Timeout) if ready.ticks => {
                     next_tick += plan.tick;
                     (Request::Tick, "kiln_tick")
@@ -442,6 +496,6 @@ pub fn now_ms() -> u64 {
 
 /// A bounded inbox per module: a slow module drops messages instead of growing the
 /// supervisor's memory.
-pub fn inbox() -> (SyncSender<Message>, Receiver<Message>) {
+pub fn inbox() -> (SyncSender<Input>, Receiver<Input>) {
     mpsc::sync_channel(64)
 }
