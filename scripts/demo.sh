@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The demo: a module compiled on this x86_64 host runs on emulated aarch64 and riscv64
-# devices, and a device refuses an artifact built for the other architecture.
+# devices, a device refuses an artifact built for the other architecture, and an
+# emulated aarch64 device keeps a healthy reactor running while misbehaving modules
+# next to it are contained and restarted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${CARGO_TARGET_DIR:=$HOME/.cache/kiln/target}"
@@ -10,6 +12,7 @@ scripts/build.sh
 
 kiln="$CARGO_TARGET_DIR/debug/kiln"
 hello="$CARGO_TARGET_DIR/examples/wasm32-wasip1/release/hello.wasm"
+sensor="$CARGO_TARGET_DIR/examples/wasm32-wasip1/release/sensor_filter.wasm"
 out=demo-out
 rm -rf "$out" && mkdir -p "$out/data"
 echo "temperature=21.5" > "$out/data/config.txt"
@@ -47,5 +50,47 @@ set +e
 device aarch64-linux run "$out/compute-riscv64-linux.kiln" --trust "$out/fleet.pub"
 echo "(exit code $?)"
 set -e
+
+echo
+echo "An aarch64 device (kilnd serve under qemu) runs a Rust reactor next to a module"
+echo "that spins forever, one that eats memory and one that recurses without end:"
+step "$kiln" compile "$sensor" --target aarch64-linux --sign "$out/fleet.key" -o "$out/sensor-filter.kiln"
+step "$kiln" compile examples/fixtures/spin.wat --target aarch64-linux --sign "$out/fleet.key" -o "$out/spin.kiln" --fuel 5000000
+step "$kiln" compile examples/fixtures/memory-bomb.wat --target aarch64-linux --sign "$out/fleet.key" -o "$out/memory-bomb.kiln" --memory-limit 4MiB
+step "$kiln" compile examples/fixtures/deep-recursion.wat --target aarch64-linux --sign "$out/fleet.key" -o "$out/deep-recursion.kiln"
+cat > "$out/kilnd.toml" <<TOML
+trust = ["fleet.pub"]
+worker_launcher = ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"]   # no binfmt_misc here
+
+[[module]]
+artifact = "sensor-filter.kiln"
+name = "sensor"
+tick_ms = 500
+timeout_ms = 10000
+config = "sensor=greenhouse-1\nalpha=0.3"
+
+[[module]]
+artifact = "spin.kiln"
+timeout_ms = 10000
+restart = { backoff_ms = 200, max_crashes = 3 }
+
+[[module]]
+artifact = "memory-bomb.kiln"
+restart = { backoff_ms = 200, max_crashes = 2 }
+
+[[module]]
+artifact = "deep-recursion.kiln"
+restart = { backoff_ms = 200, max_crashes = 2 }
+TOML
+cat "$out/kilnd.toml"
+printf '\n\033[1m$ %s\033[0m   (for 8 seconds)\n' "qemu-aarch64 ... kilnd serve --config $out/kilnd.toml"
+set +e
+timeout -s INT 8 qemu-aarch64 -L /usr/aarch64-linux-gnu \
+  "$CARGO_TARGET_DIR/aarch64-unknown-linux-gnu/release/kilnd" serve --config "$out/kilnd.toml" \
+  2>"$out/kilnd-serve.log" | tee "$out/kilnd-serve.jsonl" \
+  | grep -E '"kind":"(started|stopped|failed|log)"|\\"n\\":(1|2|3|12),'
+set -e
+echo "(every record: $out/kilnd-serve.jsonl; kilnd's own log: $out/kilnd-serve.log)"
+
 echo
 echo "demo: artifacts and keys are in $out/"

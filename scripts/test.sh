@@ -17,3 +17,5 @@ cargo clippy --locked --quiet --manifest-path guest/Cargo.toml --target wasm32-w
 # Host crates and end-to-end tests; kiln-runtime is not a default member, so its
 # features are never unified with the compiler's.
 cargo test --locked
+# kilnd's own unit tests (config, backoff, stdout line capture), built alone like kilnd.
+cargo test --locked -p kiln-runtime --lib

@@ -123,3 +123,25 @@ impl VirtualFile for LineCapture {
         Poll::Ready(Ok(8192))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_become_whole_lines_and_long_lines_are_cut() {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let capture = LineCapture::new(Arc::new(move |l| sink.lock().unwrap().push(l)));
+        capture.push(b"hel");
+        capture.push(b"lo\r\nwor");
+        assert_eq!(*lines.lock().unwrap(), ["hello"]);
+        capture.push(&vec![b'x'; MAX_LOG + 10]);
+        capture.flush_partial();
+        let got = lines.lock().unwrap().clone();
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[1].len(), MAX_LOG);
+        assert!(got[1].starts_with("worxx"));
+        assert_eq!(got[2], "x".repeat(13));
+    }
+}

@@ -1,6 +1,11 @@
 //! `kilnd`, the headless device daemon. It links no compiler: it loads only artifacts
 //! that `kiln` compiled and signed, after verifying every byte it is about to map.
 //!
+//! How a module runs: `serve` reads `config`, and one `supervisor` thread per module
+//! keeps a `worker` process alive. The worker `load`s the artifact and drives one
+//! `guest` (WASI from `wasi`, the kiln ABI from `abi`, the memory cap from `limits`).
+//! `kilnd run` drives a `guest` directly, in its own process.
+//!
 //! ```no_run
 //! use kiln_runtime::load::{load_artifact, read_trusted_keys};
 //!

@@ -137,7 +137,7 @@ impl RunCommand {
             return Err(Failure::new(
                 Code::LoadFailed,
                 format!(
-                    "artifact `{}`: module `{name}` has no `_start`; it is not a WASI command",
+                    "artifact `{}`: module `{name}` has no `_start`, so it is not a WASI command; reactor modules run under `kilnd serve`",
                     self.artifact.display()
                 ),
             ));
