@@ -93,4 +93,54 @@ set -e
 echo "(every record: $out/kilnd-serve.jsonl; kilnd's own log: $out/kilnd-serve.log)"
 
 echo
+echo "A fleet: an aarch64 and a riscv64 device (kilnd serve under qemu) follow desired"
+echo "state from a mosquitto broker; v1 and v2 roll out, a v3 that crashes rolls back."
+port=$((20000 + RANDOM % 20000))
+broker="mqtt://127.0.0.1:$port"
+mkdir -p "$out/broker"
+printf 'listener %s 127.0.0.1\nallow_anonymous true\n' "$port" > "$out/broker/mosquitto.conf"
+mosquitto -c "$out/broker/mosquitto.conf" >"$out/broker/log" 2>&1 &
+pids=($!)
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+sleep 0.5
+for dev in pi-01:aarch64-linux:aarch64:aarch64-unknown-linux-gnu rv-01:riscv64-linux:riscv64:riscv64gc-unknown-linux-gnu; do
+  IFS=: read -r id target arch triple <<<"$dev"
+  mkdir -p "$out/$id"
+  cp "$out/fleet.pub" "$out/$id/"
+  cat > "$out/$id/kilnd.toml" <<TOML
+device = "$id"
+data_dir = "data"
+trust = ["fleet.pub"]
+worker_launcher = ["qemu-$arch", "-L", "/usr/$arch-linux-gnu"]
+[mqtt]
+broker = "$broker"
+TOML
+  for v in 1 2; do
+    "$kiln" compile "$sensor" --target "$target" --sign "$out/fleet.key" -o "$out/app-v$v-$target.kiln" --name app --version "$v" 2>/dev/null
+  done
+  "$kiln" compile examples/fixtures/trap-tick.wat --target "$target" --sign "$out/fleet.key" -o "$out/app-v3-$target.kiln" --name app --version 3 2>/dev/null
+  "qemu-$arch" -L "/usr/$arch-linux-gnu" "$CARGO_TARGET_DIR/$triple/release/kilnd" serve --config "$out/$id/kilnd.toml" \
+    >"$out/$id/records.jsonl" 2>"$out/$id/kilnd.log" &
+  pids+=($!)
+done
+wait_for() { # wait_for TEXT: until `kiln devices` shows TEXT for both devices
+  for _ in $(seq 1 120); do
+    [ "$("$kiln" devices --broker "$broker" | grep -c "$1")" -ge 2 ] && return 0
+    sleep 1
+  done
+  echo "(timed out waiting for $1)"
+}
+push_all() { # push_all VERSION
+  step "$kiln" push "$out/app-v$1-aarch64-linux.kiln" --device pi-01 --sign "$out/fleet.key" --broker "$broker" --health-window-ms 4000 --tick-ms 500 --timeout-ms 10000
+  step "$kiln" push "$out/app-v$1-riscv64-linux.kiln" --device rv-01 --sign "$out/fleet.key" --broker "$broker" --health-window-ms 4000 --tick-ms 500 --timeout-ms 10000
+}
+push_all 1; wait_for 'app@1 .*committed'
+step "$kiln" devices --broker "$broker"
+push_all 2; wait_for 'app@2 .*committed'
+step "$kiln" devices --broker "$broker"
+echo "v3 divides by zero on its third tick:"
+push_all 3; wait_for 'app@2 .*rolled back'
+step "$kiln" devices --broker "$broker"
+
+echo
 echo "demo: artifacts and keys are in $out/"

@@ -17,6 +17,8 @@ pub enum Code {
     CannotWrite = 73,
     /// A key is missing, malformed, untrusted or has unsafe permissions.
     Key = 77,
+    /// The MQTT broker cannot be reached or refused the session.
+    Unavailable = 69,
 }
 
 /// An error that carries the exit code `kiln` ends with.

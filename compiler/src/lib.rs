@@ -16,6 +16,7 @@
 //! ```
 
 pub mod aot;
+pub mod broker;
 pub mod commands;
 pub mod conformance;
 pub mod exit;

@@ -2,8 +2,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kiln_compiler::commands::{
-    compile::CompileCommand, conformance::ConformanceCommand, inspect::InspectCommand,
-    keygen::KeygenCommand, targets::TargetsCommand,
+    compile::CompileCommand, conformance::ConformanceCommand, devices::DevicesCommand,
+    inspect::InspectCommand, keygen::KeygenCommand, push::PushCommand, targets::TargetsCommand,
 };
 use kiln_compiler::exit;
 
@@ -12,6 +12,8 @@ Examples:
   kiln keygen -o fleet.key
   kiln compile app.wasm --target aarch64-linux --sign fleet.key -o app.kiln
   kiln inspect app.kiln --trust fleet.pub
+  kiln push app.kiln --device dev-01 --sign fleet.key --broker mqtt://broker.lan:1883
+  kiln devices
   kiln targets";
 
 /// Kiln: compile WebAssembly into signed native artifacts for edge devices
@@ -29,6 +31,8 @@ enum Command {
     Inspect(InspectCommand),
     Targets(TargetsCommand),
     Conformance(ConformanceCommand),
+    Push(PushCommand),
+    Devices(DevicesCommand),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +43,8 @@ fn main() -> ExitCode {
         Command::Inspect(c) => c.execute(),
         Command::Targets(c) => c.execute(),
         Command::Conformance(c) => c.execute(),
+        Command::Push(c) => c.execute(),
+        Command::Devices(c) => c.execute(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,7 +16,9 @@
 
 pub mod abi;
 pub mod artifact;
+pub mod atomic;
 pub mod compat;
+pub mod fleet;
 pub mod keys;
 pub mod manifest;
 pub mod script;

@@ -37,6 +37,26 @@ pub struct Config {
     pub worker_launcher: Vec<String>,
     #[serde(default, rename = "module")]
     pub modules: Vec<ModuleConfig>,
+    /// Where fleet updates keep their state, slots and downloads (with `[mqtt]`).
+    pub data_dir: Option<PathBuf>,
+    /// Receive modules over MQTT as signed desired state.
+    pub mqtt: Option<MqttConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// `mqtt://host[:port]`
+    pub broker: String,
+    #[serde(default = "defaults::prefix")]
+    pub prefix: String,
+    /// Groups whose desired state this device follows.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    #[serde(default = "defaults::keep_alive_s")]
+    pub keep_alive_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -116,6 +136,12 @@ impl RestartPolicy {
 }
 
 mod defaults {
+    pub fn prefix() -> String {
+        kiln_protocol::fleet::DEFAULT_PREFIX.into()
+    }
+    pub fn keep_alive_s() -> u64 {
+        10
+    }
     pub fn tick_ms() -> u64 {
         1000
     }
@@ -241,8 +267,26 @@ impl Config {
                 restart: m.restart,
             });
         }
-        if plans.is_empty() {
-            return Err(format!("config `{file}`: no [[module]] to run"));
+        if let Some(mqtt) = &config.mqtt {
+            kiln_protocol::fleet::parse_broker(&mqtt.broker)
+                .map_err(|e| format!("config `{file}`: {e}"))?;
+            if config
+                .device
+                .as_deref()
+                .is_none_or(|d| d.is_empty() || d.contains('/'))
+            {
+                return Err(format!(
+                    "config `{file}`: [mqtt] needs `device`, an id without `/`"
+                ));
+            }
+            match &config.data_dir {
+                Some(d) => config.data_dir = Some(resolve(d)),
+                None => return Err(format!("config `{file}`: [mqtt] needs `data_dir`")),
+            }
+        } else if plans.is_empty() {
+            return Err(format!(
+                "config `{file}`: no [[module]] to run and no [mqtt]"
+            ));
         }
         Ok((config, plans))
     }

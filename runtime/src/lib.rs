@@ -20,6 +20,7 @@ pub mod capture;
 pub mod config;
 pub mod conformance;
 pub mod exit;
+pub mod fleet;
 pub mod guest;
 pub mod host;
 pub mod limits;

@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 
 use crate::config::{Config, ModulePlan};
 use crate::exit::{Code, Failure};
+use crate::fleet::{self, AgentIn};
 use crate::supervisor::{self, Event, Input, Record, Supervised, WorkerCommand};
 
 /// Runs until every module has ended; fails if any module was marked failed.
@@ -42,12 +43,29 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
         workers,
         trusted_keys,
         sink,
+        local: Vec::new(),
+        fleet: Vec::new(),
         running: HashMap::new(),
     }));
-    lock(&modules).apply(plans);
+    lock(&modules).set_local(plans);
+    let agent = match (&config.mqtt, &config.device, &config.data_dir) {
+        (Some(mqtt), Some(device), Some(data_dir)) => {
+            let (tx, rx) = mpsc::channel();
+            let fleet_modules = modules.clone();
+            let apply: fleet::ApplyFn =
+                Box::new(move |plans| lock(&fleet_modules).set_fleet(plans));
+            let trust = crate::load::read_trusted_keys(&config.trust)?;
+            let agent = fleet::start(mqtt, device, data_dir.clone(), trust, apply, tx.clone())
+                .map_err(|e| Failure::new(Code::Config, format!("device `{device}`: {e}")))?;
+            std::thread::spawn(move || agent.run(rx));
+            Some(tx)
+        }
+        _ => None,
+    };
     let control = modules.clone();
     let path = config_path.to_path_buf();
-    std::thread::spawn(move || signals.serve(&path, &control));
+    let agent_stop = agent.clone();
+    std::thread::spawn(move || signals.serve(&path, &control, agent_stop));
 
     let mut failed = 0;
     let mut stdout = std::io::stdout().lock();
@@ -55,7 +73,9 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
         let record = match records.recv_timeout(Duration::from_millis(200)) {
             Ok(record) => record,
             Err(RecvTimeoutError::Timeout) => {
-                if lock(&modules).all_ended() {
+                // With a broker, the device waits for desired state until stopped.
+                let stopped = agent.is_none() || STOPPED.load(Ordering::SeqCst);
+                if stopped && lock(&modules).all_ended() {
                     break;
                 }
                 continue;
@@ -67,6 +87,15 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
         }
         if matches!(record.event, Event::Failed { .. }) {
             failed += 1;
+        }
+        if let Some(agent) = &agent {
+            if matches!(
+                record.event,
+                Event::Started { .. } | Event::Stopped { .. } | Event::TickFailed { .. }
+            ) && lock(&modules).is_fleet(&record.module)
+            {
+                let _ = agent.send(AgentIn::Record(record.clone()));
+            }
         }
         // Nobody may read our reports any more; keep supervising regardless.
         let _ = writeln!(stdout, "{}", to_json(&record)).and_then(|()| stdout.flush());
@@ -99,6 +128,9 @@ struct Modules {
     workers: WorkerCommand,
     trusted_keys: Vec<String>,
     sink: Sender<Record>,
+    /// From kilnd.toml, and from the fleet agent's desired state.
+    local: Vec<ModulePlan>,
+    fleet: Vec<ModulePlan>,
     running: HashMap<String, Running>,
 }
 
@@ -109,9 +141,30 @@ struct Running {
 }
 
 impl Modules {
-    /// Brings the running set to `plans`: starts new modules, swaps changed ones
-    /// between calls, stops removed ones.
-    fn apply(&mut self, plans: Vec<ModulePlan>) {
+    fn set_local(&mut self, plans: Vec<ModulePlan>) {
+        self.local = plans;
+        self.apply();
+    }
+
+    fn set_fleet(&mut self, plans: Vec<ModulePlan>) {
+        self.fleet = plans;
+        self.apply();
+    }
+
+    fn is_fleet(&self, name: &str) -> bool {
+        self.fleet.iter().any(|p| p.name == name)
+    }
+
+    /// Brings the running set to the local and fleet plans: starts new modules, swaps
+    /// changed ones between calls, stops removed ones. A fleet module shadows a local
+    /// one of the same name.
+    fn apply(&mut self) {
+        let mut plans = self.fleet.clone();
+        for p in &self.local {
+            if !plans.iter().any(|f| f.name == p.name) {
+                plans.push(p.clone());
+            }
+        }
         let names: Vec<String> = plans.iter().map(|p| p.name.clone()).collect();
         for (name, running) in &self.running {
             if !names.contains(name) && !running.thread.is_finished() {
@@ -209,7 +262,7 @@ impl Signals {
         }
     }
 
-    fn serve(self, config_path: &Path, modules: &Mutex<Modules>) {
+    fn serve(self, config_path: &Path, modules: &Mutex<Modules>, agent: Option<Sender<AgentIn>>) {
         loop {
             let mut sig = 0;
             // SAFETY: waits on the set built in `block`, with a valid out-pointer.
@@ -220,13 +273,16 @@ impl Signals {
                 match Config::load(config_path) {
                     Ok((_, plans)) => {
                         tracing::info!(config = %config_path.display(), "reloading");
-                        lock(modules).apply(plans);
+                        lock(modules).set_local(plans);
                     }
                     Err(e) => tracing::error!("reload refused, keeping what runs: {e}"),
                 }
             } else {
                 tracing::info!(signal = sig, "stopping every module");
                 STOPPED.store(true, Ordering::SeqCst);
+                if let Some(agent) = &agent {
+                    let _ = agent.send(AgentIn::Stop);
+                }
                 lock(modules).stop_all();
             }
         }

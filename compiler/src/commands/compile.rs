@@ -1,10 +1,10 @@
 use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{anyhow, Context, Result};
 use clap::Parser;
 
+use kiln_protocol::atomic::write_atomically;
 use kiln_protocol::manifest::{parse_memory_size, CompileSettings};
 
 use crate::aot::{self, AotError, CompileOptions};
@@ -57,7 +57,7 @@ pub struct CompileCommand {
 
     /// Default cap on the module's linear memory: pages (64 KiB each) or a size such
     /// as 16MiB; a deployment may set its own
-    #[arg(long, value_name = "PAGES|SIZE", value_parser = parse_memory_limit)]
+    #[arg(long, value_name = "PAGES|SIZE", value_parser = parse_memory_size)]
     pub memory_limit: Option<u32>,
 
     /// Artifact to write
@@ -138,10 +138,6 @@ impl CompileCommand {
     }
 }
 
-fn parse_memory_limit(s: &str) -> Result<u32, String> {
-    parse_memory_size(s)
-}
-
 fn source_date_epoch() -> Result<Option<u64>> {
     match std::env::var("SOURCE_DATE_EPOCH") {
         Ok(v) => v.trim().parse().map(Some).map_err(|_| {
@@ -152,19 +148,6 @@ fn source_date_epoch() -> Result<Option<u64>> {
         }),
         Err(_) => Ok(None),
     }
-}
-
-/// Temp file in the same directory, fsync, rename: a reader never sees half an artifact.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    fs::File::open(dir)?.sync_all()
 }
 
 pub fn human_size(bytes: u64) -> String {

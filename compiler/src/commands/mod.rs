@@ -2,6 +2,8 @@
 
 pub mod compile;
 pub mod conformance;
+pub mod devices;
 pub mod inspect;
 pub mod keygen;
+pub mod push;
 pub mod targets;

@@ -1,0 +1,132 @@
+//! The fleet tool's side of MQTT: short sessions that publish retained messages and
+//! wait for the broker to acknowledge each, or collect what is retained under a topic
+//! filter. One rumqttc event loop, polled here, never in the background.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use rumqttc::{Client, Connection, Event, MqttOptions, Outgoing, Packet, QoS};
+
+/// Largest packet kiln sends: a chunk of up to 1 MiB plus framing.
+const MAX_PACKET: usize = 2 * 1024 * 1024;
+
+pub struct Session {
+    client: Client,
+    connection: Connection,
+    broker: String,
+}
+
+impl Session {
+    pub fn connect(broker: &str) -> Result<Self> {
+        let (host, port) = kiln_protocol::fleet::parse_broker(broker).map_err(|e| anyhow!(e))?;
+        let id = format!("kiln-{}-{}", std::process::id(), now_ms() % 100_000);
+        let mut options = MqttOptions::new(id, host, port);
+        options
+            .set_keep_alive(Duration::from_secs(10))
+            .set_max_packet_size(MAX_PACKET, MAX_PACKET);
+        let (client, connection) = Client::new(options, 64);
+        let mut session = Self {
+            client,
+            connection,
+            broker: broker.into(),
+        };
+        session.until(Duration::from_secs(10), |e| {
+            matches!(e, Event::Incoming(Packet::ConnAck(_)))
+        })?;
+        Ok(session)
+    }
+
+    /// Publishes retained QoS 1 messages and returns when the broker has acknowledged
+    /// every one; `progress` is called with the count acknowledged so far.
+    pub fn publish_all(
+        &mut self,
+        messages: Vec<(String, Vec<u8>)>,
+        mut progress: impl FnMut(usize),
+    ) -> Result<()> {
+        let total = messages.len();
+        let mut queued = messages.into_iter();
+        let mut in_flight = 0usize;
+        let mut acked = 0usize;
+        // Keep a bounded window in flight so a large artifact never floods the queue.
+        while acked < total {
+            while in_flight < 16 {
+                let Some((topic, payload)) = queued.next() else {
+                    break;
+                };
+                self.client
+                    .publish(topic, QoS::AtLeastOnce, true, payload)
+                    .map_err(|e| anyhow!("cannot queue a publish: {e}"))?;
+                in_flight += 1;
+            }
+            self.until(Duration::from_secs(30), |e| {
+                matches!(e, Event::Incoming(Packet::PubAck(_)))
+            })?;
+            in_flight -= 1;
+            acked += 1;
+            progress(acked);
+        }
+        Ok(())
+    }
+
+    /// Everything retained under `filter`, by topic, collected until the broker has
+    /// been quiet for `quiet`.
+    pub fn retained(&mut self, filter: &str, quiet: Duration) -> Result<BTreeMap<String, Vec<u8>>> {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .map_err(|e| anyhow!("cannot subscribe to `{filter}`: {e}"))?;
+        self.until(Duration::from_secs(10), |e| {
+            matches!(e, Event::Incoming(Packet::SubAck(_)))
+        })?;
+        let mut out = BTreeMap::new();
+        let mut last = Instant::now();
+        while last.elapsed() < quiet {
+            match self.connection.recv_timeout(quiet) {
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                    if p.retain || !p.payload.is_empty() {
+                        out.insert(p.topic.clone(), p.payload.to_vec());
+                    }
+                    last = Instant::now();
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => bail!("broker `{}`: {e}", self.broker),
+                Err(_) => break,
+            }
+        }
+        let _ = self.client.unsubscribe(filter);
+        Ok(out)
+    }
+
+    pub fn disconnect(mut self) {
+        let _ = self.client.disconnect();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            match self.connection.recv_timeout(Duration::from_millis(200)) {
+                Ok(Ok(Event::Outgoing(Outgoing::Disconnect))) | Ok(Err(_)) | Err(_) => return,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    fn until(&mut self, limit: Duration, want: impl Fn(&Event) -> bool) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!("broker `{}` did not answer within {limit:?}", self.broker);
+            }
+            match self.connection.recv_timeout(left) {
+                Ok(Ok(event)) if want(&event) => return Ok(()),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => bail!("broker `{}`: {e}", self.broker),
+                Err(_) => bail!("broker `{}` did not answer within {limit:?}", self.broker),
+            }
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,193 @@
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use clap::Parser;
+use kiln_protocol::artifact::Envelope;
+use kiln_protocol::fleet::{
+    ArtifactRef, Chunk, Desired, DesiredModule, ModuleLimits, Scope, SignedDesired, Topics,
+    DEFAULT_CHUNK, DEFAULT_PREFIX,
+};
+use kiln_protocol::keys::TrustedKeys;
+use kiln_protocol::manifest::parse_memory_size;
+
+use crate::broker::Session;
+use crate::commands::compile::human_size;
+use crate::exit::{coded, Code};
+use crate::keyfile;
+
+const AFTER_HELP: &str = "\
+Examples:
+  kiln push app.kiln --device dev-01 --sign fleet.key
+  kiln push app.kiln --group lab --sign fleet.key --broker mqtt://broker.lan:1883 --config app.conf
+  kiln push app.kiln --device dev-01 --sign fleet.key --allow-downgrade   # roll back on purpose
+
+Chunks go to retained topics under artifacts/{sha256}/, then the signed desired state
+for the device or group is updated (other modules in it are kept). Devices that are
+offline converge when they come back.";
+
+/// Publish an artifact to the broker and make it the desired version of its module on a
+/// device or a group
+#[derive(Parser, Debug)]
+#[command(after_help = AFTER_HELP)]
+pub struct PushCommand {
+    /// Artifact built by `kiln compile`
+    #[arg(value_name = "ARTIFACT")]
+    pub artifact: PathBuf,
+    /// Device id to update
+    #[arg(long, conflicts_with = "group", required_unless_present = "group")]
+    pub device: Option<String>,
+    /// Group to update
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Secret key that signs the desired state (and signed the artifact)
+    #[arg(long, value_name = "KEY")]
+    pub sign: PathBuf,
+    #[arg(long, default_value = "mqtt://127.0.0.1:1883", env = "KILN_BROKER")]
+    pub broker: String,
+    #[arg(long, default_value = DEFAULT_PREFIX)]
+    pub prefix: String,
+    /// Config bytes for the module, from a file
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[arg(long, value_name = "MS")]
+    pub tick_ms: Option<u64>,
+    /// Linear-memory cap: pages or a size (4MiB)
+    #[arg(long, value_name = "PAGES|SIZE", value_parser = parse_memory_size)]
+    pub memory_limit: Option<u32>,
+    #[arg(long, value_name = "POINTS")]
+    pub fuel_per_call: Option<u64>,
+    /// Wall-clock limit per call
+    #[arg(long, value_name = "MS")]
+    pub timeout_ms: Option<u64>,
+    /// How long the new version must run without a crash before devices commit it
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    pub health_window_ms: u64,
+    /// Allow a version lower than the one devices have committed
+    #[arg(long)]
+    pub allow_downgrade: bool,
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_CHUNK,
+          value_parser = clap::value_parser!(u32).range(1024..=1_048_576))]
+    pub chunk_size: u32,
+}
+
+impl PushCommand {
+    pub fn execute(self) -> Result<()> {
+        let key = keyfile::read_secret(&self.sign).map_err(|e| coded(Code::Key, e))?;
+        let trust = TrustedKeys::new(vec![key.public()]);
+        let file = self.artifact.display();
+        let bytes = std::fs::read(&self.artifact)
+            .with_context(|| format!("cannot read `{file}`"))
+            .map_err(|e| coded(Code::NoInput, e))?;
+        // The fleet must never be asked to run what this key did not sign.
+        let manifest = Envelope::parse(&bytes)
+            .and_then(|e| e.verify(&trust))
+            .map(|v| v.manifest)
+            .map_err(|e| coded(Code::InvalidInput, anyhow!("artifact `{file}`: {e}")))?;
+        let config = match &self.config {
+            Some(path) => std::fs::read(path)
+                .with_context(|| format!("cannot read config `{}`", path.display()))
+                .map_err(|e| coded(Code::NoInput, e))?,
+            None => Vec::new(),
+        };
+        let artifact = ArtifactRef::of(&bytes, self.chunk_size);
+        let topics = Topics::new(&self.prefix);
+        let (scope, desired_topic, target) = match (&self.device, &self.group) {
+            (Some(d), _) => (
+                Scope::Device(d.clone()),
+                topics.desired(d),
+                format!("device {d}"),
+            ),
+            (None, Some(g)) => (
+                Scope::Group(g.clone()),
+                topics.group_desired(g),
+                format!("group {g}"),
+            ),
+            (None, None) => unreachable!("clap requires --device or --group"),
+        };
+
+        let unavailable = |e: anyhow::Error| coded(Code::Unavailable, e);
+        let mut session = Session::connect(&self.broker).map_err(unavailable)?;
+        let chunks: Vec<(String, Vec<u8>)> = bytes
+            .chunks(self.chunk_size as usize)
+            .enumerate()
+            .map(|(n, data)| {
+                let chunk = Chunk::V1 {
+                    sha256: artifact.sha256,
+                    index: n as u32,
+                    data: data.to_vec(),
+                };
+                (
+                    topics.chunk(&artifact.sha256, n as u32),
+                    postcard::to_stdvec(&chunk).unwrap_or_default(),
+                )
+            })
+            .collect();
+        let total = chunks.len();
+        let label = format!("{} v{}", manifest.name, manifest.version);
+        session
+            .publish_all(chunks, |done| {
+                let mut err = std::io::stderr();
+                let _ = write!(
+                    err,
+                    "\rpush: {label}: {done}/{total} chunks ({}%)",
+                    done * 100 / total
+                );
+                let _ = err.flush();
+            })
+            .map_err(unavailable)?;
+        eprintln!();
+
+        let current = session
+            .retained(&desired_topic, Duration::from_millis(500))
+            .map_err(unavailable)?;
+        let mut desired = match current.get(&desired_topic) {
+            Some(payload) => SignedDesired::open(payload, &trust).map_err(|e| {
+                coded(
+                    Code::Key,
+                    anyhow!("the current desired state of {target} cannot be read with this key ({e}); refusing to overwrite it"),
+                )
+            })?,
+            None => Desired {
+                scope: scope.clone(),
+                serial: 0,
+                modules: Vec::new(),
+            },
+        };
+        if desired.scope != scope {
+            // Not this target's state (a stray or mis-addressed message): start over,
+            // above its serial so devices do not take ours for an old one.
+            desired.scope = scope;
+            desired.modules.clear();
+        }
+        desired.serial += 1;
+        desired.modules.retain(|m| m.name != manifest.name);
+        desired.modules.push(DesiredModule {
+            name: manifest.name.clone(),
+            version: manifest.version,
+            artifact,
+            config,
+            limits: ModuleLimits {
+                tick_ms: self.tick_ms,
+                memory_limit_pages: self.memory_limit,
+                fuel_per_call: self.fuel_per_call,
+                timeout_ms: self.timeout_ms,
+            },
+            allow_downgrade: self.allow_downgrade,
+            health_window_ms: self.health_window_ms,
+        });
+        desired.modules.sort_by(|a, b| a.name.cmp(&b.name));
+        let signed = SignedDesired::sign(&desired, &key);
+        session
+            .publish_all(vec![(desired_topic, signed)], |_| {})
+            .map_err(unavailable)?;
+        session.disconnect();
+        eprintln!(
+            "pushed {label} ({}, {total} chunks) to {target}: desired state serial {}",
+            human_size(bytes.len() as u64),
+            desired.serial
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,596 @@
+//! Fleet updates against a real mosquitto on a free loopback port: `kiln push` on the
+//! host, `kilnd serve` with `[mqtt]` as the device (natively, and the aarch64 build under
+//! qemu-user), events and reported state read back from the broker.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use kiln_compiler::commands::push::PushCommand;
+use kiln_protocol::fleet::{
+    Chunk, Desired, Event, EventKind, Reported, Scope, SignedDesired, Topics, DEFAULT_PREFIX,
+};
+use kiln_protocol::keys::SecretKey;
+use rumqttc::{Client, MqttOptions, Packet, QoS};
+use serde_json::Value;
+
+use crate::util::{path_str, shared, Device};
+
+/// A mosquitto of the test's own, with persistence so a restart keeps retained messages.
+struct Broker {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Broker {
+    fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let mut broker = Self {
+            child: None,
+            port,
+            dir,
+        };
+        broker.restart();
+        broker
+    }
+
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGTERM: mosquitto saves its retained messages on the way out.
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let _ = child.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.stop();
+        let conf = self.dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n",
+                self.port,
+                path_str(self.dir.path())
+            ),
+        )
+        .unwrap();
+        let mosquitto = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("mosquitto is installed by scripts/setup.sh");
+        let child = Command::new(mosquitto)
+            .args(["-c", path_str(&conf)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Publishes one retained message (as a misbehaving fleet tool or attacker would).
+    fn publish_retained(&self, topic: &str, payload: Vec<u8>) {
+        let mut options = MqttOptions::new("test-publisher", "127.0.0.1", self.port);
+        options.set_max_packet_size(4 << 20, 4 << 20);
+        let (client, mut connection) = Client::new(options, 10);
+        client
+            .publish(topic, QoS::AtLeastOnce, true, payload)
+            .unwrap();
+        for event in connection.iter() {
+            if let Ok(rumqttc::Event::Incoming(Packet::PubAck(_))) = event {
+                break;
+            }
+        }
+        let _ = client.disconnect();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Every event and the latest reported state of a device, as the broker delivers them.
+struct Watch {
+    events: Arc<Mutex<Vec<(String, u64, EventKind)>>>,
+    reported: Arc<Mutex<Option<Reported>>>,
+}
+
+impl Watch {
+    fn start(broker: &Broker, device: &str) -> Self {
+        let topics = Topics::new(DEFAULT_PREFIX);
+        let mut options =
+            MqttOptions::new(format!("test-watch-{device}"), "127.0.0.1", broker.port);
+        options.set_max_packet_size(4 << 20, 4 << 20);
+        let (client, mut connection) = Client::new(options, 10);
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let reported = Arc::new(Mutex::new(None));
+        let (e, r) = (events.clone(), reported.clone());
+        let (events_topic, reported_topic) = (topics.events(device), topics.reported(device));
+        std::thread::spawn(move || {
+            for event in connection.iter() {
+                match event {
+                    Ok(rumqttc::Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = client.subscribe(&events_topic, QoS::AtLeastOnce);
+                        let _ = client.subscribe(&reported_topic, QoS::AtLeastOnce);
+                    }
+                    Ok(rumqttc::Event::Incoming(Packet::Publish(p))) => {
+                        if p.topic == events_topic {
+                            if let Ok(Event::V1(ev)) = postcard::from_bytes(&p.payload) {
+                                e.lock().unwrap().push((ev.module, ev.version, ev.kind));
+                            }
+                        } else if let Ok(rep) = postcard::from_bytes(&p.payload) {
+                            *r.lock().unwrap() = Some(rep);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                }
+            }
+        });
+        Self { events, reported }
+    }
+
+    fn events(&self) -> Vec<(String, u64, EventKind)> {
+        self.events.lock().unwrap().clone()
+    }
+
+    fn wait_event(
+        &self,
+        limit: Duration,
+        what: &str,
+        pred: impl Fn(&(String, u64, EventKind)) -> bool,
+    ) {
+        let deadline = Instant::now() + limit;
+        while !self.events().iter().any(&pred) {
+            assert!(
+                Instant::now() < deadline,
+                "no event {what} within {limit:?}; events: {:#?}",
+                self.events()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_committed(&self, version: u64, limit: Duration) {
+        self.wait_event(limit, &format!("committed v{version}"), |(m, v, k)| {
+            m == "app" && *v == version && *k == EventKind::Committed
+        });
+    }
+
+    /// `(version, state)` of module `app` in the retained reported state.
+    fn reported_app(&self) -> Option<(u64, String)> {
+        let Reported::V1(r) = self.reported.lock().unwrap().clone()?;
+        let m = r.modules.iter().find(|m| m.name == "app")?;
+        Some((m.version, format!("{:?}", m.state)))
+    }
+}
+
+/// A device: `kilnd serve` with a broker, its data dir kept across restarts.
+struct FleetDevice {
+    device: Device,
+    id: String,
+    dir: PathBuf,
+    broker: String,
+    child: Option<Child>,
+    records: Arc<Mutex<Vec<Value>>>,
+    _keep: Option<tempfile::TempDir>,
+}
+
+impl FleetDevice {
+    fn new(target: &str, id: &str, broker: &Broker) -> Self {
+        let keep = tempfile::tempdir().unwrap();
+        Self {
+            device: Device::new(target),
+            id: id.into(),
+            dir: keep.path().to_path_buf(),
+            broker: broker.url(),
+            child: None,
+            records: Arc::default(),
+            _keep: Some(keep),
+        }
+    }
+
+    fn start(&mut self, fault: Option<&str>) {
+        let launcher: Vec<String> = self
+            .device
+            .profile
+            .qemu
+            .iter()
+            .map(|a| format!("{a:?}"))
+            .collect();
+        let config = self.dir.join("kilnd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "device = {:?}\ndata_dir = \"data\"\ntrust = [{:?}]\nworker_launcher = [{}]\n[mqtt]\nbroker = {:?}\n",
+                self.id,
+                path_str(&shared().trust()),
+                launcher.join(", "),
+                self.broker
+            ),
+        )
+        .unwrap();
+        let mut cmd = self
+            .device
+            .command(&["serve", "--config", path_str(&config)]);
+        if let Some(step) = fault {
+            cmd.env("KILN_FAULT", step);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("stderr.txt"))
+            .unwrap();
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn kilnd serve");
+        let stdout = child.stdout.take().unwrap();
+        let records = self.records.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    records.lock().unwrap().push(v);
+                }
+            }
+        });
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits for kilnd to die on its own (fault injection).
+    fn wait_dead(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                self.child = None;
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kilnd did not die\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Versions of `app` started so far, in order.
+    fn started_versions(&self) -> Vec<u64> {
+        self.records
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r["module"] == "app" && r["kind"] == "started")
+            .filter_map(|r| r["version"].as_u64())
+            .collect()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.txt")).unwrap_or_default()
+    }
+}
+
+impl Drop for FleetDevice {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `kiln push` in-process, as the command line would run it.
+fn push(broker: &Broker, artifact: &Path, device: &str, extra: &[&str]) {
+    let key = shared().key();
+    let mut args = vec![
+        "push",
+        path_str(artifact),
+        "--device",
+        device,
+        "--sign",
+        path_str(&key),
+    ];
+    let url = broker.url();
+    args.extend(["--broker", &url]);
+    args.extend_from_slice(extra);
+    PushCommand::try_parse_from(&args)
+        .expect("push args")
+        .execute()
+        .unwrap_or_else(|e| panic!("kiln {}: {e:#}", args.join(" ")));
+}
+
+/// The app module at `version`: the sensor reactor, or (`crashing`) one that traps on
+/// its third tick.
+fn app(target: &str, version: u64, crashing: bool) -> PathBuf {
+    let source = if crashing {
+        "fixtures/trap-tick.wat"
+    } else {
+        "sensor_filter.wasm"
+    };
+    let v = version.to_string();
+    shared().artifact_with(source, target, &["--name", "app", "--version", &v])
+}
+
+fn fleet_update_cycle(target: &str, window: &str, limit: Duration) {
+    let broker = Broker::start();
+    let watch = Watch::start(&broker, "dev-01");
+    let mut device = FleetDevice::new(target, "dev-01", &broker);
+    device.start(None);
+    let health = [
+        "--health-window-ms",
+        window,
+        "--tick-ms",
+        "100",
+        "--timeout-ms",
+        "20000",
+    ];
+
+    push(&broker, &app(target, 1, false), "dev-01", &health);
+    watch.wait_committed(1, limit);
+    push(&broker, &app(target, 2, false), "dev-01", &health);
+    watch.wait_committed(2, limit);
+
+    // v3 traps on its third tick, inside the health window: the device rolls back.
+    push(&broker, &app(target, 3, true), "dev-01", &health);
+    watch.wait_event(limit, "rolled-back v3", |(m, v, k)| {
+        m == "app" && *v == 3 && matches!(k, EventKind::RolledBack { reason } if reason.contains("integer divide by zero"))
+    });
+    let deadline = Instant::now() + limit;
+    while watch.reported_app() != Some((2, "Running".into())) {
+        assert!(
+            Instant::now() < deadline,
+            "reported {:?}",
+            watch.reported_app()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // v2 runs again after v3: the last start is v2's.
+    let deadline = Instant::now() + limit;
+    while device.started_versions().last() != Some(&2) || !device.started_versions().contains(&3) {
+        assert!(
+            Instant::now() < deadline,
+            "started {:?}",
+            device.started_versions()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Anti-rollback: v1 again is refused while v2 keeps running...
+    push(&broker, &app(target, 1, false), "dev-01", &health);
+    watch.wait_event(limit, "rejected v1", |(m, v, k)| {
+        m == "app" && *v == 1 && matches!(k, EventKind::Rejected { reason } if reason.contains("lower than committed version 2"))
+    });
+    assert_eq!(device.started_versions().last(), Some(&2));
+    // ...unless the signed desired state allows the downgrade.
+    let mut downgrade = health.to_vec();
+    downgrade.push("--allow-downgrade");
+    push(&broker, &app(target, 1, false), "dev-01", &downgrade);
+    watch.wait_committed(1, limit);
+    let kinds: Vec<String> = watch
+        .events()
+        .iter()
+        .filter(|(m, v, _)| m == "app" && *v == 2)
+        .map(|(_, _, k)| k.name().to_string())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "downloading",
+            "verified",
+            "staged",
+            "activated",
+            "committed"
+        ],
+        "{target}: the steps of one update"
+    );
+}
+
+#[test]
+fn push_commit_crash_rollback_and_anti_rollback_on_x86_64() {
+    fleet_update_cycle("x86_64-linux", "1500", Duration::from_secs(30));
+}
+
+#[test]
+fn push_commit_crash_rollback_and_anti_rollback_on_aarch64_under_qemu() {
+    fleet_update_cycle("aarch64-linux", "4000", Duration::from_secs(90));
+}
+
+#[test]
+fn an_offline_device_converges_and_a_broker_restart_mid_transfer_is_survived() {
+    let broker_holder = Broker::start();
+    let mut broker = broker_holder;
+    let watch = Watch::start(&broker, "dev-02");
+    let health = [
+        "--health-window-ms",
+        "1000",
+        "--tick-ms",
+        "100",
+        "--chunk-size",
+        "16384",
+    ];
+    // Pushed while the device is off: desired state and chunks wait, retained.
+    let v1 = app("x86_64-linux", 1, false);
+    push(&broker, &v1, "dev-02", &health);
+    // Clear two chunks, so the device can only get part of the transfer.
+    let bytes = std::fs::read(&v1).unwrap();
+    let sha = kiln_protocol::fleet::ArtifactRef::of(&bytes, 16384).sha256;
+    let topics = Topics::new(DEFAULT_PREFIX);
+    let saved: Vec<(u32, Vec<u8>)> = [3u32, 9]
+        .into_iter()
+        .map(|n| {
+            let chunk = Chunk::V1 {
+                sha256: sha,
+                index: n,
+                data: bytes[n as usize * 16384..(n as usize + 1) * 16384].to_vec(),
+            };
+            (n, postcard::to_stdvec(&chunk).unwrap())
+        })
+        .collect();
+    for (n, _) in &saved {
+        broker.publish_retained(&topics.chunk(&sha, *n), Vec::new());
+    }
+    let mut device = FleetDevice::new("x86_64-linux", "dev-02", &broker);
+    device.start(None);
+    watch.wait_event(Duration::from_secs(30), "downloading", |(m, _, k)| {
+        m == "app" && matches!(k, EventKind::Downloading { .. })
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        device.started_versions().is_empty(),
+        "nothing can run before the transfer is complete"
+    );
+
+    // The broker goes away and comes back; the device reconnects, resubscribes, and
+    // the missing chunks arrive.
+    broker.restart();
+    for (n, payload) in saved {
+        broker.publish_retained(&topics.chunk(&sha, n), payload);
+    }
+    watch.wait_committed(1, Duration::from_secs(30));
+    assert_eq!(device.started_versions(), [1]);
+}
+
+#[test]
+fn bad_desired_states_and_chunks_are_rejected_and_the_running_module_untouched() {
+    let broker = Broker::start();
+    let watch = Watch::start(&broker, "dev-03");
+    let mut device = FleetDevice::new("x86_64-linux", "dev-03", &broker);
+    device.start(None);
+    let health = ["--health-window-ms", "1000", "--tick-ms", "100"];
+    push(&broker, &app("x86_64-linux", 1, false), "dev-03", &health);
+    watch.wait_committed(1, Duration::from_secs(30));
+    let topics = Topics::new(DEFAULT_PREFIX);
+    let desired_topic = topics.desired("dev-03");
+
+    // Signed by a key the device does not trust.
+    let stranger = SecretKey::generate().unwrap();
+    let desired = Desired {
+        scope: Scope::Device("dev-03".into()),
+        serial: 99,
+        modules: vec![],
+    };
+    broker.publish_retained(&desired_topic, SignedDesired::sign(&desired, &stranger));
+    watch.wait_event(
+        Duration::from_secs(10),
+        "untrusted",
+        |(_, _, k)| matches!(k, EventKind::Rejected { reason } if reason.contains("untrusted key")),
+    );
+    // Malformed bytes.
+    broker.publish_retained(&desired_topic, vec![0, 1, 2, 3, 250]);
+    watch.wait_event(
+        Duration::from_secs(10),
+        "malformed",
+        |(_, _, k)| matches!(k, EventKind::Rejected { reason } if reason.contains("malformed")),
+    );
+    // Validly signed, but for another device.
+    let key = kiln_compiler::keyfile::read_secret(&shared().key()).unwrap();
+    let other = Desired {
+        scope: Scope::Device("dev-04".into()),
+        serial: 100,
+        modules: vec![],
+    };
+    broker.publish_retained(&desired_topic, SignedDesired::sign(&other, &key));
+    watch.wait_event(Duration::from_secs(10), "other device", |(_, _, k)| {
+        matches!(k, EventKind::Rejected { reason } if reason.contains("Device(\"dev-04\")"))
+    });
+
+    // A tampered chunk: v2's first chunk replaced before the device asks for it.
+    let v2 = app("x86_64-linux", 2, false);
+    let bytes = std::fs::read(&v2).unwrap();
+    let sha = kiln_protocol::fleet::ArtifactRef::of(&bytes, 65536).sha256;
+    let mut evil = bytes[..65536].to_vec();
+    evil[100] ^= 0xff;
+    let tampered = postcard::to_stdvec(&Chunk::V1 {
+        sha256: sha,
+        index: 0,
+        data: evil,
+    })
+    .unwrap();
+    // Device offline while the chunks are published, so the tampered one is what waits.
+    device.kill();
+    push(&broker, &v2, "dev-03", &health);
+    broker.publish_retained(&topics.chunk(&sha, 0), tampered);
+    device.start(None);
+    watch.wait_event(Duration::from_secs(30), "tampered chunk", |(_, v, k)| {
+        *v == 2 && matches!(k, EventKind::Rejected { reason } if reason.contains("chunk 0") && reason.contains("sha256 mismatch"))
+    });
+    // The committed v1 keeps running; nothing of v2 started.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(device.started_versions(), [1, 1], "{}", device.stderr());
+    assert_eq!(watch.reported_app(), Some((1, "Running".into())));
+}
+
+#[test]
+fn sigkill_at_every_step_of_an_update_leaves_the_old_or_the_new_module_running() {
+    let health = ["--health-window-ms", "1000", "--tick-ms", "100"];
+    for (step, first_after_restart) in [
+        ("download", 1),
+        ("stage", 1),
+        ("activate", 1),
+        ("commit", 2),
+    ] {
+        let broker = Broker::start();
+        let watch = Watch::start(&broker, "dev-05");
+        let mut device = FleetDevice::new("x86_64-linux", "dev-05", &broker);
+        device.start(None);
+        push(&broker, &app("x86_64-linux", 1, false), "dev-05", &health);
+        watch.wait_committed(1, Duration::from_secs(30));
+        device.kill();
+
+        push(&broker, &app("x86_64-linux", 2, false), "dev-05", &health);
+        device.start(Some(step));
+        device.wait_dead(Duration::from_secs(30));
+        let before = device.started_versions().len();
+        device.start(None);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while device.started_versions().len() == before {
+            assert!(
+                Instant::now() < deadline,
+                "{step}: nothing started after the restart\n{}",
+                device.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            device.started_versions()[before],
+            first_after_restart,
+            "{step}: the first module after the restart"
+        );
+        // And the update then completes (after `commit` it already had).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while watch.reported_app() != Some((2, "Running".into())) {
+            assert!(
+                Instant::now() < deadline,
+                "{step}: reported {:?}",
+                watch.reported_app()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
