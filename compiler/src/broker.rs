@@ -97,6 +97,35 @@ impl Session {
         Ok(out)
     }
 
+    /// Subscribes to `filter` for [`Session::next_message`].
+    pub fn subscribe(&mut self, filter: &str) -> Result<()> {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .map_err(|e| anyhow!("cannot subscribe to `{filter}`: {e}"))?;
+        self.until(Duration::from_secs(10), |e| {
+            matches!(e, Event::Incoming(Packet::SubAck(_)))
+        })
+    }
+
+    /// The next message on a subscribed topic, or `None` after `limit` without one.
+    pub fn next_message(&mut self, limit: Duration) -> Result<Option<(String, Vec<u8>)>> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            match self.connection.recv_timeout(left) {
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                    return Ok(Some((p.topic.clone(), p.payload.to_vec())))
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => bail!("broker `{}`: {e}", self.broker),
+                Err(_) => return Ok(None),
+            }
+        }
+    }
+
     pub fn disconnect(mut self) {
         let _ = self.client.disconnect();
         let deadline = Instant::now() + Duration::from_secs(2);

@@ -3,7 +3,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use kiln_compiler::commands::{
     compile::CompileCommand, conformance::ConformanceCommand, devices::DevicesCommand,
-    inspect::InspectCommand, keygen::KeygenCommand, push::PushCommand, targets::TargetsCommand,
+    gc::GcCommand, inspect::InspectCommand, keygen::KeygenCommand, push::PushCommand,
+    rollout::RolloutCommand, targets::TargetsCommand,
 };
 use kiln_compiler::exit;
 
@@ -13,7 +14,9 @@ Examples:
   kiln compile app.wasm --target aarch64-linux --sign fleet.key -o app.kiln
   kiln inspect app.kiln --trust fleet.pub
   kiln push app.kiln --device dev-01 --sign fleet.key --broker mqtt://broker.lan:1883
+  kiln rollout app.kiln --group lab --sign fleet.key --canary 1
   kiln devices
+  kiln gc
   kiln targets";
 
 /// Kiln: compile WebAssembly into signed native artifacts for edge devices
@@ -33,6 +36,8 @@ enum Command {
     Conformance(ConformanceCommand),
     Push(PushCommand),
     Devices(DevicesCommand),
+    Rollout(RolloutCommand),
+    Gc(GcCommand),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +50,8 @@ fn main() -> ExitCode {
         Command::Conformance(c) => c.execute(),
         Command::Push(c) => c.execute(),
         Command::Devices(c) => c.execute(),
+        Command::Rollout(c) => c.execute(),
+        Command::Gc(c) => c.execute(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

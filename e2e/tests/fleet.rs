@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use kiln_compiler::commands::gc::GcCommand;
 use kiln_compiler::commands::push::PushCommand;
+use kiln_compiler::commands::rollout::RolloutCommand;
 use kiln_protocol::fleet::{
     Chunk, Desired, Event, EventKind, Reported, Scope, SignedDesired, Topics, DEFAULT_PREFIX,
 };
@@ -177,6 +179,19 @@ impl Watch {
         });
     }
 
+    /// Waits until the reported state says `app` runs `version`.
+    fn wait_running(&self, version: u64, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.reported_app() != Some((version, "Running".into())) {
+            assert!(
+                Instant::now() < deadline,
+                "reported {:?}, want v{version} running",
+                self.reported_app()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// `(version, state)` of module `app` in the retained reported state.
     fn reported_app(&self) -> Option<(u64, String)> {
         let Reported::V1(r) = self.reported.lock().unwrap().clone()?;
@@ -193,6 +208,7 @@ struct FleetDevice {
     broker: String,
     child: Option<Child>,
     records: Arc<Mutex<Vec<Value>>>,
+    groups: Vec<String>,
     _keep: Option<tempfile::TempDir>,
 }
 
@@ -206,6 +222,7 @@ impl FleetDevice {
             broker: broker.url(),
             child: None,
             records: Arc::default(),
+            groups: Vec::new(),
             _keep: Some(keep),
         }
     }
@@ -222,11 +239,12 @@ impl FleetDevice {
         std::fs::write(
             &config,
             format!(
-                "device = {:?}\ndata_dir = \"data\"\ntrust = [{:?}]\nworker_launcher = [{}]\n[mqtt]\nbroker = {:?}\n",
+                "device = {:?}\ndata_dir = \"data\"\ntrust = [{:?}]\nworker_launcher = [{}]\n[mqtt]\nbroker = {:?}\ngroups = {:?}\n",
                 self.id,
                 path_str(&shared().trust()),
                 launcher.join(", "),
-                self.broker
+                self.broker,
+                self.groups
             ),
         )
         .unwrap();
@@ -543,7 +561,7 @@ fn bad_desired_states_and_chunks_are_rejected_and_the_running_module_untouched()
     // The committed v1 keeps running; nothing of v2 started.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(device.started_versions(), [1, 1], "{}", device.stderr());
-    assert_eq!(watch.reported_app(), Some((1, "Running".into())));
+    watch.wait_running(1, Duration::from_secs(10));
 }
 
 #[test]
@@ -593,4 +611,98 @@ fn sigkill_at_every_step_of_an_update_leaves_the_old_or_the_new_module_running()
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+#[test]
+fn rollout_halts_at_a_canary_that_rolls_back_and_gc_removes_only_unreferenced_chunks() {
+    let broker = Broker::start();
+    let names = ["dev-a", "dev-b", "dev-c"];
+    let watches: Vec<Watch> = names.iter().map(|n| Watch::start(&broker, n)).collect();
+    let mut devices: Vec<FleetDevice> = names
+        .iter()
+        .map(|n| {
+            let mut d = FleetDevice::new("x86_64-linux", n, &broker);
+            d.groups = vec!["lab".into()];
+            d.start(None);
+            d
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500)); // their birth messages
+    let key = shared().key();
+    let url = broker.url();
+    let rollout = |artifact: &Path| {
+        RolloutCommand::try_parse_from([
+            "rollout",
+            path_str(artifact),
+            "--group",
+            "lab",
+            "--sign",
+            path_str(&key),
+            "--broker",
+            &url,
+            "--health-window-ms",
+            "1000",
+            "--tick-ms",
+            "100",
+            "--wave-timeout-s",
+            "60",
+        ])
+        .unwrap()
+        .execute()
+    };
+    rollout(&app("x86_64-linux", 1, false)).expect("v1 rolls out to every device");
+    for w in &watches {
+        w.wait_running(1, Duration::from_secs(10));
+    }
+    // v2 crashes: the canary (dev-a, first by name) rolls back and the rollout halts.
+    let err = rollout(&app("x86_64-linux", 2, true)).expect_err("a rollback halts the rollout");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("rollout halted in wave 1: dev-a: rolled back"),
+        "{err}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    for w in &watches {
+        assert_eq!(
+            w.reported_app(),
+            Some((1, "Running".into())),
+            "every device still runs v1"
+        );
+    }
+    assert!(
+        watches[1].events().iter().all(|(_, v, _)| *v == 1),
+        "dev-b was never asked for v2"
+    );
+
+    // dev-a moves on to v3; v2 is then referenced by nobody.
+    let v3 = app("x86_64-linux", 3, false);
+    push(&broker, &v3, "dev-a", &["--health-window-ms", "1000"]);
+    watches[0].wait_committed(3, Duration::from_secs(30));
+    let sha =
+        |p: &Path| kiln_protocol::fleet::ArtifactRef::of(&std::fs::read(p).unwrap(), 65536).sha256;
+    let (v1, v2) = (
+        sha(&app("x86_64-linux", 1, false)),
+        sha(&app("x86_64-linux", 2, true)),
+    );
+    GcCommand::try_parse_from(["gc", "--broker", &url])
+        .unwrap()
+        .execute()
+        .unwrap();
+    let mut session = kiln_compiler::broker::Session::connect(&url).unwrap();
+    let topics = Topics::new(DEFAULT_PREFIX);
+    let left = session
+        .retained(&topics.all_artifacts(), Duration::from_millis(500))
+        .unwrap();
+    session.disconnect();
+    let shas: std::collections::BTreeSet<[u8; 32]> = left
+        .keys()
+        .filter_map(|t| topics.parse_chunk(t))
+        .map(|(s, _)| s)
+        .collect();
+    assert!(
+        shas.contains(&v1) && shas.contains(&sha(&v3)),
+        "referenced artifacts stay"
+    );
+    assert!(!shas.contains(&v2), "the unreferenced v2 is gone");
+    devices.iter_mut().for_each(FleetDevice::kill);
 }

@@ -88,6 +88,10 @@ impl Topics {
     pub fn all_devices(&self, kind: &str) -> String {
         format!("{}/devices/+/{kind}", self.prefix)
     }
+    /// Every group's desired state.
+    pub fn all_groups_desired(&self) -> String {
+        format!("{}/groups/+/desired", self.prefix)
+    }
     /// All chunks of all artifacts.
     pub fn all_artifacts(&self) -> String {
         format!("{}/artifacts/#", self.prefix)
@@ -251,6 +255,16 @@ impl SignedDesired {
                 KeyId(key_id)
             ));
         }
+        postcard::from_bytes(&body).map_err(|e| format!("malformed desired state body: {e}"))
+    }
+}
+
+impl SignedDesired {
+    /// The body without checking the signature: for tools that only look (which
+    /// artifacts are still referenced), never for acting on it.
+    pub fn peek(bytes: &[u8]) -> Result<Desired, String> {
+        let SignedDesired::V1 { body, .. } =
+            postcard::from_bytes(bytes).map_err(|e| format!("malformed desired state: {e}"))?;
         postcard::from_bytes(&body).map_err(|e| format!("malformed desired state body: {e}"))
     }
 }

@@ -3,7 +3,9 @@
 pub mod compile;
 pub mod conformance;
 pub mod devices;
+pub mod gc;
 pub mod inspect;
 pub mod keygen;
 pub mod push;
+pub mod rollout;
 pub mod targets;

@@ -1,16 +1,16 @@
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use clap::Parser;
+use clap::{Args, Parser};
 use kiln_protocol::artifact::Envelope;
 use kiln_protocol::fleet::{
     ArtifactRef, Chunk, Desired, DesiredModule, ModuleLimits, Scope, SignedDesired, Topics,
     DEFAULT_CHUNK, DEFAULT_PREFIX,
 };
-use kiln_protocol::keys::TrustedKeys;
-use kiln_protocol::manifest::parse_memory_size;
+use kiln_protocol::keys::{SecretKey, TrustedKeys};
+use kiln_protocol::manifest::{parse_memory_size, Manifest};
 
 use crate::broker::Session;
 use crate::commands::compile::human_size;
@@ -32,15 +32,23 @@ offline converge when they come back.";
 #[derive(Parser, Debug)]
 #[command(after_help = AFTER_HELP)]
 pub struct PushCommand {
-    /// Artifact built by `kiln compile`
-    #[arg(value_name = "ARTIFACT")]
-    pub artifact: PathBuf,
     /// Device id to update
     #[arg(long, conflicts_with = "group", required_unless_present = "group")]
     pub device: Option<String>,
     /// Group to update
     #[arg(long)]
     pub group: Option<String>,
+    #[command(flatten)]
+    pub release: ReleaseArgs,
+}
+
+/// What `push` and `rollout` share: the artifact, the key, the broker, and how the
+/// module should run.
+#[derive(Args, Debug)]
+pub struct ReleaseArgs {
+    /// Artifact built by `kiln compile`
+    #[arg(value_name = "ARTIFACT")]
+    pub artifact: PathBuf,
     /// Secret key that signs the desired state (and signed the artifact)
     #[arg(long, value_name = "KEY")]
     pub sign: PathBuf,
@@ -72,8 +80,17 @@ pub struct PushCommand {
     pub chunk_size: u32,
 }
 
-impl PushCommand {
-    pub fn execute(self) -> Result<()> {
+/// A release ready to go out: the verified artifact and its desired-state entry.
+pub struct Release {
+    pub key: SecretKey,
+    pub manifest: Manifest,
+    pub bytes: Vec<u8>,
+    pub module: DesiredModule,
+    pub topics: Topics,
+}
+
+impl ReleaseArgs {
+    pub fn load(&self) -> Result<Release> {
         let key = keyfile::read_secret(&self.sign).map_err(|e| coded(Code::Key, e))?;
         let trust = TrustedKeys::new(vec![key.public()]);
         let file = self.artifact.display();
@@ -86,63 +103,90 @@ impl PushCommand {
             .map(|v| v.manifest)
             .map_err(|e| coded(Code::InvalidInput, anyhow!("artifact `{file}`: {e}")))?;
         let config = match &self.config {
-            Some(path) => std::fs::read(path)
-                .with_context(|| format!("cannot read config `{}`", path.display()))
-                .map_err(|e| coded(Code::NoInput, e))?,
+            Some(path) => read_config(path)?,
             None => Vec::new(),
         };
-        let artifact = ArtifactRef::of(&bytes, self.chunk_size);
-        let topics = Topics::new(&self.prefix);
-        let (scope, desired_topic, target) = match (&self.device, &self.group) {
-            (Some(d), _) => (
-                Scope::Device(d.clone()),
-                topics.desired(d),
-                format!("device {d}"),
-            ),
-            (None, Some(g)) => (
-                Scope::Group(g.clone()),
-                topics.group_desired(g),
-                format!("group {g}"),
-            ),
-            (None, None) => unreachable!("clap requires --device or --group"),
+        let module = DesiredModule {
+            name: manifest.name.clone(),
+            version: manifest.version,
+            artifact: ArtifactRef::of(&bytes, self.chunk_size),
+            config,
+            limits: ModuleLimits {
+                tick_ms: self.tick_ms,
+                memory_limit_pages: self.memory_limit,
+                fuel_per_call: self.fuel_per_call,
+                timeout_ms: self.timeout_ms,
+            },
+            allow_downgrade: self.allow_downgrade,
+            health_window_ms: self.health_window_ms,
         };
+        Ok(Release {
+            key,
+            manifest,
+            bytes,
+            module,
+            topics: Topics::new(&self.prefix),
+        })
+    }
+}
 
-        let unavailable = |e: anyhow::Error| coded(Code::Unavailable, e);
-        let mut session = Session::connect(&self.broker).map_err(unavailable)?;
-        let chunks: Vec<(String, Vec<u8>)> = bytes
-            .chunks(self.chunk_size as usize)
+fn read_config(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path)
+        .with_context(|| format!("cannot read config `{}`", path.display()))
+        .map_err(|e| coded(Code::NoInput, e))
+}
+
+impl Release {
+    pub fn label(&self) -> String {
+        format!("{} v{}", self.manifest.name, self.manifest.version)
+    }
+
+    /// Publishes every chunk retained, with a progress line on stderr.
+    pub fn upload(&self, session: &mut Session) -> Result<usize> {
+        let art = &self.module.artifact;
+        let chunks: Vec<(String, Vec<u8>)> = self
+            .bytes
+            .chunks(art.chunk_size as usize)
             .enumerate()
             .map(|(n, data)| {
                 let chunk = Chunk::V1 {
-                    sha256: artifact.sha256,
+                    sha256: art.sha256,
                     index: n as u32,
                     data: data.to_vec(),
                 };
-                (
-                    topics.chunk(&artifact.sha256, n as u32),
-                    postcard::to_stdvec(&chunk).unwrap_or_default(),
-                )
+                let payload = postcard::to_stdvec(&chunk).unwrap_or_default();
+                (self.topics.chunk(&art.sha256, n as u32), payload)
             })
             .collect();
         let total = chunks.len();
-        let label = format!("{} v{}", manifest.name, manifest.version);
+        let label = self.label();
         session
             .publish_all(chunks, |done| {
                 let mut err = std::io::stderr();
                 let _ = write!(
                     err,
-                    "\rpush: {label}: {done}/{total} chunks ({}%)",
+                    "\r{label}: uploaded {done}/{total} chunks ({}%)",
                     done * 100 / total
                 );
                 let _ = err.flush();
             })
-            .map_err(unavailable)?;
+            .map_err(|e| coded(Code::Unavailable, e))?;
         eprintln!();
+        Ok(total)
+    }
 
+    /// Makes this release the desired version of its module for `scope`, keeping the
+    /// other modules of the current desired state; returns the new serial.
+    pub fn set_desired(&self, session: &mut Session, scope: &Scope) -> Result<u64> {
+        let (topic, target) = match scope {
+            Scope::Device(d) => (self.topics.desired(d), format!("device {d}")),
+            Scope::Group(g) => (self.topics.group_desired(g), format!("group {g}")),
+        };
+        let trust = TrustedKeys::new(vec![self.key.public()]);
         let current = session
-            .retained(&desired_topic, Duration::from_millis(500))
-            .map_err(unavailable)?;
-        let mut desired = match current.get(&desired_topic) {
+            .retained(&topic, Duration::from_millis(500))
+            .map_err(|e| coded(Code::Unavailable, e))?;
+        let mut desired = match current.get(&topic) {
             Some(payload) => SignedDesired::open(payload, &trust).map_err(|e| {
                 coded(
                     Code::Key,
@@ -155,38 +199,45 @@ impl PushCommand {
                 modules: Vec::new(),
             },
         };
-        if desired.scope != scope {
+        if desired.scope != *scope {
             // Not this target's state (a stray or mis-addressed message): start over,
             // above its serial so devices do not take ours for an old one.
-            desired.scope = scope;
+            desired.scope = scope.clone();
             desired.modules.clear();
         }
         desired.serial += 1;
-        desired.modules.retain(|m| m.name != manifest.name);
-        desired.modules.push(DesiredModule {
-            name: manifest.name.clone(),
-            version: manifest.version,
-            artifact,
-            config,
-            limits: ModuleLimits {
-                tick_ms: self.tick_ms,
-                memory_limit_pages: self.memory_limit,
-                fuel_per_call: self.fuel_per_call,
-                timeout_ms: self.timeout_ms,
-            },
-            allow_downgrade: self.allow_downgrade,
-            health_window_ms: self.health_window_ms,
-        });
+        desired.modules.retain(|m| m.name != self.module.name);
+        desired.modules.push(self.module.clone());
         desired.modules.sort_by(|a, b| a.name.cmp(&b.name));
-        let signed = SignedDesired::sign(&desired, &key);
+        let signed = SignedDesired::sign(&desired, &self.key);
         session
-            .publish_all(vec![(desired_topic, signed)], |_| {})
-            .map_err(unavailable)?;
+            .publish_all(vec![(topic, signed)], |_| {})
+            .map_err(|e| coded(Code::Unavailable, e))?;
+        Ok(desired.serial)
+    }
+}
+
+impl PushCommand {
+    pub fn execute(self) -> Result<()> {
+        let release = self.release.load()?;
+        let scope = match (self.device, self.group) {
+            (Some(d), _) => Scope::Device(d),
+            (None, Some(g)) => Scope::Group(g),
+            (None, None) => unreachable!("clap requires --device or --group"),
+        };
+        let mut session =
+            Session::connect(&self.release.broker).map_err(|e| coded(Code::Unavailable, e))?;
+        let chunks = release.upload(&mut session)?;
+        let serial = release.set_desired(&mut session, &scope)?;
         session.disconnect();
+        let target = match &scope {
+            Scope::Device(d) => format!("device {d}"),
+            Scope::Group(g) => format!("group {g}"),
+        };
         eprintln!(
-            "pushed {label} ({}, {total} chunks) to {target}: desired state serial {}",
-            human_size(bytes.len() as u64),
-            desired.serial
+            "pushed {} ({}, {chunks} chunks) to {target}: desired state serial {serial}",
+            release.label(),
+            human_size(release.bytes.len() as u64),
         );
         Ok(())
     }
