@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)] // a panic is the failure report
 
+pub mod mosquitto;
+
 use std::path::{Path, PathBuf};
 
 use clap::Parser;

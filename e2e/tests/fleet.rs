@@ -3,9 +3,8 @@
 //! qemu-user), events and reported state read back from the broker.
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,95 +20,7 @@ use rumqttc::{Client, MqttOptions, Packet, QoS};
 use serde_json::Value;
 
 use crate::util::{path_str, shared, Device};
-
-/// A mosquitto of the test's own, with persistence so a restart keeps retained messages.
-struct Broker {
-    child: Option<Child>,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Broker {
-    fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = tempfile::tempdir().unwrap();
-        let mut broker = Self {
-            child: None,
-            port,
-            dir,
-        };
-        broker.restart();
-        broker
-    }
-
-    fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SIGTERM: mosquitto saves its retained messages on the way out.
-            let _ = Command::new("kill").arg(child.id().to_string()).status();
-            let _ = child.wait();
-        }
-    }
-
-    fn restart(&mut self) {
-        self.stop();
-        let conf = self.dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n",
-                self.port,
-                path_str(self.dir.path())
-            ),
-        )
-        .unwrap();
-        let mosquitto = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("mosquitto is installed by scripts/setup.sh");
-        let child = Command::new(mosquitto)
-            .args(["-c", path_str(&conf)])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start mosquitto");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "mosquitto did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Publishes one retained message (as a misbehaving fleet tool or attacker would).
-    fn publish_retained(&self, topic: &str, payload: Vec<u8>) {
-        let mut options = MqttOptions::new("test-publisher", "127.0.0.1", self.port);
-        options.set_max_packet_size(4 << 20, 4 << 20);
-        let (client, mut connection) = Client::new(options, 10);
-        client
-            .publish(topic, QoS::AtLeastOnce, true, payload)
-            .unwrap();
-        for event in connection.iter() {
-            if let Ok(rumqttc::Event::Incoming(Packet::PubAck(_))) = event {
-                break;
-            }
-        }
-        let _ = client.disconnect();
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
+use kiln_e2e::mosquitto::Broker;
 
 /// Every event and the latest reported state of a device, as the broker delivers them.
 struct Watch {
@@ -536,6 +447,28 @@ fn bad_desired_states_and_chunks_are_rejected_and_the_running_module_untouched()
     broker.publish_retained(&desired_topic, SignedDesired::sign(&other, &key));
     watch.wait_event(Duration::from_secs(10), "other device", |(_, _, k)| {
         matches!(k, EventKind::Rejected { reason } if reason.contains("Device(\"dev-04\")"))
+    });
+
+    // An endless transfer: a signed desired state naming an artifact above the limit.
+    let mut huge = kiln_protocol::fleet::ArtifactRef::of(&[0u8; 1024], 1024);
+    huge.len = kiln_protocol::fleet::MAX_ARTIFACT + 1;
+    let oversized = Desired {
+        scope: Scope::Device("dev-03".into()),
+        serial: 101,
+        modules: vec![kiln_protocol::fleet::DesiredModule {
+            name: "app".into(),
+            version: 9,
+            artifact: huge,
+            config: vec![],
+            limits: Default::default(),
+            allow_downgrade: false,
+            health_window_ms: 1000,
+        }],
+    };
+    broker.publish_retained(&desired_topic, SignedDesired::sign(&oversized, &key));
+    watch.wait_event(Duration::from_secs(10), "oversized", |(_, v, k)| {
+        *v == 9
+            && matches!(k, EventKind::Rejected { reason } if reason.contains("(limit 67108864)"))
     });
 
     // A tampered chunk: v2's first chunk replaced before the device asks for it.

@@ -9,10 +9,12 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use kiln_compiler::commands::keygen::KeygenCommand;
+use kiln_compiler::commands::push::PushCommand;
+use kiln_e2e::mosquitto::Broker;
 use kiln_e2e::{compile, kilnd_path, path_str, profile, source, DEVICES};
 use kiln_protocol::target::TargetProfile;
 use serde_json::Value;
@@ -40,12 +42,15 @@ fn main() {
 
     let mut start_rows = Vec::new();
     let mut metering_rows = Vec::new();
+    let mut update_rows = Vec::new();
     for name in &args.targets {
         let target = Target::new(name, dir.path(), &key);
         eprintln!("bench: {name}: worker start x{}", args.runs);
         start_rows.push(worker_start(&target, args.runs));
         eprintln!("bench: {name}: metering x{}", args.runs);
         metering_rows.push(metering(&target, args.runs));
+        eprintln!("bench: {name}: fleet updates x{}", args.runs);
+        update_rows.extend(update_latency(&target, args.runs));
     }
 
     println!(
@@ -79,6 +84,29 @@ fn main() {
     table(
         &["target", "mode", "plain", "metered (--fuel)", "overhead"],
         &metering_rows,
+    );
+    println!(
+        "\n### Fleet update over MQTT (mosquitto on loopback), median of {}\n",
+        args.runs
+    );
+    println!(
+        "A reactor whose data segment makes the artifact the given size. `upload` is `kiln push`"
+    );
+    println!(
+        "until the broker acknowledged every chunk and the desired state; `push -> running` ends"
+    );
+    println!("when the device reports the new version started (chunks fetched, verified, staged,");
+    println!("started in a worker); throughput is artifact bytes over that time.\n");
+    table(
+        &[
+            "target",
+            "mode",
+            "artifact",
+            "upload",
+            "push -> running",
+            "throughput",
+        ],
+        &update_rows,
     );
 }
 
@@ -216,6 +244,132 @@ fn metering(target: &Target, runs: usize) -> Vec<String> {
         format!("{m:.1} ms"),
         format!("{:+.0}%", (m / p - 1.0) * 100.0),
     ]
+}
+
+/// A reactor module carrying `size` bytes of data (distinct per version).
+fn sized_module(size: usize, version: u64) -> String {
+    let mut data = String::with_capacity(size * 3);
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ version;
+    for _ in 0..size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.push_str(&format!("\\{:02x}", x as u8));
+    }
+    let pages = size / 65536 + 2;
+    format!(
+        "(module (memory (export \"memory\") {pages}) (data (i32.const 0) \"{data}\")\n (func (export \"kiln_tick\") (result i32) i32.const 0))"
+    )
+}
+
+fn update_latency(target: &Target, runs: usize) -> Vec<Vec<String>> {
+    let broker = Broker::start();
+    let device = format!("bench-{}", target.name);
+    let launcher: Vec<String> = target
+        .profile
+        .qemu
+        .iter()
+        .map(|a| format!("{a:?}"))
+        .collect();
+    let device_dir = target.dir.join(&device);
+    std::fs::create_dir_all(&device_dir).expect("device dir");
+    let config = device_dir.join("kilnd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "device = {device:?}\ndata_dir = \"data\"\ntrust = [{:?}]\nworker_launcher = [{}]\n[mqtt]\nbroker = {:?}\n",
+            path_str(&target.trust()),
+            launcher.join(", "),
+            broker.url()
+        ),
+    )
+    .expect("write config");
+    let mut child = target
+        .kilnd(&["serve", "--config", path_str(&config)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn kilnd serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<u64>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(r) = serde_json::from_str::<Value>(&line) {
+                if r["kind"] == "started" {
+                    let _ = tx.send(r["version"].as_u64().unwrap_or(0));
+                }
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let mut rows = Vec::new();
+    let mut version = 0;
+    for (label, size) in [("100 KiB", 100 * 1024), ("1 MiB", 1024 * 1024)] {
+        let mut uploads = Vec::new();
+        let mut latencies = Vec::new();
+        let mut artifact_len = 0;
+        for _ in 0..runs {
+            version += 1;
+            let wat = target.dir.join(format!("sized-{version}.wat"));
+            std::fs::write(&wat, sized_module(size, version)).expect("write wat");
+            let out = target
+                .dir
+                .join(format!("sized-{version}-{}.kiln", target.name));
+            let v = version.to_string();
+            compile(
+                &wat,
+                &target.name,
+                &target.key,
+                &out,
+                &["--name", "sized", "--version", &v],
+            );
+            artifact_len = std::fs::metadata(&out).map_or(0, |m| m.len());
+            let started = Instant::now();
+            PushCommand::try_parse_from([
+                "push",
+                path_str(&out),
+                "--device",
+                &device,
+                "--sign",
+                path_str(&target.key),
+                "--broker",
+                &broker.url(),
+                "--health-window-ms",
+                "1000",
+                "--timeout-ms",
+                "60000",
+            ])
+            .expect("push args")
+            .execute()
+            .expect("kiln push");
+            uploads.push(started.elapsed().as_secs_f64() * 1000.0);
+            loop {
+                match rx.recv_timeout(Duration::from_secs(120)) {
+                    Ok(v) if v == version => break,
+                    Ok(_) => continue,
+                    Err(e) => panic!("device never ran v{version}: {e}"),
+                }
+            }
+            latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+            // Let the health window pass so the next push starts from a committed state.
+            std::thread::sleep(Duration::from_millis(1200));
+        }
+        let latency = median(latencies.into_iter());
+        rows.push(vec![
+            target.name.clone(),
+            target.mode().into(),
+            format!("{label} ({} KiB)", artifact_len / 1024),
+            format!("{:.0} ms", median(uploads.into_iter())),
+            format!("{latency:.0} ms"),
+            format!(
+                "{:.1} MiB/s",
+                artifact_len as f64 / (1024.0 * 1024.0) / (latency / 1000.0)
+            ),
+        ]);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    rows
 }
 
 fn print_machine(args: &Args) {
