@@ -6,10 +6,51 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
-use rumqttc::{Client, Connection, Event, MqttOptions, Outgoing, Packet, QoS};
+use clap::Args;
+use kiln_protocol::fleet::{Topics, DEFAULT_PREFIX};
+use kiln_protocol::mqtt::Connect;
+use rumqttc::{Client, Connection, Event, Outgoing, Packet, QoS};
 
-/// Largest packet kiln sends: a chunk of up to 1 MiB plus framing.
-const MAX_PACKET: usize = 2 * 1024 * 1024;
+/// The broker flags every fleet command shares.
+#[derive(Args, Debug, Clone)]
+pub struct BrokerArgs {
+    /// `mqtt://host[:port]`, or `mqtts://host[:port]` with --ca
+    #[arg(long, default_value = "mqtt://127.0.0.1:1883", env = "KILN_BROKER")]
+    pub broker: String,
+    /// Topic prefix the fleet uses
+    #[arg(long, default_value = DEFAULT_PREFIX)]
+    pub prefix: String,
+    /// PEM CA certificate the broker's certificate must chain to
+    #[arg(long, value_name = "FILE", env = "KILN_BROKER_CA")]
+    pub ca: Option<std::path::PathBuf>,
+    /// PEM client certificate, for brokers that require one (with --client-key)
+    #[arg(long, value_name = "FILE")]
+    pub client_cert: Option<std::path::PathBuf>,
+    #[arg(long, value_name = "FILE")]
+    pub client_key: Option<std::path::PathBuf>,
+    #[arg(long, env = "KILN_BROKER_USER")]
+    pub username: Option<String>,
+    /// Read from the environment only, never from the command line
+    #[arg(skip = std::env::var("KILN_BROKER_PASSWORD").ok())]
+    pub password: Option<String>,
+}
+
+impl BrokerArgs {
+    pub fn topics(&self) -> Topics {
+        Topics::new(&self.prefix)
+    }
+
+    pub fn connect(&self) -> Result<Session> {
+        Session::connect(&Connect {
+            broker: self.broker.clone(),
+            ca: self.ca.clone(),
+            client_cert: self.client_cert.clone(),
+            client_key: self.client_key.clone(),
+            username: self.username.clone(),
+            password: self.password.clone(),
+        })
+    }
+}
 
 pub struct Session {
     client: Client,
@@ -18,18 +59,16 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn connect(broker: &str) -> Result<Self> {
-        let (host, port) = kiln_protocol::fleet::parse_broker(broker).map_err(|e| anyhow!(e))?;
+    pub fn connect(connect: &Connect) -> Result<Self> {
         let id = format!("kiln-{}-{}", std::process::id(), now_ms() % 100_000);
-        let mut options = MqttOptions::new(id, host, port);
-        options
-            .set_keep_alive(Duration::from_secs(10))
-            .set_max_packet_size(MAX_PACKET, MAX_PACKET);
+        let options = connect
+            .options(&id, Duration::from_secs(10))
+            .map_err(|e| anyhow!(e))?;
         let (client, connection) = Client::new(options, 64);
         let mut session = Self {
             client,
             connection,
-            broker: broker.into(),
+            broker: connect.broker.clone(),
         };
         session.until(Duration::from_secs(10), |e| {
             matches!(e, Event::Incoming(Packet::ConnAck(_)))

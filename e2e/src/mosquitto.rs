@@ -14,6 +14,8 @@ pub struct Broker {
     child: Option<Child>,
     pub port: u16,
     dir: tempfile::TempDir,
+    /// CA, server certificate and key: a TLS listener that requires client certificates.
+    tls: Option<[std::path::PathBuf; 3]>,
 }
 
 impl Broker {
@@ -24,11 +26,26 @@ impl Broker {
             .unwrap()
             .port();
         let dir = tempfile::tempdir().unwrap();
+        // mosquitto started as root drops to its own user: let it write persistence.
+        open_up(dir.path(), 0o777);
         let mut broker = Self {
             child: None,
             port,
             dir,
+            tls: None,
         };
+        broker.restart();
+        broker
+    }
+
+    /// A broker on TLS only, with the certificates from [`Pki`].
+    pub fn start_tls(pki: &Pki) -> Self {
+        let mut broker = Self::start();
+        broker.tls = Some([
+            pki.ca.clone(),
+            pki.server_cert.clone(),
+            pki.server_key.clone(),
+        ]);
         broker.restart();
         broker
     }
@@ -48,15 +65,20 @@ impl Broker {
     pub fn restart(&mut self) {
         self.stop();
         let conf = self.dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n",
-                self.port,
-                path_str(self.dir.path())
-            ),
-        )
-        .unwrap();
+        let mut text = format!(
+            "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n",
+            self.port,
+            path_str(self.dir.path())
+        );
+        if let Some([ca, cert, key]) = &self.tls {
+            text += &format!(
+                "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+                path_str(ca),
+                path_str(cert),
+                path_str(key)
+            );
+        }
+        std::fs::write(&conf, text).unwrap();
         let mosquitto = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
             .find(|p| Path::new(p).exists())
@@ -96,4 +118,105 @@ impl Drop for Broker {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A throwaway PKI made with the openssl command: a CA, a server certificate for
+/// 127.0.0.1 and one client certificate.
+pub struct Pki {
+    pub ca: std::path::PathBuf,
+    pub server_cert: std::path::PathBuf,
+    pub server_key: std::path::PathBuf,
+    pub client_cert: std::path::PathBuf,
+    pub client_key: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn generate() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=kiln test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ]);
+        std::fs::write(d.join("server.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+        for (name, ext) in [("server", "server.ext"), ("client", "client.ext")] {
+            let (key, csr, pem) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+            );
+            openssl(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                &format!("/CN={name}"),
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+            ]);
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                ext,
+                "-out",
+                &pem,
+            ]);
+        }
+        // Throwaway keys, readable by the mosquitto user the broker drops to.
+        open_up(d, 0o755);
+        for f in ["server.key", "client.key"] {
+            open_up(&d.join(f), 0o644);
+        }
+        Self {
+            ca: d.join("ca.pem"),
+            server_cert: d.join("server.pem"),
+            server_key: d.join("server.key"),
+            client_cert: d.join("client.pem"),
+            client_key: d.join("client.key"),
+            _dir: dir,
+        }
+    }
+}
+
+fn open_up(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }

@@ -20,7 +20,7 @@ use rumqttc::{Client, MqttOptions, Packet, QoS};
 use serde_json::Value;
 
 use crate::util::{path_str, shared, Device};
-use kiln_e2e::mosquitto::Broker;
+use kiln_e2e::mosquitto::{Broker, Pki};
 
 /// Every event and the latest reported state of a device, as the broker delivers them.
 struct Watch {
@@ -120,6 +120,8 @@ struct FleetDevice {
     child: Option<Child>,
     records: Arc<Mutex<Vec<Value>>>,
     groups: Vec<String>,
+    /// Extra lines for the [mqtt] section.
+    mqtt_extra: String,
     _keep: Option<tempfile::TempDir>,
 }
 
@@ -134,6 +136,7 @@ impl FleetDevice {
             child: None,
             records: Arc::default(),
             groups: Vec::new(),
+            mqtt_extra: String::new(),
             _keep: Some(keep),
         }
     }
@@ -150,12 +153,13 @@ impl FleetDevice {
         std::fs::write(
             &config,
             format!(
-                "device = {:?}\ndata_dir = \"data\"\ntrust = [{:?}]\nworker_launcher = [{}]\n[mqtt]\nbroker = {:?}\ngroups = {:?}\n",
+                "device = {:?}\ndata_dir = \"data\"\ntrust = [{:?}]\nworker_launcher = [{}]\n[mqtt]\nbroker = {:?}\ngroups = {:?}\n{}",
                 self.id,
                 path_str(&shared().trust()),
                 launcher.join(", "),
                 self.broker,
-                self.groups
+                self.groups,
+                self.mqtt_extra
             ),
         )
         .unwrap();
@@ -621,7 +625,11 @@ fn rollout_halts_at_a_canary_that_rolls_back_and_gc_removes_only_unreferenced_ch
         .unwrap()
         .execute()
         .unwrap();
-    let mut session = kiln_compiler::broker::Session::connect(&url).unwrap();
+    let mut session = kiln_compiler::broker::Session::connect(&kiln_protocol::mqtt::Connect {
+        broker: url.clone(),
+        ..Default::default()
+    })
+    .unwrap();
     let topics = Topics::new(DEFAULT_PREFIX);
     let left = session
         .retained(&topics.all_artifacts(), Duration::from_millis(500))
@@ -638,4 +646,63 @@ fn rollout_halts_at_a_canary_that_rolls_back_and_gc_removes_only_unreferenced_ch
     );
     assert!(!shas.contains(&v2), "the unreferenced v2 is gone");
     devices.iter_mut().for_each(FleetDevice::kill);
+}
+
+#[test]
+fn device_and_fleet_tool_reach_a_tls_broker_that_requires_client_certificates() {
+    let pki = Pki::generate();
+    let broker = Broker::start_tls(&pki);
+    let url = format!("mqtts://127.0.0.1:{}", broker.port);
+    let mut device = FleetDevice::new("x86_64-linux", "dev-tls", &broker);
+    device.broker = url.clone();
+    device.mqtt_extra = format!(
+        "ca = {:?}\nclient_cert = {:?}\nclient_key = {:?}\n",
+        path_str(&pki.ca),
+        path_str(&pki.client_cert),
+        path_str(&pki.client_key)
+    );
+    device.start(None);
+    let key = shared().key();
+    let v1 = app("x86_64-linux", 1, false);
+    let tls = [
+        "--ca",
+        path_str(&pki.ca),
+        "--client-cert",
+        path_str(&pki.client_cert),
+        "--client-key",
+        path_str(&pki.client_key),
+    ];
+    let push_args = |extra: &[&str]| {
+        let mut args = vec![
+            "push",
+            path_str(&v1),
+            "--device",
+            "dev-tls",
+            "--sign",
+            path_str(&key),
+            "--broker",
+            &url,
+            "--health-window-ms",
+            "1000",
+        ];
+        args.extend_from_slice(extra);
+        PushCommand::try_parse_from(args).unwrap().execute()
+    };
+    // Without a client certificate the broker turns the fleet tool away.
+    let refused = push_args(&[&tls[..2]].concat()).expect_err("no client certificate");
+    assert_eq!(
+        kiln_compiler::exit::code_of(&refused) as u8,
+        69,
+        "{refused:#}"
+    );
+    push_args(&tls).expect("push over TLS");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while device.started_versions() != [1] {
+        assert!(
+            Instant::now() < deadline,
+            "v1 never ran over TLS\n{}",
+            device.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

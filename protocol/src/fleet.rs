@@ -25,12 +25,28 @@ pub const DEFAULT_CHUNK: u32 = 64 * 1024;
 pub const MAX_ARTIFACT: u64 = 64 * 1024 * 1024;
 pub const MAX_CHUNKS: u32 = 4096;
 
-/// `mqtt://host[:port]` (1883 by default) as host and port.
-pub fn parse_broker(url: &str) -> Result<(String, u16), String> {
-    let rest = url
+/// Where the broker is: `mqtt://host[:port]` (1883 by default) or, over TLS,
+/// `mqtts://host[:port]` (8883 by default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+pub fn parse_broker(url: &str) -> Result<BrokerUrl, String> {
+    let (rest, tls) = if let Some(rest) = url.strip_prefix("mqtts://") {
+        (rest, true)
+    } else if let Some(rest) = url
         .strip_prefix("mqtt://")
         .or_else(|| url.strip_prefix("tcp://"))
-        .ok_or_else(|| format!("broker `{url}` must look like mqtt://host[:port]"))?;
+    {
+        (rest, false)
+    } else {
+        return Err(format!(
+            "broker `{url}` must look like mqtt://host[:port] or mqtts://host[:port]"
+        ));
+    };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
         Some((h, p)) => (
@@ -38,12 +54,16 @@ pub fn parse_broker(url: &str) -> Result<(String, u16), String> {
             p.parse()
                 .map_err(|_| format!("broker `{url}`: port `{p}` is not a number"))?,
         ),
-        None => (rest, 1883),
+        None => (rest, if tls { 8883 } else { 1883 }),
     };
     if host.is_empty() {
         return Err(format!("broker `{url}` names no host"));
     }
-    Ok((host.to_string(), port))
+    Ok(BrokerUrl {
+        host: host.to_string(),
+        port,
+        tls,
+    })
 }
 
 /// Builds every topic; nothing else formats topic strings.
@@ -436,6 +456,16 @@ mod tests {
         let mut bad = r.clone();
         bad.chunks.pop();
         assert!(bad.check().is_err());
+    }
+
+    #[test]
+    fn broker_urls_name_host_port_and_tls() {
+        let b = parse_broker("mqtts://broker.lan").unwrap();
+        assert_eq!((b.host.as_str(), b.port, b.tls), ("broker.lan", 8883, true));
+        let b = parse_broker("mqtt://127.0.0.1:1884").unwrap();
+        assert_eq!((b.host.as_str(), b.port, b.tls), ("127.0.0.1", 1884, false));
+        assert!(parse_broker("http://x").is_err());
+        assert!(parse_broker("mqtt://:1883").is_err());
     }
 
     #[test]

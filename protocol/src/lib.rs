@@ -21,6 +21,8 @@ pub mod compat;
 pub mod fleet;
 pub mod keys;
 pub mod manifest;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
 pub mod script;
 pub mod target;
 pub mod worker;

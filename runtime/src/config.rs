@@ -46,8 +46,13 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
-    /// `mqtt://host[:port]`
+    /// `mqtt://host[:port]`, or `mqtts://host[:port]` with `ca`
     pub broker: String,
+    /// PEM CA certificate for `mqtts://`
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate and key, if the broker wants one
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
     #[serde(default = "defaults::prefix")]
     pub prefix: String,
     /// Groups whose desired state this device follows.
@@ -106,6 +111,19 @@ pub struct RestartPolicy {
     /// This many crashes within `window_s` mark the module failed.
     pub max_crashes: u32,
     pub window_s: u64,
+}
+
+impl MqttConfig {
+    pub fn connect(&self) -> kiln_protocol::mqtt::Connect {
+        kiln_protocol::mqtt::Connect {
+            broker: self.broker.clone(),
+            ca: self.ca.clone(),
+            client_cert: self.client_cert.clone(),
+            client_key: self.client_key.clone(),
+            username: self.username.clone(),
+            password: self.password.clone(),
+        }
+    }
 }
 
 impl Default for RestartPolicy {
@@ -267,9 +285,15 @@ impl Config {
                 restart: m.restart,
             });
         }
-        if let Some(mqtt) = &config.mqtt {
+        if let Some(mqtt) = &mut config.mqtt {
             kiln_protocol::fleet::parse_broker(&mqtt.broker)
                 .map_err(|e| format!("config `{file}`: {e}"))?;
+            for p in [&mut mqtt.ca, &mut mqtt.client_cert, &mut mqtt.client_key]
+                .into_iter()
+                .flatten()
+            {
+                *p = resolve(p);
+            }
             if config
                 .device
                 .as_deref()

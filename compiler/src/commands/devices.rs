@@ -3,10 +3,10 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Parser;
-use kiln_protocol::fleet::{ModuleState, Reported, Status, Topics, DEFAULT_PREFIX};
+use kiln_protocol::fleet::{ModuleState, Reported, Status};
 use serde_json::json;
 
-use crate::broker::Session;
+use crate::broker::BrokerArgs;
 use crate::exit::{coded, Code};
 
 const AFTER_HELP: &str = "\
@@ -18,10 +18,8 @@ Examples:
 #[derive(Parser, Debug)]
 #[command(after_help = AFTER_HELP)]
 pub struct DevicesCommand {
-    #[arg(long, default_value = "mqtt://127.0.0.1:1883", env = "KILN_BROKER")]
-    pub broker: String,
-    #[arg(long, default_value = DEFAULT_PREFIX)]
-    pub prefix: String,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
     /// One JSON object per device, one per line
     #[arg(long)]
     pub json: bool,
@@ -35,9 +33,11 @@ struct Row {
 
 impl DevicesCommand {
     pub fn execute(self) -> Result<()> {
-        let topics = Topics::new(&self.prefix);
-        let mut session =
-            Session::connect(&self.broker).map_err(|e| coded(Code::Unavailable, e))?;
+        let topics = self.broker.topics();
+        let mut session = self
+            .broker
+            .connect()
+            .map_err(|e| coded(Code::Unavailable, e))?;
         let mut rows: BTreeMap<String, Row> = BTreeMap::new();
         for kind in ["status", "reported"] {
             let retained = session

@@ -3,9 +3,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Parser;
-use kiln_protocol::fleet::{SignedDesired, Topics, DEFAULT_PREFIX};
+use kiln_protocol::fleet::SignedDesired;
 
-use crate::broker::Session;
+use crate::broker::BrokerArgs;
 use crate::commands::compile::human_size;
 use crate::exit::{coded, Code};
 
@@ -18,10 +18,8 @@ Examples:
 #[derive(Parser, Debug)]
 #[command(after_help = AFTER_HELP)]
 pub struct GcCommand {
-    #[arg(long, default_value = "mqtt://127.0.0.1:1883", env = "KILN_BROKER")]
-    pub broker: String,
-    #[arg(long, default_value = DEFAULT_PREFIX)]
-    pub prefix: String,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
     /// Only say what would be removed
     #[arg(long)]
     pub dry_run: bool,
@@ -29,9 +27,9 @@ pub struct GcCommand {
 
 impl GcCommand {
     pub fn execute(self) -> Result<()> {
-        let topics = Topics::new(&self.prefix);
+        let topics = self.broker.topics();
         let unavailable = |e| coded(Code::Unavailable, e);
-        let mut session = Session::connect(&self.broker).map_err(unavailable)?;
+        let mut session = self.broker.connect().map_err(unavailable)?;
         let quiet = Duration::from_millis(500);
         let mut desired = session
             .retained(&topics.all_devices("desired"), quiet)

@@ -7,12 +7,12 @@ use clap::{Args, Parser};
 use kiln_protocol::artifact::Envelope;
 use kiln_protocol::fleet::{
     ArtifactRef, Chunk, Desired, DesiredModule, ModuleLimits, Scope, SignedDesired, Topics,
-    DEFAULT_CHUNK, DEFAULT_PREFIX,
+    DEFAULT_CHUNK,
 };
 use kiln_protocol::keys::{SecretKey, TrustedKeys};
 use kiln_protocol::manifest::{parse_memory_size, Manifest};
 
-use crate::broker::Session;
+use crate::broker::{BrokerArgs, Session};
 use crate::commands::compile::human_size;
 use crate::exit::{coded, Code};
 use crate::keyfile;
@@ -52,10 +52,8 @@ pub struct ReleaseArgs {
     /// Secret key that signs the desired state (and signed the artifact)
     #[arg(long, value_name = "KEY")]
     pub sign: PathBuf,
-    #[arg(long, default_value = "mqtt://127.0.0.1:1883", env = "KILN_BROKER")]
-    pub broker: String,
-    #[arg(long, default_value = DEFAULT_PREFIX)]
-    pub prefix: String,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
     /// Config bytes for the module, from a file
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -125,7 +123,7 @@ impl ReleaseArgs {
             manifest,
             bytes,
             module,
-            topics: Topics::new(&self.prefix),
+            topics: self.broker.topics(),
         })
     }
 }
@@ -225,8 +223,11 @@ impl PushCommand {
             (None, Some(g)) => Scope::Group(g),
             (None, None) => unreachable!("clap requires --device or --group"),
         };
-        let mut session =
-            Session::connect(&self.release.broker).map_err(|e| coded(Code::Unavailable, e))?;
+        let mut session = self
+            .release
+            .broker
+            .connect()
+            .map_err(|e| coded(Code::Unavailable, e))?;
         let chunks = release.upload(&mut session)?;
         let serial = release.set_desired(&mut session, &scope)?;
         session.disconnect();

@@ -5,7 +5,6 @@ use anyhow::{anyhow, Result};
 use clap::Parser;
 use kiln_protocol::fleet::{Event, EventKind, ModuleState, Reported, Scope, Status};
 
-use crate::broker::Session;
 use crate::commands::push::ReleaseArgs;
 use crate::exit::{coded, Code};
 
@@ -44,7 +43,7 @@ impl RolloutCommand {
         let release = self.release.load()?;
         let topics = release.topics.clone();
         let unavailable = |e| coded(Code::Unavailable, e);
-        let mut session = Session::connect(&self.release.broker).map_err(unavailable)?;
+        let mut session = self.release.broker.connect().map_err(unavailable)?;
         let mut devices: Vec<String> = session
             .retained(&topics.all_devices("status"), Duration::from_millis(500))
             .map_err(unavailable)?

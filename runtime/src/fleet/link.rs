@@ -7,13 +7,10 @@
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
-use rumqttc::{Client, Event, LastWill, MqttOptions, Packet, QoS};
+use rumqttc::{Client, Event, LastWill, Packet, QoS};
 
 use super::AgentIn;
 use crate::config::MqttConfig;
-
-/// Largest packet either way: a chunk of up to 1 MiB plus its framing.
-const MAX_PACKET: usize = 2 * 1024 * 1024;
 
 pub fn connect(
     config: &MqttConfig,
@@ -22,16 +19,16 @@ pub fn connect(
     will: Vec<u8>,
     tx: Sender<AgentIn>,
 ) -> Result<Client, String> {
-    let (host, port) = kiln_protocol::fleet::parse_broker(&config.broker)?;
-    let mut options = MqttOptions::new(format!("kilnd-{device}"), host, port);
-    options
-        .set_keep_alive(Duration::from_secs(config.keep_alive_s.max(5)))
-        .set_clean_session(true)
-        .set_max_packet_size(MAX_PACKET, MAX_PACKET)
-        .set_last_will(LastWill::new(will_topic, will, QoS::AtLeastOnce, true));
-    if let (Some(user), Some(pass)) = (&config.username, &config.password) {
-        options.set_credentials(user, pass);
-    }
+    let keep_alive = Duration::from_secs(config.keep_alive_s.max(5));
+    let mut options = config
+        .connect()
+        .options(&format!("kilnd-{device}"), keep_alive)?;
+    options.set_clean_session(true).set_last_will(LastWill::new(
+        will_topic,
+        will,
+        QoS::AtLeastOnce,
+        true,
+    ));
     let (client, mut connection) = Client::new(options, 256);
     let broker = config.broker.clone();
     std::thread::spawn(move || {

@@ -1,0 +1,77 @@
+//! MQTT session options both sides build the same way (feature `mqtt`): the broker URL,
+//! TLS with a CA and an optional client certificate, credentials, and a packet limit
+//! that fits a chunk (rumqttc's default of 10 KiB would not).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rumqttc::{MqttOptions, TlsConfiguration, Transport};
+
+use crate::fleet::parse_broker;
+
+/// Largest packet either way: a chunk of up to 1 MiB plus its framing.
+pub const MAX_PACKET: usize = 2 * 1024 * 1024;
+
+/// How to reach the broker.
+#[derive(Debug, Clone, Default)]
+pub struct Connect {
+    /// `mqtt://host[:port]` or `mqtts://host[:port]`
+    pub broker: String,
+    /// PEM CA certificate(s) the broker's certificate must chain to (`mqtts://`).
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate and key, for brokers that require one.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl Connect {
+    pub fn options(&self, client_id: &str, keep_alive: Duration) -> Result<MqttOptions, String> {
+        let url = parse_broker(&self.broker)?;
+        let mut options = MqttOptions::new(client_id, url.host, url.port);
+        options
+            .set_keep_alive(keep_alive)
+            .set_max_packet_size(MAX_PACKET, MAX_PACKET);
+        if let (Some(user), Some(pass)) = (&self.username, &self.password) {
+            options.set_credentials(user, pass);
+        }
+        let read = |p: &PathBuf, what: &str| {
+            std::fs::read(p).map_err(|e| format!("cannot read {what} `{}`: {e}", p.display()))
+        };
+        match (url.tls, &self.ca) {
+            (true, Some(ca)) => {
+                // One process-wide crypto provider; a second install is a no-op error.
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                let client_auth = match (&self.client_cert, &self.client_key) {
+                    (Some(c), Some(k)) => {
+                        Some((read(c, "client certificate")?, read(k, "client key")?))
+                    }
+                    (None, None) => None,
+                    _ => {
+                        return Err("a client certificate needs both a certificate and a key".into())
+                    }
+                };
+                options.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+                    ca: read(ca, "CA certificate")?,
+                    alpn: None,
+                    client_auth,
+                }));
+            }
+            (true, None) => {
+                return Err(format!(
+                    "broker `{}` uses TLS: give the CA certificate",
+                    self.broker
+                ))
+            }
+            (false, _) if self.ca.is_some() || self.client_cert.is_some() => {
+                return Err(format!(
+                    "a CA or client certificate was given, but broker `{}` is not mqtts://",
+                    self.broker
+                ))
+            }
+            (false, _) => {}
+        }
+        Ok(options)
+    }
+}
