@@ -491,7 +491,18 @@ fn bad_desired_states_and_chunks_are_rejected_and_the_running_module_untouched()
     device.kill();
     push(&broker, &v2, "dev-03", &health);
     broker.publish_retained(&topics.chunk(&sha, 0), tampered);
+    // And chunk 1's topic carries a chunk of another artifact.
+    let foreign = postcard::to_stdvec(&Chunk::V1 {
+        sha256: [7; 32],
+        index: 1,
+        data: vec![0; 16],
+    })
+    .unwrap();
+    broker.publish_retained(&topics.chunk(&sha, 1), foreign);
     device.start(None);
+    watch.wait_event(Duration::from_secs(30), "chunk of another artifact", |(_, v, k)| {
+        *v == 2 && matches!(k, EventKind::Rejected { reason } if reason.contains("chunk 1") && reason.contains("carries chunk 1 of 070707070707"))
+    });
     watch.wait_event(Duration::from_secs(30), "tampered chunk", |(_, v, k)| {
         *v == 2 && matches!(k, EventKind::Rejected { reason } if reason.contains("chunk 0") && reason.contains("sha256 mismatch"))
     });
@@ -705,4 +716,33 @@ fn device_and_fleet_tool_reach_a_tls_broker_that_requires_client_certificates() 
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn a_device_follows_its_groups_desired_state() {
+    let broker = Broker::start();
+    let watch = Watch::start(&broker, "dev-g");
+    let mut device = FleetDevice::new("x86_64-linux", "dev-g", &broker);
+    device.groups = vec!["field".into()];
+    device.start(None);
+    let key = shared().key();
+    let url = broker.url();
+    let v1 = app("x86_64-linux", 1, false);
+    PushCommand::try_parse_from([
+        "push",
+        path_str(&v1),
+        "--group",
+        "field",
+        "--sign",
+        path_str(&key),
+        "--broker",
+        &url,
+        "--health-window-ms",
+        "1000",
+    ])
+    .unwrap()
+    .execute()
+    .unwrap();
+    watch.wait_committed(1, Duration::from_secs(30));
+    watch.wait_running(1, Duration::from_secs(10));
 }
