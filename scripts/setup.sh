@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Kiln needs on Debian/Ubuntu, and only what is missing (idempotent):
-# cross gcc for aarch64 and riscv64, qemu-user, mosquitto, and the rustup targets.
+# cross gcc for aarch64 and riscv64, qemu-user, mosquitto, openssl (the TLS tests make
+# a throwaway PKI with it), and the rustup targets.
 set -euo pipefail
 
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
@@ -12,6 +13,7 @@ have riscv64-linux-gnu-gcc || packages+=(gcc-riscv64-linux-gnu)
 [ -e /usr/riscv64-linux-gnu/lib/libc.so.6 ] || packages+=(libc6-dev-riscv64-cross)
 { have qemu-aarch64 && have qemu-riscv64 && have qemu-x86_64; } || packages+=(qemu-user)
 have mosquitto || packages+=(mosquitto)
+have openssl || packages+=(openssl)
 
 if [ ${#packages[@]} -gt 0 ]; then
   sudo=""

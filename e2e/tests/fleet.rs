@@ -314,6 +314,18 @@ fn fleet_update_cycle(target: &str, window: &str, limit: Duration) {
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    // v4 starts and ticks, but its self-test fails: rolled back as well.
+    let v4 = shared().artifact_with(
+        "fixtures/self-test-fails.wat",
+        target,
+        &["--name", "app", "--version", "4"],
+    );
+    push(&broker, &v4, "dev-01", &health);
+    watch.wait_event(limit, "rolled-back v4", |(m, v, k)| {
+        m == "app" && *v == 4 && matches!(k, EventKind::RolledBack { reason } if reason.contains("kiln_self_test returned 3"))
+    });
+    watch.wait_running(2, limit);
+
     // Anti-rollback: v1 again is refused while v2 keeps running...
     push(&broker, &app(target, 1, false), "dev-01", &health);
     watch.wait_event(limit, "rejected v1", |(m, v, k)| {

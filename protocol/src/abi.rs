@@ -23,6 +23,7 @@
 //! | `kiln_init` | `() -> i32` | once after instantiation; non-zero fails the start |
 //! | `kiln_tick` | `() -> i32` | every tick interval; non-zero is reported as a failed tick |
 //! | `kiln_on_message` | `(len: i32) -> i32` | for each message routed to the module |
+//! | `kiln_self_test` | `() -> i32` | optional, once after `kiln_init`; non-zero fails the start (and an update's health check) |
 //!
 //! A module with `_start` is a WASI command instead: it runs once, its stdout and stderr
 //! become log records line by line. Every call runs under the module's limits: fuel per
@@ -50,10 +51,12 @@ pub const IMPORTS: &[(&str, &[ValType], &[ValType])] = &[
 pub const INIT: &str = "kiln_init";
 pub const TICK: &str = "kiln_tick";
 pub const ON_MESSAGE: &str = "kiln_on_message";
+pub const SELF_TEST: &str = "kiln_self_test";
 pub const EXPORTS: &[(&str, &[ValType], &[ValType])] = &[
     (INIT, &[], &[I32]),
     (TICK, &[], &[I32]),
     (ON_MESSAGE, &[I32], &[I32]),
+    (SELF_TEST, &[], &[I32]),
 ];
 
 /// Largest stream name, telemetry payload and log line a guest may hand over.

@@ -146,6 +146,8 @@ pub enum Stop {
     Requested {
         swap: bool,
     },
+    /// `kiln_self_test` returned non-zero.
+    SelfTestFailed(i32),
 }
 
 impl std::fmt::Display for Stop {
@@ -165,6 +167,7 @@ impl std::fmt::Display for Stop {
             Stop::Lost(why) => write!(f, "worker lost: {why}"),
             Stop::Requested { swap: true } => f.write_str("replaced between calls"),
             Stop::Requested { swap: false } => f.write_str("stopped on request"),
+            Stop::SelfTestFailed(code) => write!(f, "kiln_self_test returned {code}"),
         }
     }
 }
@@ -183,6 +186,7 @@ impl Stop {
             Stop::Lost(_) => "lost",
             Stop::Requested { swap: true } => "swapped",
             Stop::Requested { swap: false } => "stopped",
+            Stop::SelfTestFailed(_) => "self-test-failed",
         }
     }
 

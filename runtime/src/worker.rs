@@ -173,6 +173,12 @@ fn start(spec: StartSpec, emit: &Emit) -> Result<Guest, Stop> {
             return Err(Stop::InitFailed(done.status));
         }
     }
+    if !command && guest.exports(abi::SELF_TEST) {
+        let done = guest.call(abi::SELF_TEST, &[])?;
+        if done.status != 0 {
+            return Err(Stop::SelfTestFailed(done.status));
+        }
+    }
     emit(Reply::Ready(Ready {
         name: manifest.name,
         version: manifest.version,
