@@ -41,14 +41,15 @@ impl BrokerArgs {
     }
 
     pub fn connect(&self) -> Result<Session> {
-        Session::connect(&Connect {
+        let connect = Connect {
             broker: self.broker.clone(),
             ca: self.ca.clone(),
             client_cert: self.client_cert.clone(),
             client_key: self.client_key.clone(),
             username: self.username.clone(),
             password: self.password.clone(),
-        })
+        };
+        Session::connect(&connect, &self.prefix)
     }
 }
 
@@ -56,10 +57,14 @@ pub struct Session {
     client: Client,
     connection: Connection,
     broker: String,
+    prefix: String,
+    id: String,
 }
 
 impl Session {
-    pub fn connect(connect: &Connect) -> Result<Self> {
+    /// Connects; `prefix` is the fleet's topic prefix (the session's own sync topic
+    /// lives under it, so broker ACLs for the fleet cover it).
+    pub fn connect(connect: &Connect, prefix: &str) -> Result<Self> {
         let id = format!("kiln-{}-{}", std::process::id(), now_ms() % 100_000);
         let options = connect
             .options(&id, Duration::from_secs(10))
@@ -69,6 +74,8 @@ impl Session {
             client,
             connection,
             broker: connect.broker.clone(),
+            prefix: prefix.trim_end_matches('/').to_string(),
+            id: id.clone(),
         };
         session.until(Duration::from_secs(10), |e| {
             matches!(e, Event::Incoming(Packet::ConnAck(_)))
@@ -108,31 +115,45 @@ impl Session {
         Ok(())
     }
 
-    /// Everything retained under `filter`, by topic, collected until the broker has
-    /// been quiet for `quiet`.
-    pub fn retained(&mut self, filter: &str, quiet: Duration) -> Result<BTreeMap<String, Vec<u8>>> {
+    /// Everything retained under `filter`, by topic. MQTT has no "that was all"
+    /// marker, so the session also subscribes to a topic of its own and publishes to
+    /// it: the broker delivers in order, so when that message comes back every
+    /// retained message for `filter` has arrived. No guessing with a quiet period.
+    pub fn retained(&mut self, filter: &str) -> Result<BTreeMap<String, Vec<u8>>> {
+        let sync = format!("{}/tools/{}/sync", self.prefix, self.id);
+        // One SUBSCRIBE, then the PUBLISH: the broker handles them in this order, and
+        // every retained message is collected below (none is lost waiting for SUBACK).
+        let filters = [filter, sync.as_str()]
+            .map(|t| rumqttc::SubscribeFilter::new(t.to_string(), QoS::AtLeastOnce));
         self.client
-            .subscribe(filter, QoS::AtLeastOnce)
+            .subscribe_many(filters)
             .map_err(|e| anyhow!("cannot subscribe to `{filter}`: {e}"))?;
-        self.until(Duration::from_secs(10), |e| {
-            matches!(e, Event::Incoming(Packet::SubAck(_)))
-        })?;
+        let nonce = now_ms().to_le_bytes().to_vec();
+        self.client
+            // QoS 0: no PUBACK to arrive later and be taken for another publish's.
+            .publish(&sync, QoS::AtMostOnce, false, nonce.clone())
+            .map_err(|e| anyhow!("cannot publish to `{sync}`: {e}"))?;
         let mut out = BTreeMap::new();
-        let mut last = Instant::now();
-        while last.elapsed() < quiet {
-            match self.connection.recv_timeout(quiet) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.connection.recv_timeout(left) {
                 Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
-                    if p.retain || !p.payload.is_empty() {
+                    if p.topic == sync {
+                        if p.payload.as_ref() == nonce.as_slice() {
+                            break;
+                        }
+                    } else if !p.payload.is_empty() {
                         out.insert(p.topic.clone(), p.payload.to_vec());
                     }
-                    last = Instant::now();
                 }
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => bail!("broker `{}`: {e}", self.broker),
-                Err(_) => break,
+                Err(_) => bail!("broker `{}` did not answer within 10s", self.broker),
             }
         }
         let _ = self.client.unsubscribe(filter);
+        let _ = self.client.unsubscribe(&sync);
         Ok(out)
     }
 

@@ -648,15 +648,16 @@ fn rollout_halts_at_a_canary_that_rolls_back_and_gc_removes_only_unreferenced_ch
         .unwrap()
         .execute()
         .unwrap();
-    let mut session = kiln_compiler::broker::Session::connect(&kiln_protocol::mqtt::Connect {
-        broker: url.clone(),
-        ..Default::default()
-    })
+    let mut session = kiln_compiler::broker::Session::connect(
+        &kiln_protocol::mqtt::Connect {
+            broker: url.clone(),
+            ..Default::default()
+        },
+        DEFAULT_PREFIX,
+    )
     .unwrap();
     let topics = Topics::new(DEFAULT_PREFIX);
-    let left = session
-        .retained(&topics.all_artifacts(), Duration::from_millis(500))
-        .unwrap();
+    let left = session.retained(&topics.all_artifacts()).unwrap();
     session.disconnect();
     let shas: std::collections::BTreeSet<[u8; 32]> = left
         .keys()

@@ -1,5 +1,4 @@
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use anyhow::Result;
 use clap::Parser;
@@ -41,7 +40,7 @@ impl DevicesCommand {
         let mut rows: BTreeMap<String, Row> = BTreeMap::new();
         for kind in ["status", "reported"] {
             let retained = session
-                .retained(&topics.all_devices(kind), Duration::from_millis(500))
+                .retained(&topics.all_devices(kind))
                 .map_err(|e| coded(Code::Unavailable, e))?;
             for (topic, payload) in retained {
                 let Some((device, _)) = topics.parse_device(&topic) else {

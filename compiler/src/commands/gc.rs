@@ -1,5 +1,4 @@
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 
 use anyhow::Result;
 use clap::Parser;
@@ -30,13 +29,12 @@ impl GcCommand {
         let topics = self.broker.topics();
         let unavailable = |e| coded(Code::Unavailable, e);
         let mut session = self.broker.connect().map_err(unavailable)?;
-        let quiet = Duration::from_millis(500);
         let mut desired = session
-            .retained(&topics.all_devices("desired"), quiet)
+            .retained(&topics.all_devices("desired"))
             .map_err(unavailable)?;
         desired.extend(
             session
-                .retained(&topics.all_groups_desired(), quiet)
+                .retained(&topics.all_groups_desired())
                 .map_err(unavailable)?,
         );
         let mut referenced = BTreeSet::new();
@@ -52,7 +50,7 @@ impl GcCommand {
             }
         }
         let chunks = session
-            .retained(&topics.all_artifacts(), quiet)
+            .retained(&topics.all_artifacts())
             .map_err(unavailable)?;
         let mut unreferenced: BTreeMap<[u8; 32], (Vec<String>, u64)> = BTreeMap::new();
         let mut kept = BTreeSet::new();

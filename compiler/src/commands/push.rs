@@ -1,6 +1,5 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, Parser};
@@ -182,7 +181,7 @@ impl Release {
         };
         let trust = TrustedKeys::new(vec![self.key.public()]);
         let current = session
-            .retained(&topic, Duration::from_millis(500))
+            .retained(&topic)
             .map_err(|e| coded(Code::Unavailable, e))?;
         let mut desired = match current.get(&topic) {
             Some(payload) => SignedDesired::open(payload, &trust).map_err(|e| {

@@ -45,7 +45,7 @@ impl RolloutCommand {
         let unavailable = |e| coded(Code::Unavailable, e);
         let mut session = self.release.broker.connect().map_err(unavailable)?;
         let mut devices: Vec<String> = session
-            .retained(&topics.all_devices("status"), Duration::from_millis(500))
+            .retained(&topics.all_devices("status"))
             .map_err(unavailable)?
             .into_iter()
             .filter_map(|(topic, payload)| {
