@@ -157,18 +157,24 @@ impl Release {
             .collect();
         let total = chunks.len();
         let label = self.label();
+        // A progress line for people; one line at the end for logs and pipes.
+        let live = std::io::IsTerminal::is_terminal(&std::io::stderr());
         session
             .publish_all(chunks, |done| {
-                let mut err = std::io::stderr();
-                let _ = write!(
-                    err,
-                    "\r{label}: uploaded {done}/{total} chunks ({}%)",
-                    done * 100 / total
-                );
-                let _ = err.flush();
+                if live {
+                    let mut err = std::io::stderr();
+                    let _ = write!(
+                        err,
+                        "\r{label}: uploaded {done}/{total} chunks ({}%)",
+                        done * 100 / total
+                    );
+                    let _ = err.flush();
+                }
             })
             .map_err(|e| coded(Code::Unavailable, e))?;
-        eprintln!();
+        if live {
+            eprintln!();
+        }
         Ok(total)
     }
 
