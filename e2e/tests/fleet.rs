@@ -73,15 +73,11 @@ impl Watch {
         what: &str,
         pred: impl Fn(&(String, u64, EventKind)) -> bool,
     ) {
-        let deadline = Instant::now() + limit;
-        while !self.events().iter().any(&pred) {
-            assert!(
-                Instant::now() < deadline,
-                "no event {what} within {limit:?}; events: {:#?}",
-                self.events()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        eventually(
+            limit,
+            || self.events().iter().any(&pred),
+            || format!("no event {what}; events: {:#?}", self.events()),
+        );
     }
 
     fn wait_committed(&self, version: u64, limit: Duration) {
@@ -92,15 +88,16 @@ impl Watch {
 
     /// Waits until the reported state says `app` runs `version`.
     fn wait_running(&self, version: u64, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        while self.reported_app() != Some((version, "Running".into())) {
-            assert!(
-                Instant::now() < deadline,
-                "reported {:?}, want v{version} running",
-                self.reported_app()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        eventually(
+            limit,
+            || self.reported_app() == Some((version, "Running".into())),
+            || {
+                format!(
+                    "reported {:?}, want v{version} running",
+                    self.reported_app()
+                )
+            },
+        );
     }
 
     /// `(version, state)` of module `app` in the retained reported state.
@@ -108,6 +105,19 @@ impl Watch {
         let Reported::V1(r) = self.reported.lock().unwrap().clone()?;
         let m = r.modules.iter().find(|m| m.name == "app")?;
         Some((m.version, format!("{:?}", m.state)))
+    }
+}
+
+/// Polls `done` until it holds; fails with `explain()` after `limit`.
+fn eventually(limit: Duration, done: impl Fn() -> bool, explain: impl Fn() -> String) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?}: {}",
+            explain()
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -294,25 +304,16 @@ fn fleet_update_cycle(target: &str, window: &str, limit: Duration) {
     watch.wait_event(limit, "rolled-back v3", |(m, v, k)| {
         m == "app" && *v == 3 && matches!(k, EventKind::RolledBack { reason } if reason.contains("integer divide by zero"))
     });
-    let deadline = Instant::now() + limit;
-    while watch.reported_app() != Some((2, "Running".into())) {
-        assert!(
-            Instant::now() < deadline,
-            "reported {:?}",
-            watch.reported_app()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    watch.wait_running(2, limit);
     // v2 runs again after v3: the last start is v2's.
-    let deadline = Instant::now() + limit;
-    while device.started_versions().last() != Some(&2) || !device.started_versions().contains(&3) {
-        assert!(
-            Instant::now() < deadline,
-            "started {:?}",
-            device.started_versions()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually(
+        limit,
+        || {
+            let started = device.started_versions();
+            started.last() == Some(&2) && started.contains(&3)
+        },
+        || format!("started {:?}", device.started_versions()),
+    );
 
     // v4 starts and ticks, but its self-test fails: rolled back as well.
     let v4 = shared().artifact_with(
@@ -546,30 +547,23 @@ fn sigkill_at_every_step_of_an_update_leaves_the_old_or_the_new_module_running()
         device.wait_dead(Duration::from_secs(30));
         let before = device.started_versions().len();
         device.start(None);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while device.started_versions().len() == before {
-            assert!(
-                Instant::now() < deadline,
-                "{step}: nothing started after the restart\n{}",
-                device.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        eventually(
+            Duration::from_secs(30),
+            || device.started_versions().len() > before,
+            || {
+                format!(
+                    "{step}: nothing started after the restart\n{}",
+                    device.stderr()
+                )
+            },
+        );
         assert_eq!(
             device.started_versions()[before],
             first_after_restart,
             "{step}: the first module after the restart"
         );
         // And the update then completes (after `commit` it already had).
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while watch.reported_app() != Some((2, "Running".into())) {
-            assert!(
-                Instant::now() < deadline,
-                "{step}: reported {:?}",
-                watch.reported_app()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        watch.wait_running(2, Duration::from_secs(30));
     }
 }
 
@@ -720,15 +714,11 @@ fn device_and_fleet_tool_reach_a_tls_broker_that_requires_client_certificates() 
         "{refused:#}"
     );
     push_args(&tls).expect("push over TLS");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while device.started_versions() != [1] {
-        assert!(
-            Instant::now() < deadline,
-            "v1 never ran over TLS\n{}",
-            device.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually(
+        Duration::from_secs(30),
+        || device.started_versions() == [1],
+        || format!("v1 never ran over TLS\n{}", device.stderr()),
+    );
 }
 
 #[test]

@@ -8,7 +8,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -155,40 +155,52 @@ impl Target {
     fn trust(&self) -> PathBuf {
         self.key.with_extension("pub")
     }
-}
 
-fn worker_start(target: &Target, runs: usize) -> Vec<String> {
-    let artifact = target.artifact("sensor_filter.wasm", "sensor-filter", &[]);
-    let launcher: Vec<String> = target
-        .profile
-        .qemu
-        .iter()
-        .map(|a| format!("{a:?}"))
-        .collect();
-    let config = target.dir.join(format!("kilnd-{}.toml", target.name));
-    std::fs::write(
-        &config,
-        format!(
-            "trust = [{:?}]\nworker_launcher = [{}]\n[[module]]\nname = \"sensor\"\nartifact = {:?}\ntimeout_ms = 60000\n",
-            path_str(&target.trust()),
-            launcher.join(", "),
-            path_str(&artifact)
-        ),
-    )
-    .expect("write config");
-    let mut samples: Vec<(Value, f64)> = Vec::new();
-    for _ in 0..runs {
-        let mut child = target
-            .kilnd(&["serve", "--config", path_str(&config)])
+    /// Writes `{name}/kilnd.toml`: trust, the worker launcher, then `rest`.
+    fn config(&self, name: &str, rest: &str) -> PathBuf {
+        let launcher: Vec<String> = self.profile.qemu.iter().map(|a| format!("{a:?}")).collect();
+        let dir = self.dir.join(format!("{name}-{}", self.name));
+        std::fs::create_dir_all(&dir).expect("config dir");
+        let path = dir.join("kilnd.toml");
+        let text = format!(
+            "trust = [{:?}]\nworker_launcher = [{}]\n{rest}",
+            path_str(&self.trust()),
+            launcher.join(", ")
+        );
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    /// Starts `kilnd serve` and returns it with its stream of JSON records.
+    fn serve(&self, config: &Path) -> (Child, impl Iterator<Item = Value>) {
+        let mut child = self
+            .kilnd(&["serve", "--config", path_str(config)])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn kilnd serve");
         let stdout = child.stdout.take().expect("stdout");
-        let started = BufReader::new(stdout)
+        let records = BufReader::new(stdout)
             .lines()
             .map_while(Result::ok)
-            .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+            .filter_map(|l| serde_json::from_str::<Value>(&l).ok());
+        (child, records)
+    }
+}
+
+fn worker_start(target: &Target, runs: usize) -> Vec<String> {
+    let artifact = target.artifact("sensor_filter.wasm", "sensor-filter", &[]);
+    let config = target.config(
+        "sensor",
+        &format!(
+            "[[module]]\nname = \"sensor\"\nartifact = {:?}\ntimeout_ms = 60000\n",
+            path_str(&artifact)
+        ),
+    );
+    let mut samples: Vec<(Value, f64)> = Vec::new();
+    for _ in 0..runs {
+        let (mut child, mut records) = target.serve(&config);
+        let started = records
             .find(|r| r["kind"] == "started")
             .expect("a started record");
         std::thread::sleep(Duration::from_millis(1500));
@@ -265,40 +277,18 @@ fn sized_module(size: usize, version: u64) -> String {
 fn update_latency(target: &Target, runs: usize) -> Vec<Vec<String>> {
     let broker = Broker::start();
     let device = format!("bench-{}", target.name);
-    let launcher: Vec<String> = target
-        .profile
-        .qemu
-        .iter()
-        .map(|a| format!("{a:?}"))
-        .collect();
-    let device_dir = target.dir.join(&device);
-    std::fs::create_dir_all(&device_dir).expect("device dir");
-    let config = device_dir.join("kilnd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "device = {device:?}\ndata_dir = \"data\"\ntrust = [{:?}]\nworker_launcher = [{}]\n[mqtt]\nbroker = {:?}\n",
-            path_str(&target.trust()),
-            launcher.join(", "),
+    let config = target.config(
+        &device,
+        &format!(
+            "device = {device:?}\ndata_dir = \"data\"\n[mqtt]\nbroker = {:?}\n",
             broker.url()
         ),
-    )
-    .expect("write config");
-    let mut child = target
-        .kilnd(&["serve", "--config", path_str(&config)])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn kilnd serve");
-    let stdout = child.stdout.take().expect("stdout");
+    );
+    let (mut child, records) = target.serve(&config);
     let (tx, rx) = std::sync::mpsc::channel::<u64>();
     std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(r) = serde_json::from_str::<Value>(&line) {
-                if r["kind"] == "started" {
-                    let _ = tx.send(r["version"].as_u64().unwrap_or(0));
-                }
-            }
+        for r in records.filter(|r| r["kind"] == "started") {
+            let _ = tx.send(r["version"].as_u64().unwrap_or(0));
         }
     });
     std::thread::sleep(Duration::from_secs(1));
