@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -748,4 +748,47 @@ fn a_device_follows_its_groups_desired_state() {
     .unwrap();
     watch.wait_committed(1, Duration::from_secs(30));
     watch.wait_running(1, Duration::from_secs(10));
+}
+
+#[test]
+fn kiln_devices_shows_the_fleet_and_a_killed_device_goes_offline_by_its_last_will() {
+    let broker = Broker::start();
+    let watch = Watch::start(&broker, "dev-w");
+    let mut device = FleetDevice::new("x86_64-linux", "dev-w", &broker);
+    device.start(None);
+    push(
+        &broker,
+        &app("x86_64-linux", 1, false),
+        "dev-w",
+        &["--health-window-ms", "500"],
+    );
+    watch.wait_running(1, Duration::from_secs(30));
+    let kiln = kiln_e2e::target_dir().join("debug/kiln");
+    let devices = || -> Value {
+        let out = Command::new(&kiln)
+            .args(["devices", "--json", "--broker", &broker.url()])
+            .output()
+            .expect("kiln devices");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        serde_json::from_str(text.lines().find(|l| l.contains("dev-w")).unwrap_or("null")).unwrap()
+    };
+    let row = devices();
+    assert_eq!(row["status"]["online"], true, "{row}");
+    assert_eq!(row["status"]["triple"], "x86_64-unknown-linux-gnu");
+    assert_eq!(row["reported"]["modules"][0]["name"], "app");
+    assert_eq!(row["reported"]["modules"][0]["version"], 1);
+    assert_eq!(row["reported"]["modules"][0]["state"], "running");
+
+    // SIGKILL: no clean goodbye, so the broker publishes the device's last will.
+    device.kill();
+    eventually(
+        Duration::from_secs(10),
+        || devices()["status"]["online"] == false,
+        || format!("{}", devices()),
+    );
 }
