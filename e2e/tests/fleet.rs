@@ -792,3 +792,20 @@ fn kiln_devices_shows_the_fleet_and_a_killed_device_goes_offline_by_its_last_wil
         || format!("{}", devices()),
     );
 }
+
+#[test]
+fn pushes_in_quick_succession_end_at_the_newest_version() {
+    let broker = Broker::start();
+    let watch = Watch::start(&broker, "dev-q");
+    let mut device = FleetDevice::new("x86_64-linux", "dev-q", &broker);
+    device.start(None);
+    let health = ["--health-window-ms", "1500", "--tick-ms", "100"];
+    push(&broker, &app("x86_64-linux", 1, false), "dev-q", &health);
+    watch.wait_committed(1, Duration::from_secs(30));
+    // v3 arrives while v2 is still downloading or on trial: the device ends at v3.
+    push(&broker, &app("x86_64-linux", 2, false), "dev-q", &health);
+    push(&broker, &app("x86_64-linux", 3, false), "dev-q", &health);
+    watch.wait_committed(3, Duration::from_secs(30));
+    watch.wait_running(3, Duration::from_secs(10));
+    assert_eq!(device.started_versions().last(), Some(&3));
+}

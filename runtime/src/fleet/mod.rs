@@ -303,6 +303,7 @@ impl Agent {
             },
         );
         let missing: Vec<u32> = (0..total).filter(|n| !have.contains(n)).collect();
+        self.drop_downloads_of(&d.name);
         self.downloads.insert(
             sha,
             Download {
@@ -525,8 +526,8 @@ impl Agent {
         self.save();
         self.fault("commit");
         self.event(name, version, EventKind::Committed);
-        self.apply_plans();
-        self.publish_reported();
+        // A newer desired state may have arrived during the trial.
+        self.reconcile();
     }
 
     fn roll_back(&mut self, name: &str, reason: String) {
@@ -540,7 +541,27 @@ impl Agent {
         self.save();
         self.apply_plans();
         self.event(name, trial.version, EventKind::RolledBack { reason });
-        self.publish_reported();
+        // A newer desired state may have arrived during the trial.
+        self.reconcile();
+    }
+
+    /// A newer version supersedes a transfer in progress for the same module.
+    fn drop_downloads_of(&mut self, module: &str) {
+        let stale: Vec<[u8; 32]> = self
+            .downloads
+            .iter()
+            .filter(|(_, d)| d.module.name == module)
+            .map(|(sha, _)| *sha)
+            .collect();
+        for sha in stale {
+            if let Some(d) = self.downloads.remove(&sha) {
+                for n in (0..d.module.artifact.chunks.len() as u32).filter(|n| !d.have.contains(n))
+                {
+                    let _ = self.client.unsubscribe(self.topics.chunk(&sha, n));
+                }
+            }
+            self.store.drop_download(&sha);
+        }
     }
 
     /// Tells the supervisor what runs: the staged slot of modules on trial, the
