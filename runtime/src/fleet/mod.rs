@@ -197,20 +197,16 @@ impl Agent {
         self.reconcile();
     }
 
-    /// Device-level entries override group entries of the same name.
-    fn wanted(&self) -> BTreeMap<String, DesiredModule> {
+    /// Each wanted module with the desired-state topic it comes from; device-level
+    /// entries override group entries of the same name.
+    fn wanted(&self) -> BTreeMap<String, (String, DesiredModule)> {
         let mut wanted = BTreeMap::new();
         let device_topic = self.topics.desired(&self.device);
-        for (source, d) in &self.desired {
-            if *source != device_topic {
-                for m in &d.modules {
-                    wanted.insert(m.name.clone(), m.clone());
-                }
-            }
-        }
-        if let Some(d) = self.desired.get(&device_topic) {
+        let groups = self.desired.iter().filter(|(s, _)| **s != device_topic);
+        let device = self.desired.get_key_value(&device_topic);
+        for (source, d) in groups.chain(device) {
             for m in &d.modules {
-                wanted.insert(m.name.clone(), m.clone());
+                wanted.insert(m.name.clone(), (source.clone(), m.clone()));
             }
         }
         wanted
@@ -218,19 +214,30 @@ impl Agent {
 
     fn reconcile(&mut self) {
         let wanted = self.wanted();
-        // Modules no longer desired stop and are forgotten.
+        // A module its source's newest desired state leaves out stops. One whose
+        // source has not been heard from since the start keeps running until it is;
+        // the anti-rollback floor stays either way.
         let gone: Vec<String> = self
             .state
             .modules
-            .keys()
-            .filter(|name| !wanted.contains_key(*name))
-            .cloned()
+            .iter()
+            .filter(|(name, r)| {
+                !wanted.contains_key(*name)
+                    && r.source
+                        .as_ref()
+                        .is_none_or(|s| self.desired.contains_key(s))
+            })
+            .map(|(name, _)| name.clone())
             .collect();
         for name in gone {
-            self.state.modules.remove(&name);
+            let record = self.record_mut(&name);
+            record.committed = None;
+            record.staged = None;
+            record.source = None;
             self.trials.remove(&name);
         }
-        for module in wanted.values() {
+        for (source, module) in wanted.values() {
+            self.record_mut(&module.name).source = Some(source.clone());
             self.reconcile_module(module);
         }
         self.save();
@@ -643,7 +650,10 @@ impl Agent {
                 let (version, sha256, state) = match (self.trials.get(name), c) {
                     (Some(t), _) => (t.version, r.staged.as_ref()?.sha256, ModuleState::Updating),
                     (None, Some(c)) => (c.version, c.sha256, ModuleState::Running),
-                    (None, None) => (0, [0; 32], ModuleState::Failed),
+                    // Desired but never committed: its first version failed.
+                    (None, None) if r.source.is_some() => (0, [0; 32], ModuleState::Failed),
+                    // No longer desired: only its anti-rollback floor is kept.
+                    (None, None) => return None,
                 };
                 Some(ModuleReport {
                     name: name.clone(),

@@ -71,6 +71,8 @@ pub struct ModuleRecord {
     pub floor: u64,
     /// Artifacts that failed their health window; not tried again.
     pub rejected: Vec<[u8; 32]>,
+    /// The desired-state topic the module came from.
+    pub source: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
