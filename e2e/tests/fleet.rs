@@ -280,6 +280,17 @@ fn app(target: &str, version: u64, crashing: bool) -> PathBuf {
     shared().artifact_with(source, target, &["--name", "app", "--version", &v])
 }
 
+/// A broker, a watch and a native device named `id` that has committed app v1.
+fn device_at_v1(id: &str, health: &[&str]) -> (Broker, Watch, FleetDevice) {
+    let broker = Broker::start();
+    let watch = Watch::start(&broker, id);
+    let mut device = FleetDevice::new("x86_64-linux", id, &broker);
+    device.start(None);
+    push(&broker, &app("x86_64-linux", 1, false), id, health);
+    watch.wait_committed(1, Duration::from_secs(30));
+    (broker, watch, device)
+}
+
 fn fleet_update_cycle(target: &str, window: &str, limit: Duration) {
     let broker = Broker::start();
     let watch = Watch::start(&broker, "dev-01");
@@ -424,13 +435,8 @@ fn an_offline_device_converges_and_a_broker_restart_mid_transfer_is_survived() {
 
 #[test]
 fn bad_desired_states_and_chunks_are_rejected_and_the_running_module_untouched() {
-    let broker = Broker::start();
-    let watch = Watch::start(&broker, "dev-03");
-    let mut device = FleetDevice::new("x86_64-linux", "dev-03", &broker);
-    device.start(None);
     let health = ["--health-window-ms", "1000", "--tick-ms", "100"];
-    push(&broker, &app("x86_64-linux", 1, false), "dev-03", &health);
-    watch.wait_committed(1, Duration::from_secs(30));
+    let (broker, watch, mut device) = device_at_v1("dev-03", &health);
     let topics = Topics::new(DEFAULT_PREFIX);
     let desired_topic = topics.desired("dev-03");
 
@@ -534,12 +540,7 @@ fn sigkill_at_every_step_of_an_update_leaves_the_old_or_the_new_module_running()
         ("activate", 1),
         ("commit", 2),
     ] {
-        let broker = Broker::start();
-        let watch = Watch::start(&broker, "dev-05");
-        let mut device = FleetDevice::new("x86_64-linux", "dev-05", &broker);
-        device.start(None);
-        push(&broker, &app("x86_64-linux", 1, false), "dev-05", &health);
-        watch.wait_committed(1, Duration::from_secs(30));
+        let (broker, watch, mut device) = device_at_v1("dev-05", &health);
         device.kill();
 
         push(&broker, &app("x86_64-linux", 2, false), "dev-05", &health);
@@ -752,16 +753,7 @@ fn a_device_follows_its_groups_desired_state() {
 
 #[test]
 fn kiln_devices_shows_the_fleet_and_a_killed_device_goes_offline_by_its_last_will() {
-    let broker = Broker::start();
-    let watch = Watch::start(&broker, "dev-w");
-    let mut device = FleetDevice::new("x86_64-linux", "dev-w", &broker);
-    device.start(None);
-    push(
-        &broker,
-        &app("x86_64-linux", 1, false),
-        "dev-w",
-        &["--health-window-ms", "500"],
-    );
+    let (broker, watch, mut device) = device_at_v1("dev-w", &["--health-window-ms", "500"]);
     watch.wait_running(1, Duration::from_secs(30));
     let kiln = kiln_e2e::target_dir().join("debug/kiln");
     let devices = || -> Value {
@@ -795,13 +787,8 @@ fn kiln_devices_shows_the_fleet_and_a_killed_device_goes_offline_by_its_last_wil
 
 #[test]
 fn pushes_in_quick_succession_end_at_the_newest_version() {
-    let broker = Broker::start();
-    let watch = Watch::start(&broker, "dev-q");
-    let mut device = FleetDevice::new("x86_64-linux", "dev-q", &broker);
-    device.start(None);
     let health = ["--health-window-ms", "1500", "--tick-ms", "100"];
-    push(&broker, &app("x86_64-linux", 1, false), "dev-q", &health);
-    watch.wait_committed(1, Duration::from_secs(30));
+    let (broker, watch, device) = device_at_v1("dev-q", &health);
     // v3 arrives while v2 is still downloading or on trial: the device ends at v3.
     push(&broker, &app("x86_64-linux", 2, false), "dev-q", &health);
     push(&broker, &app("x86_64-linux", 3, false), "dev-q", &health);
