@@ -630,14 +630,7 @@ impl Agent {
             version,
             kind,
         });
-        if let Ok(bytes) = postcard::to_stdvec(&event) {
-            let _ = self.client.publish(
-                self.topics.events(&self.device),
-                QoS::AtLeastOnce,
-                false,
-                bytes,
-            );
-        }
+        self.publish(self.topics.events(&self.device), false, &event);
     }
 
     fn publish_reported(&self) {
@@ -666,14 +659,7 @@ impl Agent {
             .collect();
         let serial = self.state.serials.values().copied().max().unwrap_or(0);
         let reported = Reported::V1(ReportedV1 { serial, modules });
-        if let Ok(bytes) = postcard::to_stdvec(&reported) {
-            let _ = self.client.publish(
-                self.topics.reported(&self.device),
-                QoS::AtLeastOnce,
-                true,
-                bytes,
-            );
-        }
+        self.publish(self.topics.reported(&self.device), true, &reported);
     }
 
     fn publish_status(&self, online: bool) {
@@ -691,13 +677,14 @@ impl Agent {
                 boot_id: now_ms(),
             }),
         });
-        if let Ok(bytes) = postcard::to_stdvec(&status) {
-            let _ = self.client.publish(
-                self.topics.status(&self.device),
-                QoS::AtLeastOnce,
-                true,
-                bytes,
-            );
+        self.publish(self.topics.status(&self.device), true, &status);
+    }
+
+    /// Publishes a version-tagged message with QoS 1. rumqttc queues it while the
+    /// broker is away; a lost event is made good by the retained reported state.
+    fn publish(&self, topic: String, retain: bool, message: &impl serde::Serialize) {
+        if let Ok(bytes) = postcard::to_stdvec(message) {
+            let _ = self.client.publish(topic, QoS::AtLeastOnce, retain, bytes);
         }
     }
 
