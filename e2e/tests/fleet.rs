@@ -250,22 +250,26 @@ impl Drop for FleetDevice {
 
 /// `kiln push` in-process, as the command line would run it.
 fn push(broker: &Broker, artifact: &Path, device: &str, extra: &[&str]) {
+    try_push(&broker.url(), artifact, ["--device", device], extra)
+        .unwrap_or_else(|e| panic!("kiln push {} to {device}: {e:#}", artifact.display()));
+}
+
+/// `kiln push ARTIFACT --device D|--group G --sign fleet.key --broker URL EXTRA...`
+fn try_push(url: &str, artifact: &Path, to: [&str; 2], extra: &[&str]) -> anyhow::Result<()> {
     let key = shared().key();
     let mut args = vec![
         "push",
         path_str(artifact),
-        "--device",
-        device,
+        to[0],
+        to[1],
         "--sign",
         path_str(&key),
     ];
-    let url = broker.url();
-    args.extend(["--broker", &url]);
+    args.extend(["--broker", url]);
     args.extend_from_slice(extra);
     PushCommand::try_parse_from(&args)
         .expect("push args")
         .execute()
-        .unwrap_or_else(|e| panic!("kiln {}: {e:#}", args.join(" ")));
 }
 
 /// The app module at `version`: the sensor reactor, or (`crashing`) one that traps on
@@ -681,7 +685,6 @@ fn device_and_fleet_tool_reach_a_tls_broker_that_requires_client_certificates() 
         path_str(&pki.client_key)
     );
     device.start(None);
-    let key = shared().key();
     let v1 = app("x86_64-linux", 1, false);
     let tls = [
         "--ca",
@@ -692,20 +695,8 @@ fn device_and_fleet_tool_reach_a_tls_broker_that_requires_client_certificates() 
         path_str(&pki.client_key),
     ];
     let push_args = |extra: &[&str]| {
-        let mut args = vec![
-            "push",
-            path_str(&v1),
-            "--device",
-            "dev-tls",
-            "--sign",
-            path_str(&key),
-            "--broker",
-            &url,
-            "--health-window-ms",
-            "1000",
-        ];
-        args.extend_from_slice(extra);
-        PushCommand::try_parse_from(args).unwrap().execute()
+        let extra = [&["--health-window-ms", "1000"], extra].concat();
+        try_push(&url, &v1, ["--device", "dev-tls"], &extra)
     };
     // Without a client certificate the broker turns the fleet tool away.
     let refused = push_args(&[&tls[..2]].concat()).expect_err("no client certificate");
@@ -729,23 +720,13 @@ fn a_device_follows_its_groups_desired_state() {
     let mut device = FleetDevice::new("x86_64-linux", "dev-g", &broker);
     device.groups = vec!["field".into()];
     device.start(None);
-    let key = shared().key();
-    let url = broker.url();
     let v1 = app("x86_64-linux", 1, false);
-    PushCommand::try_parse_from([
-        "push",
-        path_str(&v1),
-        "--group",
-        "field",
-        "--sign",
-        path_str(&key),
-        "--broker",
-        &url,
-        "--health-window-ms",
-        "1000",
-    ])
-    .unwrap()
-    .execute()
+    try_push(
+        &broker.url(),
+        &v1,
+        ["--group", "field"],
+        &["--health-window-ms", "1000"],
+    )
     .unwrap();
     watch.wait_committed(1, Duration::from_secs(30));
     watch.wait_running(1, Duration::from_secs(10));
