@@ -25,6 +25,7 @@ pub mod manifest;
 pub mod mqtt;
 pub mod script;
 pub mod target;
+pub mod telemetry;
 pub mod worker;
 
 /// Version of the `kiln` host ABI (import module `kiln`) this build implements.

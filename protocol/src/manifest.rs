@@ -82,25 +82,44 @@ pub const PAGE: u64 = 64 * 1024;
 /// A memory size as pages (`256`) or bytes with a unit (`16MiB`, `512KiB`, `1GiB`),
 /// rounded up to whole pages; at least one page.
 pub fn parse_memory_size(s: &str) -> Result<u32, String> {
+    let bytes = match split_size(s)? {
+        (n, None) => return page_count(n, s),
+        (_, Some(bytes)) => bytes,
+    };
+    page_count(bytes.map_or(u64::MAX, |b| b.div_ceil(PAGE)), s)
+}
+
+/// A size in bytes (`65536`) or with a unit (`64KiB`, `8MiB`, `1GiB`).
+pub fn parse_byte_size(s: &str) -> Result<u64, String> {
+    match split_size(s)? {
+        (n, None) => Ok(n),
+        (_, Some(Some(bytes))) => Ok(bytes),
+        (_, Some(None)) => Err(format!("`{s}` is too large")),
+    }
+}
+
+/// The number, and the bytes it means if a unit follows (`None` inside on overflow).
+#[allow(clippy::type_complexity)]
+fn split_size(s: &str) -> Result<(u64, Option<Option<u64>>), String> {
     let t = s.trim();
     let (num, unit) = t
         .find(|c: char| !c.is_ascii_digit())
         .map_or((t, ""), |i| t.split_at(i));
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("`{s}` is not a page count or a size like 16MiB"))?;
-    let bytes = match unit.trim() {
-        "" => return page_count(n, s),
-        "KiB" => n.checked_mul(1 << 10),
-        "MiB" => n.checked_mul(1 << 20),
-        "GiB" => n.checked_mul(1 << 30),
+        .map_err(|_| format!("`{s}` is not a number or a size like 16MiB"))?;
+    let shift = match unit.trim() {
+        "" => return Ok((n, None)),
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
         other => {
             return Err(format!(
                 "`{s}`: unknown unit `{other}` (use KiB, MiB or GiB)"
             ))
         }
     };
-    page_count(bytes.map_or(u64::MAX, |b| b.div_ceil(PAGE)), s)
+    Ok((n, Some(n.checked_mul(1 << shift))))
 }
 
 fn page_count(pages: u64, s: &str) -> Result<u32, String> {
