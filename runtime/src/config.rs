@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kiln_protocol::manifest::{parse_memory_size, Digest};
+use kiln_protocol::manifest::{parse_byte_size, parse_memory_size, Digest};
 use serde::Deserialize;
 
 use crate::wasi::DirMapping;
@@ -41,6 +41,56 @@ pub struct Config {
     pub data_dir: Option<PathBuf>,
     /// Receive modules over MQTT as signed desired state.
     pub mqtt: Option<MqttConfig>,
+    /// How telemetry is batched and spooled (with `[mqtt]`).
+    pub telemetry: Option<TelemetryConfig>,
+}
+
+/// Telemetry goes to the broker in batches, each written to a bounded spool on disk
+/// before it is published.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Seal a batch when its records reach this size...
+    pub batch_bytes: u64,
+    /// ...or when its oldest record is this old.
+    pub batch_ms: u64,
+    /// Bound on the spool (`8MiB`, or bytes); beyond it the oldest batches are dropped
+    /// and the drop is reported.
+    #[serde(deserialize_with = "byte_size")]
+    pub spool_limit: u64,
+    /// Interval of kilnd's own module and device stats; 0 turns them off.
+    pub stats_s: u64,
+    /// Batches published and not yet acknowledged at once.
+    pub window: usize,
+    /// Also print every record as a JSON line on stdout (turn off on a busy device:
+    /// the journal is not a telemetry bus).
+    pub stdout: bool,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            batch_bytes: 16 * 1024,
+            batch_ms: 1000,
+            spool_limit: 8 * 1024 * 1024,
+            stats_s: 10,
+            window: 8,
+            stdout: true,
+        }
+    }
+}
+
+fn byte_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Bytes(n) => Ok(n),
+        Size::Text(t) => parse_byte_size(&t).map_err(serde::de::Error::custom),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -312,6 +362,18 @@ impl Config {
                 "config `{file}`: no [[module]] to run and no [mqtt]"
             ));
         }
+        if let Some(t) = &config.telemetry {
+            if config.mqtt.is_none() {
+                return Err(format!(
+                    "config `{file}`: [telemetry] needs [mqtt] to send it to"
+                ));
+            }
+            if t.batch_bytes == 0 || t.window == 0 || t.spool_limit < 4 * t.batch_bytes {
+                return Err(format!(
+                    "config `{file}`: [telemetry] needs batch_bytes and window above 0 and a spool_limit of at least 4 batches"
+                ));
+            }
+        }
         Ok((config, plans))
     }
 }
@@ -321,10 +383,14 @@ mod tests {
     use super::*;
 
     fn load(text: &str) -> Result<Vec<ModulePlan>, String> {
+        load_config(text).map(|(_, plans)| plans)
+    }
+
+    fn load_config(text: &str) -> Result<(Config, Vec<ModulePlan>), String> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kilnd.toml");
         std::fs::write(&path, text).unwrap();
-        Config::load(&path).map(|(_, plans)| plans)
+        Config::load(&path)
     }
 
     #[test]
@@ -364,6 +430,20 @@ restart = { backoff_ms = 100, max_crashes = 3 }
             .unwrap_err()
             .contains("names no public key"));
         assert!(!typo.contains('\n'));
+    }
+
+    #[test]
+    fn telemetry_sizes_take_units_and_need_a_broker() {
+        let mqtt = "device = \"d\"\ndata_dir = \"/tmp/d\"\ntrust = [\"k.pub\"]\n[mqtt]\nbroker = \"mqtt://h\"\n";
+        let text = format!("{mqtt}[telemetry]\nspool_limit = \"64KiB\"\nbatch_bytes = 1024\n");
+        let (config, _) = load_config(&text).unwrap();
+        let t = config.telemetry.unwrap();
+        assert_eq!((t.spool_limit, t.batch_bytes, t.batch_ms), (65536, 1024, 1000));
+        let tiny = format!("{mqtt}[telemetry]\nspool_limit = 100\n");
+        let err = load_config(&tiny).unwrap_err();
+        assert!(err.contains("at least 4 batches"), "{err}");
+        let alone = "trust = [\"k.pub\"]\n[[module]]\nartifact = \"a.kiln\"\n[telemetry]\n";
+        assert!(load(alone).unwrap_err().contains("[telemetry] needs [mqtt]"));
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! report what happens as JSON lines on stdout (one record per line: telemetry, logs,
 //! starts, stops with their reason, failures). Telemetry a module publishes on a
 //! stream is also delivered to modules whose `inbox` lists `module/stream`.
+//! With `[mqtt]`, the same records go to the broker as telemetry batches, and the
+//! fleet agent follows the device's desired state, both over one connection.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -12,13 +14,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kiln_protocol::worker::Stop;
-use serde_json::{json, Value};
+use kiln_protocol::fleet::Topics;
+use kiln_protocol::telemetry::{self, Body};
 
-use crate::config::{Config, ModulePlan};
+use crate::config::{Config, ModulePlan, MqttConfig};
 use crate::exit::{Code, Failure};
 use crate::fleet::{self, AgentIn};
-use crate::supervisor::{self, Event, Input, Record, Supervised, WorkerCommand};
+use crate::link;
+use crate::supervisor::{self, Counters, Event, Input, Record, Supervised, WorkerCommand};
+use crate::telemetry::{Pipeline, TelemetryIn};
 
 /// Runs until every module has ended; fails if any module was marked failed.
 /// SIGHUP reloads the config: changed modules are swapped between calls, new ones
@@ -48,33 +52,25 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
         running: HashMap::new(),
     }));
     lock(&modules).set_local(plans);
-    let agent = match (&config.mqtt, &config.device, &config.data_dir) {
+    let mqtt = match (&config.mqtt, &config.device, &config.data_dir) {
         (Some(mqtt), Some(device), Some(data_dir)) => {
-            let (tx, rx) = mpsc::channel();
-            let fleet_modules = modules.clone();
-            let apply: fleet::ApplyFn =
-                Box::new(move |plans| lock(&fleet_modules).set_fleet(plans));
-            let trust = crate::load::read_trusted_keys(&config.trust)?;
-            let agent = fleet::start(mqtt, device, data_dir.clone(), trust, apply, tx.clone())
-                .map_err(|e| Failure::new(Code::Config, format!("device `{device}`: {e}")))?;
-            std::thread::spawn(move || agent.run(rx));
-            Some(tx)
+            Some(connect(&config, mqtt, device, data_dir, &modules)?)
         }
         _ => None,
     };
     let control = modules.clone();
     let path = config_path.to_path_buf();
-    let agent_stop = agent.clone();
-    std::thread::spawn(move || signals.serve(&path, &control, agent_stop));
+    std::thread::spawn(move || signals.serve(&path, &control));
 
     let mut failed = 0;
     let mut stdout = std::io::stdout().lock();
+    let print = config.telemetry.as_ref().is_none_or(|t| t.stdout);
     loop {
         let record = match records.recv_timeout(Duration::from_millis(200)) {
             Ok(record) => record,
             Err(RecvTimeoutError::Timeout) => {
                 // With a broker, the device waits for desired state until stopped.
-                let stopped = agent.is_none() || STOPPED.load(Ordering::SeqCst);
+                let stopped = mqtt.is_none() || STOPPED.load(Ordering::SeqCst);
                 if stopped && lock(&modules).all_ended() {
                     break;
                 }
@@ -88,22 +84,105 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
         if matches!(record.event, Event::Failed { .. }) {
             failed += 1;
         }
-        if let Some(agent) = &agent {
+        let wire = record.wire();
+        if print {
+            // Nobody may read our reports any more; keep supervising regardless.
+            let _ = writeln!(stdout, "{}", telemetry::to_json(&wire)).and_then(|()| stdout.flush());
+        }
+        if let Some(m) = &mqtt {
             if matches!(
                 record.event,
                 Event::Started { .. } | Event::Stopped { .. } | Event::TickFailed { .. }
             ) && lock(&modules).is_fleet(&record.module)
             {
-                let _ = agent.send(AgentIn::Record(record.clone()));
+                let _ = m.agent.send(AgentIn::Record(record));
             }
+            let _ = m.telemetry.send(TelemetryIn::Record(wire));
         }
-        // Nobody may read our reports any more; keep supervising regardless.
-        let _ = writeln!(stdout, "{}", to_json(&record)).and_then(|()| stdout.flush());
+    }
+    if let Some(m) = mqtt {
+        m.stop();
     }
     Ok(if failed > 0 && !STOPPED.load(Ordering::SeqCst) {
         Code::ModuleFailed as i32
     } else {
         0
+    })
+}
+
+/// The device's side of the broker: the fleet agent and the telemetry pipeline, on
+/// one connection.
+struct Mqtt {
+    agent: Sender<AgentIn>,
+    agent_thread: JoinHandle<()>,
+    telemetry: Sender<TelemetryIn>,
+}
+
+impl Mqtt {
+    /// Telemetry first, so its last batches go out before the agent disconnects.
+    fn stop(self) {
+        let (done, finished) = mpsc::channel();
+        if self.telemetry.send(TelemetryIn::Finish(done)).is_ok() {
+            let _ = finished.recv_timeout(Duration::from_secs(5));
+        }
+        let _ = self.agent.send(AgentIn::Stop);
+        let _ = self.agent_thread.join();
+    }
+}
+
+fn connect(
+    config: &Config,
+    mqtt: &MqttConfig,
+    device: &str,
+    data_dir: &Path,
+    modules: &Arc<Mutex<Modules>>,
+) -> Result<Mqtt, Failure> {
+    let refused = |e: String| Failure::new(Code::Config, format!("device `{device}`: {e}"));
+    let boot_id = crate::telemetry::new_boot_id();
+    let (agent_tx, agent_rx) = mpsc::channel();
+    let (telemetry_tx, telemetry_rx) = mpsc::channel();
+    let (to_agent, acks) = (agent_tx.clone(), telemetry_tx.clone());
+    let link = link::connect(
+        mqtt,
+        device,
+        fleet::last_will(mqtt, device),
+        move |event| to_agent.send(event.into()).is_ok(),
+        move |delivery| {
+            let _ = acks.send(TelemetryIn::Delivery(delivery));
+        },
+    )
+    .map_err(refused)?;
+
+    let fleet_modules = modules.clone();
+    let apply: fleet::ApplyFn = Box::new(move |plans| lock(&fleet_modules).set_fleet(plans));
+    let trust = crate::load::read_trusted_keys(&config.trust)?;
+    let agent = fleet::start(
+        mqtt,
+        device,
+        data_dir.to_path_buf(),
+        trust,
+        apply,
+        link.clone(),
+        boot_id,
+    )
+    .map_err(refused)?;
+
+    let sampled = modules.clone();
+    let pipeline = Pipeline::open(
+        config.telemetry.clone().unwrap_or_default(),
+        device,
+        boot_id,
+        data_dir.to_path_buf(),
+        Topics::new(&mqtt.prefix).telemetry(device),
+        link,
+        Box::new(move || lock(&sampled).sample()),
+    )
+    .map_err(refused)?;
+    std::thread::spawn(move || pipeline.run(telemetry_rx));
+    Ok(Mqtt {
+        agent: agent_tx,
+        agent_thread: std::thread::spawn(move || agent.run(agent_rx)),
+        telemetry: telemetry_tx,
     })
 }
 
@@ -138,6 +217,7 @@ struct Running {
     plan: ModulePlan,
     input: SyncSender<Input>,
     thread: JoinHandle<()>,
+    counters: Arc<Counters>,
 }
 
 impl Modules {
@@ -189,10 +269,12 @@ impl Modules {
     fn start(&mut self, plan: ModulePlan) {
         let (input, inbox) = supervisor::inbox();
         tracing::info!(module = %plan.name, artifact = %plan.artifact.display(), "supervising");
+        let counters = Arc::new(Counters::default());
         let module = Supervised {
             plan: plan.clone(),
             trusted_keys: self.trusted_keys.clone(),
             inbox,
+            counters: counters.clone(),
         };
         let (workers, sink) = (self.workers.clone(), self.sink.clone());
         let thread = std::thread::spawn(move || supervisor::supervise(module, workers, sink));
@@ -202,6 +284,7 @@ impl Modules {
                 plan,
                 input,
                 thread,
+                counters,
             },
         );
     }
@@ -210,6 +293,20 @@ impl Modules {
         for running in self.running.values() {
             let _ = running.input.send(Input::Stop);
         }
+    }
+
+    /// Stats of every module that is still supervised.
+    fn sample(&self) -> Vec<telemetry::Record> {
+        let at_ms = supervisor::now_ms();
+        self.running
+            .iter()
+            .filter(|(_, r)| !r.thread.is_finished())
+            .map(|(name, r)| telemetry::Record {
+                at_ms,
+                module: Some(name.clone()),
+                body: Body::ModuleStats(r.counters.stats()),
+            })
+            .collect()
     }
 
     fn all_ended(&self) -> bool {
@@ -262,7 +359,7 @@ impl Signals {
         }
     }
 
-    fn serve(self, config_path: &Path, modules: &Mutex<Modules>, agent: Option<Sender<AgentIn>>) {
+    fn serve(self, config_path: &Path, modules: &Mutex<Modules>) {
         loop {
             let mut sig = 0;
             // SAFETY: waits on the set built in `block`, with a valid out-pointer.
@@ -280,92 +377,8 @@ impl Signals {
             } else {
                 tracing::info!(signal = sig, "stopping every module");
                 STOPPED.store(true, Ordering::SeqCst);
-                if let Some(agent) = &agent {
-                    let _ = agent.send(AgentIn::Stop);
-                }
                 lock(modules).stop_all();
             }
         }
     }
-}
-
-/// One record as a JSON object; telemetry bytes as `text` when they are UTF-8,
-/// else as `hex`.
-pub fn to_json(record: &Record) -> Value {
-    let mut v = match &record.event {
-        Event::Telemetry { stream, data } => {
-            let mut v = json!({ "kind": "telemetry", "stream": stream });
-            match std::str::from_utf8(data) {
-                Ok(text) => v["text"] = json!(text),
-                Err(_) => v["hex"] = json!(hex(data)),
-            }
-            v
-        }
-        Event::Log {
-            level,
-            source,
-            line,
-        } => json!({
-            "kind": "log",
-            "level": level.as_str(),
-            "source": format!("{source:?}").to_lowercase(),
-            "line": line,
-        }),
-        Event::Started {
-            attempt,
-            pid,
-            ready,
-            start_us,
-            first_tick,
-            rss_kib,
-        } => json!({
-            "kind": "started",
-            "attempt": attempt,
-            "pid": pid,
-            "version": ready.version,
-            "command": ready.command,
-            "start_ms": ms(*start_us),
-            "verify_ms": ms(ready.verify_us),
-            "deserialize_ms": ms(ready.deserialize_us),
-            "instantiate_ms": ms(ready.instantiate_us),
-            "init_ms": ms(ready.init_us),
-            "first_tick_ms": first_tick.as_ref().map(|d| ms(d.elapsed_us)),
-            "fuel_used": first_tick.as_ref().and_then(|d| d.fuel_used),
-            "memory_pages": ready.memory_pages,
-            "rss_kib": rss_kib,
-        }),
-        Event::TickFailed { status } => json!({ "kind": "tick-failed", "status": status }),
-        Event::Stopped {
-            reason,
-            uptime_ms,
-            peak_rss_kib,
-            crashes_in_window,
-            restart_in_ms,
-        } => json!({
-            "kind": "stopped",
-            "reason": reason.kind(),
-            "why": reason.to_string(),
-            "exit_code": match reason { Stop::Exited(c) => Some(*c), _ => None },
-            "uptime_ms": uptime_ms,
-            "peak_rss_kib": peak_rss_kib,
-            "crashes_in_window": crashes_in_window,
-            "restart_in_ms": restart_in_ms,
-        }),
-        Event::Failed { crashes, window_s } => json!({
-            "kind": "failed",
-            "crashes": crashes,
-            "window_s": window_s,
-        }),
-    };
-    v["at_ms"] = json!(record.at_ms);
-    v["module"] = json!(record.module);
-    v
-}
-
-fn ms(us: u64) -> f64 {
-    (us as f64 / 10.0).round() / 100.0
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -7,7 +7,9 @@
 use std::io::{BufReader, BufWriter};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kiln_protocol::abi::Level;
@@ -16,7 +18,10 @@ use kiln_protocol::worker::{
     Stop, ToWorker,
 };
 
+use kiln_protocol::telemetry::{self, Body, ModuleStats};
+
 use crate::config::ModulePlan;
+use crate::procfs;
 
 /// What the supervisor reports about a module.
 #[derive(Debug, Clone)]
@@ -64,6 +69,113 @@ pub struct Record {
     pub event: Event,
 }
 
+impl Record {
+    /// The record as it travels in telemetry batches (and prints as JSON).
+    pub fn wire(&self) -> telemetry::Record {
+        let body = match &self.event {
+            Event::Telemetry { stream, data } => Body::Telemetry {
+                stream: stream.clone(),
+                data: data.clone(),
+            },
+            Event::Log {
+                level,
+                source,
+                line,
+            } => Body::Log {
+                level: *level,
+                source: *source,
+                line: line.clone(),
+            },
+            Event::Started {
+                attempt,
+                pid,
+                ready,
+                start_us,
+                first_tick,
+                rss_kib,
+            } => Body::Started(telemetry::Started {
+                attempt: *attempt,
+                pid: *pid,
+                version: ready.version,
+                command: ready.command,
+                start_us: *start_us,
+                verify_us: ready.verify_us,
+                deserialize_us: ready.deserialize_us,
+                instantiate_us: ready.instantiate_us,
+                init_us: ready.init_us,
+                first_tick_us: first_tick.as_ref().map(|d| d.elapsed_us),
+                fuel_used: first_tick.as_ref().and_then(|d| d.fuel_used),
+                memory_pages: ready.memory_pages,
+                rss_kib: *rss_kib,
+            }),
+            Event::TickFailed { status } => Body::TickFailed { status: *status },
+            Event::Stopped {
+                reason,
+                uptime_ms,
+                peak_rss_kib,
+                crashes_in_window,
+                restart_in_ms,
+            } => Body::Stopped(telemetry::Stopped {
+                reason: reason.kind().into(),
+                why: reason.to_string(),
+                exit_code: match reason {
+                    Stop::Exited(c) => Some(*c),
+                    _ => None,
+                },
+                uptime_ms: *uptime_ms,
+                peak_rss_kib: *peak_rss_kib,
+                crashes_in_window: *crashes_in_window,
+                restart_in_ms: *restart_in_ms,
+            }),
+            Event::Failed { crashes, window_s } => Body::Failed {
+                crashes: *crashes,
+                window_s: *window_s,
+            },
+        };
+        telemetry::Record {
+            at_ms: self.at_ms,
+            module: Some(self.module.clone()),
+            body,
+        }
+    }
+}
+
+/// What a module's supervisor counts, read by the stats sampler from another thread.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pid: AtomicU32,
+    calls: AtomicU64,
+    fuel_used: AtomicU64,
+    memory_pages: AtomicU32,
+    traps: AtomicU32,
+    restarts: AtomicU32,
+    /// CPU time of workers already reaped.
+    ended_cpu_us: AtomicU64,
+}
+
+impl Counters {
+    fn called(&self, done: &Done) {
+        self.calls.fetch_add(1, Relaxed);
+        self.fuel_used.fetch_add(done.fuel_used.unwrap_or(0), Relaxed);
+        self.memory_pages.store(done.memory_pages, Relaxed);
+    }
+
+    pub fn stats(&self) -> ModuleStats {
+        let pid = self.pid.load(Relaxed);
+        let running = (pid != 0).then_some(pid);
+        let cpu_us = self.ended_cpu_us.load(Relaxed) + running.and_then(procfs::cpu_us).unwrap_or(0);
+        ModuleStats {
+            cpu_ms: cpu_us / 1000,
+            rss_kib: running.and_then(procfs::rss_kib),
+            memory_pages: self.memory_pages.load(Relaxed),
+            calls: self.calls.load(Relaxed),
+            fuel_used: self.fuel_used.load(Relaxed),
+            traps: self.traps.load(Relaxed),
+            restarts: self.restarts.load(Relaxed),
+        }
+    }
+}
+
 /// A message for a module's `kiln_on_message`: topic and bytes.
 pub type Message = (String, Vec<u8>);
 
@@ -106,6 +218,7 @@ pub struct Supervised {
     pub plan: ModulePlan,
     pub trusted_keys: Vec<String>,
     pub inbox: Receiver<Input>,
+    pub counters: Arc<Counters>,
 }
 
 /// Keeps `module` running until it ends cleanly, is stopped, or is marked failed.
@@ -144,6 +257,12 @@ pub fn supervise(mut module: Supervised, workers: WorkerCommand, sink: Sender<Re
                 continue;
             }
             return;
+        }
+        if matches!(
+            reason,
+            Stop::Trap { .. } | Stop::FuelExhausted { .. } | Stop::Watchdog { .. }
+        ) {
+            module.counters.traps.fetch_add(1, Relaxed);
         }
         crashes.retain(|t| t.elapsed() < policy.window());
         crashes.push(Instant::now());
@@ -216,6 +335,11 @@ fn run_worker(
             )
         }
     };
+    let counters = &module.counters;
+    counters.pid.store(child.id(), Relaxed);
+    if attempt > 1 {
+        counters.restarts.fetch_add(1, Relaxed);
+    }
     let mut worker = Worker::attach(&mut child);
     let spec = StartSpec {
         artifact: plan.artifact.display().to_string(),
@@ -236,13 +360,17 @@ fn run_worker(
     let stop = (|| -> Result<(), Stop> {
         worker.send(Request::Start(Box::new(spec)))?;
         let ready = worker.await_ready(plan.start_timeout, report)?;
-        let rss_kib = rss_kib(child.id());
+        counters.memory_pages.store(ready.memory_pages, Relaxed);
+        let rss_kib = procfs::rss_kib(child.id());
         if ready.command {
             let done = worker.call(Request::Run, "_start", plan.run_timeout, report)?;
+            counters.called(&done);
             return Err(Stop::Exited(done.status));
         }
         let first_tick = if ready.ticks {
-            Some(worker.call(Request::Tick, "kiln_tick", Some(plan.timeout), report)?)
+            let done = worker.call(Request::Tick, "kiln_tick", Some(plan.timeout), report)?;
+            counters.called(&done);
+            Some(done)
         } else {
             None
         };
@@ -287,6 +415,7 @@ fn run_worker(
                 }
             };
             let done = worker.call(request, call, Some(plan.timeout), report)?;
+            counters.called(&done);
             if done.status != 0 && call == "kiln_tick" {
                 report(Event::TickFailed {
                     status: done.status,
@@ -297,7 +426,9 @@ fn run_worker(
     .err()
     .unwrap_or_else(|| Stop::Lost("worker loop ended".into()));
     drop(worker);
-    let (status, peak) = reap(&mut child, Duration::from_secs(2));
+    let (status, peak, cpu_us) = reap(&mut child, Duration::from_secs(2));
+    counters.pid.store(0, Relaxed);
+    counters.ended_cpu_us.fetch_add(cpu_us, Relaxed);
     // A worker that died on its own without a last word: its exit status says why.
     let stop = match (stop, status) {
         (Stop::Lost(_), Some(Exit::Signal(signal))) => Stop::Signal {
@@ -435,8 +566,8 @@ enum Exit {
 }
 
 /// Waits for the worker to exit (killing it after `grace`) and collects its exit
-/// status and peak RSS.
-fn reap(child: &mut Child, grace: Duration) -> (Option<Exit>, Option<u64>) {
+/// status, peak RSS and CPU time.
+fn reap(child: &mut Child, grace: Duration) -> (Option<Exit>, Option<u64>, u64) {
     let pid = child.id() as libc::pid_t;
     let deadline = Instant::now() + grace;
     let mut status = 0;
@@ -449,7 +580,7 @@ fn reap(child: &mut Child, grace: Duration) -> (Option<Exit>, Option<u64>) {
             break;
         }
         if r < 0 {
-            return (None, None);
+            return (None, None, 0);
         }
         if Instant::now() >= deadline {
             // SAFETY: kill and a blocking wait4 on our own, not yet reaped child.
@@ -466,13 +597,9 @@ fn reap(child: &mut Child, grace: Duration) -> (Option<Exit>, Option<u64>) {
     } else {
         Exit::Code(libc::WEXITSTATUS(status))
     };
-    (Some(exit), Some(usage.ru_maxrss as u64))
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    let cpu_us = us(usage.ru_utime) + us(usage.ru_stime);
+    (Some(exit), Some(usage.ru_maxrss as u64), cpu_us)
 }
 
 fn signal_name(signal: i32) -> &'static str {

@@ -3,12 +3,11 @@
 //! verify, stage into the inactive slot, run it on trial for the health window, then
 //! commit or roll back, reporting every step.
 
-mod link;
 pub mod store;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use kiln_protocol::artifact::Envelope;
@@ -18,10 +17,10 @@ use kiln_protocol::fleet::{
     ModuleState, Reported, ReportedV1, Scope, SignedDesired, Status, StatusV1, Topics,
 };
 use kiln_protocol::keys::TrustedKeys;
-use rumqttc::{Client, QoS};
 use sha2::{Digest, Sha256};
 
 use crate::config::{ModulePlan, MqttConfig, RestartPolicy};
+use crate::link::{Link, LinkEvent};
 use crate::supervisor::{now_ms, Record};
 use store::{Installed, Slot, StateV1, Store};
 
@@ -47,7 +46,8 @@ pub struct Agent {
     trust: TrustedKeys,
     store: Store,
     state: StateV1,
-    client: Client,
+    link: Link,
+    boot_id: u64,
     apply: ApplyFn,
     /// Latest verified desired state per source topic.
     desired: BTreeMap<String, Desired>,
@@ -68,14 +68,36 @@ struct Trial {
     version: u64,
 }
 
-/// Starts the agent's connection; `run` then serves until `AgentIn::Stop`.
+/// The retained status the broker publishes for this device if kilnd vanishes.
+pub fn last_will(config: &MqttConfig, device: &str) -> (String, Vec<u8>) {
+    let will = postcard::to_stdvec(&Status::V1(StatusV1 {
+        device: device.into(),
+        online: false,
+        facts: None,
+    }))
+    .unwrap_or_default();
+    (Topics::new(&config.prefix).status(device), will)
+}
+
+impl From<LinkEvent> for AgentIn {
+    fn from(e: LinkEvent) -> Self {
+        match e {
+            LinkEvent::Connected => AgentIn::Connected,
+            LinkEvent::Message { topic, payload } => AgentIn::Message { topic, payload },
+        }
+    }
+}
+
+/// Opens the device state and runs what was committed; `run` then serves until
+/// `AgentIn::Stop`.
 pub fn start(
     config: &MqttConfig,
     device: &str,
     data_dir: PathBuf,
     trust: TrustedKeys,
     apply: ApplyFn,
-    tx: Sender<AgentIn>,
+    link: Link,
+    boot_id: u64,
 ) -> Result<Agent, String> {
     let topics = Topics::new(&config.prefix);
     let store = Store::open(&data_dir)
@@ -83,13 +105,6 @@ pub fn start(
     let state = store
         .load()
         .map_err(|e| format!("cannot read the device state: {e}"))?;
-    let will = postcard::to_stdvec(&Status::V1(StatusV1 {
-        device: device.into(),
-        online: false,
-        facts: None,
-    }))
-    .unwrap_or_default();
-    let client = link::connect(config, device, topics.status(device), will, tx)?;
     let agent = Agent {
         device: device.into(),
         groups: config.groups.clone(),
@@ -97,7 +112,8 @@ pub fn start(
         trust,
         store,
         state,
-        client,
+        link,
+        boot_id,
         apply,
         desired: BTreeMap::new(),
         downloads: HashMap::new(),
@@ -125,7 +141,7 @@ impl Agent {
                 Ok(AgentIn::Record(record)) => self.on_record(record),
                 Ok(AgentIn::Stop) | Err(RecvTimeoutError::Disconnected) => {
                     self.publish_status(false);
-                    let _ = self.client.disconnect();
+                    self.link.disconnect();
                     return;
                 }
                 Err(RecvTimeoutError::Timeout) => {}
@@ -139,7 +155,7 @@ impl Agent {
         let mut topics = vec![self.topics.desired(&self.device)];
         topics.extend(self.groups.iter().map(|g| self.topics.group_desired(g)));
         for topic in topics {
-            let _ = self.client.subscribe(topic, QoS::AtLeastOnce);
+            self.link.subscribe(topic);
         }
         let missing: Vec<String> = self
             .downloads
@@ -152,7 +168,7 @@ impl Agent {
             })
             .collect();
         for topic in missing {
-            let _ = self.client.subscribe(topic, QoS::AtLeastOnce);
+            self.link.subscribe(topic);
         }
         self.publish_reported();
     }
@@ -322,9 +338,7 @@ impl Agent {
             return self.finish_download(&sha);
         }
         for n in missing {
-            let _ = self
-                .client
-                .subscribe(self.topics.chunk(&sha, n), QoS::AtLeastOnce);
+            self.link.subscribe(self.topics.chunk(&sha, n));
         }
     }
 
@@ -386,7 +400,7 @@ impl Agent {
             tracing::error!(error = %e, "cannot store a chunk");
             return;
         }
-        let _ = self.client.unsubscribe(self.topics.chunk(&sha, n));
+        self.link.unsubscribe(self.topics.chunk(&sha, n));
         self.fault("download");
         let Some(download) = self.downloads.get_mut(&sha) else {
             return;
@@ -564,7 +578,7 @@ impl Agent {
             if let Some(d) = self.downloads.remove(&sha) {
                 for n in (0..d.module.artifact.chunks.len() as u32).filter(|n| !d.have.contains(n))
                 {
-                    let _ = self.client.unsubscribe(self.topics.chunk(&sha, n));
+                    self.link.unsubscribe(self.topics.chunk(&sha, n));
                 }
             }
             self.store.drop_download(&sha);
@@ -674,7 +688,7 @@ impl Agent {
                 wasmer: facts.wasmer,
                 kiln_abi: facts.kiln_abi,
                 groups: self.groups.clone(),
-                boot_id: now_ms(),
+                boot_id: self.boot_id,
             }),
         });
         self.publish(self.topics.status(&self.device), true, &status);
@@ -684,7 +698,7 @@ impl Agent {
     /// broker is away; a lost event is made good by the retained reported state.
     fn publish(&self, topic: String, retain: bool, message: &impl serde::Serialize) {
         if let Ok(bytes) = postcard::to_stdvec(message) {
-            let _ = self.client.publish(topic, QoS::AtLeastOnce, retain, bytes);
+            self.link.publish(topic, retain, bytes);
         }
     }
 

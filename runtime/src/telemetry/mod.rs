@@ -1,0 +1,318 @@
+//! Telemetry over MQTT that loses nothing it has spooled. Records (from modules, and
+//! kilnd's own stats) collect into a batch; the batch is sealed by size or age, given
+//! the next `seq` of this boot, written to the spool, and only then published with
+//! QoS 1. A batch leaves the spool when the broker acknowledges it. A window of
+//! batches is in flight at a time; the rest wait on disk, so a broker outage costs
+//! disk, not memory, and a restarted kilnd publishes what the last one left.
+//!
+//! When the spool is full the oldest batches that are not in flight are dropped, and
+//! the batch being sealed carries a `Dropped` record naming them, so a consumer can
+//! tell a drop from a loss.
+
+pub mod spool;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use kiln_protocol::telemetry::{coalesce, Batch, BatchV1, Body, DeviceStats, Dropped, Record};
+
+use crate::config::TelemetryConfig;
+use crate::link::{Delivery, Link};
+use crate::procfs;
+use crate::supervisor::now_ms;
+use spool::{Entry, Spool};
+
+pub enum TelemetryIn {
+    Record(Record),
+    /// The broker acknowledged (or the connection lost) the batch at a spool index.
+    Delivery(Delivery),
+    /// Seal what is open, give in-flight batches a moment, then answer and end.
+    Finish(Sender<()>),
+}
+
+/// Module stats records, sampled by whoever knows the modules.
+pub type SampleFn = Box<dyn Fn() -> Vec<Record> + Send>;
+
+pub struct Pipeline {
+    settings: TelemetryConfig,
+    device: String,
+    boot_id: u64,
+    topic: String,
+    link: Link,
+    spool: Spool,
+    sample: SampleFn,
+    data_dir: PathBuf,
+    next_seq: u64,
+    open: Vec<Record>,
+    open_bytes: u64,
+    opened_at: Instant,
+    in_flight: BTreeSet<u64>,
+    next_stats: Instant,
+    totals: Totals,
+}
+
+#[derive(Default)]
+struct Totals {
+    dropped_batches: u64,
+    dropped_records: u64,
+    appends: u64,
+    append_us: u64,
+}
+
+/// Where the spool lives under the data dir.
+pub fn spool_dir(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("telemetry")
+}
+
+impl Pipeline {
+    pub fn open(
+        settings: TelemetryConfig,
+        device: &str,
+        boot_id: u64,
+        data_dir: PathBuf,
+        topic: String,
+        link: Link,
+        sample: SampleFn,
+    ) -> Result<Self, String> {
+        let dir = spool_dir(&data_dir);
+        let (spool, removed) = Spool::open(dir.clone(), settings.spool_limit)
+            .map_err(|e| format!("cannot use the telemetry spool `{}`: {e}", dir.display()))?;
+        if !removed.is_empty() {
+            tracing::warn!(files = ?removed, "removed spool files that were not whole batches");
+        }
+        let (batches, bytes) = spool.depth();
+        if batches > 0 {
+            tracing::info!(batches, bytes, "telemetry spool holds batches of an earlier run");
+        }
+        let stats_every = Duration::from_secs(settings.stats_s);
+        Ok(Self {
+            settings,
+            device: device.into(),
+            boot_id,
+            topic,
+            link,
+            spool,
+            sample,
+            data_dir,
+            next_seq: 0,
+            open: Vec::new(),
+            open_bytes: 0,
+            opened_at: Instant::now(),
+            in_flight: BTreeSet::new(),
+            next_stats: Instant::now() + stats_every,
+            totals: Totals::default(),
+        })
+    }
+
+    pub fn run(mut self, rx: Receiver<TelemetryIn>) {
+        self.publish();
+        loop {
+            let now = Instant::now();
+            let mut until = self.next_stats;
+            if self.settings.stats_s == 0 {
+                until = now + Duration::from_secs(3600);
+            }
+            if !self.open.is_empty() {
+                until = until.min(self.opened_at + Duration::from_millis(self.settings.batch_ms));
+            }
+            match rx.recv_timeout(until.saturating_duration_since(now)) {
+                Ok(TelemetryIn::Record(r)) => self.push(r),
+                Ok(TelemetryIn::Delivery(d)) => self.delivered(d),
+                Ok(TelemetryIn::Finish(done)) => {
+                    self.finish(&rx);
+                    let _ = done.send(());
+                    return;
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return self.seal(),
+            }
+            if self.settings.stats_s > 0 && Instant::now() >= self.next_stats {
+                self.next_stats += Duration::from_secs(self.settings.stats_s);
+                for r in (self.sample)() {
+                    self.push(r);
+                }
+                let stats = self.device_stats();
+                self.push(stats);
+            }
+            let age = Duration::from_millis(self.settings.batch_ms);
+            if !self.open.is_empty()
+                && (self.open_bytes >= self.settings.batch_bytes || self.opened_at.elapsed() >= age)
+            {
+                self.seal();
+            }
+            self.publish();
+        }
+    }
+
+    fn push(&mut self, record: Record) {
+        if self.open.is_empty() {
+            self.opened_at = Instant::now();
+        }
+        self.open_bytes += record.body.size_hint() as u64;
+        self.open.push(record);
+    }
+
+    fn delivered(&mut self, delivery: Delivery) {
+        match delivery {
+            Delivery::Acked(index) => {
+                self.in_flight.remove(&index);
+                self.spool.remove(index);
+            }
+            // Sent again, oldest first, as the window allows.
+            Delivery::Lost(index) => {
+                self.in_flight.remove(&index);
+            }
+        }
+    }
+
+    /// Seals the open batch into the spool, making room first if the bound asks for it.
+    fn seal(&mut self) {
+        if self.open.is_empty() {
+            return;
+        }
+        let mut records = std::mem::take(&mut self.open);
+        let estimate = self.open_bytes + 128;
+        self.open_bytes = 0;
+        let victims = self.spool.room_for(estimate, &self.in_flight);
+        let mut drops = Vec::new();
+        for index in &victims {
+            if let Some(e) = self.spool.get(*index) {
+                drops.push(Dropped {
+                    boot_id: e.boot_id,
+                    first_seq: e.seq,
+                    last_seq: e.seq,
+                    batches: 1,
+                    records: e.records,
+                });
+                self.totals.dropped_batches += 1;
+                self.totals.dropped_records += e.records;
+                // What a dropped batch reported as dropped must not be forgotten.
+                drops.extend(e.drops.iter().copied());
+            }
+        }
+        let at_ms = now_ms();
+        for d in coalesce(drops) {
+            tracing::warn!(
+                boot_id = format!("{:016x}", d.boot_id),
+                first_seq = d.first_seq,
+                last_seq = d.last_seq,
+                records = d.records,
+                "telemetry spool full: dropped the oldest batches"
+            );
+            records.push(Record {
+                at_ms,
+                module: None,
+                body: Body::Dropped(d),
+            });
+        }
+        let batch = BatchV1 {
+            device: self.device.clone(),
+            boot_id: self.boot_id,
+            seq: self.next_seq,
+            records,
+        };
+        self.next_seq += 1;
+        let bytes = Batch::encode(&batch);
+        let started = Instant::now();
+        match self
+            .spool
+            .append(Entry::of(&batch, bytes.len() as u64), &bytes)
+        {
+            Ok(_) => {
+                self.totals.appends += 1;
+                self.totals.append_us += started.elapsed().as_micros() as u64;
+            }
+            Err(e) => {
+                // No disk: send it anyway; it is lost only if the broker is away too.
+                tracing::error!(seq = batch.seq, error = %e, "cannot spool telemetry; publishing it unspooled");
+                self.link.publish(self.topic.clone(), false, bytes);
+            }
+        }
+        // Only now that the drop report is on disk do the dropped batches go.
+        for index in victims {
+            self.spool.remove(index);
+        }
+    }
+
+    /// Fills the window with the oldest spooled batches not yet in flight.
+    fn publish(&mut self) {
+        let room = self.settings.window.saturating_sub(self.in_flight.len());
+        for index in self.spool.unsent(&self.in_flight, room) {
+            match self.spool.read(index) {
+                Ok(bytes) => {
+                    if !self.link.publish_tracked(self.topic.clone(), bytes, index) {
+                        return;
+                    }
+                    self.in_flight.insert(index);
+                }
+                Err(e) => {
+                    tracing::error!(index, error = %e, "cannot read a spooled batch; dropping it");
+                    if let Some(e) = self.spool.remove(index) {
+                        self.totals.dropped_batches += 1;
+                        self.totals.dropped_records += e.records;
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, rx: &Receiver<TelemetryIn>) {
+        while let Ok(input) = rx.try_recv() {
+            match input {
+                TelemetryIn::Record(r) => self.push(r),
+                TelemetryIn::Delivery(d) => self.delivered(d),
+                TelemetryIn::Finish(_) => {}
+            }
+        }
+        self.seal();
+        self.publish();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !self.in_flight.is_empty() {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(TelemetryIn::Delivery(d)) => {
+                    self.delivered(d);
+                    self.publish();
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        let (batches, _) = self.spool.depth();
+        if batches > 0 {
+            tracing::info!(batches, "telemetry left in the spool for the next start");
+        }
+    }
+
+    fn device_stats(&self) -> Record {
+        let (spool_batches, spool_bytes) = self.spool.depth();
+        Record {
+            at_ms: now_ms(),
+            module: None,
+            body: Body::DeviceStats(DeviceStats {
+                uptime_s: procfs::uptime_s().unwrap_or(0),
+                load_milli: procfs::load_milli().unwrap_or(0),
+                mem_available_kib: procfs::mem_available_kib().unwrap_or(0),
+                disk_free_kib: procfs::disk_free_kib(&self.data_dir).unwrap_or(0),
+                kilnd_rss_kib: procfs::own_rss_kib().unwrap_or(0),
+                spool_batches,
+                spool_bytes,
+                dropped_batches: self.totals.dropped_batches,
+                dropped_records: self.totals.dropped_records,
+                spool_appends: self.totals.appends,
+                spool_append_us: self.totals.append_us,
+            }),
+        }
+    }
+}
+
+/// A random id for this run of kilnd: batches are numbered per boot.
+pub fn new_boot_id() -> u64 {
+    let mut bytes = [0u8; 8];
+    if getrandom::getrandom(&mut bytes).is_err() {
+        // No entropy source: the clock still tells runs apart.
+        return now_ms() ^ (std::process::id() as u64) << 40;
+    }
+    u64::from_le_bytes(bytes)
+}

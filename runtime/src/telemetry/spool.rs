@@ -1,0 +1,223 @@
+//! The telemetry spool: every sealed batch is written here, durably, before it is
+//! published, and removed only when the broker has acknowledged it. One file per
+//! batch, named by a spool index that only grows (`{index:016x}.batch`), written with
+//! [`write_atomically`] so a power cut leaves whole batches or none. The spool is
+//! bounded in bytes: making room drops the oldest batches that are not in flight, and
+//! the caller reports what was dropped.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::path::PathBuf;
+
+use kiln_protocol::atomic::write_atomically;
+use kiln_protocol::telemetry::{Batch, Body, Dropped};
+
+/// What the spool knows of a batch without reading it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub boot_id: u64,
+    pub seq: u64,
+    /// Records in the batch, not counting drop reports.
+    pub records: u64,
+    pub bytes: u64,
+    /// Drop reports the batch carries: if it is dropped in turn, they must travel on.
+    pub drops: Vec<Dropped>,
+}
+
+impl Entry {
+    pub fn of(batch: &kiln_protocol::telemetry::BatchV1, bytes: u64) -> Self {
+        let drops: Vec<Dropped> = batch
+            .records
+            .iter()
+            .filter_map(|r| match r.body {
+                Body::Dropped(d) => Some(d),
+                _ => None,
+            })
+            .collect();
+        Self {
+            boot_id: batch.boot_id,
+            seq: batch.seq,
+            records: (batch.records.len() - drops.len()) as u64,
+            bytes,
+            drops,
+        }
+    }
+}
+
+pub struct Spool {
+    dir: PathBuf,
+    limit: u64,
+    entries: BTreeMap<u64, Entry>,
+    bytes: u64,
+    next: u64,
+}
+
+impl Spool {
+    /// Opens (creating) the spool in `dir` and indexes what a previous kilnd left.
+    /// Leftover temp files of an interrupted write, and files that are not whole
+    /// batches, are removed; their names are returned so the caller can say so.
+    pub fn open(dir: PathBuf, limit: u64) -> io::Result<(Self, Vec<String>)> {
+        std::fs::create_dir_all(&dir)?;
+        let mut spool = Self {
+            dir,
+            limit,
+            entries: BTreeMap::new(),
+            bytes: 0,
+            next: 0,
+        };
+        let mut removed = Vec::new();
+        for item in std::fs::read_dir(&spool.dir)? {
+            let path = item?.path();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let index = name
+                .strip_suffix(".batch")
+                .and_then(|n| u64::from_str_radix(n, 16).ok());
+            let entry = index.and_then(|_| {
+                let bytes = std::fs::read(&path).ok()?;
+                let batch = Batch::decode(&bytes).ok()?;
+                Some(Entry::of(&batch, bytes.len() as u64))
+            });
+            match (index, entry) {
+                (Some(index), Some(entry)) => {
+                    spool.bytes += entry.bytes;
+                    spool.next = spool.next.max(index + 1);
+                    spool.entries.insert(index, entry);
+                }
+                _ => {
+                    std::fs::remove_file(&path)?;
+                    removed.push(name);
+                }
+            }
+        }
+        Ok((spool, removed))
+    }
+
+    /// Indexes of the oldest batches not in `in_flight` that must go so that `size`
+    /// more bytes fit under the bound.
+    pub fn room_for(&self, size: u64, in_flight: &BTreeSet<u64>) -> Vec<u64> {
+        let mut total = self.bytes + size;
+        let mut victims = Vec::new();
+        for (index, entry) in &self.entries {
+            if total <= self.limit {
+                break;
+            }
+            if !in_flight.contains(index) {
+                total -= entry.bytes;
+                victims.push(*index);
+            }
+        }
+        victims
+    }
+
+    /// Writes a batch durably; returns its spool index.
+    pub fn append(&mut self, entry: Entry, bytes: &[u8]) -> io::Result<u64> {
+        let index = self.next;
+        write_atomically(&self.path(index), bytes)?;
+        self.next += 1;
+        self.bytes += entry.bytes;
+        self.entries.insert(index, entry);
+        Ok(index)
+    }
+
+    pub fn read(&self, index: u64) -> io::Result<Vec<u8>> {
+        std::fs::read(self.path(index))
+    }
+
+    /// Removes a batch (acknowledged, or dropped); no directory fsync: should the
+    /// removal be lost in a power cut, the batch is only sent again.
+    pub fn remove(&mut self, index: u64) -> Option<Entry> {
+        let entry = self.entries.remove(&index)?;
+        self.bytes -= entry.bytes;
+        if let Err(e) = std::fs::remove_file(self.path(index)) {
+            tracing::warn!(index, error = %e, "cannot remove a spooled batch");
+        }
+        Some(entry)
+    }
+
+    pub fn get(&self, index: u64) -> Option<&Entry> {
+        self.entries.get(&index)
+    }
+
+    /// Up to `n` batches, oldest first, that are not in flight.
+    pub fn unsent(&self, in_flight: &BTreeSet<u64>, n: usize) -> Vec<u64> {
+        self.entries
+            .keys()
+            .filter(|i| !in_flight.contains(i))
+            .take(n)
+            .copied()
+            .collect()
+    }
+
+    /// Batches and bytes waiting.
+    pub fn depth(&self) -> (u64, u64) {
+        (self.entries.len() as u64, self.bytes)
+    }
+
+    fn path(&self, index: u64) -> PathBuf {
+        self.dir.join(format!("{index:016x}.batch"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_protocol::telemetry::{BatchV1, Record};
+
+    fn batch(seq: u64, payload: usize) -> (Entry, Vec<u8>) {
+        let b = BatchV1 {
+            device: "d".into(),
+            boot_id: 7,
+            seq,
+            records: vec![Record {
+                at_ms: 0,
+                module: None,
+                body: Body::Telemetry {
+                    stream: "s".into(),
+                    data: vec![1; payload],
+                },
+            }],
+        };
+        let bytes = Batch::encode(&b);
+        (Entry::of(&b, bytes.len() as u64), bytes)
+    }
+
+    #[test]
+    fn batches_survive_a_restart_in_order_and_leave_when_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, _) = Spool::open(dir.path().into(), 1 << 20).unwrap();
+        for seq in 0..3 {
+            let (entry, bytes) = batch(seq, 100);
+            assert_eq!(spool.append(entry, &bytes).unwrap(), seq);
+        }
+        assert_eq!(spool.remove(0).unwrap().seq, 0);
+        // A temp file of a write cut short, and junk.
+        std::fs::write(dir.path().join(".tmpXYZ"), b"half").unwrap();
+        std::fs::write(dir.path().join("0000000000000009.batch"), b"junk").unwrap();
+
+        let (spool, removed) = Spool::open(dir.path().into(), 1 << 20).unwrap();
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert_eq!(spool.unsent(&BTreeSet::new(), 10), vec![1, 2]);
+        assert_eq!(spool.get(2).unwrap().seq, 2);
+        assert_eq!(spool.depth().0, 2);
+        assert_eq!(spool.next, 3, "indexes keep growing after a restart");
+    }
+
+    #[test]
+    fn making_room_takes_the_oldest_that_are_not_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let (entry, bytes) = batch(0, 1000);
+        let size = entry.bytes;
+        let (mut spool, _) = Spool::open(dir.path().into(), size * 4).unwrap();
+        for seq in 0..4 {
+            let (entry, bytes) = batch(seq, 1000);
+            spool.append(entry, &bytes).unwrap();
+        }
+        assert!(spool.room_for(0, &BTreeSet::new()).is_empty());
+        let in_flight = BTreeSet::from([0]);
+        assert_eq!(spool.room_for(size * 2, &in_flight), vec![1, 2]);
+        assert_eq!(bytes.len() as u64, size);
+    }
+}
