@@ -40,16 +40,19 @@ impl BrokerArgs {
         Topics::new(&self.prefix)
     }
 
-    pub fn connect(&self) -> Result<Session> {
-        let connect = Connect {
+    pub fn connect_options(&self) -> Connect {
+        Connect {
             broker: self.broker.clone(),
             ca: self.ca.clone(),
             client_cert: self.client_cert.clone(),
             client_key: self.client_key.clone(),
             username: self.username.clone(),
             password: self.password.clone(),
-        };
-        Session::connect(&connect, &self.prefix)
+        }
+    }
+
+    pub fn connect(&self) -> Result<Session> {
+        Session::connect(&self.connect_options(), &self.prefix)
     }
 }
 

@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 use kiln_compiler::commands::{
     compile::CompileCommand, conformance::ConformanceCommand, devices::DevicesCommand,
     gc::GcCommand, inspect::InspectCommand, keygen::KeygenCommand, push::PushCommand,
-    rollout::RolloutCommand, targets::TargetsCommand,
+    rollout::RolloutCommand, targets::TargetsCommand, watch::WatchCommand,
 };
 use kiln_compiler::exit;
 
@@ -16,6 +16,7 @@ Examples:
   kiln push app.kiln --device dev-01 --sign fleet.key --broker mqtt://broker.lan:1883
   kiln rollout app.kiln --group lab --sign fleet.key --canary 1
   kiln devices
+  kiln watch --device dev-01
   kiln gc
   kiln targets";
 
@@ -36,6 +37,7 @@ enum Command {
     Conformance(ConformanceCommand),
     Push(PushCommand),
     Devices(DevicesCommand),
+    Watch(WatchCommand),
     Rollout(RolloutCommand),
     Gc(GcCommand),
 }
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
         Command::Conformance(c) => c.execute(),
         Command::Push(c) => c.execute(),
         Command::Devices(c) => c.execute(),
+        Command::Watch(c) => c.execute(),
         Command::Rollout(c) => c.execute(),
         Command::Gc(c) => c.execute(),
     };

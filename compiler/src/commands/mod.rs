@@ -9,3 +9,4 @@ pub mod keygen;
 pub mod push;
 pub mod rollout;
 pub mod targets;
+pub mod watch;

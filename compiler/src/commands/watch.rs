@@ -1,0 +1,385 @@
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Result};
+use clap::Parser;
+use kiln_protocol::fleet::{Event as FleetEvent, EventKind};
+use kiln_protocol::telemetry::{self, Account, Batch, BatchV1, Body, Record, Tracker, Verdict};
+use rumqttc::{Client, Event, Packet, QoS};
+use serde_json::{json, Value};
+
+use crate::broker::BrokerArgs;
+use crate::exit::{coded, Code};
+
+const AFTER_HELP: &str = "\
+Every telemetry batch carries (device, boot_id, seq). watch shows each batch's records
+once, says when a seq is missing (a gap), arrives twice (a duplicate, not shown again)
+or was dropped by the device's full spool, and ends with a summary per device and boot.
+It exits 1 if a gap was never filled nor explained by a drop report.
+
+Examples:
+  kiln watch
+  kiln watch --device pi-01
+  kiln watch --json --session ops | jq 'select(.kind == \"telemetry\")'
+  kiln watch --duration 60";
+
+/// Show live telemetry and deployment events from the fleet
+#[derive(Parser, Debug)]
+#[command(after_help = AFTER_HELP)]
+pub struct WatchCommand {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Only this device
+    #[arg(long)]
+    pub device: Option<String>,
+    /// One JSON object per line: records, deployment events, gaps, duplicates, summary
+    #[arg(long)]
+    pub json: bool,
+    /// Resume the named broker session, so what is published while watch is away
+    /// waits at the broker (QoS 1) instead of being missed
+    #[arg(long, value_name = "NAME")]
+    pub session: Option<String>,
+    /// Stop after this many seconds (default: until Ctrl-C), then print the summary
+    #[arg(long, value_name = "SECS")]
+    pub duration: Option<f64>,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn interrupted(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+impl WatchCommand {
+    pub fn execute(self) -> Result<()> {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(libc::SIGINT, interrupted as *const () as libc::sighandler_t);
+            libc::signal(libc::SIGTERM, interrupted as *const () as libc::sighandler_t);
+        }
+        let topics = self.broker.topics();
+        let device = self.device.as_deref().unwrap_or("+");
+        let filters = [topics.telemetry(device), topics.events(device)];
+        let id = match &self.session {
+            Some(name) => format!("kiln-watch-{name}"),
+            None => format!("kiln-watch-{}-{}", std::process::id(), now_ms() % 100_000),
+        };
+        let mut options = self
+            .broker
+            .connect_options()
+            .options(&id, Duration::from_secs(10))
+            .map_err(|e| coded(Code::Usage, anyhow!(e)))?;
+        options.set_clean_session(self.session.is_none());
+        let (client, mut connection) = Client::new(options, 64);
+
+        let deadline = self
+            .duration
+            .map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+        let mut out = Output {
+            json: self.json,
+            tracker: Tracker::default(),
+        };
+        let mut connected_once = false;
+        let mut down = false;
+        let mut announced = false;
+        while !INTERRUPTED.load(Ordering::SeqCst) && deadline.is_none_or(|d| Instant::now() < d)
+        {
+            match connection.recv_timeout(Duration::from_millis(200)) {
+                Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
+                    if down {
+                        eprintln!("kiln watch: broker `{}` is back", self.broker.broker);
+                    }
+                    connected_once = true;
+                    down = false;
+                    let subscriptions = filters
+                        .iter()
+                        .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                    client
+                        .subscribe_many(subscriptions)
+                        .map_err(|e| anyhow!("cannot subscribe: {e}"))?;
+                }
+                Ok(Ok(Event::Incoming(Packet::SubAck(_)))) if !announced => {
+                    announced = true;
+                    eprintln!(
+                        "kiln watch: watching {} and {} on {}",
+                        filters[0], filters[1], self.broker.broker
+                    );
+                }
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                    let Some((device, kind)) = topics.parse_device(&p.topic) else {
+                        continue;
+                    };
+                    match kind {
+                        "telemetry" => out.batch(device, &p.payload),
+                        "events" => out.event(device, &p.payload),
+                        _ => {}
+                    }
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) if !connected_once => {
+                    return Err(coded(
+                        Code::Unavailable,
+                        anyhow!("broker `{}`: {e}", self.broker.broker),
+                    ));
+                }
+                Ok(Err(e)) => {
+                    if !down {
+                        eprintln!(
+                            "kiln watch: broker `{}`: {e}; reconnecting",
+                            self.broker.broker
+                        );
+                    }
+                    down = true;
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(_) => {}
+            }
+        }
+        let _ = client.disconnect();
+        let unexplained = out.summary();
+        if unexplained > 0 {
+            return Err(coded(
+                Code::Failure,
+                anyhow!("{unexplained} telemetry batches never arrived and were not reported dropped"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+struct Output {
+    json: bool,
+    tracker: Tracker,
+}
+
+impl Output {
+    fn batch(&mut self, device: &str, payload: &[u8]) {
+        let batch = match Batch::decode(payload) {
+            Ok(b) => b,
+            Err(why) => {
+                return self.note(
+                    json!({ "kind": "invalid", "device": device, "why": why }),
+                    format!("{device}: unreadable telemetry: {why}"),
+                )
+            }
+        };
+        if batch.device != device {
+            let why = format!("batch from `{}` on {device}'s topic", batch.device);
+            return self.note(
+                json!({ "kind": "invalid", "device": device, "why": why }),
+                format!("{device}: {why}"),
+            );
+        }
+        let boot = format!("{:016x}", batch.boot_id);
+        let ids = json!({ "device": device, "boot_id": boot });
+        match self
+            .tracker
+            .batch(device, batch.boot_id, batch.seq, batch.records.len())
+        {
+            Verdict::Duplicate => {
+                return self.note(
+                    with(&ids, json!({ "kind": "duplicate", "seq": batch.seq })),
+                    format!(
+                        "{device}: batch {} of boot {boot} arrived again (not shown twice)",
+                        batch.seq
+                    ),
+                )
+            }
+            Verdict::New { gap, late } => {
+                if let Some((first, last)) = gap {
+                    self.note(
+                        with(
+                            &ids,
+                            json!({ "kind": "gap", "first_seq": first, "last_seq": last }),
+                        ),
+                        format!(
+                            "{device}: GAP: batches {first}..={last} of boot {boot} have not arrived"
+                        ),
+                    );
+                }
+                if late {
+                    self.note(
+                        with(&ids, json!({ "kind": "late", "seq": batch.seq })),
+                        format!("{device}: batch {} of boot {boot} arrived late", batch.seq),
+                    );
+                }
+            }
+        }
+        self.records(device, &batch);
+    }
+
+    fn records(&mut self, device: &str, batch: &BatchV1) {
+        for record in &batch.records {
+            if let Body::Dropped(d) = &record.body {
+                self.tracker.dropped(device, d);
+            }
+            if self.json {
+                let mut v = telemetry::to_json(record);
+                v["device"] = json!(device);
+                v["boot_id"] = json!(format!("{:016x}", batch.boot_id));
+                v["seq"] = json!(batch.seq);
+                println!("{v}");
+            } else {
+                println!("{}", line(device, record));
+            }
+        }
+    }
+
+    fn event(&mut self, device: &str, payload: &[u8]) {
+        let Ok(FleetEvent::V1(e)) = postcard::from_bytes::<FleetEvent>(payload) else {
+            return self.note(
+                json!({ "kind": "invalid", "device": device, "why": "not a deployment event" }),
+                format!("{device}: unreadable deployment event"),
+            );
+        };
+        let reason = match &e.kind {
+            EventKind::RolledBack { reason } | EventKind::Rejected { reason } => Some(reason),
+            _ => None,
+        };
+        self.note(
+            json!({
+                "kind": "deployment",
+                "device": device,
+                "at_ms": e.at_ms,
+                "module": e.module,
+                "version": e.version,
+                "event": e.kind.name(),
+                "reason": reason,
+            }),
+            format!(
+                "{} {device} {} v{} {}",
+                clock(e.at_ms),
+                e.module,
+                e.version,
+                e.kind
+            ),
+        );
+    }
+
+    /// Prints one account per device and boot; returns the count of unexplained gaps.
+    fn summary(&mut self) -> usize {
+        let accounts = self.tracker.accounts();
+        for a in &accounts {
+            self.note(account_json(a), account_line(a));
+        }
+        accounts.iter().map(|a| a.unexplained.len()).sum()
+    }
+
+    fn note(&self, json: Value, line: String) {
+        if self.json {
+            println!("{json}");
+        } else {
+            println!("{line}");
+        }
+    }
+}
+
+fn with(ids: &Value, mut v: Value) -> Value {
+    if let (Some(o), Some(ids)) = (v.as_object_mut(), ids.as_object()) {
+        o.extend(ids.clone());
+    }
+    v
+}
+
+fn account_json(a: &Account) -> Value {
+    json!({
+        "kind": "summary",
+        "device": a.device,
+        "boot_id": format!("{:016x}", a.boot_id),
+        "first_seq": a.first_seq,
+        "last_seq": a.last_seq,
+        "batches": a.batches,
+        "records": a.records,
+        "duplicates": a.duplicates,
+        "dropped": a.dropped,
+        "unexplained": a.unexplained,
+    })
+}
+
+fn account_line(a: &Account) -> String {
+    let missing = if a.unexplained.is_empty() {
+        "none missing".to_string()
+    } else {
+        format!("{} MISSING {:?}", a.unexplained.len(), a.unexplained)
+    };
+    format!(
+        "summary {} boot {:016x}: batches {}..={}, {} received ({} records), {} duplicates, {} dropped by the device, {missing}",
+        a.device, a.boot_id, a.first_seq, a.last_seq, a.batches, a.records, a.duplicates, a.dropped
+    )
+}
+
+/// One record for people: time, device, module (or kilnd), what happened.
+fn line(device: &str, r: &Record) -> String {
+    let who = r.module.as_deref().unwrap_or("kilnd");
+    let what = match &r.body {
+        Body::Telemetry { stream, data } => match std::str::from_utf8(data) {
+            Ok(text) => format!("{stream} {text}"),
+            Err(_) => format!("{stream} 0x{}", hex::encode(data)),
+        },
+        Body::Log { level, line, .. } => format!("{} {line}", level.as_str()),
+        Body::Started(s) => format!(
+            "started v{} (attempt {}) in {:.1} ms: verify {:.1}, deserialize {:.1}, instantiate {:.1}, init {:.1}",
+            s.version,
+            s.attempt,
+            ms(s.start_us),
+            ms(s.verify_us),
+            ms(s.deserialize_us),
+            ms(s.instantiate_us),
+            ms(s.init_us)
+        ),
+        Body::TickFailed { status } => format!("kiln_tick returned {status}"),
+        Body::Stopped(s) => match s.restart_in_ms {
+            Some(ms) => format!("stopped: {}; restart in {ms} ms", s.why),
+            None => format!("stopped: {}", s.why),
+        },
+        Body::Failed { crashes, window_s } => {
+            format!("FAILED: {crashes} crashes within {window_s} s; not restarting")
+        }
+        Body::ModuleStats(s) => format!(
+            "stats: cpu {} ms, rss {} KiB, {} pages, {} calls, fuel {}, {} traps, {} restarts",
+            s.cpu_ms,
+            s.rss_kib.unwrap_or(0),
+            s.memory_pages,
+            s.calls,
+            s.fuel_used,
+            s.traps,
+            s.restarts
+        ),
+        Body::DeviceStats(s) => format!(
+            "stats: up {} s, load {:.2}, {} MiB available, {} MiB disk free, kilnd rss {} KiB, spool {} batches ({} B), dropped {} batches",
+            s.uptime_s,
+            s.load_milli as f64 / 1000.0,
+            s.mem_available_kib / 1024,
+            s.disk_free_kib / 1024,
+            s.kilnd_rss_kib,
+            s.spool_batches,
+            s.spool_bytes,
+            s.dropped_batches
+        ),
+        Body::Dropped(d) => format!(
+            "DROPPED batches {}..={} of boot {:016x} ({} records): the device's spool was full",
+            d.first_seq, d.last_seq, d.boot_id, d.records
+        ),
+    };
+    format!("{} {device} {who} {what}", clock(r.at_ms))
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+/// `HH:MM:SS.mmm` UTC.
+fn clock(at_ms: u64) -> String {
+    let day_ms = at_ms % 86_400_000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        day_ms / 3_600_000,
+        day_ms / 60_000 % 60,
+        day_ms / 1000 % 60,
+        day_ms % 1000
+    )
+}
+
+fn now_ms() -> u64 {
+    crate::broker::now_ms()
+}
