@@ -94,7 +94,8 @@ echo "(every record: $out/kilnd-serve.jsonl; kilnd's own log: $out/kilnd-serve.l
 
 echo
 echo "A fleet: an aarch64 and a riscv64 device (kilnd serve under qemu) follow desired"
-echo "state from a mosquitto broker; v1 and v2 roll out, a v3 that crashes rolls back."
+echo "state from a mosquitto broker; v1 and v2 roll out, their telemetry streams to"
+echo "\`kiln watch\`, and a v3 that crashes rolls back."
 port=$((20000 + RANDOM % 20000))
 broker="mqtt://127.0.0.1:$port"
 mkdir -p "$out/broker"
@@ -114,6 +115,9 @@ trust = ["fleet.pub"]
 worker_launcher = ["qemu-$arch", "-L", "/usr/$arch-linux-gnu"]
 [mqtt]
 broker = "$broker"
+[telemetry]
+batch_ms = 500
+stats_s = 2
 TOML
   for v in 1 2; do
     "$kiln" compile "$sensor" --target "$target" --sign "$out/fleet.key" -o "$out/app-v$v-$target.kiln" --name app --version "$v" 2>/dev/null
@@ -138,6 +142,9 @@ push_all 1; wait_for 'app@1 .*committed'
 step "$kiln" devices --broker "$broker"
 push_all 2; wait_for 'app@2 .*committed'
 step "$kiln" devices --broker "$broker"
+echo "Live telemetry from both emulated devices: records in postcard batches, each batch"
+echo "numbered per boot; watch would say GAP or duplicate if one went missing or came twice."
+step "$kiln" watch --broker "$broker" --duration 5
 echo "v3 divides by zero on its third tick:"
 push_all 3; wait_for 'app@2 .*rolled back'
 step "$kiln" devices --broker "$broker"

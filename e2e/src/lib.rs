@@ -58,6 +58,18 @@ pub fn kilnd_path(profile: &TargetProfile) -> PathBuf {
     path
 }
 
+/// The host tool `kiln` (debug build, as scripts/build.sh makes it), for commands a
+/// test runs as a separate process, like `kiln watch`.
+pub fn kiln_path() -> PathBuf {
+    let path = target_dir().join("debug/kiln");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p kiln-compiler` (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
 /// A built example or fixture, by file name: `hello.wasm`, `sensor_filter.wasm` (Rust,
 /// built by scripts/test.sh for wasm32-wasip1), `compute.wat`, or `fixtures/*.wat`.
 pub fn source(name: &str) -> PathBuf {

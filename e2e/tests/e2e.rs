@@ -9,6 +9,7 @@ mod headless;
 mod refusals;
 mod run;
 mod sandbox;
+mod telemetry;
 mod util;
 
 pub use kiln_e2e::DEVICES;

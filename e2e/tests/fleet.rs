@@ -2,11 +2,10 @@
 //! host, `kilnd serve` with `[mqtt]` as the device (natively, and the aarch64 build under
 //! qemu-user), events and reported state read back from the broker.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser;
 use kiln_compiler::commands::gc::GcCommand;
@@ -19,7 +18,7 @@ use kiln_protocol::keys::SecretKey;
 use rumqttc::{Client, MqttOptions, Packet, QoS};
 use serde_json::Value;
 
-use crate::util::{path_str, shared, Device};
+use crate::util::{eventually, path_str, shared, FleetDevice};
 use kiln_e2e::mosquitto::{Broker, Pki};
 
 /// Every event and the latest reported state of a device, as the broker delivers them.
@@ -105,146 +104,6 @@ impl Watch {
         let Reported::V1(r) = self.reported.lock().unwrap().clone()?;
         let m = r.modules.iter().find(|m| m.name == "app")?;
         Some((m.version, format!("{:?}", m.state)))
-    }
-}
-
-/// Polls `done` until it holds; fails with `explain()` after `limit`.
-fn eventually(limit: Duration, done: impl Fn() -> bool, explain: impl Fn() -> String) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?}: {}",
-            explain()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A device: `kilnd serve` with a broker, its data dir kept across restarts.
-struct FleetDevice {
-    device: Device,
-    id: String,
-    dir: PathBuf,
-    broker: String,
-    child: Option<Child>,
-    records: Arc<Mutex<Vec<Value>>>,
-    groups: Vec<String>,
-    /// Extra lines for the [mqtt] section.
-    mqtt_extra: String,
-    _keep: Option<tempfile::TempDir>,
-}
-
-impl FleetDevice {
-    fn new(target: &str, id: &str, broker: &Broker) -> Self {
-        let keep = tempfile::tempdir().unwrap();
-        Self {
-            device: Device::new(target),
-            id: id.into(),
-            dir: keep.path().to_path_buf(),
-            broker: broker.url(),
-            child: None,
-            records: Arc::default(),
-            groups: Vec::new(),
-            mqtt_extra: String::new(),
-            _keep: Some(keep),
-        }
-    }
-
-    fn start(&mut self, fault: Option<&str>) {
-        let launcher: Vec<String> = self
-            .device
-            .profile
-            .qemu
-            .iter()
-            .map(|a| format!("{a:?}"))
-            .collect();
-        let config = self.dir.join("kilnd.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "device = {:?}\ndata_dir = \"data\"\ntrust = [{:?}]\nworker_launcher = [{}]\n[mqtt]\nbroker = {:?}\ngroups = {:?}\n{}",
-                self.id,
-                path_str(&shared().trust()),
-                launcher.join(", "),
-                self.broker,
-                self.groups,
-                self.mqtt_extra
-            ),
-        )
-        .unwrap();
-        let mut cmd = self
-            .device
-            .command(&["serve", "--config", path_str(&config)]);
-        if let Some(step) = fault {
-            cmd.env("KILN_FAULT", step);
-        }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("stderr.txt"))
-            .unwrap();
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("spawn kilnd serve");
-        let stdout = child.stdout.take().unwrap();
-        let records = self.records.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    records.lock().unwrap().push(v);
-                }
-            }
-        });
-        self.child = Some(child);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Waits for kilnd to die on its own (fault injection).
-    fn wait_dead(&mut self, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        let child = self.child.as_mut().expect("running");
-        loop {
-            if child.try_wait().unwrap().is_some() {
-                self.child = None;
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "kilnd did not die\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Versions of `app` started so far, in order.
-    fn started_versions(&self) -> Vec<u64> {
-        self.records
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|r| r["module"] == "app" && r["kind"] == "started")
-            .filter_map(|r| r["version"].as_u64())
-            .collect()
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.join("stderr.txt")).unwrap_or_default()
-    }
-}
-
-impl Drop for FleetDevice {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 

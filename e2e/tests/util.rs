@@ -4,14 +4,18 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Mutex, OnceLock};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use kiln_compiler::commands::keygen::KeygenCommand;
 pub use kiln_e2e::{compile, kilnd_path, path_str, profile, repo, source};
+use kiln_e2e::mosquitto::Broker;
 use kiln_protocol::target::TargetProfile;
+use serde_json::Value;
 
 /// Source name, target, extra `kiln compile` options.
 type CompileKey = (String, String, Vec<String>);
@@ -174,5 +178,168 @@ impl fmt::Display for Run {
         writeln!(f, "exit code: {:?}", self.code)?;
         writeln!(f, "--- stdout ---\n{}", self.stdout)?;
         write!(f, "--- stderr ---\n{}", self.stderr)
+    }
+}
+
+/// Polls `done` until it holds; fails with `explain()` after `limit`.
+pub fn eventually(limit: Duration, done: impl Fn() -> bool, explain: impl Fn() -> String) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?}: {}",
+            explain()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A device: `kilnd serve` with a broker, its data dir kept across restarts.
+pub struct FleetDevice {
+    pub device: Device,
+    pub id: String,
+    pub dir: PathBuf,
+    pub broker: String,
+    child: Option<Child>,
+    /// Reads kilnd's stdout until it closes.
+    reader: Option<std::thread::JoinHandle<()>>,
+    /// Every JSON line kilnd printed on stdout.
+    pub records: Arc<Mutex<Vec<Value>>>,
+    pub groups: Vec<String>,
+    /// Extra lines after the [mqtt] section's own: more keys, or further tables.
+    pub mqtt_extra: String,
+    _keep: Option<tempfile::TempDir>,
+}
+
+impl FleetDevice {
+    pub fn new(target: &str, id: &str, broker: &Broker) -> Self {
+        let keep = tempfile::tempdir().unwrap();
+        Self {
+            device: Device::new(target),
+            id: id.into(),
+            dir: keep.path().to_path_buf(),
+            broker: broker.url(),
+            child: None,
+            reader: None,
+            records: Arc::default(),
+            groups: Vec::new(),
+            mqtt_extra: String::new(),
+            _keep: Some(keep),
+        }
+    }
+
+    pub fn start(&mut self, fault: Option<&str>) {
+        let launcher: Vec<String> = self
+            .device
+            .profile
+            .qemu
+            .iter()
+            .map(|a| format!("{a:?}"))
+            .collect();
+        let config = self.dir.join("kilnd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "device = {:?}\ndata_dir = \"data\"\ntrust = [{:?}]\nworker_launcher = [{}]\n[mqtt]\nbroker = {:?}\ngroups = {:?}\n{}",
+                self.id,
+                path_str(&shared().trust()),
+                launcher.join(", "),
+                self.broker,
+                self.groups,
+                self.mqtt_extra
+            ),
+        )
+        .unwrap();
+        let mut cmd = self
+            .device
+            .command(&["serve", "--config", path_str(&config)]);
+        if let Some(step) = fault {
+            cmd.env("KILN_FAULT", step);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("stderr.txt"))
+            .unwrap();
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn kilnd serve");
+        let stdout = child.stdout.take().unwrap();
+        let records = self.records.clone();
+        self.reader = Some(std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    records.lock().unwrap().push(v);
+                }
+            }
+        }));
+        self.child = Some(child);
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.read_to_end();
+    }
+
+    /// Waits until every line kilnd printed is in `records`.
+    fn read_to_end(&mut self) {
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+
+    /// Stops kilnd as a service manager would (SIGTERM) and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+        self.read_to_end();
+    }
+
+    /// Waits for kilnd to die on its own (fault injection).
+    pub fn wait_dead(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                self.child = None;
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kilnd did not die\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Versions of `app` started so far, in order.
+    pub fn started_versions(&self) -> Vec<u64> {
+        self.records
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r["module"] == "app" && r["kind"] == "started")
+            .filter_map(|r| r["version"].as_u64())
+            .collect()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.txt")).unwrap_or_default()
+    }
+}
+
+impl Drop for FleetDevice {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

@@ -43,6 +43,7 @@ fn main() {
     let mut start_rows = Vec::new();
     let mut metering_rows = Vec::new();
     let mut update_rows = Vec::new();
+    let mut telemetry_rows = Vec::new();
     for name in &args.targets {
         let target = Target::new(name, dir.path(), &key);
         eprintln!("bench: {name}: worker start x{}", args.runs);
@@ -51,6 +52,8 @@ fn main() {
         metering_rows.push(metering(&target, args.runs));
         eprintln!("bench: {name}: fleet updates x{}", args.runs);
         update_rows.extend(update_latency(&target, args.runs));
+        eprintln!("bench: {name}: telemetry throughput");
+        telemetry_rows.push(telemetry_throughput(&target));
     }
 
     println!(
@@ -107,6 +110,36 @@ fn main() {
             "throughput",
         ],
         &update_rows,
+    );
+    println!("\n### Telemetry over MQTT (mosquitto on loopback), one device\n");
+    println!(
+        "The counter fixture publishes {BURST} records of 8 bytes per 1 ms tick (the offered load);"
+    );
+    println!(
+        "kilnd batches them (16 KiB or 1 s), writes each batch durably to its spool (fsync), then"
+    );
+    println!(
+        "publishes it with QoS 1. `received` is what a subscriber decoded per second over {TELEMETRY_SECS} s"
+    );
+    println!(
+        "after a 2 s warm-up; bytes per record are the batches' payload bytes over their records,"
+    );
+    println!(
+        "against the same record as a JSON line (kilnd's stdout form); spool write is the time per"
+    );
+    println!("durable append as kilnd's device-stats record reports it.\n");
+    table(
+        &[
+            "target",
+            "mode",
+            "received",
+            "postcard B/record",
+            "JSON B/record",
+            "spool write per batch",
+            "spool write per record",
+            "records per batch",
+        ],
+        &telemetry_rows,
     );
 }
 
@@ -360,6 +393,123 @@ fn update_latency(target: &Target, runs: usize) -> Vec<Vec<String>> {
     let _ = child.kill();
     let _ = child.wait();
     rows
+}
+
+/// Records per tick of the counter fixture in the telemetry bench.
+const BURST: u32 = 100;
+const TELEMETRY_SECS: u64 = 5;
+
+#[derive(Default)]
+struct Received {
+    records: u64,
+    counters: u64,
+    payload_bytes: u64,
+    batches: u64,
+    /// The telemetry records as JSON lines would be.
+    json_bytes: u64,
+    /// The latest device-stats record: (spool appends, their total µs).
+    spool: Option<(u64, u64)>,
+}
+
+fn telemetry_throughput(target: &Target) -> Vec<String> {
+    let broker = Broker::start();
+    let device = format!("tele-{}", target.name);
+    let counter = target.artifact("fixtures/counter.wat", "counter", &[]);
+    let config = target.config(
+        &device,
+        &format!(
+            "device = {device:?}\ndata_dir = \"data\"\n[mqtt]\nbroker = {:?}\n[telemetry]\nstats_s = 1\nstdout = false\n[[module]]\nname = \"counter\"\nartifact = {:?}\nconfig = \"{BURST}\"\ntick_ms = 1\ntimeout_ms = 20000\n",
+            broker.url(),
+            path_str(&counter)
+        ),
+    );
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Received::default()));
+    subscribe_telemetry(&broker, &device, received.clone());
+    let (mut child, _records) = target.serve(&config);
+    std::thread::sleep(Duration::from_secs(2));
+    let take = || {
+        let r = received.lock().unwrap_or_else(|e| e.into_inner());
+        (r.records, r.counters, r.payload_bytes, r.batches, r.spool)
+    };
+    let (_, c0, _, _, _) = take();
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(TELEMETRY_SECS));
+    let (records, c1, bytes, batches, spool) = take();
+    let json_len = received
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .json_bytes as f64
+        / c1.max(1) as f64;
+    let rate = (c1 - c0) as f64 / started.elapsed().as_secs_f64();
+    let _ = child.kill();
+    let _ = child.wait();
+    let (appends, append_us) = spool.unwrap_or((0, 0));
+    let per_batch_us = append_us as f64 / appends.max(1) as f64;
+    let per_record = records as f64 / batches.max(1) as f64;
+    vec![
+        target.name.clone(),
+        target.mode().into(),
+        format!("{rate:.0} records/s"),
+        format!("{:.1}", bytes as f64 / records.max(1) as f64),
+        format!("{json_len:.1}"),
+        format!("{:.2} ms", per_batch_us / 1000.0),
+        format!("{:.1} µs", per_batch_us / per_record.max(1.0)),
+        format!("{per_record:.0}"),
+    ]
+}
+
+/// Counts what arrives on the device's telemetry topic.
+fn subscribe_telemetry(
+    broker: &Broker,
+    device: &str,
+    received: std::sync::Arc<std::sync::Mutex<Received>>,
+) {
+    use kiln_protocol::telemetry::{to_json, Batch, Body};
+    use rumqttc::{Client, MqttOptions, Packet, QoS};
+    let topic = kiln_protocol::fleet::Topics::new(kiln_protocol::fleet::DEFAULT_PREFIX)
+        .telemetry(device);
+    let mut options = MqttOptions::new(format!("bench-sub-{device}"), "127.0.0.1", broker.port);
+    options.set_max_packet_size(4 << 20, 4 << 20);
+    let (client, mut connection) = Client::new(options, 10);
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for event in connection.iter() {
+            match event {
+                Ok(rumqttc::Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.subscribe(&topic, QoS::AtLeastOnce);
+                }
+                Ok(rumqttc::Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = ready_tx.send(());
+                }
+                Ok(rumqttc::Event::Incoming(Packet::Publish(p))) => {
+                    let Ok(batch) = Batch::decode(&p.payload) else {
+                        continue;
+                    };
+                    let mut r = received.lock().unwrap_or_else(|e| e.into_inner());
+                    r.batches += 1;
+                    r.payload_bytes += p.payload.len() as u64;
+                    r.records += batch.records.len() as u64;
+                    for record in &batch.records {
+                        match &record.body {
+                            Body::Telemetry { .. } => {
+                                r.counters += 1;
+                                r.json_bytes += to_json(record).to_string().len() as u64 + 1;
+                            }
+                            Body::DeviceStats(s) => {
+                                r.spool = Some((s.spool_appends, s.spool_append_us))
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    ready
+        .recv_timeout(Duration::from_secs(10))
+        .expect("subscribed to telemetry");
 }
 
 fn print_machine(args: &Args) {
