@@ -222,7 +222,11 @@ fn broker_outage_loses_nothing(target: &str, id: &str) {
         during > 50,
         "records made during the outage were replayed: {during}"
     );
-    assert!(watch.of_kind("gap").is_empty(), "{:?}", watch.of_kind("gap"));
+    assert!(
+        watch.of_kind("gap").is_empty(),
+        "{:?}",
+        watch.of_kind("gap")
+    );
     assert_eq!(summary.len(), 1, "one boot: {summary:?}");
     assert_eq!(summary[0]["first_seq"], 0);
     assert_eq!(summary[0]["unexplained"], serde_json::json!([]));
@@ -277,7 +281,10 @@ fn kilnd_killed_while_offline_replays_its_spool_and_duplicates_show_once() {
     let first_run = counters(&device.records.lock().unwrap());
     let spool = spooled(&spool_dir(&device));
     let (boot, last_spooled) = *spool.iter().max_by_key(|(_, seq)| *seq).unwrap();
-    assert!(spool.len() >= 10, "batches spooled while offline: {spool:?}");
+    assert!(
+        spool.len() >= 10,
+        "batches spooled while offline: {spool:?}"
+    );
     let copies = tempfile::tempdir().unwrap();
     for e in std::fs::read_dir(spool_dir(&device)).unwrap() {
         let path = e.unwrap().path();
@@ -393,7 +400,12 @@ fn a_full_spool_drops_the_oldest_batches_and_reports_exactly_those() {
     eventually(
         Duration::from_secs(10),
         || received(&watch) + dropped_records >= printed,
-        || format!("received {} + dropped {dropped_records} < printed {printed}", received(&watch)),
+        || {
+            format!(
+                "received {} + dropped {dropped_records} < printed {printed}",
+                received(&watch)
+            )
+        },
     );
     let (code, summary) = watch.stop();
 

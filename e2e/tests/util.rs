@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use kiln_compiler::commands::keygen::KeygenCommand;
-pub use kiln_e2e::{compile, kilnd_path, path_str, profile, repo, source};
 use kiln_e2e::mosquitto::Broker;
+pub use kiln_e2e::{compile, kilnd_path, path_str, profile, repo, source};
 use kiln_protocol::target::TargetProfile;
 use serde_json::Value;
 

@@ -44,7 +44,10 @@ pub struct Record {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Body {
     /// What a module published with `kiln.publish`.
-    Telemetry { stream: String, data: Vec<u8> },
+    Telemetry {
+        stream: String,
+        data: Vec<u8>,
+    },
     /// A module's `kiln.log` line, or a line of its captured stdout/stderr.
     Log {
         level: Level,
@@ -53,10 +56,15 @@ pub enum Body {
     },
     Started(Started),
     /// `kiln_tick` returned a non-zero status.
-    TickFailed { status: i32 },
+    TickFailed {
+        status: i32,
+    },
     Stopped(Stopped),
     /// The supervisor gave up on the module: too many crashes in the window.
-    Failed { crashes: u32, window_s: u64 },
+    Failed {
+        crashes: u32,
+        window_s: u64,
+    },
     ModuleStats(ModuleStats),
     DeviceStats(DeviceStats),
     /// Batches the device's spool dropped, oldest first, because it was full.
@@ -439,7 +447,9 @@ mod tests {
         let bytes = Batch::encode(&batch);
         assert_eq!(Batch::decode(&bytes).unwrap(), batch);
         assert!(Batch::decode(&bytes[..bytes.len() - 1]).is_err());
-        assert!(Batch::decode(&[9, 9, 9]).unwrap_err().contains("not a telemetry batch"));
+        assert!(Batch::decode(&[9, 9, 9])
+            .unwrap_err()
+            .contains("not a telemetry batch"));
         assert!(Batch::decode(&vec![0; MAX_BATCH + 1])
             .unwrap_err()
             .contains("limit"));
@@ -471,7 +481,10 @@ mod tests {
             }
         );
         // Another boot is its own stream.
-        assert!(matches!(t.batch("d", 2, 0, 1), Verdict::New { gap: None, .. }));
+        assert!(matches!(
+            t.batch("d", 2, 0, 1),
+            Verdict::New { gap: None, .. }
+        ));
         t.dropped(
             "d",
             &Dropped {
@@ -498,13 +511,16 @@ mod tests {
             records: 10,
         };
         let merged = coalesce(vec![d(1, 3, 4), d(2, 0, 0), d(1, 0, 2), d(1, 9, 9)]);
-        assert_eq!(merged, vec![
-            Dropped {
-                records: 20,
-                ..d(1, 0, 4)
-            },
-            d(1, 9, 9),
-            d(2, 0, 0)
-        ]);
+        assert_eq!(
+            merged,
+            vec![
+                Dropped {
+                    records: 20,
+                    ..d(1, 0, 4)
+                },
+                d(1, 9, 9),
+                d(2, 0, 0)
+            ]
+        );
     }
 }

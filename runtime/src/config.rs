@@ -438,12 +438,17 @@ restart = { backoff_ms = 100, max_crashes = 3 }
         let text = format!("{mqtt}[telemetry]\nspool_limit = \"64KiB\"\nbatch_bytes = 1024\n");
         let (config, _) = load_config(&text).unwrap();
         let t = config.telemetry.unwrap();
-        assert_eq!((t.spool_limit, t.batch_bytes, t.batch_ms), (65536, 1024, 1000));
+        assert_eq!(
+            (t.spool_limit, t.batch_bytes, t.batch_ms),
+            (65536, 1024, 1000)
+        );
         let tiny = format!("{mqtt}[telemetry]\nspool_limit = 100\n");
         let err = load_config(&tiny).unwrap_err();
         assert!(err.contains("at least 4 batches"), "{err}");
         let alone = "trust = [\"k.pub\"]\n[[module]]\nartifact = \"a.kiln\"\n[telemetry]\n";
-        assert!(load(alone).unwrap_err().contains("[telemetry] needs [mqtt]"));
+        assert!(load(alone)
+            .unwrap_err()
+            .contains("[telemetry] needs [mqtt]"));
     }
 
     #[test]

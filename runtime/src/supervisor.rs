@@ -156,14 +156,16 @@ pub struct Counters {
 impl Counters {
     fn called(&self, done: &Done) {
         self.calls.fetch_add(1, Relaxed);
-        self.fuel_used.fetch_add(done.fuel_used.unwrap_or(0), Relaxed);
+        self.fuel_used
+            .fetch_add(done.fuel_used.unwrap_or(0), Relaxed);
         self.memory_pages.store(done.memory_pages, Relaxed);
     }
 
     pub fn stats(&self) -> ModuleStats {
         let pid = self.pid.load(Relaxed);
         let running = (pid != 0).then_some(pid);
-        let cpu_us = self.ended_cpu_us.load(Relaxed) + running.and_then(procfs::cpu_us).unwrap_or(0);
+        let cpu_us =
+            self.ended_cpu_us.load(Relaxed) + running.and_then(procfs::cpu_us).unwrap_or(0);
         ModuleStats {
             cpu_ms: cpu_us / 1000,
             rss_kib: running.and_then(procfs::rss_kib),

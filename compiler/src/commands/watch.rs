@@ -55,7 +55,10 @@ impl WatchCommand {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe {
             libc::signal(libc::SIGINT, interrupted as *const () as libc::sighandler_t);
-            libc::signal(libc::SIGTERM, interrupted as *const () as libc::sighandler_t);
+            libc::signal(
+                libc::SIGTERM,
+                interrupted as *const () as libc::sighandler_t,
+            );
         }
         let topics = self.broker.topics();
         let device = self.device.as_deref().unwrap_or("+");
@@ -82,8 +85,7 @@ impl WatchCommand {
         let mut connected_once = false;
         let mut down = false;
         let mut announced = false;
-        while !INTERRUPTED.load(Ordering::SeqCst) && deadline.is_none_or(|d| Instant::now() < d)
-        {
+        while !INTERRUPTED.load(Ordering::SeqCst) && deadline.is_none_or(|d| Instant::now() < d) {
             match connection.recv_timeout(Duration::from_millis(200)) {
                 Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
                     if down {
@@ -140,7 +142,9 @@ impl WatchCommand {
         if unexplained > 0 {
             return Err(coded(
                 Code::Failure,
-                anyhow!("{unexplained} telemetry batches never arrived and were not reported dropped"),
+                anyhow!(
+                    "{unexplained} telemetry batches never arrived and were not reported dropped"
+                ),
             ));
         }
         Ok(())

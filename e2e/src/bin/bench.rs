@@ -466,8 +466,8 @@ fn subscribe_telemetry(
 ) {
     use kiln_protocol::telemetry::{to_json, Batch, Body};
     use rumqttc::{Client, MqttOptions, Packet, QoS};
-    let topic = kiln_protocol::fleet::Topics::new(kiln_protocol::fleet::DEFAULT_PREFIX)
-        .telemetry(device);
+    let topic =
+        kiln_protocol::fleet::Topics::new(kiln_protocol::fleet::DEFAULT_PREFIX).telemetry(device);
     let mut options = MqttOptions::new(format!("bench-sub-{device}"), "127.0.0.1", broker.port);
     options.set_max_packet_size(4 << 20, 4 << 20);
     let (client, mut connection) = Client::new(options, 10);

@@ -84,7 +84,11 @@ impl Pipeline {
         }
         let (batches, bytes) = spool.depth();
         if batches > 0 {
-            tracing::info!(batches, bytes, "telemetry spool holds batches of an earlier run");
+            tracing::info!(
+                batches,
+                bytes,
+                "telemetry spool holds batches of an earlier run"
+            );
         }
         let stats_every = Duration::from_secs(settings.stats_s);
         Ok(Self {
