@@ -434,3 +434,42 @@ fn now_ms() -> u64 {
         .unwrap()
         .as_millis() as u64
 }
+
+#[test]
+fn kilnd_stats_count_a_crashing_modules_traps_and_restarts() {
+    let broker = Broker::start();
+    let mut watch = Watcher::start(&broker, "stats");
+    let trap_tick = shared().artifact("fixtures/trap-tick.wat", "x86_64-linux");
+    let mut device = FleetDevice::new("x86_64-linux", "stats-01", &broker);
+    device.mqtt_extra = format!(
+        "[telemetry]\nstats_s = 1\nbatch_ms = 100\n[[module]]\nname = \"trap-tick\"\nartifact = {:?}\ntick_ms = 50\nrestart = {{ backoff_ms = 100, max_crashes = 10 }}\n",
+        path_str(&trap_tick)
+    );
+    device.start(None);
+    let stats = || {
+        watch
+            .of_kind("module-stats")
+            .into_iter()
+            .filter(|v| v["module"] == "trap-tick")
+            .last()
+    };
+    eventually(
+        Duration::from_secs(30),
+        || stats().is_some_and(|s| s["traps"].as_u64().unwrap() >= 3),
+        || format!("module stats: {:?}\n{}", stats(), device.stderr()),
+    );
+    device.stop();
+    let s = stats().unwrap();
+    let (code, _) = watch.stop();
+    let (traps, restarts) = (
+        s["traps"].as_u64().unwrap(),
+        s["restarts"].as_u64().unwrap(),
+    );
+    // Each trap is followed by a restart, unless the stats were taken during a backoff.
+    assert!(
+        restarts == traps || restarts + 1 == traps,
+        "traps {traps}, restarts {restarts}: {s}"
+    );
+    assert!(s["calls"].as_u64().unwrap() >= 2 * traps, "{s}");
+    assert_eq!(code, Some(0));
+}

@@ -315,6 +315,8 @@ pub fn supervise(mut module: Supervised, workers: WorkerCommand, sink: Sender<Re
             }
             break;
         }
+        // A restart after a crash; a swap is not one.
+        module.counters.restarts.fetch_add(1, Relaxed);
     }
 }
 
@@ -339,9 +341,6 @@ fn run_worker(
     };
     let counters = &module.counters;
     counters.pid.store(child.id(), Relaxed);
-    if attempt > 1 {
-        counters.restarts.fetch_add(1, Relaxed);
-    }
     let mut worker = Worker::attach(&mut child);
     let spec = StartSpec {
         artifact: plan.artifact.display().to_string(),

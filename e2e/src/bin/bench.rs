@@ -28,6 +28,23 @@ struct Args {
     /// Target profiles to measure, comma-separated
     #[arg(long, value_delimiter = ',', default_values_t = DEVICES.map(String::from))]
     targets: Vec<String>,
+    /// Sections to run, comma-separated (default: all)
+    #[arg(long, value_delimiter = ',', value_enum)]
+    only: Vec<Section>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Section {
+    Start,
+    Metering,
+    Update,
+    Telemetry,
+}
+
+impl Args {
+    fn wants(&self, section: Section) -> bool {
+        self.only.is_empty() || self.only.contains(&section)
+    }
 }
 
 fn main() {
@@ -46,20 +63,39 @@ fn main() {
     let mut telemetry_rows = Vec::new();
     for name in &args.targets {
         let target = Target::new(name, dir.path(), &key);
-        eprintln!("bench: {name}: worker start x{}", args.runs);
-        start_rows.push(worker_start(&target, args.runs));
-        eprintln!("bench: {name}: metering x{}", args.runs);
-        metering_rows.push(metering(&target, args.runs));
-        eprintln!("bench: {name}: fleet updates x{}", args.runs);
-        update_rows.extend(update_latency(&target, args.runs));
-        eprintln!("bench: {name}: telemetry throughput");
-        telemetry_rows.push(telemetry_throughput(&target));
+        if args.wants(Section::Start) {
+            eprintln!("bench: {name}: worker start x{}", args.runs);
+            start_rows.push(worker_start(&target, args.runs));
+        }
+        if args.wants(Section::Metering) {
+            eprintln!("bench: {name}: metering x{}", args.runs);
+            metering_rows.push(metering(&target, args.runs));
+        }
+        if args.wants(Section::Update) {
+            eprintln!("bench: {name}: fleet updates x{}", args.runs);
+            update_rows.extend(update_latency(&target, args.runs));
+        }
+        if args.wants(Section::Telemetry) {
+            eprintln!("bench: {name}: telemetry throughput");
+            telemetry_rows.push(telemetry_throughput(&target));
+        }
     }
+    if !start_rows.is_empty() {
+        print_start(&start_rows, args.runs);
+    }
+    if !metering_rows.is_empty() {
+        print_metering(&metering_rows, args.runs);
+    }
+    if !update_rows.is_empty() {
+        print_update(&update_rows, args.runs);
+    }
+    if !telemetry_rows.is_empty() {
+        print_telemetry(&telemetry_rows);
+    }
+}
 
-    println!(
-        "\n### Worker start: sensor-filter (Rust reactor), median of {} cold starts\n",
-        args.runs
-    );
+fn print_start(start_rows: &[Vec<String>], runs: usize) {
+    println!("\n### Worker start: sensor-filter (Rust reactor), median of {runs} cold starts\n");
     println!(
         "spawn + read + verify + deserialize + instantiate + kiln_init + first kiln_tick, as the"
     );
@@ -78,20 +114,20 @@ fn main() {
             "first tick",
             "idle RSS",
         ],
-        &start_rows,
+        start_rows,
     );
-    println!(
-        "\n### Metering: compute.wat (sieve of 1,000,000), `_start` time, median of {}\n",
-        args.runs
-    );
+}
+
+fn print_metering(metering_rows: &[Vec<String>], runs: usize) {
+    println!("\n### Metering: compute.wat (sieve of 1,000,000), `_start` time, median of {runs}\n");
     table(
         &["target", "mode", "plain", "metered (--fuel)", "overhead"],
-        &metering_rows,
+        metering_rows,
     );
-    println!(
-        "\n### Fleet update over MQTT (mosquitto on loopback), median of {}\n",
-        args.runs
-    );
+}
+
+fn print_update(update_rows: &[Vec<String>], runs: usize) {
+    println!("\n### Fleet update over MQTT (mosquitto on loopback), median of {runs}\n");
     println!(
         "A reactor whose data segment makes the artifact the given size. `upload` is `kiln push`"
     );
@@ -109,8 +145,11 @@ fn main() {
             "push -> running",
             "throughput",
         ],
-        &update_rows,
+        update_rows,
     );
+}
+
+fn print_telemetry(telemetry_rows: &[Vec<String>]) {
     println!("\n### Telemetry over MQTT (mosquitto on loopback), one device\n");
     println!(
         "The counter fixture publishes {BURST} records of 8 bytes per 1 ms tick (the offered load);"
@@ -127,7 +166,10 @@ fn main() {
     println!(
         "against the same record as a JSON line (kilnd's stdout form); spool write is the time per"
     );
-    println!("durable append as kilnd's device-stats record reports it.\n");
+    println!(
+        "durable append as kilnd's device-stats record reports it. A backlog near 0 batches means"
+    );
+    println!("kilnd kept up with the module, and `received` is what the module produced.\n");
     table(
         &[
             "target",
@@ -138,8 +180,9 @@ fn main() {
             "spool write per batch",
             "spool write per record",
             "records per batch",
+            "spool backlog at end",
         ],
-        &telemetry_rows,
+        telemetry_rows,
     );
 }
 
@@ -407,8 +450,8 @@ struct Received {
     batches: u64,
     /// The telemetry records as JSON lines would be.
     json_bytes: u64,
-    /// The latest device-stats record: (spool appends, their total µs).
-    spool: Option<(u64, u64)>,
+    /// The latest device-stats record: (spool appends, their total µs, batches waiting).
+    spool: Option<(u64, u64, u64)>,
 }
 
 fn telemetry_throughput(target: &Target) -> Vec<String> {
@@ -443,7 +486,7 @@ fn telemetry_throughput(target: &Target) -> Vec<String> {
     let rate = (c1 - c0) as f64 / started.elapsed().as_secs_f64();
     let _ = child.kill();
     let _ = child.wait();
-    let (appends, append_us) = spool.unwrap_or((0, 0));
+    let (appends, append_us, waiting) = spool.unwrap_or((0, 0, 0));
     let per_batch_us = append_us as f64 / appends.max(1) as f64;
     let per_record = records as f64 / batches.max(1) as f64;
     vec![
@@ -455,6 +498,7 @@ fn telemetry_throughput(target: &Target) -> Vec<String> {
         format!("{:.2} ms", per_batch_us / 1000.0),
         format!("{:.1} µs", per_batch_us / per_record.max(1.0)),
         format!("{per_record:.0}"),
+        format!("{waiting}"),
     ]
 }
 
@@ -496,7 +540,8 @@ fn subscribe_telemetry(
                                 r.json_bytes += to_json(record).to_string().len() as u64 + 1;
                             }
                             Body::DeviceStats(s) => {
-                                r.spool = Some((s.spool_appends, s.spool_append_us))
+                                r.spool =
+                                    Some((s.spool_appends, s.spool_append_us, s.spool_batches))
                             }
                             _ => {}
                         }
