@@ -1,11 +1,26 @@
 #!/usr/bin/env bash
-# The benchmark: builds what it needs (scripts/build.sh), then measures kiln on this
-# machine and prints markdown tables (the README quotes them). Not part of the tests.
+# The benchmark: builds what it needs, installs the peer runtimes it compares against
+# (scripts/peers.sh), then measures kiln on this machine and prints markdown tables
+# (the README quotes them). Not part of the tests.
 #   scripts/bench.sh [--runs N] [--targets x86_64-linux,aarch64-linux,riscv64-linux]
+#                    [--only size,start,speed,metering,update,telemetry]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${CARGO_TARGET_DIR:=$HOME/.cache/kiln/target}"
 export CARGO_TARGET_DIR
 
 scripts/build.sh >&2
+scripts/peers.sh >&2
+# The workloads and hello, from one source each: for wasm32-wasip1 and natively for
+# every device triple (run under qemu-user like kilnd).
+echo "build: workloads for wasm32-wasip1" >&2
+cargo build --locked --quiet --release --target wasm32-wasip1 \
+  --manifest-path examples/workloads/Cargo.toml --target-dir "$CARGO_TARGET_DIR/examples"
+for triple in x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu; do
+  for example in workloads hello; do
+    echo "build: $example natively for $triple" >&2
+    cargo build --locked --quiet --release --target "$triple" \
+      --manifest-path "examples/$example/Cargo.toml" --target-dir "$CARGO_TARGET_DIR/examples"
+  done
+done
 cargo run --locked --quiet -p kiln-e2e --bin bench -- "$@"

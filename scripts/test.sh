@@ -9,7 +9,7 @@ export CARGO_TARGET_DIR
 scripts/build.sh
 cargo fmt --all -- --check
 # The guest SDK and the Rust examples live outside the host workspace (wasm32 only).
-for crate in guest examples/hello examples/sensor-filter; do
+for crate in guest examples/hello examples/sensor-filter examples/workloads; do
   cargo fmt --manifest-path "$crate/Cargo.toml" -- --check
 done
 cargo clippy --locked --quiet --manifest-path guest/Cargo.toml --target wasm32-wasip1 \

@@ -9,8 +9,17 @@ use kiln_protocol::manifest::{
     ArtifactTarget, CompileSettings, Digest, EngineInfo, Import, ImportKind, Manifest,
 };
 use kiln_protocol::KILN_ABI_VERSION;
-use wasmer::sys::{Architecture, CompilerConfig, Cranelift, EngineBuilder, Features};
+use std::ptr::NonNull;
+
+use wasmer::sys::vm::{
+    MemoryError, MemoryStyle, TableStyle, VMMemory, VMMemoryDefinition, VMTable, VMTableDefinition,
+};
+use wasmer::sys::{
+    Architecture, BaseTunables, CompilerConfig, Cranelift, EngineBuilder, Features,
+    NativeEngineExt, Tunables,
+};
 use wasmer::{ExternType, Module};
+use wasmer::{MemoryType, TableType};
 use wasmer_middlewares::Metering;
 
 use crate::targets::ResolvedTarget;
@@ -26,6 +35,9 @@ pub struct CompileOptions {
     pub created_at: Option<u64>,
     /// Metering budget and memory cap, signed into the manifest.
     pub settings: CompileSettings,
+    /// Check memory accesses in code instead of relying on a reservation; see
+    /// [`BoundsChecked`].
+    pub bounds_checks: bool,
 }
 
 #[derive(Debug)]
@@ -62,10 +74,13 @@ pub fn compile(
         // per-call budget before every call and reads back what was used.
         cranelift.push_middleware(Arc::new(Metering::new(budget, |_: &_| 1)));
     }
-    let engine: wasmer::Engine = EngineBuilder::new(cranelift)
+    let mut engine: wasmer::Engine = EngineBuilder::new(cranelift)
         .set_target(Some(opts.target.wasmer_target()))
         .set_features(Some(wasm_features(&opts.target)))
         .into();
+    if opts.bounds_checks {
+        engine.set_tunables(BoundsChecked(BaseTunables::new()));
+    }
     // Cranelift reports some unsupported lowerings by panicking; kiln turns that into
     // an error naming the module instead of dying.
     let module =
@@ -159,5 +174,57 @@ fn kind_of(ty: &ExternType) -> ImportKind {
         ExternType::Table(_) => ImportKind::Table,
         ExternType::Global(_) => ImportKind::Global,
         ExternType::Tag(_) => ImportKind::Tag,
+    }
+}
+
+/// Compiles memories as "dynamic": every access is checked against the memory's
+/// current size in code. The default ("static") elides those checks by reserving
+/// 8 GiB of address space per memory and letting guard pages trap, which costs
+/// nothing on a device's kernel but about 140 ms per instance under qemu-user 7.x,
+/// which tracks every reserved page. The style is recorded in the compiled module,
+/// so kilnd creates each memory the way its code expects.
+struct BoundsChecked(BaseTunables);
+
+impl Tunables for BoundsChecked {
+    fn memory_style(&self, _: &MemoryType) -> MemoryStyle {
+        MemoryStyle::Dynamic {
+            offset_guard_size: 64 * 1024,
+        }
+    }
+
+    fn table_style(&self, table: &TableType) -> TableStyle {
+        self.0.table_style(table)
+    }
+
+    fn create_host_memory(
+        &self,
+        ty: &MemoryType,
+        style: &MemoryStyle,
+    ) -> Result<VMMemory, MemoryError> {
+        self.0.create_host_memory(ty, style)
+    }
+
+    unsafe fn create_vm_memory(
+        &self,
+        ty: &MemoryType,
+        style: &MemoryStyle,
+        location: NonNull<VMMemoryDefinition>,
+    ) -> Result<VMMemory, MemoryError> {
+        // SAFETY: forwarded unchanged from wasmer, which guarantees the location.
+        unsafe { self.0.create_vm_memory(ty, style, location) }
+    }
+
+    fn create_host_table(&self, ty: &TableType, style: &TableStyle) -> Result<VMTable, String> {
+        self.0.create_host_table(ty, style)
+    }
+
+    unsafe fn create_vm_table(
+        &self,
+        ty: &TableType,
+        style: &TableStyle,
+        location: NonNull<VMTableDefinition>,
+    ) -> Result<VMTable, String> {
+        // SAFETY: forwarded unchanged from wasmer, which guarantees the location.
+        unsafe { self.0.create_vm_table(ty, style, location) }
     }
 }

@@ -87,6 +87,7 @@ impl Translator<'_> {
             version: 1,
             created_at: None,
             settings: Default::default(),
+            bounds_checks: false,
         };
         aot::compile(wasm, &opts, self.key)
             .map(|c| c.bytes)

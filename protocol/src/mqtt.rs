@@ -1,11 +1,11 @@
 //! MQTT session options both sides build the same way (feature `mqtt`): the broker URL,
-//! TLS with a CA and an optional client certificate, credentials, and a packet limit
-//! that fits a chunk (rumqttc's default of 10 KiB would not).
+//! TLS with a CA and an optional client certificate (feature `tls`), credentials, and a
+//! packet limit that fits a chunk (rumqttc's default of 10 KiB would not).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use rumqttc::{MqttOptions, TlsConfiguration, Transport};
+use rumqttc::MqttOptions;
 
 use crate::fleet::parse_broker;
 
@@ -41,8 +41,6 @@ impl Connect {
         };
         match (url.tls, &self.ca) {
             (true, Some(ca)) => {
-                // One process-wide crypto provider; a second install is a no-op error.
-                let _ = rustls::crypto::ring::default_provider().install_default();
                 let client_auth = match (&self.client_cert, &self.client_key) {
                     (Some(c), Some(k)) => {
                         Some((read(c, "client certificate")?, read(k, "client key")?))
@@ -52,11 +50,12 @@ impl Connect {
                         return Err("a client certificate needs both a certificate and a key".into())
                     }
                 };
-                options.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
-                    ca: read(ca, "CA certificate")?,
-                    alpn: None,
+                tls(
+                    &mut options,
+                    read(ca, "CA certificate")?,
                     client_auth,
-                }));
+                    &self.broker,
+                )?;
             }
             (true, None) => {
                 return Err(format!(
@@ -74,4 +73,34 @@ impl Connect {
         }
         Ok(options)
     }
+}
+
+#[cfg(feature = "tls")]
+fn tls(
+    options: &mut MqttOptions,
+    ca: Vec<u8>,
+    client_auth: Option<(Vec<u8>, Vec<u8>)>,
+    _broker: &str,
+) -> Result<(), String> {
+    use rumqttc::{TlsConfiguration, Transport};
+    // One process-wide crypto provider; a second install is a no-op error.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    options.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+        ca,
+        alpn: None,
+        client_auth,
+    }));
+    Ok(())
+}
+
+#[cfg(not(feature = "tls"))]
+fn tls(
+    _: &mut MqttOptions,
+    _: Vec<u8>,
+    _: Option<(Vec<u8>, Vec<u8>)>,
+    broker: &str,
+) -> Result<(), String> {
+    Err(format!(
+        "broker `{broker}` uses TLS, but this build has no TLS (built without feature `tls`)"
+    ))
 }

@@ -41,6 +41,42 @@ pub struct Guest {
     captures: Vec<LineCapture>,
     // wasix does its file and timer I/O on a tokio runtime; one worker is plenty.
     tokio: tokio::runtime::Runtime,
+    /// Where instantiation spent its time, step by step.
+    pub steps: Steps,
+}
+
+/// Named durations of the steps of one operation, in order.
+#[derive(Debug, Default, Clone)]
+pub struct Steps {
+    last: Option<Instant>,
+    pub done: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl Steps {
+    fn start() -> Self {
+        Self {
+            last: Some(Instant::now()),
+            done: Vec::new(),
+        }
+    }
+
+    /// Ends the step running since the last mark.
+    fn mark(&mut self, step: &'static str) {
+        let now = Instant::now();
+        if let Some(last) = self.last.replace(now) {
+            self.done.push((step, now - last));
+        }
+    }
+}
+
+impl std::fmt::Display for Steps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (step, d)) in self.done.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{step} {:.2} ms", d.as_secs_f64() * 1000.0)?;
+        }
+        Ok(())
+    }
 }
 
 impl Guest {
@@ -49,6 +85,7 @@ impl Guest {
     pub fn instantiate(loaded: Loaded, opts: GuestOptions) -> Result<Self, Failure> {
         let name = loaded.manifest.name.clone();
         let fail = |why: String| Failure::new(Code::LoadFailed, format!("module `{name}` {why}"));
+        let mut steps = Steps::start();
         wasi::check_imports(&name, &loaded.module)?;
         check_reactor_exports(&loaded.module).map_err(&fail)?;
         let tokio = tokio::runtime::Builder::new_multi_thread()
@@ -59,6 +96,7 @@ impl Guest {
                 Failure::new(Code::Internal, format!("cannot start the I/O runtime: {e}"))
             })?;
         let _guard = tokio.enter();
+        steps.mark("io runtime");
 
         let mut builder = wasi::builder(&name, &opts.wasi, tokio.handle())?;
         builder.set_engine(loaded.engine.clone());
@@ -94,6 +132,7 @@ impl Guest {
             let env = builder
                 .finalize(&mut store)
                 .map_err(|e| fail(format!("cannot set up WASI: {e}")))?;
+            steps.mark("wasi env");
             let imports = env
                 .import_object_for_all_wasi_versions(&mut store, &module)
                 .map_err(|e| fail(format!("cannot set up WASI: {e}")))?;
@@ -105,8 +144,10 @@ impl Guest {
         for ((ns, name), ext) in crate::abi::imports(&mut store, &kiln).into_iter() {
             imports.define(&ns, &name, ext);
         }
+        steps.mark("imports");
         let instance = Instance::new(&mut store, &module, &imports)
             .map_err(|e| fail(format!("cannot be instantiated: {e}")))?;
+        steps.mark("instance");
         if let Ok(memory) = instance.exports.get_memory("memory") {
             crate::abi::bind_memory(&mut store, &kiln, memory.clone());
         }
@@ -114,6 +155,7 @@ impl Guest {
         if let Some(env) = wasi_env.as_mut() {
             env.initialize(&mut store, instance.clone())
                 .map_err(|e| fail(format!("cannot set up WASI: {e}")))?;
+            steps.mark("wasi init");
         }
         let mut guest = Self {
             name: name.clone(),
@@ -124,6 +166,7 @@ impl Guest {
             fuel: opts.fuel,
             captures,
             tokio,
+            steps,
         };
         if guest.instance.exports.get_function("_initialize").is_ok() {
             guest
@@ -325,6 +368,7 @@ pub fn run_command(loaded: Loaded, opts: GuestOptions, timings: bool) -> Result<
             .as_ref()
             .map_or(0.0, |d| d.elapsed_us as f64 / 1000.0);
         eprintln!("kilnd: timings: {split}, instantiate {instantiate:.2} ms, run {run:.2} ms");
+        eprintln!("kilnd: instantiate: {}", guest.steps);
     }
     match result {
         Ok(done) => {

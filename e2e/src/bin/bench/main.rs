@@ -1,0 +1,181 @@
+//! `bench`: measures kiln on this machine and prints one table per section, with the
+//! machine, tool versions and whether each target ran natively or under qemu-user.
+//! Figures under emulation measure the emulator, not a board: compare ratios there.
+//!
+//! ```text
+//! scripts/bench.sh [--runs N] [--targets x86_64-linux,aarch64-linux] [--only size,speed]
+//! ```
+//!
+//! One file per section: `size` (kilnd per target and build variant), `start` (cold
+//! start, in the worker and as a whole process against the native program), `speed`
+//! (workloads against native and peer runtimes), `metering`, and `fleet` (update
+//! latency and telemetry throughput over MQTT).
+
+mod fleet;
+mod metering;
+mod size;
+mod speed;
+mod start;
+mod target;
+
+use std::process::Command;
+
+use clap::Parser;
+use kiln_compiler::commands::keygen::KeygenCommand;
+use kiln_e2e::{path_str, DEVICES};
+
+use target::Target;
+
+/// Measure kiln on this machine and print the tables the README quotes
+#[derive(Parser)]
+struct Args {
+    /// Repetitions per figure; the median is shown
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Target profiles to measure, comma-separated
+    #[arg(long, value_delimiter = ',', default_values_t = DEVICES.map(String::from))]
+    targets: Vec<String>,
+    /// Sections to run, comma-separated (default: all)
+    #[arg(long, value_delimiter = ',', value_enum)]
+    only: Vec<Section>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Section {
+    Size,
+    Start,
+    Speed,
+    Metering,
+    Update,
+    Telemetry,
+}
+
+impl Args {
+    fn wants(&self, section: Section) -> bool {
+        self.only.is_empty() || self.only.contains(&section)
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = dir.path().join("bench.key");
+    KeygenCommand::try_parse_from(["keygen", "-o", path_str(&key)])
+        .expect("keygen args")
+        .execute()
+        .expect("keygen");
+    print_machine(&args);
+    let targets: Vec<Target> = args
+        .targets
+        .iter()
+        .map(|name| Target::new(name, dir.path(), &key))
+        .collect();
+
+    if args.wants(Section::Size) {
+        size::print(&size::measure(&targets));
+    }
+    // Each section measures every target, then prints its table.
+    type Measure = fn(&Target, usize) -> Vec<Vec<String>>;
+    let sections: [(Section, &str, Measure, fn(&[Vec<String>], usize)); 5] = [
+        (Section::Start, "cold start", start::measure, start::print),
+        (Section::Speed, "workloads", speed::measure, speed::print),
+        (
+            Section::Metering,
+            "metering",
+            metering::measure,
+            metering::print,
+        ),
+        (
+            Section::Update,
+            "fleet updates",
+            fleet::update_latency,
+            fleet::print_update,
+        ),
+        (
+            Section::Telemetry,
+            "telemetry",
+            fleet::telemetry_throughput,
+            fleet::print_telemetry,
+        ),
+    ];
+    for (section, what, measure, print) in sections {
+        if !args.wants(section) {
+            continue;
+        }
+        let mut rows = Vec::new();
+        for target in &targets {
+            eprintln!("bench: {}: {what} x{}", target.name, args.runs);
+            rows.extend(measure(target, args.runs));
+        }
+        print(&rows, args.runs);
+    }
+}
+
+fn print_machine(args: &Args) {
+    println!(
+        "## kiln bench, {}",
+        first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
+    );
+    println!();
+    println!(
+        "- machine: {} ({} cores), {}; {}",
+        first_line("uname", &["-m"]),
+        first_line("nproc", &[]),
+        first_line("uname", &["-sr"]),
+        first_line(
+            "sh",
+            &["-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"]
+        )
+        .trim()
+    );
+    println!(
+        "- wasmer {} (kilnd and kiln), {}",
+        kiln_compiler::aot::WASMER_VERSION,
+        first_line("qemu-aarch64", &["--version"])
+    );
+    println!(
+        "- peers: wasmtime {} (PyPI), node {} (V8, node:wasi), wasmi {} (interpreter)",
+        speed::peer_version(speed::Peer::Wasmtime),
+        speed::peer_version(speed::Peer::Node),
+        speed::peer_version(speed::Peer::Wasmi)
+    );
+    println!(
+        "- targets: {} (native: x86_64; others under qemu-user, where only ratios mean much); runs per figure: {}",
+        args.targets.join(", "),
+        args.runs
+    );
+}
+
+/// The first line a command prints, or `not found`.
+pub fn first_line(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_else(|| "not found".into())
+}
+
+pub fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return 0.0;
+    }
+    v[v.len() / 2]
+}
+
+pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    println!("| {} |", header.join(" | "));
+    println!("|{}", "---|".repeat(header.len()));
+    for row in rows {
+        println!("| {} |", row.join(" | "));
+    }
+}

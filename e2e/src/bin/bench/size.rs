@@ -1,0 +1,71 @@
+//! Size of the stripped release `kilnd` per target, as built (all features) and
+//! without TLS (`--no-default-features`). Each variant is built the way a user would
+//! build it; cargo keeps both builds, so switching back costs no compile.
+
+use std::process::Command;
+
+use kiln_e2e::repo;
+
+use crate::table;
+use crate::target::Target;
+
+pub fn print(rows: &[Vec<String>]) {
+    println!("\n### kilnd size (stripped release: opt-level s, fat LTO, panic=abort)\n");
+    println!("`full` is the default build: WASI (wasmer-wasix), fleet updates and telemetry over");
+    println!("MQTT, and TLS (rustls with ring). `no TLS` is `--no-default-features`: it refuses");
+    println!("mqtts:// brokers. WASI is not a build option: kilnd's sandbox is built on it.\n");
+    table(&["target", "full", "no TLS", "TLS costs"], rows);
+}
+
+pub fn measure(targets: &[Target]) -> Vec<Vec<String>> {
+    targets
+        .iter()
+        .map(|t| {
+            let full = size_of(t, &[]);
+            let no_tls = size_of(t, &["--no-default-features"]);
+            size_of(t, &[]); // leave the default build in place for the other sections
+            vec![
+                t.name.clone(),
+                bytes(full),
+                bytes(no_tls),
+                format!("{:.0} KB", (full as f64 - no_tls as f64) / 1000.0),
+            ]
+        })
+        .collect()
+}
+
+/// Builds kilnd for the target with `features` (alone, like scripts/build.sh) and
+/// returns its size.
+fn size_of(target: &Target, features: &[&str]) -> u64 {
+    let triple = &target.profile.triple;
+    eprintln!("bench: building kilnd for {triple} {}", features.join(" "));
+    let status = Command::new("cargo")
+        .current_dir(repo())
+        .args([
+            "build",
+            "--locked",
+            "--quiet",
+            "-p",
+            "kiln-runtime",
+            "--release",
+            "--target",
+            triple,
+        ])
+        .args(features)
+        .status()
+        .expect("cargo");
+    assert!(status.success(), "cannot build kilnd for {triple}");
+    std::fs::metadata(&target.kilnd).expect("kilnd").len()
+}
+
+fn bytes(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    format!("{out} B ({:.2} MiB)", n as f64 / (1024.0 * 1024.0))
+}

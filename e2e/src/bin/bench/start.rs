@@ -1,0 +1,206 @@
+//! Cold start. In the worker: the `started` record of `kilnd serve` for the
+//! sensor-filter reactor. As a whole process: `kilnd run hello.kiln` against the same
+//! program built natively for the target, with kilnd's own split of where the time
+//! went (`--timings`).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kiln_e2e::{path_str, target_dir};
+use serde_json::Value;
+
+use crate::target::{rss_kib, Target};
+use crate::{median, table};
+
+/// How the module's memory is compiled: reserved (kiln's default: 8 GiB of address
+/// space per memory, no bounds checks in code) or with `kiln compile --bounds-checks`.
+pub const MEMORY: [(&str, &[&str]); 2] =
+    [("reserved", &[]), ("bounds-checked", &["--bounds-checks"])];
+
+pub fn measure(target: &Target, runs: usize) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    for (memory, flags) in MEMORY {
+        rows.push(worker_start(target, runs, memory, flags));
+    }
+    for (memory, flags) in MEMORY {
+        rows.push(process_start(target, runs, memory, flags));
+    }
+    rows
+}
+
+/// Prints the two tables: per target, worker rows first, then process rows.
+pub fn print(rows: &[Vec<String>], runs: usize) {
+    let per_target = 2 * MEMORY.len();
+    let (mut worker, mut process) = (Vec::new(), Vec::new());
+    for chunk in rows.chunks(per_target) {
+        worker.extend_from_slice(&chunk[..MEMORY.len()]);
+        process.extend_from_slice(&chunk[MEMORY.len()..]);
+    }
+    print_worker(&worker, runs);
+    print_process(&process, runs);
+}
+
+fn print_process(rows: &[Vec<String>], runs: usize) {
+    println!("\n### Cold start of a whole process: hello (Rust, WASI), median of {runs}\n");
+    println!("`kilnd run hello.kiln` from exec to exit, against the same source built natively");
+    println!("for the target (both under qemu-user for the emulated targets); the split is what");
+    println!("`kilnd run --timings` reports for its own steps.\n");
+    table(
+        &[
+            "target",
+            "mode",
+            "memory",
+            "native hello",
+            "kilnd run hello.kiln",
+            "read",
+            "verify",
+            "deserialize",
+            "instantiate",
+            "run",
+        ],
+        rows,
+    );
+}
+
+/// The hello example built natively for the target (scripts/bench.sh builds it).
+pub fn native_program(name: &str, triple: &str) -> PathBuf {
+    target_dir()
+        .join("examples")
+        .join(triple)
+        .join("release")
+        .join(name)
+}
+
+fn process_start(target: &Target, runs: usize, memory: &str, flags: &[&str]) -> Vec<String> {
+    let artifact = target.artifact("hello.wasm", &format!("hello-{memory}"), flags);
+    let native = native_program("hello", &target.profile.triple);
+    let wall = |mut cmd: Command| {
+        let started = Instant::now();
+        let out = cmd.output().expect("run");
+        assert!(out.status.success(), "{cmd:?} failed: {out:?}");
+        (started.elapsed().as_secs_f64() * 1000.0, out)
+    };
+    let native_cmd = || {
+        let mut cmd = target.profile.command(&native);
+        cmd.arg("bench");
+        cmd
+    };
+    let kiln_cmd = || {
+        let trust = target.trust();
+        let mut cmd = target.kilnd(&[
+            "run",
+            path_str(&artifact),
+            "--trust",
+            path_str(&trust),
+            "--timings",
+            "--",
+            "bench",
+        ]);
+        cmd.env_remove("KILN_LOG");
+        cmd
+    };
+    // One warm-up each: the page cache, not the first run, is what a device has.
+    wall(native_cmd());
+    wall(kiln_cmd());
+    let native_ms = median((0..runs).map(|_| wall(native_cmd()).0));
+    let mut splits: Vec<Vec<f64>> = Vec::new();
+    let kiln_ms = median((0..runs).map(|_| {
+        let (ms, out) = wall(kiln_cmd());
+        splits.push(timings(&String::from_utf8_lossy(&out.stderr)));
+        ms
+    }));
+    let part = |i: usize| format!("{:.2} ms", median(splits.iter().map(|s| s[i])));
+    vec![
+        target.name.clone(),
+        target.mode().into(),
+        memory.into(),
+        format!("{native_ms:.1} ms"),
+        format!("{kiln_ms:.1} ms"),
+        part(0),
+        part(1),
+        part(2),
+        part(3),
+        part(4),
+    ]
+}
+
+/// `kilnd: timings: read A ms, verify B ms, deserialize C ms, instantiate D ms, run E ms`
+fn timings(stderr: &str) -> Vec<f64> {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("timings:"))
+        .unwrap_or_else(|| panic!("no timings from kilnd run: {stderr}"));
+    line.split(", ")
+        .filter_map(|part| {
+            let ms = part.trim().strip_suffix(" ms")?;
+            ms.rsplit(' ').next()?.parse().ok()
+        })
+        .collect()
+}
+
+fn print_worker(start_rows: &[Vec<String>], runs: usize) {
+    println!("\n### Worker start: sensor-filter (Rust reactor), median of {runs} cold starts\n");
+    println!(
+        "spawn + read + verify + deserialize + instantiate + kiln_init + first kiln_tick, as the"
+    );
+    println!(
+        "supervisor's `started` record reports it; idle RSS is the worker's VmRSS 1.5 s later.\n"
+    );
+    table(
+        &[
+            "target",
+            "mode",
+            "memory",
+            "start",
+            "verify",
+            "deserialize",
+            "instantiate",
+            "init",
+            "first tick",
+            "idle RSS",
+        ],
+        start_rows,
+    );
+}
+
+fn worker_start(target: &Target, runs: usize, memory: &str, flags: &[&str]) -> Vec<String> {
+    let artifact = target.artifact(
+        "sensor_filter.wasm",
+        &format!("sensor-filter-{memory}"),
+        flags,
+    );
+    let config = target.config(
+        &format!("sensor-{memory}"),
+        &format!(
+            "[[module]]\nname = \"sensor\"\nartifact = {:?}\ntimeout_ms = 60000\n",
+            path_str(&artifact)
+        ),
+    );
+    let mut samples: Vec<(Value, f64)> = Vec::new();
+    for _ in 0..runs {
+        let (mut child, mut records) = target.serve(&config);
+        let started = records
+            .find(|r| r["kind"] == "started")
+            .expect("a started record");
+        std::thread::sleep(Duration::from_millis(1500));
+        let pid = started["pid"].as_u64().unwrap_or(0);
+        let idle = rss_kib(pid).unwrap_or(0) as f64 / 1024.0;
+        let _ = child.kill();
+        let _ = child.wait();
+        samples.push((started, idle));
+    }
+    let field = |name: &str| median(samples.iter().map(|(r, _)| r[name].as_f64().unwrap_or(0.0)));
+    vec![
+        target.name.clone(),
+        target.mode().into(),
+        memory.into(),
+        format!("{:.1} ms", field("start_ms")),
+        format!("{:.2} ms", field("verify_ms")),
+        format!("{:.2} ms", field("deserialize_ms")),
+        format!("{:.2} ms", field("instantiate_ms")),
+        format!("{:.2} ms", field("init_ms")),
+        format!("{:.2} ms", field("first_tick_ms")),
+        format!("{:.1} MiB", median(samples.iter().map(|(_, rss)| *rss))),
+    ]
+}
