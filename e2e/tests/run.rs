@@ -97,3 +97,23 @@ fn an_import_no_device_provides_is_named() {
         .run(&artifact, &[])
         .assert_refused(79, &["`vendor`.`blink_led`", "does not provide"]);
 }
+
+#[test]
+fn bounds_checked_artifacts_run_alike_and_still_trap_out_of_bounds() {
+    for device in DEVICES {
+        for flags in [&[][..], &["--bounds-checks"][..]] {
+            let d = Device::new(device);
+            let oob = shared().artifact_with("fixtures/out-of-bounds.wat", device, flags);
+            d.run(&oob, &[]).assert_code(0);
+            let run = d.run(&oob, &["--", "store"]);
+            assert!(
+                run.code == Some(80) && run.stderr.contains("out of bounds"),
+                "{device} {flags:?}: the store past the memory must trap\n{run}"
+            );
+            let hello = shared().artifact_with("hello.wasm", device, flags);
+            d.run(&hello, &["--", "x"])
+                .assert_code(0)
+                .assert_stdout("hello, x! (2 args)\n");
+        }
+    }
+}

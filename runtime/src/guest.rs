@@ -40,7 +40,8 @@ pub struct Guest {
     fuel: Option<u64>,
     captures: Vec<LineCapture>,
     // wasix does its file and timer I/O on a tokio runtime; one worker is plenty.
-    tokio: tokio::runtime::Runtime,
+    // None when the module imports no WASI.
+    tokio: Option<tokio::runtime::Runtime>,
     /// Where instantiation spent its time, step by step.
     pub steps: Steps,
 }
@@ -88,47 +89,29 @@ impl Guest {
         let mut steps = Steps::start();
         wasi::check_imports(&name, &loaded.module)?;
         check_reactor_exports(&loaded.module).map_err(&fail)?;
-        let tokio = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .map_err(|e| {
-                Failure::new(Code::Internal, format!("cannot start the I/O runtime: {e}"))
-            })?;
-        let _guard = tokio.enter();
-        steps.mark("io runtime");
-
-        let mut builder = wasi::builder(&name, &opts.wasi, tokio.handle())?;
-        builder.set_engine(loaded.engine.clone());
-        let mut captures = Vec::new();
-        if opts.capture_stdio {
-            for source in [LogSource::Stdout, LogSource::Stderr] {
-                let emit = opts.emit.clone();
-                let level = match source {
-                    LogSource::Stderr => abi::Level::Warn,
-                    _ => abi::Level::Info,
-                };
-                let capture = LineCapture::new(std::sync::Arc::new(move |line| {
-                    emit(Reply::Log {
-                        level,
-                        source,
-                        line,
-                    })
-                }));
-                match source {
-                    LogSource::Stderr => builder.set_stderr(Box::new(capture.clone())),
-                    _ => builder.set_stdout(Box::new(capture.clone())),
-                }
-                captures.push(capture);
-            }
-        }
-
         let mut store = Store::new(loaded.engine.clone());
         let module = loaded.module;
         let uses_wasi = module
             .imports()
             .any(|i| i.module() != abi::MODULE && wasi::PROVIDED.contains(&i.module()));
-        let (wasi_env, mut imports) = if uses_wasi {
+        // A module that imports no WASI gets none: no I/O runtime, no WASI environment
+        // (together most of an instantiation after the memory itself).
+        let mut captures = Vec::new();
+        let (tokio, wasi_env, mut imports) = if uses_wasi {
+            let tokio = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .map_err(|e| {
+                    Failure::new(Code::Internal, format!("cannot start the I/O runtime: {e}"))
+                })?;
+            let _guard = tokio.enter();
+            steps.mark("io runtime");
+            let mut builder = wasi::builder(&name, &opts.wasi, tokio.handle())?;
+            builder.set_engine(loaded.engine.clone());
+            if opts.capture_stdio {
+                captures = capture_stdio(&mut builder, &opts.emit);
+            }
             let env = builder
                 .finalize(&mut store)
                 .map_err(|e| fail(format!("cannot set up WASI: {e}")))?;
@@ -136,10 +119,11 @@ impl Guest {
             let imports = env
                 .import_object_for_all_wasi_versions(&mut store, &module)
                 .map_err(|e| fail(format!("cannot set up WASI: {e}")))?;
-            (Some(env), imports)
+            (Some(tokio), Some(env), imports)
         } else {
-            (None, Imports::new())
+            (None, None, Imports::new())
         };
+        let _guard = tokio.as_ref().map(|t| t.enter());
         let kiln = FunctionEnv::new(&mut store, KilnEnv::new(opts.config, opts.emit.clone()));
         for ((ns, name), ext) in crate::abi::imports(&mut store, &kiln).into_iter() {
             imports.define(&ns, &name, ext);
@@ -190,7 +174,7 @@ impl Guest {
 
     /// Calls a reactor export, with the fuel reset to the per-call budget first.
     pub fn call(&mut self, export: &str, args: &[Value]) -> Result<Done, Stop> {
-        let _guard = self.tokio.enter();
+        let _guard = self.tokio.as_ref().map(|t| t.enter());
         let func: Function = self
             .instance
             .exports
@@ -247,7 +231,7 @@ impl Guest {
         for capture in &self.captures {
             capture.flush_partial();
         }
-        let _guard = self.tokio.enter();
+        let _guard = self.tokio.as_ref().map(|t| t.enter());
         if let Some(env) = self.wasi.take() {
             let code = match exit_code {
                 Some(code) => ExitCode::from(code as u16),
@@ -347,6 +331,31 @@ fn check_reactor_exports(module: &wasmer::Module) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Routes the module's stdout and stderr into log records, line by line.
+fn capture_stdio(builder: &mut wasmer_wasix::WasiEnvBuilder, emit: &Emit) -> Vec<LineCapture> {
+    let mut captures = Vec::new();
+    for source in [LogSource::Stdout, LogSource::Stderr] {
+        let emit = emit.clone();
+        let level = match source {
+            LogSource::Stderr => abi::Level::Warn,
+            _ => abi::Level::Info,
+        };
+        let capture = LineCapture::new(std::sync::Arc::new(move |line| {
+            emit(Reply::Log {
+                level,
+                source,
+                line,
+            })
+        }));
+        match source {
+            LogSource::Stderr => builder.set_stderr(Box::new(capture.clone())),
+            _ => builder.set_stdout(Box::new(capture.clone())),
+        }
+        captures.push(capture);
+    }
+    captures
 }
 
 /// Runs a command module to completion in this process (`kilnd run`); with
