@@ -450,8 +450,8 @@ fn kilnd_stats_count_a_crashing_modules_traps_and_restarts() {
         watch
             .of_kind("module-stats")
             .into_iter()
-            .filter(|v| v["module"] == "trap-tick")
-            .last()
+            .rev()
+            .find(|v| v["module"] == "trap-tick")
     };
     eventually(
         Duration::from_secs(30),

@@ -75,8 +75,7 @@ fn main() {
         size::print(&size::measure(&targets));
     }
     // Each section measures every target, then prints its table.
-    type Measure = fn(&Target, usize) -> Vec<Vec<String>>;
-    let sections: [(Section, &str, Measure, fn(&[Vec<String>], usize)); 5] = [
+    let sections: [(Section, &str, Measure, Print); 5] = [
         (Section::Start, "cold start", start::measure, start::print),
         (Section::Speed, "workloads", speed::measure, speed::print),
         (
@@ -110,6 +109,10 @@ fn main() {
         print(&rows, args.runs);
     }
 }
+
+/// A section's measurement of one target (rows), and how its table is printed.
+type Measure = fn(&Target, usize) -> Vec<Vec<String>>;
+type Print = fn(&[Vec<String>], usize);
 
 fn print_machine(args: &Args) {
     println!(

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use kiln_e2e::path_str;
 
+use crate::start::timings;
 use crate::target::Target;
 use crate::{median, table};
 
@@ -34,13 +35,8 @@ fn row(target: &Target, runs: usize) -> Vec<String> {
                 ])
                 .output()
                 .expect("kilnd run");
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            stderr
-                .split(", run ")
-                .nth(1)
-                .and_then(|s| s.trim_end().strip_suffix(" ms"))
-                .and_then(|s| s.parse::<f64>().ok())
-                .unwrap_or_else(|| panic!("no timings from kilnd run: {stderr}"))
+            // read, verify, deserialize, instantiate, run: the run is the fifth.
+            timings(&String::from_utf8_lossy(&out.stderr))[4]
         }))
     };
     let (p, m) = (time(&plain), time(&metered));

@@ -126,7 +126,7 @@ fn process_start(target: &Target, runs: usize, memory: &str, flags: &[&str]) -> 
 }
 
 /// `kilnd: timings: read A ms, verify B ms, deserialize C ms, instantiate D ms, run E ms`
-fn timings(stderr: &str) -> Vec<f64> {
+pub fn timings(stderr: &str) -> Vec<f64> {
     let line = stderr
         .lines()
         .find(|l| l.contains("timings:"))
