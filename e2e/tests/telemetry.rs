@@ -116,15 +116,24 @@ fn counters(lines: &[Value]) -> Vec<u64> {
         .collect()
 }
 
-/// A device running the counter fixture, `burst` records every `tick_ms`.
-fn counting_device(target: &str, id: &str, broker: &Broker, telemetry: &str) -> FleetDevice {
+/// A broker, `kiln watch` on it, and a device (`id`) running the counter fixture (5
+/// records every 20 ms) with `telemetry` settings, once its records reach the watcher.
+fn streaming(target: &str, id: &str, telemetry: &str) -> (Broker, Watcher, FleetDevice) {
+    let broker = Broker::start();
+    let watch = Watcher::start(&broker, id);
     let artifact = shared().artifact("fixtures/counter.wat", target);
-    let mut device = FleetDevice::new(target, id, broker);
+    let mut device = FleetDevice::new(target, id, &broker);
     device.mqtt_extra = format!(
         "[telemetry]\n{telemetry}\n[[module]]\nname = \"counter\"\nartifact = {:?}\nconfig = \"5\"\ntick_ms = 20\ntimeout_ms = 20000\n",
         path_str(&artifact)
     );
-    device
+    device.start(None);
+    eventually(
+        Duration::from_secs(60),
+        || watch.counters().len() > 50,
+        || format!("no telemetry reached kiln watch\n{}", device.stderr()),
+    );
+    (broker, watch, device)
 }
 
 fn spool_dir(device: &FleetDevice) -> PathBuf {
@@ -160,15 +169,7 @@ fn assert_each_once(values: &[u64], what: &str) {
 }
 
 fn broker_outage_loses_nothing(target: &str, id: &str) {
-    let mut broker = Broker::start();
-    let mut watch = Watcher::start(&broker, id);
-    let mut device = counting_device(target, id, &broker, "batch_ms = 100\nstats_s = 1");
-    device.start(None);
-    eventually(
-        Duration::from_secs(60),
-        || watch.counters().len() > 50,
-        || format!("no telemetry reached kiln watch\n{}", device.stderr()),
-    );
+    let (mut broker, mut watch, mut device) = streaming(target, id, "batch_ms = 100\nstats_s = 1");
 
     broker.stop();
     let offline_from = now_ms();
@@ -266,15 +267,8 @@ fn a_broker_outage_loses_no_telemetry_from_an_emulated_aarch64_device() {
 
 #[test]
 fn kilnd_killed_while_offline_replays_its_spool_and_duplicates_show_once() {
-    let mut broker = Broker::start();
-    let mut watch = Watcher::start(&broker, "kill");
-    let mut device = counting_device("x86_64-linux", "kill-01", &broker, "batch_ms = 100");
-    device.start(None);
-    eventually(
-        Duration::from_secs(30),
-        || watch.counters().len() > 20,
-        || format!("no telemetry\n{}", device.stderr()),
-    );
+    let (mut broker, mut watch, mut device) =
+        streaming("x86_64-linux", "kill-01", "batch_ms = 100");
     broker.stop();
     std::thread::sleep(Duration::from_secs(2));
     device.kill(); // SIGKILL: whatever was spooled must survive
@@ -361,19 +355,10 @@ fn kilnd_killed_while_offline_replays_its_spool_and_duplicates_show_once() {
 
 #[test]
 fn a_full_spool_drops_the_oldest_batches_and_reports_exactly_those() {
-    let mut broker = Broker::start();
-    let mut watch = Watcher::start(&broker, "full");
-    let mut device = counting_device(
+    let (mut broker, mut watch, mut device) = streaming(
         "x86_64-linux",
         "full-01",
-        &broker,
         "batch_ms = 50\nbatch_bytes = 1024\nspool_limit = \"8KiB\"\nstats_s = 0\nwindow = 2",
-    );
-    device.start(None);
-    eventually(
-        Duration::from_secs(30),
-        || watch.counters().len() > 20,
-        || format!("no telemetry\n{}", device.stderr()),
     );
     broker.stop();
     std::thread::sleep(Duration::from_secs(3));
