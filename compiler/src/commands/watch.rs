@@ -8,7 +8,7 @@ use kiln_protocol::telemetry::{self, Account, Batch, BatchV1, Body, Record, Trac
 use rumqttc::{Client, Event, Packet, QoS};
 use serde_json::{json, Value};
 
-use crate::broker::BrokerArgs;
+use crate::broker::{now_ms, BrokerArgs};
 use crate::exit::{coded, Code};
 
 const AFTER_HELP: &str = "\
@@ -382,8 +382,4 @@ fn clock(at_ms: u64) -> String {
         day_ms / 1000 % 60,
         day_ms % 1000
     )
-}
-
-fn now_ms() -> u64 {
-    crate::broker::now_ms()
 }

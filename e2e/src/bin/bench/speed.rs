@@ -22,6 +22,13 @@ pub enum Peer {
     Wasmi,
 }
 
+/// python3 with the wasmtime package scripts/peers.sh installed.
+fn python() -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.env("PYTHONPATH", tools().join("python"));
+    cmd
+}
+
 /// Where scripts/peers.sh installs the peers.
 fn tools() -> PathBuf {
     std::env::var_os("KILN_TOOLS")
@@ -36,9 +43,8 @@ impl Peer {
     fn command(self, wasm: &Path, args: &[&str]) -> Command {
         match self {
             Peer::Wasmtime => {
-                let mut cmd = Command::new("python3");
-                cmd.env("PYTHONPATH", tools().join("python"))
-                    .arg(repo().join("e2e/peers/wasmtime_run.py"))
+                let mut cmd = python();
+                cmd.arg(repo().join("e2e/peers/wasmtime_run.py"))
                     .arg("run")
                     .arg(wasm.with_extension("cwasm"))
                     .args(args);
@@ -64,8 +70,7 @@ impl Peer {
     /// is not installed.
     fn prepare(self, wasm: &Path) -> bool {
         match self {
-            Peer::Wasmtime => Command::new("python3")
-                .env("PYTHONPATH", tools().join("python"))
+            Peer::Wasmtime => python()
                 .arg(repo().join("e2e/peers/wasmtime_run.py"))
                 .arg("precompile")
                 .arg(wasm)
@@ -82,10 +87,9 @@ pub fn peer_version(peer: Peer) -> String {
     match peer {
         Peer::Wasmtime => {
             let code = "import importlib.metadata as m; print(m.version('wasmtime'))";
-            let mut cmd = Command::new("python3");
-            cmd.env("PYTHONPATH", tools().join("python"))
-                .args(["-c", code]);
-            cmd.output()
+            python()
+                .args(["-c", code])
+                .output()
                 .ok()
                 .filter(|o| o.status.success())
                 .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
