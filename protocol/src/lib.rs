@@ -21,6 +21,7 @@ pub mod compat;
 pub mod fleet;
 pub mod keys;
 pub mod manifest;
+pub mod names;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 pub mod script;

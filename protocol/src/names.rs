@@ -1,0 +1,84 @@
+//! Names that travel (device, group, module, stream) become MQTT topic levels and file
+//! names, so every one of them passes [`check`] wherever it enters: `kiln compile`,
+//! `kiln push`, `kilnd.toml`, and the fleet agent reading a signed desired state.
+//!
+//! ```
+//! use kiln_protocol::names::{check, Kind};
+//!
+//! assert!(check(Kind::Device, "dev-01").is_ok());
+//! assert!(check(Kind::Module, "../../etc").is_err());
+//! assert!(check(Kind::Group, "lab/+").is_err());
+//! ```
+
+/// The longest name: one MQTT topic level and one path component, with room to spare.
+pub const MAX_NAME: usize = 64;
+
+/// What a name names, for the error message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Device,
+    Group,
+    Module,
+    Stream,
+}
+
+impl Kind {
+    fn word(self) -> &'static str {
+        match self {
+            Kind::Device => "device",
+            Kind::Group => "group",
+            Kind::Module => "module",
+            Kind::Stream => "stream",
+        }
+    }
+}
+
+/// `[A-Za-z0-9._-]{1,64}`, and neither `.` nor `..`: safe as a topic level (no `+`,
+/// `#` or `/`) and as a file name (no separators, no way up).
+pub fn check(kind: Kind, name: &str) -> Result<(), String> {
+    let what = kind.word();
+    if name.is_empty() {
+        return Err(format!("{what} name is empty"));
+    }
+    if name.len() > MAX_NAME {
+        return Err(format!(
+            "{what} name `{}…` is {} bytes long (at most {MAX_NAME})",
+            name.chars().take(16).collect::<String>().escape_debug(),
+            name.len()
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("{what} name `{name}` is not allowed"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{what} name `{}` contains `{}`; use only letters, digits, `.`, `_` and `-`",
+            name.escape_debug(),
+            c.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_would_escape_a_topic_or_a_directory_are_refused() {
+        for good in ["dev-01", "a", "sensor_filter.v2", &"x".repeat(MAX_NAME)] {
+            assert_eq!(check(Kind::Module, good), Ok(()), "{good}");
+        }
+        for bad in [
+            "", ".", "..", "../x", "/etc/x", "a/b", "lab+", "#", "a b", "é", "a\0",
+            "a\u{1b}[31m", &"x".repeat(MAX_NAME + 1),
+        ] {
+            let err = check(Kind::Group, bad).unwrap_err();
+            assert!(err.starts_with("group name"), "{err}");
+            assert!(!err.contains('\n') && !err.contains('\u{1b}'), "{err}");
+        }
+    }
+}
