@@ -25,6 +25,24 @@ pub const DEFAULT_CHUNK: u32 = 64 * 1024;
 pub const MAX_ARTIFACT: u64 = 64 * 1024 * 1024;
 pub const MAX_CHUNKS: u32 = 4096;
 
+/// Largest chunk a pusher may cut (`kiln push --chunk-size`), and so the largest chunk
+/// message a device takes: the data plus its small postcard header.
+pub const MAX_CHUNK: u32 = 1024 * 1024;
+const CHUNK_OVERHEAD: usize = 64;
+
+/// Largest signed desired state a device reads: room for the chunk hashes of several
+/// artifacts of the largest size, and far below any broker's message limit.
+pub const MAX_DESIRED: usize = 1024 * 1024;
+
+/// Limits a desired state may set, checked like the ones in `kilnd.toml`.
+pub const MAX_TICK_MS: u64 = 24 * 3600 * 1000;
+pub const MAX_TIMEOUT_MS: u64 = 3600 * 1000;
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).into()
+}
+
 /// Where the broker is: `mqtt://host[:port]` (1883 by default) or, over TLS,
 /// `mqtts://host[:port]` (8883 by default).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,6 +194,29 @@ pub struct ModuleLimits {
     pub timeout_ms: Option<u64>,
 }
 
+impl ModuleLimits {
+    /// A tick or watchdog of 0 ms would spin or fire at once.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(t) = self.tick_ms {
+            if t == 0 || t > MAX_TICK_MS {
+                return Err(format!("tick_ms {t} is outside 1..={MAX_TICK_MS}"));
+            }
+        }
+        if let Some(t) = self.timeout_ms {
+            if t == 0 || t > MAX_TIMEOUT_MS {
+                return Err(format!("timeout_ms {t} is outside 1..={MAX_TIMEOUT_MS}"));
+            }
+        }
+        if self.memory_limit_pages == Some(0) {
+            return Err("memory_limit_pages is 0".into());
+        }
+        if self.fuel_per_call == Some(0) {
+            return Err("fuel_per_call is 0".into());
+        }
+        Ok(())
+    }
+}
+
 /// Where an artifact's bytes are: `chunks.len()` retained chunks of `chunk_size`
 /// bytes (the last may be shorter), each with its own sha256.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,7 +251,7 @@ impl ArtifactRef {
                 self.len
             ));
         }
-        if self.chunk_size == 0 || n > u64::from(MAX_CHUNKS) {
+        if self.chunk_size == 0 || self.chunk_size > MAX_CHUNK || n > u64::from(MAX_CHUNKS) {
             return Err(format!("{n} chunks of {} bytes", self.chunk_size));
         }
         if n != self.len.div_ceil(u64::from(self.chunk_size)) {
@@ -297,6 +338,27 @@ pub enum Chunk {
         index: u32,
         data: Vec<u8>,
     },
+}
+
+impl Chunk {
+    /// Decodes a chunk of `artifact` (size bounded before decoding): its index and data.
+    /// The caller checks the data against the chunk's own hash.
+    pub fn open(payload: &[u8], artifact: &ArtifactRef) -> Result<(u32, Vec<u8>), String> {
+        let limit = artifact.chunk_size as usize + CHUNK_OVERHEAD;
+        if payload.len() > limit {
+            return Err(format!("{} bytes (limit {limit})", payload.len()));
+        }
+        match postcard::from_bytes(payload).map_err(|e| format!("malformed: {e}"))? {
+            Chunk::V1 {
+                sha256,
+                index,
+                data,
+            } if sha256 == artifact.sha256 => Ok((index, data)),
+            Chunk::V1 { sha256, .. } => {
+                Err(format!("belongs to artifact {}", hex::encode(&sha256[..6])))
+            }
+        }
+    }
 }
 
 /// Retained on `status`: the birth message, or the LWT.

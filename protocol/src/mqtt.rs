@@ -9,8 +9,16 @@ use rumqttc::MqttOptions;
 
 use crate::fleet::parse_broker;
 
-/// Largest packet either way: a chunk of up to 1 MiB plus its framing.
+/// Largest packet kiln sends: a chunk of up to 1 MiB plus its framing, and the bound
+/// every telemetry batch is sealed under.
 pub const MAX_PACKET: usize = 2 * 1024 * 1024;
+
+/// Largest packet kiln receives. Above what any kiln message may be (`MAX_PACKET`), so
+/// an oversized retained message up to this size is received, refused by the agent
+/// with an event, and the connection stays up. A larger one makes rumqttc drop the
+/// connection before anything can look at it: set the broker's message size limit
+/// (mosquitto `message_size_limit`) at or below this so the broker refuses it instead.
+pub const MAX_INCOMING: usize = 8 * 1024 * 1024;
 
 /// How to reach the broker.
 #[derive(Debug, Clone, Default)]
@@ -32,7 +40,7 @@ impl Connect {
         let mut options = MqttOptions::new(client_id, url.host, url.port);
         options
             .set_keep_alive(keep_alive)
-            .set_max_packet_size(MAX_PACKET, MAX_PACKET);
+            .set_max_packet_size(MAX_INCOMING, MAX_PACKET);
         if let (Some(user), Some(pass)) = (&self.username, &self.password) {
             options.set_credentials(user, pass);
         }

@@ -47,6 +47,18 @@ pub struct StartSpec {
     pub env: Vec<(String, String)>,
     /// Host directory and where the module sees it.
     pub dirs: Vec<(String, String)>,
+    /// For a fleet module: exactly which artifact the agent staged. A signed file of
+    /// another version copied into the slot is refused, floor or no floor.
+    pub expect: Option<Expect>,
+}
+
+/// The artifact a worker must find at `StartSpec::artifact`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Expect {
+    /// sha256 of the whole `.kiln` file.
+    pub sha256: [u8; 32],
+    pub name: String,
+    pub version: u64,
 }
 
 /// Limits the worker enforces itself; the wall-clock watchdog is the supervisor's.

@@ -4,12 +4,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use kiln_protocol::script::Script;
 use kiln_protocol::worker::Reply;
-use kiln_runtime::conformance;
 use kiln_runtime::exit::{Code, Failure};
-use kiln_runtime::guest::{self, GuestOptions};
-use kiln_runtime::limits;
-use kiln_runtime::load::{load_artifact, read_trusted_keys};
-use kiln_runtime::wasi::{DirMapping, WasiOptions};
+#[cfg(feature = "conformance")]
+use kiln_runtime::sandbox::conformance;
+use kiln_runtime::sandbox::guest::{self, GuestOptions};
+use kiln_runtime::sandbox::limits;
+use kiln_runtime::sandbox::load::{load_artifact, read_trusted_keys};
+use kiln_runtime::sandbox::wasi::{DirMapping, WasiOptions};
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -29,6 +30,8 @@ struct Cli {
 enum Command {
     Run(RunCommand),
     Serve(ServeCommand),
+    /// Test builds only (feature `conformance`)
+    #[cfg(feature = "conformance")]
     Conformance(ConformanceCommand),
     /// Internal: one module's worker process, started by `kilnd serve`
     #[command(hide = true)]
@@ -59,6 +62,7 @@ Example kilnd.toml:
   timeout_ms = 1000
   restart = { backoff_ms = 500, backoff_max_ms = 30000, max_crashes = 5, window_s = 300 }";
 
+#[cfg(feature = "conformance")]
 /// Replay a spec-test script compiled by `kiln conformance`; prints `ok LINE` or
 /// `fail LINE WHY` per command, exits 0 when all passed and 1 otherwise
 #[derive(Parser)]
@@ -71,6 +75,7 @@ struct ConformanceCommand {
     trust: Vec<PathBuf>,
 }
 
+#[cfg(feature = "conformance")]
 impl ConformanceCommand {
     fn execute(self) -> Result<i32, Failure> {
         let trust = read_trusted_keys(&self.trust)?;
@@ -125,7 +130,7 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 impl RunCommand {
     fn execute(self) -> Result<i32, Failure> {
         let trust = read_trusted_keys(&self.trust)?;
-        let loaded = load_artifact(&self.artifact, &trust, |m| {
+        let loaded = load_artifact(&self.artifact, &trust, None, |m| {
             limits::engine(
                 m.settings
                     .memory_limit_pages
@@ -200,9 +205,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(run) => run.execute(),
-        Command::Serve(s) => kiln_runtime::serve::serve(&s.config),
+        Command::Serve(s) => kiln_runtime::daemon::serve::serve(&s.config),
+        #[cfg(feature = "conformance")]
         Command::Conformance(c) => c.execute(),
-        Command::Worker => Ok(kiln_runtime::worker::serve()),
+        Command::Worker => Ok(kiln_runtime::sandbox::worker::serve()),
     };
     match result {
         // WASI exit codes are 0..=255 on POSIX; anything larger wraps like a shell would.

@@ -10,11 +10,11 @@ use wasmer::{Function, FunctionEnv, Imports, Instance, Store, Type, Value};
 use wasmer_wasix::wasmer_wasix_types::wasi::{Errno, ExitCode};
 use wasmer_wasix::{WasiError, WasiFunctionEnv};
 
-use crate::abi::{Emit, KilnEnv};
-use crate::capture::LineCapture;
 use crate::exit::{Code, Failure};
-use crate::load::Loaded;
-use crate::wasi::{self, WasiOptions};
+use crate::sandbox::abi::{Emit, KilnEnv};
+use crate::sandbox::capture::LineCapture;
+use crate::sandbox::load::Loaded;
+use crate::sandbox::wasi::{self, WasiOptions};
 
 const REMAINING: &str = "wasmer_metering_remaining_points";
 const EXHAUSTED: &str = "wasmer_metering_points_exhausted";
@@ -125,7 +125,7 @@ impl Guest {
         };
         let _guard = tokio.as_ref().map(|t| t.enter());
         let kiln = FunctionEnv::new(&mut store, KilnEnv::new(opts.config, opts.emit.clone()));
-        for ((ns, name), ext) in crate::abi::imports(&mut store, &kiln).into_iter() {
+        for ((ns, name), ext) in crate::sandbox::abi::imports(&mut store, &kiln).into_iter() {
             imports.define(&ns, &name, ext);
         }
         steps.mark("imports");
@@ -133,7 +133,7 @@ impl Guest {
             .map_err(|e| fail(format!("cannot be instantiated: {e}")))?;
         steps.mark("instance");
         if let Ok(memory) = instance.exports.get_memory("memory") {
-            crate::abi::bind_memory(&mut store, &kiln, memory.clone());
+            crate::sandbox::abi::bind_memory(&mut store, &kiln, memory.clone());
         }
         let mut wasi_env = wasi_env;
         if let Some(env) = wasi_env.as_mut() {

@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 
 use kiln_protocol::telemetry::{coalesce, Batch, BatchV1, Body, DeviceStats, Dropped, Record};
 
-use crate::config::TelemetryConfig;
-use crate::link::{Delivery, Link};
-use crate::procfs;
-use crate::supervisor::now_ms;
+use crate::daemon::config::TelemetryConfig;
+use crate::daemon::link::{Delivery, Link};
+use crate::daemon::procfs;
+use crate::daemon::supervisor::now_ms;
 use spool::{Entry, Spool};
 
 pub enum TelemetryIn {

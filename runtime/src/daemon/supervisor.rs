@@ -12,133 +12,14 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use kiln_protocol::abi::Level;
+use kiln_protocol::telemetry::{self, Body, ModuleStats, Record};
 use kiln_protocol::worker::{
-    read_frame, write_frame, Done, FromWorker, Limits, LogSource, Ready, Reply, Request, StartSpec,
-    Stop, ToWorker,
+    read_frame, write_frame, Done, FromWorker, Limits, Ready, Reply, Request, StartSpec, Stop,
+    ToWorker,
 };
 
-use kiln_protocol::telemetry::{self, Body, ModuleStats};
-
-use crate::config::ModulePlan;
-use crate::procfs;
-
-/// What the supervisor reports about a module.
-#[derive(Debug, Clone)]
-pub enum Event {
-    Telemetry {
-        stream: String,
-        data: Vec<u8>,
-    },
-    Log {
-        level: Level,
-        source: LogSource,
-        line: String,
-    },
-    /// A worker is up: its start-up split, and the first tick if the module ticks.
-    Started {
-        attempt: u32,
-        pid: u32,
-        ready: Ready,
-        /// Spawn to ready (and first tick done, for ticking modules).
-        start_us: u64,
-        first_tick: Option<Done>,
-        rss_kib: Option<u64>,
-    },
-    TickFailed {
-        status: i32,
-    },
-    Stopped {
-        reason: Stop,
-        uptime_ms: u64,
-        peak_rss_kib: Option<u64>,
-        crashes_in_window: u32,
-        restart_in_ms: Option<u64>,
-    },
-    /// Given up: too many crashes in the window.
-    Failed {
-        crashes: u32,
-        window_s: u64,
-    },
-}
-
-#[derive(Debug, Clone)]
-pub struct Record {
-    pub at_ms: u64,
-    pub module: String,
-    pub event: Event,
-}
-
-impl Record {
-    /// The record as it travels in telemetry batches (and prints as JSON).
-    pub fn wire(&self) -> telemetry::Record {
-        let body = match &self.event {
-            Event::Telemetry { stream, data } => Body::Telemetry {
-                stream: stream.clone(),
-                data: data.clone(),
-            },
-            Event::Log {
-                level,
-                source,
-                line,
-            } => Body::Log {
-                level: *level,
-                source: *source,
-                line: line.clone(),
-            },
-            Event::Started {
-                attempt,
-                pid,
-                ready,
-                start_us,
-                first_tick,
-                rss_kib,
-            } => Body::Started(telemetry::Started {
-                attempt: *attempt,
-                pid: *pid,
-                version: ready.version,
-                command: ready.command,
-                start_us: *start_us,
-                verify_us: ready.verify_us,
-                deserialize_us: ready.deserialize_us,
-                instantiate_us: ready.instantiate_us,
-                init_us: ready.init_us,
-                first_tick_us: first_tick.as_ref().map(|d| d.elapsed_us),
-                fuel_used: first_tick.as_ref().and_then(|d| d.fuel_used),
-                memory_pages: ready.memory_pages,
-                rss_kib: *rss_kib,
-            }),
-            Event::TickFailed { status } => Body::TickFailed { status: *status },
-            Event::Stopped {
-                reason,
-                uptime_ms,
-                peak_rss_kib,
-                crashes_in_window,
-                restart_in_ms,
-            } => Body::Stopped(telemetry::Stopped {
-                reason: reason.kind().into(),
-                why: reason.to_string(),
-                exit_code: match reason {
-                    Stop::Exited(c) => Some(*c),
-                    _ => None,
-                },
-                uptime_ms: *uptime_ms,
-                peak_rss_kib: *peak_rss_kib,
-                crashes_in_window: *crashes_in_window,
-                restart_in_ms: *restart_in_ms,
-            }),
-            Event::Failed { crashes, window_s } => Body::Failed {
-                crashes: *crashes,
-                window_s: *window_s,
-            },
-        };
-        telemetry::Record {
-            at_ms: self.at_ms,
-            module: Some(self.module.clone()),
-            body,
-        }
-    }
-}
+use crate::daemon::config::ModulePlan;
+use crate::daemon::procfs;
 
 /// What a module's supervisor counts, read by the stats sampler from another thread.
 #[derive(Debug, Default)]
@@ -226,11 +107,11 @@ pub struct Supervised {
 /// Keeps `module` running until it ends cleanly, is stopped, or is marked failed.
 pub fn supervise(mut module: Supervised, workers: WorkerCommand, sink: Sender<Record>) {
     let name = module.plan.name.clone();
-    let report = |event: Event| {
+    let report = |body: Body| {
         let _ = sink.send(Record {
             at_ms: now_ms(),
-            module: name.clone(),
-            event,
+            module: Some(name.clone()),
+            body,
         });
     };
     let mut crashes: Vec<Instant> = Vec::new();
@@ -248,13 +129,13 @@ pub fn supervise(mut module: Supervised, workers: WorkerCommand, sink: Sender<Re
         let uptime_ms = started.elapsed().as_millis() as u64;
         if reason.is_clean() {
             let swap = next.is_some();
-            report(Event::Stopped {
-                reason,
+            report(stopped(
+                &reason,
                 uptime_ms,
                 peak_rss_kib,
-                crashes_in_window: crashes.len() as u32,
-                restart_in_ms: swap.then_some(0),
-            });
+                crashes.len() as u32,
+                swap.then_some(0),
+            ));
             if swap {
                 continue;
             }
@@ -273,16 +154,16 @@ pub fn supervise(mut module: Supervised, workers: WorkerCommand, sink: Sender<Re
         let give_up = n >= policy.max_crashes || matches!(reason, Stop::LoadFailed { .. });
         let delay = policy.delay(n);
         tracing::warn!(module = %name, %reason, crashes = n, "worker stopped");
-        report(Event::Stopped {
-            reason,
+        report(stopped(
+            &reason,
             uptime_ms,
             peak_rss_kib,
-            crashes_in_window: n,
-            restart_in_ms: (!give_up).then_some(delay.as_millis() as u64),
-        });
+            n,
+            (!give_up).then_some(delay.as_millis() as u64),
+        ));
         if give_up {
             tracing::error!(module = %name, crashes = n, "module failed; not restarting");
-            report(Event::Failed {
+            report(Body::Failed {
                 crashes: n,
                 window_s: policy.window_s,
             });
@@ -299,13 +180,7 @@ pub fn supervise(mut module: Supervised, workers: WorkerCommand, sink: Sender<Re
                 Ok(Input::Message(_)) => continue,
                 Ok(Input::Swap(plan)) => next = Some(*plan),
                 Ok(Input::Stop) => {
-                    report(Event::Stopped {
-                        reason: Stop::Requested { swap: false },
-                        uptime_ms: 0,
-                        peak_rss_kib: None,
-                        crashes_in_window: n,
-                        restart_in_ms: None,
-                    });
+                    report(stopped(&Stop::Requested { swap: false }, 0, None, n, None));
                     return;
                 }
                 Err(RecvTimeoutError::Timeout) => {}
@@ -326,7 +201,7 @@ fn run_worker(
     workers: &WorkerCommand,
     attempt: u32,
     next: &mut Option<ModulePlan>,
-    report: &dyn Fn(Event),
+    report: &dyn Fn(Body),
 ) -> (Stop, Option<u64>) {
     let plan = &module.plan;
     let spawned = Instant::now();
@@ -357,6 +232,7 @@ fn run_worker(
             .iter()
             .map(|d| (d.host.display().to_string(), d.guest.clone()))
             .collect(),
+        expect: plan.expect.clone(),
     };
     let stop = (|| -> Result<(), Stop> {
         worker.send(Request::Start(Box::new(spec)))?;
@@ -375,16 +251,16 @@ fn run_worker(
         } else {
             None
         };
-        report(Event::Started {
+        report(started(
             attempt,
-            pid: child.id(),
-            ready: ready.clone(),
-            start_us: spawned.elapsed().as_micros() as u64,
-            first_tick: first_tick.clone(),
+            child.id(),
+            &ready,
+            spawned.elapsed().as_micros() as u64,
+            first_tick.as_ref(),
             rss_kib,
-        });
+        ));
         if let Some(done) = first_tick.filter(|d| d.status != 0) {
-            report(Event::TickFailed {
+            report(Body::TickFailed {
                 status: done.status,
             });
         }
@@ -418,7 +294,7 @@ fn run_worker(
             let done = worker.call(request, call, Some(plan.timeout), report)?;
             counters.called(&done);
             if done.status != 0 && call == "kiln_tick" {
-                report(Event::TickFailed {
+                report(Body::TickFailed {
                     status: done.status,
                 });
             }
@@ -491,7 +367,7 @@ impl Worker {
         deadline: Option<Instant>,
         call: &str,
         limit: Option<Duration>,
-        report: &dyn Fn(Event),
+        report: &dyn Fn(Body),
     ) -> Result<Reply, Stop> {
         loop {
             let frame = match deadline {
@@ -518,12 +394,12 @@ impl Worker {
                     .map_err(|_| self.gone("the worker closed its pipe".into()))?,
             };
             match frame.map_err(|e| Stop::Lost(format!("broken frame from the worker: {e}")))? {
-                Reply::Telemetry { stream, data } => report(Event::Telemetry { stream, data }),
+                Reply::Telemetry { stream, data } => report(Body::Telemetry { stream, data }),
                 Reply::Log {
                     level,
                     source,
                     line,
-                } => report(Event::Log {
+                } => report(Body::Log {
                     level,
                     source,
                     line,
@@ -534,7 +410,7 @@ impl Worker {
         }
     }
 
-    fn await_ready(&mut self, limit: Duration, report: &dyn Fn(Event)) -> Result<Ready, Stop> {
+    fn await_ready(&mut self, limit: Duration, report: &dyn Fn(Body)) -> Result<Ready, Stop> {
         match self.next(Some(Instant::now() + limit), "start", Some(limit), report)? {
             Reply::Ready(ready) => Ok(ready),
             other => Err(Stop::Lost(format!("expected Ready, got {other:?}"))),
@@ -546,7 +422,7 @@ impl Worker {
         request: Request,
         call: &str,
         limit: Option<Duration>,
-        report: &dyn Fn(Event),
+        report: &dyn Fn(Body),
     ) -> Result<Done, Stop> {
         self.send(request)?;
         let deadline = limit.map(|l| Instant::now() + l);
@@ -559,6 +435,54 @@ impl Worker {
     fn gone(&self, why: String) -> Stop {
         Stop::Lost(why)
     }
+}
+
+/// A worker came up: its start-up split and first tick, as telemetry reports it.
+fn started(
+    attempt: u32,
+    pid: u32,
+    ready: &Ready,
+    start_us: u64,
+    first_tick: Option<&Done>,
+    rss_kib: Option<u64>,
+) -> Body {
+    Body::Started(telemetry::Started {
+        attempt,
+        pid,
+        version: ready.version,
+        command: ready.command,
+        start_us,
+        verify_us: ready.verify_us,
+        deserialize_us: ready.deserialize_us,
+        instantiate_us: ready.instantiate_us,
+        init_us: ready.init_us,
+        first_tick_us: first_tick.map(|d| d.elapsed_us),
+        fuel_used: first_tick.and_then(|d| d.fuel_used),
+        memory_pages: ready.memory_pages,
+        rss_kib,
+    })
+}
+
+/// A worker ended, and why.
+fn stopped(
+    reason: &Stop,
+    uptime_ms: u64,
+    peak_rss_kib: Option<u64>,
+    crashes_in_window: u32,
+    restart_in_ms: Option<u64>,
+) -> Body {
+    Body::Stopped(telemetry::Stopped {
+        reason: reason.kind().into(),
+        why: reason.to_string(),
+        exit_code: match reason {
+            Stop::Exited(c) => Some(*c),
+            _ => None,
+        },
+        uptime_ms,
+        peak_rss_kib,
+        crashes_in_window,
+        restart_in_ms,
+    })
 }
 
 enum Exit {

@@ -22,7 +22,7 @@ use std::time::Duration;
 use kiln_protocol::manifest::{parse_byte_size, parse_memory_size, Digest};
 use serde::Deserialize;
 
-use crate::wasi::DirMapping;
+use crate::sandbox::wasi::DirMapping;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -228,6 +228,8 @@ pub struct ModulePlan {
     pub name: String,
     pub artifact: PathBuf,
     pub artifact_digest: Option<[u8; 32]>,
+    /// Fleet modules: the exact artifact the agent staged; the worker refuses others.
+    pub expect: Option<kiln_protocol::worker::Expect>,
     pub config: Vec<u8>,
     pub memory_pages: Option<u32>,
     pub fuel_per_call: Option<u64>,
@@ -321,6 +323,7 @@ impl Config {
                 artifact_digest: std::fs::read(resolve(&m.artifact))
                     .ok()
                     .map(|b| Digest::of(&b).sha256),
+                expect: None,
                 config: config_bytes,
                 memory_pages,
                 fuel_per_call: m.fuel_per_call,

@@ -17,7 +17,7 @@ use wasmer::{
 
 use wasmer_types::TrapCode;
 
-use crate::load::load_bytes;
+use crate::sandbox::load::load_bytes;
 
 /// Pass and fail counts of one replay.
 #[derive(Debug, Default, Clone, Copy)]
@@ -151,8 +151,8 @@ impl Replay<'_> {
     ) -> Result<(), String> {
         // A module that fails to load or link must not leave its predecessor current.
         self.current = None;
-        let loaded =
-            load_bytes(artifact, self.trust, |_| self.engine.clone()).map_err(|f| f.message)?;
+        let loaded = load_bytes(artifact, self.trust, None, |_| self.engine.clone())
+            .map_err(|f| f.message)?;
         let mut imports = Imports::new();
         for import in loaded.module.imports() {
             let found = if import.module() == "spectest" {

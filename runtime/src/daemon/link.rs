@@ -23,12 +23,19 @@ use std::time::Duration;
 
 use rumqttc::{Client, ClientError, Event, LastWill, Outgoing, Packet, QoS, Request};
 
-use crate::config::MqttConfig;
+use crate::daemon::config::MqttConfig;
 
 /// What the connection reports.
 pub enum LinkEvent {
     Connected,
-    Message { topic: String, payload: Vec<u8> },
+    Message {
+        topic: String,
+        payload: Vec<u8>,
+    },
+    /// A message that could not be received: the connection dropped over it.
+    Unreceivable {
+        what: String,
+    },
 }
 
 /// The publishing and subscribing side of the connection; cheap to clone.
@@ -142,6 +149,17 @@ pub fn connect(
                 Ok(_) => true,
                 Err(e) => {
                     tracing::warn!(%broker, error = %e, retry_ms = backoff.as_millis() as u64, "broker connection lost");
+                    if let rumqttc::ConnectionError::MqttState(
+                        rumqttc::StateError::Deserialization(
+                            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n),
+                        ),
+                    ) = &e
+                    {
+                        let limit = kiln_protocol::mqtt::MAX_INCOMING;
+                        on_event(LinkEvent::Unreceivable {
+                            what: format!("a message of {n} bytes (limit {limit})"),
+                        });
+                    }
                     // What rumqttc kept to resend: the unacknowledged publishes (with
                     // packet ids) and the requests it had not sent yet (without).
                     let dropped = std::mem::take(&mut connection.eventloop.pending);

@@ -10,6 +10,8 @@ use kiln_protocol::artifact::{ArtifactError, Envelope};
 use kiln_protocol::compat::{self, Incompatible};
 use kiln_protocol::keys::{PublicKey, TrustedKeys};
 use kiln_protocol::manifest::Manifest;
+use kiln_protocol::worker::Expect;
+use sha2::{Digest, Sha256};
 use wasmer::{Engine, Module};
 
 use crate::exit::{Code, Failure};
@@ -48,10 +50,12 @@ pub fn read_trusted_keys(paths: &[PathBuf]) -> Result<TrustedKeys, Failure> {
 }
 
 /// Reads, verifies and loads the artifact at `path`; `engine_for` picks the engine
-/// (and so the memory cap) from the verified manifest.
+/// (and so the memory cap) from the verified manifest. With `expect`, the file must
+/// also be exactly that artifact (hash, name and version).
 pub fn load_artifact(
     path: &Path,
     trust: &TrustedKeys,
+    expect: Option<&Expect>,
     engine_for: impl FnOnce(&Manifest) -> Engine,
 ) -> Result<Loaded, Failure> {
     let file = path.display();
@@ -59,7 +63,7 @@ pub fn load_artifact(
     let bytes = std::fs::read(path)
         .map_err(|e| Failure::new(Code::NoInput, format!("cannot read artifact `{file}`: {e}")))?;
     let read_time = started.elapsed();
-    let mut loaded = load_bytes(&bytes, trust, engine_for)
+    let mut loaded = load_bytes(&bytes, trust, expect, engine_for)
         .map_err(|f| Failure::new(f.code, format!("artifact `{file}`: {}", f.message)))?;
     loaded.read_time = read_time;
     Ok(loaded)
@@ -70,12 +74,36 @@ pub fn load_artifact(
 pub fn load_bytes(
     bytes: &[u8],
     trust: &TrustedKeys,
+    expect: Option<&Expect>,
     engine_for: impl FnOnce(&Manifest) -> Engine,
 ) -> Result<Loaded, Failure> {
     let started = Instant::now();
+    if let Some(e) = expect {
+        if <[u8; 32]>::from(Sha256::digest(bytes)) != e.sha256 {
+            return Err(Failure::new(
+                Code::Corrupt,
+                format!(
+                    "is not the artifact staged for {} v{} (sha256 differs)",
+                    e.name, e.version
+                ),
+            ));
+        }
+    }
     let verified = Envelope::parse(bytes)
         .and_then(|envelope| envelope.verify(trust))
         .map_err(|e| Failure::new(artifact_code(&e), e.to_string()))?;
+    if let Some(e) = expect {
+        let m = &verified.manifest;
+        if m.name != e.name || m.version != e.version {
+            return Err(Failure::new(
+                Code::Corrupt,
+                format!(
+                    "is {} v{}, expected {} v{}",
+                    m.name, m.version, e.name, e.version
+                ),
+            ));
+        }
+    }
     compat::check(&verified.manifest, &host::facts())
         .map_err(|e| Failure::new(incompatible_code(&e), e.to_string()))?;
     let verify_time = started.elapsed();

@@ -15,14 +15,14 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kiln_protocol::fleet::Topics;
-use kiln_protocol::telemetry::{self, Body};
+use kiln_protocol::telemetry::{self, Body, Record};
 
-use crate::config::{Config, ModulePlan, MqttConfig};
+use crate::daemon::config::{Config, ModulePlan, MqttConfig};
+use crate::daemon::fleet::{self, AgentIn};
+use crate::daemon::link;
+use crate::daemon::supervisor::{self, Counters, Input, Supervised, WorkerCommand};
+use crate::daemon::telemetry::{Pipeline, TelemetryIn};
 use crate::exit::{Code, Failure};
-use crate::fleet::{self, AgentIn};
-use crate::link;
-use crate::supervisor::{self, Counters, Event, Input, Record, Supervised, WorkerCommand};
-use crate::telemetry::{Pipeline, TelemetryIn};
 
 /// Runs until every module has ended; fails if any module was marked failed.
 /// SIGHUP reloads the config: changed modules are swapped between calls, new ones
@@ -78,26 +78,27 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
             }
             Err(RecvTimeoutError::Disconnected) => break,
         };
-        if let Event::Telemetry { stream, data } = &record.event {
-            lock(&modules).route(&record.module, stream, data);
+        let module = record.module.clone().unwrap_or_default();
+        if let Body::Telemetry { stream, data } = &record.body {
+            lock(&modules).route(&module, stream, data);
         }
-        if matches!(record.event, Event::Failed { .. }) {
+        if matches!(record.body, Body::Failed { .. }) {
             failed += 1;
         }
-        let wire = record.wire();
         if print {
             // Nobody may read our reports any more; keep supervising regardless.
-            let _ = writeln!(stdout, "{}", telemetry::to_json(&wire)).and_then(|()| stdout.flush());
+            let _ =
+                writeln!(stdout, "{}", telemetry::to_json(&record)).and_then(|()| stdout.flush());
         }
         if let Some(m) = &mqtt {
             if matches!(
-                record.event,
-                Event::Started { .. } | Event::Stopped { .. } | Event::TickFailed { .. }
-            ) && lock(&modules).is_fleet(&record.module)
+                record.body,
+                Body::Started(_) | Body::Stopped(_) | Body::TickFailed { .. }
+            ) && lock(&modules).is_fleet(&module)
             {
-                let _ = m.agent.send(AgentIn::Record(record));
+                let _ = m.agent.send(AgentIn::Record(record.clone()));
             }
-            let _ = m.telemetry.send(TelemetryIn::Record(wire));
+            let _ = m.telemetry.send(TelemetryIn::Record(record));
         }
     }
     if let Some(m) = mqtt {
@@ -138,7 +139,7 @@ fn connect(
     modules: &Arc<Mutex<Modules>>,
 ) -> Result<Mqtt, Failure> {
     let refused = |e: String| Failure::new(Code::Config, format!("device `{device}`: {e}"));
-    let boot_id = crate::telemetry::new_boot_id();
+    let boot_id = crate::daemon::telemetry::new_boot_id();
     let (agent_tx, agent_rx) = mpsc::channel();
     let (telemetry_tx, telemetry_rx) = mpsc::channel();
     let (to_agent, acks) = (agent_tx.clone(), telemetry_tx.clone());
@@ -146,7 +147,7 @@ fn connect(
         mqtt,
         device,
         fleet::last_will(mqtt, device),
-        move |event| to_agent.send(event.into()).is_ok(),
+        move |event| to_agent.send(AgentIn::Link(event)).is_ok(),
         move |delivery| {
             let _ = acks.send(TelemetryIn::Delivery(delivery));
         },
@@ -155,7 +156,7 @@ fn connect(
 
     let fleet_modules = modules.clone();
     let apply: fleet::ApplyFn = Box::new(move |plans| lock(&fleet_modules).set_fleet(plans));
-    let trust = crate::load::read_trusted_keys(&config.trust)?;
+    let trust = crate::sandbox::load::read_trusted_keys(&config.trust)?;
     let agent = fleet::start(
         mqtt,
         device,
@@ -164,8 +165,7 @@ fn connect(
         apply,
         link.clone(),
         boot_id,
-    )
-    .map_err(refused)?;
+    );
 
     let sampled = modules.clone();
     let pipeline = Pipeline::open(
@@ -190,7 +190,7 @@ fn read_keys(config: &Config) -> Result<Vec<String>, Failure> {
     let mut keys = Vec::new();
     for path in &config.trust {
         // Parsed here only to fail early with the file's name; workers get the text.
-        crate::load::read_trusted_keys(std::slice::from_ref(path))?;
+        crate::sandbox::load::read_trusted_keys(std::slice::from_ref(path))?;
         let text = std::fs::read_to_string(path).map_err(|e| {
             Failure::new(
                 Code::NoInput,

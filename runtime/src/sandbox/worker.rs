@@ -15,11 +15,11 @@ use kiln_protocol::worker::{
     read_frame, write_frame, FromWorker, Ready, Reply, Request, StartSpec, Stop, ToWorker,
 };
 
-use crate::abi::Emit;
-use crate::guest::{Guest, GuestOptions};
-use crate::limits;
-use crate::load::load_artifact;
-use crate::wasi::{DirMapping, WasiOptions};
+use crate::sandbox::abi::Emit;
+use crate::sandbox::guest::{Guest, GuestOptions};
+use crate::sandbox::limits;
+use crate::sandbox::load::load_artifact;
+use crate::sandbox::wasi::{DirMapping, WasiOptions};
 
 /// Serves one module until the supervisor hangs up or the module fails; returns the
 /// process exit code (0 after a clean end, 1 after a fatal reply, 2 for a broken pipe).
@@ -104,14 +104,19 @@ fn start(spec: StartSpec, emit: &Emit) -> Result<Guest, Stop> {
         .map_err(|e| load_failed(75, format!("bad trusted key: {e}")))?;
     let trust = TrustedKeys::new(keys);
     let limits = spec.limits;
-    let loaded = load_artifact(Path::new(&spec.artifact), &trust, |manifest| {
-        limits::engine(
-            limits
-                .memory_pages
-                .or(manifest.settings.memory_limit_pages)
-                .unwrap_or(limits::DEFAULT_MEMORY_PAGES),
-        )
-    })
+    let loaded = load_artifact(
+        Path::new(&spec.artifact),
+        &trust,
+        spec.expect.as_ref(),
+        |manifest| {
+            limits::engine(
+                limits
+                    .memory_pages
+                    .or(manifest.settings.memory_limit_pages)
+                    .unwrap_or(limits::DEFAULT_MEMORY_PAGES),
+            )
+        },
+    )
     .map_err(|f| load_failed(f.code as u8, f.message))?;
     let manifest = loaded.manifest.clone();
     let fuel = match (manifest.settings.metering, limits.fuel_per_call) {

@@ -1,0 +1,1045 @@
+//! The update agent as a pure state machine: [`Agent::handle`] takes one input (a
+//! message from the broker, a worker outcome, the result of a store operation, a clock
+//! tick) and returns the effects to perform, in order. No I/O, no clock and no threads
+//! in here: the driver (`fleet::driver`) performs the effects and feeds the results of
+//! store operations back as inputs, and the model-based tests drive it the same way.
+//!
+//! What it decides, per module: which desired state wins (device over group), whether a
+//! version may be installed (signature checked by `SignedDesired::open`, names and
+//! limits checked, the anti-rollback floor), when to fetch chunks and when a fetch has
+//! stalled, when a staged version starts its trial, and whether the trial ends in a
+//! commit or a rollback. Anything that is no longer wanted is cancelled: a download, a
+//! trial, and a commit whose sha the newest desired state does not name.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kiln_protocol::fleet::{
+    ArtifactRef, Desired, DesiredModule, DeviceFacts, Event, EventKind, EventV1, ModuleReport,
+    ModuleState, Reported, ReportedV1, Scope, SignedDesired, Status, StatusV1, Topics, MAX_DESIRED,
+};
+use kiln_protocol::keys::TrustedKeys;
+use kiln_protocol::names::{self, Kind};
+
+use super::store::{Installed, ModuleRecord, Slot, StateV1};
+
+/// A download is keyed by the artifact and how it is cut: the same artifact pushed
+/// again with another chunk size is another download.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DownloadKey {
+    pub sha256: [u8; 32],
+    pub chunk_size: u32,
+}
+
+impl DownloadKey {
+    pub fn of(artifact: &ArtifactRef) -> Self {
+        Self {
+            sha256: artifact.sha256,
+            chunk_size: artifact.chunk_size,
+        }
+    }
+}
+
+/// What the agent reacts to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    Connected,
+    Message {
+        topic: String,
+        payload: Vec<u8>,
+    },
+    /// A message the link could not receive (too large, undecodable).
+    Unreceivable {
+        what: String,
+    },
+    /// A fleet module's worker outcome, as the supervisor reports it.
+    Worker {
+        module: String,
+        outcome: Outcome,
+    },
+    /// Time passed; trials and stalled downloads are checked.
+    Tick,
+    /// Results of effects that touch the store.
+    Scanned {
+        key: DownloadKey,
+        have: BTreeSet<u32>,
+    },
+    ChunkStored {
+        key: DownloadKey,
+        n: u32,
+        result: Result<(), String>,
+    },
+    Staged {
+        module: String,
+        key: DownloadKey,
+        result: StageResult,
+    },
+    Saved(Result<(), String>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The worker is up (and its first tick, if any, returned 0).
+    Started {
+        version: u64,
+    },
+    /// The worker stopped for a reason that is not a clean exit or a requested stop.
+    Crashed {
+        reason: String,
+    },
+    TickFailed {
+        status: i32,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StageResult {
+    /// Verified and written to this slot.
+    Staged(Slot),
+    /// The bytes are not what the desired state promised: never tried again.
+    Refused(String),
+    /// The store failed (disk full, read-only): try again when it works.
+    Io(String),
+    /// What was on disk (a staged slot, a stored chunk) is gone or changed: fetch the
+    /// artifact again.
+    Missing(String),
+}
+
+/// What the driver must do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    Publish {
+        topic: String,
+        retain: bool,
+        payload: Vec<u8>,
+    },
+    Subscribe(String),
+    Unsubscribe(String),
+    /// Write the state file; answer with `Input::Saved`.
+    Save(StateV1),
+    /// Which chunks of a download are on disk and still hash right (the others are
+    /// deleted); answer with `Input::Scanned`.
+    Scan {
+        key: DownloadKey,
+        artifact: ArtifactRef,
+    },
+    /// Answer with `Input::ChunkStored`.
+    WriteChunk {
+        key: DownloadKey,
+        n: u32,
+        data: Vec<u8>,
+    },
+    /// Assemble (re-hashing every chunk) or, with `from_slot`, read the slot back;
+    /// verify everything against `module`; write the slot; answer with `Input::Staged`.
+    Stage {
+        module: DesiredModule,
+        key: DownloadKey,
+        slot: Slot,
+        from_slot: bool,
+    },
+    DropDownload(DownloadKey),
+    /// What fleet modules run: each with the installed version to run.
+    Run(BTreeMap<String, Installed>),
+    /// A point the crash-safety tests can kill kilnd at (test builds only).
+    Checkpoint(&'static str),
+}
+
+/// Knobs with defaults a device wants; the tests shorten them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// A download that receives no chunk for this long asks again and says so.
+    pub stall_ms: u64,
+    /// The shortest health window, whatever the desired state says.
+    pub min_health_ms: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            stall_ms: 60_000,
+            min_health_ms: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Download {
+    module: DesiredModule,
+    /// None while the store is being scanned.
+    have: Option<BTreeSet<u32>>,
+    last_progress_ms: u64,
+    /// Waiting for `Input::Staged`.
+    staging: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Trial {
+    sha256: [u8; 32],
+    version: u64,
+    deadline_ms: u64,
+    started: bool,
+}
+
+pub struct Agent {
+    device: String,
+    groups: Vec<String>,
+    topics: Topics,
+    trust: TrustedKeys,
+    facts: DeviceFacts,
+    settings: Settings,
+    state: StateV1,
+    /// Latest verified desired state per source topic, this run.
+    desired: BTreeMap<String, Desired>,
+    downloads: BTreeMap<DownloadKey, Download>,
+    trials: BTreeMap<String, Trial>,
+    last_event: BTreeMap<String, String>,
+    /// Why updates are refused (the data dir cannot be written), if they are.
+    degraded: Option<String>,
+    /// The state file could not be read: nothing is saved over it.
+    unreadable_state: bool,
+    now_ms: u64,
+    /// What was last told to the supervisor and the broker, to say only changes.
+    last_run: Option<BTreeMap<String, Installed>>,
+    last_reported: Option<Vec<u8>>,
+    out: Vec<Effect>,
+}
+
+impl Agent {
+    /// An agent over the state the store loaded; `Err` from the store puts it in
+    /// degraded mode with nothing committed, refusing updates, and never saving over
+    /// the unreadable file.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        device: &str,
+        groups: Vec<String>,
+        topics: Topics,
+        trust: TrustedKeys,
+        facts: DeviceFacts,
+        settings: Settings,
+        state: Result<StateV1, String>,
+        now_ms: u64,
+    ) -> Self {
+        let (state, degraded) = match state {
+            Ok(s) => (s, None),
+            Err(e) => (
+                StateV1::default(),
+                Some(format!("the device state is unreadable ({e})")),
+            ),
+        };
+        let unreadable_state = degraded.is_some();
+        Self {
+            device: device.into(),
+            groups,
+            topics,
+            trust,
+            facts,
+            settings,
+            state,
+            desired: BTreeMap::new(),
+            downloads: BTreeMap::new(),
+            trials: BTreeMap::new(),
+            last_event: BTreeMap::new(),
+            degraded,
+            unreadable_state,
+            now_ms,
+            last_run: None,
+            last_reported: None,
+            out: Vec::new(),
+        }
+    }
+
+    /// What runs before the broker is even reachable: the committed versions.
+    pub fn boot(&mut self) -> Vec<Effect> {
+        if let Some(why) = self.degraded.clone() {
+            self.event(
+                "*",
+                0,
+                EventKind::Rejected {
+                    reason: format!("updates refused: {why}"),
+                },
+            );
+        }
+        self.run_plans();
+        std::mem::take(&mut self.out)
+    }
+
+    pub fn state(&self) -> &StateV1 {
+        &self.state
+    }
+
+    pub fn degraded(&self) -> Option<&str> {
+        self.degraded.as_deref()
+    }
+
+    /// The soonest time a `Tick` has something to do.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        let trials = self.trials.values().map(|t| t.deadline_ms);
+        let stalls = self
+            .downloads
+            .values()
+            .filter(|d| !d.staging)
+            .map(|d| d.last_progress_ms + self.settings.stall_ms);
+        trials.chain(stalls).min()
+    }
+
+    pub fn handle(&mut self, now_ms: u64, input: Input) -> Vec<Effect> {
+        self.now_ms = self.now_ms.max(now_ms);
+        match input {
+            Input::Connected => self.on_connect(),
+            Input::Message { topic, payload } => self.on_message(&topic, &payload),
+            Input::Unreceivable { what } => self.event_once(
+                "*",
+                0,
+                EventKind::Rejected {
+                    reason: format!("message not received: {what}"),
+                },
+            ),
+            Input::Worker { module, outcome } => self.on_worker(&module, outcome),
+            Input::Tick => self.on_tick(),
+            Input::Scanned { key, have } => self.on_scanned(key, have),
+            Input::ChunkStored { key, n, result } => self.on_chunk_stored(key, n, result),
+            Input::Staged {
+                module,
+                key,
+                result,
+            } => self.on_staged(&module, key, result),
+            Input::Saved(result) => self.on_saved(result),
+        }
+        self.report();
+        std::mem::take(&mut self.out)
+    }
+
+    fn on_connect(&mut self) {
+        self.publish_status();
+        let mut topics = vec![self.topics.desired(&self.device)];
+        topics.extend(self.groups.iter().map(|g| self.topics.group_desired(g)));
+        for topic in topics {
+            self.out.push(Effect::Subscribe(topic));
+        }
+        let keys: Vec<DownloadKey> = self.downloads.keys().copied().collect();
+        for key in keys {
+            self.subscribe_missing(key);
+        }
+        // Said again on every connection: the broker may have forgotten it.
+        self.last_reported = None;
+    }
+
+    fn on_message(&mut self, topic: &str, payload: &[u8]) {
+        if self.topics.parse_chunk(topic).is_some() {
+            self.on_chunk(topic, payload);
+        } else if topic.ends_with("/desired") {
+            self.on_desired(topic, payload);
+        }
+    }
+
+    fn on_desired(&mut self, source: &str, payload: &[u8]) {
+        if payload.is_empty() {
+            return; // a cleared retained message
+        }
+        if payload.len() > MAX_DESIRED {
+            let reason = format!(
+                "desired state on {source} is {} bytes (limit {MAX_DESIRED})",
+                payload.len()
+            );
+            return self.event("*", 0, EventKind::Rejected { reason });
+        }
+        let desired = match SignedDesired::open(payload, &self.trust) {
+            Ok(d) => d,
+            Err(why) => return self.event("*", 0, EventKind::Rejected { reason: why }),
+        };
+        if let Err(reason) = self.admissible(source, &desired) {
+            return self.event("*", 0, EventKind::Rejected { reason });
+        }
+        if let Some(why) = self.degraded.clone() {
+            let reason = format!("updates refused: {why}");
+            return self.event("*", 0, EventKind::Rejected { reason });
+        }
+        let last = self.state.serials.get(source).copied().unwrap_or(0);
+        if desired.serial < last {
+            let reason = format!(
+                "desired state serial {} on {source} is older than serial {last} already applied",
+                desired.serial
+            );
+            return self.event("*", 0, EventKind::Rejected { reason });
+        }
+        self.state
+            .serials
+            .insert(source.to_string(), desired.serial);
+        self.desired.insert(source.to_string(), desired);
+        self.save();
+        self.reconcile();
+    }
+
+    /// Everything about a signed desired state except its serial: for this device, on
+    /// its own topic, with names that are safe as paths and limits that make sense.
+    fn admissible(&self, source: &str, desired: &Desired) -> Result<(), String> {
+        let for_us = match &desired.scope {
+            Scope::Device(id) => *id == self.device && *source == self.topics.desired(id),
+            Scope::Group(g) => self.groups.contains(g) && *source == self.topics.group_desired(g),
+        };
+        if !for_us {
+            return Err(format!(
+                "desired state for {:?} arrived on {source}",
+                desired.scope
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for m in &desired.modules {
+            names::check(Kind::Module, &m.name)?;
+            if !seen.insert(&m.name) {
+                return Err(format!("desired state names module `{}` twice", m.name));
+            }
+            m.limits
+                .check()
+                .and_then(|()| m.artifact.check())
+                .map_err(|e| format!("module `{}`: {e}", m.name))?;
+        }
+        Ok(())
+    }
+
+    /// Each wanted module with the source it comes from; device-level entries override
+    /// group entries of the same name.
+    fn wanted(&self) -> BTreeMap<String, (String, DesiredModule)> {
+        let mut wanted = BTreeMap::new();
+        let device_topic = self.topics.desired(&self.device);
+        let groups = self.desired.iter().filter(|(s, _)| **s != device_topic);
+        let device = self.desired.get_key_value(&device_topic);
+        for (source, d) in groups.chain(device) {
+            for m in &d.modules {
+                wanted.insert(m.name.clone(), (source.clone(), m.clone()));
+            }
+        }
+        wanted
+    }
+
+    fn wanted_sha(&self, name: &str) -> Option<[u8; 32]> {
+        self.wanted().get(name).map(|(_, m)| m.artifact.sha256)
+    }
+
+    fn reconcile(&mut self) {
+        let wanted = self.wanted();
+        // A module its source's newest desired state leaves out stops. One whose
+        // source has not been heard from since the start keeps running until it is;
+        // the anti-rollback floor stays either way.
+        let gone: Vec<String> = self
+            .state
+            .modules
+            .iter()
+            .filter(|(name, r)| {
+                !wanted.contains_key(*name)
+                    && (r.committed.is_some() || r.staged.is_some() || r.source.is_some())
+                    && r.source
+                        .as_ref()
+                        .is_none_or(|s| self.desired.contains_key(s))
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            self.trials.remove(&name);
+            let r = self.record_mut(&name);
+            r.committed = None;
+            r.staged = None;
+            r.source = None;
+            self.event(
+                &name,
+                0,
+                EventKind::Rejected {
+                    reason: "no longer desired; stopped".into(),
+                },
+            );
+        }
+        // Downloads of something no longer wanted stop here, before they install it.
+        let stale: Vec<DownloadKey> = self
+            .downloads
+            .iter()
+            .filter(|(key, d)| {
+                wanted
+                    .get(&d.module.name)
+                    .is_none_or(|(_, m)| DownloadKey::of(&m.artifact) != **key)
+            })
+            .map(|(key, _)| *key)
+            .collect();
+        for key in stale {
+            self.cancel_download(key);
+        }
+        // A trial of a version that is no longer wanted ends now, uncommitted.
+        let superseded: Vec<(String, Trial)> = self
+            .trials
+            .iter()
+            .filter(|(name, t)| {
+                wanted
+                    .get(*name)
+                    .is_none_or(|(_, m)| m.artifact.sha256 != t.sha256)
+            })
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
+        for (name, trial) in superseded {
+            self.trials.remove(&name);
+            self.record_mut(&name).staged = None;
+            self.event(
+                &name,
+                trial.version,
+                EventKind::RolledBack {
+                    reason: "superseded by a newer desired state during its trial".into(),
+                },
+            );
+        }
+        for (source, module) in wanted.values() {
+            self.record_mut(&module.name).source = Some(source.clone());
+            self.reconcile_module(module);
+        }
+        self.save();
+        self.run_plans();
+    }
+
+    fn reconcile_module(&mut self, d: &DesiredModule) {
+        let record = self.state.modules.get(&d.name).cloned().unwrap_or_default();
+        let sha = d.artifact.sha256;
+        if let Some(c) = &record.committed {
+            if c.sha256 == sha {
+                // Same code; a new config or limits take effect with a swap.
+                if c.config != d.config || c.limits != d.limits {
+                    let mut c = c.clone();
+                    c.config = d.config.clone();
+                    c.limits = d.limits.clone();
+                    self.record_mut(&d.name).committed = Some(c);
+                }
+                return;
+            }
+        }
+        let key = DownloadKey::of(&d.artifact);
+        if self.trials.contains_key(&d.name)
+            || record.rejected.contains(&sha)
+            || self.downloads.contains_key(&key)
+        {
+            return;
+        }
+        let committed = record.committed.as_ref().map_or(0, |c| c.version);
+        let floor = record.floor.max(committed);
+        if d.version < floor && !d.allow_downgrade {
+            let reason = format!(
+                "version {} is lower than committed version {floor}; the desired state does not allow a downgrade",
+                d.version
+            );
+            // Not remembered as rejected: a later desired state may allow the downgrade.
+            return self.event_once(&d.name, d.version, EventKind::Rejected { reason });
+        }
+        if let Some(why) = self.degraded.clone() {
+            let reason = format!("updates refused: {why}");
+            return self.event_once(&d.name, d.version, EventKind::Rejected { reason });
+        }
+        let slot = self.slot_for(&d.name);
+        let staged_here = record
+            .staged
+            .as_ref()
+            .is_some_and(|s| s.sha256 == sha && s.slot == slot);
+        self.downloads.insert(
+            key,
+            Download {
+                module: d.clone(),
+                have: None,
+                last_progress_ms: self.now_ms,
+                staging: staged_here,
+            },
+        );
+        if staged_here {
+            // Staged before a restart: verify the slot again and go on from there.
+            self.out.push(Effect::Stage {
+                module: d.clone(),
+                key,
+                slot,
+                from_slot: true,
+            });
+        } else {
+            self.out.push(Effect::Scan {
+                key,
+                artifact: d.artifact.clone(),
+            });
+        }
+    }
+
+    /// The inactive slot: never the committed one.
+    fn slot_for(&self, name: &str) -> Slot {
+        self.state
+            .modules
+            .get(name)
+            .and_then(|r| r.committed.as_ref())
+            .map_or(Slot::A, |c| c.slot.other())
+    }
+
+    fn on_scanned(&mut self, key: DownloadKey, have: BTreeSet<u32>) {
+        let Some(d) = self.downloads.get_mut(&key) else {
+            return;
+        };
+        let total = d.module.artifact.chunks.len() as u32;
+        let have: BTreeSet<u32> = have.into_iter().filter(|n| *n < total).collect();
+        let (name, version, count) = (d.module.name.clone(), d.module.version, have.len());
+        d.have = Some(have);
+        self.event(
+            &name,
+            version,
+            EventKind::Downloading {
+                have: count as u32,
+                total,
+            },
+        );
+        self.subscribe_missing(key);
+        self.maybe_stage(key);
+    }
+
+    fn subscribe_missing(&mut self, key: DownloadKey) {
+        let Some(d) = self.downloads.get(&key) else {
+            return;
+        };
+        let Some(have) = &d.have else {
+            return;
+        };
+        if d.staging {
+            return;
+        }
+        let total = d.module.artifact.chunks.len() as u32;
+        let topics: Vec<String> = (0..total)
+            .filter(|n| !have.contains(n))
+            .map(|n| self.topics.chunk(&key.sha256, n))
+            .collect();
+        self.out.extend(topics.into_iter().map(Effect::Subscribe));
+    }
+
+    fn unsubscribe_missing(&mut self, key: DownloadKey) {
+        let Some(d) = self.downloads.get(&key) else {
+            return;
+        };
+        let total = d.module.artifact.chunks.len() as u32;
+        let have = d.have.clone().unwrap_or_default();
+        let topics: Vec<String> = (0..total)
+            .filter(|n| !have.contains(n))
+            .map(|n| self.topics.chunk(&key.sha256, n))
+            .collect();
+        self.out.extend(topics.into_iter().map(Effect::Unsubscribe));
+    }
+
+    fn on_chunk(&mut self, topic: &str, payload: &[u8]) {
+        let Some((sha, n)) = self.topics.parse_chunk(topic) else {
+            return;
+        };
+        let Some((key, d)) = self
+            .downloads
+            .iter()
+            .find(|(k, d)| k.sha256 == sha && !d.staging && d.have.is_some())
+        else {
+            return;
+        };
+        let (key, module) = (*key, d.module.clone());
+        if payload.is_empty() || d.have.as_ref().is_some_and(|h| h.contains(&n)) {
+            return;
+        }
+        let reject = |why: String| EventKind::Rejected {
+            reason: format!("chunk {n} of {}: {why}", hex::encode(&sha[..6])),
+        };
+        let art = &module.artifact;
+        let Some(expected) = art.chunks.get(n as usize) else {
+            return self.event(
+                &module.name,
+                module.version,
+                reject("beyond the last chunk".into()),
+            );
+        };
+        let data = match kiln_protocol::fleet::Chunk::open(payload, art) {
+            Ok((index, data)) if index == n => data,
+            Ok((index, _)) => {
+                let why = format!("carries chunk {index}, not this one");
+                return self.event(&module.name, module.version, reject(why));
+            }
+            Err(why) => return self.event(&module.name, module.version, reject(why)),
+        };
+        if data.len() as u64 != art.chunk_len(n) {
+            let why = format!("{} bytes, expected {}", data.len(), art.chunk_len(n));
+            return self.event(&module.name, module.version, reject(why));
+        }
+        if kiln_protocol::fleet::sha256(&data) != *expected {
+            return self.event(
+                &module.name,
+                module.version,
+                reject("sha256 mismatch".into()),
+            );
+        }
+        self.out.push(Effect::WriteChunk { key, n, data });
+    }
+
+    fn on_chunk_stored(&mut self, key: DownloadKey, n: u32, result: Result<(), String>) {
+        if let Err(e) = result {
+            return self.degrade(format!("cannot store a chunk: {e}"));
+        }
+        let topic = self.topics.chunk(&key.sha256, n);
+        let now = self.now_ms;
+        let Some(d) = self.downloads.get_mut(&key) else {
+            return;
+        };
+        let Some(have) = d.have.as_mut() else {
+            return;
+        };
+        if !have.insert(n) {
+            return;
+        }
+        d.last_progress_ms = now;
+        let (count, total) = (have.len() as u32, d.module.artifact.chunks.len() as u32);
+        let (name, version) = (d.module.name.clone(), d.module.version);
+        self.out.push(Effect::Unsubscribe(topic));
+        self.out.push(Effect::Checkpoint("download"));
+        if count < total && count % 8 == 0 {
+            self.event(
+                &name,
+                version,
+                EventKind::Downloading { have: count, total },
+            );
+        }
+        self.maybe_stage(key);
+    }
+
+    /// Every chunk is on disk: assemble, verify and stage into the inactive slot.
+    fn maybe_stage(&mut self, key: DownloadKey) {
+        let slot = match self.downloads.get(&key) {
+            Some(d) if !d.staging => d.module.name.clone(),
+            _ => return,
+        };
+        let slot = self.slot_for(&slot);
+        let Some(d) = self.downloads.get_mut(&key) else {
+            return;
+        };
+        let complete = d
+            .have
+            .as_ref()
+            .is_some_and(|h| h.len() == d.module.artifact.chunks.len());
+        if !complete {
+            return;
+        }
+        d.staging = true;
+        let module = d.module.clone();
+        self.out.push(Effect::Stage {
+            module,
+            key,
+            slot,
+            from_slot: false,
+        });
+    }
+
+    fn on_staged(&mut self, name: &str, key: DownloadKey, result: StageResult) {
+        let Some(d) = self.downloads.remove(&key) else {
+            return; // cancelled meanwhile
+        };
+        let d = d.module;
+        if !matches!(result, StageResult::Missing(_)) {
+            self.out.push(Effect::DropDownload(key));
+        }
+        match result {
+            StageResult::Refused(reason) => {
+                let r = self.record_mut(name);
+                r.rejected.push(key.sha256);
+                if r.staged.as_ref().is_some_and(|s| s.sha256 == key.sha256) {
+                    r.staged = None;
+                }
+                self.save();
+                self.event(name, d.version, EventKind::Rejected { reason });
+            }
+            StageResult::Io(e) => self.degrade(format!("cannot stage {name} v{}: {e}", d.version)),
+            StageResult::Missing(why) => {
+                tracing::warn!(module = name, reason = %why, "fetching the artifact again");
+                self.downloads.insert(
+                    key,
+                    Download {
+                        module: d.clone(),
+                        have: None,
+                        last_progress_ms: self.now_ms,
+                        staging: false,
+                    },
+                );
+                self.out.push(Effect::Scan {
+                    key,
+                    artifact: d.artifact,
+                });
+            }
+            StageResult::Staged(slot) => {
+                if self.wanted_sha(name) != Some(key.sha256) {
+                    return; // no longer wanted; the slot is simply not used
+                }
+                self.event(name, d.version, EventKind::Verified);
+                self.record_mut(name).staged = Some(Installed::from_desired(slot, &d));
+                self.save();
+                self.event(name, d.version, EventKind::Staged);
+                self.out.push(Effect::Checkpoint("stage"));
+                self.trials.insert(
+                    name.to_string(),
+                    Trial {
+                        sha256: key.sha256,
+                        version: d.version,
+                        deadline_ms: self.now_ms
+                            + d.health_window_ms.max(self.settings.min_health_ms),
+                        started: false,
+                    },
+                );
+                self.run_plans();
+                self.event(name, d.version, EventKind::Activated);
+                self.out.push(Effect::Checkpoint("activate"));
+            }
+        }
+    }
+
+    fn on_worker(&mut self, module: &str, outcome: Outcome) {
+        let Some(trial) = self.trials.get_mut(module) else {
+            return;
+        };
+        match outcome {
+            Outcome::Started { version } if version == trial.version => trial.started = true,
+            Outcome::Started { .. } => {}
+            Outcome::Crashed { reason } => self.roll_back(module, reason),
+            Outcome::TickFailed { status } => {
+                self.roll_back(module, format!("kiln_tick returned {status}"))
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = self.now_ms;
+        let due: Vec<(String, bool)> = self
+            .trials
+            .iter()
+            .filter(|(_, t)| t.deadline_ms <= now)
+            .map(|(name, t)| (name.clone(), t.started))
+            .collect();
+        for (name, started) in due {
+            if started {
+                self.commit(&name);
+            } else {
+                self.roll_back(&name, "did not start within the health window".into());
+            }
+        }
+        let stalled: Vec<DownloadKey> = self
+            .downloads
+            .iter()
+            .filter(|(_, d)| !d.staging && d.last_progress_ms + self.settings.stall_ms <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in stalled {
+            let Some(d) = self.downloads.get_mut(&key) else {
+                continue;
+            };
+            d.last_progress_ms = now;
+            let total = d.module.artifact.chunks.len() as u32;
+            let have = d.have.as_ref().map_or(0, |h| h.len() as u32);
+            let (name, version) = (d.module.name.clone(), d.module.version);
+            let reason = format!(
+                "download stalled at {have}/{total} chunks for {} s; asking again",
+                self.settings.stall_ms / 1000
+            );
+            self.event(&name, version, EventKind::Rejected { reason });
+            // A resubscription makes the broker send the retained chunks again.
+            self.unsubscribe_missing(key);
+            self.subscribe_missing(key);
+        }
+        if self.degraded.is_some() && !self.unreadable_state {
+            // Probe: a save that works ends degraded mode.
+            self.out.push(Effect::Save(self.state.clone()));
+        }
+    }
+
+    fn commit(&mut self, name: &str) {
+        let Some(trial) = self.trials.remove(name) else {
+            return;
+        };
+        // Only what the newest desired state still names is committed.
+        if self.wanted_sha(name) != Some(trial.sha256) {
+            self.record_mut(name).staged = None;
+            self.run_plans();
+            return self.reconcile();
+        }
+        let r = self.record_mut(name);
+        let Some(staged) = r.staged.take() else {
+            return;
+        };
+        r.floor = r.floor.max(staged.version);
+        let version = staged.version;
+        r.committed = Some(staged);
+        self.save();
+        self.out.push(Effect::Checkpoint("commit"));
+        self.event(name, version, EventKind::Committed);
+        // A newer desired state may have arrived during the trial.
+        self.reconcile();
+    }
+
+    fn roll_back(&mut self, name: &str, reason: String) {
+        let Some(trial) = self.trials.remove(name) else {
+            return;
+        };
+        let r = self.record_mut(name);
+        if let Some(staged) = r.staged.take() {
+            r.rejected.push(staged.sha256);
+        }
+        self.save();
+        self.run_plans();
+        self.event(name, trial.version, EventKind::RolledBack { reason });
+        self.reconcile();
+    }
+
+    fn cancel_download(&mut self, key: DownloadKey) {
+        self.unsubscribe_missing(key);
+        if let Some(d) = self.downloads.remove(&key) {
+            self.event(
+                &d.module.name,
+                d.module.version,
+                EventKind::Rejected {
+                    reason: "download cancelled: no longer desired".into(),
+                },
+            );
+        }
+        self.out.push(Effect::DropDownload(key));
+    }
+
+    fn on_saved(&mut self, result: Result<(), String>) {
+        match result {
+            Ok(()) => {
+                if self.degraded.take().is_some() && !self.unreadable_state {
+                    tracing::info!("the data dir is writable again; updates resume");
+                    self.reconcile();
+                }
+            }
+            Err(e) => self.degrade(format!("cannot save the device state: {e}")),
+        }
+    }
+
+    /// The data dir failed: what is committed keeps running, updates wait.
+    fn degrade(&mut self, why: String) {
+        if self.degraded.as_deref() == Some(why.as_str()) {
+            return;
+        }
+        tracing::error!(reason = %why, "updates refused until the data dir works again");
+        self.degraded = Some(why.clone());
+        let keys: Vec<DownloadKey> = self.downloads.keys().copied().collect();
+        for key in keys {
+            self.unsubscribe_missing(key);
+            self.downloads.remove(&key);
+        }
+        self.event(
+            "*",
+            0,
+            EventKind::Rejected {
+                reason: format!("updates refused: {why}"),
+            },
+        );
+    }
+
+    /// Tells the supervisor what runs: the staged slot of modules on trial, the
+    /// committed slot of the others.
+    fn run_plans(&mut self) {
+        let plans: BTreeMap<String, Installed> = self
+            .state
+            .modules
+            .iter()
+            .filter_map(|(name, r)| {
+                let i = if self.trials.contains_key(name) {
+                    r.staged.as_ref()
+                } else {
+                    r.committed.as_ref()
+                }?;
+                Some((name.clone(), i.clone()))
+            })
+            .collect();
+        if self.last_run.as_ref() != Some(&plans) {
+            self.last_run = Some(plans.clone());
+            self.out.push(Effect::Run(plans));
+        }
+    }
+
+    fn record_mut(&mut self, name: &str) -> &mut ModuleRecord {
+        self.state.modules.entry(name.to_string()).or_default()
+    }
+
+    fn save(&mut self) {
+        if !self.unreadable_state {
+            self.out.push(Effect::Save(self.state.clone()));
+        }
+    }
+
+    fn event_once(&mut self, module: &str, version: u64, kind: EventKind) {
+        if self.last_event.get(module) != Some(&kind.to_string()) {
+            self.event(module, version, kind);
+        }
+    }
+
+    fn event(&mut self, module: &str, version: u64, kind: EventKind) {
+        tracing::info!(module, version, event = %kind, "fleet");
+        self.last_event.insert(module.to_string(), kind.to_string());
+        let event = Event::V1(EventV1 {
+            at_ms: self.now_ms,
+            module: module.into(),
+            version,
+            kind,
+        });
+        let topic = self.topics.events(&self.device);
+        self.publish(topic, false, &event);
+    }
+
+    /// The retained reported state, when it changed.
+    fn report(&mut self) {
+        let modules = self
+            .state
+            .modules
+            .iter()
+            .filter_map(|(name, r)| {
+                let c = r.committed.as_ref();
+                let (version, sha256, state) = match (self.trials.get(name), c) {
+                    (Some(t), _) => (t.version, t.sha256, ModuleState::Updating),
+                    (None, Some(c)) => (c.version, c.sha256, ModuleState::Running),
+                    // Desired but never committed: its first version failed.
+                    (None, None) if r.source.is_some() => (0, [0; 32], ModuleState::Failed),
+                    // No longer desired: only its anti-rollback floor is kept.
+                    (None, None) => return None,
+                };
+                Some(ModuleReport {
+                    name: name.clone(),
+                    version,
+                    sha256,
+                    state,
+                    last_event: self.last_event.get(name).cloned().unwrap_or_default(),
+                })
+            })
+            .collect();
+        let serial = self.state.serials.values().copied().max().unwrap_or(0);
+        let bytes =
+            postcard::to_stdvec(&Reported::V1(ReportedV1 { serial, modules })).unwrap_or_default();
+        if self.last_reported.as_ref() != Some(&bytes) {
+            self.last_reported = Some(bytes.clone());
+            let topic = self.topics.reported(&self.device);
+            self.out.push(Effect::Publish {
+                topic,
+                retain: true,
+                payload: bytes,
+            });
+        }
+    }
+
+    fn publish_status(&mut self) {
+        let status = Status::V1(StatusV1 {
+            device: self.device.clone(),
+            online: true,
+            facts: Some(self.facts.clone()),
+        });
+        let topic = self.topics.status(&self.device);
+        self.publish(topic, true, &status);
+    }
+
+    fn publish(&mut self, topic: String, retain: bool, message: &impl serde::Serialize) {
+        if let Ok(payload) = postcard::to_stdvec(message) {
+            self.out.push(Effect::Publish {
+                topic,
+                retain,
+                payload,
+            });
+        }
+    }
+}
+
+/// The reported state's modules, for tests and the driver's log.
+pub fn decode_reported(payload: &[u8]) -> Option<ReportedV1> {
+    match postcard::from_bytes(payload).ok()? {
+        Reported::V1(r) => Some(r),
+    }
+}

@@ -1,0 +1,357 @@
+//! Fleet updates: the device side of desired state over MQTT. The decisions are made by
+//! [`agent::Agent`], a pure state machine; this module is its driver. It turns link
+//! messages, supervisor records and the clock into agent inputs, and performs the
+//! effects the agent returns: publishing, subscribing, and the store operations whose
+//! results go back to the agent as inputs.
+
+pub mod agent;
+pub mod store;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::Duration;
+
+use kiln_protocol::artifact::Envelope;
+use kiln_protocol::compat::{self, HostFacts};
+use kiln_protocol::fleet::{sha256, DesiredModule, DeviceFacts, Status, StatusV1, Topics};
+use kiln_protocol::keys::TrustedKeys;
+use kiln_protocol::telemetry::{Body, Record};
+use kiln_protocol::worker::Expect;
+
+use crate::daemon::config::{ModulePlan, MqttConfig, RestartPolicy};
+use crate::daemon::link::{Link, LinkEvent};
+use crate::daemon::supervisor::now_ms;
+use agent::{Agent, Effect, Input, Outcome, Settings, StageResult};
+use store::{Installed, Store};
+
+/// What the driver reacts to.
+pub enum AgentIn {
+    Link(LinkEvent),
+    /// A supervisor record about a fleet module (health during a trial).
+    Record(Record),
+    Stop,
+}
+
+/// How the agent changes what runs: the full set of fleet modules.
+pub type ApplyFn = Box<dyn Fn(Vec<ModulePlan>) + Send>;
+
+/// The retained status the broker publishes for this device if kilnd vanishes.
+pub fn last_will(config: &MqttConfig, device: &str) -> (String, Vec<u8>) {
+    (Topics::new(&config.prefix).status(device), offline(device))
+}
+
+fn offline(device: &str) -> Vec<u8> {
+    postcard::to_stdvec(&Status::V1(StatusV1 {
+        device: device.into(),
+        online: false,
+        facts: None,
+    }))
+    .unwrap_or_default()
+}
+
+pub struct Driver {
+    agent: Agent,
+    store: Store,
+    link: Link,
+    trust: TrustedKeys,
+    host: HostFacts,
+    apply: ApplyFn,
+    topics: Topics,
+    device: String,
+    fault: Option<String>,
+}
+
+/// Opens the device state and runs what was committed; `run` then serves until
+/// `AgentIn::Stop`. A data dir that cannot be used does not stop kilnd: the agent runs
+/// degraded, refusing updates and saying why.
+pub fn start(
+    config: &MqttConfig,
+    device: &str,
+    data_dir: PathBuf,
+    trust: TrustedKeys,
+    apply: ApplyFn,
+    link: Link,
+    boot_id: u64,
+) -> Driver {
+    let (store, state) = match Store::open(&data_dir) {
+        Ok(store) => {
+            let state = store.load().map_err(|e| e.to_string());
+            (store, state)
+        }
+        Err(e) => {
+            let why = format!("cannot use data dir `{}`: {e}", data_dir.display());
+            let store = Store::at(&data_dir);
+            // What was committed may still be readable.
+            let state = store.load().map_err(|_| why.clone());
+            (store, state)
+        }
+    };
+    let host = crate::host::facts();
+    let facts = DeviceFacts {
+        triple: host.triple.clone(),
+        cpu_features: host.cpu_features.iter().cloned().collect(),
+        kilnd: env!("CARGO_PKG_VERSION").into(),
+        wasmer: host.wasmer.clone(),
+        kiln_abi: host.kiln_abi,
+        groups: config.groups.clone(),
+        boot_id,
+    };
+    let topics = Topics::new(&config.prefix);
+    let agent = Agent::new(
+        device,
+        config.groups.clone(),
+        topics.clone(),
+        trust.clone(),
+        facts,
+        settings(),
+        state,
+        now_ms(),
+    );
+    let mut driver = Driver {
+        agent,
+        store,
+        link,
+        trust,
+        host,
+        apply,
+        topics,
+        device: device.into(),
+        fault: fault_point(),
+    };
+    // What was committed runs before the broker is even reachable.
+    let effects = driver.agent.boot();
+    driver.perform(effects);
+    driver
+}
+
+/// Test builds may shorten the download stall timeout.
+fn settings() -> Settings {
+    let mut s = Settings::default();
+    if cfg!(feature = "test-hooks") {
+        if let Some(ms) = std::env::var("KILN_STALL_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            s.stall_ms = ms;
+        }
+    }
+    s
+}
+
+/// `KILN_FAULT=download|stage|activate|commit` kills kilnd with SIGKILL right after that
+/// step's writes; only test builds (feature `test-hooks`) read it.
+fn fault_point() -> Option<String> {
+    if cfg!(feature = "test-hooks") {
+        std::env::var("KILN_FAULT").ok()
+    } else {
+        None
+    }
+}
+
+impl Driver {
+    pub fn run(mut self, rx: Receiver<AgentIn>) {
+        loop {
+            let now = now_ms();
+            let wait = self
+                .agent
+                .next_deadline_ms()
+                .map_or(1000, |d| d.saturating_sub(now).min(1000));
+            let input = match rx.recv_timeout(Duration::from_millis(wait)) {
+                Ok(AgentIn::Link(LinkEvent::Connected)) => Input::Connected,
+                Ok(AgentIn::Link(LinkEvent::Message { topic, payload })) => {
+                    Input::Message { topic, payload }
+                }
+                Ok(AgentIn::Link(LinkEvent::Unreceivable { what })) => Input::Unreceivable { what },
+                Ok(AgentIn::Record(record)) => match outcome(&record) {
+                    Some((module, outcome)) => Input::Worker { module, outcome },
+                    None => continue,
+                },
+                Ok(AgentIn::Stop) | Err(RecvTimeoutError::Disconnected) => {
+                    let topic = self.topics.status(&self.device);
+                    self.link.publish(topic, true, offline(&self.device));
+                    self.link.disconnect();
+                    return;
+                }
+                Err(RecvTimeoutError::Timeout) => Input::Tick,
+            };
+            let effects = self.agent.handle(now_ms(), input);
+            self.perform(effects);
+        }
+    }
+
+    /// Performs effects in order; a store operation's result goes back to the agent
+    /// and its effects are performed after the ones already queued.
+    fn perform(&mut self, effects: Vec<Effect>) {
+        let mut queue: VecDeque<Effect> = effects.into();
+        while let Some(effect) = queue.pop_front() {
+            if let Some(input) = self.perform_one(effect) {
+                queue.extend(self.agent.handle(now_ms(), input));
+            }
+        }
+    }
+
+    fn perform_one(&mut self, effect: Effect) -> Option<Input> {
+        match effect {
+            Effect::Publish {
+                topic,
+                retain,
+                payload,
+            } => self.link.publish(topic, retain, payload),
+            Effect::Subscribe(topic) => self.link.subscribe(topic),
+            Effect::Unsubscribe(topic) => self.link.unsubscribe(topic),
+            Effect::Save(state) => {
+                return Some(Input::Saved(
+                    self.store.save(&state).map_err(|e| e.to_string()),
+                ))
+            }
+            Effect::Scan { key, artifact } => {
+                let have = self.store.scan(&key, &artifact);
+                return Some(Input::Scanned { key, have });
+            }
+            Effect::WriteChunk { key, n, data } => {
+                let result = self
+                    .store
+                    .write_chunk(&key, n, &data)
+                    .map_err(|e| e.to_string());
+                return Some(Input::ChunkStored { key, n, result });
+            }
+            Effect::Stage {
+                module,
+                key,
+                slot,
+                from_slot,
+            } => {
+                let result = self.stage(&module, &key, slot, from_slot);
+                return Some(Input::Staged {
+                    module: module.name,
+                    key,
+                    result,
+                });
+            }
+            Effect::DropDownload(key) => self.store.drop_download(&key),
+            Effect::Run(modules) => (self.apply)(self.plans(modules)),
+            Effect::Checkpoint(step) => self.checkpoint(step),
+        }
+        None
+    }
+
+    fn stage(
+        &self,
+        d: &DesiredModule,
+        key: &agent::DownloadKey,
+        slot: store::Slot,
+        from_slot: bool,
+    ) -> StageResult {
+        if from_slot {
+            return match self.store.read_slot(&d.name, slot, d.artifact.len) {
+                Ok(bytes) => match self.verify(d, &bytes) {
+                    Ok(()) => StageResult::Staged(slot),
+                    Err(why) => StageResult::Missing(format!("staged slot: {why}")),
+                },
+                Err(e) => StageResult::Missing(format!("staged slot: {e}")),
+            };
+        }
+        let bytes = match self.store.assemble(key, &d.artifact) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                return StageResult::Missing(e.to_string())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return StageResult::Missing(e.to_string())
+            }
+            Err(e) => return StageResult::Io(e.to_string()),
+        };
+        if let Err(why) = self.verify(d, &bytes) {
+            return StageResult::Refused(why);
+        }
+        match self.store.write_slot(&d.name, slot, &bytes) {
+            Ok(_) => StageResult::Staged(slot),
+            Err(e) => StageResult::Io(format!("cannot write the inactive slot: {e}")),
+        }
+    }
+
+    /// Everything about the bytes: length and hash as desired, a trusted signature, the
+    /// manifest's name and version as desired, and a target this device can run.
+    fn verify(&self, d: &DesiredModule, bytes: &[u8]) -> Result<(), String> {
+        if bytes.len() as u64 != d.artifact.len || sha256(bytes) != d.artifact.sha256 {
+            return Err("assembled artifact does not match its sha256".into());
+        }
+        let verified = Envelope::parse(bytes)
+            .and_then(|e| e.verify(&self.trust))
+            .map_err(|e| format!("artifact refused: {e}"))?;
+        let m = &verified.manifest;
+        if m.name != d.name || m.version != d.version {
+            return Err(format!(
+                "artifact is {} v{}, the desired state says {} v{}",
+                m.name, m.version, d.name, d.version
+            ));
+        }
+        compat::check(m, &self.host).map_err(|e| e.to_string())
+    }
+
+    fn plans(&self, modules: BTreeMap<String, Installed>) -> Vec<ModulePlan> {
+        modules
+            .into_iter()
+            .map(|(name, i)| {
+                let limits = &i.limits;
+                ModulePlan {
+                    artifact: self.store.slot_path(&name, i.slot),
+                    artifact_digest: Some(i.sha256),
+                    expect: Some(Expect {
+                        sha256: i.sha256,
+                        name: name.clone(),
+                        version: i.version,
+                    }),
+                    name,
+                    config: i.config.clone(),
+                    memory_pages: limits.memory_limit_pages,
+                    fuel_per_call: limits.fuel_per_call,
+                    tick: Duration::from_millis(limits.tick_ms.unwrap_or(1000)),
+                    timeout: Duration::from_millis(limits.timeout_ms.unwrap_or(1000)),
+                    run_timeout: None,
+                    start_timeout: Duration::from_secs(30),
+                    inbox: Vec::new(),
+                    args: Vec::new(),
+                    env: Vec::new(),
+                    dirs: Vec::new(),
+                    restart: RestartPolicy::default(),
+                }
+            })
+            .collect()
+    }
+
+    fn checkpoint(&self, step: &str) {
+        if self.fault.as_deref() == Some(step) {
+            tracing::warn!(step, "KILN_FAULT: killing kilnd");
+            // SAFETY: sends SIGKILL to this very process.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// What a supervisor record says about a module on trial.
+fn outcome(record: &Record) -> Option<(String, Outcome)> {
+    let module = record.module.clone()?;
+    let outcome = match &record.body {
+        // A first tick that failed is followed by its own TickFailed record.
+        Body::Started(s) => Outcome::Started { version: s.version },
+        Body::Stopped(s) if !is_clean(s) => Outcome::Crashed {
+            reason: s.why.clone(),
+        },
+        Body::TickFailed { status } => Outcome::TickFailed { status: *status },
+        _ => return None,
+    };
+    Some((module, outcome))
+}
+
+/// Not a failure: a requested stop or swap, a command that exited 0.
+fn is_clean(s: &kiln_protocol::telemetry::Stopped) -> bool {
+    match s.reason.as_str() {
+        "stopped" | "swapped" => true,
+        "exited" => s.exit_code == Some(0),
+        _ => false,
+    }
+}

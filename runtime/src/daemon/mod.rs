@@ -1,0 +1,10 @@
+//! `kilnd serve`: supervises worker processes, follows the fleet's signed desired state
+//! and sends telemetry, all over one MQTT connection.
+
+pub mod config;
+pub mod fleet;
+pub mod link;
+pub mod procfs;
+pub mod serve;
+pub mod supervisor;
+pub mod telemetry;
