@@ -22,7 +22,7 @@ status=0
 for profile in x86_64-linux aarch64-linux riscv64-linux; do
   triple=$(sed -n 's/^triple = "\(.*\)"/\1/p' "targets/$profile.toml")
   "$CARGO_TARGET_DIR/debug/kiln" conformance "$suite" --target "$profile" \
-    --kilnd "$CARGO_TARGET_DIR/$triple/release/kilnd" \
+    --kilnd "$CARGO_TARGET_DIR/$triple/release/kilnd-test" \
     --expectations conformance/expectations.toml "$@" || status=1
 done
 exit $status

@@ -46,14 +46,24 @@ pub fn profile(name: &str) -> TargetProfile {
     TargetProfile::parse(name, &text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// The release `kilnd` for the profile's triple, built alone by `scripts/test.sh`.
+/// The release `kilnd` the tests run for the profile's triple: built alone by
+/// `scripts/build.sh` with the test-only features `conformance` and `test-hooks`, and
+/// kept beside the shipped one as `kilnd-test`.
 pub fn kilnd_path(profile: &TargetProfile) -> PathBuf {
-    let path = target_dir().join(&profile.triple).join("release/kilnd");
+    built(&profile.triple, "kilnd-test")
+}
+
+/// The shipped `kilnd` (default features only), as a device gets it.
+pub fn shipped_kilnd_path(profile: &TargetProfile) -> PathBuf {
+    built(&profile.triple, "kilnd")
+}
+
+fn built(triple: &str, name: &str) -> PathBuf {
+    let path = target_dir().join(triple).join("release").join(name);
     assert!(
         path.exists(),
-        "{} is missing: build it with `cargo build -p kiln-runtime --release --target {}` (scripts/test.sh does)",
+        "{} is missing: build it with scripts/build.sh",
         path.display(),
-        profile.triple
     );
     path
 }

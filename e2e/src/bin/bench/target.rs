@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use kiln_e2e::{compile, kilnd_path, path_str, profile, source};
+use kiln_e2e::{compile, path_str, profile, shipped_kilnd_path, source};
 use kiln_protocol::target::TargetProfile;
 use serde_json::Value;
 
@@ -22,7 +22,7 @@ impl Target {
         let profile = profile(name);
         Self {
             name: name.into(),
-            kilnd: kilnd_path(&profile),
+            kilnd: shipped_kilnd_path(&profile),
             profile,
             dir: dir.into(),
             key: key.into(),
