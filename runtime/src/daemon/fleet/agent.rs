@@ -349,10 +349,6 @@ impl Agent {
         if let Err(reason) = self.admissible(source, &desired) {
             return self.event("*", 0, EventKind::Rejected { reason });
         }
-        if let Some(why) = self.degraded.clone() {
-            let reason = format!("updates refused: {why}");
-            return self.event("*", 0, EventKind::Rejected { reason });
-        }
         let last = self.state.serials.get(source).copied().unwrap_or(0);
         if desired.serial < last {
             let reason = format!(
@@ -365,6 +361,11 @@ impl Agent {
             .serials
             .insert(source.to_string(), desired.serial);
         self.desired.insert(source.to_string(), desired);
+        if let Some(why) = self.degraded.clone() {
+            // Kept in memory: acted on when the data dir works again.
+            let reason = format!("updates refused: {why}");
+            return self.event("*", 0, EventKind::Rejected { reason });
+        }
         self.save();
         self.reconcile();
     }

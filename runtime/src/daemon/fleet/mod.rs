@@ -6,6 +6,8 @@
 
 pub mod agent;
 pub mod store;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
@@ -52,10 +54,8 @@ fn offline(device: &str) -> Vec<u8> {
 
 pub struct Driver {
     agent: Agent,
-    store: Store,
+    exec: Executor,
     link: Link,
-    trust: TrustedKeys,
-    host: HostFacts,
     apply: ApplyFn,
     topics: Topics,
     device: String,
@@ -110,10 +110,8 @@ pub fn start(
     );
     let mut driver = Driver {
         agent,
-        store,
+        exec: Executor { store, trust, host },
         link,
-        trust,
-        host,
         apply,
         topics,
         device: device.into(),
@@ -192,6 +190,10 @@ impl Driver {
     }
 
     fn perform_one(&mut self, effect: Effect) -> Option<Input> {
+        let effect = match self.exec.perform(effect) {
+            Ok(input) => return input,
+            Err(effect) => effect,
+        };
         match effect {
             Effect::Publish {
                 topic,
@@ -200,22 +202,49 @@ impl Driver {
             } => self.link.publish(topic, retain, payload),
             Effect::Subscribe(topic) => self.link.subscribe(topic),
             Effect::Unsubscribe(topic) => self.link.unsubscribe(topic),
-            Effect::Save(state) => {
-                return Some(Input::Saved(
-                    self.store.save(&state).map_err(|e| e.to_string()),
-                ))
+            Effect::Run(modules) => (self.apply)(self.exec.plans(modules)),
+            Effect::Checkpoint(step) => self.checkpoint(step),
+            _ => {}
+        }
+        None
+    }
+
+    fn checkpoint(&self, step: &str) {
+        if self.fault.as_deref() == Some(step) {
+            tracing::warn!(step, "KILN_FAULT: killing kilnd");
+            // SAFETY: sends SIGKILL to this very process.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
             }
-            Effect::Scan { key, artifact } => {
-                let have = self.store.scan(&key, &artifact);
-                return Some(Input::Scanned { key, have });
-            }
-            Effect::WriteChunk { key, n, data } => {
-                let result = self
+        }
+    }
+}
+
+/// Performs the effects that touch the store: its own part of the driver, so the
+/// model-based tests run the agent against the real store and the real verification.
+pub struct Executor {
+    pub store: Store,
+    pub trust: TrustedKeys,
+    pub host: HostFacts,
+}
+
+impl Executor {
+    /// The agent input a store effect answers with; any other effect is given back.
+    pub fn perform(&self, effect: Effect) -> Result<Option<Input>, Effect> {
+        Ok(Some(match effect {
+            Effect::Save(state) => Input::Saved(self.store.save(&state).map_err(|e| e.to_string())),
+            Effect::Scan { key, artifact } => Input::Scanned {
+                key,
+                have: self.store.scan(&key, &artifact),
+            },
+            Effect::WriteChunk { key, n, data } => Input::ChunkStored {
+                key,
+                n,
+                result: self
                     .store
                     .write_chunk(&key, n, &data)
-                    .map_err(|e| e.to_string());
-                return Some(Input::ChunkStored { key, n, result });
-            }
+                    .map_err(|e| e.to_string()),
+            },
             Effect::Stage {
                 module,
                 key,
@@ -223,17 +252,18 @@ impl Driver {
                 from_slot,
             } => {
                 let result = self.stage(&module, &key, slot, from_slot);
-                return Some(Input::Staged {
+                Input::Staged {
                     module: module.name,
                     key,
                     result,
-                });
+                }
             }
-            Effect::DropDownload(key) => self.store.drop_download(&key),
-            Effect::Run(modules) => (self.apply)(self.plans(modules)),
-            Effect::Checkpoint(step) => self.checkpoint(step),
-        }
-        None
+            Effect::DropDownload(key) => {
+                self.store.drop_download(&key);
+                return Ok(None);
+            }
+            other => return Err(other),
+        }))
     }
 
     fn stage(
@@ -290,7 +320,7 @@ impl Driver {
         compat::check(m, &self.host).map_err(|e| e.to_string())
     }
 
-    fn plans(&self, modules: BTreeMap<String, Installed>) -> Vec<ModulePlan> {
+    pub fn plans(&self, modules: BTreeMap<String, Installed>) -> Vec<ModulePlan> {
         modules
             .into_iter()
             .map(|(name, i)| {
@@ -319,16 +349,6 @@ impl Driver {
                 }
             })
             .collect()
-    }
-
-    fn checkpoint(&self, step: &str) {
-        if self.fault.as_deref() == Some(step) {
-            tracing::warn!(step, "KILN_FAULT: killing kilnd");
-            // SAFETY: sends SIGKILL to this very process.
-            unsafe {
-                libc::kill(libc::getpid(), libc::SIGKILL);
-            }
-        }
     }
 }
 

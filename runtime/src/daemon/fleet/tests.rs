@@ -1,0 +1,966 @@
+//! The update agent against a model of what operators and the world do to it: random
+//! sequences of pushes (good, crashing, badly signed, mislabelled), reverts, drops, junk
+//! and stale desired states, chunks in any order and duplicated, corrupt chunk files,
+//! worker outcomes, time, and kilnd restarts (state reloaded from the real store).
+//! Only MQTT and the workers are simulated; the store and the verification are the
+//! real ones. Invariants are checked after every step, convergence at the end.
+//!
+//! `KILN_MODEL_CASES` and `KILN_MODEL_SEED` set the case count and seed (the longer run
+//! is `scripts/model.sh`).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use kiln_protocol::artifact::seal;
+use kiln_protocol::compat::HostFacts;
+use kiln_protocol::fleet::{
+    ArtifactRef, Chunk, Desired, DesiredModule, DeviceFacts, ModuleLimits, ModuleState, Scope,
+    SignedDesired, Topics,
+};
+use kiln_protocol::keys::{SecretKey, TrustedKeys};
+use kiln_protocol::manifest::{Digest, Manifest};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+
+use super::agent::{decode_reported, Agent, Effect, Input, Outcome, Settings};
+use super::store::{Installed, Store};
+use super::Executor;
+
+const DEVICE: &str = "dev-01";
+const GROUP: &str = "lab";
+const MODULES: [&str; 2] = ["app", "aux"];
+const CHUNK_SIZES: [u32; 2] = [1024, 1500];
+const HEALTH_MS: u64 = 5_000;
+
+/// What an artifact does when it runs, or why it never should.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Good,
+    /// Crashes in its trial.
+    Crashy,
+    /// Signed by a key the device does not trust.
+    Untrusted,
+    /// Its manifest names another version than the desired state.
+    Mislabelled,
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Push {
+        group: bool,
+        module: usize,
+        version: u64,
+        kind: Kind,
+        chunk: usize,
+        downgrade: bool,
+    },
+    /// Push the previous release of a module again (a revert), with allow-downgrade.
+    Revert {
+        group: bool,
+        module: usize,
+    },
+    Drop {
+        group: bool,
+        module: usize,
+    },
+    Junk {
+        group: bool,
+    },
+    /// The broker sends an older desired state again.
+    Replay {
+        group: bool,
+    },
+    /// Deliver up to n pending messages, in an order picked by `seed`, some twice.
+    Deliver {
+        n: usize,
+        seed: u64,
+        dup: bool,
+    },
+    /// A stored chunk file changes on disk.
+    CorruptStoredChunk,
+    /// Every worker reports: good ones start, crashy ones crash.
+    Workers,
+    Advance {
+        ms: u64,
+    },
+    Restart,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let kind = prop_oneof![
+        6 => Just(Kind::Good),
+        2 => Just(Kind::Crashy),
+        1 => Just(Kind::Untrusted),
+        1 => Just(Kind::Mislabelled),
+    ];
+    prop_oneof![
+        4 => (any::<bool>(), 0..2usize, 1..6u64, kind, 0..2usize, prop::bool::weighted(0.2))
+            .prop_map(|(group, module, version, kind, chunk, downgrade)| Op::Push {
+                group, module, version, kind, chunk, downgrade
+            }),
+        1 => (any::<bool>(), 0..2usize).prop_map(|(group, module)| Op::Revert { group, module }),
+        1 => (any::<bool>(), 0..2usize).prop_map(|(group, module)| Op::Drop { group, module }),
+        1 => any::<bool>().prop_map(|group| Op::Junk { group }),
+        1 => any::<bool>().prop_map(|group| Op::Replay { group }),
+        8 => (1..40usize, any::<u64>(), prop::bool::weighted(0.2))
+            .prop_map(|(n, seed, dup)| Op::Deliver { n, seed, dup }),
+        1 => Just(Op::CorruptStoredChunk),
+        3 => Just(Op::Workers),
+        3 => (100..8000u64).prop_map(|ms| Op::Advance { ms }),
+        1 => Just(Op::Restart),
+    ]
+}
+
+fn host() -> HostFacts {
+    HostFacts {
+        triple: "aarch64-unknown-linux-gnu".into(),
+        cpu_features: ["neon".to_string()].into(),
+        wasmer: "7.4.2".into(),
+        kiln_abi: kiln_protocol::KILN_ABI_VERSION,
+    }
+}
+
+struct Artifact {
+    desired: DesiredModule,
+    kind: Kind,
+}
+
+/// A broker with retained messages and one subscriber, the device.
+#[derive(Default)]
+struct Broker {
+    retained: BTreeMap<String, Vec<u8>>,
+    subscribed: BTreeSet<String>,
+    /// Messages on their way to the device.
+    pending: VecDeque<(String, Vec<u8>)>,
+}
+
+impl Broker {
+    fn publish_retained(&mut self, topic: String, payload: Vec<u8>) {
+        if self.subscribed.contains(&topic) {
+            self.pending.push_back((topic.clone(), payload.clone()));
+        }
+        self.retained.insert(topic, payload);
+    }
+
+    fn subscribe(&mut self, topic: String) {
+        if let Some(p) = self.retained.get(&topic) {
+            self.pending.push_back((topic.clone(), p.clone()));
+        }
+        self.subscribed.insert(topic);
+    }
+}
+
+struct World {
+    dir: tempfile::TempDir,
+    topics: Topics,
+    key: SecretKey,
+    rogue: SecretKey,
+    broker: Broker,
+    agent: Agent,
+    now: u64,
+    serials: BTreeMap<bool, u64>,
+    /// Every desired state published per scope (for replays), newest last.
+    history: BTreeMap<bool, Vec<Vec<u8>>>,
+    /// What each scope's newest desired state holds, per module.
+    scope_modules: BTreeMap<bool, BTreeMap<String, DesiredModule>>,
+    /// Releases pushed per module, for reverts.
+    releases: BTreeMap<String, Vec<DesiredModule>>,
+    artifacts: BTreeMap<[u8; 32], Artifact>,
+    /// The desired states the device received and accepted this run, per source: the
+    /// model of what it wants.
+    heard: BTreeMap<String, (u64, BTreeMap<String, DesiredModule>)>,
+    running: BTreeMap<String, Installed>,
+    floors: BTreeMap<String, u64>,
+    last_reported: Option<Vec<u8>>,
+    committed: BTreeMap<String, Option<[u8; 32]>>,
+    starting: VecDeque<(String, Outcome)>,
+    steps: Vec<String>,
+}
+
+impl World {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = SecretKey::generate().expect("key");
+        let topics = Topics::new("kiln/v1");
+        let agent = Self::agent(&dir, &key, &topics);
+        let mut world = Self {
+            dir,
+            topics,
+            rogue: SecretKey::generate().expect("key"),
+            key,
+            broker: Broker::default(),
+            agent,
+            now: 1_000_000,
+            serials: BTreeMap::new(),
+            history: BTreeMap::new(),
+            scope_modules: BTreeMap::new(),
+            releases: BTreeMap::new(),
+            artifacts: BTreeMap::new(),
+            heard: BTreeMap::new(),
+            running: BTreeMap::new(),
+            floors: BTreeMap::new(),
+            last_reported: None,
+            committed: BTreeMap::new(),
+            starting: VecDeque::new(),
+            steps: Vec::new(),
+        };
+        world.boot();
+        world
+    }
+
+    fn agent(dir: &tempfile::TempDir, key: &SecretKey, topics: &Topics) -> Agent {
+        let store = Store::open(dir.path()).expect("store");
+        let facts = DeviceFacts {
+            triple: host().triple,
+            cpu_features: vec!["neon".into()],
+            kilnd: "test".into(),
+            wasmer: "7.4.2".into(),
+            kiln_abi: 1,
+            groups: vec![GROUP.into()],
+            boot_id: 1,
+        };
+        Agent::new(
+            DEVICE,
+            vec![GROUP.into()],
+            topics.clone(),
+            TrustedKeys::new(vec![key.public()]),
+            facts,
+            Settings {
+                stall_ms: 20_000,
+                min_health_ms: 100,
+            },
+            store.load().map_err(|e| e.to_string()),
+            1_000_000,
+        )
+    }
+
+    fn exec(&self) -> Executor {
+        Executor {
+            store: Store::open(self.dir.path()).expect("store"),
+            trust: TrustedKeys::new(vec![self.key.public()]),
+            host: host(),
+        }
+    }
+
+    fn boot(&mut self) {
+        let effects = self.agent.boot();
+        self.perform(effects);
+        self.input(Input::Connected);
+    }
+
+    fn input(&mut self, input: Input) {
+        let effects = self.agent.handle(self.now, input);
+        self.perform(effects);
+        // Workers start (or crash) right after they are asked to run.
+        while let Some((module, outcome)) = self.starting.pop_front() {
+            let effects = self
+                .agent
+                .handle(self.now, Input::Worker { module, outcome });
+            self.perform(effects);
+        }
+    }
+
+    fn perform(&mut self, effects: Vec<Effect>) {
+        let exec = self.exec();
+        let mut queue: VecDeque<Effect> = effects.into();
+        while let Some(effect) = queue.pop_front() {
+            // The committed slot is never written over.
+            if let Effect::Stage { module, slot, .. } = &effect {
+                let committed = self.agent.state().modules.get(&module.name);
+                let committed = committed.and_then(|r| r.committed.as_ref());
+                assert!(
+                    committed.is_none_or(|c| c.slot != *slot),
+                    "staging {} into its committed slot {slot:?}",
+                    module.name
+                );
+            }
+            match exec.perform(effect) {
+                Ok(Some(input)) => queue.extend(self.agent.handle(self.now, input)),
+                Ok(None) => {}
+                Err(Effect::Publish { topic, payload, .. }) => {
+                    if topic == self.topics.reported(DEVICE) {
+                        self.last_reported = Some(payload);
+                    }
+                }
+                Err(Effect::Subscribe(t)) => self.broker.subscribe(t),
+                Err(Effect::Unsubscribe(t)) => {
+                    self.broker.subscribed.remove(&t);
+                }
+                Err(Effect::Run(modules)) => {
+                    // Never a version the device did not verify: the slot holds it.
+                    for (name, i) in &modules {
+                        let path = exec.store.slot_path(name, i.slot);
+                        let bytes = std::fs::read(&path).expect("slot of a running module");
+                        assert_eq!(kiln_protocol::fleet::sha256(&bytes), i.sha256, "{name}");
+                    }
+                    for (name, i) in &modules {
+                        if self.running.get(name) != Some(i) {
+                            let outcome = self.outcome(i);
+                            self.starting.push_back((name.clone(), outcome));
+                        }
+                    }
+                    self.running = modules;
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    fn artifact(&mut self, module: &str, version: u64, kind: Kind, chunk: u32) -> DesiredModule {
+        // The payload names the kind, so a crashy and a good v3 are different artifacts.
+        let payload = format!("{module} v{version} {kind:?} native code").repeat(60);
+        let mut manifest = Manifest::example(payload.as_bytes());
+        manifest.name = module.into();
+        manifest.version = if kind == Kind::Mislabelled {
+            version + 100
+        } else {
+            version
+        };
+        manifest.payload = Digest::of(payload.as_bytes());
+        let key = if kind == Kind::Untrusted {
+            &self.rogue
+        } else {
+            &self.key
+        };
+        let bytes = seal(&manifest, payload.as_bytes(), key).expect("seal");
+        let desired = DesiredModule {
+            name: module.into(),
+            version,
+            artifact: ArtifactRef::of(&bytes, chunk),
+            config: Vec::new(),
+            limits: ModuleLimits::default(),
+            allow_downgrade: false,
+            health_window_ms: HEALTH_MS,
+        };
+        let sha = desired.artifact.sha256;
+        for (n, data) in bytes.chunks(chunk as usize).enumerate() {
+            let c = Chunk::V1 {
+                sha256: sha,
+                index: n as u32,
+                data: data.to_vec(),
+            };
+            let topic = self.topics.chunk(&sha, n as u32);
+            self.broker
+                .publish_retained(topic, postcard::to_stdvec(&c).expect("chunk"));
+        }
+        self.artifacts.insert(
+            sha,
+            Artifact {
+                desired: desired.clone(),
+                kind,
+            },
+        );
+        desired
+    }
+
+    fn source(&self, group: bool) -> String {
+        if group {
+            self.topics.group_desired(GROUP)
+        } else {
+            self.topics.desired(DEVICE)
+        }
+    }
+
+    fn publish_desired(&mut self, group: bool) {
+        let serial = self.serials.entry(group).or_insert(0);
+        *serial += 1;
+        let desired = Desired {
+            scope: if group {
+                Scope::Group(GROUP.into())
+            } else {
+                Scope::Device(DEVICE.into())
+            },
+            serial: *serial,
+            modules: self
+                .scope_modules
+                .get(&group)
+                .map(|m| m.values().cloned().collect())
+                .unwrap_or_default(),
+        };
+        let signed = SignedDesired::sign(&desired, &self.key);
+        self.history.entry(group).or_default().push(signed.clone());
+        let topic = self.source(group);
+        self.broker.publish_retained(topic, signed);
+    }
+
+    fn apply(&mut self, op: &Op) {
+        self.steps.push(format!("{op:?}"));
+        match *op {
+            Op::Push {
+                group,
+                module,
+                version,
+                kind,
+                chunk,
+                downgrade,
+            } => {
+                let name = MODULES[module];
+                let mut d = self.artifact(name, version, kind, CHUNK_SIZES[chunk]);
+                d.allow_downgrade = downgrade;
+                self.releases
+                    .entry(name.into())
+                    .or_default()
+                    .push(d.clone());
+                self.scope_modules
+                    .entry(group)
+                    .or_default()
+                    .insert(name.into(), d);
+                self.publish_desired(group);
+            }
+            Op::Revert { group, module } => {
+                let name = MODULES[module];
+                let releases = self.releases.get(name).cloned().unwrap_or_default();
+                if releases.len() < 2 {
+                    return;
+                }
+                let mut d = releases[releases.len() - 2].clone();
+                d.allow_downgrade = true;
+                self.releases
+                    .entry(name.into())
+                    .or_default()
+                    .push(d.clone());
+                self.scope_modules
+                    .entry(group)
+                    .or_default()
+                    .insert(name.into(), d);
+                self.publish_desired(group);
+            }
+            Op::Drop { group, module } => {
+                self.scope_modules
+                    .entry(group)
+                    .or_default()
+                    .remove(MODULES[module]);
+                self.publish_desired(group);
+            }
+            Op::Junk { group } => {
+                let topic = self.source(group);
+                self.deliver(topic, b"\x00\x05junk!".to_vec());
+            }
+            Op::Replay { group } => {
+                let old = self.history.get(&group).and_then(|h| h.first()).cloned();
+                if let Some(old) = old {
+                    let topic = self.source(group);
+                    self.deliver(topic, old);
+                }
+            }
+            Op::Deliver { n, seed, dup } => {
+                let mut rng = seed;
+                for _ in 0..n {
+                    if self.broker.pending.is_empty() {
+                        break;
+                    }
+                    rng = rng
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let i = (rng >> 33) as usize % self.broker.pending.len();
+                    let Some((topic, payload)) = self.broker.pending.remove(i) else {
+                        break;
+                    };
+                    if !self.broker.subscribed.contains(&topic) {
+                        continue; // unsubscribed while on its way
+                    }
+                    if dup {
+                        self.deliver(topic.clone(), payload.clone());
+                    }
+                    self.deliver(topic, payload);
+                }
+            }
+            Op::CorruptStoredChunk => {
+                let downloads = self.dir.path().join("downloads");
+                let first = std::fs::read_dir(downloads)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+                    .map(|e| e.path())
+                    .next();
+                if let Some(path) = first {
+                    std::fs::write(path, b"bit rot").expect("corrupt");
+                }
+            }
+            Op::Workers => self.workers(),
+            Op::Advance { ms } => {
+                self.now += ms;
+                self.input(Input::Tick);
+            }
+            Op::Restart => {
+                self.agent = Self::agent(&self.dir, &self.key, &self.topics);
+                self.heard.clear();
+                self.broker.subscribed.clear();
+                self.broker.pending.clear();
+                self.running.clear();
+                self.boot();
+            }
+        }
+        self.check(matches!(op, Op::Restart));
+    }
+
+    fn deliver(&mut self, topic: String, payload: Vec<u8>) {
+        // The model of what the device wants: a desired state it can accept.
+        if topic.ends_with("/desired") {
+            if let Ok(d) = SignedDesired::open(&payload, &TrustedKeys::new(vec![self.key.public()]))
+            {
+                let last = self.agent.state().serials.get(&topic).copied().unwrap_or(0);
+                if d.serial >= last {
+                    let modules = d.modules.into_iter().map(|m| (m.name.clone(), m)).collect();
+                    self.heard.insert(topic.clone(), (d.serial, modules));
+                }
+            }
+        }
+        self.input(Input::Message { topic, payload });
+    }
+
+    fn outcome(&self, i: &Installed) -> Outcome {
+        match self.artifacts.get(&i.sha256).map_or(Kind::Good, |a| a.kind) {
+            Kind::Crashy => Outcome::Crashed {
+                reason: "trap: unreachable".into(),
+            },
+            _ => Outcome::Started { version: i.version },
+        }
+    }
+
+    /// Every worker reports again (a late or repeated report changes nothing).
+    fn workers(&mut self) {
+        let running = self.running.clone();
+        for (name, i) in running {
+            let outcome = self.outcome(&i);
+            self.input(Input::Worker {
+                module: name,
+                outcome,
+            });
+        }
+    }
+
+    /// What the device should want per module: device entries over group entries.
+    fn wanted(&self) -> BTreeMap<String, DesiredModule> {
+        let mut wanted = BTreeMap::new();
+        let device = self.topics.desired(DEVICE);
+        for (source, (_, modules)) in self.heard.iter().filter(|(s, _)| **s != device) {
+            let _ = source;
+            wanted.extend(modules.clone());
+        }
+        if let Some((_, modules)) = self.heard.get(&device) {
+            wanted.extend(modules.clone());
+        }
+        wanted
+    }
+
+    fn check(&mut self, restarted: bool) {
+        let state = self.agent.state().clone();
+        let persisted = Store::open(self.dir.path())
+            .expect("store")
+            .load()
+            .unwrap_or_default();
+        let wanted = self.wanted();
+        for (name, r) in &state.modules {
+            // The floor never goes down.
+            let floor = self.floors.entry(name.clone()).or_insert(0);
+            assert!(
+                r.floor >= *floor,
+                "{name}: floor went from {floor} to {}",
+                r.floor
+            );
+            *floor = r.floor;
+            // What runs is committed or on trial, and was wanted when committed.
+            if let Some(c) = &r.committed {
+                assert!(c.version <= r.floor, "{name}: committed above its floor");
+                let art = &self.artifacts[&c.sha256];
+                assert_ne!(art.kind, Kind::Untrusted);
+                assert_ne!(art.kind, Kind::Mislabelled);
+                assert_eq!(art.desired.version, c.version);
+            }
+            if let Some(i) = self.running.get(name) {
+                let ok = r.committed.as_ref().is_some_and(|c| c.sha256 == i.sha256)
+                    || r.staged.as_ref().is_some_and(|s| s.sha256 == i.sha256);
+                assert!(ok, "{name}: runs what is neither committed nor staged");
+            }
+        }
+        // A commit is of something wanted at the time it is made, and is saved.
+        for (name, r) in &state.modules {
+            let now = r.committed.as_ref().map(|c| c.sha256);
+            let before = self.committed.insert(name.clone(), now).flatten();
+            if let Some(sha) = now.filter(|sha| Some(*sha) != before) {
+                if !restarted {
+                    assert_eq!(
+                        wanted.get(name).map(|w| w.artifact.sha256),
+                        Some(sha),
+                        "{name}: committed a sha that is not wanted"
+                    );
+                }
+            }
+            if self.agent.degraded().is_none() {
+                let on_disk = persisted
+                    .modules
+                    .get(name)
+                    .and_then(|p| p.committed.as_ref());
+                assert_eq!(on_disk.map(|c| c.sha256), now, "{name}: commit not saved");
+            }
+        }
+        // Nothing the device did is unreported: the last reported state is now.
+        if let Some(bytes) = &self.last_reported {
+            let reported = decode_reported(bytes).expect("reported decodes");
+            for m in &reported.modules {
+                let r = &state.modules[&m.name];
+                match m.state {
+                    ModuleState::Running => {
+                        let c = r.committed.as_ref().expect("running means committed");
+                        assert_eq!((c.version, c.sha256), (m.version, m.sha256));
+                    }
+                    ModuleState::Updating => {
+                        let s = r.staged.as_ref().expect("updating means staged");
+                        assert_eq!(s.sha256, m.sha256);
+                    }
+                    ModuleState::Failed => assert!(r.committed.is_none()),
+                }
+            }
+            for (name, r) in &state.modules {
+                if r.committed.is_some() {
+                    assert!(
+                        reported.modules.iter().any(|m| m.name == *name),
+                        "{name} is committed but not reported"
+                    );
+                }
+            }
+        }
+    }
+
+    /// After the last fault: every message delivered, workers healthy, time passing.
+    fn settle(&mut self) {
+        for _ in 0..12 {
+            self.apply(&Op::Deliver {
+                n: 10_000,
+                seed: 7,
+                dup: false,
+            });
+            self.apply(&Op::Workers);
+            self.apply(&Op::Advance {
+                ms: HEALTH_MS + 1000,
+            });
+        }
+        let state = self.agent.state().clone();
+        for (name, want) in self.wanted() {
+            let r = state.modules.get(&name).cloned().unwrap_or_default();
+            let art = &self.artifacts[&want.artifact.sha256];
+            let blocked = want.version < r.floor && !want.allow_downgrade;
+            let refused = r.rejected.contains(&want.artifact.sha256);
+            if art.kind == Kind::Good && !blocked {
+                assert!(!refused, "{name}: a good artifact was refused");
+                let c = r.committed.as_ref().map(|c| (c.version, c.sha256));
+                assert_eq!(
+                    c,
+                    Some((want.version, want.artifact.sha256)),
+                    "{name} did not converge to v{}",
+                    want.version
+                );
+            } else if art.kind != Kind::Good {
+                assert!(
+                    r.committed
+                        .as_ref()
+                        .is_none_or(|c| c.sha256 != want.artifact.sha256),
+                    "{name}: a bad artifact was committed"
+                );
+            }
+        }
+        // Modules no source wants any more (once every source spoke) are stopped.
+        let wanted = self.wanted();
+        if self.heard.len() == 2 {
+            for (name, r) in &state.modules {
+                if !wanted.contains_key(name) {
+                    assert!(r.committed.is_none(), "{name} runs though nobody wants it");
+                }
+            }
+        }
+    }
+}
+
+fn runner(default_cases: u32) -> TestRunner {
+    let cases = std::env::var("KILN_MODEL_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default_cases);
+    let seed: u64 = std::env::var("KILN_MODEL_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x6b696c6e);
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    TestRunner::new_with_rng(
+        Config {
+            cases,
+            failure_persistence: None,
+            ..Config::default()
+        },
+        TestRng::from_seed(RngAlgorithm::ChaCha, &bytes),
+    )
+}
+
+#[test]
+fn random_operations_keep_the_invariants_and_converge() {
+    let mut runner = runner(32);
+    let started = std::time::Instant::now();
+    let steps = std::cell::Cell::new(0usize);
+    let result = runner.run(&prop::collection::vec(op(), 1..60), |ops| {
+        let mut world = World::new();
+        for op in &ops {
+            world.apply(op);
+        }
+        world.settle();
+        steps.set(steps.get() + ops.len());
+        Ok(())
+    });
+    eprintln!(
+        "model: {} cases, {} steps, {:.1} s",
+        runner.config().cases,
+        steps.get(),
+        started.elapsed().as_secs_f64()
+    );
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+// Named regressions, one per finding of the review.
+
+fn push(world: &mut World, group: bool, module: usize, version: u64, kind: Kind) {
+    world.apply(&Op::Push {
+        group,
+        module,
+        version,
+        kind,
+        chunk: 0,
+        downgrade: false,
+    });
+}
+
+fn deliver_all(world: &mut World) {
+    world.apply(&Op::Deliver {
+        n: 10_000,
+        seed: 1,
+        dup: false,
+    });
+}
+
+fn committed(world: &World, module: &str) -> Option<u64> {
+    world
+        .agent
+        .state()
+        .modules
+        .get(module)?
+        .committed
+        .as_ref()
+        .map(|c| c.version)
+}
+
+fn commit(world: &mut World) {
+    deliver_all(world);
+    world.apply(&Op::Workers);
+    world.apply(&Op::Advance { ms: HEALTH_MS + 1 });
+}
+
+#[test]
+fn a_revert_during_a_trial_ends_the_trial_and_the_device_takes_the_next_version() {
+    let mut w = World::new();
+    push(&mut w, false, 0, 7, Kind::Good);
+    commit(&mut w);
+    assert_eq!(committed(&w, "app"), Some(7));
+    push(&mut w, false, 0, 8, Kind::Good);
+    deliver_all(&mut w);
+    w.apply(&Op::Workers); // v8 runs on trial
+    w.apply(&Op::Revert {
+        group: false,
+        module: 0,
+    });
+    commit(&mut w);
+    let r = &w.agent.state().modules["app"];
+    assert_eq!(
+        committed(&w, "app"),
+        Some(7),
+        "v7 stays, v8 is not committed"
+    );
+    assert_eq!(r.floor, 7, "the floor did not rise to 8");
+    push(&mut w, false, 0, 9, Kind::Good);
+    commit(&mut w);
+    assert_eq!(committed(&w, "app"), Some(9));
+}
+
+#[test]
+fn a_revert_during_a_download_cancels_it() {
+    let mut w = World::new();
+    push(&mut w, false, 0, 7, Kind::Good);
+    commit(&mut w);
+    push(&mut w, false, 0, 8, Kind::Good);
+    w.apply(&Op::Deliver {
+        n: 2,
+        seed: 3,
+        dup: false,
+    });
+    w.apply(&Op::Revert {
+        group: false,
+        module: 0,
+    });
+    commit(&mut w);
+    commit(&mut w);
+    assert_eq!(committed(&w, "app"), Some(7));
+    assert_eq!(w.agent.state().modules["app"].floor, 7);
+}
+
+#[test]
+fn a_module_dropped_while_it_downloads_is_not_installed() {
+    let mut w = World::new();
+    push(&mut w, false, 0, 1, Kind::Good);
+    w.apply(&Op::Deliver {
+        n: 2,
+        seed: 3,
+        dup: false,
+    });
+    w.apply(&Op::Drop {
+        group: false,
+        module: 0,
+    });
+    commit(&mut w);
+    commit(&mut w);
+    assert_eq!(committed(&w, "app"), None);
+}
+
+#[test]
+fn a_corrupt_stored_chunk_is_fetched_again_after_a_restart() {
+    let mut w = World::new();
+    push(&mut w, false, 0, 1, Kind::Good);
+    w.apply(&Op::Deliver {
+        n: 2,
+        seed: 3,
+        dup: false,
+    });
+    w.apply(&Op::CorruptStoredChunk);
+    w.apply(&Op::Restart);
+    commit(&mut w);
+    commit(&mut w);
+    assert_eq!(committed(&w, "app"), Some(1));
+    assert!(w.agent.state().modules["app"].rejected.is_empty());
+}
+
+#[test]
+fn the_same_artifact_pushed_with_another_chunk_size_still_installs() {
+    let mut w = World::new();
+    w.apply(&Op::Push {
+        group: false,
+        module: 0,
+        version: 1,
+        kind: Kind::Good,
+        chunk: 0,
+        downgrade: false,
+    });
+    w.apply(&Op::Deliver {
+        n: 2,
+        seed: 3,
+        dup: false,
+    });
+    w.apply(&Op::Restart);
+    w.apply(&Op::Push {
+        group: false,
+        module: 0,
+        version: 1,
+        kind: Kind::Good,
+        chunk: 1,
+        downgrade: false,
+    });
+    commit(&mut w);
+    commit(&mut w);
+    assert_eq!(committed(&w, "app"), Some(1));
+}
+
+#[test]
+fn a_stalled_download_asks_again() {
+    let mut w = World::new();
+    push(&mut w, false, 0, 1, Kind::Good);
+    // The chunks on their way are lost.
+    w.broker.pending.retain(|(t, _)| t.ends_with("/desired"));
+    deliver_all(&mut w);
+    w.apply(&Op::Advance { ms: 25_000 });
+    commit(&mut w);
+    assert_eq!(committed(&w, "app"), Some(1));
+}
+
+#[test]
+fn names_that_would_escape_the_data_dir_are_refused() {
+    let mut w = World::new();
+    let mut d = w.artifact("app", 1, Kind::Good, 1024);
+    d.name = "../../escaped".into();
+    let desired = Desired {
+        scope: Scope::Device(DEVICE.into()),
+        serial: 1,
+        modules: vec![d],
+    };
+    let topic = w.topics.desired(DEVICE);
+    w.deliver(topic, SignedDesired::sign(&desired, &w.key));
+    commit(&mut w);
+    assert!(w.agent.state().modules.is_empty());
+    assert!(!w.dir.path().join("../escaped").exists());
+}
+
+#[test]
+fn fleet_limits_are_checked_like_config_limits() {
+    let mut w = World::new();
+    let mut d = w.artifact("app", 1, Kind::Good, 1024);
+    d.limits.tick_ms = Some(0);
+    let desired = Desired {
+        scope: Scope::Device(DEVICE.into()),
+        serial: 1,
+        modules: vec![d],
+    };
+    let topic = w.topics.desired(DEVICE);
+    w.deliver(topic, SignedDesired::sign(&desired, &w.key));
+    commit(&mut w);
+    assert!(w.agent.state().modules.is_empty());
+}
+
+#[test]
+fn a_crash_in_the_trial_rolls_back_and_the_floor_stays() {
+    let mut w = World::new();
+    push(&mut w, true, 0, 2, Kind::Good);
+    commit(&mut w);
+    push(&mut w, true, 0, 3, Kind::Crashy);
+    commit(&mut w);
+    commit(&mut w);
+    let r = &w.agent.state().modules["app"];
+    assert_eq!(committed(&w, "app"), Some(2));
+    assert_eq!(r.floor, 2);
+    assert_eq!(r.rejected.len(), 1);
+}
+
+#[test]
+fn an_unreadable_state_file_degrades_instead_of_exiting() {
+    let mut w = World::new();
+    push(&mut w, false, 0, 1, Kind::Good);
+    commit(&mut w);
+    std::fs::write(w.dir.path().join("state"), b"\xff\xff junk").expect("write");
+    w.apply(&Op::Restart);
+    assert!(w.agent.degraded().is_some());
+    push(&mut w, false, 0, 2, Kind::Good);
+    commit(&mut w);
+    // Nothing was saved over the unreadable file.
+    assert_eq!(
+        std::fs::read(w.dir.path().join("state")).expect("read"),
+        b"\xff\xff junk"
+    );
+}
+
+#[test]
+fn a_failing_save_refuses_updates_until_the_data_dir_works_again() {
+    let mut w = World::new();
+    push(&mut w, false, 0, 1, Kind::Good);
+    commit(&mut w);
+    w.input(Input::Saved(Err("No space left on device".into())));
+    assert!(w.agent.degraded().is_some());
+    push(&mut w, false, 0, 2, Kind::Good);
+    deliver_all(&mut w);
+    assert_eq!(
+        committed(&w, "app"),
+        Some(1),
+        "the committed version keeps running"
+    );
+    // The next tick's probe save works: updates resume.
+    commit(&mut w);
+    commit(&mut w);
+    assert!(w.agent.degraded().is_none());
+    assert_eq!(committed(&w, "app"), Some(2));
+}
