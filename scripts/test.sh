@@ -17,5 +17,7 @@ cargo clippy --locked --quiet --manifest-path guest/Cargo.toml --target wasm32-w
 # Host crates and end-to-end tests; kiln-runtime is not a default member, so its
 # features are never unified with the compiler's.
 cargo test --locked
-# kilnd's own unit tests (config, backoff, stdout line capture), built alone like kilnd.
-cargo test --locked -p kiln-runtime --lib
+# kilnd's own unit and property tests (config, line capture, the update agent's
+# model-based test with a fixed seed and case count), built alone like kilnd, with the
+# test-only features the tests' kilnd has.
+cargo test --locked -p kiln-runtime --lib --features conformance,test-hooks

@@ -62,6 +62,14 @@ impl Broker {
         }
     }
 
+    /// Restarts the broker as one without persistence would come back: with no
+    /// retained messages at all.
+    pub fn restart_forgetting(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_file(self.dir.path().join("mosquitto.db"));
+        self.restart();
+    }
+
     pub fn restart(&mut self) {
         self.stop();
         let conf = self.dir.path().join("mosquitto.conf");

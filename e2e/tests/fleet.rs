@@ -636,3 +636,53 @@ fn pushes_in_quick_succession_end_at_the_newest_version() {
     watch.wait_running(3, Duration::from_secs(10));
     assert_eq!(device.started_versions().last(), Some(&3));
 }
+
+#[test]
+fn a_revert_during_a_trial_ends_on_the_old_version_and_the_next_one_installs() {
+    let quick = ["--health-window-ms", "1500", "--tick-ms", "100"];
+    let (broker, watch, device) = device_at_v1("dev-r", &quick);
+    // v2 goes on a long trial; the operator pushes v1 back during it.
+    let long = ["--health-window-ms", "20000", "--tick-ms", "100"];
+    push(&broker, &app("x86_64-linux", 2, false), "dev-r", &long);
+    watch.wait_event(Duration::from_secs(30), "activated v2", |(m, v, k)| {
+        m == "app" && *v == 2 && *k == EventKind::Activated
+    });
+    push(&broker, &app("x86_64-linux", 1, false), "dev-r", &quick);
+    watch.wait_event(Duration::from_secs(10), "v2's trial ended", |(m, v, k)| {
+        m == "app" && *v == 2 && matches!(k, EventKind::RolledBack { .. })
+    });
+    watch.wait_running(1, Duration::from_secs(10));
+    // Past v2's health window: it was never committed, and the floor did not rise.
+    std::thread::sleep(Duration::from_secs(20));
+    assert!(
+        !watch
+            .events()
+            .iter()
+            .any(|(m, v, k)| m == "app" && *v == 2 && *k == EventKind::Committed),
+        "{:#?}",
+        watch.events()
+    );
+    assert_eq!(watch.reported_app(), Some((1, "Running".into())));
+    push(&broker, &app("x86_64-linux", 3, false), "dev-r", &quick);
+    watch.wait_committed(3, Duration::from_secs(30));
+    assert_eq!(device.started_versions().last(), Some(&3));
+}
+
+#[test]
+fn a_broker_restarted_without_persistence_still_takes_the_next_push() {
+    let quick = ["--health-window-ms", "1500", "--tick-ms", "100"];
+    let (mut broker, watch, _device) = device_at_v1("dev-p", &quick);
+    push(&broker, &app("x86_64-linux", 2, false), "dev-p", &quick);
+    watch.wait_committed(2, Duration::from_secs(30));
+    // The broker forgets every retained desired state and its serial.
+    broker.restart_forgetting();
+    push(&broker, &app("x86_64-linux", 3, false), "dev-p", &quick);
+    watch.wait_committed(3, Duration::from_secs(30));
+    assert!(
+        !watch.events().iter().any(
+            |(_, _, k)| matches!(k, EventKind::Rejected { reason } if reason.contains("serial"))
+        ),
+        "{:#?}",
+        watch.events()
+    );
+}

@@ -73,3 +73,60 @@ fn kilnd_binaries_contain_no_compiler_code() {
         );
     }
 }
+
+/// The shipped build enables no test feature, has no conformance replayer, and a
+/// `KILN_FAULT` in its environment changes nothing.
+#[test]
+fn the_shipped_kilnd_carries_no_test_hooks() {
+    let out = Command::new(env!("CARGO"))
+        .current_dir(repo())
+        .args([
+            "tree",
+            "-p",
+            "kiln-runtime",
+            "-e",
+            "features",
+            "--prefix",
+            "none",
+        ])
+        .output()
+        .expect("cargo tree");
+    let tree = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for feature in ["\"test-hooks\"", "\"conformance\""] {
+        assert!(
+            !tree
+                .lines()
+                .any(|l| l.starts_with("kiln-runtime feature") && l.contains(feature)),
+            "shipped kilnd enables {feature}:\n{tree}"
+        );
+    }
+    let shipped = kiln_e2e::shipped_kilnd_path(&profile("x86_64-linux"));
+    let help = Command::new(&shipped)
+        .arg("--help")
+        .output()
+        .expect("kilnd --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("serve") && !help.contains("conformance"),
+        "{help}"
+    );
+    let replay = Command::new(&shipped)
+        .args(["conformance", "x.script"])
+        .output()
+        .expect("kilnd conformance");
+    assert_eq!(replay.status.code(), Some(2), "an unknown subcommand");
+    // The hook is compiled out: the source says so, and the binary has no trace of it.
+    let bytes = std::fs::read(&shipped).expect("read kilnd");
+    let needle = b"KILN_FAULT";
+    assert!(
+        !bytes.windows(needle.len()).any(|w| w == needle),
+        "KILN_FAULT in shipped kilnd"
+    );
+    let test_build = std::fs::read(kilnd_path(&profile("x86_64-linux"))).expect("read kilnd-test");
+    assert!(test_build.windows(needle.len()).any(|w| w == needle));
+}

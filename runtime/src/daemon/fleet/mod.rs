@@ -123,28 +123,27 @@ pub fn start(
     driver
 }
 
-/// Test builds may shorten the download stall timeout.
+/// Test builds may shorten the download stall timeout (`KILN_STALL_MS`).
 fn settings() -> Settings {
+    #[allow(unused_mut)]
     let mut s = Settings::default();
-    if cfg!(feature = "test-hooks") {
-        if let Some(ms) = std::env::var("KILN_STALL_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-        {
-            s.stall_ms = ms;
-        }
+    #[cfg(feature = "test-hooks")]
+    if let Some(ms) = std::env::var("KILN_STALL_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        s.stall_ms = ms;
     }
     s
 }
 
 /// `KILN_FAULT=download|stage|activate|commit` kills kilnd with SIGKILL right after that
-/// step's writes; only test builds (feature `test-hooks`) read it.
+/// step's writes; only test builds (feature `test-hooks`) have it.
 fn fault_point() -> Option<String> {
-    if cfg!(feature = "test-hooks") {
-        std::env::var("KILN_FAULT").ok()
-    } else {
-        None
-    }
+    #[cfg(feature = "test-hooks")]
+    return std::env::var("KILN_FAULT").ok();
+    #[cfg(not(feature = "test-hooks"))]
+    None
 }
 
 impl Driver {
