@@ -2,6 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+#[cfg(feature = "conformance")]
 use kiln_protocol::script::Script;
 use kiln_protocol::worker::Reply;
 use kiln_runtime::exit::{Code, Failure};
