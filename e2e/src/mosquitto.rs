@@ -108,7 +108,7 @@ impl Broker {
     /// Publishes one retained message (as a misbehaving fleet tool or attacker would).
     pub fn publish_retained(&self, topic: &str, payload: Vec<u8>) {
         let mut options = MqttOptions::new("test-publisher", "127.0.0.1", self.port);
-        options.set_max_packet_size(4 << 20, 4 << 20);
+        options.set_max_packet_size(16 << 20, 16 << 20);
         let (client, mut connection) = Client::new(options, 10);
         client
             .publish(topic, QoS::AtLeastOnce, true, payload)

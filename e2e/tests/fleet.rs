@@ -686,3 +686,54 @@ fn a_broker_restarted_without_persistence_still_takes_the_next_push() {
         watch.events()
     );
 }
+
+#[test]
+fn oversized_retained_messages_are_reported_and_the_device_stays_connected() {
+    let quick = ["--health-window-ms", "1500", "--tick-ms", "100"];
+    let (broker, watch, device) = device_at_v1("dev-big", &quick);
+    let topics = Topics::new(DEFAULT_PREFIX);
+    // 3 MiB on the device's desired topic: over kiln's limit, under the link's.
+    broker.publish_retained(&topics.desired("dev-big"), vec![7; 3 << 20]);
+    watch.wait_event(Duration::from_secs(20), "oversized desired state", |(_, _, k)| {
+        matches!(k, EventKind::Rejected { reason } if reason.contains("3145728 bytes (limit"))
+    });
+    // A signed desired state whose first chunk is 3 MiB of junk.
+    let bytes = std::fs::read(app("x86_64-linux", 2, false)).unwrap();
+    let artifact = kiln_protocol::fleet::ArtifactRef::of(&bytes, 4096);
+    for (n, data) in bytes.chunks(4096).enumerate().skip(1) {
+        let chunk = Chunk::V1 {
+            sha256: artifact.sha256,
+            index: n as u32,
+            data: data.to_vec(),
+        };
+        let topic = topics.chunk(&artifact.sha256, n as u32);
+        broker.publish_retained(&topic, postcard::to_stdvec(&chunk).unwrap());
+    }
+    broker.publish_retained(&topics.chunk(&artifact.sha256, 0), vec![1; 3 << 20]);
+    let key = kiln_compiler::keyfile::read_secret(&shared().key()).unwrap();
+    let desired = Desired {
+        scope: Scope::Device("dev-big".into()),
+        serial: 50,
+        modules: vec![kiln_protocol::fleet::DesiredModule {
+            name: "app".into(),
+            version: 2,
+            artifact,
+            config: Vec::new(),
+            limits: Default::default(),
+            allow_downgrade: false,
+            health_window_ms: 1500,
+        }],
+    };
+    broker.publish_retained(&topics.desired("dev-big"), SignedDesired::sign(&desired, &key));
+    watch.wait_event(Duration::from_secs(20), "oversized chunk", |(_, _, k)| {
+        matches!(k, EventKind::Rejected { reason } if reason.contains("chunk 0") && reason.contains("limit"))
+    });
+    // The link never dropped, and a good update pushed after it commits.
+    push(&broker, &app("x86_64-linux", 3, false), "dev-big", &quick);
+    watch.wait_committed(3, Duration::from_secs(30));
+    assert!(
+        !device.stderr().contains("connection lost"),
+        "{}",
+        device.stderr()
+    );
+}

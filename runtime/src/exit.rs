@@ -3,6 +3,9 @@
 
 use std::fmt;
 
+use kiln_protocol::artifact::ArtifactError;
+use kiln_protocol::compat::Incompatible;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Code {
@@ -59,3 +62,35 @@ impl fmt::Display for Failure {
 }
 
 impl std::error::Error for Failure {}
+
+// Every typed error of the layers below maps to its exit code here, in one place.
+
+impl From<&ArtifactError> for Code {
+    fn from(e: &ArtifactError) -> Code {
+        match e {
+            ArtifactError::Empty | ArtifactError::PlainWasm | ArtifactError::BadMagic => {
+                Code::NotArtifact
+            }
+            ArtifactError::UnsupportedVersion { .. } | ArtifactError::UnknownFlags(_) => {
+                Code::UnsupportedFormat
+            }
+            ArtifactError::UntrustedSigner { .. } => Code::Untrusted,
+            ArtifactError::Truncated { .. }
+            | ArtifactError::ManifestTooLarge(_)
+            | ArtifactError::BadSignature { .. }
+            | ArtifactError::ManifestDecode(_)
+            | ArtifactError::PayloadLength { .. }
+            | ArtifactError::PayloadHash { .. } => Code::Corrupt,
+        }
+    }
+}
+
+impl From<&Incompatible> for Code {
+    fn from(e: &Incompatible) -> Code {
+        match e {
+            Incompatible::Target { .. } => Code::WrongTarget,
+            Incompatible::CpuFeatures { .. } => Code::MissingCpuFeature,
+            Incompatible::Wasmer { .. } | Incompatible::Abi { .. } => Code::IncompatibleEngine,
+        }
+    }
+}

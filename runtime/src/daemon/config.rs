@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kiln_protocol::manifest::{parse_byte_size, parse_memory_size, Digest};
+use kiln_protocol::names::{self, Kind};
 use serde::Deserialize;
 
 use crate::sandbox::wasi::DirMapping;
@@ -266,6 +267,13 @@ impl Config {
         if config.trust.is_empty() {
             return Err(format!("config `{file}`: `trust` names no public key"));
         }
+        // Names become topic levels and file names: checked here like everywhere.
+        if let Some(device) = &config.device {
+            names::check(Kind::Device, device).map_err(|e| format!("config `{file}`: {e}"))?;
+        }
+        for group in config.mqtt.iter().flat_map(|m| &m.groups) {
+            names::check(Kind::Group, group).map_err(|e| format!("config `{file}`: {e}"))?;
+        }
         let mut names = BTreeSet::new();
         let mut plans = Vec::new();
         for m in &config.modules {
@@ -279,9 +287,7 @@ impl Config {
                     .map(|s| s.to_string_lossy().into_owned())
                     .ok_or_else(|| bad("cannot derive a name; set `name`".into()))?,
             };
-            if name.is_empty() || name.contains('/') {
-                return Err(bad(format!("name `{name}` must be non-empty without `/`")));
-            }
+            names::check(Kind::Module, &name).map_err(bad)?;
             if !names.insert(name.clone()) {
                 return Err(bad(format!("a second module is named `{name}`")));
             }
@@ -433,6 +439,21 @@ restart = { backoff_ms = 100, max_crashes = 3 }
             .unwrap_err()
             .contains("names no public key"));
         assert!(!typo.contains('\n'));
+    }
+
+    #[test]
+    fn device_group_and_module_names_that_would_escape_a_topic_are_refused() {
+        let mqtt = |device: &str, group: &str| {
+            format!("device = \"{device}\"\ndata_dir = \"d\"\ntrust = [\"k.pub\"]\n[mqtt]\nbroker = \"mqtt://h\"\ngroups = [\"{group}\"]\n")
+        };
+        for (device, group) in [("dev/+", "lab"), ("dev-01", "lab/#"), ("..", "lab")] {
+            let err = load_config(&mqtt(device, group)).unwrap_err();
+            assert!(err.contains("name"), "{err}");
+        }
+        assert!(load_config(&mqtt("dev-01", "lab")).is_ok());
+        let module = load("trust = [\"k.pub\"]\n[[module]]\nartifact = \"a.kiln\"\nname = \"../x\"\n")
+            .unwrap_err();
+        assert!(module.contains("module name `../x`"), "{module}");
     }
 
     #[test]

@@ -59,6 +59,11 @@ impl Link {
     }
 
     fn send(&self, topic: String, retain: bool, payload: Vec<u8>, tag: Option<u64>) -> bool {
+        // rumqttc answers an invalid topic like a full queue: never wait on one.
+        if topic.contains(['+', '#']) || payload.len() > kiln_protocol::mqtt::MAX_PACKET {
+            tracing::error!(%topic, bytes = payload.len(), "publish refused: invalid topic or too large");
+            return false;
+        }
         let mut request = (topic, payload);
         for _ in 0..400 {
             // The tag is queued under the same lock as the publish, so the event loop

@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kiln_protocol::artifact::{ArtifactError, Envelope};
-use kiln_protocol::compat::{self, Incompatible};
+use kiln_protocol::artifact::Envelope;
+use kiln_protocol::compat;
 use kiln_protocol::keys::{PublicKey, TrustedKeys};
 use kiln_protocol::manifest::Manifest;
 use kiln_protocol::worker::Expect;
@@ -91,7 +91,7 @@ pub fn load_bytes(
     }
     let verified = Envelope::parse(bytes)
         .and_then(|envelope| envelope.verify(trust))
-        .map_err(|e| Failure::new(artifact_code(&e), e.to_string()))?;
+        .map_err(|e| Failure::new(Code::from(&e), e.to_string()))?;
     if let Some(e) = expect {
         let m = &verified.manifest;
         if m.name != e.name || m.version != e.version {
@@ -105,7 +105,7 @@ pub fn load_bytes(
         }
     }
     compat::check(&verified.manifest, &host::facts())
-        .map_err(|e| Failure::new(incompatible_code(&e), e.to_string()))?;
+        .map_err(|e| Failure::new(Code::from(&e), e.to_string()))?;
     let verify_time = started.elapsed();
     let engine = engine_for(&verified.manifest);
 
@@ -134,30 +134,4 @@ pub fn load_bytes(
         verify_time,
         deserialize_time: started.elapsed(),
     })
-}
-
-fn artifact_code(e: &ArtifactError) -> Code {
-    match e {
-        ArtifactError::Empty | ArtifactError::PlainWasm | ArtifactError::BadMagic => {
-            Code::NotArtifact
-        }
-        ArtifactError::UnsupportedVersion { .. } | ArtifactError::UnknownFlags(_) => {
-            Code::UnsupportedFormat
-        }
-        ArtifactError::UntrustedSigner { .. } => Code::Untrusted,
-        ArtifactError::Truncated { .. }
-        | ArtifactError::ManifestTooLarge(_)
-        | ArtifactError::BadSignature { .. }
-        | ArtifactError::ManifestDecode(_)
-        | ArtifactError::PayloadLength { .. }
-        | ArtifactError::PayloadHash { .. } => Code::Corrupt,
-    }
-}
-
-fn incompatible_code(e: &Incompatible) -> Code {
-    match e {
-        Incompatible::Target { .. } => Code::WrongTarget,
-        Incompatible::CpuFeatures { .. } => Code::MissingCpuFeature,
-        Incompatible::Wasmer { .. } | Incompatible::Abi { .. } => Code::IncompatibleEngine,
-    }
 }

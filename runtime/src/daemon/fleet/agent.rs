@@ -389,10 +389,6 @@ impl Agent {
             if !seen.insert(&m.name) {
                 return Err(format!("desired state names module `{}` twice", m.name));
             }
-            m.limits
-                .check()
-                .and_then(|()| m.artifact.check())
-                .map_err(|e| format!("module `{}`: {e}", m.name))?;
         }
         Ok(())
     }
@@ -495,6 +491,11 @@ impl Agent {
     fn reconcile_module(&mut self, d: &DesiredModule) {
         let record = self.state.modules.get(&d.name).cloned().unwrap_or_default();
         let sha = d.artifact.sha256;
+        // An entry that makes no sense is refused on its own: the other modules of the
+        // desired state go ahead, and this one keeps running what it committed.
+        if let Err(reason) = d.limits.check().and_then(|()| d.artifact.check()) {
+            return self.event_once(&d.name, d.version, EventKind::Rejected { reason });
+        }
         if let Some(c) = &record.committed {
             if c.sha256 == sha {
                 // Same code; a new config or limits take effect with a swap.
