@@ -2,6 +2,7 @@
 //! host, `kilnd serve` with `[mqtt]` as the device (natively, and the aarch64 build under
 //! qemu-user), events and reported state read back from the broker.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -12,7 +13,8 @@ use kiln_compiler::commands::gc::GcCommand;
 use kiln_compiler::commands::push::PushCommand;
 use kiln_compiler::commands::rollout::RolloutCommand;
 use kiln_protocol::fleet::{
-    Chunk, Desired, Event, EventKind, Reported, Scope, SignedDesired, Topics, DEFAULT_PREFIX,
+    Chunk, Desired, Event, EventKind, Reported, Scope, SignedDesired, Topics, Upload,
+    DEFAULT_PREFIX,
 };
 use kiln_protocol::keys::SecretKey;
 use rumqttc::{Client, MqttOptions, Packet, QoS};
@@ -502,7 +504,8 @@ fn rollout_halts_at_a_canary_that_rolls_back_and_gc_removes_only_unreferenced_ch
         sha(&app("x86_64-linux", 1, false)),
         sha(&app("x86_64-linux", 2, true)),
     );
-    GcCommand::try_parse_from(["gc", "--broker", &url])
+    // --grace-s 0: v2's upload marker is seconds old and would keep it otherwise.
+    GcCommand::try_parse_from(["gc", "--broker", &url, "--grace-s", "0"])
         .unwrap()
         .execute()
         .unwrap();
@@ -684,5 +687,102 @@ fn a_broker_restarted_without_persistence_still_takes_the_next_push() {
         ),
         "{:#?}",
         watch.events()
+    );
+}
+
+/// Everything retained under `filter`, read the way the fleet tool reads it.
+fn retained(url: &str, filter: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut session = kiln_compiler::broker::Session::connect(
+        &kiln_protocol::mqtt::Connect {
+            broker: url.to_string(),
+            ..Default::default()
+        },
+        DEFAULT_PREFIX,
+    )
+    .unwrap();
+    let out = session.retained(filter).unwrap();
+    session.disconnect();
+    out
+}
+
+/// The artifacts that have chunks on the broker.
+fn artifacts_on(url: &str) -> BTreeSet<[u8; 32]> {
+    let topics = Topics::new(DEFAULT_PREFIX);
+    retained(url, &topics.all_artifacts())
+        .keys()
+        .filter_map(|t| topics.parse_chunk(t))
+        .map(|(sha, _)| sha)
+        .collect()
+}
+
+fn gc(url: &str, extra: &[&str]) {
+    let mut args = vec!["gc", "--broker", url];
+    args.extend_from_slice(extra);
+    GcCommand::try_parse_from(&args)
+        .unwrap()
+        .execute()
+        .unwrap_or_else(|e| panic!("kiln {}: {e:#}", args.join(" ")));
+}
+
+#[test]
+fn gc_keeps_the_chunks_of_an_upload_whose_desired_state_is_not_out_yet() {
+    let broker = Broker::start();
+    let url = broker.url();
+    let key = shared().key();
+    let topics = Topics::new(DEFAULT_PREFIX);
+    // What `kiln push` does before its desired state: the marker, then the chunks.
+    let upload = |source: &str| -> [u8; 32] {
+        let artifact = shared().artifact_with(source, "x86_64-linux", &["--name", "gc"]);
+        let push = PushCommand::try_parse_from([
+            "push",
+            path_str(&artifact),
+            "--device",
+            "nobody",
+            "--sign",
+            path_str(&key),
+            "--broker",
+            &url,
+            "--chunk-size",
+            "1024",
+        ])
+        .unwrap();
+        let release = push.release.load().unwrap();
+        let mut session = push.release.broker.connect().unwrap();
+        release.upload(&mut session).unwrap();
+        session.disconnect();
+        release.module.artifact.sha256
+    };
+    let uploading = upload("compute.wat");
+    let orphan = upload("fixtures/trap-tick.wat");
+    // An artifact with neither a marker nor a reference (a push from before markers,
+    // or one whose marker gc already removed) goes, as it always did.
+    broker.publish_retained(&topics.upload(&orphan), Vec::new());
+    let markers = retained(&url, &topics.all_uploads());
+    assert_eq!(
+        markers.keys().collect::<Vec<_>>(),
+        [&topics.upload(&uploading)]
+    );
+    let Ok(Upload::V1 { sha256, chunks, .. }) =
+        postcard::from_bytes(&markers[&topics.upload(&uploading)])
+    else {
+        panic!("the marker does not decode");
+    };
+    assert_eq!(sha256, uploading);
+    assert!(chunks > 1, "{chunks} chunks");
+    assert_eq!(artifacts_on(&url), BTreeSet::from([uploading, orphan]));
+
+    gc(&url, &[]);
+    assert_eq!(
+        artifacts_on(&url),
+        BTreeSet::from([uploading]),
+        "within the grace period the upload stays, the orphan goes"
+    );
+    assert_eq!(retained(&url, &topics.all_uploads()).len(), 1);
+
+    gc(&url, &["--grace-s", "0"]);
+    assert!(artifacts_on(&url).is_empty(), "a stale upload goes");
+    assert!(
+        retained(&url, &topics.all_uploads()).is_empty(),
+        "and its marker with it"
     );
 }
