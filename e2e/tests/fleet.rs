@@ -433,8 +433,21 @@ fn sigkill_at_every_step_of_an_update_leaves_the_old_or_the_new_module_running()
     }
 }
 
+/// The modules (name, version) of the retained desired state on `topic`.
+fn desired_modules(url: &str, topic: &str) -> Option<Vec<(String, u64)>> {
+    let payload = retained(url, topic).remove(topic)?;
+    let d = SignedDesired::peek(&payload).unwrap();
+    Some(
+        d.modules
+            .iter()
+            .map(|m| (m.name.clone(), m.version))
+            .collect(),
+    )
+}
+
 #[test]
-fn rollout_halts_at_a_canary_that_rolls_back_and_gc_removes_only_unreferenced_chunks() {
+fn rollout_hands_over_to_the_group_halts_at_a_canary_that_rolls_back_and_gc_removes_only_unreferenced_chunks(
+) {
     let broker = Broker::start();
     let names = ["dev-a", "dev-b", "dev-c"];
     let watches: Vec<Watch> = names.iter().map(|n| Watch::start(&broker, n)).collect();
@@ -450,8 +463,10 @@ fn rollout_halts_at_a_canary_that_rolls_back_and_gc_removes_only_unreferenced_ch
     std::thread::sleep(Duration::from_millis(500)); // their birth messages
     let key = shared().key();
     let url = broker.url();
+    let topics = Topics::new(DEFAULT_PREFIX);
+    let health = ["--health-window-ms", "1000", "--tick-ms", "100"];
     let rollout = |artifact: &Path| {
-        RolloutCommand::try_parse_from([
+        let mut args = vec![
             "rollout",
             path_str(artifact),
             "--group",
@@ -460,20 +475,31 @@ fn rollout_halts_at_a_canary_that_rolls_back_and_gc_removes_only_unreferenced_ch
             path_str(&key),
             "--broker",
             &url,
-            "--health-window-ms",
-            "1000",
-            "--tick-ms",
-            "100",
             "--wave-timeout-s",
             "60",
-        ])
-        .unwrap()
-        .execute()
+        ];
+        args.extend(health);
+        RolloutCommand::try_parse_from(args).unwrap().execute()
     };
+    let app_v = |v: u64| Some(vec![("app".to_string(), v)]);
     rollout(&app("x86_64-linux", 1, false)).expect("v1 rolls out to every device");
     for w in &watches {
         w.wait_running(1, Duration::from_secs(10));
     }
+    // The group's desired state now names v1; the devices' own name nothing, so they
+    // do not shadow the group's.
+    assert_eq!(
+        desired_modules(&url, &topics.group_desired("lab")),
+        app_v(1)
+    );
+    for n in names {
+        assert_eq!(
+            desired_modules(&url, &topics.desired(n)),
+            Some(vec![]),
+            "{n}: its own desired state is signed and empty"
+        );
+    }
+
     // v2 crashes: the canary (dev-a, first by name) rolls back and the rollout halts.
     let err = rollout(&app("x86_64-linux", 2, true)).expect_err("a rollback halts the rollout");
     let err = format!("{err:#}");
@@ -493,43 +519,43 @@ fn rollout_halts_at_a_canary_that_rolls_back_and_gc_removes_only_unreferenced_ch
         watches[1].events().iter().all(|(_, v, _)| *v == 1),
         "dev-b was never asked for v2"
     );
+    assert_eq!(
+        desired_modules(&url, &topics.desired("dev-a")),
+        Some(vec![]),
+        "the canary that did not commit falls back to the group's v1"
+    );
+    assert_eq!(
+        desired_modules(&url, &topics.group_desired("lab")),
+        app_v(1)
+    );
 
-    // dev-a moves on to v3; v2 is then referenced by nobody.
+    // A push to the group reaches every device: no device-scoped entry shadows it.
     let v3 = app("x86_64-linux", 3, false);
-    push(&broker, &v3, "dev-a", &["--health-window-ms", "1000"]);
-    watches[0].wait_committed(3, Duration::from_secs(30));
+    try_push(&url, &v3, ["--group", "lab"], &health).expect("push v3 to the group");
+    for w in &watches {
+        w.wait_committed(3, Duration::from_secs(30));
+        w.wait_running(3, Duration::from_secs(10));
+    }
+
+    // v1 and v2 are referenced by nobody now.
     let sha =
         |p: &Path| kiln_protocol::fleet::ArtifactRef::of(&std::fs::read(p).unwrap(), 65536).sha256;
     let (v1, v2) = (
         sha(&app("x86_64-linux", 1, false)),
         sha(&app("x86_64-linux", 2, true)),
     );
-    // --grace-s 0: v2's upload marker is seconds old and would keep it otherwise.
-    GcCommand::try_parse_from(["gc", "--broker", &url, "--grace-s", "0"])
-        .unwrap()
-        .execute()
-        .unwrap();
-    let mut session = kiln_compiler::broker::Session::connect(
-        &kiln_protocol::mqtt::Connect {
-            broker: url.clone(),
-            ..Default::default()
-        },
-        DEFAULT_PREFIX,
-    )
-    .unwrap();
-    let topics = Topics::new(DEFAULT_PREFIX);
-    let left = session.retained(&topics.all_artifacts()).unwrap();
-    session.disconnect();
-    let shas: std::collections::BTreeSet<[u8; 32]> = left
-        .keys()
-        .filter_map(|t| topics.parse_chunk(t))
-        .map(|(s, _)| s)
-        .collect();
-    assert!(
-        shas.contains(&v1) && shas.contains(&sha(&v3)),
-        "referenced artifacts stay"
+    gc(&url, &[]);
+    assert_eq!(
+        artifacts_on(&url),
+        BTreeSet::from([v1, v2, sha(&v3)]),
+        "uploads younger than the grace period stay"
     );
-    assert!(!shas.contains(&v2), "the unreferenced v2 is gone");
+    gc(&url, &["--grace-s", "0"]);
+    assert_eq!(
+        artifacts_on(&url),
+        BTreeSet::from([sha(&v3)]),
+        "only the referenced v3 stays"
+    );
     devices.iter_mut().for_each(FleetDevice::kill);
 }
 
