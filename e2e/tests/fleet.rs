@@ -812,3 +812,65 @@ fn gc_keeps_the_chunks_of_an_upload_whose_desired_state_is_not_out_yet() {
         "and its marker with it"
     );
 }
+
+/// Waits until `device`'s retained status says it is online.
+fn wait_online(url: &str, device: &str) {
+    let topic = Topics::new(DEFAULT_PREFIX).status(device);
+    eventually(
+        Duration::from_secs(30),
+        || {
+            retained(url, &topic).get(&topic).is_some_and(|p| {
+                matches!(postcard::from_bytes(p), Ok(kiln_protocol::fleet::Status::V1(s)) if s.online)
+            })
+        },
+        || format!("{device} is not online"),
+    );
+}
+
+#[test]
+fn a_push_that_an_online_device_refuses_fails_naming_the_device_and_its_reason() {
+    let broker = Broker::start();
+    let url = broker.url();
+    let mut device = FleetDevice::new("x86_64-linux", "dev-r", &broker);
+    device.start(None);
+    wait_online(&url, "dev-r");
+    // An artifact and a desired state signed by a key the device does not trust.
+    let dir = tempfile::tempdir().unwrap();
+    let stranger = dir.path().join("stranger.key");
+    kiln_compiler::commands::keygen::KeygenCommand::try_parse_from([
+        "keygen",
+        "-o",
+        path_str(&stranger),
+    ])
+    .unwrap()
+    .execute()
+    .unwrap();
+    let artifact = dir.path().join("app.kiln");
+    crate::util::compile(
+        &crate::util::source("compute.wat"),
+        "x86_64-linux",
+        &stranger,
+        &artifact,
+        &["--name", "app"],
+    );
+    let err = PushCommand::try_parse_from([
+        "push",
+        path_str(&artifact),
+        "--device",
+        "dev-r",
+        "--sign",
+        path_str(&stranger),
+        "--broker",
+        &url,
+    ])
+    .unwrap()
+    .execute()
+    .expect_err("the device refuses the state");
+    let message = format!("{err:#}");
+    assert_eq!(kiln_compiler::exit::code_of(&err) as u8, 76, "{message}");
+    assert!(
+        message.contains("refused by dev-r: ") && message.contains("untrusted key"),
+        "{message}"
+    );
+    assert!(!message.contains('\n'), "one line: {message}");
+}
