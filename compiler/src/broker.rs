@@ -2,7 +2,7 @@
 //! wait for the broker to acknowledge each, or collect what is retained under a topic
 //! filter. One rumqttc event loop, polled here, never in the background.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
@@ -62,6 +62,12 @@ pub struct Session {
     broker: String,
     prefix: String,
     id: String,
+    /// Messages on subscribed topics that arrived while the session waited for
+    /// something else (an acknowledgement, a retained snapshot); `next_message` hands
+    /// them out first, so a device's answer is never dropped on the floor.
+    stash: VecDeque<(String, Vec<u8>)>,
+    /// Filters given to `subscribe`, which `retained` must not unsubscribe from.
+    subscribed: BTreeSet<String>,
 }
 
 impl Session {
@@ -79,6 +85,8 @@ impl Session {
             broker: connect.broker.clone(),
             prefix: prefix.trim_end_matches('/').to_string(),
             id: id.clone(),
+            stash: VecDeque::new(),
+            subscribed: BTreeSet::new(),
         };
         session.until(Duration::from_secs(10), |e| {
             matches!(e, Event::Incoming(Packet::ConnAck(_)))
@@ -122,6 +130,8 @@ impl Session {
     /// marker, so the session also subscribes to a topic of its own and publishes to
     /// it: the broker delivers in order, so when that message comes back every
     /// retained message for `filter` has arrived. No guessing with a quiet period.
+    /// Live messages on topics subscribed with [`Session::subscribe`] that arrive
+    /// meanwhile are kept for [`Session::next_message`].
     pub fn retained(&mut self, filter: &str) -> Result<BTreeMap<String, Vec<u8>>> {
         let sync = format!("{}/tools/{}/sync", self.prefix, self.id);
         // One SUBSCRIBE, then the PUBLISH: the broker handles them in this order, and
@@ -146,7 +156,12 @@ impl Session {
                         if p.payload.as_ref() == nonce.as_slice() {
                             break;
                         }
-                    } else if !p.payload.is_empty() {
+                        continue;
+                    }
+                    if !p.retain && self.is_subscribed(&p.topic) {
+                        self.stash.push_back((p.topic.clone(), p.payload.to_vec()));
+                    }
+                    if !p.payload.is_empty() && rumqttc::matches(&p.topic, filter) {
                         out.insert(p.topic.clone(), p.payload.to_vec());
                     }
                 }
@@ -155,7 +170,9 @@ impl Session {
                 Err(_) => bail!("broker `{}` did not answer within 10s", self.broker),
             }
         }
-        let _ = self.client.unsubscribe(filter);
+        if !self.subscribed.contains(filter) {
+            let _ = self.client.unsubscribe(filter);
+        }
         let _ = self.client.unsubscribe(&sync);
         Ok(out)
     }
@@ -165,13 +182,23 @@ impl Session {
         self.client
             .subscribe(filter, QoS::AtLeastOnce)
             .map_err(|e| anyhow!("cannot subscribe to `{filter}`: {e}"))?;
+        self.subscribed.insert(filter.to_string());
         self.until(Duration::from_secs(10), |e| {
             matches!(e, Event::Incoming(Packet::SubAck(_)))
         })
     }
 
+    fn is_subscribed(&self, topic: &str) -> bool {
+        self.subscribed
+            .iter()
+            .any(|filter| rumqttc::matches(topic, filter))
+    }
+
     /// The next message on a subscribed topic, or `None` after `limit` without one.
     pub fn next_message(&mut self, limit: Duration) -> Result<Option<(String, Vec<u8>)>> {
+        if let Some(message) = self.stash.pop_front() {
+            return Ok(Some(message));
+        }
         let deadline = Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -209,6 +236,9 @@ impl Session {
             }
             match self.connection.recv_timeout(left) {
                 Ok(Ok(event)) if want(&event) => return Ok(()),
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                    self.stash.push_back((p.topic.clone(), p.payload.to_vec()));
+                }
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => bail!("broker `{}`: {e}", self.broker),
                 Err(_) => bail!("broker `{}` did not answer within {limit:?}", self.broker),

@@ -19,6 +19,8 @@ pub enum Code {
     Key = 77,
     /// The MQTT broker cannot be reached or refused the session.
     Unavailable = 69,
+    /// A device refused the desired state `kiln push` published.
+    Refused = 76,
 }
 
 /// An error that carries the exit code `kiln` ends with.

@@ -2,6 +2,7 @@
 //! host, `kilnd serve` with `[mqtt]` as the device (natively, and the aarch64 build under
 //! qemu-user), events and reported state read back from the broker.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -12,7 +13,8 @@ use kiln_compiler::commands::gc::GcCommand;
 use kiln_compiler::commands::push::PushCommand;
 use kiln_compiler::commands::rollout::RolloutCommand;
 use kiln_protocol::fleet::{
-    Chunk, Desired, Event, EventKind, Reported, Scope, SignedDesired, Topics, DEFAULT_PREFIX,
+    Chunk, Desired, Event, EventKind, Reported, Scope, SignedDesired, Topics, Upload,
+    DEFAULT_PREFIX,
 };
 use kiln_protocol::keys::SecretKey;
 use rumqttc::{Client, MqttOptions, Packet, QoS};
@@ -431,8 +433,21 @@ fn sigkill_at_every_step_of_an_update_leaves_the_old_or_the_new_module_running()
     }
 }
 
+/// The modules (name, version) of the retained desired state on `topic`.
+fn desired_modules(url: &str, topic: &str) -> Option<Vec<(String, u64)>> {
+    let payload = retained(url, topic).remove(topic)?;
+    let d = SignedDesired::peek(&payload).unwrap();
+    Some(
+        d.modules
+            .iter()
+            .map(|m| (m.name.clone(), m.version))
+            .collect(),
+    )
+}
+
 #[test]
-fn rollout_halts_at_a_canary_that_rolls_back_and_gc_removes_only_unreferenced_chunks() {
+fn rollout_hands_over_to_the_group_halts_at_a_canary_that_rolls_back_and_gc_removes_only_unreferenced_chunks(
+) {
     let broker = Broker::start();
     let names = ["dev-a", "dev-b", "dev-c"];
     let watches: Vec<Watch> = names.iter().map(|n| Watch::start(&broker, n)).collect();
@@ -448,8 +463,10 @@ fn rollout_halts_at_a_canary_that_rolls_back_and_gc_removes_only_unreferenced_ch
     std::thread::sleep(Duration::from_millis(500)); // their birth messages
     let key = shared().key();
     let url = broker.url();
+    let topics = Topics::new(DEFAULT_PREFIX);
+    let health = ["--health-window-ms", "1000", "--tick-ms", "100"];
     let rollout = |artifact: &Path| {
-        RolloutCommand::try_parse_from([
+        let mut args = vec![
             "rollout",
             path_str(artifact),
             "--group",
@@ -458,20 +475,31 @@ fn rollout_halts_at_a_canary_that_rolls_back_and_gc_removes_only_unreferenced_ch
             path_str(&key),
             "--broker",
             &url,
-            "--health-window-ms",
-            "1000",
-            "--tick-ms",
-            "100",
             "--wave-timeout-s",
             "60",
-        ])
-        .unwrap()
-        .execute()
+        ];
+        args.extend(health);
+        RolloutCommand::try_parse_from(args).unwrap().execute()
     };
+    let app_v = |v: u64| Some(vec![("app".to_string(), v)]);
     rollout(&app("x86_64-linux", 1, false)).expect("v1 rolls out to every device");
     for w in &watches {
         w.wait_running(1, Duration::from_secs(10));
     }
+    // The group's desired state now names v1; the devices' own name nothing, so they
+    // do not shadow the group's.
+    assert_eq!(
+        desired_modules(&url, &topics.group_desired("lab")),
+        app_v(1)
+    );
+    for n in names {
+        assert_eq!(
+            desired_modules(&url, &topics.desired(n)),
+            Some(vec![]),
+            "{n}: its own desired state is signed and empty"
+        );
+    }
+
     // v2 crashes: the canary (dev-a, first by name) rolls back and the rollout halts.
     let err = rollout(&app("x86_64-linux", 2, true)).expect_err("a rollback halts the rollout");
     let err = format!("{err:#}");
@@ -491,42 +519,43 @@ fn rollout_halts_at_a_canary_that_rolls_back_and_gc_removes_only_unreferenced_ch
         watches[1].events().iter().all(|(_, v, _)| *v == 1),
         "dev-b was never asked for v2"
     );
+    assert_eq!(
+        desired_modules(&url, &topics.desired("dev-a")),
+        Some(vec![]),
+        "the canary that did not commit falls back to the group's v1"
+    );
+    assert_eq!(
+        desired_modules(&url, &topics.group_desired("lab")),
+        app_v(1)
+    );
 
-    // dev-a moves on to v3; v2 is then referenced by nobody.
+    // A push to the group reaches every device: no device-scoped entry shadows it.
     let v3 = app("x86_64-linux", 3, false);
-    push(&broker, &v3, "dev-a", &["--health-window-ms", "1000"]);
-    watches[0].wait_committed(3, Duration::from_secs(30));
+    try_push(&url, &v3, ["--group", "lab"], &health).expect("push v3 to the group");
+    for w in &watches {
+        w.wait_committed(3, Duration::from_secs(30));
+        w.wait_running(3, Duration::from_secs(10));
+    }
+
+    // v1 and v2 are referenced by nobody now.
     let sha =
         |p: &Path| kiln_protocol::fleet::ArtifactRef::of(&std::fs::read(p).unwrap(), 65536).sha256;
     let (v1, v2) = (
         sha(&app("x86_64-linux", 1, false)),
         sha(&app("x86_64-linux", 2, true)),
     );
-    GcCommand::try_parse_from(["gc", "--broker", &url])
-        .unwrap()
-        .execute()
-        .unwrap();
-    let mut session = kiln_compiler::broker::Session::connect(
-        &kiln_protocol::mqtt::Connect {
-            broker: url.clone(),
-            ..Default::default()
-        },
-        DEFAULT_PREFIX,
-    )
-    .unwrap();
-    let topics = Topics::new(DEFAULT_PREFIX);
-    let left = session.retained(&topics.all_artifacts()).unwrap();
-    session.disconnect();
-    let shas: std::collections::BTreeSet<[u8; 32]> = left
-        .keys()
-        .filter_map(|t| topics.parse_chunk(t))
-        .map(|(s, _)| s)
-        .collect();
-    assert!(
-        shas.contains(&v1) && shas.contains(&sha(&v3)),
-        "referenced artifacts stay"
+    gc(&url, &[]);
+    assert_eq!(
+        artifacts_on(&url),
+        BTreeSet::from([v1, v2, sha(&v3)]),
+        "uploads younger than the grace period stay"
     );
-    assert!(!shas.contains(&v2), "the unreferenced v2 is gone");
+    gc(&url, &["--grace-s", "0"]);
+    assert_eq!(
+        artifacts_on(&url),
+        BTreeSet::from([sha(&v3)]),
+        "only the referenced v3 stays"
+    );
     devices.iter_mut().for_each(FleetDevice::kill);
 }
 
@@ -736,4 +765,162 @@ fn oversized_retained_messages_are_reported_and_the_device_stays_connected() {
         "{}",
         device.stderr()
     );
+}
+/// Everything retained under `filter`, read the way the fleet tool reads it.
+fn retained(url: &str, filter: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut session = kiln_compiler::broker::Session::connect(
+        &kiln_protocol::mqtt::Connect {
+            broker: url.to_string(),
+            ..Default::default()
+        },
+        DEFAULT_PREFIX,
+    )
+    .unwrap();
+    let out = session.retained(filter).unwrap();
+    session.disconnect();
+    out
+}
+
+/// The artifacts that have chunks on the broker.
+fn artifacts_on(url: &str) -> BTreeSet<[u8; 32]> {
+    let topics = Topics::new(DEFAULT_PREFIX);
+    retained(url, &topics.all_artifacts())
+        .keys()
+        .filter_map(|t| topics.parse_chunk(t))
+        .map(|(sha, _)| sha)
+        .collect()
+}
+
+fn gc(url: &str, extra: &[&str]) {
+    let mut args = vec!["gc", "--broker", url];
+    args.extend_from_slice(extra);
+    GcCommand::try_parse_from(&args)
+        .unwrap()
+        .execute()
+        .unwrap_or_else(|e| panic!("kiln {}: {e:#}", args.join(" ")));
+}
+
+#[test]
+fn gc_keeps_the_chunks_of_an_upload_whose_desired_state_is_not_out_yet() {
+    let broker = Broker::start();
+    let url = broker.url();
+    let key = shared().key();
+    let topics = Topics::new(DEFAULT_PREFIX);
+    // What `kiln push` does before its desired state: the marker, then the chunks.
+    let upload = |source: &str| -> [u8; 32] {
+        let artifact = shared().artifact_with(source, "x86_64-linux", &["--name", "gc"]);
+        let push = PushCommand::try_parse_from([
+            "push",
+            path_str(&artifact),
+            "--device",
+            "nobody",
+            "--sign",
+            path_str(&key),
+            "--broker",
+            &url,
+            "--chunk-size",
+            "1024",
+        ])
+        .unwrap();
+        let release = push.release.load().unwrap();
+        let mut session = push.release.broker.connect().unwrap();
+        release.upload(&mut session).unwrap();
+        session.disconnect();
+        release.module.artifact.sha256
+    };
+    let uploading = upload("compute.wat");
+    let orphan = upload("fixtures/trap-tick.wat");
+    // An artifact with neither a marker nor a reference (a push from before markers,
+    // or one whose marker gc already removed) goes, as it always did.
+    broker.publish_retained(&topics.upload(&orphan), Vec::new());
+    let markers = retained(&url, &topics.all_uploads());
+    assert_eq!(
+        markers.keys().collect::<Vec<_>>(),
+        [&topics.upload(&uploading)]
+    );
+    let Ok(Upload::V1 { sha256, chunks, .. }) =
+        postcard::from_bytes(&markers[&topics.upload(&uploading)])
+    else {
+        panic!("the marker does not decode");
+    };
+    assert_eq!(sha256, uploading);
+    assert!(chunks > 1, "{chunks} chunks");
+    assert_eq!(artifacts_on(&url), BTreeSet::from([uploading, orphan]));
+
+    gc(&url, &[]);
+    assert_eq!(
+        artifacts_on(&url),
+        BTreeSet::from([uploading]),
+        "within the grace period the upload stays, the orphan goes"
+    );
+    assert_eq!(retained(&url, &topics.all_uploads()).len(), 1);
+
+    gc(&url, &["--grace-s", "0"]);
+    assert!(artifacts_on(&url).is_empty(), "a stale upload goes");
+    assert!(
+        retained(&url, &topics.all_uploads()).is_empty(),
+        "and its marker with it"
+    );
+}
+
+/// Waits until `device`'s retained status says it is online.
+fn wait_online(url: &str, device: &str) {
+    let topic = Topics::new(DEFAULT_PREFIX).status(device);
+    eventually(
+        Duration::from_secs(30),
+        || {
+            retained(url, &topic).get(&topic).is_some_and(|p| {
+                matches!(postcard::from_bytes(p), Ok(kiln_protocol::fleet::Status::V1(s)) if s.online)
+            })
+        },
+        || format!("{device} is not online"),
+    );
+}
+
+#[test]
+fn a_push_that_an_online_device_refuses_fails_naming_the_device_and_its_reason() {
+    let broker = Broker::start();
+    let url = broker.url();
+    let mut device = FleetDevice::new("x86_64-linux", "dev-r", &broker);
+    device.start(None);
+    wait_online(&url, "dev-r");
+    // An artifact and a desired state signed by a key the device does not trust.
+    let dir = tempfile::tempdir().unwrap();
+    let stranger = dir.path().join("stranger.key");
+    kiln_compiler::commands::keygen::KeygenCommand::try_parse_from([
+        "keygen",
+        "-o",
+        path_str(&stranger),
+    ])
+    .unwrap()
+    .execute()
+    .unwrap();
+    let artifact = dir.path().join("app.kiln");
+    crate::util::compile(
+        &crate::util::source("compute.wat"),
+        "x86_64-linux",
+        &stranger,
+        &artifact,
+        &["--name", "app"],
+    );
+    let err = PushCommand::try_parse_from([
+        "push",
+        path_str(&artifact),
+        "--device",
+        "dev-r",
+        "--sign",
+        path_str(&stranger),
+        "--broker",
+        &url,
+    ])
+    .unwrap()
+    .execute()
+    .expect_err("the device refuses the state");
+    let message = format!("{err:#}");
+    assert_eq!(kiln_compiler::exit::code_of(&err) as u8, 76, "{message}");
+    assert!(
+        message.contains("refused by dev-r: ") && message.contains("untrusted key"),
+        "{message}"
+    );
+    assert!(!message.contains('\n'), "one line: {message}");
 }

@@ -9,6 +9,7 @@
 //! {prefix}/devices/{id}/events                  Event: staged, verified, activated, ...
 //! {prefix}/devices/{id}/telemetry               telemetry batches
 //! {prefix}/artifacts/{sha256}/{n}     retained  Chunk n of an artifact
+//! {prefix}/uploads/{sha256}           retained  Upload: an artifact's chunks are going up
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -134,6 +135,14 @@ impl Topics {
     pub fn all_artifacts(&self) -> String {
         format!("{}/artifacts/#", self.prefix)
     }
+    /// The upload marker of one artifact.
+    pub fn upload(&self, sha256: &[u8; 32]) -> String {
+        format!("{}/uploads/{}", self.prefix, hex::encode(sha256))
+    }
+    /// Every upload marker.
+    pub fn all_uploads(&self) -> String {
+        format!("{}/uploads/+", self.prefix)
+    }
 
     /// `(device, kind)` of a device topic.
     pub fn parse_device<'a>(&self, topic: &'a str) -> Option<(&'a str, &'a str)> {
@@ -152,6 +161,16 @@ impl Topics {
         let mut out = [0u8; 32];
         hex::decode_to_slice(sha, &mut out).ok()?;
         Some((out, n.parse().ok()?))
+    }
+
+    /// The sha256 of an upload marker's topic.
+    pub fn parse_upload(&self, topic: &str) -> Option<[u8; 32]> {
+        let sha = topic
+            .strip_prefix(&self.prefix)?
+            .strip_prefix("/uploads/")?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(sha, &mut out).ok()?;
+        Some(out)
     }
 }
 
@@ -468,6 +487,20 @@ impl std::fmt::Display for EventKind {
     }
 }
 
+/// Retained on `uploads/{sha256}` before the first chunk of an artifact goes up, so
+/// that `kiln gc` leaves chunks alone that no desired state references *yet*: the
+/// desired state is published only after the last chunk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Upload {
+    V1 {
+        sha256: [u8; 32],
+        /// When the upload started, by the uploader's clock (Unix milliseconds).
+        started_ms: u64,
+        /// How many chunks the artifact has.
+        chunks: u32,
+    },
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -542,5 +575,27 @@ mod tests {
             Some(("d", "events"))
         );
         assert_eq!(t.parse_chunk("other/artifacts/zz/1"), None);
+        let upload = t.upload(&sha);
+        assert_eq!(upload, format!("kiln/v1/uploads/{}", hex::encode(sha)));
+        assert_eq!(t.parse_upload(&upload), Some(sha));
+        assert_eq!(t.parse_upload(&chunk), None);
+        assert_eq!(t.parse_upload("kiln/v1/uploads/abcd"), None);
+        assert_eq!(t.all_uploads(), "kiln/v1/uploads/+");
+    }
+
+    /// Upload markers written by this release; later releases must keep decoding them.
+    #[test]
+    fn upload_v1_fixture_still_decodes() {
+        let marker = Upload::V1 {
+            sha256: [0xab; 32],
+            started_ms: 1_700_000_000_000,
+            chunks: 3,
+        };
+        let bytes = postcard::to_stdvec(&marker).unwrap();
+        let mut fixture = vec![0];
+        fixture.extend([0xab; 32]);
+        fixture.extend([128, 208, 149, 255, 188, 49, 3]);
+        assert_eq!(bytes, fixture);
+        assert_eq!(postcard::from_bytes::<Upload>(&fixture).unwrap(), marker);
     }
 }

@@ -62,7 +62,7 @@ impl DevicesCommand {
             return Ok(());
         }
         println!(
-            "{:<16} {:<8} {:<28} {:<8} {:<30} LAST EVENT",
+            "{:<16} {:<8} {:<28} {:<14} {:<30} LAST EVENT",
             "DEVICE", "ONLINE", "TARGET", "SERIAL", "MODULES"
         );
         for (device, row) in &rows {
@@ -89,7 +89,7 @@ impl DevicesCommand {
                 ),
                 None => ("-".into(), "-".into(), String::new()),
             };
-            println!("{device:<16} {online:<8} {target:<28} {serial:<8} {modules:<30} {last}");
+            println!("{device:<16} {online:<8} {target:<28} {serial:<14} {modules:<30} {last}");
         }
         Ok(())
     }

@@ -2,18 +2,25 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
 use clap::Parser;
-use kiln_protocol::fleet::SignedDesired;
+use kiln_protocol::fleet::{SignedDesired, Topics, Upload};
 
-use crate::broker::BrokerArgs;
+use crate::broker::{now_ms, BrokerArgs, Session};
 use crate::commands::compile::human_size;
 use crate::exit::{coded, Code};
 
 const AFTER_HELP: &str = "\
 Examples:
   kiln gc --dry-run
-  kiln gc --broker mqtt://broker.lan:1883";
+  kiln gc --broker mqtt://broker.lan:1883
+  kiln gc --grace-s 0        # also uploads that started just now
 
-/// Remove retained artifact chunks that no device or group desired state references
+An artifact is kept while a device or group desired state references it, or while its
+upload marker (published by push and rollout before the first chunk) is younger than
+the grace period: a push publishes its desired state only after the last chunk.
+Stale markers are removed with the chunks of unreferenced artifacts.";
+
+/// Remove retained artifact chunks that no desired state references and no upload in
+/// progress needs
 #[derive(Parser, Debug)]
 #[command(after_help = AFTER_HELP)]
 pub struct GcCommand {
@@ -22,6 +29,83 @@ pub struct GcCommand {
     /// Only say what would be removed
     #[arg(long)]
     pub dry_run: bool,
+    /// Keep unreferenced artifacts whose upload started less than this long ago
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+    pub grace_s: u64,
+}
+
+/// The upload marker of an artifact, as gc sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Marker {
+    /// The upload started at this time (the uploader's clock, Unix milliseconds).
+    Started(u64),
+    /// A marker gc cannot decode (written by a newer kiln?): its age is unknown, so
+    /// it counts as young and is never removed.
+    Unreadable,
+}
+
+/// What gc removes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcPlan {
+    /// Artifacts whose chunks go.
+    pub remove: BTreeSet<[u8; 32]>,
+    /// Stale markers that go (of removed artifacts, and of referenced ones).
+    pub clear_markers: BTreeSet<[u8; 32]>,
+    /// Artifacts kept because a desired state references them.
+    pub referenced: BTreeSet<[u8; 32]>,
+    /// Unreferenced artifacts kept because their upload is younger than the grace.
+    pub uploading: BTreeSet<[u8; 32]>,
+}
+
+/// Decides, per artifact that has chunks or a marker: referenced, kept; unreferenced
+/// with a young marker, kept; otherwise its chunks go. A marker goes once it is stale,
+/// whether its artifact stays or not.
+pub fn plan(
+    chunks: &BTreeSet<[u8; 32]>,
+    markers: &BTreeMap<[u8; 32], Marker>,
+    referenced: &BTreeSet<[u8; 32]>,
+    now_ms: u64,
+    grace_ms: u64,
+) -> GcPlan {
+    let young = |sha: &[u8; 32]| match markers.get(sha) {
+        Some(Marker::Started(at)) => now_ms.saturating_sub(*at) < grace_ms,
+        Some(Marker::Unreadable) => true,
+        None => false,
+    };
+    let mut out = GcPlan::default();
+    for sha in chunks.iter().chain(markers.keys()) {
+        if markers.contains_key(sha) && !young(sha) {
+            out.clear_markers.insert(*sha);
+        }
+        if !chunks.contains(sha) {
+            continue;
+        }
+        if referenced.contains(sha) {
+            out.referenced.insert(*sha);
+        } else if young(sha) {
+            out.uploading.insert(*sha);
+        } else {
+            out.remove.insert(*sha);
+        }
+    }
+    out
+}
+
+fn markers(session: &mut Session, topics: &Topics) -> Result<BTreeMap<[u8; 32], Marker>> {
+    let retained = session
+        .retained(&topics.all_uploads())
+        .map_err(|e| coded(Code::Unavailable, e))?;
+    Ok(retained
+        .into_iter()
+        .filter_map(|(topic, payload)| {
+            let sha = topics.parse_upload(&topic)?;
+            let marker = match postcard::from_bytes(&payload) {
+                Ok(Upload::V1 { started_ms, .. }) => Marker::Started(started_ms),
+                Err(_) => Marker::Unreadable,
+            };
+            Some((sha, marker))
+        })
+        .collect())
 }
 
 impl GcCommand {
@@ -29,6 +113,22 @@ impl GcCommand {
         let topics = self.broker.topics();
         let unavailable = |e| coded(Code::Unavailable, e);
         let mut session = self.broker.connect().map_err(unavailable)?;
+        // Chunks first, then markers, then desired states: push publishes in the
+        // opposite order (marker, chunks, desired state), so every chunk seen here
+        // has its marker or its reference visible by the time gc looks for them.
+        let chunks = session
+            .retained(&topics.all_artifacts())
+            .map_err(unavailable)?;
+        let mut by_artifact: BTreeMap<[u8; 32], (Vec<String>, u64)> = BTreeMap::new();
+        for (topic, payload) in &chunks {
+            let Some((sha, _)) = topics.parse_chunk(topic) else {
+                continue;
+            };
+            let entry = by_artifact.entry(sha).or_default();
+            entry.0.push(topic.clone());
+            entry.1 += payload.len() as u64;
+        }
+        let mut markers = markers(&mut session, &topics)?;
         let mut desired = session
             .retained(&topics.all_devices("desired"))
             .map_err(unavailable)?;
@@ -49,59 +149,123 @@ impl GcCommand {
                 }
             }
         }
-        let chunks = session
-            .retained(&topics.all_artifacts())
-            .map_err(unavailable)?;
-        let mut unreferenced: BTreeMap<[u8; 32], (Vec<String>, u64)> = BTreeMap::new();
-        let mut kept = BTreeSet::new();
-        for (topic, payload) in &chunks {
-            let Some((sha, _)) = topics.parse_chunk(topic) else {
+        let grace_ms = self.grace_s.saturating_mul(1000);
+        let now = now_ms();
+        let have: BTreeSet<[u8; 32]> = by_artifact.keys().copied().collect();
+        let mut plan = plan(&have, &markers, &referenced, now, grace_ms);
+        if !self.dry_run && (!plan.remove.is_empty() || !plan.clear_markers.is_empty()) {
+            // An upload of the same artifact may have started since the markers were
+            // read: look once more, right before removing anything, and leave alone
+            // every artifact whose marker changed.
+            let fresh = self::markers(&mut session, &topics)?;
+            let changed: Vec<[u8; 32]> = plan
+                .remove
+                .union(&plan.clear_markers)
+                .filter(|sha| fresh.get(*sha) != markers.get(*sha))
+                .copied()
+                .collect();
+            for sha in changed {
+                plan.clear_markers.remove(&sha);
+                if plan.remove.remove(&sha) {
+                    plan.uploading.insert(sha);
+                }
+            }
+            markers = fresh;
+        }
+        let verb = if self.dry_run {
+            "would remove"
+        } else {
+            "removing"
+        };
+        let (mut n, mut bytes) = (0usize, 0u64);
+        let mut clears = Vec::new();
+        for sha in &plan.remove {
+            let Some((chunk_topics, size)) = by_artifact.remove(sha) else {
                 continue;
             };
-            if referenced.contains(&sha) {
-                kept.insert(sha);
-                continue;
-            }
-            let entry = unreferenced.entry(sha).or_default();
-            entry.0.push(topic.clone());
-            entry.1 += payload.len() as u64;
-        }
-        let (n, bytes): (usize, u64) = unreferenced
-            .values()
-            .fold((0, 0), |(n, b), (t, s)| (n + t.len(), b + s));
-        for (sha, (chunk_topics, size)) in &unreferenced {
             eprintln!(
-                "gc: {} {}: {} chunks, {}",
-                if self.dry_run {
-                    "would remove"
-                } else {
-                    "removing"
-                },
+                "gc: {verb} {}: {} chunks, {}",
                 hex::encode(sha),
                 chunk_topics.len(),
-                human_size(*size)
+                human_size(size)
+            );
+            n += chunk_topics.len();
+            bytes += size;
+            clears.extend(chunk_topics);
+        }
+        for sha in &plan.uploading {
+            let age = match markers.get(sha) {
+                Some(Marker::Started(at)) => format!("{}s ago", now.saturating_sub(*at) / 1000),
+                _ => "at an unknown time (its marker is unreadable)".into(),
+            };
+            eprintln!(
+                "gc: keeping {}: unreferenced, but its upload started {age} (grace {}s)",
+                hex::encode(sha),
+                self.grace_s
             );
         }
+        // Chunks before markers: a gc that stops halfway leaves stale markers, which
+        // the next run removes, never chunks that lost their marker early.
+        clears.extend(plan.clear_markers.iter().map(|sha| topics.upload(sha)));
         if !self.dry_run {
             // An empty retained message clears the topic.
-            let clears = unreferenced
-                .into_values()
-                .flat_map(|(t, _)| t)
-                .map(|t| (t, Vec::new()))
-                .collect();
+            let clears = clears.into_iter().map(|t| (t, Vec::new())).collect();
             session.publish_all(clears, |_| {}).map_err(unavailable)?;
         }
         session.disconnect();
         eprintln!(
-            "gc: {} {n} chunks ({}); kept {} referenced artifacts",
+            "gc: {} {n} chunks ({}) and {} stale upload markers; kept {} referenced artifacts and {} uploads younger than {}s",
             if self.dry_run {
                 "would remove"
             } else {
                 "removed"
             },
             human_size(bytes),
-            kept.len()
+            plan.clear_markers.len(),
+            plan.referenced.len(),
+            plan.uploading.len(),
+            self.grace_s
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: u64 = 3_600_000;
+
+    #[test]
+    fn referenced_or_young_uploads_stay_and_stale_markers_go() {
+        let [used, uploading, stale, bare, unreadable, used_stale, marker_only] =
+            [1u8, 2, 3, 4, 5, 6, 7].map(|b| [b; 32]);
+        let now = 10 * HOUR;
+        let chunks = BTreeSet::from([used, uploading, stale, bare, unreadable, used_stale]);
+        let markers = BTreeMap::from([
+            (uploading, Marker::Started(now - HOUR + 1)),
+            (stale, Marker::Started(now - HOUR)),
+            (unreadable, Marker::Unreadable),
+            (used_stale, Marker::Started(0)),
+            (marker_only, Marker::Started(now - 2 * HOUR)),
+        ]);
+        let referenced = BTreeSet::from([used, used_stale]);
+        let p = plan(&chunks, &markers, &referenced, now, HOUR);
+        assert_eq!(p.referenced, BTreeSet::from([used, used_stale]));
+        assert_eq!(p.uploading, BTreeSet::from([uploading, unreadable]));
+        assert_eq!(p.remove, BTreeSet::from([stale, bare]));
+        assert_eq!(
+            p.clear_markers,
+            BTreeSet::from([stale, used_stale, marker_only])
+        );
+
+        // Grace 0: every upload is stale.
+        let p = plan(&chunks, &markers, &referenced, now, 0);
+        assert_eq!(p.remove, BTreeSet::from([uploading, stale, bare]));
+        assert_eq!(p.uploading, BTreeSet::from([unreadable]));
+        // A marker from a clock ahead of gc's counts as young.
+        let ahead = BTreeMap::from([(uploading, Marker::Started(now + HOUR))]);
+        let p = plan(&chunks, &ahead, &referenced, now, HOUR);
+        assert!(p.uploading.contains(&uploading));
     }
 }

@@ -1,17 +1,19 @@
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, Parser};
 use kiln_protocol::artifact::Envelope;
 use kiln_protocol::fleet::{
-    ArtifactRef, Chunk, Desired, DesiredModule, ModuleLimits, Scope, SignedDesired, Topics,
-    DEFAULT_CHUNK,
+    ArtifactRef, Chunk, Desired, DesiredModule, Event, EventKind, ModuleLimits, Reported, Scope,
+    SignedDesired, Status, Topics, Upload, DEFAULT_CHUNK,
 };
 use kiln_protocol::keys::{SecretKey, TrustedKeys};
 use kiln_protocol::manifest::{parse_memory_size, Manifest};
 
-use crate::broker::{BrokerArgs, Session};
+use crate::broker::{now_ms, BrokerArgs, Session};
 use crate::commands::compile::human_size;
 use crate::exit::{coded, Code};
 use crate::keyfile;
@@ -37,6 +39,9 @@ pub struct PushCommand {
     /// Group to update
     #[arg(long)]
     pub group: Option<String>,
+    /// How long to wait for online devices to take the new desired state (0: do not wait)
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    pub confirm_timeout_s: u64,
     #[command(flatten)]
     pub release: ReleaseArgs,
 }
@@ -138,9 +143,25 @@ impl Release {
         format!("{} v{}", self.manifest.name, self.manifest.version)
     }
 
-    /// Publishes every chunk retained, with a progress line on stderr.
+    /// Publishes the upload marker, then every chunk retained, with a progress line on
+    /// stderr. The marker goes first and is acknowledged before any chunk, so `kiln gc`
+    /// (which reads chunks before markers) never sees a chunk of this upload without it.
+    ///
+    /// The marker is left in place when the push is done, to expire after gc's grace
+    /// period: it belongs to the artifact, not to this push, and another push or
+    /// rollout of the same artifact may still be between its chunks and its desired
+    /// state. gc clears it once it is stale.
     pub fn upload(&self, session: &mut Session) -> Result<usize> {
         let art = &self.module.artifact;
+        let marker = Upload::V1 {
+            sha256: art.sha256,
+            started_ms: now_ms(),
+            chunks: art.chunks.len() as u32,
+        };
+        let marker = postcard::to_stdvec(&marker).unwrap_or_default();
+        session
+            .publish_all(vec![(self.topics.upload(&art.sha256), marker)], |_| {})
+            .map_err(|e| coded(Code::Unavailable, e))?;
         let chunks: Vec<(String, Vec<u8>)> = self
             .bytes
             .chunks(art.chunk_size as usize)
@@ -178,46 +199,254 @@ impl Release {
         Ok(total)
     }
 
-    /// Makes this release the desired version of its module for `scope`, keeping the
-    /// other modules of the current desired state; returns the new serial.
+    /// The desired state of `scope` with this release as its module's entry (the
+    /// other modules kept), signed and ready to publish.
+    pub fn next_desired(&self, session: &mut Session, scope: &Scope) -> Result<NextDesired> {
+        let module = self.module.clone();
+        prepare_desired(session, &self.key, &self.topics, scope, |modules| {
+            modules.retain(|m| m.name != module.name);
+            modules.push(module);
+        })
+    }
+
+    /// Makes this release the desired version of its module for `scope`; returns the
+    /// new serial.
     pub fn set_desired(&self, session: &mut Session, scope: &Scope) -> Result<u64> {
-        let (topic, target) = match scope {
-            Scope::Device(d) => (self.topics.desired(d), format!("device {d}")),
-            Scope::Group(g) => (self.topics.group_desired(g), format!("group {g}")),
-        };
-        let trust = TrustedKeys::new(vec![self.key.public()]);
-        let current = session
-            .retained(&topic)
+        let next = self.next_desired(session, scope)?;
+        next.publish(session)
+    }
+}
+
+/// A signed desired state, not published yet.
+pub struct NextDesired {
+    pub topic: String,
+    pub desired: Desired,
+    pub signed: Vec<u8>,
+}
+
+impl NextDesired {
+    /// Publishes it retained and waits for the broker's acknowledgement; returns the
+    /// serial.
+    pub fn publish(self, session: &mut Session) -> Result<u64> {
+        session
+            .publish_all(vec![(self.topic, self.signed)], |_| {})
             .map_err(|e| coded(Code::Unavailable, e))?;
-        let mut desired = match current.get(&topic) {
-            Some(payload) => SignedDesired::open(payload, &trust).map_err(|e| {
+        Ok(self.desired.serial)
+    }
+}
+
+fn describe(scope: &Scope) -> String {
+    match scope {
+        Scope::Device(d) => format!("device {d}"),
+        Scope::Group(g) => format!("group {g}"),
+    }
+}
+
+/// Reads the current desired state of `scope`, lets `edit` change its module list,
+/// and signs the result under a new serial (see [`next_serial`]).
+pub fn prepare_desired(
+    session: &mut Session,
+    key: &SecretKey,
+    topics: &Topics,
+    scope: &Scope,
+    edit: impl FnOnce(&mut Vec<DesiredModule>),
+) -> Result<NextDesired> {
+    let unavailable = |e| coded(Code::Unavailable, e);
+    let (topic, reported_filter) = match scope {
+        Scope::Device(d) => (topics.desired(d), topics.reported(d)),
+        // Offline devices publish no facts, so which of them belong to the group is
+        // unknown: take every device's serial. A serial higher than needed costs
+        // nothing; one too low is refused.
+        Scope::Group(g) => (topics.group_desired(g), topics.all_devices("reported")),
+    };
+    let target = describe(scope);
+    let trust = TrustedKeys::new(vec![key.public()]);
+    let current = session.retained(&topic).map_err(unavailable)?;
+    let (retained_serial, mut modules) = match current.get(&topic) {
+        Some(payload) => {
+            let d = SignedDesired::open(payload, &trust).map_err(|e| {
                 coded(
                     Code::Key,
                     anyhow!("the current desired state of {target} cannot be read with this key ({e}); refusing to overwrite it"),
                 )
-            })?,
-            None => Desired {
-                scope: scope.clone(),
-                serial: 0,
-                modules: Vec::new(),
-            },
-        };
-        if desired.scope != *scope {
+            })?;
             // Not this target's state (a stray or mis-addressed message): start over,
             // above its serial so devices do not take ours for an old one.
-            desired.scope = scope.clone();
-            desired.modules.clear();
+            let modules = if d.scope == *scope {
+                d.modules
+            } else {
+                Vec::new()
+            };
+            (Some(d.serial), modules)
         }
-        desired.serial += 1;
-        desired.modules.retain(|m| m.name != self.module.name);
-        desired.modules.push(self.module.clone());
-        desired.modules.sort_by(|a, b| a.name.cmp(&b.name));
-        let signed = SignedDesired::sign(&desired, &self.key);
-        session
-            .publish_all(vec![(topic, signed)], |_| {})
-            .map_err(|e| coded(Code::Unavailable, e))?;
-        Ok(desired.serial)
+        None => (None, Vec::new()),
+    };
+    let reported = session
+        .retained(&reported_filter)
+        .map_err(unavailable)?
+        .into_values()
+        .filter_map(|payload| match postcard::from_bytes(&payload) {
+            Ok(Reported::V1(r)) => Some(r.serial),
+            Err(_) => None,
+        });
+    let serial = next_serial(retained_serial, reported, now_ms()).ok_or_else(|| {
+        coded(
+            Code::InvalidInput,
+            anyhow!(
+                "{target}: a desired-state serial of {} is in use; no higher serial exists",
+                u64::MAX
+            ),
+        )
+    })?;
+    edit(&mut modules);
+    modules.sort_by(|a, b| a.name.cmp(&b.name));
+    let desired = Desired {
+        scope: scope.clone(),
+        serial,
+        modules,
+    };
+    let signed = SignedDesired::sign(&desired, key);
+    Ok(NextDesired {
+        topic,
+        desired,
+        signed,
+    })
+}
+
+/// The serial of a new desired state: above the serial retained on its topic, above
+/// every serial the targeted devices report having applied, and no lower than the
+/// time (Unix milliseconds, at least 1). A device refuses a serial lower than the one
+/// it applied last; a broker restarted without persistence forgets the retained
+/// state, and the devices' reports (or, when they are gone too, the clock) keep the
+/// serial from going backwards. `None` only if some serial is already `u64::MAX`.
+pub fn next_serial(
+    retained: Option<u64>,
+    reported: impl IntoIterator<Item = u64>,
+    now_ms: u64,
+) -> Option<u64> {
+    retained
+        .into_iter()
+        .chain(reported)
+        .try_fold(now_ms.max(1), |floor, s| Some(floor.max(s.checked_add(1)?)))
+}
+
+/// What the devices said about a new desired state. Pure: the driver feeds it what
+/// the broker delivers on their `reported` and `events` topics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confirmation {
+    serial: u64,
+    pending: BTreeSet<String>,
+    pub confirmed: Vec<String>,
+    /// `(device, reason)` for every device that refused the state.
+    pub refused: Vec<(String, String)>,
+}
+
+/// One message from a device, decoded.
+pub enum Heard {
+    Reported(Reported),
+    Event(Event),
+}
+
+impl Confirmation {
+    pub fn new(serial: u64, devices: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            serial,
+            pending: devices.into_iter().collect(),
+            confirmed: Vec::new(),
+            refused: Vec::new(),
+        }
     }
+
+    /// A device confirms by reporting a serial at least the new one; it refuses with
+    /// a rejection of the desired state as a whole (module `*`: a stale serial, an
+    /// untrusted signature, a wrong address). Other devices and messages are ignored.
+    pub fn heard(&mut self, device: &str, message: Heard) {
+        if !self.pending.contains(device) {
+            return;
+        }
+        match message {
+            Heard::Reported(Reported::V1(r)) if r.serial >= self.serial => {
+                self.pending.remove(device);
+                self.confirmed.push(device.to_string());
+            }
+            Heard::Event(Event::V1(e)) if e.module == "*" => {
+                if let EventKind::Rejected { reason } = e.kind {
+                    self.pending.remove(device);
+                    self.refused.push((device.to_string(), reason));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub fn done(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Devices that have said nothing about the new state yet.
+    pub fn pending(&self) -> impl Iterator<Item = &str> {
+        self.pending.iter().map(String::as_str)
+    }
+}
+
+/// The devices targeted by `scope` that are online now, by their retained status.
+fn online_targets(session: &mut Session, topics: &Topics, scope: &Scope) -> Result<Vec<String>> {
+    let filter = match scope {
+        Scope::Device(d) => topics.status(d),
+        Scope::Group(_) => topics.all_devices("status"),
+    };
+    let statuses = session
+        .retained(&filter)
+        .map_err(|e| coded(Code::Unavailable, e))?;
+    Ok(statuses
+        .into_iter()
+        .filter_map(|(topic, payload)| {
+            let Ok(Status::V1(s)) = postcard::from_bytes(&payload) else {
+                return None;
+            };
+            let (device, _) = topics.parse_device(&topic)?;
+            let targeted = match scope {
+                Scope::Device(d) => d == device,
+                Scope::Group(g) => s.facts.is_some_and(|f| f.groups.contains(g)),
+            };
+            (s.online && targeted).then(|| device.to_string())
+        })
+        .collect())
+}
+
+/// Feeds the devices' answers to `confirmation` until all have answered or `limit`
+/// has passed.
+fn await_confirmation(
+    session: &mut Session,
+    topics: &Topics,
+    confirmation: &mut Confirmation,
+    limit: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while !confirmation.done() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let Some((topic, payload)) = session
+            .next_message(left)
+            .map_err(|e| coded(Code::Unavailable, e))?
+        else {
+            continue;
+        };
+        let Some((device, kind)) = topics.parse_device(&topic) else {
+            continue;
+        };
+        let heard = match kind {
+            "reported" => postcard::from_bytes(&payload).ok().map(Heard::Reported),
+            "events" => postcard::from_bytes(&payload).ok().map(Heard::Event),
+            _ => None,
+        };
+        if let Some(heard) = heard {
+            confirmation.heard(device, heard);
+        }
+    }
+    Ok(())
 }
 
 impl PushCommand {
@@ -228,23 +457,155 @@ impl PushCommand {
             (None, Some(g)) => Scope::Group(g),
             (None, None) => unreachable!("clap requires --device or --group"),
         };
-        let mut session = self
-            .release
-            .broker
-            .connect()
-            .map_err(|e| coded(Code::Unavailable, e))?;
+        let topics = release.topics.clone();
+        let unavailable = |e| coded(Code::Unavailable, e);
+        let mut session = self.release.broker.connect().map_err(unavailable)?;
         let chunks = release.upload(&mut session)?;
-        let serial = release.set_desired(&mut session, &scope)?;
-        session.disconnect();
-        let target = match &scope {
-            Scope::Device(d) => format!("device {d}"),
-            Scope::Group(g) => format!("group {g}"),
+        let next = release.next_desired(&mut session, &scope)?;
+        let online = if self.confirm_timeout_s > 0 {
+            online_targets(&mut session, &topics, &scope)?
+        } else {
+            Vec::new()
         };
+        // Subscribed before the state goes out, so no answer can be missed.
+        if !online.is_empty() {
+            let (reported, events) = match &scope {
+                Scope::Device(d) => (topics.reported(d), topics.events(d)),
+                Scope::Group(_) => (topics.all_devices("reported"), topics.all_devices("events")),
+            };
+            session.subscribe(&reported).map_err(unavailable)?;
+            session.subscribe(&events).map_err(unavailable)?;
+        }
+        let serial = next.publish(&mut session)?;
+        let target = describe(&scope);
         eprintln!(
             "pushed {} ({}, {chunks} chunks) to {target}: desired state serial {serial}",
             release.label(),
             human_size(release.bytes.len() as u64),
         );
-        Ok(())
+        let mut confirmation = Confirmation::new(serial, online);
+        let waited = await_confirmation(
+            &mut session,
+            &topics,
+            &mut confirmation,
+            Duration::from_secs(self.confirm_timeout_s),
+        );
+        session.disconnect();
+        waited?;
+        for device in &confirmation.confirmed {
+            eprintln!("  {device}: took serial {serial}");
+        }
+        for device in confirmation.pending() {
+            eprintln!(
+                "  {device}: not confirmed yet after {}s (offline or busy); it converges when it takes the retained state",
+                self.confirm_timeout_s
+            );
+        }
+        if confirmation.refused.is_empty() {
+            return Ok(());
+        }
+        let refusals: Vec<String> = confirmation
+            .refused
+            .iter()
+            .map(|(device, reason)| format!("{device}: {reason}"))
+            .collect();
+        Err(coded(
+            Code::Refused,
+            anyhow!(
+                "desired state serial {serial} of {target} refused by {}",
+                refusals.join("; ")
+            ),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_protocol::fleet::{EventV1, ReportedV1};
+    use proptest::prelude::*;
+
+    #[test]
+    fn the_serial_climbs_above_the_retained_state_the_reports_and_the_clock() {
+        assert_eq!(next_serial(None, [], 0), Some(1), "a first state");
+        assert_eq!(next_serial(Some(7), [], 0), Some(8), "the retained + 1");
+        // The broker forgot the retained state; a device still reports serial 41.
+        assert_eq!(next_serial(None, [3, 41, 9], 0), Some(42));
+        assert_eq!(next_serial(Some(50), [41], 0), Some(51));
+        // The clock is the floor when everything was forgotten.
+        assert_eq!(
+            next_serial(None, [], 1_700_000_000_000),
+            Some(1_700_000_000_000)
+        );
+        assert_eq!(next_serial(Some(5), [9], 1_000), Some(1_000));
+        assert_eq!(next_serial(Some(u64::MAX), [], 1), None);
+        assert_eq!(next_serial(None, [1, u64::MAX], 1), None);
+    }
+
+    proptest! {
+        #[test]
+        fn the_serial_is_above_every_input_and_at_least_the_clock(
+            retained in proptest::option::of(any::<u64>()),
+            reported in proptest::collection::vec(any::<u64>(), 0..8),
+            now in any::<u64>(),
+        ) {
+            let inputs: Vec<u64> = retained.iter().copied().chain(reported.iter().copied()).collect();
+            match next_serial(retained, reported.iter().copied(), now) {
+                Some(serial) => {
+                    prop_assert!(inputs.iter().all(|s| serial > *s));
+                    prop_assert!(serial >= now);
+                    prop_assert!(serial >= 1);
+                }
+                None => prop_assert!(inputs.contains(&u64::MAX)),
+            }
+        }
+    }
+
+    fn reported(serial: u64) -> Heard {
+        Heard::Reported(Reported::V1(ReportedV1 {
+            serial,
+            modules: Vec::new(),
+        }))
+    }
+
+    fn event(module: &str, kind: EventKind) -> Heard {
+        Heard::Event(Event::V1(EventV1 {
+            at_ms: 0,
+            module: module.into(),
+            version: 0,
+            kind,
+        }))
+    }
+
+    #[test]
+    fn devices_confirm_by_reporting_the_serial_and_refuse_with_a_rejection_of_the_state() {
+        let mut c = Confirmation::new(100, ["a", "b", "c"].map(String::from));
+        c.heard("a", reported(99)); // the old retained report
+        c.heard("x", reported(100)); // not a target
+        c.heard("b", event("app", EventKind::Staged));
+        let module_level = EventKind::Rejected {
+            reason: "version 1 is lower than committed version 2".into(),
+        };
+        c.heard("b", event("app", module_level));
+        assert!(!c.done());
+        c.heard("a", reported(100));
+        let stale = "desired state serial 100 is older than 200 already applied";
+        c.heard(
+            "b",
+            event(
+                "*",
+                EventKind::Rejected {
+                    reason: stale.into(),
+                },
+            ),
+        );
+        // Later messages from a device that has answered change nothing.
+        c.heard("b", reported(300));
+        assert_eq!(c.confirmed, ["a"]);
+        assert_eq!(c.refused, [("b".to_string(), stale.to_string())]);
+        assert_eq!(c.pending().collect::<Vec<_>>(), ["c"]);
+        c.heard("c", reported(101));
+        assert!(c.done());
+        assert_eq!(c.confirmed, ["a", "c"]);
     }
 }

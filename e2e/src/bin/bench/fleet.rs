@@ -141,6 +141,10 @@ pub fn update_latency(target: &Target, runs: usize) -> Vec<Vec<String>> {
                 "1000",
                 "--timeout-ms",
                 "60000",
+                // `upload` stays what it was: chunks and desired state acknowledged by
+                // the broker, without waiting for the device to confirm.
+                "--confirm-timeout-s",
+                "0",
             ])
             .expect("push args")
             .execute()
