@@ -20,7 +20,7 @@ use kiln_protocol::keys::SecretKey;
 use rumqttc::{Client, MqttOptions, Packet, QoS};
 use serde_json::Value;
 
-use crate::util::{eventually, path_str, shared, FleetDevice};
+use crate::util::{eventually, path_str, shared, FleetDevice, Tmpfs};
 use kiln_e2e::mosquitto::{Broker, Pki};
 
 /// Every event and the latest reported state of a device, as the broker delivers them.
@@ -753,7 +753,10 @@ fn oversized_retained_messages_are_reported_and_the_device_stays_connected() {
             health_window_ms: 1500,
         }],
     };
-    broker.publish_retained(&topics.desired("dev-big"), SignedDesired::sign(&desired, &key));
+    broker.publish_retained(
+        &topics.desired("dev-big"),
+        SignedDesired::sign(&desired, &key),
+    );
     watch.wait_event(Duration::from_secs(20), "oversized chunk", |(_, _, k)| {
         matches!(k, EventKind::Rejected { reason } if reason.contains("chunk 0") && reason.contains("limit"))
     });
@@ -923,4 +926,69 @@ fn a_push_that_an_online_device_refuses_fails_naming_the_device_and_its_reason()
         "{message}"
     );
     assert!(!message.contains('\n'), "one line: {message}");
+}
+
+#[test]
+fn a_read_only_or_full_data_dir_refuses_updates_and_the_committed_module_runs_on() {
+    let quick = ["--health-window-ms", "1500", "--tick-ms", "100"];
+    let broker = Broker::start();
+    let watch = Watch::start(&broker, "dev-disk");
+    let mut device = FleetDevice::new("x86_64-linux", "dev-disk", &broker);
+    device.mqtt_extra = "[telemetry]\nspool_limit = \"256KiB\"\n".into();
+    let data = Tmpfs::mount(&device.dir.join("data"), "16m");
+    device.start(None);
+    push(&broker, &app("x86_64-linux", 1, false), "dev-disk", &quick);
+    watch.wait_committed(1, Duration::from_secs(30));
+    let refusals = || {
+        watch
+            .events()
+            .iter()
+            .filter(|(_, _, k)| matches!(k, EventKind::Rejected { reason } if reason.contains("updates refused")))
+            .count()
+    };
+    let ticks = || device.records.lock().unwrap().len();
+
+    // Read-only (a remount after an fs error): v2 is refused with the reason.
+    data.read_only(true);
+    // The device says no at once, and kiln push says why and fails.
+    let err = try_push(
+        &broker.url(),
+        &app("x86_64-linux", 2, false),
+        ["--device", "dev-disk"],
+        &quick,
+    )
+    .expect_err("a device that cannot save refuses the update");
+    assert!(format!("{err:#}").contains("updates refused"), "{err:#}");
+    eventually(
+        Duration::from_secs(20),
+        || refusals() >= 1,
+        || format!("{:#?}", watch.events()),
+    );
+    let before = ticks();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(ticks() > before, "the committed module stopped");
+    assert_eq!(watch.reported_app(), Some((1, "Running".into())));
+    // Writable again: the update that arrived meanwhile goes ahead.
+    data.read_only(false);
+    watch.wait_committed(2, Duration::from_secs(30));
+
+    // Full: the same, with ENOSPC.
+    let filler = data.fill();
+    let err = try_push(
+        &broker.url(),
+        &app("x86_64-linux", 3, false),
+        ["--device", "dev-disk"],
+        &quick,
+    )
+    .expect_err("a device with a full disk refuses the update");
+    assert!(format!("{err:#}").contains("updates refused"), "{err:#}");
+    eventually(
+        Duration::from_secs(20),
+        || refusals() >= 2,
+        || format!("{:#?}", watch.events()),
+    );
+    assert_eq!(watch.reported_app(), Some((2, "Running".into())));
+    std::fs::remove_file(filler).unwrap();
+    watch.wait_committed(3, Duration::from_secs(30));
+    assert_eq!(device.started_versions().last(), Some(&3));
 }

@@ -343,3 +343,53 @@ impl Drop for FleetDevice {
         self.kill();
     }
 }
+
+/// A small tmpfs mounted for one test (the tests run as root, as CI does): a data dir
+/// that can run full or be remounted read-only. Unmounted on drop.
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(path: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(path).unwrap();
+        Self::mount_cmd(
+            &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"],
+            path,
+        );
+        Self { path: path.into() }
+    }
+
+    pub fn read_only(&self, ro: bool) {
+        let opts = if ro { "remount,ro" } else { "remount,rw" };
+        Self::mount_cmd(&["-o", opts], &self.path);
+    }
+
+    fn mount_cmd(args: &[&str], path: &Path) {
+        let status = Command::new("mount")
+            .args(args)
+            .arg(path)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mount {args:?} {} (needs root)",
+            path.display()
+        );
+    }
+
+    /// Fills what is free with one file; returns its path.
+    pub fn fill(&self) -> PathBuf {
+        let filler = self.path.join("filler");
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while std::io::Write::write_all(&mut file, &block).is_ok() {}
+        filler
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}

@@ -451,8 +451,9 @@ restart = { backoff_ms = 100, max_crashes = 3 }
             assert!(err.contains("name"), "{err}");
         }
         assert!(load_config(&mqtt("dev-01", "lab")).is_ok());
-        let module = load("trust = [\"k.pub\"]\n[[module]]\nartifact = \"a.kiln\"\nname = \"../x\"\n")
-            .unwrap_err();
+        let module =
+            load("trust = [\"k.pub\"]\n[[module]]\nartifact = \"a.kiln\"\nname = \"../x\"\n")
+                .unwrap_err();
         assert!(module.contains("module name `../x`"), "{module}");
     }
 
