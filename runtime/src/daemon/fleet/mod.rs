@@ -148,6 +148,7 @@ fn fault_point() -> Option<String> {
 
 impl Driver {
     pub fn run(mut self, rx: Receiver<AgentIn>) {
+        let mut last_tick = now_ms();
         loop {
             let now = now_ms();
             let wait = self
@@ -172,8 +173,20 @@ impl Driver {
                 }
                 Err(RecvTimeoutError::Timeout) => Input::Tick,
             };
+            let is_tick = input == Input::Tick;
             let effects = self.agent.handle(now_ms(), input);
             self.perform(effects);
+            // A busy link must not starve the clock: trials end and probes run on time.
+            let now = now_ms();
+            if is_tick {
+                last_tick = now;
+            } else if now >= last_tick + 1000
+                || self.agent.next_deadline_ms().is_some_and(|d| d <= now)
+            {
+                last_tick = now;
+                let effects = self.agent.handle(now, Input::Tick);
+                self.perform(effects);
+            }
         }
     }
 
