@@ -21,9 +21,9 @@ pub mod compat;
 pub mod fleet;
 pub mod keys;
 pub mod manifest;
-pub mod names;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
+pub mod names;
 pub mod script;
 pub mod target;
 pub mod telemetry;

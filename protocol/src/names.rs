@@ -73,8 +73,19 @@ mod tests {
             assert_eq!(check(Kind::Module, good), Ok(()), "{good}");
         }
         for bad in [
-            "", ".", "..", "../x", "/etc/x", "a/b", "lab+", "#", "a b", "é", "a\0",
-            "a\u{1b}[31m", &"x".repeat(MAX_NAME + 1),
+            "",
+            ".",
+            "..",
+            "../x",
+            "/etc/x",
+            "a/b",
+            "lab+",
+            "#",
+            "a b",
+            "é",
+            "a\0",
+            "a\u{1b}[31m",
+            &"x".repeat(MAX_NAME + 1),
         ] {
             let err = check(Kind::Group, bad).unwrap_err();
             assert!(err.starts_with("group name"), "{err}");
