@@ -189,6 +189,15 @@ impl Output {
                     ),
                 )
             }
+            Verdict::Untracked => {
+                self.note(
+                    with(&ids, json!({ "kind": "untracked", "seq": batch.seq })),
+                    format!(
+                        "{device}: batch {} of boot {boot} is older than the seqs still tracked (maybe shown before)",
+                        batch.seq
+                    ),
+                );
+            }
             Verdict::New { gap, late } => {
                 if let Some((first, last)) = gap {
                     self.note(
@@ -260,13 +269,32 @@ impl Output {
         );
     }
 
-    /// Prints one account per device and boot; returns the count of unexplained gaps.
-    fn summary(&mut self) -> usize {
+    /// Prints one account per device and boot; returns the count of batches that
+    /// never arrived and were not reported dropped.
+    fn summary(&mut self) -> u64 {
         let accounts = self.tracker.accounts();
         for a in &accounts {
             self.note(account_json(a), account_line(a));
         }
-        accounts.iter().map(|a| a.unexplained.len()).sum()
+        let forgotten = self.tracker.forgotten();
+        if forgotten.streams > 0 {
+            self.note(
+                json!({
+                    "kind": "forgotten",
+                    "streams": forgotten.streams,
+                    "unexplained": forgotten.unexplained,
+                }),
+                format!(
+                    "forgot {} device boots (over {} at once), with {} batches missing",
+                    forgotten.streams,
+                    telemetry::MAX_STREAMS,
+                    forgotten.unexplained
+                ),
+            );
+        }
+        accounts.iter().fold(forgotten.unexplained, |n, a| {
+            n.saturating_add(a.unexplained_batches)
+        })
     }
 
     fn note(&self, json: Value, line: String) {
@@ -297,14 +325,31 @@ fn account_json(a: &Account) -> Value {
         "duplicates": a.duplicates,
         "dropped": a.dropped,
         "unexplained": a.unexplained,
+        "unexplained_batches": a.unexplained_batches,
+        "untracked": a.untracked,
     })
 }
 
 fn account_line(a: &Account) -> String {
-    let missing = if a.unexplained.is_empty() {
+    let missing = if a.unexplained_batches == 0 {
         "none missing".to_string()
     } else {
-        format!("{} MISSING {:?}", a.unexplained.len(), a.unexplained)
+        let ranges: Vec<String> = a
+            .unexplained
+            .iter()
+            .map(|&(first, last)| {
+                if first == last {
+                    first.to_string()
+                } else {
+                    format!("{first}..={last}")
+                }
+            })
+            .collect();
+        format!("{} MISSING [{}]", a.unexplained_batches, ranges.join(", "))
+    };
+    let missing = match a.untracked {
+        0 => missing,
+        n => format!("{missing}, {n} times bookkeeping was cut short (too many ranges)"),
     };
     format!(
         "summary {} boot {:016x}: batches {}..={}, {} received ({} records), {} duplicates, {} dropped by the device, {missing}",
