@@ -4,8 +4,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Result};
 use clap::Parser;
 use kiln_protocol::fleet::{Event, EventKind, ModuleState, Reported, Scope, Status};
+use kiln_protocol::names::Kind;
 
 use crate::commands::push::ReleaseArgs;
+use crate::commands::valid_name;
 use crate::exit::{coded, Code};
 
 const AFTER_HELP: &str = "\
@@ -40,6 +42,7 @@ pub struct RolloutCommand {
 
 impl RolloutCommand {
     pub fn execute(self) -> Result<()> {
+        valid_name(Kind::Group, &self.group)?;
         let release = self.release.load()?;
         let topics = release.topics.clone();
         let unavailable = |e| coded(Code::Unavailable, e);

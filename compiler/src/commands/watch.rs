@@ -4,11 +4,13 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Result};
 use clap::Parser;
 use kiln_protocol::fleet::{Event as FleetEvent, EventKind};
+use kiln_protocol::names::Kind;
 use kiln_protocol::telemetry::{self, Account, Batch, BatchV1, Body, Record, Tracker, Verdict};
 use rumqttc::{Client, Event, Packet, QoS};
 use serde_json::{json, Value};
 
 use crate::broker::{now_ms, BrokerArgs};
+use crate::commands::valid_name;
 use crate::exit::{coded, Code};
 
 const AFTER_HELP: &str = "\
@@ -52,6 +54,9 @@ extern "C" fn interrupted(_: libc::c_int) {
 
 impl WatchCommand {
     pub fn execute(self) -> Result<()> {
+        if let Some(device) = &self.device {
+            valid_name(Kind::Device, device)?;
+        }
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe {
             libc::signal(libc::SIGINT, interrupted as *const () as libc::sighandler_t);
