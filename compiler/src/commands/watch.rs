@@ -1,10 +1,11 @@
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use clap::Parser;
 use kiln_protocol::fleet::{Event as FleetEvent, EventKind};
-use kiln_protocol::names::Kind;
+use kiln_protocol::names::{self, Kind};
 use kiln_protocol::telemetry::{self, Account, Batch, BatchV1, Body, Record, Tracker, Verdict};
 use rumqttc::{Client, Event, Packet, QoS};
 use serde_json::{json, Value};
@@ -17,7 +18,8 @@ const AFTER_HELP: &str = "\
 Every telemetry batch carries (device, boot_id, seq). watch shows each batch's records
 once, says when a seq is missing (a gap), arrives twice (a duplicate, not shown again)
 or was dropped by the device's full spool, and ends with a summary per device and boot.
-It exits 1 if a gap was never filled nor explained by a drop report.
+It exits 1 if a gap was never filled nor explained by a drop report. Text from devices
+is printed with control characters escaped (`\\u{1b}`), so none can drive the terminal.
 
 Examples:
   kiln watch
@@ -163,6 +165,14 @@ struct Output {
 
 impl Output {
     fn batch(&mut self, device: &str, payload: &[u8]) {
+        // The topic level names the tracker's account: a forged one must not be
+        // arbitrarily long.
+        if let Err(why) = names::check(Kind::Device, device) {
+            return self.note(
+                json!({ "kind": "invalid", "device": device, "why": why }),
+                format!("{device}: telemetry on a topic that names no device: {why}"),
+            );
+        }
         let batch = match Batch::decode(payload) {
             Ok(b) => b,
             Err(why) => {
@@ -236,9 +246,9 @@ impl Output {
                 v["device"] = json!(device);
                 v["boot_id"] = json!(format!("{:016x}", batch.boot_id));
                 v["seq"] = json!(batch.seq);
-                println!("{v}");
+                println!("{}", json_line(&v));
             } else {
-                println!("{}", line(device, record));
+                println!("{}", printable(&line(device, record)));
             }
         }
     }
@@ -302,11 +312,13 @@ impl Output {
         })
     }
 
+    /// The one place watch prints what it learned: everything in `json` and `line`
+    /// may have come from a device.
     fn note(&self, json: Value, line: String) {
         if self.json {
-            println!("{json}");
+            println!("{}", json_line(&json));
         } else {
-            println!("{line}");
+            println!("{}", printable(&line));
         }
     }
 }
@@ -432,4 +444,81 @@ fn clock(at_ms: u64) -> String {
         day_ms / 1000 % 60,
         day_ms % 1000
     )
+}
+
+/// Text from a device made safe for a terminal: every control character (ESC starts
+/// escape sequences, CR rewrites the line, C1 codes act as ESC on some terminals) is
+/// shown as a `\u{..}` escape instead of being sent.
+fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    Cow::Owned(
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_unicode().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
+/// One JSON line. serde_json escapes U+0000..U+001F but passes DEL and the C1
+/// controls through raw; outside strings its output is ASCII punctuation, so any control
+/// character left is inside a string, where `\uXXXX` is a valid escape.
+fn json_line(v: &Value) -> String {
+    let text = v.to_string();
+    if !text.chars().any(char::is_control) {
+        return text;
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                format!("\\u{:04x}", c as u32)
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_text_reaches_the_terminal_without_control_characters() {
+        assert!(matches!(printable("temp 21.5 °C"), Cow::Borrowed(_)));
+        let shown = printable("ok\u{1b}]0;pwned\u{7}\r\u{9b}2Jx\ty");
+        assert_eq!(shown, "ok\\u{1b}]0;pwned\\u{7}\\u{d}\\u{9b}2Jx\\u{9}y");
+        assert!(!shown.chars().any(char::is_control));
+    }
+
+    #[test]
+    fn json_lines_carry_no_raw_control_characters_and_still_parse() {
+        let v = json!({ "line": "a\u{1b}[2J\u{7f}\u{85}b\n" });
+        let line = json_line(&v);
+        assert!(!line.chars().any(char::is_control), "{line}");
+        let back: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, v);
+    }
+
+    #[test]
+    fn every_record_kind_prints_escaped() {
+        let record = Record {
+            at_ms: 0,
+            module: Some("m\u{1b}[31m".into()),
+            body: Body::Log {
+                level: kiln_protocol::abi::Level::Info,
+                source: kiln_protocol::worker::LogSource::Abi,
+                line: "\u{1b}]52;c;ZXZpbA==\u{7}".into(),
+            },
+        };
+        let shown = printable(&line("dev\r", &record)).into_owned();
+        assert!(!shown.chars().any(char::is_control), "{shown}");
+        assert!(shown.contains("m\\u{1b}[31m"), "{shown}");
+    }
 }
