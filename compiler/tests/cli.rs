@@ -248,6 +248,107 @@ fn bad_inputs_get_one_line_and_a_distinct_code() {
 }
 
 #[test]
+fn a_module_name_that_would_escape_a_directory_is_refused_before_any_work() {
+    let dir = keyed_dir();
+    let wat = compute_wat();
+    let wat = wat.to_str().unwrap();
+    let args = |name: &'static str| {
+        [
+            "compile",
+            wat,
+            "--target",
+            "x86_64-linux",
+            "--sign",
+            "fleet.key",
+            "-o",
+            "x.kiln",
+            "--name",
+            name,
+        ]
+    };
+    fails(
+        kiln(dir.path(), &args("../../escaped")),
+        2,
+        "module name `../../escaped` contains `/`",
+    );
+    fails(
+        kiln(dir.path(), &args("red\u{1b}[31m")),
+        2,
+        "module name `red\\u{1b}[31m`",
+    );
+    // A name derived from the file name is checked as well, and says how to fix it.
+    fs::copy(compute_wat(), dir.path().join("my app.wat")).unwrap();
+    fails(
+        kiln(
+            dir.path(),
+            &[
+                "compile",
+                "my app.wat",
+                "--target",
+                "x86_64-linux",
+                "--sign",
+                "fleet.key",
+                "-o",
+                "x.kiln",
+            ],
+        ),
+        2,
+        "pass --name",
+    );
+    assert!(!dir.path().join("x.kiln").exists());
+}
+
+#[test]
+fn fleet_commands_refuse_bad_device_and_group_names_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    // Port 1 on loopback: nothing listens, so reaching the broker would fail differently.
+    let broker = ["--broker", "mqtt://127.0.0.1:1"];
+    let push = |target: &'static str, name: &'static str| {
+        kiln(
+            dir.path(),
+            &[
+                &["push", "app.kiln", "--sign", "fleet.key", target, name],
+                &broker[..],
+            ]
+            .concat(),
+        )
+    };
+    fails(
+        push("--device", "lab/+"),
+        2,
+        "device name `lab/+` contains `/`",
+    );
+    fails(push("--group", "#"), 2, "group name `#` contains `#`");
+    fails(
+        kiln(
+            dir.path(),
+            &[
+                &[
+                    "rollout",
+                    "app.kiln",
+                    "--sign",
+                    "fleet.key",
+                    "--group",
+                    "..",
+                ],
+                &broker[..],
+            ]
+            .concat(),
+        ),
+        2,
+        "group name `..` is not allowed",
+    );
+    fails(
+        kiln(
+            dir.path(),
+            &[&["watch", "--device", "a b"], &broker[..]].concat(),
+        ),
+        2,
+        "device name `a b` contains ` `",
+    );
+}
+
+#[test]
 fn targets_lists_every_profile_with_its_triple() {
     let out = ok(kiln(Path::new("."), &["targets"]));
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -9,7 +9,7 @@
 //! [`Tracker`] does that bookkeeping for `kiln watch` and anything else that consumes
 //! telemetry.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -215,6 +215,16 @@ pub fn coalesce(mut drops: Vec<Dropped>) -> Vec<Dropped> {
     out
 }
 
+/// Most `(device, boot_id)` pairs a [`Tracker`] keeps; past it the one unused longest
+/// is forgotten. Boot ids come from the wire, so a forger could otherwise make a
+/// consumer keep one account per u64.
+pub const MAX_STREAMS: usize = 1024;
+
+/// Most ranges a [`Tracker`] keeps per `(device, boot_id)` in each of its sets
+/// (received, missing, dropped); past it the lowest seqs are forgotten. Seqs are kept
+/// as ranges, so memory follows how often the stream broke, not the seq values.
+pub const MAX_RANGES: usize = 128;
+
 /// What a consumer should make of a batch it received.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -223,24 +233,48 @@ pub enum Verdict {
     New { gap: Option<(u64, u64)>, late: bool },
     /// Seen before: its records were already delivered.
     Duplicate,
+    /// Below the seqs still tracked for its boot (older ones were forgotten to stay
+    /// within [`MAX_RANGES`]): it cannot be told new from duplicate.
+    Untracked,
 }
 
 /// Per `(device, boot_id)`: which seqs arrived, which are missing, which the device
-/// said it dropped.
+/// said it dropped. Memory is bounded by [`MAX_STREAMS`] and [`MAX_RANGES`] whatever
+/// the seqs and boot ids a broker forges.
 #[derive(Debug, Default)]
 pub struct Tracker {
     streams: BTreeMap<(String, u64), Stream>,
+    /// Stamps streams by last use, to forget the one unused longest.
+    clock: u64,
+    forgotten: Forgotten,
+}
+
+/// What a [`Tracker`] forgot to stay within [`MAX_STREAMS`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Forgotten {
+    /// `(device, boot_id)` accounts dropped.
+    pub streams: u64,
+    /// Seqs those accounts held as neither received nor reported dropped.
+    pub unexplained: u64,
 }
 
 #[derive(Debug, Default, Clone)]
 struct Stream {
     first: u64,
     max: u64,
-    missing: BTreeSet<u64>,
-    dropped: BTreeSet<u64>,
+    received: Ranges,
+    missing: Ranges,
+    dropped: Ranges,
     batches: u64,
     records: u64,
     duplicates: u64,
+    /// Seqs below this were forgotten (0: none were).
+    floor: u64,
+    /// Ranges forgotten, plus batches that arrived below `floor`.
+    untracked: u64,
+    /// Unexplained seqs among those forgotten.
+    forgotten_unexplained: u64,
+    last_used: u64,
 }
 
 /// A consumer's account of one `(device, boot_id)`.
@@ -255,90 +289,338 @@ pub struct Account {
     pub duplicates: u64,
     /// Seqs the device reported dropped (spool full).
     pub dropped: u64,
-    /// Seqs neither received nor reported dropped.
-    pub unexplained: Vec<u64>,
+    /// Seqs neither received nor reported dropped, as inclusive ranges (one range
+    /// can stand for 2^63 seqs a forged batch skipped).
+    pub unexplained: Vec<(u64, u64)>,
+    /// How many seqs are unexplained, including any in ranges forgotten (saturating).
+    pub unexplained_batches: u64,
+    /// Times bookkeeping was cut short to stay within [`MAX_RANGES`]: ranges
+    /// forgotten, and batches that arrived below them.
+    pub untracked: u64,
 }
 
 impl Tracker {
     pub fn batch(&mut self, device: &str, boot_id: u64, seq: u64, records: usize) -> Verdict {
-        let key = (device.to_string(), boot_id);
-        let Some(s) = self.streams.get_mut(&key) else {
-            self.streams.insert(
-                key,
-                Stream {
-                    first: seq,
-                    max: seq,
-                    batches: 1,
-                    records: records as u64,
-                    ..Stream::default()
-                },
-            );
-            return Verdict::New {
-                gap: None,
-                late: false,
-            };
+        let s = match self.stream(device, boot_id) {
+            Some(s) => s,
+            None => {
+                let clock = self.clock;
+                self.insert(
+                    device,
+                    boot_id,
+                    Stream {
+                        first: seq,
+                        max: seq,
+                        received: Ranges::one(seq, seq),
+                        batches: 1,
+                        records: records as u64,
+                        last_used: clock,
+                        ..Stream::default()
+                    },
+                );
+                return Verdict::New {
+                    gap: None,
+                    late: false,
+                };
+            }
         };
+        if seq < s.floor {
+            s.untracked = s.untracked.saturating_add(1);
+            s.batches += 1;
+            s.records = s.records.saturating_add(records as u64);
+            return Verdict::Untracked;
+        }
+        if s.received.contains(seq) {
+            s.duplicates += 1;
+            return Verdict::Duplicate;
+        }
         let verdict = if seq > s.max {
+            // seq > max, so max + 1 cannot overflow.
             let gap = (seq > s.max + 1).then(|| (s.max + 1, seq - 1));
-            s.missing.extend(s.max + 1..seq);
+            if let Some((a, b)) = gap {
+                s.missing.insert(a, b);
+            }
             s.max = seq;
             Verdict::New { gap, late: false }
-        } else if s.missing.remove(&seq) {
-            Verdict::New {
-                gap: None,
-                late: true,
-            }
-        } else if seq < s.first {
-            // Older than the first one seen: the consumer started mid-stream.
-            s.missing.extend(seq + 1..s.first);
-            s.first = seq;
+        } else if s.missing.remove(seq) {
             Verdict::New {
                 gap: None,
                 late: true,
             }
         } else {
-            s.duplicates += 1;
-            return Verdict::Duplicate;
+            if seq < s.first {
+                // Older than the first one seen: the consumer started mid-stream.
+                if seq + 1 < s.first {
+                    s.missing.insert(seq + 1, s.first - 1);
+                }
+                s.first = seq;
+            }
+            // Otherwise within the span yet never counted missing: a seq the device
+            // reported dropped, or one below a drop report's range.
+            Verdict::New {
+                gap: None,
+                late: true,
+            }
         };
+        s.received.insert(seq, seq);
         s.batches += 1;
-        s.records += records as u64;
+        s.records = s.records.saturating_add(records as u64);
+        s.bound();
         verdict
     }
 
     /// Notes a drop report from `device`.
     pub fn dropped(&mut self, device: &str, d: &Dropped) {
-        let s = self
-            .streams
-            .entry((device.to_string(), d.boot_id))
-            .or_insert_with(|| Stream {
-                first: d.first_seq,
-                max: d.last_seq,
-                ..Stream::default()
-            });
-        s.dropped.extend(d.first_seq..=d.last_seq);
-        if d.first_seq < s.first {
-            s.first = d.first_seq;
+        if d.first_seq > d.last_seq {
+            // Not a range: nothing a well-behaved device sends, and nothing to note.
+            return;
         }
-        if d.last_seq > s.max {
-            s.max = d.last_seq;
+        let s = match self.stream(device, d.boot_id) {
+            Some(s) => s,
+            None => {
+                let clock = self.clock;
+                self.insert(
+                    device,
+                    d.boot_id,
+                    Stream {
+                        first: d.first_seq,
+                        max: d.last_seq,
+                        dropped: Ranges::one(d.first_seq, d.last_seq),
+                        last_used: clock,
+                        ..Stream::default()
+                    },
+                );
+                return;
+            }
+        };
+        if d.last_seq < s.floor {
+            s.untracked = s.untracked.saturating_add(1);
+            return;
         }
+        let first = d.first_seq.max(s.floor);
+        if let Some(next) = s.max.checked_add(1).filter(|&next| first > next) {
+            // Batches between the newest seen and the dropped ones exist too.
+            s.missing.insert(next, first - 1);
+        }
+        s.dropped.insert(first, d.last_seq);
+        s.first = s.first.min(first);
+        s.max = s.max.max(d.last_seq);
+        s.bound();
     }
 
     pub fn accounts(&self) -> Vec<Account> {
         self.streams
             .iter()
-            .map(|((device, boot_id), s)| Account {
-                device: device.clone(),
-                boot_id: *boot_id,
-                first_seq: s.first,
-                last_seq: s.max,
-                batches: s.batches,
-                records: s.records,
-                duplicates: s.duplicates,
-                dropped: s.dropped.len() as u64,
-                unexplained: s.missing.difference(&s.dropped).copied().collect(),
+            .map(|((device, boot_id), s)| {
+                let unexplained = s.missing.minus(&s.dropped);
+                let tracked = unexplained
+                    .iter()
+                    .fold(0u64, |n, (a, b)| n.saturating_add(width(*a, *b)));
+                Account {
+                    device: device.clone(),
+                    boot_id: *boot_id,
+                    first_seq: s.first,
+                    last_seq: s.max,
+                    batches: s.batches,
+                    records: s.records,
+                    duplicates: s.duplicates,
+                    dropped: s.dropped.count(),
+                    unexplained,
+                    unexplained_batches: tracked.saturating_add(s.forgotten_unexplained),
+                    untracked: s.untracked,
+                }
             })
             .collect()
+    }
+
+    /// What was forgotten to stay within [`MAX_STREAMS`].
+    pub fn forgotten(&self) -> Forgotten {
+        self.forgotten
+    }
+
+    fn stream(&mut self, device: &str, boot_id: u64) -> Option<&mut Stream> {
+        self.clock += 1;
+        let clock = self.clock;
+        let s = self.streams.get_mut(&(device.to_string(), boot_id))?;
+        s.last_used = clock;
+        Some(s)
+    }
+
+    fn insert(&mut self, device: &str, boot_id: u64, stream: Stream) {
+        if self.streams.len() >= MAX_STREAMS {
+            // A linear scan, but only when full, over at most MAX_STREAMS entries.
+            let oldest = self
+                .streams
+                .iter()
+                .min_by_key(|(_, s)| s.last_used)
+                .map(|(k, _)| k.clone());
+            if let Some(s) = oldest.and_then(|k| self.streams.remove(&k)) {
+                let unexplained = s.missing.minus(&s.dropped);
+                self.forgotten.streams += 1;
+                self.forgotten.unexplained = unexplained
+                    .iter()
+                    .fold(self.forgotten.unexplained, |n, (a, b)| {
+                        n.saturating_add(width(*a, *b))
+                    })
+                    .saturating_add(s.forgotten_unexplained);
+            }
+        }
+        self.streams.insert((device.to_string(), boot_id), stream);
+    }
+}
+
+impl Stream {
+    /// Forgets the lowest seqs until every set is within [`MAX_RANGES`].
+    fn bound(&mut self) {
+        loop {
+            let over = [&self.received, &self.missing, &self.dropped]
+                .into_iter()
+                .find(|r| r.len() > MAX_RANGES);
+            // A set over the cap has at least two ranges, so its lowest one ends below
+            // `max` and the new floor stays within the span.
+            let Some(floor) = over
+                .and_then(Ranges::lowest_end)
+                .and_then(|e| e.checked_add(1))
+            else {
+                return;
+            };
+            let unexplained = self.missing.below(floor).minus(&self.dropped.below(floor));
+            self.forgotten_unexplained = unexplained
+                .iter()
+                .fold(self.forgotten_unexplained, |n, (a, b)| {
+                    n.saturating_add(width(*a, *b))
+                });
+            self.received.remove_below(floor);
+            self.missing.remove_below(floor);
+            self.dropped.remove_below(floor);
+            self.floor = floor;
+            self.first = self.first.max(floor);
+            self.untracked = self.untracked.saturating_add(1);
+        }
+    }
+}
+
+/// How many seqs `a..=b` holds, saturating at `u64::MAX` for the full range.
+fn width(a: u64, b: u64) -> u64 {
+    (b - a).saturating_add(1)
+}
+
+/// A set of seqs as disjoint, non-adjacent inclusive ranges `start -> end`, merged on
+/// insert: it costs one entry per run of seqs, whatever the seq values.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Ranges(BTreeMap<u64, u64>);
+
+impl Ranges {
+    fn one(a: u64, b: u64) -> Self {
+        Self(BTreeMap::from([(a, b)]))
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn contains(&self, x: u64) -> bool {
+        self.0
+            .range(..=x)
+            .next_back()
+            .is_some_and(|(_, &end)| x <= end)
+    }
+
+    /// Adds `a..=b` (`a <= b`), merging with overlapping and adjacent ranges.
+    fn insert(&mut self, a: u64, b: u64) {
+        let (mut a, mut b) = (a, b);
+        if let Some((&s, &e)) = self.0.range(..=a).next_back() {
+            if e.saturating_add(1) >= a {
+                a = s;
+                b = b.max(e);
+            }
+        }
+        while let Some((&s, &e)) = self.0.range(a..).next() {
+            if s > b.saturating_add(1) {
+                break;
+            }
+            self.0.remove(&s);
+            b = b.max(e);
+        }
+        self.0.insert(a, b);
+    }
+
+    /// Removes `x`; says whether it was there.
+    fn remove(&mut self, x: u64) -> bool {
+        let Some((&s, &e)) = self.0.range(..=x).next_back() else {
+            return false;
+        };
+        if x > e {
+            return false;
+        }
+        self.0.remove(&s);
+        if s < x {
+            self.0.insert(s, x - 1);
+        }
+        if x < e {
+            self.0.insert(x + 1, e);
+        }
+        true
+    }
+
+    fn lowest_end(&self) -> Option<u64> {
+        self.0.first_key_value().map(|(_, &e)| e)
+    }
+
+    /// The part below `floor`.
+    fn below(&self, floor: u64) -> Ranges {
+        Ranges(
+            self.0
+                .range(..floor)
+                .map(|(&s, &e)| (s, e.min(floor - 1)))
+                .collect(),
+        )
+    }
+
+    fn remove_below(&mut self, floor: u64) {
+        let keep = self.0.split_off(&floor);
+        let straddling = self.0.last_key_value().map(|(_, &e)| e);
+        self.0 = keep;
+        if let Some(e) = straddling.filter(|&e| e >= floor) {
+            self.0.insert(floor, e);
+        }
+    }
+
+    /// How many seqs the set holds (saturating).
+    fn count(&self) -> u64 {
+        self.0
+            .iter()
+            .fold(0u64, |n, (&a, &b)| n.saturating_add(width(a, b)))
+    }
+
+    /// `self` without the seqs of `other`, as ranges; at most
+    /// `self.len() + other.len()` of them.
+    fn minus(&self, other: &Ranges) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        for (&a, &b) in &self.0 {
+            // Ranges of `other` that overlap a..=b, lowest first.
+            let mut overlapping: Vec<(u64, u64)> = other
+                .0
+                .range(..=b)
+                .rev()
+                .take_while(|(_, &e)| e >= a)
+                .map(|(&s, &e)| (s, e))
+                .collect();
+            overlapping.reverse();
+            let mut from = Some(a);
+            for (s, e) in overlapping {
+                let Some(f) = from else { break };
+                if s > f {
+                    out.push((f, s - 1));
+                }
+                // e < b here, so e + 1 cannot overflow.
+                from = (e < b).then(|| f.max(e + 1));
+            }
+            if let Some(f) = from {
+                out.push((f, b));
+            }
+        }
+        out
     }
 }
 
@@ -498,7 +780,8 @@ mod tests {
         let a = &t.accounts()[0];
         assert_eq!((a.batches, a.records, a.duplicates), (3, 6, 1));
         assert_eq!(a.dropped, 1);
-        assert_eq!(a.unexplained, vec![3], "1 was dropped, 2 came late");
+        assert_eq!(a.unexplained, vec![(3, 3)], "1 was dropped, 2 came late");
+        assert_eq!(a.unexplained_batches, 1);
     }
 
     #[test]
@@ -522,5 +805,246 @@ mod tests {
                 d(2, 0, 0)
             ]
         );
+    }
+
+    #[test]
+    fn a_forged_seq_near_two_to_the_63_costs_one_range_not_two_to_the_63_entries() {
+        let mut t = Tracker::default();
+        t.batch("d", 1, 0, 1);
+        assert_eq!(
+            t.batch("d", 1, 1 << 63, 1),
+            Verdict::New {
+                gap: Some((1, (1 << 63) - 1)),
+                late: false
+            }
+        );
+        assert_eq!(
+            t.batch("d", 1, u64::MAX, 1),
+            Verdict::New {
+                gap: Some(((1 << 63) + 1, u64::MAX - 1)),
+                late: false
+            }
+        );
+        assert_eq!(t.batch("d", 1, u64::MAX, 1), Verdict::Duplicate);
+        t.dropped(
+            "d",
+            &Dropped {
+                boot_id: 1,
+                first_seq: 0,
+                last_seq: u64::MAX,
+                batches: 0,
+                records: 0,
+            },
+        );
+        let a = &t.accounts()[0];
+        assert_eq!(a.dropped, u64::MAX, "2^64 seqs saturate");
+        assert_eq!(a.unexplained, vec![]);
+        let s = &t.streams[&("d".to_string(), 1)];
+        assert!(s.missing.len() <= 2 && s.received.len() == 3 && s.dropped.len() == 1);
+    }
+
+    #[test]
+    fn a_drop_report_above_the_newest_seq_leaves_the_seqs_between_missing() {
+        let mut t = Tracker::default();
+        t.batch("d", 1, 5, 1);
+        t.dropped(
+            "d",
+            &Dropped {
+                boot_id: 1,
+                first_seq: 8,
+                last_seq: 9,
+                batches: 2,
+                records: 2,
+            },
+        );
+        // 6 and 7 were never counted received: they are new, late, and shown.
+        assert_eq!(
+            t.batch("d", 1, 6, 1),
+            Verdict::New {
+                gap: None,
+                late: true
+            }
+        );
+        assert_eq!(t.accounts()[0].unexplained, vec![(7, 7)]);
+        // A report whose range is backwards is ignored, not trusted.
+        t.dropped(
+            "d",
+            &Dropped {
+                boot_id: 1,
+                first_seq: 9,
+                last_seq: 3,
+                batches: 0,
+                records: 0,
+            },
+        );
+        assert_eq!(t.accounts()[0].dropped, 2);
+    }
+
+    #[test]
+    fn a_broker_forging_a_boot_per_batch_makes_the_tracker_forget_not_grow() {
+        let mut t = Tracker::default();
+        t.batch("d", 0, 0, 1);
+        t.batch("d", 0, 2, 1); // seq 1 unexplained
+        for boot in 1..=(MAX_STREAMS as u64 + 10) {
+            t.batch("d", boot, 0, 1);
+        }
+        assert_eq!(t.streams.len(), MAX_STREAMS);
+        assert_eq!(
+            t.forgotten(),
+            Forgotten {
+                streams: 11,
+                unexplained: 1
+            }
+        );
+        // The streams still in use were kept, the oldest went first.
+        assert!(t
+            .streams
+            .contains_key(&("d".to_string(), MAX_STREAMS as u64 + 10)));
+        assert!(!t.streams.contains_key(&("d".to_string(), 0)));
+    }
+
+    #[test]
+    fn past_max_ranges_the_lowest_seqs_are_forgotten_and_counted() {
+        let mut t = Tracker::default();
+        // Every other seq: one received range and one missing range each.
+        for n in 0..(MAX_RANGES as u64 * 3) {
+            t.batch("d", 1, n * 2, 1);
+        }
+        let s = &t.streams[&("d".to_string(), 1)];
+        assert!(s.received.len() <= MAX_RANGES && s.missing.len() <= MAX_RANGES);
+        assert!(s.floor > 0);
+        let a = &t.accounts()[0];
+        assert!(a.untracked > 0);
+        assert_eq!(
+            a.unexplained_batches,
+            MAX_RANGES as u64 * 3 - 1,
+            "forgotten holes still count"
+        );
+        assert_eq!(t.batch("d", 1, 1, 1), Verdict::Untracked);
+    }
+
+    #[test]
+    fn ranges_merge_split_and_subtract() {
+        let mut r = Ranges::default();
+        r.insert(5, 9);
+        r.insert(11, 12);
+        r.insert(10, 10);
+        assert_eq!(r, Ranges::one(5, 12));
+        r.insert(0, u64::MAX);
+        assert_eq!(r, Ranges::one(0, u64::MAX));
+        assert!(r.remove(7));
+        assert!(!r.remove(7));
+        assert_eq!(r.len(), 2);
+        assert_eq!(r.count(), u64::MAX);
+        let mut other = Ranges::one(2, 3);
+        other.insert(u64::MAX, u64::MAX);
+        assert_eq!(r.minus(&other), vec![(0, 1), (4, 6), (8, u64::MAX - 1)]);
+        r.remove_below(5);
+        assert_eq!(r.lowest_end(), Some(6));
+        assert_eq!(r.below(8), Ranges::one(5, 6));
+    }
+
+    mod properties {
+        use std::collections::BTreeSet;
+
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        /// Seqs a forger would pick as well as the ones a device sends.
+        fn seq() -> impl Strategy<Value = u64> {
+            prop_oneof![
+                0u64..64,
+                0u64..100_000,
+                (0u64..64).prop_map(|d| (1 << 63) + d),
+                (0u64..64).prop_map(|d| u64::MAX - d),
+                any::<u64>(),
+            ]
+        }
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Batch { boot: u64, seq: u64 },
+            Dropped { boot: u64, first: u64, last: u64 },
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            let boot = prop_oneof![0u64..4, any::<u64>()];
+            prop_oneof![
+                4 => (boot.clone(), seq()).prop_map(|(boot, seq)| Op::Batch { boot, seq }),
+                1 => (boot, seq(), seq()).prop_map(|(boot, first, last)| Op::Dropped { boot, first, last }),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn memory_stays_bounded_whatever_the_seqs(ops in prop::collection::vec(op(), 1..1000)) {
+                let mut t = Tracker::default();
+                for op in ops {
+                    match op {
+                        Op::Batch { boot, seq } => {
+                            t.batch("d", boot, seq, 1);
+                        }
+                        Op::Dropped { boot, first, last } => t.dropped(
+                            "d",
+                            &Dropped { boot_id: boot, first_seq: first, last_seq: last, batches: 1, records: 1 },
+                        ),
+                    }
+                    prop_assert!(t.streams.len() <= MAX_STREAMS);
+                    for s in t.streams.values() {
+                        prop_assert!(s.received.len() <= MAX_RANGES);
+                        prop_assert!(s.missing.len() <= MAX_RANGES);
+                        prop_assert!(s.dropped.len() <= MAX_RANGES);
+                    }
+                }
+                for a in t.accounts() {
+                    prop_assert!(a.unexplained.len() <= 2 * MAX_RANGES);
+                    prop_assert!(a.first_seq <= a.last_seq);
+                }
+            }
+
+            #[test]
+            fn verdicts_agree_with_a_set_of_seen_seqs(
+                ops in prop::collection::vec((0u64..3, 0u64..200), 1..300)
+            ) {
+                let mut t = Tracker::default();
+                let mut model: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+                let mut duplicates: BTreeMap<u64, u64> = BTreeMap::new();
+                for (boot, seq) in ops {
+                    let seen = model.entry(boot).or_default();
+                    let expected = match seen.last() {
+                        _ if seen.contains(&seq) => {
+                            *duplicates.entry(boot).or_default() += 1;
+                            Verdict::Duplicate
+                        }
+                        None => Verdict::New { gap: None, late: false },
+                        Some(&max) if seq > max => Verdict::New {
+                            gap: (seq > max + 1).then(|| (max + 1, seq - 1)),
+                            late: false,
+                        },
+                        Some(_) => Verdict::New { gap: None, late: true },
+                    };
+                    seen.insert(seq);
+                    prop_assert_eq!(t.batch("d", boot, seq, 2), expected, "boot {} seq {}", boot, seq);
+                }
+                let accounts = t.accounts();
+                prop_assert_eq!(accounts.len(), model.len());
+                for a in accounts {
+                    let seen = &model[&a.boot_id];
+                    let (first, last) = (*seen.first().unwrap(), *seen.last().unwrap());
+                    let holes: Vec<u64> = (first..=last).filter(|n| !seen.contains(n)).collect();
+                    let listed: Vec<u64> = a.unexplained.iter().flat_map(|&(x, y)| x..=y).collect();
+                    prop_assert_eq!(listed, holes.clone());
+                    prop_assert_eq!(a.unexplained_batches, holes.len() as u64);
+                    prop_assert_eq!((a.first_seq, a.last_seq), (first, last));
+                    prop_assert_eq!(a.batches, seen.len() as u64);
+                    prop_assert_eq!(a.records, 2 * seen.len() as u64);
+                    prop_assert_eq!(a.duplicates, duplicates.get(&a.boot_id).copied().unwrap_or(0));
+                    prop_assert_eq!(a.untracked, 0);
+                }
+            }
+        }
     }
 }

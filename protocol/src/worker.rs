@@ -13,6 +13,9 @@ use crate::abi::Level;
 /// Largest frame either side accepts; a larger length prefix means a broken peer.
 pub const MAX_FRAME: u32 = 4 * 1024 * 1024;
 
+/// What [`read_frame`] reserves before a body's bytes arrive.
+const FIRST_READ: usize = 64 * 1024;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ToWorker {
     V1(Request),
@@ -224,10 +227,21 @@ pub fn write_frame<T: Serialize>(out: &mut impl Write, message: &T) -> io::Resul
 /// Reads one frame; `Ok(None)` on a clean end of stream between frames.
 pub fn read_frame<T: DeserializeOwned>(input: &mut impl Read) -> io::Result<Option<T>> {
     let mut len = [0u8; 4];
-    match input.read_exact(&mut len) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
+    let mut have = 0;
+    while have < len.len() {
+        match input.read(&mut len[have..]) {
+            Ok(0) if have == 0 => return Ok(None),
+            // A peer that stops inside a length prefix is broken, not done.
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("frame length cut off after {have} of 4 bytes"),
+                ))
+            }
+            Ok(n) => have += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
     let len = u32::from_le_bytes(len);
     if len > MAX_FRAME {
@@ -236,8 +250,16 @@ pub fn read_frame<T: DeserializeOwned>(input: &mut impl Read) -> io::Result<Opti
             format!("frame of {len} bytes exceeds the {MAX_FRAME}-byte limit"),
         ));
     }
-    let mut body = vec![0u8; len as usize];
-    input.read_exact(&mut body)?;
+    // Grow with the bytes that actually arrive: a peer that declares 4 MiB and sends
+    // nothing costs nothing.
+    let mut body = Vec::with_capacity((len as usize).min(FIRST_READ));
+    input.take(u64::from(len)).read_to_end(&mut body)?;
+    if body.len() != len as usize {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("frame of {len} bytes ends after {}", body.len()),
+        ));
+    }
     postcard::from_bytes(&body)
         .map(Some)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad frame: {e}")))
@@ -272,6 +294,14 @@ mod tests {
         // A truncated body is an error, not a clean end.
         let mut r: &[u8] = &[8, 0, 0, 0, 0];
         assert!(read_frame::<ToWorker>(&mut r).is_err());
+    }
+
+    #[test]
+    fn a_stream_ending_inside_a_length_prefix_is_an_error_not_a_clean_end() {
+        let mut r: &[u8] = &[5, 0];
+        let err = read_frame::<ToWorker>(&mut r).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(err.to_string().contains("after 2 of 4 bytes"), "{err}");
     }
 
     /// Version 1 frames written by this release; later releases must keep decoding them.

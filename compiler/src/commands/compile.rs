@@ -6,8 +6,10 @@ use clap::Parser;
 
 use kiln_protocol::atomic::write_atomically;
 use kiln_protocol::manifest::{parse_memory_size, CompileSettings};
+use kiln_protocol::names::{self, Kind};
 
 use crate::aot::{self, AotError, CompileOptions};
+use crate::commands::valid_name;
 use crate::exit::{coded, Code};
 use crate::keyfile;
 use crate::targets::{self, ResolvedTarget};
@@ -77,6 +79,36 @@ pub struct CompileCommand {
 
 impl CompileCommand {
     pub fn execute(self) -> Result<()> {
+        // The name becomes a topic level and a file name on every device: refuse a bad
+        // one before any work is done.
+        let name = match &self.name {
+            Some(name) => {
+                valid_name(Kind::Module, name)?;
+                name.clone()
+            }
+            None => {
+                let stem = self
+                    .input
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .ok_or_else(|| {
+                        coded(
+                            Code::Usage,
+                            anyhow!(
+                                "cannot derive a module name from `{}`; pass --name",
+                                self.input.display()
+                            ),
+                        )
+                    })?;
+                names::check(Kind::Module, &stem).map_err(|e| {
+                    coded(
+                        Code::Usage,
+                        anyhow!("input `{}`: {e}; pass --name", self.input.display()),
+                    )
+                })?;
+                stem
+            }
+        };
         let profiles =
             targets::load(self.targets_dir.as_deref()).map_err(|e| coded(Code::InvalidInput, e))?;
         let target = ResolvedTarget::resolve(&self.target, &self.cpu_features, &profiles)
@@ -85,22 +117,6 @@ impl CompileCommand {
         let source = fs::read(&self.input)
             .with_context(|| format!("cannot read `{}`", self.input.display()))
             .map_err(|e| coded(Code::NoInput, e))?;
-        let name = match self.name {
-            Some(name) => name,
-            None => self
-                .input
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .ok_or_else(|| {
-                    coded(
-                        Code::Usage,
-                        anyhow!(
-                            "cannot derive a module name from `{}`; pass --name",
-                            self.input.display()
-                        ),
-                    )
-                })?,
-        };
         let opts = CompileOptions {
             target,
             name,

@@ -12,9 +12,11 @@ use kiln_protocol::fleet::{
 };
 use kiln_protocol::keys::{SecretKey, TrustedKeys};
 use kiln_protocol::manifest::{parse_memory_size, Manifest};
+use kiln_protocol::names::Kind;
 
 use crate::broker::{now_ms, BrokerArgs, Session};
 use crate::commands::compile::human_size;
+use crate::commands::valid_name;
 use crate::exit::{coded, Code};
 use crate::keyfile;
 
@@ -451,6 +453,9 @@ fn await_confirmation(
 
 impl PushCommand {
     pub fn execute(self) -> Result<()> {
+        let (device, group) = (self.device.as_deref(), self.group.as_deref());
+        device.map_or(Ok(()), |d| valid_name(Kind::Device, d))?;
+        group.map_or(Ok(()), |g| valid_name(Kind::Group, g))?;
         let release = self.release.load()?;
         let scope = match (self.device, self.group) {
             (Some(d), _) => Scope::Device(d),

@@ -4,9 +4,11 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Result};
 use clap::Parser;
 use kiln_protocol::fleet::{DesiredModule, Event, EventKind, ModuleState, Reported, Scope, Status};
+use kiln_protocol::names::Kind;
 
 use crate::broker::Session;
 use crate::commands::push::{prepare_desired, Release, ReleaseArgs};
+use crate::commands::valid_name;
 use crate::exit::{coded, Code};
 
 const AFTER_HELP: &str = "\
@@ -47,6 +49,7 @@ pub struct RolloutCommand {
 
 impl RolloutCommand {
     pub fn execute(self) -> Result<()> {
+        valid_name(Kind::Group, &self.group)?;
         let release = self.release.load()?;
         let topics = release.topics.clone();
         let unavailable = |e| coded(Code::Unavailable, e);

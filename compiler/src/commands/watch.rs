@@ -1,21 +1,25 @@
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use clap::Parser;
 use kiln_protocol::fleet::{Event as FleetEvent, EventKind};
+use kiln_protocol::names::{self, Kind};
 use kiln_protocol::telemetry::{self, Account, Batch, BatchV1, Body, Record, Tracker, Verdict};
 use rumqttc::{Client, Event, Packet, QoS};
 use serde_json::{json, Value};
 
 use crate::broker::{now_ms, BrokerArgs};
+use crate::commands::valid_name;
 use crate::exit::{coded, Code};
 
 const AFTER_HELP: &str = "\
 Every telemetry batch carries (device, boot_id, seq). watch shows each batch's records
 once, says when a seq is missing (a gap), arrives twice (a duplicate, not shown again)
 or was dropped by the device's full spool, and ends with a summary per device and boot.
-It exits 1 if a gap was never filled nor explained by a drop report.
+It exits 1 if a gap was never filled nor explained by a drop report. Text from devices
+is printed with control characters escaped (`\\u{1b}`), so none can drive the terminal.
 
 Examples:
   kiln watch
@@ -52,6 +56,9 @@ extern "C" fn interrupted(_: libc::c_int) {
 
 impl WatchCommand {
     pub fn execute(self) -> Result<()> {
+        if let Some(device) = &self.device {
+            valid_name(Kind::Device, device)?;
+        }
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe {
             libc::signal(libc::SIGINT, interrupted as *const () as libc::sighandler_t);
@@ -158,6 +165,14 @@ struct Output {
 
 impl Output {
     fn batch(&mut self, device: &str, payload: &[u8]) {
+        // The topic level names the tracker's account: a forged one must not be
+        // arbitrarily long.
+        if let Err(why) = names::check(Kind::Device, device) {
+            return self.note(
+                json!({ "kind": "invalid", "device": device, "why": why }),
+                format!("{device}: telemetry on a topic that names no device: {why}"),
+            );
+        }
         let batch = match Batch::decode(payload) {
             Ok(b) => b,
             Err(why) => {
@@ -188,6 +203,15 @@ impl Output {
                         batch.seq
                     ),
                 )
+            }
+            Verdict::Untracked => {
+                self.note(
+                    with(&ids, json!({ "kind": "untracked", "seq": batch.seq })),
+                    format!(
+                        "{device}: batch {} of boot {boot} is older than the seqs still tracked (maybe shown before)",
+                        batch.seq
+                    ),
+                );
             }
             Verdict::New { gap, late } => {
                 if let Some((first, last)) = gap {
@@ -222,9 +246,9 @@ impl Output {
                 v["device"] = json!(device);
                 v["boot_id"] = json!(format!("{:016x}", batch.boot_id));
                 v["seq"] = json!(batch.seq);
-                println!("{v}");
+                println!("{}", json_line(&v));
             } else {
-                println!("{}", line(device, record));
+                println!("{}", printable(&line(device, record)));
             }
         }
     }
@@ -260,20 +284,41 @@ impl Output {
         );
     }
 
-    /// Prints one account per device and boot; returns the count of unexplained gaps.
-    fn summary(&mut self) -> usize {
+    /// Prints one account per device and boot; returns the count of batches that
+    /// never arrived and were not reported dropped.
+    fn summary(&mut self) -> u64 {
         let accounts = self.tracker.accounts();
         for a in &accounts {
             self.note(account_json(a), account_line(a));
         }
-        accounts.iter().map(|a| a.unexplained.len()).sum()
+        let forgotten = self.tracker.forgotten();
+        if forgotten.streams > 0 {
+            self.note(
+                json!({
+                    "kind": "forgotten",
+                    "streams": forgotten.streams,
+                    "unexplained": forgotten.unexplained,
+                }),
+                format!(
+                    "forgot {} device boots (over {} at once), with {} batches missing",
+                    forgotten.streams,
+                    telemetry::MAX_STREAMS,
+                    forgotten.unexplained
+                ),
+            );
+        }
+        accounts.iter().fold(forgotten.unexplained, |n, a| {
+            n.saturating_add(a.unexplained_batches)
+        })
     }
 
+    /// The one place watch prints what it learned: everything in `json` and `line`
+    /// may have come from a device.
     fn note(&self, json: Value, line: String) {
         if self.json {
-            println!("{json}");
+            println!("{}", json_line(&json));
         } else {
-            println!("{line}");
+            println!("{}", printable(&line));
         }
     }
 }
@@ -297,14 +342,31 @@ fn account_json(a: &Account) -> Value {
         "duplicates": a.duplicates,
         "dropped": a.dropped,
         "unexplained": a.unexplained,
+        "unexplained_batches": a.unexplained_batches,
+        "untracked": a.untracked,
     })
 }
 
 fn account_line(a: &Account) -> String {
-    let missing = if a.unexplained.is_empty() {
+    let missing = if a.unexplained_batches == 0 {
         "none missing".to_string()
     } else {
-        format!("{} MISSING {:?}", a.unexplained.len(), a.unexplained)
+        let ranges: Vec<String> = a
+            .unexplained
+            .iter()
+            .map(|&(first, last)| {
+                if first == last {
+                    first.to_string()
+                } else {
+                    format!("{first}..={last}")
+                }
+            })
+            .collect();
+        format!("{} MISSING [{}]", a.unexplained_batches, ranges.join(", "))
+    };
+    let missing = match a.untracked {
+        0 => missing,
+        n => format!("{missing}, {n} times bookkeeping was cut short (too many ranges)"),
     };
     format!(
         "summary {} boot {:016x}: batches {}..={}, {} received ({} records), {} duplicates, {} dropped by the device, {missing}",
@@ -382,4 +444,81 @@ fn clock(at_ms: u64) -> String {
         day_ms / 1000 % 60,
         day_ms % 1000
     )
+}
+
+/// Text from a device made safe for a terminal: every control character (ESC starts
+/// escape sequences, CR rewrites the line, C1 codes act as ESC on some terminals) is
+/// shown as a `\u{..}` escape instead of being sent.
+fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    Cow::Owned(
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_unicode().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
+/// One JSON line. serde_json escapes U+0000..U+001F but passes DEL and the C1
+/// controls through raw; outside strings its output is ASCII punctuation, so any control
+/// character left is inside a string, where `\uXXXX` is a valid escape.
+fn json_line(v: &Value) -> String {
+    let text = v.to_string();
+    if !text.chars().any(char::is_control) {
+        return text;
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                format!("\\u{:04x}", c as u32)
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_text_reaches_the_terminal_without_control_characters() {
+        assert!(matches!(printable("temp 21.5 °C"), Cow::Borrowed(_)));
+        let shown = printable("ok\u{1b}]0;pwned\u{7}\r\u{9b}2Jx\ty");
+        assert_eq!(shown, "ok\\u{1b}]0;pwned\\u{7}\\u{d}\\u{9b}2Jx\\u{9}y");
+        assert!(!shown.chars().any(char::is_control));
+    }
+
+    #[test]
+    fn json_lines_carry_no_raw_control_characters_and_still_parse() {
+        let v = json!({ "line": "a\u{1b}[2J\u{7f}\u{85}b\n" });
+        let line = json_line(&v);
+        assert!(!line.chars().any(char::is_control), "{line}");
+        let back: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, v);
+    }
+
+    #[test]
+    fn every_record_kind_prints_escaped() {
+        let record = Record {
+            at_ms: 0,
+            module: Some("m\u{1b}[31m".into()),
+            body: Body::Log {
+                level: kiln_protocol::abi::Level::Info,
+                source: kiln_protocol::worker::LogSource::Abi,
+                line: "\u{1b}]52;c;ZXZpbA==\u{7}".into(),
+            },
+        };
+        let shown = printable(&line("dev\r", &record)).into_owned();
+        assert!(!shown.chars().any(char::is_control), "{shown}");
+        assert!(shown.contains("m\\u{1b}[31m"), "{shown}");
+    }
 }

@@ -1,0 +1,310 @@
+//! Writes the seed corpora under `fuzz/corpus/<target>/`: a few valid encodings of each
+//! message, so the fuzzer starts from inputs that get past the first check.
+//!
+//! `cargo run --example seeds` (from `fuzz/`); the output is committed.
+
+use std::fs;
+use std::path::Path;
+
+use kiln_protocol::abi::Level;
+use kiln_protocol::artifact;
+use kiln_protocol::fleet::{
+    ArtifactRef, Chunk, Desired, DesiredModule, DeviceFacts, Event, EventKind, ModuleLimits,
+    ModuleReport, ModuleState, Reported, ReportedV1, Scope, SignedDesired, Status, StatusV1,
+};
+use kiln_protocol::manifest::Manifest;
+use kiln_protocol::telemetry::{
+    Batch, BatchV1, Body, DeviceStats, Dropped, ModuleStats, Record, Started, Stopped,
+};
+use kiln_protocol::worker::{
+    self, Done, FromWorker, Limits, LogSource, Ready, Reply, Request, StartSpec, Stop, ToWorker,
+};
+use serde::Serialize;
+
+fn main() -> std::io::Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
+    let key = kiln_fuzz::key();
+    let write = |target: &str, name: &str, bytes: &[u8]| -> std::io::Result<()> {
+        let dir = root.join(target);
+        fs::create_dir_all(&dir)?;
+        fs::write(dir.join(name), bytes)
+    };
+
+    let payload = [0x5au8; 64];
+    let sealed = artifact::seal(&Manifest::example(&payload), &payload, &key)
+        .expect("the example manifest seals");
+    write("artifact", "example", &sealed)?;
+    write("artifact", "header-only", &sealed[..88])?;
+
+    let module = DesiredModule {
+        name: "sensor".into(),
+        version: 3,
+        artifact: ArtifactRef::of(&[7u8; 3000], 1024),
+        config: b"alpha=0.3".to_vec(),
+        limits: ModuleLimits {
+            tick_ms: Some(100),
+            memory_limit_pages: Some(16),
+            fuel_per_call: Some(1_000_000),
+            timeout_ms: Some(500),
+        },
+        allow_downgrade: false,
+        health_window_ms: 5000,
+    };
+    let device = Desired {
+        scope: Scope::Device("dev-01".into()),
+        serial: 7,
+        modules: vec![module.clone()],
+    };
+    let group = Desired {
+        scope: Scope::Group("lab".into()),
+        serial: 1,
+        modules: vec![],
+    };
+    write("desired", "device", &SignedDesired::sign(&device, &key))?;
+    write("desired", "group", &SignedDesired::sign(&group, &key))?;
+
+    let chunk = Chunk::V1 {
+        sha256: [0xab; 32],
+        index: 2,
+        data: vec![1, 2, 3, 4, 5, 6, 7, 8],
+    };
+    write("chunk", "small", &pc(&chunk))?;
+
+    let facts = DeviceFacts {
+        triple: "aarch64-unknown-linux-gnu".into(),
+        cpu_features: vec!["neon".into()],
+        kilnd: "0.1.0".into(),
+        wasmer: "7.4.2".into(),
+        kiln_abi: 1,
+        groups: vec!["lab".into(), "floor-2".into()],
+        boot_id: 0xfeed,
+    };
+    let online = Status::V1(StatusV1 {
+        device: "dev-01".into(),
+        online: true,
+        facts: Some(facts),
+    });
+    let offline = Status::V1(StatusV1 {
+        device: "dev-01".into(),
+        online: false,
+        facts: None,
+    });
+    write("status", "online", &pc(&online))?;
+    write("status", "offline", &pc(&offline))?;
+
+    let reported = Reported::V1(ReportedV1 {
+        serial: 7,
+        modules: vec![ModuleReport {
+            name: "sensor".into(),
+            version: 3,
+            sha256: [0xcd; 32],
+            state: ModuleState::Running,
+            last_event: "committed".into(),
+        }],
+    });
+    write("reported", "one-module", &pc(&reported))?;
+
+    let kinds = [
+        ("downloading", EventKind::Downloading { have: 1, total: 3 }),
+        ("committed", EventKind::Committed),
+        (
+            "rolled-back",
+            EventKind::RolledBack {
+                reason: "trap in kiln_tick".into(),
+            },
+        ),
+        (
+            "rejected",
+            EventKind::Rejected {
+                reason: "untrusted key".into(),
+            },
+        ),
+    ];
+    for (name, kind) in kinds {
+        let event = Event::V1(kiln_protocol::fleet::EventV1 {
+            at_ms: 1_700_000_000_000,
+            module: "sensor".into(),
+            version: 3,
+            kind,
+        });
+        write("event", name, &pc(&event))?;
+    }
+
+    let records = vec![
+        Body::Telemetry {
+            stream: "temp".into(),
+            data: b"21.5".to_vec(),
+        },
+        Body::Log {
+            level: Level::Warn,
+            source: LogSource::Stderr,
+            line: "sensor not ready".into(),
+        },
+        Body::Started(Started {
+            attempt: 1,
+            pid: 42,
+            version: 3,
+            command: false,
+            start_us: 1000,
+            verify_us: 100,
+            deserialize_us: 200,
+            instantiate_us: 300,
+            init_us: 400,
+            first_tick_us: Some(50),
+            fuel_used: Some(77),
+            memory_pages: 17,
+            rss_kib: Some(2048),
+        }),
+        Body::TickFailed { status: -1 },
+        Body::Stopped(Stopped {
+            reason: "trap".into(),
+            why: "trapped in kiln_tick: unreachable".into(),
+            exit_code: None,
+            uptime_ms: 1234,
+            peak_rss_kib: Some(4096),
+            crashes_in_window: 1,
+            restart_in_ms: Some(1000),
+        }),
+        Body::Failed {
+            crashes: 5,
+            window_s: 60,
+        },
+        Body::ModuleStats(ModuleStats {
+            cpu_ms: 10,
+            rss_kib: Some(1024),
+            memory_pages: 17,
+            calls: 100,
+            fuel_used: 5000,
+            traps: 1,
+            restarts: 1,
+        }),
+        Body::DeviceStats(DeviceStats {
+            uptime_s: 60,
+            load_milli: 250,
+            mem_available_kib: 100_000,
+            disk_free_kib: 1_000_000,
+            kilnd_rss_kib: 8000,
+            spool_batches: 2,
+            spool_bytes: 300,
+            dropped_batches: 3,
+            dropped_records: 30,
+            spool_appends: 9,
+            spool_append_us: 900,
+        }),
+        Body::Dropped(Dropped {
+            boot_id: 0xfeed,
+            first_seq: 2,
+            last_seq: 4,
+            batches: 3,
+            records: 30,
+        }),
+    ];
+    let batch = BatchV1 {
+        device: "dev-01".into(),
+        boot_id: 0xfeed,
+        seq: 9,
+        records: records
+            .into_iter()
+            .enumerate()
+            .map(|(n, body)| Record {
+                at_ms: 1_700_000_000_000 + n as u64,
+                module: (n % 2 == 0).then(|| "sensor".to_string()),
+                body,
+            })
+            .collect(),
+    };
+    write("telemetry_batch", "every-kind", &Batch::encode(&batch))?;
+    let empty = BatchV1 {
+        records: vec![],
+        ..batch
+    };
+    write("telemetry_batch", "empty", &Batch::encode(&empty))?;
+
+    // Tracker steps: 17 bytes each, a kind/boot byte then two u64 seqs.
+    let step = |kind_boot: u8, a: u64, b: u64| -> Vec<u8> {
+        [&[kind_boot][..], &a.to_le_bytes(), &b.to_le_bytes()].concat()
+    };
+    let in_order: Vec<u8> = (0..8).flat_map(|n| step(1, n, 0)).collect();
+    write("tracker", "in-order", &in_order)?;
+    let forged = [
+        step(1, 0, 0),
+        step(1, 1 << 63, 0),
+        step(0x81, 5, u64::MAX),
+        step(1, 3, 0),
+        step(2, u64::MAX, 0),
+    ]
+    .concat();
+    write("tracker", "forged", &forged)?;
+
+    let frames_from = [
+        FromWorker::V1(Reply::Ready(Ready {
+            name: "sensor".into(),
+            version: 3,
+            command: false,
+            ticks: true,
+            verify_us: 1,
+            deserialize_us: 2,
+            instantiate_us: 3,
+            init_us: 4,
+            memory_pages: 17,
+        })),
+        FromWorker::V1(Reply::Telemetry {
+            stream: "temp".into(),
+            data: b"21.5".to_vec(),
+        }),
+        FromWorker::V1(Reply::Log {
+            level: Level::Info,
+            source: LogSource::Abi,
+            line: "hello".into(),
+        }),
+        FromWorker::V1(Reply::Done(Done {
+            status: 0,
+            elapsed_us: 5,
+            fuel_used: Some(7),
+            memory_pages: 17,
+        })),
+        FromWorker::V1(Reply::Fatal(Stop::Trap {
+            call: "kiln_tick".into(),
+            message: "unreachable".into(),
+        })),
+    ];
+    write("worker_from", "session", &frames(&frames_from))?;
+    write("worker_from", "done", &frames(&frames_from[3..4]))?;
+
+    let frames_to = [
+        ToWorker::V1(Request::Start(Box::new(StartSpec {
+            artifact: "/var/lib/kilnd/modules/sensor/3.kiln".into(),
+            trusted_keys: vec![key.public().to_text()],
+            config: b"alpha=0.3".to_vec(),
+            limits: Limits {
+                memory_pages: Some(16),
+                fuel_per_call: Some(1000),
+            },
+            args: vec!["sensor".into()],
+            env: vec![("RUST_LOG".into(), "info".into())],
+            dirs: vec![("/var/lib/kilnd/data/sensor".into(), "/data".into())],
+        }))),
+        ToWorker::V1(Request::Tick),
+        ToWorker::V1(Request::Message {
+            topic: "sensor/cmd".into(),
+            data: vec![1, 2, 3],
+        }),
+        ToWorker::V1(Request::Run),
+    ];
+    write("worker_to", "session", &frames(&frames_to))?;
+    write("worker_to", "tick", &frames(&frames_to[1..2]))?;
+    Ok(())
+}
+
+fn frames<T: Serialize>(messages: &[T]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for m in messages {
+        worker::write_frame(&mut out, m).expect("writing to a Vec cannot fail");
+    }
+    out
+}
+
+/// One postcard message, as the broker carries it.
+fn pc<T: Serialize>(message: &T) -> Vec<u8> {
+    postcard::to_stdvec(message).expect("plain data encodes")
+}
