@@ -342,7 +342,7 @@ fn bad_desired_states_and_chunks_are_rejected_and_the_running_module_untouched()
     huge.len = kiln_protocol::fleet::MAX_ARTIFACT + 1;
     let oversized = Desired {
         scope: Scope::Device("dev-03".into()),
-        serial: 101,
+        serial: fresh_serial(),
         modules: vec![kiln_protocol::fleet::DesiredModule {
             name: "app".into(),
             version: 9,
@@ -742,7 +742,7 @@ fn oversized_retained_messages_are_reported_and_the_device_stays_connected() {
     let key = kiln_compiler::keyfile::read_secret(&shared().key()).unwrap();
     let desired = Desired {
         scope: Scope::Device("dev-big".into()),
-        serial: 50,
+        serial: fresh_serial(),
         modules: vec![kiln_protocol::fleet::DesiredModule {
             name: "app".into(),
             version: 2,
@@ -991,4 +991,14 @@ fn a_read_only_or_full_data_dir_refuses_updates_and_the_committed_module_runs_on
     std::fs::remove_file(filler).unwrap();
     watch.wait_committed(3, Duration::from_secs(30));
     assert_eq!(device.started_versions().last(), Some(&3));
+}
+
+/// A serial above any that `kiln push` has used so far (it never goes below the time in
+/// milliseconds).
+fn fresh_serial() -> u64 {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    ms + 60_000
 }

@@ -373,9 +373,10 @@ impl Chunk {
                 index,
                 data,
             } if sha256 == artifact.sha256 => Ok((index, data)),
-            Chunk::V1 { sha256, .. } => {
-                Err(format!("belongs to artifact {}", hex::encode(&sha256[..6])))
-            }
+            Chunk::V1 { sha256, index, .. } => Err(format!(
+                "carries chunk {index} of {}, not this one",
+                hex::encode(&sha256[..6])
+            )),
         }
     }
 }

@@ -11,7 +11,7 @@
 //! commit or a rollback. Anything that is no longer wanted is cancelled: a download, a
 //! trial, and a commit whose sha the newest desired state does not name.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use kiln_protocol::fleet::{
     ArtifactRef, Desired, DesiredModule, DeviceFacts, Event, EventKind, EventV1, ModuleReport,
@@ -200,6 +200,10 @@ pub struct Agent {
     /// What was last told to the supervisor and the broker, to say only changes.
     last_run: Option<BTreeMap<String, Installed>>,
     last_reported: Option<Vec<u8>>,
+    /// The highest serial of each save not yet answered, in order; and the highest
+    /// serial known to be on disk, which is what the reported state says was applied.
+    pending_saves: VecDeque<u64>,
+    saved_serial: u64,
     out: Vec<Effect>,
 }
 
@@ -218,7 +222,7 @@ impl Agent {
         state: Result<StateV1, String>,
         now_ms: u64,
     ) -> Self {
-        let (state, degraded) = match state {
+        let (state, degraded): (StateV1, _) = match state {
             Ok(s) => (s, None),
             Err(e) => (
                 StateV1::default(),
@@ -226,6 +230,7 @@ impl Agent {
             ),
         };
         let unreadable_state = degraded.is_some();
+        let saved_serial = state.serials.values().copied().max().unwrap_or(0);
         Self {
             device: device.into(),
             groups,
@@ -243,6 +248,8 @@ impl Agent {
             now_ms,
             last_run: None,
             last_reported: None,
+            pending_saves: VecDeque::new(),
+            saved_serial,
             out: Vec::new(),
         }
     }
@@ -839,7 +846,7 @@ impl Agent {
         }
         if self.degraded.is_some() && !self.unreadable_state {
             // Probe: a save that works ends degraded mode.
-            self.out.push(Effect::Save(self.state.clone()));
+            self.save();
         }
     }
 
@@ -896,8 +903,10 @@ impl Agent {
     }
 
     fn on_saved(&mut self, result: Result<(), String>) {
+        let serial = self.pending_saves.pop_front();
         match result {
             Ok(()) => {
+                self.saved_serial = self.saved_serial.max(serial.unwrap_or(0));
                 if self.degraded.take().is_some() && !self.unreadable_state {
                     tracing::info!("the data dir is writable again; updates resume");
                     self.reconcile();
@@ -956,8 +965,13 @@ impl Agent {
 
     fn save(&mut self) {
         if !self.unreadable_state {
+            self.pending_saves.push_back(self.serial());
             self.out.push(Effect::Save(self.state.clone()));
         }
+    }
+
+    fn serial(&self) -> u64 {
+        self.state.serials.values().copied().max().unwrap_or(0)
     }
 
     fn event_once(&mut self, module: &str, version: u64, kind: EventKind) {
@@ -1004,7 +1018,9 @@ impl Agent {
                 })
             })
             .collect();
-        let serial = self.state.serials.values().copied().max().unwrap_or(0);
+        // Only a serial that is on disk counts as applied: a device that cannot save
+        // does not confirm a push.
+        let serial = self.saved_serial;
         let bytes =
             postcard::to_stdvec(&Reported::V1(ReportedV1 { serial, modules })).unwrap_or_default();
         if self.last_reported.as_ref() != Some(&bytes) {
