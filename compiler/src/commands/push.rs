@@ -141,6 +141,37 @@ fn read_config(path: &Path) -> Result<Vec<u8>> {
 }
 
 impl Release {
+    /// An artifact already on the broker keeps the chunk size it went up with: chunk
+    /// topics are named by sha and index only, so chunks of another size would replace
+    /// them under the devices that are fetching them (whose signed desired state names
+    /// the old size), and those transfers could never finish.
+    fn keep_existing_chunking(&mut self, session: &mut Session) -> Result<()> {
+        let art = &self.module.artifact;
+        let topic = self.topics.chunk(&art.sha256, 0);
+        let retained = session
+            .retained(&topic)
+            .map_err(|e| coded(Code::Unavailable, e))?;
+        let Some(Ok(Chunk::V1 {
+            sha256,
+            index: 0,
+            data,
+        })) = retained.get(&topic).map(|p| postcard::from_bytes(p))
+        else {
+            return Ok(());
+        };
+        let existing = data.len() as u64;
+        if sha256 != art.sha256 || existing == 0 || existing == art.chunk_len(0) {
+            return Ok(()); // the same cut (or a single chunk either way)
+        }
+        let size = u32::try_from(existing).unwrap_or(art.chunk_size);
+        eprintln!(
+            "{}: already on the broker in chunks of {size} bytes; keeping that size",
+            self.label()
+        );
+        self.module.artifact = ArtifactRef::of(&self.bytes, size);
+        Ok(())
+    }
+
     pub fn label(&self) -> String {
         format!("{} v{}", self.manifest.name, self.manifest.version)
     }
@@ -153,7 +184,8 @@ impl Release {
     /// period: it belongs to the artifact, not to this push, and another push or
     /// rollout of the same artifact may still be between its chunks and its desired
     /// state. gc clears it once it is stale.
-    pub fn upload(&self, session: &mut Session) -> Result<usize> {
+    pub fn upload(&mut self, session: &mut Session) -> Result<usize> {
+        self.keep_existing_chunking(session)?;
         let art = &self.module.artifact;
         let marker = Upload::V1 {
             sha256: art.sha256,
@@ -456,7 +488,7 @@ impl PushCommand {
         let (device, group) = (self.device.as_deref(), self.group.as_deref());
         device.map_or(Ok(()), |d| valid_name(Kind::Device, d))?;
         group.map_or(Ok(()), |g| valid_name(Kind::Group, g))?;
-        let release = self.release.load()?;
+        let mut release = self.release.load()?;
         let scope = match (self.device, self.group) {
             (Some(d), _) => Scope::Device(d),
             (None, Some(g)) => Scope::Group(g),

@@ -50,7 +50,7 @@ pub struct RolloutCommand {
 impl RolloutCommand {
     pub fn execute(self) -> Result<()> {
         valid_name(Kind::Group, &self.group)?;
-        let release = self.release.load()?;
+        let mut release = self.release.load()?;
         let topics = release.topics.clone();
         let unavailable = |e| coded(Code::Unavailable, e);
         let mut session = self.release.broker.connect().map_err(unavailable)?;

@@ -173,6 +173,8 @@ struct World {
     last_reported: Option<Vec<u8>>,
     committed: BTreeMap<String, Option<[u8; 32]>>,
     starting: VecDeque<(String, Outcome)>,
+    /// As `kiln push` does; an older pusher cut an artifact again with another size.
+    keep_chunking: bool,
     steps: Vec<String>,
 }
 
@@ -201,6 +203,7 @@ impl World {
             last_reported: None,
             committed: BTreeMap::new(),
             starting: VecDeque::new(),
+            keep_chunking: true,
             steps: Vec::new(),
         };
         world.boot();
@@ -305,6 +308,8 @@ impl World {
         }
     }
 
+    /// Chunks as `kiln push` uploads them: an artifact already on the broker keeps
+    /// the chunk size it went up with.
     fn artifact(&mut self, module: &str, version: u64, kind: Kind, chunk: u32) -> DesiredModule {
         // The payload names the kind, so a crashy and a good v3 are different artifacts.
         let payload = format!("{module} v{version} {kind:?} native code").repeat(60);
@@ -322,6 +327,11 @@ impl World {
             &self.key
         };
         let bytes = seal(&manifest, payload.as_bytes(), key).expect("seal");
+        let sha = kiln_protocol::fleet::sha256(&bytes);
+        let chunk = match self.artifacts.get(&sha) {
+            Some(a) if self.keep_chunking => a.desired.artifact.chunk_size,
+            _ => chunk,
+        };
         let desired = DesiredModule {
             name: module.into(),
             version,
@@ -841,6 +851,7 @@ fn a_corrupt_stored_chunk_is_fetched_again_after_a_restart() {
 #[test]
 fn the_same_artifact_pushed_with_another_chunk_size_still_installs() {
     let mut w = World::new();
+    w.keep_chunking = false;
     w.apply(&Op::Push {
         group: false,
         module: 0,
