@@ -13,6 +13,7 @@
 //! fuel_per_call = 5000000      # needs an artifact compiled with --fuel
 //! timeout_ms = 1000            # wall-clock watchdog per call
 //! restart = { backoff_ms = 500, backoff_max_ms = 30000, max_crashes = 5, window_s = 300 }
+//! rate = { records_per_s = 2000, bytes_per_s = 262144, burst_ms = 1000 }  # publish + log
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -22,6 +23,7 @@ use std::time::Duration;
 use kiln_protocol::manifest::{parse_byte_size, parse_memory_size, Digest};
 use serde::Deserialize;
 
+use crate::daemon::rate::RateLimit;
 use crate::sandbox::wasi::DirMapping;
 
 #[derive(Debug, Deserialize)]
@@ -43,6 +45,9 @@ pub struct Config {
     pub mqtt: Option<MqttConfig>,
     /// How telemetry is batched and spooled (with `[mqtt]`).
     pub telemetry: Option<TelemetryConfig>,
+    /// Each module's rate limit by name (filled by `load`).
+    #[serde(skip)]
+    pub rates: BTreeMap<String, RateLimit>,
 }
 
 /// Telemetry goes to the broker in batches, each written to a bounded spool on disk
@@ -79,6 +84,9 @@ impl Default for TelemetryConfig {
         }
     }
 }
+
+/// The largest `batch_bytes`: the records of one batch under the link's bound.
+pub const MAX_BATCH_BYTES: u64 = crate::daemon::telemetry::RECORDS_BUDGET as u64;
 
 fn byte_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     #[derive(Deserialize)]
@@ -150,6 +158,10 @@ pub struct ModuleConfig {
     pub dirs: Vec<String>,
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// How fast the module may publish and log; beyond it records are dropped and
+    /// counted.
+    #[serde(default)]
+    pub rate: RateLimit,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -268,6 +280,7 @@ impl Config {
         }
         let mut names = BTreeSet::new();
         let mut plans = Vec::new();
+        let mut rates = BTreeMap::new();
         for m in &config.modules {
             let bad =
                 |why: String| format!("config `{file}`: module `{}`: {why}", m.artifact.display());
@@ -306,6 +319,8 @@ impl Config {
             if m.restart.max_crashes == 0 {
                 return Err(bad("restart.max_crashes must be at least 1".into()));
             }
+            m.rate.check().map_err(bad)?;
+            rates.insert(name.clone(), m.rate);
             let dirs = m
                 .dirs
                 .iter()
@@ -338,6 +353,7 @@ impl Config {
                 restart: m.restart,
             });
         }
+        config.rates = rates;
         if let Some(mqtt) = &mut config.mqtt {
             kiln_protocol::fleet::parse_broker(&mqtt.broker)
                 .map_err(|e| format!("config `{file}`: {e}"))?;
@@ -369,6 +385,12 @@ impl Config {
             if config.mqtt.is_none() {
                 return Err(format!(
                     "config `{file}`: [telemetry] needs [mqtt] to send it to"
+                ));
+            }
+            if t.batch_bytes > MAX_BATCH_BYTES {
+                return Err(format!(
+                    "config `{file}`: [telemetry] batch_bytes {} is above {MAX_BATCH_BYTES}, the most one batch can carry over the link",
+                    t.batch_bytes
                 ));
             }
             if t.batch_bytes == 0 || t.window == 0 || t.spool_limit < 4 * t.batch_bytes {

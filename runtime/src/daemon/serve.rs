@@ -5,24 +5,42 @@
 //! With `[mqtt]`, the same records go to the broker as telemetry batches, and the
 //! fleet agent follows the device's desired state, both over one connection.
 
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, Sender, SyncSender, TrySendError};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kiln_protocol::fleet::Topics;
-use kiln_protocol::telemetry::{self, Body, Record};
+use kiln_protocol::telemetry::{self, Body, Cause, Discarded, Record};
 
 use crate::daemon::config::{Config, ModulePlan, MqttConfig};
 use crate::daemon::fleet::{self, AgentIn};
 use crate::daemon::link;
+use crate::daemon::rate::RateLimit;
 use crate::daemon::supervisor::{self, Counters, Input, Supervised, WorkerCommand};
 use crate::daemon::telemetry::{Pipeline, TelemetryIn};
 use crate::exit::{Code, Failure};
+
+/// Records from every module's supervisor to the loop below. Supervisors put what a
+/// module publishes or logs only if there is room (else it is counted), and wait for
+/// room only for starts and stops; the loop itself never waits on anything but
+/// stdout, so the queue drains as fast as records can be printed.
+const RECORDS_QUEUE: usize = 1024;
+
+/// Records and acknowledgements for the telemetry pipeline. The loop below puts
+/// records only if there is room (else they are counted and reported); the link waits
+/// for room for an acknowledgement, of which there are at most a window's worth.
+const TELEMETRY_QUEUE: usize = 1024;
+
+/// Messages from the link and module events for the fleet agent. The link waits for
+/// room (a chunk must not be lost; the broker then waits on TCP); module events are
+/// put only if there is room, so a stuck agent cannot stall the records loop.
+const AGENT_QUEUE: usize = 64;
 
 /// Runs until every module has ended; fails if any module was marked failed.
 /// SIGHUP reloads the config: changed modules are swapped between calls, new ones
@@ -30,6 +48,7 @@ use crate::exit::{Code, Failure};
 pub fn serve(config_path: &Path) -> Result<i32, Failure> {
     let signals = Signals::block()?;
     let (config, plans) = Config::load(config_path).map_err(|e| Failure::new(Code::Config, e))?;
+    let rates = config.rates.clone();
     let trusted_keys = read_keys(&config)?;
     let exe = std::env::current_exe().map_err(|e| {
         Failure::new(
@@ -42,16 +61,17 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
         exe,
     };
 
-    let (sink, records) = mpsc::channel::<Record>();
+    let (sink, records) = mpsc::sync_channel::<Record>(RECORDS_QUEUE);
     let modules = Arc::new(Mutex::new(Modules {
         workers,
         trusted_keys,
         sink,
         local: Vec::new(),
+        rates: BTreeMap::new(),
         fleet: Vec::new(),
         running: HashMap::new(),
     }));
-    lock(&modules).set_local(plans);
+    lock(&modules).set_local(plans, rates);
     let mqtt = match (&config.mqtt, &config.device, &config.data_dir) {
         (Some(mqtt), Some(device), Some(data_dir)) => {
             Some(connect(&config, mqtt, device, data_dir, &modules)?)
@@ -65,6 +85,7 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
     let mut failed = 0;
     let mut stdout = std::io::stdout().lock();
     let print = config.telemetry.as_ref().is_none_or(|t| t.stdout);
+    let mut shed = Shed::default();
     loop {
         let record = match records.recv_timeout(Duration::from_millis(200)) {
             Ok(record) => record,
@@ -96,9 +117,13 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
                 Body::Started(_) | Body::Stopped(_) | Body::TickFailed { .. }
             ) && lock(&modules).is_fleet(&module)
             {
-                let _ = m.agent.send(AgentIn::Record(record.clone()));
+                if let Err(TrySendError::Full(_)) =
+                    m.agent.try_send(AgentIn::Record(record.clone()))
+                {
+                    tracing::warn!(%module, "the fleet agent's queue is full; a module event did not reach it");
+                }
             }
-            let _ = m.telemetry.send(TelemetryIn::Record(record));
+            shed.send(&m.telemetry, record);
         }
     }
     if let Some(m) = mqtt {
@@ -111,12 +136,66 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
     })
 }
 
+/// Records the telemetry queue had no room for, reported once a second as a
+/// `Discarded` count of kilnd's own when there is room again.
+#[derive(Default)]
+struct Shed {
+    records: u64,
+    bytes: u64,
+    reported: Option<Instant>,
+}
+
+impl Shed {
+    fn send(&mut self, telemetry: &SyncSender<TelemetryIn>, record: Record) {
+        let bytes = payload_len(&record.body);
+        if let Err(TrySendError::Full(_)) = telemetry.try_send(TelemetryIn::Record(record)) {
+            self.records += 1;
+            self.bytes += bytes;
+            return;
+        }
+        if self.records == 0
+            || self
+                .reported
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        let count = Record {
+            at_ms: supervisor::now_ms(),
+            module: None,
+            body: Body::Discarded(Discarded {
+                cause: Cause::Queue,
+                records: self.records,
+                bytes: self.bytes,
+            }),
+        };
+        if telemetry.try_send(TelemetryIn::Record(count)).is_ok() {
+            tracing::warn!(
+                records = self.records,
+                bytes = self.bytes,
+                "telemetry queue was full; records discarded"
+            );
+            self.reported = Some(Instant::now());
+            (self.records, self.bytes) = (0, 0);
+        }
+    }
+}
+
+/// Bytes a record carries for its module: telemetry data or a log line.
+fn payload_len(body: &Body) -> u64 {
+    match body {
+        Body::Telemetry { data, .. } => data.len() as u64,
+        Body::Log { line, .. } => line.len() as u64,
+        _ => 0,
+    }
+}
+
 /// The device's side of the broker: the fleet agent and the telemetry pipeline, on
 /// one connection.
 struct Mqtt {
-    agent: Sender<AgentIn>,
+    agent: SyncSender<AgentIn>,
     agent_thread: JoinHandle<()>,
-    telemetry: Sender<TelemetryIn>,
+    telemetry: SyncSender<TelemetryIn>,
 }
 
 impl Mqtt {
@@ -140,8 +219,8 @@ fn connect(
 ) -> Result<Mqtt, Failure> {
     let refused = |e: String| Failure::new(Code::Config, format!("device `{device}`: {e}"));
     let boot_id = crate::daemon::telemetry::new_boot_id();
-    let (agent_tx, agent_rx) = mpsc::channel();
-    let (telemetry_tx, telemetry_rx) = mpsc::channel();
+    let (agent_tx, agent_rx) = mpsc::sync_channel(AGENT_QUEUE);
+    let (telemetry_tx, telemetry_rx) = mpsc::sync_channel(TELEMETRY_QUEUE);
     let (to_agent, acks) = (agent_tx.clone(), telemetry_tx.clone());
     let link = link::connect(
         mqtt,
@@ -176,8 +255,7 @@ fn connect(
         Topics::new(&mqtt.prefix).telemetry(device),
         link,
         Box::new(move || lock(&sampled).sample()),
-    )
-    .map_err(refused)?;
+    );
     std::thread::spawn(move || pipeline.run(telemetry_rx));
     Ok(Mqtt {
         agent: agent_tx,
@@ -206,9 +284,11 @@ fn read_keys(config: &Config) -> Result<Vec<String>, Failure> {
 struct Modules {
     workers: WorkerCommand,
     trusted_keys: Vec<String>,
-    sink: Sender<Record>,
+    sink: SyncSender<Record>,
     /// From kilnd.toml, and from the fleet agent's desired state.
     local: Vec<ModulePlan>,
+    /// Rate limits of local modules by name, from kilnd.toml.
+    rates: BTreeMap<String, RateLimit>,
     fleet: Vec<ModulePlan>,
     running: HashMap<String, Running>,
 }
@@ -218,12 +298,25 @@ struct Running {
     input: SyncSender<Input>,
     thread: JoinHandle<()>,
     counters: Arc<Counters>,
+    rate: RateLimit,
 }
 
 impl Modules {
-    fn set_local(&mut self, plans: Vec<ModulePlan>) {
+    fn set_local(&mut self, plans: Vec<ModulePlan>, rates: BTreeMap<String, RateLimit>) {
         self.local = plans;
+        self.rates = rates;
         self.apply();
+    }
+
+    /// A local module's limit from kilnd.toml. A fleet module gets the defaults: the
+    /// desired state's wire format (`kiln_protocol::fleet`, postcard) cannot grow a
+    /// field that older devices would still decode, so a per-module rate for fleet
+    /// modules waits for its next version.
+    fn rate(&self, name: &str) -> RateLimit {
+        if self.is_fleet(name) {
+            return RateLimit::default();
+        }
+        self.rates.get(name).copied().unwrap_or_default()
     }
 
     fn set_fleet(&mut self, plans: Vec<ModulePlan>) {
@@ -253,20 +346,25 @@ impl Modules {
             }
         }
         for plan in plans {
+            let rate = self.rate(&plan.name);
             match self.running.get_mut(&plan.name) {
                 Some(r) if !r.thread.is_finished() => {
+                    if r.rate != rate {
+                        let _ = r.input.send(Input::Limit(rate));
+                        r.rate = rate;
+                    }
                     if r.plan != plan {
                         tracing::info!(module = %plan.name, "changed in the config; swapping");
                         let _ = r.input.send(Input::Swap(Box::new(plan.clone())));
                         r.plan = plan;
                     }
                 }
-                _ => self.start(plan),
+                _ => self.start(plan, rate),
             }
         }
     }
 
-    fn start(&mut self, plan: ModulePlan) {
+    fn start(&mut self, plan: ModulePlan, rate: RateLimit) {
         let (input, inbox) = supervisor::inbox();
         tracing::info!(module = %plan.name, artifact = %plan.artifact.display(), "supervising");
         let counters = Arc::new(Counters::default());
@@ -275,6 +373,7 @@ impl Modules {
             trusted_keys: self.trusted_keys.clone(),
             inbox,
             counters: counters.clone(),
+            rate,
         };
         let (workers, sink) = (self.workers.clone(), self.sink.clone());
         let thread = std::thread::spawn(move || supervisor::supervise(module, workers, sink));
@@ -285,6 +384,7 @@ impl Modules {
                 input,
                 thread,
                 counters,
+                rate,
             },
         );
     }
@@ -368,9 +468,9 @@ impl Signals {
             }
             if sig == libc::SIGHUP {
                 match Config::load(config_path) {
-                    Ok((_, plans)) => {
+                    Ok((config, plans)) => {
                         tracing::info!(config = %config_path.display(), "reloading");
-                        lock(modules).set_local(plans);
+                        lock(modules).set_local(plans, config.rates);
                     }
                     Err(e) => tracing::error!("reload refused, keeping what runs: {e}"),
                 }

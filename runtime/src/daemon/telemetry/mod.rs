@@ -8,6 +8,13 @@
 //! When the spool is full the oldest batches that are not in flight are dropped, and
 //! the batch being sealed carries a `Dropped` record naming them, so a consumer can
 //! tell a drop from a loss.
+//!
+//! Every batch fits what the link sends: sealing splits the open records over as many
+//! batches as it takes to keep each under `telemetry::MAX_BATCH`, and a record that
+//! could not fit alone becomes a `Discarded` count. A spool that cannot be opened or
+//! written (a read-only remount, a full disk) does not stop kilnd: batches are then
+//! published without it, counted as `Discarded` (cause `unspooled`), and the spool is
+//! tried again at each stats interval.
 
 pub mod spool;
 
@@ -16,7 +23,10 @@ use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-use kiln_protocol::telemetry::{coalesce, Batch, BatchV1, Body, DeviceStats, Dropped, Record};
+use kiln_protocol::telemetry::{
+    coalesce, split, Batch, BatchV1, Body, Cause, DeviceStats, Discarded, Dropped, Record,
+    MAX_RECORD,
+};
 
 use crate::daemon::config::TelemetryConfig;
 use crate::daemon::link::{Delivery, Link};
@@ -53,12 +63,21 @@ pub struct Pipeline {
     totals: Totals,
 }
 
+/// Room kept in every batch for the drop reports sealing may add to it (coalesced
+/// ranges: a handful, 40 bytes each).
+const DROP_REPORT_ROOM: usize = 16 * 1024;
+
+/// The bound on the records of one sealed batch.
+pub const RECORDS_BUDGET: usize = MAX_RECORD - DROP_REPORT_ROOM;
+
 #[derive(Default)]
 struct Totals {
     dropped_batches: u64,
     dropped_records: u64,
     appends: u64,
     append_us: u64,
+    /// Batches published without the spool since the last report: (records, bytes).
+    unspooled: (u64, u64),
 }
 
 /// Where the spool lives under the data dir.
@@ -75,13 +94,9 @@ impl Pipeline {
         topic: String,
         link: Link,
         sample: SampleFn,
-    ) -> Result<Self, String> {
+    ) -> Self {
         let dir = spool_dir(&data_dir);
-        let (spool, removed) = Spool::open(dir.clone(), settings.spool_limit)
-            .map_err(|e| format!("cannot use the telemetry spool `{}`: {e}", dir.display()))?;
-        if !removed.is_empty() {
-            tracing::warn!(files = ?removed, "removed spool files that were not whole batches");
-        }
+        let spool = Spool::open_or_degraded(dir, settings.spool_limit);
         let (batches, bytes) = spool.depth();
         if batches > 0 {
             tracing::info!(
@@ -91,7 +106,7 @@ impl Pipeline {
             );
         }
         let stats_every = Duration::from_secs(settings.stats_s);
-        Ok(Self {
+        Self {
             settings,
             device: device.into(),
             boot_id,
@@ -107,7 +122,7 @@ impl Pipeline {
             in_flight: BTreeSet::new(),
             next_stats: Instant::now() + stats_every,
             totals: Totals::default(),
-        })
+        }
     }
 
     pub fn run(mut self, rx: Receiver<TelemetryIn>) {
@@ -134,6 +149,7 @@ impl Pipeline {
             }
             if self.settings.stats_s > 0 && Instant::now() >= self.next_stats {
                 self.next_stats += Duration::from_secs(self.settings.stats_s);
+                self.spool.retry();
                 for r in (self.sample)() {
                     self.push(r);
                 }
@@ -171,14 +187,35 @@ impl Pipeline {
         }
     }
 
-    /// Seals the open batch into the spool, making room first if the bound asks for it.
+    /// Seals the open records into as many batches as keep each under the link's
+    /// bound, each into the spool.
     fn seal(&mut self) {
         if self.open.is_empty() {
             return;
         }
-        let mut records = std::mem::take(&mut self.open);
-        let estimate = self.open_bytes + 128;
+        let records = std::mem::take(&mut self.open);
         self.open_bytes = 0;
+        for run in split(records, RECORDS_BUDGET) {
+            self.seal_one(run);
+        }
+        let (records, bytes) = std::mem::take(&mut self.totals.unspooled);
+        if records > 0 {
+            // Goes out with the next batch.
+            self.push(Record {
+                at_ms: now_ms(),
+                module: None,
+                body: Body::Discarded(Discarded {
+                    cause: Cause::Unspooled,
+                    records,
+                    bytes,
+                }),
+            });
+        }
+    }
+
+    /// Seals one batch into the spool, making room first if the bound asks for it.
+    fn seal_one(&mut self, mut records: Vec<Record>) {
+        let estimate = records.iter().map(Record::encoded_len).sum::<usize>() as u64 + 128;
         let victims = self.spool.room_for(estimate, &self.in_flight);
         let mut drops = Vec::new();
         for index in &victims {
@@ -231,6 +268,8 @@ impl Pipeline {
             Err(e) => {
                 // No disk: send it anyway; it is lost only if the broker is away too.
                 tracing::error!(seq = batch.seq, error = %e, "cannot spool telemetry; publishing it unspooled");
+                self.totals.unspooled.0 += batch.records.len() as u64;
+                self.totals.unspooled.1 += bytes.len() as u64;
                 self.link.publish(self.topic.clone(), false, bytes);
             }
         }
@@ -245,6 +284,19 @@ impl Pipeline {
         let room = self.settings.window.saturating_sub(self.in_flight.len());
         for index in self.spool.unsent(&self.in_flight, room) {
             match self.spool.read(index) {
+                // Written by a kilnd without the bound: the link would refuse it and
+                // drop the connection over it, again and again.
+                Ok(bytes) if !self.link.fits(&self.topic, bytes.len()) => {
+                    tracing::error!(
+                        index,
+                        bytes = bytes.len(),
+                        "a spooled batch is over the link's packet limit; dropping it"
+                    );
+                    if let Some(e) = self.spool.remove(index) {
+                        self.totals.dropped_batches += 1;
+                        self.totals.dropped_records += e.records;
+                    }
+                }
                 Ok(bytes) => {
                     if !self.link.publish_tracked(self.topic.clone(), bytes, index) {
                         return;
