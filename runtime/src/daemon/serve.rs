@@ -23,7 +23,7 @@ use crate::daemon::fleet::{self, AgentIn};
 use crate::daemon::link;
 use crate::daemon::rate::RateLimit;
 use crate::daemon::supervisor::{self, Counters, Input, Supervised, WorkerCommand};
-use crate::daemon::telemetry::{Pipeline, TelemetryIn};
+use crate::daemon::telemetry::{Deliveries, Pipeline, TelemetryIn};
 use crate::exit::{Code, Failure};
 
 /// Records from every module's supervisor to the loop below. Supervisors put what a
@@ -32,9 +32,9 @@ use crate::exit::{Code, Failure};
 /// stdout, so the queue drains as fast as records can be printed.
 const RECORDS_QUEUE: usize = 1024;
 
-/// Records and acknowledgements for the telemetry pipeline. The loop below puts
-/// records only if there is room (else they are counted and reported); the link waits
-/// for room for an acknowledgement, of which there are at most a window's worth.
+/// Records for the telemetry pipeline. The loop below puts records only if there is
+/// room (else they are counted and reported). Acknowledgements do not queue here
+/// (see `telemetry::Deliveries`): the link thread must never wait.
 const TELEMETRY_QUEUE: usize = 1024;
 
 /// Messages from the link and module events for the fleet agent. The link waits for
@@ -222,13 +222,17 @@ fn connect(
     let (agent_tx, agent_rx) = mpsc::sync_channel(AGENT_QUEUE);
     let (telemetry_tx, telemetry_rx) = mpsc::sync_channel(TELEMETRY_QUEUE);
     let (to_agent, acks) = (agent_tx.clone(), telemetry_tx.clone());
+    let deliveries = Deliveries::default();
+    let delivered = deliveries.clone();
     let link = link::connect(
         mqtt,
         device,
         fleet::last_will(mqtt, device),
         move |event| to_agent.send(AgentIn::Link(event)).is_ok(),
         move |delivery| {
-            let _ = acks.send(TelemetryIn::Delivery(delivery));
+            lock(&delivered).push_back(delivery);
+            // A full queue wakes the pipeline anyway.
+            let _ = acks.try_send(TelemetryIn::Delivered);
         },
     )
     .map_err(refused)?;
@@ -253,7 +257,7 @@ fn connect(
         boot_id,
         data_dir.to_path_buf(),
         Topics::new(&mqtt.prefix).telemetry(device),
-        link,
+        (link, deliveries),
         Box::new(move || lock(&sampled).sample()),
     );
     std::thread::spawn(move || pipeline.run(telemetry_rx));
@@ -428,8 +432,8 @@ impl Modules {
     }
 }
 
-fn lock(modules: &Mutex<Modules>) -> MutexGuard<'_, Modules> {
-    modules.lock().unwrap_or_else(|e| e.into_inner())
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Set once SIGTERM or SIGINT asked every module to stop: the exit is then clean.

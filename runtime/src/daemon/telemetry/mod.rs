@@ -18,9 +18,10 @@
 
 pub mod spool;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kiln_protocol::telemetry::{
@@ -36,11 +37,18 @@ use spool::{Entry, Spool};
 
 pub enum TelemetryIn {
     Record(Record),
-    /// The broker acknowledged (or the connection lost) the batch at a spool index.
-    Delivery(Delivery),
+    /// The link put deliveries in the shared [`Deliveries`] list.
+    Delivered,
     /// Seal what is open, give in-flight batches a moment, then answer and end.
     Finish(Sender<()>),
 }
+
+/// What the broker acknowledged (or the connection lost), by spool index. The link
+/// thread must never wait on the pipeline (it would stop polling the connection,
+/// and the pipeline may itself be waiting for rumqttc), so deliveries go in this
+/// list rather than the bounded queue; it holds at most one entry per tracked
+/// publish, so at most `window` entries.
+pub type Deliveries = Arc<Mutex<VecDeque<Delivery>>>;
 
 /// Module stats records, sampled by whoever knows the modules.
 pub type SampleFn = Box<dyn Fn() -> Vec<Record> + Send>;
@@ -51,6 +59,7 @@ pub struct Pipeline {
     boot_id: u64,
     topic: String,
     link: Link,
+    deliveries: Deliveries,
     spool: Spool,
     sample: SampleFn,
     data_dir: PathBuf,
@@ -92,7 +101,7 @@ impl Pipeline {
         boot_id: u64,
         data_dir: PathBuf,
         topic: String,
-        link: Link,
+        (link, deliveries): (Link, Deliveries),
         sample: SampleFn,
     ) -> Self {
         let dir = spool_dir(&data_dir);
@@ -112,6 +121,7 @@ impl Pipeline {
             boot_id,
             topic,
             link,
+            deliveries,
             spool,
             sample,
             data_dir,
@@ -138,7 +148,7 @@ impl Pipeline {
             }
             match rx.recv_timeout(until.saturating_duration_since(now)) {
                 Ok(TelemetryIn::Record(r)) => self.push(r),
-                Ok(TelemetryIn::Delivery(d)) => self.delivered(d),
+                Ok(TelemetryIn::Delivered) => {}
                 Ok(TelemetryIn::Finish(done)) => {
                     self.finish(&rx);
                     let _ = done.send(());
@@ -147,6 +157,7 @@ impl Pipeline {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return self.seal(),
             }
+            self.take_deliveries();
             if self.settings.stats_s > 0 && Instant::now() >= self.next_stats {
                 self.next_stats += Duration::from_secs(self.settings.stats_s);
                 self.spool.retry();
@@ -172,6 +183,13 @@ impl Pipeline {
         }
         self.open_bytes += record.body.size_hint() as u64;
         self.open.push(record);
+    }
+
+    fn take_deliveries(&mut self) {
+        let taken = std::mem::take(&mut *self.deliveries.lock().unwrap_or_else(|e| e.into_inner()));
+        for d in taken {
+            self.delivered(d);
+        }
     }
 
     fn delivered(&mut self, delivery: Delivery) {
@@ -318,17 +336,17 @@ impl Pipeline {
         while let Ok(input) = rx.try_recv() {
             match input {
                 TelemetryIn::Record(r) => self.push(r),
-                TelemetryIn::Delivery(d) => self.delivered(d),
-                TelemetryIn::Finish(_) => {}
+                TelemetryIn::Delivered | TelemetryIn::Finish(_) => {}
             }
         }
+        self.take_deliveries();
         self.seal();
         self.publish();
         let deadline = Instant::now() + Duration::from_secs(2);
         while !self.in_flight.is_empty() {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(TelemetryIn::Delivery(d)) => {
-                    self.delivered(d);
+                Ok(TelemetryIn::Delivered) => {
+                    self.take_deliveries();
                     self.publish();
                 }
                 Ok(_) => {}
