@@ -14,7 +14,7 @@
 //! assert!(b.admit(10, t0 + Duration::from_millis(100)), "refilled by one record");
 //! ```
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
@@ -111,6 +111,24 @@ impl Bucket {
         }
     }
 
+    /// How long from `now` until a record of `bytes` would be admitted (zero if it
+    /// would be now; `Duration::MAX` for a record larger than the byte bucket holds).
+    pub fn wait(&self, bytes: usize, now: Instant) -> Duration {
+        if bytes as u64 > self.limit.burst_bytes() {
+            return Duration::MAX;
+        }
+        let mut b = self.clone();
+        b.refill(now);
+        let need = bytes as u128 * SCALE;
+        let records_us = SCALE
+            .saturating_sub(b.records)
+            .div_ceil(u128::from(self.limit.records_per_s));
+        let bytes_us = need
+            .saturating_sub(b.bytes)
+            .div_ceil(u128::from(self.limit.bytes_per_s));
+        Duration::from_micros(records_us.max(bytes_us).min(u128::from(u64::MAX)) as u64)
+    }
+
     fn refill(&mut self, now: Instant) {
         let us = now.saturating_duration_since(self.last).as_micros();
         if us == 0 {
@@ -129,7 +147,6 @@ impl Bucket {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::time::Duration;
 
     #[test]
     fn a_1khz_sensor_stays_under_the_defaults() {
@@ -176,6 +193,13 @@ mod tests {
                 let mut probe = b.clone();
                 probe.refill(now);
                 let covered = probe.records >= SCALE && probe.bytes >= bytes as u128 * SCALE;
+                let wait = b.wait(bytes, now);
+                prop_assert_eq!(wait.is_zero(), covered);
+                if !covered && bytes as u64 <= limit.burst_bytes() {
+                    // Waiting as long as it says is enough.
+                    let mut later = b.clone();
+                    prop_assert!(later.admit(bytes, now + wait), "wait {:?}", wait);
+                }
                 let ok = b.admit(bytes, now);
                 prop_assert_eq!(ok, covered, "before {:?}", before);
                 if ok {

@@ -22,7 +22,7 @@ use crate::daemon::config::{Config, ModulePlan, MqttConfig};
 use crate::daemon::fleet::{self, AgentIn};
 use crate::daemon::link;
 use crate::daemon::rate::RateLimit;
-use crate::daemon::supervisor::{self, Counters, Input, Supervised, WorkerCommand};
+use crate::daemon::supervisor::{self, Counters, Input, Queued, Slot, Supervised, WorkerCommand};
 use crate::daemon::telemetry::{Deliveries, Pipeline, TelemetryIn};
 use crate::exit::{Code, Failure};
 
@@ -30,12 +30,12 @@ use crate::exit::{Code, Failure};
 /// module publishes or logs only if there is room (else it is counted), and wait for
 /// room only for starts and stops; the loop itself never waits on anything but
 /// stdout, so the queue drains as fast as records can be printed.
-const RECORDS_QUEUE: usize = 1024;
+const RECORDS_QUEUE: usize = 4096;
 
 /// Records for the telemetry pipeline. The loop below puts records only if there is
 /// room (else they are counted and reported). Acknowledgements do not queue here
 /// (see `telemetry::Deliveries`): the link thread must never wait.
-const TELEMETRY_QUEUE: usize = 1024;
+const TELEMETRY_QUEUE: usize = 4096;
 
 /// Messages from the link and module events for the fleet agent. The link waits for
 /// room (a chunk must not be lost; the broker then waits on TCP); module events are
@@ -61,7 +61,7 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
         exe,
     };
 
-    let (sink, records) = mpsc::sync_channel::<Record>(RECORDS_QUEUE);
+    let (sink, records) = mpsc::sync_channel::<Queued>(RECORDS_QUEUE);
     let modules = Arc::new(Mutex::new(Modules {
         workers,
         trusted_keys,
@@ -83,12 +83,14 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
     std::thread::spawn(move || signals.serve(&path, &control));
 
     let mut failed = 0;
-    let mut stdout = std::io::stdout().lock();
-    let print = config.telemetry.as_ref().is_none_or(|t| t.stdout);
+    let mut stdout = Printer::new(
+        config.telemetry.as_ref().is_none_or(|t| t.stdout),
+        mqtt.is_some(),
+    );
     let mut shed = Shed::default();
     loop {
-        let record = match records.recv_timeout(Duration::from_millis(200)) {
-            Ok(record) => record,
+        let (record, slot) = match records.recv_timeout(Duration::from_millis(200)) {
+            Ok(queued) => queued,
             Err(RecvTimeoutError::Timeout) => {
                 // With a broker, the device waits for desired state until stopped.
                 let stopped = mqtt.is_none() || STOPPED.load(Ordering::SeqCst);
@@ -106,11 +108,7 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
         if matches!(record.body, Body::Failed { .. }) {
             failed += 1;
         }
-        if print {
-            // Nobody may read our reports any more; keep supervising regardless.
-            let _ =
-                writeln!(stdout, "{}", telemetry::to_json(&record)).and_then(|()| stdout.flush());
-        }
+        stdout.print(&record);
         if let Some(m) = &mqtt {
             if matches!(
                 record.body,
@@ -123,17 +121,97 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
                     tracing::warn!(%module, "the fleet agent's queue is full; a module event did not reach it");
                 }
             }
-            shed.send(&m.telemetry, record);
+            shed.send(&m.telemetry, record, slot);
         }
     }
     if let Some(m) = mqtt {
         m.stop();
     }
+    stdout.finish();
     Ok(if failed > 0 && !STOPPED.load(Ordering::SeqCst) {
         Code::ModuleFailed as i32
     } else {
         0
     })
+}
+
+/// Lines printed on stdout and not yet written.
+const PRINT_QUEUE: usize = 1024;
+
+/// kilnd's JSON lines on stdout. With a broker, stdout is a copy for people (the
+/// journal), and a slow reader must not stall the records loop and with it every
+/// module: lines go through a bounded queue to a thread that writes them, and lines
+/// that find it full are counted and reported on stderr. Without a broker stdout is
+/// the only way records leave, so it is written directly: a slow reader slows kilnd
+/// down rather than losing records.
+enum Printer {
+    Off,
+    Direct(std::io::StdoutLock<'static>),
+    Queued {
+        lines: SyncSender<String>,
+        writer: JoinHandle<()>,
+        dropped: u64,
+        reported: Option<Instant>,
+    },
+}
+
+impl Printer {
+    fn new(print: bool, broker: bool) -> Self {
+        if !print {
+            return Self::Off;
+        }
+        if !broker {
+            return Self::Direct(std::io::stdout().lock());
+        }
+        let (lines, queue) = mpsc::sync_channel::<String>(PRINT_QUEUE);
+        let writer = std::thread::spawn(move || {
+            let mut stdout = std::io::stdout().lock();
+            for line in queue {
+                // Nobody may read our reports any more; keep supervising regardless.
+                let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
+            }
+        });
+        Self::Queued {
+            lines,
+            writer,
+            dropped: 0,
+            reported: None,
+        }
+    }
+
+    /// Writes what is queued before kilnd exits.
+    fn finish(self) {
+        if let Self::Queued { lines, writer, .. } = self {
+            drop(lines);
+            let _ = writer.join();
+        }
+    }
+
+    fn print(&mut self, record: &Record) {
+        match self {
+            Self::Off => {}
+            Self::Direct(stdout) => {
+                let _ = writeln!(stdout, "{}", telemetry::to_json(record))
+                    .and_then(|()| stdout.flush());
+            }
+            Self::Queued {
+                lines,
+                dropped,
+                reported,
+                ..
+            } => {
+                let line = telemetry::to_json(record).to_string();
+                if let Err(TrySendError::Full(_)) = lines.try_send(line) {
+                    *dropped += 1;
+                }
+                if *dropped > 0 && reported.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    tracing::warn!(lines = *dropped, "stdout is not keeping up; JSON lines not printed (the broker still gets them)");
+                    *reported = Some(Instant::now());
+                    *dropped = 0;
+                }
+            }
+        }
+    }
 }
 
 /// Records the telemetry queue had no room for, reported once a second as a
@@ -146,9 +224,10 @@ struct Shed {
 }
 
 impl Shed {
-    fn send(&mut self, telemetry: &SyncSender<TelemetryIn>, record: Record) {
+    /// The record keeps its claim on its module's share until the pipeline has it.
+    fn send(&mut self, telemetry: &SyncSender<TelemetryIn>, record: Record, slot: Option<Slot>) {
         let bytes = payload_len(&record.body);
-        if let Err(TrySendError::Full(_)) = telemetry.try_send(TelemetryIn::Record(record)) {
+        if let Err(TrySendError::Full(_)) = telemetry.try_send(TelemetryIn::Record(record, slot)) {
             self.records += 1;
             self.bytes += bytes;
             return;
@@ -169,7 +248,7 @@ impl Shed {
                 bytes: self.bytes,
             }),
         };
-        if telemetry.try_send(TelemetryIn::Record(count)).is_ok() {
+        if telemetry.try_send(TelemetryIn::Record(count, None)).is_ok() {
             tracing::warn!(
                 records = self.records,
                 bytes = self.bytes,
@@ -288,7 +367,7 @@ fn read_keys(config: &Config) -> Result<Vec<String>, Failure> {
 struct Modules {
     workers: WorkerCommand,
     trusted_keys: Vec<String>,
-    sink: SyncSender<Record>,
+    sink: SyncSender<Queued>,
     /// From kilnd.toml, and from the fleet agent's desired state.
     local: Vec<ModulePlan>,
     /// Rate limits of local modules by name, from kilnd.toml.

@@ -8,7 +8,7 @@ use std::cell::RefCell;
 use std::io::{BufReader, BufWriter};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -30,6 +30,16 @@ use crate::sandbox::capture::bound_line;
 /// stops reading, the pipe fills, and the worker blocks in its next `publish`: the
 /// backpressure lands on that module alone. Frames are at most `worker::MAX_FRAME`.
 const FRAME_QUEUE: usize = 8;
+
+/// What one module may have in the queues between its supervisor and the telemetry
+/// pipeline at once (records, and their payload bytes). The queues are shared by all
+/// modules; this share is what keeps a module that bursts from filling them for the
+/// others: its records beyond the share are its own loss, counted as `queue-full`.
+const SHARE_RECORDS: usize = 256;
+const SHARE_BYTES: usize = 16 * MAX_PUBLISH;
+
+/// Longest pause after a record over the rate limit (see `Reporter::data`).
+const MAX_PAUSE: Duration = Duration::from_millis(100);
 
 /// How often a module's discard counts are reported, at most.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
@@ -84,6 +94,32 @@ impl Counters {
     }
 }
 
+/// How much of its share a module is using.
+#[derive(Debug, Default)]
+struct Share {
+    records: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+/// A queued record's claim on its module's share, given back when the record leaves
+/// the last queue (when this is dropped).
+#[derive(Debug)]
+pub struct Slot {
+    share: Arc<Share>,
+    bytes: usize,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.share.records.fetch_sub(1, Relaxed);
+        self.share.bytes.fetch_sub(self.bytes, Relaxed);
+    }
+}
+
+/// A record on its way to the records loop, with its claim on the module's share
+/// (none for starts, stops and counts, which do not count against it).
+pub type Queued = (Record, Option<Slot>);
+
 /// A message for a module's `kiln_on_message`: topic and bytes.
 pub type Message = (String, Vec<u8>);
 
@@ -137,8 +173,9 @@ pub struct Supervised {
 /// supervisor thread uses it.
 pub struct Reporter {
     name: String,
-    sink: SyncSender<Record>,
+    sink: SyncSender<Queued>,
     counters: Arc<Counters>,
+    share: Arc<Share>,
     state: RefCell<ReportState>,
 }
 
@@ -152,7 +189,7 @@ struct ReportState {
 impl Reporter {
     pub fn new(
         name: String,
-        sink: SyncSender<Record>,
+        sink: SyncSender<Queued>,
         counters: Arc<Counters>,
         rate: RateLimit,
     ) -> Self {
@@ -160,6 +197,7 @@ impl Reporter {
             name,
             sink,
             counters,
+            share: Arc::default(),
             state: RefCell::new(ReportState {
                 bucket: Bucket::new(rate, Instant::now()),
                 pending: Vec::new(),
@@ -179,17 +217,37 @@ impl Reporter {
     /// A start, a stop, a failure: rare, and the fleet agent acts on them, so they
     /// wait for room in the queue.
     pub fn event(&self, body: Body) {
-        let _ = self.sink.send(self.record(body));
+        let _ = self.sink.send((self.record(body), None));
     }
 
     /// What the module published or logged: within its rate, and only if the queue
     /// has room, so a flood never blocks this thread or the other modules' ones.
     fn data(&self, body: Body, bytes: usize) {
-        let admitted = self.state.borrow_mut().bucket.admit(bytes, Instant::now());
+        let now = Instant::now();
+        let admitted = self.state.borrow_mut().bucket.admit(bytes, now);
         if !admitted {
-            return self.discard(Cause::RateLimit, 1, bytes as u64);
+            self.discard(Cause::RateLimit, 1, bytes as u64);
+            // Dropping costs a frame read and decoded; a module publishing in a tight
+            // loop would keep a core busy on it, starving kilnd's other threads. So
+            // the supervisor stops reading until the bucket would take a record: the
+            // pipe fills and the module waits in its own `publish`.
+            let pause = self.state.borrow().bucket.wait(bytes, now).min(MAX_PAUSE);
+            std::thread::sleep(pause);
+            return;
         }
-        match self.sink.try_send(self.record(body)) {
+        let share = &self.share;
+        if share.records.load(Relaxed) >= SHARE_RECORDS
+            || share.bytes.load(Relaxed) + bytes > SHARE_BYTES
+        {
+            return self.discard(Cause::Queue, 1, bytes as u64);
+        }
+        share.records.fetch_add(1, Relaxed);
+        share.bytes.fetch_add(bytes, Relaxed);
+        let slot = Slot {
+            share: share.clone(),
+            bytes,
+        };
+        match self.sink.try_send((self.record(body), Some(slot))) {
             Ok(()) | Err(TrySendError::Disconnected(_)) => self.flush(false),
             Err(TrySendError::Full(_)) => self.discard(Cause::Queue, 1, bytes as u64),
         }
@@ -227,9 +285,12 @@ impl Reporter {
         while let Some(d) = state.pending.first().copied() {
             let record = self.record(Body::Discarded(d));
             let sent = if wait {
-                self.sink.send(record).is_ok()
+                self.sink.send((record, None)).is_ok()
             } else {
-                !matches!(self.sink.try_send(record), Err(TrySendError::Full(_)))
+                !matches!(
+                    self.sink.try_send((record, None)),
+                    Err(TrySendError::Full(_))
+                )
             };
             if !sent {
                 break;
@@ -245,7 +306,7 @@ impl Reporter {
 }
 
 /// Keeps `module` running until it ends cleanly, is stopped, or is marked failed.
-pub fn supervise(mut module: Supervised, workers: WorkerCommand, sink: SyncSender<Record>) {
+pub fn supervise(mut module: Supervised, workers: WorkerCommand, sink: SyncSender<Queued>) {
     let name = module.plan.name.clone();
     let reporter = Reporter::new(name.clone(), sink, module.counters.clone(), module.rate);
     let report = |body: Body| reporter.event(body);

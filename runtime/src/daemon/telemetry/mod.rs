@@ -32,11 +32,12 @@ use kiln_protocol::telemetry::{
 use crate::daemon::config::TelemetryConfig;
 use crate::daemon::link::{Delivery, Link};
 use crate::daemon::procfs;
-use crate::daemon::supervisor::now_ms;
+use crate::daemon::supervisor::{now_ms, Slot};
 use spool::{Entry, Spool};
 
 pub enum TelemetryIn {
-    Record(Record),
+    /// A record, holding its module's share of the queues until it is here.
+    Record(Record, Option<Slot>),
     /// The link put deliveries in the shared [`Deliveries`] list.
     Delivered,
     /// Seal what is open, give in-flight batches a moment, then answer and end.
@@ -147,7 +148,7 @@ impl Pipeline {
                 until = until.min(self.opened_at + Duration::from_millis(self.settings.batch_ms));
             }
             match rx.recv_timeout(until.saturating_duration_since(now)) {
-                Ok(TelemetryIn::Record(r)) => self.push(r),
+                Ok(TelemetryIn::Record(r, _slot)) => self.push(r),
                 Ok(TelemetryIn::Delivered) => {}
                 Ok(TelemetryIn::Finish(done)) => {
                     self.finish(&rx);
@@ -335,7 +336,7 @@ impl Pipeline {
     fn finish(&mut self, rx: &Receiver<TelemetryIn>) {
         while let Ok(input) = rx.try_recv() {
             match input {
-                TelemetryIn::Record(r) => self.push(r),
+                TelemetryIn::Record(r, _slot) => self.push(r),
                 TelemetryIn::Delivered | TelemetryIn::Finish(_) => {}
             }
         }
@@ -389,4 +390,112 @@ pub fn new_boot_id() -> u64 {
         return now_ms() ^ (std::process::id() as u64) << 40;
     }
     u64::from_le_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_protocol::abi::Level;
+    use kiln_protocol::names::MAX_NAME;
+    use kiln_protocol::telemetry::MAX_BATCH;
+    use kiln_protocol::worker::LogSource;
+    use proptest::prelude::*;
+
+    fn record(kind: u8, size: usize, n: u64) -> Record {
+        let body = match kind {
+            0 => Body::Telemetry {
+                stream: "s".repeat(MAX_NAME),
+                data: vec![0xa5; size],
+            },
+            1 => Body::Log {
+                level: Level::Info,
+                source: LogSource::Stdout,
+                line: "é".repeat(size / 2),
+            },
+            _ => Body::TickFailed { status: -1 },
+        };
+        Record {
+            at_ms: u64::MAX - n,
+            module: Some("m".repeat(MAX_NAME)),
+            body,
+        }
+    }
+
+    /// A batch as `seal_one` makes it: the records of one run, the drop reports the
+    /// spool may add, the longest device id and the largest numbers.
+    fn batch(records: Vec<Record>) -> Vec<u8> {
+        let mut records = records;
+        for i in 0..100 {
+            records.push(Record {
+                at_ms: u64::MAX,
+                module: None,
+                body: Body::Dropped(Dropped {
+                    boot_id: u64::MAX - i,
+                    first_seq: u64::MAX,
+                    last_seq: u64::MAX,
+                    batches: u64::MAX,
+                    records: u64::MAX,
+                }),
+            });
+        }
+        Batch::encode(&BatchV1 {
+            device: "d".repeat(MAX_NAME),
+            boot_id: u64::MAX,
+            seq: u64::MAX,
+            records,
+        })
+    }
+
+    #[test]
+    fn a_full_run_with_its_drop_reports_fits_the_link() {
+        // Records of the largest kind until the budget is spent.
+        let records: Vec<Record> = (0..40).map(|n| record(0, 64 * 1024, n)).collect();
+        let runs = split(records, RECORDS_BUDGET);
+        assert!(runs.len() > 1);
+        for run in runs {
+            let bytes = batch(run);
+            assert!(bytes.len() <= MAX_BATCH, "{} bytes", bytes.len());
+            assert!(Batch::decode(&bytes).is_ok());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Whatever the records: every run fits the budget (so every batch the link's
+        /// bound), order is kept, and every record is in exactly one run, as itself
+        /// or, when it could not fit alone, as a count of one for its module.
+        #[test]
+        fn sealing_keeps_every_batch_under_the_bound_and_accounts_for_every_record(
+            budget in 300usize..40_000,
+            specs in prop::collection::vec((0u8..3, 0usize..50_000), 0..60),
+        ) {
+            let records: Vec<Record> = specs
+                .iter()
+                .enumerate()
+                .map(|(n, (kind, size))| record(*kind, *size, n as u64))
+                .collect();
+            let runs = split(records.clone(), budget);
+            let mut out = Vec::new();
+            for run in &runs {
+                prop_assert!(!run.is_empty());
+                let used: usize = run.iter().map(Record::encoded_len).sum();
+                prop_assert!(used <= budget, "a run of {} bytes over {}", used, budget);
+                out.extend(run.iter().cloned());
+            }
+            prop_assert_eq!(out.len(), records.len());
+            for (sent, original) in out.iter().zip(&records) {
+                if original.encoded_len() <= budget {
+                    prop_assert_eq!(sent, original);
+                } else {
+                    let Body::Discarded(d) = &sent.body else {
+                        panic!("an oversized record was neither sent nor counted: {sent:?}");
+                    };
+                    prop_assert_eq!(d.cause, Cause::Oversized);
+                    prop_assert_eq!(d.records, 1);
+                    prop_assert_eq!(&sent.module, &original.module);
+                }
+            }
+        }
+    }
 }
