@@ -477,6 +477,43 @@ restart = { backoff_ms = 100, max_crashes = 3 }
     }
 
     #[test]
+    fn a_batch_the_link_cannot_carry_is_refused_in_one_line() {
+        let mqtt = "device = \"d\"\ndata_dir = \"/tmp/d\"\ntrust = [\"k.pub\"]\n[mqtt]\nbroker = \"mqtt://h\"\n";
+        let big = format!("{mqtt}[telemetry]\nbatch_bytes = 1048576\nspool_limit = \"64MiB\"\n");
+        let err = load_config(&big).unwrap_err();
+        assert!(
+            err.contains("batch_bytes 1048576 is above") && !err.contains('\n'),
+            "{err}"
+        );
+        let most = format!(
+            "{mqtt}[telemetry]\nbatch_bytes = {MAX_BATCH_BYTES}\nspool_limit = \"64MiB\"\n"
+        );
+        assert!(load_config(&most).is_ok());
+    }
+
+    #[test]
+    fn rates_are_per_module_with_defaults() {
+        let (config, _) = load_config(
+            "trust = [\"k.pub\"]\n[[module]]\nartifact = \"a.kiln\"\nrate = { records_per_s = 50, bytes_per_s = 100000 }\n[[module]]\nartifact = \"b.kiln\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.rates["a"],
+            RateLimit {
+                records_per_s: 50,
+                bytes_per_s: 100_000,
+                burst_ms: 1000
+            }
+        );
+        assert_eq!(config.rates["b"], RateLimit::default());
+        let err = load("trust = [\"k.pub\"]\n[[module]]\nartifact = \"a.kiln\"\nrate = { bytes_per_s = 1000 }\n").unwrap_err();
+        assert!(
+            err.contains("module `a.kiln`: rate allows a burst of 1000 bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn backoff_doubles_up_to_the_cap() {
         let p = RestartPolicy {
             backoff_ms: 100,
