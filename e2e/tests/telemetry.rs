@@ -644,3 +644,50 @@ fn flooding_modules_only_hurt_themselves() {
         all.healthy_per_s
     );
 }
+
+/// Issue 12: a spool that cannot be opened (here a file where its directory should
+/// be; a read-only remount does the same) used to make `serve` exit 81 and stop the
+/// local modules too. Now kilnd says so, keeps running, and telemetry goes out
+/// unspooled, counted.
+#[test]
+fn a_spool_that_cannot_be_opened_degrades_instead_of_stopping_kilnd() {
+    let broker = Broker::start();
+    let mut watch = Watcher::start(&broker, "unspooled");
+    let counter = shared().artifact("fixtures/counter.wat", "x86_64-linux");
+    let mut device = FleetDevice::new("x86_64-linux", "unspooled-01", &broker);
+    std::fs::create_dir_all(device.dir.join("data")).unwrap();
+    std::fs::write(spool_dir(&device), b"not a directory").unwrap();
+    device.mqtt_extra = format!(
+        "[telemetry]\nbatch_ms = 100\n[[module]]\nname = \"counter\"\nartifact = {:?}\nconfig = \"5\"\ntick_ms = 20\n",
+        path_str(&counter)
+    );
+    device.start(None);
+    let unspooled = || {
+        watch
+            .of_kind("discarded")
+            .iter()
+            .filter(|v| v["cause"] == "unspooled")
+            .map(|v| v["records"].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    eventually(
+        Duration::from_secs(60),
+        || watch.counters().len() > 200 && unspooled() > 100,
+        || {
+            format!(
+                "{} counter records, {} counted unspooled\n{}",
+                watch.counters().len(),
+                unspooled(),
+                device.stderr()
+            )
+        },
+    );
+    assert!(
+        device.stderr().contains("cannot use the telemetry spool"),
+        "{}",
+        device.stderr()
+    );
+    device.stop();
+    let (code, _) = watch.stop();
+    assert_eq!(code, Some(0), "{}", watch.stderr());
+}
