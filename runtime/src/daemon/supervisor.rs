@@ -300,6 +300,15 @@ impl Reporter {
         }
     }
 
+    fn checked(&self, checked: Checked) {
+        if let Some((cause, bytes)) = checked.discard {
+            self.discard(cause, 1, bytes);
+        }
+        if let Some((body, bytes)) = checked.forward {
+            self.data(body, bytes);
+        }
+    }
+
     fn set_rate(&self, rate: RateLimit) {
         self.state.borrow_mut().bucket.set(rate);
     }
@@ -605,36 +614,20 @@ impl Worker {
             };
             match frame.map_err(|e| Stop::Lost(format!("broken frame from the worker: {e}")))? {
                 Reply::Telemetry { stream, data } => {
-                    if names::check(Kind::Stream, &stream).is_err() {
-                        reporter.discard(Cause::Invalid, 1, data.len() as u64);
-                    } else if data.len() > MAX_PUBLISH {
-                        reporter.discard(Cause::Oversized, 1, data.len() as u64);
-                    } else {
-                        let bytes = data.len();
-                        reporter.data(Body::Telemetry { stream, data }, bytes);
-                    }
+                    let checked = check(Body::Telemetry { stream, data });
+                    reporter.checked(checked);
                 }
                 Reply::Log {
                     level,
                     source,
                     line,
                 } => {
-                    let (line, cut) = match bound_line(&line) {
-                        (_, 0) => (line, 0),
-                        bounded => bounded,
-                    };
-                    if cut > 0 {
-                        reporter.discard(Cause::Oversized, 1, cut);
-                    }
-                    let bytes = line.len();
-                    reporter.data(
-                        Body::Log {
-                            level,
-                            source,
-                            line,
-                        },
-                        bytes,
-                    );
+                    let checked = check(Body::Log {
+                        level,
+                        source,
+                        line,
+                    });
+                    reporter.checked(checked);
                 }
                 Reply::Fatal(stop) => return Err(stop),
                 other => return Ok(other),
@@ -666,6 +659,61 @@ impl Worker {
 
     fn gone(&self, why: String) -> Stop {
         Stop::Lost(why)
+    }
+}
+
+/// A record frame checked against the ABI's bounds again: what goes on (with its
+/// payload size), and what was cut or dropped (cause, payload bytes).
+#[derive(Debug, PartialEq)]
+struct Checked {
+    forward: Option<(Body, usize)>,
+    discard: Option<(Cause, u64)>,
+}
+
+fn check(body: Body) -> Checked {
+    match body {
+        Body::Telemetry { stream, data } => {
+            let size = data.len() as u64;
+            let discard = if names::check(Kind::Stream, &stream).is_err() {
+                Some((Cause::Invalid, size))
+            } else if data.len() > MAX_PUBLISH {
+                Some((Cause::Oversized, size))
+            } else {
+                None
+            };
+            let bytes = data.len();
+            let forward = match discard {
+                None => Some((Body::Telemetry { stream, data }, bytes)),
+                Some(_) => None,
+            };
+            Checked { forward, discard }
+        }
+        Body::Log {
+            level,
+            source,
+            line,
+        } => {
+            let (line, cut) = match bound_line(&line) {
+                (_, 0) => (line, 0),
+                bounded => bounded,
+            };
+            let bytes = line.len();
+            Checked {
+                forward: Some((
+                    Body::Log {
+                        level,
+                        source,
+                        line,
+                    },
+                    bytes,
+                )),
+                discard: (cut > 0).then_some((Cause::Oversized, cut)),
+            }
+        }
+        other => Checked {
+            forward: Some((other, 0)),
+            discard: None,
+        },
     }
 }
 
@@ -783,4 +831,48 @@ pub fn now_ms() -> u64 {
 /// supervisor's memory.
 pub fn inbox() -> (SyncSender<Input>, Receiver<Input>) {
     mpsc::sync_channel(64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_protocol::abi::{Level, MAX_LOG};
+    use kiln_protocol::worker::LogSource;
+
+    #[test]
+    fn frames_out_of_the_abis_bounds_are_cut_or_dropped_and_counted() {
+        let telemetry = |stream: &str, n: usize| Body::Telemetry {
+            stream: stream.into(),
+            data: vec![1; n],
+        };
+        let ok = check(telemetry("temp", MAX_PUBLISH));
+        assert_eq!(ok.discard, None);
+        assert_eq!(ok.forward.unwrap().1, MAX_PUBLISH);
+        for (stream, n, cause) in [
+            ("temp", MAX_PUBLISH + 1, Cause::Oversized),
+            ("a/b", 3, Cause::Invalid),
+            ("#", 3, Cause::Invalid),
+            ("", 3, Cause::Invalid),
+        ] {
+            let dropped = check(telemetry(stream, n));
+            assert_eq!(dropped.forward, None, "{stream}");
+            assert_eq!(dropped.discard, Some((cause, n as u64)), "{stream}");
+        }
+        let long = check(Body::Log {
+            level: Level::Info,
+            source: LogSource::Abi,
+            line: "x".repeat(3 << 20),
+        });
+        let (Body::Log { line, .. }, bytes) = long.forward.unwrap() else {
+            panic!("a log line stays a log line");
+        };
+        assert!(line.len() <= MAX_LOG && bytes == line.len());
+        let (cause, cut) = long.discard.unwrap();
+        assert_eq!(cause, Cause::Oversized);
+        assert!(
+            line.ends_with(&format!(" [cut: {cut} bytes]")),
+            "{}",
+            &line[4000..]
+        );
+    }
 }
