@@ -609,6 +609,36 @@ mod tests {
         assert_eq!(a.unexplained, vec![3], "1 was dropped, 2 came late");
     }
 
+    /// New record kinds are appended: every earlier kind keeps its tag, so batches
+    /// spooled or retained by an older kilnd still decode.
+    #[test]
+    fn discarded_is_appended_after_every_earlier_kind() {
+        let tag = |body: Body| postcard::to_stdvec(&body).unwrap()[0];
+        assert_eq!(tag(Body::TickFailed { status: 0 }), 3);
+        let dropped = Dropped {
+            boot_id: 1,
+            first_seq: 0,
+            last_seq: 0,
+            batches: 1,
+            records: 1,
+        };
+        assert_eq!(tag(Body::Dropped(dropped)), 8);
+        let discarded = Body::Discarded(Discarded {
+            cause: Cause::RateLimit,
+            records: 3,
+            bytes: 300,
+        });
+        assert_eq!(tag(discarded.clone()), 9);
+        let record = Record {
+            at_ms: 5,
+            module: Some("flood".into()),
+            body: discarded,
+        };
+        let bytes = postcard::to_stdvec(&record).unwrap();
+        assert_eq!(postcard::from_bytes::<Record>(&bytes).unwrap(), record);
+        assert_eq!(record.encoded_len(), bytes.len());
+    }
+
     #[test]
     fn drop_ranges_of_one_boot_merge() {
         let d = |boot_id, first_seq, last_seq| Dropped {
