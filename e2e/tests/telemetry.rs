@@ -495,7 +495,8 @@ fn next_to_flooders(id: &str, flooders: &[(&str, &str)], secs: u64) -> Flooded {
     for (name, fixture) in flooders {
         let artifact = shared().artifact(fixture, target);
         modules += &format!(
-            "[[module]]\nname = {name:?}\nartifact = {:?}\ntick_ms = 10\ntimeout_ms = 60000\n",
+            // The default watchdog (1 s per call): pacing a flooder must not trip it.
+            "[[module]]\nname = {name:?}\nartifact = {:?}\ntick_ms = 10\n",
             path_str(&artifact)
         );
     }
@@ -568,6 +569,11 @@ fn next_to_flooders(id: &str, flooders: &[(&str, &str)], secs: u64) -> Flooded {
     assert!(
         peak_rss_kib < RSS_BOUND_KIB,
         "kilnd peaked at {peak_rss_kib} KiB"
+    );
+    let stops: Vec<Value> = watch.of_kind("stopped");
+    assert!(
+        stops.iter().all(|v| v["reason"] == "stopped"),
+        "no module was stopped but by the SIGTERM: {stops:?}"
     );
     assert!(
         discarded.iter().all(|d| d.0 != "counter"),

@@ -184,6 +184,9 @@ struct ReportState {
     /// Discards not yet reported, by cause.
     pending: Vec<Discarded>,
     reported: Instant,
+    /// Pausing a flooding module is kilnd's doing, not the module's: it may take at
+    /// most the first half of the call's time limit, never push it into its watchdog.
+    pause_until: Option<Instant>,
 }
 
 impl Reporter {
@@ -202,6 +205,7 @@ impl Reporter {
                 bucket: Bucket::new(rate, Instant::now()),
                 pending: Vec::new(),
                 reported: Instant::now(),
+                pause_until: None,
             }),
         }
     }
@@ -231,7 +235,12 @@ impl Reporter {
             // loop would keep a core busy on it, starving kilnd's other threads. So
             // the supervisor stops reading until the bucket would take a record: the
             // pipe fills and the module waits in its own `publish`.
-            let pause = self.state.borrow().bucket.wait(bytes, now).min(MAX_PAUSE);
+            let state = self.state.borrow();
+            let mut pause = state.bucket.wait(bytes, now).min(MAX_PAUSE);
+            if let Some(until) = state.pause_until {
+                pause = pause.min(until.saturating_duration_since(now));
+            }
+            drop(state);
             std::thread::sleep(pause);
             return;
         }
@@ -298,6 +307,12 @@ impl Reporter {
             tracing::warn!(module = %self.name, cause = d.cause.as_str(), records = d.records, bytes = d.bytes, "records discarded");
             state.pending.remove(0);
         }
+    }
+
+    /// A call starts that must end by `deadline`, `limit` after it started.
+    fn call_started(&self, deadline: Option<Instant>, limit: Option<Duration>) {
+        self.state.borrow_mut().pause_until =
+            deadline.zip(limit).and_then(|(d, l)| d.checked_sub(l / 2));
     }
 
     fn checked(&self, checked: Checked) {
@@ -588,6 +603,7 @@ impl Worker {
         limit: Option<Duration>,
         reporter: &Reporter,
     ) -> Result<Reply, Stop> {
+        reporter.call_started(deadline, limit);
         loop {
             let frame = match deadline {
                 Some(d) => match self
