@@ -67,13 +67,31 @@ impl Link {
         topic.len() <= usize::from(u16::MAX) && len + PUBLISH_OVERHEAD <= MAX_PACKET
     }
 
+    /// Publishes with QoS 1 if rumqttc takes it at once, untracked; false if its queue
+    /// is full (the broker is away and rumqttc holds all it may).
+    pub fn publish_now(&self, topic: String, payload: Vec<u8>) -> bool {
+        self.send_within(topic, false, payload, None, 1)
+    }
+
     fn send(&self, topic: String, retain: bool, payload: Vec<u8>, tag: Option<u64>) -> bool {
+        self.send_within(topic, retain, payload, tag, 400)
+    }
+
+    /// `attempts` tries, 5 ms apart.
+    fn send_within(
+        &self,
+        topic: String,
+        retain: bool,
+        payload: Vec<u8>,
+        tag: Option<u64>,
+        attempts: usize,
+    ) -> bool {
         if !self.fits(&topic, payload.len()) {
             tracing::error!(%topic, bytes = payload.len(), limit = MAX_PACKET, "not publishing a message over the packet limit");
             return false;
         }
         let mut request = (topic, payload);
-        for _ in 0..400 {
+        for _ in 0..attempts {
             // The tag is queued under the same lock as the publish, so the event loop
             // (which takes this lock to pair packet ids) sees them in the same order.
             let mut tags = lock(&self.tags);

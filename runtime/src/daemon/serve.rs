@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -135,8 +135,10 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
     })
 }
 
-/// Lines printed on stdout and not yet written.
+/// Lines printed on stdout and not yet written, and their bytes (a 64 KiB record of
+/// binary data is a line of up to 384 KiB of JSON).
 const PRINT_QUEUE: usize = 1024;
+const PRINT_BYTES: usize = 4 * 1024 * 1024;
 
 /// kilnd's JSON lines on stdout. With a broker, stdout is a copy for people (the
 /// journal), and a slow reader must not stall the records loop and with it every
@@ -150,6 +152,7 @@ enum Printer {
     Queued {
         lines: SyncSender<String>,
         writer: JoinHandle<()>,
+        queued_bytes: Arc<AtomicUsize>,
         dropped: u64,
         reported: Option<Instant>,
     },
@@ -164,16 +167,20 @@ impl Printer {
             return Self::Direct(std::io::stdout().lock());
         }
         let (lines, queue) = mpsc::sync_channel::<String>(PRINT_QUEUE);
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let written = queued_bytes.clone();
         let writer = std::thread::spawn(move || {
             let mut stdout = std::io::stdout().lock();
             for line in queue {
                 // Nobody may read our reports any more; keep supervising regardless.
                 let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
+                written.fetch_sub(line.len(), Ordering::Relaxed);
             }
         });
         Self::Queued {
             lines,
             writer,
+            queued_bytes,
             dropped: 0,
             reported: None,
         }
@@ -196,13 +203,21 @@ impl Printer {
             }
             Self::Queued {
                 lines,
+                queued_bytes,
                 dropped,
                 reported,
                 ..
             } => {
                 let line = telemetry::to_json(record).to_string();
-                if let Err(TrySendError::Full(_)) = lines.try_send(line) {
+                let len = line.len();
+                if queued_bytes.load(Ordering::Relaxed) + len > PRINT_BYTES {
                     *dropped += 1;
+                } else {
+                    queued_bytes.fetch_add(len, Ordering::Relaxed);
+                    if let Err(TrySendError::Full(_)) = lines.try_send(line) {
+                        queued_bytes.fetch_sub(len, Ordering::Relaxed);
+                        *dropped += 1;
+                    }
                 }
                 if *dropped > 0 && reported.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                     tracing::warn!(lines = *dropped, "stdout is not keeping up; JSON lines not printed (the broker still gets them)");

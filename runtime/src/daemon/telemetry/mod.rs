@@ -88,6 +88,8 @@ struct Totals {
     append_us: u64,
     /// Batches published without the spool since the last report: (records, bytes).
     unspooled: (u64, u64),
+    /// Batches neither spooled nor taken by rumqttc since the last report.
+    unsent: (u64, u64),
 }
 
 /// Where the spool lives under the data dir.
@@ -217,18 +219,23 @@ impl Pipeline {
         for run in split(records, RECORDS_BUDGET) {
             self.seal_one(run);
         }
-        let (records, bytes) = std::mem::take(&mut self.totals.unspooled);
-        if records > 0 {
-            // Goes out with the next batch.
-            self.push(Record {
-                at_ms: now_ms(),
-                module: None,
-                body: Body::Discarded(Discarded {
-                    cause: Cause::Unspooled,
-                    records,
-                    bytes,
-                }),
+        for cause in [Cause::Unspooled, Cause::Queue] {
+            let (records, bytes) = std::mem::take(match cause {
+                Cause::Unspooled => &mut self.totals.unspooled,
+                _ => &mut self.totals.unsent,
             });
+            if records > 0 {
+                // Goes out with the next batch.
+                self.push(Record {
+                    at_ms: now_ms(),
+                    module: None,
+                    body: Body::Discarded(Discarded {
+                        cause,
+                        records,
+                        bytes,
+                    }),
+                });
+            }
         }
     }
 
@@ -286,10 +293,17 @@ impl Pipeline {
             }
             Err(e) => {
                 // No disk: send it anyway; it is lost only if the broker is away too.
+                // Without waiting: with the broker away too, rumqttc's queue fills,
+                // and what it cannot take is lost (and counted) rather than held.
                 tracing::error!(seq = batch.seq, error = %e, "cannot spool telemetry; publishing it unspooled");
-                self.totals.unspooled.0 += batch.records.len() as u64;
-                self.totals.unspooled.1 += bytes.len() as u64;
-                self.link.publish(self.topic.clone(), false, bytes);
+                let (n, size) = (batch.records.len() as u64, bytes.len() as u64);
+                if self.link.publish_now(self.topic.clone(), bytes) {
+                    self.totals.unspooled.0 += n;
+                    self.totals.unspooled.1 += size;
+                } else {
+                    self.totals.unsent.0 += n;
+                    self.totals.unsent.1 += size;
+                }
             }
         }
         // Only now that the drop report is on disk do the dropped batches go.
