@@ -17,8 +17,8 @@ use kiln_protocol::abi::MAX_PUBLISH;
 use kiln_protocol::names::{self, Kind};
 use kiln_protocol::telemetry::{self, Body, Cause, Discarded, ModuleStats, Record};
 use kiln_protocol::worker::{
-    read_frame, write_frame, Done, FromWorker, Limits, Ready, Reply, Request, StartSpec, Stop,
-    ToWorker,
+    read_frame_within, write_frame, Done, FromWorker, Limits, Ready, Reply, Request, StartSpec,
+    Stop, ToWorker, MAX_REPLY,
 };
 
 use crate::daemon::config::ModulePlan;
@@ -565,7 +565,7 @@ impl Worker {
             std::thread::spawn(move || {
                 let mut input = BufReader::new(stdout);
                 loop {
-                    let frame = match read_frame::<FromWorker>(&mut input) {
+                    let frame = match read_frame_within::<FromWorker>(&mut input, MAX_REPLY) {
                         Ok(Some(FromWorker::V1(reply))) => Ok(reply),
                         Ok(None) => return,
                         Err(e) => Err(e.to_string()),
