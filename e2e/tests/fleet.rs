@@ -636,3 +636,35 @@ fn pushes_in_quick_succession_end_at_the_newest_version() {
     watch.wait_running(3, Duration::from_secs(10));
     assert_eq!(device.started_versions().last(), Some(&3));
 }
+
+/// Issue 12: a module that floods took the device off the broker, and fleet updates
+/// stopped with it. Next to three local flooders (megabyte lines, a 64 KiB publish
+/// loop, a log loop), an update still downloads, passes its health window and
+/// commits, twice.
+#[test]
+fn fleet_updates_commit_next_to_flooding_local_modules() {
+    let target = "x86_64-linux";
+    let broker = Broker::start();
+    let watch = Watch::start(&broker, "dev-flood");
+    let mut device = FleetDevice::new(target, "dev-flood", &broker);
+    let mut modules = String::from("[telemetry]\nstdout = false\n");
+    for name in ["long-lines", "flood-publish", "flood-log"] {
+        let artifact = shared().artifact(&format!("fixtures/{name}.wat"), target);
+        modules += &format!(
+            "[[module]]\nname = {name:?}\nartifact = {:?}\ntick_ms = 10\n",
+            path_str(&artifact)
+        );
+    }
+    device.mqtt_extra = modules;
+    device.start(None);
+    let health = ["--health-window-ms", "1500", "--tick-ms", "100"];
+    push(&broker, &app(target, 1, false), "dev-flood", &health);
+    watch.wait_committed(1, Duration::from_secs(60));
+    push(&broker, &app(target, 2, false), "dev-flood", &health);
+    watch.wait_committed(2, Duration::from_secs(60));
+    assert!(
+        !device.stderr().contains("broker connection lost"),
+        "{}",
+        device.stderr()
+    );
+}
