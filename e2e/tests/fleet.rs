@@ -769,6 +769,38 @@ fn oversized_retained_messages_are_reported_and_the_device_stays_connected() {
         device.stderr()
     );
 }
+
+/// Issue 12: a module that floods took the device off the broker, and fleet updates
+/// stopped with it. Next to three local flooders (megabyte lines, a 64 KiB publish
+/// loop, a log loop), an update still downloads, passes its health window and
+/// commits, twice.
+#[test]
+fn fleet_updates_commit_next_to_flooding_local_modules() {
+    let target = "x86_64-linux";
+    let broker = Broker::start();
+    let watch = Watch::start(&broker, "dev-flood");
+    let mut device = FleetDevice::new(target, "dev-flood", &broker);
+    let mut modules = String::from("[telemetry]\nstdout = false\n");
+    for name in ["long-lines", "flood-publish", "flood-log"] {
+        let artifact = shared().artifact(&format!("fixtures/{name}.wat"), target);
+        modules += &format!(
+            "[[module]]\nname = {name:?}\nartifact = {:?}\ntick_ms = 10\n",
+            path_str(&artifact)
+        );
+    }
+    device.mqtt_extra = modules;
+    device.start(None);
+    let health = ["--health-window-ms", "1500", "--tick-ms", "100"];
+    push(&broker, &app(target, 1, false), "dev-flood", &health);
+    watch.wait_committed(1, Duration::from_secs(60));
+    push(&broker, &app(target, 2, false), "dev-flood", &health);
+    watch.wait_committed(2, Duration::from_secs(60));
+    assert!(
+        !device.stderr().contains("broker connection lost"),
+        "{}",
+        device.stderr()
+    );
+}
 /// Everything retained under `filter`, read the way the fleet tool reads it.
 fn retained(url: &str, filter: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
     let mut session = kiln_compiler::broker::Session::connect(
@@ -825,7 +857,7 @@ fn gc_keeps_the_chunks_of_an_upload_whose_desired_state_is_not_out_yet() {
             "1024",
         ])
         .unwrap();
-        let release = push.release.load().unwrap();
+        let mut release = push.release.load().unwrap();
         let mut session = push.release.broker.connect().unwrap();
         release.upload(&mut session).unwrap();
         session.disconnect();

@@ -458,3 +458,242 @@ fn kilnd_stats_count_a_crashing_modules_traps_and_restarts() {
     assert!(s["calls"].as_u64().unwrap() >= 2 * traps, "{s}");
     assert_eq!(code, Some(0));
 }
+
+/// What one flood run measured.
+#[derive(Debug)]
+struct Flooded {
+    /// kilnd's peak resident memory (VmHWM) over the run.
+    peak_rss_kib: u64,
+    /// The healthy module's records reaching `kiln watch`, per second.
+    healthy_per_s: f64,
+    /// `discarded` records by (module, cause): records, bytes.
+    discarded: Vec<(String, String, u64, u64)>,
+}
+
+/// kilnd's peak RSS must stay under this, whatever its modules do (it held about
+/// 20 MiB in the runs the README reports).
+const RSS_BOUND_KIB: u64 = 64 * 1024;
+
+fn vm_kib(pid: u32, key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Runs the counter fixture (250 records/s) next to `flooders` (name, fixture) for
+/// `secs` seconds; checks that every counter record kilnd made reached `kiln watch`,
+/// in order, and returns what was measured.
+fn next_to_flooders(id: &str, flooders: &[(&str, &str)], secs: u64) -> Flooded {
+    let target = "x86_64-linux";
+    let broker = Broker::start();
+    let mut watch = Watcher::start(&broker, id);
+    let counter = shared().artifact("fixtures/counter.wat", target);
+    let mut modules = format!(
+        "[[module]]\nname = \"counter\"\nartifact = {:?}\nconfig = \"5\"\ntick_ms = 20\ntimeout_ms = 20000\n",
+        path_str(&counter)
+    );
+    for (name, fixture) in flooders {
+        let artifact = shared().artifact(fixture, target);
+        modules += &format!(
+            // The default watchdog (1 s per call): pacing a flooder must not trip it.
+            "[[module]]\nname = {name:?}\nartifact = {:?}\ntick_ms = 10\n",
+            path_str(&artifact)
+        );
+    }
+    let mut device = FleetDevice::new(target, id, &broker);
+    // stdout off, as on a busy device: the broker is the telemetry bus, and the
+    // harness parsing kilnd's stdout would compete with kilnd for the CPU.
+    device.mqtt_extra =
+        format!("[telemetry]\nbatch_ms = 100\nstats_s = 1\nstdout = false\n{modules}");
+    device.start(None);
+    let pid = device.pid().unwrap();
+    eventually(
+        Duration::from_secs(60),
+        || watch.counters().len() > 50,
+        || format!("no telemetry reached kiln watch\n{}", device.stderr()),
+    );
+    let (started, before) = (std::time::Instant::now(), watch.counters().len());
+    while started.elapsed() < Duration::from_secs(secs) {
+        std::thread::sleep(Duration::from_millis(200));
+        let rss = vm_kib(pid, "VmRSS:").unwrap_or(0);
+        assert!(
+            rss < RSS_BOUND_KIB,
+            "kilnd holds {rss} KiB next to {flooders:?}\n{}",
+            device.stderr()
+        );
+    }
+    let healthy_per_s = (watch.counters().len() - before) as f64 / started.elapsed().as_secs_f64();
+    let peak_rss_kib = vm_kib(pid, "VmHWM:").unwrap();
+    // (On SIGTERM kilnd disconnects, and may log the end of the connection.)
+    let running_log = device.stderr();
+    device.stop();
+    // kilnd seals and publishes its last batch on SIGTERM; the watcher gets it soon.
+    std::thread::sleep(Duration::from_secs(2));
+    let (code, summary) = watch.stop();
+    let received = watch.counters();
+    // Compared without printing thousands of numbers.
+    let in_order = |v: &[u64]| v.iter().enumerate().all(|(i, n)| *n == i as u64 + 1);
+    assert!(
+        in_order(&received),
+        "the healthy module's records arrive all and in order next to {flooders:?}: first gap after {:?}",
+        received.windows(2).find(|w| w[1] != w[0] + 1)
+    );
+    assert_eq!(summary.len(), 1, "{summary:?}");
+    assert_eq!(summary[0]["unexplained"], serde_json::json!([]));
+    assert_eq!(code, Some(0), "{}", watch.stderr());
+    assert!(
+        !running_log.contains("broker connection lost"),
+        "the link stayed up\n{running_log}"
+    );
+    let discarded = watch
+        .of_kind("discarded")
+        .iter()
+        .map(|v| {
+            (
+                v["module"].as_str().unwrap_or("kilnd").to_string(),
+                v["cause"].as_str().unwrap().to_string(),
+                v["records"].as_u64().unwrap(),
+                v["bytes"].as_u64().unwrap(),
+            )
+        })
+        .fold(Vec::<(String, String, u64, u64)>::new(), |mut acc, d| {
+            match acc.iter_mut().find(|a| a.0 == d.0 && a.1 == d.1) {
+                Some(a) => {
+                    a.2 += d.2;
+                    a.3 += d.3;
+                }
+                None => acc.push(d),
+            }
+            acc
+        });
+    assert!(
+        peak_rss_kib < RSS_BOUND_KIB,
+        "kilnd peaked at {peak_rss_kib} KiB"
+    );
+    let stops: Vec<Value> = watch.of_kind("stopped");
+    assert!(
+        stops.iter().all(|v| v["reason"] == "stopped"),
+        "no module was stopped but by the SIGTERM: {stops:?}"
+    );
+    assert!(
+        discarded.iter().all(|d| d.0 != "counter"),
+        "nothing of the healthy module was discarded: {discarded:?}"
+    );
+    let flooded = Flooded {
+        peak_rss_kib,
+        healthy_per_s,
+        discarded,
+    };
+    eprintln!("flood {id} {flooders:?}: {flooded:?}");
+    flooded
+}
+
+fn discarded(f: &Flooded, module: &str, cause: &str) -> u64 {
+    f.discarded
+        .iter()
+        .filter(|d| d.0 == module && d.1 == cause)
+        .map(|d| d.2)
+        .sum()
+}
+
+/// Issue 12: a module that prints megabyte lines, one that publishes 64 KiB records
+/// in a tight loop, one that logs in a tight loop. Each can only hurt itself: the
+/// healthy module's records all arrive in order, the link stays up, kilnd's memory
+/// stays bounded, and what was dropped is counted in telemetry.
+#[test]
+fn flooding_modules_only_hurt_themselves() {
+    let alone = next_to_flooders("flood-none", &[], 10);
+    let lines = next_to_flooders(
+        "flood-lines",
+        &[("long-lines", "fixtures/long-lines.wat")],
+        10,
+    );
+    assert!(
+        discarded(&lines, "long-lines", "oversized") == 0,
+        "lines are cut in the worker, not dropped: {lines:?}"
+    );
+    let publish = next_to_flooders(
+        "flood-publish",
+        &[("flood-publish", "fixtures/flood-publish.wat")],
+        10,
+    );
+    assert!(
+        discarded(&publish, "flood-publish", "rate-limit") > 100,
+        "{publish:?}"
+    );
+    let log = next_to_flooders("flood-log", &[("flood-log", "fixtures/flood-log.wat")], 10);
+    assert!(discarded(&log, "flood-log", "rate-limit") > 1000, "{log:?}");
+    let all = next_to_flooders(
+        "flood-all",
+        &[
+            ("long-lines", "fixtures/long-lines.wat"),
+            ("flood-publish", "fixtures/flood-publish.wat"),
+            ("flood-log", "fixtures/flood-log.wat"),
+        ],
+        10,
+    );
+    for f in [&alone, &lines, &publish, &log, &all] {
+        // 5 records per 20 ms tick.
+        assert!(f.healthy_per_s > 200.0, "{f:?}");
+    }
+    eprintln!(
+        "| run | kilnd peak RSS (KiB) | healthy records/s |\n|---|---|---|\n| alone | {} | {:.0} |\n| 3+5 MiB lines | {} | {:.0} |\n| 64 KiB publish loop | {} | {:.0} |\n| log loop | {} | {:.0} |\n| all three | {} | {:.0} |",
+        alone.peak_rss_kib,
+        alone.healthy_per_s,
+        lines.peak_rss_kib,
+        lines.healthy_per_s,
+        publish.peak_rss_kib,
+        publish.healthy_per_s,
+        log.peak_rss_kib,
+        log.healthy_per_s,
+        all.peak_rss_kib,
+        all.healthy_per_s
+    );
+}
+
+/// Issue 12: a spool that cannot be opened (here a file where its directory should
+/// be; a read-only remount does the same) used to make `serve` exit 81 and stop the
+/// local modules too. Now kilnd says so, keeps running, and telemetry goes out
+/// unspooled, counted.
+#[test]
+fn a_spool_that_cannot_be_opened_degrades_instead_of_stopping_kilnd() {
+    let broker = Broker::start();
+    let mut watch = Watcher::start(&broker, "unspooled");
+    let counter = shared().artifact("fixtures/counter.wat", "x86_64-linux");
+    let mut device = FleetDevice::new("x86_64-linux", "unspooled-01", &broker);
+    std::fs::create_dir_all(device.dir.join("data")).unwrap();
+    std::fs::write(spool_dir(&device), b"not a directory").unwrap();
+    device.mqtt_extra = format!(
+        "[telemetry]\nbatch_ms = 100\n[[module]]\nname = \"counter\"\nartifact = {:?}\nconfig = \"5\"\ntick_ms = 20\n",
+        path_str(&counter)
+    );
+    device.start(None);
+    let unspooled = || {
+        watch
+            .of_kind("discarded")
+            .iter()
+            .filter(|v| v["cause"] == "unspooled")
+            .map(|v| v["records"].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    eventually(
+        Duration::from_secs(60),
+        || watch.counters().len() > 200 && unspooled() > 100,
+        || {
+            format!(
+                "{} counter records, {} counted unspooled\n{}",
+                watch.counters().len(),
+                unspooled(),
+                device.stderr()
+            )
+        },
+    );
+    assert!(
+        device.stderr().contains("cannot use the telemetry spool"),
+        "{}",
+        device.stderr()
+    );
+    device.stop();
+    let (code, _) = watch.stop();
+    assert_eq!(code, Some(0), "{}", watch.stderr());
+}

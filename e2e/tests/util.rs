@@ -278,6 +278,11 @@ impl FleetDevice {
         self.child = Some(child);
     }
 
+    /// kilnd's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

@@ -60,7 +60,7 @@ pub const EXPORTS: &[(&str, &[ValType], &[ValType])] = &[
 ];
 
 /// Largest stream name, telemetry payload and log line a guest may hand over.
-pub const MAX_STREAM: usize = 64;
+pub const MAX_STREAM: usize = crate::names::MAX_NAME;
 pub const MAX_PUBLISH: usize = 64 * 1024;
 pub const MAX_LOG: usize = 4 * 1024;
 
@@ -81,7 +81,8 @@ pub enum Status {
     TooLarge = -2,
     /// `message_*` outside `kiln_on_message`.
     NoMessage = -3,
-    /// A stream name that is empty or not UTF-8, or a log level outside 0..=4.
+    /// A stream name that `names::check` refuses (empty, not `[A-Za-z0-9._-]`), or a
+    /// log level outside 0..=4.
     Invalid = -4,
 }
 

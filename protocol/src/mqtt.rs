@@ -13,6 +13,13 @@ use crate::fleet::parse_broker;
 /// every telemetry batch is sealed under.
 pub const MAX_PACKET: usize = 2 * 1024 * 1024;
 
+/// What a QoS 1 PUBLISH adds to its payload: fixed header (type, up to 4 length
+/// bytes), the topic (MQTT bounds it by a u16 length) and the packet id.
+pub const PUBLISH_OVERHEAD: usize = 5 + 2 + u16::MAX as usize + 2;
+
+// Every sealed telemetry batch fits a packet the link will send, whatever the topic.
+const _: () = assert!(crate::telemetry::MAX_BATCH + PUBLISH_OVERHEAD <= MAX_PACKET);
+
 /// Largest packet kiln receives. Above what any kiln message may be (`MAX_PACKET`), so
 /// an oversized retained message up to this size is received, refused by the agent
 /// with an event, and the connection stays up. A larger one makes rumqttc drop the

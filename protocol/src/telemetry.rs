@@ -16,8 +16,18 @@ use serde::{Deserialize, Serialize};
 use crate::abi::Level;
 use crate::worker::LogSource;
 
-/// Largest batch a consumer accepts (a device seals far smaller ones).
+/// Largest encoded batch: a consumer refuses anything larger, and a device seals
+/// every batch under it (splitting records over several batches). `mqtt::MAX_PACKET`
+/// is checked to leave room for it plus the topic and MQTT framing.
 pub const MAX_BATCH: usize = 1024 * 1024;
+
+/// What a batch's envelope (version tag, device id, boot id, seq, record count) may
+/// take besides its records, with a device id at its longest.
+pub const BATCH_OVERHEAD: usize = 1 + (1 + crate::names::MAX_NAME) + 10 + 10 + 5;
+
+/// Largest encoded record a batch can carry. A record over it (which the bounds on
+/// streams, payloads and log lines keep from happening) is replaced by a count.
+pub const MAX_RECORD: usize = MAX_BATCH - BATCH_OVERHEAD;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Batch {
@@ -69,6 +79,47 @@ pub enum Body {
     DeviceStats(DeviceStats),
     /// Batches the device's spool dropped, oldest first, because it was full.
     Dropped(Dropped),
+    /// Records kilnd discarded (or could not spool) since its last report of this
+    /// cause for this module (`module: None`: kilnd's own stages). Appended last so
+    /// batches written before it existed still decode.
+    Discarded(Discarded),
+}
+
+/// A count of records that did not go on as they came, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Discarded {
+    pub cause: Cause,
+    pub records: u64,
+    /// Payload bytes of those records (data, or log line).
+    pub bytes: u64,
+}
+
+/// Why records were discarded. New causes are appended last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Cause {
+    /// The module published or logged faster than its rate limit allows.
+    RateLimit,
+    /// A queue between kilnd's stages was full (the next stage is not keeping up).
+    Queue,
+    /// A frame or record over its size bound: cut to the bound, or dropped.
+    Oversized,
+    /// The spool could not be written: the batch was published without it, and is
+    /// lost if the broker does not acknowledge it.
+    Unspooled,
+    /// A frame from a worker that broke the ABI's rules (a stream name it refuses).
+    Invalid,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::RateLimit => "rate-limit",
+            Cause::Queue => "queue-full",
+            Cause::Oversized => "oversized",
+            Cause::Unspooled => "unspooled",
+            Cause::Invalid => "invalid",
+        }
+    }
 }
 
 /// A worker is up: its start-up split and, for a ticking module, the first tick.
@@ -171,6 +222,57 @@ impl Batch {
     }
 }
 
+impl Record {
+    /// Exact encoded size of the record inside a batch.
+    pub fn encoded_len(&self) -> usize {
+        // Serializing plain owned data only counts bytes; it cannot fail.
+        postcard::experimental::serialized_size(self).unwrap_or(usize::MAX)
+    }
+}
+
+/// Splits records, in order, into runs whose encodings add up to at most `budget`
+/// bytes (at most [`MAX_RECORD`] for a batch). A record that does not fit a run of its
+/// own is replaced by a [`Discarded`] count (cause `Oversized`) for its module, so no
+/// run, and no batch made of one, is ever over the bound.
+pub fn split(records: Vec<Record>, budget: usize) -> Vec<Vec<Record>> {
+    let mut runs: Vec<Vec<Record>> = Vec::new();
+    let mut run: Vec<Record> = Vec::new();
+    let mut used = 0;
+    for record in records {
+        let mut len = record.encoded_len();
+        let record = if len > budget {
+            let bytes = match &record.body {
+                Body::Telemetry { data, .. } => data.len(),
+                Body::Log { line, .. } => line.len(),
+                _ => len,
+            };
+            let count = Record {
+                at_ms: record.at_ms,
+                module: record.module,
+                body: Body::Discarded(Discarded {
+                    cause: Cause::Oversized,
+                    records: 1,
+                    bytes: bytes as u64,
+                }),
+            };
+            len = count.encoded_len();
+            count
+        } else {
+            record
+        };
+        if used + len > budget && !run.is_empty() {
+            runs.push(std::mem::take(&mut run));
+            used = 0;
+        }
+        used += len;
+        run.push(record);
+    }
+    if !run.is_empty() {
+        runs.push(run);
+    }
+    runs
+}
+
 impl Body {
     /// Short name of the record's kind, as in JSON output.
     pub fn kind(&self) -> &'static str {
@@ -184,6 +286,7 @@ impl Body {
             Body::ModuleStats(_) => "module-stats",
             Body::DeviceStats(_) => "device-stats",
             Body::Dropped(_) => "dropped",
+            Body::Discarded(_) => "discarded",
         }
     }
 
@@ -691,6 +794,11 @@ mod json {
                 "batches": d.batches,
                 "records": d.records,
             }),
+            Body::Discarded(d) => json!({
+                "cause": d.cause.as_str(),
+                "records": d.records,
+                "bytes": d.bytes,
+            }),
         };
         v["kind"] = json!(record.body.kind());
         v["at_ms"] = json!(record.at_ms);
@@ -782,6 +890,36 @@ mod tests {
         assert_eq!(a.dropped, 1);
         assert_eq!(a.unexplained, vec![(3, 3)], "1 was dropped, 2 came late");
         assert_eq!(a.unexplained_batches, 1);
+    }
+
+    /// New record kinds are appended: every earlier kind keeps its tag, so batches
+    /// spooled or retained by an older kilnd still decode.
+    #[test]
+    fn discarded_is_appended_after_every_earlier_kind() {
+        let tag = |body: Body| postcard::to_stdvec(&body).unwrap()[0];
+        assert_eq!(tag(Body::TickFailed { status: 0 }), 3);
+        let dropped = Dropped {
+            boot_id: 1,
+            first_seq: 0,
+            last_seq: 0,
+            batches: 1,
+            records: 1,
+        };
+        assert_eq!(tag(Body::Dropped(dropped)), 8);
+        let discarded = Body::Discarded(Discarded {
+            cause: Cause::RateLimit,
+            records: 3,
+            bytes: 300,
+        });
+        assert_eq!(tag(discarded.clone()), 9);
+        let record = Record {
+            at_ms: 5,
+            module: Some("flood".into()),
+            body: discarded,
+        };
+        let bytes = postcard::to_stdvec(&record).unwrap();
+        assert_eq!(postcard::from_bytes::<Record>(&bytes).unwrap(), record);
+        assert_eq!(record.encoded_len(), bytes.len());
     }
 
     #[test]

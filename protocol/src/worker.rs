@@ -16,6 +16,12 @@ pub const MAX_FRAME: u32 = 4 * 1024 * 1024;
 /// What [`read_frame`] reserves before a body's bytes arrive.
 const FIRST_READ: usize = 64 * 1024;
 
+/// Largest frame a worker sends: a record at its largest (`abi::MAX_PUBLISH` bytes of
+/// data and a stream name), or a `Fatal` whose texts are cut by [`Stop::bounded`]. The
+/// supervisor reads replies under this bound, so even a broken worker cannot make it
+/// buffer `MAX_FRAME`s.
+pub const MAX_REPLY: u32 = (crate::abi::MAX_PUBLISH + 4 * crate::abi::MAX_LOG) as u32;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ToWorker {
     V1(Request),
@@ -188,6 +194,43 @@ impl std::fmt::Display for Stop {
 }
 
 impl Stop {
+    /// The same stop with every text cut to `abi::MAX_LOG` bytes, so that its `Fatal`
+    /// frame stays under [`MAX_REPLY`].
+    pub fn bounded(self) -> Self {
+        let cut = |mut s: String| {
+            let mut end = s.len().min(crate::abi::MAX_LOG);
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s.truncate(end);
+            s
+        };
+        match self {
+            Stop::LoadFailed { code, message } => Stop::LoadFailed {
+                code,
+                message: cut(message),
+            },
+            Stop::Trap { call, message } => Stop::Trap {
+                call: cut(call),
+                message: cut(message),
+            },
+            Stop::FuelExhausted { call, budget } => Stop::FuelExhausted {
+                call: cut(call),
+                budget,
+            },
+            Stop::Watchdog { call, limit_ms } => Stop::Watchdog {
+                call: cut(call),
+                limit_ms,
+            },
+            Stop::Signal { signal, name } => Stop::Signal {
+                signal,
+                name: cut(name),
+            },
+            Stop::Lost(why) => Stop::Lost(cut(why)),
+            other => other,
+        }
+    }
+
     /// Short stable name for counting and matching.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -226,6 +269,15 @@ pub fn write_frame<T: Serialize>(out: &mut impl Write, message: &T) -> io::Resul
 
 /// Reads one frame; `Ok(None)` on a clean end of stream between frames.
 pub fn read_frame<T: DeserializeOwned>(input: &mut impl Read) -> io::Result<Option<T>> {
+    read_frame_within(input, MAX_FRAME)
+}
+
+/// Reads one frame of at most `max` bytes (at most `MAX_FRAME`).
+pub fn read_frame_within<T: DeserializeOwned>(
+    input: &mut impl Read,
+    max: u32,
+) -> io::Result<Option<T>> {
+    let max = max.min(MAX_FRAME);
     let mut len = [0u8; 4];
     let mut have = 0;
     while have < len.len() {
@@ -244,10 +296,10 @@ pub fn read_frame<T: DeserializeOwned>(input: &mut impl Read) -> io::Result<Opti
         }
     }
     let len = u32::from_le_bytes(len);
-    if len > MAX_FRAME {
+    if len > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes exceeds the {MAX_FRAME}-byte limit"),
+            format!("frame of {len} bytes exceeds the {max}-byte limit"),
         ));
     }
     // Grow with the bytes that actually arrive: a peer that declares 4 MiB and sends
@@ -302,6 +354,38 @@ mod tests {
         let err = read_frame::<ToWorker>(&mut r).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         assert!(err.to_string().contains("after 2 of 4 bytes"), "{err}");
+    }
+
+    #[test]
+    fn the_largest_replies_fit_max_reply() {
+        use crate::abi::{MAX_LOG, MAX_PUBLISH, MAX_STREAM};
+        let record = FromWorker::V1(Reply::Telemetry {
+            stream: "s".repeat(MAX_STREAM),
+            data: vec![0xff; MAX_PUBLISH],
+        });
+        let line = FromWorker::V1(Reply::Log {
+            level: Level::Error,
+            source: LogSource::Stderr,
+            line: "é".repeat(MAX_LOG / 2),
+        });
+        let trap = FromWorker::V1(Reply::Fatal(
+            Stop::Trap {
+                call: "c".repeat(1 << 20),
+                message: "é".repeat(1 << 20),
+            }
+            .bounded(),
+        ));
+        for reply in [record, line, trap] {
+            let mut pipe = Vec::new();
+            write_frame(&mut pipe, &reply).unwrap();
+            let mut r = pipe.as_slice();
+            let back = read_frame_within::<FromWorker>(&mut r, MAX_REPLY).unwrap();
+            assert_eq!(back, Some(reply));
+        }
+        let mut pipe = Vec::new();
+        write_frame(&mut pipe, &vec![0u8; MAX_REPLY as usize]).unwrap();
+        let err = read_frame_within::<Vec<u8>>(&mut pipe.as_slice(), MAX_REPLY).unwrap_err();
+        assert!(err.to_string().contains("exceeds"), "{err}");
     }
 
     /// Version 1 frames written by this release; later releases must keep decoding them.

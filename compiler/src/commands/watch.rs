@@ -426,6 +426,12 @@ fn line(device: &str, r: &Record) -> String {
             "DROPPED batches {}..={} of boot {:016x} ({} records): the device's spool was full",
             d.first_seq, d.last_seq, d.boot_id, d.records
         ),
+        Body::Discarded(d) => format!(
+            "DISCARDED {} records ({} B): {}",
+            d.records,
+            d.bytes,
+            d.cause.as_str()
+        ),
     };
     format!("{} {device} {who} {what}", clock(r.at_ms))
 }

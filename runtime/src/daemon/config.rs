@@ -13,6 +13,7 @@
 //! fuel_per_call = 5000000      # needs an artifact compiled with --fuel
 //! timeout_ms = 1000            # wall-clock watchdog per call
 //! restart = { backoff_ms = 500, backoff_max_ms = 30000, max_crashes = 5, window_s = 300 }
+//! rate = { records_per_s = 2000, bytes_per_s = 262144, burst_ms = 1000 }  # publish + log
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -23,6 +24,7 @@ use kiln_protocol::manifest::{parse_byte_size, parse_memory_size, Digest};
 use kiln_protocol::names::{self, Kind};
 use serde::Deserialize;
 
+use crate::daemon::rate::RateLimit;
 use crate::sandbox::wasi::DirMapping;
 
 #[derive(Debug, Deserialize)]
@@ -44,6 +46,9 @@ pub struct Config {
     pub mqtt: Option<MqttConfig>,
     /// How telemetry is batched and spooled (with `[mqtt]`).
     pub telemetry: Option<TelemetryConfig>,
+    /// Each module's rate limit by name (filled by `load`).
+    #[serde(skip)]
+    pub rates: BTreeMap<String, RateLimit>,
 }
 
 /// Telemetry goes to the broker in batches, each written to a bounded spool on disk
@@ -80,6 +85,9 @@ impl Default for TelemetryConfig {
         }
     }
 }
+
+/// The largest `batch_bytes`: the records of one batch under the link's bound.
+pub const MAX_BATCH_BYTES: u64 = crate::daemon::telemetry::RECORDS_BUDGET as u64;
 
 fn byte_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     #[derive(Deserialize)]
@@ -151,6 +159,10 @@ pub struct ModuleConfig {
     pub dirs: Vec<String>,
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// How fast the module may publish and log; beyond it records are dropped and
+    /// counted.
+    #[serde(default)]
+    pub rate: RateLimit,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -276,6 +288,7 @@ impl Config {
         }
         let mut names = BTreeSet::new();
         let mut plans = Vec::new();
+        let mut rates = BTreeMap::new();
         for m in &config.modules {
             let bad =
                 |why: String| format!("config `{file}`: module `{}`: {why}", m.artifact.display());
@@ -312,6 +325,8 @@ impl Config {
             if m.restart.max_crashes == 0 {
                 return Err(bad("restart.max_crashes must be at least 1".into()));
             }
+            m.rate.check().map_err(bad)?;
+            rates.insert(name.clone(), m.rate);
             let dirs = m
                 .dirs
                 .iter()
@@ -344,6 +359,7 @@ impl Config {
                 restart: m.restart,
             });
         }
+        config.rates = rates;
         if let Some(mqtt) = &mut config.mqtt {
             kiln_protocol::fleet::parse_broker(&mqtt.broker)
                 .map_err(|e| format!("config `{file}`: {e}"))?;
@@ -375,6 +391,12 @@ impl Config {
             if config.mqtt.is_none() {
                 return Err(format!(
                     "config `{file}`: [telemetry] needs [mqtt] to send it to"
+                ));
+            }
+            if t.batch_bytes > MAX_BATCH_BYTES {
+                return Err(format!(
+                    "config `{file}`: [telemetry] batch_bytes {} is above {MAX_BATCH_BYTES}, the most one batch can carry over the link",
+                    t.batch_bytes
                 ));
             }
             if t.batch_bytes == 0 || t.window == 0 || t.spool_limit < 4 * t.batch_bytes {
@@ -474,6 +496,43 @@ restart = { backoff_ms = 100, max_crashes = 3 }
         assert!(load(alone)
             .unwrap_err()
             .contains("[telemetry] needs [mqtt]"));
+    }
+
+    #[test]
+    fn a_batch_the_link_cannot_carry_is_refused_in_one_line() {
+        let mqtt = "device = \"d\"\ndata_dir = \"/tmp/d\"\ntrust = [\"k.pub\"]\n[mqtt]\nbroker = \"mqtt://h\"\n";
+        let big = format!("{mqtt}[telemetry]\nbatch_bytes = 1048576\nspool_limit = \"64MiB\"\n");
+        let err = load_config(&big).unwrap_err();
+        assert!(
+            err.contains("batch_bytes 1048576 is above") && !err.contains('\n'),
+            "{err}"
+        );
+        let most = format!(
+            "{mqtt}[telemetry]\nbatch_bytes = {MAX_BATCH_BYTES}\nspool_limit = \"64MiB\"\n"
+        );
+        assert!(load_config(&most).is_ok());
+    }
+
+    #[test]
+    fn rates_are_per_module_with_defaults() {
+        let (config, _) = load_config(
+            "trust = [\"k.pub\"]\n[[module]]\nartifact = \"a.kiln\"\nrate = { records_per_s = 50, bytes_per_s = 100000 }\n[[module]]\nartifact = \"b.kiln\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.rates["a"],
+            RateLimit {
+                records_per_s: 50,
+                bytes_per_s: 100_000,
+                burst_ms: 1000
+            }
+        );
+        assert_eq!(config.rates["b"], RateLimit::default());
+        let err = load("trust = [\"k.pub\"]\n[[module]]\nartifact = \"a.kiln\"\nrate = { bytes_per_s = 1000 }\n").unwrap_err();
+        assert!(
+            err.contains("module `a.kiln`: rate allows a burst of 1000 bytes"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -23,6 +23,8 @@ use std::time::Duration;
 
 use rumqttc::{Client, ClientError, Event, LastWill, Outgoing, Packet, QoS, Request};
 
+use kiln_protocol::mqtt::{MAX_PACKET, PUBLISH_OVERHEAD};
+
 use crate::daemon::config::MqttConfig;
 
 /// What the connection reports.
@@ -58,14 +60,39 @@ impl Link {
         self.send(topic, false, payload, Some(tag))
     }
 
+    /// Whether a publish of `len` bytes on `topic` is within the packet limit rumqttc
+    /// enforces: one over it would take the connection down, for everyone.
+    pub fn fits(&self, topic: &str, len: usize) -> bool {
+        // The overhead counts a topic at MQTT's longest.
+        topic.len() <= usize::from(u16::MAX) && len + PUBLISH_OVERHEAD <= MAX_PACKET
+    }
+
+    /// Publishes with QoS 1 if rumqttc takes it at once, untracked; false if its queue
+    /// is full (the broker is away and rumqttc holds all it may).
+    pub fn publish_now(&self, topic: String, payload: Vec<u8>) -> bool {
+        self.send_within(topic, false, payload, None, 1)
+    }
+
     fn send(&self, topic: String, retain: bool, payload: Vec<u8>, tag: Option<u64>) -> bool {
+        self.send_within(topic, retain, payload, tag, 400)
+    }
+
+    /// `attempts` tries, 5 ms apart.
+    fn send_within(
+        &self,
+        topic: String,
+        retain: bool,
+        payload: Vec<u8>,
+        tag: Option<u64>,
+        attempts: usize,
+    ) -> bool {
         // rumqttc answers an invalid topic like a full queue: never wait on one.
-        if topic.contains(['+', '#']) || payload.len() > kiln_protocol::mqtt::MAX_PACKET {
-            tracing::error!(%topic, bytes = payload.len(), "publish refused: invalid topic or too large");
+        if topic.contains(['+', '#']) || !self.fits(&topic, payload.len()) {
+            tracing::error!(%topic, bytes = payload.len(), limit = MAX_PACKET, "not publishing a message over the packet limit");
             return false;
         }
         let mut request = (topic, payload);
-        for _ in 0..400 {
+        for _ in 0..attempts {
             // The tag is queued under the same lock as the publish, so the event loop
             // (which takes this lock to pair packet ids) sees them in the same order.
             let mut tags = lock(&self.tags);
@@ -127,31 +154,41 @@ pub fn connect(
     std::thread::spawn(move || {
         let mut backoff = Duration::from_millis(200);
         let mut pairing = Pairing::default();
-        loop {
-            let Ok(event) = connection.recv() else {
-                return; // every client handle is gone
-            };
-            let alive = match event {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+        // One event as it came; false when nobody listens any more.
+        let handle = |event: Event, pairing: &mut Pairing| -> bool {
+            match event {
+                Event::Incoming(Packet::ConnAck(_)) => {
                     tracing::info!(%broker, "connected");
-                    backoff = Duration::from_millis(200);
                     on_event(LinkEvent::Connected)
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => on_event(LinkEvent::Message {
+                Event::Incoming(Packet::Publish(p)) => on_event(LinkEvent::Message {
                     topic: p.topic.clone(),
                     payload: p.payload.to_vec(),
                 }),
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {
+                Event::Outgoing(Outgoing::Publish(pkid)) if pkid != 0 => {
                     pairing.sent(pkid, &mut lock(&tags));
                     true
                 }
-                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                Event::Incoming(Packet::PubAck(ack)) => {
                     if let Some(tag) = pairing.acked(ack.pkid) {
                         on_delivery(Delivery::Acked(tag));
                     }
                     true
                 }
-                Ok(_) => true,
+                _ => true,
+            }
+        };
+        loop {
+            let Ok(event) = connection.recv() else {
+                return; // every client handle is gone
+            };
+            let alive = match event {
+                Ok(event) => {
+                    if matches!(event, Event::Incoming(Packet::ConnAck(_))) {
+                        backoff = Duration::from_millis(200);
+                    }
+                    handle(event, &mut pairing)
+                }
                 Err(e) => {
                     tracing::warn!(%broker, error = %e, retry_ms = backoff.as_millis() as u64, "broker connection lost");
                     if let rumqttc::ConnectionError::MqttState(
@@ -164,6 +201,17 @@ pub fn connect(
                         on_event(LinkEvent::Unreceivable {
                             what: format!("a message of {n} bytes (limit {limit})"),
                         });
+                    }
+                    // Events rumqttc queued before the write or flush that failed (the
+                    // `Outgoing::Publish` of the very publish it was writing, PUBACKs
+                    // read in the same batch) stay in its queue across the reconnect.
+                    // Handled after it, a stale packet id would take the tag of a later
+                    // publish, and a PUBACK would remove the wrong batch from the spool.
+                    // They are handled now, before the in-flight ones are written off.
+                    let stale = std::mem::take(&mut connection.eventloop.state.events);
+                    let mut alive = true;
+                    for event in stale {
+                        alive &= handle(event, &mut pairing);
                     }
                     // What rumqttc kept to resend: the unacknowledged publishes (with
                     // packet ids) and the requests it had not sent yet (without).
@@ -178,7 +226,7 @@ pub fn connect(
                     }
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(10));
-                    true
+                    alive
                 }
             };
             if !alive {
@@ -258,5 +306,172 @@ mod tests {
         assert_eq!(tags, VecDeque::from([Some(13)]));
         p.sent(1, &mut tags);
         assert_eq!(p.acked(1), Some(13));
+    }
+
+    use proptest::prelude::*;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// kilnd hands rumqttc a publish, tracked or not.
+        Publish { tracked: bool },
+        /// rumqttc takes the oldest request and writes it; the write may fail.
+        Send { fail: bool },
+        /// The broker acknowledges the n-th oldest publish in flight; the read of the
+        /// PUBACK may be followed by a failure in the same poll.
+        Ack { nth: usize, then_fail: bool },
+        /// The connection drops.
+        Drop,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => any::<bool>().prop_map(|tracked| Op::Publish { tracked }),
+            4 => prop_oneof![5 => Just(false), 1 => Just(true)].prop_map(|fail| Op::Send { fail }),
+            3 => (0usize..8, prop_oneof![5 => Just(false), 1 => Just(true)])
+                .prop_map(|(nth, then_fail)| Op::Ack { nth, then_fail }),
+            1 => Just(Op::Drop),
+        ]
+    }
+
+    /// rumqttc as far as pairing goes: a request queue, publishes in flight by packet
+    /// id, and the event queue that outlives a failed poll. The link's side is driven
+    /// exactly as `connect` drives it.
+    #[derive(Default)]
+    struct Model {
+        requests: VecDeque<Option<u64>>,
+        in_flight: BTreeMap<u16, Option<u64>>,
+        order: VecDeque<u16>,
+        events: VecDeque<Event>,
+        last_pkid: u16,
+        // The link's side.
+        tags: VecDeque<Option<u64>>,
+        pairing: Pairing,
+        acked: Vec<u64>,
+        lost: Vec<u64>,
+        // Truth.
+        truly_acked: BTreeSet<u64>,
+        truly_lost: BTreeSet<u64>,
+    }
+
+    impl Model {
+        fn deliver(&mut self) {
+            while let Some(event) = self.events.pop_front() {
+                self.handle(event);
+            }
+        }
+
+        fn handle(&mut self, event: Event) {
+            match event {
+                Event::Outgoing(Outgoing::Publish(pkid)) => self.pairing.sent(pkid, &mut self.tags),
+                Event::Incoming(Packet::PubAck(ack)) => {
+                    if let Some(tag) = self.pairing.acked(ack.pkid) {
+                        self.acked.push(tag);
+                    }
+                }
+                _ => {}
+            }
+        }
+
+        /// What `connect` does on an error.
+        fn failed(&mut self) {
+            let stale = std::mem::take(&mut self.events);
+            for event in stale {
+                self.handle(event);
+            }
+            let unsent = self.requests.len();
+            for tag in self.requests.drain(..).flatten() {
+                self.truly_lost.insert(tag);
+            }
+            for (_, tag) in std::mem::take(&mut self.in_flight) {
+                self.truly_lost.extend(tag);
+            }
+            self.order.clear();
+            self.lost
+                .extend(self.pairing.disconnected(unsent, &mut self.tags));
+        }
+
+        fn apply(&mut self, op: Op, next_tag: &mut u64) {
+            match op {
+                Op::Publish { tracked } => {
+                    let tag = tracked.then(|| {
+                        *next_tag += 1;
+                        *next_tag
+                    });
+                    self.requests.push_back(tag);
+                    self.tags.push_back(tag);
+                }
+                Op::Send { fail } => {
+                    if self.in_flight.len() >= 20 {
+                        return;
+                    }
+                    let Some(tag) = self.requests.pop_front() else {
+                        return;
+                    };
+                    let mut pkid = self.last_pkid;
+                    loop {
+                        pkid = pkid % INFLIGHT + 1;
+                        if !self.in_flight.contains_key(&pkid) {
+                            break;
+                        }
+                    }
+                    self.last_pkid = pkid;
+                    self.in_flight.insert(pkid, tag);
+                    self.order.push_back(pkid);
+                    self.events
+                        .push_back(Event::Outgoing(Outgoing::Publish(pkid)));
+                    if fail {
+                        self.failed();
+                    } else {
+                        self.deliver();
+                    }
+                }
+                Op::Ack { nth, then_fail } => {
+                    if self.order.is_empty() {
+                        return;
+                    }
+                    let pkid = self.order.remove(nth % self.order.len()).unwrap();
+                    if let Some(tag) = self.in_flight.remove(&pkid).flatten() {
+                        self.truly_acked.insert(tag);
+                    }
+                    self.events
+                        .push_back(Event::Incoming(Packet::PubAck(rumqttc::PubAck::new(pkid))));
+                    if then_fail {
+                        self.failed();
+                    } else {
+                        self.deliver();
+                    }
+                }
+                Op::Drop => self.failed(),
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Whatever the order of publishes, writes (failed or not), PUBACKs and drops:
+        /// every PUBACK is paired with the tag of the publish it acknowledges, and each
+        /// tracked publish ends acknowledged or lost, exactly once.
+        #[test]
+        fn pubacks_pair_with_their_own_publish(ops in prop::collection::vec(op(), 0..200)) {
+            let mut m = Model::default();
+            let mut next_tag = 0;
+            for op in ops {
+                m.apply(op, &mut next_tag);
+                let acked: BTreeSet<u64> = m.acked.iter().copied().collect();
+                prop_assert_eq!(acked.len(), m.acked.len(), "a tag acknowledged twice");
+                prop_assert!(acked.is_subset(&m.truly_acked), "acked {:?}, truly {:?}", m.acked, m.truly_acked);
+            }
+            m.failed();
+            let acked: BTreeSet<u64> = m.acked.iter().copied().collect();
+            let lost: BTreeSet<u64> = m.lost.iter().copied().collect();
+            prop_assert_eq!(lost.len(), m.lost.len(), "a tag lost twice");
+            prop_assert_eq!(&acked, &m.truly_acked);
+            prop_assert_eq!(&lost, &m.truly_lost);
+            prop_assert!(acked.is_disjoint(&lost));
+            prop_assert_eq!(acked.len() + lost.len(), next_tag as usize);
+            prop_assert!(m.tags.is_empty(), "tags left over: {:?}", m.tags);
+        }
     }
 }

@@ -5,6 +5,7 @@ pub mod config;
 pub mod fleet;
 pub mod link;
 pub mod procfs;
+pub mod rate;
 pub mod serve;
 pub mod supervisor;
 pub mod telemetry;

@@ -5,24 +5,42 @@
 //! With `[mqtt]`, the same records go to the broker as telemetry batches, and the
 //! fleet agent follows the device's desired state, both over one connection.
 
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, Sender, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kiln_protocol::fleet::Topics;
-use kiln_protocol::telemetry::{self, Body, Record};
+use kiln_protocol::telemetry::{self, Body, Cause, Discarded, Record};
 
 use crate::daemon::config::{Config, ModulePlan, MqttConfig};
 use crate::daemon::fleet::{self, AgentIn};
 use crate::daemon::link;
-use crate::daemon::supervisor::{self, Counters, Input, Supervised, WorkerCommand};
-use crate::daemon::telemetry::{Pipeline, TelemetryIn};
+use crate::daemon::rate::RateLimit;
+use crate::daemon::supervisor::{self, Counters, Input, Queued, Slot, Supervised, WorkerCommand};
+use crate::daemon::telemetry::{Deliveries, Pipeline, TelemetryIn};
 use crate::exit::{Code, Failure};
+
+/// Records from every module's supervisor to the loop below. Supervisors put what a
+/// module publishes or logs only if there is room (else it is counted), and wait for
+/// room only for starts and stops; the loop itself never waits on anything but
+/// stdout, so the queue drains as fast as records can be printed.
+const RECORDS_QUEUE: usize = 4096;
+
+/// Records for the telemetry pipeline. The loop below puts records only if there is
+/// room (else they are counted and reported). Acknowledgements do not queue here
+/// (see `telemetry::Deliveries`): the link thread must never wait.
+const TELEMETRY_QUEUE: usize = 4096;
+
+/// Messages from the link and module events for the fleet agent. The link waits for
+/// room (a chunk must not be lost; the broker then waits on TCP); module events are
+/// put only if there is room, so a stuck agent cannot stall the records loop.
+const AGENT_QUEUE: usize = 64;
 
 /// Runs until every module has ended; fails if any module was marked failed.
 /// SIGHUP reloads the config: changed modules are swapped between calls, new ones
@@ -30,6 +48,7 @@ use crate::exit::{Code, Failure};
 pub fn serve(config_path: &Path) -> Result<i32, Failure> {
     let signals = Signals::block()?;
     let (config, plans) = Config::load(config_path).map_err(|e| Failure::new(Code::Config, e))?;
+    let rates = config.rates.clone();
     let trusted_keys = read_keys(&config)?;
     let exe = std::env::current_exe().map_err(|e| {
         Failure::new(
@@ -42,16 +61,17 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
         exe,
     };
 
-    let (sink, records) = mpsc::channel::<Record>();
+    let (sink, records) = mpsc::sync_channel::<Queued>(RECORDS_QUEUE);
     let modules = Arc::new(Mutex::new(Modules {
         workers,
         trusted_keys,
         sink,
         local: Vec::new(),
+        rates: BTreeMap::new(),
         fleet: Vec::new(),
         running: HashMap::new(),
     }));
-    lock(&modules).set_local(plans);
+    lock(&modules).set_local(plans, rates);
     let mqtt = match (&config.mqtt, &config.device, &config.data_dir) {
         (Some(mqtt), Some(device), Some(data_dir)) => {
             Some(connect(&config, mqtt, device, data_dir, &modules)?)
@@ -63,11 +83,14 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
     std::thread::spawn(move || signals.serve(&path, &control));
 
     let mut failed = 0;
-    let mut stdout = std::io::stdout().lock();
-    let print = config.telemetry.as_ref().is_none_or(|t| t.stdout);
+    let mut stdout = Printer::new(
+        config.telemetry.as_ref().is_none_or(|t| t.stdout),
+        mqtt.is_some(),
+    );
+    let mut shed = Shed::default();
     loop {
-        let record = match records.recv_timeout(Duration::from_millis(200)) {
-            Ok(record) => record,
+        let (record, slot) = match records.recv_timeout(Duration::from_millis(200)) {
+            Ok(queued) => queued,
             Err(RecvTimeoutError::Timeout) => {
                 // With a broker, the device waits for desired state until stopped.
                 let stopped = mqtt.is_none() || STOPPED.load(Ordering::SeqCst);
@@ -85,25 +108,26 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
         if matches!(record.body, Body::Failed { .. }) {
             failed += 1;
         }
-        if print {
-            // Nobody may read our reports any more; keep supervising regardless.
-            let _ =
-                writeln!(stdout, "{}", telemetry::to_json(&record)).and_then(|()| stdout.flush());
-        }
+        stdout.print(&record);
         if let Some(m) = &mqtt {
             if matches!(
                 record.body,
                 Body::Started(_) | Body::Stopped(_) | Body::TickFailed { .. }
             ) && lock(&modules).is_fleet(&module)
             {
-                let _ = m.agent.send(AgentIn::Record(record.clone()));
+                if let Err(TrySendError::Full(_)) =
+                    m.agent.try_send(AgentIn::Record(record.clone()))
+                {
+                    tracing::warn!(%module, "the fleet agent's queue is full; a module event did not reach it");
+                }
             }
-            let _ = m.telemetry.send(TelemetryIn::Record(record));
+            shed.send(&m.telemetry, record, slot);
         }
     }
     if let Some(m) = mqtt {
         m.stop();
     }
+    stdout.finish();
     Ok(if failed > 0 && !STOPPED.load(Ordering::SeqCst) {
         Code::ModuleFailed as i32
     } else {
@@ -111,12 +135,161 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
     })
 }
 
+/// Lines printed on stdout and not yet written, and their bytes (a 64 KiB record of
+/// binary data is a line of up to 384 KiB of JSON).
+const PRINT_QUEUE: usize = 1024;
+const PRINT_BYTES: usize = 4 * 1024 * 1024;
+
+/// kilnd's JSON lines on stdout. With a broker, stdout is a copy for people (the
+/// journal), and a slow reader must not stall the records loop and with it every
+/// module: lines go through a bounded queue to a thread that writes them, and lines
+/// that find it full are counted and reported on stderr. Without a broker stdout is
+/// the only way records leave, so it is written directly: a slow reader slows kilnd
+/// down rather than losing records.
+enum Printer {
+    Off,
+    Direct(std::io::StdoutLock<'static>),
+    Queued {
+        lines: SyncSender<String>,
+        writer: JoinHandle<()>,
+        queued_bytes: Arc<AtomicUsize>,
+        dropped: u64,
+        reported: Option<Instant>,
+    },
+}
+
+impl Printer {
+    fn new(print: bool, broker: bool) -> Self {
+        if !print {
+            return Self::Off;
+        }
+        if !broker {
+            return Self::Direct(std::io::stdout().lock());
+        }
+        let (lines, queue) = mpsc::sync_channel::<String>(PRINT_QUEUE);
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let written = queued_bytes.clone();
+        let writer = std::thread::spawn(move || {
+            let mut stdout = std::io::stdout().lock();
+            for line in queue {
+                // Nobody may read our reports any more; keep supervising regardless.
+                let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
+                written.fetch_sub(line.len(), Ordering::Relaxed);
+            }
+        });
+        Self::Queued {
+            lines,
+            writer,
+            queued_bytes,
+            dropped: 0,
+            reported: None,
+        }
+    }
+
+    /// Writes what is queued before kilnd exits.
+    fn finish(self) {
+        if let Self::Queued { lines, writer, .. } = self {
+            drop(lines);
+            let _ = writer.join();
+        }
+    }
+
+    fn print(&mut self, record: &Record) {
+        match self {
+            Self::Off => {}
+            Self::Direct(stdout) => {
+                let _ = writeln!(stdout, "{}", telemetry::to_json(record))
+                    .and_then(|()| stdout.flush());
+            }
+            Self::Queued {
+                lines,
+                queued_bytes,
+                dropped,
+                reported,
+                ..
+            } => {
+                let line = telemetry::to_json(record).to_string();
+                let len = line.len();
+                if queued_bytes.load(Ordering::Relaxed) + len > PRINT_BYTES {
+                    *dropped += 1;
+                } else {
+                    queued_bytes.fetch_add(len, Ordering::Relaxed);
+                    if let Err(TrySendError::Full(_)) = lines.try_send(line) {
+                        queued_bytes.fetch_sub(len, Ordering::Relaxed);
+                        *dropped += 1;
+                    }
+                }
+                if *dropped > 0 && reported.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    tracing::warn!(lines = *dropped, "stdout is not keeping up; JSON lines not printed (the broker still gets them)");
+                    *reported = Some(Instant::now());
+                    *dropped = 0;
+                }
+            }
+        }
+    }
+}
+
+/// Records the telemetry queue had no room for, reported once a second as a
+/// `Discarded` count of kilnd's own when there is room again.
+#[derive(Default)]
+struct Shed {
+    records: u64,
+    bytes: u64,
+    reported: Option<Instant>,
+}
+
+impl Shed {
+    /// The record keeps its claim on its module's share until the pipeline has it.
+    fn send(&mut self, telemetry: &SyncSender<TelemetryIn>, record: Record, slot: Option<Slot>) {
+        let bytes = payload_len(&record.body);
+        if let Err(TrySendError::Full(_)) = telemetry.try_send(TelemetryIn::Record(record, slot)) {
+            self.records += 1;
+            self.bytes += bytes;
+            return;
+        }
+        if self.records == 0
+            || self
+                .reported
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        let count = Record {
+            at_ms: supervisor::now_ms(),
+            module: None,
+            body: Body::Discarded(Discarded {
+                cause: Cause::Queue,
+                records: self.records,
+                bytes: self.bytes,
+            }),
+        };
+        if telemetry.try_send(TelemetryIn::Record(count, None)).is_ok() {
+            tracing::warn!(
+                records = self.records,
+                bytes = self.bytes,
+                "telemetry queue was full; records discarded"
+            );
+            self.reported = Some(Instant::now());
+            (self.records, self.bytes) = (0, 0);
+        }
+    }
+}
+
+/// Bytes a record carries for its module: telemetry data or a log line.
+fn payload_len(body: &Body) -> u64 {
+    match body {
+        Body::Telemetry { data, .. } => data.len() as u64,
+        Body::Log { line, .. } => line.len() as u64,
+        _ => 0,
+    }
+}
+
 /// The device's side of the broker: the fleet agent and the telemetry pipeline, on
 /// one connection.
 struct Mqtt {
-    agent: Sender<AgentIn>,
+    agent: SyncSender<AgentIn>,
     agent_thread: JoinHandle<()>,
-    telemetry: Sender<TelemetryIn>,
+    telemetry: SyncSender<TelemetryIn>,
 }
 
 impl Mqtt {
@@ -140,16 +313,20 @@ fn connect(
 ) -> Result<Mqtt, Failure> {
     let refused = |e: String| Failure::new(Code::Config, format!("device `{device}`: {e}"));
     let boot_id = crate::daemon::telemetry::new_boot_id();
-    let (agent_tx, agent_rx) = mpsc::channel();
-    let (telemetry_tx, telemetry_rx) = mpsc::channel();
+    let (agent_tx, agent_rx) = mpsc::sync_channel(AGENT_QUEUE);
+    let (telemetry_tx, telemetry_rx) = mpsc::sync_channel(TELEMETRY_QUEUE);
     let (to_agent, acks) = (agent_tx.clone(), telemetry_tx.clone());
+    let deliveries = Deliveries::default();
+    let delivered = deliveries.clone();
     let link = link::connect(
         mqtt,
         device,
         fleet::last_will(mqtt, device),
         move |event| to_agent.send(AgentIn::Link(event)).is_ok(),
         move |delivery| {
-            let _ = acks.send(TelemetryIn::Delivery(delivery));
+            lock(&delivered).push_back(delivery);
+            // A full queue wakes the pipeline anyway.
+            let _ = acks.try_send(TelemetryIn::Delivered);
         },
     )
     .map_err(refused)?;
@@ -174,10 +351,9 @@ fn connect(
         boot_id,
         data_dir.to_path_buf(),
         Topics::new(&mqtt.prefix).telemetry(device),
-        link,
+        (link, deliveries),
         Box::new(move || lock(&sampled).sample()),
-    )
-    .map_err(refused)?;
+    );
     std::thread::spawn(move || pipeline.run(telemetry_rx));
     Ok(Mqtt {
         agent: agent_tx,
@@ -206,9 +382,11 @@ fn read_keys(config: &Config) -> Result<Vec<String>, Failure> {
 struct Modules {
     workers: WorkerCommand,
     trusted_keys: Vec<String>,
-    sink: Sender<Record>,
+    sink: SyncSender<Queued>,
     /// From kilnd.toml, and from the fleet agent's desired state.
     local: Vec<ModulePlan>,
+    /// Rate limits of local modules by name, from kilnd.toml.
+    rates: BTreeMap<String, RateLimit>,
     fleet: Vec<ModulePlan>,
     running: HashMap<String, Running>,
 }
@@ -218,12 +396,25 @@ struct Running {
     input: SyncSender<Input>,
     thread: JoinHandle<()>,
     counters: Arc<Counters>,
+    rate: RateLimit,
 }
 
 impl Modules {
-    fn set_local(&mut self, plans: Vec<ModulePlan>) {
+    fn set_local(&mut self, plans: Vec<ModulePlan>, rates: BTreeMap<String, RateLimit>) {
         self.local = plans;
+        self.rates = rates;
         self.apply();
+    }
+
+    /// A local module's limit from kilnd.toml. A fleet module gets the defaults: the
+    /// desired state's wire format (`kiln_protocol::fleet`, postcard) cannot grow a
+    /// field that older devices would still decode, so a per-module rate for fleet
+    /// modules waits for its next version.
+    fn rate(&self, name: &str) -> RateLimit {
+        if self.is_fleet(name) {
+            return RateLimit::default();
+        }
+        self.rates.get(name).copied().unwrap_or_default()
     }
 
     fn set_fleet(&mut self, plans: Vec<ModulePlan>) {
@@ -253,20 +444,25 @@ impl Modules {
             }
         }
         for plan in plans {
+            let rate = self.rate(&plan.name);
             match self.running.get_mut(&plan.name) {
                 Some(r) if !r.thread.is_finished() => {
+                    if r.rate != rate {
+                        let _ = r.input.send(Input::Limit(rate));
+                        r.rate = rate;
+                    }
                     if r.plan != plan {
                         tracing::info!(module = %plan.name, "changed in the config; swapping");
                         let _ = r.input.send(Input::Swap(Box::new(plan.clone())));
                         r.plan = plan;
                     }
                 }
-                _ => self.start(plan),
+                _ => self.start(plan, rate),
             }
         }
     }
 
-    fn start(&mut self, plan: ModulePlan) {
+    fn start(&mut self, plan: ModulePlan, rate: RateLimit) {
         let (input, inbox) = supervisor::inbox();
         tracing::info!(module = %plan.name, artifact = %plan.artifact.display(), "supervising");
         let counters = Arc::new(Counters::default());
@@ -275,6 +471,7 @@ impl Modules {
             trusted_keys: self.trusted_keys.clone(),
             inbox,
             counters: counters.clone(),
+            rate,
         };
         let (workers, sink) = (self.workers.clone(), self.sink.clone());
         let thread = std::thread::spawn(move || supervisor::supervise(module, workers, sink));
@@ -285,6 +482,7 @@ impl Modules {
                 input,
                 thread,
                 counters,
+                rate,
             },
         );
     }
@@ -328,8 +526,8 @@ impl Modules {
     }
 }
 
-fn lock(modules: &Mutex<Modules>) -> MutexGuard<'_, Modules> {
-    modules.lock().unwrap_or_else(|e| e.into_inner())
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Set once SIGTERM or SIGINT asked every module to stop: the exit is then clean.
@@ -368,9 +566,9 @@ impl Signals {
             }
             if sig == libc::SIGHUP {
                 match Config::load(config_path) {
-                    Ok((_, plans)) => {
+                    Ok((config, plans)) => {
                         tracing::info!(config = %config_path.display(), "reloading");
-                        lock(modules).set_local(plans);
+                        lock(modules).set_local(plans, config.rates);
                     }
                     Err(e) => tracing::error!("reload refused, keeping what runs: {e}"),
                 }

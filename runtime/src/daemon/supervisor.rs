@@ -4,22 +4,45 @@
 //! it after an exponential backoff, until too many crashes in the window mark the
 //! module failed. A worker's death never touches the supervisor or other modules.
 
+use std::cell::RefCell;
 use std::io::{BufReader, BufWriter};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use kiln_protocol::telemetry::{self, Body, ModuleStats, Record};
+use kiln_protocol::abi::MAX_PUBLISH;
+use kiln_protocol::names::{self, Kind};
+use kiln_protocol::telemetry::{self, Body, Cause, Discarded, ModuleStats, Record};
 use kiln_protocol::worker::{
-    read_frame, write_frame, Done, FromWorker, Limits, Ready, Reply, Request, StartSpec, Stop,
-    ToWorker,
+    read_frame_within, write_frame, Done, FromWorker, Limits, Ready, Reply, Request, StartSpec,
+    Stop, ToWorker, MAX_REPLY,
 };
 
 use crate::daemon::config::ModulePlan;
 use crate::daemon::procfs;
+use crate::daemon::rate::{Bucket, RateLimit};
+use crate::sandbox::capture::bound_line;
+
+/// Frames read from a worker and not yet handled. When it is full the reader thread
+/// stops reading, the pipe fills, and the worker blocks in its next `publish`: the
+/// backpressure lands on that module alone. Frames are at most `worker::MAX_FRAME`.
+const FRAME_QUEUE: usize = 8;
+
+/// What one module may have in the queues between its supervisor and the telemetry
+/// pipeline at once (records, and their payload bytes). The queues are shared by all
+/// modules; this share is what keeps a module that bursts from filling them for the
+/// others: its records beyond the share are its own loss, counted as `queue-full`.
+const SHARE_RECORDS: usize = 256;
+const SHARE_BYTES: usize = 16 * MAX_PUBLISH;
+
+/// Longest pause after a record over the rate limit (see `Reporter::data`).
+const MAX_PAUSE: Duration = Duration::from_millis(100);
+
+/// How often a module's discard counts are reported, at most.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
 
 /// What a module's supervisor counts, read by the stats sampler from another thread.
 #[derive(Debug, Default)]
@@ -32,6 +55,10 @@ pub struct Counters {
     restarts: AtomicU32,
     /// CPU time of workers already reaped.
     ended_cpu_us: AtomicU64,
+    /// Records discarded (rate limit, full queue, out of bounds) since the start; the
+    /// telemetry reports them per interval as `Discarded` records.
+    discarded_records: AtomicU64,
+    discarded_bytes: AtomicU64,
 }
 
 impl Counters {
@@ -57,7 +84,41 @@ impl Counters {
             restarts: self.restarts.load(Relaxed),
         }
     }
+
+    /// Records and payload bytes discarded since the module started.
+    pub fn discarded(&self) -> (u64, u64) {
+        (
+            self.discarded_records.load(Relaxed),
+            self.discarded_bytes.load(Relaxed),
+        )
+    }
 }
+
+/// How much of its share a module is using.
+#[derive(Debug, Default)]
+struct Share {
+    records: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+/// A queued record's claim on its module's share, given back when the record leaves
+/// the last queue (when this is dropped).
+#[derive(Debug)]
+pub struct Slot {
+    share: Arc<Share>,
+    bytes: usize,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.share.records.fetch_sub(1, Relaxed);
+        self.share.bytes.fetch_sub(self.bytes, Relaxed);
+    }
+}
+
+/// A record on its way to the records loop, with its claim on the module's share
+/// (none for starts, stops and counts, which do not count against it).
+pub type Queued = (Record, Option<Slot>);
 
 /// A message for a module's `kiln_on_message`: topic and bytes.
 pub type Message = (String, Vec<u8>);
@@ -70,6 +131,8 @@ pub enum Input {
     Swap(Box<ModulePlan>),
     /// End the worker and the module.
     Stop,
+    /// New rate limits, taken at once without restarting the worker.
+    Limit(RateLimit),
 }
 
 /// How to start a worker: `launcher... exe worker`.
@@ -102,18 +165,175 @@ pub struct Supervised {
     pub trusted_keys: Vec<String>,
     pub inbox: Receiver<Input>,
     pub counters: Arc<Counters>,
+    pub rate: RateLimit,
+}
+
+/// Where a module's records go, and what is counted on the way: its rate limit, the
+/// bounds on what a frame may carry, and a full records queue. Only the module's own
+/// supervisor thread uses it.
+pub struct Reporter {
+    name: String,
+    sink: SyncSender<Queued>,
+    counters: Arc<Counters>,
+    share: Arc<Share>,
+    state: RefCell<ReportState>,
+}
+
+struct ReportState {
+    bucket: Bucket,
+    /// Discards not yet reported, by cause.
+    pending: Vec<Discarded>,
+    reported: Instant,
+    /// Pausing a flooding module is kilnd's doing, not the module's: it may take at
+    /// most the first half of the call's time limit, never push it into its watchdog.
+    pause_until: Option<Instant>,
+}
+
+impl Reporter {
+    pub fn new(
+        name: String,
+        sink: SyncSender<Queued>,
+        counters: Arc<Counters>,
+        rate: RateLimit,
+    ) -> Self {
+        Self {
+            name,
+            sink,
+            counters,
+            share: Arc::default(),
+            state: RefCell::new(ReportState {
+                bucket: Bucket::new(rate, Instant::now()),
+                pending: Vec::new(),
+                reported: Instant::now(),
+                pause_until: None,
+            }),
+        }
+    }
+
+    fn record(&self, body: Body) -> Record {
+        Record {
+            at_ms: now_ms(),
+            module: Some(self.name.clone()),
+            body,
+        }
+    }
+
+    /// A start, a stop, a failure: rare, and the fleet agent acts on them, so they
+    /// wait for room in the queue.
+    pub fn event(&self, body: Body) {
+        let _ = self.sink.send((self.record(body), None));
+    }
+
+    /// What the module published or logged: within its rate, and only if the queue
+    /// has room, so a flood never blocks this thread or the other modules' ones.
+    fn data(&self, body: Body, bytes: usize) {
+        let now = Instant::now();
+        let admitted = self.state.borrow_mut().bucket.admit(bytes, now);
+        if !admitted {
+            self.discard(Cause::RateLimit, 1, bytes as u64);
+            // Dropping costs a frame read and decoded; a module publishing in a tight
+            // loop would keep a core busy on it, starving kilnd's other threads. So
+            // the supervisor stops reading until the bucket would take a record: the
+            // pipe fills and the module waits in its own `publish`.
+            let state = self.state.borrow();
+            let mut pause = state.bucket.wait(bytes, now).min(MAX_PAUSE);
+            if let Some(until) = state.pause_until {
+                pause = pause.min(until.saturating_duration_since(now));
+            }
+            drop(state);
+            std::thread::sleep(pause);
+            return;
+        }
+        let share = &self.share;
+        if share.records.load(Relaxed) >= SHARE_RECORDS
+            || share.bytes.load(Relaxed) + bytes > SHARE_BYTES
+        {
+            return self.discard(Cause::Queue, 1, bytes as u64);
+        }
+        share.records.fetch_add(1, Relaxed);
+        share.bytes.fetch_add(bytes, Relaxed);
+        let slot = Slot {
+            share: share.clone(),
+            bytes,
+        };
+        match self.sink.try_send((self.record(body), Some(slot))) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => self.flush(false),
+            Err(TrySendError::Full(_)) => self.discard(Cause::Queue, 1, bytes as u64),
+        }
+    }
+
+    fn discard(&self, cause: Cause, records: u64, bytes: u64) {
+        self.counters.discarded_records.fetch_add(records, Relaxed);
+        self.counters.discarded_bytes.fetch_add(bytes, Relaxed);
+        {
+            let mut state = self.state.borrow_mut();
+            match state.pending.iter_mut().find(|d| d.cause == cause) {
+                Some(d) => {
+                    d.records += records;
+                    d.bytes += bytes;
+                }
+                None => state.pending.push(Discarded {
+                    cause,
+                    records,
+                    bytes,
+                }),
+            }
+        }
+        self.flush(false);
+    }
+
+    /// Reports the counts gathered since the last report, once per interval (or now,
+    /// with `wait`, when the worker ends). A count that finds the queue full stays for
+    /// the next report: counts are never lost, only late.
+    fn flush(&self, wait: bool) {
+        let mut state = self.state.borrow_mut();
+        if state.pending.is_empty() || (!wait && state.reported.elapsed() < REPORT_EVERY) {
+            return;
+        }
+        state.reported = Instant::now();
+        while let Some(d) = state.pending.first().copied() {
+            let record = self.record(Body::Discarded(d));
+            let sent = if wait {
+                self.sink.send((record, None)).is_ok()
+            } else {
+                !matches!(
+                    self.sink.try_send((record, None)),
+                    Err(TrySendError::Full(_))
+                )
+            };
+            if !sent {
+                break;
+            }
+            tracing::warn!(module = %self.name, cause = d.cause.as_str(), records = d.records, bytes = d.bytes, "records discarded");
+            state.pending.remove(0);
+        }
+    }
+
+    /// A call starts that must end by `deadline`, `limit` after it started.
+    fn call_started(&self, deadline: Option<Instant>, limit: Option<Duration>) {
+        self.state.borrow_mut().pause_until =
+            deadline.zip(limit).and_then(|(d, l)| d.checked_sub(l / 2));
+    }
+
+    fn checked(&self, checked: Checked) {
+        if let Some((cause, bytes)) = checked.discard {
+            self.discard(cause, 1, bytes);
+        }
+        if let Some((body, bytes)) = checked.forward {
+            self.data(body, bytes);
+        }
+    }
+
+    fn set_rate(&self, rate: RateLimit) {
+        self.state.borrow_mut().bucket.set(rate);
+    }
 }
 
 /// Keeps `module` running until it ends cleanly, is stopped, or is marked failed.
-pub fn supervise(mut module: Supervised, workers: WorkerCommand, sink: Sender<Record>) {
+pub fn supervise(mut module: Supervised, workers: WorkerCommand, sink: SyncSender<Queued>) {
     let name = module.plan.name.clone();
-    let report = |body: Body| {
-        let _ = sink.send(Record {
-            at_ms: now_ms(),
-            module: Some(name.clone()),
-            body,
-        });
-    };
+    let reporter = Reporter::new(name.clone(), sink, module.counters.clone(), module.rate);
+    let report = |body: Body| reporter.event(body);
     let mut crashes: Vec<Instant> = Vec::new();
     let mut attempt = 0;
     let mut next: Option<ModulePlan> = None;
@@ -125,7 +345,8 @@ pub fn supervise(mut module: Supervised, workers: WorkerCommand, sink: Sender<Re
         let policy = module.plan.restart;
         attempt += 1;
         let started = Instant::now();
-        let (reason, peak_rss_kib) = run_worker(&module, &workers, attempt, &mut next, &report);
+        let (reason, peak_rss_kib) = run_worker(&module, &workers, attempt, &mut next, &reporter);
+        reporter.flush(true);
         let uptime_ms = started.elapsed().as_millis() as u64;
         if reason.is_clean() {
             let swap = next.is_some();
@@ -178,6 +399,10 @@ pub fn supervise(mut module: Supervised, workers: WorkerCommand, sink: Sender<Re
                 .recv_timeout(until.saturating_duration_since(Instant::now()))
             {
                 Ok(Input::Message(_)) => continue,
+                Ok(Input::Limit(rate)) => {
+                    reporter.set_rate(rate);
+                    continue;
+                }
                 Ok(Input::Swap(plan)) => next = Some(*plan),
                 Ok(Input::Stop) => {
                     report(stopped(&Stop::Requested { swap: false }, 0, None, n, None));
@@ -201,8 +426,9 @@ fn run_worker(
     workers: &WorkerCommand,
     attempt: u32,
     next: &mut Option<ModulePlan>,
-    report: &dyn Fn(Body),
+    reporter: &Reporter,
 ) -> (Stop, Option<u64>) {
+    let report = |body: Body| reporter.event(body);
     let plan = &module.plan;
     let spawned = Instant::now();
     let mut child = match workers.command().spawn() {
@@ -236,16 +462,16 @@ fn run_worker(
     };
     let stop = (|| -> Result<(), Stop> {
         worker.send(Request::Start(Box::new(spec)))?;
-        let ready = worker.await_ready(plan.start_timeout, report)?;
+        let ready = worker.await_ready(plan.start_timeout, reporter)?;
         counters.memory_pages.store(ready.memory_pages, Relaxed);
         let rss_kib = procfs::rss_kib(child.id());
         if ready.command {
-            let done = worker.call(Request::Run, "_start", plan.run_timeout, report)?;
+            let done = worker.call(Request::Run, "_start", plan.run_timeout, reporter)?;
             counters.called(&done);
             return Err(Stop::Exited(done.status));
         }
         let first_tick = if ready.ticks {
-            let done = worker.call(Request::Tick, "kiln_tick", Some(plan.timeout), report)?;
+            let done = worker.call(Request::Tick, "kiln_tick", Some(plan.timeout), reporter)?;
             counters.called(&done);
             Some(done)
         } else {
@@ -280,6 +506,10 @@ fn run_worker(
                     return Err(Stop::Requested { swap: true });
                 }
                 Ok(Input::Stop) => return Err(Stop::Requested { swap: false }),
+                Ok(Input::Limit(rate)) => {
+                    reporter.set_rate(rate);
+                    continue;
+                }
                 Err(RecvTimeoutError::Timeout) if ready.ticks => {
                     next_tick += plan.tick;
                     (Request::Tick, "kiln_tick")
@@ -291,7 +521,8 @@ fn run_worker(
                     (Request::Tick, "kiln_tick")
                 }
             };
-            let done = worker.call(request, call, Some(plan.timeout), report)?;
+            let done = worker.call(request, call, Some(plan.timeout), reporter)?;
+            reporter.flush(false);
             counters.called(&done);
             if done.status != 0 && call == "kiln_tick" {
                 report(Body::TickFailed {
@@ -329,12 +560,12 @@ struct Worker {
 
 impl Worker {
     fn attach(child: &mut Child) -> Self {
-        let (tx, frames) = mpsc::channel();
+        let (tx, frames) = mpsc::sync_channel(FRAME_QUEUE);
         if let Some(stdout) = child.stdout.take() {
             std::thread::spawn(move || {
                 let mut input = BufReader::new(stdout);
                 loop {
-                    let frame = match read_frame::<FromWorker>(&mut input) {
+                    let frame = match read_frame_within::<FromWorker>(&mut input, MAX_REPLY) {
                         Ok(Some(FromWorker::V1(reply))) => Ok(reply),
                         Ok(None) => return,
                         Err(e) => Err(e.to_string()),
@@ -362,13 +593,17 @@ impl Worker {
     }
 
     /// Waits for the next frame that is not a record, forwarding records on the way.
+    /// The worker checked them already; they are checked again here, because a frame
+    /// that slipped past (a bug, a worker built from other sources) must not reach the
+    /// link as it is: out of bounds is cut (a log line) or dropped, and counted.
     fn next(
         &mut self,
         deadline: Option<Instant>,
         call: &str,
         limit: Option<Duration>,
-        report: &dyn Fn(Body),
+        reporter: &Reporter,
     ) -> Result<Reply, Stop> {
+        reporter.call_started(deadline, limit);
         loop {
             let frame = match deadline {
                 Some(d) => match self
@@ -394,24 +629,30 @@ impl Worker {
                     .map_err(|_| self.gone("the worker closed its pipe".into()))?,
             };
             match frame.map_err(|e| Stop::Lost(format!("broken frame from the worker: {e}")))? {
-                Reply::Telemetry { stream, data } => report(Body::Telemetry { stream, data }),
+                Reply::Telemetry { stream, data } => {
+                    let checked = check(Body::Telemetry { stream, data });
+                    reporter.checked(checked);
+                }
                 Reply::Log {
                     level,
                     source,
                     line,
-                } => report(Body::Log {
-                    level,
-                    source,
-                    line,
-                }),
+                } => {
+                    let checked = check(Body::Log {
+                        level,
+                        source,
+                        line,
+                    });
+                    reporter.checked(checked);
+                }
                 Reply::Fatal(stop) => return Err(stop),
                 other => return Ok(other),
             }
         }
     }
 
-    fn await_ready(&mut self, limit: Duration, report: &dyn Fn(Body)) -> Result<Ready, Stop> {
-        match self.next(Some(Instant::now() + limit), "start", Some(limit), report)? {
+    fn await_ready(&mut self, limit: Duration, reporter: &Reporter) -> Result<Ready, Stop> {
+        match self.next(Some(Instant::now() + limit), "start", Some(limit), reporter)? {
             Reply::Ready(ready) => Ok(ready),
             other => Err(Stop::Lost(format!("expected Ready, got {other:?}"))),
         }
@@ -422,11 +663,11 @@ impl Worker {
         request: Request,
         call: &str,
         limit: Option<Duration>,
-        report: &dyn Fn(Body),
+        reporter: &Reporter,
     ) -> Result<Done, Stop> {
         self.send(request)?;
         let deadline = limit.map(|l| Instant::now() + l);
-        match self.next(deadline, call, limit, report)? {
+        match self.next(deadline, call, limit, reporter)? {
             Reply::Done(done) => Ok(done),
             other => Err(Stop::Lost(format!("expected Done, got {other:?}"))),
         }
@@ -434,6 +675,61 @@ impl Worker {
 
     fn gone(&self, why: String) -> Stop {
         Stop::Lost(why)
+    }
+}
+
+/// A record frame checked against the ABI's bounds again: what goes on (with its
+/// payload size), and what was cut or dropped (cause, payload bytes).
+#[derive(Debug, PartialEq)]
+struct Checked {
+    forward: Option<(Body, usize)>,
+    discard: Option<(Cause, u64)>,
+}
+
+fn check(body: Body) -> Checked {
+    match body {
+        Body::Telemetry { stream, data } => {
+            let size = data.len() as u64;
+            let discard = if names::check(Kind::Stream, &stream).is_err() {
+                Some((Cause::Invalid, size))
+            } else if data.len() > MAX_PUBLISH {
+                Some((Cause::Oversized, size))
+            } else {
+                None
+            };
+            let bytes = data.len();
+            let forward = match discard {
+                None => Some((Body::Telemetry { stream, data }, bytes)),
+                Some(_) => None,
+            };
+            Checked { forward, discard }
+        }
+        Body::Log {
+            level,
+            source,
+            line,
+        } => {
+            let (line, cut) = match bound_line(&line) {
+                (_, 0) => (line, 0),
+                bounded => bounded,
+            };
+            let bytes = line.len();
+            Checked {
+                forward: Some((
+                    Body::Log {
+                        level,
+                        source,
+                        line,
+                    },
+                    bytes,
+                )),
+                discard: (cut > 0).then_some((Cause::Oversized, cut)),
+            }
+        }
+        other => Checked {
+            forward: Some((other, 0)),
+            discard: None,
+        },
     }
 }
 
@@ -473,7 +769,8 @@ fn stopped(
 ) -> Body {
     Body::Stopped(telemetry::Stopped {
         reason: reason.kind().into(),
-        why: reason.to_string(),
+        // A trap message comes from the worker: bounded like a log line.
+        why: bound_line(&reason.to_string()).0,
         exit_code: match reason {
             Stop::Exited(c) => Some(*c),
             _ => None,
@@ -550,4 +847,48 @@ pub fn now_ms() -> u64 {
 /// supervisor's memory.
 pub fn inbox() -> (SyncSender<Input>, Receiver<Input>) {
     mpsc::sync_channel(64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_protocol::abi::{Level, MAX_LOG};
+    use kiln_protocol::worker::LogSource;
+
+    #[test]
+    fn frames_out_of_the_abis_bounds_are_cut_or_dropped_and_counted() {
+        let telemetry = |stream: &str, n: usize| Body::Telemetry {
+            stream: stream.into(),
+            data: vec![1; n],
+        };
+        let ok = check(telemetry("temp", MAX_PUBLISH));
+        assert_eq!(ok.discard, None);
+        assert_eq!(ok.forward.unwrap().1, MAX_PUBLISH);
+        for (stream, n, cause) in [
+            ("temp", MAX_PUBLISH + 1, Cause::Oversized),
+            ("a/b", 3, Cause::Invalid),
+            ("#", 3, Cause::Invalid),
+            ("", 3, Cause::Invalid),
+        ] {
+            let dropped = check(telemetry(stream, n));
+            assert_eq!(dropped.forward, None, "{stream}");
+            assert_eq!(dropped.discard, Some((cause, n as u64)), "{stream}");
+        }
+        let long = check(Body::Log {
+            level: Level::Info,
+            source: LogSource::Abi,
+            line: "x".repeat(3 << 20),
+        });
+        let (Body::Log { line, .. }, bytes) = long.forward.unwrap() else {
+            panic!("a log line stays a log line");
+        };
+        assert!(line.len() <= MAX_LOG && bytes == line.len());
+        let (cause, cut) = long.discard.unwrap();
+        assert_eq!(cause, Cause::Oversized);
+        assert!(
+            line.ends_with(&format!(" [cut: {cut} bytes]")),
+            "{}",
+            &line[4000..]
+        );
+    }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use kiln_protocol::abi::{self, Level, Status, MAX_LOG, MAX_PUBLISH, MAX_STREAM};
+use kiln_protocol::names::{self, Kind};
 use kiln_protocol::worker::{LogSource, Reply};
 use wasmer::{AsStoreMut, Exports, Function, FunctionEnv, FunctionEnvMut, Imports, Memory, Store};
 
@@ -115,10 +116,11 @@ fn publish(
         Ok(s) => s,
         Err(status) => return status,
     };
+    // A stream becomes a topic level: the same rule as every other name.
     let Ok(stream) = String::from_utf8(stream) else {
         return Status::Invalid as i32;
     };
-    if stream.is_empty() {
+    if names::check(Kind::Stream, &stream).is_err() {
         return Status::Invalid as i32;
     }
     let data = match read(&ctx, data_ptr, data_len, MAX_PUBLISH) {

@@ -28,6 +28,12 @@ pub fn serve() -> i32 {
     let mut input = BufReader::new(io::stdin().lock());
     let out = Arc::new(Mutex::new(BufWriter::new(io::stdout())));
     let emit: Emit = Arc::new(move |reply| {
+        // Texts of a stop come from wasmer and the module: bounded like log lines, so
+        // the supervisor can read every reply under `MAX_REPLY`.
+        let reply = match reply {
+            Reply::Fatal(stop) => Reply::Fatal(stop.bounded()),
+            other => other,
+        };
         let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
         if write_frame(&mut *out, &FromWorker::V1(reply)).is_err() {
             // The supervisor is gone; nobody is left to serve.

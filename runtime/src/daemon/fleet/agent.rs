@@ -131,7 +131,7 @@ pub enum Effect {
     /// Assemble (re-hashing every chunk) or, with `from_slot`, read the slot back;
     /// verify everything against `module`; write the slot; answer with `Input::Staged`.
     Stage {
-        module: DesiredModule,
+        module: Box<DesiredModule>,
         key: DownloadKey,
         slot: Slot,
         from_slot: bool,
@@ -553,7 +553,7 @@ impl Agent {
         if staged_here {
             // Staged before a restart: verify the slot again and go on from there.
             self.out.push(Effect::Stage {
-                module: d.clone(),
+                module: Box::new(d.clone()),
                 key,
                 slot,
                 from_slot: true,
@@ -724,7 +724,7 @@ impl Agent {
         d.staging = true;
         let module = d.module.clone();
         self.out.push(Effect::Stage {
-            module,
+            module: Box::new(module),
             key,
             slot,
             from_slot: false,

@@ -8,29 +8,48 @@
 //! When the spool is full the oldest batches that are not in flight are dropped, and
 //! the batch being sealed carries a `Dropped` record naming them, so a consumer can
 //! tell a drop from a loss.
+//!
+//! Every batch fits what the link sends: sealing splits the open records over as many
+//! batches as it takes to keep each under `telemetry::MAX_BATCH`, and a record that
+//! could not fit alone becomes a `Discarded` count. A spool that cannot be opened or
+//! written (a read-only remount, a full disk) does not stop kilnd: batches are then
+//! published without it, counted as `Discarded` (cause `unspooled`), and the spool is
+//! tried again at each stats interval.
 
 pub mod spool;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kiln_protocol::telemetry::{coalesce, Batch, BatchV1, Body, DeviceStats, Dropped, Record};
+use kiln_protocol::telemetry::{
+    coalesce, split, Batch, BatchV1, Body, Cause, DeviceStats, Discarded, Dropped, Record,
+    MAX_RECORD,
+};
 
 use crate::daemon::config::TelemetryConfig;
 use crate::daemon::link::{Delivery, Link};
 use crate::daemon::procfs;
-use crate::daemon::supervisor::now_ms;
+use crate::daemon::supervisor::{now_ms, Slot};
 use spool::{Entry, Spool};
 
 pub enum TelemetryIn {
-    Record(Record),
-    /// The broker acknowledged (or the connection lost) the batch at a spool index.
-    Delivery(Delivery),
+    /// A record, holding its module's share of the queues until it is here.
+    Record(Record, Option<Slot>),
+    /// The link put deliveries in the shared [`Deliveries`] list.
+    Delivered,
     /// Seal what is open, give in-flight batches a moment, then answer and end.
     Finish(Sender<()>),
 }
+
+/// What the broker acknowledged (or the connection lost), by spool index. The link
+/// thread must never wait on the pipeline (it would stop polling the connection,
+/// and the pipeline may itself be waiting for rumqttc), so deliveries go in this
+/// list rather than the bounded queue; it holds at most one entry per tracked
+/// publish, so at most `window` entries.
+pub type Deliveries = Arc<Mutex<VecDeque<Delivery>>>;
 
 /// Module stats records, sampled by whoever knows the modules.
 pub type SampleFn = Box<dyn Fn() -> Vec<Record> + Send>;
@@ -41,6 +60,7 @@ pub struct Pipeline {
     boot_id: u64,
     topic: String,
     link: Link,
+    deliveries: Deliveries,
     spool: Spool,
     sample: SampleFn,
     data_dir: PathBuf,
@@ -53,12 +73,23 @@ pub struct Pipeline {
     totals: Totals,
 }
 
+/// Room kept in every batch for the drop reports sealing may add to it (coalesced
+/// ranges: a handful, 40 bytes each).
+const DROP_REPORT_ROOM: usize = 16 * 1024;
+
+/// The bound on the records of one sealed batch.
+pub const RECORDS_BUDGET: usize = MAX_RECORD - DROP_REPORT_ROOM;
+
 #[derive(Default)]
 struct Totals {
     dropped_batches: u64,
     dropped_records: u64,
     appends: u64,
     append_us: u64,
+    /// Batches published without the spool since the last report: (records, bytes).
+    unspooled: (u64, u64),
+    /// Batches neither spooled nor taken by rumqttc since the last report.
+    unsent: (u64, u64),
 }
 
 /// Where the spool lives under the data dir.
@@ -73,15 +104,11 @@ impl Pipeline {
         boot_id: u64,
         data_dir: PathBuf,
         topic: String,
-        link: Link,
+        (link, deliveries): (Link, Deliveries),
         sample: SampleFn,
-    ) -> Result<Self, String> {
+    ) -> Self {
         let dir = spool_dir(&data_dir);
-        let (spool, removed) = Spool::open(dir.clone(), settings.spool_limit)
-            .map_err(|e| format!("cannot use the telemetry spool `{}`: {e}", dir.display()))?;
-        if !removed.is_empty() {
-            tracing::warn!(files = ?removed, "removed spool files that were not whole batches");
-        }
+        let spool = Spool::open_or_degraded(dir, settings.spool_limit);
         let (batches, bytes) = spool.depth();
         if batches > 0 {
             tracing::info!(
@@ -91,12 +118,13 @@ impl Pipeline {
             );
         }
         let stats_every = Duration::from_secs(settings.stats_s);
-        Ok(Self {
+        Self {
             settings,
             device: device.into(),
             boot_id,
             topic,
             link,
+            deliveries,
             spool,
             sample,
             data_dir,
@@ -107,7 +135,7 @@ impl Pipeline {
             in_flight: BTreeSet::new(),
             next_stats: Instant::now() + stats_every,
             totals: Totals::default(),
-        })
+        }
     }
 
     pub fn run(mut self, rx: Receiver<TelemetryIn>) {
@@ -122,8 +150,8 @@ impl Pipeline {
                 until = until.min(self.opened_at + Duration::from_millis(self.settings.batch_ms));
             }
             match rx.recv_timeout(until.saturating_duration_since(now)) {
-                Ok(TelemetryIn::Record(r)) => self.push(r),
-                Ok(TelemetryIn::Delivery(d)) => self.delivered(d),
+                Ok(TelemetryIn::Record(r, _slot)) => self.push(r),
+                Ok(TelemetryIn::Delivered) => {}
                 Ok(TelemetryIn::Finish(done)) => {
                     self.finish(&rx);
                     let _ = done.send(());
@@ -132,8 +160,10 @@ impl Pipeline {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return self.seal(),
             }
+            self.take_deliveries();
             if self.settings.stats_s > 0 && Instant::now() >= self.next_stats {
                 self.next_stats += Duration::from_secs(self.settings.stats_s);
+                self.spool.retry();
                 for r in (self.sample)() {
                     self.push(r);
                 }
@@ -158,6 +188,13 @@ impl Pipeline {
         self.open.push(record);
     }
 
+    fn take_deliveries(&mut self) {
+        let taken = std::mem::take(&mut *self.deliveries.lock().unwrap_or_else(|e| e.into_inner()));
+        for d in taken {
+            self.delivered(d);
+        }
+    }
+
     fn delivered(&mut self, delivery: Delivery) {
         match delivery {
             Delivery::Acked(index) => {
@@ -171,14 +208,40 @@ impl Pipeline {
         }
     }
 
-    /// Seals the open batch into the spool, making room first if the bound asks for it.
+    /// Seals the open records into as many batches as keep each under the link's
+    /// bound, each into the spool.
     fn seal(&mut self) {
         if self.open.is_empty() {
             return;
         }
-        let mut records = std::mem::take(&mut self.open);
-        let estimate = self.open_bytes + 128;
+        let records = std::mem::take(&mut self.open);
         self.open_bytes = 0;
+        for run in split(records, RECORDS_BUDGET) {
+            self.seal_one(run);
+        }
+        for cause in [Cause::Unspooled, Cause::Queue] {
+            let (records, bytes) = std::mem::take(match cause {
+                Cause::Unspooled => &mut self.totals.unspooled,
+                _ => &mut self.totals.unsent,
+            });
+            if records > 0 {
+                // Goes out with the next batch.
+                self.push(Record {
+                    at_ms: now_ms(),
+                    module: None,
+                    body: Body::Discarded(Discarded {
+                        cause,
+                        records,
+                        bytes,
+                    }),
+                });
+            }
+        }
+    }
+
+    /// Seals one batch into the spool, making room first if the bound asks for it.
+    fn seal_one(&mut self, mut records: Vec<Record>) {
+        let estimate = records.iter().map(Record::encoded_len).sum::<usize>() as u64 + 128;
         let victims = self.spool.room_for(estimate, &self.in_flight);
         let mut drops = Vec::new();
         for index in &victims {
@@ -230,8 +293,17 @@ impl Pipeline {
             }
             Err(e) => {
                 // No disk: send it anyway; it is lost only if the broker is away too.
+                // Without waiting: with the broker away too, rumqttc's queue fills,
+                // and what it cannot take is lost (and counted) rather than held.
                 tracing::error!(seq = batch.seq, error = %e, "cannot spool telemetry; publishing it unspooled");
-                self.link.publish(self.topic.clone(), false, bytes);
+                let (n, size) = (batch.records.len() as u64, bytes.len() as u64);
+                if self.link.publish_now(self.topic.clone(), bytes) {
+                    self.totals.unspooled.0 += n;
+                    self.totals.unspooled.1 += size;
+                } else {
+                    self.totals.unsent.0 += n;
+                    self.totals.unsent.1 += size;
+                }
             }
         }
         // Only now that the drop report is on disk do the dropped batches go.
@@ -245,6 +317,19 @@ impl Pipeline {
         let room = self.settings.window.saturating_sub(self.in_flight.len());
         for index in self.spool.unsent(&self.in_flight, room) {
             match self.spool.read(index) {
+                // Written by a kilnd without the bound: the link would refuse it and
+                // drop the connection over it, again and again.
+                Ok(bytes) if !self.link.fits(&self.topic, bytes.len()) => {
+                    tracing::error!(
+                        index,
+                        bytes = bytes.len(),
+                        "a spooled batch is over the link's packet limit; dropping it"
+                    );
+                    if let Some(e) = self.spool.remove(index) {
+                        self.totals.dropped_batches += 1;
+                        self.totals.dropped_records += e.records;
+                    }
+                }
                 Ok(bytes) => {
                     if !self.link.publish_tracked(self.topic.clone(), bytes, index) {
                         return;
@@ -265,18 +350,18 @@ impl Pipeline {
     fn finish(&mut self, rx: &Receiver<TelemetryIn>) {
         while let Ok(input) = rx.try_recv() {
             match input {
-                TelemetryIn::Record(r) => self.push(r),
-                TelemetryIn::Delivery(d) => self.delivered(d),
-                TelemetryIn::Finish(_) => {}
+                TelemetryIn::Record(r, _slot) => self.push(r),
+                TelemetryIn::Delivered | TelemetryIn::Finish(_) => {}
             }
         }
+        self.take_deliveries();
         self.seal();
         self.publish();
         let deadline = Instant::now() + Duration::from_secs(2);
         while !self.in_flight.is_empty() {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(TelemetryIn::Delivery(d)) => {
-                    self.delivered(d);
+                Ok(TelemetryIn::Delivered) => {
+                    self.take_deliveries();
                     self.publish();
                 }
                 Ok(_) => {}
@@ -319,4 +404,112 @@ pub fn new_boot_id() -> u64 {
         return now_ms() ^ (std::process::id() as u64) << 40;
     }
     u64::from_le_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_protocol::abi::Level;
+    use kiln_protocol::names::MAX_NAME;
+    use kiln_protocol::telemetry::MAX_BATCH;
+    use kiln_protocol::worker::LogSource;
+    use proptest::prelude::*;
+
+    fn record(kind: u8, size: usize, n: u64) -> Record {
+        let body = match kind {
+            0 => Body::Telemetry {
+                stream: "s".repeat(MAX_NAME),
+                data: vec![0xa5; size],
+            },
+            1 => Body::Log {
+                level: Level::Info,
+                source: LogSource::Stdout,
+                line: "é".repeat(size / 2),
+            },
+            _ => Body::TickFailed { status: -1 },
+        };
+        Record {
+            at_ms: u64::MAX - n,
+            module: Some("m".repeat(MAX_NAME)),
+            body,
+        }
+    }
+
+    /// A batch as `seal_one` makes it: the records of one run, the drop reports the
+    /// spool may add, the longest device id and the largest numbers.
+    fn batch(records: Vec<Record>) -> Vec<u8> {
+        let mut records = records;
+        for i in 0..100 {
+            records.push(Record {
+                at_ms: u64::MAX,
+                module: None,
+                body: Body::Dropped(Dropped {
+                    boot_id: u64::MAX - i,
+                    first_seq: u64::MAX,
+                    last_seq: u64::MAX,
+                    batches: u64::MAX,
+                    records: u64::MAX,
+                }),
+            });
+        }
+        Batch::encode(&BatchV1 {
+            device: "d".repeat(MAX_NAME),
+            boot_id: u64::MAX,
+            seq: u64::MAX,
+            records,
+        })
+    }
+
+    #[test]
+    fn a_full_run_with_its_drop_reports_fits_the_link() {
+        // Records of the largest kind until the budget is spent.
+        let records: Vec<Record> = (0..40).map(|n| record(0, 64 * 1024, n)).collect();
+        let runs = split(records, RECORDS_BUDGET);
+        assert!(runs.len() > 1);
+        for run in runs {
+            let bytes = batch(run);
+            assert!(bytes.len() <= MAX_BATCH, "{} bytes", bytes.len());
+            assert!(Batch::decode(&bytes).is_ok());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Whatever the records: every run fits the budget (so every batch the link's
+        /// bound), order is kept, and every record is in exactly one run, as itself
+        /// or, when it could not fit alone, as a count of one for its module.
+        #[test]
+        fn sealing_keeps_every_batch_under_the_bound_and_accounts_for_every_record(
+            budget in 300usize..40_000,
+            specs in prop::collection::vec((0u8..3, 0usize..50_000), 0..60),
+        ) {
+            let records: Vec<Record> = specs
+                .iter()
+                .enumerate()
+                .map(|(n, (kind, size))| record(*kind, *size, n as u64))
+                .collect();
+            let runs = split(records.clone(), budget);
+            let mut out = Vec::new();
+            for run in &runs {
+                prop_assert!(!run.is_empty());
+                let used: usize = run.iter().map(Record::encoded_len).sum();
+                prop_assert!(used <= budget, "a run of {} bytes over {}", used, budget);
+                out.extend(run.iter().cloned());
+            }
+            prop_assert_eq!(out.len(), records.len());
+            for (sent, original) in out.iter().zip(&records) {
+                if original.encoded_len() <= budget {
+                    prop_assert_eq!(sent, original);
+                } else {
+                    let Body::Discarded(d) = &sent.body else {
+                        panic!("an oversized record was neither sent nor counted: {sent:?}");
+                    };
+                    prop_assert_eq!(d.cause, Cause::Oversized);
+                    prop_assert_eq!(d.records, 1);
+                    prop_assert_eq!(&sent.module, &original.module);
+                }
+            }
+        }
+    }
 }

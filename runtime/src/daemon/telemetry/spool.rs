@@ -4,6 +4,10 @@
 //! [`write_atomically`] so a power cut leaves whole batches or none. The spool is
 //! bounded in bytes: making room drops the oldest batches that are not in flight, and
 //! the caller reports what was dropped.
+//!
+//! A spool that cannot be used (its directory cannot be created or read, say after a
+//! read-only remount) is *degraded*: it holds nothing, every append fails so the
+//! caller publishes without it, and [`Spool::retry`] tries to open it again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -47,6 +51,8 @@ impl Entry {
 pub struct Spool {
     dir: PathBuf,
     limit: u64,
+    /// Why the spool is not usable, while it is not.
+    degraded: Option<String>,
     entries: BTreeMap<u64, Entry>,
     bytes: u64,
     next: u64,
@@ -61,6 +67,7 @@ impl Spool {
         let mut spool = Self {
             dir,
             limit,
+            degraded: None,
             entries: BTreeMap::new(),
             bytes: 0,
             next: 0,
@@ -86,13 +93,56 @@ impl Spool {
                     spool.next = spool.next.max(index + 1);
                     spool.entries.insert(index, entry);
                 }
-                _ => {
-                    std::fs::remove_file(&path)?;
-                    removed.push(name);
-                }
+                _ => match std::fs::remove_file(&path) {
+                    Ok(()) => removed.push(name),
+                    // Not indexed either way; what cannot go is left for a later start.
+                    Err(e) => {
+                        tracing::warn!(file = %name, error = %e, "cannot remove a spool file that is not a whole batch")
+                    }
+                },
             }
         }
         Ok((spool, removed))
+    }
+
+    /// Opens the spool, or a degraded one that says why, and logs either way.
+    pub fn open_or_degraded(dir: PathBuf, limit: u64) -> Self {
+        match Self::open(dir.clone(), limit) {
+            Ok((spool, removed)) => {
+                if !removed.is_empty() {
+                    tracing::warn!(files = ?removed, "removed spool files that were not whole batches");
+                }
+                spool
+            }
+            Err(e) => {
+                let why = format!("cannot use the telemetry spool `{}`: {e}", dir.display());
+                tracing::error!("{why}; telemetry goes out unspooled until it can");
+                Self {
+                    dir,
+                    limit,
+                    degraded: Some(why),
+                    entries: BTreeMap::new(),
+                    bytes: 0,
+                    next: 0,
+                }
+            }
+        }
+    }
+
+    /// A degraded spool tries to open again; a working one stays as it is.
+    pub fn retry(&mut self) {
+        if self.degraded.is_none() {
+            return;
+        }
+        if let Ok((spool, _)) = Self::open(self.dir.clone(), self.limit) {
+            tracing::info!(dir = %self.dir.display(), "telemetry spool usable again");
+            // Indexes go on growing past what the degraded spool never used.
+            *self = spool;
+        }
+    }
+
+    pub fn degraded(&self) -> Option<&str> {
+        self.degraded.as_deref()
     }
 
     /// Indexes of the oldest batches not in `in_flight` that must go so that `size`
@@ -114,6 +164,9 @@ impl Spool {
 
     /// Writes a batch durably; returns its spool index.
     pub fn append(&mut self, entry: Entry, bytes: &[u8]) -> io::Result<u64> {
+        if let Some(why) = &self.degraded {
+            return Err(io::Error::other(why.clone()));
+        }
         let index = self.next;
         write_atomically(&self.path(index), bytes)?;
         self.next += 1;
@@ -203,6 +256,28 @@ mod tests {
         assert_eq!(spool.get(2).unwrap().seq, 2);
         assert_eq!(spool.depth().0, 2);
         assert_eq!(spool.next, 3, "indexes keep growing after a restart");
+    }
+
+    #[test]
+    fn a_spool_that_cannot_be_opened_is_degraded_and_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        // A file where the spool directory should be: create_dir_all fails.
+        let blocked = dir.path().join("telemetry");
+        std::fs::write(&blocked, b"not a directory").unwrap();
+        let mut spool = Spool::open_or_degraded(blocked.clone(), 1 << 20);
+        assert!(spool
+            .degraded()
+            .unwrap()
+            .contains("cannot use the telemetry spool"));
+        let (entry, bytes) = batch(0, 10);
+        assert!(spool.append(entry.clone(), &bytes).is_err());
+        assert_eq!(spool.depth(), (0, 0));
+        spool.retry();
+        assert!(spool.degraded().is_some());
+        std::fs::remove_file(&blocked).unwrap();
+        spool.retry();
+        assert!(spool.degraded().is_none());
+        assert_eq!(spool.append(entry, &bytes).unwrap(), 0);
     }
 
     #[test]
