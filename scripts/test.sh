@@ -21,3 +21,4 @@ cargo test --locked
 # model-based test with a fixed seed and case count), built alone like kilnd, with the
 # test-only features the tests' kilnd has.
 cargo test --locked -p kiln-runtime --lib --features conformance,test-hooks
+cargo test --locked -p kiln-runtime --doc

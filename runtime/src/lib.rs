@@ -13,10 +13,12 @@
 //!   state machine and its driver), and the `telemetry` pipeline with its spool.
 //!
 //! ```no_run
+//! use kiln_runtime::sandbox::limits;
 //! use kiln_runtime::sandbox::load::{load_artifact, read_trusted_keys};
 //!
 //! let trust = read_trusted_keys(&["fleet.pub".into()])?;
-//! let loaded = load_artifact("app.kiln".as_ref(), &trust, None, |_| wasmer::Engine::headless())?;
+//! // No expected identity: any artifact a trusted key signed; memories capped at 16 MiB.
+//! let loaded = load_artifact("app.kiln".as_ref(), &trust, None, |_| limits::engine(256))?;
 //! println!("{} v{} ready", loaded.manifest.name, loaded.manifest.version);
 //! # Ok::<(), kiln_runtime::exit::Failure>(())
 //! ```
