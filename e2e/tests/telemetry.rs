@@ -484,7 +484,18 @@ fn vm_kib(pid: u32, key: &str) -> Option<u64> {
 /// `secs` seconds; checks that every counter record kilnd made reached `kiln watch`,
 /// in order, and returns what was measured.
 fn next_to_flooders(id: &str, flooders: &[(&str, &str)], secs: u64) -> Flooded {
-    let target = "x86_64-linux";
+    next_to_flooders_on("x86_64-linux", id, flooders, secs, RSS_BOUND_KIB)
+}
+
+/// The same on `target` (under qemu-user for another architecture, where the RSS is
+/// the emulator's and so bound by `rss_bound_kib`).
+fn next_to_flooders_on(
+    target: &str,
+    id: &str,
+    flooders: &[(&str, &str)],
+    secs: u64,
+    rss_bound_kib: u64,
+) -> Flooded {
     let broker = Broker::start();
     let mut watch = Watcher::start(&broker, id);
     let counter = shared().artifact("fixtures/counter.wat", target);
@@ -517,7 +528,7 @@ fn next_to_flooders(id: &str, flooders: &[(&str, &str)], secs: u64) -> Flooded {
         std::thread::sleep(Duration::from_millis(200));
         let rss = vm_kib(pid, "VmRSS:").unwrap_or(0);
         assert!(
-            rss < RSS_BOUND_KIB,
+            rss < rss_bound_kib,
             "kilnd holds {rss} KiB next to {flooders:?}\n{}",
             device.stderr()
         );
@@ -567,12 +578,18 @@ fn next_to_flooders(id: &str, flooders: &[(&str, &str)], secs: u64) -> Flooded {
             acc
         });
     assert!(
-        peak_rss_kib < RSS_BOUND_KIB,
+        peak_rss_kib < rss_bound_kib,
         "kilnd peaked at {peak_rss_kib} KiB"
     );
     let stops: Vec<Value> = watch.of_kind("stopped");
+    // Natively no module is stopped but by the SIGTERM. Under qemu a flooder's call can
+    // outlast its 1 s watchdog and restart it: that costs the flooder only.
+    let native = target == "x86_64-linux";
     assert!(
-        stops.iter().all(|v| v["reason"] == "stopped"),
+        stops
+            .iter()
+            .filter(|v| native || v["module"] == "counter")
+            .all(|v| v["reason"] == "stopped"),
         "no module was stopped but by the SIGTERM: {stops:?}"
     );
     assert!(
@@ -650,6 +667,31 @@ fn flooding_modules_only_hurt_themselves() {
         all.healthy_per_s
     );
 }
+
+/// The same three flooders next to the healthy module with the aarch64 kilnd under
+/// qemu-user: what the flooders do costs them, not their neighbour or the link.
+#[test]
+fn flooding_modules_only_hurt_themselves_on_aarch64_under_qemu() {
+    let all = next_to_flooders_on(
+        "aarch64-linux",
+        "flood-aarch64",
+        &[
+            ("long-lines", "fixtures/long-lines.wat"),
+            ("flood-publish", "fixtures/flood-publish.wat"),
+            ("flood-log", "fixtures/flood-log.wat"),
+        ],
+        10,
+        QEMU_RSS_BOUND_KIB,
+    );
+    assert!(discarded(&all, "flood-log", "rate-limit") > 100, "{all:?}");
+    eprintln!(
+        "| aarch64 under qemu, all three | {} | {:.0} |",
+        all.peak_rss_kib, all.healthy_per_s
+    );
+}
+
+/// qemu-user's own memory (translated code, its heap) comes on top of kilnd's.
+const QEMU_RSS_BOUND_KIB: u64 = 256 * 1024;
 
 /// Issue 12: a spool that cannot be opened (here a file where its directory should
 /// be; a read-only remount does the same) used to make `serve` exit 81 and stop the
