@@ -1034,3 +1034,35 @@ fn fresh_serial() -> u64 {
         .as_millis() as u64;
     ms + 60_000
 }
+
+/// Issue 13, finding 7: an older signed artifact copied into the committed slot passed
+/// the anti-rollback floor, because the worker loaded whatever verified at the path.
+/// The worker is now told the sha256, name and version to expect.
+#[test]
+fn an_older_signed_artifact_copied_into_the_slot_is_refused_by_the_worker() {
+    let quick = ["--health-window-ms", "1500", "--tick-ms", "100"];
+    let (broker, watch, mut device) = device_at_v1("dev-slot", &quick);
+    push(&broker, &app("x86_64-linux", 2, false), "dev-slot", &quick);
+    watch.wait_committed(2, Duration::from_secs(30));
+    device.kill();
+    // v2 went to slot B; put v1, validly signed, in its place.
+    let slot = device.dir.join("data/modules/app/b.kiln");
+    assert!(slot.exists());
+    std::fs::copy(app("x86_64-linux", 1, false), &slot).unwrap();
+    let before = device.started_versions().len();
+    device.start(None);
+    eventually(
+        Duration::from_secs(30),
+        || {
+            device
+                .stderr()
+                .contains("is not the artifact staged for app v2")
+        },
+        || device.stderr(),
+    );
+    assert_eq!(
+        device.started_versions().len(),
+        before,
+        "nothing started from the tampered slot"
+    );
+}
