@@ -541,15 +541,7 @@ impl Agent {
             .staged
             .as_ref()
             .is_some_and(|s| s.sha256 == sha && s.slot == slot);
-        self.downloads.insert(
-            key,
-            Download {
-                module: d.clone(),
-                have: None,
-                last_progress_ms: self.now_ms,
-                staging: staged_here,
-            },
-        );
+        self.begin_download(key, d.clone(), staged_here);
         if staged_here {
             // Staged before a restart: verify the slot again and go on from there.
             self.out.push(Effect::Stage {
@@ -564,6 +556,18 @@ impl Agent {
                 artifact: d.artifact.clone(),
             });
         }
+    }
+
+    /// A download starts with a scan of what is on disk, or (`staging`) with the check
+    /// of a slot staged before a restart.
+    fn begin_download(&mut self, key: DownloadKey, module: DesiredModule, staging: bool) {
+        let download = Download {
+            module,
+            have: None,
+            last_progress_ms: self.now_ms,
+            staging,
+        };
+        self.downloads.insert(key, download);
     }
 
     /// The inactive slot: never the committed one.
@@ -752,15 +756,7 @@ impl Agent {
             StageResult::Io(e) => self.degrade(format!("cannot stage {name} v{}: {e}", d.version)),
             StageResult::Missing(why) => {
                 tracing::warn!(module = name, reason = %why, "fetching the artifact again");
-                self.downloads.insert(
-                    key,
-                    Download {
-                        module: d.clone(),
-                        have: None,
-                        last_progress_ms: self.now_ms,
-                        staging: false,
-                    },
-                );
+                self.begin_download(key, d.clone(), false);
                 self.out.push(Effect::Scan {
                     key,
                     artifact: d.artifact,

@@ -392,6 +392,19 @@ impl World {
         self.broker.publish_retained(topic, signed);
     }
 
+    /// Makes `d` the module's entry in the scope's desired state, as `kiln push` does.
+    fn release(&mut self, group: bool, d: DesiredModule) {
+        self.releases
+            .entry(d.name.clone())
+            .or_default()
+            .push(d.clone());
+        self.scope_modules
+            .entry(group)
+            .or_default()
+            .insert(d.name.clone(), d);
+        self.publish_desired(group);
+    }
+
     fn apply(&mut self, op: &Op) {
         self.steps.push(format!("{op:?}"));
         match *op {
@@ -406,15 +419,7 @@ impl World {
                 let name = MODULES[module];
                 let mut d = self.artifact(name, version, kind, CHUNK_SIZES[chunk]);
                 d.allow_downgrade = downgrade;
-                self.releases
-                    .entry(name.into())
-                    .or_default()
-                    .push(d.clone());
-                self.scope_modules
-                    .entry(group)
-                    .or_default()
-                    .insert(name.into(), d);
-                self.publish_desired(group);
+                self.release(group, d);
             }
             Op::Revert { group, module } => {
                 let name = MODULES[module];
@@ -424,15 +429,7 @@ impl World {
                 }
                 let mut d = releases[releases.len() - 2].clone();
                 d.allow_downgrade = true;
-                self.releases
-                    .entry(name.into())
-                    .or_default()
-                    .push(d.clone());
-                self.scope_modules
-                    .entry(group)
-                    .or_default()
-                    .insert(name.into(), d);
-                self.publish_desired(group);
+                self.release(group, d);
             }
             Op::Drop { group, module } => {
                 self.scope_modules
