@@ -16,27 +16,7 @@ const COMPILERS: [&str; 4] = [
 fn kilnd_dependency_tree_has_no_compiler_on_any_target() {
     for device in DEVICES {
         let triple = profile(device).triple;
-        let out = Command::new(env!("CARGO"))
-            .current_dir(repo())
-            .args([
-                "tree",
-                "-p",
-                "kiln-runtime",
-                "-e",
-                "normal",
-                "--prefix",
-                "none",
-                "--target",
-                &triple,
-            ])
-            .output()
-            .expect("cargo tree");
-        let tree = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "cargo tree failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let tree = kilnd_tree(&["-e", "normal", "--target", &triple]);
         assert!(tree.contains("wasmer v7.4.2"), "unexpected tree:\n{tree}");
         for compiler in COMPILERS {
             assert!(
@@ -78,25 +58,7 @@ fn kilnd_binaries_contain_no_compiler_code() {
 /// `KILN_FAULT` in its environment changes nothing.
 #[test]
 fn the_shipped_kilnd_carries_no_test_hooks() {
-    let out = Command::new(env!("CARGO"))
-        .current_dir(repo())
-        .args([
-            "tree",
-            "-p",
-            "kiln-runtime",
-            "-e",
-            "features",
-            "--prefix",
-            "none",
-        ])
-        .output()
-        .expect("cargo tree");
-    let tree = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let tree = kilnd_tree(&["-e", "features"]);
     for feature in ["\"test-hooks\"", "\"conformance\""] {
         assert!(
             !tree
@@ -129,4 +91,20 @@ fn the_shipped_kilnd_carries_no_test_hooks() {
     );
     let test_build = std::fs::read(kilnd_path(&profile("x86_64-linux"))).expect("read kilnd-test");
     assert!(test_build.windows(needle.len()).any(|w| w == needle));
+}
+
+/// `cargo tree -p kiln-runtime --prefix none ARGS`: kilnd's tree as its own build sees it.
+fn kilnd_tree(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO"))
+        .current_dir(repo())
+        .args(["tree", "-p", "kiln-runtime", "--prefix", "none"])
+        .args(args)
+        .output()
+        .expect("cargo tree");
+    assert!(
+        out.status.success(),
+        "cargo tree failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -155,6 +155,18 @@ pub struct Stopped {
     pub restart_in_ms: Option<u64>,
 }
 
+impl Stopped {
+    /// Not a crash: what `worker::Stop::is_clean` says of the stop this record was made
+    /// from, decided from the wire fields so that a consumer of telemetry agrees.
+    pub fn is_clean(&self) -> bool {
+        match self.reason.as_str() {
+            "stopped" | "swapped" => true,
+            "exited" => self.exit_code == Some(0),
+            _ => false,
+        }
+    }
+}
+
 /// kilnd's periodic account of one module.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModuleStats {
@@ -813,6 +825,55 @@ mod json {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_stopped_record_is_clean_exactly_when_its_stop_was() {
+        use crate::worker::Stop;
+        let call = || "kiln_tick".to_string();
+        for stop in [
+            Stop::Exited(0),
+            Stop::Exited(3),
+            Stop::LoadFailed {
+                code: 79,
+                message: "x".into(),
+            },
+            Stop::InitFailed(1),
+            Stop::Trap {
+                call: call(),
+                message: "unreachable".into(),
+            },
+            Stop::FuelExhausted {
+                call: call(),
+                budget: 1,
+            },
+            Stop::Watchdog {
+                call: call(),
+                limit_ms: 1,
+            },
+            Stop::Signal {
+                signal: 9,
+                name: "SIGKILL".into(),
+            },
+            Stop::Lost("gone".into()),
+            Stop::Requested { swap: true },
+            Stop::Requested { swap: false },
+            Stop::SelfTestFailed(1),
+        ] {
+            let wire = Stopped {
+                reason: stop.kind().into(),
+                why: stop.to_string(),
+                exit_code: match stop {
+                    Stop::Exited(c) => Some(c),
+                    _ => None,
+                },
+                uptime_ms: 0,
+                peak_rss_kib: None,
+                crashes_in_window: 0,
+                restart_in_ms: None,
+            };
+            assert_eq!(wire.is_clean(), stop.is_clean(), "{stop:?}");
+        }
+    }
+
     use super::*;
 
     fn record(n: u32) -> Record {

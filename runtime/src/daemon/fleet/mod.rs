@@ -373,20 +373,11 @@ fn outcome(record: &Record) -> Option<(String, Outcome)> {
     let outcome = match &record.body {
         // A first tick that failed is followed by its own TickFailed record.
         Body::Started(s) => Outcome::Started { version: s.version },
-        Body::Stopped(s) if !is_clean(s) => Outcome::Crashed {
+        Body::Stopped(s) if !s.is_clean() => Outcome::Crashed {
             reason: s.why.clone(),
         },
         Body::TickFailed { status } => Outcome::TickFailed { status: *status },
         _ => return None,
     };
     Some((module, outcome))
-}
-
-/// Not a failure: a requested stop or swap, a command that exited 0.
-fn is_clean(s: &kiln_protocol::telemetry::Stopped) -> bool {
-    match s.reason.as_str() {
-        "stopped" | "swapped" => true,
-        "exited" => s.exit_code == Some(0),
-        _ => false,
-    }
 }

@@ -746,6 +746,28 @@ fn deliver_all(world: &mut World) {
     });
 }
 
+/// The desired state and the first chunk or so: a transfer under way.
+fn deliver_some(world: &mut World) {
+    world.apply(&Op::Deliver {
+        n: 2,
+        seed: 3,
+        dup: false,
+    });
+}
+
+/// A device-scoped desired state holding only `module`, signed by the fleet key,
+/// delivered as is (for entries `kiln push` would never write).
+fn deliver_only(world: &mut World, module: DesiredModule) {
+    let desired = Desired {
+        scope: Scope::Device(DEVICE.into()),
+        serial: 1,
+        modules: vec![module],
+    };
+    let topic = world.topics.desired(DEVICE);
+    let signed = SignedDesired::sign(&desired, &world.key);
+    world.deliver(topic, signed);
+}
+
 fn committed(world: &World, module: &str) -> Option<u64> {
     world
         .agent
@@ -795,11 +817,7 @@ fn a_revert_during_a_download_cancels_it() {
     push(&mut w, false, 0, 7, Kind::Good);
     commit(&mut w);
     push(&mut w, false, 0, 8, Kind::Good);
-    w.apply(&Op::Deliver {
-        n: 2,
-        seed: 3,
-        dup: false,
-    });
+    deliver_some(&mut w);
     w.apply(&Op::Revert {
         group: false,
         module: 0,
@@ -814,11 +832,7 @@ fn a_revert_during_a_download_cancels_it() {
 fn a_module_dropped_while_it_downloads_is_not_installed() {
     let mut w = World::new();
     push(&mut w, false, 0, 1, Kind::Good);
-    w.apply(&Op::Deliver {
-        n: 2,
-        seed: 3,
-        dup: false,
-    });
+    deliver_some(&mut w);
     w.apply(&Op::Drop {
         group: false,
         module: 0,
@@ -832,11 +846,7 @@ fn a_module_dropped_while_it_downloads_is_not_installed() {
 fn a_corrupt_stored_chunk_is_fetched_again_after_a_restart() {
     let mut w = World::new();
     push(&mut w, false, 0, 1, Kind::Good);
-    w.apply(&Op::Deliver {
-        n: 2,
-        seed: 3,
-        dup: false,
-    });
+    deliver_some(&mut w);
     w.apply(&Op::CorruptStoredChunk);
     w.apply(&Op::Restart);
     commit(&mut w);
@@ -857,11 +867,7 @@ fn the_same_artifact_pushed_with_another_chunk_size_still_installs() {
         chunk: 0,
         downgrade: false,
     });
-    w.apply(&Op::Deliver {
-        n: 2,
-        seed: 3,
-        dup: false,
-    });
+    deliver_some(&mut w);
     w.apply(&Op::Restart);
     w.apply(&Op::Push {
         group: false,
@@ -893,13 +899,7 @@ fn names_that_would_escape_the_data_dir_are_refused() {
     let mut w = World::new();
     let mut d = w.artifact("app", 1, Kind::Good, 1024);
     d.name = "../../escaped".into();
-    let desired = Desired {
-        scope: Scope::Device(DEVICE.into()),
-        serial: 1,
-        modules: vec![d],
-    };
-    let topic = w.topics.desired(DEVICE);
-    w.deliver(topic, SignedDesired::sign(&desired, &w.key));
+    deliver_only(&mut w, d);
     commit(&mut w);
     assert!(w.agent.state().modules.is_empty());
     assert!(!w.dir.path().join("../escaped").exists());
@@ -910,13 +910,7 @@ fn fleet_limits_are_checked_like_config_limits() {
     let mut w = World::new();
     let mut d = w.artifact("app", 1, Kind::Good, 1024);
     d.limits.tick_ms = Some(0);
-    let desired = Desired {
-        scope: Scope::Device(DEVICE.into()),
-        serial: 1,
-        modules: vec![d],
-    };
-    let topic = w.topics.desired(DEVICE);
-    w.deliver(topic, SignedDesired::sign(&desired, &w.key));
+    deliver_only(&mut w, d);
     commit(&mut w);
     assert_eq!(committed(&w, "app"), None, "a 0 ms tick is refused");
 }
