@@ -9,6 +9,7 @@ mod headless;
 mod refusals;
 mod run;
 mod sandbox;
+mod service;
 mod telemetry;
 mod util;
 

@@ -18,8 +18,11 @@ pub mod abi;
 pub mod artifact;
 pub mod atomic;
 pub mod compat;
+pub mod dirs;
 pub mod fleet;
 pub mod keys;
+#[cfg(feature = "cli")]
+pub mod kilnd_cli;
 pub mod manifest;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;

@@ -10,7 +10,9 @@
 //!   drives a guest directly. The sandbox never imports the daemon.
 //! - [`daemon`]: `kilnd serve`: the `config`, one `supervisor` thread per module that
 //!   keeps a worker process alive, the MQTT `link`, the `fleet` update agent (a pure
-//!   state machine and its driver), and the `telemetry` pipeline with its spool.
+//!   state machine and its driver), the `telemetry` pipeline with its spool, and
+//!   `notify`, which tells systemd it is ready and alive. `kilnd check` (`check`)
+//!   loads a config and verifies its artifacts the way `serve` would, and stops there.
 //!
 //! ```no_run
 //! use kiln_runtime::sandbox::limits;
@@ -26,4 +28,5 @@
 pub mod daemon;
 pub mod exit;
 pub mod host;
+pub mod log;
 pub mod sandbox;

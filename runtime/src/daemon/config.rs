@@ -25,12 +25,14 @@ use kiln_protocol::names::{self, Kind};
 use serde::Deserialize;
 
 use crate::daemon::rate::RateLimit;
+use crate::sandbox::load::key_files;
 use crate::sandbox::wasi::DirMapping;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Device id (used for MQTT topics by `serve` with a broker).
+    /// Device id (used for MQTT topics by `serve` with a broker); defaults to the host
+    /// name.
     pub device: Option<String>,
     /// Public keys whose artifacts this device runs.
     pub trust: Vec<PathBuf>,
@@ -275,10 +277,11 @@ impl Config {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: &Path| base.join(p);
-        config.trust = config.trust.iter().map(|p| resolve(p)).collect();
-        if config.trust.is_empty() {
+        let trust: Vec<PathBuf> = config.trust.iter().map(|p| resolve(p)).collect();
+        if trust.is_empty() {
             return Err(format!("config `{file}`: `trust` names no public key"));
         }
+        config.trust = key_files(&trust).map_err(|e| format!("config `{file}`: {e}"))?;
         // Names become topic levels and file names: checked here like everywhere.
         if let Some(device) = &config.device {
             names::check(Kind::Device, device).map_err(|e| format!("config `{file}`: {e}"))?;
@@ -369,14 +372,13 @@ impl Config {
             {
                 *p = resolve(p);
             }
-            if config
-                .device
-                .as_deref()
-                .is_none_or(|d| d.is_empty() || d.contains('/'))
-            {
-                return Err(format!(
-                    "config `{file}`: [mqtt] needs `device`, an id without `/`"
-                ));
+            if config.device.is_none() {
+                let host =
+                    host_name().map_err(|e| format!("config `{file}`: no `device`, and {e}"))?;
+                names::check(Kind::Device, &host).map_err(|e| {
+                    format!("config `{file}`: no `device`, and the host name is not a device id ({e}); set `device`")
+                })?;
+                config.device = Some(host);
             }
             match &config.data_dir {
                 Some(d) => config.data_dir = Some(resolve(d)),
@@ -407,6 +409,13 @@ impl Config {
         }
         Ok((config, plans))
     }
+}
+
+/// The kernel's host name, which a device id defaults to.
+fn host_name() -> Result<String, String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_err(|e| format!("cannot read the host name: {e}"))?;
+    Ok(name.trim().to_string())
 }
 
 #[cfg(test)]
@@ -545,5 +554,31 @@ restart = { backoff_ms = 100, max_crashes = 3 }
         };
         let ms: Vec<u128> = (1..=4).map(|n| p.delay(n).as_millis()).collect();
         assert_eq!(ms, [100, 200, 350, 350]);
+    }
+
+    #[test]
+    fn a_trust_directory_stands_for_its_pub_files_and_must_hold_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let trust = dir.path().join("trust");
+        std::fs::create_dir(&trust).unwrap();
+        std::fs::write(
+            dir.path().join("kilnd.toml"),
+            "trust = [\"trust\"]\n[mqtt]\nbroker = \"mqtt://h\"\n",
+        )
+        .unwrap();
+        let err = Config::load(&dir.path().join("kilnd.toml")).unwrap_err();
+        assert!(err.contains("holds no `*.pub` key"), "{err}");
+        for f in ["b.pub", "a.pub", "README"] {
+            std::fs::write(trust.join(f), "").unwrap();
+        }
+        std::fs::write(
+            dir.path().join("kilnd.toml"),
+            "trust = [\"trust\"]\ndata_dir = \"d\"\n[mqtt]\nbroker = \"mqtt://h\"\n",
+        )
+        .unwrap();
+        let (config, _) = Config::load(&dir.path().join("kilnd.toml")).unwrap();
+        assert_eq!(config.trust, [trust.join("a.pub"), trust.join("b.pub")]);
+        // Without `device`, a device is known by its host name.
+        assert_eq!(config.device, Some(host_name().unwrap()));
     }
 }

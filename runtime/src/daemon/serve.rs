@@ -21,6 +21,7 @@ use kiln_protocol::telemetry::{self, Body, Cause, Discarded, Record};
 use crate::daemon::config::{Config, ModulePlan, MqttConfig};
 use crate::daemon::fleet::{self, AgentIn};
 use crate::daemon::link;
+use crate::daemon::notify;
 use crate::daemon::rate::RateLimit;
 use crate::daemon::supervisor::{self, Counters, Input, Queued, Slot, Supervised, WorkerCommand};
 use crate::daemon::telemetry::{Deliveries, Pipeline, TelemetryIn};
@@ -42,10 +43,15 @@ const TELEMETRY_QUEUE: usize = 4096;
 /// put only if there is room, so a stuck agent cannot stall the records loop.
 const AGENT_QUEUE: usize = 64;
 
+/// The records loop turns at least this often when idle (or at the watchdog's pace,
+/// if systemd asked for a faster one).
+const LOOP_TURN: Duration = Duration::from_millis(200);
+
 /// Runs until every module has ended; fails if any module was marked failed.
 /// SIGHUP reloads the config: changed modules are swapped between calls, new ones
 /// started, removed ones stopped. SIGTERM and SIGINT stop every module between calls.
 pub fn serve(config_path: &Path) -> Result<i32, Failure> {
+    let mut watchdog = notify::init();
     let signals = Signals::block()?;
     let (config, plans) = Config::load(config_path).map_err(|e| Failure::new(Code::Config, e))?;
     let rates = config.rates.clone();
@@ -88,8 +94,29 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
         mqtt.is_some(),
     );
     let mut shed = Shed::default();
+    let turn = watchdog
+        .as_ref()
+        .map_or(LOOP_TURN, |w| w.interval().min(LOOP_TURN));
+    notify::send(&format!(
+        "READY=1\nSTATUS={} local module(s){}",
+        lock(&modules).local.len(),
+        if mqtt.is_some() {
+            ", following the broker"
+        } else {
+            ""
+        }
+    ));
+    #[cfg(feature = "test-hooks")]
+    let stuck = test_hooks::StuckLoop::from_env();
     loop {
-        let (record, slot) = match records.recv_timeout(Duration::from_millis(200)) {
+        // The watchdog pings from here and nowhere else: if this loop stops turning
+        // (a deadlock on `modules`, stdout blocked), systemd stops hearing from kilnd.
+        if let Some(w) = &mut watchdog {
+            w.alive(Instant::now());
+        }
+        #[cfg(feature = "test-hooks")]
+        stuck.maybe_hang();
+        let (record, slot) = match records.recv_timeout(turn) {
             Ok(queued) => queued,
             Err(RecvTimeoutError::Timeout) => {
                 // With a broker, the device waits for desired state until stopped.
@@ -565,6 +592,7 @@ impl Signals {
                 return;
             }
             if sig == libc::SIGHUP {
+                notify::reloading();
                 match Config::load(config_path) {
                     Ok((config, plans)) => {
                         tracing::info!(config = %config_path.display(), "reloading");
@@ -572,10 +600,39 @@ impl Signals {
                     }
                     Err(e) => tracing::error!("reload refused, keeping what runs: {e}"),
                 }
+                notify::send("READY=1");
             } else {
+                notify::send("STOPPING=1");
                 tracing::info!(signal = sig, "stopping every module");
                 STOPPED.store(true, Ordering::SeqCst);
                 lock(modules).stop_all();
+            }
+        }
+    }
+}
+
+#[cfg(feature = "test-hooks")]
+mod test_hooks {
+    use std::time::{Duration, Instant};
+
+    /// `KILN_STUCK_MS=N`: after N ms the records loop hangs for good, as a deadlock
+    /// would, so a test can watch the watchdog pings stop. Test builds only.
+    pub struct StuckLoop(Option<Instant>);
+
+    impl StuckLoop {
+        pub fn from_env() -> Self {
+            let after = std::env::var("KILN_STUCK_MS")
+                .ok()
+                .and_then(|v| v.parse().ok());
+            Self(after.map(|ms| Instant::now() + Duration::from_millis(ms)))
+        }
+
+        pub fn maybe_hang(&self) {
+            if self.0.is_some_and(|at| Instant::now() >= at) {
+                tracing::warn!("KILN_STUCK_MS: the records loop hangs");
+                loop {
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
             }
         }
     }

@@ -31,8 +31,8 @@ pub struct Loaded {
 
 pub fn read_trusted_keys(paths: &[PathBuf]) -> Result<TrustedKeys, Failure> {
     let mut keys = Vec::new();
-    for path in paths {
-        let text = std::fs::read_to_string(path).map_err(|e| {
+    for path in key_files(paths).map_err(|e| Failure::new(Code::NoInput, e))? {
+        let text = std::fs::read_to_string(&path).map_err(|e| {
             Failure::new(
                 Code::NoInput,
                 format!("cannot read trusted key `{}`: {e}", path.display()),
@@ -47,6 +47,39 @@ pub fn read_trusted_keys(paths: &[PathBuf]) -> Result<TrustedKeys, Failure> {
         keys.push(key);
     }
     Ok(TrustedKeys::new(keys))
+}
+
+/// The key files that `--trust` or a config's `trust` names: a file is itself, and a
+/// directory (such as /etc/kiln/trust) stands for every `*.pub` file in it, in name
+/// order. A directory without one is an error, not an empty trust.
+pub fn key_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    let mut files = Vec::new();
+    for path in paths {
+        if !path.is_dir() {
+            files.push(path.clone());
+            continue;
+        }
+        let entries = std::fs::read_dir(path)
+            .map_err(|e| format!("cannot read trust directory `{}`: {e}", path.display()))?;
+        let mut found = Vec::new();
+        for entry in entries {
+            let entry = entry
+                .map_err(|e| format!("cannot read trust directory `{}`: {e}", path.display()))?;
+            let file = entry.path();
+            if file.extension().is_some_and(|x| x == "pub") && file.is_file() {
+                found.push(file);
+            }
+        }
+        if found.is_empty() {
+            return Err(format!(
+                "trust directory `{}` holds no `*.pub` key",
+                path.display()
+            ));
+        }
+        found.sort();
+        files.extend(found);
+    }
+    Ok(files)
 }
 
 /// Reads, verifies and loads the artifact at `path`; `engine_for` picks the engine

@@ -1,7 +1,7 @@
 //! The WASI side of a module's sandbox (wasmer-wasix): the given args and env only,
 //! the given host directories only, mounted over an empty in-memory root.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use kiln_protocol::abi;
@@ -11,42 +11,7 @@ use wasmer_wasix::{WasiEnv, WasiEnvBuilder};
 
 use crate::exit::{Code, Failure};
 
-/// A host directory made visible to the module at `guest`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DirMapping {
-    pub host: PathBuf,
-    pub guest: String,
-}
-
-impl std::str::FromStr for DirMapping {
-    type Err = String;
-
-    /// `HOST[:GUEST]`. Without GUEST the directory keeps its path, taken from `/` (the
-    /// guest's working directory): `data` and `./data` appear as `/data`.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (host, guest) = match s.split_once(':') {
-            Some((h, g)) => (h, g.to_string()),
-            None => (s, guest_default(Path::new(s))),
-        };
-        if host.is_empty() || guest.is_empty() {
-            return Err(format!("`{s}` is not HOST[:GUEST]"));
-        }
-        Ok(Self {
-            host: PathBuf::from(host),
-            guest,
-        })
-    }
-}
-
-fn guest_default(host: &Path) -> String {
-    let mut guest = PathBuf::from("/");
-    for c in host.components() {
-        if let Component::Normal(part) = c {
-            guest.push(part);
-        }
-    }
-    guest.display().to_string()
-}
+pub use kiln_protocol::dirs::DirMapping;
 
 #[derive(Debug, Clone, Default)]
 pub struct WasiOptions {

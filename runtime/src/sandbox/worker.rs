@@ -11,10 +11,12 @@ use std::time::Instant;
 
 use kiln_protocol::abi;
 use kiln_protocol::keys::{PublicKey, TrustedKeys};
+use kiln_protocol::manifest::Manifest;
 use kiln_protocol::worker::{
     read_frame, write_frame, FromWorker, Ready, Reply, Request, StartSpec, Stop, ToWorker,
 };
 
+use crate::exit::{Code, Failure};
 use crate::sandbox::abi::Emit;
 use crate::sandbox::guest::{Guest, GuestOptions};
 use crate::sandbox::limits;
@@ -125,31 +127,9 @@ fn start(spec: StartSpec, emit: &Emit) -> Result<Guest, Stop> {
     )
     .map_err(|f| load_failed(f.code as u8, f.message))?;
     let manifest = loaded.manifest.clone();
-    let fuel = match (manifest.settings.metering, limits.fuel_per_call) {
-        (Some(compiled), asked) => Some(asked.unwrap_or(compiled)),
-        (None, None) => None,
-        (None, Some(_)) => {
-            return Err(load_failed(
-                79,
-                format!(
-                    "module `{}` has a fuel limit but was compiled without metering; compile it with `kiln compile --fuel N`",
-                    manifest.name
-                ),
-            ))
-        }
-    };
+    let fuel =
+        admit(&manifest, limits.fuel_per_call).map_err(|f| load_failed(f.code as u8, f.message))?;
     let command = manifest.is_command();
-    if !command && !manifest.exports_fn(abi::TICK) && !manifest.exports_fn(abi::ON_MESSAGE) {
-        return Err(load_failed(
-            79,
-            format!(
-                "module `{}` is neither a WASI command (`_start`) nor a kiln reactor (`{}` or `{}`)",
-                manifest.name,
-                abi::TICK,
-                abi::ON_MESSAGE
-            ),
-        ));
-    }
     let (verify_us, deserialize_us) = (
         loaded.verify_time.as_micros() as u64,
         loaded.deserialize_time.as_micros() as u64,
@@ -216,4 +196,39 @@ fn die_with_parent() {
         std::process::exit(2);
     }
     let _ = io::stderr().flush();
+}
+
+/// Whether a verified module can run under these limits, the same answer for the
+/// worker that is about to start it and for `kilnd check`: it must be a WASI command
+/// or a kiln reactor, and a fuel limit needs an artifact compiled with metering.
+/// Returns the fuel per call.
+pub fn admit(manifest: &Manifest, fuel_per_call: Option<u64>) -> Result<Option<u64>, Failure> {
+    let fuel = match (manifest.settings.metering, fuel_per_call) {
+        (Some(compiled), asked) => Some(asked.unwrap_or(compiled)),
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(Failure::new(
+                Code::LoadFailed,
+                format!(
+                    "module `{}` has a fuel limit but was compiled without metering; compile it with `kiln compile --fuel N`",
+                    manifest.name
+                ),
+            ))
+        }
+    };
+    if !manifest.is_command()
+        && !manifest.exports_fn(abi::TICK)
+        && !manifest.exports_fn(abi::ON_MESSAGE)
+    {
+        return Err(Failure::new(
+            Code::LoadFailed,
+            format!(
+                "module `{}` is neither a WASI command (`_start`) nor a kiln reactor (`{}` or `{}`)",
+                manifest.name,
+                abi::TICK,
+                abi::ON_MESSAGE
+            ),
+        ));
+    }
+    Ok(fuel)
 }
