@@ -3,7 +3,7 @@
 # (scripts/peers.sh), then measures kiln on this machine and prints markdown tables
 # (the README quotes them). Not part of the tests.
 #   scripts/bench.sh [--runs N] [--targets x86_64-linux,aarch64-linux,riscv64-linux]
-#                    [--only size,start,speed,metering,update,telemetry]
+#                    [--only size,compile,start,speed,metering,update,telemetry] [--module-mb 49]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${CARGO_TARGET_DIR:=$HOME/.cache/kiln/target}"
@@ -11,6 +11,9 @@ export CARGO_TARGET_DIR
 
 scripts/build.sh >&2
 scripts/peers.sh >&2
+# The release kiln users install (`cargo install --path compiler --profile host`).
+echo "build: kiln (host profile)" >&2
+cargo build --locked --quiet -p kiln-compiler --profile host
 # The workloads and hello, from one source each: for wasm32-wasip1 and natively for
 # every device triple (run under qemu-user like kilnd).
 echo "build: workloads for wasm32-wasip1" >&2

@@ -9,8 +9,11 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR
 
 scripts/build.sh
-
-kiln="$CARGO_TARGET_DIR/debug/kiln"
+# The release kiln users run, on the PATH (~/.cargo/bin): a fast build that unwinds,
+# the `host` profile. cargo skips the build when nothing changed.
+echo "install: kiln (release, host profile) into ${CARGO_HOME:-$HOME/.cargo}/bin"
+cargo install --locked --quiet --path compiler --profile host
+kiln="${CARGO_HOME:-$HOME/.cargo}/bin/kiln"
 hello="$CARGO_TARGET_DIR/examples/wasm32-wasip1/release/hello.wasm"
 sensor="$CARGO_TARGET_DIR/examples/wasm32-wasip1/release/sensor_filter.wasm"
 out=demo-out

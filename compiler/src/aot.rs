@@ -21,6 +21,7 @@ use wasmer::sys::{
 use wasmer::{ExternType, Module};
 use wasmer::{MemoryType, TableType};
 use wasmer_middlewares::Metering;
+use wasmer_types::CompilationProgressCallback;
 
 use crate::targets::ResolvedTarget;
 
@@ -66,6 +67,21 @@ pub fn compile(
     opts: &CompileOptions,
     key: &SecretKey,
 ) -> Result<Compiled, AotError> {
+    compile_with_progress(source, opts, key, None)
+}
+
+/// How far Cranelift is: `(done, total)` in its own steps (about one per byte of
+/// function bodies). Called from its worker threads.
+pub type Progress = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+/// [`compile`], telling `progress` how far it is. Cranelift compiles the functions
+/// on every core (`available_parallelism`).
+pub fn compile_with_progress(
+    source: &[u8],
+    opts: &CompileOptions,
+    key: &SecretKey,
+    progress: Option<Progress>,
+) -> Result<Compiled, AotError> {
     let wasm = wat::parse_bytes(source).map_err(|e| AotError::Parse(e.to_string()))?;
     let started = Instant::now();
     let mut cranelift = Cranelift::new();
@@ -83,20 +99,30 @@ pub fn compile(
     }
     // Cranelift reports some unsupported lowerings by panicking; kiln turns that into
     // an error naming the module instead of dying.
-    let module =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Module::new(&engine, &wasm)))
-            .map_err(|panic| {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                AotError::Compile(format!(
-                    "Cranelift crashed compiling it for {}: {what}",
-                    opts.target.triple
-                ))
-            })?
-            .map_err(|e| AotError::Compile(simd_hint(e.to_string(), &opts.target)))?;
+    let module = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match progress {
+        Some(report) => {
+            let callback = CompilationProgressCallback::new(move |p| {
+                if let (Some(done), Some(total)) = (p.phase_step(), p.phase_step_count()) {
+                    report(done, total);
+                }
+                Ok(())
+            });
+            engine.new_module_with_progress(&wasm, callback)
+        }
+        None => Module::new(&engine, &wasm),
+    }))
+    .map_err(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        AotError::Compile(format!(
+            "Cranelift crashed compiling it for {}: {what}",
+            opts.target.triple
+        ))
+    })?
+    .map_err(|e| AotError::Compile(simd_hint(e.to_string(), &opts.target)))?;
     let payload = module
         .serialize()
         .map_err(|e| AotError::Serialize(e.to_string()))?;

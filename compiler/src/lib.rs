@@ -17,6 +17,7 @@
 
 pub mod aot;
 pub mod broker;
+pub mod cli;
 pub mod commands;
 pub mod conformance;
 pub mod exit;

@@ -1,5 +1,7 @@
 use std::fs;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use clap::Parser;
@@ -15,14 +17,15 @@ use crate::keyfile;
 use crate::targets::{self, ResolvedTarget};
 
 const AFTER_HELP: &str = "\
+The same input with the same options gives a byte-identical artifact; set SOURCE_DATE_EPOCH
+to record a creation time. Cranelift compiles the functions on every core; a compile that
+takes over a second shows its progress on stderr.
+
 Examples:
   kiln compile app.wasm --target aarch64-linux --sign fleet.key -o app.kiln
   kiln compile filter.wat --target riscv64-linux --sign fleet.key -o filter.kiln --name filter --version 7
   kiln compile app.wasm --target x86_64-unknown-linux-gnu --cpu-feature avx2 --sign fleet.key -o app.kiln
-  kiln compile sensor.wasm --target aarch64-linux --sign fleet.key -o sensor.kiln --fuel 5000000 --memory-limit 4MiB
-
-The same input with the same options gives a byte-identical artifact; set SOURCE_DATE_EPOCH
-to record a creation time.";
+  kiln compile sensor.wasm --target aarch64-linux --sign fleet.key -o sensor.kiln --fuel 5000000 --memory-limit 4MiB";
 
 /// Compile a .wasm or .wat module into a signed native artifact for a device
 #[derive(Parser, Debug)]
@@ -128,7 +131,16 @@ impl CompileCommand {
             },
             bounds_checks: self.bounds_checks,
         };
-        let compiled = aot::compile(&source, &opts, &key).map_err(|e| {
+        let meter = Arc::new(Meter::new(format!(
+            "compiling {} for {}",
+            self.input.display(),
+            opts.target.label()
+        )));
+        let report = meter.clone();
+        let progress: aot::Progress = Arc::new(move |done, total| report.show(done, total));
+        let compiled = aot::compile_with_progress(&source, &opts, &key, Some(progress));
+        meter.finish();
+        let compiled = compiled.map_err(|e| {
             let code = match e {
                 AotError::Parse(_) | AotError::Compile(_) => Code::InvalidInput,
                 _ => Code::Failure,
@@ -142,8 +154,9 @@ impl CompileCommand {
             .with_context(|| format!("cannot write `{}`", self.output.display()))
             .map_err(|e| coded(Code::CannotWrite, e))?;
         let features = opts.target.feature_names();
+        let seconds = compiled.compile_time.as_secs_f64();
         eprintln!(
-            "compiled {} -> {} for {}{}: wasm {} -> artifact {} in {:.2}s, signed by key {}",
+            "compiled {} -> {} for {}{}: wasm {} -> artifact {} in {:.2}s ({} of wasm on {} threads), signed by key {}",
             self.input.display(),
             self.output.display(),
             opts.target.label(),
@@ -154,10 +167,77 @@ impl CompileCommand {
             },
             human_size(compiled.manifest.source.len),
             human_size(compiled.bytes.len() as u64),
-            compiled.compile_time.as_secs_f64(),
+            seconds,
+            rate(compiled.manifest.source.len, seconds),
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
             key.public().id(),
         );
         Ok(())
+    }
+}
+
+/// Shows how far a long compile is on stderr: nothing for the first second, then a
+/// line that updates in place on a terminal, or a line every 5 s in a log.
+struct Meter {
+    label: String,
+    started: Instant,
+    tty: bool,
+    /// When a line was last shown, and how wide it was.
+    last: Mutex<Option<(Instant, usize)>>,
+}
+
+impl Meter {
+    fn new(label: String) -> Self {
+        Self {
+            label,
+            started: Instant::now(),
+            tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            last: Mutex::new(None),
+        }
+    }
+
+    fn show(&self, done: u64, total: u64) {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.started);
+        if elapsed < Duration::from_secs(1) {
+            return;
+        }
+        let every = Duration::from_millis(if self.tty { 100 } else { 5000 });
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|(at, _)| now.duration_since(at) < every) {
+            return;
+        }
+        let percent = done.min(total) * 100 / total.max(1);
+        let line = format!(
+            "{}: {percent}% after {:.0}s",
+            self.label,
+            elapsed.as_secs_f64()
+        );
+        if self.tty {
+            let width = last.map_or(0, |(_, w)| w);
+            eprint!("\r{line:width$}");
+        } else {
+            eprintln!("{line}");
+        }
+        *last = Some((now, line.len()));
+    }
+
+    /// Clears the live line, so the summary starts on a clean one.
+    fn finish(&self) {
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let (true, Some((_, width))) = (self.tty, *last) {
+            eprint!("\r{:width$}\r", "");
+        }
+    }
+}
+
+/// Bytes per second, as MB/s (or KB/s for the tiny modules of tests).
+fn rate(bytes: u64, seconds: f64) -> String {
+    let per_s = bytes as f64 / seconds.max(1e-6);
+    if per_s >= 1e6 {
+        format!("{:.1} MB/s", per_s / 1e6)
+    } else {
+        format!("{:.0} KB/s", per_s / 1e3)
     }
 }
 

@@ -16,14 +16,14 @@ use crate::exit::{coded, Code};
 use crate::targets::{self, ResolvedTarget};
 
 const AFTER_HELP: &str = "\
+Every module is compiled and signed for the target; the scripts run inside that
+target's kilnd (under the profile's qemu command). Exit code 0 means no failure that
+the expectations file does not list.
+
 Examples:
   kiln conformance ../shared/wasm-testsuite --target aarch64-linux \\
       --kilnd target/aarch64-unknown-linux-gnu/release/kilnd --expectations conformance/expectations.toml
-  kiln conformance i32.wast f32.wast --target riscv64-linux --kilnd ./kilnd-riscv64 --json
-
-Every module is compiled and signed for the target; the scripts run inside that
-target's kilnd (under the profile's qemu command). Exit code 0 means no failure that
-the expectations file does not list.";
+  kiln conformance i32.wast f32.wast --target riscv64-linux --kilnd ./kilnd-riscv64 --json";
 
 /// Run WebAssembly spec scripts (.wast) through kiln's compiler and a device's kilnd
 #[derive(Parser, Debug)]

@@ -9,15 +9,15 @@ use crate::commands::compile::human_size;
 use crate::exit::{coded, Code};
 
 const AFTER_HELP: &str = "\
-Examples:
-  kiln gc --dry-run
-  kiln gc --broker mqtt://broker.lan:1883
-  kiln gc --grace-s 0        # also uploads that started just now
-
 An artifact is kept while a device or group desired state references it, or while its
 upload marker (published by push and rollout before the first chunk) is younger than
 the grace period: a push publishes its desired state only after the last chunk.
-Stale markers are removed with the chunks of unreferenced artifacts.";
+Stale markers are removed with the chunks of unreferenced artifacts.
+
+Examples:
+  kiln gc --dry-run
+  kiln gc --broker mqtt://broker.lan:1883
+  kiln gc --grace-s 0        # also uploads that started just now";
 
 /// Remove retained artifact chunks that no desired state references and no upload in
 /// progress needs

@@ -13,12 +13,12 @@ use crate::exit::{coded, Code};
 use crate::keyfile;
 
 const AFTER_HELP: &str = "\
+With --trust, the exit code is non-zero unless the signature and payload verify.
+
 Examples:
   kiln inspect app.kiln
   kiln inspect app.kiln --trust fleet.pub
-  kiln inspect app.kiln --trust fleet.pub --json | jq .manifest.target
-
-With --trust, the exit code is non-zero unless the signature and payload verify.";
+  kiln inspect app.kiln --trust fleet.pub --json | jq .manifest.target";
 
 /// Show an artifact's manifest and whether its signature is valid
 #[derive(Parser, Debug)]

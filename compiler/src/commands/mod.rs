@@ -1,6 +1,7 @@
 //! One file and one struct per subcommand.
 
 pub mod compile;
+pub mod completions;
 pub mod conformance;
 pub mod devices;
 pub mod gc;

@@ -21,14 +21,14 @@ use crate::exit::{coded, Code};
 use crate::keyfile;
 
 const AFTER_HELP: &str = "\
+Chunks go to retained topics under artifacts/{sha256}/, then the signed desired state
+for the device or group is updated (other modules in it are kept). Devices that are
+offline converge when they come back.
+
 Examples:
   kiln push app.kiln --device dev-01 --sign fleet.key
   kiln push app.kiln --group lab --sign fleet.key --broker mqtt://broker.lan:1883 --config app.conf
-  kiln push app.kiln --device dev-01 --sign fleet.key --allow-downgrade   # roll back on purpose
-
-Chunks go to retained topics under artifacts/{sha256}/, then the signed desired state
-for the device or group is updated (other modules in it are kept). Devices that are
-offline converge when they come back.";
+  kiln push app.kiln --device dev-01 --sign fleet.key --allow-downgrade   # roll back on purpose";
 
 /// Publish an artifact to the broker and make it the desired version of its module on a
 /// device or a group

@@ -12,10 +12,6 @@ use crate::commands::valid_name;
 use crate::exit::{coded, Code};
 
 const AFTER_HELP: &str = "\
-Examples:
-  kiln rollout app.kiln --group lab --sign fleet.key                 # 1 canary, then the rest
-  kiln rollout app.kiln --group lab --sign fleet.key --canary 2 --wave-size 10
-
 Devices are the members of the group according to their retained status. Each wave's
 devices get the release as their own desired state; the next wave starts when every
 device of this one has committed it. When every wave has committed, the release goes
@@ -25,7 +21,11 @@ one to change (a later `kiln push --group` reaches every device).
 A rollback or rejection halts the rollout: the devices not reached yet keep what they
 run, the devices of the halted wave that did not commit fall back to the group's
 version (or to their own entry for the module from before the rollout), and the
-devices that committed keep the release in their own desired state (named on stderr).";
+devices that committed keep the release in their own desired state (named on stderr).
+
+Examples:
+  kiln rollout app.kiln --group lab --sign fleet.key                 # 1 canary, then the rest
+  kiln rollout app.kiln --group lab --sign fleet.key --canary 2 --wave-size 10";
 
 /// Update a group's devices in waves, halting when a wave does not take the release
 #[derive(Parser, Debug)]

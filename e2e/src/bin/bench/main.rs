@@ -3,14 +3,16 @@
 //! Figures under emulation measure the emulator, not a board: compare ratios there.
 //!
 //! ```text
-//! scripts/bench.sh [--runs N] [--targets x86_64-linux,aarch64-linux] [--only size,speed]
+//! scripts/bench.sh [--runs N] [--targets x86_64-linux,aarch64-linux] [--only size,compile,speed]
 //! ```
 //!
-//! One file per section: `size` (kilnd per target and build variant), `start` (cold
+//! One file per section: `size` (kilnd per target and build variant), `compile` (the
+//! release kiln on a large module), `start` (cold
 //! start, in the worker and as a whole process against the native program), `speed`
 //! (workloads against native and peer runtimes), `metering`, and `fleet` (update
 //! latency and telemetry throughput over MQTT).
 
+mod compile;
 mod fleet;
 mod metering;
 mod size;
@@ -35,6 +37,9 @@ struct Args {
     /// Target profiles to measure, comma-separated
     #[arg(long, value_delimiter = ',', default_values_t = DEVICES.map(String::from))]
     targets: Vec<String>,
+    /// Size of the synthetic module the `compile` section compiles, in MB
+    #[arg(long, default_value_t = 49)]
+    module_mb: usize,
     /// Sections to run, comma-separated (default: all)
     #[arg(long, value_delimiter = ',', value_enum)]
     only: Vec<Section>,
@@ -43,6 +48,7 @@ struct Args {
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Section {
     Size,
+    Compile,
     Start,
     Speed,
     Metering,
@@ -73,6 +79,19 @@ fn main() {
 
     if args.wants(Section::Size) {
         size::print(&size::measure(&targets));
+    }
+    if args.wants(Section::Compile) {
+        // A large compile takes a while: at most 3 runs of it.
+        let runs = args.runs.min(3);
+        let mut rows = Vec::new();
+        for target in &targets {
+            eprintln!(
+                "bench: {}: compile {} MB x{runs}",
+                target.name, args.module_mb
+            );
+            rows.extend(compile::measure(target, runs, args.module_mb));
+        }
+        compile::print(&rows, runs);
     }
     // Each section measures every target, then prints its table.
     let sections: [(Section, &str, Measure, Print); 5] = [

@@ -1,0 +1,65 @@
+//! `kiln`'s command line: one subcommand a file in [`crate::commands`]. `main` runs
+//! it; `kiln-dist` renders its man pages and shell completions from it.
+
+use clap::{Parser, Subcommand};
+
+use crate::commands::{
+    compile::CompileCommand, completions::CompletionsCommand, conformance::ConformanceCommand,
+    devices::DevicesCommand, gc::GcCommand, inspect::InspectCommand, keygen::KeygenCommand,
+    push::PushCommand, rollout::RolloutCommand, targets::TargetsCommand, watch::WatchCommand,
+};
+
+const AFTER_HELP: &str = "\
+Results go to stdout, progress and diagnostics to stderr; NO_COLOR turns colour off.
+
+Examples:
+  kiln keygen -o fleet.key
+  kiln compile app.wasm --target aarch64-linux --sign fleet.key -o app.kiln
+  kiln inspect app.kiln --trust fleet.pub
+  kiln push app.kiln --device dev-01 --sign fleet.key --broker mqtt://broker.lan:1883
+  kiln rollout app.kiln --group lab --sign fleet.key --canary 1
+  kiln devices
+  kiln watch --device dev-01
+  kiln gc
+  kiln targets";
+
+/// Kiln: compile WebAssembly into signed native artifacts for edge devices
+#[derive(Parser, Debug)]
+#[command(name = "kiln", version, after_help = AFTER_HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    Keygen(KeygenCommand),
+    Compile(CompileCommand),
+    Inspect(InspectCommand),
+    Targets(TargetsCommand),
+    Conformance(ConformanceCommand),
+    Push(PushCommand),
+    Devices(DevicesCommand),
+    Watch(WatchCommand),
+    Rollout(RolloutCommand),
+    Gc(GcCommand),
+    Completions(CompletionsCommand),
+}
+
+impl Command {
+    pub fn execute(self) -> anyhow::Result<()> {
+        match self {
+            Command::Keygen(c) => c.execute(),
+            Command::Compile(c) => c.execute(),
+            Command::Inspect(c) => c.execute(),
+            Command::Targets(c) => c.execute(),
+            Command::Conformance(c) => c.execute(),
+            Command::Push(c) => c.execute(),
+            Command::Devices(c) => c.execute(),
+            Command::Watch(c) => c.execute(),
+            Command::Rollout(c) => c.execute(),
+            Command::Gc(c) => c.execute(),
+            Command::Completions(c) => c.execute(),
+        }
+    }
+}
