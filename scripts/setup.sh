@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what Kiln needs on Debian/Ubuntu, and only what is missing (idempotent):
 # cross gcc for aarch64 and riscv64, qemu-user, mosquitto, openssl (the TLS tests make
-# a throwaway PKI with it), and the rustup targets.
+# a throwaway PKI with it), and the rustup targets. The package tests also use dpkg,
+# systemd-analyze (systemd), man (man-db, for the unit's man: links), strace (the
+# unit's syscall filter against what kilnd really calls) and shellcheck.
 set -euo pipefail
 
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
@@ -14,6 +16,11 @@ have riscv64-linux-gnu-gcc || packages+=(gcc-riscv64-linux-gnu)
 { have qemu-aarch64 && have qemu-riscv64 && have qemu-x86_64; } || packages+=(qemu-user)
 have mosquitto || packages+=(mosquitto)
 have openssl || packages+=(openssl)
+have systemd-analyze || packages+=(systemd)
+have man || packages+=(man-db)
+have strace || packages+=(strace)
+have shellcheck || packages+=(shellcheck)
+have dpkg-deb || packages+=(dpkg)
 
 if [ ${#packages[@]} -gt 0 ]; then
   sudo=""
