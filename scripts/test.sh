@@ -7,6 +7,12 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR
 
 scripts/build.sh
+# The conformance subset reads the spec-suite files vendored in conformance/testsuite;
+# where a full copy of the suite sits beside the clone (as on CI), it reads that.
+if [ -z "${KILN_WASM_TESTSUITE:-}" ] && [ -d ../shared/wasm-testsuite ]; then
+  KILN_WASM_TESTSUITE="$(cd ../shared/wasm-testsuite && pwd)"
+  export KILN_WASM_TESTSUITE
+fi
 cargo fmt --all -- --check
 # The guest SDK and the Rust examples live outside the host workspace (wasm32 only).
 for crate in guest examples/hello examples/sensor-filter examples/workloads; do
