@@ -5,7 +5,8 @@
 #     alone, so feature unification can never link the host's compiler into it): the
 #     shipped build as `kilnd`, and the tests' build with the test-only features
 #     (conformance replayer, crash points) as `kilnd-test`. Both share every
-#     dependency; only kiln-runtime itself is compiled twice;
+#     dependency; only kiln-runtime itself is compiled twice. For aarch64 also the
+#     lean kilnd without WASI, as `kilnd-lean`;
 #   - the host tool `kiln`;
 #   - the Rust example modules for wasm32-wasip1 (hello, a WASI command; sensor-filter,
 #     a reactor written with the kiln-guest SDK).
@@ -16,12 +17,21 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR
 scripts/setup.sh
 
+# keep: BUILT-NAME copies the kilnd just built aside (the next build overwrites it).
+keep() { cp "$out/kilnd" "$out/$1.tmp" && mv "$out/$1.tmp" "$out/$1"; }
 for triple in x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu; do
   echo "build: kilnd for $triple"
   out="$CARGO_TARGET_DIR/$triple/release"
+  # The lean kilnd (no WASI), built and tested on one emulated target: each lean build
+  # is one more wasmer build (see e2e's LEAN_DEVICES).
+  if [ "$triple" = aarch64-unknown-linux-gnu ]; then
+    cargo build --locked --quiet -p kiln-runtime --release --target "$triple" \
+      --no-default-features --features tls
+    keep kilnd-lean
+  fi
   cargo build --locked --quiet -p kiln-runtime --release --target "$triple" \
     --features conformance,test-hooks
-  cp "$out/kilnd" "$out/kilnd-test.tmp" && mv "$out/kilnd-test.tmp" "$out/kilnd-test"
+  keep kilnd-test
   cargo build --locked --quiet -p kiln-runtime --release --target "$triple"
 done
 echo "build: kiln (host)"
@@ -36,3 +46,5 @@ for triple in x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu riscv64gc-unkno
   printf 'build: kilnd %-30s %s bytes (stripped, release)\n' "$triple" \
     "$(stat -c %s "$CARGO_TARGET_DIR/$triple/release/kilnd")"
 done
+printf 'build: kilnd-lean %-25s %s bytes (stripped, release, no WASI)\n' aarch64-unknown-linux-gnu \
+  "$(stat -c %s "$CARGO_TARGET_DIR/aarch64-unknown-linux-gnu/release/kilnd-lean")"

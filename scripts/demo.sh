@@ -20,7 +20,9 @@ out=demo-out
 rm -rf "$out" && mkdir -p "$out/data"
 echo "temperature=21.5" > "$out/data/config.txt"
 
-step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
+# Commands in bold, unless NO_COLOR asks for plain text.
+if [ -n "${NO_COLOR:-}" ]; then bold="" plain=""; else bold=$'\033[1m' plain=$'\033[0m'; fi
+step() { printf '\n%s$ %s%s\n' "$bold" "$*" "$plain"; "$@"; }
 device() { # device PROFILE ARGS... : run kilnd the way the board would, under qemu
   local qemu
   case "$1" in
@@ -86,7 +88,7 @@ artifact = "deep-recursion.kiln"
 restart = { backoff_ms = 200, max_crashes = 2 }
 TOML
 cat "$out/kilnd.toml"
-printf '\n\033[1m$ %s\033[0m   (for 8 seconds)\n' "qemu-aarch64 ... kilnd serve --config $out/kilnd.toml"
+printf '\n%s$ %s%s   (for 8 seconds)\n' "$bold" "qemu-aarch64 ... kilnd serve --config $out/kilnd.toml" "$plain"
 set +e
 timeout -s INT 8 qemu-aarch64 -L /usr/aarch64-linux-gnu \
   "$CARGO_TARGET_DIR/aarch64-unknown-linux-gnu/release/kilnd" serve --config "$out/kilnd.toml" \

@@ -57,6 +57,15 @@ pub fn kilnd_path(profile: &TargetProfile) -> PathBuf {
 pub fn shipped_kilnd_path(profile: &TargetProfile) -> PathBuf {
     built(&profile.triple, "kilnd")
 }
+/// The lean `kilnd` (no WASI: kiln-ABI reactors only), built by `scripts/build.sh`
+/// for the triples in [`LEAN_DEVICES`] as `kilnd-lean`.
+pub fn lean_kilnd_path(profile: &TargetProfile) -> PathBuf {
+    built(&profile.triple, "kilnd-lean")
+}
+
+/// Where CI builds and tests the lean kilnd: one emulated target (each lean build is
+/// another wasmer build).
+pub const LEAN_DEVICES: [&str; 1] = ["aarch64-linux"];
 
 fn built(triple: &str, name: &str) -> PathBuf {
     let path = target_dir().join(triple).join("release").join(name);

@@ -6,6 +6,7 @@
 mod conformance;
 mod fleet;
 mod headless;
+mod lean;
 mod refusals;
 mod run;
 mod sandbox;

@@ -44,10 +44,10 @@ fn kilnd_binaries_contain_no_compiler_code() {
         "probe cannot see cranelift in {}",
         me.display()
     );
-    for device in DEVICES {
-        let path = kilnd_path(&profile(device));
+    let lean = kiln_e2e::LEAN_DEVICES.map(|d| kiln_e2e::lean_kilnd_path(&profile(d)));
+    for path in DEVICES.map(|d| kilnd_path(&profile(d))).iter().chain(&lean) {
         assert!(
-            !contains(&path, NEEDLE),
+            !contains(path, NEEDLE),
             "{} contains `{NEEDLE}`",
             path.display()
         );

@@ -14,7 +14,7 @@ use crate::util::{path_str, shared, Device};
 use crate::DEVICES;
 
 /// A running `kilnd serve` and every JSON record it printed so far.
-struct Serve {
+pub struct Serve {
     child: Child,
     records: Arc<Mutex<Vec<Value>>>,
     stderr: PathBuf,
@@ -24,7 +24,7 @@ struct Serve {
 impl Serve {
     /// Starts `kilnd serve` on `device` with `config` (the trust line and, under qemu,
     /// the worker launcher are added here).
-    fn start(device: &Device, config: &str) -> Self {
+    pub fn start(device: &Device, config: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let launcher: Vec<String> = device
             .profile
@@ -69,7 +69,7 @@ impl Serve {
     }
 
     /// Waits until `done` holds for the records so far; panics with them if it never does.
-    fn wait_until(&mut self, limit: Duration, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    pub fn wait_until(&mut self, limit: Duration, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
         let deadline = Instant::now() + limit;
         loop {
             let records = self.records();
@@ -124,14 +124,14 @@ impl Drop for Serve {
     }
 }
 
-fn of<'a>(records: &'a [Value], module: &str, kind: &str) -> Vec<&'a Value> {
+pub fn of<'a>(records: &'a [Value], module: &str, kind: &str) -> Vec<&'a Value> {
     records
         .iter()
         .filter(|r| r["module"] == module && r["kind"] == kind)
         .collect()
 }
 
-fn module_entry(name: &str, artifact: &Path, extra: &str) -> String {
+pub fn module_entry(name: &str, artifact: &Path, extra: &str) -> String {
     format!(
         "\n[[module]]\nname = {name:?}\nartifact = {:?}\n{extra}\n",
         path_str(artifact)

@@ -85,12 +85,25 @@ impl Shared {
 /// change `profile.qemu`, e.g. to emulate an older CPU).
 pub struct Device {
     pub profile: TargetProfile,
+    /// The kilnd this device runs: the tests' full build, or the lean one.
+    pub kilnd: PathBuf,
 }
 
 impl Device {
     pub fn new(profile_name: &str) -> Self {
+        let profile = profile(profile_name);
         Self {
-            profile: profile(profile_name),
+            kilnd: kilnd_path(&profile),
+            profile,
+        }
+    }
+
+    /// A device running the lean kilnd (no WASI).
+    pub fn lean(profile_name: &str) -> Self {
+        let profile = profile(profile_name);
+        Self {
+            kilnd: kiln_e2e::lean_kilnd_path(&profile),
+            profile,
         }
     }
 
@@ -101,7 +114,7 @@ impl Device {
 
     /// The command line behind [`Device::kilnd`], to adjust before running.
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = self.profile.command(&kilnd_path(&self.profile));
+        let mut cmd = self.profile.command(&self.kilnd);
         cmd.args(args).env_remove("KILN_LOG");
         cmd
     }

@@ -4,14 +4,9 @@
 //! left out (` [cut: N bytes]`), newline or not; the bytes past the bound are counted,
 //! never buffered, so a guest cannot make the host buffer more than one bounded line.
 
-use std::io::{self, SeekFrom};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
 use kiln_protocol::abi::MAX_LOG;
-use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
-use wasmer_wasix::virtual_fs::{self, VirtualFile};
 
 pub type LineFn = Arc<dyn Fn(String) + Send + Sync>;
 
@@ -34,6 +29,8 @@ impl std::fmt::Debug for LineCapture {
     }
 }
 
+// The lean kilnd (no WASI) has no stdout to capture, only whole lines to bound.
+#[cfg_attr(not(feature = "wasi"), allow(dead_code))]
 impl LineCapture {
     pub fn new(emit: LineFn) -> Self {
         Self {
@@ -135,66 +132,82 @@ fn text_within(raw: &[u8], room: usize) -> (String, usize) {
     (text, used)
 }
 
-impl AsyncWrite for LineCapture {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.push(buf);
-        Poll::Ready(Ok(buf.len()))
-    }
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
+/// The module's stdout and stderr are files of its WASI environment that write here.
+#[cfg(feature = "wasi")]
+mod wasi_file {
+    use std::io::{self, SeekFrom};
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
 
-impl AsyncRead for LineCapture {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        _buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
+    use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
+    use wasmer_wasix::virtual_fs::{self, VirtualFile};
 
-impl AsyncSeek for LineCapture {
-    fn start_seek(self: Pin<&mut Self>, _position: SeekFrom) -> io::Result<()> {
-        Err(io::ErrorKind::Unsupported.into())
-    }
-    fn poll_complete(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
-        Poll::Ready(Ok(0))
-    }
-}
+    use super::LineCapture;
 
-impl VirtualFile for LineCapture {
-    fn last_accessed(&self) -> u64 {
-        0
+    impl AsyncWrite for LineCapture {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.push(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
     }
-    fn last_modified(&self) -> u64 {
-        0
+
+    impl AsyncRead for LineCapture {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            _buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
     }
-    fn created_time(&self) -> u64 {
-        0
+
+    impl AsyncSeek for LineCapture {
+        fn start_seek(self: Pin<&mut Self>, _position: SeekFrom) -> io::Result<()> {
+            Err(io::ErrorKind::Unsupported.into())
+        }
+        fn poll_complete(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
+            Poll::Ready(Ok(0))
+        }
     }
-    fn size(&self) -> u64 {
-        0
-    }
-    fn set_len(&mut self, _new_size: u64) -> virtual_fs::Result<()> {
-        Err(virtual_fs::FsError::PermissionDenied)
-    }
-    fn unlink(&mut self) -> virtual_fs::Result<()> {
-        Ok(())
-    }
-    fn poll_read_ready(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        Poll::Ready(Ok(0))
-    }
-    fn poll_write_ready(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        Poll::Ready(Ok(8192))
+
+    impl VirtualFile for LineCapture {
+        fn last_accessed(&self) -> u64 {
+            0
+        }
+        fn last_modified(&self) -> u64 {
+            0
+        }
+        fn created_time(&self) -> u64 {
+            0
+        }
+        fn size(&self) -> u64 {
+            0
+        }
+        fn set_len(&mut self, _new_size: u64) -> virtual_fs::Result<()> {
+            Err(virtual_fs::FsError::PermissionDenied)
+        }
+        fn unlink(&mut self) -> virtual_fs::Result<()> {
+            Ok(())
+        }
+        fn poll_read_ready(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(0))
+        }
+        fn poll_write_ready(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(8192))
+        }
     }
 }
 

@@ -5,13 +5,18 @@
 use std::time::Instant;
 
 use kiln_protocol::abi;
-use kiln_protocol::worker::{Done, LogSource, Reply, Stop};
+use kiln_protocol::worker::{Done, Stop};
+#[cfg(feature = "wasi")]
+use kiln_protocol::worker::{LogSource, Reply};
 use wasmer::{Function, FunctionEnv, Imports, Instance, Store, Type, Value};
+#[cfg(feature = "wasi")]
 use wasmer_wasix::wasmer_wasix_types::wasi::{Errno, ExitCode};
+#[cfg(feature = "wasi")]
 use wasmer_wasix::{WasiError, WasiFunctionEnv};
 
 use crate::exit::{Code, Failure};
 use crate::sandbox::abi::{Emit, KilnEnv};
+#[cfg(feature = "wasi")]
 use crate::sandbox::capture::LineCapture;
 use crate::sandbox::load::Loaded;
 use crate::sandbox::wasi::{self, WasiOptions};
@@ -35,12 +40,15 @@ pub struct Guest {
     pub name: String,
     store: Store,
     instance: Instance,
+    #[cfg(feature = "wasi")]
     wasi: Option<WasiFunctionEnv>,
     kiln: FunctionEnv<KilnEnv>,
     fuel: Option<u64>,
+    #[cfg(feature = "wasi")]
     captures: Vec<LineCapture>,
     // wasix does its file and timer I/O on a tokio runtime; one worker is plenty.
     // None when the module imports no WASI.
+    #[cfg(feature = "wasi")]
     tokio: Option<tokio::runtime::Runtime>,
     /// Where instantiation spent its time, step by step.
     pub steps: Steps,
@@ -91,12 +99,20 @@ impl Guest {
         check_reactor_exports(&loaded.module).map_err(&fail)?;
         let mut store = Store::new(loaded.engine.clone());
         let module = loaded.module;
-        let uses_wasi = module
-            .imports()
-            .any(|i| i.module() != abi::MODULE && wasi::PROVIDED.contains(&i.module()));
+        // Past check_imports, anything that is not the kiln ABI is WASI, which the lean
+        // build has refused there.
+        let uses_wasi = module.imports().any(|i| i.module() != abi::MODULE);
+        #[cfg(not(feature = "wasi"))]
+        let mut imports = {
+            debug_assert!(!uses_wasi, "check_imports lets no WASI import through");
+            let _ = (&opts.wasi, opts.capture_stdio);
+            Imports::new()
+        };
         // A module that imports no WASI gets none: no I/O runtime, no WASI environment
         // (together most of an instantiation after the memory itself).
+        #[cfg(feature = "wasi")]
         let mut captures = Vec::new();
+        #[cfg(feature = "wasi")]
         let (tokio, wasi_env, mut imports) = if uses_wasi {
             let tokio = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
@@ -123,6 +139,7 @@ impl Guest {
         } else {
             (None, None, Imports::new())
         };
+        #[cfg(feature = "wasi")]
         let _guard = tokio.as_ref().map(|t| t.enter());
         let kiln = FunctionEnv::new(&mut store, KilnEnv::new(opts.config, opts.emit.clone()));
         for ((ns, name), ext) in crate::sandbox::abi::imports(&mut store, &kiln).into_iter() {
@@ -135,7 +152,9 @@ impl Guest {
         if let Ok(memory) = instance.exports.get_memory("memory") {
             crate::sandbox::abi::bind_memory(&mut store, &kiln, memory.clone());
         }
+        #[cfg(feature = "wasi")]
         let mut wasi_env = wasi_env;
+        #[cfg(feature = "wasi")]
         if let Some(env) = wasi_env.as_mut() {
             env.initialize(&mut store, instance.clone())
                 .map_err(|e| fail(format!("cannot set up WASI: {e}")))?;
@@ -145,10 +164,13 @@ impl Guest {
             name: name.clone(),
             store,
             instance,
+            #[cfg(feature = "wasi")]
             wasi: wasi_env,
             kiln,
             fuel: opts.fuel,
+            #[cfg(feature = "wasi")]
             captures,
+            #[cfg(feature = "wasi")]
             tokio,
             steps,
         };
@@ -174,6 +196,7 @@ impl Guest {
 
     /// Calls a reactor export, with the fuel reset to the per-call budget first.
     pub fn call(&mut self, export: &str, args: &[Value]) -> Result<Done, Stop> {
+        #[cfg(feature = "wasi")]
         let _guard = self.tokio.as_ref().map(|t| t.enter());
         let func: Function = self
             .instance
@@ -226,7 +249,12 @@ impl Guest {
         done
     }
 
+    /// Ends the module (the lean build has no files or stdio to close).
+    #[cfg(not(feature = "wasi"))]
+    pub fn finish(self, _exit_code: Option<i32>) {}
+
     /// Flushes captured output and closes the module's files and stdio.
+    #[cfg(feature = "wasi")]
     pub fn finish(mut self, exit_code: Option<i32>) {
         for capture in &self.captures {
             capture.flush_partial();
@@ -282,6 +310,12 @@ impl Guest {
                 budget: self.fuel.unwrap_or(0),
             };
         }
+        #[cfg(not(feature = "wasi"))]
+        return Stop::Trap {
+            call: export.into(),
+            message: wasi::trap_message(&err),
+        };
+        #[cfg(feature = "wasi")]
         match err.downcast::<WasiError>() {
             Ok(WasiError::Exit(code)) => Stop::Exited(code.raw()),
             Ok(other) => Stop::Trap {
@@ -334,6 +368,7 @@ fn check_reactor_exports(module: &wasmer::Module) -> Result<(), String> {
 }
 
 /// Routes the module's stdout and stderr into log records, line by line.
+#[cfg(feature = "wasi")]
 fn capture_stdio(builder: &mut wasmer_wasix::WasiEnvBuilder, emit: &Emit) -> Vec<LineCapture> {
     let mut captures = Vec::new();
     for source in [LogSource::Stdout, LogSource::Stderr] {

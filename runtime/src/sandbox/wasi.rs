@@ -1,12 +1,17 @@
-//! The WASI side of a module's sandbox (wasmer-wasix): the given args and env only,
-//! the given host directories only, mounted over an empty in-memory root.
+//! The WASI side of a module's sandbox (wasmer-wasix, feature `wasi`): the given args
+//! and env only, the given host directories only, mounted over an empty in-memory
+//! root. Also what a module may import at all, with or without WASI.
 
+#[cfg(feature = "wasi")]
 use std::path::Path;
+#[cfg(feature = "wasi")]
 use std::sync::Arc;
 
 use kiln_protocol::abi;
 use wasmer::Module;
+#[cfg(feature = "wasi")]
 use wasmer_wasix::virtual_fs::{host_fs, mount_fs::MountFileSystem, RootFileSystemBuilder};
+#[cfg(feature = "wasi")]
 use wasmer_wasix::{WasiEnv, WasiEnvBuilder};
 
 use crate::exit::{Code, Failure};
@@ -21,6 +26,7 @@ pub struct WasiOptions {
 }
 
 /// A WASI environment for module `name`: only the given args, env and directories.
+#[cfg(feature = "wasi")]
 pub fn builder(
     name: &str,
     opts: &WasiOptions,
@@ -48,6 +54,7 @@ pub fn builder(
 }
 
 /// Import modules this kilnd provides.
+#[cfg(feature = "wasi")]
 pub const PROVIDED: &[&str] = &[
     abi::MODULE,
     "wasi_snapshot_preview1",
@@ -55,8 +62,14 @@ pub const PROVIDED: &[&str] = &[
     "wasix_32v1",
     "wasix_64v1",
 ];
+/// Import modules this kilnd provides: the lean build has no WASI.
+#[cfg(not(feature = "wasi"))]
+pub const PROVIDED: &[&str] = &[abi::MODULE];
 
-/// Names the first import nobody provides, instead of wasmer's generic link error.
+/// At most this many missing imports are named in the error.
+const NAMED: usize = 4;
+
+/// Names the imports nobody provides, instead of wasmer's generic link error.
 pub fn check_imports(name: &str, module: &Module) -> Result<(), Failure> {
     let unknown = |i: &wasmer::ImportType| {
         if i.module() == abi::MODULE {
@@ -78,22 +91,36 @@ pub fn check_imports(name: &str, module: &Module) -> Result<(), Failure> {
             ),
         ));
     }
-    match module.imports().find(unknown) {
-        Some(i) => Err(Failure::new(
-            Code::LoadFailed,
-            format!(
-                "module `{name}` imports `{}`.`{}`, which this kilnd does not provide (it provides {})",
-                i.module(),
-                i.name(),
-                PROVIDED.join(", ")
-            ),
-        )),
-        None => Ok(()),
+    let missing: Vec<String> = module
+        .imports()
+        .filter(unknown)
+        .map(|i| format!("`{}`.`{}`", i.module(), i.name()))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
     }
+    let more = match missing.len().saturating_sub(NAMED) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    let lean = if cfg!(feature = "wasi") {
+        ""
+    } else {
+        "; this is the lean kilnd, built without WASI: run WASI modules on the full build"
+    };
+    Err(Failure::new(
+        Code::LoadFailed,
+        format!(
+            "module `{name}` imports {}{more}, which this kilnd does not provide (it provides {}){lean}",
+            missing[..missing.len().min(NAMED)].join(", "),
+            PROVIDED.join(", ")
+        ),
+    ))
 }
 
 /// The module's whole file system: an empty in-memory root with `/dev/null` and
 /// friends, and the mapped host directories. Nothing else of the host is visible.
+#[cfg(feature = "wasi")]
 fn sandbox(
     dirs: &[DirMapping],
     handle: &tokio::runtime::Handle,

@@ -1,6 +1,7 @@
-//! Size of the stripped release `kilnd` per target, as built (all features) and
-//! without TLS (`--no-default-features`). Each variant is built the way a user would
-//! build it; cargo keeps both builds, so switching back costs no compile.
+//! Size of the stripped release `kilnd` per target, as built (all features), without
+//! TLS (`--no-default-features --features wasi`), and lean (`--no-default-features
+//! --features tls`: no WASI). Each variant is built the way a user would build it;
+//! cargo keeps every build, so switching back costs no compile.
 
 use std::process::Command;
 
@@ -12,9 +13,19 @@ use crate::target::Target;
 pub fn print(rows: &[Vec<String>]) {
     println!("\n### kilnd size (stripped release: opt-level s, fat LTO, panic=abort)\n");
     println!("`full` is the default build: WASI (wasmer-wasix), fleet updates and telemetry over");
-    println!("MQTT, and TLS (rustls with ring). `no TLS` is `--no-default-features`: it refuses");
-    println!("mqtts:// brokers. WASI is not a build option: kilnd's sandbox is built on it.\n");
-    table(&["target", "full", "no TLS", "TLS costs"], rows);
+    println!("MQTT, and TLS (rustls with ring). `no TLS` refuses mqtts:// brokers. `lean` has");
+    println!("everything but WASI: it runs kiln-ABI reactors and refuses WASI modules.\n");
+    table(
+        &[
+            "target",
+            "full",
+            "no TLS",
+            "lean (no WASI)",
+            "TLS costs",
+            "WASI costs",
+        ],
+        rows,
+    );
 }
 
 pub fn measure(targets: &[Target]) -> Vec<Vec<String>> {
@@ -22,13 +33,17 @@ pub fn measure(targets: &[Target]) -> Vec<Vec<String>> {
         .iter()
         .map(|t| {
             let full = size_of(t, &[]);
-            let no_tls = size_of(t, &["--no-default-features"]);
+            let no_tls = size_of(t, &["--no-default-features", "--features", "wasi"]);
+            let lean = size_of(t, &["--no-default-features", "--features", "tls"]);
             size_of(t, &[]); // leave the default build in place for the other sections
+            let kb = |a: u64, b: u64| format!("{:.0} KB", (a as f64 - b as f64) / 1000.0);
             vec![
                 t.name.clone(),
                 bytes(full),
                 bytes(no_tls),
-                format!("{:.0} KB", (full as f64 - no_tls as f64) / 1000.0),
+                bytes(lean),
+                kb(full, no_tls),
+                kb(full, lean),
             ]
         })
         .collect()

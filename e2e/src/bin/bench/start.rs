@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use kiln_e2e::{path_str, target_dir};
 use serde_json::Value;
 
-use crate::target::{rss_kib, Target};
+use crate::target::{pss_kib, rss_kib, Target};
 use crate::{median, table};
 
 /// How the module's memory is compiled: reserved (kiln's default: 8 GiB of address
@@ -145,7 +145,7 @@ fn print_worker(start_rows: &[Vec<String>], runs: usize) {
         "spawn + read + verify + deserialize + instantiate + kiln_init + first kiln_tick, as the"
     );
     println!(
-        "supervisor's `started` record reports it; idle RSS is the worker's VmRSS 1.5 s later.\n"
+        "supervisor's `started` record reports it; idle RSS and PSS are the worker's 1.5 s later\n(PSS counts kilnd's shared code once across workers; under qemu both include the emulator).\n"
     );
     table(
         &[
@@ -159,6 +159,7 @@ fn print_worker(start_rows: &[Vec<String>], runs: usize) {
             "init",
             "first tick",
             "idle RSS",
+            "idle PSS",
         ],
         start_rows,
     );
@@ -177,7 +178,7 @@ fn worker_start(target: &Target, runs: usize, memory: &str, flags: &[&str]) -> V
             path_str(&artifact)
         ),
     );
-    let mut samples: Vec<(Value, f64)> = Vec::new();
+    let mut samples: Vec<(Value, f64, f64)> = Vec::new();
     for _ in 0..runs {
         let (mut child, mut records) = target.serve(&config);
         let started = records
@@ -186,11 +187,18 @@ fn worker_start(target: &Target, runs: usize, memory: &str, flags: &[&str]) -> V
         std::thread::sleep(Duration::from_millis(1500));
         let pid = started["pid"].as_u64().unwrap_or(0);
         let idle = rss_kib(pid).unwrap_or(0) as f64 / 1024.0;
+        let pss = pss_kib(pid).unwrap_or(0) as f64 / 1024.0;
         let _ = child.kill();
         let _ = child.wait();
-        samples.push((started, idle));
+        samples.push((started, idle, pss));
     }
-    let field = |name: &str| median(samples.iter().map(|(r, _)| r[name].as_f64().unwrap_or(0.0)));
+    let field = |name: &str| {
+        median(
+            samples
+                .iter()
+                .map(|(r, ..)| r[name].as_f64().unwrap_or(0.0)),
+        )
+    };
     vec![
         target.name.clone(),
         target.mode().into(),
@@ -201,6 +209,7 @@ fn worker_start(target: &Target, runs: usize, memory: &str, flags: &[&str]) -> V
         format!("{:.2} ms", field("instantiate_ms")),
         format!("{:.2} ms", field("init_ms")),
         format!("{:.2} ms", field("first_tick_ms")),
-        format!("{:.1} MiB", median(samples.iter().map(|(_, rss)| *rss))),
+        format!("{:.1} MiB", median(samples.iter().map(|(_, rss, _)| *rss))),
+        format!("{:.1} MiB", median(samples.iter().map(|(.., pss)| *pss))),
     ]
 }
