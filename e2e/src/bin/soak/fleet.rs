@@ -33,11 +33,11 @@ pub type ObsTx = Sender<(Ms, Obs)>;
 
 /// The telemetry settings every device runs with: small batches and a small spool, so
 /// an outage of a few seconds with a flood fills it and drops are exercised. The spool
-/// holds eight times what may be in flight (the default window of 8 batches): a
+/// holds four times what may be in flight (the default window of 8 batches): a
 /// spool no bigger than the window is full whenever the link is busy.
 pub const BATCH_MS: u64 = 200;
 pub const BATCH_BYTES: u64 = 4096;
-pub const SPOOL_LIMIT: u64 = 256 * 1024;
+pub const SPOOL_LIMIT: u64 = 128 * 1024;
 /// The data dir's filesystem: room for the state, two slots per module, a download
 /// and the spool, and little more.
 pub const DATA_FS: &str = "8m";
@@ -144,6 +144,8 @@ pub struct Device {
     pub filler: Option<PathBuf>,
     /// Set when the soak ends: the keeper leaves kilnd down.
     pub retired: bool,
+    /// A powered-off device: the keeper leaves kilnd down until then.
+    pub off_until: Option<Instant>,
 }
 
 impl Device {
@@ -200,6 +202,7 @@ impl Device {
             counter_pid: Arc::default(),
             filler: None,
             retired: false,
+            off_until: None,
         })
     }
 
@@ -272,7 +275,7 @@ impl Device {
             self.boot += 1;
             self.dead_since = Some(Instant::now());
         }
-        if self.retired {
+        if self.retired || self.off_until.is_some_and(|t| Instant::now() < t) {
             return Ok(());
         }
         if self
@@ -316,6 +319,37 @@ impl Device {
                     .sum()
             })
             .unwrap_or(0)
+    }
+
+    /// What a converged, cleanly stopped kilnd should no longer keep in its data dir:
+    /// temp files of interrupted writes and downloads (every download has finished or
+    /// been dropped). Each one left is space a device never gets back.
+    pub fn leftovers(&self) -> Vec<String> {
+        fn walk(dir: &Path, root: &Path, out: &mut Vec<String>) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for e in entries.flatten() {
+                let path = e.path();
+                let rel = path
+                    .strip_prefix(root)
+                    .unwrap_or(&path)
+                    .display()
+                    .to_string();
+                if path.is_dir() {
+                    walk(&path, root, out);
+                } else if rel.starts_with("downloads/")
+                    || e.file_name().to_string_lossy().starts_with(".tmp")
+                {
+                    let len = e.metadata().map_or(0, |m| m.len());
+                    out.push(format!("{rel} ({len} bytes)"));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.data, &self.data, &mut out);
+        out.sort();
+        out
     }
 
     /// Fills the data dir's filesystem with one file.
@@ -549,6 +583,63 @@ pub fn observe(port: u16, ids: Vec<String>, tx: ObsTx) -> Latest {
         }
     });
     latest
+}
+
+/// The retained message on `topic`, if there is one (waits up to 2 s for it).
+pub fn retained(port: u16, topic: &str) -> Option<Vec<u8>> {
+    let mut options = MqttOptions::new("soak-reader", "127.0.0.1", port);
+    options.set_max_packet_size(16 << 20, 16 << 20);
+    let (client, mut connection) = Client::new(options, 10);
+    client.subscribe(topic, QoS::AtLeastOnce).ok()?;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut found = None;
+    while Instant::now() < deadline {
+        match connection.recv_timeout(Duration::from_millis(200)) {
+            Ok(Ok(rumqttc::Event::Incoming(Packet::Publish(p)))) if p.topic == topic => {
+                found = Some(p.payload.to_vec());
+                break;
+            }
+            // Subscribed and nothing came: no retained message; give it a moment.
+            Ok(Ok(rumqttc::Event::Incoming(Packet::SubAck(_)))) => {
+                if let Ok(Ok(rumqttc::Event::Incoming(Packet::Publish(p)))) =
+                    connection.recv_timeout(Duration::from_millis(300))
+                {
+                    found = Some(p.payload.to_vec());
+                }
+                break;
+            }
+            Ok(Err(_)) => break,
+            _ => {}
+        }
+    }
+    let _ = client.disconnect();
+    found
+}
+
+/// A desired state naming app `version` in `artifact`, signed with `key` (which no
+/// device trusts): what an attacker with broker access would publish.
+pub fn forged_desired(device: &str, version: u64, artifact: &Path, key: &Path) -> Result<Vec<u8>> {
+    use kiln_protocol::fleet::{
+        ArtifactRef, Desired, DesiredModule, ModuleLimits, Scope, SignedDesired,
+    };
+    use kiln_protocol::keys::SecretKey;
+    let secret = SecretKey::from_text(&std::fs::read_to_string(key)?)?;
+    let bytes = std::fs::read(artifact)?;
+    let desired = Desired {
+        scope: Scope::Device(device.into()),
+        // Far above any serial a push makes (Unix ms), so only the key can refuse it.
+        serial: now_ms() * 1_000,
+        modules: vec![DesiredModule {
+            name: "app".into(),
+            version,
+            artifact: ArtifactRef::of(&bytes, 64 * 1024),
+            config: Vec::new(),
+            limits: ModuleLimits::default(),
+            allow_downgrade: true,
+            health_window_ms: 1_000,
+        }],
+    };
+    Ok(SignedDesired::sign(&desired, &secret))
 }
 
 /// Runs a `kiln` fleet command with a time limit, its stderr appended to `log`; its

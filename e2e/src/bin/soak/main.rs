@@ -48,6 +48,9 @@ struct Args {
     /// Devices: the first native, then aarch64 and riscv64 under qemu-user, in turn
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
     devices: u64,
+    /// Print the faults the seed plans, one a line, and exit
+    #[arg(long)]
+    plan: bool,
 }
 
 const TARGETS: [&str; 3] = ["x86_64-linux", "aarch64-linux", "riscv64-linux"];
@@ -83,6 +86,13 @@ fn main() {
             args.minutes
         );
         std::process::exit(2);
+    }
+    if args.plan {
+        let duration_ms = (args.minutes * 60_000.0) as u64;
+        for p in schedule::plan(args.seed, duration_ms, args.devices as usize) {
+            println!("{:>8.1}s  {}", p.at_ms as f64 / 1000.0, p.fault);
+        }
+        return;
     }
     match run(&args) {
         Ok(true) => {}
@@ -196,15 +206,15 @@ fn run(args: &Args) -> Result<bool> {
     let keeper = soak.keeper();
     let outcome = soak.drive(&plan, duration_ms, &latest, watch);
     keeper.stop();
-    for d in soak.lock().iter() {
-        eprintln!("soak: {} logs in {}", d.id, d.dir.display());
-    }
     drop(mounted);
     let ok = outcome?;
-    if !ok {
+    if !ok || std::env::var_os("KILN_SOAK_KEEP").is_some() {
         // Keep the work dir of a failed soak for a post-mortem.
         let kept = root.keep();
-        eprintln!("soak: work dir kept at {}", kept.display());
+        eprintln!(
+            "soak: work dir kept at {} (each device's kilnd.toml and stderr.txt, kiln-stderr.txt, watch-stderr.txt)",
+            kept.display()
+        );
     }
     Ok(ok)
 }
@@ -425,6 +435,32 @@ impl Soak {
         }
     }
 
+    /// Publishes a desired state signed by a key no device trusts over the device's
+    /// retained one, as an attacker with broker access would (`kiln push` refuses to
+    /// sign over a state it cannot verify), then puts the real one back.
+    fn forge(&mut self, d: usize, version: u64, artifact: &Path) -> String {
+        if self.broker.state != BrokerState::Up {
+            return "skipped: broker not up".into();
+        }
+        let id = self.lock()[d].id.clone();
+        let topic =
+            kiln_protocol::fleet::Topics::new(kiln_protocol::fleet::DEFAULT_PREFIX).desired(&id);
+        let port = self.broker.broker.port;
+        let original = fleet::retained(port, &topic);
+        let forged =
+            match fleet::forged_desired(&id, version, artifact, &self.artifacts.rogue_key()) {
+                Ok(f) => f,
+                Err(e) => return format!("cannot forge: {e:#}"),
+            };
+        self.broker.broker.publish_retained(&topic, forged);
+        // Long enough for the device to receive and refuse it, checked meanwhile.
+        self.wait_until(self.offset() + 1_500);
+        self.broker
+            .broker
+            .publish_retained(&topic, original.unwrap_or_default());
+        "forged state published, then the real one put back".into()
+    }
+
     /// Pushes app `version` (good, or `crashing`) to device `d`.
     fn push_app(&mut self, d: usize, version: u64, crashing: bool) -> String {
         let target = self.lock()[d].target.clone();
@@ -454,6 +490,15 @@ impl Soak {
                     "done".into()
                 } else {
                     "skipped: kilnd was down".to_string()
+                }
+            }
+            Fault::PowerOff { device, off_ms } => {
+                let mut devices = self.lock();
+                devices[device].off_until = Some(Instant::now() + Duration::from_millis(off_ms));
+                if devices[device].kill() {
+                    "done".into()
+                } else {
+                    "kilnd was down; it stays down".to_string()
                 }
             }
             Fault::PushThenKill { device, after_ms } => {
@@ -541,7 +586,7 @@ impl Soak {
                 let artifact =
                     self.artifacts
                         .get("fixtures/soak-counter.wat", &target, "app", v, true);
-                format!("v{v} {}", self.push(device, &artifact, true))
+                format!("v{v} {}", self.forge(device, v, &artifact))
             }
             Fault::Gc => {
                 if self.broker.state != BrokerState::Up {
@@ -693,6 +738,11 @@ impl Soak {
             self.note(format!("dev{d} restarted without its fault hook"));
         }
         self.note("healed: broker up, disks free, no flood, no fault armed".into());
+        // The rest of the time the fleet runs without faults, still checked (memory,
+        // what runs, duplicates), before the last release.
+        if !self.wait_until(duration_ms.max(self.offset())) {
+            return Ok(false);
+        }
 
         // The last desired state: a fresh release every device must converge to.
         let pushed_at = now_ms();
@@ -763,6 +813,28 @@ impl Soak {
         let tx = self.tx.clone();
         for d in self.lock().iter_mut() {
             d.stop(&tx)?;
+        }
+        let leftovers: Vec<(usize, Vec<String>)> = self
+            .lock()
+            .iter()
+            .map(|d| (d.index, d.leftovers()))
+            .collect();
+        for (index, left) in leftovers {
+            if !left.is_empty() {
+                eprintln!(
+                    "soak: dev{index} data dir keeps {} files it no longer needs: {}",
+                    left.len(),
+                    left.join(", ")
+                );
+                self.violation.get_or_insert(Violation {
+                    at_ms: now_ms(),
+                    what: format!(
+                        "dev{index} keeps {} files in its data dir that nothing will use again (first: {})",
+                        left.len(),
+                        left[0]
+                    ),
+                });
+            }
         }
         // Give kiln watch until everything made has arrived (or 30 s).
         let limit = Instant::now() + Duration::from_secs(30);

@@ -63,6 +63,12 @@ pub enum Fault {
     KillKilnd {
         device: usize,
     },
+    /// SIGKILL of kilnd, which stays down for `off_ms` (a device that lost power):
+    /// the fleet may move on meanwhile.
+    PowerOff {
+        device: usize,
+        off_ms: u64,
+    },
     /// A good release, then SIGKILL of kilnd `after_ms` later: mid-download, mid-stage
     /// or mid-trial, depending on where the update has got to.
     PushThenKill {
@@ -129,6 +135,7 @@ impl Fault {
     pub fn name(&self) -> &'static str {
         match self {
             Fault::KillKilnd { .. } => "kill-kilnd",
+            Fault::PowerOff { .. } => "power-off",
             Fault::PushThenKill { .. } => "push-then-kill-kilnd",
             Fault::KillAtStep { .. } => "kill-kilnd-at-step",
             Fault::KillWorker { .. } => "kill-worker",
@@ -164,8 +171,12 @@ impl fmt::Display for Fault {
             }
             Fault::BrokerPause { pause_ms } => write!(f, "{} for {pause_ms} ms", self.name()),
             Fault::Gc => f.write_str("gc"),
-            Fault::DiskFull { device, full_ms } => {
-                write!(f, "{} dev{device} for {full_ms} ms", self.name())
+            Fault::DiskFull {
+                device,
+                full_ms: ms,
+            }
+            | Fault::PowerOff { device, off_ms: ms } => {
+                write!(f, "{} dev{device} for {ms} ms", self.name())
             }
             Fault::Flood {
                 device,
@@ -177,8 +188,9 @@ impl fmt::Display for Fault {
 }
 
 /// Every fault name, in the order the report lists them.
-pub const NAMES: [&str; 14] = [
+pub const NAMES: [&str; 15] = [
     "kill-kilnd",
+    "power-off",
     "push-then-kill-kilnd",
     "kill-kilnd-at-step",
     "kill-worker",
@@ -236,6 +248,7 @@ pub fn span_ms(fault: &Fault) -> u64 {
         Fault::BrokerStop { down_ms } | Fault::BrokerKill { down_ms } => *down_ms,
         Fault::BrokerPause { pause_ms } => *pause_ms,
         Fault::DiskFull { full_ms, .. } => *full_ms,
+        Fault::PowerOff { off_ms, .. } => *off_ms,
         Fault::Flood { flood_ms, .. } => *flood_ms,
         Fault::PushThenKill { after_ms, .. } | Fault::PushThenRevert { after_ms, .. } => *after_ms,
         _ => 0,
@@ -246,7 +259,11 @@ fn pick(rng: &mut Rng, devices: usize) -> Fault {
     let device = rng.below(devices);
     // Weights: kills and pushes most often, the heavy faults less.
     match rng.below(100) {
-        0..=11 => Fault::KillKilnd { device },
+        0..=6 => Fault::KillKilnd { device },
+        7..=11 => Fault::PowerOff {
+            device,
+            off_ms: rng.range(1_000, 15_000),
+        },
         12..=19 => Fault::PushThenKill {
             device,
             after_ms: rng.range(0, 3_000),
@@ -308,7 +325,8 @@ mod tests {
             for p in &planned {
                 prop_assert!(p.at_ms + span_ms(&p.fault) <= end, "{p:?} ends after {end}");
                 let device = match p.fault {
-                    Fault::KillKilnd { device } | Fault::PushThenKill { device, .. }
+                    Fault::KillKilnd { device } | Fault::PowerOff { device, .. }
+                    | Fault::PushThenKill { device, .. }
                     | Fault::KillAtStep { device, .. } | Fault::KillWorker { device }
                     | Fault::PushGood { device } | Fault::PushCrashing { device }
                     | Fault::PushThenRevert { device, .. } | Fault::PushUntrusted { device }
