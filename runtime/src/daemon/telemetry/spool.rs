@@ -168,6 +168,8 @@ impl Spool {
             return Err(io::Error::other(why.clone()));
         }
         let index = self.next;
+        #[cfg(feature = "test-hooks")]
+        cut_short(&self.dir, bytes);
         write_atomically(&self.path(index), bytes)?;
         self.next += 1;
         self.bytes += entry.bytes;
@@ -211,6 +213,26 @@ impl Spool {
 
     fn path(&self, index: u64) -> PathBuf {
         self.dir.join(format!("{index:016x}.batch"))
+    }
+}
+
+/// `KILN_FAULT=spool` (test builds only): the first spool write of this kilnd stops
+/// halfway, as a power cut would leave it (half the batch in a temp file, synced),
+/// and kilnd SIGKILLs itself. The next start must clear it and lose no whole batch.
+#[cfg(feature = "test-hooks")]
+fn cut_short(dir: &std::path::Path, bytes: &[u8]) {
+    if std::env::var("KILN_FAULT").as_deref() != Ok("spool") {
+        return;
+    }
+    let tmp = dir.join(format!(".tmpcut{}", std::process::id()));
+    if let Ok(mut file) = std::fs::File::create(tmp) {
+        let _ = std::io::Write::write_all(&mut file, &bytes[..bytes.len() / 2]);
+        let _ = file.sync_all();
+    }
+    tracing::warn!(step = "spool", "KILN_FAULT: killing kilnd");
+    // SAFETY: sends SIGKILL to this very process.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
     }
 }
 
