@@ -44,6 +44,22 @@ pub const DATA_FS: &str = "8m";
 /// How long the keeper waits before it restarts a dead kilnd (systemd's RestartSec).
 pub const RESTART_MS: u64 = 300;
 
+/// Makes the kernel SIGKILL the child when the thread that spawned it ends, so a soak
+/// stopped by Ctrl-C or a signal leaves no kilnd or watch behind. (The keeper thread
+/// that starts kilnd lives as long as the soak.)
+fn die_with_the_soak(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches only the child being set up.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Sends `sig` (a name: KILL, TERM, STOP, CONT) to `pid`.
 pub fn signal(pid: u32, sig: &str) {
     let _ = Command::new("kill")
@@ -215,6 +231,7 @@ impl Device {
         let mut cmd = self.profile.command(&kilnd_path(&self.profile));
         cmd.args(["serve", "--config", path_str(&config)])
             .env_remove("KILN_LOG");
+        die_with_the_soak(&mut cmd);
         self.armed_now = self.arm.is_some();
         if let Some(step) = self.arm.take() {
             cmd.env("KILN_FAULT", step);
@@ -456,7 +473,9 @@ impl Watch {
         tx: ObsTx,
         log: &Path,
     ) -> Result<Self> {
-        let mut child = Command::new(kiln_path())
+        let mut cmd = Command::new(kiln_path());
+        die_with_the_soak(&mut cmd);
+        let mut child = cmd
             .args(["watch", "--json", "--session", session, "--broker", broker])
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(log)?)

@@ -62,7 +62,7 @@ fn bounds(devices: &[Device]) -> Bounds {
     Bounds {
         down_ms: devices
             .iter()
-            .map(|d| if native(d) { 15_000 } else { 45_000 })
+            .map(|d| if native(d) { 5_000 } else { 30_000 })
             .collect(),
         rss_kib: devices
             .iter()
@@ -75,7 +75,7 @@ fn bounds(devices: &[Device]) -> Bounds {
 }
 
 /// How long every device may take to commit the last release after it is pushed.
-const CONVERGE_MS: u64 = 120_000;
+const CONVERGE_MS: u64 = 60_000;
 const HEALTH_WINDOW_MS: &str = "1500";
 
 fn main() {
@@ -373,7 +373,7 @@ impl Soak {
                 let quiet =
                     self.artifacts
                         .get("fixtures/soak-counter.wat", &target, "flood", v, false);
-                let code = self.push(d, &quiet, false);
+                let code = self.push(d, &quiet);
                 self.note(format!("dev{d} flood ends: quiet flood v{v} ({code})"));
                 if code != "pushed" {
                     // The broker is away: try again in a second.
@@ -399,16 +399,12 @@ impl Soak {
     }
 
     /// `kiln push` of an artifact to one device; the exit code in words.
-    fn push(&mut self, d: usize, artifact: &Path, rogue: bool) -> String {
+    fn push(&mut self, d: usize, artifact: &Path) -> String {
         if self.broker.state != BrokerState::Up {
             return "skipped: broker not up".into();
         }
         let id = self.lock()[d].id.clone();
-        let key = if rogue {
-            self.artifacts.rogue_key()
-        } else {
-            self.artifacts.key()
-        };
+        let key = self.artifacts.key();
         let url = self.broker.url();
         let args = [
             "push",
@@ -472,7 +468,7 @@ impl Soak {
         let artifact = self.artifacts.get(source, &target, "app", version, false);
         // Announced before the push: the device may start it before push returns.
         let _ = self.tx.send((now_ms(), Obs::Pushed { device: d, version }));
-        self.push(d, &artifact, false)
+        self.push(d, &artifact)
     }
 
     fn new_version(&mut self, d: usize) -> u64 {
@@ -514,6 +510,8 @@ impl Soak {
                 drop(devices);
                 if !killed {
                     "armed for the next start".to_string()
+                } else if step == "spool" {
+                    "restarting armed: it dies in its first spool write".to_string()
                 } else {
                     // Wait for the keeper to bring it back armed, then give it work.
                     let limit = Instant::now() + Duration::from_secs(5);
@@ -625,7 +623,7 @@ impl Soak {
                     let artifact = self
                         .artifacts
                         .get(kind.fixture(), &target, "flood", v, false);
-                    let code = self.push(device, &artifact, false);
+                    let code = self.push(device, &artifact);
                     if code == "pushed" {
                         self.flooding[device] = true;
                         self.due.push((now + flood_ms, Due::FloodEnd(device)));
@@ -732,6 +730,9 @@ impl Soak {
             .filter(|d| d.armed_now)
             .map(|d| d.index)
             .collect();
+        for d in self.lock().iter_mut() {
+            d.arm = None;
+        }
         for d in armed {
             self.lock()[d].armed_now = false;
             self.lock()[d].kill();

@@ -32,8 +32,9 @@ impl Rng {
     }
 }
 
-/// An update step `KILN_FAULT` can kill kilnd right after.
-pub const STEPS: [&str; 4] = ["download", "stage", "activate", "commit"];
+/// A step `KILN_FAULT` can kill kilnd right after: the update steps, and `spool`, a
+/// telemetry spool write cut short halfway (the first one after kilnd starts).
+pub const STEPS: [&str; 5] = ["download", "stage", "activate", "commit", "spool"];
 
 /// What a flood module does while it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,8 +76,8 @@ pub enum Fault {
         device: usize,
         after_ms: u64,
     },
-    /// Restart kilnd with `KILN_FAULT=step` and push a good release: kilnd kills itself
-    /// right after that step.
+    /// Restart kilnd with `KILN_FAULT=step` and push a good release (an update step):
+    /// kilnd kills itself right after that step.
     KillAtStep {
         device: usize,
         step: &'static str,
