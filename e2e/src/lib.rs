@@ -1,5 +1,5 @@
-//! The harness that drives the real binaries: end-to-end tests (`tests/`) and the
-//! benchmark (`src/bin/bench.rs`). `kiln` compiles on the host, in-process; the `kilnd`
+//! The harness that drives the real binaries: end-to-end tests (`tests/`), the
+//! benchmark (`src/bin/bench/`) and the chaos soak (`src/bin/soak/`). `kiln` compiles on the host, in-process; the `kilnd`
 //! built for each target (by `scripts/build.sh`) runs natively or under qemu-user.
 
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)] // a panic is the failure report

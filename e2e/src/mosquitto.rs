@@ -16,6 +16,8 @@ pub struct Broker {
     dir: tempfile::TempDir,
     /// CA, server certificate and key: a TLS listener that requires client certificates.
     tls: Option<[std::path::PathBuf; 3]>,
+    /// More lines for mosquitto.conf (the soak's `autosave_interval`).
+    pub extra_config: String,
 }
 
 impl Broker {
@@ -33,6 +35,7 @@ impl Broker {
             port,
             dir,
             tls: None,
+            extra_config: String::new(),
         };
         broker.restart();
         broker
@@ -62,6 +65,19 @@ impl Broker {
         }
     }
 
+    /// The broker's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, as a power cut would end it: what it had not saved yet is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Restarts the broker as one without persistence would come back: with no
     /// retained messages at all.
     pub fn restart_forgetting(&mut self) {
@@ -78,6 +94,7 @@ impl Broker {
             self.port,
             path_str(self.dir.path())
         );
+        text += &self.extra_config;
         if let Some([ca, cert, key]) = &self.tls {
             text += &format!(
                 "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",

@@ -421,7 +421,7 @@ pub struct ReportedV1 {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModuleReport {
     pub name: String,
-    /// The committed version, and what runs now.
+    /// The committed version, or while `state` is `Updating`, the version on trial.
     pub version: u64,
     pub sha256: [u8; 32],
     pub state: ModuleState,

@@ -401,9 +401,20 @@ impl Config {
                     t.batch_bytes
                 ));
             }
-            if t.batch_bytes == 0 || t.window == 0 || t.spool_limit < 4 * t.batch_bytes {
+            if t.batch_bytes == 0 || t.window == 0 {
                 return Err(format!(
-                    "config `{file}`: [telemetry] needs batch_bytes and window above 0 and a spool_limit of at least 4 batches"
+                    "config `{file}`: [telemetry] needs batch_bytes and window above 0"
+                ));
+            }
+            // Batches in flight stay spooled until acknowledged: a spool that only
+            // holds the window drops batches whenever the link is busy, broker or not.
+            let needed = (t.window as u64)
+                .saturating_add(4)
+                .saturating_mul(t.batch_bytes);
+            if t.spool_limit < needed {
+                return Err(format!(
+                    "config `{file}`: [telemetry] spool_limit {} is under {needed} bytes: the window of {} batches and 4 more, of batch_bytes {}",
+                    t.spool_limit, t.window, t.batch_bytes
                 ));
             }
         }
@@ -488,6 +499,25 @@ restart = { backoff_ms = 100, max_crashes = 3 }
         assert!(module.contains("module name `../x`"), "{module}");
     }
 
+    /// Found by the chaos soak: `spool_limit = "32KiB"` with `batch_bytes = 4096` passed
+    /// the old check (4 batches), but the default window keeps 8 batches in flight and
+    /// spooled, so a flood next to a healthy broker dropped telemetry.
+    #[test]
+    fn a_spool_that_cannot_hold_the_window_and_more_is_refused() {
+        let mqtt = "device = \"d\"\ndata_dir = \"/tmp/d\"\ntrust = [\"k.pub\"]\n[mqtt]\nbroker = \"mqtt://h\"\n";
+        let soak = format!("{mqtt}[telemetry]\nbatch_bytes = 4096\nspool_limit = \"32KiB\"\n");
+        let err = load_config(&soak).unwrap_err();
+        assert!(
+            err.contains("spool_limit 32768 is under 49152 bytes") && !err.contains('\n'),
+            "{err}"
+        );
+        let window =
+            format!("{mqtt}[telemetry]\nbatch_bytes = 4096\nspool_limit = \"32KiB\"\nwindow = 4\n");
+        assert!(load_config(&window).is_ok(), "4 in flight and 4 more fit");
+        let enough = format!("{mqtt}[telemetry]\nbatch_bytes = 4096\nspool_limit = \"48KiB\"\n");
+        assert!(load_config(&enough).is_ok());
+    }
+
     #[test]
     fn telemetry_sizes_take_units_and_need_a_broker() {
         let mqtt = "device = \"d\"\ndata_dir = \"/tmp/d\"\ntrust = [\"k.pub\"]\n[mqtt]\nbroker = \"mqtt://h\"\n";
@@ -500,7 +530,7 @@ restart = { backoff_ms = 100, max_crashes = 3 }
         );
         let tiny = format!("{mqtt}[telemetry]\nspool_limit = 100\n");
         let err = load_config(&tiny).unwrap_err();
-        assert!(err.contains("at least 4 batches"), "{err}");
+        assert!(err.contains("spool_limit 100 is under"), "{err}");
         let alone = "trust = [\"k.pub\"]\n[[module]]\nartifact = \"a.kiln\"\n[telemetry]\n";
         assert!(load(alone)
             .unwrap_err()

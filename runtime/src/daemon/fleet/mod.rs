@@ -138,7 +138,8 @@ fn settings() -> Settings {
 }
 
 /// `KILN_FAULT=download|stage|activate|commit` kills kilnd with SIGKILL right after that
-/// step's writes; only test builds (feature `test-hooks`) have it.
+/// step's writes; only test builds (feature `test-hooks`) have it. (`spool`, a write
+/// of the telemetry spool cut short, is the spool's own.)
 fn fault_point() -> Option<String> {
     #[cfg(feature = "test-hooks")]
     return std::env::var("KILN_FAULT").ok();

@@ -11,10 +11,11 @@
 //!
 //! Every batch fits what the link sends: sealing splits the open records over as many
 //! batches as it takes to keep each under `telemetry::MAX_BATCH`, and a record that
-//! could not fit alone becomes a `Discarded` count. A spool that cannot be opened or
-//! written (a read-only remount, a full disk) does not stop kilnd: batches are then
-//! published without it, counted as `Discarded` (cause `unspooled`), and the spool is
-//! tried again at each stats interval.
+//! could not fit alone becomes a `Discarded` count. A spool whose writes fail (a full
+//! disk) holds the batches in memory under its bound, published and acknowledged like
+//! spooled ones. A spool that cannot be opened (a read-only remount) does not stop
+//! kilnd: batches are then published without it, and it is tried again at each stats
+//! interval. Either way they are counted as `Discarded` (cause `unspooled`).
 
 pub mod spool;
 
@@ -292,11 +293,24 @@ impl Pipeline {
                 self.totals.append_us += started.elapsed().as_micros() as u64;
             }
             Err(e) => {
-                // No disk: send it anyway; it is lost only if the broker is away too.
-                // Without waiting: with the broker away too, rumqttc's queue fills,
-                // and what it cannot take is lost (and counted) rather than held.
-                tracing::error!(seq = batch.seq, error = %e, "cannot spool telemetry; publishing it unspooled");
                 let (n, size) = (batch.records.len() as u64, bytes.len() as u64);
+                let entry = Entry::of(&batch, size);
+                // A full disk under a working spool: the batch waits in memory, under
+                // the spool's bound, and is published, resent and acknowledged like
+                // a spooled one (only a kilnd that dies loses it).
+                if self.spool.hold(entry, bytes.clone()).is_some() {
+                    tracing::error!(seq = batch.seq, error = %e, "cannot spool telemetry; holding it in memory");
+                    self.totals.unspooled.0 += n;
+                    self.totals.unspooled.1 += size;
+                    for index in victims {
+                        self.spool.remove(index);
+                    }
+                    return;
+                }
+                // No spool at all: send it anyway; it is lost only if the broker is
+                // away too. Without waiting: with the broker away too, rumqttc's
+                // queue fills, and what it cannot take is lost (and counted).
+                tracing::error!(seq = batch.seq, error = %e, "cannot spool telemetry; publishing it unspooled");
                 if self.link.publish_now(self.topic.clone(), bytes) {
                     self.totals.unspooled.0 += n;
                     self.totals.unspooled.1 += size;
