@@ -128,3 +128,74 @@ pub fn compile(input: &Path, target: &str, key: &Path, out: &Path, extra: &[&str
 pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+
+/// A finished process with everything needed to explain a failed assertion.
+pub struct Run {
+    pub command: String,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// Runs `cmd` to the end, with no stdin.
+    pub fn new(mut cmd: std::process::Command) -> Self {
+        let command = format!("{cmd:?}");
+        let out = cmd
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot start {command}: {e}"));
+        Self {
+            command,
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    #[track_caller]
+    pub fn assert_code(&self, code: i32) -> &Self {
+        assert_eq!(self.code, Some(code), "wrong exit code\n{self}");
+        self
+    }
+
+    #[track_caller]
+    pub fn assert_stdout(&self, expected: &str) -> &Self {
+        assert_eq!(self.stdout, expected, "wrong stdout\n{self}");
+        self
+    }
+
+    /// kilnd refused: exactly one line on stderr, `kilnd: error: ...` containing every
+    /// `needle`, nothing on stdout (the module never ran).
+    #[track_caller]
+    pub fn assert_refused(&self, code: i32, needles: &[&str]) -> &Self {
+        self.assert_code(code);
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "expected one line on stderr\n{self}");
+        assert!(
+            lines[0].starts_with("kilnd: error: "),
+            "not a kilnd error line\n{self}"
+        );
+        for needle in needles {
+            assert!(lines[0].contains(needle), "stderr lacks `{needle}`\n{self}");
+        }
+        assert_eq!(self.stdout, "", "the module produced output\n{self}");
+        self
+    }
+
+    /// Exit 0, or the failure says `why`.
+    #[track_caller]
+    pub fn ok(self, why: &str) -> Self {
+        assert_eq!(self.code, Some(0), "{why}\n{self}");
+        self
+    }
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "command: {}", self.command)?;
+        writeln!(f, "exit code: {:?}", self.code)?;
+        writeln!(f, "--- stdout ---\n{}", self.stdout)?;
+        write!(f, "--- stderr ---\n{}", self.stderr)
+    }
+}

@@ -13,7 +13,6 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -23,7 +22,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use kiln_compiler::commands::keygen::KeygenCommand;
 use kiln_e2e::mosquitto::Broker;
-use kiln_e2e::{compile, path_str, profile, repo, shipped_kilnd_path, source, target_dir};
+use kiln_e2e::{compile, path_str, profile, repo, shipped_kilnd_path, source, target_dir, Run};
 
 /// Debian architecture, target profile of its kilnd.
 const ARCHES: [(&str, &str); 3] = [
@@ -36,45 +35,6 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The man pages the package must carry: one per kilnd subcommand a user runs.
 const MAN_PAGES: [&str; 4] = ["kilnd", "kilnd-run", "kilnd-serve", "kilnd-check"];
-
-/// A finished process with everything needed to explain a failed assertion.
-struct Run {
-    command: String,
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn new(mut cmd: Command) -> Self {
-        let command = format!("{cmd:?}");
-        let out = cmd
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot start {command}: {e}"));
-        Self {
-            command,
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    }
-
-    #[track_caller]
-    fn ok(self, why: &str) -> Self {
-        assert_eq!(self.code, Some(0), "{why}\n{self}");
-        self
-    }
-}
-
-impl fmt::Display for Run {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "command: {}", self.command)?;
-        writeln!(f, "exit code: {:?}", self.code)?;
-        writeln!(f, "--- stdout ---\n{}", self.stdout)?;
-        write!(f, "--- stderr ---\n{}", self.stderr)
-    }
-}
 
 fn cmd(program: &str, args: &[&str]) -> Command {
     let mut c = Command::new(program);

@@ -26,16 +26,10 @@ impl Serve {
     /// the worker launcher are added here).
     pub fn start(device: &Device, config: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let launcher: Vec<String> = device
-            .profile
-            .qemu
-            .iter()
-            .map(|a| format!("{a:?}"))
-            .collect();
         let text = format!(
-            "trust = [{:?}]\nworker_launcher = [{}]\n{config}",
+            "trust = [{:?}]\n{}\n{config}",
             path_str(&shared().trust()),
-            launcher.join(", ")
+            device.launcher_line()
         );
         let path = dir.path().join("kilnd.toml");
         std::fs::write(&path, text).unwrap();

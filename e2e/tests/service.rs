@@ -56,19 +56,13 @@ impl NotifySocket {
 /// A config with one healthy reactor, written next to a copy of the trusted key.
 fn config(device: &Device, dir: &Path) -> std::path::PathBuf {
     let artifact = shared().artifact("fixtures/counter.wat", device.profile.name.as_str());
-    let launcher: Vec<String> = device
-        .profile
-        .qemu
-        .iter()
-        .map(|a| format!("{a:?}"))
-        .collect();
     let path = dir.join("kilnd.toml");
     std::fs::write(
         &path,
         format!(
-            "trust = [{:?}]\nworker_launcher = [{}]\n[[module]]\nname = \"counter\"\nartifact = {:?}\ntick_ms = 100\n",
+            "trust = [{:?}]\n{}\n[[module]]\nname = \"counter\"\nartifact = {:?}\ntick_ms = 100\n",
             path_str(&shared().trust()),
-            launcher.join(", "),
+            device.launcher_line(),
             path_str(&artifact),
         ),
     )

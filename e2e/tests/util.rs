@@ -3,7 +3,6 @@
 //! architectures). On failure it prints the command, status, stdout and stderr.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,7 +12,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use kiln_compiler::commands::keygen::KeygenCommand;
 use kiln_e2e::mosquitto::Broker;
-pub use kiln_e2e::{compile, kilnd_path, path_str, profile, repo, source};
+pub use kiln_e2e::{compile, kilnd_path, path_str, profile, repo, source, Run};
 use kiln_protocol::target::TargetProfile;
 use serde_json::Value;
 
@@ -107,6 +106,13 @@ impl Device {
         }
     }
 
+    /// The `worker_launcher` line of a kilnd.toml for this device: its qemu command
+    /// under emulation (no binfmt_misc here), nothing natively.
+    pub fn launcher_line(&self) -> String {
+        let launcher: Vec<String> = self.profile.qemu.iter().map(|a| format!("{a:?}")).collect();
+        format!("worker_launcher = [{}]", launcher.join(", "))
+    }
+
     /// `kilnd ARGS...` as the device would run it.
     pub fn kilnd(&self, args: &[&str]) -> Run {
         Run::new(self.command(args))
@@ -129,68 +135,6 @@ impl Device {
         let mut args = vec!["run", path_str(artifact), "--trust", path_str(&trust)];
         args.extend_from_slice(extra);
         self.command(&args)
-    }
-}
-
-/// A finished process with everything needed to explain a failed assertion.
-pub struct Run {
-    pub command: String,
-    pub code: Option<i32>,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-impl Run {
-    pub fn new(mut cmd: Command) -> Self {
-        let command = format!("{cmd:?}");
-        let out = cmd
-            .output()
-            .unwrap_or_else(|e| panic!("cannot start {command}: {e}"));
-        Self {
-            command,
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    }
-
-    #[track_caller]
-    pub fn assert_code(&self, code: i32) -> &Self {
-        assert_eq!(self.code, Some(code), "wrong exit code\n{self}");
-        self
-    }
-
-    #[track_caller]
-    pub fn assert_stdout(&self, expected: &str) -> &Self {
-        assert_eq!(self.stdout, expected, "wrong stdout\n{self}");
-        self
-    }
-
-    /// kilnd refused: exactly one line on stderr, `kilnd: error: ...` containing every
-    /// `needle`, nothing on stdout (the module never ran).
-    #[track_caller]
-    pub fn assert_refused(&self, code: i32, needles: &[&str]) -> &Self {
-        self.assert_code(code);
-        let lines: Vec<&str> = self.stderr.lines().collect();
-        assert_eq!(lines.len(), 1, "expected one line on stderr\n{self}");
-        assert!(
-            lines[0].starts_with("kilnd: error: "),
-            "not a kilnd error line\n{self}"
-        );
-        for needle in needles {
-            assert!(lines[0].contains(needle), "stderr lacks `{needle}`\n{self}");
-        }
-        assert_eq!(self.stdout, "", "the module produced output\n{self}");
-        self
-    }
-}
-
-impl fmt::Display for Run {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "command: {}", self.command)?;
-        writeln!(f, "exit code: {:?}", self.code)?;
-        writeln!(f, "--- stdout ---\n{}", self.stdout)?;
-        write!(f, "--- stderr ---\n{}", self.stderr)
     }
 }
 
