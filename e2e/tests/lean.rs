@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use kiln_e2e::LEAN_DEVICES;
 
-use crate::sandbox::{module_entry, of, Serve};
+use crate::sandbox::{module_entry, of, outlived, Serve};
 use crate::util::{shared, Device};
 
 #[test]
@@ -57,22 +57,7 @@ fn the_lean_kilnd_keeps_a_reactor_running_while_its_neighbours_are_contained() {
         let misbehaving = ["spin-fuel", "spin", "memory-bomb", "trap-tick"];
         let mut serve = Serve::start(&device, &config);
         let records = serve.wait_until(Duration::from_secs(180), |records| {
-            let failed: Option<Vec<u64>> = misbehaving
-                .iter()
-                .map(|m| {
-                    of(records, m, "failed")
-                        .first()
-                        .and_then(|r| r["at_ms"].as_u64())
-                })
-                .collect();
-            let Some(last) = failed.and_then(|f| f.into_iter().max()) else {
-                return false;
-            };
-            of(records, "counter", "telemetry")
-                .iter()
-                .filter(|r| r["at_ms"].as_u64() > Some(last))
-                .count()
-                >= 3
+            outlived(records, "counter", &misbehaving)
         });
         assert_eq!(of(&records, "counter", "started").len(), 1, "{target}");
         assert!(of(&records, "counter", "stopped").is_empty(), "{target}");

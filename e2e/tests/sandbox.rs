@@ -125,6 +125,27 @@ pub fn of<'a>(records: &'a [Value], module: &str, kind: &str) -> Vec<&'a Value> 
         .collect()
 }
 
+/// Done when every misbehaving module was given up on (`failed`) and the healthy one
+/// has published at least three more records since the last of them.
+pub fn outlived(records: &[Value], healthy: &str, misbehaving: &[&str]) -> bool {
+    let failed: Option<Vec<u64>> = misbehaving
+        .iter()
+        .map(|m| {
+            of(records, m, "failed")
+                .first()
+                .and_then(|r| r["at_ms"].as_u64())
+        })
+        .collect();
+    let Some(last) = failed.and_then(|f| f.into_iter().max()) else {
+        return false;
+    };
+    of(records, healthy, "telemetry")
+        .iter()
+        .filter(|r| r["at_ms"].as_u64() > Some(last))
+        .count()
+        >= 3
+}
+
 pub fn module_entry(name: &str, artifact: &Path, extra: &str) -> String {
     format!(
         "\n[[module]]\nname = {name:?}\nartifact = {:?}\n{extra}\n",
@@ -181,26 +202,8 @@ fn a_healthy_module_keeps_running_while_each_misbehaving_neighbour_is_contained(
         );
         let mut serve = Serve::start(&device, &config);
 
-        // Done when every misbehaving module was given up on and the healthy one has
-        // published at least three more records since the last of them.
         let records = serve.wait_until(Duration::from_secs(180), |records| {
-            let Some(last_failure) = MISBEHAVING
-                .iter()
-                .map(|m| {
-                    of(records, m, "failed")
-                        .first()
-                        .map(|r| r["at_ms"].as_u64())
-                })
-                .collect::<Option<Vec<_>>>()
-                .and_then(|ats| ats.into_iter().max().flatten())
-            else {
-                return false;
-            };
-            of(records, "sensor", "telemetry")
-                .iter()
-                .filter(|r| r["at_ms"].as_u64() > Some(last_failure))
-                .count()
-                >= 3
+            outlived(records, "sensor", &MISBEHAVING)
         });
         let explain = serve.explain();
         let why = |module: &str| -> Vec<String> {
