@@ -81,6 +81,11 @@ pub enum Obs {
     SpoolFull {
         device: usize,
     },
+    /// The soak filled the device's data dir (`full`), or gave it room again.
+    Disk {
+        device: usize,
+        full: bool,
+    },
     /// A version the soak pushed, signed with the fleet key.
     Pushed {
         device: usize,
@@ -124,6 +129,8 @@ struct Device {
     boot: u32,
     boots_killed: BTreeMap<u32, Ms>,
     last_full: Option<Ms>,
+    /// Spans with the data dir full: from, and until (None while it still is).
+    disk_full: Vec<(Ms, Option<Ms>)>,
     dropped: u64,
     peak_rss_kib: u64,
     longest_down_ms: Ms,
@@ -157,6 +164,9 @@ pub struct Account {
     pub delivered_unseen: u64,
     pub lost_in_open_batch: u64,
     pub lost_with_broker: u64,
+    /// Held in memory through a full disk, and lost with a kilnd SIGKILLed before
+    /// the disk had room to take them.
+    pub lost_with_full_disk: u64,
     pub covered_by_drops: u64,
     pub dropped_reported: u64,
 }
@@ -295,6 +305,15 @@ impl Checker {
             }
             Obs::Discarded { .. } => {}
             Obs::SpoolFull { device } => self.devices[*device].last_full = Some(at),
+            Obs::Disk { device, full: true } => self.devices[*device].disk_full.push((at, None)),
+            Obs::Disk {
+                device,
+                full: false,
+            } => {
+                if let Some((_, end @ None)) = self.devices[*device].disk_full.last_mut() {
+                    *end = Some(at);
+                }
+            }
             Obs::Pushed { device, version } => {
                 self.devices[*device].trusted.insert(*version);
             }
@@ -349,6 +368,20 @@ impl Checker {
         None
     }
 
+    /// Whether a record made at `made` was held in memory through a full disk when
+    /// kilnd was SIGKILLed at `killed`: it was sealed while the disk was full, and
+    /// the kill came before a write could succeed again (within `tail_ms` of the
+    /// disk having room: the next batch sealed writes the held ones back first).
+    fn held_when_killed(&self, device: usize, made: Ms, killed: Ms) -> bool {
+        self.devices[device].disk_full.iter().any(|&(from, until)| {
+            let until = until.unwrap_or(Ms::MAX);
+            made + self.bounds.tail_ms >= from
+                && made <= until
+                && from <= killed
+                && killed <= until.saturating_add(self.bounds.tail_ms)
+        })
+    }
+
     /// The telemetry account once every device has stopped cleanly and `kiln watch`
     /// has had its chance to receive what they sent: every record made was delivered,
     /// or was in the open batch of a boot that was SIGKILLed, or was acknowledged by a
@@ -369,6 +402,8 @@ impl Checker {
             let killed_at = self.devices[*device].boots_killed.get(&made.boot);
             if killed_at.is_some_and(|&k| made.made + self.bounds.tail_ms >= k) {
                 account.lost_in_open_batch += 1;
+            } else if killed_at.is_some_and(|&k| self.held_when_killed(*device, made.made, k)) {
+                account.lost_with_full_disk += 1;
             } else if self
                 .broker_kills
                 .iter()
@@ -654,6 +689,38 @@ mod tests {
         assert_eq!(account.covered_by_drops, 2);
         c.observe(0, &published(1, "a-3", 100));
         assert_eq!(c.account().1.len(), 1, "three lost, two dropped");
+    }
+
+    #[test]
+    fn what_a_full_disk_held_in_memory_may_be_lost_only_to_a_kill_before_the_disk_had_room() {
+        let full = |at, full| (at, Obs::Disk { device: 0, full });
+        let killed = Obs::KilndEnded {
+            device: 0,
+            boot: 0,
+            killed: true,
+        };
+        // Full from 10 s to 20 s, kilnd killed at 15 s: what was made while the
+        // disk was full is counted apart, what was made before it is lost.
+        let mut c = running(1, 1);
+        for (at, obs) in [full(10_000, true), full(20_000, false)] {
+            c.observe(at, &obs);
+        }
+        c.observe(0, &published(0, "a-1", 12_000));
+        c.observe(15_000, &killed);
+        let (account, violations) = c.account();
+        assert_eq!(violations, vec![]);
+        assert_eq!(account.lost_with_full_disk, 1);
+        c.observe(0, &published(0, "a-2", 3_000));
+        assert!(c.account().1[0].what.contains("lost 1 records"));
+
+        // Killed long after the disk had room: the held batches were on disk by then.
+        let mut c = running(1, 1);
+        for (at, obs) in [full(10_000, true), full(20_000, false)] {
+            c.observe(at, &obs);
+        }
+        c.observe(0, &published(0, "a-1", 12_000));
+        c.observe(60_000, &killed);
+        assert_eq!(c.account().1.len(), 1);
     }
 
     #[test]

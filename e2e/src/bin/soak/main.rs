@@ -363,6 +363,13 @@ impl Soak {
             }
             Due::DiskBack(d) => {
                 self.lock()[d].unfill();
+                let _ = self.tx.send((
+                    now_ms(),
+                    Obs::Disk {
+                        device: d,
+                        full: false,
+                    },
+                ));
                 self.note(format!("dev{d} data dir has space again"));
             }
             Due::FloodEnd(d) => {
@@ -605,6 +612,7 @@ impl Soak {
                 } else {
                     devices[device].fill();
                     drop(devices);
+                    let _ = self.tx.send((now_ms(), Obs::Disk { device, full: true }));
                     self.due.push((now + full_ms, Due::DiskBack(device)));
                     "done".into()
                 }

@@ -97,11 +97,12 @@ impl Report {
         );
         let a = &self.account;
         println!(
-            "soak: records made {}, delivered {} (each once), lost in the open batch of a SIGKILLed kilnd {}, lost with a SIGKILLed broker {}, covered by drop reports {} (reported dropped {}), delivered but not seen on stdout {}; kiln watch exit {:?}",
+            "soak: records made {}, delivered {} (each once), lost in the open batch of a SIGKILLed kilnd {}, lost with a SIGKILLed broker {}, lost with a kilnd SIGKILLed while its disk was full {}, covered by drop reports {} (reported dropped {}), delivered but not seen on stdout {}; kiln watch exit {:?}",
             a.published,
             a.delivered,
             a.lost_in_open_batch,
             a.lost_with_broker,
+            a.lost_with_full_disk,
             a.covered_by_drops,
             a.dropped_reported,
             a.delivered_unseen,

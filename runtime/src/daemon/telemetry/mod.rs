@@ -165,6 +165,10 @@ impl Pipeline {
             if self.settings.stats_s > 0 && Instant::now() >= self.next_stats {
                 self.next_stats += Duration::from_secs(self.settings.stats_s);
                 self.spool.retry();
+                // A quiet device writes what it held through a full disk back too.
+                if self.spool.held() > 0 {
+                    let _ = self.spool.write_back();
+                }
                 for r in (self.sample)() {
                     self.push(r);
                 }
@@ -297,7 +301,8 @@ impl Pipeline {
                 let entry = Entry::of(&batch, size);
                 // A full disk under a working spool: the batch waits in memory, under
                 // the spool's bound, and is published, resent and acknowledged like
-                // a spooled one (only a kilnd that dies loses it).
+                // a spooled one, until a write succeeds and takes it to disk (only a
+                // kilnd that dies before that loses it).
                 if self.spool.hold(entry, bytes.clone()).is_some() {
                     tracing::error!(seq = batch.seq, error = %e, "cannot spool telemetry; holding it in memory");
                     self.totals.unspooled.0 += n;

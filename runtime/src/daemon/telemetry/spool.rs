@@ -55,9 +55,10 @@ pub struct Spool {
     degraded: Option<String>,
     entries: BTreeMap<u64, Entry>,
     /// Batches a working spool could not write (a full disk), held in memory under
-    /// the same bound until the broker acknowledges them: they are published,
-    /// resent after a reconnect and dropped with a report like any other, and only
-    /// a kilnd that dies loses them.
+    /// the same bound: they are published, resent after a reconnect and dropped with
+    /// a report like any other, and written back to disk, oldest first, as soon as a
+    /// write succeeds again. Only a kilnd that dies while the disk is still full
+    /// loses them.
     held: BTreeMap<u64, Vec<u8>>,
     bytes: u64,
     next: u64,
@@ -169,11 +170,14 @@ impl Spool {
         victims
     }
 
-    /// Writes a batch durably; returns its spool index.
+    /// Writes a batch durably; returns its spool index. Batches held in memory are
+    /// written first, so a batch is never on disk while an older one is only in
+    /// memory; if one of them cannot be written, neither is this one.
     pub fn append(&mut self, entry: Entry, bytes: &[u8]) -> io::Result<u64> {
         if let Some(why) = &self.degraded {
             return Err(io::Error::other(why.clone()));
         }
+        self.write_back()?;
         let index = self.next;
         #[cfg(feature = "test-hooks")]
         cut_short(&self.dir, bytes);
@@ -196,6 +200,22 @@ impl Spool {
         self.entries.insert(index, entry);
         self.held.insert(index, bytes);
         Some(index)
+    }
+
+    /// Writes the batches held in memory to disk, oldest first, under the indexes
+    /// they already have; stops at the first that cannot be written.
+    pub fn write_back(&mut self) -> io::Result<()> {
+        while let Some((&index, bytes)) = self.held.first_key_value() {
+            write_atomically(&self.path(index), bytes)?;
+            self.held.remove(&index);
+            tracing::info!(index, "telemetry batch held in memory is spooled now");
+        }
+        Ok(())
+    }
+
+    /// Batches held in memory for want of disk space.
+    pub fn held(&self) -> usize {
+        self.held.len()
     }
 
     pub fn read(&self, index: u64) -> io::Result<Vec<u8>> {
@@ -338,6 +358,49 @@ mod tests {
         let mut degraded = Spool::open_or_degraded(dir.path().join("file/spool"), 1000);
         assert!(degraded.degraded().is_some());
         assert_eq!(degraded.hold(entry, bytes), None);
+    }
+
+    /// Found by the chaos soak's long run: batches held through a full disk stayed
+    /// in memory after the disk had room again, and a power cut later lost them.
+    #[test]
+    fn held_batches_are_written_back_first_once_the_disk_has_room_and_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        let (mut spool, _) = Spool::open(spool_dir.clone(), 1 << 20).unwrap();
+        std::fs::remove_dir_all(&spool_dir).unwrap();
+        for seq in 0..2 {
+            let (entry, bytes) = batch(seq, 100);
+            assert!(spool.append(entry.clone(), &bytes).is_err());
+            spool.hold(entry, bytes);
+        }
+        assert_eq!(spool.held(), 2);
+        // While the disk is still full, a new batch is refused too, never written
+        // ahead of the older ones held.
+        let (entry, bytes) = batch(2, 100);
+        assert!(spool.append(entry, &bytes).is_err());
+        // The disk has room again: the held batches go first, then the new one.
+        std::fs::create_dir_all(&spool_dir).unwrap();
+        let (entry, bytes) = batch(3, 100);
+        assert_eq!(spool.append(entry, &bytes).unwrap(), 2);
+        assert_eq!(spool.held(), 0);
+        // And with no new batch at all, the periodic write-back does it.
+        let away = dir.path().join("away");
+        std::fs::rename(&spool_dir, &away).unwrap();
+        let (entry, bytes) = batch(4, 100);
+        spool.hold(entry, bytes);
+        assert!(spool.write_back().is_err());
+        std::fs::rename(&away, &spool_dir).unwrap();
+        spool.write_back().unwrap();
+        // A kilnd killed now loses nothing: a new one finds all of them on disk.
+        drop(spool);
+        let (spool, removed) = Spool::open(spool_dir, 1 << 20).unwrap();
+        assert!(removed.is_empty(), "{removed:?}");
+        let seqs: Vec<u64> = spool
+            .unsent(&BTreeSet::new(), 10)
+            .into_iter()
+            .map(|i| spool.get(i).unwrap().seq)
+            .collect();
+        assert_eq!(seqs, vec![0, 1, 3, 4]);
     }
 
     #[test]
