@@ -493,6 +493,78 @@ fn a_worker_killed_from_outside_is_reported_and_restarted_while_the_supervisor_l
     }
 }
 
+/// Workers are forked by `kilnd zygote`, a child of `kilnd serve` that reads no
+/// config; a zygote that dies takes its workers with it, and kilnd starts a new one
+/// and restarts them through it.
+#[test]
+fn workers_are_forked_by_a_zygote_and_a_lost_zygote_is_replaced() {
+    let device = Device::new("x86_64-linux");
+    let sensor = shared().artifact("sensor_filter.wasm", "x86_64-linux");
+    let config = module_entry(
+        "sensor",
+        &sensor,
+        "tick_ms = 100\nrestart = { backoff_ms = 50, max_crashes = 3 }",
+    );
+    let mut serve = Serve::start(&device, &config);
+    let records = serve.wait_until(Duration::from_secs(30), |r| {
+        !of(r, "sensor", "started").is_empty()
+    });
+    let worker = of(&records, "sensor", "started")[0]["pid"]
+        .as_u64()
+        .unwrap();
+    let zygote = parent_of(worker);
+    assert_eq!(
+        parent_of(zygote),
+        serve.child.id() as u64,
+        "the zygote is serve's child"
+    );
+    let cmdline = std::fs::read(format!("/proc/{zygote}/cmdline")).unwrap();
+    let args: Vec<&[u8]> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .collect();
+    assert_eq!(
+        args[1..],
+        [&b"zygote"[..]],
+        "no config, no key, no argument"
+    );
+
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &zygote.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let records = serve.wait_until(Duration::from_secs(30), |r| {
+        of(r, "sensor", "started").len() == 2
+    });
+    let stopped = of(&records, "sensor", "stopped");
+    let why = stopped[0]["why"].as_str().unwrap();
+    assert!(
+        why.contains("the zygote that forked it died"),
+        "{}",
+        serve.explain()
+    );
+    let again = of(&records, "sensor", "started")[1]["pid"]
+        .as_u64()
+        .unwrap();
+    let second = parent_of(again);
+    assert_ne!(second, zygote);
+    assert_eq!(parent_of(second), serve.child.id() as u64);
+    assert!(serve.explain().contains("the zygote has ended"));
+}
+
+/// The parent pid of `pid`, from /proc.
+fn parent_of(pid: u64) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 #[test]
 fn sighup_swaps_a_changed_module_between_calls_and_sigterm_stops_cleanly() {
     let device = Device::new("x86_64-linux");

@@ -53,6 +53,9 @@ pub enum Command {
     /// Internal: one module's worker process, started by `kilnd serve`
     #[command(hide = true)]
     Worker,
+    /// Internal: the process that forks workers for `kilnd serve`
+    #[command(hide = true)]
+    Zygote,
 }
 
 const RUN_HELP: &str = "\

@@ -119,7 +119,7 @@ fn print_record(module: &str, reply: Reply) {
 fn main() -> ExitCode {
     let serving = std::env::args()
         .nth(1)
-        .is_some_and(|a| a == "serve" || a == "worker");
+        .is_some_and(|a| a == "serve" || a == "worker" || a == "zygote");
     kiln_runtime::log::init(serving);
     let cli = Cli::parse();
     let result = match cli.command {
@@ -131,6 +131,7 @@ fn main() -> ExitCode {
             kiln_runtime::daemon::check::check(&c.config.config)
         }
         Command::Shipped(kilnd_cli::Command::Worker) => Ok(kiln_runtime::sandbox::worker::serve()),
+        Command::Shipped(kilnd_cli::Command::Zygote) => Ok(kiln_runtime::sandbox::zygote::serve()),
         #[cfg(feature = "conformance")]
         Command::Conformance(c) => c.execute(),
     };

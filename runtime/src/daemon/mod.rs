@@ -9,5 +9,6 @@ pub mod notify;
 pub mod procfs;
 pub mod rate;
 pub mod serve;
+pub mod spawn;
 pub mod supervisor;
 pub mod telemetry;

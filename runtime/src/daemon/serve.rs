@@ -23,7 +23,8 @@ use crate::daemon::fleet::{self, AgentIn};
 use crate::daemon::link;
 use crate::daemon::notify;
 use crate::daemon::rate::RateLimit;
-use crate::daemon::supervisor::{self, Counters, Input, Queued, Slot, Supervised, WorkerCommand};
+use crate::daemon::spawn::{WorkerCommand, Workers};
+use crate::daemon::supervisor::{self, Counters, Input, Queued, Slot, Supervised};
 use crate::daemon::telemetry::{Deliveries, Pipeline, TelemetryIn};
 use crate::exit::{Code, Failure};
 
@@ -62,10 +63,14 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
             format!("cannot find kilnd's own executable: {e}"),
         )
     })?;
-    let workers = WorkerCommand {
-        launcher: config.worker_launcher.clone(),
-        exe,
-    };
+    let workers = Arc::new(Workers::new(
+        WorkerCommand {
+            launcher: config.worker_launcher.clone(),
+            exe,
+        },
+        std::env::var("KILND_ZYGOTE").as_deref() != Ok("0"),
+    ));
+    workers.prestart();
 
     let (sink, records) = mpsc::sync_channel::<Queued>(RECORDS_QUEUE);
     let modules = Arc::new(Mutex::new(Modules {
@@ -407,7 +412,7 @@ fn read_keys(config: &Config) -> Result<Vec<String>, Failure> {
 
 /// The modules being supervised, by name.
 struct Modules {
-    workers: WorkerCommand,
+    workers: Arc<Workers>,
     trusted_keys: Vec<String>,
     sink: SyncSender<Queued>,
     /// From kilnd.toml, and from the fleet agent's desired state.

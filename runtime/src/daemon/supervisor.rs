@@ -5,9 +5,8 @@
 //! module failed. A worker's death never touches the supervisor or other modules.
 
 use std::cell::RefCell;
+use std::fs::File;
 use std::io::{BufReader, BufWriter};
-use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -24,6 +23,7 @@ use kiln_protocol::worker::{
 use crate::daemon::config::ModulePlan;
 use crate::daemon::procfs;
 use crate::daemon::rate::{Bucket, RateLimit};
+use crate::daemon::spawn::{Ended, Exit, Process, Workers};
 use crate::sandbox::capture::bound_line;
 
 /// Frames read from a worker and not yet handled. When it is full the reader thread
@@ -133,31 +133,6 @@ pub enum Input {
     Stop,
     /// New rate limits, taken at once without restarting the worker.
     Limit(RateLimit),
-}
-
-/// How to start a worker: `launcher... exe worker`.
-#[derive(Debug, Clone)]
-pub struct WorkerCommand {
-    pub launcher: Vec<String>,
-    pub exe: PathBuf,
-}
-
-impl WorkerCommand {
-    fn command(&self) -> Command {
-        let mut cmd = match self.launcher.split_first() {
-            Some((program, args)) => {
-                let mut cmd = Command::new(program);
-                cmd.args(args).arg(&self.exe);
-                cmd
-            }
-            None => Command::new(&self.exe),
-        };
-        cmd.arg("worker")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        cmd
-    }
 }
 
 pub struct Supervised {
@@ -330,7 +305,7 @@ impl Reporter {
 }
 
 /// Keeps `module` running until it ends cleanly, is stopped, or is marked failed.
-pub fn supervise(mut module: Supervised, workers: WorkerCommand, sink: SyncSender<Queued>) {
+pub fn supervise(mut module: Supervised, workers: Arc<Workers>, sink: SyncSender<Queued>) {
     let name = module.plan.name.clone();
     let reporter = Reporter::new(name.clone(), sink, module.counters.clone(), module.rate);
     let report = |body: Body| reporter.event(body);
@@ -423,7 +398,7 @@ pub fn supervise(mut module: Supervised, workers: WorkerCommand, sink: SyncSende
 /// One worker's life, from spawn to death; returns why it ended and its peak RSS.
 fn run_worker(
     module: &Supervised,
-    workers: &WorkerCommand,
+    workers: &Workers,
     attempt: u32,
     next: &mut Option<ModulePlan>,
     reporter: &Reporter,
@@ -431,18 +406,21 @@ fn run_worker(
     let report = |body: Body| reporter.event(body);
     let plan = &module.plan;
     let spawned = Instant::now();
-    let mut child = match workers.command().spawn() {
-        Ok(child) => child,
+    let mut process = match workers.spawn() {
+        Ok(process) => process,
         Err(e) => {
             return (
-                Stop::Lost(format!("cannot start a worker ({:?}): {e}", workers.exe)),
+                Stop::Lost(format!("cannot start a worker ({:?}): {e}", workers.exe())),
                 None,
             )
         }
     };
     let counters = &module.counters;
-    counters.pid.store(child.id(), Relaxed);
-    let mut worker = Worker::attach(&mut child);
+    counters.pid.store(process.pid, Relaxed);
+    let Some((stdin, stdout)) = process.take_pipes() else {
+        return (Stop::Lost("a worker without pipes".into()), None);
+    };
+    let mut worker = Worker::attach(stdin, stdout, &process);
     let spec = StartSpec {
         artifact: plan.artifact.display().to_string(),
         trusted_keys: module.trusted_keys.clone(),
@@ -464,7 +442,7 @@ fn run_worker(
         worker.send(Request::Start(Box::new(spec)))?;
         let ready = worker.await_ready(plan.start_timeout, reporter)?;
         counters.memory_pages.store(ready.memory_pages, Relaxed);
-        let rss_kib = procfs::rss_kib(child.id());
+        let rss_kib = procfs::rss_kib(process.pid);
         if ready.command {
             let done = worker.call(Request::Run, "_start", plan.run_timeout, reporter)?;
             counters.called(&done);
@@ -479,7 +457,7 @@ fn run_worker(
         };
         report(started(
             attempt,
-            child.id(),
+            process.pid,
             &ready,
             spawned.elapsed().as_micros() as u64,
             first_tick.as_ref(),
@@ -534,7 +512,11 @@ fn run_worker(
     .err()
     .unwrap_or_else(|| Stop::Lost("worker loop ended".into()));
     drop(worker);
-    let (status, peak, cpu_us) = reap(&mut child, Duration::from_secs(2));
+    let Ended {
+        exit: status,
+        peak_rss_kib: peak,
+        cpu_us,
+    } = process.reap(Duration::from_secs(2));
     counters.pid.store(0, Relaxed);
     counters.ended_cpu_us.fetch_add(cpu_us, Relaxed);
     // A worker that died on its own without a last word: its exit status says why.
@@ -546,41 +528,42 @@ fn run_worker(
         (Stop::Lost(why), Some(Exit::Code(code))) => {
             Stop::Lost(format!("{why}; it exited with code {code}"))
         }
+        (Stop::Lost(why), Some(Exit::WithZygote)) => Stop::Lost(format!(
+            "{why}; the zygote that forked it died, and it with it"
+        )),
         (stop, _) => stop,
     };
     (stop, peak)
 }
 
 /// The supervisor's end of one worker's pipes.
-struct Worker {
-    stdin: Option<BufWriter<ChildStdin>>,
+struct Worker<'a> {
+    stdin: Option<BufWriter<File>>,
     frames: Receiver<Result<Reply, String>>,
-    pid: u32,
+    process: &'a Process,
 }
 
-impl Worker {
-    fn attach(child: &mut Child) -> Self {
+impl<'a> Worker<'a> {
+    fn attach(stdin: File, stdout: File, process: &'a Process) -> Self {
         let (tx, frames) = mpsc::sync_channel(FRAME_QUEUE);
-        if let Some(stdout) = child.stdout.take() {
-            std::thread::spawn(move || {
-                let mut input = BufReader::new(stdout);
-                loop {
-                    let frame = match read_frame_within::<FromWorker>(&mut input, MAX_REPLY) {
-                        Ok(Some(FromWorker::V1(reply))) => Ok(reply),
-                        Ok(None) => return,
-                        Err(e) => Err(e.to_string()),
-                    };
-                    let broken = frame.is_err();
-                    if tx.send(frame).is_err() || broken {
-                        return;
-                    }
+        std::thread::spawn(move || {
+            let mut input = BufReader::new(stdout);
+            loop {
+                let frame = match read_frame_within::<FromWorker>(&mut input, MAX_REPLY) {
+                    Ok(Some(FromWorker::V1(reply))) => Ok(reply),
+                    Ok(None) => return,
+                    Err(e) => Err(e.to_string()),
+                };
+                let broken = frame.is_err();
+                if tx.send(frame).is_err() || broken {
+                    return;
                 }
-            });
-        }
+            }
+        });
         Self {
-            stdin: child.stdin.take().map(BufWriter::new),
+            stdin: Some(BufWriter::new(stdin)),
             frames,
-            pid: child.id(),
+            process,
         }
     }
 
@@ -612,8 +595,7 @@ impl Worker {
                 {
                     Ok(frame) => frame,
                     Err(RecvTimeoutError::Timeout) => {
-                        // SAFETY: kill() on our own child's pid, which is not yet reaped.
-                        unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
+                        self.process.kill();
                         return Err(Stop::Watchdog {
                             call: call.into(),
                             limit_ms: limit.map_or(0, |l| l.as_millis() as u64),
@@ -780,48 +762,6 @@ fn stopped(
         crashes_in_window,
         restart_in_ms,
     })
-}
-
-enum Exit {
-    Code(i32),
-    Signal(i32),
-}
-
-/// Waits for the worker to exit (killing it after `grace`) and collects its exit
-/// status, peak RSS and CPU time.
-fn reap(child: &mut Child, grace: Duration) -> (Option<Exit>, Option<u64>, u64) {
-    let pid = child.id() as libc::pid_t;
-    let deadline = Instant::now() + grace;
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value for wait4 to fill in.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    loop {
-        // SAFETY: wait4 on our own child with valid out-pointers.
-        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
-        if r == pid {
-            break;
-        }
-        if r < 0 {
-            return (None, None, 0);
-        }
-        if Instant::now() >= deadline {
-            // SAFETY: kill and a blocking wait4 on our own, not yet reaped child.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::wait4(pid, &mut status, 0, &mut usage);
-            }
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let exit = if libc::WIFSIGNALED(status) {
-        Exit::Signal(libc::WTERMSIG(status))
-    } else {
-        Exit::Code(libc::WEXITSTATUS(status))
-    };
-    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
-    let cpu_us = us(usage.ru_utime) + us(usage.ru_stime);
-    (Some(exit), Some(usage.ru_maxrss as u64), cpu_us)
 }
 
 fn signal_name(signal: i32) -> &'static str {

@@ -10,3 +10,4 @@ pub mod limits;
 pub mod load;
 pub mod wasi;
 pub mod worker;
+pub mod zygote;

@@ -185,7 +185,7 @@ fn start(spec: StartSpec, emit: &Emit) -> Result<Guest, Stop> {
 }
 
 /// A worker must never outlive its supervisor, even when it is stuck in guest code.
-fn die_with_parent() {
+pub fn die_with_parent() {
     // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and changes nothing
     // but this process's own death signal.
     unsafe {

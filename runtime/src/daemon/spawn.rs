@@ -1,0 +1,389 @@
+//! Starting, signalling and reaping worker processes. `kilnd serve` starts one zygote
+//! (`kilnd zygote`, see [`crate::sandbox::zygote`]) and asks it to fork each worker;
+//! should the zygote be gone or unable to start, the worker is exec'd as
+//! `launcher... kilnd worker` instead. Either way a worker is one process with its
+//! stdin and stdout as the frame pipes, and the supervisor sees the same [`Process`].
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::sandbox::zygote::{self, Msg};
+
+/// How to start kilnd's own binary for a worker or the zygote: `launcher... exe ARG`.
+#[derive(Debug, Clone)]
+pub struct WorkerCommand {
+    pub launcher: Vec<String>,
+    pub exe: PathBuf,
+}
+
+impl WorkerCommand {
+    fn command(&self, subcommand: &str) -> Command {
+        let mut cmd = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(&self.exe);
+                cmd
+            }
+            None => Command::new(&self.exe),
+        };
+        cmd.arg(subcommand).stderr(Stdio::inherit());
+        cmd
+    }
+}
+
+/// How a worker ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+    /// The zygote that forked it died first, so it died too (`PR_SET_PDEATHSIG`), and
+    /// nobody could tell how.
+    WithZygote,
+}
+
+impl Exit {
+    fn of(status: i32) -> Self {
+        if libc::WIFSIGNALED(status) {
+            Exit::Signal(libc::WTERMSIG(status))
+        } else {
+            Exit::Code(libc::WEXITSTATUS(status))
+        }
+    }
+}
+
+/// What the end of a worker left: how it ended, its peak RSS (KiB), its CPU time (µs).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ended {
+    pub exit: Option<Exit>,
+    pub peak_rss_kib: Option<u64>,
+    pub cpu_us: u64,
+}
+
+/// Starts workers, through the zygote while it lives.
+pub struct Workers {
+    command: WorkerCommand,
+    zygote: Mutex<Option<Arc<Zygote>>>,
+    /// Whether to try the zygote at all (see [`Workers::new`]).
+    fork: bool,
+}
+
+/// One running worker: its pid and the supervisor's ends of its pipes.
+pub struct Process {
+    pub pid: u32,
+    pipes: Option<(File, File)>,
+    origin: Origin,
+}
+
+enum Origin {
+    Exec(Child),
+    Forked(Arc<Zygote>),
+}
+
+impl Workers {
+    /// With `fork` false, every worker is exec'd (`KILND_ZYGOTE=0`, or a launcher
+    /// that cannot fork, should one exist).
+    pub fn new(command: WorkerCommand, fork: bool) -> Self {
+        Self {
+            command,
+            zygote: Mutex::new(None),
+            fork,
+        }
+    }
+
+    /// Starts the zygote now, so that the first workers do not wait for its exec.
+    pub fn prestart(&self) {
+        if self.fork {
+            self.zygote();
+        }
+    }
+
+    pub fn exe(&self) -> &std::path::Path {
+        &self.command.exe
+    }
+
+    pub fn spawn(&self) -> std::io::Result<Process> {
+        if self.fork {
+            if let Some(zygote) = self.zygote() {
+                match zygote.spawn() {
+                    Ok(p) => return Ok(p),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the zygote cannot fork a worker; executing one")
+                    }
+                }
+            }
+        }
+        let mut child = self
+            .command
+            .command("worker")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let (stdin, stdout) = match (child.stdin.take(), child.stdout.take()) {
+            (Some(i), Some(o)) => (File::from(OwnedFd::from(i)), File::from(OwnedFd::from(o))),
+            _ => return Err(std::io::Error::other("worker pipes missing")),
+        };
+        Ok(Process {
+            pid: child.id(),
+            pipes: Some((stdin, stdout)),
+            origin: Origin::Exec(child),
+        })
+    }
+
+    /// The live zygote, started (again) if it is not up.
+    fn zygote(&self) -> Option<Arc<Zygote>> {
+        let mut slot = self.zygote.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(z) = slot.as_ref().filter(|z| z.alive()) {
+            return Some(z.clone());
+        }
+        if let Some(old) = slot.take() {
+            old.finish();
+        }
+        match Zygote::start(&self.command) {
+            Ok(z) => {
+                *slot = Some(z.clone());
+                Some(z)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the zygote; executing workers");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        if let Some(z) = self.zygote.get_mut().ok().and_then(Option::take) {
+            z.finish();
+        }
+    }
+}
+
+impl Process {
+    /// The worker's stdin (requests) and stdout (replies), once. Closing stdin asks
+    /// the worker to end.
+    pub fn take_pipes(&mut self) -> Option<(File, File)> {
+        self.pipes.take()
+    }
+
+    /// SIGKILL, now.
+    pub fn kill(&self) {
+        match &self.origin {
+            // SAFETY: kill() on our own child's pid, which is not yet reaped.
+            Origin::Exec(_) => unsafe {
+                libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
+            },
+            Origin::Forked(z) => z.kill(self.pid),
+        }
+    }
+
+    /// Waits for the worker to end, killing it after `grace`.
+    pub fn reap(self, grace: Duration) -> Ended {
+        let deadline = Instant::now() + grace;
+        match &self.origin {
+            Origin::Exec(child) => reap_child(child.id(), deadline),
+            Origin::Forked(z) => {
+                if let Some(ended) = z.wait(self.pid, deadline) {
+                    return ended;
+                }
+                z.kill(self.pid);
+                z.wait(self.pid, Instant::now() + Duration::from_secs(5))
+                    .unwrap_or_default()
+            }
+        }
+    }
+}
+
+fn reap_child(pid: u32, deadline: Instant) -> Ended {
+    let pid = pid as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to fill in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: wait4 on our own child with valid out-pointers.
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if r == pid {
+            break;
+        }
+        if r < 0 {
+            return Ended::default();
+        }
+        if Instant::now() >= deadline {
+            // SAFETY: kill and a blocking wait4 on our own, not yet reaped child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::wait4(pid, &mut status, 0, &mut usage);
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    Ended {
+        exit: Some(Exit::of(status)),
+        peak_rss_kib: Some(usage.ru_maxrss as u64),
+        cpu_us: us(usage.ru_utime) + us(usage.ru_stime),
+    }
+}
+
+/// `kilnd serve`'s end of the zygote.
+struct Zygote {
+    sock: OwnedFd,
+    child: Mutex<Child>,
+    /// One spawn at a time: its answer comes back on `spawned`.
+    spawning: Mutex<Receiver<Msg>>,
+    ended: Mutex<Ends>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Ends {
+    by_pid: HashMap<u32, Ended>,
+    /// The socket reached its end: the zygote is gone, and its workers with it.
+    gone: bool,
+}
+
+impl Zygote {
+    fn start(command: &WorkerCommand) -> std::io::Result<Arc<Self>> {
+        let mut pair = [0 as RawFd; 2];
+        // SAFETY: socketpair fills the two-element array with new descriptors.
+        if unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+                0,
+                pair.as_mut_ptr(),
+            )
+        } != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors were just created and are owned by nobody else.
+        let (ours, theirs) = unsafe {
+            use std::os::fd::FromRawFd;
+            (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1]))
+        };
+        let child = command
+            .command("zygote")
+            .stdin(Stdio::from(theirs))
+            .stdout(Stdio::null())
+            .spawn()?;
+        let (answers, spawning) = mpsc::sync_channel(1);
+        let zygote = Arc::new(Self {
+            sock: ours,
+            child: Mutex::new(child),
+            spawning: Mutex::new(spawning),
+            ended: Mutex::new(Ends::default()),
+            changed: Condvar::new(),
+        });
+        // Reads what the zygote says until it ends (and holds it until then).
+        let reader = zygote.clone();
+        std::thread::spawn(move || {
+            let sock = reader.sock.as_raw_fd();
+            while let Ok(Some((msg, _))) = zygote::recv(sock) {
+                if msg.kind == zygote::EXITED {
+                    let ended = Ended {
+                        exit: Some(Exit::of(msg.a as i32)),
+                        peak_rss_kib: Some(msg.b),
+                        cpu_us: msg.c,
+                    };
+                    reader.ends().by_pid.insert(msg.pid, ended);
+                    reader.changed.notify_all();
+                } else {
+                    let _ = answers.try_send(msg);
+                }
+            }
+            tracing::warn!("the zygote has ended");
+            reader.ends().gone = true;
+            reader.changed.notify_all();
+        });
+        Ok(zygote)
+    }
+
+    fn ends(&self) -> std::sync::MutexGuard<'_, Ends> {
+        self.ended.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn alive(&self) -> bool {
+        !self.ends().gone
+    }
+
+    fn spawn(self: &Arc<Self>) -> std::io::Result<Process> {
+        let (to_worker, from_worker) = (pipe()?, pipe()?);
+        // The worker reads requests from to_worker's read end and writes replies to
+        // from_worker's write end.
+        let spawning = self.spawning.lock().unwrap_or_else(|e| e.into_inner());
+        // An answer left over from a spawn that gave up waiting is not this one's.
+        while spawning.try_recv().is_ok() {}
+        zygote::send(
+            self.sock.as_raw_fd(),
+            &Msg::new(zygote::SPAWN, 0),
+            &[to_worker.0.as_raw_fd(), from_worker.1.as_raw_fd()],
+        )?;
+        let answer = spawning
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| std::io::Error::other("the zygote did not answer"))?;
+        match answer.kind {
+            zygote::SPAWNED => Ok(Process {
+                pid: answer.pid,
+                pipes: Some((File::from(to_worker.1), File::from(from_worker.0))),
+                origin: Origin::Forked(self.clone()),
+            }),
+            _ => Err(std::io::Error::from_raw_os_error(answer.a as i32)),
+        }
+    }
+
+    fn kill(&self, pid: u32) {
+        let _ = zygote::send(self.sock.as_raw_fd(), &Msg::new(zygote::KILL, pid), &[]);
+    }
+
+    /// The end of worker `pid`, once the zygote reports it, or `None` at `deadline`.
+    /// A gone zygote took its workers with it: their end is unknown.
+    fn wait(&self, pid: u32, deadline: Instant) -> Option<Ended> {
+        let mut ends = self.ends();
+        loop {
+            if let Some(ended) = ends.by_pid.remove(&pid) {
+                return Some(ended);
+            }
+            if ends.gone {
+                return Some(Ended {
+                    exit: Some(Exit::WithZygote),
+                    ..Ended::default()
+                });
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            ends = self
+                .changed
+                .wait_timeout(ends, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Ends the zygote (and any worker still its child) and reaps it.
+    fn finish(&self) {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// A pipe: (read end, write end), both close-on-exec.
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 fills the two-element array with new descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both were just created and are owned by nobody else.
+    Ok(unsafe {
+        use std::os::fd::FromRawFd;
+        (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+    })
+}
