@@ -39,13 +39,19 @@ fn plural(v: &[String]) -> &'static str {
 }
 
 /// Same architecture, OS, ABI environment and object format; the vendor field is
-/// cosmetic (`x86_64-pc-linux-gnu` runs `x86_64-unknown-linux-gnu` code).
+/// cosmetic (`x86_64-pc-linux-gnu` runs `x86_64-unknown-linux-gnu` code), and so is
+/// the C library: compiled wasm calls no libc (only the runtime's own functions, by
+/// pointer), and glibc and musl share the calling convention and float ABI of each
+/// architecture, so a static musl kilnd runs the artifacts compiled for `-gnu`. Other
+/// environments (`gnueabi` against `gnueabihf`, say) must match.
 pub fn same_target(a: &str, b: &str) -> bool {
+    use target_lexicon::Environment::{Gnu, Musl};
+    let libc_only = |a, b| matches!((a, b), (Gnu, Musl) | (Musl, Gnu));
     match (Triple::from_str(a), Triple::from_str(b)) {
         (Ok(a), Ok(b)) => {
             a.architecture == b.architecture
                 && a.operating_system == b.operating_system
-                && a.environment == b.environment
+                && (a.environment == b.environment || libc_only(a.environment, b.environment))
                 && a.binary_format == b.binary_format
         }
         _ => a == b,
@@ -127,14 +133,26 @@ mod tests {
     }
 
     #[test]
-    fn vendor_does_not_matter_but_abi_environment_does() {
+    fn vendor_and_c_library_do_not_matter_but_the_abi_does() {
         assert!(same_target(
             "x86_64-pc-linux-gnu",
             "x86_64-unknown-linux-gnu"
         ));
+        assert!(same_target(
+            "aarch64-unknown-linux-musl",
+            "aarch64-unknown-linux-gnu"
+        ));
         assert!(!same_target(
-            "x86_64-unknown-linux-musl",
+            "armv7-unknown-linux-gnueabi",
+            "armv7-unknown-linux-gnueabihf"
+        ));
+        assert!(!same_target(
+            "x86_64-unknown-linux-gnux32",
             "x86_64-unknown-linux-gnu"
+        ));
+        assert!(!same_target(
+            "aarch64-unknown-linux-musl",
+            "x86_64-unknown-linux-musl"
         ));
     }
 

@@ -256,6 +256,13 @@ impl Stop {
 
 /// Writes one frame.
 pub fn write_frame<T: Serialize>(out: &mut impl Write, message: &T) -> io::Result<()> {
+    write_frame_unflushed(out, message)?;
+    out.flush()
+}
+
+/// Writes one frame into `out` without flushing it: for a buffered writer that the
+/// caller flushes when a batch of frames is complete.
+pub fn write_frame_unflushed<T: Serialize>(out: &mut impl Write, message: &T) -> io::Result<()> {
     let body = postcard::to_stdvec(message)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
     let len = u32::try_from(body.len())
@@ -263,8 +270,7 @@ pub fn write_frame<T: Serialize>(out: &mut impl Write, message: &T) -> io::Resul
         .filter(|n| *n <= MAX_FRAME)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "frame too large"))?;
     out.write_all(&len.to_le_bytes())?;
-    out.write_all(&body)?;
-    out.flush()
+    out.write_all(&body)
 }
 
 /// Reads one frame; `Ok(None)` on a clean end of stream between frames.

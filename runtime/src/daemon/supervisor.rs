@@ -547,7 +547,8 @@ impl<'a> Worker<'a> {
     fn attach(stdin: File, stdout: File, process: &'a Process) -> Self {
         let (tx, frames) = mpsc::sync_channel(FRAME_QUEUE);
         std::thread::spawn(move || {
-            let mut input = BufReader::new(stdout);
+            // Workers write their records in batches (see `sandbox::worker`).
+            let mut input = BufReader::with_capacity(64 * 1024, stdout);
             loop {
                 let frame = match read_frame_within::<FromWorker>(&mut input, MAX_REPLY) {
                     Ok(Some(FromWorker::V1(reply))) => Ok(reply),

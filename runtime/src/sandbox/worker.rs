@@ -6,14 +6,14 @@
 
 use std::io::{self, BufReader, BufWriter, Write};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use kiln_protocol::abi;
 use kiln_protocol::keys::{PublicKey, TrustedKeys};
 use kiln_protocol::manifest::Manifest;
 use kiln_protocol::worker::{
-    read_frame, write_frame, FromWorker, Ready, Reply, Request, StartSpec, Stop, ToWorker,
+    read_frame, write_frame_unflushed, FromWorker, Ready, Reply, Request, StartSpec, Stop, ToWorker,
 };
 
 use crate::exit::{Code, Failure};
@@ -23,26 +23,92 @@ use crate::sandbox::limits;
 use crate::sandbox::load::load_artifact;
 use crate::sandbox::wasi::{DirMapping, WasiOptions};
 
+/// How long a record may wait in the worker's buffer before it is flushed to the
+/// supervisor. A call's result flushes at once, and every record before it with it.
+const RECORD_DELAY: Duration = Duration::from_millis(10);
+
+/// Replies to the supervisor, buffered: records (telemetry and log lines) are written
+/// into the buffer and flushed in batches, by the result of the call they belong to or
+/// by the flusher thread within [`RECORD_DELAY`]; anything else is flushed at once.
+/// One write per batch instead of one per record.
+struct Replies {
+    out: Mutex<(BufWriter<io::Stdout>, bool)>,
+    dirty: Condvar,
+}
+
+impl Replies {
+    fn start() -> Arc<Self> {
+        let replies = Arc::new(Self {
+            out: Mutex::new((BufWriter::with_capacity(64 * 1024, io::stdout()), false)),
+            dirty: Condvar::new(),
+        });
+        let flusher = replies.clone();
+        std::thread::spawn(move || loop {
+            let mut out = flusher.lock();
+            while !out.1 {
+                out = flusher.dirty.wait(out).unwrap_or_else(|e| e.into_inner());
+            }
+            drop(out);
+            std::thread::sleep(RECORD_DELAY);
+            flusher.flush();
+        });
+        replies
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (BufWriter<io::Stdout>, bool)> {
+        self.out.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn send(&self, reply: Reply) {
+        // Texts of a stop come from wasmer and the module: bounded like log lines, so
+        // the supervisor can read every reply under `MAX_REPLY`.
+        let (reply, record) = match reply {
+            Reply::Fatal(stop) => (Reply::Fatal(stop.bounded()), false),
+            r @ (Reply::Telemetry { .. } | Reply::Log { .. }) => (r, true),
+            other => (other, false),
+        };
+        let mut out = self.lock();
+        let written = write_frame_unflushed(&mut out.0, &FromWorker::V1(reply));
+        let flushed = if record {
+            if !out.1 {
+                out.1 = true;
+                self.dirty.notify_one();
+            }
+            Ok(())
+        } else {
+            out.1 = false;
+            out.0.flush()
+        };
+        if written.and(flushed).is_err() {
+            // The supervisor is gone; nobody is left to serve.
+            std::process::exit(2);
+        }
+    }
+
+    fn flush(&self) {
+        let mut out = self.lock();
+        out.1 = false;
+        if out.0.flush().is_err() {
+            std::process::exit(2);
+        }
+    }
+}
+
 /// Serves one module until the supervisor hangs up or the module fails; returns the
 /// process exit code (0 after a clean end, 1 after a fatal reply, 2 for a broken pipe).
 pub fn serve() -> i32 {
     die_with_parent();
-    let mut input = BufReader::new(io::stdin().lock());
-    let out = Arc::new(Mutex::new(BufWriter::new(io::stdout())));
-    let emit: Emit = Arc::new(move |reply| {
-        // Texts of a stop come from wasmer and the module: bounded like log lines, so
-        // the supervisor can read every reply under `MAX_REPLY`.
-        let reply = match reply {
-            Reply::Fatal(stop) => Reply::Fatal(stop.bounded()),
-            other => other,
-        };
-        let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
-        if write_frame(&mut *out, &FromWorker::V1(reply)).is_err() {
-            // The supervisor is gone; nobody is left to serve.
-            std::process::exit(2);
-        }
-    });
+    let replies = Replies::start();
+    let sender = replies.clone();
+    let emit: Emit = Arc::new(move |reply| sender.send(reply));
+    let code = serve_with(&emit);
+    // What the module said last (its stdout's last line at finish) goes out too.
+    replies.flush();
+    code
+}
 
+fn serve_with(emit: &Emit) -> i32 {
+    let mut input = BufReader::new(io::stdin().lock());
     let spec = match read_frame::<ToWorker>(&mut input) {
         Ok(Some(ToWorker::V1(Request::Start(spec)))) => spec,
         Ok(other) => {
@@ -54,7 +120,7 @@ pub fn serve() -> i32 {
             return 2;
         }
     };
-    let mut guest = match start(*spec, &emit) {
+    let mut guest = match start(*spec, emit) {
         Ok(guest) => guest,
         Err(stop) => {
             emit(Reply::Fatal(stop));

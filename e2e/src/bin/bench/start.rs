@@ -26,19 +26,119 @@ pub fn measure(target: &Target, runs: usize) -> Vec<Vec<String>> {
     for (memory, flags) in MEMORY {
         rows.push(process_start(target, runs, memory, flags));
     }
+    rows.push(device_memory(target, runs));
     rows
 }
 
 /// Prints the two tables: per target, worker rows first, then process rows.
 pub fn print(rows: &[Vec<String>], runs: usize) {
-    let per_target = 2 * MEMORY.len();
-    let (mut worker, mut process) = (Vec::new(), Vec::new());
+    let per_target = 2 * MEMORY.len() + 1;
+    let (mut worker, mut process, mut device) = (Vec::new(), Vec::new(), Vec::new());
     for chunk in rows.chunks(per_target) {
         worker.extend_from_slice(&chunk[..MEMORY.len()]);
-        process.extend_from_slice(&chunk[MEMORY.len()..]);
+        process.extend_from_slice(&chunk[MEMORY.len()..2 * MEMORY.len()]);
+        device.push(chunk[2 * MEMORY.len()].clone());
     }
     print_worker(&worker, runs);
     print_process(&process, runs);
+    print_device(&device, runs);
+}
+
+fn print_device(rows: &[Vec<String>], runs: usize) {
+    println!("\n### A whole device's memory, median of {runs}\n");
+    println!("`kilnd serve` with sensor-filter (Rust, WASI) and two small kiln-ABI reactors");
+    println!("(`fixtures/counter.wat`), 1.5 s after they started: PSS of each process from");
+    println!("`/proc/PID/smaps_rollup`, and a small reactor's worker's Private_Dirty. Workers are");
+    println!("forked by the zygote and share its pages until they write to them.\n");
+    table(
+        &[
+            "target",
+            "mode",
+            "serve",
+            "zygote",
+            "sensor-filter",
+            "reactor 1",
+            "reactor 2",
+            "total PSS",
+            "reactor Private_Dirty",
+        ],
+        rows,
+    );
+}
+
+/// PSS of serve, the zygote and each worker, and a small reactor's Private_Dirty.
+fn device_memory(target: &Target, runs: usize) -> Vec<String> {
+    let sensor = target.artifact("sensor_filter.wasm", "sensor-filter-reserved", &[]);
+    let counter = target.artifact("fixtures/counter.wat", "counter", &[]);
+    let mut config = module("sensor", &sensor, "");
+    for name in ["r1", "r2"] {
+        config += &module(name, &counter, "config = \"1\"\ntick_ms = 1000\n");
+    }
+    let config = target.config("device-memory", &config);
+    let mut samples: Vec<Vec<f64>> = Vec::new();
+    for _ in 0..runs {
+        let (mut child, mut records) = target.serve(&config);
+        let mut pids = std::collections::BTreeMap::new();
+        while pids.len() < 3 {
+            let r = records.next().expect("three started records");
+            if r["kind"] == "started" {
+                pids.insert(
+                    r["module"].as_str().unwrap_or("").to_string(),
+                    r["pid"].as_u64().unwrap_or(0),
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        let zygote = parent_of(pids["r1"]);
+        let kib = |pid: u64| pss_kib(pid).unwrap_or(0) as f64 / 1024.0;
+        let row = vec![
+            kib(child.id() as u64),
+            kib(zygote),
+            kib(pids["sensor"]),
+            kib(pids["r1"]),
+            kib(pids["r2"]),
+            private_dirty_kib(pids["r1"]).unwrap_or(0) as f64 / 1024.0,
+        ];
+        let _ = child.kill();
+        let _ = child.wait();
+        samples.push(row);
+    }
+    let col = |i: usize| median(samples.iter().map(|r| r[i]));
+    let mut row = vec![target.name.clone(), target.mode().into()];
+    for i in 0..5 {
+        row.push(format!("{:.1} MiB", col(i)));
+    }
+    row.push(format!(
+        "{:.1} MiB",
+        median(samples.iter().map(|r| r[..5].iter().sum::<f64>()))
+    ));
+    row.push(format!("{:.2} MiB", col(5)));
+    row
+}
+
+fn module(name: &str, artifact: &std::path::Path, extra: &str) -> String {
+    format!(
+        "[[module]]\nname = \"{name}\"\nartifact = {:?}\ntimeout_ms = 60000\nrestart = {{ backoff_ms = 10 }}\n{extra}",
+        path_str(artifact)
+    )
+}
+
+/// The parent pid of `pid` (a worker's is the zygote).
+fn parent_of(pid: u64) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("PPid:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn private_dirty_kib(pid: u64) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let line = rollup.lines().find(|l| l.starts_with("Private_Dirty:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn print_process(rows: &[Vec<String>], runs: usize) {
@@ -145,7 +245,7 @@ fn print_worker(start_rows: &[Vec<String>], runs: usize) {
         "spawn + read + verify + deserialize + instantiate + kiln_init + first kiln_tick, as the"
     );
     println!(
-        "supervisor's `started` record reports it; idle RSS and PSS are the worker's 1.5 s later\n(PSS counts kilnd's shared code once across workers; under qemu both include the emulator).\n"
+        "supervisor's `started` record reports it: `start` is the first worker of a fresh kilnd,\n`restart` the same worker forked again by the warm zygote after a SIGKILL (the split\nis the first start's). Idle RSS and PSS are the worker's 1.5 s later (PSS counts\nkilnd's shared code once across workers; under qemu both include the emulator).\n"
     );
     table(
         &[
@@ -153,6 +253,7 @@ fn print_worker(start_rows: &[Vec<String>], runs: usize) {
             "mode",
             "memory",
             "start",
+            "restart",
             "verify",
             "deserialize",
             "instantiate",
@@ -173,12 +274,9 @@ fn worker_start(target: &Target, runs: usize, memory: &str, flags: &[&str]) -> V
     );
     let config = target.config(
         &format!("sensor-{memory}"),
-        &format!(
-            "[[module]]\nname = \"sensor\"\nartifact = {:?}\ntimeout_ms = 60000\n",
-            path_str(&artifact)
-        ),
+        &module("sensor", &artifact, ""),
     );
-    let mut samples: Vec<(Value, f64, f64)> = Vec::new();
+    let mut samples: Vec<(Value, f64, f64, f64)> = Vec::new();
     for _ in 0..runs {
         let (mut child, mut records) = target.serve(&config);
         let started = records
@@ -188,9 +286,20 @@ fn worker_start(target: &Target, runs: usize, memory: &str, flags: &[&str]) -> V
         let pid = started["pid"].as_u64().unwrap_or(0);
         let idle = rss_kib(pid).unwrap_or(0) as f64 / 1024.0;
         let pss = pss_kib(pid).unwrap_or(0) as f64 / 1024.0;
+        // A restart: the zygote is warm, as it is for every start but kilnd's first.
+        // SAFETY: SIGKILL to the worker's pid, which its zygote has not reaped yet.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        let restarted = records
+            .find(|r| r["kind"] == "started")
+            .expect("a second started record");
         let _ = child.kill();
         let _ = child.wait();
-        samples.push((started, idle, pss));
+        samples.push((
+            started,
+            idle,
+            pss,
+            restarted["start_ms"].as_f64().unwrap_or(0.0),
+        ));
     }
     let field = |name: &str| {
         median(
@@ -204,12 +313,19 @@ fn worker_start(target: &Target, runs: usize, memory: &str, flags: &[&str]) -> V
         target.mode().into(),
         memory.into(),
         format!("{:.1} ms", field("start_ms")),
+        format!(
+            "{:.1} ms",
+            median(samples.iter().map(|(.., restart)| *restart))
+        ),
         format!("{:.2} ms", field("verify_ms")),
         format!("{:.2} ms", field("deserialize_ms")),
         format!("{:.2} ms", field("instantiate_ms")),
         format!("{:.2} ms", field("init_ms")),
         format!("{:.2} ms", field("first_tick_ms")),
-        format!("{:.1} MiB", median(samples.iter().map(|(_, rss, _)| *rss))),
-        format!("{:.1} MiB", median(samples.iter().map(|(.., pss)| *pss))),
+        format!("{:.1} MiB", median(samples.iter().map(|(_, rss, ..)| *rss))),
+        format!(
+            "{:.1} MiB",
+            median(samples.iter().map(|(_, _, pss, _)| *pss))
+        ),
     ]
 }
