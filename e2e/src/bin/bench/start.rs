@@ -18,10 +18,19 @@ use crate::{median, table};
 pub const MEMORY: [(&str, &[&str]); 2] =
     [("reserved", &[]), ("bounds-checked", &["--bounds-checks"])];
 
+/// The modules whose worker start is measured: a Rust reactor that imports WASI, and
+/// a small kiln-ABI reactor that does not (so its worker starts no I/O runtime).
+const WORKERS: [(&str, &str); 2] = [
+    ("sensor_filter.wasm", "sensor-filter"),
+    ("fixtures/counter.wat", "counter"),
+];
+
 pub fn measure(target: &Target, runs: usize) -> Vec<Vec<String>> {
     let mut rows = Vec::new();
-    for (memory, flags) in MEMORY {
-        rows.push(worker_start(target, runs, memory, flags));
+    for (source, label) in WORKERS {
+        for (memory, flags) in MEMORY {
+            rows.push(worker_start(target, runs, (source, label), memory, flags));
+        }
     }
     for (memory, flags) in MEMORY {
         rows.push(process_start(target, runs, memory, flags));
@@ -32,12 +41,13 @@ pub fn measure(target: &Target, runs: usize) -> Vec<Vec<String>> {
 
 /// Prints the two tables: per target, worker rows first, then process rows.
 pub fn print(rows: &[Vec<String>], runs: usize) {
-    let per_target = 2 * MEMORY.len() + 1;
+    let workers = WORKERS.len() * MEMORY.len();
+    let per_target = workers + MEMORY.len() + 1;
     let (mut worker, mut process, mut device) = (Vec::new(), Vec::new(), Vec::new());
     for chunk in rows.chunks(per_target) {
-        worker.extend_from_slice(&chunk[..MEMORY.len()]);
-        process.extend_from_slice(&chunk[MEMORY.len()..2 * MEMORY.len()]);
-        device.push(chunk[2 * MEMORY.len()].clone());
+        worker.extend_from_slice(&chunk[..workers]);
+        process.extend_from_slice(&chunk[workers..workers + MEMORY.len()]);
+        device.push(chunk[workers + MEMORY.len()].clone());
     }
     print_worker(&worker, runs);
     print_process(&process, runs);
@@ -240,7 +250,7 @@ pub fn timings(stderr: &str) -> Vec<f64> {
 }
 
 fn print_worker(start_rows: &[Vec<String>], runs: usize) {
-    println!("\n### Worker start: sensor-filter (Rust reactor), median of {runs} cold starts\n");
+    println!("\n### Worker start: sensor-filter (Rust reactor, WASI) and counter.wat (small kiln-ABI reactor), median of {runs}\n");
     println!(
         "spawn + read + verify + deserialize + instantiate + kiln_init + first kiln_tick, as the"
     );
@@ -251,6 +261,7 @@ fn print_worker(start_rows: &[Vec<String>], runs: usize) {
         &[
             "target",
             "mode",
+            "module",
             "memory",
             "start",
             "restart",
@@ -266,15 +277,26 @@ fn print_worker(start_rows: &[Vec<String>], runs: usize) {
     );
 }
 
-fn worker_start(target: &Target, runs: usize, memory: &str, flags: &[&str]) -> Vec<String> {
-    let artifact = target.artifact(
-        "sensor_filter.wasm",
-        &format!("sensor-filter-{memory}"),
-        flags,
-    );
+fn worker_start(
+    target: &Target,
+    runs: usize,
+    (source, label): (&str, &str),
+    memory: &str,
+    flags: &[&str],
+) -> Vec<String> {
+    let artifact = target.artifact(source, &format!("{label}-{memory}"), flags);
     let config = target.config(
-        &format!("sensor-{memory}"),
-        &module("sensor", &artifact, ""),
+        &format!("{label}-start-{memory}"),
+        // The counter publishes this many records per tick; sensor-filter needs none.
+        &module(
+            "m",
+            &artifact,
+            if source.ends_with(".wat") {
+                "config = \"1\"\n"
+            } else {
+                ""
+            },
+        ),
     );
     let mut samples: Vec<(Value, f64, f64, f64)> = Vec::new();
     for _ in 0..runs {
@@ -311,6 +333,7 @@ fn worker_start(target: &Target, runs: usize, memory: &str, flags: &[&str]) -> V
     vec![
         target.name.clone(),
         target.mode().into(),
+        label.into(),
         memory.into(),
         format!("{:.1} ms", field("start_ms")),
         format!(
