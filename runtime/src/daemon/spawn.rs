@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -107,10 +108,11 @@ impl Workers {
         &self.command.exe
     }
 
-    pub fn spawn(&self) -> std::io::Result<Process> {
+    /// Starts a worker with `first` (its Start frame) already written to its stdin.
+    pub fn spawn(&self, first: &[u8]) -> std::io::Result<Process> {
         if self.fork {
             if let Some(zygote) = self.zygote() {
-                match zygote.spawn() {
+                match zygote.spawn(first) {
                     Ok(p) => return Ok(p),
                     Err(e) => {
                         tracing::warn!(error = %e, "the zygote cannot fork a worker; executing one")
@@ -124,10 +126,11 @@ impl Workers {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()?;
-        let (stdin, stdout) = match (child.stdin.take(), child.stdout.take()) {
+        let (mut stdin, stdout) = match (child.stdin.take(), child.stdout.take()) {
             (Some(i), Some(o)) => (File::from(OwnedFd::from(i)), File::from(OwnedFd::from(o))),
             _ => return Err(std::io::Error::other("worker pipes missing")),
         };
+        stdin.write_all(first)?;
         Ok(Process {
             pid: child.id(),
             pipes: Some((stdin, stdout)),
@@ -314,8 +317,15 @@ impl Zygote {
         !self.ends().gone
     }
 
-    fn spawn(self: &Arc<Self>) -> std::io::Result<Process> {
+    fn spawn(self: &Arc<Self>, first: &[u8]) -> std::io::Result<Process> {
         let (to_worker, from_worker) = (pipe()?, pipe()?);
+        let mut requests = File::from(to_worker.1);
+        // A frame that fits the pipe's buffer is written before the worker exists (it
+        // cannot block); a larger one once the worker is there to read it.
+        let early = first.len() <= PIPE_SURELY_HOLDS;
+        if early {
+            requests.write_all(first)?;
+        }
         // The worker reads requests from to_worker's read end and writes replies to
         // from_worker's write end.
         let spawning = self.spawning.lock().unwrap_or_else(|e| e.into_inner());
@@ -330,11 +340,23 @@ impl Zygote {
             .recv_timeout(Duration::from_secs(10))
             .map_err(|_| std::io::Error::other("the zygote did not answer"))?;
         match answer.kind {
-            zygote::SPAWNED => Ok(Process {
-                pid: answer.pid,
-                pipes: Some((File::from(to_worker.1), File::from(from_worker.0))),
-                origin: Origin::Forked(self.clone()),
-            }),
+            zygote::SPAWNED => {
+                let process = Process {
+                    pid: answer.pid,
+                    pipes: None,
+                    origin: Origin::Forked(self.clone()),
+                };
+                if !early {
+                    if let Err(e) = requests.write_all(first) {
+                        process.kill();
+                        return Err(e);
+                    }
+                }
+                Ok(Process {
+                    pipes: Some((requests, File::from(from_worker.0))),
+                    ..process
+                })
+            }
             _ => Err(std::io::Error::from_raw_os_error(answer.a as i32)),
         }
     }
@@ -373,6 +395,9 @@ impl Zygote {
         let _ = child.wait();
     }
 }
+
+/// Linux gives a pipe 64 KiB unless memory is short, and never less than one page.
+const PIPE_SURELY_HOLDS: usize = 4096;
 
 /// A pipe: (read end, write end), both close-on-exec.
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {

@@ -406,21 +406,6 @@ fn run_worker(
     let report = |body: Body| reporter.event(body);
     let plan = &module.plan;
     let spawned = Instant::now();
-    let mut process = match workers.spawn() {
-        Ok(process) => process,
-        Err(e) => {
-            return (
-                Stop::Lost(format!("cannot start a worker ({:?}): {e}", workers.exe())),
-                None,
-            )
-        }
-    };
-    let counters = &module.counters;
-    counters.pid.store(process.pid, Relaxed);
-    let Some((stdin, stdout)) = process.take_pipes() else {
-        return (Stop::Lost("a worker without pipes".into()), None);
-    };
-    let mut worker = Worker::attach(stdin, stdout, &process);
     let spec = StartSpec {
         artifact: plan.artifact.display().to_string(),
         trusted_keys: module.trusted_keys.clone(),
@@ -438,8 +423,31 @@ fn run_worker(
             .collect(),
         expect: plan.expect.clone(),
     };
+    // The Start frame goes with the spawn: a forked worker finds it waiting in its
+    // pipe and starts loading while the zygote is still answering.
+    let mut start = Vec::new();
+    if let Err(e) = write_frame(&mut start, &ToWorker::V1(Request::Start(Box::new(spec)))) {
+        return (
+            Stop::Lost(format!("cannot encode the Start frame: {e}")),
+            None,
+        );
+    }
+    let mut process = match workers.spawn(&start) {
+        Ok(process) => process,
+        Err(e) => {
+            return (
+                Stop::Lost(format!("cannot start a worker ({:?}): {e}", workers.exe())),
+                None,
+            )
+        }
+    };
+    let counters = &module.counters;
+    counters.pid.store(process.pid, Relaxed);
+    let Some((stdin, stdout)) = process.take_pipes() else {
+        return (Stop::Lost("a worker without pipes".into()), None);
+    };
+    let mut worker = Worker::attach(stdin, stdout, &process);
     let stop = (|| -> Result<(), Stop> {
-        worker.send(Request::Start(Box::new(spec)))?;
         let ready = worker.await_ready(plan.start_timeout, reporter)?;
         counters.memory_pages.store(ready.memory_pages, Relaxed);
         let rss_kib = procfs::rss_kib(process.pid);
