@@ -25,6 +25,8 @@ pub const AFTER_HELP: &str = "\
 Environment:
   KILN_LOG=debug|info|warn|error   kilnd's own log on stderr (serve: info by default)
   KILND_CONFIG=FILE                the config of serve and check
+  KILND_ZYGOTE=0                   serve executes each worker instead of forking it
+                                   from its zygote
   NO_COLOR                         plain log lines even on a terminal
   NOTIFY_SOCKET, WATCHDOG_USEC     set by systemd: serve reports READY and pings the
                                    watchdog from its supervisor loop
