@@ -450,17 +450,7 @@ fn kilnd_run_enforces_the_fuel_and_memory_cap_signed_into_the_artifact() {
 
 #[test]
 fn a_worker_killed_from_outside_is_reported_and_restarted_while_the_supervisor_lives() {
-    let device = Device::new("x86_64-linux");
-    let sensor = shared().artifact("sensor_filter.wasm", "x86_64-linux");
-    let config = module_entry(
-        "sensor",
-        &sensor,
-        "tick_ms = 100\nrestart = { backoff_ms = 50, max_crashes = 3 }",
-    );
-    let mut serve = Serve::start(&device, &config);
-    let records = serve.wait_until(Duration::from_secs(30), |r| {
-        !of(r, "sensor", "started").is_empty()
-    });
+    let (mut serve, records) = restarting_sensor();
     // A panic inside wasmer aborts the worker (SIGABRT; kilnd is built panic=abort),
     // and the kernel's OOM killer sends SIGKILL.
     drop(records);
@@ -474,11 +464,7 @@ fn a_worker_killed_from_outside_is_reported_and_restarted_while_the_supervisor_l
         let pid = of(&serve.records(), "sensor", "started")[n]["pid"]
             .as_i64()
             .unwrap();
-        let killed = std::process::Command::new("kill")
-            .args([&format!("-{signal}"), &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(killed.success());
+        kill(signal, pid as u64);
         let records = serve.wait_until(Duration::from_secs(30), |r| {
             of(r, "sensor", "started").len() == n + 2
         });
@@ -498,17 +484,7 @@ fn a_worker_killed_from_outside_is_reported_and_restarted_while_the_supervisor_l
 /// and restarts them through it.
 #[test]
 fn workers_are_forked_by_a_zygote_and_a_lost_zygote_is_replaced() {
-    let device = Device::new("x86_64-linux");
-    let sensor = shared().artifact("sensor_filter.wasm", "x86_64-linux");
-    let config = module_entry(
-        "sensor",
-        &sensor,
-        "tick_ms = 100\nrestart = { backoff_ms = 50, max_crashes = 3 }",
-    );
-    let mut serve = Serve::start(&device, &config);
-    let records = serve.wait_until(Duration::from_secs(30), |r| {
-        !of(r, "sensor", "started").is_empty()
-    });
+    let (mut serve, records) = restarting_sensor();
     let worker = of(&records, "sensor", "started")[0]["pid"]
         .as_u64()
         .unwrap();
@@ -529,11 +505,7 @@ fn workers_are_forked_by_a_zygote_and_a_lost_zygote_is_replaced() {
         "no config, no key, no argument"
     );
 
-    let killed = std::process::Command::new("kill")
-        .args(["-KILL", &zygote.to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    kill("KILL", zygote);
     let records = serve.wait_until(Duration::from_secs(30), |r| {
         of(r, "sensor", "started").len() == 2
     });
@@ -551,6 +523,32 @@ fn workers_are_forked_by_a_zygote_and_a_lost_zygote_is_replaced() {
     assert_ne!(second, zygote);
     assert_eq!(parent_of(second), serve.child.id() as u64);
     assert!(serve.explain().contains("the zygote has ended"));
+}
+
+/// `kilnd serve` running sensor-filter natively with a quick restart policy, and its
+/// records once the first worker has started.
+fn restarting_sensor() -> (Serve, Vec<Value>) {
+    let device = Device::new("x86_64-linux");
+    let sensor = shared().artifact("sensor_filter.wasm", "x86_64-linux");
+    let config = module_entry(
+        "sensor",
+        &sensor,
+        "tick_ms = 100\nrestart = { backoff_ms = 50, max_crashes = 3 }",
+    );
+    let mut serve = Serve::start(&device, &config);
+    let records = serve.wait_until(Duration::from_secs(30), |r| {
+        !of(r, "sensor", "started").is_empty()
+    });
+    (serve, records)
+}
+
+/// Sends `signal` (a name such as KILL) to `pid` from outside, as an operator would.
+fn kill(signal: &str, pid: u64) {
+    let killed = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
 }
 
 /// The parent pid of `pid`, from /proc.
