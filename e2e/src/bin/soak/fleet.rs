@@ -387,17 +387,22 @@ impl Device {
     }
 }
 
-/// Whether `pid` is still a child of `parent` (a worker of that kilnd), so a signal
-/// never reaches a process that took over a recycled pid.
-pub fn is_child_of(pid: u32, parent: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            // `pid (comm) state ppid ...`; comm may hold spaces, so read after the `)`.
-            let rest = &stat[stat.rfind(')')? + 1..];
-            rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-        })
-        == Some(parent)
+/// Whether `pid` is still a worker of the kilnd `kilnd`: forked by its zygote (the
+/// zygote's child) or, without one, executed by kilnd itself, so a signal never
+/// reaches a process that took over a recycled pid.
+pub fn is_worker_of(pid: u32, kilnd: u32) -> bool {
+    match parent_of(pid) {
+        Some(parent) if parent == kilnd => true,
+        Some(zygote) => parent_of(zygote) == Some(kilnd),
+        None => false,
+    }
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid ...`; comm may hold spaces, so read after the `)`.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
 }
 
 /// Resident memory of a process in KiB (`VmRSS`), and its peak (`VmHWM`).

@@ -538,7 +538,7 @@ impl Soak {
                 let kilnd = devices[device].pid();
                 drop(devices);
                 match pid.zip(kilnd) {
-                    Some((pid, kilnd)) if fleet::is_child_of(pid, kilnd) => {
+                    Some((pid, kilnd)) if fleet::is_worker_of(pid, kilnd) => {
                         fleet::signal(pid, "KILL");
                         format!("counter worker {pid}")
                     }
