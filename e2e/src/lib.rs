@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)] // a panic is the failure report
 
 pub mod mosquitto;
+pub mod procfs;
 
 use std::path::{Path, PathBuf};
 

@@ -8,6 +8,7 @@ use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kiln_e2e::procfs::parent_of;
 use serde_json::Value;
 
 use crate::util::{path_str, shared, Device};
@@ -487,11 +488,11 @@ fn workers_are_forked_by_a_zygote_and_a_lost_zygote_is_replaced() {
     let (mut serve, records) = restarting_sensor();
     let worker = of(&records, "sensor", "started")[0]["pid"]
         .as_u64()
-        .unwrap();
-    let zygote = parent_of(worker);
+        .unwrap() as u32;
+    let zygote = parent_of(worker).unwrap();
     assert_eq!(
         parent_of(zygote),
-        serve.child.id() as u64,
+        Some(serve.child.id()),
         "the zygote is serve's child"
     );
     let cmdline = std::fs::read(format!("/proc/{zygote}/cmdline")).unwrap();
@@ -505,7 +506,7 @@ fn workers_are_forked_by_a_zygote_and_a_lost_zygote_is_replaced() {
         "no config, no key, no argument"
     );
 
-    kill("KILL", zygote);
+    kill("KILL", zygote.into());
     let records = serve.wait_until(Duration::from_secs(30), |r| {
         of(r, "sensor", "started").len() == 2
     });
@@ -519,9 +520,9 @@ fn workers_are_forked_by_a_zygote_and_a_lost_zygote_is_replaced() {
     let again = of(&records, "sensor", "started")[1]["pid"]
         .as_u64()
         .unwrap();
-    let second = parent_of(again);
+    let second = parent_of(again as u32).unwrap();
     assert_ne!(second, zygote);
-    assert_eq!(parent_of(second), serve.child.id() as u64);
+    assert_eq!(parent_of(second), Some(serve.child.id()));
     assert!(serve.explain().contains("the zygote has ended"));
 }
 
@@ -549,18 +550,6 @@ fn kill(signal: &str, pid: u64) {
         .status()
         .unwrap();
     assert!(killed.success());
-}
-
-/// The parent pid of `pid`, from /proc.
-fn parent_of(pid: u64) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("PPid:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 #[test]

@@ -227,11 +227,10 @@ fn reap_child(pid: u32, deadline: Instant) -> Ended {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
     Ended {
         exit: Some(Exit::of(status)),
         peak_rss_kib: Some(usage.ru_maxrss as u64),
-        cpu_us: us(usage.ru_utime) + us(usage.ru_stime),
+        cpu_us: zygote::cpu_us(&usage),
     }
 }
 

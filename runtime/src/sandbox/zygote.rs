@@ -276,15 +276,20 @@ fn reap(sock: RawFd, children: &mut BTreeSet<u32>) -> io::Result<()> {
             return Ok(());
         }
         children.remove(&(pid as u32));
-        let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
         let msg = Msg {
             a: status as i64,
             b: usage.ru_maxrss as u64,
-            c: us(usage.ru_utime) + us(usage.ru_stime),
+            c: cpu_us(&usage),
             ..Msg::new(EXITED, pid as u32)
         };
         send(sock, &msg, &[])?;
     }
+}
+
+/// User plus system CPU time of a reaped process, in µs.
+pub fn cpu_us(usage: &libc::rusage) -> u64 {
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    us(usage.ru_utime) + us(usage.ru_stime)
 }
 
 /// Forks a worker whose stdin and stdout are `fds`; returns its pid.

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use kiln_e2e::{path_str, target_dir};
 use serde_json::Value;
 
-use crate::target::{pss_kib, rss_kib, Target};
+use kiln_e2e::procfs::{parent_of, pss_kib, rollup_kib};
+
+use crate::target::{rss_kib, Target};
 use crate::{median, table};
 
 /// How the module's memory is compiled: reserved (kiln's default: 8 GiB of address
@@ -99,15 +101,15 @@ fn device_memory(target: &Target, runs: usize) -> Vec<String> {
             }
         }
         std::thread::sleep(Duration::from_millis(1500));
-        let zygote = parent_of(pids["r1"]);
-        let kib = |pid: u64| pss_kib(pid).unwrap_or(0) as f64 / 1024.0;
+        let zygote = parent_of(pids["r1"] as u32).unwrap_or(0) as u64;
+        let kib = |pid: u64| pss_kib(pid as u32).unwrap_or(0) as f64 / 1024.0;
         let row = vec![
             kib(child.id() as u64),
             kib(zygote),
             kib(pids["sensor"]),
             kib(pids["r1"]),
             kib(pids["r2"]),
-            private_dirty_kib(pids["r1"]).unwrap_or(0) as f64 / 1024.0,
+            rollup_kib(pids["r1"] as u32, "Private_Dirty").unwrap_or(0) as f64 / 1024.0,
         ];
         let _ = child.kill();
         let _ = child.wait();
@@ -131,24 +133,6 @@ fn module(name: &str, artifact: &std::path::Path, extra: &str) -> String {
         "[[module]]\nname = \"{name}\"\nartifact = {:?}\ntimeout_ms = 60000\nrestart = {{ backoff_ms = 10 }}\n{extra}",
         path_str(artifact)
     )
-}
-
-/// The parent pid of `pid` (a worker's is the zygote).
-fn parent_of(pid: u64) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("PPid:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn private_dirty_kib(pid: u64) -> Option<u64> {
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    let line = rollup.lines().find(|l| l.starts_with("Private_Dirty:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn print_process(rows: &[Vec<String>], runs: usize) {
@@ -307,7 +291,7 @@ fn worker_start(
         std::thread::sleep(Duration::from_millis(1500));
         let pid = started["pid"].as_u64().unwrap_or(0);
         let idle = rss_kib(pid).unwrap_or(0) as f64 / 1024.0;
-        let pss = pss_kib(pid).unwrap_or(0) as f64 / 1024.0;
+        let pss = pss_kib(pid as u32).unwrap_or(0) as f64 / 1024.0;
         // A restart: the zygote is warm, as it is for every start but kilnd's first.
         // SAFETY: SIGKILL to the worker's pid, which its zygote has not reaped yet.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };

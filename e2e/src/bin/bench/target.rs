@@ -87,15 +87,6 @@ impl Target {
     }
 }
 
-/// Proportional set size of a process (`/proc/PID/smaps_rollup`): its private pages
-/// plus its share of the pages it shares (kilnd's code with the other workers), the
-/// figure that adds up across processes, where RSS counts shared pages in each.
-pub fn pss_kib(pid: u64) -> Option<u64> {
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    let line = rollup.lines().find(|l| l.starts_with("Pss:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 /// Resident memory of a process.
 pub fn rss_kib(pid: u64) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -391,18 +391,12 @@ impl Device {
 /// zygote's child) or, without one, executed by kilnd itself, so a signal never
 /// reaches a process that took over a recycled pid.
 pub fn is_worker_of(pid: u32, kilnd: u32) -> bool {
+    use kiln_e2e::procfs::parent_of;
     match parent_of(pid) {
         Some(parent) if parent == kilnd => true,
         Some(zygote) => parent_of(zygote) == Some(kilnd),
         None => false,
     }
-}
-
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // `pid (comm) state ppid ...`; comm may hold spaces, so read after the `)`.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
 }
 
 /// Resident memory of a process in KiB (`VmRSS`), and its peak (`VmHWM`).
@@ -418,17 +412,6 @@ pub fn rss_kib(pid: u32) -> Option<(u64, u64)> {
             .ok()
     };
     Some((field("VmRSS:")?, field("VmHWM:")?))
-}
-
-/// Proportional set size in KiB, from `smaps_rollup`.
-pub fn pss_kib(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    text.lines()
-        .find(|l| l.starts_with("Pss:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 /// What one line of kilnd's stdout tells the checker.

@@ -275,7 +275,7 @@ impl Soak {
                                         rss_kib: rss,
                                     },
                                 ));
-                                if let Some(pss) = d.pid().and_then(fleet::pss_kib) {
+                                if let Some(pss) = d.pid().and_then(kiln_e2e::procfs::pss_kib) {
                                     let _ = tx.send((
                                         now_ms(),
                                         Obs::Pss {
