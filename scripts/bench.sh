@@ -3,7 +3,7 @@
 # (scripts/peers.sh), then measures kiln on this machine and prints markdown tables
 # (the README quotes them). Not part of the tests.
 #   scripts/bench.sh [--runs N] [--targets x86_64-linux,aarch64-linux,riscv64-linux]
-#                    [--only size,compile,start,speed,metering,update,telemetry] [--module-mb 49]
+#                    [--only size,compile,start,speed,metering,update,telemetry,transfer] [--module-mb 49]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${CARGO_TARGET_DIR:=$HOME/.cache/kiln/target}"
@@ -19,6 +19,9 @@ cargo build --locked --quiet -p kiln-compiler --profile host
 echo "build: workloads for wasm32-wasip1" >&2
 cargo build --locked --quiet --release --target wasm32-wasip1 \
   --manifest-path examples/workloads/Cargo.toml --target-dir "$CARGO_TARGET_DIR/examples"
+# The same with one more function, for the transfer section's "one function added".
+cargo build --locked --quiet --release --target wasm32-wasip1 --features extra-workload \
+  --manifest-path examples/workloads/Cargo.toml --target-dir "$CARGO_TARGET_DIR/examples-extra"
 for triple in x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu; do
   for example in workloads hello; do
     echo "build: $example natively for $triple" >&2

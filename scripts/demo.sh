@@ -98,9 +98,11 @@ set -e
 echo "(every record: $out/kilnd-serve.jsonl; kilnd's own log: $out/kilnd-serve.log)"
 
 echo
-echo "A fleet: an aarch64 and a riscv64 device (kilnd serve under qemu) follow desired"
-echo "state from a mosquitto broker; v1 and v2 roll out, their telemetry streams to"
-echo "\`kiln watch\`, and a v3 that crashes rolls back."
+echo "A fleet: an aarch64 and a riscv64 device (kilnd serve under qemu), both in group"
+echo "demo, follow desired state from a mosquitto broker. One release reaches both: kiln"
+echo "compiles the module for each target the group reports, and each device takes its own"
+echo "artifact, zstd-compressed; v2 travels as a patch from the v1 each device runs. Their"
+echo "telemetry streams to \`kiln watch\`, and a v3 that crashes rolls back."
 port=$((20000 + RANDOM % 20000))
 broker="mqtt://127.0.0.1:$port"
 mkdir -p "$out/broker"
@@ -120,14 +122,11 @@ trust = ["fleet.pub"]
 worker_launcher = ["qemu-$arch", "-L", "/usr/$arch-linux-gnu"]
 [mqtt]
 broker = "$broker"
+groups = ["demo"]
 [telemetry]
 batch_ms = 500
 stats_s = 2
 TOML
-  for v in 1 2; do
-    "$kiln" compile "$sensor" --target "$target" --sign "$out/fleet.key" -o "$out/app-v$v-$target.kiln" --name app --version "$v" 2>/dev/null
-  done
-  "$kiln" compile examples/fixtures/trap-tick.wat --target "$target" --sign "$out/fleet.key" -o "$out/app-v3-$target.kiln" --name app --version 3 2>/dev/null
   "qemu-$arch" -L "/usr/$arch-linux-gnu" "$CARGO_TARGET_DIR/$triple/release/kilnd" serve --config "$out/$id/kilnd.toml" \
     >"$out/$id/records.jsonl" 2>"$out/$id/kilnd.log" &
   pids+=($!)
@@ -139,19 +138,25 @@ wait_for() { # wait_for TEXT: until `kiln devices` shows TEXT for both devices
   done
   echo "(timed out waiting for $1)"
 }
-push_all() { # push_all VERSION
-  step "$kiln" push "$out/app-v$1-aarch64-linux.kiln" --device pi-01 --sign "$out/fleet.key" --broker "$broker" --health-window-ms 4000 --tick-ms 500 --timeout-ms 10000
-  step "$kiln" push "$out/app-v$1-riscv64-linux.kiln" --device rv-01 --sign "$out/fleet.key" --broker "$broker" --health-window-ms 4000 --tick-ms 500 --timeout-ms 10000
-}
-push_all 1; wait_for 'app@1 .*committed'
+run_opts=(--health-window-ms 4000 --tick-ms 500 --timeout-ms 10000)
+for _ in $(seq 1 60); do # both devices online: their status names their targets
+  [ "$("$kiln" devices --broker "$broker" | awk '$2 == "yes"' | wc -l)" -ge 2 ] && break
+  sleep 1
+done
+step "$kiln" push "$sensor" --group demo --name app --version 1 --sign "$out/fleet.key" --broker "$broker" "${run_opts[@]}"
+wait_for 'app@1 .*committed'
 step "$kiln" devices --broker "$broker"
-push_all 2; wait_for 'app@2 .*committed'
+echo "v2 as a release file, built once for both targets and pushed from it:"
+step "$kiln" release "$sensor" --target aarch64-linux --target riscv64-linux --name app --version 2 --sign "$out/fleet.key" -o "$out/app-v2.kilnrel"
+step "$kiln" push "$out/app-v2.kilnrel" --group demo --sign "$out/fleet.key" --broker "$broker" "${run_opts[@]}"
+wait_for 'app@2 .*committed'
 step "$kiln" devices --broker "$broker"
 echo "Live telemetry from both emulated devices: records in postcard batches, each batch"
 echo "numbered per boot; watch would say GAP or duplicate if one went missing or came twice."
 step "$kiln" watch --broker "$broker" --duration 5
 echo "v3 divides by zero on its third tick:"
-push_all 3; wait_for 'app@2 .*rolled back'
+step "$kiln" push examples/fixtures/trap-tick.wat --group demo --name app --version 3 --sign "$out/fleet.key" --broker "$broker" "${run_opts[@]}"
+wait_for 'app@2 .*rolled back'
 step "$kiln" devices --broker "$broker"
 
 echo

@@ -6,7 +6,8 @@ use clap::{Parser, Subcommand};
 use crate::commands::{
     compile::CompileCommand, completions::CompletionsCommand, conformance::ConformanceCommand,
     devices::DevicesCommand, gc::GcCommand, inspect::InspectCommand, keygen::KeygenCommand,
-    push::PushCommand, rollout::RolloutCommand, targets::TargetsCommand, watch::WatchCommand,
+    push::PushCommand, release::ReleaseCommand, rollout::RolloutCommand, targets::TargetsCommand,
+    watch::WatchCommand,
 };
 
 const AFTER_HELP: &str = "\
@@ -17,6 +18,7 @@ Examples:
   kiln compile app.wasm --target aarch64-linux --sign fleet.key -o app.kiln
   kiln inspect app.kiln --trust fleet.pub
   kiln push app.kiln --device dev-01 --sign fleet.key --broker mqtt://broker.lan:1883
+  kiln push app.wasm --group lab --version 2 --sign fleet.key     # compiled for the group's targets
   kiln rollout app.kiln --group lab --sign fleet.key --canary 1
   kiln devices
   kiln watch --device dev-01
@@ -38,6 +40,7 @@ pub enum Command {
     Inspect(InspectCommand),
     Targets(TargetsCommand),
     Conformance(ConformanceCommand),
+    Release(ReleaseCommand),
     Push(PushCommand),
     Devices(DevicesCommand),
     Watch(WatchCommand),
@@ -54,6 +57,7 @@ impl Command {
             Command::Inspect(c) => c.execute(),
             Command::Targets(c) => c.execute(),
             Command::Conformance(c) => c.execute(),
+            Command::Release(c) => c.execute(),
             Command::Push(c) => c.execute(),
             Command::Devices(c) => c.execute(),
             Command::Watch(c) => c.execute(),

@@ -23,4 +23,5 @@ pub mod conformance;
 pub mod exit;
 pub mod files;
 pub mod keyfile;
+pub mod release;
 pub mod targets;

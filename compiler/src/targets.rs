@@ -106,6 +106,25 @@ impl ResolvedTarget {
         })
     }
 
+    /// What to compile for a device that reports `triple` and `cpu_features`: the
+    /// profile of that triple whose baseline the device has, with the most features;
+    /// or the bare triple.
+    pub fn for_device(
+        triple: &str,
+        cpu_features: &[String],
+        profiles: &[TargetProfile],
+    ) -> Result<Self> {
+        let best = profiles
+            .iter()
+            .filter(|p| kiln_protocol::compat::same_target(&p.triple, triple))
+            .filter(|p| p.cpu_features.iter().all(|f| cpu_features.contains(f)))
+            .max_by_key(|p| p.cpu_features.len());
+        match best {
+            Some(p) => Self::resolve(&p.name, &[], profiles),
+            None => Self::resolve(triple, &[], profiles),
+        }
+    }
+
     pub fn wasmer_target(&self) -> Target {
         Target::new(
             self.triple.clone(),

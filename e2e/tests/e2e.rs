@@ -12,6 +12,7 @@ mod run;
 mod sandbox;
 mod service;
 mod telemetry;
+mod transfers;
 mod util;
 
 pub use kiln_e2e::DEVICES;

@@ -13,10 +13,11 @@ use kiln_compiler::commands::gc::GcCommand;
 use kiln_compiler::commands::push::PushCommand;
 use kiln_compiler::commands::rollout::RolloutCommand;
 use kiln_protocol::fleet::{
-    Chunk, Desired, Event, EventKind, Reported, Scope, SignedDesired, Topics, Upload,
-    DEFAULT_PREFIX,
+    sha256, Desired, Event, EventKind, Reported, Scope, SignedDesired, TargetArtifact, Topics,
+    Upload, DEFAULT_PREFIX,
 };
 use kiln_protocol::keys::SecretKey;
+use kiln_protocol::transfer::{Chunk, Codec, MAX_ARTIFACT};
 use rumqttc::{Client, MqttOptions, Packet, QoS};
 use serde_json::Value;
 
@@ -24,13 +25,13 @@ use crate::util::{eventually, path_str, shared, FleetDevice, Tmpfs};
 use kiln_e2e::mosquitto::{Broker, Pki};
 
 /// Every event and the latest reported state of a device, as the broker delivers them.
-struct Watch {
+pub(crate) struct Watch {
     events: Arc<Mutex<Vec<(String, u64, EventKind)>>>,
     reported: Arc<Mutex<Option<Reported>>>,
 }
 
 impl Watch {
-    fn start(broker: &Broker, device: &str) -> Self {
+    pub(crate) fn start(broker: &Broker, device: &str) -> Self {
         let topics = Topics::new(DEFAULT_PREFIX);
         let mut options =
             MqttOptions::new(format!("test-watch-{device}"), "127.0.0.1", broker.port);
@@ -64,11 +65,11 @@ impl Watch {
         Self { events, reported }
     }
 
-    fn events(&self) -> Vec<(String, u64, EventKind)> {
+    pub(crate) fn events(&self) -> Vec<(String, u64, EventKind)> {
         self.events.lock().unwrap().clone()
     }
 
-    fn wait_event(
+    pub(crate) fn wait_event(
         &self,
         limit: Duration,
         what: &str,
@@ -81,14 +82,14 @@ impl Watch {
         );
     }
 
-    fn wait_committed(&self, version: u64, limit: Duration) {
+    pub(crate) fn wait_committed(&self, version: u64, limit: Duration) {
         self.wait_event(limit, &format!("committed v{version}"), |(m, v, k)| {
             m == "app" && *v == version && *k == EventKind::Committed
         });
     }
 
     /// Waits until the reported state says `app` runs `version`.
-    fn wait_running(&self, version: u64, limit: Duration) {
+    pub(crate) fn wait_running(&self, version: u64, limit: Duration) {
         eventually(
             limit,
             || self.reported_app() == Some((version, "Running".into())),
@@ -110,13 +111,18 @@ impl Watch {
 }
 
 /// `kiln push` in-process, as the command line would run it.
-fn push(broker: &Broker, artifact: &Path, device: &str, extra: &[&str]) {
+pub(crate) fn push(broker: &Broker, artifact: &Path, device: &str, extra: &[&str]) {
     try_push(&broker.url(), artifact, ["--device", device], extra)
         .unwrap_or_else(|e| panic!("kiln push {} to {device}: {e:#}", artifact.display()));
 }
 
 /// `kiln push ARTIFACT --device D|--group G --sign fleet.key --broker URL EXTRA...`
-fn try_push(url: &str, artifact: &Path, to: [&str; 2], extra: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn try_push(
+    url: &str,
+    artifact: &Path,
+    to: [&str; 2],
+    extra: &[&str],
+) -> anyhow::Result<()> {
     let key = shared().key();
     let mut args = vec![
         "push",
@@ -135,7 +141,7 @@ fn try_push(url: &str, artifact: &Path, to: [&str; 2], extra: &[&str]) -> anyhow
 
 /// The app module at `version`: the sensor reactor, or (`crashing`) one that traps on
 /// its third tick.
-fn app(target: &str, version: u64, crashing: bool) -> PathBuf {
+pub(crate) fn app(target: &str, version: u64, crashing: bool) -> PathBuf {
     let source = if crashing {
         "fixtures/trap-tick.wat"
     } else {
@@ -146,7 +152,7 @@ fn app(target: &str, version: u64, crashing: bool) -> PathBuf {
 }
 
 /// A broker, a watch and a native device named `id` that has committed app v1.
-fn device_at_v1(id: &str, health: &[&str]) -> (Broker, Watch, FleetDevice) {
+pub(crate) fn device_at_v1(id: &str, health: &[&str]) -> (Broker, Watch, FleetDevice) {
     let broker = Broker::start();
     let watch = Watch::start(&broker, id);
     let mut device = FleetDevice::new("x86_64-linux", id, &broker);
@@ -255,13 +261,16 @@ fn an_offline_device_converges_and_a_broker_restart_mid_transfer_is_survived() {
         "100",
         "--chunk-size",
         "16384",
+        // Sent whole, so the chunks are the artifact's own bytes.
+        "--wire",
+        "raw",
     ];
     // Pushed while the device is off: desired state and chunks wait, retained.
     let v1 = app("x86_64-linux", 1, false);
     push(&broker, &v1, "dev-02", &health);
     // Clear two chunks, so the device can only get part of the transfer.
     let bytes = std::fs::read(&v1).unwrap();
-    let sha = kiln_protocol::fleet::ArtifactRef::of(&bytes, 16384).sha256;
+    let sha = sha256(&bytes);
     let topics = Topics::new(DEFAULT_PREFIX);
     let saved: Vec<(u32, Vec<u8>)> = [3u32, 9]
         .into_iter()
@@ -300,7 +309,14 @@ fn an_offline_device_converges_and_a_broker_restart_mid_transfer_is_survived() {
 
 #[test]
 fn bad_desired_states_and_chunks_are_rejected_and_the_running_module_untouched() {
-    let health = ["--health-window-ms", "1000", "--tick-ms", "100"];
+    let health = [
+        "--health-window-ms",
+        "1000",
+        "--tick-ms",
+        "100",
+        "--wire",
+        "raw",
+    ];
     let (broker, watch, mut device) = device_at_v1("dev-03", &health);
     let topics = Topics::new(DEFAULT_PREFIX);
     let desired_topic = topics.desired("dev-03");
@@ -338,15 +354,21 @@ fn bad_desired_states_and_chunks_are_rejected_and_the_running_module_untouched()
     });
 
     // An endless transfer: a signed desired state naming an artifact above the limit.
-    let mut huge = kiln_protocol::fleet::ArtifactRef::of(&[0u8; 1024], 1024);
-    huge.len = kiln_protocol::fleet::MAX_ARTIFACT + 1;
+    let (mut huge, _) = TargetArtifact::whole(
+        &[0u8; 1024],
+        "x86_64-unknown-linux-gnu",
+        Vec::new(),
+        Codec::Raw,
+        1024,
+    );
+    huge.len = MAX_ARTIFACT + 1;
     let oversized = Desired {
         scope: Scope::Device("dev-03".into()),
         serial: fresh_serial(),
         modules: vec![kiln_protocol::fleet::DesiredModule {
             name: "app".into(),
             version: 9,
-            artifact: huge,
+            artifacts: vec![huge],
             config: vec![],
             limits: Default::default(),
             allow_downgrade: false,
@@ -356,13 +378,13 @@ fn bad_desired_states_and_chunks_are_rejected_and_the_running_module_untouched()
     broker.publish_retained(&desired_topic, SignedDesired::sign(&oversized, &key));
     watch.wait_event(Duration::from_secs(10), "oversized", |(_, v, k)| {
         *v == 9
-            && matches!(k, EventKind::Rejected { reason } if reason.contains("(limit 67108864)"))
+            && matches!(k, EventKind::Rejected { reason } if reason.contains(&format!("(limit {MAX_ARTIFACT})")))
     });
 
     // A tampered chunk: v2's first chunk replaced before the device asks for it.
     let v2 = app("x86_64-linux", 2, false);
     let bytes = std::fs::read(&v2).unwrap();
-    let sha = kiln_protocol::fleet::ArtifactRef::of(&bytes, 65536).sha256;
+    let sha = sha256(&bytes);
     let mut evil = bytes[..65536].to_vec();
     evil[100] ^= 0xff;
     let tampered = postcard::to_stdvec(&Chunk::V1 {
@@ -464,7 +486,15 @@ fn rollout_hands_over_to_the_group_halts_at_a_canary_that_rolls_back_and_gc_remo
     let key = shared().key();
     let url = broker.url();
     let topics = Topics::new(DEFAULT_PREFIX);
-    let health = ["--health-window-ms", "1000", "--tick-ms", "100"];
+    // Sent whole, so gc's view of the broker is by artifact.
+    let health = [
+        "--health-window-ms",
+        "1000",
+        "--tick-ms",
+        "100",
+        "--wire",
+        "raw",
+    ];
     let rollout = |artifact: &Path| {
         let mut args = vec![
             "rollout",
@@ -538,8 +568,7 @@ fn rollout_hands_over_to_the_group_halts_at_a_canary_that_rolls_back_and_gc_remo
     }
 
     // v1 and v2 are referenced by nobody now.
-    let sha =
-        |p: &Path| kiln_protocol::fleet::ArtifactRef::of(&std::fs::read(p).unwrap(), 65536).sha256;
+    let sha = |p: &Path| sha256(&std::fs::read(p).unwrap());
     let (v1, v2) = (
         sha(&app("x86_64-linux", 1, false)),
         sha(&app("x86_64-linux", 2, true)),
@@ -728,17 +757,19 @@ fn oversized_retained_messages_are_reported_and_the_device_stays_connected() {
     });
     // A signed desired state whose first chunk is 3 MiB of junk.
     let bytes = std::fs::read(app("x86_64-linux", 2, false)).unwrap();
-    let artifact = kiln_protocol::fleet::ArtifactRef::of(&bytes, 4096);
-    for (n, data) in bytes.chunks(4096).enumerate().skip(1) {
-        let chunk = Chunk::V1 {
-            sha256: artifact.sha256,
-            index: n as u32,
-            data: data.to_vec(),
-        };
-        let topic = topics.chunk(&artifact.sha256, n as u32);
-        broker.publish_retained(&topic, postcard::to_stdvec(&chunk).unwrap());
+    let (artifact, transfer) = TargetArtifact::whole(
+        &bytes,
+        "x86_64-unknown-linux-gnu",
+        Vec::new(),
+        Codec::Raw,
+        4096,
+    );
+    let sha = transfer.transfer.sha256;
+    broker.publish_retained(&topics.list(&sha), transfer.list_message.clone());
+    for (n, chunk) in transfer.chunk_messages().skip(1) {
+        broker.publish_retained(&topics.chunk(&sha, n), chunk);
     }
-    broker.publish_retained(&topics.chunk(&artifact.sha256, 0), vec![1; 3 << 20]);
+    broker.publish_retained(&topics.chunk(&sha, 0), vec![1; 3 << 20]);
     let key = kiln_compiler::keyfile::read_secret(&shared().key()).unwrap();
     let desired = Desired {
         scope: Scope::Device("dev-big".into()),
@@ -746,7 +777,7 @@ fn oversized_retained_messages_are_reported_and_the_device_stays_connected() {
         modules: vec![kiln_protocol::fleet::DesiredModule {
             name: "app".into(),
             version: 2,
-            artifact,
+            artifacts: vec![artifact],
             config: Vec::new(),
             limits: Default::default(),
             allow_downgrade: false,
@@ -802,7 +833,7 @@ fn fleet_updates_commit_next_to_flooding_local_modules() {
     );
 }
 /// Everything retained under `filter`, read the way the fleet tool reads it.
-fn retained(url: &str, filter: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+pub(crate) fn retained(url: &str, filter: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
     let mut session = kiln_compiler::broker::Session::connect(
         &kiln_protocol::mqtt::Connect {
             broker: url.to_string(),
@@ -821,8 +852,7 @@ fn artifacts_on(url: &str) -> BTreeSet<[u8; 32]> {
     let topics = Topics::new(DEFAULT_PREFIX);
     retained(url, &topics.all_artifacts())
         .keys()
-        .filter_map(|t| topics.parse_chunk(t))
-        .map(|(sha, _)| sha)
+        .filter_map(|t| topics.parse_artifact(t))
         .collect()
 }
 
@@ -857,11 +887,12 @@ fn gc_keeps_the_chunks_of_an_upload_whose_desired_state_is_not_out_yet() {
             "1024",
         ])
         .unwrap();
-        let mut release = push.release.load().unwrap();
         let mut session = push.release.broker.connect().unwrap();
+        let scope = Scope::Device("nobody".into());
+        let mut release = push.release.load(&mut session, &scope).unwrap();
         release.upload(&mut session).unwrap();
         session.disconnect();
-        release.module.artifact.sha256
+        release.module.artifacts[0].full.sha256
     };
     let uploading = upload("compute.wat");
     let orphan = upload("fixtures/trap-tick.wat");
@@ -899,7 +930,7 @@ fn gc_keeps_the_chunks_of_an_upload_whose_desired_state_is_not_out_yet() {
 }
 
 /// Waits until `device`'s retained status says it is online.
-fn wait_online(url: &str, device: &str) {
+pub(crate) fn wait_online(url: &str, device: &str) {
     let topic = Topics::new(DEFAULT_PREFIX).status(device);
     eventually(
         Duration::from_secs(30),
@@ -1027,7 +1058,7 @@ fn a_read_only_or_full_data_dir_refuses_updates_and_the_committed_module_runs_on
 
 /// A serial above any that `kiln push` has used so far (it never goes below the time in
 /// milliseconds).
-fn fresh_serial() -> u64 {
+pub(crate) fn fresh_serial() -> u64 {
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -9,10 +9,11 @@ use std::path::Path;
 use kiln_protocol::abi::Level;
 use kiln_protocol::artifact;
 use kiln_protocol::fleet::{
-    ArtifactRef, Chunk, Desired, DesiredModule, DeviceFacts, Event, EventKind, ModuleLimits,
+    Desired, DesiredModule, DeviceFacts, Event, EventKind, ModuleLimits, TargetArtifact,
     ModuleReport, ModuleState, Reported, ReportedV1, Scope, SignedDesired, Status, StatusV1,
 };
 use kiln_protocol::manifest::Manifest;
+use kiln_protocol::transfer::{Chunk, Codec, Transfer};
 use kiln_protocol::telemetry::{
     Batch, BatchV1, Body, DeviceStats, Dropped, ModuleStats, Record, Started, Stopped,
 };
@@ -39,7 +40,16 @@ fn main() -> std::io::Result<()> {
     let module = DesiredModule {
         name: "sensor".into(),
         version: 3,
-        artifact: ArtifactRef::of(&[7u8; 3000], 1024),
+        artifacts: vec![
+            TargetArtifact::whole(
+                &[7u8; 3000],
+                "aarch64-unknown-linux-gnu",
+                vec!["neon".into()],
+                Codec::Zstd,
+                1024,
+            )
+            .0,
+        ],
         config: b"alpha=0.3".to_vec(),
         limits: ModuleLimits {
             tick_ms: Some(100),
@@ -69,6 +79,21 @@ fn main() -> std::io::Result<()> {
         data: vec![1, 2, 3, 4, 5, 6, 7, 8],
     };
     write("chunk", "small", &pc(&chunk))?;
+
+    // A selector byte (the declared length in KiB), then a base and a stream.
+    let base = [3u8; 2048];
+    let mut next = base.to_vec();
+    next[100] = 9;
+    let patch = Transfer::patch(&base, &next, 1024);
+    let whole = Transfer::full(&next, Codec::Zstd, 1024);
+    write("transfer", "list", &whole.list_message)?;
+    let mut seed = vec![2u8];
+    seed.extend(base.iter().take(1024));
+    seed.extend(&patch.stream);
+    write("transfer", "patch", &seed)?;
+    let mut seed = vec![2u8];
+    seed.extend(&whole.stream);
+    write("transfer", "zstd", &seed)?;
 
     let facts = DeviceFacts {
         triple: "aarch64-unknown-linux-gnu".into(),
@@ -283,6 +308,7 @@ fn main() -> std::io::Result<()> {
             args: vec!["sensor".into()],
             env: vec![("RUST_LOG".into(), "info".into())],
             dirs: vec![("/var/lib/kilnd/data/sensor".into(), "/data".into())],
+            expect: None,
         }))),
         ToWorker::V1(Request::Tick),
         ToWorker::V1(Request::Message {

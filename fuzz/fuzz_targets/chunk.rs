@@ -1,7 +1,7 @@
 //! A `Chunk` message from the broker, decoded as the device or `kiln` does.
 #![no_main]
 
-use kiln_protocol::fleet::Chunk;
+use kiln_protocol::transfer::Chunk;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

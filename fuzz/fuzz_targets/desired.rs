@@ -7,16 +7,16 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let trust = kiln_fuzz::trust();
-    if let Ok(desired) = SignedDesired::open(data, &trust) {
+    let opened = SignedDesired::open(data, &trust);
+    let peeked = SignedDesired::peek(data);
+    for desired in opened.into_iter().chain(peeked) {
         for m in &desired.modules {
-            let _ = m.artifact.check();
-        }
-    }
-    if let Ok(desired) = SignedDesired::peek(data) {
-        for m in &desired.modules {
-            if m.artifact.check().is_ok() {
-                let _ = m.artifact.chunk_len(m.artifact.chunks.len() as u32);
+            for a in &m.artifacts {
+                if a.check().is_ok() {
+                    let _ = a.transfer_from(Some([0; 32]), false);
+                }
             }
+            let _ = m.artifact_for("aarch64-unknown-linux-gnu", &["neon".into()]);
         }
     }
 });

@@ -8,41 +8,28 @@
 //! {prefix}/devices/{id}/reported      retained  Reported: what runs, per module
 //! {prefix}/devices/{id}/events                  Event: staged, verified, activated, ...
 //! {prefix}/devices/{id}/telemetry               telemetry batches
-//! {prefix}/artifacts/{sha256}/{n}     retained  Chunk n of an artifact
-//! {prefix}/uploads/{sha256}           retained  Upload: an artifact's chunks are going up
+//! {prefix}/artifacts/{sha256}/{n}     retained  Chunk n of a transfer (see `transfer`)
+//! {prefix}/artifacts/{sha256}/list    retained  The chunk list of a transfer
+//! {prefix}/uploads/{sha256}           retained  Upload: a transfer's chunks are going up
 //! ```
 
 use serde::{Deserialize, Serialize};
 
 use crate::keys::{KeyId, SecretKey, TrustedKeys};
+use crate::transfer::{Codec, Transfer, MAX_ARTIFACT};
 
 pub const DEFAULT_PREFIX: &str = "kiln/v1";
 
-/// Artifacts travel in chunks of this size unless the pusher says otherwise; with
-/// the per-chunk hashes in the desired state a 1 MiB artifact costs 512 bytes of hashes.
-pub const DEFAULT_CHUNK: u32 = 64 * 1024;
-
-/// Largest artifact a device accepts over MQTT, and the most chunks.
-pub const MAX_ARTIFACT: u64 = 64 * 1024 * 1024;
-pub const MAX_CHUNKS: u32 = 4096;
-
-/// Largest chunk a pusher may cut (`kiln push --chunk-size`), and so the largest chunk
-/// message a device takes: the data plus its small postcard header.
-pub const MAX_CHUNK: u32 = 1024 * 1024;
-const CHUNK_OVERHEAD: usize = 64;
-
-/// Largest signed desired state a device reads: room for the chunk hashes of several
-/// artifacts of the largest size, and far below any broker's message limit.
-pub const MAX_DESIRED: usize = 1024 * 1024;
+/// Largest signed desired state a device reads. Its size does not grow with the
+/// artifacts' (their chunk hashes are in chunk lists of their own), so this is room
+/// for many modules and targets, and stays below AWS IoT Core's 128 KB per publish.
+pub const MAX_DESIRED: usize = 120 * 1024;
 
 /// Limits a desired state may set, checked like the ones in `kilnd.toml`.
 pub const MAX_TICK_MS: u64 = 24 * 3600 * 1000;
 pub const MAX_TIMEOUT_MS: u64 = 3600 * 1000;
 
-pub fn sha256(bytes: &[u8]) -> [u8; 32] {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(bytes).into()
-}
+pub use crate::transfer::sha256;
 
 /// Where the broker is: `mqtt://host[:port]` (1883 by default) or, over TLS,
 /// `mqtts://host[:port]` (8883 by default).
@@ -135,6 +122,10 @@ impl Topics {
     pub fn all_artifacts(&self) -> String {
         format!("{}/artifacts/#", self.prefix)
     }
+    /// The chunk list of one transfer.
+    pub fn list(&self, sha256: &[u8; 32]) -> String {
+        format!("{}/artifacts/{}/list", self.prefix, hex::encode(sha256))
+    }
     /// The upload marker of one artifact.
     pub fn upload(&self, sha256: &[u8; 32]) -> String {
         format!("{}/uploads/{}", self.prefix, hex::encode(sha256))
@@ -161,6 +152,20 @@ impl Topics {
         let mut out = [0u8; 32];
         hex::decode_to_slice(sha, &mut out).ok()?;
         Some((out, n.parse().ok()?))
+    }
+
+    /// The transfer a chunk or chunk-list topic belongs to.
+    pub fn parse_artifact(&self, topic: &str) -> Option<[u8; 32]> {
+        let rest = topic
+            .strip_prefix(&self.prefix)?
+            .strip_prefix("/artifacts/")?;
+        let (sha, part) = rest.split_once('/')?;
+        if part != "list" && part.parse::<u32>().is_err() {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(sha, &mut out).ok()?;
+        Some(out)
     }
 
     /// The sha256 of an upload marker's topic.
@@ -195,7 +200,9 @@ pub struct DesiredModule {
     pub name: String,
     /// Must equal the artifact manifest's version.
     pub version: u64,
-    pub artifact: ArtifactRef,
+    /// The release: an artifact per target profile. A device takes the one for its
+    /// own triple and CPU features.
+    pub artifacts: Vec<TargetArtifact>,
     /// Bytes the module reads with `kiln.config_read`.
     pub config: Vec<u8>,
     pub limits: ModuleLimits,
@@ -236,78 +243,175 @@ impl ModuleLimits {
     }
 }
 
-/// Where an artifact's bytes are: `chunks.len()` retained chunks of `chunk_size`
-/// bytes (the last may be shorter), each with its own sha256.
+/// One target's artifact of a release, and the ways a device can fetch it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ArtifactRef {
+pub struct TargetArtifact {
+    /// The manifest's target: the device checks the artifact's own manifest again.
+    pub triple: String,
+    pub cpu_features: Vec<String>,
+    /// sha256 and length of the artifact itself, whatever travels.
     pub sha256: [u8; 32],
     pub len: u64,
-    pub chunk_size: u32,
-    pub chunks: Vec<[u8; 32]>,
+    /// The whole artifact (compressed or not).
+    pub full: Transfer,
+    /// Patches from versions devices hold (committed), by the base artifact's sha256.
+    pub patches: Vec<Patch>,
 }
 
-impl ArtifactRef {
-    /// Describes `bytes` split into `chunk_size` pieces.
-    pub fn of(bytes: &[u8], chunk_size: u32) -> Self {
-        use sha2::{Digest, Sha256};
-        Self {
-            sha256: Sha256::digest(bytes).into(),
-            len: bytes.len() as u64,
-            chunk_size,
-            chunks: bytes
-                .chunks(chunk_size.max(1) as usize)
-                .map(|c| Sha256::digest(c).into())
-                .collect(),
-        }
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Patch {
+    pub base: [u8; 32],
+    pub transfer: Transfer,
+}
+
+/// Most patches a target's entry may carry.
+pub const MAX_PATCHES: usize = 8;
+
+impl TargetArtifact {
+    /// The entry of `artifact` (built for `triple`) sent whole, without patches, and
+    /// its transfer to publish.
+    pub fn whole(
+        artifact: &[u8],
+        triple: &str,
+        cpu_features: Vec<String>,
+        codec: Codec,
+        chunk_size: u32,
+    ) -> (Self, crate::transfer::Prepared) {
+        let full = Transfer::full(artifact, codec, chunk_size);
+        let entry = Self {
+            triple: triple.into(),
+            cpu_features,
+            sha256: sha256(artifact),
+            len: artifact.len() as u64,
+            full: full.transfer.clone(),
+            patches: Vec::new(),
+        };
+        (entry, full)
     }
 
     /// Checks the description itself is sane before the device acts on it.
     pub fn check(&self) -> Result<(), String> {
-        let n = self.chunks.len() as u64;
         if self.len == 0 || self.len > MAX_ARTIFACT {
             return Err(format!(
                 "artifact of {} bytes (limit {MAX_ARTIFACT})",
                 self.len
             ));
         }
-        if self.chunk_size == 0 || self.chunk_size > MAX_CHUNK || n > u64::from(MAX_CHUNKS) {
-            return Err(format!("{n} chunks of {} bytes", self.chunk_size));
-        }
-        if n != self.len.div_ceil(u64::from(self.chunk_size)) {
+        if self.patches.len() > MAX_PATCHES {
             return Err(format!(
-                "{n} chunk hashes for {} bytes in chunks of {}",
-                self.len, self.chunk_size
+                "{} patches (limit {MAX_PATCHES})",
+                self.patches.len()
             ));
+        }
+        if self.full.codec == Codec::ZstdPatch {
+            return Err("the full transfer is a patch".into());
+        }
+        self.full.check(self.len)?;
+        for p in &self.patches {
+            if p.transfer.codec != Codec::ZstdPatch {
+                return Err(format!(
+                    "a {} transfer listed as a patch",
+                    p.transfer.codec.name()
+                ));
+            }
+            p.transfer.check(self.len)?;
         }
         Ok(())
     }
 
-    /// Expected length of chunk `n`.
-    pub fn chunk_len(&self, n: u32) -> u64 {
-        let start = u64::from(n) * u64::from(self.chunk_size);
-        self.len
-            .saturating_sub(start)
-            .min(u64::from(self.chunk_size))
+    /// The transfer to fetch: a patch from `base` (the committed artifact) if there is
+    /// one and patches are not `excluded`, else the full artifact.
+    pub fn transfer_from(
+        &self,
+        base: Option<[u8; 32]>,
+        excluded: bool,
+    ) -> (&Transfer, Option<[u8; 32]>) {
+        match self.patches.iter().find(|p| Some(p.base) == base) {
+            Some(p) if !excluded => (&p.transfer, Some(p.base)),
+            _ => (&self.full, None),
+        }
+    }
+}
+
+impl DesiredModule {
+    /// The release's artifact for a device of `triple` with `cpu_features`, or why it
+    /// has none.
+    pub fn artifact_for(
+        &self,
+        triple: &str,
+        cpu_features: &[String],
+    ) -> Result<&TargetArtifact, String> {
+        let same = |a: &&TargetArtifact| crate::compat::same_target(&a.triple, triple);
+        let fits = |a: &&TargetArtifact| a.cpu_features.iter().all(|f| cpu_features.contains(f));
+        // The most specific artifact this device can run: the one needing the most
+        // features it has.
+        let best = self
+            .artifacts
+            .iter()
+            .filter(same)
+            .filter(fits)
+            .max_by_key(|a| a.cpu_features.len());
+        best.ok_or_else(|| {
+            let has: Vec<String> = self
+                .artifacts
+                .iter()
+                .map(|a| match a.cpu_features.is_empty() {
+                    true => a.triple.clone(),
+                    false => format!("{}+{}", a.triple, a.cpu_features.join("+")),
+                })
+                .collect();
+            format!(
+                "release {} v{} has no artifact for this {triple} device (it has: {})",
+                self.name,
+                self.version,
+                if has.is_empty() {
+                    "none".into()
+                } else {
+                    has.join(", ")
+                }
+            )
+        })
     }
 }
 
 /// The desired state as it travels: the postcard body and a signature over it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SignedDesired {
+    /// The format of kiln 0.1 (one artifact per module, chunk hashes inline): read
+    /// only to say that it is no longer read.
     V1 {
+        body: Vec<u8>,
+        key_id: [u8; 8],
+        signature: Vec<u8>,
+    },
+    V2 {
         body: Vec<u8>,
         key_id: [u8; 8],
         signature: Vec<u8>,
     },
 }
 
-const DESIRED_CONTEXT: &[u8] = b"kiln desired v1\0";
+const DESIRED_CONTEXT: &[u8] = b"kiln desired v2\0";
+
+/// The body and signature of a current-format desired state.
+fn unwrap_v2(bytes: &[u8]) -> Result<(Vec<u8>, [u8; 8], Vec<u8>), String> {
+    match postcard::from_bytes(bytes).map_err(|e| format!("malformed desired state: {e}"))? {
+        SignedDesired::V2 {
+            body,
+            key_id,
+            signature,
+        } => Ok((body, key_id, signature)),
+        SignedDesired::V1 { .. } => Err(
+            "desired state in kiln 0.1's format (one artifact per module), which this kilnd no longer reads; push the release again with a current kiln".into(),
+        ),
+    }
+}
 
 impl SignedDesired {
     pub fn sign(desired: &Desired, key: &SecretKey) -> Vec<u8> {
         let body = postcard::to_stdvec(desired).unwrap_or_default();
         let signature = key.sign(&[DESIRED_CONTEXT, &body].concat()).to_vec();
-        postcard::to_stdvec(&SignedDesired::V1 {
+        postcard::to_stdvec(&SignedDesired::V2 {
             body,
             key_id: key.public().id().0,
             signature,
@@ -317,11 +421,7 @@ impl SignedDesired {
 
     /// Decodes and verifies a retained desired-state payload.
     pub fn open(bytes: &[u8], trust: &TrustedKeys) -> Result<Desired, String> {
-        let SignedDesired::V1 {
-            body,
-            key_id,
-            signature,
-        } = postcard::from_bytes(bytes).map_err(|e| format!("malformed desired state: {e}"))?;
+        let (body, key_id, signature) = unwrap_v2(bytes)?;
         let key = trust
             .find(KeyId(key_id))
             .ok_or_else(|| format!("desired state signed by untrusted key {}", KeyId(key_id)))?;
@@ -343,41 +443,8 @@ impl SignedDesired {
     /// The body without checking the signature: for tools that only look (which
     /// artifacts are still referenced), never for acting on it.
     pub fn peek(bytes: &[u8]) -> Result<Desired, String> {
-        let SignedDesired::V1 { body, .. } =
-            postcard::from_bytes(bytes).map_err(|e| format!("malformed desired state: {e}"))?;
+        let (body, ..) = unwrap_v2(bytes)?;
         postcard::from_bytes(&body).map_err(|e| format!("malformed desired state body: {e}"))
-    }
-}
-
-/// One retained chunk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Chunk {
-    V1 {
-        sha256: [u8; 32],
-        index: u32,
-        data: Vec<u8>,
-    },
-}
-
-impl Chunk {
-    /// Decodes a chunk of `artifact` (size bounded before decoding): its index and data.
-    /// The caller checks the data against the chunk's own hash.
-    pub fn open(payload: &[u8], artifact: &ArtifactRef) -> Result<(u32, Vec<u8>), String> {
-        let limit = artifact.chunk_size as usize + CHUNK_OVERHEAD;
-        if payload.len() > limit {
-            return Err(format!("{} bytes (limit {limit})", payload.len()));
-        }
-        match postcard::from_bytes(payload).map_err(|e| format!("malformed: {e}"))? {
-            Chunk::V1 {
-                sha256,
-                index,
-                data,
-            } if sha256 == artifact.sha256 => Ok((index, data)),
-            Chunk::V1 { sha256, index, .. } => Err(format!(
-                "carries chunk {index} of {}, not this one",
-                hex::encode(&sha256[..6])
-            )),
-        }
     }
 }
 
@@ -452,13 +519,24 @@ pub struct EventV1 {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventKind {
-    Downloading { have: u32, total: u32 },
+    Downloading {
+        have: u32,
+        total: u32,
+    },
     Staged,
     Verified,
     Activated,
     Committed,
-    RolledBack { reason: String },
-    Rejected { reason: String },
+    RolledBack {
+        reason: String,
+    },
+    Rejected {
+        reason: String,
+    },
+    /// A patch did not give the artifact; the device fetches it whole.
+    FellBack {
+        reason: String,
+    },
 }
 
 impl EventKind {
@@ -471,6 +549,7 @@ impl EventKind {
             EventKind::Committed => "committed",
             EventKind::RolledBack { .. } => "rolled-back",
             EventKind::Rejected { .. } => "rejected",
+            EventKind::FellBack { .. } => "fell-back",
         }
     }
 }
@@ -483,6 +562,9 @@ impl std::fmt::Display for EventKind {
             }
             EventKind::RolledBack { reason } => write!(f, "rolled back: {reason}"),
             EventKind::Rejected { reason } => write!(f, "rejected: {reason}"),
+            EventKind::FellBack { reason } => {
+                write!(f, "fetching the full artifact: {reason}")
+            }
             other => f.write_str(other.name()),
         }
     }
@@ -513,12 +595,25 @@ mod tests {
             modules: vec![DesiredModule {
                 name: "app".into(),
                 version: 2,
-                artifact: ArtifactRef::of(&[7u8; 100_000], DEFAULT_CHUNK),
+                artifacts: vec![target("aarch64-unknown-linux-gnu", &["neon"], 7)],
                 config: b"alpha=0.3".to_vec(),
                 limits: ModuleLimits::default(),
                 allow_downgrade: false,
                 health_window_ms: 5000,
             }],
+        }
+    }
+
+    fn target(triple: &str, features: &[&str], seed: u8) -> TargetArtifact {
+        let bytes = [seed; 100_000];
+        let full = Transfer::full(&bytes, Codec::Zstd, crate::transfer::DEFAULT_CHUNK);
+        TargetArtifact {
+            triple: triple.into(),
+            cpu_features: features.iter().map(|f| f.to_string()).collect(),
+            sha256: sha256(&bytes),
+            len: bytes.len() as u64,
+            full: full.transfer,
+            patches: Vec::new(),
         }
     }
 
@@ -544,14 +639,77 @@ mod tests {
     }
 
     #[test]
-    fn artifact_refs_describe_their_chunks() {
-        let r = ArtifactRef::of(&[1u8; 150_000], DEFAULT_CHUNK);
-        assert_eq!(r.chunks.len(), 3);
-        assert_eq!(r.chunk_len(2), 150_000 - 2 * 65_536);
-        assert_eq!(r.check(), Ok(()));
-        let mut bad = r.clone();
-        bad.chunks.pop();
+    fn a_device_takes_the_most_specific_artifact_it_can_run_or_says_why_none() {
+        let mut m = desired().modules.remove(0);
+        m.artifacts = vec![
+            target("x86_64-unknown-linux-gnu", &[], 1),
+            target("x86_64-unknown-linux-gnu", &["avx2", "bmi2"], 2),
+            target("riscv64gc-unknown-linux-gnu", &[], 3),
+        ];
+        let x86 = |features: &[&str]| {
+            let f: Vec<String> = features.iter().map(|s| s.to_string()).collect();
+            m.artifact_for("x86_64-unknown-linux-musl", &f)
+                .map(|a| a.cpu_features.len())
+        };
+        assert_eq!(x86(&["avx2", "bmi2", "sse4.2"]), Ok(2));
+        assert_eq!(x86(&["avx2"]), Ok(0));
+        let why = m
+            .artifact_for("aarch64-unknown-linux-gnu", &[])
+            .unwrap_err();
+        assert_eq!(
+            why,
+            "release app v2 has no artifact for this aarch64-unknown-linux-gnu device (it has: x86_64-unknown-linux-gnu, x86_64-unknown-linux-gnu+avx2+bmi2, riscv64gc-unknown-linux-gnu)"
+        );
+        let t = &m.artifacts[0];
+        assert_eq!(t.check(), Ok(()));
+        let patch = Patch {
+            base: [9; 32],
+            transfer: Transfer::patch(&[1; 90_000], &[1; 100_000], 4096).transfer,
+        };
+        let mut t = t.clone();
+        t.patches.push(patch);
+        assert_eq!(t.check(), Ok(()));
+        assert_eq!(t.transfer_from(Some([9; 32]), false).1, Some([9; 32]));
+        assert_eq!(t.transfer_from(Some([9; 32]), true).1, None);
+        assert_eq!(t.transfer_from(Some([8; 32]), false).0, &t.full);
+        let mut bad = t.clone();
+        bad.patches[0].transfer.codec = Codec::Zstd;
         assert!(bad.check().is_err());
+        let mut huge = t.clone();
+        huge.len = MAX_ARTIFACT + 1;
+        assert!(huge.check().is_err());
+    }
+
+    #[test]
+    fn a_desired_state_stays_small_whatever_the_artifact_size() {
+        // 120 MB of artifact, raw: still a few hundred bytes of desired state.
+        let mut d = desired();
+        let t = &mut d.modules[0].artifacts[0];
+        t.len = 120 << 20;
+        t.full = Transfer {
+            codec: Codec::Raw,
+            sha256: [3; 32],
+            len: 120 << 20,
+            chunk_size: 64 << 10,
+            list: [4; 32],
+        };
+        assert_eq!(t.check(), Ok(()));
+        let key = SecretKey::generate().unwrap();
+        assert!(SignedDesired::sign(&d, &key).len() < 512);
+    }
+
+    #[test]
+    fn a_desired_state_of_kiln_0_1_is_refused_by_name() {
+        let old = postcard::to_stdvec(&SignedDesired::V1 {
+            body: vec![1, 2, 3],
+            key_id: [0; 8],
+            signature: vec![0; 64],
+        })
+        .unwrap();
+        let trust = TrustedKeys::new(vec![]);
+        assert!(SignedDesired::open(&old, &trust)
+            .unwrap_err()
+            .contains("kiln 0.1's format"));
     }
 
     #[test]
@@ -581,6 +739,13 @@ mod tests {
         assert_eq!(t.parse_upload(&upload), Some(sha));
         assert_eq!(t.parse_upload(&chunk), None);
         assert_eq!(t.parse_upload("kiln/v1/uploads/abcd"), None);
+        assert_eq!(t.parse_artifact(&t.list(&sha)), Some(sha));
+        assert_eq!(t.parse_artifact(&chunk), Some(sha));
+        assert_eq!(t.parse_chunk(&t.list(&sha)), None);
+        assert_eq!(
+            t.parse_artifact(&format!("kiln/v1/artifacts/{}/x", hex::encode(sha))),
+            None
+        );
         assert_eq!(t.all_uploads(), "kiln/v1/uploads/+");
     }
 

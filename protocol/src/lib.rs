@@ -30,6 +30,7 @@ pub mod names;
 pub mod script;
 pub mod target;
 pub mod telemetry;
+pub mod transfer;
 pub mod worker;
 
 /// Version of the `kiln` host ABI (import module `kiln`) this build implements.

@@ -7,10 +7,11 @@
 use std::io::Cursor;
 
 use kiln_protocol::artifact::{self, ArtifactError, Envelope, MAGIC};
-use kiln_protocol::fleet::{Chunk, Event, Reported, SignedDesired, Status};
+use kiln_protocol::fleet::{Event, Reported, SignedDesired, Status};
 use kiln_protocol::keys::{SecretKey, TrustedKeys};
 use kiln_protocol::manifest::Manifest;
 use kiln_protocol::telemetry::{self, Batch, Dropped, Tracker, MAX_RANGES, MAX_STREAMS};
+use kiln_protocol::transfer::Chunk;
 use kiln_protocol::worker::{read_frame, FromWorker, ToWorker, MAX_FRAME};
 
 /// The fuzz targets' fixed key (fuzz/src/lib.rs).

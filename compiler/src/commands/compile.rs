@@ -1,14 +1,16 @@
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use clap::Parser;
+use clap::{Args, Parser};
 
 use kiln_protocol::atomic::write_atomically;
+use kiln_protocol::keys::SecretKey;
 use kiln_protocol::manifest::{parse_memory_size, CompileSettings};
 use kiln_protocol::names::{self, Kind};
+use kiln_protocol::target::TargetProfile;
 
 use crate::aot::{self, AotError, CompileOptions};
 use crate::commands::valid_name;
@@ -47,23 +49,35 @@ pub struct CompileCommand {
     #[arg(long, value_name = "KEY")]
     pub sign: PathBuf,
 
-    /// Module name recorded in the manifest [default: input file stem]
-    #[arg(long)]
-    pub name: Option<String>,
-
-    /// Module version (monotonic; devices refuse to roll back to a lower one)
-    #[arg(long, default_value_t = 1)]
-    pub version: u64,
-
-    /// Compile in wasmer metering with this many fuel points per call (one per
-    /// operator); running out is a clean trap the device reports
-    #[arg(long, value_name = "POINTS", value_parser = clap::value_parser!(u64).range(1..))]
-    pub fuel: Option<u64>,
+    #[command(flatten)]
+    pub build: BuildArgs,
 
     /// Default cap on the module's linear memory: pages (64 KiB each) or a size such
     /// as 16MiB; a deployment may set its own
     #[arg(long, value_name = "PAGES|SIZE", value_parser = parse_memory_size)]
     pub memory_limit: Option<u32>,
+
+    /// Artifact to write
+    #[arg(short, long, value_name = "OUTPUT")]
+    pub output: PathBuf,
+}
+
+/// How a module is compiled, whatever the target: what `compile`, `release` and a
+/// `push` of a .wasm share.
+#[derive(Args, Debug, Clone, Default)]
+pub struct BuildArgs {
+    /// Module name recorded in the manifest [default: input file stem]
+    #[arg(long)]
+    pub name: Option<String>,
+
+    /// Module version (monotonic; devices refuse to roll back to a lower one) [default: 1]
+    #[arg(long)]
+    pub version: Option<u64>,
+
+    /// Compile in wasmer metering with this many fuel points per call (one per
+    /// operator); running out is a clean trap the device reports
+    #[arg(long, value_name = "POINTS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub fuel: Option<u64>,
 
     /// Check every memory access in code instead of reserving 8 GiB of address space
     /// per instance: instances start faster (much faster under qemu-user 7.x), and
@@ -71,95 +85,114 @@ pub struct CompileCommand {
     #[arg(long)]
     pub bounds_checks: bool,
 
-    /// Artifact to write
-    #[arg(short, long, value_name = "OUTPUT")]
-    pub output: PathBuf,
-
     /// Read target profiles from this folder instead of the built-in ones
     #[arg(long, value_name = "DIR", env = "KILN_TARGETS_DIR")]
     pub targets_dir: Option<PathBuf>,
 }
 
-impl CompileCommand {
-    pub fn execute(self) -> Result<()> {
-        // The name becomes a topic level and a file name on every device: refuse a bad
-        // one before any work is done.
-        let name = match &self.name {
-            Some(name) => {
-                valid_name(Kind::Module, name)?;
-                name.clone()
-            }
-            None => {
-                let stem = self
-                    .input
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .ok_or_else(|| {
-                        coded(
-                            Code::Usage,
-                            anyhow!(
-                                "cannot derive a module name from `{}`; pass --name",
-                                self.input.display()
-                            ),
-                        )
-                    })?;
-                names::check(Kind::Module, &stem).map_err(|e| {
-                    coded(
-                        Code::Usage,
-                        anyhow!("input `{}`: {e}; pass --name", self.input.display()),
-                    )
-                })?;
-                stem
-            }
-        };
-        let profiles =
-            targets::load(self.targets_dir.as_deref()).map_err(|e| coded(Code::InvalidInput, e))?;
-        let target = ResolvedTarget::resolve(&self.target, &self.cpu_features, &profiles)
-            .map_err(|e| coded(Code::Usage, e))?;
-        let key = keyfile::read_secret(&self.sign).map_err(|e| coded(Code::Key, e))?;
-        let source = fs::read(&self.input)
-            .with_context(|| format!("cannot read `{}`", self.input.display()))
-            .map_err(|e| coded(Code::NoInput, e))?;
+impl BuildArgs {
+    /// `--name`, or the input's file stem; checked before any work is done, since it
+    /// becomes a topic level and a file name on every device.
+    pub fn module_name(&self, input: &Path) -> Result<String> {
+        if let Some(name) = &self.name {
+            valid_name(Kind::Module, name)?;
+            return Ok(name.clone());
+        }
+        let stem = input
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .ok_or_else(|| {
+                coded(
+                    Code::Usage,
+                    anyhow!(
+                        "cannot derive a module name from `{}`; pass --name",
+                        input.display()
+                    ),
+                )
+            })?;
+        names::check(Kind::Module, &stem).map_err(|e| {
+            coded(
+                Code::Usage,
+                anyhow!("input `{}`: {e}; pass --name", input.display()),
+            )
+        })?;
+        Ok(stem)
+    }
+
+    pub fn profiles(&self) -> Result<Vec<TargetProfile>> {
+        targets::load(self.targets_dir.as_deref()).map_err(|e| coded(Code::InvalidInput, e))
+    }
+
+    /// Compiles `source` (read from `input`) for `target`, with a progress meter.
+    pub fn compile(
+        &self,
+        input: &Path,
+        source: &[u8],
+        target: ResolvedTarget,
+        memory_limit: Option<u32>,
+        key: &SecretKey,
+    ) -> Result<aot::Compiled> {
         let opts = CompileOptions {
             target,
-            name,
-            version: self.version,
+            name: self.module_name(input)?,
+            version: self.version.unwrap_or(1),
             created_at: source_date_epoch()?,
             settings: CompileSettings {
                 metering: self.fuel,
-                memory_limit_pages: self.memory_limit,
+                memory_limit_pages: memory_limit,
             },
             bounds_checks: self.bounds_checks,
         };
         let meter = Arc::new(Meter::new(format!(
             "compiling {} for {}",
-            self.input.display(),
+            input.display(),
             opts.target.label()
         )));
         let report = meter.clone();
         let progress: aot::Progress = Arc::new(move |done, total| report.show(done, total));
-        let compiled = aot::compile_with_progress(&source, &opts, &key, Some(progress));
+        let compiled = aot::compile_with_progress(source, &opts, key, Some(progress));
         meter.finish();
-        let compiled = compiled.map_err(|e| {
+        compiled.map_err(|e| {
             let code = match e {
                 AotError::Parse(_) | AotError::Compile(_) => Code::InvalidInput,
                 _ => Code::Failure,
             };
             coded(
                 code,
-                anyhow!(e).context(format!("cannot compile `{}`", self.input.display())),
+                anyhow!(e).context(format!("cannot compile `{}`", input.display())),
             )
-        })?;
+        })
+    }
+}
+
+/// Reads a module to compile.
+pub fn read_source(input: &Path) -> Result<Vec<u8>> {
+    fs::read(input)
+        .with_context(|| format!("cannot read `{}`", input.display()))
+        .map_err(|e| coded(Code::NoInput, e))
+}
+
+impl CompileCommand {
+    pub fn execute(self) -> Result<()> {
+        self.build.module_name(&self.input)?;
+        let profiles = self.build.profiles()?;
+        let target = ResolvedTarget::resolve(&self.target, &self.cpu_features, &profiles)
+            .map_err(|e| coded(Code::Usage, e))?;
+        let key = keyfile::read_secret(&self.sign).map_err(|e| coded(Code::Key, e))?;
+        let source = read_source(&self.input)?;
+        let label = target.label();
+        let features = target.feature_names();
+        let compiled = self
+            .build
+            .compile(&self.input, &source, target, self.memory_limit, &key)?;
         write_atomically(&self.output, &compiled.bytes)
             .with_context(|| format!("cannot write `{}`", self.output.display()))
             .map_err(|e| coded(Code::CannotWrite, e))?;
-        let features = opts.target.feature_names();
         let seconds = compiled.compile_time.as_secs_f64();
         eprintln!(
-            "compiled {} -> {} for {}{}: wasm {} -> artifact {} in {:.2}s ({} of wasm on {} threads), signed by key {}",
+            "compiled {} -> {} for {label}{}: wasm {} -> artifact {} in {:.2}s ({} of wasm on {} threads), signed by key {}",
             self.input.display(),
             self.output.display(),
-            opts.target.label(),
             if features.is_empty() {
                 String::new()
             } else {

@@ -121,7 +121,7 @@ impl GcCommand {
             .map_err(unavailable)?;
         let mut by_artifact: BTreeMap<[u8; 32], (Vec<String>, u64)> = BTreeMap::new();
         for (topic, payload) in &chunks {
-            let Some((sha, _)) = topics.parse_chunk(topic) else {
+            let Some(sha) = topics.parse_artifact(topic) else {
                 continue;
             };
             let entry = by_artifact.entry(sha).or_default();
@@ -140,7 +140,13 @@ impl GcCommand {
         let mut referenced = BTreeSet::new();
         for (topic, payload) in &desired {
             match SignedDesired::peek(payload) {
-                Ok(d) => referenced.extend(d.modules.iter().map(|m| m.artifact.sha256)),
+                // Every transfer of every target: the whole artifact and its patches.
+                Ok(d) => {
+                    referenced.extend(d.modules.iter().flat_map(|m| &m.artifacts).flat_map(|a| {
+                        let patches = a.patches.iter().map(|p| p.transfer.sha256);
+                        std::iter::once(a.full.sha256).chain(patches)
+                    }))
+                }
                 Err(e) => {
                     // An unreadable desired state might reference anything: keep all.
                     eprintln!("gc: {topic}: {e}; removing nothing");

@@ -8,6 +8,7 @@ pub mod gc;
 pub mod inspect;
 pub mod keygen;
 pub mod push;
+pub mod release;
 pub mod rollout;
 pub mod targets;
 pub mod watch;

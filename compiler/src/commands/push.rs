@@ -1,24 +1,25 @@
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser};
-use kiln_protocol::artifact::Envelope;
 use kiln_protocol::fleet::{
-    ArtifactRef, Chunk, Desired, DesiredModule, Event, EventKind, ModuleLimits, Reported, Scope,
-    SignedDesired, Status, Topics, Upload, DEFAULT_CHUNK,
+    Desired, DesiredModule, DeviceFacts, Event, EventKind, ModuleLimits, Reported, Scope,
+    SignedDesired, Status, Topics, MAX_DESIRED,
 };
 use kiln_protocol::keys::{SecretKey, TrustedKeys};
-use kiln_protocol::manifest::{parse_memory_size, Manifest};
+use kiln_protocol::manifest::parse_memory_size;
 use kiln_protocol::names::Kind;
+use kiln_protocol::transfer::DEFAULT_CHUNK;
 
 use crate::broker::{now_ms, BrokerArgs, Session};
-use crate::commands::compile::human_size;
+use crate::commands::compile::{human_size, BuildArgs};
 use crate::commands::valid_name;
 use crate::exit::{coded, Code};
 use crate::keyfile;
+use crate::release::{decode_file, read_input, verify_all, Entry, Release, Wire, FILE_MAGIC};
+use crate::targets::ResolvedTarget;
 
 const AFTER_HELP: &str = "\
 Chunks go to retained topics under artifacts/{sha256}/, then the signed desired state
@@ -48,14 +49,21 @@ pub struct PushCommand {
     pub release: ReleaseArgs,
 }
 
-/// What `push` and `rollout` share: the artifact, the key, the broker, and how the
+/// What `push` and `rollout` share: the release, the key, the broker, and how the
 /// module should run.
 #[derive(Args, Debug)]
 pub struct ReleaseArgs {
-    /// Artifact built by `kiln compile`
-    #[arg(value_name = "ARTIFACT")]
-    pub artifact: PathBuf,
-    /// Secret key that signs the desired state (and signed the artifact)
+    /// Artifacts built by `kiln compile` (one per target), a release file from
+    /// `kiln release`, or a .wasm/.wat module to compile here for each target
+    #[arg(value_name = "INPUT", required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// For a .wasm/.wat input: a target profile or triple to compile for (repeatable);
+    /// without it, every target the devices online in the group or device report
+    #[arg(long = "target", value_name = "PROFILE|TRIPLE")]
+    pub targets: Vec<String>,
+    #[command(flatten)]
+    pub build: BuildArgs,
+    /// Secret key that signs the desired state (and signed the artifacts)
     #[arg(long, value_name = "KEY")]
     pub sign: PathBuf,
     #[command(flatten)]
@@ -82,39 +90,69 @@ pub struct ReleaseArgs {
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_CHUNK,
           value_parser = clap::value_parser!(u32).range(1024..=1_048_576))]
     pub chunk_size: u32,
-}
-
-/// A release ready to go out: the verified artifact and its desired-state entry.
-pub struct Release {
-    pub key: SecretKey,
-    pub manifest: Manifest,
-    pub bytes: Vec<u8>,
-    pub module: DesiredModule,
-    pub topics: Topics,
+    /// How artifacts travel
+    #[arg(long, value_enum, default_value_t = Wire::Zstd)]
+    pub wire: Wire,
+    /// Send whole artifacts only: no patches from the versions devices run
+    #[arg(long)]
+    pub no_delta: bool,
 }
 
 impl ReleaseArgs {
-    pub fn load(&self) -> Result<Release> {
+    /// Reads, verifies (or compiles) and prepares the release for `scope`.
+    pub fn load(&self, session: &mut Session, scope: &Scope) -> Result<Release> {
         let key = keyfile::read_secret(&self.sign).map_err(|e| coded(Code::Key, e))?;
-        let trust = TrustedKeys::new(vec![key.public()]);
-        let file = self.artifact.display();
-        let bytes = std::fs::read(&self.artifact)
-            .with_context(|| format!("cannot read `{file}`"))
-            .map_err(|e| coded(Code::NoInput, e))?;
-        // The fleet must never be asked to run what this key did not sign.
-        let manifest = Envelope::parse(&bytes)
-            .and_then(|e| e.verify(&trust))
-            .map(|v| v.manifest)
-            .map_err(|e| coded(Code::InvalidInput, anyhow!("artifact `{file}`: {e}")))?;
-        let config = match &self.config {
-            Some(path) => read_config(path)?,
-            None => Vec::new(),
-        };
-        let module = DesiredModule {
-            name: manifest.name.clone(),
-            version: manifest.version,
-            artifact: ArtifactRef::of(&bytes, self.chunk_size),
-            config,
+        let topics = self.broker.topics();
+        let mut artifacts = Vec::new();
+        let mut sources = Vec::new();
+        for input in &self.inputs {
+            let bytes = read_input(input)?;
+            let file = input.display().to_string();
+            let text = input.extension().is_some_and(|e| e == "wat");
+            if bytes.starts_with(FILE_MAGIC) {
+                let inner = decode_file(&bytes)
+                    .map_err(|e| coded(Code::InvalidInput, anyhow!("`{file}`: {e}")))?;
+                let n = inner.len();
+                artifacts.extend(
+                    inner
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, a)| (format!("{} of {n} in `{file}`", i + 1), a)),
+                );
+            } else if bytes.starts_with(b"\0asm") || text {
+                sources.push((input.clone(), bytes));
+            } else {
+                artifacts.push((format!("`{file}`"), bytes));
+            }
+        }
+        match (sources.len(), artifacts.is_empty()) {
+            (0, _) => {}
+            (1, true) => {
+                let (input, source) = sources.remove(0);
+                let targets = self.compile_targets(session, &topics, scope)?;
+                for target in targets {
+                    let label = target.label();
+                    let c = self.build.compile(&input, &source, target, None, &key)?;
+                    eprintln!(
+                        "compiled {} for {label}: artifact {} in {:.2}s",
+                        input.display(),
+                        human_size(c.bytes.len() as u64),
+                        c.compile_time.as_secs_f64()
+                    );
+                    artifacts.push((format!("{} for {label}", input.display()), c.bytes));
+                }
+            }
+            _ => bail!(coded(
+                Code::Usage,
+                anyhow!("give one .wasm/.wat module, or artifacts and release files, not both")
+            )),
+        }
+        let built = verify_all(artifacts, &key)?;
+        let entry = Entry {
+            config: match &self.config {
+                Some(path) => read_config(path)?,
+                None => Vec::new(),
+            },
             limits: ModuleLimits {
                 tick_ms: self.tick_ms,
                 memory_limit_pages: self.memory_limit,
@@ -123,14 +161,49 @@ impl ReleaseArgs {
             },
             allow_downgrade: self.allow_downgrade,
             health_window_ms: self.health_window_ms,
+            chunk_size: self.chunk_size,
+            wire: self.wire,
+            delta: !self.no_delta,
         };
-        Ok(Release {
-            key,
-            manifest,
-            bytes,
-            module,
-            topics: self.broker.topics(),
-        })
+        Release::prepare(session, &topics, key, built, entry, scope)
+    }
+
+    /// `--target`, or the targets the devices of `scope` report: for each, the stock
+    /// profile of its triple with the most CPU features it has.
+    fn compile_targets(
+        &self,
+        session: &mut Session,
+        topics: &Topics,
+        scope: &Scope,
+    ) -> Result<Vec<ResolvedTarget>> {
+        let profiles = self.build.profiles()?;
+        if !self.targets.is_empty() {
+            return self
+                .targets
+                .iter()
+                .map(|t| {
+                    ResolvedTarget::resolve(t, &[], &profiles).map_err(|e| coded(Code::Usage, e))
+                })
+                .collect();
+        }
+        let mut targets: Vec<ResolvedTarget> = Vec::new();
+        for facts in device_facts(session, topics, scope)? {
+            let target = ResolvedTarget::for_device(&facts.triple, &facts.cpu_features, &profiles)
+                .map_err(|e| coded(Code::InvalidInput, e))?;
+            if !targets.iter().any(|t| t.label() == target.label()) {
+                targets.push(target);
+            }
+        }
+        if targets.is_empty() {
+            bail!(coded(
+                Code::Usage,
+                anyhow!(
+                    "no device of {} has reported its target yet; pass --target",
+                    describe(scope)
+                )
+            ));
+        }
+        Ok(targets)
     }
 }
 
@@ -140,99 +213,29 @@ fn read_config(path: &Path) -> Result<Vec<u8>> {
         .map_err(|e| coded(Code::NoInput, e))
 }
 
+/// The facts of the devices of `scope` that report them (those online).
+fn device_facts(session: &mut Session, topics: &Topics, scope: &Scope) -> Result<Vec<DeviceFacts>> {
+    let filter = match scope {
+        Scope::Device(d) => topics.status(d),
+        Scope::Group(_) => topics.all_devices("status"),
+    };
+    let statuses = session
+        .retained(&filter)
+        .map_err(|e| coded(Code::Unavailable, e))?;
+    Ok(statuses
+        .into_values()
+        .filter_map(|payload| match postcard::from_bytes(&payload) {
+            Ok(Status::V1(s)) => s.facts,
+            Err(_) => None,
+        })
+        .filter(|f| match scope {
+            Scope::Device(_) => true,
+            Scope::Group(g) => f.groups.contains(g),
+        })
+        .collect())
+}
+
 impl Release {
-    /// An artifact already on the broker keeps the chunk size it went up with: chunk
-    /// topics are named by sha and index only, so chunks of another size would replace
-    /// them under the devices that are fetching them (whose signed desired state names
-    /// the old size), and those transfers could never finish.
-    fn keep_existing_chunking(&mut self, session: &mut Session) -> Result<()> {
-        let art = &self.module.artifact;
-        let topic = self.topics.chunk(&art.sha256, 0);
-        let retained = session
-            .retained(&topic)
-            .map_err(|e| coded(Code::Unavailable, e))?;
-        let Some(Ok(Chunk::V1 {
-            sha256,
-            index: 0,
-            data,
-        })) = retained.get(&topic).map(|p| postcard::from_bytes(p))
-        else {
-            return Ok(());
-        };
-        let existing = data.len() as u64;
-        if sha256 != art.sha256 || existing == 0 || existing == art.chunk_len(0) {
-            return Ok(()); // the same cut (or a single chunk either way)
-        }
-        let size = u32::try_from(existing).unwrap_or(art.chunk_size);
-        eprintln!(
-            "{}: already on the broker in chunks of {size} bytes; keeping that size",
-            self.label()
-        );
-        self.module.artifact = ArtifactRef::of(&self.bytes, size);
-        Ok(())
-    }
-
-    pub fn label(&self) -> String {
-        format!("{} v{}", self.manifest.name, self.manifest.version)
-    }
-
-    /// Publishes the upload marker, then every chunk retained, with a progress line on
-    /// stderr. The marker goes first and is acknowledged before any chunk, so `kiln gc`
-    /// (which reads chunks before markers) never sees a chunk of this upload without it.
-    ///
-    /// The marker is left in place when the push is done, to expire after gc's grace
-    /// period: it belongs to the artifact, not to this push, and another push or
-    /// rollout of the same artifact may still be between its chunks and its desired
-    /// state. gc clears it once it is stale.
-    pub fn upload(&mut self, session: &mut Session) -> Result<usize> {
-        self.keep_existing_chunking(session)?;
-        let art = &self.module.artifact;
-        let marker = Upload::V1 {
-            sha256: art.sha256,
-            started_ms: now_ms(),
-            chunks: art.chunks.len() as u32,
-        };
-        let marker = postcard::to_stdvec(&marker).unwrap_or_default();
-        session
-            .publish_all(vec![(self.topics.upload(&art.sha256), marker)], |_| {})
-            .map_err(|e| coded(Code::Unavailable, e))?;
-        let chunks: Vec<(String, Vec<u8>)> = self
-            .bytes
-            .chunks(art.chunk_size as usize)
-            .enumerate()
-            .map(|(n, data)| {
-                let chunk = Chunk::V1 {
-                    sha256: art.sha256,
-                    index: n as u32,
-                    data: data.to_vec(),
-                };
-                let payload = postcard::to_stdvec(&chunk).unwrap_or_default();
-                (self.topics.chunk(&art.sha256, n as u32), payload)
-            })
-            .collect();
-        let total = chunks.len();
-        let label = self.label();
-        // A progress line for people; one line at the end for logs and pipes.
-        let live = std::io::IsTerminal::is_terminal(&std::io::stderr());
-        session
-            .publish_all(chunks, |done| {
-                if live {
-                    let mut err = std::io::stderr();
-                    let _ = write!(
-                        err,
-                        "\r{label}: uploaded {done}/{total} chunks ({}%)",
-                        done * 100 / total
-                    );
-                    let _ = err.flush();
-                }
-            })
-            .map_err(|e| coded(Code::Unavailable, e))?;
-        if live {
-            eprintln!();
-        }
-        Ok(total)
-    }
-
     /// The desired state of `scope` with this release as its module's entry (the
     /// other modules kept), signed and ready to publish.
     pub fn next_desired(&self, session: &mut Session, scope: &Scope) -> Result<NextDesired> {
@@ -340,6 +343,15 @@ pub fn prepare_desired(
         modules,
     };
     let signed = SignedDesired::sign(&desired, key);
+    if signed.len() > MAX_DESIRED {
+        bail!(coded(
+            Code::InvalidInput,
+            anyhow!(
+                "the desired state of {target} would be {} bytes, more than devices read ({MAX_DESIRED}); fewer modules or a smaller config",
+                signed.len()
+            )
+        ));
+    }
     Ok(NextDesired {
         topic,
         desired,
@@ -423,6 +435,23 @@ impl Confirmation {
     }
 }
 
+/// Says which online devices of `scope` the release has no artifact for: they will
+/// refuse it and keep what they run.
+fn warn_unserved(
+    session: &mut Session,
+    topics: &Topics,
+    scope: &Scope,
+    module: &DesiredModule,
+) -> Result<()> {
+    for facts in device_facts(session, topics, scope)? {
+        if let Err(why) = module.artifact_for(&facts.triple, &facts.cpu_features) {
+            eprintln!("warning: {why}; devices of that target will refuse it");
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// The devices targeted by `scope` that are online now, by their retained status.
 fn online_targets(session: &mut Session, topics: &Topics, scope: &Scope) -> Result<Vec<String>> {
     let filter = match scope {
@@ -488,16 +517,17 @@ impl PushCommand {
         let (device, group) = (self.device.as_deref(), self.group.as_deref());
         device.map_or(Ok(()), |d| valid_name(Kind::Device, d))?;
         group.map_or(Ok(()), |g| valid_name(Kind::Group, g))?;
-        let mut release = self.release.load()?;
         let scope = match (self.device, self.group) {
             (Some(d), _) => Scope::Device(d),
             (None, Some(g)) => Scope::Group(g),
             (None, None) => unreachable!("clap requires --device or --group"),
         };
-        let topics = release.topics.clone();
         let unavailable = |e| coded(Code::Unavailable, e);
         let mut session = self.release.broker.connect().map_err(unavailable)?;
-        let chunks = release.upload(&mut session)?;
+        let mut release = self.release.load(&mut session, &scope)?;
+        let topics = release.topics.clone();
+        warn_unserved(&mut session, &topics, &scope, &release.module)?;
+        let messages = release.upload(&mut session)?;
         let next = release.next_desired(&mut session, &scope)?;
         let online = if self.confirm_timeout_s > 0 {
             online_targets(&mut session, &topics, &scope)?
@@ -516,9 +546,9 @@ impl PushCommand {
         let serial = next.publish(&mut session)?;
         let target = describe(&scope);
         eprintln!(
-            "pushed {} ({}, {chunks} chunks) to {target}: desired state serial {serial}",
+            "pushed {} ({}; {messages} messages) to {target}: desired state serial {serial}",
             release.label(),
-            human_size(release.bytes.len() as u64),
+            release.summary(),
         );
         let mut confirmation = Confirmation::new(serial, online);
         let waited = await_confirmation(

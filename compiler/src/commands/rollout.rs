@@ -7,9 +7,10 @@ use kiln_protocol::fleet::{DesiredModule, Event, EventKind, ModuleState, Reporte
 use kiln_protocol::names::Kind;
 
 use crate::broker::Session;
-use crate::commands::push::{prepare_desired, Release, ReleaseArgs};
+use crate::commands::push::{prepare_desired, ReleaseArgs};
 use crate::commands::valid_name;
 use crate::exit::{coded, Code};
+use crate::release::Release;
 
 const AFTER_HELP: &str = "\
 Devices are the members of the group according to their retained status. Each wave's
@@ -50,10 +51,12 @@ pub struct RolloutCommand {
 impl RolloutCommand {
     pub fn execute(self) -> Result<()> {
         valid_name(Kind::Group, &self.group)?;
-        let mut release = self.release.load()?;
-        let topics = release.topics.clone();
         let unavailable = |e| coded(Code::Unavailable, e);
         let mut session = self.release.broker.connect().map_err(unavailable)?;
+        let mut release = self
+            .release
+            .load(&mut session, &Scope::Group(self.group.clone()))?;
+        let topics = release.topics.clone();
         let mut devices: Vec<String> = session
             .retained(&topics.all_devices("status"))
             .map_err(unavailable)?

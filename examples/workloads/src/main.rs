@@ -20,6 +20,8 @@ fn main() {
         "regex" => regex,
         "deflate" => deflate,
         "nbody" => nbody,
+        #[cfg(feature = "extra-workload")]
+        "fnv" => fnv,
         _ => {
             eprintln!("usage: workloads <json|sha256|regex|deflate|nbody>");
             std::process::exit(2);
@@ -29,6 +31,18 @@ fn main() {
     let checksum = work();
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     println!("{name} {ms:.3} {checksum}");
+}
+
+/// FNV-1a over a generated log: the one function the transfer bench adds to this
+/// program (feature `extra-workload`) to measure what a small code change costs on
+/// the wire.
+#[cfg(feature = "extra-workload")]
+fn fnv() -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for byte in log_text(1 << 20).bytes() {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
 }
 
 /// A deterministic byte stream (xorshift), so every build sees the same input.

@@ -66,6 +66,12 @@ pub fn print(rows: &[Vec<String>], runs: usize) {
 /// A valid module of about `size` bytes: one memory, one function type
 /// `(i32, i32) -> i32`, and as many functions as the size takes, each exported.
 pub fn synthetic_module(size: usize, seed: u64) -> Vec<u8> {
+    synthetic_module_with(size, seed, false)
+}
+
+/// [`synthetic_module`], with `extra` one more function in the middle: what a small
+/// code change does to the module (the functions after it move up one index).
+pub fn synthetic_module_with(size: usize, seed: u64, extra: bool) -> Vec<u8> {
     let mut rng = Rng(seed | 1);
     let mut bodies = Vec::new();
     let mut total = 0;
@@ -73,6 +79,11 @@ pub fn synthetic_module(size: usize, seed: u64) -> Vec<u8> {
         let body = function_body(&mut rng, bodies.len() as u32);
         total += body.len() + 4;
         bodies.push(body);
+    }
+    if extra {
+        let at = bodies.len() / 2;
+        let body = function_body(&mut Rng(seed.wrapping_mul(31) | 1), at as u32);
+        bodies.insert(at, body);
     }
     let n = bodies.len() as u32;
     let mut module = b"\0asm\x01\0\0\0".to_vec();

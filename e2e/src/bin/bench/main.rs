@@ -9,8 +9,9 @@
 //! One file per section: `size` (kilnd per target and build variant), `compile` (the
 //! release kiln on a large module), `start` (cold
 //! start, in the worker and as a whole process against the native program), `speed`
-//! (workloads against native and peer runtimes), `metering`, and `fleet` (update
-//! latency and telemetry throughput over MQTT).
+//! (workloads against native and peer runtimes), `metering`, `fleet` (update
+//! latency and telemetry throughput over MQTT), and `transfer` (bytes on the wire and
+//! update time, whole, compressed and patched).
 
 mod compile;
 mod fleet;
@@ -19,6 +20,7 @@ mod size;
 mod speed;
 mod start;
 mod target;
+mod transfer;
 
 use std::process::Command;
 
@@ -54,6 +56,7 @@ enum Section {
     Metering,
     Update,
     Telemetry,
+    Transfer,
 }
 
 impl Args {
@@ -94,7 +97,7 @@ fn main() {
         compile::print(&rows, runs);
     }
     // Each section measures every target, then prints its table.
-    let sections: [(Section, &str, Measure, Print); 5] = [
+    let sections: [(Section, &str, Measure, Print); 6] = [
         (Section::Start, "cold start", start::measure, start::print),
         (Section::Speed, "workloads", speed::measure, speed::print),
         (
@@ -115,6 +118,12 @@ fn main() {
             fleet::telemetry_throughput,
             fleet::print_telemetry,
         ),
+        (
+            Section::Transfer,
+            "update transfers",
+            transfer::measure,
+            transfer::print,
+        ),
     ];
     for (section, what, measure, print) in sections {
         if !args.wants(section) {
@@ -126,6 +135,11 @@ fn main() {
             rows.extend(measure(target, args.runs));
         }
         print(&rows, args.runs);
+    }
+    if args.wants(Section::Transfer) {
+        if let Some(native) = targets.iter().find(|t| t.profile.qemu.is_empty()) {
+            transfer::print_decode(&transfer::decode_times(native));
+        }
     }
 }
 

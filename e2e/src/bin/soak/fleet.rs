@@ -627,9 +627,10 @@ pub fn retained(port: u16, topic: &str) -> Option<Vec<u8>> {
 /// device trusts): what an attacker with broker access would publish.
 pub fn forged_desired(device: &str, version: u64, artifact: &Path, key: &Path) -> Result<Vec<u8>> {
     use kiln_protocol::fleet::{
-        ArtifactRef, Desired, DesiredModule, ModuleLimits, Scope, SignedDesired,
+        Desired, DesiredModule, ModuleLimits, Scope, SignedDesired, TargetArtifact,
     };
     use kiln_protocol::keys::SecretKey;
+    use kiln_protocol::transfer::Codec;
     let secret = SecretKey::from_text(&std::fs::read_to_string(key)?)?;
     let bytes = std::fs::read(artifact)?;
     let desired = Desired {
@@ -639,7 +640,16 @@ pub fn forged_desired(device: &str, version: u64, artifact: &Path, key: &Path) -
         modules: vec![DesiredModule {
             name: "app".into(),
             version,
-            artifact: ArtifactRef::of(&bytes, 64 * 1024),
+            artifacts: vec![
+                TargetArtifact::whole(
+                    &bytes,
+                    "x86_64-unknown-linux-gnu",
+                    Vec::new(),
+                    Codec::Raw,
+                    64 * 1024,
+                )
+                .0,
+            ],
             config: Vec::new(),
             limits: ModuleLimits::default(),
             allow_downgrade: true,

@@ -14,16 +14,18 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use kiln_protocol::fleet::{
-    ArtifactRef, Desired, DesiredModule, DeviceFacts, Event, EventKind, EventV1, ModuleReport,
-    ModuleState, Reported, ReportedV1, Scope, SignedDesired, Status, StatusV1, Topics, MAX_DESIRED,
+    Desired, DesiredModule, DeviceFacts, Event, EventKind, EventV1, ModuleReport, ModuleState,
+    Reported, ReportedV1, Scope, SignedDesired, Status, StatusV1, TargetArtifact, Topics,
+    MAX_DESIRED,
 };
 use kiln_protocol::keys::TrustedKeys;
 use kiln_protocol::names::{self, Kind};
+use kiln_protocol::transfer::{ChunkList, Codec, Transfer};
 
 use super::store::{Installed, ModuleRecord, Slot, StateV1};
 
-/// A download is keyed by the artifact and how it is cut: the same artifact pushed
-/// again with another chunk size is another download.
+/// A download is keyed by the transfer's stream and how it is cut: the same stream
+/// pushed again with another chunk size is another download.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DownloadKey {
     pub sha256: [u8; 32],
@@ -31,10 +33,10 @@ pub struct DownloadKey {
 }
 
 impl DownloadKey {
-    pub fn of(artifact: &ArtifactRef) -> Self {
+    pub fn of(transfer: &Transfer) -> Self {
         Self {
-            sha256: artifact.sha256,
-            chunk_size: artifact.chunk_size,
+            sha256: transfer.sha256,
+            chunk_size: transfer.chunk_size,
         }
     }
 }
@@ -99,6 +101,9 @@ pub enum StageResult {
     Refused(String),
     /// The store failed (disk full, read-only): try again when it works.
     Io(String),
+    /// A patch could not give the artifact (its base is gone or changed, or it decodes
+    /// to something else): fetch the full artifact instead.
+    PatchFailed(String),
     /// What was on disk (a staged slot, a stored chunk) is gone or changed: fetch the
     /// artifact again.
     Missing(String),
@@ -120,7 +125,7 @@ pub enum Effect {
     /// deleted); answer with `Input::Scanned`.
     Scan {
         key: DownloadKey,
-        artifact: ArtifactRef,
+        list: ChunkList,
     },
     /// Answer with `Input::ChunkStored`.
     WriteChunk {
@@ -128,19 +133,35 @@ pub enum Effect {
         n: u32,
         data: Vec<u8>,
     },
-    /// Assemble (re-hashing every chunk) or, with `from_slot`, read the slot back;
-    /// verify everything against `module`; write the slot; answer with `Input::Staged`.
+    /// Get the artifact (from the download or, staged before a restart, from the
+    /// slot); verify everything against `module` and `target`; write the slot; answer
+    /// with `Input::Staged`.
     Stage {
         module: Box<DesiredModule>,
+        target: Box<TargetArtifact>,
         key: DownloadKey,
         slot: Slot,
-        from_slot: bool,
+        from: StageFrom,
     },
     DropDownload(DownloadKey),
     /// What fleet modules run: each with the installed version to run.
     Run(BTreeMap<String, Installed>),
     /// A point the crash-safety tests can kill kilnd at (test builds only).
     Checkpoint(&'static str),
+}
+
+/// Where a staged artifact comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StageFrom {
+    /// The slot itself, staged before a restart: read back and verified again.
+    Slot,
+    /// The download's chunks (each re-hashed), decoded with `codec`; a patch applies
+    /// to the artifact with sha256 `base.1` in slot `base.0`.
+    Download {
+        list: ChunkList,
+        codec: Codec,
+        base: Option<(Slot, [u8; 32])>,
+    },
 }
 
 /// Knobs with defaults a device wants; the tests shorten them.
@@ -164,6 +185,13 @@ impl Default for Settings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Download {
     module: DesiredModule,
+    /// This device's artifact of the release.
+    target: TargetArtifact,
+    transfer: Transfer,
+    /// The committed artifact a patch applies to.
+    base: Option<[u8; 32]>,
+    /// None until the transfer's chunk list arrives.
+    list: Option<ChunkList>,
     /// None while the store is being scanned.
     have: Option<BTreeSet<u32>>,
     last_progress_ms: u64,
@@ -190,6 +218,8 @@ pub struct Agent {
     /// Latest verified desired state per source topic, this run.
     desired: BTreeMap<String, Desired>,
     downloads: BTreeMap<DownloadKey, Download>,
+    /// Artifacts whose patch failed this run: fetched whole.
+    no_patch: BTreeSet<[u8; 32]>,
     trials: BTreeMap<String, Trial>,
     last_event: BTreeMap<String, String>,
     /// Why updates are refused (the data dir cannot be written), if they are.
@@ -241,6 +271,7 @@ impl Agent {
             state,
             desired: BTreeMap::new(),
             downloads: BTreeMap::new(),
+            no_patch: BTreeSet::new(),
             trials: BTreeMap::new(),
             last_event: BTreeMap::new(),
             degraded,
@@ -331,7 +362,9 @@ impl Agent {
     }
 
     fn on_message(&mut self, topic: &str, payload: &[u8]) {
-        if self.topics.parse_chunk(topic).is_some() {
+        if topic.ends_with("/list") && self.topics.parse_artifact(topic).is_some() {
+            self.on_list(topic, payload);
+        } else if self.topics.parse_chunk(topic).is_some() {
             self.on_chunk(topic, payload);
         } else if topic.ends_with("/desired") {
             self.on_desired(topic, payload);
@@ -415,8 +448,15 @@ impl Agent {
         wanted
     }
 
+    /// This device's artifact of a module's release, or why the release has none.
+    fn target_of<'a>(&self, d: &'a DesiredModule) -> Result<&'a TargetArtifact, String> {
+        d.artifact_for(&self.facts.triple, &self.facts.cpu_features)
+    }
+
     fn wanted_sha(&self, name: &str) -> Option<[u8; 32]> {
-        self.wanted().get(name).map(|(_, m)| m.artifact.sha256)
+        let wanted = self.wanted();
+        let (_, m) = wanted.get(name)?;
+        self.target_of(m).ok().map(|t| t.sha256)
     }
 
     fn reconcile(&mut self) {
@@ -451,14 +491,21 @@ impl Agent {
                 },
             );
         }
-        // Downloads of something no longer wanted stop here, before they install it.
+        // Downloads of something no longer wanted (or no longer offered that way) stop
+        // here, before they install it.
         let stale: Vec<DownloadKey> = self
             .downloads
             .iter()
-            .filter(|(key, d)| {
+            .filter(|(_, d)| {
+                let offered = |t: &TargetArtifact| {
+                    t.sha256 == d.target.sha256
+                        && (t.full == d.transfer
+                            || t.patches.iter().any(|p| p.transfer == d.transfer))
+                };
                 wanted
                     .get(&d.module.name)
-                    .is_none_or(|(_, m)| DownloadKey::of(&m.artifact) != **key)
+                    .and_then(|(_, m)| self.target_of(m).ok())
+                    .is_none_or(|t| !offered(t))
             })
             .map(|(key, _)| *key)
             .collect();
@@ -472,7 +519,8 @@ impl Agent {
             .filter(|(name, t)| {
                 wanted
                     .get(*name)
-                    .is_none_or(|(_, m)| m.artifact.sha256 != t.sha256)
+                    .and_then(|(_, m)| self.target_of(m).ok())
+                    .is_none_or(|target| target.sha256 != t.sha256)
             })
             .map(|(n, t)| (n.clone(), t.clone()))
             .collect();
@@ -497,10 +545,17 @@ impl Agent {
 
     fn reconcile_module(&mut self, d: &DesiredModule) {
         let record = self.state.modules.get(&d.name).cloned().unwrap_or_default();
-        let sha = d.artifact.sha256;
-        // An entry that makes no sense is refused on its own: the other modules of the
-        // desired state go ahead, and this one keeps running what it committed.
-        if let Err(reason) = d.limits.check().and_then(|()| d.artifact.check()) {
+        // An entry that makes no sense, or a release without an artifact for this
+        // device, is refused on its own: the other modules of the desired state go
+        // ahead, and this one keeps running what it committed.
+        let target = match self.target_of(d) {
+            Ok(t) => t.clone(),
+            Err(reason) => {
+                return self.event_once(&d.name, d.version, EventKind::Rejected { reason })
+            }
+        };
+        let sha = target.sha256;
+        if let Err(reason) = d.limits.check().and_then(|()| target.check()) {
             return self.event_once(&d.name, d.version, EventKind::Rejected { reason });
         }
         if let Some(c) = &record.committed {
@@ -515,10 +570,9 @@ impl Agent {
                 return;
             }
         }
-        let key = DownloadKey::of(&d.artifact);
         if self.trials.contains_key(&d.name)
             || record.rejected.contains(&sha)
-            || self.downloads.contains_key(&key)
+            || self.downloads.values().any(|x| x.module.name == d.name)
         {
             return;
         }
@@ -541,33 +595,85 @@ impl Agent {
             .staged
             .as_ref()
             .is_some_and(|s| s.sha256 == sha && s.slot == slot);
-        self.begin_download(key, d.clone(), staged_here);
+        let base = record.committed.as_ref().map(|c| c.sha256);
+        let (transfer, base) = target.transfer_from(base, self.no_patch.contains(&sha));
+        let (transfer, key) = (transfer.clone(), DownloadKey::of(transfer));
+        tracing::info!(
+            module = %d.name,
+            version = d.version,
+            codec = transfer.codec.name(),
+            bytes = transfer.len,
+            base = base.map(|b| hex::encode(&b[..6])),
+            "fetching"
+        );
+        let download = Download {
+            module: d.clone(),
+            target: target.clone(),
+            transfer,
+            base,
+            list: None,
+            have: None,
+            last_progress_ms: self.now_ms,
+            staging: staged_here,
+        };
+        self.begin_download(key, download);
         if staged_here {
             // Staged before a restart: verify the slot again and go on from there.
             self.out.push(Effect::Stage {
                 module: Box::new(d.clone()),
+                target: Box::new(target),
                 key,
                 slot,
-                from_slot: true,
-            });
-        } else {
-            self.out.push(Effect::Scan {
-                key,
-                artifact: d.artifact.clone(),
+                from: StageFrom::Slot,
             });
         }
     }
 
-    /// A download starts with a scan of what is on disk, or (`staging`) with the check
-    /// of a slot staged before a restart.
-    fn begin_download(&mut self, key: DownloadKey, module: DesiredModule, staging: bool) {
-        let download = Download {
-            module,
-            have: None,
-            last_progress_ms: self.now_ms,
-            staging,
-        };
+    /// A download starts with its chunk list (then a scan of what is on disk), or,
+    /// while `staging`, with the check of a slot staged before a restart.
+    fn begin_download(&mut self, key: DownloadKey, download: Download) {
+        let fetch = !download.staging && download.list.is_none();
+        let scan = download.list.clone().filter(|_| !download.staging);
         self.downloads.insert(key, download);
+        if fetch {
+            self.out
+                .push(Effect::Subscribe(self.topics.list(&key.sha256)));
+        }
+        if let Some(list) = scan {
+            self.out.push(Effect::Scan { key, list });
+        }
+    }
+
+    /// The chunk list of a download arrived: checked against its signed hash, then the
+    /// chunks already on disk are scanned.
+    fn on_list(&mut self, topic: &str, payload: &[u8]) {
+        let Some(sha) = self.topics.parse_artifact(topic) else {
+            return;
+        };
+        let Some((key, d)) = self
+            .downloads
+            .iter_mut()
+            .find(|(k, d)| k.sha256 == sha && !d.staging && d.list.is_none())
+        else {
+            return;
+        };
+        if payload.is_empty() {
+            return; // a cleared retained message
+        }
+        let key = *key;
+        match ChunkList::open(payload, &d.transfer) {
+            Ok(list) => {
+                d.list = Some(list.clone());
+                d.last_progress_ms = self.now_ms;
+                self.out.push(Effect::Unsubscribe(topic.to_string()));
+                self.out.push(Effect::Scan { key, list });
+            }
+            Err(why) => {
+                let (name, version) = (d.module.name.clone(), d.module.version);
+                let reason = format!("chunk list of {}: {why}", hex::encode(&sha[..6]));
+                self.event(&name, version, EventKind::Rejected { reason });
+            }
+        }
     }
 
     /// The inactive slot: never the committed one.
@@ -583,7 +689,9 @@ impl Agent {
         let Some(d) = self.downloads.get_mut(&key) else {
             return;
         };
-        let total = d.module.artifact.chunks.len() as u32;
+        let Some(total) = d.list.as_ref().map(|l| l.chunks.len() as u32) else {
+            return;
+        };
         let have: BTreeSet<u32> = have.into_iter().filter(|n| *n < total).collect();
         let (name, version, count) = (d.module.name.clone(), d.module.version, have.len());
         d.have = Some(have);
@@ -603,13 +711,17 @@ impl Agent {
         let Some(d) = self.downloads.get(&key) else {
             return;
         };
-        let Some(have) = &d.have else {
-            return;
-        };
         if d.staging {
             return;
         }
-        let total = d.module.artifact.chunks.len() as u32;
+        let (Some(have), Some(list)) = (&d.have, &d.list) else {
+            if d.list.is_none() {
+                self.out
+                    .push(Effect::Subscribe(self.topics.list(&key.sha256)));
+            }
+            return;
+        };
+        let total = list.chunks.len() as u32;
         let topics: Vec<String> = (0..total)
             .filter(|n| !have.contains(n))
             .map(|n| self.topics.chunk(&key.sha256, n))
@@ -621,7 +733,12 @@ impl Agent {
         let Some(d) = self.downloads.get(&key) else {
             return;
         };
-        let total = d.module.artifact.chunks.len() as u32;
+        let Some(list) = &d.list else {
+            self.out
+                .push(Effect::Unsubscribe(self.topics.list(&key.sha256)));
+            return;
+        };
+        let total = list.chunks.len() as u32;
         let have = d.have.clone().unwrap_or_default();
         let topics: Vec<String> = (0..total)
             .filter(|n| !have.contains(n))
@@ -641,6 +758,9 @@ impl Agent {
         else {
             return;
         };
+        let Some(list) = d.list.clone() else {
+            return;
+        };
         let (key, module) = (*key, d.module.clone());
         if payload.is_empty() || d.have.as_ref().is_some_and(|h| h.contains(&n)) {
             return;
@@ -648,7 +768,7 @@ impl Agent {
         let reject = |why: String| EventKind::Rejected {
             reason: format!("chunk {n} of {}: {why}", hex::encode(&sha[..6])),
         };
-        let art = &module.artifact;
+        let art = &list;
         let Some(expected) = art.chunks.get(n as usize) else {
             return self.event(
                 &module.name,
@@ -656,7 +776,7 @@ impl Agent {
                 reject("beyond the last chunk".into()),
             );
         };
-        let data = match kiln_protocol::fleet::Chunk::open(payload, art) {
+        let data = match kiln_protocol::transfer::Chunk::open(payload, art) {
             Ok((index, data)) if index == n => data,
             Ok((index, _)) => {
                 let why = format!("carries chunk {index}, not this one");
@@ -694,7 +814,8 @@ impl Agent {
             return;
         }
         d.last_progress_ms = now;
-        let (count, total) = (have.len() as u32, d.module.artifact.chunks.len() as u32);
+        let total = d.list.as_ref().map_or(0, |l| l.chunks.len() as u32);
+        let count = have.len() as u32;
         let (name, version) = (d.module.name.clone(), d.module.version);
         self.out.push(Effect::Unsubscribe(topic));
         self.out.push(Effect::Checkpoint("download"));
@@ -710,71 +831,85 @@ impl Agent {
 
     /// Every chunk is on disk: assemble, verify and stage into the inactive slot.
     fn maybe_stage(&mut self, key: DownloadKey) {
-        let slot = match self.downloads.get(&key) {
+        let name = match self.downloads.get(&key) {
             Some(d) if !d.staging => d.module.name.clone(),
             _ => return,
         };
-        let slot = self.slot_for(&slot);
+        let slot = self.slot_for(&name);
         let Some(d) = self.downloads.get_mut(&key) else {
             return;
         };
-        let complete = d
-            .have
-            .as_ref()
-            .is_some_and(|h| h.len() == d.module.artifact.chunks.len());
-        if !complete {
+        let Some(list) = d.list.clone() else {
+            return;
+        };
+        if d.have.as_ref().is_none_or(|h| h.len() != list.chunks.len()) {
             return;
         }
         d.staging = true;
-        let module = d.module.clone();
+        // The patch's base is the committed artifact, in the slot being replaced last.
+        let from = StageFrom::Download {
+            list,
+            codec: d.transfer.codec,
+            base: d.base.map(|b| (slot.other(), b)),
+        };
+        let (module, target) = (d.module.clone(), d.target.clone());
         self.out.push(Effect::Stage {
             module: Box::new(module),
+            target: Box::new(target),
             key,
             slot,
-            from_slot: false,
+            from,
         });
     }
 
     fn on_staged(&mut self, name: &str, key: DownloadKey, result: StageResult) {
-        let Some(d) = self.downloads.remove(&key) else {
+        let Some(download) = self.downloads.remove(&key) else {
             return; // cancelled meanwhile
         };
-        let d = d.module;
+        let (d, target) = (download.module.clone(), download.target.clone());
+        let sha = target.sha256;
         if !matches!(result, StageResult::Missing(_)) {
             self.out.push(Effect::DropDownload(key));
         }
         match result {
             StageResult::Refused(reason) => {
                 let r = self.record_mut(name);
-                r.rejected.push(key.sha256);
-                if r.staged.as_ref().is_some_and(|s| s.sha256 == key.sha256) {
+                r.rejected.push(sha);
+                if r.staged.as_ref().is_some_and(|s| s.sha256 == sha) {
                     r.staged = None;
                 }
                 self.save();
                 self.event(name, d.version, EventKind::Rejected { reason });
             }
+            StageResult::PatchFailed(reason) => {
+                self.no_patch.insert(sha);
+                self.event(name, d.version, EventKind::FellBack { reason });
+                self.reconcile_module(&d);
+            }
             StageResult::Io(e) => self.degrade(format!("cannot stage {name} v{}: {e}", d.version)),
             StageResult::Missing(why) => {
                 tracing::warn!(module = name, reason = %why, "fetching the artifact again");
-                self.begin_download(key, d.clone(), false);
-                self.out.push(Effect::Scan {
-                    key,
-                    artifact: d.artifact,
-                });
+                let download = Download {
+                    have: None,
+                    last_progress_ms: self.now_ms,
+                    staging: false,
+                    ..download
+                };
+                self.begin_download(key, download);
             }
             StageResult::Staged(slot) => {
-                if self.wanted_sha(name) != Some(key.sha256) {
+                if self.wanted_sha(name) != Some(sha) {
                     return; // no longer wanted; the slot is simply not used
                 }
                 self.event(name, d.version, EventKind::Verified);
-                self.record_mut(name).staged = Some(Installed::from_desired(slot, &d));
+                self.record_mut(name).staged = Some(Installed::from_desired(slot, &d, &target));
                 self.save();
                 self.event(name, d.version, EventKind::Staged);
                 self.out.push(Effect::Checkpoint("stage"));
                 self.trials.insert(
                     name.to_string(),
                     Trial {
-                        sha256: key.sha256,
+                        sha256: sha,
                         version: d.version,
                         deadline_ms: self.now_ms
                             + d.health_window_ms.max(self.settings.min_health_ms),
@@ -828,13 +963,20 @@ impl Agent {
                 continue;
             };
             d.last_progress_ms = now;
-            let total = d.module.artifact.chunks.len() as u32;
             let have = d.have.as_ref().map_or(0, |h| h.len() as u32);
             let (name, version) = (d.module.name.clone(), d.module.version);
-            let reason = format!(
-                "download stalled at {have}/{total} chunks for {} s; asking again",
-                self.settings.stall_ms / 1000
-            );
+            let reason = match &d.list {
+                Some(list) => format!(
+                    "download stalled at {have}/{} chunks for {} s; asking again",
+                    list.chunks.len(),
+                    self.settings.stall_ms / 1000
+                ),
+                None => format!(
+                    "download stalled waiting {} s for the chunk list of {}; asking again",
+                    self.settings.stall_ms / 1000,
+                    hex::encode(&key.sha256[..6])
+                ),
+            };
             self.event(&name, version, EventKind::Rejected { reason });
             // A resubscription makes the broker send the retained chunks again.
             self.unsubscribe_missing(key);

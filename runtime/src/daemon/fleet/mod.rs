@@ -16,15 +16,18 @@ use std::time::Duration;
 
 use kiln_protocol::artifact::Envelope;
 use kiln_protocol::compat::{self, HostFacts};
-use kiln_protocol::fleet::{sha256, DesiredModule, DeviceFacts, Status, StatusV1, Topics};
+use kiln_protocol::fleet::{
+    sha256, DesiredModule, DeviceFacts, Status, StatusV1, TargetArtifact, Topics,
+};
 use kiln_protocol::keys::TrustedKeys;
 use kiln_protocol::telemetry::{Body, Record};
+use kiln_protocol::transfer::{self, MAX_ARTIFACT};
 use kiln_protocol::worker::Expect;
 
 use crate::daemon::config::{ModulePlan, MqttConfig, RestartPolicy};
 use crate::daemon::link::{Link, LinkEvent};
 use crate::daemon::supervisor::now_ms;
-use agent::{Agent, Effect, Input, Outcome, Settings, StageResult};
+use agent::{Agent, Effect, Input, Outcome, Settings, StageFrom, StageResult};
 use store::{Installed, Store};
 
 /// What the driver reacts to.
@@ -249,9 +252,9 @@ impl Executor {
     pub fn perform(&self, effect: Effect) -> Result<Option<Input>, Effect> {
         Ok(Some(match effect {
             Effect::Save(state) => Input::Saved(self.store.save(&state).map_err(|e| e.to_string())),
-            Effect::Scan { key, artifact } => Input::Scanned {
+            Effect::Scan { key, list } => Input::Scanned {
                 key,
-                have: self.store.scan(&key, &artifact),
+                have: self.store.scan(&key, &list),
             },
             Effect::WriteChunk { key, n, data } => Input::ChunkStored {
                 key,
@@ -263,11 +266,12 @@ impl Executor {
             },
             Effect::Stage {
                 module,
+                target,
                 key,
                 slot,
-                from_slot,
+                from,
             } => {
-                let result = self.stage(&module, &key, slot, from_slot);
+                let result = self.stage(&module, &target, &key, slot, from);
                 Input::Staged {
                     module: module.name,
                     key,
@@ -285,20 +289,24 @@ impl Executor {
     fn stage(
         &self,
         d: &DesiredModule,
+        target: &TargetArtifact,
         key: &agent::DownloadKey,
         slot: store::Slot,
-        from_slot: bool,
+        from: StageFrom,
     ) -> StageResult {
-        if from_slot {
-            return match self.store.read_slot(&d.name, slot, d.artifact.len) {
-                Ok(bytes) => match self.verify(d, &bytes) {
-                    Ok(()) => StageResult::Staged(slot),
-                    Err(why) => StageResult::Missing(format!("staged slot: {why}")),
-                },
-                Err(e) => StageResult::Missing(format!("staged slot: {e}")),
-            };
-        }
-        let bytes = match self.store.assemble(key, &d.artifact) {
+        let (list, codec, base) = match from {
+            StageFrom::Slot => {
+                return match self.store.read_slot(&d.name, slot, target.len) {
+                    Ok(bytes) => match self.verify(d, target, &bytes) {
+                        Ok(()) => StageResult::Staged(slot),
+                        Err(why) => StageResult::Missing(format!("staged slot: {why}")),
+                    },
+                    Err(e) => StageResult::Missing(format!("staged slot: {e}")),
+                }
+            }
+            StageFrom::Download { list, codec, base } => (list, codec, base),
+        };
+        let stream = match self.store.assemble(key, &list) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                 return StageResult::Missing(e.to_string())
@@ -308,9 +316,32 @@ impl Executor {
             }
             Err(e) => return StageResult::Io(e.to_string()),
         };
-        if let Err(why) = self.verify(d, &bytes) {
-            return StageResult::Refused(why);
-        }
+        let base_bytes = match base {
+            None => Ok(None),
+            Some((base_slot, base_sha)) => self
+                .store
+                .read_slot(&d.name, base_slot, MAX_ARTIFACT)
+                .map_err(|e| format!("cannot read the base: {e}"))
+                .and_then(|b| match sha256(&b) == base_sha {
+                    true => Ok(Some(b)),
+                    false => Err("the base in the committed slot changed".into()),
+                }),
+        };
+        let bytes = base_bytes.and_then(|base| {
+            let bytes = transfer::decode(codec, &stream, base.as_deref(), target.len)
+                .map_err(|why| format!("the {} stream: {why}", codec.name()))?;
+            self.verify(d, target, &bytes).map(|()| bytes)
+        });
+        let bytes = match (bytes, base) {
+            (Ok(bytes), _) => bytes,
+            (Err(why), None) => return StageResult::Refused(why),
+            // A patch that does not give the signed artifact is not a reason to refuse
+            // the release: the full artifact may be fine.
+            (Err(why), Some((_, base))) => {
+                let base = hex::encode(&base[..6]);
+                return StageResult::PatchFailed(format!("the patch from {base} failed: {why}"));
+            }
+        };
         match self.store.write_slot(&d.name, slot, &bytes) {
             Ok(_) => StageResult::Staged(slot),
             Err(e) => StageResult::Io(format!("cannot write the inactive slot: {e}")),
@@ -319,9 +350,14 @@ impl Executor {
 
     /// Everything about the bytes: length and hash as desired, a trusted signature, the
     /// manifest's name and version as desired, and a target this device can run.
-    fn verify(&self, d: &DesiredModule, bytes: &[u8]) -> Result<(), String> {
-        if bytes.len() as u64 != d.artifact.len || sha256(bytes) != d.artifact.sha256 {
-            return Err("assembled artifact does not match its sha256".into());
+    fn verify(
+        &self,
+        d: &DesiredModule,
+        target: &TargetArtifact,
+        bytes: &[u8],
+    ) -> Result<(), String> {
+        if bytes.len() as u64 != target.len || sha256(bytes) != target.sha256 {
+            return Err("the artifact does not match its sha256".into());
         }
         let verified = Envelope::parse(bytes)
             .and_then(|e| e.verify(&self.trust))

@@ -6,8 +6,8 @@
 //! {data_dir}/modules/{name}/a.kiln      slot A
 //! {data_dir}/modules/{name}/b.kiln      slot B
 //! {data_dir}/downloads/{sha256}-{chunk_size}/{n}
-//!                                       chunks of a transfer in progress (re-hashed
-//!                                       whenever they are read)
+//!                                       chunks of a transfer in progress, by the
+//!                                       stream's sha256 (re-hashed whenever read)
 //! ```
 //!
 //! The state file is the only commit point: a slot file is written completely before the
@@ -18,8 +18,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use kiln_protocol::atomic::write_atomically;
-use kiln_protocol::fleet::{sha256, ArtifactRef, DesiredModule, ModuleLimits, MAX_ARTIFACT};
+use kiln_protocol::fleet::{sha256, DesiredModule, ModuleLimits, TargetArtifact};
 use kiln_protocol::names::{self, Kind};
+use kiln_protocol::transfer::{ChunkList, MAX_ARTIFACT};
 
 use super::agent::DownloadKey;
 use serde::{Deserialize, Serialize};
@@ -56,11 +57,11 @@ pub struct Installed {
 }
 
 impl Installed {
-    pub fn from_desired(slot: Slot, d: &DesiredModule) -> Self {
+    pub fn from_desired(slot: Slot, d: &DesiredModule, target: &TargetArtifact) -> Self {
         Self {
             slot,
             version: d.version,
-            sha256: d.artifact.sha256,
+            sha256: target.sha256,
             config: d.config.clone(),
             limits: d.limits.clone(),
         }
@@ -160,7 +161,7 @@ impl Store {
     /// Chunks of a download already on disk that still have the right length and
     /// hash; any other file there is deleted, so a resumed download trusts nothing it
     /// did not check again.
-    pub fn scan(&self, key: &DownloadKey, artifact: &ArtifactRef) -> BTreeSet<u32> {
+    pub fn scan(&self, key: &DownloadKey, artifact: &ChunkList) -> BTreeSet<u32> {
         let dir = self.download_dir(key);
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return BTreeSet::new();
@@ -196,9 +197,9 @@ impl Store {
         write_atomically(&dir.join(n.to_string()), data)
     }
 
-    /// The whole artifact from its chunks, each re-hashed; a chunk that changed on
-    /// disk is deleted (the next scan fetches it again).
-    pub fn assemble(&self, key: &DownloadKey, artifact: &ArtifactRef) -> io::Result<Vec<u8>> {
+    /// The whole stream from its chunks, each re-hashed; a chunk that changed on disk
+    /// is deleted (the next scan fetches it again).
+    pub fn assemble(&self, key: &DownloadKey, artifact: &ChunkList) -> io::Result<Vec<u8>> {
         let dir = self.download_dir(key);
         let mut bytes = Vec::with_capacity(artifact.len.min(MAX_ARTIFACT) as usize);
         for (n, expected) in artifact.chunks.iter().enumerate() {
@@ -261,8 +262,11 @@ mod tests {
         store.save(&state).unwrap();
         assert_eq!(store.load().unwrap(), state);
         let bytes = b"xyz".repeat(1000);
-        let artifact = ArtifactRef::of(&bytes, 1024);
-        let key = DownloadKey::of(&artifact);
+        let artifact = ChunkList::of(&bytes, 1024);
+        let key = DownloadKey {
+            sha256: artifact.sha256,
+            chunk_size: 1024,
+        };
         store.write_chunk(&key, 2, &bytes[2048..]).unwrap();
         store.write_chunk(&key, 0, &bytes[..1024]).unwrap();
         // A chunk that does not hash right is deleted, whatever its name.
@@ -276,8 +280,6 @@ mod tests {
             chunk_size: 2048,
             ..key
         };
-        assert!(store
-            .scan(&other, &ArtifactRef::of(&bytes, 2048))
-            .is_empty());
+        assert!(store.scan(&other, &ChunkList::of(&bytes, 2048)).is_empty());
     }
 }

@@ -1,5 +1,7 @@
 //! The update agent against a model of what operators and the world do to it: random
-//! sequences of pushes (good, crashing, badly signed, mislabelled), reverts, drops, junk
+//! sequences of pushes (good, crashing, badly signed, mislabelled, for another target;
+//! raw, compressed, with patches from earlier versions, with patches that do not
+//! apply), reverts, drops, junk
 //! and stale desired states, chunks in any order and duplicated, corrupt chunk files,
 //! worker outcomes, time, and kilnd restarts (state reloaded from the real store).
 //! Only MQTT and the workers are simulated; the store and the verification are the
@@ -13,11 +15,12 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use kiln_protocol::artifact::seal;
 use kiln_protocol::compat::HostFacts;
 use kiln_protocol::fleet::{
-    ArtifactRef, Chunk, Desired, DesiredModule, DeviceFacts, ModuleLimits, ModuleState, Scope,
-    SignedDesired, Topics,
+    Desired, DesiredModule, DeviceFacts, ModuleLimits, ModuleState, Patch, Scope, SignedDesired,
+    TargetArtifact, Topics,
 };
 use kiln_protocol::keys::{SecretKey, TrustedKeys};
 use kiln_protocol::manifest::{Digest, Manifest};
+use kiln_protocol::transfer::{Codec, Prepared, Transfer};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
@@ -41,7 +44,22 @@ enum Kind {
     Untrusted,
     /// Its manifest names another version than the desired state.
     Mislabelled,
+    /// The release has an artifact for riscv64 only.
+    Foreign,
 }
+
+/// How the release's artifact travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Raw,
+    Zstd,
+    /// Compressed, with patches from the module's earlier artifacts.
+    Patched,
+    /// Compressed, with patches that give other bytes than the artifact.
+    BadPatch,
+}
+
+const TRIPLE: &str = "aarch64-unknown-linux-gnu";
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -50,6 +68,7 @@ enum Op {
         module: usize,
         version: u64,
         kind: Kind,
+        via: Via,
         chunk: usize,
         downgrade: bool,
     },
@@ -91,11 +110,18 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Kind::Crashy),
         1 => Just(Kind::Untrusted),
         1 => Just(Kind::Mislabelled),
+        1 => Just(Kind::Foreign),
+    ];
+    let via = prop_oneof![
+        1 => Just(Via::Raw),
+        1 => Just(Via::Zstd),
+        2 => Just(Via::Patched),
+        1 => Just(Via::BadPatch),
     ];
     prop_oneof![
-        4 => (any::<bool>(), 0..2usize, 1..6u64, kind, 0..2usize, prop::bool::weighted(0.2))
-            .prop_map(|(group, module, version, kind, chunk, downgrade)| Op::Push {
-                group, module, version, kind, chunk, downgrade
+        4 => (any::<bool>(), 0..2usize, 1..6u64, kind, via, 0..2usize, prop::bool::weighted(0.2))
+            .prop_map(|(group, module, version, kind, via, chunk, downgrade)| Op::Push {
+                group, module, version, kind, via, chunk, downgrade
             }),
         1 => (any::<bool>(), 0..2usize).prop_map(|(group, module)| Op::Revert { group, module }),
         1 => (any::<bool>(), 0..2usize).prop_map(|(group, module)| Op::Drop { group, module }),
@@ -112,7 +138,7 @@ fn op() -> impl Strategy<Value = Op> {
 
 fn host() -> HostFacts {
     HostFacts {
-        triple: "aarch64-unknown-linux-gnu".into(),
+        triple: TRIPLE.into(),
         cpu_features: ["neon".to_string()].into(),
         wasmer: "7.4.2".into(),
         kiln_abi: kiln_protocol::KILN_ABI_VERSION,
@@ -121,7 +147,22 @@ fn host() -> HostFacts {
 
 struct Artifact {
     desired: DesiredModule,
+    bytes: Vec<u8>,
     kind: Kind,
+}
+
+/// The sha256 of the artifact this device would take from a release, if any.
+fn device_sha(d: &DesiredModule) -> Option<[u8; 32]> {
+    d.artifacts
+        .iter()
+        .find(|a| a.triple == TRIPLE)
+        .map(|a| a.sha256)
+}
+
+/// The artifact of a release that the model knows by (the riscv64 one of a foreign
+/// release).
+fn release_sha(d: &DesiredModule) -> [u8; 32] {
+    d.artifacts[0].sha256
 }
 
 /// A broker with retained messages and one subscriber, the device.
@@ -175,6 +216,8 @@ struct World {
     starting: VecDeque<(String, Outcome)>,
     /// As `kiln push` does; an older pusher cut an artifact again with another size.
     keep_chunking: bool,
+    /// Every event the device published, in words.
+    events: Vec<String>,
     steps: Vec<String>,
 }
 
@@ -204,6 +247,7 @@ impl World {
             committed: BTreeMap::new(),
             starting: VecDeque::new(),
             keep_chunking: true,
+            events: Vec::new(),
             steps: Vec::new(),
         };
         world.boot();
@@ -282,6 +326,13 @@ impl World {
                 Err(Effect::Publish { topic, payload, .. }) => {
                     if topic == self.topics.reported(DEVICE) {
                         self.last_reported = Some(payload);
+                    } else if topic == self.topics.events(DEVICE) {
+                        if let Ok(kiln_protocol::fleet::Event::V1(e)) =
+                            postcard::from_bytes(&payload)
+                        {
+                            self.events
+                                .push(format!("{} v{}: {}", e.module, e.version, e.kind));
+                        }
                     }
                 }
                 Err(Effect::Subscribe(t)) => self.broker.subscribe(t),
@@ -308,9 +359,20 @@ impl World {
         }
     }
 
-    /// Chunks as `kiln push` uploads them: an artifact already on the broker keeps
-    /// the chunk size it went up with.
+    /// A release as `kiln push` uploads it: an artifact whose stream is already on the
+    /// broker keeps the chunk size it went up with.
     fn artifact(&mut self, module: &str, version: u64, kind: Kind, chunk: u32) -> DesiredModule {
+        self.release_via(module, version, kind, Via::Raw, chunk)
+    }
+
+    fn release_via(
+        &mut self,
+        module: &str,
+        version: u64,
+        kind: Kind,
+        via: Via,
+        chunk: u32,
+    ) -> DesiredModule {
         // The payload names the kind, so a crashy and a good v3 are different artifacts.
         let payload = format!("{module} v{version} {kind:?} native code").repeat(60);
         let mut manifest = Manifest::example(payload.as_bytes());
@@ -329,37 +391,79 @@ impl World {
         let bytes = seal(&manifest, payload.as_bytes(), key).expect("seal");
         let sha = kiln_protocol::fleet::sha256(&bytes);
         let chunk = match self.artifacts.get(&sha) {
-            Some(a) if self.keep_chunking => a.desired.artifact.chunk_size,
+            Some(a) if self.keep_chunking => a.desired.artifacts[0].full.chunk_size,
             _ => chunk,
+        };
+        let codec = if via == Via::Raw {
+            Codec::Raw
+        } else {
+            Codec::Zstd
+        };
+        let full = Transfer::full(&bytes, codec, chunk);
+        self.upload(&full);
+        let mut patches = Vec::new();
+        if matches!(via, Via::Patched | Via::BadPatch) {
+            let bases: Vec<([u8; 32], Vec<u8>)> = self
+                .artifacts
+                .iter()
+                .filter(|(_, a)| a.desired.name == module)
+                .map(|(sha, a)| (*sha, a.bytes.clone()))
+                .collect();
+            // A bad patch gives other bytes of the same length.
+            let mut to = bytes.clone();
+            if via == Via::BadPatch {
+                *to.last_mut().expect("bytes") ^= 1;
+            }
+            for (base, base_bytes) in bases.into_iter().rev().take(3) {
+                let p = Transfer::patch(&base_bytes, &to, chunk);
+                self.upload(&p);
+                patches.push(Patch {
+                    base,
+                    transfer: p.transfer,
+                });
+            }
+        }
+        let triple = if kind == Kind::Foreign {
+            "riscv64gc-unknown-linux-gnu"
+        } else {
+            TRIPLE
         };
         let desired = DesiredModule {
             name: module.into(),
             version,
-            artifact: ArtifactRef::of(&bytes, chunk),
+            artifacts: vec![TargetArtifact {
+                triple: triple.into(),
+                cpu_features: Vec::new(),
+                sha256: sha,
+                len: bytes.len() as u64,
+                full: full.transfer,
+                patches,
+            }],
             config: Vec::new(),
             limits: ModuleLimits::default(),
             allow_downgrade: false,
             health_window_ms: HEALTH_MS,
         };
-        let sha = desired.artifact.sha256;
-        for (n, data) in bytes.chunks(chunk as usize).enumerate() {
-            let c = Chunk::V1 {
-                sha256: sha,
-                index: n as u32,
-                data: data.to_vec(),
-            };
-            let topic = self.topics.chunk(&sha, n as u32);
-            self.broker
-                .publish_retained(topic, postcard::to_stdvec(&c).expect("chunk"));
-        }
         self.artifacts.insert(
             sha,
             Artifact {
                 desired: desired.clone(),
+                bytes,
                 kind,
             },
         );
         desired
+    }
+
+    /// A transfer's chunk list and chunks, retained.
+    fn upload(&mut self, p: &Prepared) {
+        let sha = p.transfer.sha256;
+        self.broker
+            .publish_retained(self.topics.list(&sha), p.list_message.clone());
+        for (n, message) in p.chunk_messages() {
+            self.broker
+                .publish_retained(self.topics.chunk(&sha, n), message);
+        }
     }
 
     fn source(&self, group: bool) -> String {
@@ -413,11 +517,12 @@ impl World {
                 module,
                 version,
                 kind,
+                via,
                 chunk,
                 downgrade,
             } => {
                 let name = MODULES[module];
-                let mut d = self.artifact(name, version, kind, CHUNK_SIZES[chunk]);
+                let mut d = self.release_via(name, version, kind, via, CHUNK_SIZES[chunk]);
                 d.allow_downgrade = downgrade;
                 self.release(group, d);
             }
@@ -573,6 +678,7 @@ impl World {
                 let art = &self.artifacts[&c.sha256];
                 assert_ne!(art.kind, Kind::Untrusted);
                 assert_ne!(art.kind, Kind::Mislabelled);
+                assert_ne!(art.kind, Kind::Foreign);
                 assert_eq!(art.desired.version, c.version);
             }
             if let Some(i) = self.running.get(name) {
@@ -588,7 +694,7 @@ impl World {
             if let Some(sha) = now.filter(|sha| Some(*sha) != before) {
                 if !restarted {
                     assert_eq!(
-                        wanted.get(name).map(|w| w.artifact.sha256),
+                        wanted.get(name).and_then(device_sha),
                         Some(sha),
                         "{name}: committed a sha that is not wanted"
                     );
@@ -646,23 +752,22 @@ impl World {
         let state = self.agent.state().clone();
         for (name, want) in self.wanted() {
             let r = state.modules.get(&name).cloned().unwrap_or_default();
-            let art = &self.artifacts[&want.artifact.sha256];
+            let sha = release_sha(&want);
+            let art = &self.artifacts[&sha];
             let blocked = want.version < r.floor && !want.allow_downgrade;
-            let refused = r.rejected.contains(&want.artifact.sha256);
+            let refused = r.rejected.contains(&sha);
             if art.kind == Kind::Good && !blocked {
                 assert!(!refused, "{name}: a good artifact was refused");
                 let c = r.committed.as_ref().map(|c| (c.version, c.sha256));
                 assert_eq!(
                     c,
-                    Some((want.version, want.artifact.sha256)),
+                    Some((want.version, sha)),
                     "{name} did not converge to v{}",
                     want.version
                 );
             } else if art.kind != Kind::Good {
                 assert!(
-                    r.committed
-                        .as_ref()
-                        .is_none_or(|c| c.sha256 != want.artifact.sha256),
+                    r.committed.as_ref().is_none_or(|c| c.sha256 != sha),
                     "{name}: a bad artifact was committed"
                 );
             }
@@ -733,6 +838,7 @@ fn push(world: &mut World, group: bool, module: usize, version: u64, kind: Kind)
         module,
         version,
         kind,
+        via: Via::Raw,
         chunk: 0,
         downgrade: false,
     });
@@ -864,6 +970,7 @@ fn the_same_artifact_pushed_with_another_chunk_size_still_installs() {
         module: 0,
         version: 1,
         kind: Kind::Good,
+        via: Via::Raw,
         chunk: 0,
         downgrade: false,
     });
@@ -874,6 +981,7 @@ fn the_same_artifact_pushed_with_another_chunk_size_still_installs() {
         module: 0,
         version: 1,
         kind: Kind::Good,
+        via: Via::Raw,
         chunk: 1,
         downgrade: false,
     });
@@ -965,4 +1073,75 @@ fn a_failing_save_refuses_updates_until_the_data_dir_works_again() {
     commit(&mut w);
     assert!(w.agent.degraded().is_none());
     assert_eq!(committed(&w, "app"), Some(2));
+}
+
+#[test]
+fn a_patch_from_the_committed_version_installs_and_a_bad_one_falls_back_to_the_full_artifact() {
+    let mut w = World::new();
+    push(&mut w, false, 0, 1, Kind::Good);
+    commit(&mut w);
+    let push_via = |w: &mut World, version, via| {
+        w.apply(&Op::Push {
+            group: false,
+            module: 0,
+            version,
+            kind: Kind::Good,
+            via,
+            chunk: 0,
+            downgrade: false,
+        })
+    };
+    push_via(&mut w, 2, Via::Patched);
+    // Only the patch travels: the full artifact's chunk list is never asked for.
+    let entry = w.scope_modules[&false]["app"].artifacts[0].clone();
+    let (full, patch) = (entry.full.sha256, entry.patches[0].transfer.sha256);
+    w.apply(&Op::Deliver {
+        n: 1,
+        seed: 0,
+        dup: false,
+    });
+    let subscribed = |w: &World, sha: &[u8; 32]| w.broker.subscribed.contains(&w.topics.list(sha));
+    assert!(
+        subscribed(&w, &patch) && !subscribed(&w, &full),
+        "{:?}",
+        w.broker.subscribed
+    );
+    commit(&mut w);
+    assert_eq!(committed(&w, "app"), Some(2));
+    assert!(!w.events.iter().any(|e| e.contains("full artifact")));
+    push_via(&mut w, 3, Via::BadPatch);
+    commit(&mut w);
+    commit(&mut w);
+    let fell_back: Vec<&String> = w
+        .events
+        .iter()
+        .filter(|e| e.contains("full artifact"))
+        .collect();
+    assert_eq!(fell_back.len(), 1, "{:?}", w.events);
+    assert!(
+        fell_back[0].starts_with("app v3: fetching the full artifact: the patch from"),
+        "{}",
+        fell_back[0]
+    );
+    let r = &w.agent.state().modules["app"];
+    assert_eq!(
+        committed(&w, "app"),
+        Some(3),
+        "fetched whole after the patch failed"
+    );
+    assert!(
+        r.rejected.is_empty(),
+        "a failed patch does not refuse the release"
+    );
+}
+
+#[test]
+fn a_release_without_an_artifact_for_the_device_is_refused_and_what_runs_stays() {
+    let mut w = World::new();
+    push(&mut w, false, 0, 1, Kind::Good);
+    commit(&mut w);
+    push(&mut w, false, 0, 2, Kind::Foreign);
+    commit(&mut w);
+    assert_eq!(committed(&w, "app"), Some(1));
+    assert!(w.running.contains_key("app"));
 }

@@ -1,0 +1,531 @@
+//! A release: one version of a module as an artifact per target, and everything that
+//! goes to the broker for it. Built from what the operator gives `kiln push`,
+//! `kiln rollout` or `kiln release` (artifacts, a release file, or a .wasm compiled
+//! here), each artifact verified with the signing key. Every artifact travels
+//! compressed, and as patches from the versions the targeted devices report running.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Result};
+use kiln_protocol::artifact::Envelope;
+use kiln_protocol::compat::same_target;
+use kiln_protocol::fleet::{
+    DesiredModule, Patch, Reported, Scope, SignedDesired, Status, TargetArtifact, Topics, Upload,
+    MAX_PATCHES,
+};
+use kiln_protocol::keys::{SecretKey, TrustedKeys};
+use kiln_protocol::manifest::Manifest;
+use kiln_protocol::transfer::{
+    self, sha256, Chunk, ChunkList, Codec, Prepared, Transfer, MAX_ARTIFACT,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::broker::{now_ms, Session};
+use crate::commands::compile::human_size;
+use crate::exit::{coded, Code};
+
+/// The first bytes of a release file (`kiln release`).
+pub const FILE_MAGIC: &[u8; 8] = b"KILNREL\x01";
+/// A release file holds at most this many artifacts.
+const MAX_TARGETS: usize = 16;
+
+#[derive(Serialize, Deserialize)]
+enum FileBody {
+    V1 { artifacts: Vec<Vec<u8>> },
+}
+
+/// A release file: its artifacts, each signed on its own.
+pub fn encode_file(artifacts: &[Vec<u8>]) -> Vec<u8> {
+    let body = FileBody::V1 {
+        artifacts: artifacts.to_vec(),
+    };
+    [
+        &FILE_MAGIC[..],
+        &postcard::to_stdvec(&body).unwrap_or_default(),
+    ]
+    .concat()
+}
+
+pub fn decode_file(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    let body = bytes
+        .strip_prefix(&FILE_MAGIC[..])
+        .ok_or("not a kiln release file")?;
+    let FileBody::V1 { artifacts } =
+        postcard::from_bytes(body).map_err(|e| format!("malformed release file: {e}"))?;
+    if artifacts.is_empty() || artifacts.len() > MAX_TARGETS {
+        return Err(format!(
+            "a release file of {} artifacts (1 to {MAX_TARGETS})",
+            artifacts.len()
+        ));
+    }
+    Ok(artifacts)
+}
+
+/// Reads an input file, refusing one larger than any release before reading it.
+pub fn read_input(path: &Path) -> Result<Vec<u8>> {
+    let file = path.display();
+    let limit = MAX_ARTIFACT * MAX_TARGETS as u64 + 4096;
+    let len = std::fs::metadata(path)
+        .map_err(|e| coded(Code::NoInput, anyhow!("cannot read `{file}`: {e}")))?
+        .len();
+    if len > limit {
+        bail!(coded(
+            Code::InvalidInput,
+            anyhow!("`{file}` is {len} bytes, larger than any release ({limit})")
+        ));
+    }
+    std::fs::read(path).map_err(|e| coded(Code::NoInput, anyhow!("cannot read `{file}`: {e}")))
+}
+
+/// One verified artifact of a release.
+pub struct Built {
+    pub manifest: Manifest,
+    pub bytes: Vec<u8>,
+}
+
+impl Built {
+    fn target(&self) -> String {
+        let t = &self.manifest.target;
+        match t.cpu_features.is_empty() {
+            true => t.triple.clone(),
+            false => format!("{}+{}", t.triple, t.cpu_features.join("+")),
+        }
+    }
+}
+
+/// Verifies every artifact with `key` and checks they are one release: one name, one
+/// version, one artifact per target. `origin` names each for errors.
+pub fn verify_all(artifacts: Vec<(String, Vec<u8>)>, key: &SecretKey) -> Result<Vec<Built>> {
+    let trust = TrustedKeys::new(vec![key.public()]);
+    let mut built: Vec<Built> = Vec::new();
+    for (origin, bytes) in artifacts {
+        // The fleet must never be asked to run what this key did not sign.
+        let manifest = Envelope::parse(&bytes)
+            .and_then(|e| e.verify(&trust))
+            .map(|v| v.manifest)
+            .map_err(|e| coded(Code::InvalidInput, anyhow!("artifact {origin}: {e}")))?;
+        let b = Built { manifest, bytes };
+        if let Some(first) = built.first() {
+            let (m, f) = (&b.manifest, &first.manifest);
+            if (m.name.as_str(), m.version) != (f.name.as_str(), f.version) {
+                bail!(coded(
+                    Code::InvalidInput,
+                    anyhow!(
+                        "artifact {origin} is {} v{}, the release is {} v{}",
+                        m.name,
+                        m.version,
+                        f.name,
+                        f.version
+                    )
+                ));
+            }
+        }
+        if built.iter().any(|o| o.target() == b.target()) {
+            bail!(coded(
+                Code::InvalidInput,
+                anyhow!(
+                    "artifact {origin}: the release already has one for {}",
+                    b.target()
+                )
+            ));
+        }
+        built.push(b);
+    }
+    if built.is_empty() {
+        bail!(coded(
+            Code::Usage,
+            anyhow!("a release needs at least one artifact")
+        ));
+    }
+    Ok(built)
+}
+
+/// How the artifacts travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Wire {
+    /// zstd-compressed, and as patches from the versions devices run
+    Zstd,
+    /// the artifact's own bytes, whole
+    Raw,
+}
+
+/// A release ready to go out: the verified artifacts, the desired-state entry naming
+/// them, and the transfers to upload.
+pub struct Release {
+    pub key: SecretKey,
+    pub built: Vec<Built>,
+    pub module: DesiredModule,
+    pub transfers: Vec<Prepared>,
+    pub topics: Topics,
+}
+
+/// How the desired-state entry is made, apart from the artifacts.
+pub struct Entry {
+    pub config: Vec<u8>,
+    pub limits: kiln_protocol::fleet::ModuleLimits,
+    pub allow_downgrade: bool,
+    pub health_window_ms: u64,
+    pub chunk_size: u32,
+    pub wire: Wire,
+    pub delta: bool,
+}
+
+impl Release {
+    /// Prepares the transfers of every artifact: the whole artifact, and a patch from
+    /// each version that devices of `scope` report running (when `delta` is on and the
+    /// base can be found here or on the broker).
+    pub fn prepare(
+        session: &mut Session,
+        topics: &Topics,
+        key: SecretKey,
+        built: Vec<Built>,
+        entry: Entry,
+        scope: &Scope,
+    ) -> Result<Self> {
+        let name = built[0].manifest.name.clone();
+        let version = built[0].manifest.version;
+        let codec = match entry.wire {
+            Wire::Zstd => Codec::Zstd,
+            Wire::Raw => Codec::Raw,
+        };
+        let bases = if entry.delta && entry.wire == Wire::Zstd {
+            let shas = running_versions(session, topics, scope, &name)?;
+            let trust = TrustedKeys::new(vec![key.public()]);
+            let mut bases = Vec::new();
+            for sha in shas {
+                if built.iter().any(|b| sha256(&b.bytes) == sha) {
+                    continue;
+                }
+                match find_artifact(session, topics, &sha)? {
+                    Some(bytes) => match Envelope::parse(&bytes).and_then(|e| e.verify(&trust)) {
+                        Ok(v) => {
+                            let triple = v.manifest.target.triple.clone();
+                            bases.push((sha, triple, bytes));
+                        }
+                        Err(e) => eprintln!(
+                            "{name}: no patch from {}: that artifact does not verify with this key ({e})",
+                            hex::encode(&sha[..6])
+                        ),
+                    },
+                    None => eprintln!(
+                        "{name}: no patch from {}: that artifact is neither in {} nor on the broker; devices running it fetch the whole artifact",
+                        hex::encode(&sha[..6]),
+                        cache_dir().display()
+                    ),
+                }
+            }
+            bases
+        } else {
+            Vec::new()
+        };
+        let mut transfers = Vec::new();
+        let mut artifacts = Vec::new();
+        for b in &built {
+            let full = keep_chunking(
+                session,
+                topics,
+                Transfer::full(&b.bytes, codec, entry.chunk_size),
+            )?;
+            let mut patches = Vec::new();
+            for (base, triple, base_bytes) in &bases {
+                if !same_target(triple, &b.manifest.target.triple) || patches.len() >= MAX_PATCHES {
+                    continue;
+                }
+                let p = Transfer::patch(base_bytes, &b.bytes, entry.chunk_size);
+                // A patch no smaller than the whole artifact is not worth a round trip.
+                if p.stream.len() >= full.stream.len() {
+                    continue;
+                }
+                let p = keep_chunking(session, topics, p)?;
+                patches.push(Patch {
+                    base: *base,
+                    transfer: p.transfer.clone(),
+                });
+                transfers.push(p);
+            }
+            artifacts.push(TargetArtifact {
+                triple: b.manifest.target.triple.clone(),
+                cpu_features: b.manifest.target.cpu_features.clone(),
+                sha256: sha256(&b.bytes),
+                len: b.bytes.len() as u64,
+                full: full.transfer.clone(),
+                patches,
+            });
+            transfers.push(full);
+        }
+        let module = DesiredModule {
+            name,
+            version,
+            artifacts,
+            config: entry.config,
+            limits: entry.limits,
+            allow_downgrade: entry.allow_downgrade,
+            health_window_ms: entry.health_window_ms,
+        };
+        Ok(Self {
+            key,
+            built,
+            module,
+            transfers,
+            topics: topics.clone(),
+        })
+    }
+
+    pub fn label(&self) -> String {
+        format!("{} v{}", self.module.name, self.module.version)
+    }
+
+    /// What the release is and what a device fetches of it, in one line.
+    pub fn summary(&self) -> String {
+        let targets: Vec<String> = self
+            .built
+            .iter()
+            .zip(&self.module.artifacts)
+            .map(|(b, a)| {
+                let patches: Vec<u64> = a.patches.iter().map(|p| p.transfer.len).collect();
+                format!(
+                    "{} {} as {} {}{}",
+                    b.target(),
+                    human_size(a.len),
+                    a.full.codec.name(),
+                    human_size(a.full.len),
+                    match patches.iter().min() {
+                        Some(least) => format!(
+                            ", {} patch{} from {}",
+                            patches.len(),
+                            if patches.len() == 1 { "" } else { "es" },
+                            human_size(*least)
+                        ),
+                        None => String::new(),
+                    }
+                )
+            })
+            .collect();
+        targets.join("; ")
+    }
+
+    /// Publishes every transfer retained: the upload markers first (acknowledged
+    /// before any chunk, so `kiln gc`, which reads chunks before markers, never sees a
+    /// chunk of this upload without its marker), then each chunk list and its chunks,
+    /// with a progress line on stderr. Returns the number of chunks.
+    ///
+    /// The markers are left in place when the push is done, to expire after gc's
+    /// grace period: a marker belongs to the transfer, not to this push, and another
+    /// push or rollout of the same artifact may still be between its chunks and its
+    /// desired state. gc clears them once they are stale.
+    pub fn upload(&mut self, session: &mut Session) -> Result<usize> {
+        let unavailable = |e| coded(Code::Unavailable, e);
+        let markers = self
+            .transfers
+            .iter()
+            .map(|p| {
+                let marker = Upload::V1 {
+                    sha256: p.transfer.sha256,
+                    started_ms: now_ms(),
+                    chunks: p.list.chunks.len() as u32,
+                };
+                let topic = self.topics.upload(&p.transfer.sha256);
+                (topic, postcard::to_stdvec(&marker).unwrap_or_default())
+            })
+            .collect();
+        session.publish_all(markers, |_| {}).map_err(unavailable)?;
+        let mut messages = Vec::new();
+        for p in &self.transfers {
+            let sha = p.transfer.sha256;
+            messages.push((self.topics.list(&sha), p.list_message.clone()));
+            for (n, chunk) in p.chunk_messages() {
+                messages.push((self.topics.chunk(&sha, n), chunk));
+            }
+        }
+        let total = messages.len();
+        let label = self.label();
+        // A progress line for people; one line at the end for logs and pipes.
+        let live = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        session
+            .publish_all(messages, |done| {
+                if live {
+                    let mut err = std::io::stderr();
+                    let _ = write!(
+                        err,
+                        "\r{label}: uploaded {done}/{total} messages ({}%)",
+                        done * 100 / total
+                    );
+                    let _ = err.flush();
+                }
+            })
+            .map_err(unavailable)?;
+        if live {
+            eprintln!();
+        }
+        // Kept for the patches of the next release.
+        for b in &self.built {
+            remember(&b.bytes);
+        }
+        Ok(total)
+    }
+}
+
+/// A stream already on the broker keeps the chunk size it went up with: chunk topics
+/// are named by the stream's sha and the index only, so chunks of another size would
+/// replace them under the devices that are fetching them (whose signed desired state
+/// names the old size), and those transfers could never finish.
+fn keep_chunking(session: &mut Session, topics: &Topics, p: Prepared) -> Result<Prepared> {
+    let topic = topics.list(&p.transfer.sha256);
+    let retained = session
+        .retained(&topic)
+        .map_err(|e| coded(Code::Unavailable, e))?;
+    match retained.get(&topic).map(|l| ChunkList::peek(l)) {
+        Some(Ok(list))
+            if list.sha256 == p.transfer.sha256 && list.chunk_size != p.transfer.chunk_size =>
+        {
+            eprintln!(
+                "{}: already on the broker in chunks of {} bytes; keeping that size",
+                hex::encode(&list.sha256[..6]),
+                list.chunk_size
+            );
+            Ok(Prepared::of(p.transfer.codec, p.stream, list.chunk_size))
+        }
+        _ => Ok(p),
+    }
+}
+
+/// The artifacts of module `name` that devices of `scope` report running, the most
+/// common first, at most `MAX_PATCHES`.
+fn running_versions(
+    session: &mut Session,
+    topics: &Topics,
+    scope: &Scope,
+    name: &str,
+) -> Result<Vec<[u8; 32]>> {
+    let unavailable = |e| coded(Code::Unavailable, e);
+    let (reported, status) = match scope {
+        Scope::Device(d) => (topics.reported(d), topics.status(d)),
+        Scope::Group(_) => (topics.all_devices("reported"), topics.all_devices("status")),
+    };
+    // In a group, devices known to be elsewhere are left out; offline devices say
+    // nothing of their groups, so they count.
+    let elsewhere: Vec<String> = match scope {
+        Scope::Device(_) => Vec::new(),
+        Scope::Group(g) => session
+            .retained(&status)
+            .map_err(unavailable)?
+            .into_iter()
+            .filter_map(|(topic, payload)| {
+                let Ok(Status::V1(s)) = postcard::from_bytes(&payload) else {
+                    return None;
+                };
+                let facts = s.facts?;
+                let (device, _) = topics.parse_device(&topic)?;
+                (!facts.groups.contains(g)).then(|| device.to_string())
+            })
+            .collect(),
+    };
+    let mut count: BTreeMap<[u8; 32], usize> = BTreeMap::new();
+    for (topic, payload) in session.retained(&reported).map_err(unavailable)? {
+        let device = topics.parse_device(&topic).map(|(d, _)| d.to_string());
+        if device.is_some_and(|d| elsewhere.contains(&d)) {
+            continue;
+        }
+        if let Ok(Reported::V1(r)) = postcard::from_bytes(&payload) {
+            for m in r
+                .modules
+                .iter()
+                .filter(|m| m.name == name && m.sha256 != [0; 32])
+            {
+                *count.entry(m.sha256).or_default() += 1;
+            }
+        }
+    }
+    let mut shas: Vec<([u8; 32], usize)> = count.into_iter().collect();
+    shas.sort_by(|a, b| b.1.cmp(&a.1));
+    Ok(shas.into_iter().take(MAX_PATCHES).map(|(s, _)| s).collect())
+}
+
+/// Where `kiln` keeps the artifacts it pushed, as bases for later patches.
+pub fn cache_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("kiln").join("artifacts")
+}
+
+fn remember(bytes: &[u8]) {
+    let dir = cache_dir();
+    let path = dir.join(format!("{}.kiln", hex::encode(sha256(bytes))));
+    if !path.exists() {
+        let _ = std::fs::create_dir_all(&dir)
+            .and_then(|()| kiln_protocol::atomic::write_atomically(&path, bytes));
+    }
+}
+
+/// The artifact with sha256 `sha`: from the cache, or fetched back from the broker
+/// through a desired state that still names it.
+fn find_artifact(
+    session: &mut Session,
+    topics: &Topics,
+    sha: &[u8; 32],
+) -> Result<Option<Vec<u8>>> {
+    let cached = cache_dir().join(format!("{}.kiln", hex::encode(sha)));
+    if let Ok(bytes) = read_input(&cached) {
+        if sha256(&bytes) == *sha {
+            return Ok(Some(bytes));
+        }
+    }
+    let unavailable = |e| coded(Code::Unavailable, e);
+    let mut states = session
+        .retained(&topics.all_devices("desired"))
+        .map_err(unavailable)?;
+    states.extend(
+        session
+            .retained(&topics.all_groups_desired())
+            .map_err(unavailable)?,
+    );
+    let wanted = states
+        .values()
+        .filter_map(|payload| SignedDesired::peek(payload).ok())
+        .flat_map(|d| d.modules)
+        .flat_map(|m| m.artifacts)
+        .find(|a| a.sha256 == *sha && a.check().is_ok());
+    let Some(artifact) = wanted else {
+        return Ok(None);
+    };
+    let full = &artifact.full;
+    let parts = session
+        .retained(&topics.chunks(&full.sha256))
+        .map_err(unavailable)?;
+    let stream = parts
+        .get(&topics.list(&full.sha256))
+        .and_then(|payload| ChunkList::open(payload, full).ok())
+        .and_then(|list| {
+            let mut stream = Vec::with_capacity(list.len as usize);
+            for (n, expected) in list.chunks.iter().enumerate() {
+                let payload = parts.get(&topics.chunk(&full.sha256, n as u32))?;
+                let (_, data) = Chunk::open(payload, &list).ok()?;
+                if sha256(&data) != *expected {
+                    return None;
+                }
+                stream.extend_from_slice(&data);
+            }
+            Some(stream)
+        });
+    Ok(stream
+        .and_then(|s| transfer::decode(full.codec, &s, None, artifact.len).ok())
+        .filter(|bytes| sha256(bytes) == *sha))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn release_files_round_trip_and_refuse_anything_else() {
+        let file = encode_file(&[vec![1, 2, 3], vec![4; 100]]);
+        assert_eq!(decode_file(&file).unwrap(), [vec![1, 2, 3], vec![4; 100]]);
+        assert!(decode_file(b"KILNART\x01....").is_err());
+        assert!(decode_file(&file[..file.len() - 1]).is_err());
+        assert!(decode_file(&encode_file(&[])).is_err());
+    }
+}
