@@ -104,14 +104,14 @@ fn artifact_manifest_with_huge_declared_vec_lengths_does_not_decode() {
 
 #[test]
 fn desired_state_with_huge_body_and_signature_lengths_is_malformed() {
-    // V1, body of 2^40 bytes declared, then almost nothing.
-    let mut forged = vec![0];
+    // V2, body of 2^40 bytes declared, then almost nothing.
+    let mut forged = vec![1];
     forged.extend(varint(1 << 40));
     forged.extend_from_slice(&[1, 2, 3]);
     let err = SignedDesired::open(&forged, &trust()).unwrap_err();
     assert!(err.starts_with("malformed desired state"), "{err}");
     assert!(SignedDesired::peek(&forged).is_err());
-    for cut in truncations(&[0, 1, 0xaa, 0, 0, 0, 0, 0, 0, 0, 0, 64]) {
+    for cut in truncations(&[1, 1, 0xaa, 0, 0, 0, 0, 0, 0, 0, 0, 64]) {
         assert!(SignedDesired::open(cut, &trust()).is_err());
     }
 }
@@ -119,7 +119,7 @@ fn desired_state_with_huge_body_and_signature_lengths_is_malformed() {
 #[test]
 fn desired_state_signature_of_the_wrong_length_is_refused_not_sliced() {
     let key = key();
-    let mut forged = vec![0, 1, 0x55];
+    let mut forged = vec![1, 1, 0x55];
     forged.extend_from_slice(&key.public().id().0);
     forged.extend(varint(3));
     forged.extend_from_slice(&[1, 2, 3]);

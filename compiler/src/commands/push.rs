@@ -58,7 +58,7 @@ pub struct ReleaseArgs {
     #[arg(value_name = "INPUT", required = true)]
     pub inputs: Vec<PathBuf>,
     /// For a .wasm/.wat input: a target profile or triple to compile for (repeatable);
-    /// without it, every target the devices online in the group or device report
+    /// without it, every target the group's (or the device's) retained status reports
     #[arg(long = "target", value_name = "PROFILE|TRIPLE")]
     pub targets: Vec<String>,
     #[command(flatten)]
@@ -213,7 +213,8 @@ fn read_config(path: &Path) -> Result<Vec<u8>> {
         .map_err(|e| coded(Code::NoInput, e))
 }
 
-/// The facts of the devices of `scope` that report them (those online).
+/// The facts of the devices of `scope`, from their retained status (an offline
+/// device's last will keeps them).
 fn device_facts(session: &mut Session, topics: &Topics, scope: &Scope) -> Result<Vec<DeviceFacts>> {
     let filter = match scope {
         Scope::Device(d) => topics.status(d),
@@ -435,8 +436,8 @@ impl Confirmation {
     }
 }
 
-/// Says which online devices of `scope` the release has no artifact for: they will
-/// refuse it and keep what they run.
+/// Says when devices of `scope` have a target the release has no artifact for: they
+/// will refuse it and keep what they run.
 fn warn_unserved(
     session: &mut Session,
     topics: &Topics,

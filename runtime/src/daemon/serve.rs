@@ -345,6 +345,7 @@ fn connect(
 ) -> Result<Mqtt, Failure> {
     let refused = |e: String| Failure::new(Code::Config, format!("device `{device}`: {e}"));
     let boot_id = crate::daemon::telemetry::new_boot_id();
+    let facts = fleet::facts(mqtt, boot_id);
     let (agent_tx, agent_rx) = mpsc::sync_channel(AGENT_QUEUE);
     let (telemetry_tx, telemetry_rx) = mpsc::sync_channel(TELEMETRY_QUEUE);
     let (to_agent, acks) = (agent_tx.clone(), telemetry_tx.clone());
@@ -353,7 +354,7 @@ fn connect(
     let link = link::connect(
         mqtt,
         device,
-        fleet::last_will(mqtt, device),
+        fleet::last_will(mqtt, device, &facts),
         move |event| to_agent.send(AgentIn::Link(event)).is_ok(),
         move |delivery| {
             lock(&delivered).push_back(delivery);
@@ -373,7 +374,7 @@ fn connect(
         trust,
         apply,
         link.clone(),
-        boot_id,
+        facts,
     );
 
     let sampled = modules.clone();

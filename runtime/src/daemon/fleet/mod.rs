@@ -41,18 +41,37 @@ pub enum AgentIn {
 /// How the agent changes what runs: the full set of fleet modules.
 pub type ApplyFn = Box<dyn Fn(Vec<ModulePlan>) + Send>;
 
-/// The retained status the broker publishes for this device if kilnd vanishes.
-pub fn last_will(config: &MqttConfig, device: &str) -> (String, Vec<u8>) {
-    (Topics::new(&config.prefix).status(device), offline(device))
+/// The retained status the broker publishes for this device if kilnd vanishes. It
+/// keeps the device's facts, so the fleet tool knows an offline device's target and
+/// groups (and compiles a release for it).
+pub fn last_will(config: &MqttConfig, device: &str, facts: &DeviceFacts) -> (String, Vec<u8>) {
+    (
+        Topics::new(&config.prefix).status(device),
+        offline(device, facts),
+    )
 }
 
-fn offline(device: &str) -> Vec<u8> {
+fn offline(device: &str, facts: &DeviceFacts) -> Vec<u8> {
     postcard::to_stdvec(&Status::V1(StatusV1 {
         device: device.into(),
         online: false,
-        facts: None,
+        facts: Some(facts.clone()),
     }))
     .unwrap_or_default()
+}
+
+/// What this device is, as its status says.
+pub fn facts(config: &MqttConfig, boot_id: u64) -> DeviceFacts {
+    let host = crate::host::facts();
+    DeviceFacts {
+        triple: host.triple.clone(),
+        cpu_features: host.cpu_features.iter().cloned().collect(),
+        kilnd: env!("CARGO_PKG_VERSION").into(),
+        wasmer: host.wasmer.clone(),
+        kiln_abi: host.kiln_abi,
+        groups: config.groups.clone(),
+        boot_id,
+    }
 }
 
 pub struct Driver {
@@ -62,6 +81,8 @@ pub struct Driver {
     apply: ApplyFn,
     topics: Topics,
     device: String,
+    /// The retained status said when kilnd stops.
+    offline: Vec<u8>,
     fault: Option<String>,
 }
 
@@ -75,7 +96,7 @@ pub fn start(
     trust: TrustedKeys,
     apply: ApplyFn,
     link: Link,
-    boot_id: u64,
+    facts: DeviceFacts,
 ) -> Driver {
     let (store, state) = match Store::open(&data_dir) {
         Ok(store) => {
@@ -91,15 +112,7 @@ pub fn start(
         }
     };
     let host = crate::host::facts();
-    let facts = DeviceFacts {
-        triple: host.triple.clone(),
-        cpu_features: host.cpu_features.iter().cloned().collect(),
-        kilnd: env!("CARGO_PKG_VERSION").into(),
-        wasmer: host.wasmer.clone(),
-        kiln_abi: host.kiln_abi,
-        groups: config.groups.clone(),
-        boot_id,
-    };
+    let offline = offline(device, &facts);
     let topics = Topics::new(&config.prefix);
     let agent = Agent::new(
         device,
@@ -118,6 +131,7 @@ pub fn start(
         apply,
         topics,
         device: device.into(),
+        offline,
         fault: fault_point(),
     };
     // What was committed runs before the broker is even reachable.
@@ -171,7 +185,7 @@ impl Driver {
                 },
                 Ok(AgentIn::Stop) | Err(RecvTimeoutError::Disconnected) => {
                     let topic = self.topics.status(&self.device);
-                    self.link.publish(topic, true, offline(&self.device));
+                    self.link.publish(topic, true, self.offline.clone());
                     self.link.disconnect();
                     return;
                 }
