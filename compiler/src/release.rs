@@ -452,12 +452,35 @@ pub fn cache_dir() -> PathBuf {
     base.join("kiln").join("artifacts")
 }
 
+/// An artifact in the cache that no push has used for this long is removed.
+const CACHE_DAYS: u64 = 30;
+
+/// Keeps a pushed artifact in the cache (or marks it used), and clears the artifacts
+/// no push has used for `CACHE_DAYS`.
 fn remember(bytes: &[u8]) {
     let dir = cache_dir();
     let path = dir.join(format!("{}.kiln", hex::encode(sha256(bytes))));
-    if !path.exists() {
+    if path.exists() {
+        touch(&path);
+    } else {
         let _ = std::fs::create_dir_all(&dir)
             .and_then(|()| kiln_protocol::atomic::write_atomically(&path, bytes));
+    }
+    let stale = std::time::Duration::from_secs(CACHE_DAYS * 24 * 3600);
+    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > stale));
+        if old && entry.file_name().to_string_lossy().ends_with(".kiln") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+fn touch(path: &Path) {
+    if let Ok(file) = std::fs::File::options().append(true).open(path) {
+        let _ = file.set_modified(std::time::SystemTime::now());
     }
 }
 
@@ -471,6 +494,7 @@ fn find_artifact(
     let cached = cache_dir().join(format!("{}.kiln", hex::encode(sha)));
     if let Ok(bytes) = read_input(&cached) {
         if sha256(&bytes) == *sha {
+            touch(&cached);
             return Ok(Some(bytes));
         }
     }

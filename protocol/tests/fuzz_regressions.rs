@@ -11,7 +11,7 @@ use kiln_protocol::fleet::{Event, Reported, SignedDesired, Status};
 use kiln_protocol::keys::{SecretKey, TrustedKeys};
 use kiln_protocol::manifest::Manifest;
 use kiln_protocol::telemetry::{self, Batch, Dropped, Tracker, MAX_RANGES, MAX_STREAMS};
-use kiln_protocol::transfer::Chunk;
+use kiln_protocol::transfer::{self, decode, sha256, Chunk, ChunkList, Codec, Transfer};
 use kiln_protocol::worker::{read_frame, FromWorker, ToWorker, MAX_FRAME};
 
 /// The fuzz targets' fixed key (fuzz/src/lib.rs).
@@ -290,4 +290,50 @@ fn worker_frames_truncated_or_with_bad_tags_are_errors() {
     // An unknown request and an unknown reply.
     assert!(read_frame::<ToWorker>(&mut Cursor::new(vec![2, 0, 0, 0, 0, 9])).is_err());
     assert!(read_frame::<FromWorker>(&mut Cursor::new(vec![2, 0, 0, 0, 0, 9])).is_err());
+}
+
+// transfer: chunk lists and streams
+
+#[test]
+fn chunk_list_declaring_a_huge_count_is_refused_without_allocating_it() {
+    // V1 { sha256, len, chunk_size, chunks: 2^40 hashes declared }, then nothing.
+    let mut forged = vec![0];
+    forged.extend_from_slice(&[7; 32]);
+    forged.extend(varint(1 << 30));
+    forged.extend(varint(4096));
+    forged.extend(varint(1 << 40));
+    forged.extend_from_slice(&[1, 2, 3]);
+    let transfer = Transfer {
+        codec: Codec::Zstd,
+        sha256: [7; 32],
+        len: 1 << 30,
+        chunk_size: 4096,
+        list: sha256(&forged),
+    };
+    assert!(ChunkList::open(&forged, &transfer).is_err());
+    assert!(ChunkList::peek(&forged).is_err());
+    for cut in truncations(&forged) {
+        assert!(ChunkList::peek(cut).is_err());
+    }
+}
+
+#[test]
+fn a_stream_is_decoded_only_to_its_signed_length() {
+    let artifact = vec![5u8; 10_000];
+    let stream = transfer::compress(&artifact);
+    // Longer or shorter than the frame says, or beyond the largest artifact.
+    assert!(decode(Codec::Zstd, &stream, None, 9_999).is_err());
+    assert!(decode(Codec::Zstd, &stream, None, 10_001).is_err());
+    assert!(decode(Codec::Zstd, &stream, None, u64::MAX).is_err());
+    assert!(decode(Codec::Raw, &artifact, None, u64::MAX).is_err());
+    // A patch without its base; cut streams; junk.
+    assert!(decode(Codec::ZstdPatch, &stream, None, 10_000).is_err());
+    for cut in truncations(&stream) {
+        assert!(decode(Codec::Zstd, cut, None, 10_000).is_err());
+    }
+    assert!(decode(Codec::Zstd, b"\x28\xb5\x2f\xfd junk", None, 10_000).is_err());
+    assert_eq!(
+        decode(Codec::Zstd, &stream, None, 10_000).unwrap(),
+        artifact
+    );
 }

@@ -22,12 +22,17 @@ use crate::release::{decode_file, read_input, verify_all, Entry, Release, Wire, 
 use crate::targets::ResolvedTarget;
 
 const AFTER_HELP: &str = "\
-Chunks go to retained topics under artifacts/{sha256}/, then the signed desired state
-for the device or group is updated (other modules in it are kept). Devices that are
-offline converge when they come back.
+A release is one artifact per target; each device takes its own. Each artifact goes to
+retained topics under artifacts/{sha256}/ zstd-compressed, with a patch from every
+version the targeted devices report running (--no-delta: none; --wire raw: the bytes
+as they are). Then the signed desired state for the device or group is updated (other
+modules in it are kept). Devices that are offline converge when they come back.
 
 Examples:
   kiln push app.kiln --device dev-01 --sign fleet.key
+  kiln push app.wasm --group lab --version 3 --sign fleet.key   # compiled for the group's targets
+  kiln push app-aarch64.kiln app-riscv64.kiln --group lab --sign fleet.key
+  kiln push app.kilnrel --group lab --sign fleet.key            # from `kiln release`
   kiln push app.kiln --group lab --sign fleet.key --broker mqtt://broker.lan:1883 --config app.conf
   kiln push app.kiln --device dev-01 --sign fleet.key --allow-downgrade   # roll back on purpose";
 

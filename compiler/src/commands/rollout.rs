@@ -26,6 +26,7 @@ devices that committed keep the release in their own desired state (named on std
 
 Examples:
   kiln rollout app.kiln --group lab --sign fleet.key                 # 1 canary, then the rest
+  kiln rollout app.kilnrel --group lab --sign fleet.key              # a release for every target
   kiln rollout app.kiln --group lab --sign fleet.key --canary 2 --wave-size 10";
 
 /// Update a group's devices in waves, halting when a wave does not take the release
