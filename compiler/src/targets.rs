@@ -114,8 +114,10 @@ impl ResolvedTarget {
         cpu_features: &[String],
         profiles: &[TargetProfile],
     ) -> Result<Self> {
+        // On a tie, the first profile (the generic one sorts before a board's).
         let best = profiles
             .iter()
+            .rev()
             .filter(|p| kiln_protocol::compat::same_target(&p.triple, triple))
             .filter(|p| p.cpu_features.iter().all(|f| cpu_features.contains(f)))
             .max_by_key(|p| p.cpu_features.len());
@@ -147,6 +149,29 @@ impl ResolvedTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_gets_the_profile_with_the_most_features_it_has_the_generic_one_on_a_tie() {
+        let profiles = load(None).unwrap();
+        let pick = |triple: &str, features: &[&str]| {
+            let f: Vec<String> = features.iter().map(|s| s.to_string()).collect();
+            ResolvedTarget::for_device(triple, &f, &profiles)
+                .unwrap()
+                .label()
+        };
+        let x86 = ["sse2", "sse3", "ssse3", "sse4.1", "sse4.2", "popcnt"];
+        let mut v3 = x86.to_vec();
+        v3.extend(["avx", "avx2", "bmi", "bmi2", "fma", "lzcnt", "avx512f"]);
+        assert!(pick("x86_64-unknown-linux-gnu", &v3).starts_with("x86_64-v3-linux "));
+        assert!(pick("x86_64-unknown-linux-musl", &x86).starts_with("x86_64-linux "));
+        assert!(pick("aarch64-unknown-linux-gnu", &["neon", "crc"]).starts_with("aarch64-linux "));
+        assert!(pick("riscv64gc-unknown-linux-gnu", &[]).starts_with("riscv64-linux "));
+        // No profile's baseline: the bare triple.
+        assert_eq!(
+            pick("aarch64-unknown-linux-gnu", &[]),
+            "aarch64-unknown-linux-gnu"
+        );
+    }
 
     #[test]
     fn builtin_profiles_cover_the_three_architectures_and_a_board() {

@@ -348,6 +348,7 @@ impl DesiredModule {
         let best = self
             .artifacts
             .iter()
+            .rev() // on a tie, the first
             .filter(same)
             .filter(fits)
             .max_by_key(|a| a.cpu_features.len());
