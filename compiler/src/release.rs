@@ -439,7 +439,7 @@ fn running_versions(
         }
     }
     let mut shas: Vec<([u8; 32], usize)> = count.into_iter().collect();
-    shas.sort_by(|a, b| b.1.cmp(&a.1));
+    shas.sort_by_key(|s| std::cmp::Reverse(s.1));
     Ok(shas.into_iter().take(MAX_PATCHES).map(|(s, _)| s).collect())
 }
 

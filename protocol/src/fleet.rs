@@ -394,14 +394,24 @@ pub enum SignedDesired {
 
 const DESIRED_CONTEXT: &[u8] = b"kiln desired v2\0";
 
-/// The body and signature of a current-format desired state.
-fn unwrap_v2(bytes: &[u8]) -> Result<(Vec<u8>, [u8; 8], Vec<u8>), String> {
+/// The parts of a current-format desired state, not checked yet.
+struct Sealed {
+    body: Vec<u8>,
+    key_id: [u8; 8],
+    signature: Vec<u8>,
+}
+
+fn unwrap_v2(bytes: &[u8]) -> Result<Sealed, String> {
     match postcard::from_bytes(bytes).map_err(|e| format!("malformed desired state: {e}"))? {
         SignedDesired::V2 {
             body,
             key_id,
             signature,
-        } => Ok((body, key_id, signature)),
+        } => Ok(Sealed {
+            body,
+            key_id,
+            signature,
+        }),
         SignedDesired::V1 { .. } => Err(
             "desired state in kiln 0.1's format (one artifact per module), which this kilnd no longer reads; push the release again with a current kiln".into(),
         ),
@@ -422,7 +432,11 @@ impl SignedDesired {
 
     /// Decodes and verifies a retained desired-state payload.
     pub fn open(bytes: &[u8], trust: &TrustedKeys) -> Result<Desired, String> {
-        let (body, key_id, signature) = unwrap_v2(bytes)?;
+        let Sealed {
+            body,
+            key_id,
+            signature,
+        } = unwrap_v2(bytes)?;
         let key = trust
             .find(KeyId(key_id))
             .ok_or_else(|| format!("desired state signed by untrusted key {}", KeyId(key_id)))?;
@@ -444,7 +458,7 @@ impl SignedDesired {
     /// The body without checking the signature: for tools that only look (which
     /// artifacts are still referenced), never for acting on it.
     pub fn peek(bytes: &[u8]) -> Result<Desired, String> {
-        let (body, ..) = unwrap_v2(bytes)?;
+        let body = unwrap_v2(bytes)?.body;
         postcard::from_bytes(&body).map_err(|e| format!("malformed desired state body: {e}"))
     }
 }

@@ -310,7 +310,8 @@ pub fn patch(base: &[u8], artifact: &[u8]) -> Vec<u8> {
     let overlaps = base.as_ptr_range().start < artifact.as_ptr_range().end
         && artifact.as_ptr_range().start < base.as_ptr_range().end;
     if overlaps {
-        return patch(&base.to_vec(), artifact);
+        let copy = base.to_vec();
+        return patch(&copy, artifact);
     }
     let span = (base.len() + artifact.len()).max(1 << 10) as u64;
     let window = (64 - (span - 1).leading_zeros()).clamp(10, 30);

@@ -141,7 +141,7 @@ pub enum Effect {
         target: Box<TargetArtifact>,
         key: DownloadKey,
         slot: Slot,
-        from: StageFrom,
+        from: Box<StageFrom>,
     },
     DropDownload(DownloadKey),
     /// What fleet modules run: each with the installed version to run.
@@ -624,7 +624,7 @@ impl Agent {
                 target: Box::new(target),
                 key,
                 slot,
-                from: StageFrom::Slot,
+                from: Box::new(StageFrom::Slot),
             });
         }
     }
@@ -819,7 +819,7 @@ impl Agent {
         let (name, version) = (d.module.name.clone(), d.module.version);
         self.out.push(Effect::Unsubscribe(topic));
         self.out.push(Effect::Checkpoint("download"));
-        if count < total && count % 8 == 0 {
+        if count < total && count.is_multiple_of(8) {
             self.event(
                 &name,
                 version,
@@ -858,7 +858,7 @@ impl Agent {
             target: Box::new(target),
             key,
             slot,
-            from,
+            from: Box::new(from),
         });
     }
 

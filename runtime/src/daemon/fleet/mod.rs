@@ -285,7 +285,7 @@ impl Executor {
                 slot,
                 from,
             } => {
-                let result = self.stage(&module, &target, &key, slot, from);
+                let result = self.stage(&module, &target, &key, slot, *from);
                 Input::Staged {
                     module: module.name,
                     key,
