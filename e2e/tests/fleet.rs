@@ -110,6 +110,17 @@ impl Watch {
     }
 }
 
+/// A short health window and tick, and artifacts sent whole: for the tests that read
+/// chunks on the broker as the artifact's own bytes.
+const QUICK_RAW: [&str; 6] = [
+    "--health-window-ms",
+    "1000",
+    "--tick-ms",
+    "100",
+    "--wire",
+    "raw",
+];
+
 /// `kiln push` in-process, as the command line would run it.
 pub(crate) fn push(broker: &Broker, artifact: &Path, device: &str, extra: &[&str]) {
     try_push(&broker.url(), artifact, ["--device", device], extra)
@@ -309,14 +320,7 @@ fn an_offline_device_converges_and_a_broker_restart_mid_transfer_is_survived() {
 
 #[test]
 fn bad_desired_states_and_chunks_are_rejected_and_the_running_module_untouched() {
-    let health = [
-        "--health-window-ms",
-        "1000",
-        "--tick-ms",
-        "100",
-        "--wire",
-        "raw",
-    ];
+    let health = QUICK_RAW;
     let (broker, watch, mut device) = device_at_v1("dev-03", &health);
     let topics = Topics::new(DEFAULT_PREFIX);
     let desired_topic = topics.desired("dev-03");
@@ -487,14 +491,7 @@ fn rollout_hands_over_to_the_group_halts_at_a_canary_that_rolls_back_and_gc_remo
     let url = broker.url();
     let topics = Topics::new(DEFAULT_PREFIX);
     // Sent whole, so gc's view of the broker is by artifact.
-    let health = [
-        "--health-window-ms",
-        "1000",
-        "--tick-ms",
-        "100",
-        "--wire",
-        "raw",
-    ];
+    let health = QUICK_RAW;
     let rollout = |artifact: &Path| {
         let mut args = vec![
             "rollout",

@@ -6,7 +6,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser};
 use kiln_protocol::fleet::{
     Desired, DesiredModule, DeviceFacts, Event, EventKind, ModuleLimits, Reported, Scope,
-    SignedDesired, Status, Topics, MAX_DESIRED,
+    SignedDesired, Status, StatusV1, Topics, MAX_DESIRED,
 };
 use kiln_protocol::keys::{SecretKey, TrustedKeys};
 use kiln_protocol::manifest::parse_memory_size;
@@ -221,22 +221,38 @@ fn read_config(path: &Path) -> Result<Vec<u8>> {
 /// The facts of the devices of `scope`, from their retained status (an offline
 /// device's last will keeps them).
 fn device_facts(session: &mut Session, topics: &Topics, scope: &Scope) -> Result<Vec<DeviceFacts>> {
+    Ok(statuses(session, topics, scope)?
+        .into_iter()
+        .filter_map(|(_, s)| s.facts)
+        .collect())
+}
+
+/// The retained status of every device of `scope`: the device, or the devices whose
+/// status names the group.
+fn statuses(
+    session: &mut Session,
+    topics: &Topics,
+    scope: &Scope,
+) -> Result<Vec<(String, StatusV1)>> {
     let filter = match scope {
         Scope::Device(d) => topics.status(d),
         Scope::Group(_) => topics.all_devices("status"),
     };
-    let statuses = session
+    let retained = session
         .retained(&filter)
         .map_err(|e| coded(Code::Unavailable, e))?;
-    Ok(statuses
-        .into_values()
-        .filter_map(|payload| match postcard::from_bytes(&payload) {
-            Ok(Status::V1(s)) => s.facts,
-            Err(_) => None,
-        })
-        .filter(|f| match scope {
-            Scope::Device(_) => true,
-            Scope::Group(g) => f.groups.contains(g),
+    Ok(retained
+        .into_iter()
+        .filter_map(|(topic, payload)| {
+            let Ok(Status::V1(s)) = postcard::from_bytes(&payload) else {
+                return None;
+            };
+            let (device, _) = topics.parse_device(&topic)?;
+            let targeted = match scope {
+                Scope::Device(d) => d == device,
+                Scope::Group(g) => s.facts.as_ref().is_some_and(|f| f.groups.contains(g)),
+            };
+            targeted.then(|| (device.to_string(), s))
         })
         .collect())
 }
@@ -460,26 +476,10 @@ fn warn_unserved(
 
 /// The devices targeted by `scope` that are online now, by their retained status.
 fn online_targets(session: &mut Session, topics: &Topics, scope: &Scope) -> Result<Vec<String>> {
-    let filter = match scope {
-        Scope::Device(d) => topics.status(d),
-        Scope::Group(_) => topics.all_devices("status"),
-    };
-    let statuses = session
-        .retained(&filter)
-        .map_err(|e| coded(Code::Unavailable, e))?;
-    Ok(statuses
+    Ok(statuses(session, topics, scope)?
         .into_iter()
-        .filter_map(|(topic, payload)| {
-            let Ok(Status::V1(s)) = postcard::from_bytes(&payload) else {
-                return None;
-            };
-            let (device, _) = topics.parse_device(&topic)?;
-            let targeted = match scope {
-                Scope::Device(d) => d == device,
-                Scope::Group(g) => s.facts.is_some_and(|f| f.groups.contains(g)),
-            };
-            (s.online && targeted).then(|| device.to_string())
-        })
+        .filter(|(_, s)| s.online)
+        .map(|(device, _)| device)
         .collect())
 }
 

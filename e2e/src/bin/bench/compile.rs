@@ -211,7 +211,7 @@ fn section(module: &mut Vec<u8>, id: u8, content: &[u8]) {
     module.extend(content);
 }
 
-fn uleb(mut v: u32) -> Vec<u8> {
+pub fn uleb(mut v: u32) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
         let byte = (v & 0x7f) as u8;

@@ -87,24 +87,37 @@ fn sized_module(size: usize, version: u64) -> String {
     )
 }
 
-pub fn update_latency(target: &Target, runs: usize) -> Vec<Vec<String>> {
-    let broker = Broker::start();
-    let device = format!("bench-{}", target.name);
+/// `kilnd serve` as fleet device `device` of `broker` (config named `name`), and the
+/// version of each worker it starts, as it starts.
+pub fn fleet_device(
+    target: &Target,
+    broker: &Broker,
+    name: &str,
+    device: &str,
+) -> (std::process::Child, std::sync::mpsc::Receiver<u64>) {
     let config = target.config(
-        &device,
+        name,
         &format!(
             "device = {device:?}\ndata_dir = \"data\"\n[mqtt]\nbroker = {:?}\n",
             broker.url()
         ),
     );
-    let (mut child, records) = target.serve(&config);
+    let (child, records) = target.serve(&config);
     let (tx, rx) = std::sync::mpsc::channel::<u64>();
     std::thread::spawn(move || {
         for r in records.filter(|r| r["kind"] == "started") {
             let _ = tx.send(r["version"].as_u64().unwrap_or(0));
         }
     });
+    // Its birth message.
     std::thread::sleep(Duration::from_secs(1));
+    (child, rx)
+}
+
+pub fn update_latency(target: &Target, runs: usize) -> Vec<Vec<String>> {
+    let broker = Broker::start();
+    let device = format!("bench-{}", target.name);
+    let (mut child, rx) = fleet_device(target, &broker, &device, &device);
     let mut rows = Vec::new();
     let mut version = 0;
     for (label, size) in [("100 KiB", 100 * 1024), ("1 MiB", 1024 * 1024)] {

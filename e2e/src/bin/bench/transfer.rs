@@ -14,7 +14,8 @@ use kiln_e2e::mosquitto::Broker;
 use kiln_e2e::path_str;
 use kiln_protocol::transfer::{decode, Codec, Prepared, Transfer, DEFAULT_CHUNK};
 
-use crate::compile::{host_kiln, synthetic_module_with};
+use crate::compile::{host_kiln, synthetic_module_with, uleb as leb};
+use crate::fleet::fleet_device;
 use crate::target::Target;
 use crate::{median, table};
 
@@ -146,12 +147,12 @@ fn as_reactor(command: &Path, out: &Path) -> PathBuf {
     let mut sections = Vec::new();
     let mut at = 8;
     while at < bytes.len() {
-        let (size, n) = uleb(&bytes[at + 1..]);
+        let (size, n) = read_uleb(&bytes[at + 1..]);
         let body = at + 1 + n;
         sections.push((bytes[at], bytes[body..body + size].to_vec()));
         at = body + size;
     }
-    let count = |body: &[u8]| uleb(body).0;
+    let count = |body: &[u8]| read_uleb(body).0;
     let types = sections
         .iter()
         .find(|(id, _)| *id == 1)
@@ -165,8 +166,8 @@ fn as_reactor(command: &Path, out: &Path) -> PathBuf {
         .find(|(id, _)| *id == 3)
         .map_or(0, |(_, b)| count(b));
     let append = |body: &[u8], item: &[u8]| {
-        let (n, len) = uleb(body);
-        let mut out = leb(n + 1);
+        let (n, len) = read_uleb(body);
+        let mut out = leb(n as u32 + 1);
         out.extend_from_slice(&body[len..]);
         out.extend_from_slice(item);
         out
@@ -175,7 +176,7 @@ fn as_reactor(command: &Path, out: &Path) -> PathBuf {
     for (id, body) in sections {
         let body = match id {
             1 => append(&body, &[0x60, 0, 1, 0x7f]),
-            3 => append(&body, &leb(types)),
+            3 => append(&body, &leb(types as u32)),
             7 => {
                 let mut body = body;
                 let name = b"\x06_start\x00";
@@ -184,14 +185,14 @@ fn as_reactor(command: &Path, out: &Path) -> PathBuf {
                 }
                 let mut export = leb(9);
                 export.extend_from_slice(b"kiln_tick\x00");
-                export.extend(leb(imported + defined));
+                export.extend(leb((imported + defined) as u32));
                 append(&body, &export)
             }
             10 => append(&body, &[4, 0, 0x41, 0, 0x0b]),
             _ => body,
         };
         module.push(id);
-        module.extend(leb(body.len()));
+        module.extend(leb(body.len() as u32));
         module.extend(body);
     }
     std::fs::write(out, &module).expect("write the reactor copy");
@@ -200,11 +201,11 @@ fn as_reactor(command: &Path, out: &Path) -> PathBuf {
 
 /// How many functions an import section imports.
 fn imported_functions(body: &[u8]) -> usize {
-    let (n, mut at) = uleb(body);
+    let (n, mut at) = read_uleb(body);
     let mut functions = 0;
     for _ in 0..n {
         for _ in 0..2 {
-            let (len, k) = uleb(&body[at..]);
+            let (len, k) = read_uleb(&body[at..]);
             at += k + len;
         }
         let kind = body[at];
@@ -212,7 +213,7 @@ fn imported_functions(body: &[u8]) -> usize {
         match kind {
             0 => {
                 functions += 1;
-                at += uleb(&body[at..]).1;
+                at += read_uleb(&body[at..]).1;
             }
             // memory: limits; table: reftype, limits; global: valtype, mutability
             2 => at += limits(&body[at..]),
@@ -225,15 +226,15 @@ fn imported_functions(body: &[u8]) -> usize {
 
 fn limits(bytes: &[u8]) -> usize {
     let flags = bytes[0];
-    let mut at = 1 + uleb(&bytes[1..]).1;
+    let mut at = 1 + read_uleb(&bytes[1..]).1;
     if flags & 1 != 0 {
-        at += uleb(&bytes[at..]).1;
+        at += read_uleb(&bytes[at..]).1;
     }
     at
 }
 
 /// A LEB128 u32 and how many bytes it took.
-fn uleb(bytes: &[u8]) -> (usize, usize) {
+fn read_uleb(bytes: &[u8]) -> (usize, usize) {
     let mut value = 0usize;
     for (i, b) in bytes.iter().enumerate().take(5) {
         value |= usize::from(b & 0x7f) << (7 * i);
@@ -242,19 +243,6 @@ fn uleb(bytes: &[u8]) -> (usize, usize) {
         }
     }
     (value, 5)
-}
-
-fn leb(mut v: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let byte = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(byte);
-            return out;
-        }
-        out.push(byte | 0x80);
-    }
 }
 
 /// Every payload a device receives for a transfer: its chunk list and chunks.
@@ -331,21 +319,8 @@ fn push_times(target: &Target, family: &Family) -> Vec<[f64; 3]> {
     for (m, (mode, flags)) in MODES.iter().enumerate() {
         let broker = Broker::start();
         let device = format!("xfer-{}-{mode}", target.name);
-        let config = target.config(
-            &format!("{device}-{}", family.label.replace(' ', "-")),
-            &format!(
-                "device = {device:?}\ndata_dir = \"data\"\n[mqtt]\nbroker = {:?}\n",
-                broker.url()
-            ),
-        );
-        let (mut child, records) = target.serve(&config);
-        let (tx, rx) = std::sync::mpsc::channel::<u64>();
-        std::thread::spawn(move || {
-            for r in records.filter(|r| r["kind"] == "started") {
-                let _ = tx.send(r["version"].as_u64().unwrap_or(0));
-            }
-        });
-        std::thread::sleep(Duration::from_secs(1));
+        let name = format!("{device}-{}", family.label.replace(' ', "-"));
+        let (mut child, rx) = fleet_device(target, &broker, &name, &device);
         let config_file = target.dir.join("xfer.conf");
         let url = broker.url();
         for (i, artifact) in [0, 1, 1, 2].into_iter().enumerate() {
