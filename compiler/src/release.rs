@@ -17,9 +17,7 @@ use kiln_protocol::fleet::{
 };
 use kiln_protocol::keys::{SecretKey, TrustedKeys};
 use kiln_protocol::manifest::Manifest;
-use kiln_protocol::transfer::{
-    self, sha256, Chunk, ChunkList, Codec, Prepared, Transfer, MAX_ARTIFACT,
-};
+use kiln_protocol::transfer::{self, sha256, Chunk, ChunkList, Codec, Prepared, MAX_ARTIFACT};
 use serde::{Deserialize, Serialize};
 
 use crate::broker::{now_ms, Session};
@@ -223,17 +221,19 @@ impl Release {
         let mut transfers = Vec::new();
         let mut artifacts = Vec::new();
         for b in &built {
+            let stream = encoded(codec, None, &b.bytes);
             let full = keep_chunking(
                 session,
                 topics,
-                Transfer::full(&b.bytes, codec, entry.chunk_size),
+                Prepared::of(codec, stream, entry.chunk_size),
             )?;
             let mut patches = Vec::new();
             for (base, triple, base_bytes) in &bases {
                 if !same_target(triple, &b.manifest.target.triple) || patches.len() >= MAX_PATCHES {
                     continue;
                 }
-                let p = Transfer::patch(base_bytes, &b.bytes, entry.chunk_size);
+                let stream = encoded(Codec::ZstdPatch, Some(base_bytes), &b.bytes);
+                let p = Prepared::of(Codec::ZstdPatch, stream, entry.chunk_size);
                 // A patch no smaller than the whole artifact is not worth a round trip.
                 if p.stream.len() >= full.stream.len() {
                     continue;
@@ -452,11 +452,38 @@ pub fn cache_dir() -> PathBuf {
     base.join("kiln").join("artifacts")
 }
 
-/// An artifact in the cache that no push has used for this long is removed.
+/// `bytes` as `codec` makes them (from `base`, for a patch): from the cache when an
+/// earlier push made the same stream (checked by decoding it), else made now and
+/// kept. Compressing at level 19 and patching take seconds for a large artifact; a
+/// push of the same release with another config, or to another group, takes none.
+fn encoded(codec: Codec, base: Option<&[u8]>, bytes: &[u8]) -> Vec<u8> {
+    let sha = hex::encode(sha256(bytes));
+    let name = match (codec, base) {
+        (Codec::Raw, _) => return bytes.to_vec(),
+        (Codec::ZstdPatch, Some(base)) => format!("{}-{sha}.patch", hex::encode(sha256(base))),
+        _ => format!("{sha}.zst"),
+    };
+    let path = cache_dir().join(name);
+    if let Ok(stream) = read_input(&path) {
+        if transfer::decode(codec, &stream, base, bytes.len() as u64).is_ok_and(|b| b == bytes) {
+            touch(&path);
+            return stream;
+        }
+    }
+    let stream = match base {
+        Some(base) => transfer::patch(base, bytes),
+        None => transfer::compress(bytes),
+    };
+    let _ = std::fs::create_dir_all(cache_dir())
+        .and_then(|()| kiln_protocol::atomic::write_atomically(&path, &stream));
+    stream
+}
+
+/// A file in the cache that no push has used for this long is removed.
 const CACHE_DAYS: u64 = 30;
 
 /// Keeps a pushed artifact in the cache (or marks it used), and clears the artifacts
-/// no push has used for `CACHE_DAYS`.
+/// and streams no push has used for `CACHE_DAYS`.
 fn remember(bytes: &[u8]) {
     let dir = cache_dir();
     let path = dir.join(format!("{}.kiln", hex::encode(sha256(bytes))));
@@ -472,7 +499,11 @@ fn remember(bytes: &[u8]) {
             .metadata()
             .and_then(|m| m.modified())
             .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > stale));
-        if old && entry.file_name().to_string_lossy().ends_with(".kiln") {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ours = [".kiln", ".zst", ".patch"]
+            .iter()
+            .any(|e| name.ends_with(e));
+        if old && ours {
             let _ = std::fs::remove_file(entry.path());
         }
     }
