@@ -177,6 +177,13 @@ impl Session {
         Ok(out)
     }
 
+    /// Every retained desired state, of devices and of groups, by topic.
+    pub fn desired_states(&mut self, topics: &Topics) -> Result<BTreeMap<String, Vec<u8>>> {
+        let mut states = self.retained(&topics.all_devices("desired"))?;
+        states.extend(self.retained(&topics.all_groups_desired())?);
+        Ok(states)
+    }
+
     /// Subscribes to `filter` for [`Session::next_message`].
     pub fn subscribe(&mut self, filter: &str) -> Result<()> {
         self.client

@@ -530,14 +530,7 @@ fn find_artifact(
         }
     }
     let unavailable = |e| coded(Code::Unavailable, e);
-    let mut states = session
-        .retained(&topics.all_devices("desired"))
-        .map_err(unavailable)?;
-    states.extend(
-        session
-            .retained(&topics.all_groups_desired())
-            .map_err(unavailable)?,
-    );
+    let states = session.desired_states(topics).map_err(unavailable)?;
     let wanted = states
         .values()
         .filter_map(|payload| SignedDesired::peek(payload).ok())

@@ -141,9 +141,18 @@ fn publish(broker: &Broker, p: &Prepared) {
     }
 }
 
-/// A desired state for `device` with module `app` at `version` in `artifacts`,
-/// signed with the fleet key.
-fn offer(broker: &Broker, device: &str, version: u64, artifacts: Vec<TargetArtifact>) {
+/// Publishes `transfers`, then a desired state for `device` with module `app` at
+/// `version` in `artifacts`, signed with the fleet key.
+fn offer(
+    broker: &Broker,
+    device: &str,
+    version: u64,
+    artifacts: Vec<TargetArtifact>,
+    transfers: &[&Prepared],
+) {
+    for p in transfers {
+        publish(broker, p);
+    }
     let key = kiln_compiler::keyfile::read_secret(&shared().key()).unwrap();
     let desired = Desired {
         scope: Scope::Device(device.into()),
@@ -217,8 +226,7 @@ fn bad_releases_and_transfers_are_refused_and_the_running_version_untouched() {
     let v2 = read(&app("x86_64-linux", 2, false));
     let (mut riscv, p) = TargetArtifact::whole(&v2, X86, Vec::new(), Codec::Zstd, 4096);
     riscv.triple = "riscv64gc-unknown-linux-gnu".into();
-    publish(&broker, &p);
-    offer(&broker, id, 2, vec![riscv]);
+    offer(&broker, id, 2, vec![riscv], &[&p]);
     refused(
         2,
         "no artifact for the device",
@@ -242,8 +250,7 @@ fn bad_releases_and_transfers_are_refused_and_the_running_version_untouched() {
         &["--name", "app", "--version", "3"],
     );
     let (entry, p) = TargetArtifact::whole(&read(&foreign), X86, Vec::new(), Codec::Zstd, 4096);
-    publish(&broker, &p);
-    offer(&broker, id, 3, vec![entry]);
+    offer(&broker, id, 3, vec![entry], &[&p]);
     refused(3, "an untrusted signer", "which is not trusted");
 
     // A truncated compressed stream, and a corrupt one: their chunks hash as the
@@ -252,8 +259,7 @@ fn bad_releases_and_transfers_are_refused_and_the_running_version_untouched() {
     let mut stream = transfer::compress(&v4);
     stream.truncate(stream.len() / 2);
     let (entry, p) = entry_with_stream(&v4, Codec::Zstd, stream);
-    publish(&broker, &p);
-    offer(&broker, id, 4, vec![entry]);
+    offer(&broker, id, 4, vec![entry], &[&p]);
     refused(4, "a truncated stream", "the zstd stream");
     let v5 = read(&app("x86_64-linux", 5, false));
     let mut stream = transfer::compress(&v5);
@@ -262,15 +268,13 @@ fn bad_releases_and_transfers_are_refused_and_the_running_version_untouched() {
         .iter_mut()
         .for_each(|b| *b ^= 0x5a);
     let (entry, p) = entry_with_stream(&v5, Codec::Zstd, stream);
-    publish(&broker, &p);
-    offer(&broker, id, 5, vec![entry]);
+    offer(&broker, id, 5, vec![entry], &[&p]);
     refused(5, "a corrupt stream", "the zstd stream");
 
     // Decompression bombs: 64 MiB of zeros in 2 KiB, sized or not.
     let v6 = read(&app("x86_64-linux", 6, false));
     let (entry, p) = entry_with_stream(&v6, Codec::Zstd, zeros_frame(64 << 20, false));
-    publish(&broker, &p);
-    offer(&broker, id, 6, vec![entry]);
+    offer(&broker, id, 6, vec![entry], &[&p]);
     refused(
         6,
         "a bomb of undeclared size",
@@ -278,8 +282,7 @@ fn bad_releases_and_transfers_are_refused_and_the_running_version_untouched() {
     );
     let v7 = read(&app("x86_64-linux", 7, false));
     let (entry, p) = entry_with_stream(&v7, Codec::Zstd, zeros_frame(64 << 20, true));
-    publish(&broker, &p);
-    offer(&broker, id, 7, vec![entry]);
+    offer(&broker, id, 7, vec![entry], &[&p]);
     refused(
         7,
         "a bomb that declares its size",
@@ -291,15 +294,12 @@ fn bad_releases_and_transfers_are_refused_and_the_running_version_untouched() {
     // says why and fetches the whole artifact, which installs.
     let v8 = read(&app("x86_64-linux", 8, false));
     let (mut entry, full) = TargetArtifact::whole(&v8, X86, Vec::new(), Codec::Zstd, 4096);
-    // (A copy: zstd ignores a prefix that overlaps the input in memory.)
-    let wrong = Transfer::patch(&v8.clone(), &v8, 4096);
+    let wrong = Transfer::patch(&v8, &v8, 4096);
     entry.patches.push(Patch {
         base: sha256(&v1),
         transfer: wrong.transfer.clone(),
     });
-    publish(&broker, &full);
-    publish(&broker, &wrong);
-    offer(&broker, id, 8, vec![entry]);
+    offer(&broker, id, 8, vec![entry], &[&full, &wrong]);
     watch.wait_event(Duration::from_secs(30), "fell back", |(m, v, k)| {
         m == "app"
             && *v == 8

@@ -319,6 +319,11 @@ impl TargetArtifact {
         Ok(())
     }
 
+    /// Every way to fetch the artifact: whole, then each patch.
+    pub fn transfers(&self) -> impl Iterator<Item = &Transfer> {
+        std::iter::once(&self.full).chain(self.patches.iter().map(|p| &p.transfer))
+    }
+
     /// The transfer to fetch: a patch from `base` (the committed artifact) if there is
     /// one and patches are not `excluded`, else the full artifact.
     pub fn transfer_from(

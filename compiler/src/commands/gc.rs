@@ -2,7 +2,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
 use clap::Parser;
-use kiln_protocol::fleet::{SignedDesired, Topics, Upload};
+use kiln_protocol::fleet::{SignedDesired, TargetArtifact, Topics, Upload};
 
 use crate::broker::{now_ms, BrokerArgs, Session};
 use crate::commands::compile::human_size;
@@ -129,24 +129,18 @@ impl GcCommand {
             entry.1 += payload.len() as u64;
         }
         let mut markers = markers(&mut session, &topics)?;
-        let mut desired = session
-            .retained(&topics.all_devices("desired"))
-            .map_err(unavailable)?;
-        desired.extend(
-            session
-                .retained(&topics.all_groups_desired())
-                .map_err(unavailable)?,
-        );
+        let desired = session.desired_states(&topics).map_err(unavailable)?;
         let mut referenced = BTreeSet::new();
         for (topic, payload) in &desired {
             match SignedDesired::peek(payload) {
                 // Every transfer of every target: the whole artifact and its patches.
-                Ok(d) => {
-                    referenced.extend(d.modules.iter().flat_map(|m| &m.artifacts).flat_map(|a| {
-                        let patches = a.patches.iter().map(|p| p.transfer.sha256);
-                        std::iter::once(a.full.sha256).chain(patches)
-                    }))
-                }
+                Ok(d) => referenced.extend(
+                    d.modules
+                        .iter()
+                        .flat_map(|m| &m.artifacts)
+                        .flat_map(TargetArtifact::transfers)
+                        .map(|t| t.sha256),
+                ),
                 Err(e) => {
                     // An unreadable desired state might reference anything: keep all.
                     eprintln!("gc: {topic}: {e}; removing nothing");

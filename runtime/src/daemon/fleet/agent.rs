@@ -498,9 +498,7 @@ impl Agent {
             .iter()
             .filter(|(_, d)| {
                 let offered = |t: &TargetArtifact| {
-                    t.sha256 == d.target.sha256
-                        && (t.full == d.transfer
-                            || t.patches.iter().any(|p| p.transfer == d.transfer))
+                    t.sha256 == d.target.sha256 && t.transfers().any(|x| *x == d.transfer)
                 };
                 wanted
                     .get(&d.module.name)

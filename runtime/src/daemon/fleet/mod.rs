@@ -111,7 +111,13 @@ pub fn start(
             (store, state)
         }
     };
-    let host = crate::host::facts();
+    // What the status says is what artifacts are checked against: probed once.
+    let host = HostFacts {
+        triple: facts.triple.clone(),
+        cpu_features: facts.cpu_features.iter().cloned().collect(),
+        wasmer: facts.wasmer.clone(),
+        kiln_abi: facts.kiln_abi,
+    };
     let offline = offline(device, &facts);
     let topics = Topics::new(&config.prefix);
     let agent = Agent::new(
