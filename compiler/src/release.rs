@@ -81,6 +81,7 @@ pub fn read_input(path: &Path) -> Result<Vec<u8>> {
 pub struct Built {
     pub manifest: Manifest,
     pub bytes: Vec<u8>,
+    pub sha256: [u8; 32],
 }
 
 impl Built {
@@ -104,7 +105,11 @@ pub fn verify_all(artifacts: Vec<(String, Vec<u8>)>, key: &SecretKey) -> Result<
             .and_then(|e| e.verify(&trust))
             .map(|v| v.manifest)
             .map_err(|e| coded(Code::InvalidInput, anyhow!("artifact {origin}: {e}")))?;
-        let b = Built { manifest, bytes };
+        let b = Built {
+            manifest,
+            sha256: sha256(&bytes),
+            bytes,
+        };
         if let Some(first) = built.first() {
             let (m, f) = (&b.manifest, &first.manifest);
             if (m.name.as_str(), m.version) != (f.name.as_str(), f.version) {
@@ -191,12 +196,14 @@ impl Release {
         let bases = if entry.delta && entry.wire == Wire::Zstd {
             let shas = running_versions(session, topics, scope, &name)?;
             let trust = TrustedKeys::new(vec![key.public()]);
+            // The broker's desired states, read once if a base is not in the cache.
+            let mut states = None;
             let mut bases = Vec::new();
             for sha in shas {
-                if built.iter().any(|b| sha256(&b.bytes) == sha) {
+                if built.iter().any(|b| b.sha256 == sha) {
                     continue;
                 }
-                match find_artifact(session, topics, &sha)? {
+                match find_artifact(session, topics, &mut states, &sha)? {
                     Some(bytes) => match Envelope::parse(&bytes).and_then(|e| e.verify(&trust)) {
                         Ok(v) => {
                             let triple = v.manifest.target.triple.clone();
@@ -248,7 +255,7 @@ impl Release {
             artifacts.push(TargetArtifact {
                 triple: b.manifest.target.triple.clone(),
                 cpu_features: b.manifest.target.cpu_features.clone(),
-                sha256: sha256(&b.bytes),
+                sha256: b.sha256,
                 len: b.bytes.len() as u64,
                 full: full.transfer.clone(),
                 patches,
@@ -361,7 +368,7 @@ impl Release {
         }
         // Kept for the patches of the next release.
         for b in &self.built {
-            remember(&b.bytes);
+            remember(b);
         }
         Ok(total)
     }
@@ -484,14 +491,14 @@ const CACHE_DAYS: u64 = 30;
 
 /// Keeps a pushed artifact in the cache (or marks it used), and clears the artifacts
 /// and streams no push has used for `CACHE_DAYS`.
-fn remember(bytes: &[u8]) {
+fn remember(b: &Built) {
     let dir = cache_dir();
-    let path = dir.join(format!("{}.kiln", hex::encode(sha256(bytes))));
+    let path = dir.join(format!("{}.kiln", hex::encode(b.sha256)));
     if path.exists() {
         touch(&path);
     } else {
         let _ = std::fs::create_dir_all(&dir)
-            .and_then(|()| kiln_protocol::atomic::write_atomically(&path, bytes));
+            .and_then(|()| kiln_protocol::atomic::write_atomically(&path, &b.bytes));
     }
     let stale = std::time::Duration::from_secs(CACHE_DAYS * 24 * 3600);
     for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
@@ -520,6 +527,7 @@ fn touch(path: &Path) {
 fn find_artifact(
     session: &mut Session,
     topics: &Topics,
+    states: &mut Option<BTreeMap<String, Vec<u8>>>,
     sha: &[u8; 32],
 ) -> Result<Option<Vec<u8>>> {
     let cached = cache_dir().join(format!("{}.kiln", hex::encode(sha)));
@@ -530,7 +538,10 @@ fn find_artifact(
         }
     }
     let unavailable = |e| coded(Code::Unavailable, e);
-    let states = session.desired_states(topics).map_err(unavailable)?;
+    let states = match states {
+        Some(states) => states,
+        None => states.insert(session.desired_states(topics).map_err(unavailable)?),
+    };
     let wanted = states
         .values()
         .filter_map(|payload| SignedDesired::peek(payload).ok())
