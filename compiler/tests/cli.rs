@@ -94,7 +94,7 @@ fn keygen_writes_a_private_secret_key_and_never_overwrites_it() {
         & 0o777;
     assert_eq!(mode, 0o600);
     let public = fs::read_to_string(dir.path().join("fleet.pub")).unwrap();
-    assert!(public.contains("kiln-public-key-v1 "), "{public}");
+    assert!(public.contains("-----BEGIN PUBLIC KEY-----"), "{public}");
     let before = fs::read(dir.path().join("fleet.key")).unwrap();
     fails(
         kiln(dir.path(), &["keygen", "-o", "fleet.key"]),

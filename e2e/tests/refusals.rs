@@ -219,5 +219,8 @@ fn missing_files_and_bad_trust_keys_are_named() {
             "--trust",
             path_str(&shared().key()),
         ])
-        .assert_refused(75, &["fleet.key", "expected a kiln-public-key-v1"]);
+        .assert_refused(
+            75,
+            &["fleet.key", "expected a public key but found a secret key"],
+        );
 }

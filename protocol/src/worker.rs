@@ -47,8 +47,9 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StartSpec {
     pub artifact: String,
-    /// Public keys in their text form (`kiln-public-key-v1 ...`); the worker verifies
-    /// the artifact itself, right before it maps it.
+    /// Public keys in their text form (what [`crate::keys::PublicKey::to_text`] writes
+    /// and `from_text` reads); the worker verifies the artifact itself, right before
+    /// it maps it.
     pub trusted_keys: Vec<String>,
     pub config: Vec<u8>,
     pub limits: Limits,
