@@ -5,8 +5,9 @@ use clap::{Parser, Subcommand};
 
 use crate::commands::{
     compile::CompileCommand, completions::CompletionsCommand, conformance::ConformanceCommand,
-    devices::DevicesCommand, gc::GcCommand, inspect::InspectCommand, keygen::KeygenCommand,
-    push::PushCommand, release::ReleaseCommand, rollout::RolloutCommand, targets::TargetsCommand,
+    devices::DevicesCommand, enroll::EnrollCommand, gc::GcCommand, inspect::InspectCommand,
+    keygen::KeygenCommand, push::PushCommand, refresh::RefreshCommand, release::ReleaseCommand,
+    rollout::RolloutCommand, root::RootCommand, sign::SignCommand, targets::TargetsCommand,
     watch::WatchCommand,
 };
 
@@ -20,6 +21,8 @@ Examples:
   kiln push app.kiln --device dev-01 --sign fleet.key --broker mqtt://broker.lan:1883
   kiln push app.wasm --group lab --version 2 --sign fleet.key     # compiled for the group's targets
   kiln rollout app.kiln --group lab --sign fleet.key --canary 1
+  kiln enroll --group lab --sign fleet.key
+  kiln root rotate --root fleet.root --sign fleet-root.key --release-key new.pub
   kiln devices
   kiln watch --device dev-01
   kiln gc
@@ -45,6 +48,10 @@ pub enum Command {
     Devices(DevicesCommand),
     Watch(WatchCommand),
     Rollout(RolloutCommand),
+    Root(RootCommand),
+    Sign(SignCommand),
+    Enroll(EnrollCommand),
+    Refresh(RefreshCommand),
     Gc(GcCommand),
     Completions(CompletionsCommand),
 }
@@ -62,6 +69,10 @@ impl Command {
             Command::Devices(c) => c.execute(),
             Command::Watch(c) => c.execute(),
             Command::Rollout(c) => c.execute(),
+            Command::Root(c) => c.execute(),
+            Command::Sign(c) => c.execute(),
+            Command::Enroll(c) => c.execute(),
+            Command::Refresh(c) => c.execute(),
             Command::Gc(c) => c.execute(),
             Command::Completions(c) => c.execute(),
         }

@@ -32,13 +32,18 @@ pub fn read_public(path: &Path) -> Result<PublicKey> {
 
 /// Writes `text` to a new file with `mode`; never overwrites an existing key.
 pub fn write_new(path: &Path, text: &str, mode: u32) -> Result<()> {
+    write_new_bytes(path, text.as_bytes(), mode)
+}
+
+/// Writes `bytes` to a new file with `mode`; never overwrites an existing file.
+pub fn write_new_bytes(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
         .open(path)
         .with_context(|| format!("cannot create key file `{}`", path.display()))?;
-    file.write_all(text.as_bytes())
+    file.write_all(bytes)
         .and_then(|()| file.sync_all())
         .with_context(|| format!("cannot write key file `{}`", path.display()))
 }

@@ -25,3 +25,4 @@ pub mod files;
 pub mod keyfile;
 pub mod release;
 pub mod targets;
+pub mod trust;

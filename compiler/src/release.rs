@@ -15,7 +15,7 @@ use kiln_protocol::fleet::{
     DesiredModule, Patch, Reported, Scope, SignedDesired, Status, TargetArtifact, Topics, Upload,
     MAX_PATCHES,
 };
-use kiln_protocol::keys::{SecretKey, TrustedKeys};
+use kiln_protocol::keys::TrustedKeys;
 use kiln_protocol::manifest::Manifest;
 use kiln_protocol::transfer::{self, sha256, Chunk, ChunkList, Codec, Prepared, MAX_ARTIFACT};
 use serde::{Deserialize, Serialize};
@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::broker::{now_ms, Session};
 use crate::commands::compile::human_size;
 use crate::exit::{coded, Code};
+use crate::trust::Signing;
 
 /// The first bytes of a release file (`kiln release`).
 pub const FILE_MAGIC: &[u8; 8] = b"KILNREL\x01";
@@ -94,15 +95,14 @@ impl Built {
     }
 }
 
-/// Verifies every artifact with `key` and checks they are one release: one name, one
+/// Verifies every artifact with `trust` and checks they are one release: one name, one
 /// version, one artifact per target. `origin` names each for errors.
-pub fn verify_all(artifacts: Vec<(String, Vec<u8>)>, key: &SecretKey) -> Result<Vec<Built>> {
-    let trust = TrustedKeys::new(vec![key.public()]);
+pub fn verify_all(artifacts: Vec<(String, Vec<u8>)>, trust: &TrustedKeys) -> Result<Vec<Built>> {
     let mut built: Vec<Built> = Vec::new();
     for (origin, bytes) in artifacts {
-        // The fleet must never be asked to run what this key did not sign.
+        // The fleet must never be asked to run what its release keys did not sign.
         let manifest = Envelope::parse(&bytes)
-            .and_then(|e| e.verify(&trust))
+            .and_then(|e| e.verify(trust))
             .map(|v| v.manifest)
             .map_err(|e| coded(Code::InvalidInput, anyhow!("artifact {origin}: {e}")))?;
         let b = Built {
@@ -157,7 +157,7 @@ pub enum Wire {
 /// A release ready to go out: the verified artifacts, the desired-state entry naming
 /// them, and the transfers to upload.
 pub struct Release {
-    pub key: SecretKey,
+    pub signing: Signing,
     pub built: Vec<Built>,
     pub module: DesiredModule,
     pub transfers: Vec<Prepared>,
@@ -182,7 +182,7 @@ impl Release {
     pub fn prepare(
         session: &mut Session,
         topics: &Topics,
-        key: SecretKey,
+        signing: Signing,
         built: Vec<Built>,
         entry: Entry,
         scope: &Scope,
@@ -195,7 +195,7 @@ impl Release {
         };
         let bases = if entry.delta && entry.wire == Wire::Zstd {
             let shas = running_versions(session, topics, scope, &name)?;
-            let trust = TrustedKeys::new(vec![key.public()]);
+            let trust = signing.any_release_keys();
             // The broker's desired states, read once if a base is not in the cache.
             let mut states = None;
             let mut bases = Vec::new();
@@ -210,7 +210,7 @@ impl Release {
                             bases.push((sha, triple, bytes));
                         }
                         Err(e) => eprintln!(
-                            "{name}: no patch from {}: that artifact does not verify with this key ({e})",
+                            "{name}: no patch from {}: that artifact does not verify with the fleet's release keys ({e})",
                             hex::encode(&sha[..6])
                         ),
                     },
@@ -272,7 +272,7 @@ impl Release {
             health_window_ms: entry.health_window_ms,
         };
         Ok(Self {
-            key,
+            signing,
             built,
             module,
             transfers,
@@ -420,9 +420,7 @@ fn running_versions(
             .map_err(unavailable)?
             .into_iter()
             .filter_map(|(topic, payload)| {
-                let Ok(Status::V1(s)) = postcard::from_bytes(&payload) else {
-                    return None;
-                };
+                let (s, _) = Status::open(&topic, &payload).ok()?;
                 let facts = s.facts?;
                 let (device, _) = topics.parse_device(&topic)?;
                 (!facts.groups.contains(g)).then(|| device.to_string())
@@ -435,7 +433,7 @@ fn running_versions(
         if device.is_some_and(|d| elsewhere.contains(&d)) {
             continue;
         }
-        if let Ok(Reported::V1(r)) = postcard::from_bytes(&payload) {
+        if let Ok((r, _)) = Reported::open(&topic, &payload) {
             for m in r
                 .modules
                 .iter()

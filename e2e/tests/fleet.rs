@@ -13,21 +13,21 @@ use kiln_compiler::commands::gc::GcCommand;
 use kiln_compiler::commands::push::PushCommand;
 use kiln_compiler::commands::rollout::RolloutCommand;
 use kiln_protocol::fleet::{
-    sha256, Desired, Event, EventKind, Reported, Scope, SignedDesired, TargetArtifact, Topics,
-    Upload, DEFAULT_PREFIX,
+    sha256, Desired, Event, EventKind, Reported, ReportedV1, Scope, SignedDesired, TargetArtifact,
+    Topics, Upload, DEFAULT_PREFIX,
 };
 use kiln_protocol::keys::SecretKey;
 use kiln_protocol::transfer::{Chunk, Codec, MAX_ARTIFACT};
 use rumqttc::{Client, MqttOptions, Packet, QoS};
 use serde_json::Value;
 
-use crate::util::{eventually, path_str, shared, FleetDevice, Tmpfs};
+use crate::util::{eventually, fleet_id, now_ms, path_str, shared, FleetDevice, Tmpfs};
 use kiln_e2e::mosquitto::{Broker, Pki};
 
 /// Every event and the latest reported state of a device, as the broker delivers them.
 pub(crate) struct Watch {
     events: Arc<Mutex<Vec<(String, u64, EventKind)>>>,
-    reported: Arc<Mutex<Option<Reported>>>,
+    reported: Arc<Mutex<Option<ReportedV1>>>,
 }
 
 impl Watch {
@@ -50,10 +50,10 @@ impl Watch {
                     }
                     Ok(rumqttc::Event::Incoming(Packet::Publish(p))) => {
                         if p.topic == events_topic {
-                            if let Ok(Event::V1(ev)) = postcard::from_bytes(&p.payload) {
+                            if let Ok((ev, _)) = Event::open(&p.topic, &p.payload) {
                                 e.lock().unwrap().push((ev.module, ev.version, ev.kind));
                             }
-                        } else if let Ok(rep) = postcard::from_bytes(&p.payload) {
+                        } else if let Ok((rep, _)) = Reported::open(&p.topic, &p.payload) {
                             *r.lock().unwrap() = Some(rep);
                         }
                     }
@@ -104,7 +104,7 @@ impl Watch {
 
     /// `(version, state)` of module `app` in the retained reported state.
     fn reported_app(&self) -> Option<(u64, String)> {
-        let Reported::V1(r) = self.reported.lock().unwrap().clone()?;
+        let r = self.reported.lock().unwrap().clone()?;
         let m = r.modules.iter().find(|m| m.name == "app")?;
         Some((m.version, format!("{:?}", m.state)))
     }
@@ -328,15 +328,18 @@ fn bad_desired_states_and_chunks_are_rejected_and_the_running_module_untouched()
     // Signed by a key the device does not trust.
     let stranger = SecretKey::generate().unwrap();
     let desired = Desired {
+        fleet: fleet_id(),
+        issued_ms: now_ms(),
+        expires_ms: now_ms() + 3_600_000,
         scope: Scope::Device("dev-03".into()),
         serial: 99,
         modules: vec![],
     };
-    broker.publish_retained(&desired_topic, SignedDesired::sign(&desired, &stranger));
+    broker.publish_retained(&desired_topic, SignedDesired::sign(&desired, &[&stranger]));
     watch.wait_event(
         Duration::from_secs(10),
         "untrusted",
-        |(_, _, k)| matches!(k, EventKind::Rejected { reason } if reason.contains("untrusted key")),
+        |(_, _, k)| matches!(k, EventKind::Rejected { reason } if reason.contains("0 of the 1 signatures")),
     );
     // Malformed bytes.
     broker.publish_retained(&desired_topic, vec![0, 1, 2, 3, 250]);
@@ -348,11 +351,14 @@ fn bad_desired_states_and_chunks_are_rejected_and_the_running_module_untouched()
     // Validly signed, but for another device.
     let key = kiln_compiler::keyfile::read_secret(&shared().key()).unwrap();
     let other = Desired {
+        fleet: fleet_id(),
+        issued_ms: now_ms(),
+        expires_ms: now_ms() + 3_600_000,
         scope: Scope::Device("dev-04".into()),
         serial: 100,
         modules: vec![],
     };
-    broker.publish_retained(&desired_topic, SignedDesired::sign(&other, &key));
+    broker.publish_retained(&desired_topic, SignedDesired::sign(&other, &[&key]));
     watch.wait_event(Duration::from_secs(10), "other device", |(_, _, k)| {
         matches!(k, EventKind::Rejected { reason } if reason.contains("Device(\"dev-04\")"))
     });
@@ -367,6 +373,9 @@ fn bad_desired_states_and_chunks_are_rejected_and_the_running_module_untouched()
     );
     huge.len = MAX_ARTIFACT + 1;
     let oversized = Desired {
+        fleet: fleet_id(),
+        issued_ms: now_ms(),
+        expires_ms: now_ms() + 3_600_000,
         scope: Scope::Device("dev-03".into()),
         serial: fresh_serial(),
         modules: vec![kiln_protocol::fleet::DesiredModule {
@@ -379,7 +388,7 @@ fn bad_desired_states_and_chunks_are_rejected_and_the_running_module_untouched()
             health_window_ms: 1000,
         }],
     };
-    broker.publish_retained(&desired_topic, SignedDesired::sign(&oversized, &key));
+    broker.publish_retained(&desired_topic, SignedDesired::sign(&oversized, &[&key]));
     watch.wait_event(Duration::from_secs(10), "oversized", |(_, v, k)| {
         *v == 9
             && matches!(k, EventKind::Rejected { reason } if reason.contains(&format!("(limit {MAX_ARTIFACT})")))
@@ -769,6 +778,9 @@ fn oversized_retained_messages_are_reported_and_the_device_stays_connected() {
     broker.publish_retained(&topics.chunk(&sha, 0), vec![1; 3 << 20]);
     let key = kiln_compiler::keyfile::read_secret(&shared().key()).unwrap();
     let desired = Desired {
+        fleet: fleet_id(),
+        issued_ms: now_ms(),
+        expires_ms: now_ms() + 3_600_000,
         scope: Scope::Device("dev-big".into()),
         serial: fresh_serial(),
         modules: vec![kiln_protocol::fleet::DesiredModule {
@@ -783,7 +795,7 @@ fn oversized_retained_messages_are_reported_and_the_device_stays_connected() {
     };
     broker.publish_retained(
         &topics.desired("dev-big"),
-        SignedDesired::sign(&desired, &key),
+        SignedDesired::sign(&desired, &[&key]),
     );
     watch.wait_event(Duration::from_secs(20), "oversized chunk", |(_, _, k)| {
         matches!(k, EventKind::Rejected { reason } if reason.contains("chunk 0") && reason.contains("limit"))
@@ -932,9 +944,9 @@ pub(crate) fn wait_online(url: &str, device: &str) {
     eventually(
         Duration::from_secs(30),
         || {
-            retained(url, &topic).get(&topic).is_some_and(|p| {
-                matches!(postcard::from_bytes(p), Ok(kiln_protocol::fleet::Status::V1(s)) if s.online)
-            })
+            retained(url, &topic).get(&topic).is_some_and(
+                |p| matches!(kiln_protocol::fleet::Status::open(&topic, p), Ok((s, _)) if s.online),
+            )
         },
         || format!("{device} is not online"),
     );
@@ -982,7 +994,7 @@ fn a_push_that_an_online_device_refuses_fails_naming_the_device_and_its_reason()
     let message = format!("{err:#}");
     assert_eq!(kiln_compiler::exit::code_of(&err) as u8, 76, "{message}");
     assert!(
-        message.contains("refused by dev-r: ") && message.contains("untrusted key"),
+        message.contains("refused by dev-r: ") && message.contains("0 of the 1 signatures"),
         "{message}"
     );
     assert!(!message.contains('\n'), "one line: {message}");

@@ -17,7 +17,7 @@ use kiln_e2e::mosquitto::Broker;
 use kiln_protocol::telemetry::Batch;
 use serde_json::Value;
 
-use crate::util::{eventually, path_str, shared, FleetDevice, Tmpfs};
+use crate::util::{eventually, now_ms, path_str, shared, FleetDevice, Tmpfs};
 
 /// `kiln watch --json --session NAME` as a separate process, its lines collected.
 struct Watcher {
@@ -532,12 +532,7 @@ fn a_full_spool_drops_the_oldest_batches_and_reports_exactly_those() {
     assert_eq!(code, Some(0));
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
+
 
 #[test]
 fn kilnd_stats_count_a_crashing_modules_traps_and_restarts() {

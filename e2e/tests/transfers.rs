@@ -15,7 +15,7 @@ use kiln_protocol::fleet::{
 use kiln_protocol::transfer::{self, Codec, Prepared, Transfer};
 
 use crate::fleet::{app, device_at_v1, fresh_serial, retained, wait_online, Watch};
-use crate::util::{path_str, shared, FleetDevice};
+use crate::util::{fleet_id, now_ms, path_str, shared, FleetDevice};
 use kiln_e2e::mosquitto::Broker;
 
 const X86: &str = "x86_64-unknown-linux-gnu";
@@ -155,6 +155,9 @@ fn offer(
     }
     let key = kiln_compiler::keyfile::read_secret(&shared().key()).unwrap();
     let desired = Desired {
+        fleet: fleet_id(),
+        issued_ms: now_ms(),
+        expires_ms: now_ms() + 3_600_000,
         scope: Scope::Device(device.into()),
         serial: fresh_serial(),
         modules: vec![DesiredModule {
@@ -168,7 +171,7 @@ fn offer(
         }],
     };
     let topic = Topics::new(DEFAULT_PREFIX).desired(device);
-    broker.publish_retained(&topic, SignedDesired::sign(&desired, &key));
+    broker.publish_retained(&topic, SignedDesired::sign(&desired, &[&key]));
 }
 
 /// The x86_64 entry of `bytes` with `stream` as its whole transfer.

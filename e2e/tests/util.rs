@@ -51,6 +51,11 @@ impl Shared {
         self.dir.path().join("fleet.pub")
     }
 
+    /// The fleet's root document (`kiln keygen` writes it beside the key).
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("fleet.root")
+    }
+
     /// Compiles `name` for `target` with `kiln compile` (once) and returns the artifact.
     pub fn artifact(&self, name: &str, target: &str) -> PathBuf {
         self.artifact_with(name, target, &[])
@@ -78,6 +83,21 @@ impl Shared {
         compiled.insert(key, out.clone());
         out
     }
+}
+
+/// The fleet id of the tests' root document (`fleet.root`), which desired states name.
+pub fn fleet_id() -> String {
+    let bytes = std::fs::read(shared().root()).expect("fleet.root");
+    kiln_protocol::trust::SignedRoot::peek(&bytes)
+        .expect("root document")
+        .fleet
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A device: the `kilnd` of a target profile, wrapped in its qemu command (tests may
@@ -199,7 +219,7 @@ impl FleetDevice {
             format!(
                 "device = {:?}\ndata_dir = \"data\"\ntrust = [{:?}]\nworker_launcher = [{}]\n[mqtt]\nbroker = {:?}\ngroups = {:?}\n{}",
                 self.id,
-                path_str(&shared().trust()),
+                path_str(&shared().root()),
                 launcher.join(", "),
                 self.broker,
                 self.groups,

@@ -11,12 +11,18 @@
 //! {prefix}/artifacts/{sha256}/{n}     retained  Chunk n of a transfer (see `transfer`)
 //! {prefix}/artifacts/{sha256}/list    retained  The chunk list of a transfer
 //! {prefix}/uploads/{sha256}           retained  Upload: a transfer's chunks are going up
+//! {prefix}/roots/{version}            retained  SignedRoot: the fleet's root documents
+//! {prefix}/registry                   retained  SignedRegistry: enrolled device keys
 //! ```
+//!
+//! What a device publishes (status, reported, events) is signed with its own identity
+//! key ([`seal_report`]); the fleet tool checks the key against the registry.
 
 use serde::{Deserialize, Serialize};
 
-use crate::keys::{KeyId, SecretKey, TrustedKeys};
+use crate::keys::{KeyId, PublicKey, SecretKey};
 use crate::transfer::{Codec, Transfer, MAX_ARTIFACT};
+use crate::trust::{sign_all, Root, Sig};
 
 pub const DEFAULT_PREFIX: &str = "kiln/v1";
 
@@ -136,6 +142,26 @@ impl Topics {
     }
 
     /// `(device, kind)` of a device topic.
+    pub fn root(&self, version: u64) -> String {
+        format!("{}/roots/{version}", self.prefix)
+    }
+
+    pub fn all_roots(&self) -> String {
+        format!("{}/roots/+", self.prefix)
+    }
+
+    pub fn parse_root(&self, topic: &str) -> Option<u64> {
+        topic
+            .strip_prefix(&self.prefix)?
+            .strip_prefix("/roots/")?
+            .parse()
+            .ok()
+    }
+
+    pub fn registry(&self) -> String {
+        format!("{}/registry", self.prefix)
+    }
+
     pub fn parse_device<'a>(&self, topic: &'a str) -> Option<(&'a str, &'a str)> {
         let rest = topic
             .strip_prefix(&self.prefix)?
@@ -179,13 +205,103 @@ impl Topics {
     }
 }
 
-/// What a device or a group should run. Signed by a fleet key the device trusts.
+/// What a device or a group should run. Signed by a threshold of the release keys of
+/// the fleet's root.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Desired {
+    /// The fleet it is for (the root's fleet id): a state signed for staging is
+    /// refused in production even where the two share a key.
+    pub fleet: String,
     pub scope: Scope,
-    /// Increases with every change the pusher makes; a device ignores an older one.
+    /// Increases with every change the pusher makes; a device ignores an older one,
+    /// and refuses one of an equal serial with another body.
     pub serial: u64,
+    /// When it was signed, and until when a device takes it (Unix milliseconds). A
+    /// device refuses an expired state, and says so when the states it holds grow old:
+    /// a broker that withholds newer states cannot do so unnoticed.
+    pub issued_ms: u64,
+    pub expires_ms: u64,
     pub modules: Vec<DesiredModule>,
+}
+
+impl Desired {
+    /// Why a device must not take it at `now_ms`, if it must not.
+    pub fn check_fresh(&self, now_ms: u64) -> Result<(), String> {
+        if now_ms >= self.expires_ms {
+            return Err(format!(
+                "desired state serial {} expired at {} (issued {})",
+                self.serial,
+                utc(self.expires_ms),
+                utc(self.issued_ms)
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` (UTC only) as Unix milliseconds.
+pub fn parse_utc(text: &str) -> Result<u64, String> {
+    let bad = || format!("`{text}` is not a UTC time like 2026-11-30T08:00:00Z");
+    let b = text.as_bytes();
+    if b.len() != 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || b[19] != b'Z'
+    {
+        return Err(bad());
+    }
+    let num = |r: std::ops::Range<usize>| -> Result<i64, String> {
+        text[r].parse::<u32>().map(i64::from).map_err(|_| bad())
+    };
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1970..=9999).contains(&y)
+        || !(1..=12).contains(&m)
+        || !(1..=31).contains(&d)
+        || hh > 23
+        || mm > 59
+        || ss > 59
+    {
+        return Err(bad());
+    }
+    // Days-from-civil (proleptic Gregorian).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let ms = ((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000) as u64;
+    if utc(ms) != text {
+        return Err(bad()); // a day the month does not have
+    }
+    Ok(ms)
+}
+
+/// Unix milliseconds as `YYYY-MM-DDTHH:MM:SSZ`, for messages.
+pub fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (proleptic Gregorian), for days since 1970-01-01.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -380,7 +496,7 @@ impl DesiredModule {
     }
 }
 
-/// The desired state as it travels: the postcard body and a signature over it.
+/// The desired state as it travels: the postcard body and its signatures.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SignedDesired {
     /// The format of kiln 0.1 (one artifact per module, chunk hashes inline): read
@@ -390,80 +506,86 @@ pub enum SignedDesired {
         key_id: [u8; 8],
         signature: Vec<u8>,
     },
+    /// kiln 0.2 (one key, no fleet, no expiry): likewise.
     V2 {
         body: Vec<u8>,
         key_id: [u8; 8],
         signature: Vec<u8>,
     },
+    /// Signed by a threshold of the root's release keys. A state with no signature yet
+    /// is what `kiln push --unsigned` writes for `kiln sign` to sign elsewhere.
+    V3 { body: Vec<u8>, signatures: Vec<Sig> },
 }
 
-const DESIRED_CONTEXT: &[u8] = b"kiln desired v2\0";
+const DESIRED_CONTEXT: &[u8] = b"kiln desired v3\0";
 
-/// The parts of a current-format desired state, not checked yet.
-struct Sealed {
-    body: Vec<u8>,
-    key_id: [u8; 8],
-    signature: Vec<u8>,
-}
-
-fn unwrap_v2(bytes: &[u8]) -> Result<Sealed, String> {
+fn unwrap_v3(bytes: &[u8]) -> Result<(Vec<u8>, Vec<Sig>), String> {
+    if bytes.len() > MAX_DESIRED {
+        return Err(format!(
+            "desired state is {} bytes (limit {MAX_DESIRED})",
+            bytes.len()
+        ));
+    }
     match postcard::from_bytes(bytes).map_err(|e| format!("malformed desired state: {e}"))? {
-        SignedDesired::V2 {
-            body,
-            key_id,
-            signature,
-        } => Ok(Sealed {
-            body,
-            key_id,
-            signature,
-        }),
-        SignedDesired::V1 { .. } => Err(
-            "desired state in kiln 0.1's format (one artifact per module), which this kilnd no longer reads; push the release again with a current kiln".into(),
+        SignedDesired::V3 { body, signatures } => Ok((body, signatures)),
+        SignedDesired::V1 { .. } | SignedDesired::V2 { .. } => Err(
+            "desired state in an earlier kiln's format (no fleet, no expiry, one key), which this kilnd no longer reads; push the release again with a current kiln".into(),
         ),
     }
 }
 
 impl SignedDesired {
-    pub fn sign(desired: &Desired, key: &SecretKey) -> Vec<u8> {
+    /// The state signed by each of `keys` (none: unsigned, for `kiln sign`).
+    pub fn sign(desired: &Desired, keys: &[&SecretKey]) -> Vec<u8> {
         let body = postcard::to_stdvec(desired).unwrap_or_default();
-        let signature = key.sign(&[DESIRED_CONTEXT, &body].concat()).to_vec();
-        postcard::to_stdvec(&SignedDesired::V2 {
-            body,
-            key_id: key.public().id().0,
-            signature,
-        })
-        .unwrap_or_default()
+        let signatures = sign_all(DESIRED_CONTEXT, &body, keys);
+        postcard::to_stdvec(&SignedDesired::V3 { body, signatures }).unwrap_or_default()
     }
 
-    /// Decodes and verifies a retained desired-state payload.
-    pub fn open(bytes: &[u8], trust: &TrustedKeys) -> Result<Desired, String> {
-        let Sealed {
-            body,
-            key_id,
-            signature,
-        } = unwrap_v2(bytes)?;
-        let key = trust
-            .find(KeyId(key_id))
-            .ok_or_else(|| format!("desired state signed by untrusted key {}", KeyId(key_id)))?;
-        let signature: [u8; 64] = signature
-            .as_slice()
-            .try_into()
-            .map_err(|_| "desired state has a malformed signature".to_string())?;
-        if !key.verify_strict(&[DESIRED_CONTEXT, &body].concat(), &signature) {
+    /// Adds `key`'s signature to a state (replacing one it already made).
+    pub fn add_signature(bytes: &[u8], key: &SecretKey) -> Result<Vec<u8>, String> {
+        let (body, mut signatures) = unwrap_v3(bytes)?;
+        let id = key.public().id().0;
+        signatures.retain(|s| s.key_id != id);
+        signatures.extend(sign_all(DESIRED_CONTEXT, &body, &[key]));
+        postcard::to_stdvec(&SignedDesired::V3 { body, signatures }).map_err(|e| e.to_string())
+    }
+
+    /// Who signed it (not checked): for showing.
+    pub fn signers(bytes: &[u8]) -> Result<Vec<KeyId>, String> {
+        Ok(unwrap_v3(bytes)?
+            .1
+            .iter()
+            .map(|s| KeyId(s.key_id))
+            .collect())
+    }
+
+    /// Decodes and verifies a desired state: a threshold of `root`'s release keys
+    /// signed it, and it is for `root`'s fleet. Freshness is the caller's, who has
+    /// the clock ([`Desired::check_fresh`]).
+    pub fn open(bytes: &[u8], root: &Root) -> Result<Desired, String> {
+        let (body, signatures) = unwrap_v3(bytes)?;
+        root.release.verify(
+            DESIRED_CONTEXT,
+            &body,
+            &signatures,
+            &format!("desired state (release keys of root v{})", root.version),
+        )?;
+        let desired: Desired = postcard::from_bytes(&body)
+            .map_err(|e| format!("malformed desired state body: {e}"))?;
+        if desired.fleet != root.fleet {
             return Err(format!(
-                "desired state signature by key {} does not verify",
-                KeyId(key_id)
+                "desired state serial {} is for fleet {}, this is fleet {}",
+                desired.serial, desired.fleet, root.fleet
             ));
         }
-        postcard::from_bytes(&body).map_err(|e| format!("malformed desired state body: {e}"))
+        Ok(desired)
     }
-}
 
-impl SignedDesired {
     /// The body without checking the signature: for tools that only look (which
     /// artifacts are still referenced), never for acting on it.
     pub fn peek(bytes: &[u8]) -> Result<Desired, String> {
-        let body = unwrap_v2(bytes)?.body;
+        let body = unwrap_v3(bytes)?.0;
         postcard::from_bytes(&body).map_err(|e| format!("malformed desired state body: {e}"))
     }
 }
@@ -472,13 +594,62 @@ impl SignedDesired {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Status {
     V1(StatusV1),
+    /// Signed by the device's identity key (see [`seal_report`]).
+    Signed(DeviceSigned),
+    V2(StatusV2),
 }
 
+/// kiln 0.2's status, still read (as a [`StatusV2`] without trust).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusV1 {
     pub device: String,
     pub online: bool,
     pub facts: Option<DeviceFacts>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusV2 {
+    pub device: String,
+    pub online: bool,
+    pub facts: Option<DeviceFacts>,
+    pub trust: Option<TrustReport>,
+}
+
+impl From<StatusV1> for StatusV2 {
+    fn from(s: StatusV1) -> Self {
+        Self {
+            device: s.device,
+            online: s.online,
+            facts: s.facts,
+            trust: None,
+        }
+    }
+}
+
+/// What a device trusts, and whether it hears fresh desired states.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustReport {
+    pub fleet: String,
+    pub root_version: u64,
+    /// The device's identity key: what `kiln enroll` records.
+    pub identity: [u8; 32],
+    /// Issue time of the oldest desired state it follows (0: it has none yet).
+    pub oldest_issued_ms: u64,
+    /// Why the device thinks newer desired states are being withheld, if it does.
+    pub stale: Option<String>,
+}
+
+impl Status {
+    /// The status in its current form, and who signed it (see [`open_report`]).
+    pub fn open(topic: &str, bytes: &[u8]) -> Result<(StatusV2, Option<PublicKey>), String> {
+        let (status, signer) = open_report::<Status>(topic, bytes)?;
+        let status = match status {
+            Status::V1(s) => s.into(),
+            Status::V2(s) => s,
+            Status::Signed(_) => return Err("status signed twice".into()),
+        };
+        Ok((status, signer))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -496,6 +667,18 @@ pub struct DeviceFacts {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reported {
     V1(ReportedV1),
+    /// Signed by the device's identity key (see [`seal_report`]).
+    Signed(DeviceSigned),
+}
+
+impl Reported {
+    /// The reported state, and who signed it (see [`open_report`]).
+    pub fn open(topic: &str, bytes: &[u8]) -> Result<(ReportedV1, Option<PublicKey>), String> {
+        match open_report::<Reported>(topic, bytes)? {
+            (Reported::V1(r), signer) => Ok((r, signer)),
+            (Reported::Signed(_), _) => Err("reported state signed twice".into()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -527,6 +710,120 @@ pub enum ModuleState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
     V1(EventV1),
+    /// Signed by the device's identity key (see [`seal_report`]).
+    Signed(DeviceSigned),
+}
+
+impl Event {
+    /// The event, and who signed it (see [`open_report`]).
+    pub fn open(topic: &str, bytes: &[u8]) -> Result<(EventV1, Option<PublicKey>), String> {
+        match open_report::<Event>(topic, bytes)? {
+            (Event::V1(e), signer) => Ok((e, signer)),
+            (Event::Signed(_), _) => Err("event signed twice".into()),
+        }
+    }
+}
+
+/// A message signed by the device that sent it: the postcard of the unsigned
+/// message, the device's identity key, and its signature over
+/// `CONTEXT || topic || 0 || body`. The topic names the device and the kind, so a
+/// signed message cannot be replayed as another device's or as another kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceSigned {
+    pub body: Vec<u8>,
+    pub key: [u8; 32],
+    pub signature: Vec<u8>,
+}
+
+/// A message a device signs: its enum has a `Signed` variant.
+pub trait DeviceMessage: Serialize + serde::de::DeserializeOwned + Sized {
+    const CONTEXT: &'static [u8];
+    fn wrap(signed: DeviceSigned) -> Self;
+    fn as_signed(&self) -> Option<&DeviceSigned>;
+}
+
+impl DeviceMessage for Status {
+    const CONTEXT: &'static [u8] = b"kiln status v1\0";
+    fn wrap(signed: DeviceSigned) -> Self {
+        Status::Signed(signed)
+    }
+    fn as_signed(&self) -> Option<&DeviceSigned> {
+        match self {
+            Status::Signed(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+impl DeviceMessage for Reported {
+    const CONTEXT: &'static [u8] = b"kiln reported v1\0";
+    fn wrap(signed: DeviceSigned) -> Self {
+        Reported::Signed(signed)
+    }
+    fn as_signed(&self) -> Option<&DeviceSigned> {
+        match self {
+            Reported::Signed(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+impl DeviceMessage for Event {
+    const CONTEXT: &'static [u8] = b"kiln event v1\0";
+    fn wrap(signed: DeviceSigned) -> Self {
+        Event::Signed(signed)
+    }
+    fn as_signed(&self) -> Option<&DeviceSigned> {
+        match self {
+            Event::Signed(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+fn report_message(context: &[u8], topic: &str, body: &[u8]) -> Vec<u8> {
+    [context, topic.as_bytes(), &[0], body].concat()
+}
+
+/// `message` for `topic`, signed with the device's identity `key`.
+pub fn seal_report<T: DeviceMessage>(message: &T, topic: &str, key: &SecretKey) -> Vec<u8> {
+    let body = postcard::to_stdvec(message).unwrap_or_default();
+    let signature = key.sign(&report_message(T::CONTEXT, topic, &body)).to_vec();
+    postcard::to_stdvec(&T::wrap(DeviceSigned {
+        body,
+        key: key.public().to_bytes(),
+        signature,
+    }))
+    .unwrap_or_default()
+}
+
+/// Decodes a device's message on `topic`: the unsigned message inside, and the key
+/// that signed it for that topic (`None`: an unsigned message, from a kilnd before
+/// identities). A signature that does not verify is an error, never `None`. Whether
+/// the key is that device's is the registry's question.
+pub fn open_report<T: DeviceMessage>(
+    topic: &str,
+    bytes: &[u8],
+) -> Result<(T, Option<PublicKey>), String> {
+    let message: T = postcard::from_bytes(bytes).map_err(|e| format!("malformed: {e}"))?;
+    let Some(signed) = message.as_signed() else {
+        return Ok((message, None));
+    };
+    let key = PublicKey::from_bytes(&signed.key).map_err(|_| "invalid signing key".to_string())?;
+    let signature: [u8; 64] = signed
+        .signature
+        .as_slice()
+        .try_into()
+        .map_err(|_| "malformed signature".to_string())?;
+    if !key.verify_strict(&report_message(T::CONTEXT, topic, &signed.body), &signature) {
+        return Err(format!(
+            "signature by {} does not verify for {topic}",
+            key.id()
+        ));
+    }
+    let inner: T =
+        postcard::from_bytes(&signed.body).map_err(|e| format!("malformed signed body: {e}"))?;
+    Ok((inner, Some(key)))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -557,6 +854,15 @@ pub enum EventKind {
     FellBack {
         reason: String,
     },
+    /// The device took a newer root document (a key rotation).
+    Trusted {
+        reason: String,
+    },
+    /// The desired states the device holds are older than its bound: newer ones may
+    /// be withheld.
+    Stale {
+        reason: String,
+    },
 }
 
 impl EventKind {
@@ -570,6 +876,8 @@ impl EventKind {
             EventKind::RolledBack { .. } => "rolled-back",
             EventKind::Rejected { .. } => "rejected",
             EventKind::FellBack { .. } => "fell-back",
+            EventKind::Trusted { .. } => "trusted",
+            EventKind::Stale { .. } => "stale",
         }
     }
 }
@@ -585,6 +893,8 @@ impl std::fmt::Display for EventKind {
             EventKind::FellBack { reason } => {
                 write!(f, "fetching the full artifact: {reason}")
             }
+            EventKind::Trusted { reason } => write!(f, "trusts {reason}"),
+            EventKind::Stale { reason } => write!(f, "stale: {reason}"),
             other => f.write_str(other.name()),
         }
     }
@@ -610,8 +920,11 @@ mod tests {
 
     fn desired() -> Desired {
         Desired {
+            fleet: "acme".into(),
             scope: Scope::Device("dev-01".into()),
             serial: 3,
+            issued_ms: 1_700_000_000_000,
+            expires_ms: 1_700_000_000_000 + 86_400_000,
             modules: vec![DesiredModule {
                 name: "app".into(),
                 version: 2,
@@ -637,25 +950,106 @@ mod tests {
         }
     }
 
+    fn root_for(release: &[&SecretKey], threshold: u32) -> (Root, SecretKey) {
+        let root_key = SecretKey::generate().unwrap();
+        let keys: Vec<PublicKey> = release.iter().map(|k| k.public()).collect();
+        let root = Root {
+            fleet: "acme".into(),
+            version: 1,
+            issued_ms: 0,
+            root: crate::trust::Role::new(&[root_key.public()], 1),
+            release: crate::trust::Role::new(&keys, threshold),
+            registry: None,
+        };
+        (root, root_key)
+    }
+
     #[test]
-    fn signed_desired_state_opens_only_with_a_trusted_untouched_signature() {
+    fn signed_desired_state_opens_only_with_release_signatures_for_its_fleet() {
         let key = SecretKey::generate().unwrap();
         let other = SecretKey::generate().unwrap();
-        let trust = TrustedKeys::new(vec![key.public()]);
-        let bytes = SignedDesired::sign(&desired(), &key);
-        assert_eq!(SignedDesired::open(&bytes, &trust), Ok(desired()));
+        let (root, _) = root_for(&[&key], 1);
+        let bytes = SignedDesired::sign(&desired(), &[&key]);
+        assert_eq!(SignedDesired::open(&bytes, &root), Ok(desired()));
 
-        let foreign = SignedDesired::sign(&desired(), &other);
-        assert!(SignedDesired::open(&foreign, &trust)
-            .unwrap_err()
-            .contains("untrusted key"));
+        let foreign = SignedDesired::sign(&desired(), &[&other]);
+        let err = SignedDesired::open(&foreign, &root).unwrap_err();
+        assert!(err.contains("0 of the 1 signatures"), "{err}");
         let mut tampered = bytes.clone();
         let at = tampered.len() - 70;
         tampered[at] ^= 1;
-        assert!(SignedDesired::open(&tampered, &trust).is_err());
-        assert!(SignedDesired::open(b"\x07garbage", &trust)
+        assert!(SignedDesired::open(&tampered, &root).is_err());
+        assert!(SignedDesired::open(b"\x07garbage", &root)
             .unwrap_err()
             .starts_with("malformed desired state"));
+
+        let mut staging = desired();
+        staging.fleet = "staging".into();
+        let err = SignedDesired::open(&SignedDesired::sign(&staging, &[&key]), &root).unwrap_err();
+        assert!(err.contains("is for fleet staging"), "{err}");
+    }
+
+    #[test]
+    fn a_threshold_is_met_by_signatures_added_one_at_a_time() {
+        let (a, b) = (
+            SecretKey::generate().unwrap(),
+            SecretKey::generate().unwrap(),
+        );
+        let (root, _) = root_for(&[&a, &b], 2);
+        let unsigned = SignedDesired::sign(&desired(), &[]);
+        assert!(SignedDesired::open(&unsigned, &root).is_err());
+        let one = SignedDesired::add_signature(&unsigned, &a).unwrap();
+        let err = SignedDesired::open(&one, &root).unwrap_err();
+        assert!(err.contains("1 of the 2 signatures"), "{err}");
+        let again = SignedDesired::add_signature(&one, &a).unwrap();
+        assert_eq!(SignedDesired::signers(&again).unwrap().len(), 1);
+        let two = SignedDesired::add_signature(&one, &b).unwrap();
+        assert_eq!(SignedDesired::open(&two, &root), Ok(desired()));
+    }
+
+    #[test]
+    fn an_expired_state_is_refused_with_its_dates() {
+        let d = desired();
+        assert_eq!(d.check_fresh(d.expires_ms - 1), Ok(()));
+        let err = d.check_fresh(d.expires_ms).unwrap_err();
+        assert_eq!(
+            err,
+            "desired state serial 3 expired at 2023-11-15T22:13:20Z (issued 2023-11-14T22:13:20Z)"
+        );
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(parse_utc("2000-02-29T00:00:00Z"), Ok(951_782_400_000));
+        assert_eq!(parse_utc(&utc(1_764_489_600_000)), Ok(1_764_489_600_000));
+        assert!(parse_utc("2001-02-29T00:00:00Z").is_err());
+        assert!(parse_utc("2026-11-30 08:00:00").is_err());
+    }
+
+    #[test]
+    fn device_messages_verify_only_for_their_topic_and_unsigned_ones_say_so() {
+        let key = SecretKey::generate().unwrap();
+        let topic = "kiln/v1/devices/dev-01/reported";
+        let report = Reported::V1(ReportedV1 {
+            serial: 9,
+            modules: Vec::new(),
+        });
+        let sealed = seal_report(&report, topic, &key);
+        let (opened, signer) = Reported::open(topic, &sealed).unwrap();
+        assert_eq!(opened.serial, 9);
+        assert_eq!(signer, Some(key.public()));
+        // Moved to another device's topic, it no longer verifies.
+        let err = Reported::open("kiln/v1/devices/dev-02/reported", &sealed).unwrap_err();
+        assert!(err.contains("does not verify"), "{err}");
+        let plain = postcard::to_stdvec(&report).unwrap();
+        assert_eq!(Reported::open(topic, &plain).unwrap().1, None);
+        // A status of kiln 0.2 still reads, as a status without trust.
+        let old = postcard::to_stdvec(&Status::V1(StatusV1 {
+            device: "d".into(),
+            online: true,
+            facts: None,
+        }))
+        .unwrap();
+        let (status, signer) = Status::open("t", &old).unwrap();
+        assert_eq!((status.trust, signer), (None, None));
     }
 
     #[test]
@@ -715,21 +1109,22 @@ mod tests {
         };
         assert_eq!(t.check(), Ok(()));
         let key = SecretKey::generate().unwrap();
-        assert!(SignedDesired::sign(&d, &key).len() < 512);
+        assert!(SignedDesired::sign(&d, &[&key]).len() < 512);
     }
 
     #[test]
-    fn a_desired_state_of_kiln_0_1_is_refused_by_name() {
-        let old = postcard::to_stdvec(&SignedDesired::V1 {
+    fn a_desired_state_of_an_earlier_kiln_is_refused_by_name() {
+        let old = postcard::to_stdvec(&SignedDesired::V2 {
             body: vec![1, 2, 3],
             key_id: [0; 8],
             signature: vec![0; 64],
         })
         .unwrap();
-        let trust = TrustedKeys::new(vec![]);
-        assert!(SignedDesired::open(&old, &trust)
+        let key = SecretKey::generate().unwrap();
+        let (root, _) = root_for(&[&key], 1);
+        assert!(SignedDesired::open(&old, &root)
             .unwrap_err()
-            .contains("kiln 0.1's format"));
+            .contains("an earlier kiln's format"));
     }
 
     #[test]
@@ -767,6 +1162,8 @@ mod tests {
             None
         );
         assert_eq!(t.all_uploads(), "kiln/v1/uploads/+");
+        assert_eq!(t.parse_root(&t.root(12)), Some(12));
+        assert_eq!(t.parse_root("kiln/v1/roots/x"), None);
     }
 
     /// Upload markers written by this release; later releases must keep decoding them.

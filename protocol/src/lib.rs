@@ -31,6 +31,7 @@ pub mod script;
 pub mod target;
 pub mod telemetry;
 pub mod transfer;
+pub mod trust;
 pub mod worker;
 
 /// Version of the `kiln` host ABI (import module `kiln`) this build implements.

@@ -20,6 +20,7 @@ pub enum Kind {
     Group,
     Module,
     Stream,
+    Fleet,
 }
 
 impl Kind {
@@ -29,6 +30,7 @@ impl Kind {
             Kind::Group => "group",
             Kind::Module => "module",
             Kind::Stream => "stream",
+            Kind::Fleet => "fleet",
         }
     }
 }

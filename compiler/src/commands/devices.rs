@@ -2,16 +2,25 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 use clap::Parser;
-use kiln_protocol::fleet::{ModuleState, Reported, Status};
+use kiln_protocol::fleet::{ModuleState, Reported, ReportedV1, Status, StatusV2};
+use kiln_protocol::keys::PublicKey;
+use kiln_protocol::trust::Registry;
 use serde_json::json;
 
 use crate::broker::BrokerArgs;
 use crate::exit::{coded, Code};
+use crate::trust::{Fleet, Identity, RootArgs};
 
 const AFTER_HELP: &str = "\
+IDENTITY says whether the device's status and reported state are signed by the key
+enrolled for it (`kiln enroll`): verified, unenrolled, MISMATCH (a forged report, or a
+re-provisioned device to enroll again) or unsigned (a kilnd before identities). TRUST
+is the root version the device follows, and `stale` when it says its desired states
+are older than its bound (they may be withheld).
+
 Examples:
   kiln devices
-  kiln devices --broker mqtt://broker.lan:1883 --json";
+  kiln devices --root fleet.root --broker mqtt://broker.lan:1883 --json";
 
 /// Show the fleet from the broker's retained status and reported state
 #[derive(Parser, Debug)]
@@ -19,15 +28,39 @@ Examples:
 pub struct DevicesCommand {
     #[command(flatten)]
     pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub root: RootArgs,
     /// One JSON object per device, one per line
     #[arg(long)]
     pub json: bool,
 }
 
+/// What the broker retains for a device, decoded, with who signed it.
 #[derive(Default)]
 struct Row {
-    status: Option<Status>,
-    reported: Option<Reported>,
+    status: Option<(StatusV2, Option<PublicKey>)>,
+    reported: Option<(ReportedV1, Option<PublicKey>)>,
+}
+
+impl Row {
+    /// Verified only if everything signed is signed by the enrolled key.
+    fn identity(&self, registry: Option<&Registry>, device: &str) -> Option<Identity> {
+        let registry = registry?;
+        let signers = [
+            self.status.as_ref().map(|s| &s.1),
+            self.reported.as_ref().map(|r| &r.1),
+        ];
+        let identities: Vec<Identity> = signers
+            .into_iter()
+            .flatten()
+            .map(|signer| Identity::of(registry, device, signer.as_ref()))
+            .collect();
+        identities
+            .iter()
+            .find(|i| !i.is_verified())
+            .or(identities.first())
+            .cloned()
+    }
 }
 
 impl DevicesCommand {
@@ -37,6 +70,14 @@ impl DevicesCommand {
             .broker
             .connect()
             .map_err(|e| coded(Code::Unavailable, e))?;
+        let registry = match self.root.path(None) {
+            Some(_) => {
+                let anchor = self.root.anchor(None)?;
+                let fleet = Fleet::follow(&mut session, &topics, anchor)?;
+                Some(fleet.registry(&mut session, &topics)?)
+            }
+            None => None,
+        };
         let mut rows: BTreeMap<String, Row> = BTreeMap::new();
         for kind in ["status", "reported"] {
             let retained = session
@@ -48,8 +89,8 @@ impl DevicesCommand {
                 };
                 let row = rows.entry(device.to_string()).or_default();
                 match kind {
-                    "status" => row.status = postcard::from_bytes(&payload).ok(),
-                    _ => row.reported = postcard::from_bytes(&payload).ok(),
+                    "status" => row.status = Status::open(&topic, &payload).ok(),
+                    _ => row.reported = Reported::open(&topic, &payload).ok(),
                 }
             }
         }
@@ -57,24 +98,32 @@ impl DevicesCommand {
 
         if self.json {
             for (device, row) in &rows {
-                println!("{}", to_json(device, row));
+                let identity = row.identity(registry.as_ref(), device);
+                println!("{}", to_json(device, row, identity.as_ref()));
             }
             return Ok(());
         }
         println!(
-            "{:<16} {:<8} {:<28} {:<14} {:<30} LAST EVENT",
-            "DEVICE", "ONLINE", "TARGET", "SERIAL", "MODULES"
+            "{:<16} {:<8} {:<28} {:<11} {:<10} {:<14} {:<30} LAST EVENT",
+            "DEVICE", "ONLINE", "TARGET", "IDENTITY", "TRUST", "SERIAL", "MODULES"
         );
         for (device, row) in &rows {
-            let (online, target) = match &row.status {
-                Some(Status::V1(s)) => (
+            let (online, target, trust) = match &row.status {
+                Some((s, _)) => (
                     if s.online { "yes" } else { "no" },
                     s.facts.as_ref().map_or("-".into(), |f| f.triple.clone()),
+                    s.trust.as_ref().map_or("-".into(), |t| {
+                        let stale = if t.stale.is_some() { " stale" } else { "" };
+                        format!("v{}{stale}", t.root_version)
+                    }),
                 ),
-                None => ("?", "-".into()),
+                None => ("?", "-".into(), "-".into()),
             };
+            let identity = row
+                .identity(registry.as_ref(), device)
+                .map_or("no --root", |i| i.word());
             let (serial, modules, last) = match &row.reported {
-                Some(Reported::V1(r)) => (
+                Some((r, _)) => (
                     r.serial.to_string(),
                     r.modules
                         .iter()
@@ -89,7 +138,9 @@ impl DevicesCommand {
                 ),
                 None => ("-".into(), "-".into(), String::new()),
             };
-            println!("{device:<16} {online:<8} {target:<28} {serial:<14} {modules:<30} {last}");
+            println!(
+                "{device:<16} {online:<8} {target:<28} {identity:<11} {trust:<10} {serial:<14} {modules:<30} {last}"
+            );
         }
         Ok(())
     }
@@ -103,16 +154,19 @@ fn state_mark(state: ModuleState) -> &'static str {
     }
 }
 
-fn to_json(device: &str, row: &Row) -> serde_json::Value {
-    let status = row.status.as_ref().map(|Status::V1(s)| {
+fn to_json(device: &str, row: &Row, identity: Option<&Identity>) -> serde_json::Value {
+    let status = row.status.as_ref().map(|(s, signer)| {
         json!({
             "online": s.online,
             "triple": s.facts.as_ref().map(|f| f.triple.clone()),
             "kilnd": s.facts.as_ref().map(|f| f.kilnd.clone()),
             "groups": s.facts.as_ref().map(|f| f.groups.clone()),
+            "key": signer.as_ref().map(|k| k.id().to_string()),
+            "root_version": s.trust.as_ref().map(|t| t.root_version),
+            "stale": s.trust.as_ref().and_then(|t| t.stale.clone()),
         })
     });
-    let reported = row.reported.as_ref().map(|Reported::V1(r)| {
+    let reported = row.reported.as_ref().map(|(r, _)| {
         json!({
             "serial": r.serial,
             "modules": r.modules.iter().map(|m| json!({
@@ -124,5 +178,10 @@ fn to_json(device: &str, row: &Row) -> serde_json::Value {
             })).collect::<Vec<_>>(),
         })
     });
-    json!({ "device": device, "status": status, "reported": reported })
+    json!({
+        "device": device,
+        "identity": identity.map(Identity::word),
+        "status": status,
+        "reported": reported,
+    })
 }

@@ -4,12 +4,16 @@ pub mod compile;
 pub mod completions;
 pub mod conformance;
 pub mod devices;
+pub mod enroll;
 pub mod gc;
 pub mod inspect;
 pub mod keygen;
 pub mod push;
+pub mod refresh;
 pub mod release;
 pub mod rollout;
+pub mod root;
+pub mod sign;
 pub mod targets;
 pub mod watch;
 

@@ -5,10 +5,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser};
 use kiln_protocol::fleet::{
-    Desired, DesiredModule, DeviceFacts, Event, EventKind, ModuleLimits, Reported, Scope,
-    SignedDesired, Status, StatusV1, Topics, MAX_DESIRED,
+    Desired, DesiredModule, DeviceFacts, EventKind, EventV1, ModuleLimits, Reported, ReportedV1,
+    Scope, SignedDesired, Status, StatusV2, Topics, MAX_DESIRED,
 };
-use kiln_protocol::keys::{SecretKey, TrustedKeys};
 use kiln_protocol::manifest::parse_memory_size;
 use kiln_protocol::names::Kind;
 use kiln_protocol::transfer::DEFAULT_CHUNK;
@@ -20,6 +19,11 @@ use crate::exit::{coded, Code};
 use crate::keyfile;
 use crate::release::{decode_file, read_input, verify_all, Entry, Release, Wire, FILE_MAGIC};
 use crate::targets::ResolvedTarget;
+use crate::trust::{
+    describe_state, encode_state, parse_duration, read_state, Fleet, Identity, RootArgs, Signing,
+    STATE_MAGIC,
+};
+use kiln_protocol::trust::Registry;
 
 const AFTER_HELP: &str = "\
 A release is one artifact per target; each device takes its own. Each artifact goes to
@@ -34,7 +38,13 @@ Examples:
   kiln push app-aarch64.kiln app-riscv64.kiln --group lab --sign fleet.key
   kiln push app.kilnrel --group lab --sign fleet.key            # from `kiln release`
   kiln push app.kiln --group lab --sign fleet.key --broker mqtt://broker.lan:1883 --config app.conf
-  kiln push app.kiln --device dev-01 --sign fleet.key --allow-downgrade   # roll back on purpose";
+  kiln push app.kiln --device dev-01 --sign fleet.key --allow-downgrade   # roll back on purpose
+
+Signing apart from publishing (the release key never meets the broker's credentials):
+  kiln release app.wasm --target aarch64-linux --sign release.key -o app.kilnrel   # signer
+  kiln push app.kilnrel --group lab --unsigned lab.kilnstate                       # publisher
+  kiln sign lab.kilnstate --key release.key                                        # signer(s)
+  kiln push lab.kilnstate                                                          # publisher";
 
 /// Publish an artifact to the broker and make it the desired version of its module on a
 /// device or a group
@@ -42,7 +52,7 @@ Examples:
 #[command(after_help = AFTER_HELP)]
 pub struct PushCommand {
     /// Device id to update
-    #[arg(long, conflicts_with = "group", required_unless_present = "group")]
+    #[arg(long, conflicts_with = "group")]
     pub device: Option<String>,
     /// Group to update
     #[arg(long)]
@@ -50,6 +60,10 @@ pub struct PushCommand {
     /// How long to wait for online devices to take the new desired state (0: do not wait)
     #[arg(long, value_name = "SECONDS", default_value_t = 5)]
     pub confirm_timeout_s: u64,
+    /// Upload the transfers, then write the desired state unsigned to FILE for
+    /// `kiln sign` instead of publishing it (no key needed)
+    #[arg(long, value_name = "FILE", conflicts_with = "sign")]
+    pub unsigned: Option<PathBuf>,
     #[command(flatten)]
     pub release: ReleaseArgs,
 }
@@ -68,9 +82,15 @@ pub struct ReleaseArgs {
     pub targets: Vec<String>,
     #[command(flatten)]
     pub build: BuildArgs,
-    /// Secret key that signs the desired state (and signed the artifacts)
+    /// Release key that signs the desired state (repeat for a k-of-n threshold); a
+    /// .wasm input is compiled and signed with the first
     #[arg(long, value_name = "KEY")]
-    pub sign: PathBuf,
+    pub sign: Vec<PathBuf>,
+    #[command(flatten)]
+    pub root: RootArgs,
+    /// How long devices take the desired state (re-sign it before with `kiln refresh`)
+    #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = parse_duration)]
+    pub expires_in: u64,
     #[command(flatten)]
     pub broker: BrokerArgs,
     /// Config bytes for the module, from a file
@@ -103,10 +123,45 @@ pub struct ReleaseArgs {
     pub no_delta: bool,
 }
 
+/// The fleet's roots (the anchor followed along the broker's), the release keys at
+/// hand, and how long a state is valid. A root newer than the broker's is published.
+pub fn signing(
+    session: &mut Session,
+    topics: &Topics,
+    root: &RootArgs,
+    sign: &[PathBuf],
+    valid_ms: u64,
+) -> Result<Signing> {
+    let keys = sign
+        .iter()
+        .map(|p| keyfile::read_secret(p).map_err(|e| coded(Code::Key, e)))
+        .collect::<Result<Vec<_>>>()?;
+    let anchor = root.anchor(sign.first().map(PathBuf::as_path))?;
+    let fleet = Fleet::follow(session, topics, anchor)?;
+    if fleet.publish_root(session, topics)? {
+        eprintln!("published {}", fleet.root().describe());
+    }
+    Ok(Signing {
+        fleet,
+        keys,
+        valid_ms,
+    })
+}
+
 impl ReleaseArgs {
+    pub fn signing(&self, session: &mut Session) -> Result<Signing> {
+        signing(
+            session,
+            &self.broker.topics(),
+            &self.root,
+            &self.sign,
+            self.expires_in,
+        )
+    }
+
     /// Reads, verifies (or compiles) and prepares the release for `scope`.
     pub fn load(&self, session: &mut Session, scope: &Scope) -> Result<Release> {
-        let key = keyfile::read_secret(&self.sign).map_err(|e| coded(Code::Key, e))?;
+        let signing = self.signing(session)?;
         let topics = self.broker.topics();
         let mut artifacts = Vec::new();
         let mut sources = Vec::new();
@@ -134,10 +189,19 @@ impl ReleaseArgs {
             (0, _) => {}
             (1, true) => {
                 let (input, source) = sources.remove(0);
+                let key = signing.keys.first().ok_or_else(|| {
+                    coded(
+                        Code::Usage,
+                        anyhow!(
+                            "compiling {} needs a key to sign it: --sign",
+                            input.display()
+                        ),
+                    )
+                })?;
                 let targets = self.compile_targets(session, &topics, scope)?;
                 for target in targets {
                     let label = target.label();
-                    let c = self.build.compile(&input, &source, target, None, &key)?;
+                    let c = self.build.compile(&input, &source, target, None, key)?;
                     eprintln!(
                         "compiled {} for {label}: artifact {} in {:.2}s",
                         input.display(),
@@ -152,7 +216,7 @@ impl ReleaseArgs {
                 anyhow!("give one .wasm/.wat module, or artifacts and release files, not both")
             )),
         }
-        let built = verify_all(artifacts, &key)?;
+        let built = verify_all(artifacts, &signing.release_keys())?;
         let entry = Entry {
             config: match &self.config {
                 Some(path) => read_config(path)?,
@@ -170,7 +234,7 @@ impl ReleaseArgs {
             wire: self.wire,
             delta: !self.no_delta,
         };
-        Release::prepare(session, &topics, key, built, entry, scope)
+        Release::prepare(session, &topics, signing, built, entry, scope)
     }
 
     /// `--target`, or the targets the devices of `scope` report: for each, the stock
@@ -233,7 +297,7 @@ fn statuses(
     session: &mut Session,
     topics: &Topics,
     scope: &Scope,
-) -> Result<Vec<(String, StatusV1)>> {
+) -> Result<Vec<(String, StatusV2)>> {
     let filter = match scope {
         Scope::Device(d) => topics.status(d),
         Scope::Group(_) => topics.all_devices("status"),
@@ -244,9 +308,7 @@ fn statuses(
     Ok(retained
         .into_iter()
         .filter_map(|(topic, payload)| {
-            let Ok(Status::V1(s)) = postcard::from_bytes(&payload) else {
-                return None;
-            };
+            let (s, _) = Status::open(&topic, &payload).ok()?;
             let (device, _) = topics.parse_device(&topic)?;
             let targeted = match scope {
                 Scope::Device(d) => d == device,
@@ -262,7 +324,7 @@ impl Release {
     /// other modules kept), signed and ready to publish.
     pub fn next_desired(&self, session: &mut Session, scope: &Scope) -> Result<NextDesired> {
         let module = self.module.clone();
-        prepare_desired(session, &self.key, &self.topics, scope, |modules| {
+        prepare_desired(session, &self.signing, &self.topics, scope, |modules| {
             modules.retain(|m| m.name != module.name);
             modules.push(module);
         })
@@ -305,7 +367,7 @@ fn describe(scope: &Scope) -> String {
 /// and signs the result under a new serial (see [`next_serial`]).
 pub fn prepare_desired(
     session: &mut Session,
-    key: &SecretKey,
+    signing: &Signing,
     topics: &Topics,
     scope: &Scope,
     edit: impl FnOnce(&mut Vec<DesiredModule>),
@@ -319,14 +381,13 @@ pub fn prepare_desired(
         Scope::Group(g) => (topics.group_desired(g), topics.all_devices("reported")),
     };
     let target = describe(scope);
-    let trust = TrustedKeys::new(vec![key.public()]);
     let current = session.retained(&topic).map_err(unavailable)?;
     let (retained_serial, mut modules) = match current.get(&topic) {
         Some(payload) => {
-            let d = SignedDesired::open(payload, &trust).map_err(|e| {
+            let d = signing.fleet.open_desired(payload).map_err(|e| {
                 coded(
                     Code::Key,
-                    anyhow!("the current desired state of {target} cannot be read with this key ({e}); refusing to overwrite it"),
+                    anyhow!("the current desired state of {target} is not trusted ({e}); refusing to build on it"),
                 )
             })?;
             // Not this target's state (a stray or mis-addressed message): start over,
@@ -343,11 +404,9 @@ pub fn prepare_desired(
     let reported = session
         .retained(&reported_filter)
         .map_err(unavailable)?
-        .into_values()
-        .filter_map(|payload| match postcard::from_bytes(&payload) {
-            Ok(Reported::V1(r)) => Some(r.serial),
-            Err(_) => None,
-        });
+        .into_iter()
+        .filter_map(|(topic, payload)| Reported::open(&topic, &payload).ok())
+        .map(|(r, _)| r.serial);
     let serial = next_serial(retained_serial, reported, now_ms()).ok_or_else(|| {
         coded(
             Code::InvalidInput,
@@ -359,12 +418,16 @@ pub fn prepare_desired(
     })?;
     edit(&mut modules);
     modules.sort_by(|a, b| a.name.cmp(&b.name));
+    let now = now_ms();
     let desired = Desired {
+        fleet: signing.fleet.root().fleet.clone(),
         scope: scope.clone(),
         serial,
+        issued_ms: now,
+        expires_ms: now.saturating_add(signing.valid_ms),
         modules,
     };
-    let signed = SignedDesired::sign(&desired, key);
+    let signed = signing.sign(&desired)?;
     if signed.len() > MAX_DESIRED {
         bail!(coded(
             Code::InvalidInput,
@@ -411,8 +474,8 @@ pub struct Confirmation {
 
 /// One message from a device, decoded.
 pub enum Heard {
-    Reported(Reported),
-    Event(Event),
+    Reported(ReportedV1),
+    Event(EventV1),
 }
 
 impl Confirmation {
@@ -433,11 +496,11 @@ impl Confirmation {
             return;
         }
         match message {
-            Heard::Reported(Reported::V1(r)) if r.serial >= self.serial => {
+            Heard::Reported(r) if r.serial >= self.serial => {
                 self.pending.remove(device);
                 self.confirmed.push(device.to_string());
             }
-            Heard::Event(Event::V1(e)) if e.module == "*" => {
+            Heard::Event(e) if e.module == "*" => {
                 if let EventKind::Rejected { reason } = e.kind {
                     self.pending.remove(device);
                     self.refused.push((device.to_string(), reason));
@@ -484,14 +547,18 @@ fn online_targets(session: &mut Session, topics: &Topics, scope: &Scope) -> Resu
 }
 
 /// Feeds the devices' answers to `confirmation` until all have answered or `limit`
-/// has passed.
+/// has passed. A message signed by another key than the device's enrolled one is
+/// forged (or from a re-provisioned device) and never counts; the devices whose
+/// answers could not be verified are returned.
 fn await_confirmation(
     session: &mut Session,
     topics: &Topics,
+    registry: &Registry,
     confirmation: &mut Confirmation,
     limit: Duration,
-) -> Result<()> {
+) -> Result<BTreeSet<String>> {
     let deadline = Instant::now() + limit;
+    let mut unverified = BTreeSet::new();
     while !confirmation.done() {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -506,28 +573,50 @@ fn await_confirmation(
         let Some((device, kind)) = topics.parse_device(&topic) else {
             continue;
         };
-        let heard = match kind {
-            "reported" => postcard::from_bytes(&payload).ok().map(Heard::Reported),
-            "events" => postcard::from_bytes(&payload).ok().map(Heard::Event),
-            _ => None,
+        let (heard, signer) = match kind {
+            "reported" => match Reported::open(&topic, &payload) {
+                Ok((r, signer)) => (Heard::Reported(r), signer),
+                Err(_) => continue,
+            },
+            "events" => match kiln_protocol::fleet::Event::open(&topic, &payload) {
+                Ok((e, signer)) => (Heard::Event(e), signer),
+                Err(_) => continue,
+            },
+            _ => continue,
         };
-        if let Some(heard) = heard {
-            confirmation.heard(device, heard);
+        match Identity::of(registry, device, signer.as_ref()) {
+            Identity::Verified => {}
+            Identity::Mismatch(key) => {
+                eprintln!(
+                    "warning: a message for {device} is signed by key {}, not its enrolled key: ignored",
+                    key.id()
+                );
+                continue;
+            }
+            Identity::Unenrolled(_) | Identity::Unsigned => {
+                unverified.insert(device.to_string());
+            }
         }
+        confirmation.heard(device, heard);
     }
-    Ok(())
+    Ok(unverified)
 }
 
 impl PushCommand {
     pub fn execute(self) -> Result<()> {
-        let (device, group) = (self.device.as_deref(), self.group.as_deref());
-        device.map_or(Ok(()), |d| valid_name(Kind::Device, d))?;
-        group.map_or(Ok(()), |g| valid_name(Kind::Group, g))?;
-        let scope = match (self.device, self.group) {
-            (Some(d), _) => Scope::Device(d),
-            (None, Some(g)) => Scope::Group(g),
-            (None, None) => unreachable!("clap requires --device or --group"),
+        let state_file = match self.release.inputs.as_slice() {
+            [one] => std::fs::File::open(one)
+                .and_then(|mut f| {
+                    let mut head = [0u8; STATE_MAGIC.len()];
+                    std::io::Read::read_exact(&mut f, &mut head).map(|()| head)
+                })
+                .is_ok_and(|head| head == STATE_MAGIC),
+            _ => false,
         };
+        if state_file {
+            return self.publish_state_file();
+        }
+        let scope = self.scope()?;
         let unavailable = |e| coded(Code::Unavailable, e);
         let mut session = self.release.broker.connect().map_err(unavailable)?;
         let mut release = self.release.load(&mut session, &scope)?;
@@ -535,14 +624,101 @@ impl PushCommand {
         warn_unserved(&mut session, &topics, &scope, &release.module)?;
         let messages = release.upload(&mut session)?;
         let next = release.next_desired(&mut session, &scope)?;
+        if let Some(path) = &self.unsigned {
+            session.disconnect();
+            return write_unsigned(path, &next, &release, messages);
+        }
+        let registry = release.signing.fleet.registry(&mut session, &topics)?;
+        let summary = format!(
+            "{} ({}; {messages} messages)",
+            release.label(),
+            release.summary()
+        );
+        self.publish_and_confirm(session, &topics, &registry, next, &scope, &summary)
+    }
+
+    fn scope(&self) -> Result<Scope> {
+        let (device, group) = (self.device.as_deref(), self.group.as_deref());
+        device.map_or(Ok(()), |d| valid_name(Kind::Device, d))?;
+        group.map_or(Ok(()), |g| valid_name(Kind::Group, g))?;
+        match (&self.device, &self.group) {
+            (Some(d), _) => Ok(Scope::Device(d.clone())),
+            (None, Some(g)) => Ok(Scope::Group(g.clone())),
+            (None, None) => Err(coded(
+                Code::Usage,
+                anyhow!("say which devices: --device ID or --group NAME"),
+            )),
+        }
+    }
+
+    /// `kiln push lab.kilnstate`: publishes a state signed elsewhere, after checking
+    /// what a device will check (threshold, fleet, expiry) and that the broker's state
+    /// has not moved past it meanwhile.
+    fn publish_state_file(self) -> Result<()> {
+        let path = &self.release.inputs[0];
+        let file = path.display();
+        let signed = read_state(path)?;
+        let unavailable = |e| coded(Code::Unavailable, e);
+        let mut session = self.release.broker.connect().map_err(unavailable)?;
+        let topics = self.release.broker.topics();
+        let signing = self.release.signing(&mut session)?;
+        let desired = SignedDesired::open(&signed, signing.fleet.root())
+            .map_err(|e| coded(Code::Key, anyhow!("`{file}`: {e}")))?;
+        desired.check_fresh(now_ms()).map_err(|e| {
+            coded(
+                Code::InvalidInput,
+                anyhow!("`{file}`: {e}; prepare it again"),
+            )
+        })?;
+        let topic = match &desired.scope {
+            Scope::Device(d) => topics.desired(d),
+            Scope::Group(g) => topics.group_desired(g),
+        };
+        let retained = session.retained(&topic).map_err(unavailable)?;
+        if let Some(current) = retained.get(&topic) {
+            if let Ok(d) = signing.fleet.open_desired(current) {
+                if d.serial >= desired.serial {
+                    bail!(coded(
+                        Code::InvalidInput,
+                        anyhow!(
+                            "`{file}`: {} already holds serial {} (this state is serial {}); prepare it again",
+                            describe(&desired.scope),
+                            d.serial,
+                            desired.serial
+                        )
+                    ));
+                }
+            }
+        }
+        let registry = signing.fleet.registry(&mut session, &topics)?;
+        let summary = describe_state(&desired);
+        let scope = desired.scope.clone();
+        let next = NextDesired {
+            topic,
+            desired,
+            signed,
+        };
+        self.publish_and_confirm(session, &topics, &registry, next, &scope, &summary)
+    }
+
+    fn publish_and_confirm(
+        &self,
+        mut session: Session,
+        topics: &Topics,
+        registry: &Registry,
+        next: NextDesired,
+        scope: &Scope,
+        what: &str,
+    ) -> Result<()> {
+        let unavailable = |e| coded(Code::Unavailable, e);
         let online = if self.confirm_timeout_s > 0 {
-            online_targets(&mut session, &topics, &scope)?
+            online_targets(&mut session, topics, scope)?
         } else {
             Vec::new()
         };
         // Subscribed before the state goes out, so no answer can be missed.
         if !online.is_empty() {
-            let (reported, events) = match &scope {
+            let (reported, events) = match scope {
                 Scope::Device(d) => (topics.reported(d), topics.events(d)),
                 Scope::Group(_) => (topics.all_devices("reported"), topics.all_devices("events")),
             };
@@ -550,23 +726,25 @@ impl PushCommand {
             session.subscribe(&events).map_err(unavailable)?;
         }
         let serial = next.publish(&mut session)?;
-        let target = describe(&scope);
-        eprintln!(
-            "pushed {} ({}; {messages} messages) to {target}: desired state serial {serial}",
-            release.label(),
-            release.summary(),
-        );
+        let target = describe(scope);
+        eprintln!("pushed {what} to {target}: desired state serial {serial}");
         let mut confirmation = Confirmation::new(serial, online);
         let waited = await_confirmation(
             &mut session,
-            &topics,
+            topics,
+            registry,
             &mut confirmation,
             Duration::from_secs(self.confirm_timeout_s),
         );
         session.disconnect();
-        waited?;
+        let unverified = waited?;
         for device in &confirmation.confirmed {
-            eprintln!("  {device}: took serial {serial}");
+            let note = if unverified.contains(device) {
+                " (its report is not from an enrolled key: `kiln enroll`)"
+            } else {
+                ""
+            };
+            eprintln!("  {device}: took serial {serial}{note}");
         }
         for device in confirmation.pending() {
             eprintln!(
@@ -592,10 +770,34 @@ impl PushCommand {
     }
 }
 
+/// `--unsigned FILE`: the state for `kiln sign`, with what it holds on stderr.
+fn write_unsigned(
+    path: &Path,
+    next: &NextDesired,
+    release: &Release,
+    messages: usize,
+) -> Result<()> {
+    kiln_protocol::atomic::write_atomically(path, &encode_state(&next.signed)).map_err(|e| {
+        coded(
+            Code::CannotWrite,
+            anyhow!("cannot write `{}`: {e}", path.display()),
+        )
+    })?;
+    eprintln!(
+        "uploaded {} ({}; {messages} messages); wrote the unsigned desired state to {}:\n  {}\nsign it with `kiln sign {} --key release.key` (as many keys as the threshold), then `kiln push {}`",
+        release.label(),
+        release.summary(),
+        path.display(),
+        describe_state(&next.desired),
+        path.display(),
+        path.display()
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_protocol::fleet::{EventV1, ReportedV1};
     use proptest::prelude::*;
 
     #[test]
@@ -635,19 +837,19 @@ mod tests {
     }
 
     fn reported(serial: u64) -> Heard {
-        Heard::Reported(Reported::V1(ReportedV1 {
+        Heard::Reported(ReportedV1 {
             serial,
             modules: Vec::new(),
-        }))
+        })
     }
 
     fn event(module: &str, kind: EventKind) -> Heard {
-        Heard::Event(Event::V1(EventV1 {
+        Heard::Event(EventV1 {
             at_ms: 0,
             module: module.into(),
             version: 0,
             kind,
-        }))
+        })
     }
 
     #[test]

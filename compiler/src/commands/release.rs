@@ -10,6 +10,7 @@ use crate::exit::{coded, Code};
 use crate::keyfile;
 use crate::release::{encode_file, verify_all};
 use crate::targets::ResolvedTarget;
+use kiln_protocol::keys::TrustedKeys;
 
 const AFTER_HELP: &str = "\
 A release file holds one signed artifact per target. `kiln push` and `kiln rollout` take
@@ -69,7 +70,7 @@ impl ReleaseCommand {
             );
             artifacts.push((label, c.bytes));
         }
-        let built = verify_all(artifacts, &key)?;
+        let built = verify_all(artifacts, &TrustedKeys::new(vec![key.public()]))?;
         let bytes: Vec<Vec<u8>> = built.iter().map(|b| b.bytes.clone()).collect();
         let file = encode_file(&bytes);
         write_atomically(&self.output, &file)

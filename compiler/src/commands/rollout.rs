@@ -11,6 +11,8 @@ use crate::commands::push::{prepare_desired, ReleaseArgs};
 use crate::commands::valid_name;
 use crate::exit::{coded, Code};
 use crate::release::Release;
+use crate::trust::Identity;
+use kiln_protocol::trust::Registry;
 
 const AFTER_HELP: &str = "\
 Devices are the members of the group according to their retained status. Each wave's
@@ -58,20 +60,37 @@ impl RolloutCommand {
             .release
             .load(&mut session, &Scope::Group(self.group.clone()))?;
         let topics = release.topics.clone();
+        let registry = release.signing.fleet.registry(&mut session, &topics)?;
+        let mut unverified = Vec::new();
         let mut devices: Vec<String> = session
             .retained(&topics.all_devices("status"))
             .map_err(unavailable)?
             .into_iter()
             .filter_map(|(topic, payload)| {
-                let Ok(Status::V1(s)) = postcard::from_bytes(&payload) else {
-                    return None;
-                };
+                let (s, signer) = Status::open(&topic, &payload).ok()?;
                 let in_group = s.facts?.groups.contains(&self.group);
                 let (device, _) = topics.parse_device(&topic)?;
+                let identity = Identity::of(&registry, device, signer.as_ref());
+                if in_group && !identity.is_verified() {
+                    unverified.push(format!("{device} ({})", identity.word()));
+                }
                 in_group.then(|| device.to_string())
             })
             .collect();
         devices.sort();
+        // Only reports signed by a device's enrolled key count as success: a device that
+        // is not enrolled would hold its wave until the timeout.
+        if !unverified.is_empty() {
+            return Err(coded(
+                Code::Key,
+                anyhow!(
+                    "group {}: the status of {} is not signed by an enrolled key; enroll them first (`kiln enroll --group {}`)",
+                    self.group,
+                    unverified.join(", "),
+                    self.group
+                ),
+            ));
+        }
         if devices.is_empty() {
             return Err(coded(
                 Code::InvalidInput,
@@ -97,7 +116,7 @@ impl RolloutCommand {
             .subscribe(&topics.all_devices("reported"))
             .map_err(unavailable)?;
         let mut own = BTreeMap::new();
-        let outcome = self.run_waves(&release, &mut session, &waves, &mut own)?;
+        let outcome = self.run_waves(&release, &mut session, &registry, &waves, &mut own)?;
         let had_own: BTreeSet<String> = own.keys().cloned().collect();
         let plan = end_plan(&waves, &outcome, &had_own);
         let ended = self.finish(&release, &mut session, &plan, &own);
@@ -130,6 +149,7 @@ impl RolloutCommand {
         &self,
         release: &Release,
         session: &mut Session,
+        registry: &Registry,
         waves: &[Vec<String>],
         own: &mut BTreeMap<String, DesiredModule>,
     ) -> Result<Outcome> {
@@ -142,7 +162,7 @@ impl RolloutCommand {
             for device in wave {
                 let scope = Scope::Device(device.clone());
                 let mut before = None;
-                let next = prepare_desired(session, &release.key, topics, &scope, |m| {
+                let next = prepare_desired(session, &release.signing, topics, &scope, |m| {
                     before = m.iter().position(|e| e.name == *name).map(|i| m.remove(i));
                     m.push(release.module.clone());
                 })?;
@@ -186,7 +206,7 @@ impl RolloutCommand {
                 }
                 match kind {
                     "events" => {
-                        if let Ok(Event::V1(e)) = postcard::from_bytes(&payload) {
+                        if let Ok((e, _)) = Event::open(&topic, &payload) {
                             if e.module == *name && e.version == version {
                                 if let EventKind::RolledBack { .. } | EventKind::Rejected { .. } =
                                     e.kind
@@ -198,7 +218,15 @@ impl RolloutCommand {
                         }
                     }
                     "reported" => {
-                        if let Ok(Reported::V1(r)) = postcard::from_bytes(&payload) {
+                        if let Ok((r, signer)) = Reported::open(&topic, &payload) {
+                            let identity = Identity::of(registry, &device, signer.as_ref());
+                            if !identity.is_verified() {
+                                eprintln!(
+                                    "  {device}: a reported state not signed by its enrolled key ({}): not counted",
+                                    identity.word()
+                                );
+                                continue;
+                            }
                             let done = r.modules.iter().any(|m| {
                                 m.name == *name
                                     && m.version == version
@@ -239,7 +267,7 @@ impl RolloutCommand {
         let strip = plan.strip.iter().map(|d| (d, None));
         for (device, entry) in strip.chain(restore.map(|(d, e)| (d, Some(e)))) {
             let scope = Scope::Device(device.clone());
-            let next = prepare_desired(session, &release.key, &release.topics, &scope, |m| {
+            let next = prepare_desired(session, &release.signing, &release.topics, &scope, |m| {
                 m.retain(|e| e.name != *name);
                 m.extend(entry.cloned());
             })?;

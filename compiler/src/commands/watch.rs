@@ -120,7 +120,7 @@ impl WatchCommand {
                     };
                     match kind {
                         "telemetry" => out.batch(device, &p.payload),
-                        "events" => out.event(device, &p.payload),
+                        "events" => out.event(device, &p.topic, &p.payload),
                         _ => {}
                     }
                 }
@@ -253,8 +253,8 @@ impl Output {
         }
     }
 
-    fn event(&mut self, device: &str, payload: &[u8]) {
-        let Ok(FleetEvent::V1(e)) = postcard::from_bytes::<FleetEvent>(payload) else {
+    fn event(&mut self, device: &str, topic: &str, payload: &[u8]) {
+        let Ok((e, _)) = FleetEvent::open(topic, payload) else {
             return self.note(
                 json!({ "kind": "invalid", "device": device, "why": "not a deployment event" }),
                 format!("{device}: unreadable deployment event"),

@@ -3,7 +3,7 @@
 //! limit.
 //!
 //! ```toml
-//! trust = ["fleet.pub"]
+//! trust = ["fleet.root"]       # the fleet's root document, or public keys (*.pub)
 //!
 //! [[module]]
 //! artifact = "sensor-filter.kiln"
@@ -25,7 +25,7 @@ use kiln_protocol::names::{self, Kind};
 use serde::Deserialize;
 
 use crate::daemon::rate::RateLimit;
-use crate::sandbox::load::key_files;
+use crate::sandbox::load::{is_root, key_files};
 use crate::sandbox::wasi::DirMapping;
 
 #[derive(Debug, Deserialize)]
@@ -34,8 +34,13 @@ pub struct Config {
     /// Device id (used for MQTT topics by `serve` with a broker); defaults to the host
     /// name.
     pub device: Option<String>,
-    /// Public keys whose artifacts this device runs.
+    /// What this device trusts: public keys (`*.pub`), or the fleet's root document
+    /// (`*.root`, whose release keys sign artifacts and desired states), or a
+    /// directory of them. A device that follows a broker needs a root document.
     pub trust: Vec<PathBuf>,
+    /// The root document among `trust` (filled by `load`).
+    #[serde(skip)]
+    pub root: Option<PathBuf>,
     /// Command that starts a worker in front of kilnd itself, e.g. a qemu-user command
     /// when kilnd runs emulated on a host without binfmt_misc; empty on a device.
     #[serde(default)]
@@ -123,6 +128,16 @@ pub struct MqttConfig {
     pub password: Option<String>,
     #[serde(default = "defaults::keep_alive_s")]
     pub keep_alive_s: u64,
+    /// Desired states older than this (by their issue time) are reported as stale:
+    /// newer ones may be withheld. Keep it above how often the fleet re-signs them.
+    #[serde(default = "defaults::stale_after_s")]
+    pub stale_after_s: u64,
+    /// The device's provisioning time (`2026-11-30T08:00:00Z`): no desired state
+    /// issued before it is taken, so an old one cannot be replayed to a new device.
+    pub not_before: Option<String>,
+    /// `not_before` in Unix milliseconds (filled by `load`).
+    #[serde(skip)]
+    pub not_before_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -225,6 +240,9 @@ mod defaults {
     pub fn keep_alive_s() -> u64 {
         10
     }
+    pub fn stale_after_s() -> u64 {
+        7 * 24 * 3600
+    }
     pub fn tick_ms() -> u64 {
         1000
     }
@@ -257,6 +275,10 @@ pub struct ModulePlan {
     pub env: Vec<(String, String)>,
     pub dirs: Vec<DirMapping>,
     pub restart: RestartPolicy,
+    /// Public keys (text) the worker accepts this artifact's signature from; empty:
+    /// the device's (`trust`, or its root's release keys). A fleet module names the
+    /// key that signed it when it was staged.
+    pub trusted_keys: Vec<String>,
 }
 
 impl Config {
@@ -282,6 +304,23 @@ impl Config {
             return Err(format!("config `{file}`: `trust` names no public key"));
         }
         config.trust = key_files(&trust).map_err(|e| format!("config `{file}`: {e}"))?;
+        let roots: Vec<&PathBuf> = config.trust.iter().filter(|p| is_root(p)).collect();
+        if roots.len() > 1 {
+            return Err(format!(
+                "config `{file}`: `trust` names {} root documents; a device follows one",
+                roots.len()
+            ));
+        }
+        config.root = roots.first().map(|p| p.to_path_buf());
+        if let Some(mqtt) = &mut config.mqtt {
+            if config.root.is_none() {
+                return Err(format!("config `{file}`: a device that follows a broker needs the fleet's root document in `trust` (fleet.root from `kiln keygen`)"));
+            }
+            if let Some(t) = &mqtt.not_before {
+                mqtt.not_before_ms = kiln_protocol::fleet::parse_utc(t)
+                    .map_err(|e| format!("config `{file}`: not_before: {e}"))?;
+            }
+        }
         // Names become topic levels and file names: checked here like everywhere.
         if let Some(device) = &config.device {
             names::check(Kind::Device, device).map_err(|e| format!("config `{file}`: {e}"))?;
@@ -360,6 +399,7 @@ impl Config {
                 env: m.env.clone().into_iter().collect(),
                 dirs,
                 restart: m.restart,
+                trusted_keys: Vec::new(),
             });
         }
         config.rates = rates;
@@ -486,7 +526,7 @@ restart = { backoff_ms = 100, max_crashes = 3 }
     #[test]
     fn device_group_and_module_names_that_would_escape_a_topic_are_refused() {
         let mqtt = |device: &str, group: &str| {
-            format!("device = \"{device}\"\ndata_dir = \"d\"\ntrust = [\"k.pub\"]\n[mqtt]\nbroker = \"mqtt://h\"\ngroups = [\"{group}\"]\n")
+            format!("device = \"{device}\"\ndata_dir = \"d\"\ntrust = [\"fleet.root\"]\n[mqtt]\nbroker = \"mqtt://h\"\ngroups = [\"{group}\"]\n")
         };
         for (device, group) in [("dev/+", "lab"), ("dev-01", "lab/#"), ("..", "lab")] {
             let err = load_config(&mqtt(device, group)).unwrap_err();
@@ -504,7 +544,7 @@ restart = { backoff_ms = 100, max_crashes = 3 }
     /// spooled, so a flood next to a healthy broker dropped telemetry.
     #[test]
     fn a_spool_that_cannot_hold_the_window_and_more_is_refused() {
-        let mqtt = "device = \"d\"\ndata_dir = \"/tmp/d\"\ntrust = [\"k.pub\"]\n[mqtt]\nbroker = \"mqtt://h\"\n";
+        let mqtt = "device = \"d\"\ndata_dir = \"/tmp/d\"\ntrust = [\"fleet.root\"]\n[mqtt]\nbroker = \"mqtt://h\"\n";
         let soak = format!("{mqtt}[telemetry]\nbatch_bytes = 4096\nspool_limit = \"32KiB\"\n");
         let err = load_config(&soak).unwrap_err();
         assert!(
@@ -520,7 +560,7 @@ restart = { backoff_ms = 100, max_crashes = 3 }
 
     #[test]
     fn telemetry_sizes_take_units_and_need_a_broker() {
-        let mqtt = "device = \"d\"\ndata_dir = \"/tmp/d\"\ntrust = [\"k.pub\"]\n[mqtt]\nbroker = \"mqtt://h\"\n";
+        let mqtt = "device = \"d\"\ndata_dir = \"/tmp/d\"\ntrust = [\"fleet.root\"]\n[mqtt]\nbroker = \"mqtt://h\"\n";
         let text = format!("{mqtt}[telemetry]\nspool_limit = \"64KiB\"\nbatch_bytes = 1024\n");
         let (config, _) = load_config(&text).unwrap();
         let t = config.telemetry.unwrap();
@@ -539,7 +579,7 @@ restart = { backoff_ms = 100, max_crashes = 3 }
 
     #[test]
     fn a_batch_the_link_cannot_carry_is_refused_in_one_line() {
-        let mqtt = "device = \"d\"\ndata_dir = \"/tmp/d\"\ntrust = [\"k.pub\"]\n[mqtt]\nbroker = \"mqtt://h\"\n";
+        let mqtt = "device = \"d\"\ndata_dir = \"/tmp/d\"\ntrust = [\"fleet.root\"]\n[mqtt]\nbroker = \"mqtt://h\"\n";
         let big = format!("{mqtt}[telemetry]\nbatch_bytes = 1048576\nspool_limit = \"64MiB\"\n");
         let err = load_config(&big).unwrap_err();
         assert!(
@@ -606,8 +646,19 @@ restart = { backoff_ms = 100, max_crashes = 3 }
             "trust = [\"trust\"]\ndata_dir = \"d\"\n[mqtt]\nbroker = \"mqtt://h\"\n",
         )
         .unwrap();
+        let err = Config::load(&dir.path().join("kilnd.toml")).unwrap_err();
+        assert!(err.contains("needs the fleet's root document"), "{err}");
+        std::fs::write(trust.join("fleet.root"), "").unwrap();
         let (config, _) = Config::load(&dir.path().join("kilnd.toml")).unwrap();
-        assert_eq!(config.trust, [trust.join("a.pub"), trust.join("b.pub")]);
+        assert_eq!(
+            config.trust,
+            [
+                trust.join("a.pub"),
+                trust.join("b.pub"),
+                trust.join("fleet.root")
+            ]
+        );
+        assert_eq!(config.root, Some(trust.join("fleet.root")));
         // Without `device`, a device is known by its host name.
         assert_eq!(config.device, Some(host_name().unwrap()));
     }

@@ -16,6 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kiln_protocol::fleet::Topics;
+use kiln_protocol::keys::PublicKey;
 use kiln_protocol::telemetry::{self, Body, Cause, Discarded, Record};
 
 use crate::daemon::config::{Config, ModulePlan, MqttConfig};
@@ -346,6 +347,13 @@ fn connect(
     let refused = |e: String| Failure::new(Code::Config, format!("device `{device}`: {e}"));
     let boot_id = crate::daemon::telemetry::new_boot_id();
     let facts = fleet::facts(mqtt, boot_id);
+    let root = config.root.as_deref().ok_or_else(|| {
+        Failure::new(
+            Code::Config,
+            "a device that follows a broker needs a root document",
+        )
+    })?;
+    let trust = fleet::trust(mqtt, root, data_dir)?;
     let (agent_tx, agent_rx) = mpsc::sync_channel(AGENT_QUEUE);
     let (telemetry_tx, telemetry_rx) = mpsc::sync_channel(TELEMETRY_QUEUE);
     let (to_agent, acks) = (agent_tx.clone(), telemetry_tx.clone());
@@ -354,7 +362,7 @@ fn connect(
     let link = link::connect(
         mqtt,
         device,
-        fleet::last_will(mqtt, device, &facts),
+        fleet::last_will(mqtt, device, &facts, &trust.identity),
         move |event| to_agent.send(AgentIn::Link(event)).is_ok(),
         move |delivery| {
             lock(&delivered).push_back(delivery);
@@ -366,7 +374,6 @@ fn connect(
 
     let fleet_modules = modules.clone();
     let apply: fleet::ApplyFn = Box::new(move |plans| lock(&fleet_modules).set_fleet(plans));
-    let trust = crate::sandbox::load::read_trusted_keys(&config.trust)?;
     let agent = fleet::start(
         mqtt,
         device,
@@ -395,20 +402,11 @@ fn connect(
     })
 }
 
+/// The keys local modules are verified with, as text for the workers: the `trust`
+/// keys and the root document's release keys.
 fn read_keys(config: &Config) -> Result<Vec<String>, Failure> {
-    let mut keys = Vec::new();
-    for path in &config.trust {
-        // Parsed here only to fail early with the file's name; workers get the text.
-        crate::sandbox::load::read_trusted_keys(std::slice::from_ref(path))?;
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            Failure::new(
-                Code::NoInput,
-                format!("cannot read trusted key `{}`: {e}", path.display()),
-            )
-        })?;
-        keys.push(text);
-    }
-    Ok(keys)
+    let keys = crate::sandbox::load::read_trusted_keys(&config.trust)?;
+    Ok(keys.keys().map(PublicKey::to_text).collect())
 }
 
 /// The modules being supervised, by name.

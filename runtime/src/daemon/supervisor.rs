@@ -408,7 +408,11 @@ fn run_worker(
     let spawned = Instant::now();
     let spec = StartSpec {
         artifact: plan.artifact.display().to_string(),
-        trusted_keys: module.trusted_keys.clone(),
+        trusted_keys: if plan.trusted_keys.is_empty() {
+            module.trusted_keys.clone()
+        } else {
+            plan.trusted_keys.clone()
+        },
         config: plan.config.clone(),
         limits: Limits {
             memory_pages: plan.memory_pages,

@@ -10,6 +10,7 @@ use kiln_protocol::artifact::Envelope;
 use kiln_protocol::compat;
 use kiln_protocol::keys::{PublicKey, TrustedKeys};
 use kiln_protocol::manifest::Manifest;
+use kiln_protocol::trust::{Chain, MAX_ROOT};
 use kiln_protocol::worker::Expect;
 use sha2::{Digest, Sha256};
 use wasmer::{Engine, Module};
@@ -29,9 +30,15 @@ pub struct Loaded {
     pub deserialize_time: Duration,
 }
 
+/// The keys `--trust` or a config's `trust` names: public key files, and a root
+/// document (`*.root`), which stands for its release keys.
 pub fn read_trusted_keys(paths: &[PathBuf]) -> Result<TrustedKeys, Failure> {
     let mut keys = Vec::new();
     for path in key_files(paths).map_err(|e| Failure::new(Code::NoInput, e))? {
+        if is_root(&path) {
+            keys.extend(read_root(&path)?.root().release.public_keys());
+            continue;
+        }
         let text = std::fs::read_to_string(&path).map_err(|e| {
             Failure::new(
                 Code::NoInput,
@@ -49,9 +56,47 @@ pub fn read_trusted_keys(paths: &[PathBuf]) -> Result<TrustedKeys, Failure> {
     Ok(TrustedKeys::new(keys))
 }
 
-/// The key files that `--trust` or a config's `trust` names: a file is itself, and a
-/// directory (such as /etc/kiln/trust) stands for every `*.pub` file in it, in name
-/// order. A directory without one is an error, not an empty trust.
+/// A root document, by its name: `fleet.root`.
+pub fn is_root(path: &Path) -> bool {
+    path.extension().is_some_and(|x| x == "root")
+}
+
+/// Reads a root document the operator provisioned (checked whole and signed by its own
+/// root keys).
+pub fn read_root(path: &Path) -> Result<Chain, Failure> {
+    let bytes = read_limited(path, MAX_ROOT as u64).map_err(|e| {
+        Failure::new(
+            Code::NoInput,
+            format!("cannot read root document `{}`: {e}", path.display()),
+        )
+    })?;
+    Chain::new(bytes).map_err(|e| {
+        Failure::new(
+            Code::Untrusted,
+            format!("root document `{}`: {e}", path.display()),
+        )
+    })
+}
+
+fn read_limited(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(limit + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {limit} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The files that `--trust` or a config's `trust` names: a file is itself, and a
+/// directory (such as /etc/kiln/trust) stands for every `*.pub` key and `*.root`
+/// document in it, in name order. A directory without one is an error, not an empty
+/// trust.
 pub fn key_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
     let mut files = Vec::new();
     for path in paths {
@@ -66,13 +111,13 @@ pub fn key_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
             let entry = entry
                 .map_err(|e| format!("cannot read trust directory `{}`: {e}", path.display()))?;
             let file = entry.path();
-            if file.extension().is_some_and(|x| x == "pub") && file.is_file() {
+            if (file.extension().is_some_and(|x| x == "pub") || is_root(&file)) && file.is_file() {
                 found.push(file);
             }
         }
         if found.is_empty() {
             return Err(format!(
-                "trust directory `{}` holds no `*.pub` key",
+                "trust directory `{}` holds no `*.pub` key and no `*.root` document",
                 path.display()
             ));
         }

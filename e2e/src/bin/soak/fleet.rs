@@ -96,8 +96,9 @@ impl Artifacts {
         self.dir.join("rogue.key")
     }
 
+    /// The fleet's root document, which the devices are provisioned with.
     pub fn trust(&self) -> PathBuf {
-        self.dir.join("fleet.pub")
+        self.dir.join("fleet.root")
     }
 
     /// `source` compiled for `target` as module `name` at `version`, signed with the
@@ -555,7 +556,7 @@ pub fn observe(port: u16, ids: Vec<String>, tx: ObsTx) -> Latest {
                         continue;
                     };
                     if kind == "reported" {
-                        let Ok(Reported::V1(r)) = postcard::from_bytes(&p.payload) else {
+                        let Ok((r, _)) = Reported::open(&p.topic, &p.payload) else {
                             continue;
                         };
                         let Some(app) = r.modules.iter().find(|m| m.name == "app") else {
@@ -573,7 +574,7 @@ pub fn observe(port: u16, ids: Vec<String>, tx: ObsTx) -> Latest {
                             let _ = tx.send((now_ms(), obs));
                         }
                     } else if kind == "events" {
-                        if let Ok(Event::V1(e)) = postcard::from_bytes(&p.payload) {
+                        if let Ok((e, _)) = Event::open(&p.topic, &p.payload) {
                             if e.module == "app" && e.kind == EventKind::Committed {
                                 let obs = Obs::Committed {
                                     device,
@@ -634,9 +635,17 @@ pub fn forged_desired(device: &str, version: u64, artifact: &Path, key: &Path) -
     let secret = SecretKey::from_text(&std::fs::read_to_string(key)?)?;
     let bytes = std::fs::read(artifact)?;
     let desired = Desired {
+        // The fleet's own id, so only the key can refuse it.
+        fleet: kiln_protocol::trust::SignedRoot::peek(&std::fs::read(
+            key.with_file_name("fleet.root"),
+        )?)
+        .map_err(|e| anyhow::anyhow!(e))?
+        .fleet,
         scope: Scope::Device(device.into()),
         // Far above any serial a push makes (Unix ms), so only the key can refuse it.
         serial: now_ms() * 1_000,
+        issued_ms: now_ms(),
+        expires_ms: now_ms() + 3_600_000,
         modules: vec![DesiredModule {
             name: "app".into(),
             version,
@@ -656,7 +665,7 @@ pub fn forged_desired(device: &str, version: u64, artifact: &Path, key: &Path) -
             health_window_ms: 1_000,
         }],
     };
-    Ok(SignedDesired::sign(&desired, &secret))
+    Ok(SignedDesired::sign(&desired, &[&secret]))
 }
 
 /// Runs a `kiln` fleet command with a time limit, its stderr appended to `log`; its

@@ -14,15 +14,16 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use kiln_protocol::fleet::{
-    Desired, DesiredModule, DeviceFacts, Event, EventKind, EventV1, ModuleReport, ModuleState,
-    Reported, ReportedV1, Scope, SignedDesired, Status, StatusV1, TargetArtifact, Topics,
-    MAX_DESIRED,
+    seal_report, sha256, utc, Desired, DesiredModule, DeviceFacts, DeviceMessage, Event, EventKind,
+    EventV1, ModuleReport, ModuleState, Reported, ReportedV1, Scope, SignedDesired, Status,
+    StatusV2, TargetArtifact, Topics, TrustReport, MAX_DESIRED,
 };
-use kiln_protocol::keys::TrustedKeys;
+use kiln_protocol::keys::SecretKey;
 use kiln_protocol::names::{self, Kind};
 use kiln_protocol::transfer::{ChunkList, Codec, Transfer};
+use kiln_protocol::trust::{Chain, SignedRoot, MAX_ROOT};
 
-use super::store::{Installed, ModuleRecord, Slot, StateV1};
+use super::store::{DeviceState, Installed, ModuleRecord, Slot};
 
 /// A download is keyed by the transfer's stream and how it is cut: the same stream
 /// pushed again with another chunk size is another download.
@@ -95,8 +96,8 @@ pub enum Outcome {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StageResult {
-    /// Verified and written to this slot.
-    Staged(Slot),
+    /// Verified (signed by this release key) and written to this slot.
+    Staged(Slot, [u8; 32]),
     /// The bytes are not what the desired state promised: never tried again.
     Refused(String),
     /// The store failed (disk full, read-only): try again when it works.
@@ -120,7 +121,7 @@ pub enum Effect {
     Subscribe(String),
     Unsubscribe(String),
     /// Write the state file; answer with `Input::Saved`.
-    Save(StateV1),
+    Save(DeviceState),
     /// Which chunks of a download are on disk and still hash right (the others are
     /// deleted); answer with `Input::Scanned`.
     Scan {
@@ -148,6 +149,9 @@ pub enum Effect {
     Run(BTreeMap<String, Installed>),
     /// A point the crash-safety tests can kill kilnd at (test builds only).
     Checkpoint(&'static str),
+    /// A newer root document was taken: keep it (it is what the device trusts after a
+    /// restart) and verify artifacts with its release keys from now on.
+    Trust(Vec<u8>),
 }
 
 /// Where a staged artifact comes from.
@@ -172,6 +176,20 @@ pub struct Settings {
     /// The shortest health window, whatever the desired state says.
     pub min_health_ms: u64,
 }
+
+/// What a device trusts, and the key it signs what it says with.
+pub struct Trust {
+    pub chain: Chain,
+    pub identity: SecretKey,
+    /// No desired state issued before this is taken (Unix ms): the device's
+    /// provisioning, so a state from before it cannot be replayed to a fresh device.
+    pub not_before_ms: u64,
+    /// Desired states older than this are reported as stale (a freeze).
+    pub stale_after_ms: u64,
+}
+
+/// Root documents that arrived before the ones they follow, kept until those do.
+const MAX_PENDING_ROOTS: usize = 16;
 
 impl Default for Settings {
     fn default() -> Self {
@@ -211,12 +229,20 @@ pub struct Agent {
     device: String,
     groups: Vec<String>,
     topics: Topics,
-    trust: TrustedKeys,
+    trust: Trust,
     facts: DeviceFacts,
     settings: Settings,
-    state: StateV1,
+    state: DeviceState,
     /// Latest verified desired state per source topic, this run.
     desired: BTreeMap<String, Desired>,
+    /// The newest desired state per source whose signatures did not verify: tried
+    /// again when a newer root arrives (it may be signed by a rotated-in key).
+    unverified: BTreeMap<String, Vec<u8>>,
+    /// Root documents newer than the next one, by version.
+    pending_roots: BTreeMap<u64, Vec<u8>>,
+    /// When this run started, and why the device thinks its states are stale.
+    started_ms: u64,
+    stale: Option<String>,
     downloads: BTreeMap<DownloadKey, Download>,
     /// Artifacts whose patch failed this run: fetched whole.
     no_patch: BTreeSet<[u8; 32]>,
@@ -246,16 +272,16 @@ impl Agent {
         device: &str,
         groups: Vec<String>,
         topics: Topics,
-        trust: TrustedKeys,
+        trust: Trust,
         facts: DeviceFacts,
         settings: Settings,
-        state: Result<StateV1, String>,
+        state: Result<DeviceState, String>,
         now_ms: u64,
     ) -> Self {
-        let (state, degraded): (StateV1, _) = match state {
+        let (state, degraded): (DeviceState, _) = match state {
             Ok(s) => (s, None),
             Err(e) => (
-                StateV1::default(),
+                DeviceState::default(),
                 Some(format!("the device state is unreadable ({e})")),
             ),
         };
@@ -270,6 +296,10 @@ impl Agent {
             settings,
             state,
             desired: BTreeMap::new(),
+            unverified: BTreeMap::new(),
+            pending_roots: BTreeMap::new(),
+            started_ms: now_ms,
+            stale: None,
             downloads: BTreeMap::new(),
             no_patch: BTreeSet::new(),
             trials: BTreeMap::new(),
@@ -300,7 +330,7 @@ impl Agent {
         std::mem::take(&mut self.out)
     }
 
-    pub fn state(&self) -> &StateV1 {
+    pub fn state(&self) -> &DeviceState {
         &self.state
     }
 
@@ -348,7 +378,8 @@ impl Agent {
 
     fn on_connect(&mut self) {
         self.publish_status();
-        let mut topics = vec![self.topics.desired(&self.device)];
+        // Roots first: a desired state signed by a rotated-in key needs them.
+        let mut topics = vec![self.topics.all_roots(), self.topics.desired(&self.device)];
         topics.extend(self.groups.iter().map(|g| self.topics.group_desired(g)));
         for topic in topics {
             self.out.push(Effect::Subscribe(topic));
@@ -368,7 +399,75 @@ impl Agent {
             self.on_chunk(topic, payload);
         } else if topic.ends_with("/desired") {
             self.on_desired(topic, payload);
+        } else if self.topics.parse_root(topic).is_some() {
+            self.on_root(payload);
         }
+    }
+
+    /// A root document: taken if it is the next version and signed by this root's
+    /// root keys and its own; kept if a version between is missing.
+    fn on_root(&mut self, payload: &[u8]) {
+        if payload.is_empty() {
+            return;
+        }
+        let current = self.trust.chain.root().version;
+        let version = match SignedRoot::peek(payload) {
+            Ok(r) => r.version,
+            Err(why) => {
+                let reason = format!("root document refused: {why}");
+                return self.event_once("*", 0, EventKind::Rejected { reason });
+            }
+        };
+        if payload.len() > MAX_ROOT || version <= current {
+            return;
+        }
+        self.pending_roots.insert(version, payload.to_vec());
+        while self.pending_roots.len() > MAX_PENDING_ROOTS {
+            self.pending_roots.pop_last();
+        }
+        let mut taken = false;
+        while let Some(bytes) = self
+            .pending_roots
+            .remove(&(self.trust.chain.root().version + 1))
+        {
+            match self.trust.chain.advance(&bytes) {
+                Ok(root) => {
+                    let reason = root.describe();
+                    taken = true;
+                    self.event("*", 0, EventKind::Trusted { reason });
+                }
+                Err(why) => {
+                    let reason = format!("root document refused: {why}");
+                    self.event("*", 0, EventKind::Rejected { reason });
+                }
+            }
+        }
+        let current = self.trust.chain.root().version;
+        self.pending_roots.retain(|v, _| *v > current);
+        if let Some(first) = self.pending_roots.keys().next() {
+            let reason = format!(
+                "root v{first} does not follow root v{current}: waiting for root v{}",
+                current + 1
+            );
+            self.event_once("*", 0, EventKind::Rejected { reason });
+        }
+        if taken {
+            self.on_new_root();
+        }
+    }
+
+    /// After a rotation: the states taken before stay (they were signed by a key
+    /// trusted then, and what runs must not change because a key did); every state
+    /// from now on must verify under the new root, and the ones that did not verify
+    /// before are tried again (they may be signed by a rotated-in key).
+    fn on_new_root(&mut self) {
+        self.out
+            .push(Effect::Trust(self.trust.chain.bytes().to_vec()));
+        for (source, bytes) in std::mem::take(&mut self.unverified) {
+            self.on_desired(&source, &bytes);
+        }
+        self.publish_status();
+        self.reconcile();
     }
 
     fn on_desired(&mut self, source: &str, payload: &[u8]) {
@@ -382,25 +481,29 @@ impl Agent {
             );
             return self.event("*", 0, EventKind::Rejected { reason });
         }
-        let desired = match SignedDesired::open(payload, &self.trust) {
+        let desired = match SignedDesired::open(payload, self.trust.chain.root()) {
             Ok(d) => d,
-            Err(why) => return self.event("*", 0, EventKind::Rejected { reason: why }),
+            Err(why) => {
+                // A key this root does not know may be one the next root brings.
+                self.unverified.insert(source.to_string(), payload.to_vec());
+                let reason = format!("desired state on {source} refused: {why}");
+                return self.event("*", 0, EventKind::Rejected { reason });
+            }
         };
+        self.unverified.remove(source);
         if let Err(reason) = self.admissible(source, &desired) {
             return self.event("*", 0, EventKind::Rejected { reason });
         }
-        let last = self.state.serials.get(source).copied().unwrap_or(0);
-        if desired.serial < last {
-            let reason = format!(
-                "desired state serial {} on {source} is older than serial {last} already applied",
-                desired.serial
-            );
+        if let Err(reason) = self.fresh(source, &desired) {
             return self.event("*", 0, EventKind::Rejected { reason });
         }
+        let digest = sha256(&postcard::to_stdvec(&desired).unwrap_or_default());
         self.state
             .serials
             .insert(source.to_string(), desired.serial);
+        self.state.digests.insert(source.to_string(), digest);
         self.desired.insert(source.to_string(), desired);
+        self.check_stale();
         if let Some(why) = self.degraded.clone() {
             // Kept in memory: acted on when the data dir works again.
             let reason = format!("updates refused: {why}");
@@ -408,6 +511,72 @@ impl Agent {
         }
         self.save();
         self.reconcile();
+    }
+
+    /// Not older than what was applied, not a second body under an applied serial,
+    /// not expired, and not issued before the device was provisioned.
+    fn fresh(&self, source: &str, desired: &Desired) -> Result<(), String> {
+        let last = self.state.serials.get(source).copied().unwrap_or(0);
+        if desired.serial < last {
+            return Err(format!(
+                "desired state serial {} on {source} is older than serial {last} already applied (a replay)",
+                desired.serial
+            ));
+        }
+        let digest = sha256(&postcard::to_stdvec(desired).unwrap_or_default());
+        if desired.serial == last && self.state.digests.get(source).is_some_and(|d| *d != digest) {
+            return Err(format!(
+                "desired state serial {} on {source} was already applied with another body",
+                desired.serial
+            ));
+        }
+        desired.check_fresh(self.now_ms)?;
+        if desired.issued_ms < self.trust.not_before_ms {
+            return Err(format!(
+                "desired state serial {} on {source} was issued {}, before this device was provisioned ({}; a replay)",
+                desired.serial,
+                utc(desired.issued_ms),
+                utc(self.trust.not_before_ms)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the states this device follows are older than its bound (or, with none,
+    /// whether it has heard none for that long): a broker that keeps serving old states
+    /// cannot hide newer ones for longer. Said once as an event, and in the status.
+    fn check_stale(&mut self) {
+        let bound = self.trust.stale_after_ms;
+        let now = self.now_ms;
+        let oldest = self
+            .desired
+            .iter()
+            .min_by_key(|(_, d)| d.issued_ms)
+            .map(|(s, d)| (s.clone(), d.issued_ms, d.expires_ms));
+        let stale = match oldest {
+            Some((source, _, expires)) if now >= expires => Some(format!(
+                "the desired state on {source} expired at {} and nothing newer arrived",
+                utc(expires)
+            )),
+            Some((source, issued, _)) if now.saturating_sub(issued) > bound => Some(format!(
+                "the desired state on {source} was issued {} s ago (bound {} s); newer ones may be withheld",
+                (now - issued) / 1000,
+                bound / 1000
+            )),
+            None if now.saturating_sub(self.started_ms) > bound => Some(format!(
+                "no desired state in {} s (bound {} s)",
+                (now - self.started_ms) / 1000,
+                bound / 1000
+            )),
+            _ => None,
+        };
+        if stale != self.stale {
+            self.stale = stale.clone();
+            if let Some(reason) = stale {
+                self.event("*", 0, EventKind::Stale { reason });
+            }
+            self.publish_status();
+        }
     }
 
     /// Everything about a signed desired state except its serial: for this device, on
@@ -895,12 +1064,13 @@ impl Agent {
                 };
                 self.begin_download(key, download);
             }
-            StageResult::Staged(slot) => {
+            StageResult::Staged(slot, signer) => {
                 if self.wanted_sha(name) != Some(sha) {
                     return; // no longer wanted; the slot is simply not used
                 }
                 self.event(name, d.version, EventKind::Verified);
-                self.record_mut(name).staged = Some(Installed::from_desired(slot, &d, &target));
+                self.record_mut(name).staged =
+                    Some(Installed::from_desired(slot, &d, &target, signer));
                 self.save();
                 self.event(name, d.version, EventKind::Staged);
                 self.out.push(Effect::Checkpoint("stage"));
@@ -984,6 +1154,7 @@ impl Agent {
             // Probe: a save that works ends degraded mode.
             self.save();
         }
+        self.check_stale();
     }
 
     fn commit(&mut self, name: &str) {
@@ -1157,43 +1328,57 @@ impl Agent {
         // Only a serial that is on disk counts as applied: a device that cannot save
         // does not confirm a push.
         let serial = self.saved_serial;
-        let bytes =
-            postcard::to_stdvec(&Reported::V1(ReportedV1 { serial, modules })).unwrap_or_default();
+        let report = Reported::V1(ReportedV1 { serial, modules });
+        let bytes = postcard::to_stdvec(&report).unwrap_or_default();
         if self.last_reported.as_ref() != Some(&bytes) {
-            self.last_reported = Some(bytes.clone());
+            self.last_reported = Some(bytes);
             let topic = self.topics.reported(&self.device);
-            self.out.push(Effect::Publish {
-                topic,
-                retain: true,
-                payload: bytes,
-            });
+            self.publish(topic, true, &report);
         }
     }
 
     fn publish_status(&mut self) {
-        let status = Status::V1(StatusV1 {
+        let root = self.trust.chain.root();
+        let status = Status::V2(StatusV2 {
             device: self.device.clone(),
             online: true,
             facts: Some(self.facts.clone()),
+            trust: Some(TrustReport {
+                fleet: root.fleet.clone(),
+                root_version: root.version,
+                identity: self.trust.identity.public().to_bytes(),
+                oldest_issued_ms: self
+                    .desired
+                    .values()
+                    .map(|d| d.issued_ms)
+                    .min()
+                    .unwrap_or(0),
+                stale: self.stale.clone(),
+            }),
         });
         let topic = self.topics.status(&self.device);
         self.publish(topic, true, &status);
     }
 
-    fn publish(&mut self, topic: String, retain: bool, message: &impl serde::Serialize) {
-        if let Ok(payload) = postcard::to_stdvec(message) {
-            self.out.push(Effect::Publish {
-                topic,
-                retain,
-                payload,
-            });
-        }
+    /// Everything a device says is signed with its identity key, for its topic.
+    fn publish<T: DeviceMessage>(&mut self, topic: String, retain: bool, message: &T) {
+        let payload = seal_report(message, &topic, &self.trust.identity);
+        self.out.push(Effect::Publish {
+            topic,
+            retain,
+            payload,
+        });
     }
 }
 
-/// The reported state's modules, for tests and the driver's log.
+/// The reported state's modules, for tests and the driver's log (its own messages:
+/// the signature is not checked here).
 pub fn decode_reported(payload: &[u8]) -> Option<ReportedV1> {
     match postcard::from_bytes(payload).ok()? {
         Reported::V1(r) => Some(r),
+        Reported::Signed(s) => match postcard::from_bytes(&s.body).ok()? {
+            Reported::V1(r) => Some(r),
+            Reported::Signed(_) => None,
+        },
     }
 }

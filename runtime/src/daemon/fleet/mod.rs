@@ -5,6 +5,7 @@
 //! results go back to the agent as inputs.
 
 pub mod agent;
+pub mod identity;
 pub mod store;
 #[cfg(test)]
 mod tests;
@@ -17,17 +18,18 @@ use std::time::Duration;
 use kiln_protocol::artifact::Envelope;
 use kiln_protocol::compat::{self, HostFacts};
 use kiln_protocol::fleet::{
-    sha256, DesiredModule, DeviceFacts, Status, StatusV1, TargetArtifact, Topics,
+    seal_report, sha256, DesiredModule, DeviceFacts, Status, StatusV2, TargetArtifact, Topics,
 };
-use kiln_protocol::keys::TrustedKeys;
+use kiln_protocol::keys::{PublicKey, SecretKey, TrustedKeys};
 use kiln_protocol::telemetry::{Body, Record};
 use kiln_protocol::transfer::{self, MAX_ARTIFACT};
+use kiln_protocol::trust::Chain;
 use kiln_protocol::worker::Expect;
 
 use crate::daemon::config::{ModulePlan, MqttConfig, RestartPolicy};
 use crate::daemon::link::{Link, LinkEvent};
 use crate::daemon::supervisor::now_ms;
-use agent::{Agent, Effect, Input, Outcome, Settings, StageFrom, StageResult};
+use agent::{Agent, Effect, Input, Outcome, Settings, StageFrom, StageResult, Trust};
 use store::{Installed, Store};
 
 /// What the driver reacts to.
@@ -44,20 +46,26 @@ pub type ApplyFn = Box<dyn Fn(Vec<ModulePlan>) + Send>;
 /// The retained status the broker publishes for this device if kilnd vanishes. It
 /// keeps the device's facts, so the fleet tool knows an offline device's target and
 /// groups (and compiles a release for it).
-pub fn last_will(config: &MqttConfig, device: &str, facts: &DeviceFacts) -> (String, Vec<u8>) {
-    (
-        Topics::new(&config.prefix).status(device),
-        offline(device, facts),
-    )
+pub fn last_will(
+    config: &MqttConfig,
+    device: &str,
+    facts: &DeviceFacts,
+    identity: &SecretKey,
+) -> (String, Vec<u8>) {
+    let topic = Topics::new(&config.prefix).status(device);
+    let payload = offline(&topic, device, facts, identity);
+    (topic, payload)
 }
 
-fn offline(device: &str, facts: &DeviceFacts) -> Vec<u8> {
-    postcard::to_stdvec(&Status::V1(StatusV1 {
+/// The offline status, signed like everything the device says.
+fn offline(topic: &str, device: &str, facts: &DeviceFacts, identity: &SecretKey) -> Vec<u8> {
+    let status = Status::V2(StatusV2 {
         device: device.into(),
         online: false,
         facts: Some(facts.clone()),
-    }))
-    .unwrap_or_default()
+        trust: None,
+    });
+    seal_report(&status, topic, identity)
 }
 
 /// What this device is, as its status says.
@@ -72,6 +80,51 @@ pub fn facts(config: &MqttConfig, boot_id: u64) -> DeviceFacts {
         groups: config.groups.clone(),
         boot_id,
     }
+}
+
+/// What the device trusts, from its provisioned root document (or the newer one it
+/// took since, kept in the data dir), and its identity key (created on first start).
+pub fn trust(
+    config: &MqttConfig,
+    root: &std::path::Path,
+    data_dir: &std::path::Path,
+) -> Result<Trust, crate::exit::Failure> {
+    use crate::exit::{Code, Failure};
+    let provisioned = crate::sandbox::load::read_root(root)?;
+    let store = Store::at(data_dir);
+    let chain = match store.load_root() {
+        Ok(Some(bytes)) => match Chain::new(bytes) {
+            Ok(kept)
+                if kept.root().fleet == provisioned.root().fleet
+                    && kept.root().version > provisioned.root().version =>
+            {
+                kept
+            }
+            Ok(_) => provisioned,
+            Err(e) => {
+                tracing::warn!(error = %e, "the kept root document is unusable; using the provisioned one");
+                provisioned
+            }
+        },
+        Ok(None) => provisioned,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the kept root document; using the provisioned one");
+            provisioned
+        }
+    };
+    let identity = identity::load_or_create(data_dir)
+        .map_err(|e| Failure::new(Code::Config, format!("device identity: {e}")))?;
+    tracing::info!(
+        root = %chain.root().describe(),
+        identity = %identity.public().id(),
+        "trust"
+    );
+    Ok(Trust {
+        chain,
+        identity,
+        not_before_ms: config.not_before_ms,
+        stale_after_ms: config.stale_after_s.saturating_mul(1000),
+    })
 }
 
 pub struct Driver {
@@ -93,7 +146,7 @@ pub fn start(
     config: &MqttConfig,
     device: &str,
     data_dir: PathBuf,
-    trust: TrustedKeys,
+    trust: Trust,
     apply: ApplyFn,
     link: Link,
     facts: DeviceFacts,
@@ -118,13 +171,14 @@ pub fn start(
         wasmer: facts.wasmer.clone(),
         kiln_abi: facts.kiln_abi,
     };
-    let offline = offline(device, &facts);
     let topics = Topics::new(&config.prefix);
+    let offline = offline(&topics.status(device), device, &facts, &trust.identity);
+    let release = trust.chain.root().release.trusted();
     let agent = Agent::new(
         device,
         config.groups.clone(),
         topics.clone(),
-        trust.clone(),
+        trust,
         facts,
         settings(),
         state,
@@ -132,7 +186,11 @@ pub fn start(
     );
     let mut driver = Driver {
         agent,
-        exec: Executor { store, trust, host },
+        exec: Executor {
+            store,
+            trust: release,
+            host,
+        },
         link,
         apply,
         topics,
@@ -269,7 +327,7 @@ pub struct Executor {
 
 impl Executor {
     /// The agent input a store effect answers with; any other effect is given back.
-    pub fn perform(&self, effect: Effect) -> Result<Option<Input>, Effect> {
+    pub fn perform(&mut self, effect: Effect) -> Result<Option<Input>, Effect> {
         Ok(Some(match effect {
             Effect::Save(state) => Input::Saved(self.store.save(&state).map_err(|e| e.to_string())),
             Effect::Scan { key, list } => Input::Scanned {
@@ -302,8 +360,23 @@ impl Executor {
                 self.store.drop_download(&key);
                 return Ok(None);
             }
+            Effect::Trust(root) => {
+                self.trust(&root);
+                return Ok(None);
+            }
             other => return Err(other),
         }))
+    }
+
+    /// Takes a newer root (the agent checked its chain): its release keys verify
+    /// artifacts from now on, and it is what this device trusts after a restart.
+    fn trust(&mut self, root: &[u8]) {
+        if let Ok(chain) = Chain::new(root.to_vec()) {
+            self.trust = chain.root().release.trusted();
+        }
+        if let Err(e) = self.store.save_root(root) {
+            tracing::warn!(error = %e, "cannot keep the new root document; it is trusted until kilnd restarts");
+        }
     }
 
     fn stage(
@@ -318,7 +391,7 @@ impl Executor {
             StageFrom::Slot => {
                 return match self.store.read_slot(&d.name, slot, target.len) {
                     Ok(bytes) => match self.verify(d, target, &bytes) {
-                        Ok(()) => StageResult::Staged(slot),
+                        Ok(signer) => StageResult::Staged(slot, signer),
                         Err(why) => StageResult::Missing(format!("staged slot: {why}")),
                     },
                     Err(e) => StageResult::Missing(format!("staged slot: {e}")),
@@ -350,10 +423,10 @@ impl Executor {
         let bytes = base_bytes.and_then(|base| {
             let bytes = transfer::decode(codec, &stream, base.as_deref(), target.len)
                 .map_err(|why| format!("the {} stream: {why}", codec.name()))?;
-            self.verify(d, target, &bytes).map(|()| bytes)
+            self.verify(d, target, &bytes).map(|signer| (bytes, signer))
         });
-        let bytes = match (bytes, base) {
-            (Ok(bytes), _) => bytes,
+        let (bytes, signer) = match (bytes, base) {
+            (Ok(verified), _) => verified,
             (Err(why), None) => return StageResult::Refused(why),
             // A patch that does not give the signed artifact is not a reason to refuse
             // the release: the full artifact may be fine.
@@ -363,19 +436,20 @@ impl Executor {
             }
         };
         match self.store.write_slot(&d.name, slot, &bytes) {
-            Ok(_) => StageResult::Staged(slot),
+            Ok(_) => StageResult::Staged(slot, signer),
             Err(e) => StageResult::Io(format!("cannot write the inactive slot: {e}")),
         }
     }
 
-    /// Everything about the bytes: length and hash as desired, a trusted signature, the
-    /// manifest's name and version as desired, and a target this device can run.
+    /// Everything about the bytes: length and hash as desired, a signature by a release
+    /// key, the manifest's name and version as desired, and a target this device can
+    /// run. Returns the key that signed it.
     fn verify(
         &self,
         d: &DesiredModule,
         target: &TargetArtifact,
         bytes: &[u8],
-    ) -> Result<(), String> {
+    ) -> Result<[u8; 32], String> {
         if bytes.len() as u64 != target.len || sha256(bytes) != target.sha256 {
             return Err("the artifact does not match its sha256".into());
         }
@@ -389,7 +463,9 @@ impl Executor {
                 m.name, m.version, d.name, d.version
             ));
         }
-        compat::check(m, &self.host).map_err(|e| e.to_string())
+        compat::check(m, &self.host).map_err(|e| e.to_string())?;
+        let signer = self.trust.find(verified.signer).map(PublicKey::to_bytes);
+        signer.ok_or_else(|| format!("artifact signer {} is not a release key", verified.signer))
     }
 
     pub fn plans(&self, modules: BTreeMap<String, Installed>) -> Vec<ModulePlan> {
@@ -418,6 +494,12 @@ impl Executor {
                     env: Vec::new(),
                     dirs: Vec::new(),
                     restart: RestartPolicy::default(),
+                    // The key it was staged under, even after a rotation dropped it.
+                    trusted_keys: i
+                        .signer
+                        .and_then(|k| PublicKey::from_bytes(&k).ok())
+                        .map(|k| vec![k.to_text()])
+                        .unwrap_or_else(|| self.trust.keys().map(PublicKey::to_text).collect()),
                 }
             })
             .collect()

@@ -3,6 +3,8 @@
 //! ```text
 //! {data_dir}/state                      postcard State: per module the committed slot and
 //!                                       version, the staged slot, the anti-rollback floor
+//! {data_dir}/root                       the newest root document the device took
+//! {data_dir}/identity.key               the device's own ed25519 key (0600)
 //! {data_dir}/modules/{name}/a.kiln      slot A
 //! {data_dir}/modules/{name}/b.kiln      slot B
 //! {data_dir}/downloads/{sha256}-{chunk_size}/{n}
@@ -21,6 +23,7 @@ use kiln_protocol::atomic::write_atomically;
 use kiln_protocol::fleet::{sha256, DesiredModule, ModuleLimits, TargetArtifact};
 use kiln_protocol::names::{self, Kind};
 use kiln_protocol::transfer::{ChunkList, MAX_ARTIFACT};
+use kiln_protocol::trust::MAX_ROOT;
 
 use super::agent::DownloadKey;
 use serde::{Deserialize, Serialize};
@@ -54,16 +57,26 @@ pub struct Installed {
     pub sha256: [u8; 32],
     pub config: Vec<u8>,
     pub limits: ModuleLimits,
+    /// The release key that signed it, checked when it was staged. Its worker trusts
+    /// this key, so a key rotation does not stop what already runs. `None`: staged by
+    /// a kilnd before root documents (the current release keys are used).
+    pub signer: Option<[u8; 32]>,
 }
 
 impl Installed {
-    pub fn from_desired(slot: Slot, d: &DesiredModule, target: &TargetArtifact) -> Self {
+    pub fn from_desired(
+        slot: Slot,
+        d: &DesiredModule,
+        target: &TargetArtifact,
+        signer: [u8; 32],
+    ) -> Self {
         Self {
             slot,
             version: d.version,
             sha256: target.sha256,
             config: d.config.clone(),
             limits: d.limits.clone(),
+            signer: Some(signer),
         }
     }
 }
@@ -82,15 +95,107 @@ pub struct ModuleRecord {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StateV1 {
-    /// Highest desired-state serial acted on, per source topic.
+pub struct DeviceState {
+    /// Highest desired-state serial acted on, per source topic...
     pub serials: BTreeMap<String, u64>,
+    /// ...and the sha256 of its body: the same serial with another body is refused.
+    pub digests: BTreeMap<String, [u8; 32]>,
     pub modules: BTreeMap<String, ModuleRecord>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum State {
-    V1(StateV1),
+    V1(v1::State),
+    V2(DeviceState),
+}
+
+/// The state file of kiln 0.2 (no digests, no signers), read and upgraded.
+mod v1 {
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Installed {
+        slot: Slot,
+        version: u64,
+        sha256: [u8; 32],
+        config: Vec<u8>,
+        limits: ModuleLimits,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct ModuleRecord {
+        committed: Option<Installed>,
+        staged: Option<Installed>,
+        floor: u64,
+        rejected: Vec<[u8; 32]>,
+        source: Option<String>,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct State {
+        serials: BTreeMap<String, u64>,
+        modules: BTreeMap<String, ModuleRecord>,
+    }
+
+    fn installed(i: Installed) -> super::Installed {
+        super::Installed {
+            slot: i.slot,
+            version: i.version,
+            sha256: i.sha256,
+            config: i.config,
+            limits: i.limits,
+            signer: None,
+        }
+    }
+
+    impl From<State> for DeviceState {
+        fn from(s: State) -> Self {
+            let modules = s
+                .modules
+                .into_iter()
+                .map(|(name, r)| {
+                    let record = super::ModuleRecord {
+                        committed: r.committed.map(installed),
+                        staged: r.staged.map(installed),
+                        floor: r.floor,
+                        rejected: r.rejected,
+                        source: r.source,
+                    };
+                    (name, record)
+                })
+                .collect();
+            DeviceState {
+                serials: s.serials,
+                digests: BTreeMap::new(),
+                modules,
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub fn fixture() -> (Vec<u8>, DeviceState) {
+        let old = State {
+            serials: BTreeMap::from([("kiln/v1/groups/lab/desired".to_string(), 7)]),
+            modules: BTreeMap::from([(
+                "app".to_string(),
+                ModuleRecord {
+                    committed: Some(Installed {
+                        slot: Slot::B,
+                        version: 3,
+                        sha256: [5; 32],
+                        config: b"x".to_vec(),
+                        limits: ModuleLimits::default(),
+                    }),
+                    staged: None,
+                    floor: 3,
+                    rejected: vec![[6; 32]],
+                    source: Some("kiln/v1/groups/lab/desired".into()),
+                },
+            )]),
+        };
+        let bytes = postcard::to_stdvec(&super::State::V1(old.clone())).unwrap();
+        (bytes, old.into())
+    }
 }
 
 pub struct Store {
@@ -110,24 +215,39 @@ impl Store {
         Self { dir: dir.into() }
     }
 
-    pub fn load(&self) -> io::Result<StateV1> {
+    pub fn load(&self) -> io::Result<DeviceState> {
         match std::fs::read(self.dir.join("state")) {
             Ok(bytes) => match postcard::from_bytes::<State>(&bytes) {
-                Ok(State::V1(state)) => Ok(state),
+                Ok(State::V1(old)) => Ok(old.into()),
+                Ok(State::V2(state)) => Ok(state),
                 Err(e) => Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("{}: {e}", self.dir.join("state").display()),
                 )),
             },
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(StateV1::default()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(DeviceState::default()),
             Err(e) => Err(e),
         }
     }
 
-    pub fn save(&self, state: &StateV1) -> io::Result<()> {
-        let bytes = postcard::to_stdvec(&State::V1(state.clone()))
+    pub fn save(&self, state: &DeviceState) -> io::Result<()> {
+        let bytes = postcard::to_stdvec(&State::V2(state.clone()))
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         write_atomically(&self.dir.join("state"), &bytes)
+    }
+
+    /// The newest root document this device took (see `trust::Chain`).
+    pub fn save_root(&self, bytes: &[u8]) -> io::Result<()> {
+        write_atomically(&self.dir.join("root"), bytes)
+    }
+
+    /// The root document kept by [`Store::save_root`], if there is one.
+    pub fn load_root(&self) -> io::Result<Option<Vec<u8>>> {
+        match read_bounded(&self.dir.join("root"), MAX_ROOT as u64) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The file of a module's slot. Names are checked where they enter; an unchecked
@@ -246,12 +366,29 @@ fn read_bounded(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
 mod tests {
     use super::*;
 
+    /// A device upgraded from kiln 0.2 keeps what it committed and its floors.
+    #[test]
+    fn a_state_file_of_kiln_0_2_is_read_and_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bytes, upgraded) = v1::fixture();
+        std::fs::write(dir.path().join("state"), bytes).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let state = store.load().unwrap();
+        assert_eq!(state, upgraded);
+        assert_eq!(
+            state.modules["app"].committed.as_ref().unwrap().signer,
+            None
+        );
+        store.save(&state).unwrap();
+        assert_eq!(store.load().unwrap(), state);
+    }
+
     #[test]
     fn state_round_trips_and_a_fresh_device_has_none() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.load().unwrap(), StateV1::default());
-        let mut state = StateV1::default();
+        assert_eq!(store.load().unwrap(), DeviceState::default());
+        let mut state = DeviceState::default();
         state.modules.insert(
             "app".into(),
             ModuleRecord {

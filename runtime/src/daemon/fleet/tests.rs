@@ -21,10 +21,11 @@ use kiln_protocol::fleet::{
 use kiln_protocol::keys::{SecretKey, TrustedKeys};
 use kiln_protocol::manifest::{Digest, Manifest};
 use kiln_protocol::transfer::{Codec, Prepared, Transfer};
+use kiln_protocol::trust::{Chain, Role, Root};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
-use super::agent::{decode_reported, Agent, Effect, Input, Outcome, Settings};
+use super::agent::{decode_reported, Agent, Effect, Input, Outcome, Settings, Trust};
 use super::store::{Installed, Store};
 use super::Executor;
 
@@ -33,6 +34,36 @@ const GROUP: &str = "lab";
 const MODULES: [&str; 2] = ["app", "aux"];
 const CHUNK_SIZES: [u32; 2] = [1024, 1500];
 const HEALTH_MS: u64 = 5_000;
+const FLEET: &str = "acme";
+/// Desired states in the model are valid for a month of model time.
+const VALID_MS: u64 = 30 * 24 * 3600 * 1000;
+
+/// The fleet's root document: a root key of its own, `release` as the release key.
+fn root_of(release: &SecretKey) -> (Root, Vec<u8>) {
+    let root_key = SecretKey::generate().expect("key");
+    let root = Root {
+        fleet: FLEET.into(),
+        version: 1,
+        issued_ms: 0,
+        root: Role::new(&[root_key.public()], 1),
+        release: Role::new(&[release.public()], 1),
+        registry: None,
+    };
+    let bytes = root.sign(&[&root_key]).expect("root");
+    (root, bytes)
+}
+
+/// A desired state as `kiln push` makes it at `now`.
+fn desired_at(scope: Scope, serial: u64, now: u64, modules: Vec<DesiredModule>) -> Desired {
+    Desired {
+        fleet: FLEET.into(),
+        scope,
+        serial,
+        issued_ms: now,
+        expires_ms: now + VALID_MS,
+        modules,
+    }
+}
 
 /// What an artifact does when it runs, or why it never should.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,6 +225,8 @@ struct World {
     dir: tempfile::TempDir,
     topics: Topics,
     key: SecretKey,
+    root: Root,
+    root_bytes: Vec<u8>,
     rogue: SecretKey,
     broker: Broker,
     agent: Agent,
@@ -226,10 +259,13 @@ impl World {
         let dir = tempfile::tempdir().expect("tempdir");
         let key = SecretKey::generate().expect("key");
         let topics = Topics::new("kiln/v1");
-        let agent = Self::agent(&dir, &key, &topics);
+        let (root, root_bytes) = root_of(&key);
+        let agent = Self::agent(&dir, &root_bytes, &topics);
         let mut world = Self {
             dir,
             topics,
+            root,
+            root_bytes,
             rogue: SecretKey::generate().expect("key"),
             key,
             broker: Broker::default(),
@@ -254,7 +290,7 @@ impl World {
         world
     }
 
-    fn agent(dir: &tempfile::TempDir, key: &SecretKey, topics: &Topics) -> Agent {
+    fn agent(dir: &tempfile::TempDir, root: &[u8], topics: &Topics) -> Agent {
         let store = Store::open(dir.path()).expect("store");
         let facts = DeviceFacts {
             triple: host().triple,
@@ -269,7 +305,12 @@ impl World {
             DEVICE,
             vec![GROUP.into()],
             topics.clone(),
-            TrustedKeys::new(vec![key.public()]),
+            Trust {
+                chain: Chain::new(root.to_vec()).expect("root"),
+                identity: SecretKey::generate().expect("key"),
+                not_before_ms: 0,
+                stale_after_ms: u64::MAX / 4,
+            },
             facts,
             Settings {
                 stall_ms: 20_000,
@@ -307,7 +348,7 @@ impl World {
     }
 
     fn perform(&mut self, effects: Vec<Effect>) {
-        let exec = self.exec();
+        let mut exec = self.exec();
         let mut queue: VecDeque<Effect> = effects.into();
         while let Some(effect) = queue.pop_front() {
             // The committed slot is never written over.
@@ -327,9 +368,7 @@ impl World {
                     if topic == self.topics.reported(DEVICE) {
                         self.last_reported = Some(payload);
                     } else if topic == self.topics.events(DEVICE) {
-                        if let Ok(kiln_protocol::fleet::Event::V1(e)) =
-                            postcard::from_bytes(&payload)
-                        {
+                        if let Ok((e, _)) = kiln_protocol::fleet::Event::open(&topic, &payload) {
                             self.events
                                 .push(format!("{} v{}: {}", e.module, e.version, e.kind));
                         }
@@ -477,20 +516,18 @@ impl World {
     fn publish_desired(&mut self, group: bool) {
         let serial = self.serials.entry(group).or_insert(0);
         *serial += 1;
-        let desired = Desired {
-            scope: if group {
-                Scope::Group(GROUP.into())
-            } else {
-                Scope::Device(DEVICE.into())
-            },
-            serial: *serial,
-            modules: self
-                .scope_modules
-                .get(&group)
-                .map(|m| m.values().cloned().collect())
-                .unwrap_or_default(),
+        let scope = if group {
+            Scope::Group(GROUP.into())
+        } else {
+            Scope::Device(DEVICE.into())
         };
-        let signed = SignedDesired::sign(&desired, &self.key);
+        let modules = self
+            .scope_modules
+            .get(&group)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        let desired = desired_at(scope, *serial, self.now, modules);
+        let signed = SignedDesired::sign(&desired, &[&self.key]);
         self.history.entry(group).or_default().push(signed.clone());
         let topic = self.source(group);
         self.broker.publish_retained(topic, signed);
@@ -595,7 +632,7 @@ impl World {
                 self.input(Input::Tick);
             }
             Op::Restart => {
-                self.agent = Self::agent(&self.dir, &self.key, &self.topics);
+                self.agent = Self::agent(&self.dir, &self.root_bytes, &self.topics);
                 self.heard.clear();
                 self.broker.subscribed.clear();
                 self.broker.pending.clear();
@@ -609,8 +646,8 @@ impl World {
     fn deliver(&mut self, topic: String, payload: Vec<u8>) {
         // The model of what the device wants: a desired state it can accept.
         if topic.ends_with("/desired") {
-            if let Ok(d) = SignedDesired::open(&payload, &TrustedKeys::new(vec![self.key.public()]))
-            {
+            let fresh = |d: &Desired| d.check_fresh(self.now).is_ok();
+            if let Some(d) = SignedDesired::open(&payload, &self.root).ok().filter(fresh) {
                 let last = self.agent.state().serials.get(&topic).copied().unwrap_or(0);
                 if d.serial >= last {
                     let modules = d.modules.into_iter().map(|m| (m.name.clone(), m)).collect();
@@ -864,13 +901,9 @@ fn deliver_some(world: &mut World) {
 /// A device-scoped desired state holding only `module`, signed by the fleet key,
 /// delivered as is (for entries `kiln push` would never write).
 fn deliver_only(world: &mut World, module: DesiredModule) {
-    let desired = Desired {
-        scope: Scope::Device(DEVICE.into()),
-        serial: 1,
-        modules: vec![module],
-    };
+    let desired = desired_at(Scope::Device(DEVICE.into()), 1, world.now, vec![module]);
     let topic = world.topics.desired(DEVICE);
-    let signed = SignedDesired::sign(&desired, &world.key);
+    let signed = SignedDesired::sign(&desired, &[&world.key]);
     world.deliver(topic, signed);
 }
 

@@ -1,0 +1,158 @@
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Result};
+use clap::Parser;
+use kiln_protocol::fleet::Status;
+use kiln_protocol::names::Kind;
+use kiln_protocol::trust::SignedRegistry;
+
+use crate::broker::BrokerArgs;
+use crate::commands::valid_name;
+use crate::exit::{coded, Code};
+use crate::keyfile;
+use crate::trust::{Fleet, RootArgs};
+
+const AFTER_HELP: &str = "\
+Each device makes its own ed25519 key on first start (identity.key in its data dir)
+and signs its status, reported state and events with it. Enrolling records the key in
+the fleet's registry (retained on {prefix}/registry, signed by the registry role, or
+the release role if the root names none); `kiln devices` then shows which reports
+verify, and `kiln rollout` counts only verified reports as success.
+
+Without --key, the key is taken from the device's retained status (check its id
+against the one kilnd logs at start: `trust ... identity=<id>`).
+
+Examples:
+  kiln enroll dev-01 --sign fleet.key
+  kiln enroll --group lab --sign fleet.key
+  kiln enroll dev-01 --key dev-01.pub --sign registry.key
+  kiln enroll --remove dev-07 --sign fleet.key";
+
+/// Record devices' identity keys in the fleet's registry
+#[derive(Parser, Debug)]
+#[command(after_help = AFTER_HELP)]
+pub struct EnrollCommand {
+    /// Devices to enroll
+    pub devices: Vec<String>,
+    /// Enroll every device whose status names this group
+    #[arg(long)]
+    pub group: Option<String>,
+    /// The device's public key file, instead of the key its status carries (one device)
+    #[arg(long, value_name = "PUB")]
+    pub key: Option<PathBuf>,
+    /// Remove these devices from the registry instead
+    #[arg(long, value_name = "DEVICE")]
+    pub remove: Vec<String>,
+    /// Keys of the registry role (or of the release role) that sign the registry
+    #[arg(long, value_name = "KEY", required = true)]
+    pub sign: Vec<PathBuf>,
+    #[command(flatten)]
+    pub root: RootArgs,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+}
+
+impl EnrollCommand {
+    pub fn execute(self) -> Result<()> {
+        for d in self.devices.iter().chain(&self.remove) {
+            valid_name(Kind::Device, d)?;
+        }
+        if let Some(g) = &self.group {
+            valid_name(Kind::Group, g)?;
+        }
+        if self.devices.is_empty() && self.group.is_none() && self.remove.is_empty() {
+            bail!(coded(
+                Code::Usage,
+                anyhow!("name devices to enroll, --group, or --remove")
+            ));
+        }
+        if self.key.is_some() && (self.devices.len() != 1 || self.group.is_some()) {
+            bail!(coded(Code::Usage, anyhow!("--key is for one device")));
+        }
+        let keys = self
+            .sign
+            .iter()
+            .map(|p| keyfile::read_secret(p).map_err(|e| coded(Code::Key, e)))
+            .collect::<Result<Vec<_>>>()?;
+        let topics = self.broker.topics();
+        let unavailable = |e| coded(Code::Unavailable, e);
+        let mut session = self.broker.connect().map_err(unavailable)?;
+        let anchor = self.root.anchor(self.sign.first().map(PathBuf::as_path))?;
+        let fleet = Fleet::follow(&mut session, &topics, anchor)?;
+        let mut registry = fleet.registry(&mut session, &topics)?;
+        let statuses = session
+            .retained(&topics.all_devices("status"))
+            .map_err(unavailable)?;
+        let mut wanted = self.devices.clone();
+        if let Some(g) = &self.group {
+            for (topic, payload) in &statuses {
+                let Ok((s, _)) = Status::open(topic, payload) else {
+                    continue;
+                };
+                let member = s.facts.is_some_and(|f| f.groups.contains(g));
+                if member && !wanted.contains(&s.device) {
+                    wanted.push(s.device);
+                }
+            }
+        }
+        for device in &wanted {
+            let key = match &self.key {
+                Some(path) => keyfile::read_public(path).map_err(|e| coded(Code::Key, e))?,
+                None => {
+                    let topic = topics.status(device);
+                    let payload = statuses.get(&topic).ok_or_else(|| {
+                        coded(
+                            Code::InvalidInput,
+                            anyhow!(
+                                "{device} has no retained status: start it once, or pass --key"
+                            ),
+                        )
+                    })?;
+                    match Status::open(&topic, payload) {
+                        Ok((_, Some(key))) => key,
+                        Ok((_, None)) => bail!(coded(
+                            Code::InvalidInput,
+                            anyhow!("{device}'s status is not signed (a kilnd before device identities)")
+                        )),
+                        Err(e) => bail!(coded(
+                            Code::InvalidInput,
+                            anyhow!("{device}'s status: {e}")
+                        )),
+                    }
+                }
+            };
+            match registry.key_of(device) {
+                Some(old) if old == key => {
+                    eprintln!("{device}: already enrolled, key {}", key.id())
+                }
+                Some(old) => eprintln!("{device}: key {} replaces {}", key.id(), old.id()),
+                None => eprintln!("{device}: enrolled, key {}", key.id()),
+            }
+            registry.enroll(device, &key);
+        }
+        for device in &self.remove {
+            if registry.key_of(device).is_some() {
+                registry.devices.retain(|e| e.device != *device);
+                eprintln!("{device}: removed");
+            }
+        }
+        registry.fleet = fleet.root().fleet.clone();
+        registry.serial += 1;
+        let refs: Vec<_> = keys.iter().collect();
+        let signed = registry
+            .sign(&refs)
+            .map_err(|e| coded(Code::InvalidInput, anyhow!(e)))?;
+        SignedRegistry::open(&signed, fleet.root())
+            .map_err(|e| coded(Code::Key, anyhow!("the registry would not be trusted: {e}")))?;
+        session
+            .publish_all(vec![(topics.registry(), signed)], |_| {})
+            .map_err(unavailable)?;
+        session.disconnect();
+        eprintln!(
+            "registry serial {}: {} devices enrolled",
+            registry.serial,
+            registry.devices.len()
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,399 @@
+//! The fleet tool's side of the trust model (`kiln_protocol::trust`): where its root
+//! document is, following newer roots the broker holds, and the device registry.
+//!
+//! kiln starts from a root document it was given (the anchor) and follows the broker's
+//! `roots/{version}` one version at a time, exactly as a device does, so an operator
+//! whose `fleet.root` predates a rotation still checks everything against the current
+//! root, and a forged root on the broker is never taken.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Result};
+use clap::Args;
+use kiln_protocol::fleet::{Desired, SignedDesired, Topics, MAX_DESIRED};
+use kiln_protocol::keys::{PublicKey, SecretKey, TrustedKeys};
+use kiln_protocol::trust::{Chain, Registry, Root, SignedRegistry, SignedRoot, MAX_ROOT};
+
+use crate::broker::Session;
+use crate::exit::{coded, Code};
+
+/// The root document flag the fleet commands share.
+#[derive(Args, Debug, Clone, Default)]
+pub struct RootArgs {
+    /// The fleet's root document [default: the `.root` file next to the first --sign
+    /// key, else ./fleet.root]
+    #[arg(long, value_name = "FILE", env = "KILN_ROOT")]
+    pub root: Option<PathBuf>,
+}
+
+impl RootArgs {
+    /// `--root`, else `fleet.root` beside `fleet.key`, else `./fleet.root` if it exists.
+    pub fn path(&self, sign: Option<&Path>) -> Option<PathBuf> {
+        if let Some(p) = &self.root {
+            return Some(p.clone());
+        }
+        let beside = sign.map(|k| k.with_extension("root"));
+        beside
+            .into_iter()
+            .chain([PathBuf::from("fleet.root")])
+            .find(|p| p.is_file())
+    }
+
+    /// The root document kiln starts from; an error names the file and says how to
+    /// get one.
+    pub fn anchor(&self, sign: Option<&Path>) -> Result<Chain> {
+        let path = self.path(sign).ok_or_else(|| {
+            coded(
+                Code::Key,
+                anyhow!("no root document: pass --root FILE (kiln keygen writes fleet.root)"),
+            )
+        })?;
+        read_root(&path)
+    }
+}
+
+pub fn read_root(path: &Path) -> Result<Chain> {
+    let bytes = read_bounded(path, MAX_ROOT as u64)?;
+    Chain::new(bytes).map_err(|e| {
+        coded(
+            Code::Key,
+            anyhow!("root document `{}`: {e}", path.display()),
+        )
+    })
+}
+
+pub fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| {
+        coded(
+            Code::NoInput,
+            anyhow!("cannot read `{}`: {e}", path.display()),
+        )
+    })?;
+    let mut bytes = Vec::new();
+    file.take(limit + 1).read_to_end(&mut bytes).map_err(|e| {
+        coded(
+            Code::NoInput,
+            anyhow!("cannot read `{}`: {e}", path.display()),
+        )
+    })?;
+    if bytes.len() as u64 > limit {
+        return Err(coded(
+            Code::InvalidInput,
+            anyhow!("`{}` is larger than {limit} bytes", path.display()),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The fleet as kiln sees it: the roots from the anchor to the newest the broker
+/// chains to, oldest first.
+pub struct Fleet {
+    pub chain: Chain,
+    pub history: Vec<Root>,
+}
+
+impl Fleet {
+    /// The anchor followed along the broker's retained roots. Roots that do not chain
+    /// are reported on stderr and ignored (a device ignores them too).
+    pub fn follow(session: &mut Session, topics: &Topics, anchor: Chain) -> Result<Self> {
+        let retained = session
+            .retained(&topics.all_roots())
+            .map_err(|e| coded(Code::Unavailable, e))?;
+        let mut chain = anchor;
+        let mut history = older_roots(&chain, &retained);
+        history.push(chain.root().clone());
+        let (taken, errors) = chain.follow(retained.values().map(Vec::as_slice));
+        if !taken.is_empty() {
+            history.push(chain.root().clone());
+        }
+        for e in errors {
+            eprintln!("warning: a root document on the broker is not taken: {e}");
+        }
+        Ok(Self { chain, history })
+    }
+
+    pub fn root(&self) -> &Root {
+        self.chain.root()
+    }
+
+    /// Publishes the current root retained under `roots/{version}` if the broker does
+    /// not hold it, so devices can follow a rotation made from this machine.
+    pub fn publish_root(&self, session: &mut Session, topics: &Topics) -> Result<bool> {
+        let topic = topics.root(self.root().version);
+        let held = session
+            .retained(&topic)
+            .map_err(|e| coded(Code::Unavailable, e))?;
+        if held.get(&topic).map(Vec::as_slice) == Some(self.chain.bytes()) {
+            return Ok(false);
+        }
+        session
+            .publish_all(vec![(topic, self.chain.bytes().to_vec())], |_| {})
+            .map_err(|e| coded(Code::Unavailable, e))?;
+        Ok(true)
+    }
+
+    /// A retained desired state, verified under the current root or, signed before a
+    /// rotation, under the root it was signed for (said on stderr: whatever it holds
+    /// is carried into the state built on it, signed by today's keys).
+    pub fn open_desired(&self, bytes: &[u8]) -> Result<Desired, String> {
+        let current = SignedDesired::open(bytes, self.root());
+        if current.is_ok() {
+            return current;
+        }
+        for root in self.history.iter().rev().skip(1) {
+            if let Ok(d) = SignedDesired::open(bytes, root) {
+                let modules: Vec<String> = d
+                    .modules
+                    .iter()
+                    .map(|m| format!("{} v{}", m.name, m.version))
+                    .collect();
+                eprintln!(
+                    "note: the desired state serial {} was signed under root v{} (keys since rotated out); it holds [{}]",
+                    d.serial,
+                    root.version,
+                    modules.join(", ")
+                );
+                return Ok(d);
+            }
+        }
+        current
+    }
+
+    /// The enrolled device keys (an empty registry if none is retained yet).
+    pub fn registry(&self, session: &mut Session, topics: &Topics) -> Result<Registry> {
+        let topic = topics.registry();
+        let retained = session
+            .retained(&topic)
+            .map_err(|e| coded(Code::Unavailable, e))?;
+        match retained.get(&topic) {
+            None => Ok(Registry {
+                fleet: self.root().fleet.clone(),
+                serial: 0,
+                devices: Vec::new(),
+            }),
+            Some(bytes) => {
+                let current = SignedRegistry::open(bytes, self.root());
+                if current.is_ok() {
+                    return current.map_err(|e| anyhow!(e));
+                }
+                // Signed before a rotation: still the fleet's, until re-signed by
+                // `kiln enroll` or `kiln refresh`.
+                for root in self.history.iter().rev().skip(1) {
+                    if let Ok(r) = SignedRegistry::open(bytes, root) {
+                        eprintln!("note: the registry was signed under root v{}; `kiln refresh --all` re-signs it", root.version);
+                        return Ok(r);
+                    }
+                }
+                current.map_err(|e| {
+                    coded(
+                        Code::Key,
+                        anyhow!("the registry on the broker is not trusted: {e}"),
+                    )
+                })
+            }
+        }
+    }
+}
+
+/// The broker's roots older than `anchor` that it vouches for: root `n` is the fleet's
+/// if root `n + 1` (already trusted) was signed by a threshold of its root keys.
+fn older_roots(
+    anchor: &Chain,
+    retained: &std::collections::BTreeMap<String, Vec<u8>>,
+) -> Vec<Root> {
+    let by_version: std::collections::BTreeMap<u64, &Vec<u8>> = retained
+        .values()
+        .filter_map(|b| SignedRoot::peek(b).ok().map(|r| (r.version, b)))
+        .collect();
+    let mut older = Vec::new();
+    let mut known = anchor.bytes().to_vec();
+    let mut version = anchor.root().version;
+    while version > 1 {
+        let Some(bytes) = by_version.get(&(version - 1)) else {
+            break;
+        };
+        let Ok(candidate) = SignedRoot::open_initial(bytes) else {
+            break;
+        };
+        if SignedRoot::open_next(&known, &candidate).is_err() {
+            break;
+        }
+        known = bytes.to_vec();
+        version -= 1;
+        older.push(candidate);
+    }
+    older.reverse();
+    older
+}
+
+/// Whether a device's message is from its enrolled key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// Signed by the key the registry holds for the device.
+    Verified,
+    /// Signed, but the device is not enrolled.
+    Unenrolled(PublicKey),
+    /// Signed by a key other than the enrolled one: forged, or the device was
+    /// re-provisioned and must be enrolled again.
+    Mismatch(PublicKey),
+    /// Not signed (a kilnd before device identities).
+    Unsigned,
+}
+
+impl Identity {
+    pub fn of(registry: &Registry, device: &str, signer: Option<&PublicKey>) -> Self {
+        match (signer, registry.key_of(device)) {
+            (None, _) => Identity::Unsigned,
+            (Some(k), Some(enrolled)) if *k == enrolled => Identity::Verified,
+            (Some(k), Some(_)) => Identity::Mismatch(k.clone()),
+            (Some(k), None) => Identity::Unenrolled(k.clone()),
+        }
+    }
+
+    pub fn is_verified(&self) -> bool {
+        *self == Identity::Verified
+    }
+
+    /// One word for tables.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Identity::Verified => "verified",
+            Identity::Unenrolled(_) => "unenrolled",
+            Identity::Mismatch(_) => "MISMATCH",
+            Identity::Unsigned => "unsigned",
+        }
+    }
+}
+
+/// The root document at `path`, for showing (signatures not checked).
+pub fn peek_root(path: &Path) -> Result<Root> {
+    let bytes = read_bounded(path, MAX_ROOT as u64)?;
+    SignedRoot::peek(&bytes)
+        .map_err(|e| coded(Code::InvalidInput, anyhow!("`{}`: {e}", path.display())))
+}
+
+/// How desired states are signed: the fleet's roots, the release keys at hand (none:
+/// the state is written unsigned for `kiln sign`), and how long a state is valid.
+pub struct Signing {
+    pub fleet: Fleet,
+    pub keys: Vec<SecretKey>,
+    pub valid_ms: u64,
+}
+
+impl Signing {
+    /// The keys a release's artifacts must be signed by: the current release keys.
+    pub fn release_keys(&self) -> TrustedKeys {
+        self.fleet.root().release.trusted()
+    }
+
+    /// Every release key of every root kiln knows: a base for a patch may have been
+    /// signed before a rotation.
+    pub fn any_release_keys(&self) -> TrustedKeys {
+        let keys = self
+            .fleet
+            .history
+            .iter()
+            .flat_map(|r| r.release.public_keys())
+            .collect();
+        TrustedKeys::new(keys)
+    }
+
+    /// Signs `desired` with every key at hand and checks that the result is what a
+    /// device takes (a threshold of release keys of the current root), unless there is
+    /// no key (an unsigned state for `kiln sign`).
+    pub fn sign(&self, desired: &Desired) -> Result<Vec<u8>> {
+        let keys: Vec<&SecretKey> = self.keys.iter().collect();
+        let signed = SignedDesired::sign(desired, &keys);
+        if keys.is_empty() {
+            return Ok(signed);
+        }
+        SignedDesired::open(&signed, self.fleet.root()).map_err(|e| {
+            coded(
+                Code::Key,
+                anyhow!(
+                    "devices would refuse this desired state: {e}; sign with release keys of {} (or write it with --unsigned and add signatures with `kiln sign`)",
+                    self.fleet.root().describe()
+                ),
+            )
+        })?;
+        Ok(signed)
+    }
+}
+
+/// `30d`, `12h`, `90m` or `3600s` (or plain seconds), in milliseconds.
+pub fn parse_duration(text: &str) -> std::result::Result<u64, String> {
+    let (number, unit) = match text.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&text[..i], c),
+        _ => (text, 's'),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 30d, 12h, 90m or 3600s"))?;
+    let unit_ms = match unit {
+        'd' => 86_400_000,
+        'h' => 3_600_000,
+        'm' => 60_000,
+        's' => 1000,
+        _ => return Err(format!("`{text}`: the unit is d, h, m or s")),
+    };
+    n.checked_mul(unit_ms)
+        .filter(|ms| *ms > 0)
+        .ok_or_else(|| format!("`{text}` is out of range"))
+}
+
+/// A desired state written to a file by `kiln push --unsigned`, for `kiln sign` on
+/// another machine and `kiln push FILE` back on this one.
+pub const STATE_MAGIC: &[u8] = b"KILNSTATE\x01";
+
+pub fn encode_state(signed: &[u8]) -> Vec<u8> {
+    [STATE_MAGIC, signed].concat()
+}
+
+pub fn read_state(path: &Path) -> Result<Vec<u8>> {
+    let bytes = read_bounded(path, (STATE_MAGIC.len() + MAX_DESIRED) as u64)?;
+    bytes
+        .strip_prefix(STATE_MAGIC)
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| {
+            coded(
+                Code::InvalidInput,
+                anyhow!(
+                    "`{}` is not a desired-state file from `kiln push --unsigned`",
+                    path.display()
+                ),
+            )
+        })
+}
+
+/// What a desired state says, for a person about to sign or publish it.
+pub fn describe_state(d: &Desired) -> String {
+    let scope = match &d.scope {
+        kiln_protocol::fleet::Scope::Device(x) => format!("device {x}"),
+        kiln_protocol::fleet::Scope::Group(x) => format!("group {x}"),
+    };
+    let modules: Vec<String> = d
+        .modules
+        .iter()
+        .map(|m| {
+            let targets: Vec<String> = m
+                .artifacts
+                .iter()
+                .map(|a| format!("{} {}", a.triple, hex::encode(&a.sha256[..6])))
+                .collect();
+            format!("{} v{} ({})", m.name, m.version, targets.join(", "))
+        })
+        .collect();
+    format!(
+        "fleet {} {scope} serial {}, issued {}, expires {}: {}",
+        d.fleet,
+        d.serial,
+        kiln_protocol::fleet::utc(d.issued_ms),
+        kiln_protocol::fleet::utc(d.expires_ms),
+        if modules.is_empty() {
+            "no modules".to_string()
+        } else {
+            modules.join("; ")
+        }
+    )
+}
