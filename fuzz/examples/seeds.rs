@@ -9,14 +9,16 @@ use std::path::Path;
 use kiln_protocol::abi::Level;
 use kiln_protocol::artifact;
 use kiln_protocol::fleet::{
-    Desired, DesiredModule, DeviceFacts, Event, EventKind, ModuleLimits, TargetArtifact,
+    seal_report, Desired, DesiredModule, DeviceFacts, Event, EventKind, EventV1, ModuleLimits,
     ModuleReport, ModuleState, Reported, ReportedV1, Scope, SignedDesired, Status, StatusV1,
+    StatusV2, TargetArtifact, TrustReport,
 };
 use kiln_protocol::manifest::Manifest;
-use kiln_protocol::transfer::{Chunk, Codec, Transfer};
 use kiln_protocol::telemetry::{
     Batch, BatchV1, Body, DeviceStats, Dropped, ModuleStats, Record, Started, Stopped,
 };
+use kiln_protocol::transfer::{Chunk, Codec, Transfer};
+use kiln_protocol::trust::{Chain, Registry, Role, Root, SignedRegistry, SignedRoot};
 use kiln_protocol::worker::{
     self, Done, FromWorker, Limits, LogSource, Ready, Reply, Request, StartSpec, Stop, ToWorker,
 };
@@ -25,6 +27,7 @@ use serde::Serialize;
 fn main() -> std::io::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
     let key = kiln_fuzz::key();
+    let device_key = kiln_fuzz::device_key();
     let write = |target: &str, name: &str, bytes: &[u8]| -> std::io::Result<()> {
         let dir = root.join(target);
         fs::create_dir_all(&dir)?;
@@ -60,18 +63,122 @@ fn main() -> std::io::Result<()> {
         allow_downgrade: false,
         health_window_ms: 5000,
     };
+    let issued_ms = 1_700_000_000_000;
     let device = Desired {
+        fleet: kiln_fuzz::FLEET.into(),
         scope: Scope::Device("dev-01".into()),
         serial: 7,
+        issued_ms,
+        expires_ms: issued_ms + 30 * 24 * 3600 * 1000,
         modules: vec![module.clone()],
     };
     let group = Desired {
+        fleet: kiln_fuzz::FLEET.into(),
         scope: Scope::Group("lab".into()),
         serial: 1,
+        issued_ms,
+        expires_ms: issued_ms + 3600 * 1000,
         modules: vec![],
     };
-    write("desired", "device", &SignedDesired::sign(&device, &key))?;
-    write("desired", "group", &SignedDesired::sign(&group, &key))?;
+    let fuzz_root = kiln_fuzz::root();
+    let signed = SignedDesired::sign(&device, &[&key]);
+    assert_eq!(SignedDesired::open(&signed, &fuzz_root), Ok(device.clone()));
+    write("desired", "device", &signed)?;
+    write("desired", "group", &SignedDesired::sign(&group, &[&key]))?;
+    // What `kiln push --unsigned` writes for `kiln sign`; signed by the release key and
+    // a stranger; for another fleet.
+    write("desired", "unsigned", &SignedDesired::sign(&device, &[]))?;
+    write(
+        "desired",
+        "two-signers",
+        &SignedDesired::sign(&group, &[&device_key, &key]),
+    )?;
+    let staging = Desired {
+        fleet: "staging".into(),
+        ..group.clone()
+    };
+    write(
+        "desired",
+        "other-fleet",
+        &SignedDesired::sign(&staging, &[&key]),
+    )?;
+    // kiln 0.2's format, refused by name.
+    let legacy = SignedDesired::V2 {
+        body: vec![1, 2, 3],
+        key_id: key.public().id().0,
+        signature: vec![0; 64],
+    };
+    write("desired", "legacy-v2", &pc(&legacy))?;
+
+    // Root documents: v1 (the fixed one), v2 after it, v3 rotating the root key to
+    // another (signed by both), and a set of them for `Chain::follow`.
+    let v1 = kiln_fuzz::root_bytes();
+    let v2 = Root {
+        version: 2,
+        issued_ms: issued_ms + 1,
+        ..kiln_fuzz::root()
+    };
+    let v2_bytes = v2.sign(&[&key]).expect("root v2 signs");
+    let v3 = Root {
+        version: 3,
+        issued_ms: issued_ms + 2,
+        root: Role::new(&[device_key.public()], 1),
+        release: Role::new(&[key.public(), device_key.public()], 1),
+        registry: Some(Role::new(&[device_key.public()], 1)),
+        ..v2.clone()
+    };
+    let v3_bytes = v3.sign(&[&key, &device_key]).expect("root v3 signs");
+    assert_eq!(
+        SignedRoot::open_next(&v2_bytes, &kiln_fuzz::root()),
+        Ok(v2.clone())
+    );
+    assert_eq!(SignedRoot::open_next(&v3_bytes, &v2), Ok(v3));
+    let follow = [&v3_bytes[..], &v1, b"junk", &v2_bytes];
+    let mut chain = Chain::new(v1.clone()).expect("root v1 opens");
+    let (taken, errors) = chain.follow(follow);
+    assert_eq!((taken, errors.len()), (vec![2, 3], 1), "{errors:?}");
+    write("root", "v1", &v1)?;
+    write("root", "v2", &v2_bytes)?;
+    write("root", "v3-rotated", &v3_bytes)?;
+    write("root", "follow", &kiln_fuzz::join(&follow))?;
+    // A root at the last version a u64 holds: whatever a device is offered after it.
+    let last = Root {
+        version: u64::MAX,
+        ..kiln_fuzz::root()
+    };
+    write(
+        "root",
+        "last-version",
+        &last.sign(&[&key]).expect("the last root signs"),
+    )?;
+
+    let mut registry = Registry {
+        fleet: kiln_fuzz::FLEET.into(),
+        serial: 1,
+        devices: Vec::new(),
+    };
+    registry.enroll("dev-01", &device_key.public());
+    registry.enroll("dev-02", &key.public());
+    let signed = registry.sign(&[&key]).expect("registry signs");
+    assert_eq!(
+        SignedRegistry::open(&signed, &fuzz_root),
+        Ok(registry.clone())
+    );
+    write("registry", "two-devices", &signed)?;
+    let empty = Registry {
+        fleet: kiln_fuzz::FLEET.into(),
+        ..Registry::default()
+    };
+    write(
+        "registry",
+        "empty",
+        &empty.sign(&[&key]).expect("registry signs"),
+    )?;
+    write(
+        "registry",
+        "by-a-stranger",
+        &registry.sign(&[&device_key]).expect("registry signs"),
+    )?;
 
     let chunk = Chunk::V1 {
         sha256: [0xab; 32],
@@ -116,6 +223,35 @@ fn main() -> std::io::Result<()> {
     });
     write("status", "online", &pc(&online))?;
     write("status", "offline", &pc(&offline))?;
+    let topic = kiln_fuzz::STATUS_TOPIC;
+    write(
+        "status",
+        "signed-v1",
+        &seal_report(&online, topic, &device_key),
+    )?;
+    let Status::V1(online) = online else {
+        unreachable!("built as V1")
+    };
+    let current = Status::V2(StatusV2 {
+        trust: Some(TrustReport {
+            fleet: kiln_fuzz::FLEET.into(),
+            root_version: 2,
+            identity: device_key.public().to_bytes(),
+            oldest_issued_ms: issued_ms,
+            stale: Some("no desired state for 3 days".into()),
+        }),
+        ..StatusV2::from(online)
+    });
+    write("status", "v2", &pc(&current))?;
+    let signed = seal_report(&current, topic, &device_key);
+    let opened = Status::open(topic, &signed).expect("a sealed status opens");
+    assert_eq!(opened.1, Some(device_key.public()));
+    write("status", "signed-v2", &signed)?;
+    write(
+        "status",
+        "signed-offline",
+        &seal_report(&offline, topic, &device_key),
+    )?;
 
     let reported = Reported::V1(ReportedV1 {
         serial: 7,
@@ -128,6 +264,11 @@ fn main() -> std::io::Result<()> {
         }],
     });
     write("reported", "one-module", &pc(&reported))?;
+    write(
+        "reported",
+        "signed",
+        &seal_report(&reported, kiln_fuzz::REPORTED_TOPIC, &device_key),
+    )?;
 
     let kinds = [
         ("downloading", EventKind::Downloading { have: 1, total: 3 }),
@@ -144,15 +285,35 @@ fn main() -> std::io::Result<()> {
                 reason: "untrusted key".into(),
             },
         ),
+        (
+            "fell-back",
+            EventKind::FellBack {
+                reason: "patch base missing".into(),
+            },
+        ),
+        (
+            "trusted",
+            EventKind::Trusted {
+                reason: "root v2".into(),
+            },
+        ),
+        (
+            "stale",
+            EventKind::Stale {
+                reason: "newest desired state is 3 days old".into(),
+            },
+        ),
     ];
     for (name, kind) in kinds {
-        let event = Event::V1(kiln_protocol::fleet::EventV1 {
+        let event = Event::V1(EventV1 {
             at_ms: 1_700_000_000_000,
             module: "sensor".into(),
             version: 3,
             kind,
         });
         write("event", name, &pc(&event))?;
+        let signed = seal_report(&event, kiln_fuzz::EVENTS_TOPIC, &device_key);
+        write("event", &format!("signed-{name}"), &signed)?;
     }
 
     let records = vec![

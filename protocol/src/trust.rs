@@ -305,7 +305,8 @@ impl SignedRoot {
                 root.version, root.fleet, current.fleet
             ));
         }
-        if root.version != current.version + 1 {
+        // Checked: a root at u64::MAX (self-signed by anyone) must not overflow here.
+        if current.version.checked_add(1) != Some(root.version) {
             return Err(format!(
                 "root v{} does not follow root v{} (versions go one at a time)",
                 root.version, current.version

@@ -7,11 +7,17 @@
 use std::io::Cursor;
 
 use kiln_protocol::artifact::{self, ArtifactError, Envelope, MAGIC};
-use kiln_protocol::fleet::{Event, Reported, SignedDesired, Status};
+use kiln_protocol::fleet::{
+    seal_report, Desired, DesiredModule, Event, ModuleLimits, Reported, Scope, SignedDesired,
+    Status, StatusV1, MAX_DESIRED,
+};
 use kiln_protocol::keys::{SecretKey, TrustedKeys};
 use kiln_protocol::manifest::Manifest;
 use kiln_protocol::telemetry::{self, Batch, Dropped, Tracker, MAX_RANGES, MAX_STREAMS};
 use kiln_protocol::transfer::{self, decode, sha256, Chunk, ChunkList, Codec, Transfer};
+use kiln_protocol::trust::{
+    sign_all, Chain, Role, Root, SignedRegistry, SignedRoot, MAX_REGISTRY, MAX_ROLE_KEYS, MAX_ROOT,
+};
 use kiln_protocol::worker::{read_frame, FromWorker, ToWorker, MAX_FRAME};
 
 /// The fuzz targets' fixed key (fuzz/src/lib.rs).
@@ -24,6 +30,59 @@ fn key() -> SecretKey {
 
 fn trust() -> TrustedKeys {
     TrustedKeys::new(vec![key().public()])
+}
+
+/// The fuzz targets' fixed root (fuzz/src/lib.rs): fleet `fuzz`, v1, `key()` holds the
+/// root and release roles, 1 of 1.
+fn root() -> Root {
+    let role = Role::new(&[key().public()], 1);
+    Root {
+        fleet: "fuzz".into(),
+        version: 1,
+        issued_ms: 1_700_000_000_000,
+        root: role.clone(),
+        release: role,
+        registry: None,
+    }
+}
+
+fn root_bytes() -> Vec<u8> {
+    root().sign(&[&key()]).unwrap()
+}
+
+/// A desired state for the fuzz fleet, with `config` bytes of config.
+fn desired(config: usize) -> Desired {
+    Desired {
+        fleet: "fuzz".into(),
+        scope: Scope::Device("d".into()),
+        serial: 1,
+        issued_ms: 1_700_000_000_000,
+        expires_ms: 1_800_000_000_000,
+        modules: vec![DesiredModule {
+            name: "m".into(),
+            version: 1,
+            artifacts: vec![],
+            config: vec![0x5a; config],
+            limits: ModuleLimits::default(),
+            allow_downgrade: false,
+            health_window_ms: 0,
+        }],
+    }
+}
+
+/// A postcard `Vec<u8>`: its length, then the bytes.
+fn bytes(b: &[u8]) -> Vec<u8> {
+    [varint(b.len() as u64), b.to_vec()].concat()
+}
+
+/// A postcard `String`.
+fn string(s: &str) -> Vec<u8> {
+    bytes(s.as_bytes())
+}
+
+/// A postcard `Vec<Sig>` of one signature: `key_id`, then `signature` as a `Vec<u8>`.
+fn one_sig(key_id: [u8; 8], signature: &[u8]) -> Vec<u8> {
+    [vec![1], key_id.to_vec(), bytes(signature)].concat()
 }
 
 /// A postcard varint, as a hostile peer would write a length.
@@ -104,29 +163,239 @@ fn artifact_manifest_with_huge_declared_vec_lengths_does_not_decode() {
 
 #[test]
 fn desired_state_with_huge_body_and_signature_lengths_is_malformed() {
-    // V2, body of 2^40 bytes declared, then almost nothing.
-    let mut forged = vec![1];
+    // V3, body of 2^40 bytes declared, then almost nothing.
+    let mut forged = vec![2];
     forged.extend(varint(1 << 40));
     forged.extend_from_slice(&[1, 2, 3]);
-    let err = SignedDesired::open(&forged, &trust()).unwrap_err();
+    let err = SignedDesired::open(&forged, &root()).unwrap_err();
     assert!(err.starts_with("malformed desired state"), "{err}");
     assert!(SignedDesired::peek(&forged).is_err());
-    for cut in truncations(&[1, 1, 0xaa, 0, 0, 0, 0, 0, 0, 0, 0, 64]) {
-        assert!(SignedDesired::open(cut, &trust()).is_err());
+    assert!(SignedDesired::signers(&forged).is_err());
+    assert!(SignedDesired::add_signature(&forged, &key()).is_err());
+    // A one-byte body, then one signature declared 2^40 bytes long.
+    let mut forged = vec![2, 1, 0x55, 1];
+    forged.extend_from_slice(&key().public().id().0);
+    forged.extend(varint(1 << 40));
+    forged.extend_from_slice(&[1, 2, 3]);
+    let err = SignedDesired::open(&forged, &root()).unwrap_err();
+    assert!(err.starts_with("malformed desired state"), "{err}");
+    assert!(SignedDesired::peek(&forged).is_err());
+    // A valid state cut anywhere.
+    let signed = SignedDesired::sign(&desired(16), &[&key()]);
+    assert!(SignedDesired::open(&signed, &root()).is_ok());
+    for cut in truncations(&signed) {
+        assert!(SignedDesired::open(cut, &root()).is_err());
     }
 }
 
 #[test]
-fn desired_state_signature_of_the_wrong_length_is_refused_not_sliced() {
-    let key = key();
-    let mut forged = vec![1, 1, 0x55];
-    forged.extend_from_slice(&key.public().id().0);
-    forged.extend(varint(3));
-    forged.extend_from_slice(&[1, 2, 3]);
+fn desired_state_signature_of_the_wrong_length_does_not_count() {
+    // The release key's id, a signature of every length but 64: not sliced, not a
+    // panic, just no valid signature, so the threshold is not met.
+    let body = postcard::to_stdvec(&desired(4)).unwrap();
+    for len in [0, 3, 63, 65, 1000] {
+        let mut forged = vec![2];
+        forged.extend(bytes(&body));
+        forged.extend(one_sig(key().public().id().0, &vec![7; len]));
+        let err = SignedDesired::open(&forged, &root()).unwrap_err();
+        assert!(err.contains("0 of the 1 signatures"), "{len}: {err}");
+        assert!(err.contains("does not verify"), "{len}: {err}");
+        // Unchecked, it still shows.
+        assert_eq!(SignedDesired::peek(&forged).unwrap(), desired(4));
+    }
+}
+
+#[test]
+fn desired_state_declaring_two_to_the_40_signatures_is_malformed() {
+    let body = postcard::to_stdvec(&desired(4)).unwrap();
+    let mut forged = vec![2];
+    forged.extend(bytes(&body));
+    forged.extend(varint(1 << 40));
+    forged.extend_from_slice(&key().public().id().0);
+    forged.extend(bytes(&[0; 64]));
+    let err = SignedDesired::open(&forged, &root()).unwrap_err();
+    assert!(err.starts_with("malformed desired state"), "{err}");
+    assert!(SignedDesired::signers(&forged).is_err());
+}
+
+#[test]
+fn desired_state_over_max_desired_is_refused_before_decoding() {
+    // A validly signed state of exactly MAX_DESIRED bytes opens; one byte more is
+    // refused by its size, not by what a decoder made of it.
+    let len = |config: usize| SignedDesired::sign(&desired(config), &[&key()]).len();
+    let config = 100_000 + MAX_DESIRED - len(100_000);
+    let at_limit = SignedDesired::sign(&desired(config), &[&key()]);
+    assert_eq!(at_limit.len(), MAX_DESIRED);
     assert_eq!(
-        SignedDesired::open(&forged, &trust()).unwrap_err(),
-        "desired state has a malformed signature"
+        SignedDesired::open(&at_limit, &root()).unwrap(),
+        desired(config)
     );
+    let over = SignedDesired::sign(&desired(config + 1), &[&key()]);
+    assert_eq!(over.len(), MAX_DESIRED + 1);
+    let limit = format!(
+        "desired state is {} bytes (limit {MAX_DESIRED})",
+        over.len()
+    );
+    assert_eq!(SignedDesired::open(&over, &root()).unwrap_err(), limit);
+    assert_eq!(SignedDesired::peek(&over).unwrap_err(), limit);
+    assert_eq!(SignedDesired::signers(&over).unwrap_err(), limit);
+    assert_eq!(
+        SignedDesired::add_signature(&over, &key()).unwrap_err(),
+        limit
+    );
+    // Bytes that would not decode at all get the same answer.
+    let junk = vec![0xff; MAX_DESIRED + 1];
+    assert!(SignedDesired::open(&junk, &root())
+        .unwrap_err()
+        .contains("limit"));
+}
+
+// trust: root documents and the device registry
+
+#[test]
+fn root_document_declaring_a_huge_body_is_malformed_and_changes_nothing() {
+    // V1, a body of 2^40 bytes declared, then three.
+    let mut forged = vec![0];
+    forged.extend(varint(1 << 40));
+    forged.extend_from_slice(&[1, 2, 3]);
+    let err = SignedRoot::open_initial(&forged).unwrap_err();
+    assert!(err.starts_with("malformed root document"), "{err}");
+    assert!(SignedRoot::peek(&forged).is_err());
+    assert!(SignedRoot::open_next(&forged, &root()).is_err());
+    let start = Chain::new(root_bytes()).unwrap();
+    let mut chain = start.clone();
+    assert!(chain.advance(&forged).is_err());
+    let (taken, errors) = chain.follow([forged.as_slice()]);
+    assert!(taken.is_empty());
+    assert_eq!(errors.len(), 1);
+    assert_eq!(chain, start);
+    // The fixed root cut anywhere, and a document over the limit.
+    for cut in truncations(&root_bytes()) {
+        assert!(SignedRoot::open_initial(cut).is_err());
+        assert!(SignedRoot::peek(cut).is_err());
+    }
+    let err = SignedRoot::peek(&vec![0; MAX_ROOT + 1]).unwrap_err();
+    assert!(err.contains("limit"), "{err}");
+}
+
+/// The start of a root body for fleet `fuzz`, v1: fleet, version, issued_ms.
+fn root_body_head() -> Vec<u8> {
+    [string("fuzz"), varint(1), varint(1_700_000_000_000)].concat()
+}
+
+#[test]
+fn root_whose_role_declares_two_to_the_40_keys_is_malformed() {
+    let mut body = root_body_head();
+    body.extend(varint(1 << 40));
+    body.extend_from_slice(&key().public().to_bytes());
+    body.extend(varint(1));
+    let mut forged = vec![0];
+    forged.extend(bytes(&body));
+    forged.extend(one_sig(key().public().id().0, &[0; 64]));
+    let err = SignedRoot::open_initial(&forged).unwrap_err();
+    assert!(err.starts_with("malformed root document body"), "{err}");
+    assert!(SignedRoot::peek(&forged).is_err());
+    assert!(Chain::new(root_bytes()).unwrap().advance(&forged).is_err());
+}
+
+#[test]
+fn root_whose_role_names_more_than_max_role_keys_is_invalid() {
+    // Well formed, but one key too many (the same key: the count is checked first).
+    let mut doc = root();
+    doc.root.keys = vec![key().public().to_bytes(); MAX_ROLE_KEYS + 1];
+    assert!(doc.sign(&[&key()]).is_err(), "sign checks it too");
+    let body = postcard::to_stdvec(&doc).unwrap();
+    let forged = postcard::to_stdvec(&SignedRoot::V1 {
+        body,
+        signatures: vec![],
+    })
+    .unwrap();
+    let err = SignedRoot::open_initial(&forged).unwrap_err();
+    assert!(err.contains("names 17 keys"), "{err}");
+}
+
+#[test]
+fn root_declaring_two_to_the_40_signatures_is_malformed() {
+    let body = postcard::to_stdvec(&root()).unwrap();
+    let mut forged = vec![0];
+    forged.extend(bytes(&body));
+    forged.extend(varint(1 << 40));
+    forged.extend_from_slice(&key().public().id().0);
+    forged.extend(bytes(&[0; 64]));
+    let err = SignedRoot::open_initial(&forged).unwrap_err();
+    assert!(err.starts_with("malformed root document"), "{err}");
+    assert!(SignedRoot::peek(&forged).is_err());
+    // A signature of the wrong length by the root key does not count.
+    let mut forged = vec![0];
+    forged.extend(bytes(&body));
+    forged.extend(one_sig(key().public().id().0, &[1, 2, 3]));
+    let err = SignedRoot::open_initial(&forged).unwrap_err();
+    assert!(err.contains("0 of the 1 signatures"), "{err}");
+}
+
+#[test]
+fn registry_with_huge_declared_lengths_is_malformed() {
+    // A body of 2^40 bytes; 2^40 signatures; a body declaring 2^40 devices.
+    let mut huge_body = vec![0];
+    huge_body.extend(varint(1 << 40));
+    huge_body.extend_from_slice(&[1, 2, 3]);
+    let mut huge_sigs = vec![0];
+    huge_sigs.extend(bytes(b"x"));
+    huge_sigs.extend(varint(1 << 40));
+    huge_sigs.extend_from_slice(&[0; 8]);
+    for forged in [huge_body, huge_sigs] {
+        let err = SignedRegistry::open(&forged, &root()).unwrap_err();
+        assert!(err.starts_with("malformed registry"), "{err}");
+    }
+    let err = SignedRegistry::open(&vec![0; MAX_REGISTRY + 1], &root()).unwrap_err();
+    assert!(err.contains("limit"), "{err}");
+    // Signed by the release key, so the body is decoded: 2^40 devices declared. The
+    // signature is over `CONTEXT || body` (trust.rs).
+    let mut body = string("fuzz");
+    body.extend(varint(1));
+    body.extend(varint(1 << 40));
+    body.extend(string("d"));
+    let signatures = sign_all(b"kiln registry v1\0", &body, &[&key()]);
+    let forged = postcard::to_stdvec(&SignedRegistry::V1 {
+        body: body.clone(),
+        signatures,
+    })
+    .unwrap();
+    let err = SignedRegistry::open(&forged, &root()).unwrap_err();
+    assert!(err.starts_with("malformed registry body"), "{err}");
+    // A signature by the same key over another context does not count, and then the
+    // body is never decoded.
+    let signatures = sign_all(b"kiln root v1\0", &body, &[&key()]);
+    let forged = postcard::to_stdvec(&SignedRegistry::V1 { body, signatures }).unwrap();
+    let err = SignedRegistry::open(&forged, &root()).unwrap_err();
+    assert!(err.contains("0 of the 1 signatures"), "{err}");
+}
+
+/// fuzz/artifacts/root/crash-972daf43b0bf5c2bf29e5fdcb1102041595fe811: root
+/// v18446744073709551615 (`u64::MAX`) of fleet `fuzz`, signed by `key()` (the `root`
+/// target's seed `last-version`).
+const ROOT_AT_THE_LAST_VERSION: &str = concat!(
+    "005a0466757a7affffffffffffffffff0180d095ffbc310103a107bff3ce10be",
+    "1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b8010103a107bff3ce",
+    "10be1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b801000156475a",
+    "a75463474c40d3af34d1e99363a6828856779e2438e968316060324318161232",
+    "6ebcd6d87ce4c09ef1c29f536f6aafebd93664bf1b4a7ebd37ab90ba5e3c6b4b",
+    "93be2406b20b",
+);
+
+#[test]
+fn root_at_the_last_version_offered_another_root_does_not_overflow() {
+    // A device (or `kiln root`) whose chain is at the last version, offered any
+    // self-signed root of its fleet: `SignedRoot::open_next` computes
+    // `current.version + 1`, which overflows (a panic with overflow checks on, as in
+    // debug builds and the fuzz build; a wrap to 0 without). It must be a refusal.
+    let last = hex::decode(ROOT_AT_THE_LAST_VERSION).unwrap();
+    let mut chain = Chain::new(last.clone()).unwrap();
+    assert_eq!(chain.root().version, u64::MAX);
+    let err = chain.advance(&root_bytes()).unwrap_err();
+    assert!(err.contains("does not follow"), "{err}");
+    assert_eq!(chain.bytes(), last.as_slice());
+    assert!(SignedRoot::open_next(&root_bytes(), chain.root()).is_err());
 }
 
 // fleet::Chunk, Status, Reported, Event
@@ -184,6 +453,63 @@ fn event_with_a_bad_reason_is_an_error() {
     // The same with a 3-byte reason that is not UTF-8.
     let forged = [0, 1, 1, b'm', 1, 5, 3, 0xff, 0xfe, 0xfd];
     assert!(postcard::from_bytes::<Event>(&forged).is_err());
+}
+
+#[test]
+fn signed_device_message_whose_body_declares_a_huge_length_is_malformed() {
+    // Status::Signed(DeviceSigned { body: 2^40 bytes declared, .. }).
+    let mut forged = vec![1];
+    forged.extend(varint(1 << 40));
+    forged.extend_from_slice(&[0; 40]);
+    let topic = "kiln/v1/devices/d/status";
+    let err = Status::open(topic, &forged).unwrap_err();
+    assert!(err.starts_with("malformed"), "{err}");
+    // The same for Reported and Event, whose Signed variant is tag 1 too.
+    assert!(Reported::open("kiln/v1/devices/d/reported", &forged).is_err());
+    assert!(Event::open("kiln/v1/devices/d/events", &forged).is_err());
+    // A body that decodes, a key, and a signature declared 2^40 bytes long.
+    let mut forged = vec![1];
+    forged.extend(bytes(&[0, 1, b'd', 0, 0]));
+    forged.extend_from_slice(&key().public().to_bytes());
+    forged.extend(varint(1 << 40));
+    forged.extend_from_slice(&[0; 8]);
+    assert!(Status::open(topic, &forged)
+        .unwrap_err()
+        .starts_with("malformed"));
+    // A validly signed message whose signed body declares 2^40 bytes: the
+    // signature is over `CONTEXT || topic || 0 || body` (fleet.rs).
+    let mut body = vec![0];
+    body.extend(varint(1 << 40));
+    body.extend_from_slice(b"dev");
+    let message = [
+        b"kiln status v1\0".as_slice(),
+        topic.as_bytes(),
+        &[0],
+        &body,
+    ]
+    .concat();
+    let mut forged = vec![1];
+    forged.extend(bytes(&body));
+    forged.extend_from_slice(&key().public().to_bytes());
+    forged.extend(bytes(&key().sign(&message)));
+    let err = Status::open(topic, &forged).unwrap_err();
+    assert!(err.starts_with("malformed signed body"), "{err}");
+    // What seal_report makes opens, on its own topic only, and cut anywhere it fails.
+    let status = Status::V1(StatusV1 {
+        device: "d".into(),
+        online: true,
+        facts: None,
+    });
+    let sealed = seal_report(&status, topic, &key());
+    let (opened, signer) = Status::open(topic, &sealed).unwrap();
+    assert_eq!(
+        (opened.device.as_str(), signer),
+        ("d", Some(key().public()))
+    );
+    assert!(Status::open("kiln/v1/devices/e/status", &sealed).is_err());
+    for cut in truncations(&sealed) {
+        assert!(Status::open(topic, cut).is_err());
+    }
 }
 
 // telemetry

@@ -1,0 +1,35 @@
+//! The device registry from the broker, opened against the fixed root (its release
+//! role signs the registry): only a registry signed by it, for its fleet, opens, and
+//! what opens signs and opens again the same.
+#![no_main]
+
+use kiln_protocol::trust::{Registry, SignedRegistry};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let root = kiln_fuzz::root();
+    let Ok(registry) = SignedRegistry::open(data, &root) else {
+        return;
+    };
+    assert_eq!(registry.fleet, root.fleet);
+    for enrolled in &registry.devices {
+        let _ = registry.key_of(&enrolled.device);
+    }
+    let key = kiln_fuzz::key();
+    if let Ok(again) = registry.sign(&[&key]) {
+        assert_eq!(SignedRegistry::open(&again, &root).as_ref(), Ok(&registry));
+    }
+    // Enrolling replaces the device's key and keeps one entry per device.
+    if let Some(first) = registry.devices.first() {
+        let mut changed: Registry = registry.clone();
+        changed.enroll(&first.device, &key.public());
+        assert_eq!(changed.key_of(&first.device), Some(key.public()));
+        let count = |r: &Registry| {
+            r.devices
+                .iter()
+                .filter(|e| e.device == first.device)
+                .count()
+        };
+        assert_eq!(count(&changed), 1);
+    }
+});
