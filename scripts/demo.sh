@@ -2,7 +2,8 @@
 # The demo: a module compiled on this x86_64 host runs on emulated aarch64 and riscv64
 # devices, a device refuses an artifact built for the other architecture, and an
 # emulated aarch64 device keeps a healthy reactor running while misbehaving modules
-# next to it are contained and restarted.
+# next to it are contained and restarted. Then a fleet of both follows one release
+# over MQTT, and rotates its release key while one device is offline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${CARGO_TARGET_DIR:=$HOME/.cache/kiln/target}"
@@ -111,14 +112,21 @@ mosquitto -c "$out/broker/mosquitto.conf" >"$out/broker/log" 2>&1 &
 pids=($!)
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
 sleep 0.5
+declare -A device_pid
+start_device() { # start_device ID ARCH TRIPLE: kilnd serve under qemu, in the background
+  "qemu-$2" -L "/usr/$2-linux-gnu" "$CARGO_TARGET_DIR/$3/release/kilnd" serve --config "$out/$1/kilnd.toml" \
+    >>"$out/$1/records.jsonl" 2>>"$out/$1/kilnd.log" &
+  pids+=($!)
+  device_pid[$1]=$!
+}
 for dev in pi-01:aarch64-linux:aarch64:aarch64-unknown-linux-gnu rv-01:riscv64-linux:riscv64:riscv64gc-unknown-linux-gnu; do
   IFS=: read -r id target arch triple <<<"$dev"
   mkdir -p "$out/$id"
-  cp "$out/fleet.pub" "$out/$id/"
+  cp "$out/fleet.root" "$out/$id/"
   cat > "$out/$id/kilnd.toml" <<TOML
 device = "$id"
 data_dir = "data"
-trust = ["fleet.pub"]
+trust = ["fleet.root"]
 worker_launcher = ["qemu-$arch", "-L", "/usr/$arch-linux-gnu"]
 [mqtt]
 broker = "$broker"
@@ -127,9 +135,7 @@ groups = ["demo"]
 batch_ms = 500
 stats_s = 2
 TOML
-  "qemu-$arch" -L "/usr/$arch-linux-gnu" "$CARGO_TARGET_DIR/$triple/release/kilnd" serve --config "$out/$id/kilnd.toml" \
-    >"$out/$id/records.jsonl" 2>"$out/$id/kilnd.log" &
-  pids+=($!)
+  start_device "$id" "$arch" "$triple"
 done
 wait_for() { # wait_for TEXT: until `kiln devices` shows TEXT for both devices
   for _ in $(seq 1 120); do
@@ -145,7 +151,10 @@ for _ in $(seq 1 60); do # both devices online: their status names their targets
 done
 step "$kiln" push "$sensor" --group demo --name app --version 1 --sign "$out/fleet.key" --broker "$broker" "${run_opts[@]}"
 wait_for 'app@1 .*committed'
-step "$kiln" devices --broker "$broker"
+echo "Each device signs what it reports with its own key; enrolling records the keys, and"
+echo "kiln devices then shows the reports as verified:"
+step "$kiln" enroll --group demo --sign "$out/fleet.key" --broker "$broker"
+step "$kiln" devices --broker "$broker" --root "$out/fleet.root"
 echo "v2 as a release file, built once for both targets and pushed from it:"
 step "$kiln" release "$sensor" --target aarch64-linux --target riscv64-linux --name app --version 2 --sign "$out/fleet.key" -o "$out/app-v2.kilnrel"
 step "$kiln" push "$out/app-v2.kilnrel" --group demo --sign "$out/fleet.key" --broker "$broker" "${run_opts[@]}"
@@ -158,6 +167,27 @@ echo "v3 divides by zero on its third tick:"
 step "$kiln" push examples/fixtures/trap-tick.wat --group demo --name app --version 3 --sign "$out/fleet.key" --broker "$broker" "${run_opts[@]}"
 wait_for 'app@2 .*rolled back'
 step "$kiln" devices --broker "$broker"
+
+echo
+echo "Key rotation: the release key leaked. rv-01 is offline; the offline root key signs"
+echo "root v2 naming a new release key; the current states are signed again with it; v4"
+echo "goes out; rv-01 comes back and converges; the old key is refused from then on."
+kill "${device_pid[rv-01]}"; wait "${device_pid[rv-01]}" 2>/dev/null || true
+step "$kiln" keygen -o "$out/new.key" --no-root
+step "$kiln" root rotate --root "$out/fleet.root" --sign "$out/fleet-root.key" --release-key "$out/new.pub"
+step "$kiln" root publish "$out/fleet.root" --broker "$broker"
+step "$kiln" refresh --all --sign "$out/new.key" --broker "$broker"
+step "$kiln" push "$sensor" --group demo --name app --version 4 --sign "$out/new.key" --broker "$broker" "${run_opts[@]}"
+start_device rv-01 riscv64 riscv64gc-unknown-linux-gnu
+wait_for 'app@4 .*committed'
+step "$kiln" devices --broker "$broker" --root "$out/fleet.root"
+echo "A release signed with the old key is refused (devices refuse a state signed with it"
+echo "too: e2e/tests/trust.rs publishes one straight to the broker):"
+if "$kiln" push "$sensor" --group demo --name app --version 5 --sign "$out/fleet.key" \
+    --broker "$broker" --root "$out/fleet.root" "${run_opts[@]}"; then
+  echo "demo: the old key was accepted" >&2
+  exit 1
+fi
 
 echo
 echo "demo: artifacts and keys are in $out/"

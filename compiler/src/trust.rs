@@ -273,6 +273,42 @@ pub fn peek_root(path: &Path) -> Result<Root> {
         .map_err(|e| coded(Code::InvalidInput, anyhow!("`{}`: {e}", path.display())))
 }
 
+/// The signing flags that `push`, `rollout` and `refresh` share.
+#[derive(Args, Debug, Clone)]
+pub struct SigningArgs {
+    /// Release key that signs the desired state (repeat for a k-of-n threshold); a
+    /// .wasm input is compiled and signed with the first
+    #[arg(long, value_name = "KEY")]
+    pub sign: Vec<PathBuf>,
+    #[command(flatten)]
+    pub root: RootArgs,
+    /// How long devices take the desired state (re-sign it before with `kiln refresh`)
+    #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = parse_duration)]
+    pub expires_in: u64,
+}
+
+impl SigningArgs {
+    /// The fleet's roots (the anchor followed along the broker's), the release keys at
+    /// hand, and how long a state is valid. A root newer than the broker's is published.
+    pub fn signing(&self, session: &mut Session, topics: &Topics) -> Result<Signing> {
+        let keys = self
+            .sign
+            .iter()
+            .map(|p| crate::keyfile::read_secret(p).map_err(|e| coded(Code::Key, e)))
+            .collect::<Result<Vec<_>>>()?;
+        let anchor = self.root.anchor(self.sign.first().map(PathBuf::as_path))?;
+        let fleet = Fleet::follow(session, topics, anchor)?;
+        if fleet.publish_root(session, topics)? {
+            eprintln!("published {}", fleet.root().describe());
+        }
+        Ok(Signing {
+            fleet,
+            keys,
+            valid_ms: self.expires_in,
+        })
+    }
+}
+
 /// How desired states are signed: the fleet's roots, the release keys at hand (none:
 /// the state is written unsigned for `kiln sign`), and how long a state is valid.
 pub struct Signing {

@@ -108,6 +108,66 @@ fn keygen_writes_a_private_secret_key_and_never_overwrites_it() {
     );
 }
 
+/// keygen sets up the trust model in one step, in formats OpenSSL reads; a state
+/// signed by an outside signer (here `openssl pkeyutl`, as an HSM or KMS client
+/// would) through `kiln sign --command` verifies under the root.
+#[test]
+fn keygen_makes_a_root_and_an_outside_signer_signs_a_state_through_kiln_sign() {
+    use kiln_protocol::fleet::{Desired, Scope, SignedDesired};
+    use kiln_protocol::trust::Chain;
+    let dir = keyed_dir();
+    for f in ["fleet-root.key", "fleet.root"] {
+        assert!(dir.path().join(f).exists(), "{f}");
+    }
+    let shown = ok(kiln(dir.path(), &["root", "show", "fleet.root"]));
+    assert_contains_all(
+        &String::from_utf8_lossy(&shown.stdout),
+        &["root v1", "release 1 of"],
+    );
+    let root = Chain::new(fs::read(dir.path().join("fleet.root")).unwrap()).unwrap();
+    let d = Desired {
+        fleet: root.root().fleet.clone(),
+        scope: Scope::Group("lab".into()),
+        serial: 7,
+        issued_ms: 1,
+        expires_ms: u64::MAX,
+        modules: Vec::new(),
+    };
+    let mut file = b"KILNSTATE\x01".to_vec();
+    file.extend(SignedDesired::sign(&d, &[]));
+    fs::write(dir.path().join("lab.kilnstate"), file).unwrap();
+    let signer = "openssl pkeyutl -sign -rawin -inkey fleet.key -in \"$KILN_MESSAGE\"";
+    ok(kiln(
+        dir.path(),
+        &[
+            "sign",
+            "lab.kilnstate",
+            "--public",
+            "fleet.pub",
+            "--command",
+            signer,
+        ],
+    ));
+    let signed = fs::read(dir.path().join("lab.kilnstate")).unwrap();
+    assert_eq!(SignedDesired::open(&signed[10..], root.root()), Ok(d));
+    // A command whose signature is not by that key is refused; the file is unchanged.
+    let zeros = "head -c 64 /dev/zero";
+    let out = kiln(
+        dir.path(),
+        &[
+            "sign",
+            "lab.kilnstate",
+            "--public",
+            "fleet.pub",
+            "--command",
+            zeros,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(77), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not verify"));
+    assert_eq!(fs::read(dir.path().join("lab.kilnstate")).unwrap(), signed);
+}
+
 #[test]
 fn compiling_twice_gives_byte_identical_artifacts_for_every_target() {
     let dir = keyed_dir();

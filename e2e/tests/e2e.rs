@@ -13,6 +13,7 @@ mod sandbox;
 mod service;
 mod telemetry;
 mod transfers;
+mod trust;
 mod util;
 
 pub use kiln_e2e::DEVICES;

@@ -495,9 +495,25 @@ fn rollout_hands_over_to_the_group_halts_at_a_canary_that_rolls_back_and_gc_remo
             d
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(500)); // their birth messages
     let key = shared().key();
     let url = broker.url();
+    for n in names {
+        wait_online(&url, n);
+    }
+    // Only reports signed by enrolled keys count as a wave's success.
+    let enroll = [
+        "enroll",
+        "--group",
+        "lab",
+        "--sign",
+        path_str(&key),
+        "--broker",
+        &url,
+    ];
+    kiln_compiler::commands::enroll::EnrollCommand::try_parse_from(enroll)
+        .unwrap()
+        .execute()
+        .expect("enroll");
     let topics = Topics::new(DEFAULT_PREFIX);
     // Sent whole, so gc's view of the broker is by artifact.
     let health = QUICK_RAW;

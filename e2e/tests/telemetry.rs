@@ -532,8 +532,6 @@ fn a_full_spool_drops_the_oldest_batches_and_reports_exactly_those() {
     assert_eq!(code, Some(0));
 }
 
-
-
 #[test]
 fn kilnd_stats_count_a_crashing_modules_traps_and_restarts() {
     let broker = Broker::start();

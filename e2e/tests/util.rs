@@ -185,6 +185,8 @@ pub struct FleetDevice {
     pub groups: Vec<String>,
     /// Extra lines after the [mqtt] section's own: more keys, or further tables.
     pub mqtt_extra: String,
+    /// The root document it is provisioned with (the tests' shared fleet by default).
+    pub root: PathBuf,
     _keep: Option<tempfile::TempDir>,
 }
 
@@ -201,6 +203,7 @@ impl FleetDevice {
             records: Arc::default(),
             groups: Vec::new(),
             mqtt_extra: String::new(),
+            root: shared().root(),
             _keep: Some(keep),
         }
     }
@@ -219,7 +222,7 @@ impl FleetDevice {
             format!(
                 "device = {:?}\ndata_dir = \"data\"\ntrust = [{:?}]\nworker_launcher = [{}]\n[mqtt]\nbroker = {:?}\ngroups = {:?}\n{}",
                 self.id,
-                path_str(&shared().root()),
+                path_str(&self.root),
                 launcher.join(", "),
                 self.broker,
                 self.groups,

@@ -551,6 +551,35 @@ impl SignedDesired {
         postcard::to_stdvec(&SignedDesired::V3 { body, signatures }).map_err(|e| e.to_string())
     }
 
+    /// The bytes a signature covers, for a signer outside kiln (an HSM, a cloud KMS)
+    /// that is handed the message and returns a raw Ed25519 signature.
+    pub fn signing_message(bytes: &[u8]) -> Result<Vec<u8>, String> {
+        let (body, _) = unwrap_v3(bytes)?;
+        Ok([DESIRED_CONTEXT, &body].concat())
+    }
+
+    /// Adds a signature made outside kiln by `key`, after checking it.
+    pub fn add_raw_signature(
+        bytes: &[u8],
+        key: &PublicKey,
+        signature: &[u8; 64],
+    ) -> Result<Vec<u8>, String> {
+        let (body, mut signatures) = unwrap_v3(bytes)?;
+        if !key.verify_strict(&[DESIRED_CONTEXT, &body].concat(), signature) {
+            return Err(format!(
+                "the signature does not verify with key {}",
+                key.id()
+            ));
+        }
+        let id = key.id().0;
+        signatures.retain(|s| s.key_id != id);
+        signatures.push(Sig {
+            key_id: id,
+            signature: signature.to_vec(),
+        });
+        postcard::to_stdvec(&SignedDesired::V3 { body, signatures }).map_err(|e| e.to_string())
+    }
+
     /// Who signed it (not checked): for showing.
     pub fn signers(bytes: &[u8]) -> Result<Vec<KeyId>, String> {
         Ok(unwrap_v3(bytes)?
@@ -1005,6 +1034,13 @@ mod tests {
         assert_eq!(SignedDesired::signers(&again).unwrap().len(), 1);
         let two = SignedDesired::add_signature(&one, &b).unwrap();
         assert_eq!(SignedDesired::open(&two, &root), Ok(desired()));
+        // The same signature made outside kiln (an HSM) over the signing message.
+        let message = SignedDesired::signing_message(&one).unwrap();
+        let raw = b.sign(&message);
+        let external = SignedDesired::add_raw_signature(&one, &b.public(), &raw).unwrap();
+        assert_eq!(SignedDesired::open(&external, &root), Ok(desired()));
+        let wrong = SignedDesired::add_raw_signature(&one, &a.public(), &raw).unwrap_err();
+        assert!(wrong.contains("does not verify"), "{wrong}");
     }
 
     #[test]

@@ -28,8 +28,9 @@ pub struct InspectCommand {
     #[arg(value_name = "ARTIFACT")]
     pub artifact: PathBuf,
 
-    /// Public key(s) to check the signature against (repeatable)
-    #[arg(long, value_name = "KEY.pub")]
+    /// Public key(s) or the fleet's root document to check the signature against
+    /// (repeatable)
+    #[arg(long, value_name = "KEY.pub|FLEET.root")]
     pub trust: Vec<PathBuf>,
 
     /// Print one JSON object instead of text
@@ -43,12 +44,15 @@ impl InspectCommand {
         let bytes = fs::read(&self.artifact)
             .with_context(|| format!("cannot read `{file}`"))
             .map_err(|e| coded(Code::NoInput, e))?;
-        let keys = self
-            .trust
-            .iter()
-            .map(|p| keyfile::read_public(p))
-            .collect::<Result<Vec<_>>>()
-            .map_err(|e| coded(Code::Key, e))?;
+        let mut keys = Vec::new();
+        for path in &self.trust {
+            if path.extension().is_some_and(|e| e == "root") {
+                // A root document stands for its release keys, as on a device.
+                keys.extend(crate::trust::read_root(path)?.root().release.public_keys());
+            } else {
+                keys.push(keyfile::read_public(path).map_err(|e| coded(Code::Key, e))?);
+            }
+        }
         let envelope = Envelope::parse(&bytes).map_err(|e| {
             coded(
                 Code::InvalidInput,

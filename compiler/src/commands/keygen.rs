@@ -69,16 +69,16 @@ impl KeygenCommand {
             valid_name(Kind::Fleet, f)?;
         }
         let (root_key_path, root_path) = root_files(&self.output);
+        let mut files = vec![&self.output, &public_path];
         if !self.no_root {
-            // Checked first, so a half-made set of files is never left behind.
-            for p in [&root_key_path, &root_path] {
-                if p.exists() {
-                    return Err(coded(
-                        Code::CannotWrite,
-                        anyhow!("`{}` exists; keygen never overwrites a key", p.display()),
-                    ));
-                }
-            }
+            files.extend([&root_key_path, &root_path]);
+        }
+        // Checked first, so a half-made set of files is never left behind.
+        if let Some(p) = files.iter().find(|p| p.exists()) {
+            return Err(coded(
+                Code::CannotWrite,
+                anyhow!("`{}` exists; keygen never overwrites a key", p.display()),
+            ));
         }
         let key = SecretKey::generate().map_err(|e| coded(Code::Failure, e))?;
         keyfile::write_new(&self.output, &key.to_text(), 0o600)

@@ -16,12 +16,10 @@ use crate::broker::{now_ms, BrokerArgs, Session};
 use crate::commands::compile::{human_size, BuildArgs};
 use crate::commands::valid_name;
 use crate::exit::{coded, Code};
-use crate::keyfile;
 use crate::release::{decode_file, read_input, verify_all, Entry, Release, Wire, FILE_MAGIC};
 use crate::targets::ResolvedTarget;
 use crate::trust::{
-    describe_state, encode_state, parse_duration, read_state, Fleet, Identity, RootArgs, Signing,
-    STATE_MAGIC,
+    describe_state, encode_state, read_state, Identity, Signing, SigningArgs, STATE_MAGIC,
 };
 use kiln_protocol::trust::Registry;
 
@@ -82,15 +80,8 @@ pub struct ReleaseArgs {
     pub targets: Vec<String>,
     #[command(flatten)]
     pub build: BuildArgs,
-    /// Release key that signs the desired state (repeat for a k-of-n threshold); a
-    /// .wasm input is compiled and signed with the first
-    #[arg(long, value_name = "KEY")]
-    pub sign: Vec<PathBuf>,
     #[command(flatten)]
-    pub root: RootArgs,
-    /// How long devices take the desired state (re-sign it before with `kiln refresh`)
-    #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = parse_duration)]
-    pub expires_in: u64,
+    pub signing: SigningArgs,
     #[command(flatten)]
     pub broker: BrokerArgs,
     /// Config bytes for the module, from a file
@@ -123,40 +114,9 @@ pub struct ReleaseArgs {
     pub no_delta: bool,
 }
 
-/// The fleet's roots (the anchor followed along the broker's), the release keys at
-/// hand, and how long a state is valid. A root newer than the broker's is published.
-pub fn signing(
-    session: &mut Session,
-    topics: &Topics,
-    root: &RootArgs,
-    sign: &[PathBuf],
-    valid_ms: u64,
-) -> Result<Signing> {
-    let keys = sign
-        .iter()
-        .map(|p| keyfile::read_secret(p).map_err(|e| coded(Code::Key, e)))
-        .collect::<Result<Vec<_>>>()?;
-    let anchor = root.anchor(sign.first().map(PathBuf::as_path))?;
-    let fleet = Fleet::follow(session, topics, anchor)?;
-    if fleet.publish_root(session, topics)? {
-        eprintln!("published {}", fleet.root().describe());
-    }
-    Ok(Signing {
-        fleet,
-        keys,
-        valid_ms,
-    })
-}
-
 impl ReleaseArgs {
     pub fn signing(&self, session: &mut Session) -> Result<Signing> {
-        signing(
-            session,
-            &self.broker.topics(),
-            &self.root,
-            &self.sign,
-            self.expires_in,
-        )
+        self.signing.signing(session, &self.broker.topics())
     }
 
     /// Reads, verifies (or compiles) and prepares the release for `scope`.

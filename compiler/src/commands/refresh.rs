@@ -1,16 +1,14 @@
-use std::path::PathBuf;
-
 use anyhow::{anyhow, bail, Result};
 use clap::Parser;
 use kiln_protocol::fleet::Scope;
 use kiln_protocol::names::Kind;
 
 use crate::broker::{BrokerArgs, Session};
-use crate::commands::push::{prepare_desired, signing};
+use crate::commands::push::prepare_desired;
 use crate::commands::valid_name;
 use crate::exit::{coded, Code};
 use crate::trust::Signing;
-use crate::trust::{parse_duration, RootArgs};
+use crate::trust::SigningArgs;
 use kiln_protocol::fleet::Topics;
 use kiln_protocol::trust::SignedRegistry;
 
@@ -36,13 +34,8 @@ pub struct RefreshCommand {
     /// Every desired state the broker retains
     #[arg(long)]
     pub all: bool,
-    /// Release keys (repeat for a threshold)
-    #[arg(long, value_name = "KEY", required = true)]
-    pub sign: Vec<PathBuf>,
     #[command(flatten)]
-    pub root: RootArgs,
-    #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = parse_duration)]
-    pub expires_in: u64,
+    pub signing: SigningArgs,
     #[command(flatten)]
     pub broker: BrokerArgs,
 }
@@ -52,13 +45,10 @@ impl RefreshCommand {
         let topics = self.broker.topics();
         let unavailable = |e| coded(Code::Unavailable, e);
         let mut session = self.broker.connect().map_err(unavailable)?;
-        let signing = signing(
-            &mut session,
-            &topics,
-            &self.root,
-            &self.sign,
-            self.expires_in,
-        )?;
+        if self.signing.sign.is_empty() {
+            bail!(coded(Code::Usage, anyhow!("refresh signs: --sign KEY")));
+        }
+        let signing = self.signing.signing(&mut session, &topics)?;
         let scopes = match (&self.device, &self.group, self.all) {
             (Some(d), _, _) => {
                 valid_name(Kind::Device, d)?;

@@ -51,8 +51,10 @@ impl Target {
         cmd
     }
 
+    /// The fleet's root document (`kiln keygen` wrote it beside the key): what a fleet
+    /// device trusts, and what `--trust` takes as well.
     pub fn trust(&self) -> PathBuf {
-        self.key.with_extension("pub")
+        self.key.with_extension("root")
     }
 
     /// Writes `{name}/kilnd.toml`: trust, the worker launcher, then `rest`.

@@ -428,7 +428,7 @@ impl Agent {
         let mut taken = false;
         while let Some(bytes) = self
             .pending_roots
-            .remove(&(self.trust.chain.root().version + 1))
+            .remove(&self.trust.chain.root().version.saturating_add(1))
         {
             match self.trust.chain.advance(&bytes) {
                 Ok(root) => {
@@ -447,7 +447,7 @@ impl Agent {
         if let Some(first) = self.pending_roots.keys().next() {
             let reason = format!(
                 "root v{first} does not follow root v{current}: waiting for root v{}",
-                current + 1
+                current.saturating_add(1)
             );
             self.event_once("*", 0, EventKind::Rejected { reason });
         }
@@ -514,7 +514,8 @@ impl Agent {
     }
 
     /// Not older than what was applied, not a second body under an applied serial,
-    /// not expired, and not issued before the device was provisioned.
+    /// not expired, and (the first from its source) not issued before the device was
+    /// provisioned.
     fn fresh(&self, source: &str, desired: &Desired) -> Result<(), String> {
         let last = self.state.serials.get(source).copied().unwrap_or(0);
         if desired.serial < last {
@@ -531,7 +532,8 @@ impl Agent {
             ));
         }
         desired.check_fresh(self.now_ms)?;
-        if desired.issued_ms < self.trust.not_before_ms {
+        // Only where nothing was applied yet: after that, the serial is the floor.
+        if last == 0 && desired.issued_ms < self.trust.not_before_ms {
             return Err(format!(
                 "desired state serial {} on {source} was issued {}, before this device was provisioned ({}; a replay)",
                 desired.serial,
@@ -570,8 +572,10 @@ impl Agent {
             )),
             _ => None,
         };
-        if stale != self.stale {
-            self.stale = stale.clone();
+        // Said when it starts and when it ends, not at every tick while it lasts.
+        let changed = stale.is_some() != self.stale.is_some();
+        self.stale = stale.clone();
+        if changed {
             if let Some(reason) = stale {
                 self.event("*", 0, EventKind::Stale { reason });
             }

@@ -38,9 +38,8 @@ const FLEET: &str = "acme";
 /// Desired states in the model are valid for a month of model time.
 const VALID_MS: u64 = 30 * 24 * 3600 * 1000;
 
-/// The fleet's root document: a root key of its own, `release` as the release key.
-fn root_of(release: &SecretKey) -> (Root, Vec<u8>) {
-    let root_key = SecretKey::generate().expect("key");
+/// The fleet's root document: `root_key` as its root key, `release` as the release key.
+fn root_of(root_key: &SecretKey, release: &SecretKey) -> (Root, Vec<u8>) {
     let root = Root {
         fleet: FLEET.into(),
         version: 1,
@@ -49,7 +48,7 @@ fn root_of(release: &SecretKey) -> (Root, Vec<u8>) {
         release: Role::new(&[release.public()], 1),
         registry: None,
     };
-    let bytes = root.sign(&[&root_key]).expect("root");
+    let bytes = root.sign(&[root_key]).expect("root");
     (root, bytes)
 }
 
@@ -225,8 +224,12 @@ struct World {
     dir: tempfile::TempDir,
     topics: Topics,
     key: SecretKey,
+    root_key: SecretKey,
     root: Root,
     root_bytes: Vec<u8>,
+    /// The agent's provisioning time and staleness bound (see `agent::Trust`).
+    not_before_ms: u64,
+    stale_after_ms: u64,
     rogue: SecretKey,
     broker: Broker,
     agent: Agent,
@@ -259,13 +262,17 @@ impl World {
         let dir = tempfile::tempdir().expect("tempdir");
         let key = SecretKey::generate().expect("key");
         let topics = Topics::new("kiln/v1");
-        let (root, root_bytes) = root_of(&key);
-        let agent = Self::agent(&dir, &root_bytes, &topics);
+        let root_key = SecretKey::generate().expect("key");
+        let (root, root_bytes) = root_of(&root_key, &key);
+        let agent = Self::agent(&dir, &root_bytes, &topics, (0, u64::MAX / 4));
         let mut world = Self {
             dir,
             topics,
             root,
             root_bytes,
+            root_key,
+            not_before_ms: 0,
+            stale_after_ms: u64::MAX / 4,
             rogue: SecretKey::generate().expect("key"),
             key,
             broker: Broker::default(),
@@ -290,7 +297,12 @@ impl World {
         world
     }
 
-    fn agent(dir: &tempfile::TempDir, root: &[u8], topics: &Topics) -> Agent {
+    fn agent(
+        dir: &tempfile::TempDir,
+        root: &[u8],
+        topics: &Topics,
+        (not_before_ms, stale_after_ms): (u64, u64),
+    ) -> Agent {
         let store = Store::open(dir.path()).expect("store");
         let facts = DeviceFacts {
             triple: host().triple,
@@ -308,8 +320,8 @@ impl World {
             Trust {
                 chain: Chain::new(root.to_vec()).expect("root"),
                 identity: SecretKey::generate().expect("key"),
-                not_before_ms: 0,
-                stale_after_ms: u64::MAX / 4,
+                not_before_ms,
+                stale_after_ms,
             },
             facts,
             Settings {
@@ -632,7 +644,8 @@ impl World {
                 self.input(Input::Tick);
             }
             Op::Restart => {
-                self.agent = Self::agent(&self.dir, &self.root_bytes, &self.topics);
+                let trust = (self.not_before_ms, self.stale_after_ms);
+                self.agent = Self::agent(&self.dir, &self.root_bytes, &self.topics, trust);
                 self.heard.clear();
                 self.broker.subscribed.clear();
                 self.broker.pending.clear();
@@ -1177,4 +1190,140 @@ fn a_release_without_an_artifact_for_the_device_is_refused_and_what_runs_stays()
     commit(&mut w);
     assert_eq!(committed(&w, "app"), Some(1));
     assert!(w.running.contains_key("app"));
+}
+
+/// Root `version` of the model's fleet with `release` as its release key, signed by the
+/// world's root key.
+fn rotated(world: &World, version: u64, release: &SecretKey) -> (Root, Vec<u8>) {
+    let root = Root {
+        version,
+        release: Role::new(&[release.public()], 1),
+        ..world.root.clone()
+    };
+    let bytes = root.sign(&[&world.root_key]).expect("root");
+    (root, bytes)
+}
+
+fn saw(world: &World, what: &str) -> bool {
+    world.events.iter().any(|e| e.contains(what))
+}
+
+#[test]
+fn after_a_rotation_the_old_release_key_is_refused_and_a_state_that_came_before_its_root_is_taken()
+{
+    let mut w = World::new();
+    push(&mut w, false, 0, 1, Kind::Good);
+    commit(&mut w);
+    assert_eq!(committed(&w, "app"), Some(1));
+    let new = SecretKey::generate().unwrap();
+    let (root2, v2) = rotated(&w, 2, &new);
+    let old = std::mem::replace(&mut w.key, new);
+    // (The model wants what the new root allows from here on.)
+    w.root = root2;
+    // Signed by the new key, it arrives before root v2: refused for now, kept.
+    push(&mut w, false, 0, 2, Kind::Good);
+    deliver_all(&mut w);
+    assert!(saw(&w, "0 of the 1 signatures"), "{:#?}", w.events);
+    assert_eq!(committed(&w, "app"), Some(1), "what runs stays");
+    // Root v2 arrives: the device takes it, and the waiting state with it.
+    w.deliver(w.topics.root(2), v2.clone());
+    assert!(saw(&w, "trusts fleet acme root v2"), "{:#?}", w.events);
+    commit(&mut w);
+    assert_eq!(committed(&w, "app"), Some(2));
+    assert_eq!(
+        Store::open(w.dir.path()).unwrap().load_root().unwrap(),
+        Some(v2),
+        "kept for the next start"
+    );
+    // A release signed with the rotated-out key is refused from now on.
+    w.key = old;
+    push(&mut w, false, 0, 3, Kind::Good);
+    commit(&mut w);
+    assert_eq!(committed(&w, "app"), Some(2));
+}
+
+#[test]
+fn a_root_that_skips_a_version_waits_and_one_signed_by_another_root_is_refused() {
+    let mut w = World::new();
+    let rel = SecretKey::generate().unwrap();
+    let (_, v3) = rotated(&w, 3, &rel);
+    w.deliver(w.topics.root(3), v3);
+    assert!(saw(&w, "waiting for root v2"), "{:#?}", w.events);
+    let rogue_root = SecretKey::generate().unwrap();
+    let forged = Root {
+        version: 2,
+        ..w.root.clone()
+    }
+    .sign(&[&rogue_root])
+    .unwrap();
+    w.deliver(w.topics.root(2), forged);
+    assert!(saw(&w, "root document refused"), "{:#?}", w.events);
+    push(&mut w, false, 0, 1, Kind::Good);
+    commit(&mut w);
+    assert_eq!(committed(&w, "app"), Some(1), "the old root still rules");
+}
+
+#[test]
+fn expired_reused_and_pre_provisioning_states_are_refused() {
+    let mut w = World::new();
+    let topic = w.topics.desired(DEVICE);
+    let d = desired_at(Scope::Device(DEVICE.into()), 5, w.now, Vec::new());
+    let expired = Desired {
+        expires_ms: w.now - 1,
+        issued_ms: w.now - 1000,
+        ..d.clone()
+    };
+    w.deliver(topic.clone(), SignedDesired::sign(&expired, &[&w.key]));
+    assert!(saw(&w, "expired at"), "{:#?}", w.events);
+    w.deliver(topic.clone(), SignedDesired::sign(&d, &[&w.key]));
+    assert_eq!(w.agent.state().serials.get(&topic), Some(&5));
+    // The same serial with another body: a broker (or a leaked key) rewriting history.
+    let other = Desired {
+        issued_ms: w.now + 1,
+        ..d.clone()
+    };
+    w.deliver(topic.clone(), SignedDesired::sign(&other, &[&w.key]));
+    assert!(
+        saw(&w, "already applied with another body"),
+        "{:#?}",
+        w.events
+    );
+    // A device provisioned after a state was issued never takes it (a replay).
+    let mut fresh = World::new();
+    fresh.not_before_ms = fresh.now + 10_000;
+    fresh.apply(&Op::Restart);
+    let topic = fresh.topics.desired(DEVICE);
+    let old = desired_at(Scope::Device(DEVICE.into()), 1, fresh.now, Vec::new());
+    fresh.deliver(topic.clone(), SignedDesired::sign(&old, &[&fresh.key]));
+    assert!(
+        saw(&fresh, "before this device was provisioned"),
+        "{:#?}",
+        fresh.events
+    );
+    assert_eq!(fresh.agent.state().serials.get(&topic), None);
+}
+
+#[test]
+fn a_device_whose_states_grow_old_says_it_is_stale_once() {
+    let mut w = World::new();
+    w.stale_after_ms = 60_000;
+    w.apply(&Op::Restart);
+    push(&mut w, false, 0, 1, Kind::Good);
+    commit(&mut w);
+    assert!(!saw(&w, "stale"));
+    w.apply(&Op::Advance { ms: 61_000 });
+    w.apply(&Op::Advance { ms: 1_000 });
+    let stale: Vec<_> = w.events.iter().filter(|e| e.contains("stale")).collect();
+    assert_eq!(stale.len(), 1, "{:#?}", w.events);
+    assert!(stale[0].contains("newer ones may be withheld"), "{stale:?}");
+    // A fresh state ends it (said in the status, not as an event).
+    push(&mut w, false, 0, 2, Kind::Good);
+    commit(&mut w);
+    w.apply(&Op::Advance { ms: 1_000 });
+    assert_eq!(
+        w.events.iter().filter(|e| e.contains("stale")).count(),
+        1,
+        "{:#?}",
+        w.events
+    );
 }
