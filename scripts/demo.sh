@@ -159,14 +159,14 @@ echo "v2 as a release file, built once for both targets and pushed from it:"
 step "$kiln" release "$sensor" --target aarch64-linux --target riscv64-linux --name app --version 2 --sign "$out/fleet.key" -o "$out/app-v2.kilnrel"
 step "$kiln" push "$out/app-v2.kilnrel" --group demo --sign "$out/fleet.key" --broker "$broker" "${run_opts[@]}"
 wait_for 'app@2 .*committed'
-step "$kiln" devices --broker "$broker"
+step "$kiln" devices --broker "$broker" --root "$out/fleet.root"
 echo "Live telemetry from both emulated devices: records in postcard batches, each batch"
 echo "numbered per boot; watch would say GAP or duplicate if one went missing or came twice."
 step "$kiln" watch --broker "$broker" --duration 5
 echo "v3 divides by zero on its third tick:"
 step "$kiln" push examples/fixtures/trap-tick.wat --group demo --name app --version 3 --sign "$out/fleet.key" --broker "$broker" "${run_opts[@]}"
 wait_for 'app@2 .*rolled back'
-step "$kiln" devices --broker "$broker"
+step "$kiln" devices --broker "$broker" --root "$out/fleet.root"
 
 echo
 echo "Key rotation: the release key leaked. rv-01 is offline; the offline root key signs"

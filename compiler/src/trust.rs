@@ -21,20 +21,24 @@ use crate::exit::{coded, Code};
 #[derive(Args, Debug, Clone, Default)]
 pub struct RootArgs {
     /// The fleet's root document [default: the `.root` file next to the first --sign
-    /// key, else ./fleet.root]
+    /// key (its own name, or the only one in that directory), else ./fleet.root]
     #[arg(long, value_name = "FILE", env = "KILN_ROOT")]
     pub root: Option<PathBuf>,
 }
 
 impl RootArgs {
-    /// `--root`, else `fleet.root` beside `fleet.key`, else `./fleet.root` if it exists.
+    /// `--root`, else `fleet.root` beside `fleet.key`, else the one `*.root` beside the
+    /// key (a key added later, `new.key`, sits with the fleet's files), else
+    /// `./fleet.root` if it exists.
     pub fn path(&self, sign: Option<&Path>) -> Option<PathBuf> {
         if let Some(p) = &self.root {
             return Some(p.clone());
         }
-        let beside = sign.map(|k| k.with_extension("root"));
-        beside
+        let named = sign.map(|k| k.with_extension("root"));
+        let only = sign.and_then(only_root_beside);
+        named
             .into_iter()
+            .chain(only)
             .chain([PathBuf::from("fleet.root")])
             .find(|p| p.is_file())
     }
@@ -50,6 +54,20 @@ impl RootArgs {
         })?;
         read_root(&path)
     }
+}
+
+/// The single `*.root` file in the directory of `key`, if there is exactly one.
+fn only_root_beside(key: &Path) -> Option<PathBuf> {
+    let dir = match key.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut roots = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "root") && p.is_file());
+    let first = roots.next()?;
+    roots.next().is_none().then_some(first)
 }
 
 pub fn read_root(path: &Path) -> Result<Chain> {
@@ -137,27 +155,35 @@ impl Fleet {
     /// rotation, under the root it was signed for (said on stderr: whatever it holds
     /// is carried into the state built on it, signed by today's keys).
     pub fn open_desired(&self, bytes: &[u8]) -> Result<Desired, String> {
+        let (d, signed_under) = self.verify_desired(bytes)?;
+        if let Some(root) = signed_under {
+            let modules: Vec<String> = d
+                .modules
+                .iter()
+                .map(|m| format!("{} v{}", m.name, m.version))
+                .collect();
+            eprintln!(
+                "note: the desired state serial {} was signed under root v{root} (keys since rotated out); it holds [{}]",
+                d.serial,
+                modules.join(", ")
+            );
+        }
+        Ok(d)
+    }
+
+    /// [`Fleet::open_desired`] without the note: the state, and the older root it was
+    /// signed under if not the current one.
+    pub fn verify_desired(&self, bytes: &[u8]) -> Result<(Desired, Option<u64>), String> {
         let current = SignedDesired::open(bytes, self.root());
-        if current.is_ok() {
-            return current;
+        if let Ok(d) = current {
+            return Ok((d, None));
         }
         for root in self.history.iter().rev().skip(1) {
             if let Ok(d) = SignedDesired::open(bytes, root) {
-                let modules: Vec<String> = d
-                    .modules
-                    .iter()
-                    .map(|m| format!("{} v{}", m.name, m.version))
-                    .collect();
-                eprintln!(
-                    "note: the desired state serial {} was signed under root v{} (keys since rotated out); it holds [{}]",
-                    d.serial,
-                    root.version,
-                    modules.join(", ")
-                );
-                return Ok(d);
+                return Ok((d, Some(root.version)));
             }
         }
-        current
+        current.map(|d| (d, None))
     }
 
     /// The enrolled device keys (an empty registry if none is retained yet).

@@ -136,33 +136,23 @@ fn keygen_makes_a_root_and_an_outside_signer_signs_a_state_through_kiln_sign() {
     let mut file = b"KILNSTATE\x01".to_vec();
     file.extend(SignedDesired::sign(&d, &[]));
     fs::write(dir.path().join("lab.kilnstate"), file).unwrap();
-    let signer = "openssl pkeyutl -sign -rawin -inkey fleet.key -in \"$KILN_MESSAGE\"";
-    ok(kiln(
-        dir.path(),
-        &[
+    let sign_with = |command: &str| {
+        let args = [
             "sign",
             "lab.kilnstate",
             "--public",
             "fleet.pub",
             "--command",
-            signer,
-        ],
+        ];
+        kiln(dir.path(), &[&args[..], &[command]].concat())
+    };
+    ok(sign_with(
+        "openssl pkeyutl -sign -rawin -inkey fleet.key -in \"$KILN_MESSAGE\"",
     ));
     let signed = fs::read(dir.path().join("lab.kilnstate")).unwrap();
     assert_eq!(SignedDesired::open(&signed[10..], root.root()), Ok(d));
     // A command whose signature is not by that key is refused; the file is unchanged.
-    let zeros = "head -c 64 /dev/zero";
-    let out = kiln(
-        dir.path(),
-        &[
-            "sign",
-            "lab.kilnstate",
-            "--public",
-            "fleet.pub",
-            "--command",
-            zeros,
-        ],
-    );
+    let out = sign_with("head -c 64 /dev/zero");
     assert_eq!(out.status.code(), Some(77), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not verify"));
     assert_eq!(fs::read(dir.path().join("lab.kilnstate")).unwrap(), signed);

@@ -430,6 +430,11 @@ impl Hello {
     fn public(&self) -> PathBuf {
         self.dir.path().join("fleet.pub")
     }
+
+    /// The root document `kiln keygen` wrote beside the key.
+    fn root_document(&self) -> PathBuf {
+        self.dir.path().join("fleet.root")
+    }
 }
 
 #[test]
@@ -752,7 +757,7 @@ fn every_system_call_kilnd_serve_makes_is_one_the_units_filter_allows() {
     std::fs::write(
         &config,
         format!(
-            "device = \"pkg-strace\"\ndata_dir = \"state\"\ntrust = [\"fleet.pub\"]\n\
+            "device = \"pkg-strace\"\ndata_dir = \"state\"\ntrust = [\"fleet.root\"]\n\
              [mqtt]\nbroker = {:?}\n[telemetry]\nstdout = false\nstats_s = 1\n\
              [[module]]\nartifact = \"sensor.kiln\"\ntick_ms = 50\nconfig = \"sensor=s\\nalpha=0.3\"\n\
              [[module]]\nartifact = \"hello.kiln\"\nargs = [\"x\", \"--read\", \"/data/config.txt\"]\ndirs = [\"data:/data\"]\n",
@@ -881,6 +886,8 @@ fn every_setting_commented_out_in_the_packaged_config_is_a_key_kilnd_knows() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("trust")).unwrap();
     std::fs::copy(hello.public(), dir.path().join("trust/fleet.pub")).unwrap();
+    // The uncommented [mqtt] makes it a fleet device: it needs the root document.
+    std::fs::copy(hello.root_document(), dir.path().join("trust/fleet.root")).unwrap();
     let config = dir.path().join("kilnd.toml");
     std::fs::write(&config, uncommented).unwrap();
     let mut c = profile("x86_64-linux").command(&shipped_kilnd_path(&profile("x86_64-linux")));

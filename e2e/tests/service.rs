@@ -245,9 +245,16 @@ fn check_refuses_an_empty_trust_directory_and_a_config_with_nothing_to_run() {
         "trust = [\"trust\"]\ndata_dir = \"state\"\n[mqtt]\nbroker = \"mqtt://127.0.0.1\"\n",
     )
     .unwrap();
+    // A device that follows a broker needs the fleet's root document.
+    device
+        .kilnd(&["check", "--config", path_str(&config)])
+        .assert_refused(81, &["needs the fleet's root document"]);
+    std::fs::copy(shared().root(), dir.path().join("trust/fleet.root")).unwrap();
     let run = device.kilnd(&["check", "--config", path_str(&config)]);
     run.assert_code(0);
+    // The key of fleet.pub is the root's release key: one key.
     assert!(run.stdout.starts_with("trust: 1 ("), "{run}");
+    assert!(run.stdout.contains("\nroot: fleet "), "{run}");
     assert!(
         run.stdout.contains("mqtt: mqtt://127.0.0.1 as device "),
         "{run}"

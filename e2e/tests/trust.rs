@@ -83,6 +83,27 @@ impl Fleet {
         out
     }
 
+    /// Root version n+1 with `keys` as the release role (k of them needed), signed by
+    /// the offline root key, and published.
+    fn rotate_release(&self, keys: &[&str], k: u32) {
+        let k = k.to_string();
+        let mut args = vec![
+            "root",
+            "rotate",
+            "--root",
+            "fleet.root",
+            "--sign",
+            "fleet-root.key",
+        ];
+        for key in keys {
+            args.extend(["--release-key", key]);
+        }
+        args.extend(["--release-threshold", &k]);
+        self.kiln(&args).ok("rotate");
+        self.kiln(&["root", "publish", "fleet.root"])
+            .ok("publish root");
+    }
+
     fn push(&self, artifact: &Path, to: [&str; 2], key: &str) -> Run {
         let mut args = vec!["push", path_str(artifact), to[0], to[1], "--sign", key];
         args.extend(QUICK);
@@ -161,21 +182,7 @@ fn a_key_rotation_reaches_online_and_offline_devices_and_the_old_key_is_refused_
     fleet
         .kiln(&["keygen", "-o", "new.key", "--no-root"])
         .ok("keygen");
-    fleet
-        .kiln(&[
-            "root",
-            "rotate",
-            "--root",
-            "fleet.root",
-            "--sign",
-            "fleet-root.key",
-            "--release-key",
-            "new.pub",
-        ])
-        .ok("rotate");
-    fleet
-        .kiln(&["root", "publish", "fleet.root"])
-        .ok("publish root");
+    fleet.rotate_release(&["new.pub"], 1);
     on_watch.wait_event(
         LIMIT,
         "root v2 taken",
@@ -220,25 +227,7 @@ fn a_state_needs_its_threshold_and_is_signed_apart_from_publishing() {
             .kiln(&["keygen", "-o", &format!("{k}.key"), "--no-root"])
             .ok("keygen");
     }
-    fleet
-        .kiln(&[
-            "root",
-            "rotate",
-            "--root",
-            "fleet.root",
-            "--sign",
-            "fleet-root.key",
-            "--release-key",
-            "alice.pub",
-            "--release-key",
-            "bob.pub",
-            "--release-threshold",
-            "2",
-        ])
-        .ok("rotate");
-    fleet
-        .kiln(&["root", "publish", "fleet.root"])
-        .ok("publish root");
+    fleet.rotate_release(&["alice.pub", "bob.pub"], 2);
 
     // The release is built and signed by the signer (no broker); the publisher (no key)
     // uploads it and writes the state; each signer signs the file; the publisher

@@ -61,8 +61,8 @@ impl RefreshCommand {
             (None, None, true) => {
                 let mut scopes = Vec::new();
                 for (topic, bytes) in session.desired_states(&topics).map_err(unavailable)? {
-                    match signing.fleet.open_desired(&bytes) {
-                        Ok(d) => scopes.push(d.scope),
+                    match signing.fleet.verify_desired(&bytes) {
+                        Ok((d, _)) => scopes.push(d.scope),
                         Err(e) => {
                             eprintln!("warning: {topic} is not trusted and stays as it is: {e}")
                         }

@@ -21,6 +21,10 @@ pub fn check(config_path: &Path) -> Result<i32, Failure> {
     let mut out = Vec::new();
     let ids: Vec<String> = trust.ids().iter().map(|id| id.to_string()).collect();
     let _ = writeln!(out, "trust: {} ({})", ids.len(), ids.join(", "));
+    if let Some(root) = &config.root {
+        let chain = crate::sandbox::load::read_root(root)?;
+        let _ = writeln!(out, "root: {}", chain.root().describe());
+    }
     for plan in &plans {
         let loaded = load_artifact(&plan.artifact, &trust, None, |m| {
             limits::engine(

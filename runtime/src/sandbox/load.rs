@@ -53,6 +53,9 @@ pub fn read_trusted_keys(paths: &[PathBuf]) -> Result<TrustedKeys, Failure> {
         })?;
         keys.push(key);
     }
+    // A key named twice (as a *.pub and in the root document) is one key.
+    let mut seen = std::collections::BTreeSet::new();
+    keys.retain(|k| seen.insert(k.id()));
     Ok(TrustedKeys::new(keys))
 }
 
