@@ -30,6 +30,11 @@ version the targeted devices report running (--no-delta: none; --wire raw: the b
 as they are). Then the signed desired state for the device or group is updated (other
 modules in it are kept). Devices that are offline converge when they come back.
 
+To sign apart from publishing (the release key never meets the broker's credentials),
+a signer builds the release with `kiln release`, the publisher uploads it and writes
+the state with --unsigned, each signer adds a signature with `kiln sign`, and the
+publisher publishes the file with `kiln push FILE` (the last four examples).
+
 Examples:
   kiln push app.kiln --device dev-01 --sign fleet.key
   kiln push app.wasm --group lab --version 3 --sign fleet.key   # compiled for the group's targets
@@ -37,8 +42,6 @@ Examples:
   kiln push app.kilnrel --group lab --sign fleet.key            # from `kiln release`
   kiln push app.kiln --group lab --sign fleet.key --broker mqtt://broker.lan:1883 --config app.conf
   kiln push app.kiln --device dev-01 --sign fleet.key --allow-downgrade   # roll back on purpose
-
-Signing apart from publishing (the release key never meets the broker's credentials):
   kiln release app.wasm --target aarch64-linux --sign release.key -o app.kilnrel   # signer
   kiln push app.kilnrel --group lab --unsigned lab.kilnstate                       # publisher
   kiln sign lab.kilnstate --key release.key                                        # signer(s)

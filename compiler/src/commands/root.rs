@@ -37,10 +37,12 @@ pub struct RootCommand {
 #[derive(Subcommand, Debug)]
 pub enum RootAction {
     /// Print what a root document says (its signatures are not checked)
+    #[command(after_help = "Examples:\n  kiln root show fleet.root")]
     Show { file: PathBuf },
     /// Write the next version of the root document with other keys
     Rotate(Rotate),
     /// Retain a root document on the broker, where devices follow it
+    #[command(after_help = PUBLISH_HELP)]
     Publish {
         file: PathBuf,
         #[command(flatten)]
@@ -48,7 +50,22 @@ pub enum RootAction {
     },
 }
 
+const PUBLISH_HELP: &str = "\
+It is published only if it chains from the roots the broker holds.
+
+Examples:
+  kiln root publish fleet.root --broker mqtt://broker.lan:1883";
+
+const ROTATE_HELP: &str = "\
+The new version is checked as a device will check it (the previous root's root keys
+and its own must sign) before it is written.
+
+Examples:
+  kiln root rotate --root fleet.root --sign fleet-root.key --release-key new.pub
+  kiln root rotate --root fleet.root --sign fleet-root.key --sign new-root.key --root-key new-root.pub";
+
 #[derive(Args, Debug)]
+#[command(after_help = ROTATE_HELP)]
 pub struct Rotate {
     /// The current root document; the new one replaces it unless -o says otherwise
     #[arg(long, value_name = "FILE")]
