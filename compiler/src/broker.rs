@@ -68,6 +68,8 @@ pub struct Session {
     stash: VecDeque<(String, Vec<u8>)>,
     /// Filters given to `subscribe`, which `retained` must not unsubscribe from.
     subscribed: BTreeSet<String>,
+    /// Retained reads so far, to name each one's marker topic.
+    reads: u64,
 }
 
 impl Session {
@@ -87,6 +89,7 @@ impl Session {
             id: id.clone(),
             stash: VecDeque::new(),
             subscribed: BTreeSet::new(),
+            reads: 0,
         };
         session.until(Duration::from_secs(10), |e| {
             matches!(e, Event::Incoming(Packet::ConnAck(_)))
@@ -127,25 +130,27 @@ impl Session {
     }
 
     /// Everything retained under `filter`, by topic. MQTT has no "that was all"
-    /// marker, so the session also subscribes to a topic of its own and publishes to
-    /// it: the broker delivers in order, so when that message comes back every
-    /// retained message for `filter` has arrived. No guessing with a quiet period.
+    /// marker, so the session also subscribes to a topic of its own and, once the
+    /// broker has acknowledged the subscription, publishes to it: the broker sends the
+    /// retained messages of a subscription before anything published after it, so
+    /// when that message comes back every retained message for `filter` has arrived.
+    /// No guessing with a quiet period. Each read has a marker topic of its own: aedes
+    /// was seen dropping the marker of a read whose topic the previous read had just
+    /// unsubscribed from.
     /// Live messages on topics subscribed with [`Session::subscribe`] that arrive
     /// meanwhile are kept for [`Session::next_message`].
     pub fn retained(&mut self, filter: &str) -> Result<BTreeMap<String, Vec<u8>>> {
-        let sync = format!("{}/tools/{}/sync", self.prefix, self.id);
-        // One SUBSCRIBE, then the PUBLISH: the broker handles them in this order, and
-        // every retained message is collected below (none is lost waiting for SUBACK).
+        self.reads += 1;
+        let sync = format!("{}/tools/{}/sync/{}", self.prefix, self.id, self.reads);
+        // One SUBSCRIBE; the marker once it is acknowledged. Retained messages that
+        // arrive before the SUBACK are collected too.
         let filters = [filter, sync.as_str()]
             .map(|t| rumqttc::SubscribeFilter::new(t.to_string(), QoS::AtLeastOnce));
         self.client
             .subscribe_many(filters)
             .map_err(|e| anyhow!("cannot subscribe to `{filter}`: {e}"))?;
         let nonce = now_ms().to_le_bytes().to_vec();
-        self.client
-            // QoS 0: no PUBACK to arrive later and be taken for another publish's.
-            .publish(&sync, QoS::AtMostOnce, false, nonce.clone())
-            .map_err(|e| anyhow!("cannot publish to `{sync}`: {e}"))?;
+        let mut sent = false;
         let mut out = BTreeMap::new();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -164,6 +169,13 @@ impl Session {
                     if !p.payload.is_empty() && rumqttc::matches(&p.topic, filter) {
                         out.insert(p.topic.clone(), p.payload.to_vec());
                     }
+                }
+                Ok(Ok(Event::Incoming(Packet::SubAck(_)))) if !sent => {
+                    sent = true;
+                    self.client
+                        // QoS 0: no PUBACK to arrive later and be taken for another's.
+                        .publish(&sync, QoS::AtMostOnce, false, nonce.clone())
+                        .map_err(|e| anyhow!("cannot publish to `{sync}`: {e}"))?;
                 }
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => bail!("broker `{}`: {e}", self.broker),

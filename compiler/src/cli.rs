@@ -4,11 +4,11 @@
 use clap::{Parser, Subcommand};
 
 use crate::commands::{
-    compile::CompileCommand, completions::CompletionsCommand, conformance::ConformanceCommand,
-    devices::DevicesCommand, enroll::EnrollCommand, gc::GcCommand, inspect::InspectCommand,
-    keygen::KeygenCommand, push::PushCommand, refresh::RefreshCommand, release::ReleaseCommand,
-    rollout::RolloutCommand, root::RootCommand, sign::SignCommand, targets::TargetsCommand,
-    watch::WatchCommand,
+    acl::AclCommand, compile::CompileCommand, completions::CompletionsCommand,
+    conformance::ConformanceCommand, devices::DevicesCommand, enroll::EnrollCommand, gc::GcCommand,
+    inspect::InspectCommand, keygen::KeygenCommand, push::PushCommand, refresh::RefreshCommand,
+    release::ReleaseCommand, rollout::RolloutCommand, root::RootCommand, sign::SignCommand,
+    targets::TargetsCommand, watch::WatchCommand,
 };
 
 const AFTER_HELP: &str = "\
@@ -53,6 +53,7 @@ pub enum Command {
     Enroll(EnrollCommand),
     Refresh(RefreshCommand),
     Gc(GcCommand),
+    Acl(AclCommand),
     Completions(CompletionsCommand),
 }
 
@@ -74,6 +75,7 @@ impl Command {
             Command::Enroll(c) => c.execute(),
             Command::Refresh(c) => c.execute(),
             Command::Gc(c) => c.execute(),
+            Command::Acl(c) => c.execute(),
             Command::Completions(c) => c.execute(),
         }
     }

@@ -53,6 +53,21 @@ impl Broker {
         broker
     }
 
+    /// A gateway mosquitto bridged to `central`, as in a factory: devices connect to
+    /// the gateway, the fleet tool to the central broker, and every kiln topic
+    /// (`{prefix}/#`) crosses the bridge both ways at QoS 1, retained messages too.
+    pub fn start_bridged(central: &Broker, prefix: &str) -> Self {
+        let mut broker = Self::start();
+        broker.extra_config = format!(
+            "connection central\naddress 127.0.0.1:{}\ntopic {prefix}/# both 1\n\
+             cleansession false\nnotifications false\ntry_private true\n\
+             restart_timeout 1\nbridge_protocol_version mqttv311\n",
+            central.port
+        );
+        broker.restart();
+        broker
+    }
+
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
     }

@@ -12,6 +12,7 @@ mod run;
 mod sandbox;
 mod service;
 mod telemetry;
+mod topologies;
 mod transfers;
 mod trust;
 mod util;

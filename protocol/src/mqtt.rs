@@ -48,8 +48,10 @@ impl Connect {
         options
             .set_keep_alive(keep_alive)
             .set_max_packet_size(MAX_INCOMING, MAX_PACKET);
-        if let (Some(user), Some(pass)) = (&self.username, &self.password) {
-            options.set_credentials(user, pass);
+        // A username alone is enough where the broker authenticates by certificate or
+        // not at all, and ACLs key on it (`kiln acl`).
+        if let Some(user) = &self.username {
+            options.set_credentials(user, self.password.as_deref().unwrap_or(""));
         }
         let read = |p: &PathBuf, what: &str| {
             std::fs::read(p).map_err(|e| format!("cannot read {what} `{}`: {e}", p.display()))

@@ -1,5 +1,6 @@
 //! One file and one struct per subcommand.
 
+pub mod acl;
 pub mod compile;
 pub mod completions;
 pub mod conformance;

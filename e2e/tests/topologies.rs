@@ -1,0 +1,158 @@
+//! Kiln across a bridge, as a factory runs it: devices on a gateway mosquitto bridged
+//! to a central one, where the fleet tool connects. Updates, patches, reports, events
+//! and telemetry all cross the bridge.
+
+use std::time::{Duration, Instant};
+
+use kiln_e2e::mosquitto::Broker;
+use kiln_protocol::fleet::{Topics, DEFAULT_PREFIX};
+use kiln_protocol::telemetry::Batch;
+use rumqttc::{Client, MqttOptions, Packet, QoS};
+
+use crate::fleet::{app, push, wait_online, Watch};
+use crate::util::FleetDevice;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// The first telemetry batch of `device` that arrives at `broker`.
+fn first_batch(broker: &Broker, device: &str) -> Option<u64> {
+    let topic = Topics::new(DEFAULT_PREFIX).telemetry(device);
+    let mut options = MqttOptions::new("test-telemetry", "127.0.0.1", broker.port);
+    options.set_max_packet_size(4 << 20, 4 << 20);
+    let (client, mut connection) = Client::new(options, 10);
+    client.subscribe(&topic, QoS::AtLeastOnce).unwrap();
+    let deadline = Instant::now() + LIMIT;
+    for event in connection.iter() {
+        if Instant::now() > deadline {
+            break;
+        }
+        if let Ok(rumqttc::Event::Incoming(Packet::Publish(p))) = event {
+            if p.topic == topic {
+                let batch = Batch::decode(&p.payload).ok()?;
+                let _ = client.disconnect();
+                return Some(batch.seq);
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn a_device_behind_a_bridged_gateway_updates_and_reports_to_the_central_broker() {
+    let central = Broker::start();
+    let gateway = Broker::start_bridged(&central, DEFAULT_PREFIX);
+    let watch = Watch::start(&central, "dev-gw");
+    let mut device = FleetDevice::new("x86_64-linux", "dev-gw", &gateway);
+    device.start(None);
+    // Its birth message crossed the bridge, retained.
+    wait_online(&central.url(), "dev-gw");
+    let health = ["--health-window-ms", "1000", "--tick-ms", "100"];
+    push(&central, &app("x86_64-linux", 1, false), "dev-gw", &health);
+    watch.wait_committed(1, LIMIT);
+    // v2 travels as a patch from v1 the device reported through the bridge.
+    push(&central, &app("x86_64-linux", 2, false), "dev-gw", &health);
+    watch.wait_committed(2, LIMIT);
+    assert_eq!(device.started_versions().last(), Some(&2));
+    assert!(
+        first_batch(&central, "dev-gw").is_some(),
+        "no telemetry batch crossed the bridge"
+    );
+    // The gateway restarts (a power cut in the factory): the device reconnects to it,
+    // and the next update still arrives from the central broker.
+    let mut gateway = gateway;
+    gateway.restart();
+    push(&central, &app("x86_64-linux", 3, false), "dev-gw", &health);
+    watch.wait_committed(3, LIMIT);
+}
+
+/// What the broker retains under `filter`, read as the fleet tool's user.
+fn retained_as(url: &str, user: &str, filter: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut session = kiln_compiler::broker::Session::connect(
+        &kiln_protocol::mqtt::Connect {
+            broker: url.to_string(),
+            username: Some(user.into()),
+            ..Default::default()
+        },
+        DEFAULT_PREFIX,
+    )
+    .unwrap();
+    let out = session.retained(filter).unwrap();
+    session.disconnect();
+    out
+}
+
+/// Publishes one retained message as MQTT user `user` and waits for the broker's answer
+/// (mosquitto acknowledges a publish its ACL drops, and drops it).
+fn publish_as(port: u16, user: &str, topic: &str, payload: Vec<u8>) {
+    let mut options = MqttOptions::new(format!("test-{user}"), "127.0.0.1", port);
+    options.set_credentials(user, "");
+    let (client, mut connection) = Client::new(options, 10);
+    client
+        .publish(topic, QoS::AtLeastOnce, true, payload)
+        .unwrap();
+    for event in connection.iter() {
+        if let Ok(rumqttc::Event::Incoming(Packet::PubAck(_))) = event {
+            break;
+        }
+    }
+    let _ = client.disconnect();
+}
+
+#[test]
+fn under_the_generated_acl_a_device_updates_but_cannot_speak_for_others() {
+    use kiln_compiler::commands::acl::{render, AclFormat};
+    let acl_dir = tempfile::tempdir().unwrap();
+    let acl = acl_dir.path().join("kiln.acl");
+    std::fs::write(
+        &acl,
+        render(AclFormat::Mosquitto, DEFAULT_PREFIX, "kiln-operator"),
+    )
+    .unwrap();
+    // mosquitto drops to its own user: it must be able to read the file.
+    for (p, mode) in [(acl_dir.path(), 0o755), (acl.as_path(), 0o644)] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let mut broker = Broker::start();
+    broker.extra_config = format!("acl_file {}\n", acl.display());
+    broker.restart();
+    let url = broker.url();
+    let topics = Topics::new(DEFAULT_PREFIX);
+    let mut device = FleetDevice::new("x86_64-linux", "dev-acl", &broker);
+    device.mqtt_extra = "username = \"dev-acl\"\n".into();
+    device.start(None);
+    let reported = topics.reported("dev-acl");
+    let running = |version: u64| {
+        retained_as(&url, "kiln-operator", &reported)
+            .get(&reported)
+            .and_then(|p| kiln_protocol::fleet::Reported::open(&reported, p).ok())
+            .is_some_and(|(r, _)| {
+                r.modules.iter().any(|m| {
+                    m.name == "app" && m.version == version && format!("{:?}", m.state) == "Running"
+                })
+            })
+    };
+    let health = [
+        "--health-window-ms",
+        "1000",
+        "--tick-ms",
+        "100",
+        "--username",
+        "kiln-operator",
+    ];
+    push(&broker, &app("x86_64-linux", 1, false), "dev-acl", &health);
+    crate::util::eventually(LIMIT, || running(1), || "dev-acl does not run v1".into());
+
+    // As dev-acl, it cannot report for another device nor write its own desired state.
+    let other = topics.reported("dev-other");
+    publish_as(broker.port, "dev-acl", &other, vec![0, 9, 0]);
+    let desired = topics.desired("dev-acl");
+    let before = retained_as(&url, "kiln-operator", &desired);
+    publish_as(broker.port, "dev-acl", &desired, vec![1, 2, 3]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(retained_as(&url, "kiln-operator", &other).is_empty());
+    assert_eq!(retained_as(&url, "kiln-operator", &desired), before);
+    // Still confined, the device takes the next release.
+    push(&broker, &app("x86_64-linux", 2, false), "dev-acl", &health);
+    crate::util::eventually(LIMIT, || running(2), || "dev-acl does not run v2".into());
+}
