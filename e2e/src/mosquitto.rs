@@ -139,8 +139,17 @@ impl Broker {
 
     /// Publishes one retained message (as a misbehaving fleet tool or attacker would).
     pub fn publish_retained(&self, topic: &str, payload: Vec<u8>) {
+        self.publish_retained_as(None, topic, payload);
+    }
+
+    /// The same as MQTT user `user`; returns once the broker acknowledged it (a broker
+    /// whose ACL refuses it acknowledges and drops it).
+    pub fn publish_retained_as(&self, user: Option<&str>, topic: &str, payload: Vec<u8>) {
         let mut options = MqttOptions::new("test-publisher", "127.0.0.1", self.port);
         options.set_max_packet_size(16 << 20, 16 << 20);
+        if let Some(user) = user {
+            options.set_credentials(user, "");
+        }
         let (client, mut connection) = Client::new(options, 10);
         client
             .publish(topic, QoS::AtLeastOnce, true, payload)

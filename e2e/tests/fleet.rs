@@ -859,9 +859,19 @@ fn fleet_updates_commit_next_to_flooding_local_modules() {
 }
 /// Everything retained under `filter`, read the way the fleet tool reads it.
 pub(crate) fn retained(url: &str, filter: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+    retained_as(url, None, filter)
+}
+
+/// What the broker retains under `filter`, read as MQTT user `user`.
+pub(crate) fn retained_as(
+    url: &str,
+    user: Option<&str>,
+    filter: &str,
+) -> std::collections::BTreeMap<String, Vec<u8>> {
     let mut session = kiln_compiler::broker::Session::connect(
         &kiln_protocol::mqtt::Connect {
             broker: url.to_string(),
+            username: user.map(str::to_string),
             ..Default::default()
         },
         DEFAULT_PREFIX,

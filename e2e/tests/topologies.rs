@@ -9,10 +9,12 @@ use kiln_protocol::fleet::{Topics, DEFAULT_PREFIX};
 use kiln_protocol::telemetry::Batch;
 use rumqttc::{Client, MqttOptions, Packet, QoS};
 
-use crate::fleet::{app, push, wait_online, Watch};
+use crate::fleet::{app, push, retained_as, wait_online, Watch};
 use crate::util::FleetDevice;
 
 const LIMIT: Duration = Duration::from_secs(60);
+/// The fleet tool's MQTT user under the generated ACL.
+const OPERATOR: &str = "kiln-operator";
 
 /// The first telemetry batch of `device` that arrives at `broker`.
 fn first_batch(broker: &Broker, device: &str) -> Option<u64> {
@@ -65,49 +67,12 @@ fn a_device_behind_a_bridged_gateway_updates_and_reports_to_the_central_broker()
     watch.wait_committed(3, LIMIT);
 }
 
-/// What the broker retains under `filter`, read as the fleet tool's user.
-fn retained_as(url: &str, user: &str, filter: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
-    let mut session = kiln_compiler::broker::Session::connect(
-        &kiln_protocol::mqtt::Connect {
-            broker: url.to_string(),
-            username: Some(user.into()),
-            ..Default::default()
-        },
-        DEFAULT_PREFIX,
-    )
-    .unwrap();
-    let out = session.retained(filter).unwrap();
-    session.disconnect();
-    out
-}
-
-/// Publishes one retained message as MQTT user `user` and waits for the broker's answer
-/// (mosquitto acknowledges a publish its ACL drops, and drops it).
-fn publish_as(port: u16, user: &str, topic: &str, payload: Vec<u8>) {
-    let mut options = MqttOptions::new(format!("test-{user}"), "127.0.0.1", port);
-    options.set_credentials(user, "");
-    let (client, mut connection) = Client::new(options, 10);
-    client
-        .publish(topic, QoS::AtLeastOnce, true, payload)
-        .unwrap();
-    for event in connection.iter() {
-        if let Ok(rumqttc::Event::Incoming(Packet::PubAck(_))) = event {
-            break;
-        }
-    }
-    let _ = client.disconnect();
-}
-
 #[test]
 fn under_the_generated_acl_a_device_updates_but_cannot_speak_for_others() {
     use kiln_compiler::commands::acl::{render, AclFormat};
     let acl_dir = tempfile::tempdir().unwrap();
     let acl = acl_dir.path().join("kiln.acl");
-    std::fs::write(
-        &acl,
-        render(AclFormat::Mosquitto, DEFAULT_PREFIX, "kiln-operator"),
-    )
-    .unwrap();
+    std::fs::write(&acl, render(AclFormat::Mosquitto, DEFAULT_PREFIX, OPERATOR)).unwrap();
     // mosquitto drops to its own user: it must be able to read the file.
     for (p, mode) in [(acl_dir.path(), 0o755), (acl.as_path(), 0o644)] {
         use std::os::unix::fs::PermissionsExt;
@@ -123,7 +88,7 @@ fn under_the_generated_acl_a_device_updates_but_cannot_speak_for_others() {
     device.start(None);
     let reported = topics.reported("dev-acl");
     let running = |version: u64| {
-        retained_as(&url, "kiln-operator", &reported)
+        retained_as(&url, Some(OPERATOR), &reported)
             .get(&reported)
             .and_then(|p| kiln_protocol::fleet::Reported::open(&reported, p).ok())
             .is_some_and(|(r, _)| {
@@ -138,20 +103,20 @@ fn under_the_generated_acl_a_device_updates_but_cannot_speak_for_others() {
         "--tick-ms",
         "100",
         "--username",
-        "kiln-operator",
+        OPERATOR,
     ];
     push(&broker, &app("x86_64-linux", 1, false), "dev-acl", &health);
     crate::util::eventually(LIMIT, || running(1), || "dev-acl does not run v1".into());
 
     // As dev-acl, it cannot report for another device nor write its own desired state.
     let other = topics.reported("dev-other");
-    publish_as(broker.port, "dev-acl", &other, vec![0, 9, 0]);
+    broker.publish_retained_as(Some("dev-acl"), &other, vec![0, 9, 0]);
     let desired = topics.desired("dev-acl");
-    let before = retained_as(&url, "kiln-operator", &desired);
-    publish_as(broker.port, "dev-acl", &desired, vec![1, 2, 3]);
+    let before = retained_as(&url, Some(OPERATOR), &desired);
+    broker.publish_retained_as(Some("dev-acl"), &desired, vec![1, 2, 3]);
     std::thread::sleep(Duration::from_millis(300));
-    assert!(retained_as(&url, "kiln-operator", &other).is_empty());
-    assert_eq!(retained_as(&url, "kiln-operator", &desired), before);
+    assert!(retained_as(&url, Some(OPERATOR), &other).is_empty());
+    assert_eq!(retained_as(&url, Some(OPERATOR), &desired), before);
     // Still confined, the device takes the next release.
     push(&broker, &app("x86_64-linux", 2, false), "dev-acl", &health);
     crate::util::eventually(LIMIT, || running(2), || "dev-acl does not run v2".into());

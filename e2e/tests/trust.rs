@@ -117,6 +117,15 @@ impl Fleet {
         device
     }
 
+    /// A device of this fleet, started, online, with a watch on its events.
+    fn started(&self, broker: &Broker, id: &str, groups: &[&str]) -> (Watch, FleetDevice) {
+        let watch = Watch::start(broker, id);
+        let mut device = self.device(broker, id, groups);
+        device.start(None);
+        crate::fleet::wait_online(&broker.url(), id);
+        (watch, device)
+    }
+
     fn key(&self, name: &str) -> SecretKey {
         kiln_compiler::keyfile::read_secret(&self.path(name)).unwrap()
     }
@@ -217,10 +226,7 @@ fn a_key_rotation_reaches_online_and_offline_devices_and_the_old_key_is_refused_
 fn a_state_needs_its_threshold_and_is_signed_apart_from_publishing() {
     let broker = Broker::start();
     let fleet = Fleet::new(&broker, "twokeys");
-    let watch = Watch::start(&broker, "dev-t");
-    let mut device = fleet.device(&broker, "dev-t", &[]);
-    device.start(None);
-    crate::fleet::wait_online(&broker.url(), "dev-t");
+    let (watch, _device) = fleet.started(&broker, "dev-t", &[]);
     // Two release keys, both needed.
     for k in ["alice", "bob"] {
         fleet
@@ -278,9 +284,7 @@ fn a_state_needs_its_threshold_and_is_signed_apart_from_publishing() {
 fn replays_expired_states_other_fleets_and_reused_serials_are_refused() {
     let broker = Broker::start();
     let fleet = Fleet::new(&broker, "prod");
-    let watch = Watch::start(&broker, "dev-r");
-    let mut device = fleet.device(&broker, "dev-r", &[]);
-    device.start(None);
+    let (watch, device) = fleet.started(&broker, "dev-r", &[]);
     let topic = Topics::new(DEFAULT_PREFIX).desired("dev-r");
     fleet
         .push(
@@ -389,10 +393,7 @@ fn a_broker_that_keeps_serving_an_old_state_is_reported_as_stale() {
 fn roots_that_skip_a_version_or_come_from_another_root_are_refused() {
     let broker = Broker::start();
     let fleet = Fleet::new(&broker, "roots");
-    let watch = Watch::start(&broker, "dev-k");
-    let mut device = fleet.device(&broker, "dev-k", &[]);
-    device.start(None);
-    crate::fleet::wait_online(&broker.url(), "dev-k");
+    let (watch, _device) = fleet.started(&broker, "dev-k", &[]);
     let topics = Topics::new(DEFAULT_PREFIX);
     let root_key = fleet.key("fleet-root.key");
     let rel = SecretKey::generate().unwrap();
