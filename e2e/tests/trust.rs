@@ -397,24 +397,20 @@ fn roots_that_skip_a_version_or_come_from_another_root_are_refused() {
     let topics = Topics::new(DEFAULT_PREFIX);
     let root_key = fleet.key("fleet-root.key");
     let rel = SecretKey::generate().unwrap();
-    let v3 = Root {
-        version: 3,
-        release: Role::new(&[rel.public()], 1),
-        ..fleet.root()
-    }
-    .sign(&[&root_key])
-    .unwrap();
-    broker.publish_retained(&topics.root(3), v3);
+    // Root `version` naming `rel` as the release key, signed by `by`.
+    let root = |version: u64, by: &SecretKey| {
+        Root {
+            version,
+            release: Role::new(&[rel.public()], 1),
+            ..fleet.root()
+        }
+        .sign(&[by])
+        .unwrap()
+    };
+    broker.publish_retained(&topics.root(3), root(3, &root_key));
     refused(&watch, "skipped version", "waiting for root v2");
     let rogue = SecretKey::generate().unwrap();
-    let forged = Root {
-        version: 2,
-        release: Role::new(&[rel.public()], 1),
-        ..fleet.root()
-    }
-    .sign(&[&rogue])
-    .unwrap();
-    broker.publish_retained(&topics.root(2), forged);
+    broker.publish_retained(&topics.root(2), root(2, &rogue));
     refused(&watch, "wrong root", "root document refused");
     // The fleet's own key still rules.
     fleet

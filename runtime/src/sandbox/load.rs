@@ -67,7 +67,7 @@ pub fn is_root(path: &Path) -> bool {
 /// Reads a root document the operator provisioned (checked whole and signed by its own
 /// root keys).
 pub fn read_root(path: &Path) -> Result<Chain, Failure> {
-    let bytes = read_limited(path, MAX_ROOT as u64).map_err(|e| {
+    let bytes = read_bounded(path, MAX_ROOT as u64).map_err(|e| {
         Failure::new(
             Code::NoInput,
             format!("cannot read root document `{}`: {e}", path.display()),
@@ -81,19 +81,19 @@ pub fn read_root(path: &Path) -> Result<Chain, Failure> {
     })
 }
 
-fn read_limited(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(limit + 1)
-        .read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > limit {
+/// The file at `path`, refused before it is read if it is longer than `limit`.
+pub fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    let len = std::fs::metadata(path)?.len();
+    if len > limit {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("larger than {limit} bytes"),
+            format!(
+                "{} is {len} bytes, expected at most {limit}",
+                path.display()
+            ),
         ));
     }
-    Ok(bytes)
+    std::fs::read(path)
 }
 
 /// The files that `--trust` or a config's `trust` names: a file is itself, and a

@@ -494,10 +494,10 @@ impl Agent {
         if let Err(reason) = self.admissible(source, &desired) {
             return self.event("*", 0, EventKind::Rejected { reason });
         }
-        if let Err(reason) = self.fresh(source, &desired) {
+        let digest = sha256(&postcard::to_stdvec(&desired).unwrap_or_default());
+        if let Err(reason) = self.fresh(source, &desired, digest) {
             return self.event("*", 0, EventKind::Rejected { reason });
         }
-        let digest = sha256(&postcard::to_stdvec(&desired).unwrap_or_default());
         self.state
             .serials
             .insert(source.to_string(), desired.serial);
@@ -516,7 +516,7 @@ impl Agent {
     /// Not older than what was applied, not a second body under an applied serial,
     /// not expired, and (the first from its source) not issued before the device was
     /// provisioned.
-    fn fresh(&self, source: &str, desired: &Desired) -> Result<(), String> {
+    fn fresh(&self, source: &str, desired: &Desired, digest: [u8; 32]) -> Result<(), String> {
         let last = self.state.serials.get(source).copied().unwrap_or(0);
         if desired.serial < last {
             return Err(format!(
@@ -524,7 +524,6 @@ impl Agent {
                 desired.serial
             ));
         }
-        let digest = sha256(&postcard::to_stdvec(desired).unwrap_or_default());
         if desired.serial == last && self.state.digests.get(source).is_some_and(|d| *d != digest) {
             return Err(format!(
                 "desired state serial {} on {source} was already applied with another body",

@@ -25,6 +25,8 @@ use kiln_protocol::names::{self, Kind};
 use kiln_protocol::transfer::{ChunkList, MAX_ARTIFACT};
 use kiln_protocol::trust::MAX_ROOT;
 
+use crate::sandbox::load::read_bounded;
+
 use super::agent::DownloadKey;
 use serde::{Deserialize, Serialize};
 
@@ -348,19 +350,6 @@ impl Store {
 }
 
 /// Reads a file the device wrote, refusing one larger than `limit` before reading it.
-fn read_bounded(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
-    let len = std::fs::metadata(path)?.len();
-    if len > limit {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "{} is {len} bytes, expected at most {limit}",
-                path.display()
-            ),
-        ));
-    }
-    std::fs::read(path)
-}
 
 #[cfg(test)]
 mod tests {
