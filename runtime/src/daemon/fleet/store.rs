@@ -349,8 +349,6 @@ impl Store {
     }
 }
 
-/// Reads a file the device wrote, refusing one larger than `limit` before reading it.
-
 #[cfg(test)]
 mod tests {
     use super::*;
