@@ -70,6 +70,8 @@ pub struct Session {
     subscribed: BTreeSet<String>,
     /// Retained reads so far, to name each one's marker topic.
     reads: u64,
+    /// How it connected, to connect again.
+    options: rumqttc::MqttOptions,
 }
 
 impl Session {
@@ -80,7 +82,7 @@ impl Session {
         let options = connect
             .options(&id, Duration::from_secs(10))
             .map_err(|e| anyhow!(e))?;
-        let (client, connection) = Client::new(options, 64);
+        let (client, connection) = Client::new(options.clone(), 64);
         let mut session = Self {
             client,
             connection,
@@ -90,11 +92,24 @@ impl Session {
             stash: VecDeque::new(),
             subscribed: BTreeSet::new(),
             reads: 0,
+            options,
         };
         session.until(Duration::from_secs(10), |e| {
             matches!(e, Event::Incoming(Packet::ConnAck(_)))
         })?;
         Ok(session)
+    }
+
+    /// Connects again after the connection dropped (a clean session: the caller
+    /// subscribes again).
+    pub fn reconnect(&mut self) -> Result<()> {
+        let (client, connection) = Client::new(self.options.clone(), 64);
+        self.client = client;
+        self.connection = connection;
+        self.subscribed.clear();
+        self.until(Duration::from_secs(10), |e| {
+            matches!(e, Event::Incoming(Packet::ConnAck(_)))
+        })
     }
 
     /// Publishes retained QoS 1 messages and returns when the broker has acknowledged

@@ -21,6 +21,9 @@ pub enum Code {
     Unavailable = 69,
     /// A device refused the desired state `kiln push` published.
     Refused = 76,
+    /// Another operator's rollout holds the group (or a rollout is not in a state the
+    /// command applies to).
+    Busy = 75,
 }
 
 /// An error that carries the exit code `kiln` ends with.

@@ -527,8 +527,8 @@ fn rollout_hands_over_to_the_group_halts_at_a_canary_that_rolls_back_and_gc_remo
             path_str(&key),
             "--broker",
             &url,
-            "--wave-timeout-s",
-            "60",
+            "--wave-timeout",
+            "60s",
         ];
         args.extend(health);
         RolloutCommand::try_parse_from(args).unwrap().execute()
@@ -556,7 +556,7 @@ fn rollout_hands_over_to_the_group_halts_at_a_canary_that_rolls_back_and_gc_remo
     let err = rollout(&app("x86_64-linux", 2, true)).expect_err("a rollback halts the rollout");
     let err = format!("{err:#}");
     assert!(
-        err.contains("rollout halted in wave 1: dev-a: rolled back"),
+        err.contains("rollout halted in wave 1: 1 of 1 devices of the wave failed (allowed: 0): dev-a: rolled back"),
         "{err}"
     );
     std::thread::sleep(Duration::from_millis(300));

@@ -100,6 +100,13 @@ impl Topics {
     pub fn group_desired(&self, group: &str) -> String {
         format!("{}/groups/{group}/desired", self.prefix)
     }
+    /// The record of the group's rollout (see [`crate::rollout`]).
+    pub fn rollout(&self, group: &str) -> String {
+        format!("{}/groups/{group}/rollout", self.prefix)
+    }
+    pub fn all_rollouts(&self) -> String {
+        format!("{}/groups/+/rollout", self.prefix)
+    }
     pub fn reported(&self, device: &str) -> String {
         format!("{}/devices/{device}/reported", self.prefix)
     }

@@ -27,6 +27,7 @@ pub mod manifest;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 pub mod names;
+pub mod rollout;
 pub mod script;
 pub mod target;
 pub mod telemetry;

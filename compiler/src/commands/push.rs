@@ -1,4 +1,4 @@
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -343,9 +343,74 @@ pub fn prepare_desired(
         // nothing; one too low is refused.
         Scope::Group(g) => (topics.group_desired(g), topics.all_devices("reported")),
     };
-    let target = describe(scope);
     let current = session.retained(&topic).map_err(unavailable)?;
-    let (retained_serial, mut modules) = match current.get(&topic) {
+    let reported = reported_serials(session, &reported_filter)?;
+    build_desired(
+        signing,
+        scope,
+        topic.clone(),
+        current.get(&topic).map(Vec::as_slice),
+        reported.into_values(),
+        edit,
+    )
+}
+
+/// [`prepare_desired`] for many devices with two retained reads in all (a rollout's
+/// wave of a thousand devices would otherwise make two thousand round trips).
+pub fn prepare_for_devices(
+    session: &mut Session,
+    signing: &Signing,
+    topics: &Topics,
+    devices: &[String],
+    mut edit: impl FnMut(&str, &mut Vec<DesiredModule>),
+) -> Result<Vec<NextDesired>> {
+    let unavailable = |e| coded(Code::Unavailable, e);
+    let current = session
+        .retained(&topics.all_devices("desired"))
+        .map_err(unavailable)?;
+    let reported = reported_serials(session, &topics.all_devices("reported"))?;
+    devices
+        .iter()
+        .map(|device| {
+            let topic = topics.desired(device);
+            let serial = reported.get(&topics.reported(device)).copied();
+            build_desired(
+                signing,
+                &Scope::Device(device.clone()),
+                topic.clone(),
+                current.get(&topic).map(Vec::as_slice),
+                serial,
+                |m| edit(device, m),
+            )
+        })
+        .collect()
+}
+
+/// The serial each device reports having applied, by its `reported` topic.
+fn reported_serials(session: &mut Session, filter: &str) -> Result<BTreeMap<String, u64>> {
+    Ok(session
+        .retained(filter)
+        .map_err(|e| coded(Code::Unavailable, e))?
+        .into_iter()
+        .filter_map(|(topic, payload)| {
+            let (r, _) = Reported::open(&topic, &payload).ok()?;
+            Some((topic, r.serial))
+        })
+        .collect())
+}
+
+/// The next desired state of `scope`, from the one retained on its topic (if any) and
+/// the serials its devices reported.
+fn build_desired(
+    signing: &Signing,
+    scope: &Scope,
+    topic: String,
+    current: Option<&[u8]>,
+    reported: impl IntoIterator<Item = u64>,
+    edit: impl FnOnce(&mut Vec<DesiredModule>),
+) -> Result<NextDesired> {
+    let target = describe(scope);
+    let (retained_serial, mut modules) = match current {
         Some(payload) => {
             let d = signing.fleet.open_desired(payload).map_err(|e| {
                 coded(
@@ -364,12 +429,6 @@ pub fn prepare_desired(
         }
         None => (None, Vec::new()),
     };
-    let reported = session
-        .retained(&reported_filter)
-        .map_err(unavailable)?
-        .into_iter()
-        .filter_map(|(topic, payload)| Reported::open(&topic, &payload).ok())
-        .map(|(r, _)| r.serial);
     let serial = next_serial(retained_serial, reported, now_ms()).ok_or_else(|| {
         coded(
             Code::InvalidInput,

@@ -1,466 +1,1015 @@
-use std::collections::{BTreeMap, BTreeSet};
+//! `kiln rollout`: the driver of a rollout. What to do is decided by
+//! [`kiln_protocol::rollout::Rollout::step`]; this module feeds it what the broker
+//! delivers and the clock, carries out the actions (desired states), and keeps the
+//! signed record on `{prefix}/groups/{group}/rollout` current.
+
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
-use clap::Parser;
-use kiln_protocol::fleet::{DesiredModule, Event, EventKind, ModuleState, Reported, Scope, Status};
+use clap::{Args, Parser, Subcommand};
+use kiln_protocol::fleet::{
+    DesiredModule, Event, EventKind, ModuleState, Reported, Scope, Status, Topics,
+};
 use kiln_protocol::names::Kind;
-
-use crate::broker::Session;
-use crate::commands::push::{prepare_desired, ReleaseArgs};
-use crate::commands::valid_name;
-use crate::exit::{coded, Code};
-use crate::release::Release;
-use crate::trust::Identity;
+use kiln_protocol::rollout::{
+    plan_waves, Action, Input, Outcome, Phase, Policy, Rollout, Threshold,
+};
 use kiln_protocol::trust::Registry;
 
-const AFTER_HELP: &str = "\
-Devices are the members of the group according to their retained status. Each wave's
-devices get the release as their own desired state; the next wave starts when every
-device of this one has committed it. When every wave has committed, the release goes
-into the group's desired state and leaves the devices' own, so the group's stays the
-one to change (a later `kiln push --group` reaches every device).
+use crate::broker::{now_ms, BrokerArgs, Session};
+use crate::commands::push::{prepare_desired, prepare_for_devices, ReleaseArgs};
+use crate::commands::valid_name;
+use crate::exit::{coded, Code};
+use crate::trust::{parse_duration, Identity, RootArgs, Signing, SigningArgs};
 
-A rollback or rejection halts the rollout: the devices not reached yet keep what they
-run, the devices of the halted wave that did not commit fall back to the group's
-version (or to their own entry for the module from before the rollout), and the
-devices that committed keep the release in their own desired state (named on stderr).
+const AFTER_HELP: &str = "\
+Devices are the members of the group according to their retained status; a member
+whose target the release lacks is left out (and named). Each wave's devices get the
+release in their own desired state; the next wave starts when every device of this
+one has answered (committed, or failed: rolled back, refused, or silent past the wave
+timeout). When every wave is through within the failure thresholds, the release goes
+into the group's desired state and leaves the devices' own.
+
+A wave (or the whole rollout) with more failures than allowed halts the rollout: the
+devices not reached keep what they run; the halted wave's devices that did not commit
+get back what their own desired state had (or follow the group's again); with
+--revert, so do the ones that committed.
+
+The rollout's record (plan, each device's outcome, phase) is signed retained state on
+the broker, so any operator with a release key sees and drives it from any machine:
+  kiln rollout status [--group G]      what every rollout (or G's) is doing
+  kiln rollout pause  --group G        no new wave starts
+  kiln rollout resume --group G        go on (also takes up a rollout whose driver died)
+  kiln rollout retry  --group G        send again to the devices that failed
+  kiln rollout abort  --group G        stop; devices not reached never get the release
+A second rollout on a group whose rollout is running or paused is refused (exit 75).
 
 Examples:
-  kiln rollout app.kiln --group lab --sign fleet.key                 # 1 canary, then the rest
-  kiln rollout app.kilnrel --group lab --sign fleet.key              # a release for every target
-  kiln rollout app.kiln --group lab --sign fleet.key --canary 2 --wave-size 10";
+  kiln rollout app.kiln --group lab --sign fleet.key                  # 1 canary, then the rest
+  kiln rollout app.kilnrel --group lab --sign fleet.key --waves 1,10,100 --max-failures 5%
+  kiln rollout app.kiln --group lab --sign fleet.key --max-total-failures 2 --revert
+  kiln rollout status --group lab";
 
-/// Update a group's devices in waves, halting when a wave does not take the release
+/// Update a group's devices in waves, halting when too many fail
 #[derive(Parser, Debug)]
-#[command(after_help = AFTER_HELP)]
+#[command(
+    after_help = AFTER_HELP,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 pub struct RolloutCommand {
+    #[command(subcommand)]
+    pub control: Option<Control>,
     /// Group whose devices to update
-    #[arg(long)]
-    pub group: String,
-    /// Devices in the first wave
-    #[arg(long, default_value_t = 1)]
-    pub canary: usize,
-    /// Devices per wave after the canaries [default: all the rest]
+    #[arg(long, required = true)]
+    pub group: Option<String>,
+    /// Sizes of the first waves, growing (`1,10,100`); the rest follow in one wave, or in
+    /// waves of --wave-size
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "N,N,...",
+        default_value = "1"
+    )]
+    pub waves: Vec<usize>,
+    /// Devices per wave after the --waves ones [default: all the rest]
     #[arg(long)]
     pub wave_size: Option<usize>,
-    /// How long one wave may take to commit
-    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
-    pub wave_timeout_s: u64,
+    /// Failures allowed in one wave: a count, or a share of the wave (`10%`)
+    #[arg(long, value_name = "N|P%", default_value = "0", value_parser = Threshold::parse)]
+    pub max_failures: Threshold,
+    /// Failures allowed in the whole rollout: a count, or a share of its devices
+    #[arg(long, value_name = "N|P%", default_value = "0", value_parser = Threshold::parse)]
+    pub max_total_failures: Threshold,
+    /// How long a wave may take: devices silent after it count as failed
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub wave_timeout: u64,
+    /// On a halt or an abort, give the wave's devices that committed the release back
+    /// what they had too
+    #[arg(long)]
+    pub revert: bool,
     #[command(flatten)]
     pub release: ReleaseArgs,
 }
 
+#[derive(Subcommand, Debug)]
+pub enum Control {
+    /// Show a group's rollout, or one line for every group's
+    Status {
+        #[arg(long)]
+        group: Option<String>,
+        #[command(flatten)]
+        root: RootArgs,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
+    /// Start no new wave until resumed (the wave in flight goes on)
+    Pause(ControlArgs),
+    /// Go on with a paused rollout, or take up one whose driver stopped
+    Resume(ControlArgs),
+    /// Send the release again to the devices that failed (a device that rolled back
+    /// this very artifact refuses it again: it remembers)
+    Retry(ControlArgs),
+    /// Stop the rollout: devices not reached never get the release; the wave in
+    /// flight gets back what it had
+    Abort(ControlArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ControlArgs {
+    #[arg(long)]
+    pub group: String,
+    #[command(flatten)]
+    pub signing: SigningArgs,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+}
+
+/// A driver that has not persisted for this long is taken for dead by `resume`.
+const ORPHANED_MS: u64 = 90_000;
+/// The driver writes the record at least this often (its heartbeat), and at most
+/// this often while only outcomes change.
+const HEARTBEAT: Duration = Duration::from_secs(30);
+const COALESCE: Duration = Duration::from_secs(2);
+
+fn unavailable(e: anyhow::Error) -> anyhow::Error {
+    coded(Code::Unavailable, e)
+}
+
 impl RolloutCommand {
     pub fn execute(self) -> Result<()> {
-        valid_name(Kind::Group, &self.group)?;
-        let unavailable = |e| coded(Code::Unavailable, e);
+        match self.control {
+            Some(Control::Status {
+                group,
+                root,
+                broker,
+            }) => status(group.as_deref(), &root, &broker),
+            Some(Control::Pause(c)) => c.operate(Word::Pause),
+            Some(Control::Resume(c)) => c.operate(Word::Resume),
+            Some(Control::Retry(c)) => c.operate(Word::Retry),
+            Some(Control::Abort(c)) => c.operate(Word::Abort),
+            None => self.start(),
+        }
+    }
+
+    fn start(self) -> Result<()> {
+        let group = self.group.clone().unwrap_or_default();
+        valid_name(Kind::Group, &group)?;
         let mut session = self.release.broker.connect().map_err(unavailable)?;
-        let mut release = self
-            .release
-            .load(&mut session, &Scope::Group(self.group.clone()))?;
+        let scope = Scope::Group(group.clone());
+        let mut release = self.release.load(&mut session, &scope)?;
         let topics = release.topics.clone();
+        // Refused before anything is uploaded: another rollout holds the group.
+        if let Some(other) = read_record(&mut session, &release.signing, &topics, &group)? {
+            if other.phase.is_active() {
+                return Err(busy(&other));
+            }
+        }
         let registry = release.signing.fleet.registry(&mut session, &topics)?;
-        let mut unverified = Vec::new();
-        let mut devices: Vec<String> = session
-            .retained(&topics.all_devices("status"))
-            .map_err(unavailable)?
+        let members = members(&mut session, &topics, &registry, &group)?;
+        let module = release.module.clone();
+        let (devices, skipped): (Vec<_>, Vec<_>) = members
             .into_iter()
-            .filter_map(|(topic, payload)| {
-                let (s, signer) = Status::open(&topic, &payload).ok()?;
-                let in_group = s.facts?.groups.contains(&self.group);
-                let (device, _) = topics.parse_device(&topic)?;
-                let identity = Identity::of(&registry, device, signer.as_ref());
-                if in_group && !identity.is_verified() {
-                    unverified.push(format!("{device} ({})", identity.word()));
-                }
-                in_group.then(|| device.to_string())
+            .map(|(d, facts)| {
+                let fits = module.artifact_for(&facts.0, &facts.1).map(|_| ());
+                (d, fits)
             })
+            .partition(|(_, fits)| fits.is_ok());
+        let devices: Vec<String> = devices.into_iter().map(|(d, _)| d).collect();
+        let skipped: Vec<(String, String)> = skipped
+            .into_iter()
+            .map(|(d, why)| (d, why.unwrap_err()))
             .collect();
-        devices.sort();
-        // Only reports signed by a device's enrolled key count as success: a device that
-        // is not enrolled would hold its wave until the timeout.
-        if !unverified.is_empty() {
-            return Err(coded(
-                Code::Key,
-                anyhow!(
-                    "group {}: the status of {} is not signed by an enrolled key; enroll them first (`kiln enroll --group {}`)",
-                    self.group,
-                    unverified.join(", "),
-                    self.group
-                ),
-            ));
+        for (d, why) in &skipped {
+            eprintln!("  {d}: left out: {why}");
         }
         if devices.is_empty() {
             return Err(coded(
                 Code::InvalidInput,
                 anyhow!(
-                    "no device has reported membership of group `{}`",
-                    self.group
+                    "group {group}: no member can run {} ({} left out)",
+                    release.label(),
+                    skipped.len()
                 ),
             ));
         }
-        let waves = plan_waves(&devices, self.canary, self.wave_size);
+        // What each device's own desired state has for the module now: what a halt
+        // gives back.
+        let before = own_entries(&mut session, &release.signing, &topics, &module.name)?;
+        let waves = plan_waves(&devices, &self.waves, self.wave_size);
+        let policy = Policy {
+            wave_failures: self.max_failures,
+            total_failures: self.max_total_failures,
+            wave_timeout_ms: self.wave_timeout,
+            revert: self.revert,
+        };
+        let sizes: Vec<String> = waves.iter().map(|w| w.len().to_string()).collect();
         eprintln!(
-            "rollout {} to group {}: {} devices in {} waves",
+            "rollout {} to group {group}: {} devices in {} waves ({})",
             release.label(),
-            self.group,
             devices.len(),
-            waves.len()
+            waves.len(),
+            sizes.join(", ")
         );
         release.upload(&mut session)?;
-        session
-            .subscribe(&topics.all_devices("events"))
-            .map_err(unavailable)?;
-        session
-            .subscribe(&topics.all_devices("reported"))
-            .map_err(unavailable)?;
-        let mut own = BTreeMap::new();
-        let outcome = self.run_waves(&release, &mut session, &registry, &waves, &mut own)?;
-        let had_own: BTreeSet<String> = own.keys().cloned().collect();
-        let plan = end_plan(&waves, &outcome, &had_own);
-        let ended = self.finish(&release, &mut session, &plan, &own);
-        session.disconnect();
-        match outcome {
-            Outcome::Halted { wave, why, .. } => {
-                // The halt is the failure to report; a failed clean-up is said too.
-                if let Err(e) = ended {
-                    eprintln!("kiln: error: {}", crate::exit::one_line(&e));
+        let record = Rollout::new(
+            &release.signing.fleet.root().fleet,
+            &group,
+            &operator(&release.signing),
+            now_ms(),
+            module,
+            policy,
+            waves,
+            before,
+            skipped,
+        );
+        let mut driver = Driver::new(session, &release.signing, topics, registry, record);
+        driver.persist()?;
+        driver.claim()?;
+        driver.drive(Input::Start)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Word {
+    Pause,
+    Resume,
+    Retry,
+    Abort,
+}
+
+impl ControlArgs {
+    fn operate(&self, word: Word) -> Result<()> {
+        valid_name(Kind::Group, &self.group)?;
+        let mut session = self.broker.connect().map_err(unavailable)?;
+        let topics = self.broker.topics();
+        let signing = self.signing.signing(&mut session, &topics)?;
+        let Some(record) = read_record(&mut session, &signing, &topics, &self.group)? else {
+            return Err(coded(
+                Code::InvalidInput,
+                anyhow!("group {}: no rollout on record", self.group),
+            ));
+        };
+        let me = operator(&signing);
+        let registry = signing.fleet.registry(&mut session, &topics)?;
+        let mut driver = Driver::new(session, &signing, topics, registry, record);
+        let phase = driver.record.phase.clone();
+        let head = format!(
+            "group {}: rollout {} of {} is {phase}",
+            driver.record.group,
+            driver.record.id,
+            driver.record.label()
+        );
+        let refuse = |what: &str| coded(Code::Busy, anyhow!("{head}; {what}"));
+        match word {
+            Word::Pause => {
+                if !matches!(phase, Phase::Running { .. }) {
+                    return Err(refuse("only a running rollout pauses"));
                 }
-                Err(halt(wave, why))
-            }
-            Outcome::Complete => {
-                ended?;
-                eprintln!(
-                    "rollout complete: {} devices run {}; it is now group {}'s desired state",
-                    devices.len(),
-                    release.label(),
-                    self.group
-                );
+                driver.apply(Input::Pause { by: me })?;
+                driver.persist()?;
+                eprintln!("rollout {} paused: no new wave starts; `kiln rollout resume --group {}` goes on", driver.record.id, driver.record.group);
+                driver.session.disconnect();
                 Ok(())
             }
+            Word::Abort => {
+                if !phase.is_active() {
+                    return Err(refuse("nothing to abort"));
+                }
+                driver.abort(&me)
+            }
+            Word::Resume => {
+                match &phase {
+                    Phase::Paused { .. } => {}
+                    Phase::Running { .. } => {
+                        let quiet = now_ms().saturating_sub(driver.record.updated_ms);
+                        if quiet < ORPHANED_MS {
+                            return Err(refuse(&format!(
+                                "{} drives it (its last word {}s ago); resume takes up a rollout whose driver has been silent for {}s",
+                                driver.record.driver,
+                                quiet / 1000,
+                                ORPHANED_MS / 1000
+                            )));
+                        }
+                    }
+                    _ => return Err(refuse("only a paused rollout, or one whose driver stopped, resumes (`retry` sends again to failed devices)")),
+                }
+                driver.record.driver = me;
+                driver.catch_up()?;
+                driver.drive(Input::Resume)
+            }
+            Word::Retry => {
+                if !matches!(phase, Phase::Halted { .. } | Phase::Complete) {
+                    return Err(refuse("only a halted or complete rollout retries"));
+                }
+                let (.., failed) = driver.record.counts();
+                if failed == 0
+                    && !driver
+                        .record
+                        .devices
+                        .values()
+                        .any(|d| d.returned && matches!(d.outcome, Outcome::Sent { .. }))
+                {
+                    return Err(refuse("no device failed"));
+                }
+                driver.record.driver = me;
+                driver.drive(Input::Retry)
+            }
+        }
+    }
+}
+
+/// The group's members by their retained status, with their target, refusing any
+/// whose status is not signed by its enrolled key (its reports would never count).
+fn members(
+    session: &mut Session,
+    topics: &Topics,
+    registry: &Registry,
+    group: &str,
+) -> Result<Vec<(String, (String, Vec<String>))>> {
+    let mut unverified = Vec::new();
+    let mut members: Vec<(String, (String, Vec<String>))> = session
+        .retained(&topics.all_devices("status"))
+        .map_err(unavailable)?
+        .into_iter()
+        .filter_map(|(topic, payload)| {
+            let (s, signer) = Status::open(&topic, &payload).ok()?;
+            let facts = s.facts?;
+            if !facts.groups.iter().any(|g| g == group) {
+                return None;
+            }
+            let (device, _) = topics.parse_device(&topic)?;
+            let identity = Identity::of(registry, device, signer.as_ref());
+            if !identity.is_verified() {
+                unverified.push(format!("{device} ({})", identity.word()));
+            }
+            Some((device.to_string(), (facts.triple, facts.cpu_features)))
+        })
+        .collect();
+    members.sort();
+    if !unverified.is_empty() {
+        return Err(coded(
+            Code::Key,
+            anyhow!(
+                "group {group}: the status of {} is not signed by an enrolled key; enroll them first (`kiln enroll --group {group}`)",
+                unverified.join(", ")
+            ),
+        ));
+    }
+    if members.is_empty() {
+        return Err(coded(
+            Code::InvalidInput,
+            anyhow!("no device has reported membership of group `{group}`"),
+        ));
+    }
+    Ok(members)
+}
+
+/// Each device's own desired-state entry for `module`, where it has one.
+fn own_entries(
+    session: &mut Session,
+    signing: &Signing,
+    topics: &Topics,
+    module: &str,
+) -> Result<BTreeMap<String, DesiredModule>> {
+    let states = session
+        .retained(&topics.all_devices("desired"))
+        .map_err(unavailable)?;
+    Ok(states
+        .into_iter()
+        .filter_map(|(topic, payload)| {
+            let (device, _) = topics.parse_device(&topic)?;
+            let d = signing.fleet.open_desired(&payload).ok()?;
+            let entry = d.modules.into_iter().find(|m| m.name == module)?;
+            Some((device.to_string(), entry))
+        })
+        .collect())
+}
+
+/// The group's rollout record, if one is retained and trusted. An untrusted one is
+/// named and ignored (it is overwritten by the next rollout).
+fn read_record(
+    session: &mut Session,
+    signing: &Signing,
+    topics: &Topics,
+    group: &str,
+) -> Result<Option<Rollout>> {
+    let topic = topics.rollout(group);
+    let retained = session.retained(&topic).map_err(unavailable)?;
+    let Some(bytes) = retained.get(&topic) else {
+        return Ok(None);
+    };
+    match Rollout::open(bytes, signing.fleet.root(), group) {
+        Ok(r) => Ok(Some(r)),
+        Err(why) => {
+            eprintln!("kiln: warning: ignoring the rollout record on {topic}: {why}");
+            Ok(None)
+        }
+    }
+}
+
+fn busy(other: &Rollout) -> anyhow::Error {
+    coded(
+        Code::Busy,
+        anyhow!(
+            "group {}: rollout {} of {} is {} (started by {}); see `kiln rollout status --group {}`, or stop it with `kiln rollout abort --group {}`",
+            other.group,
+            other.id,
+            other.label(),
+            other.phase,
+            other.started_by,
+            other.group,
+            other.group
+        ),
+    )
+}
+
+/// Who is acting: the user, the machine, and the key that signs.
+fn operator(signing: &Signing) -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "someone".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    match signing.keys.first() {
+        Some(k) => format!("{user}@{host} (key {})", k.public().id()),
+        None => format!("{user}@{host}"),
+    }
+}
+
+struct Driver<'a> {
+    session: Session,
+    signing: &'a Signing,
+    topics: Topics,
+    registry: Registry,
+    record: Rollout,
+    topic: String,
+    last_persist: Instant,
+    dirty: bool,
+}
+
+impl<'a> Driver<'a> {
+    fn new(
+        session: Session,
+        signing: &'a Signing,
+        topics: Topics,
+        registry: Registry,
+        record: Rollout,
+    ) -> Self {
+        let topic = topics.rollout(&record.group);
+        Self {
+            session,
+            signing,
+            topics,
+            registry,
+            record,
+            topic,
+            last_persist: Instant::now(),
+            dirty: false,
         }
     }
 
-    /// Runs the waves until all have committed, or one does not. `own` collects the
-    /// entry for the module that a device's own desired state had before the rollout
-    /// replaced it.
-    fn run_waves(
-        &self,
-        release: &Release,
-        session: &mut Session,
-        registry: &Registry,
-        waves: &[Vec<String>],
-        own: &mut BTreeMap<String, DesiredModule>,
-    ) -> Result<Outcome> {
-        let topics = &release.topics;
-        let unavailable = |e| coded(Code::Unavailable, e);
-        let version = release.module.version;
-        let name = &release.module.name;
-        for (i, wave) in waves.iter().enumerate() {
-            eprintln!("wave {}: {}", i + 1, wave.join(", "));
-            for device in wave {
-                let scope = Scope::Device(device.clone());
-                let mut before = None;
-                let next = prepare_desired(session, &release.signing, topics, &scope, |m| {
-                    before = m.iter().position(|e| e.name == *name).map(|i| m.remove(i));
-                    m.push(release.module.clone());
-                })?;
-                next.publish(session)?;
-                if let Some(entry) = before {
-                    own.insert(device.clone(), entry);
-                }
-            }
-            let mut pending: BTreeSet<&String> = wave.iter().collect();
-            let halted = |pending: &BTreeSet<&String>, why: String| Outcome::Halted {
-                wave: i,
-                why,
-                committed: wave
-                    .iter()
-                    .filter(|d| !pending.contains(d))
-                    .cloned()
-                    .collect(),
-            };
-            let deadline = Instant::now() + Duration::from_secs(self.wave_timeout_s);
-            while !pending.is_empty() {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    let late: Vec<&str> = pending.iter().map(|s| s.as_str()).collect();
-                    let why = format!(
-                        "{} did not commit within {}s",
-                        late.join(", "),
-                        self.wave_timeout_s
-                    );
-                    return Ok(halted(&pending, why));
-                }
-                let Some((topic, payload)) = session.next_message(left).map_err(unavailable)?
-                else {
-                    continue;
-                };
-                let Some((device, kind)) = topics.parse_device(&topic) else {
-                    continue;
-                };
-                let device = device.to_string();
-                if !pending.contains(&device) {
-                    continue;
-                }
-                match kind {
-                    "events" => {
-                        if let Ok((e, _)) = Event::open(&topic, &payload) {
-                            if e.module == *name && e.version == version {
-                                if let EventKind::RolledBack { .. } | EventKind::Rejected { .. } =
-                                    e.kind
-                                {
-                                    let why = format!("{device}: {}", e.kind);
-                                    return Ok(halted(&pending, why));
-                                }
-                            }
-                        }
-                    }
-                    "reported" => {
-                        if let Ok((r, signer)) = Reported::open(&topic, &payload) {
-                            let identity = Identity::of(registry, &device, signer.as_ref());
-                            if !identity.is_verified() {
-                                eprintln!(
-                                    "  {device}: a reported state not signed by its enrolled key ({}): not counted",
-                                    identity.word()
-                                );
-                                continue;
-                            }
-                            let done = r.modules.iter().any(|m| {
-                                m.name == *name
-                                    && m.version == version
-                                    && m.state == ModuleState::Running
-                            });
-                            if done {
-                                eprintln!("  {device}: committed {}", release.label());
-                                pending.remove(&device);
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
-        Ok(Outcome::Complete)
+    /// Writes the record (retained, signed) and waits for the broker to have it.
+    fn persist(&mut self) -> Result<()> {
+        self.record.serial += 1;
+        self.record.updated_ms = now_ms();
+        let keys: Vec<_> = self.signing.keys.iter().collect();
+        let bytes = self
+            .record
+            .seal(&keys)
+            .map_err(|e| coded(Code::InvalidInput, anyhow!(e)))?;
+        self.session
+            .publish_all(vec![(self.topic.clone(), bytes)], |_| {})
+            .map_err(unavailable)?;
+        self.last_persist = Instant::now();
+        self.dirty = false;
+        Ok(())
     }
 
-    /// Carries out the end plan: the group's desired state first, so a device always
-    /// has one that names the release while its own loses it.
-    fn finish(
-        &self,
-        release: &Release,
-        session: &mut Session,
-        plan: &EndPlan,
-        own: &BTreeMap<String, DesiredModule>,
-    ) -> Result<()> {
-        let label = release.label();
-        if plan.to_group {
-            let serial = release.set_desired(session, &Scope::Group(self.group.clone()))?;
-            eprintln!(
-                "group {}: desired state serial {serial} has {label}",
-                self.group
-            );
+    /// Two operators starting at once: the broker keeps one record; whoever's is not
+    /// it stops before any device was sent anything.
+    fn claim(&mut self) -> Result<()> {
+        std::thread::sleep(Duration::from_millis(500));
+        let kept = read_record(
+            &mut self.session,
+            self.signing,
+            &self.topics,
+            &self.record.group,
+        )?;
+        match kept {
+            Some(other) if other.id != self.record.id => Err(busy(&other)),
+            _ => Ok(()),
         }
-        let name = &release.module.name;
-        let restore = plan.restore.iter().filter_map(|d| Some((d, own.get(d)?)));
-        let strip = plan.strip.iter().map(|d| (d, None));
-        for (device, entry) in strip.chain(restore.map(|(d, e)| (d, Some(e)))) {
-            let scope = Scope::Device(device.clone());
-            let next = prepare_desired(session, &release.signing, &release.topics, &scope, |m| {
-                m.retain(|e| e.name != *name);
-                m.extend(entry.cloned());
-            })?;
-            // An empty module list is still published, signed, never cleared: the
-            // device takes a device-scoped state that never arrives for one it has
-            // not heard from, and would keep running what the old one named.
-            next.publish(session)?;
+    }
+
+    /// The devices' answers, then (once this driver's own record is the one kept) the
+    /// record's topic, where an operator's pause or abort arrives.
+    fn subscribe(&mut self, record: bool) -> Result<()> {
+        let mut filters = vec![
+            self.topics.all_devices("events"),
+            self.topics.all_devices("reported"),
+        ];
+        if record {
+            filters.push(self.topic.clone());
         }
-        if !plan.to_group && !plan.strip.is_empty() {
-            eprintln!(
-                "{}: {label} left their own desired state; they follow group {}'s again",
-                plan.strip.join(", "),
-                self.group
-            );
-        }
-        for device in &plan.restore {
-            if let Some(e) = own.get(device) {
-                eprintln!(
-                    "{device}: its own desired state has {name} v{} again, as before the rollout",
-                    e.version
-                );
-            }
-        }
-        if !plan.keep.is_empty() {
-            eprintln!(
-                "{}: committed {label} and keep it in their own desired state, above group {}'s",
-                plan.keep.join(", "),
-                self.group
-            );
+        for filter in filters {
+            self.session.subscribe(&filter).map_err(unavailable)?;
         }
         Ok(())
     }
-}
 
-/// Splits the sorted members into a canary wave and waves of `wave_size` (all the
-/// rest by default).
-pub fn plan_waves(devices: &[String], canary: usize, wave_size: Option<usize>) -> Vec<Vec<String>> {
-    if devices.is_empty() {
-        return Vec::new();
+    /// What the retained reported states say of the devices still pending: the
+    /// answers a driver that was away (dead, or disconnected) missed.
+    fn catch_up(&mut self) -> Result<()> {
+        let reported = self
+            .session
+            .retained(&self.topics.all_devices("reported"))
+            .map_err(unavailable)?;
+        for (topic, payload) in reported {
+            self.on_device_message(&topic, &payload)?;
+        }
+        Ok(())
     }
-    let canary = canary.clamp(1, devices.len());
-    let mut waves = vec![devices[..canary].to_vec()];
-    let rest = &devices[canary..];
-    if !rest.is_empty() {
-        let size = wave_size.unwrap_or(rest.len()).max(1);
-        waves.extend(rest.chunks(size).map(<[String]>::to_vec));
+
+    /// Steps the record and carries out what it says; the record is written when the
+    /// phase changed or a wave went out, and otherwise at most every two seconds.
+    fn apply(&mut self, input: Input) -> Result<()> {
+        let phase = self.record.phase.clone();
+        let actions = self.record.step(now_ms(), input);
+        self.dirty = true;
+        let urgent = !actions.is_empty() || self.record.phase != phase;
+        if urgent {
+            // Sent is on record before any device is sent the release, so an abort
+            // from elsewhere knows whom to give back.
+            self.persist()?;
+        }
+        for action in actions {
+            self.perform(action)?;
+        }
+        if self.record.phase != phase {
+            eprintln!("rollout {}: {}", self.record.id, self.record.phase);
+        }
+        Ok(())
     }
-    waves
-}
 
-/// How the waves went.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Every device of every wave committed the release.
-    Complete,
-    /// Wave `wave` (from 0) did not commit, for `why`; `committed` are its devices
-    /// that did.
-    Halted {
-        wave: usize,
-        why: String,
-        committed: BTreeSet<String>,
-    },
-}
+    fn perform(&mut self, action: Action) -> Result<()> {
+        let name = self.record.module.name.clone();
+        let module = self.record.module.clone();
+        let (devices, what) = match &action {
+            Action::Send(d) => (d.clone(), "sent"),
+            Action::Return(d) => (d.clone(), "given back what they had"),
+            Action::Finish(d) => {
+                let scope = Scope::Group(self.record.group.clone());
+                let next =
+                    prepare_desired(&mut self.session, self.signing, &self.topics, &scope, |m| {
+                        m.retain(|e| e.name != name);
+                        m.push(module.clone());
+                    })?;
+                let serial = next.publish(&mut self.session)?;
+                eprintln!(
+                    "group {}: desired state serial {serial} has {}",
+                    self.record.group,
+                    self.record.label()
+                );
+                (d.clone(), "follow the group's desired state again")
+            }
+        };
+        let before: BTreeMap<String, Option<DesiredModule>> = devices
+            .iter()
+            .map(|d| {
+                let entry = self.record.devices.get(d).and_then(|x| x.before.clone());
+                (d.clone(), entry)
+            })
+            .collect();
+        let states = prepare_for_devices(
+            &mut self.session,
+            self.signing,
+            &self.topics,
+            &devices,
+            |device, m| {
+                m.retain(|e| e.name != name);
+                match &action {
+                    Action::Send(_) => m.push(module.clone()),
+                    Action::Return(_) => m.extend(before.get(device).cloned().flatten()),
+                    // An empty module list is still published, signed, never cleared:
+                    // a device takes a device-scoped state that never arrives for one it
+                    // has not heard from, and would keep running what the old one named.
+                    Action::Finish(_) => {}
+                }
+            },
+        )?;
+        let messages = states.into_iter().map(|n| (n.topic, n.signed)).collect();
+        self.session
+            .publish_all(messages, |_| {})
+            .map_err(|e| coded(Code::Unavailable, e))?;
+        eprintln!("  {} {what}: {}", devices.len(), short_list(&devices));
+        Ok(())
+    }
 
-/// What the rollout leaves behind, so that a device-scoped entry (which shadows the
-/// group's entry of the same module) stays only where it must.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EndPlan {
-    /// Publish the release into the group's desired state.
-    pub to_group: bool,
-    /// Devices whose own desired state loses the module.
-    pub strip: Vec<String>,
-    /// Devices whose own desired state gets back the entry it had before the rollout.
-    pub restore: Vec<String>,
-    /// Devices that committed the release and keep it in their own desired state.
-    pub keep: Vec<String>,
-}
-
-/// Complete: the release becomes the group's, and every device the rollout wrote to
-/// loses its own entry. Halted: the group's state is untouched; the halted wave's
-/// devices that did not commit lose their entry and fall back to the group's version,
-/// or, if their own desired state named the module before the rollout (`had_own`),
-/// get that entry back; those that committed, and the earlier waves, keep the
-/// release. Later waves were never written.
-pub fn end_plan(waves: &[Vec<String>], outcome: &Outcome, had_own: &BTreeSet<String>) -> EndPlan {
-    match outcome {
-        Outcome::Complete => EndPlan {
-            to_group: true,
-            strip: waves.concat(),
-            restore: Vec::new(),
-            keep: Vec::new(),
-        },
-        Outcome::Halted {
-            wave, committed, ..
-        } => {
-            let earlier = waves.iter().take(*wave).flatten();
-            let halted = waves.get(*wave).map_or(&[][..], Vec::as_slice);
-            let (restore, strip) = halted
-                .iter()
-                .filter(|d| !committed.contains(*d))
-                .cloned()
-                .partition(|d| had_own.contains(d));
-            EndPlan {
-                to_group: false,
-                strip,
-                restore,
-                keep: earlier
-                    .chain(halted.iter().filter(|d| committed.contains(*d)))
-                    .cloned()
-                    .collect(),
+    /// Runs the rollout until it is no longer running: it completed, halted, or an
+    /// operator paused or aborted it.
+    fn drive(mut self, first: Input) -> Result<()> {
+        self.subscribe(false)?;
+        self.apply(first)?;
+        self.subscribe(true)?;
+        let mut last_tick = Instant::now();
+        while matches!(self.record.phase, Phase::Running { .. }) {
+            let wait = self
+                .record
+                .deadline_ms()
+                .map_or(1000, |d| d.saturating_sub(now_ms()))
+                .clamp(10, 1000);
+            match self.session.next_message(Duration::from_millis(wait)) {
+                Ok(Some((topic, payload))) => {
+                    if topic == self.topic {
+                        if let Ok(theirs) =
+                            Rollout::open(&payload, self.signing.fleet.root(), &self.record.group)
+                        {
+                            self.take_over(theirs)?;
+                        }
+                    } else {
+                        self.on_device_message(&topic, &payload)?;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => self.reconnect(e)?,
+            }
+            if last_tick.elapsed() >= Duration::from_millis(wait) {
+                last_tick = Instant::now();
+                self.apply(Input::Tick)?;
+            }
+            let due = self.last_persist.elapsed() >= HEARTBEAT
+                || (self.dirty && self.last_persist.elapsed() >= COALESCE);
+            if due && matches!(self.record.phase, Phase::Running { .. }) {
+                self.persist()?;
             }
         }
+        if self.dirty {
+            self.persist()?;
+        }
+        let r = &self.record;
+        let (_, _, committed, failed) = r.counts();
+        let result = match &r.phase {
+            Phase::Complete => {
+                eprintln!(
+                    "rollout complete: {committed} devices run {}, {failed} failed; it is now group {}'s desired state",
+                    r.label(),
+                    r.group
+                );
+                Ok(())
+            }
+            Phase::Paused { by, .. } => {
+                eprintln!(
+                    "rollout {} paused by {by}; `kiln rollout resume --group {}` goes on",
+                    r.id, r.group
+                );
+                Ok(())
+            }
+            Phase::Halted { wave, why } => Err(coded(
+                Code::Failure,
+                anyhow!(
+                    "rollout halted in wave {}: {why}: {}",
+                    wave + 1,
+                    failures(r)
+                ),
+            )),
+            Phase::Aborted { by, wave } => Err(coded(
+                Code::Failure,
+                anyhow!("rollout aborted in wave {} by {by}", wave + 1),
+            )),
+            Phase::Running { .. } => unreachable!("the loop ends when the rollout does"),
+        };
+        self.session.disconnect();
+        result
+    }
+
+    /// A record on the rollout topic: our own echo, or an operator's pause or abort,
+    /// which this driver takes on (adding what it did since their copy).
+    fn take_over(&mut self, theirs: Rollout) -> Result<()> {
+        if theirs.id != self.record.id {
+            // A new rollout took the group (after an abort): this one is over.
+            self.record.phase = Phase::Aborted {
+                wave: 0,
+                by: format!("rollout {} of {}", theirs.id, theirs.started_by),
+            };
+            self.dirty = false;
+            return Ok(());
+        }
+        for (name, d) in &theirs.devices {
+            if d.returned {
+                if let Some(ours) = self.record.devices.get_mut(name) {
+                    ours.returned = true;
+                }
+            }
+        }
+        self.record.serial = self.record.serial.max(theirs.serial);
+        match theirs.phase {
+            Phase::Paused { by, .. } => self.apply(Input::Pause { by })?,
+            Phase::Aborted { by, .. } => self.apply(Input::Abort { by })?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn on_device_message(&mut self, topic: &str, payload: &[u8]) -> Result<()> {
+        let Some((device, kind)) = self.topics.parse_device(topic) else {
+            return Ok(());
+        };
+        let device = device.to_string();
+        let (name, version) = (&self.record.module.name, self.record.module.version);
+        let input = match kind {
+            "events" => {
+                let Ok((e, signer)) = Event::open(topic, payload) else {
+                    return Ok(());
+                };
+                if e.module != *name || e.version != version {
+                    return Ok(());
+                }
+                if !Identity::of(&self.registry, &device, signer.as_ref()).is_verified() {
+                    return Ok(());
+                }
+                match e.kind {
+                    EventKind::RolledBack { .. } | EventKind::Rejected { .. } => Input::Failed {
+                        device,
+                        why: e.kind.to_string(),
+                    },
+                    _ => return Ok(()),
+                }
+            }
+            "reported" => {
+                let Ok((r, signer)) = Reported::open(topic, payload) else {
+                    return Ok(());
+                };
+                let identity = Identity::of(&self.registry, &device, signer.as_ref());
+                let runs = r.modules.iter().any(|m| {
+                    m.name == *name && m.version == version && m.state == ModuleState::Running
+                });
+                if !runs {
+                    return Ok(());
+                }
+                if !identity.is_verified() {
+                    eprintln!(
+                        "  {device}: a reported state not signed by its enrolled key ({}): not counted",
+                        identity.word()
+                    );
+                    return Ok(());
+                }
+                Input::Committed { device }
+            }
+            _ => return Ok(()),
+        };
+        self.apply(input)
+    }
+
+    /// The broker went away (restarted, or the link dropped): reconnect for up to a
+    /// minute, put the record back if the broker lost it, and catch up on answers.
+    fn reconnect(&mut self, error: anyhow::Error) -> Result<()> {
+        eprintln!("kiln: warning: {error:#}; reconnecting");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+            match self.session.reconnect() {
+                Ok(()) => break,
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(unavailable(e.context(format!(
+                        "rollout {} stopped; `kiln rollout resume --group {}` takes it up",
+                        self.record.id, self.record.group
+                    ))))
+                }
+                Err(_) => {}
+            }
+        }
+        let kept = read_record(
+            &mut self.session,
+            self.signing,
+            &self.topics,
+            &self.record.group,
+        )?;
+        if kept.is_none() {
+            eprintln!("  the broker lost the rollout record (no persistence?): written again");
+            self.persist()?;
+        }
+        // The record kept, if an operator changed it meanwhile, arrives on the topic.
+        self.subscribe(true)?;
+        self.catch_up()
+    }
+
+    /// An operator's abort: on record first (the driver, if alive, stops sending and
+    /// gives back what it sent since), then the devices of the wave in flight get back
+    /// what they had. Checked until the broker keeps the abort.
+    fn abort(mut self, me: &str) -> Result<()> {
+        for _ in 0..5 {
+            self.apply(Input::Abort { by: me.into() })?;
+            std::thread::sleep(Duration::from_millis(1500));
+            match read_record(
+                &mut self.session,
+                self.signing,
+                &self.topics,
+                &self.record.group,
+            )? {
+                Some(kept) if kept.id == self.record.id && !kept.phase.is_active() => {
+                    eprintln!("rollout {}: {}", kept.id, kept.phase);
+                    self.session.disconnect();
+                    return Ok(());
+                }
+                // A driver wrote over the abort before it saw it: abort its newer copy.
+                Some(kept) if kept.id == self.record.id => self.record = kept,
+                _ => {
+                    self.session.disconnect();
+                    return Ok(());
+                }
+            }
+        }
+        Err(coded(
+            Code::Busy,
+            anyhow!(
+                "rollout {}: the abort did not hold; run it again",
+                self.record.id
+            ),
+        ))
     }
 }
 
-fn halt(wave: usize, why: String) -> anyhow::Error {
-    coded(
-        Code::Failure,
-        anyhow!("rollout halted in wave {}: {why}", wave + 1),
-    )
+/// The failed devices and why, at most five.
+fn failures(r: &Rollout) -> String {
+    let failed: Vec<String> = r
+        .devices
+        .iter()
+        .filter_map(|(n, d)| match &d.outcome {
+            Outcome::Failed { why } => Some(format!("{n}: {why}")),
+            _ => None,
+        })
+        .collect();
+    short_list(&failed)
+}
+
+fn short_list(items: &[String]) -> String {
+    const SHOWN: usize = 5;
+    let mut s = items
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if items.len() > SHOWN {
+        s.push_str(&format!(" and {} more", items.len() - SHOWN));
+    }
+    s
+}
+
+/// `kiln rollout status`: the record(s), checked against the fleet's root.
+fn status(group: Option<&str>, root: &RootArgs, broker: &BrokerArgs) -> Result<()> {
+    let mut session = broker.connect().map_err(unavailable)?;
+    let topics = broker.topics();
+    let fleet = crate::trust::Fleet::follow(&mut session, &topics, root.anchor(None)?)?;
+    let filter = match group {
+        Some(g) => {
+            valid_name(Kind::Group, g)?;
+            topics.rollout(g)
+        }
+        None => topics.all_rollouts(),
+    };
+    let retained = session.retained(&filter).map_err(unavailable)?;
+    session.disconnect();
+    if retained.is_empty() {
+        return Err(coded(
+            Code::InvalidInput,
+            anyhow!(match group {
+                Some(g) => format!("group {g}: no rollout on record"),
+                None => "no rollout on record".into(),
+            }),
+        ));
+    }
+    let now = now_ms();
+    for (topic, bytes) in &retained {
+        let g = topic
+            .strip_suffix("/rollout")
+            .and_then(|t| t.rsplit('/').next())
+            .unwrap_or_default();
+        match Rollout::open(bytes, fleet.root(), g) {
+            Err(why) => println!("{g}: INVALID rollout record: {why}"),
+            Ok(r) if group.is_none() => {
+                let (waiting, sent, committed, failed) = r.counts();
+                println!(
+                    "{g}: {} {}: {} ({committed} committed, {failed} failed, {sent} pending, {waiting} waiting)",
+                    r.id,
+                    r.label(),
+                    r.phase
+                );
+            }
+            Ok(r) => print!("{}", describe(&r, now)),
+        }
+    }
+    Ok(())
+}
+
+/// The whole record, for a person.
+fn describe(r: &Rollout, now: u64) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let ago = |ms: u64| format!("{}s ago", now.saturating_sub(ms) / 1000);
+    let _ = writeln!(s, "rollout {} of {} to group {}", r.id, r.label(), r.group);
+    let _ = writeln!(s, "  phase:    {}", r.phase);
+    let _ = writeln!(
+        s,
+        "  started:  by {}, {}; driven by {}; updated {}",
+        r.started_by,
+        ago(r.started_ms),
+        r.driver,
+        ago(r.updated_ms)
+    );
+    let p = &r.policy;
+    let _ = writeln!(
+        s,
+        "  policy:   failures allowed {} per wave, {} in all; wave timeout {}s; revert {}",
+        p.wave_failures,
+        p.total_failures,
+        p.wave_timeout_ms / 1000,
+        if p.revert { "yes" } else { "no" }
+    );
+    for (i, wave) in r.waves.iter().enumerate() {
+        let mut c: BTreeMap<&str, usize> = BTreeMap::new();
+        for d in wave {
+            let Some(d) = r.devices.get(d) else { continue };
+            let word = match (&d.outcome, d.returned) {
+                (Outcome::Waiting, _) => "waiting",
+                (Outcome::Sent { .. }, false) => "pending",
+                (Outcome::Sent { .. }, true) => "cut off",
+                (Outcome::Committed { .. }, false) => "committed",
+                (Outcome::Committed { .. }, true) => "committed, reverted",
+                (Outcome::Failed { .. }, _) => "failed",
+            };
+            *c.entry(word).or_default() += 1;
+        }
+        let counts: Vec<String> = c.iter().map(|(w, n)| format!("{n} {w}")).collect();
+        let _ = writeln!(
+            s,
+            "  wave {}:   {} devices: {}",
+            i + 1,
+            wave.len(),
+            counts.join(", ")
+        );
+    }
+    for (name, d) in &r.devices {
+        if let Outcome::Failed { why } = &d.outcome {
+            let back = if d.returned { " (given back)" } else { "" };
+            let _ = writeln!(s, "  failed:   {name}: {why}{back}");
+        }
+    }
+    for (name, why) in &r.skipped {
+        let _ = writeln!(s, "  left out: {name}: {why}");
+    }
+    let unexpected: Vec<String> = r.unexpected.iter().cloned().collect();
+    if !unexpected.is_empty() {
+        let _ = writeln!(
+            s,
+            "  not counted (reported it without being sent it): {}",
+            short_list(&unexpected)
+        );
+    }
+    for (ms, line) in &r.history {
+        let _ = writeln!(s, "  {:>8}  {line}", ago(*ms));
+    }
+    s
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn names(n: usize) -> Vec<String> {
-        (0..n).map(|i| format!("d{i}")).collect()
-    }
-
     #[test]
-    fn waves_are_a_canary_then_fixed_sizes() {
-        let w = plan_waves(&names(6), 1, Some(2));
-        assert_eq!(
-            w,
-            [vec!["d0"], vec!["d1", "d2"], vec!["d3", "d4"], vec!["d5"]]
+    fn the_start_and_the_controls_parse_apart() {
+        let start = RolloutCommand::try_parse_from([
+            "rollout",
+            "app.kiln",
+            "--group",
+            "lab",
+            "--waves",
+            "1,10,100",
+            "--max-failures",
+            "5%",
+        ])
+        .unwrap();
+        assert_eq!(start.waves, [1, 10, 100]);
+        assert_eq!(start.max_failures, Threshold::Percent(5));
+        assert!(start.control.is_none());
+        let status =
+            RolloutCommand::try_parse_from(["rollout", "status", "--group", "lab"]).unwrap();
+        assert!(matches!(status.control, Some(Control::Status { .. })));
+        let abort = RolloutCommand::try_parse_from(["rollout", "abort", "--group", "lab"]).unwrap();
+        assert!(matches!(abort.control, Some(Control::Abort(_))));
+        assert!(
+            RolloutCommand::try_parse_from(["rollout", "app.kiln"]).is_err(),
+            "a start needs --group"
         );
-        assert_eq!(
-            plan_waves(&names(3), 0, None),
-            [vec!["d0"], vec!["d1", "d2"]]
-        );
-        assert_eq!(plan_waves(&names(2), 5, None), [vec!["d0", "d1"]]);
-    }
-
-    #[test]
-    fn a_complete_rollout_hands_the_release_to_the_group_and_clears_every_device_entry() {
-        let waves = plan_waves(&names(4), 1, Some(2));
-        // Even a device that had its own entry before loses it: the group's rules.
-        let had_own = BTreeSet::from(["d1".to_string()]);
-        let plan = end_plan(&waves, &Outcome::Complete, &had_own);
-        assert!(plan.to_group);
-        assert_eq!(plan.strip, names(4));
-        assert!(plan.restore.is_empty() && plan.keep.is_empty());
-    }
-
-    #[test]
-    fn a_halted_rollout_keeps_the_release_only_where_it_was_committed() {
-        let waves = plan_waves(&names(6), 1, Some(3)); // [d0] [d1 d2 d3] [d4 d5]
-        let committed = BTreeSet::from(["d2".to_string()]);
-        let why = "d1: rolled back".to_string();
-        let halted = Outcome::Halted {
-            wave: 1,
-            why,
-            committed,
-        };
-        let plan = end_plan(&waves, &halted, &BTreeSet::new());
-        assert!(!plan.to_group, "the group's state is left alone");
-        assert_eq!(
-            plan.strip,
-            ["d1", "d3"],
-            "the halted wave's others fall back to the group's"
-        );
-        assert!(plan.restore.is_empty());
-        assert_eq!(plan.keep, ["d0", "d2"], "what committed keeps it");
-
-        // d3 ran the module from its own desired state before: it gets that back.
-        let had_own = BTreeSet::from(["d3".to_string(), "d4".to_string()]);
-        let plan = end_plan(&waves, &halted, &had_own);
-        assert_eq!(
-            (plan.strip, plan.restore),
-            (vec!["d1".to_string()], vec!["d3".to_string()])
-        );
-
-        // A canary that rolls back: only it is touched.
-        let plan = end_plan(
-            &waves,
-            &Outcome::Halted {
-                wave: 0,
-                why: "d0: rolled back".into(),
-                committed: BTreeSet::new(),
-            },
-            &BTreeSet::new(),
-        );
-        assert_eq!((plan.strip, plan.keep), (vec!["d0".to_string()], vec![]));
+        assert!(RolloutCommand::try_parse_from([
+            "rollout",
+            "app.kiln",
+            "--group",
+            "lab",
+            "--max-failures",
+            "x"
+        ])
+        .is_err());
     }
 }
