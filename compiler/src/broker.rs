@@ -166,6 +166,9 @@ impl Session {
             .map_err(|e| anyhow!("cannot subscribe to `{filter}`: {e}"))?;
         let nonce = now_ms().to_le_bytes().to_vec();
         let mut sent = false;
+        // The marker's own PUBACK must be in before the read ends, or the next
+        // `publish_all` would count it as one of its own.
+        let (mut back, mut acked) = (false, false);
         let mut out = BTreeMap::new();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -173,7 +176,8 @@ impl Session {
             match self.connection.recv_timeout(left) {
                 Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
                     if p.topic == sync {
-                        if p.payload.as_ref() == nonce.as_slice() {
+                        back |= p.payload.as_ref() == nonce.as_slice();
+                        if back && acked {
                             break;
                         }
                         continue;
@@ -187,10 +191,18 @@ impl Session {
                 }
                 Ok(Ok(Event::Incoming(Packet::SubAck(_)))) if !sent => {
                     sent = true;
+                    // QoS 1, like the retained messages: a broker sends QoS 1 messages
+                    // in order but only so many unacknowledged at once (mosquitto: 20),
+                    // and a QoS 0 marker would overtake the rest of a large snapshot.
                     self.client
-                        // QoS 0: no PUBACK to arrive later and be taken for another's.
-                        .publish(&sync, QoS::AtMostOnce, false, nonce.clone())
+                        .publish(&sync, QoS::AtLeastOnce, false, nonce.clone())
                         .map_err(|e| anyhow!("cannot publish to `{sync}`: {e}"))?;
+                }
+                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) if sent => {
+                    acked = true;
+                    if back {
+                        break;
+                    }
                 }
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => bail!("broker `{}`: {e}", self.broker),
