@@ -29,8 +29,11 @@ for triple in x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu riscv64gc-unkno
       --no-default-features --features tls
     keep kilnd-lean
   fi
+  # The simulated fleet (kilnd-sim) runs on the build machine only.
+  sim=(--bin kilnd)
+  [ "$triple" = x86_64-unknown-linux-gnu ] && sim=()
   cargo build --locked --quiet -p kiln-runtime --release --target "$triple" \
-    --features conformance,test-hooks
+    --features conformance,test-hooks "${sim[@]}"
   keep kilnd-test
   cargo build --locked --quiet -p kiln-runtime --release --target "$triple"
 done

@@ -58,6 +58,12 @@ pub fn kilnd_path(profile: &TargetProfile) -> PathBuf {
 pub fn shipped_kilnd_path(profile: &TargetProfile) -> PathBuf {
     built(&profile.triple, "kilnd")
 }
+/// `kilnd-sim`: simulated devices (kilnd's device side, the worker simulated) for
+/// fleet-scale tests; built with the tests' kilnd for the build machine only.
+pub fn sim_path() -> PathBuf {
+    built("x86_64-unknown-linux-gnu", "kilnd-sim")
+}
+
 /// The lean `kilnd` (no WASI: kiln-ABI reactors only), built by `scripts/build.sh`
 /// for the triples in [`LEAN_DEVICES`] as `kilnd-lean`.
 pub fn lean_kilnd_path(profile: &TargetProfile) -> PathBuf {

@@ -10,6 +10,7 @@ mod lean;
 mod refusals;
 mod run;
 mod sandbox;
+mod scale;
 mod service;
 mod telemetry;
 mod topologies;

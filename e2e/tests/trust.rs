@@ -25,13 +25,13 @@ const LIMIT: Duration = Duration::from_secs(30);
 
 /// A fleet of its own: `kiln keygen` run in a temp dir, and the `kiln` binary run there
 /// (so `fleet.root` beside `fleet.key` is found as a user's would be).
-struct Fleet {
-    dir: tempfile::TempDir,
-    broker: String,
+pub(crate) struct Fleet {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) broker: String,
 }
 
 impl Fleet {
-    fn new(broker: &Broker, id: &str) -> Self {
+    pub(crate) fn new(broker: &Broker, id: &str) -> Self {
         let fleet = Self {
             dir: tempfile::tempdir().unwrap(),
             broker: broker.url(),
@@ -42,12 +42,12 @@ impl Fleet {
         fleet
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
     /// `kiln ARGS --broker URL` for the commands that talk to the broker.
-    fn kiln(&self, args: &[&str]) -> Run {
+    pub(crate) fn kiln(&self, args: &[&str]) -> Run {
         let mut cmd = Command::new(kiln_path());
         cmd.current_dir(self.dir.path()).args(args);
         let offline = matches!(args[0], "keygen" | "sign" | "compile" | "release");
@@ -59,7 +59,7 @@ impl Fleet {
 
     /// The sensor reactor as module `app` at `version`, compiled for x86_64 and signed
     /// with this fleet's `key`.
-    fn app(&self, version: u64, key: &str) -> PathBuf {
+    pub(crate) fn app(&self, version: u64, key: &str) -> PathBuf {
         let out = self.path(&format!("app-{version}-{key}.kiln"));
         if !out.exists() {
             let wasm = kiln_e2e::source("sensor_filter.wasm");

@@ -107,13 +107,23 @@ pub enum Control {
     /// Start no new wave until resumed (the wave in flight goes on)
     Pause(ControlArgs),
     /// Go on with a paused rollout, or take up one whose driver stopped
-    Resume(ControlArgs),
+    Resume(ResumeArgs),
     /// Send the release again to the devices that failed (a device that rolled back
     /// this very artifact refuses it again: it remembers)
     Retry(ControlArgs),
     /// Stop the rollout: devices not reached never get the release; the wave in
     /// flight gets back what it had
     Abort(ControlArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ResumeArgs {
+    /// Take up a running rollout even if its driver spoke less than 90s ago (its
+    /// machine is known to be gone)
+    #[arg(long)]
+    pub take_over: bool,
+    #[command(flatten)]
+    pub control: ControlArgs,
 }
 
 #[derive(Args, Debug)]
@@ -146,7 +156,9 @@ impl RolloutCommand {
                 broker,
             }) => status(group.as_deref(), &root, &broker),
             Some(Control::Pause(c)) => c.operate(Word::Pause),
-            Some(Control::Resume(c)) => c.operate(Word::Resume),
+            Some(Control::Resume(c)) => c.control.operate(Word::Resume {
+                take_over: c.take_over,
+            }),
             Some(Control::Retry(c)) => c.operate(Word::Retry),
             Some(Control::Abort(c)) => c.operate(Word::Abort),
             None => self.start(),
@@ -234,7 +246,7 @@ impl RolloutCommand {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Word {
     Pause,
-    Resume,
+    Resume { take_over: bool },
     Retry,
     Abort,
 }
@@ -279,14 +291,14 @@ impl ControlArgs {
                 }
                 driver.abort(&me)
             }
-            Word::Resume => {
+            Word::Resume { take_over } => {
                 match &phase {
                     Phase::Paused { .. } => {}
                     Phase::Running { .. } => {
                         let quiet = now_ms().saturating_sub(driver.record.updated_ms);
-                        if quiet < ORPHANED_MS {
+                        if quiet < ORPHANED_MS && !take_over {
                             return Err(refuse(&format!(
-                                "{} drives it (its last word {}s ago); resume takes up a rollout whose driver has been silent for {}s",
+                                "{} drives it (its last word {}s ago); resume takes up a rollout whose driver has been silent for {}s (or pass --take-over if its machine is gone)",
                                 driver.record.driver,
                                 quiet / 1000,
                                 ORPHANED_MS / 1000

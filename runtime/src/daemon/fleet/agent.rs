@@ -248,6 +248,10 @@ pub struct Agent {
     no_patch: BTreeSet<[u8; 32]>,
     trials: BTreeMap<String, Trial>,
     last_event: BTreeMap<String, String>,
+    /// By module: the serial of the desired state last heard naming an artifact this
+    /// device rolled back. A newer one (a rollout's retry) is answered with a refusal;
+    /// the same one (re-read after the rollback) is not.
+    refused_serial: BTreeMap<String, u64>,
     /// Why updates are refused (the data dir cannot be written), if they are.
     degraded: Option<String>,
     /// The state file could not be read: nothing is saved over it.
@@ -304,6 +308,7 @@ impl Agent {
             no_patch: BTreeSet::new(),
             trials: BTreeMap::new(),
             last_event: BTreeMap::new(),
+            refused_serial: BTreeMap::new(),
             degraded,
             unreadable_state,
             now_ms,
@@ -740,8 +745,20 @@ impl Agent {
                 return;
             }
         }
+        if record.rejected.contains(&sha) {
+            let serial = record
+                .source
+                .as_ref()
+                .and_then(|s| self.desired.get(s))
+                .map_or(0, |x| x.serial);
+            let heard = self.refused_serial.insert(d.name.clone(), serial);
+            if heard.is_some_and(|h| h < serial) {
+                let reason = "this artifact was rolled back on this device before".into();
+                self.event(&d.name, d.version, EventKind::Rejected { reason });
+            }
+            return;
+        }
         if self.trials.contains_key(&d.name)
-            || record.rejected.contains(&sha)
             || self.downloads.values().any(|x| x.module.name == d.name)
         {
             return;
@@ -1188,6 +1205,14 @@ impl Agent {
         let Some(trial) = self.trials.remove(name) else {
             return;
         };
+        let serial = self
+            .state
+            .modules
+            .get(name)
+            .and_then(|r| r.source.as_ref())
+            .and_then(|s| self.desired.get(s))
+            .map_or(0, |d| d.serial);
+        self.refused_serial.insert(name.to_string(), serial);
         let r = self.record_mut(name);
         if let Some(staged) = r.staged.take() {
             r.rejected.push(staged.sha256);

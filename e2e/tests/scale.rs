@@ -1,0 +1,371 @@
+//! The fleet side at a hundred devices (the suite's small version of
+//! `scripts/fleet-scale.sh`): `kilnd-sim` runs kilnd's device side for each device (its
+//! own MQTT session, update agent, store and telemetry spool) with the worker
+//! simulated, against a real mosquitto, and kiln's own commands drive it. The rollout
+//! policy is tested here: growing waves, failure thresholds, a second operator's
+//! rollout refused, pause, abort in flight, retry, a driver killed and taken over, and
+//! the broker restarting under a rollout.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_e2e::mosquitto::Broker;
+use kiln_e2e::{kiln_path, Run};
+use serde_json::Value;
+
+use crate::trust::Fleet;
+use crate::util::path_str;
+
+const QUICK: [&str; 2] = ["--health-window-ms", "1000"];
+
+/// `kilnd-sim` with `n` devices of group `lab`, killed on drop.
+struct Sim {
+    child: Child,
+    _data: tempfile::TempDir,
+}
+
+impl Sim {
+    fn start(fleet: &Fleet, n: usize, crash: &[&str]) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(kiln_e2e::sim_path());
+        cmd.args(["--broker", &fleet.broker, "--root"])
+            .arg(fleet.path("fleet.root"))
+            .arg("--data")
+            .arg(data.path())
+            .args(["--devices", &n.to_string(), "--telemetry-ms", "2000"]);
+        for c in crash {
+            cmd.args(["--crash", c]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start kilnd-sim");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("devices connected"), "kilnd-sim: {line}");
+        Sim { child, _data: data }
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every device's `kiln devices --json` line.
+fn devices(fleet: &Fleet) -> Vec<Value> {
+    let out = fleet.kiln(&["devices", "--json"]).ok("kiln devices");
+    out.stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The version of `app` each device reports running, by device.
+fn running(fleet: &Fleet) -> Vec<(String, Option<u64>)> {
+    devices(fleet)
+        .iter()
+        .map(|d| {
+            let version = d["reported"]["modules"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|m| m["name"] == "app" && m["state"] == "running")
+                .and_then(|m| m["version"].as_u64());
+            (d["device"].as_str().unwrap().to_string(), version)
+        })
+        .collect()
+}
+
+fn rollout(fleet: &Fleet, version: u64, policy: &[&str]) -> Run {
+    let app = fleet.app(version, "fleet.key");
+    let mut args = vec![
+        "rollout",
+        path_str(&app),
+        "--group",
+        "lab",
+        "--sign",
+        "fleet.key",
+    ];
+    args.extend(policy);
+    args.extend(QUICK);
+    fleet.kiln(&args)
+}
+
+/// `kiln ARGS` in the background (a rollout another operator will stop).
+fn spawn_kiln(fleet: &Fleet, args: &[&str]) -> Child {
+    Command::new(kiln_path())
+        .current_dir(fleet.dir.path())
+        .args(args)
+        .args(["--broker", &fleet.broker])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn status(fleet: &Fleet) -> String {
+    fleet
+        .kiln(&["rollout", "status", "--group", "lab"])
+        .ok("rollout status")
+        .stdout
+}
+
+/// Polls `check` every half second (each poll runs kiln) until it holds.
+#[track_caller]
+fn wait_for(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?}: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The rollout status once it contains `needle`.
+#[track_caller]
+fn wait_status(fleet: &Fleet, needle: &str) -> String {
+    let mut last = String::new();
+    wait_for(Duration::from_secs(60), needle, || {
+        // No record yet is not an error here.
+        last = fleet.kiln(&["rollout", "status", "--group", "lab"]).stdout;
+        last.contains(needle)
+    });
+    last
+}
+
+#[test]
+fn a_hundred_devices_take_growing_waves_and_the_policy_halts_pauses_aborts_and_retries() {
+    let broker = Broker::start();
+    let fleet = Fleet::new(&broker, "scale");
+    let _sim = Sim::start(&fleet, 100, &["3:20", "4:20"]);
+    wait_for(Duration::from_secs(30), "100 devices", || {
+        devices(&fleet).len() == 100
+    });
+    let enrolled = fleet
+        .kiln(&["enroll", "--group", "lab", "--sign", "fleet.key"])
+        .ok("enroll");
+    assert!(
+        enrolled.stderr.contains("100 devices enrolled"),
+        "{enrolled}"
+    );
+
+    // v1 to the whole group at once, v2 in growing waves.
+    let v1 = fleet.app(1, "fleet.key");
+    let mut push = vec![
+        "push",
+        path_str(&v1),
+        "--group",
+        "lab",
+        "--sign",
+        "fleet.key",
+    ];
+    push.extend(QUICK);
+    fleet.kiln(&push).ok("push v1 to 100 devices");
+    wait_for(Duration::from_secs(60), "every device runs v1", || {
+        running(&fleet).iter().all(|(_, v)| *v == Some(1))
+    });
+    let run = rollout(&fleet, 2, &["--waves", "1,10", "--wave-size", "40"]).ok("rollout v2");
+    assert!(
+        run.stderr
+            .contains("100 devices in 5 waves (1, 10, 40, 40, 9)"),
+        "{run}"
+    );
+    assert!(
+        run.stderr
+            .contains("rollout complete: 100 devices run app v2"),
+        "{run}"
+    );
+    assert!(running(&fleet).iter().all(|(_, v)| *v == Some(2)));
+    assert!(status(&fleet).contains("phase:    complete"));
+
+    // v3 crashes on a fifth of the devices. A rollout in flight holds the group: a
+    // second operator's is refused, naming it; a pause stops the driver after the
+    // wave; an abort gives the wave back, and devices not reached never get v3.
+    let app3 = fleet.app(3, "fleet.key");
+    let first = spawn_kiln(
+        &fleet,
+        &[
+            "rollout",
+            path_str(&app3),
+            "--group",
+            "lab",
+            "--sign",
+            "fleet.key",
+            "--waves",
+            "10",
+            "--wave-size",
+            "30",
+            "--max-failures",
+            "50%",
+            "--max-total-failures",
+            "50%",
+            "--health-window-ms",
+            "4000",
+        ],
+    );
+    wait_status(&fleet, "running wave 1");
+    let second = rollout(&fleet, 3, &[]);
+    assert_eq!(second.code, Some(75), "{second}");
+    assert!(
+        second.stderr.contains("is running wave 1") && second.stderr.contains("kiln rollout abort"),
+        "{second}"
+    );
+    fleet
+        .kiln(&["rollout", "pause", "--group", "lab", "--sign", "fleet.key"])
+        .ok("pause");
+    let paused = first.wait_with_output().unwrap();
+    assert!(paused.status.success(), "{paused:?}");
+    assert!(String::from_utf8_lossy(&paused.stderr).contains("paused by"));
+    let s = wait_status(&fleet, "phase:    paused in wave 1");
+    assert!(s.contains("wave 2:   30 devices: 30 waiting"), "{s}");
+    fleet
+        .kiln(&["rollout", "abort", "--group", "lab", "--sign", "fleet.key"])
+        .ok("abort");
+    let s = status(&fleet);
+    assert!(s.contains("phase:    aborted in wave 1 by"), "{s}");
+    std::thread::sleep(Duration::from_secs(6));
+    let now = running(&fleet);
+    let reached: Vec<&str> = now
+        .iter()
+        .filter(|(_, v)| *v == Some(3))
+        .map(|(d, _)| d.as_str())
+        .collect();
+    assert!(
+        reached.iter().all(|d| *d < "sim-0010"),
+        "only the first wave was ever sent v3: {reached:?}"
+    );
+    assert!(
+        now.iter()
+            .filter(|(d, _)| d.as_str() >= "sim-0010")
+            .all(|(_, v)| *v == Some(2)),
+        "devices not reached run v2"
+    );
+
+    // With at most 5% failing overall, v4 (a fifth crash) halts; a retry sends it
+    // again to the failed devices, which refuse it (they remember rolling it back),
+    // and the rollout halts again.
+    let halted = rollout(
+        &fleet,
+        4,
+        &[
+            "--waves",
+            "10",
+            "--wave-size",
+            "30",
+            "--max-failures",
+            "100%",
+            "--max-total-failures",
+            "5%",
+            "--wave-timeout",
+            "60s",
+        ],
+    );
+    assert_eq!(halted.code, Some(1), "{halted}");
+    assert!(
+        halted.stderr.contains("devices failed (allowed: 5%)")
+            && halted.stderr.contains("rolled back: simulated crash"),
+        "{halted}"
+    );
+    let s = status(&fleet);
+    assert!(s.contains("phase:    halted in wave"), "{s}");
+    assert!(s.contains("(given back)"), "{s}");
+    let retry = fleet.kiln(&["rollout", "retry", "--group", "lab", "--sign", "fleet.key"]);
+    assert_eq!(retry.code, Some(1), "{retry}");
+    assert!(retry.stderr.contains("rollout halted"), "{retry}");
+    // The devices that crashed on v4 run what they ran before.
+    let after = running(&fleet);
+    assert!(
+        after.iter().all(|(_, v)| matches!(v, Some(2..=4))),
+        "{after:?}"
+    );
+
+    // gc keeps what the devices and the group name.
+    fleet.kiln(&["gc"]).ok("gc");
+}
+
+#[test]
+fn a_rollout_outlives_its_driver_and_a_broker_restart() {
+    let mut broker = Broker::start();
+    let fleet = Fleet::new(&broker, "survive");
+    let _sim = Sim::start(&fleet, 20, &[]);
+    wait_for(Duration::from_secs(30), "20 devices", || {
+        devices(&fleet).len() == 20
+    });
+    fleet
+        .kiln(&["enroll", "--group", "lab", "--sign", "fleet.key"])
+        .ok("enroll");
+    let app1 = fleet.app(1, "fleet.key");
+    let mut driver = spawn_kiln(
+        &fleet,
+        &[
+            "rollout",
+            path_str(&app1),
+            "--group",
+            "lab",
+            "--sign",
+            "fleet.key",
+            "--waves",
+            "2,4",
+            "--wave-size",
+            "7",
+            "--health-window-ms",
+            "3000",
+        ],
+    );
+    wait_status(&fleet, "running wave 2");
+    // The operator's laptop closes.
+    driver.kill().unwrap();
+    driver.wait().unwrap();
+    let early = fleet.kiln(&["rollout", "resume", "--group", "lab", "--sign", "fleet.key"]);
+    assert_eq!(early.code, Some(75), "{early}");
+    assert!(early.stderr.contains("--take-over"), "{early}");
+
+    // Another operator takes it up; the broker restarts under it.
+    let mut resumed = spawn_kiln(
+        &fleet,
+        &[
+            "rollout",
+            "resume",
+            "--group",
+            "lab",
+            "--sign",
+            "fleet.key",
+            "--take-over",
+        ],
+    );
+    wait_status(&fleet, "running wave 3");
+    broker.restart();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let out = loop {
+        if let Some(status) = resumed.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(resumed.stderr.as_mut().unwrap(), &mut err).unwrap();
+            break (status, err);
+        }
+        assert!(Instant::now() < deadline, "the resumed rollout did not end");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(out.0.success(), "{}", out.1);
+    assert!(out.1.contains("reconnecting"), "{}", out.1);
+    assert!(
+        out.1.contains("rollout complete: 20 devices run app v1"),
+        "{}",
+        out.1
+    );
+    let s = status(&fleet);
+    assert!(s.contains("phase:    complete"), "{s}");
+    assert!(s.contains("driven by"), "{s}");
+    wait_for(Duration::from_secs(30), "every device runs v1", || {
+        running(&fleet).iter().all(|(_, v)| *v == Some(1))
+    });
+}
