@@ -3,7 +3,9 @@
 # cross gcc for aarch64 and riscv64, qemu-user, mosquitto, openssl (the TLS tests make
 # a throwaway PKI with it), and the rustup targets. The package tests also use dpkg,
 # systemd-analyze (systemd), man (man-db, for the unit's man: links), strace (the
-# unit's syscall filter against what kilnd really calls) and shellcheck.
+# unit's syscall filter against what kilnd really calls) and shellcheck. The fleet
+# tests run against a second broker too: aedes (Node.js), from the npm registry at the
+# versions e2e/aedes/package-lock.json pins.
 set -euo pipefail
 
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
@@ -21,6 +23,7 @@ have man || packages+=(man-db)
 have strace || packages+=(strace)
 have shellcheck || packages+=(shellcheck)
 have dpkg-deb || packages+=(dpkg)
+{ have node && have npm; } || packages+=(nodejs npm)
 
 if [ ${#packages[@]} -gt 0 ]; then
   sudo=""
@@ -34,3 +37,9 @@ installed=$(rustup target list --installed)
 for target in aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu wasm32-wasip1; do
   grep -qx "$target" <<<"$installed" || rustup target add "$target"
 done
+
+aedes="$(dirname "$0")/../e2e/aedes"
+if [ ! -f "$aedes/node_modules/aedes/package.json" ]; then
+  echo "setup: installing aedes (npm ci in e2e/aedes)"
+  (cd "$aedes" && npm ci --no-audit --no-fund --silent)
+fi

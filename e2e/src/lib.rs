@@ -6,6 +6,7 @@
 
 pub mod mosquitto;
 pub mod procfs;
+pub mod sim;
 
 use std::path::{Path, PathBuf};
 

@@ -1,4 +1,5 @@
-//! A mosquitto of the harness's own on a free loopback port, for tests and the bench.
+//! A broker of the harness's own on a free loopback port, for tests and the bench:
+//! mosquitto, or aedes (the second implementation the fleet tests run against).
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -18,6 +19,8 @@ pub struct Broker {
     tls: Option<[std::path::PathBuf; 3]>,
     /// More lines for mosquitto.conf (the soak's `autosave_interval`).
     pub extra_config: String,
+    /// aedes (Node.js) instead of mosquitto: the second broker implementation.
+    aedes: bool,
 }
 
 impl Broker {
@@ -36,7 +39,18 @@ impl Broker {
             dir,
             tls: None,
             extra_config: String::new(),
+            aedes: false,
         };
+        broker.restart();
+        broker
+    }
+
+    /// aedes, installed by scripts/setup.sh into e2e/aedes: retained messages in
+    /// memory (a restart forgets them), no configuration.
+    pub fn start_aedes() -> Self {
+        let mut broker = Self::start();
+        broker.stop();
+        broker.aedes = true;
         broker.restart();
         broker
     }
@@ -103,6 +117,23 @@ impl Broker {
 
     pub fn restart(&mut self) {
         self.stop();
+        if self.aedes {
+            let dir = crate::repo().join("e2e/aedes");
+            assert!(
+                dir.join("node_modules/aedes").exists(),
+                "aedes is installed by scripts/setup.sh"
+            );
+            let child = Command::new("node")
+                .arg(dir.join("server.cjs"))
+                .arg(self.port.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start aedes");
+            self.child = Some(child);
+            self.wait_listening();
+            return;
+        }
         let conf = self.dir.path().join("mosquitto.conf");
         let mut text = format!(
             "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n",
@@ -130,9 +161,13 @@ impl Broker {
             .spawn()
             .expect("start mosquitto");
         self.child = Some(child);
+        self.wait_listening();
+    }
+
+    fn wait_listening(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "mosquitto did not listen");
+            assert!(Instant::now() < deadline, "the broker did not listen");
             std::thread::sleep(Duration::from_millis(50));
         }
     }

@@ -6,11 +6,11 @@
 //! rollout refused, pause, abort in flight, retry, a driver killed and taken over, and
 //! the broker restarting under a rollout.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_e2e::mosquitto::Broker;
+use kiln_e2e::sim::Sim;
 use kiln_e2e::{kiln_path, Run};
 use serde_json::Value;
 
@@ -19,43 +19,8 @@ use crate::util::path_str;
 
 const QUICK: [&str; 2] = ["--health-window-ms", "1000"];
 
-/// `kilnd-sim` with `n` devices of group `lab`, killed on drop.
-struct Sim {
-    child: Child,
-    _data: tempfile::TempDir,
-}
-
-impl Sim {
-    fn start(fleet: &Fleet, n: usize, crash: &[&str]) -> Self {
-        let data = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(kiln_e2e::sim_path());
-        cmd.args(["--broker", &fleet.broker, "--root"])
-            .arg(fleet.path("fleet.root"))
-            .arg("--data")
-            .arg(data.path())
-            .args(["--devices", &n.to_string(), "--telemetry-ms", "2000"]);
-        for c in crash {
-            cmd.args(["--crash", c]);
-        }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start kilnd-sim");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.contains("devices connected"), "kilnd-sim: {line}");
-        Sim { child, _data: data }
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn sim(fleet: &Fleet, n: usize, crash: &[&str]) -> Sim {
+    Sim::start(&fleet.broker, &fleet.path("fleet.root"), n, crash)
 }
 
 /// Every device's `kiln devices --json` line.
@@ -147,46 +112,8 @@ fn wait_status(fleet: &Fleet, needle: &str) -> String {
 fn a_hundred_devices_take_growing_waves_and_the_policy_halts_pauses_aborts_and_retries() {
     let broker = Broker::start();
     let fleet = Fleet::new(&broker, "scale");
-    let _sim = Sim::start(&fleet, 100, &["3:20", "4:20"]);
-    wait_for(Duration::from_secs(30), "100 devices", || {
-        devices(&fleet).len() == 100
-    });
-    let enrolled = fleet
-        .kiln(&["enroll", "--group", "lab", "--sign", "fleet.key"])
-        .ok("enroll");
-    assert!(
-        enrolled.stderr.contains("100 devices enrolled"),
-        "{enrolled}"
-    );
-
-    // v1 to the whole group at once, v2 in growing waves.
-    let v1 = fleet.app(1, "fleet.key");
-    let mut push = vec![
-        "push",
-        path_str(&v1),
-        "--group",
-        "lab",
-        "--sign",
-        "fleet.key",
-    ];
-    push.extend(QUICK);
-    fleet.kiln(&push).ok("push v1 to 100 devices");
-    wait_for(Duration::from_secs(60), "every device runs v1", || {
-        running(&fleet).iter().all(|(_, v)| *v == Some(1))
-    });
-    let run = rollout(&fleet, 2, &["--waves", "1,10", "--wave-size", "40"]).ok("rollout v2");
-    assert!(
-        run.stderr
-            .contains("100 devices in 5 waves (1, 10, 40, 40, 9)"),
-        "{run}"
-    );
-    assert!(
-        run.stderr
-            .contains("rollout complete: 100 devices run app v2"),
-        "{run}"
-    );
-    assert!(running(&fleet).iter().all(|(_, v)| *v == Some(2)));
-    assert!(status(&fleet).contains("phase:    complete"));
+    let _sim = sim(&fleet, 100, &["3:20", "4:20"]);
+    hundred_devices_take_a_push_and_growing_waves(&fleet);
 
     // v3 crashes on a fifth of the devices. A rollout in flight holds the group: a
     // second operator's is refused, naming it; a pause stops the driver after the
@@ -293,11 +220,65 @@ fn a_hundred_devices_take_growing_waves_and_the_policy_halts_pauses_aborts_and_r
     fleet.kiln(&["gc"]).ok("gc");
 }
 
+/// Every device of a hundred enrolls, takes v1 from a push to the group, then v2 from
+/// a rollout in waves of 1, 10, 40, 40 and 9.
+fn hundred_devices_take_a_push_and_growing_waves(fleet: &Fleet) {
+    wait_for(Duration::from_secs(30), "100 devices", || {
+        devices(fleet).len() == 100
+    });
+    let enrolled = fleet
+        .kiln(&["enroll", "--group", "lab", "--sign", "fleet.key"])
+        .ok("enroll");
+    assert!(
+        enrolled.stderr.contains("100 devices enrolled"),
+        "{enrolled}"
+    );
+    let v1 = fleet.app(1, "fleet.key");
+    let mut push = vec![
+        "push",
+        path_str(&v1),
+        "--group",
+        "lab",
+        "--sign",
+        "fleet.key",
+    ];
+    push.extend(QUICK);
+    fleet.kiln(&push).ok("push v1 to 100 devices");
+    wait_for(Duration::from_secs(60), "every device runs v1", || {
+        running(fleet).iter().all(|(_, v)| *v == Some(1))
+    });
+    let run = rollout(fleet, 2, &["--waves", "1,10", "--wave-size", "40"]).ok("rollout v2");
+    assert!(
+        run.stderr
+            .contains("100 devices in 5 waves (1, 10, 40, 40, 9)"),
+        "{run}"
+    );
+    assert!(
+        run.stderr
+            .contains("rollout complete: 100 devices run app v2"),
+        "{run}"
+    );
+    assert!(running(fleet).iter().all(|(_, v)| *v == Some(2)));
+    assert!(status(fleet).contains("phase:    complete"));
+}
+
+#[test]
+fn a_hundred_devices_on_aedes_take_a_push_and_growing_waves_and_send_telemetry() {
+    let broker = Broker::start_aedes();
+    let fleet = Fleet::new(&broker, "aedes");
+    let _sim = sim(&fleet, 100, &[]);
+    hundred_devices_take_a_push_and_growing_waves(&fleet);
+    assert!(
+        crate::topologies::first_batch(&broker, "sim-0042").is_some(),
+        "no telemetry batch from sim-0042"
+    );
+}
+
 #[test]
 fn a_rollout_outlives_its_driver_and_a_broker_restart() {
     let mut broker = Broker::start();
     let fleet = Fleet::new(&broker, "survive");
-    let _sim = Sim::start(&fleet, 20, &[]);
+    let _sim = sim(&fleet, 20, &[]);
     wait_for(Duration::from_secs(30), "20 devices", || {
         devices(&fleet).len() == 20
     });

@@ -280,7 +280,6 @@ impl ControlArgs {
                     return Err(refuse("only a running rollout pauses"));
                 }
                 driver.apply(Input::Pause { by: me })?;
-                driver.persist()?;
                 eprintln!("rollout {} paused: no new wave starts; `kiln rollout resume --group {}` goes on", driver.record.id, driver.record.group);
                 driver.session.disconnect();
                 Ok(())

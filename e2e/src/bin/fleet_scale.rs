@@ -1,0 +1,456 @@
+//! `scripts/fleet-scale.sh`: a simulated fleet (kilnd-sim, default 1,000 devices) on
+//! this machine against a real mosquitto, driven by kiln's own commands (the host
+//! build users install), measured: push to every device committed, a rollout in
+//! growing waves, a bad release halted, `kiln devices`, gc; the broker's traffic per
+//! device per update; peak memory of kiln and of the broker. Prints a markdown table.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use kiln_e2e::mosquitto::Broker;
+use kiln_e2e::procfs::pss_kib;
+use kiln_e2e::sim::Sim;
+use kiln_e2e::{path_str, source};
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+
+/// Measure the fleet side with simulated devices
+#[derive(Parser, Debug)]
+struct Args {
+    #[arg(long, default_value_t = 1000)]
+    devices: usize,
+    /// The kiln to measure (the host-profile build)
+    #[arg(long)]
+    kiln: PathBuf,
+}
+
+/// One run of kiln, measured.
+struct Measured {
+    wall: Duration,
+    /// Sampled every 20 ms while it ran.
+    peak_pss_kib: u64,
+    max_rss_kib: u64,
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+struct Fleet {
+    dir: tempfile::TempDir,
+    kiln: PathBuf,
+    broker: String,
+}
+
+impl Fleet {
+    fn kiln(&self, args: &[&str]) -> Measured {
+        let out = self.dir.path().join("out");
+        let err = self.dir.path().join("err");
+        let mut cmd = Command::new(&self.kiln);
+        cmd.current_dir(self.dir.path()).args(args);
+        if !matches!(args[0], "keygen" | "compile") {
+            cmd.args(["--broker", &self.broker]);
+        }
+        let started = Instant::now();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let mut peak = 0;
+        let (code, max_rss_kib) = loop {
+            peak = peak.max(pss_kib(pid).unwrap_or(0));
+            let mut status = 0;
+            // SAFETY: an all-zero rusage is a valid value to overwrite.
+            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: pid is our child; status and usage are valid for writes.
+            let done = unsafe { libc::wait4(pid as i32, &mut status, libc::WNOHANG, &mut usage) };
+            if done == pid as i32 {
+                let code = if libc::WIFEXITED(status) {
+                    libc::WEXITSTATUS(status)
+                } else {
+                    -1
+                };
+                break (code, usage.ru_maxrss as u64);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Measured {
+            wall: started.elapsed(),
+            peak_pss_kib: peak,
+            max_rss_kib,
+            code,
+            stdout: std::fs::read_to_string(out).unwrap_or_default(),
+            stderr: std::fs::read_to_string(err).unwrap_or_default(),
+        }
+    }
+
+    fn ok(&self, args: &[&str]) -> Measured {
+        let m = self.kiln(args);
+        assert!(
+            m.code == 0,
+            "kiln {} failed ({}):\n{}",
+            args.join(" "),
+            m.code,
+            m.stderr
+        );
+        m
+    }
+
+    fn app(&self, version: u64) -> PathBuf {
+        let out = self.dir.path().join(format!("app-{version}.kiln"));
+        let wasm = source("sensor_filter.wasm");
+        let v = version.to_string();
+        self.ok(&[
+            "compile",
+            path_str(&wasm),
+            "--target",
+            "x86_64-linux",
+            "--name",
+            "app",
+            "--version",
+            &v,
+            "--sign",
+            "fleet.key",
+            "-o",
+            path_str(&out),
+        ]);
+        out
+    }
+
+    /// How many devices run `app` at `version`, and how long `kiln devices` took.
+    fn running(&self, version: u64) -> (usize, Measured) {
+        let m = self.ok(&["devices", "--json"]);
+        let n = m
+            .stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|d| {
+                d["reported"]["modules"].as_array().is_some_and(|ms| {
+                    ms.iter().any(|m| {
+                        m["name"] == "app" && m["state"] == "running" && m["version"] == version
+                    })
+                })
+            })
+            .count();
+        (n, m)
+    }
+}
+
+/// mosquitto's `$SYS` counters (retained, refreshed every second with `sys_interval 1`).
+fn sys_counters(port: u16) -> BTreeMap<String, u64> {
+    let mut options = MqttOptions::new(
+        format!("scale-sys-{}", std::process::id()),
+        "127.0.0.1",
+        port,
+    );
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut connection) = Client::new(options, 16);
+    client
+        .subscribe("$SYS/broker/messages/+", QoS::AtMostOnce)
+        .unwrap();
+    client
+        .subscribe("$SYS/broker/bytes/+", QoS::AtMostOnce)
+        .unwrap();
+    let mut out = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    while let Ok(event) =
+        connection.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+    {
+        if let Ok(Event::Incoming(Packet::Publish(p))) = event {
+            if let Ok(n) = String::from_utf8_lossy(&p.payload).trim().parse() {
+                out.insert(p.topic.clone(), n);
+            }
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+    }
+    let _ = client.disconnect();
+    out
+}
+
+/// Messages and bytes through the broker (in and out) between two snapshots, per device.
+fn traffic(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+    devices: usize,
+) -> String {
+    let delta = |k: &str| {
+        let key = format!("$SYS/broker/{k}");
+        after
+            .get(&key)
+            .unwrap_or(&0)
+            .saturating_sub(*before.get(&key).unwrap_or(&0))
+    };
+    let messages = delta("messages/received") + delta("messages/sent");
+    let bytes = delta("bytes/received") + delta("bytes/sent");
+    format!(
+        "{:.1} messages, {:.1} KiB",
+        messages as f64 / devices as f64,
+        bytes as f64 / devices as f64 / 1024.0
+    )
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+fn vm_hwm_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn wait_running(fleet: &Fleet, version: u64, n: usize, limit: Duration) -> Measured {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (have, m) = fleet.running(version);
+        if have >= n {
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {have} of {n} devices run v{version} after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    let n = args.devices;
+    let mut broker = Broker::start();
+    broker.extra_config = "sys_interval 1\nmax_queued_messages 10000\n".into();
+    broker.restart();
+    let fleet = Fleet {
+        dir: tempfile::tempdir().unwrap(),
+        kiln: args.kiln.clone(),
+        broker: broker.url(),
+    };
+    fleet.ok(&["keygen", "-o", "fleet.key", "--fleet", "scale"]);
+    let apps: Vec<PathBuf> = (1..=3).map(|v| fleet.app(v)).collect();
+    let root = fleet.dir.path().join("fleet.root");
+    eprintln!("fleet-scale: starting {n} simulated devices");
+    let sim = Sim::start(&fleet.broker, &root, n, &["3:10"]);
+    let mut rows: Vec<(String, String)> = Vec::new();
+    rows.push((
+        format!("{n} devices connect (kilnd-sim, 200/s)"),
+        format!("{:.1} s", sim.connect_ms as f64 / 1000.0),
+    ));
+    // Every device's status is in before anything counts them.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while fleet.ok(&["devices", "--json"]).stdout.lines().count() < n {
+        assert!(
+            Instant::now() < deadline,
+            "not every device reported a status"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let enroll = fleet.ok(&["enroll", "--group", "lab", "--sign", "fleet.key"]);
+    rows.push((format!("`kiln enroll` {n} devices"), secs(enroll.wall)));
+
+    let quick = ["--health-window-ms", "2000"];
+    let s0 = sys_counters(broker.port);
+    let started = Instant::now();
+    let mut push = vec![
+        "push",
+        path_str(&apps[0]),
+        "--group",
+        "lab",
+        "--sign",
+        "fleet.key",
+    ];
+    push.extend(quick);
+    let pushed = fleet.ok(&push);
+    wait_running(&fleet, 1, n, Duration::from_secs(600));
+    let committed = started.elapsed();
+    rows.push((
+        format!("`kiln push` to a group of {n} (the command)"),
+        secs(pushed.wall),
+    ));
+    rows.push((
+        format!("push to all {n} committed (2 s health window)"),
+        secs(committed),
+    ));
+    std::thread::sleep(Duration::from_millis(2500));
+    let s1 = sys_counters(broker.port);
+    rows.push((
+        "broker traffic per device, one group update".into(),
+        traffic(&s0, &s1, n),
+    ));
+
+    let mut rollout = vec![
+        "rollout",
+        path_str(&apps[1]),
+        "--group",
+        "lab",
+        "--sign",
+        "fleet.key",
+        "--waves",
+        "1,10,100",
+    ];
+    rollout.extend(quick);
+    let rolled = fleet.ok(&rollout);
+    std::thread::sleep(Duration::from_millis(2500));
+    let s2 = sys_counters(broker.port);
+    let waves = rolled
+        .stderr
+        .lines()
+        .find(|l| l.contains(" waves ("))
+        .map(|l| {
+            l.rsplit('(')
+                .next()
+                .unwrap_or("")
+                .trim_end_matches(')')
+                .to_string()
+        })
+        .unwrap_or_default();
+    rows.push((
+        format!("`kiln rollout` in waves of {waves}, to complete"),
+        secs(rolled.wall),
+    ));
+    rows.push((
+        "broker traffic per device, one rollout".into(),
+        traffic(&s1, &s2, n),
+    ));
+    rows.push((
+        "`kiln rollout`: peak PSS / max RSS".into(),
+        format!("{} / {}", mib(rolled.peak_pss_kib), mib(rolled.max_rss_kib)),
+    ));
+
+    // v3 crashes on a tenth of the devices: 1% allowed in all halts it.
+    let mut bad = vec![
+        "rollout",
+        path_str(&apps[2]),
+        "--group",
+        "lab",
+        "--sign",
+        "fleet.key",
+        "--waves",
+        "1,10,100",
+        "--max-failures",
+        "100%",
+        "--max-total-failures",
+        "1%",
+    ];
+    bad.extend(quick);
+    let halted = fleet.kiln(&bad);
+    assert_eq!(halted.code, 1, "the bad release halts:\n{}", halted.stderr);
+    let why = halted
+        .stderr
+        .lines()
+        .find(|l| l.contains("halted in wave"))
+        .unwrap_or("")
+        .to_string();
+    rows.push((
+        "a release crashing on 10% halts (1% allowed)".into(),
+        format!(
+            "{} ({})",
+            secs(halted.wall),
+            why.trim_start_matches("rollout ")
+                .split(':')
+                .next()
+                .unwrap_or("")
+        ),
+    ));
+    let status = fleet.ok(&["rollout", "status", "--group", "lab"]);
+    rows.push(("`kiln rollout status` of it".into(), secs(status.wall)));
+
+    let mut walls = Vec::new();
+    let mut devices = None;
+    for _ in 0..3 {
+        let (_, m) = fleet.running(2);
+        walls.push(m.wall);
+        devices = Some(m);
+    }
+    walls.sort();
+    let devices = devices.unwrap();
+    rows.push((
+        format!("`kiln devices` of {n} (median of 3)"),
+        secs(walls[1]),
+    ));
+    rows.push((
+        "`kiln devices`: peak PSS / max RSS".into(),
+        format!(
+            "{} / {}",
+            mib(devices.peak_pss_kib),
+            mib(devices.max_rss_kib)
+        ),
+    ));
+    let gc = fleet.ok(&["gc"]);
+    rows.push(("`kiln gc`".into(), secs(gc.wall)));
+    let pid = broker.pid().unwrap();
+    rows.push((
+        "mosquitto: PSS / peak RSS at the end".into(),
+        format!(
+            "{} / {}",
+            mib(pss_kib(pid).unwrap_or(0)),
+            mib(vm_hwm_kib(pid))
+        ),
+    ));
+    let sim_pss = pss_kib(sim.pid()).unwrap_or(0);
+    rows.push((
+        format!("kilnd-sim: PSS for {n} device sides"),
+        format!("{} ({} KiB a device)", mib(sim_pss), sim_pss / n as u64),
+    ));
+    let retained = retained_bytes(broker.port, &fleet.dir.path().join("x"));
+    rows.push(("retained on the broker".into(), retained));
+
+    println!("\n### Fleet scale: {n} simulated devices, one mosquitto, this machine\n");
+    println!("| step | measured |\n|---|---|");
+    for (k, v) in rows {
+        println!("| {k} | {v} |");
+    }
+}
+
+/// Retained messages and their bytes, by kind of topic.
+fn retained_bytes(port: u16, _scratch: &Path) -> String {
+    let mut options = MqttOptions::new(
+        format!("scale-ret-{}", std::process::id()),
+        "127.0.0.1",
+        port,
+    );
+    options.set_keep_alive(Duration::from_secs(5));
+    options.set_max_packet_size(4 << 20, 4 << 20);
+    let (client, mut connection) = Client::new(options, 64);
+    client.subscribe("kiln/v1/#", QoS::AtMostOnce).unwrap();
+    let mut kinds: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut quiet = Instant::now();
+    loop {
+        match connection.recv_timeout(Duration::from_millis(200)) {
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) if p.retain => {
+                quiet = Instant::now();
+                let parts: Vec<&str> = p.topic.split('/').collect();
+                let kind = match parts.get(2) {
+                    Some(&"devices") => parts.get(4).copied().unwrap_or("?"),
+                    Some(other) => other,
+                    None => "?",
+                };
+                let e = kinds.entry(kind.to_string()).or_default();
+                e.0 += 1;
+                e.1 += p.payload.len() as u64;
+            }
+            _ if quiet.elapsed() > Duration::from_secs(2) => break,
+            _ => {}
+        }
+    }
+    let _ = client.disconnect();
+    kinds
+        .iter()
+        .map(|(k, (n, b))| format!("{k} {n} ({:.0} KiB)", *b as f64 / 1024.0))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

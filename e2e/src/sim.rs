@@ -1,0 +1,64 @@
+//! `kilnd-sim` run by the harness: simulated devices (kilnd's device side, the worker
+//! simulated) for the 100-device tests and `scripts/fleet-scale.sh`.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+/// `kilnd-sim` with `n` devices of group `lab`, killed on drop.
+pub struct Sim {
+    child: Child,
+    /// How long the devices took to connect, as kilnd-sim measured it.
+    pub connect_ms: u64,
+    _data: tempfile::TempDir,
+}
+
+impl Sim {
+    /// Starts `n` devices of the fleet whose root document is `root`; `crash` are
+    /// `VERSION:PERCENT` shares of devices whose worker crashes on that version.
+    /// Returns once every device is connected.
+    pub fn start(broker: &str, root: &Path, n: usize, crash: &[&str]) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(crate::sim_path());
+        cmd.args(["--broker", broker, "--root"])
+            .arg(root)
+            .arg("--data")
+            .arg(data.path())
+            .args(["--devices", &n.to_string(), "--telemetry-ms", "2000"]);
+        for c in crash {
+            cmd.args(["--crash", c]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start kilnd-sim");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        // `kilnd-sim: N devices connected in M ms`
+        let connect_ms = line
+            .split_whitespace()
+            .rev()
+            .nth(1)
+            .and_then(|m| m.parse().ok())
+            .unwrap_or_else(|| panic!("kilnd-sim: {line}"));
+        Sim {
+            child,
+            connect_ms,
+            _data: data,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

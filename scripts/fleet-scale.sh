@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The fleet side at scale (README "Fleet scale"): simulated devices (kilnd-sim: kilnd's
+# link, update agent, store and telemetry spool per device, the worker simulated)
+# against a real mosquitto, driven by the kiln users install (host profile), measured.
+#   scripts/fleet-scale.sh [--devices N] [--no-build]
+# (--no-build: kilnd-sim is already built, as by scripts/build.sh)
+# The suite runs the same at 100 devices (e2e tests/scale.rs).
+# Exit codes: 0 measured, 64 bad arguments, 101 a step failed (printed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${CARGO_TARGET_DIR:=$HOME/.cache/kiln/target}"
+export CARGO_TARGET_DIR
+
+usage() {
+  echo "fleet-scale.sh: error: $1 (usage: scripts/fleet-scale.sh [--devices N] [--no-build])" >&2
+  exit 64
+}
+devices=1000 build=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --devices)
+      [ $# -ge 2 ] || usage "--devices needs a value"
+      [[ "$2" =~ ^[1-9][0-9]{0,4}$ ]] || usage "--devices takes 1 to 99999, got \`$2\`"
+      devices=$2; shift 2 ;;
+    --no-build) build=0; shift ;;
+    *) usage "unknown argument \`$1\`" ;;
+  esac
+done
+if [ "$build" = 1 ]; then
+  scripts/build.sh
+fi
+echo "build: kiln (host profile)" >&2
+cargo build --locked --quiet -p kiln-compiler --profile host
+cargo build --locked --quiet -p kiln-e2e --bin fleet_scale
+# A socket per device in kilnd-sim and in mosquitto.
+ulimit -n "$(ulimit -Hn)"
+exec "$CARGO_TARGET_DIR/debug/fleet_scale" --devices "$devices" --kiln "$CARGO_TARGET_DIR/host/kiln"
