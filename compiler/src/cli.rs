@@ -20,7 +20,7 @@ Examples:
   kiln inspect app.kiln --trust fleet.pub
   kiln push app.kiln --device dev-01 --sign fleet.key --broker mqtt://broker.lan:1883
   kiln push app.wasm --group lab --version 2 --sign fleet.key     # compiled for the group's targets
-  kiln rollout app.kiln --group lab --sign fleet.key --canary 1
+  kiln rollout app.kiln --group lab --sign fleet.key --waves 1,10,100
   kiln enroll --group lab --sign fleet.key
   kiln root rotate --root fleet.root --sign fleet-root.key --release-key new.pub
   kiln devices
@@ -36,6 +36,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per run: the size of the largest command's flags does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     Keygen(KeygenCommand),

@@ -18,6 +18,11 @@ impl Sim {
     /// `VERSION:PERCENT` shares of devices whose worker crashes on that version.
     /// Returns once every device is connected.
     pub fn start(broker: &str, root: &Path, n: usize, crash: &[&str]) -> Self {
+        Self::start_with(broker, root, n, crash, &[])
+    }
+
+    /// [`Sim::start`] with more kilnd-sim flags (`--riscv N`).
+    pub fn start_with(broker: &str, root: &Path, n: usize, crash: &[&str], extra: &[&str]) -> Self {
         let data = tempfile::tempdir().unwrap();
         let mut cmd = Command::new(crate::sim_path());
         cmd.args(["--broker", broker, "--root"])
@@ -28,6 +33,7 @@ impl Sim {
         for c in crash {
             cmd.args(["--crash", c]);
         }
+        cmd.args(extra);
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

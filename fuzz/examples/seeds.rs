@@ -152,6 +152,38 @@ fn main() -> std::io::Result<()> {
         &last.sign(&[&key]).expect("the last root signs"),
     )?;
 
+    // A rollout record of three devices in two waves, its first wave sent.
+    let module = kiln_protocol::fleet::DesiredModule {
+        name: "app".into(),
+        version: 2,
+        artifacts: Vec::new(),
+        config: Vec::new(),
+        limits: Default::default(),
+        allow_downgrade: false,
+        health_window_ms: 1000,
+    };
+    let devices: Vec<String> = ["d1", "d2", "d3"].map(String::from).to_vec();
+    let mut rollout = kiln_protocol::rollout::Rollout::new(
+        kiln_fuzz::FLEET,
+        "lab",
+        "fuzz@seed",
+        1,
+        module,
+        kiln_protocol::rollout::Policy {
+            wave_failures: kiln_protocol::rollout::Threshold::Percent(10),
+            total_failures: kiln_protocol::rollout::Threshold::Count(1),
+            wave_timeout_ms: 60_000,
+            revert: true,
+        },
+        kiln_protocol::rollout::plan_waves(&devices, &[1], None),
+        Default::default(),
+        vec![("d4".into(), "no artifact for riscv64".into())],
+    );
+    rollout.step(2, kiln_protocol::rollout::Input::Start);
+    write("rollout", "first-wave-sent", &rollout.seal(&[&key]).expect("record seals"))?;
+    rollout.step(3, kiln_protocol::rollout::Input::Abort { by: "ops".into() });
+    write("rollout", "aborted", &rollout.seal(&[&key]).expect("record seals"))?;
+
     let mut registry = Registry {
         fleet: kiln_fuzz::FLEET.into(),
         serial: 1,

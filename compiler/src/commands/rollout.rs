@@ -181,18 +181,14 @@ impl RolloutCommand {
         let registry = release.signing.fleet.registry(&mut session, &topics)?;
         let members = members(&mut session, &topics, &registry, &group)?;
         let module = release.module.clone();
-        let (devices, skipped): (Vec<_>, Vec<_>) = members
-            .into_iter()
-            .map(|(d, facts)| {
-                let fits = module.artifact_for(&facts.0, &facts.1).map(|_| ());
-                (d, fits)
-            })
-            .partition(|(_, fits)| fits.is_ok());
-        let devices: Vec<String> = devices.into_iter().map(|(d, _)| d).collect();
-        let skipped: Vec<(String, String)> = skipped
-            .into_iter()
-            .map(|(d, why)| (d, why.unwrap_err()))
-            .collect();
+        let mut devices = Vec::new();
+        let mut skipped = Vec::new();
+        for (device, target) in members {
+            match module.artifact_for(&target.triple, &target.cpu_features) {
+                Ok(_) => devices.push(device),
+                Err(why) => skipped.push((device, why)),
+            }
+        }
         for (d, why) in &skipped {
             eprintln!("  {d}: left out: {why}");
         }
@@ -331,6 +327,12 @@ impl ControlArgs {
     }
 }
 
+/// What a member's status says it runs on.
+struct Target {
+    triple: String,
+    cpu_features: Vec<String>,
+}
+
 /// The group's members by their retained status, with their target, refusing any
 /// whose status is not signed by its enrolled key (its reports would never count).
 fn members(
@@ -338,9 +340,9 @@ fn members(
     topics: &Topics,
     registry: &Registry,
     group: &str,
-) -> Result<Vec<(String, (String, Vec<String>))>> {
+) -> Result<Vec<(String, Target)>> {
     let mut unverified = Vec::new();
-    let mut members: Vec<(String, (String, Vec<String>))> = session
+    let mut members: Vec<(String, Target)> = session
         .retained(&topics.all_devices("status"))
         .map_err(unavailable)?
         .into_iter()
@@ -355,10 +357,14 @@ fn members(
             if !identity.is_verified() {
                 unverified.push(format!("{device} ({})", identity.word()));
             }
-            Some((device.to_string(), (facts.triple, facts.cpu_features)))
+            let target = Target {
+                triple: facts.triple,
+                cpu_features: facts.cpu_features,
+            };
+            Some((device.to_string(), target))
         })
         .collect();
-    members.sort();
+    members.sort_by(|a, b| a.0.cmp(&b.0));
     if !unverified.is_empty() {
         return Err(coded(
             Code::Key,

@@ -444,10 +444,10 @@ proptest! {
         // paused always ends.
         if matches!(r.phase, Phase::Running { .. }) {
             for _ in 0..=r.waves.len() {
-                for i in 0..n {
+                for (i, behaviour) in behaviours.iter().enumerate() {
                     let device = format!("d{i:03}");
                     if r.pending().contains(device.as_str()) {
-                        match behaviours[i] {
+                        match behaviour {
                             Behaviour::Commits => { apply(&mut r, now, committed(&device), &mut ever_sent, &mut aborted)?; }
                             Behaviour::Fails => { apply(&mut r, now, failed(&device), &mut ever_sent, &mut aborted)?; }
                             Behaviour::Silent => {}

@@ -53,6 +53,10 @@ struct Args {
     /// How often a running module publishes a telemetry value
     #[arg(long, default_value_t = 5000)]
     telemetry_ms: u64,
+    /// The last N devices say they are riscv64 (a mixed group: a release for x86_64
+    /// only leaves them out)
+    #[arg(long, default_value_t = 0)]
+    riscv: usize,
     /// Connections opened per second (a thousand at once is a thundering herd)
     #[arg(long, default_value_t = 200)]
     connect_rate: u32,
@@ -210,7 +214,8 @@ fn main() {
     let pause = Duration::from_secs(1) / args.connect_rate.max(1);
     for i in 0..args.devices {
         let name = format!("{}{i:04}", args.name);
-        match start(&args, &name, &connected) {
+        let riscv = i + args.riscv >= args.devices;
+        match start(&args, &name, riscv, &connected) {
             Ok(w) => fleet.push(w),
             Err(e) => {
                 eprintln!("kilnd-sim: device {name}: {e}");
@@ -242,6 +247,7 @@ fn main() {
 fn start(
     args: &Args,
     name: &str,
+    riscv: bool,
     connected: &Arc<AtomicUsize>,
 ) -> Result<Arc<Mutex<Workers>>, String> {
     let data_dir = args.data.join(name);
@@ -261,7 +267,11 @@ fn start(
         not_before_ms: 0,
     };
     let boot_id = new_boot_id();
-    let facts = fleet::facts(&config, boot_id);
+    let mut facts = fleet::facts(&config, boot_id);
+    if riscv {
+        facts.triple = "riscv64gc-unknown-linux-gnu".into();
+        facts.cpu_features = Vec::new();
+    }
     let trust = fleet::trust(&config, &args.root, &data_dir).map_err(|e| e.to_string())?;
     let (agent_tx, agent_rx) = mpsc::sync_channel(64);
     let (telemetry_tx, telemetry_rx) = mpsc::sync_channel(4096);

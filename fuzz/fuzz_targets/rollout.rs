@@ -1,0 +1,40 @@
+//! A group's rollout record from the broker, opened against the fixed root (its
+//! release role signs records): only a record signed by it, for its fleet and the
+//! group asked for, opens; what opens seals and opens again the same, and any step
+//! on it keeps the record's own rules (no device sent the release after an abort).
+#![no_main]
+
+use kiln_protocol::rollout::{Action, Input, Phase, Rollout};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let root = kiln_fuzz::root();
+    let Ok(record) = Rollout::open(data, &root, "lab") else {
+        return;
+    };
+    assert_eq!((record.fleet.as_str(), record.group.as_str()), (root.fleet.as_str(), "lab"));
+    let key = kiln_fuzz::key();
+    if let Ok(again) = record.seal(&[&key]) {
+        assert_eq!(Rollout::open(&again, &root, "lab").as_ref(), Ok(&record));
+    }
+    let _ = (record.label(), record.counts(), record.pending(), record.deadline_ms());
+    let first = record.devices.keys().next().cloned().unwrap_or_default();
+    for input in [
+        Input::Start,
+        Input::Committed { device: first.clone() },
+        Input::Failed { device: first, why: "fuzz".into() },
+        Input::Tick,
+        Input::Resume,
+        Input::Retry,
+        Input::Abort { by: "fuzz".into() },
+        Input::Tick,
+        Input::Retry,
+    ] {
+        let mut r = record.clone();
+        let aborted = matches!(r.phase, Phase::Aborted { .. });
+        let out = r.step(u64::MAX / 2, input);
+        if aborted {
+            assert!(!out.iter().any(|a| matches!(a, Action::Send(_))));
+        }
+    }
+});
