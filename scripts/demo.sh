@@ -190,4 +190,24 @@ if "$kiln" push "$sensor" --group demo --name app --version 5 --sign "$out/fleet
 fi
 
 echo
+echo "v5 as a rollout: the canary first, then the rest; its record stays on the broker"
+echo "(kiln rollout status, from any machine):"
+step "$kiln" rollout "$sensor" --group demo --name app --version 5 --sign "$out/new.key" --waves 1 \
+  --broker "$broker" --root "$out/fleet.root" "${run_opts[@]}"
+step "$kiln" rollout status --group demo --broker "$broker" --root "$out/fleet.root"
+
+echo
 echo "demo: artifacts and keys are in $out/"
+dash_port=$((port + 1))
+"$kiln" dashboard --listen "127.0.0.1:$dash_port" --broker "$broker" --root "$out/fleet.root" \
+  2>"$out/dashboard.log" &
+pids+=($!)
+for _ in $(seq 1 50); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$dash_port") 2>/dev/null && break
+  sleep 0.2
+done
+echo "demo: the fleet is live at http://127.0.0.1:$dash_port/ (kiln dashboard: both devices,"
+echo "      their versions, v3's rollback, the v5 rollout's waves, telemetry as charts)"
+if [ -t 0 ]; then
+  read -r -p "demo: press Enter to stop the fleet " _ || true
+fi

@@ -5,7 +5,8 @@
 # systemd-analyze (systemd), man (man-db, for the unit's man: links), strace (the
 # unit's syscall filter against what kilnd really calls) and shellcheck. The fleet
 # tests run against a second broker too: aedes (Node.js), from the npm registry at the
-# versions e2e/aedes/package-lock.json pins.
+# versions e2e/aedes/package-lock.json pins. The dashboard test drives Debian's
+# Chromium with chromedriver.
 set -euo pipefail
 
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
@@ -24,6 +25,8 @@ have strace || packages+=(strace)
 have shellcheck || packages+=(shellcheck)
 have dpkg-deb || packages+=(dpkg)
 { have node && have npm; } || packages+=(nodejs npm)
+# The dashboard's browser test: headless Chromium driven over WebDriver.
+{ have chromium && have chromedriver; } || packages+=(chromium chromium-driver)
 
 if [ ${#packages[@]} -gt 0 ]; then
   sudo=""

@@ -5,10 +5,10 @@ use clap::{Parser, Subcommand};
 
 use crate::commands::{
     acl::AclCommand, compile::CompileCommand, completions::CompletionsCommand,
-    conformance::ConformanceCommand, devices::DevicesCommand, enroll::EnrollCommand, gc::GcCommand,
-    inspect::InspectCommand, keygen::KeygenCommand, push::PushCommand, refresh::RefreshCommand,
-    release::ReleaseCommand, rollout::RolloutCommand, root::RootCommand, sign::SignCommand,
-    targets::TargetsCommand, watch::WatchCommand,
+    conformance::ConformanceCommand, dashboard::DashboardCommand, devices::DevicesCommand,
+    enroll::EnrollCommand, gc::GcCommand, inspect::InspectCommand, keygen::KeygenCommand,
+    push::PushCommand, refresh::RefreshCommand, release::ReleaseCommand, rollout::RolloutCommand,
+    root::RootCommand, sign::SignCommand, targets::TargetsCommand, watch::WatchCommand,
 };
 
 const AFTER_HELP: &str = "\
@@ -25,6 +25,7 @@ Examples:
   kiln root rotate --root fleet.root --sign fleet-root.key --release-key new.pub
   kiln devices
   kiln watch --device dev-01
+  kiln dashboard                  # the fleet live at http://127.0.0.1:8080/
   kiln gc
   kiln targets";
 
@@ -49,6 +50,7 @@ pub enum Command {
     Push(PushCommand),
     Devices(DevicesCommand),
     Watch(WatchCommand),
+    Dashboard(DashboardCommand),
     Rollout(RolloutCommand),
     Root(RootCommand),
     Sign(SignCommand),
@@ -71,6 +73,7 @@ impl Command {
             Command::Push(c) => c.execute(),
             Command::Devices(c) => c.execute(),
             Command::Watch(c) => c.execute(),
+            Command::Dashboard(c) => c.execute(),
             Command::Rollout(c) => c.execute(),
             Command::Root(c) => c.execute(),
             Command::Sign(c) => c.execute(),

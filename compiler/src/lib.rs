@@ -20,6 +20,7 @@ pub mod broker;
 pub mod cli;
 pub mod commands;
 pub mod conformance;
+pub mod dashboard;
 pub mod exit;
 pub mod files;
 pub mod keyfile;

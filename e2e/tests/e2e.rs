@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 mod conformance;
+mod dashboard;
 mod fleet;
 mod headless;
 mod lean;

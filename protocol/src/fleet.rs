@@ -91,6 +91,10 @@ impl Topics {
         }
     }
 
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     pub fn status(&self, device: &str) -> String {
         format!("{}/devices/{device}/status", self.prefix)
     }

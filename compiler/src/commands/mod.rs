@@ -4,6 +4,7 @@ pub mod acl;
 pub mod compile;
 pub mod completions;
 pub mod conformance;
+pub mod dashboard;
 pub mod devices;
 pub mod enroll;
 pub mod gc;

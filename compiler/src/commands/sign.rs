@@ -101,9 +101,14 @@ fn run_signer(command: &str, message: &[u8]) -> Result<[u8; 64]> {
         .spawn()
         .map_err(|e| failed(e.to_string()))?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(message)
-            .map_err(|e| failed(format!("cannot write the message: {e}")))?;
+        // A command that reads $KILN_MESSAGE may exit without reading stdin: a broken
+        // pipe is its choice, not a failure (what it printed decides).
+        match stdin.write_all(message) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                return Err(failed(format!("cannot write the message: {e}")));
+            }
+            _ => {}
+        }
     }
     let mut out = Vec::new();
     if let Some(stdout) = child.stdout.take() {

@@ -1,0 +1,421 @@
+//! What the dashboard knows of the fleet: every message the broker delivers, folded
+//! into bounded per-device state. Pure: [`Fleet::on_message`] takes a topic, its bytes
+//! and the time, and says which device or group changed; the server turns that into
+//! JSON for the page. Nothing a device sends is trusted: statuses, reports and events
+//! must verify (a forged one is kept as an invalid message, with the reason), and
+//! telemetry batches must decode and name the device whose topic they came on.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use kiln_protocol::fleet::{Event, Reported, Status, Topics};
+use kiln_protocol::keys::PublicKey;
+use kiln_protocol::names::{self, Kind};
+use kiln_protocol::rollout::{Outcome, Rollout};
+use kiln_protocol::telemetry::{self, Batch, Body, Tracker, Verdict};
+use kiln_protocol::trust::{Registry, Root, SignedRegistry};
+use serde_json::{json, Map, Value};
+
+use crate::trust::Identity;
+
+/// How much is kept, per device and per series.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Points per time series (a module stat, a telemetry stream).
+    pub points: usize,
+    /// Entries of a device's state history.
+    pub history: usize,
+    /// Series per device (module stats and streams together).
+    pub series: usize,
+    /// Devices tracked at most.
+    pub devices: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            points: 120,
+            history: 50,
+            series: 32,
+            devices: 20_000,
+        }
+    }
+}
+
+/// What changed, for the server to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changed {
+    Device(String),
+    Rollout(String),
+    /// The registry changed: every device's identity may have.
+    All,
+    Nothing,
+}
+
+#[derive(Debug, Default)]
+struct Series {
+    points: VecDeque<(u64, f64)>,
+    /// The last value, as text when it was not a number.
+    last_text: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Device {
+    online: Option<bool>,
+    triple: String,
+    kilnd: String,
+    groups: Vec<String>,
+    /// The key its status was signed with (its identity is checked against the
+    /// registry when shown, so enrolling shows at once).
+    signer: Option<PublicKey>,
+    /// (name, version, state, last event) as reported.
+    modules: Vec<(String, u64, String, String)>,
+    last_event: Option<(u64, String)>,
+    last_seen_ms: u64,
+    history: VecDeque<(u64, String, String)>,
+    series: BTreeMap<String, Series>,
+    batches: u64,
+    gaps: u64,
+    duplicates: u64,
+    late: u64,
+    last_gap: Option<String>,
+    invalid: VecDeque<(u64, String)>,
+}
+
+/// The fleet as the dashboard shows it.
+pub struct Fleet {
+    topics: Topics,
+    root: Root,
+    registry: Registry,
+    limits: Limits,
+    devices: BTreeMap<String, Device>,
+    rollouts: BTreeMap<String, Value>,
+    tracker: Tracker,
+    /// Messages on no device's topic, or for more devices than the limit.
+    pub ignored: u64,
+}
+
+impl Fleet {
+    pub fn new(topics: Topics, root: Root, registry: Registry, limits: Limits) -> Self {
+        Fleet {
+            topics,
+            root,
+            registry,
+            limits,
+            devices: BTreeMap::new(),
+            rollouts: BTreeMap::new(),
+            tracker: Tracker::default(),
+            ignored: 0,
+        }
+    }
+
+    /// Folds one message in.
+    pub fn on_message(&mut self, topic: &str, payload: &[u8], now_ms: u64) -> Changed {
+        if topic == self.topics.registry() {
+            return match SignedRegistry::open(payload, &self.root) {
+                Ok(r) => {
+                    self.registry = r;
+                    Changed::All
+                }
+                Err(_) => Changed::Nothing,
+            };
+        }
+        if let Some(group) = topic
+            .strip_suffix("/rollout")
+            .and_then(|t| t.strip_prefix(&format!("{}/groups/", self.topics.prefix())))
+        {
+            let summary = match Rollout::open(payload, &self.root, group) {
+                Ok(r) => rollout_json(&r),
+                Err(why) => json!({ "group": group, "invalid": why }),
+            };
+            self.rollouts.insert(group.to_string(), summary);
+            return Changed::Rollout(group.to_string());
+        }
+        let Some((device, kind)) = self.topics.parse_device(topic) else {
+            self.ignored += 1;
+            return Changed::Nothing;
+        };
+        if names::check(Kind::Device, device).is_err()
+            || (!self.devices.contains_key(device) && self.devices.len() >= self.limits.devices)
+        {
+            self.ignored += 1;
+            return Changed::Nothing;
+        }
+        let device = device.to_string();
+        let limits = self.limits;
+        let d = self.devices.entry(device.clone()).or_default();
+        let invalid = |d: &mut Device, why: String| {
+            d.invalid.push_back((now_ms, why));
+            trim(&mut d.invalid, 10);
+        };
+        match kind {
+            "status" => match Status::open(topic, payload) {
+                Ok((s, signer)) => {
+                    d.online = Some(s.online);
+                    if let Some(f) = s.facts {
+                        d.triple = f.triple;
+                        d.kilnd = f.kilnd;
+                        d.groups = f.groups;
+                    }
+                    d.signer = signer;
+                    if s.online {
+                        d.last_seen_ms = now_ms;
+                    }
+                }
+                Err(why) => invalid(d, format!("status: {why}")),
+            },
+            "reported" => match Reported::open(topic, payload) {
+                Ok((r, _)) => {
+                    d.modules = r
+                        .modules
+                        .iter()
+                        .map(|m| {
+                            let state = format!("{:?}", m.state).to_lowercase();
+                            (m.name.clone(), m.version, state, m.last_event.clone())
+                        })
+                        .collect();
+                    d.last_seen_ms = now_ms;
+                }
+                Err(why) => invalid(d, format!("reported state: {why}")),
+            },
+            "events" => match Event::open(topic, payload) {
+                Ok((e, _)) => {
+                    let text = format!("{} v{}: {}", e.module, e.version, e.kind);
+                    d.last_event = Some((e.at_ms, text.clone()));
+                    d.history
+                        .push_back((e.at_ms, e.module.clone(), e.kind.to_string()));
+                    trim(&mut d.history, limits.history);
+                    d.last_seen_ms = now_ms;
+                }
+                Err(why) => invalid(d, format!("event: {why}")),
+            },
+            "telemetry" => {
+                let batch = match Batch::decode(payload) {
+                    Ok(b) if b.device == device => b,
+                    Ok(b) => {
+                        invalid(d, format!("telemetry: a batch from `{}`", b.device));
+                        return Changed::Device(device);
+                    }
+                    Err(why) => {
+                        invalid(d, format!("telemetry: {why}"));
+                        return Changed::Device(device);
+                    }
+                };
+                d.last_seen_ms = now_ms;
+                match self
+                    .tracker
+                    .batch(&device, batch.boot_id, batch.seq, batch.records.len())
+                {
+                    Verdict::Duplicate => {
+                        d.duplicates += 1;
+                        return Changed::Device(device);
+                    }
+                    Verdict::New { gap, late } => {
+                        d.batches += 1;
+                        if let Some((a, b)) = gap {
+                            d.gaps += 1;
+                            d.last_gap = Some(format!("batches {a}..={b} missing"));
+                        }
+                        d.late += u64::from(late);
+                    }
+                    Verdict::Untracked => d.batches += 1,
+                }
+                for record in &batch.records {
+                    if let Body::Dropped(x) = &record.body {
+                        self.tracker.dropped(&device, x);
+                    }
+                    fold_record(d, record, limits);
+                }
+            }
+            _ => return Changed::Nothing,
+        }
+        Changed::Device(device)
+    }
+
+    /// One row of the fleet table.
+    pub fn summary(&self, name: &str) -> Option<Value> {
+        let d = self.devices.get(name)?;
+        let modules: Vec<Value> = d
+            .modules
+            .iter()
+            .map(|(n, v, s, e)| json!({ "name": n, "version": v, "state": s, "last_event": e }))
+            .collect();
+        Some(json!({
+            "device": name,
+            "online": d.online,
+            "target": d.triple,
+            "kilnd": d.kilnd,
+            "groups": d.groups,
+            "identity": Identity::of(&self.registry, name, d.signer.as_ref()).word(),
+            "modules": modules,
+            "last_event": d.last_event.as_ref().map(|(at, t)| json!({ "at_ms": at, "text": t })),
+            "last_seen_ms": d.last_seen_ms,
+            "telemetry": {
+                "batches": d.batches, "gaps": d.gaps, "duplicates": d.duplicates,
+                "late": d.late, "last_gap": d.last_gap,
+            },
+            "invalid": d.invalid.back().map(|(at, why)| json!({ "at_ms": at, "why": why })),
+            "invalid_count": d.invalid.len(),
+        }))
+    }
+
+    /// Everything about one device: its row, history and series.
+    pub fn detail(&self, name: &str) -> Option<Value> {
+        let d = self.devices.get(name)?;
+        let mut v = self.summary(name)?;
+        v["history"] = d
+            .history
+            .iter()
+            .map(|(at, m, k)| json!({ "at_ms": at, "module": m, "what": k }))
+            .collect();
+        let series: Map<String, Value> = d
+            .series
+            .iter()
+            .map(|(k, s)| {
+                let points: Vec<Value> = s.points.iter().map(|(t, y)| json!([t, y])).collect();
+                (k.clone(), json!({ "points": points, "text": s.last_text }))
+            })
+            .collect();
+        v["series"] = Value::Object(series);
+        v["invalid_messages"] = d
+            .invalid
+            .iter()
+            .map(|(at, why)| json!({ "at_ms": at, "why": why }))
+            .collect();
+        Some(v)
+    }
+
+    pub fn device_names(&self) -> Vec<String> {
+        self.devices.keys().cloned().collect()
+    }
+
+    pub fn rollout(&self, group: &str) -> Option<&Value> {
+        self.rollouts.get(group)
+    }
+
+    pub fn rollouts(&self) -> impl Iterator<Item = &Value> {
+        self.rollouts.values()
+    }
+}
+
+fn trim<T>(q: &mut VecDeque<T>, n: usize) {
+    while q.len() > n {
+        q.pop_front();
+    }
+}
+
+/// A record into a device's history and series.
+fn fold_record(d: &mut Device, record: &telemetry::Record, limits: Limits) {
+    let module = record.module.clone().unwrap_or_else(|| "kilnd".into());
+    let at = record.at_ms;
+    let point = |d: &mut Device, key: String, value: Option<f64>, text: Option<String>| {
+        if !d.series.contains_key(&key) && d.series.len() >= limits.series {
+            return;
+        }
+        let s = d.series.entry(key).or_default();
+        if let Some(y) = value.filter(|y| y.is_finite()) {
+            s.points.push_back((at, y));
+            trim(&mut s.points, limits.points);
+        }
+        s.last_text = text;
+    };
+    match &record.body {
+        Body::Telemetry { stream, data } => {
+            let key = format!("{module}/{stream}");
+            let text = String::from_utf8_lossy(data);
+            match serde_json::from_str::<Value>(&text) {
+                Ok(Value::Number(n)) => point(d, key, n.as_f64(), None),
+                Ok(Value::Object(fields)) => {
+                    let mut any = false;
+                    for (field, value) in &fields {
+                        if let Some(y) = value.as_f64() {
+                            any = true;
+                            point(d, format!("{key}.{field}"), Some(y), None);
+                        }
+                    }
+                    if !any {
+                        point(d, key, None, Some(clip(&text)));
+                    }
+                }
+                _ => point(d, key, None, Some(clip(&text))),
+            }
+        }
+        Body::ModuleStats(_) | Body::DeviceStats(_) => {
+            let v = telemetry::to_json(record);
+            let wanted: BTreeSet<&str> = [
+                "cpu_ms",
+                "rss_kib",
+                "restarts",
+                "fuel_used",
+                "traps",
+                "kilnd_rss_kib",
+                "load_milli",
+                "spool_batches",
+            ]
+            .into();
+            if let Some(fields) = v.as_object() {
+                for (field, value) in fields {
+                    if wanted.contains(field.as_str()) {
+                        if let Some(y) = value.as_f64() {
+                            point(d, format!("{module} {field}"), Some(y), None);
+                        }
+                    }
+                }
+            }
+        }
+        Body::Started(s) => {
+            d.history
+                .push_back((at, module, format!("started v{}", s.version)));
+            trim(&mut d.history, limits.history);
+        }
+        Body::Stopped(s) => {
+            d.history
+                .push_back((at, module, format!("stopped: {}", s.why)));
+            trim(&mut d.history, limits.history);
+        }
+        _ => {}
+    }
+}
+
+fn clip(text: &str) -> String {
+    text.chars().take(200).collect()
+}
+
+/// A rollout record as the page shows it.
+fn rollout_json(r: &Rollout) -> Value {
+    let (waiting, pending, committed, failed) = r.counts();
+    let waves: Vec<Value> = r
+        .waves
+        .iter()
+        .map(|w| {
+            let devices: Vec<Value> = w
+                .iter()
+                .map(|name| {
+                    let d = &r.devices[name];
+                    let (outcome, why) = match &d.outcome {
+                        Outcome::Waiting => ("waiting", None),
+                        Outcome::Sent { .. } => ("pending", None),
+                        Outcome::Committed { .. } => ("committed", None),
+                        Outcome::Failed { why } => ("failed", Some(why.clone())),
+                    };
+                    json!({ "device": name, "outcome": outcome, "why": why, "returned": d.returned })
+                })
+                .collect();
+            json!(devices)
+        })
+        .collect();
+    json!({
+        "group": r.group,
+        "id": r.id,
+        "release": r.label(),
+        "phase": r.phase.to_string(),
+        "started_by": r.started_by,
+        "updated_ms": r.updated_ms,
+        "counts": { "waiting": waiting, "pending": pending, "committed": committed, "failed": failed },
+        "waves": waves,
+        "skipped": r.skipped,
+        "history": r.history.iter().map(|(at, l)| json!({ "at_ms": at, "text": l })).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests;
