@@ -430,3 +430,16 @@ fn a_targets_dir_with_a_typo_is_rejected_naming_the_file_and_key() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_dashboard_listens_off_loopback_only_when_told_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = kiln(dir.path(), &["dashboard", "--listen", "0.0.0.0:0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not a loopback address") && err.contains("--allow-remote"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}

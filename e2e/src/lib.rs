@@ -18,6 +18,15 @@ use kiln_protocol::target::TargetProfile;
 /// The device profiles every behaviour is checked on: native, and two under qemu-user.
 pub const DEVICES: [&str; 3] = ["x86_64-linux", "aarch64-linux", "riscv64-linux"];
 
+/// A loopback port nobody listens on (for a broker, a page, a WebDriver).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

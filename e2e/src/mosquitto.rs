@@ -1,7 +1,6 @@
 //! A broker of the harness's own on a free loopback port, for tests and the bench:
 //! mosquitto, or aedes (the second implementation the fleet tests run against).
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -25,11 +24,7 @@ pub struct Broker {
 
 impl Broker {
     pub fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::free_port();
         let dir = tempfile::tempdir().unwrap();
         // mosquitto started as root drops to its own user: let it write persistence.
         open_up(dir.path(), 0o777);

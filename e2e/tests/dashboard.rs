@@ -6,7 +6,6 @@
 //! the page with 1,000 simulated devices and measures it. Screenshots are kept in
 //! `$CARGO_TARGET_DIR/artifacts/`.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -32,11 +31,7 @@ struct Dashboard {
 
 impl Dashboard {
     fn start(broker: &Broker, root: &std::path::Path) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = kiln_e2e::free_port();
         let child = Command::new(kiln_path())
             .args(["dashboard", "--listen", &format!("127.0.0.1:{port}")])
             .args(["--broker", &broker.url(), "--root", path_str(root)])

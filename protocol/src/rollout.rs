@@ -391,7 +391,7 @@ impl Rollout {
                     }
                 }
                 if !silent.is_empty() {
-                    self.note(now_ms, format!("{}: {why}", list(&silent)));
+                    self.note(now_ms, format!("{}: {why}", short_list(&silent)));
                 }
                 self.evaluate(now_ms, &mut out);
             }
@@ -445,7 +445,7 @@ impl Rollout {
                     wave,
                     since_ms: now_ms,
                 };
-                self.note(now_ms, format!("retry: {}", list(&failed)));
+                self.note(now_ms, format!("retry: {}", short_list(&failed)));
                 out.push(Action::Send(failed));
             }
             Input::Abort { by } => {
@@ -616,16 +616,17 @@ pub enum SignedRollout {
     V1 { body: Vec<u8>, signatures: Vec<Sig> },
 }
 
-fn list(devices: &[String]) -> String {
+/// At most five of `items`, and how many more: `d1, d2, d3, d4, d5 and 995 more`.
+pub fn short_list(items: &[String]) -> String {
     const SHOWN: usize = 5;
-    let mut s = devices
+    let mut s = items
         .iter()
         .take(SHOWN)
         .cloned()
         .collect::<Vec<_>>()
         .join(", ");
-    if devices.len() > SHOWN {
-        s.push_str(&format!(" and {} more", devices.len() - SHOWN));
+    if items.len() > SHOWN {
+        s.push_str(&format!(" and {} more", items.len() - SHOWN));
     }
     s
 }

@@ -13,7 +13,7 @@ use kiln_protocol::fleet::{
 };
 use kiln_protocol::names::Kind;
 use kiln_protocol::rollout::{
-    plan_waves, Action, Input, Outcome, Phase, Policy, Rollout, Threshold,
+    plan_waves, short_list, Action, Input, Outcome, Phase, Policy, Rollout, Threshold,
 };
 use kiln_protocol::trust::Registry;
 
@@ -503,16 +503,21 @@ impl<'a> Driver<'a> {
         Ok(())
     }
 
-    /// Two operators starting at once: the broker keeps one record; whoever's is not
-    /// it stops before any device was sent anything.
-    fn claim(&mut self) -> Result<()> {
-        std::thread::sleep(Duration::from_millis(500));
-        let kept = read_record(
+    /// The record the broker keeps for this rollout's group now.
+    fn kept(&mut self) -> Result<Option<Rollout>> {
+        read_record(
             &mut self.session,
             self.signing,
             &self.topics,
             &self.record.group,
-        )?;
+        )
+    }
+
+    /// Two operators starting at once: the broker keeps one record; whoever's is not
+    /// it stops before any device was sent anything.
+    fn claim(&mut self) -> Result<()> {
+        std::thread::sleep(Duration::from_millis(500));
+        let kept = self.kept()?;
         match kept {
             Some(other) if other.id != self.record.id => Err(busy(&other)),
             _ => Ok(()),
@@ -796,12 +801,7 @@ impl<'a> Driver<'a> {
                 Err(_) => {}
             }
         }
-        let kept = read_record(
-            &mut self.session,
-            self.signing,
-            &self.topics,
-            &self.record.group,
-        )?;
+        let kept = self.kept()?;
         if kept.is_none() {
             eprintln!("  the broker lost the rollout record (no persistence?): written again");
             self.persist()?;
@@ -818,12 +818,7 @@ impl<'a> Driver<'a> {
         for _ in 0..5 {
             self.apply(Input::Abort { by: me.into() })?;
             std::thread::sleep(Duration::from_millis(1500));
-            match read_record(
-                &mut self.session,
-                self.signing,
-                &self.topics,
-                &self.record.group,
-            )? {
+            match self.kept()? {
                 Some(kept) if kept.id == self.record.id && !kept.phase.is_active() => {
                     eprintln!("rollout {}: {}", kept.id, kept.phase);
                     self.session.disconnect();
@@ -858,20 +853,6 @@ fn failures(r: &Rollout) -> String {
         })
         .collect();
     short_list(&failed)
-}
-
-fn short_list(items: &[String]) -> String {
-    const SHOWN: usize = 5;
-    let mut s = items
-        .iter()
-        .take(SHOWN)
-        .cloned()
-        .collect::<Vec<_>>()
-        .join(", ");
-    if items.len() > SHOWN {
-        s.push_str(&format!(" and {} more", items.len() - SHOWN));
-    }
-    s
 }
 
 /// `kiln rollout status`: the record(s), checked against the fleet's root.
