@@ -96,6 +96,9 @@ pub struct RolloutCommand {
 #[derive(Subcommand, Debug)]
 pub enum Control {
     /// Show a group's rollout, or one line for every group's
+    #[command(
+        after_help = "Examples:\n  kiln rollout status                  # one line per group\n  kiln rollout status --group lab      # waves, outcomes, failures, history"
+    )]
     Status {
         #[arg(long)]
         group: Option<String>,
@@ -105,14 +108,20 @@ pub enum Control {
         broker: BrokerArgs,
     },
     /// Start no new wave until resumed (the wave in flight goes on)
+    #[command(after_help = "Examples:\n  kiln rollout pause --group lab --sign fleet.key")]
     Pause(ControlArgs),
     /// Go on with a paused rollout, or take up one whose driver stopped
+    #[command(
+        after_help = "Examples:\n  kiln rollout resume --group lab --sign fleet.key\n  kiln rollout resume --group lab --sign fleet.key --take-over   # its driver's machine is gone"
+    )]
     Resume(ResumeArgs),
     /// Send the release again to the devices that failed (a device that rolled back
     /// this very artifact refuses it again: it remembers)
+    #[command(after_help = "Examples:\n  kiln rollout retry --group lab --sign fleet.key")]
     Retry(ControlArgs),
     /// Stop the rollout: devices not reached never get the release; the wave in
     /// flight gets back what it had
+    #[command(after_help = "Examples:\n  kiln rollout abort --group lab --sign fleet.key")]
     Abort(ControlArgs),
 }
 
