@@ -645,34 +645,14 @@ impl<'a> Driver<'a> {
         self.subscribe(true)?;
         let mut last_tick = Instant::now();
         while matches!(self.record.phase, Phase::Running { .. }) {
-            let wait = self
-                .record
-                .deadline_ms()
-                .map_or(1000, |d| d.saturating_sub(now_ms()))
-                .clamp(10, 1000);
-            match self.session.next_message(Duration::from_millis(wait)) {
-                Ok(Some((topic, payload))) => {
-                    if topic == self.topic {
-                        if let Ok(theirs) =
-                            Rollout::open(&payload, self.signing.fleet.root(), &self.record.group)
-                        {
-                            self.take_over(theirs)?;
-                        }
-                    } else {
-                        self.on_device_message(&topic, &payload)?;
-                    }
+            // The broker going away at any step (a read, a publish, the record) is
+            // survived the same way: reconnect, catch up, send again what may not
+            // have gone out.
+            if let Err(e) = self.turn(&mut last_tick) {
+                if crate::exit::code_of(&e) != Code::Unavailable {
+                    return Err(e);
                 }
-                Ok(None) => {}
-                Err(e) => self.reconnect(e)?,
-            }
-            if last_tick.elapsed() >= Duration::from_millis(wait) {
-                last_tick = Instant::now();
-                self.apply(Input::Tick)?;
-            }
-            let due = self.last_persist.elapsed() >= HEARTBEAT
-                || (self.dirty && self.last_persist.elapsed() >= COALESCE);
-            if due && matches!(self.record.phase, Phase::Running { .. }) {
-                self.persist()?;
+                self.reconnect(e)?;
             }
         }
         if self.dirty {
@@ -712,6 +692,40 @@ impl<'a> Driver<'a> {
         };
         self.session.disconnect();
         result
+    }
+
+    /// One message (or a second without one), the clock, and the record's heartbeat.
+    fn turn(&mut self, last_tick: &mut Instant) -> Result<()> {
+        let wait = self
+            .record
+            .deadline_ms()
+            .map_or(1000, |d| d.saturating_sub(now_ms()))
+            .clamp(10, 1000);
+        let message = self
+            .session
+            .next_message(Duration::from_millis(wait))
+            .map_err(unavailable)?;
+        if let Some((topic, payload)) = message {
+            if topic == self.topic {
+                if let Ok(theirs) =
+                    Rollout::open(&payload, self.signing.fleet.root(), &self.record.group)
+                {
+                    self.take_over(theirs)?;
+                }
+            } else {
+                self.on_device_message(&topic, &payload)?;
+            }
+        }
+        if last_tick.elapsed() >= Duration::from_millis(wait) {
+            *last_tick = Instant::now();
+            self.apply(Input::Tick)?;
+        }
+        let due = self.last_persist.elapsed() >= HEARTBEAT
+            || (self.dirty && self.last_persist.elapsed() >= COALESCE);
+        if due && matches!(self.record.phase, Phase::Running { .. }) {
+            self.persist()?;
+        }
+        Ok(())
     }
 
     /// A record on the rollout topic: our own echo, or an operator's pause or abort,
@@ -817,7 +831,20 @@ impl<'a> Driver<'a> {
         }
         // The record kept, if an operator changed it meanwhile, arrives on the topic.
         self.subscribe(true)?;
-        self.catch_up()
+        self.catch_up()?;
+        // A send cut short leaves devices on record as sent that never got the
+        // release: send it again to every device still pending (a device that has it
+        // takes the same entry again and carries on).
+        let pending: Vec<String> = self
+            .record
+            .pending()
+            .into_iter()
+            .map(String::from)
+            .collect();
+        if !pending.is_empty() && matches!(self.record.phase, Phase::Running { .. }) {
+            self.perform(Action::Send(pending))?;
+        }
+        Ok(())
     }
 
     /// An operator's abort: on record first (the driver, if alive, stops sending and
