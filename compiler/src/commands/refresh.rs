@@ -14,7 +14,7 @@ use kiln_protocol::trust::SignedRegistry;
 
 const AFTER_HELP: &str = "\
 Devices refuse expired desired states and report `stale` when the states they follow
-are older than their bound (stale_after_s, 15 days by default): a broker that keeps
+are older than their bound (stale_after_s, 7 days by default): a broker that keeps
 serving an old state cannot hide a newer one for longer. So a fleet re-signs its
 states more often than that, from a timer, with the release key: the modules stay as
 they are, and the serial, issue time and expiry are new.

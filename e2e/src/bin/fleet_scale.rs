@@ -296,18 +296,23 @@ fn main() {
         traffic(&s0, &s1, n),
     ));
 
-    let mut rollout = vec![
-        "rollout",
-        path_str(&apps[1]),
-        "--group",
-        "lab",
-        "--sign",
-        "fleet.key",
-        "--waves",
-        "1,10,100",
-    ];
-    rollout.extend(quick);
-    let rolled = fleet.ok(&rollout);
+    // `kiln rollout APP` to group lab in waves of 1, 10, 100 and the rest.
+    let rollout = |app: &Path, policy: &[&str]| {
+        let mut args = vec![
+            "rollout",
+            path_str(app),
+            "--group",
+            "lab",
+            "--sign",
+            "fleet.key",
+        ];
+        args.extend(["--waves", "1,10,100"]);
+        args.extend(policy);
+        args.extend(quick);
+        fleet.kiln(&args)
+    };
+    let rolled = rollout(&apps[1], &[]);
+    assert!(rolled.code == 0, "rollout v2 failed:\n{}", rolled.stderr);
     std::thread::sleep(Duration::from_millis(2500));
     let s2 = sys_counters(broker.port);
     let waves = rolled
@@ -336,22 +341,8 @@ fn main() {
     ));
 
     // v3 crashes on a tenth of the devices: 1% allowed in all halts it.
-    let mut bad = vec![
-        "rollout",
-        path_str(&apps[2]),
-        "--group",
-        "lab",
-        "--sign",
-        "fleet.key",
-        "--waves",
-        "1,10,100",
-        "--max-failures",
-        "100%",
-        "--max-total-failures",
-        "1%",
-    ];
-    bad.extend(quick);
-    let halted = fleet.kiln(&bad);
+    let policy = ["--max-failures", "100%", "--max-total-failures", "1%"];
+    let halted = rollout(&apps[2], &policy);
     assert_eq!(halted.code, 1, "the bad release halts:\n{}", halted.stderr);
     // `kiln: error: rollout halted in wave 3: 11 of 1000 devices failed (allowed: 1%): ...`
     let why = halted
