@@ -641,7 +641,11 @@ impl<'a> Driver<'a> {
     /// operator paused or aborted it.
     fn drive(mut self, first: Input) -> Result<()> {
         self.subscribe(false)?;
+        let resumed = first == Input::Resume;
         self.apply(first)?;
+        if resumed {
+            self.resend_pending()?;
+        }
         self.subscribe(true)?;
         let mut last_tick = Instant::now();
         while matches!(self.record.phase, Phase::Running { .. }) {
@@ -832,9 +836,14 @@ impl<'a> Driver<'a> {
         // The record kept, if an operator changed it meanwhile, arrives on the topic.
         self.subscribe(true)?;
         self.catch_up()?;
-        // A send cut short leaves devices on record as sent that never got the
-        // release: send it again to every device still pending (a device that has it
-        // takes the same entry again and carries on).
+        self.resend_pending()
+    }
+
+    /// A send cut short (the broker went away, or the driver died between writing the
+    /// record and publishing) leaves devices on record as sent that never got the
+    /// release: send it again to every device still pending (a device that has it
+    /// takes the same entry again and carries on).
+    fn resend_pending(&mut self) -> Result<()> {
         let pending: Vec<String> = self
             .record
             .pending()
