@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The fleet side at scale (README "Fleet scale"): simulated devices (kilnd-sim: kilnd's
+# The fleet side at scale (docs/src/measurements/2026-11-30.md, "Fleet scale"): simulated devices (kilnd-sim: kilnd's
 # link, update agent, store and telemetry spool per device, the worker simulated)
 # against a real mosquitto, driven by the kiln users install (host profile), measured.
 #   scripts/fleet-scale.sh [--devices N] [--no-build]

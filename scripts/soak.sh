@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The chaos soak (issue 15): a small fleet on this machine (kilnd natively and under
 # qemu-user, a real mosquitto, kiln watch) with faults injected at random from a seed,
-# and the invariants checked while it runs and at the end. See README "Chaos soak".
+# and the invariants checked while it runs and at the end. See docs/src/testing.md, "Chaos soak".
 #   scripts/soak.sh [--minutes N] [--seed S] [--devices D] [--no-build]
 # (--no-build: kilnd and kiln are already built, as in scripts/test.sh)
 # Exit codes: 0 passed, 1 an invariant broke (the seed and the faults before it are

@@ -28,6 +28,6 @@ cargo test --locked
 # test-only features the tests' kilnd has.
 cargo test --locked -p kiln-runtime --lib --features conformance,test-hooks
 cargo test --locked -p kiln-runtime --doc
-# The chaos soak for one minute with a fixed seed (README "Chaos soak"): three devices
+# The chaos soak for one minute with a fixed seed (docs/src/testing.md, "Chaos soak"): three devices
 # (native, aarch64 and riscv64 under qemu-user), faults from the seed, invariants held.
 scripts/soak.sh --no-build --minutes 1 --seed 20261130

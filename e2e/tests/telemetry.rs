@@ -583,7 +583,7 @@ struct Flooded {
 }
 
 /// kilnd's peak RSS must stay under this, whatever its modules do (it held about
-/// 20 MiB in the runs the README reports).
+/// 20 MiB in the runs docs/src/measurements/2026-11-29.md reports).
 const RSS_BOUND_KIB: u64 = 64 * 1024;
 
 fn vm_kib(pid: u32, key: &str) -> Option<u64> {

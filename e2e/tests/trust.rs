@@ -1,6 +1,6 @@
 //! The trust model against mosquitto and real devices: key rotation reaching online
 //! and offline devices, signing apart from publishing with a k-of-n threshold, and
-//! every attack of the README's threat table refused with an event while what runs
+//! every attack of the threat table (docs/src/trust.md) refused with an event while what runs
 //! stays. Each test has a fleet of its own (its own root), made by `kiln keygen`.
 
 use std::path::{Path, PathBuf};

@@ -1,6 +1,6 @@
 //! The kiln host ABI, version 1: what a module may import from module `kiln` and what a
 //! reactor module exports for the daemon to drive. This file is the reference; the
-//! README's "Host ABI" page is generated from the same names.
+//! book's page `docs/src/abi.md` documents the same names.
 //!
 //! Pointers and lengths are `i32` offsets into the module's exported `memory`. Functions
 //! that return `i32` return a count (>= 0) or one of the negative [`Status`] codes; a bad

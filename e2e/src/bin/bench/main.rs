@@ -30,7 +30,7 @@ use kiln_e2e::{path_str, DEVICES};
 
 use target::Target;
 
-/// Measure kiln on this machine and print the tables the README quotes
+/// Measure kiln on this machine and print the tables the book's measurement pages quote
 #[derive(Parser)]
 struct Args {
     /// Repetitions per figure; the median is shown

@@ -378,7 +378,7 @@ fn wait_started(rx: &Receiver<u64>, version: u64) {
     }
 }
 
-/// Decode times natively, for the README's decision to keep artifacts decoded.
+/// Decode times natively, for the decision to keep artifacts decoded (docs/src/transfers.md).
 pub fn decode_times(target: &Target) -> Vec<Vec<String>> {
     let mut rows = Vec::new();
     for family in families(target) {
