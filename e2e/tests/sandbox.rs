@@ -26,6 +26,11 @@ impl Serve {
     /// Starts `kilnd serve` on `device` with `config` (the trust line and, under qemu,
     /// the worker launcher are added here).
     pub fn start(device: &Device, config: &str) -> Self {
+        Self::start_with(device, config, &[])
+    }
+
+    /// [`Serve::start`] with extra environment variables for kilnd (and so its workers).
+    pub fn start_with(device: &Device, config: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let text = format!(
             "trust = [{:?}]\n{}\n{config}",
@@ -36,6 +41,7 @@ impl Serve {
         std::fs::write(&path, text).unwrap();
         let stderr = dir.path().join("stderr.txt");
         let mut cmd = device.command(&["serve", "--config", path_str(&path)]);
+        cmd.envs(env.iter().copied());
         cmd.stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr).unwrap());
         let mut child = cmd.spawn().expect("spawn kilnd serve");
@@ -59,7 +65,7 @@ impl Serve {
         }
     }
 
-    fn records(&self) -> Vec<Value> {
+    pub fn records(&self) -> Vec<Value> {
         self.records.lock().unwrap().clone()
     }
 
@@ -101,7 +107,7 @@ impl Serve {
         }
     }
 
-    fn explain(&self) -> String {
+    pub fn explain(&self) -> String {
         let records: Vec<String> = self.records().iter().map(|r| r.to_string()).collect();
         format!(
             "--- records ---\n{}\n--- stderr ---\n{}",
@@ -524,6 +530,101 @@ fn workers_are_forked_by_a_zygote_and_a_lost_zygote_is_replaced() {
     assert_ne!(second, zygote);
     assert_eq!(parent_of(second), Some(serve.child.id()));
     assert!(serve.explain().contains("the zygote has ended"));
+}
+
+/// The issue-29 reproduction: a zygote restarted by a module's spawn died with that
+/// module's supervisor thread (`PR_SET_PDEATHSIG` follows the forking thread) and took
+/// every other worker with it. Here the zygote is killed three times while only a
+/// trapping module `t` is spawning, so each replacement is asked for by `t`; a healthy
+/// module `c` added by SIGHUP then outlives `t` being marked failed.
+#[test]
+fn a_healthy_module_outlives_the_failure_of_the_module_that_restarted_the_zygote() {
+    let device = Device::new("x86_64-linux");
+    let trap = shared().artifact("fixtures/trap-tick.wat", "x86_64-linux");
+    let sensor = shared().artifact("sensor_filter.wasm", "x86_64-linux");
+    let t = |max_crashes: u32| {
+        module_entry(
+            "t",
+            &trap,
+            &format!(
+                "tick_ms = 100\nrestart = {{ backoff_ms = 100, backoff_max_ms = 100, max_crashes = {max_crashes}, window_s = 1 }}"
+            ),
+        )
+    };
+    let mut serve = Serve::start(&device, &t(1000));
+    let serve_pid = serve.child.id();
+    let mut zygotes = Vec::new();
+    for round in 0..3 {
+        let zygote = wait_for(Duration::from_secs(30), || zygote_of(serve_pid))
+            .unwrap_or_else(|| panic!("round {round}: no zygote\n{}", serve.explain()));
+        assert!(!zygotes.contains(&zygote), "round {round}: the old zygote");
+        zygotes.push(zygote);
+        kill("KILL", zygote.into());
+        // `t` keeps crashing and spawning; its next spawn starts the next zygote.
+        let next = wait_for(Duration::from_secs(30), || {
+            zygote_of(serve_pid).filter(|z| *z != zygote)
+        });
+        assert!(
+            next.is_some(),
+            "round {round}: no new zygote\n{}",
+            serve.explain()
+        );
+    }
+
+    // The operator adds `c`, then lowers `t`'s crash allowance so that it is failed.
+    let config_path = serve._dir.path().join("kilnd.toml");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(
+        &config_path,
+        format!("{config}{}", module_entry("c", &sensor, "tick_ms = 50")),
+    )
+    .unwrap();
+    kill("HUP", serve_pid.into());
+    serve.wait_until(Duration::from_secs(30), |r| {
+        of(r, "c", "telemetry").len() >= 3
+    });
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(&config_path, config.replace(&t(1000), &t(1))).unwrap();
+    kill("HUP", serve_pid.into());
+    let records = serve.wait_until(Duration::from_secs(30), |r| outlived(r, "c", &["t"]));
+    // And `c` goes on well after `t`'s supervisor has ended.
+    let seen = of(&records, "c", "telemetry").len();
+    let records = serve.wait_until(Duration::from_secs(30), |r| {
+        of(r, "c", "telemetry").len() >= seen + 20
+    });
+    assert_eq!(of(&records, "c", "started").len(), 1, "{}", serve.explain());
+    assert!(
+        of(&records, "c", "stopped").is_empty(),
+        "c was stopped\n{}",
+        serve.explain()
+    );
+}
+
+/// The live zygote of `kilnd serve` `serve`: its child whose command ends in `zygote`.
+fn zygote_of(serve: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let last = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .last()?;
+        (parent_of(pid) == Some(serve) && last == b"zygote").then_some(pid)
+    })
+}
+
+/// Polls `probe` until it finds something or `limit` passes.
+fn wait_for<T>(limit: Duration, probe: impl Fn() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(found) = probe() {
+            return Some(found);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// `kilnd serve` running sensor-filter natively with a quick restart policy, and its

@@ -3,6 +3,11 @@
 //! should the zygote be gone or unable to start, the worker is exec'd as
 //! `launcher... kilnd worker` instead. Either way a worker is one process with its
 //! stdin and stdout as the frame pipes, and the supervisor sees the same [`Process`].
+//!
+//! The zygote dies with the thread that forked it (`PR_SET_PDEATHSIG` follows the
+//! parent *thread*), and its workers with it. So no supervisor thread, which ends with
+//! its module, ever starts one: every zygote, the first and each replacement, is
+//! started by one keeper thread that lives as long as [`Workers`].
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -10,11 +15,11 @@ use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::sandbox::zygote::{self, Msg};
+use crate::sandbox::zygote::{self, Msg, Spawns};
 
 /// How to start kilnd's own binary for a worker or the zygote: `launcher... exe ARG`.
 #[derive(Debug, Clone)]
@@ -70,8 +75,29 @@ pub struct Ended {
 pub struct Workers {
     command: WorkerCommand,
     zygote: Mutex<Option<Arc<Zygote>>>,
-    /// Whether to try the zygote at all (see [`Workers::new`]).
-    fork: bool,
+    /// The keeper thread that starts every zygote; `None` when workers are exec'd.
+    keeper: Option<Mutex<SyncSender<Started>>>,
+}
+
+/// Where the keeper sends a zygote it started.
+type Started = SyncSender<std::io::Result<Arc<Zygote>>>;
+
+/// The keeper: starts a zygote for each request until [`Workers`] is dropped. The
+/// zygotes it starts are its children and die with it, which is with `kilnd serve`.
+fn keeper(command: WorkerCommand) -> Option<SyncSender<Started>> {
+    let (ask, asked) = mpsc::sync_channel::<Started>(0);
+    std::thread::Builder::new()
+        .name("zygote-keeper".into())
+        .spawn(move || {
+            for answer in asked {
+                let _ = answer.send(Zygote::start(&command));
+            }
+        })
+        .map_err(
+            |e| tracing::warn!(error = %e, "cannot start the zygote keeper; executing workers"),
+        )
+        .ok()?;
+    Some(ask)
 }
 
 /// One running worker: its pid and the supervisor's ends of its pipes.
@@ -90,18 +116,21 @@ impl Workers {
     /// With `fork` false, every worker is exec'd (`KILND_ZYGOTE=0`, or a launcher
     /// that cannot fork, should one exist).
     pub fn new(command: WorkerCommand, fork: bool) -> Self {
+        let keeper = if fork {
+            keeper(command.clone()).map(Mutex::new)
+        } else {
+            None
+        };
         Self {
             command,
             zygote: Mutex::new(None),
-            fork,
+            keeper,
         }
     }
 
     /// Starts the zygote now, so that the first workers do not wait for its exec.
     pub fn prestart(&self) {
-        if self.fork {
-            self.zygote();
-        }
+        self.zygote();
     }
 
     pub fn exe(&self) -> &std::path::Path {
@@ -110,13 +139,11 @@ impl Workers {
 
     /// Starts a worker with `first` (its Start frame) already written to its stdin.
     pub fn spawn(&self, first: &[u8]) -> std::io::Result<Process> {
-        if self.fork {
-            if let Some(zygote) = self.zygote() {
-                match zygote.spawn(first) {
-                    Ok(p) => return Ok(p),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "the zygote cannot fork a worker; executing one")
-                    }
+        if let Some(zygote) = self.zygote() {
+            match zygote.spawn(first) {
+                Ok(p) => return Ok(p),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the zygote cannot fork a worker; executing one")
                 }
             }
         }
@@ -138,8 +165,9 @@ impl Workers {
         })
     }
 
-    /// The live zygote, started (again) if it is not up.
+    /// The live zygote, started (again, by the keeper) if it is not up.
     fn zygote(&self) -> Option<Arc<Zygote>> {
+        let keeper = self.keeper.as_ref()?;
         let mut slot = self.zygote.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(z) = slot.as_ref().filter(|z| z.alive()) {
             return Some(z.clone());
@@ -147,7 +175,16 @@ impl Workers {
         if let Some(old) = slot.take() {
             old.finish();
         }
-        match Zygote::start(&self.command) {
+        let (answer, started) = mpsc::sync_channel(1);
+        let asked = keeper
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(answer);
+        let started = asked
+            .ok()
+            .and_then(|()| started.recv().ok())
+            .unwrap_or_else(|| Err(std::io::Error::other("the zygote keeper has ended")));
+        match started {
             Ok(z) => {
                 *slot = Some(z.clone());
                 Some(z)
@@ -234,12 +271,13 @@ fn reap_child(pid: u32, deadline: Instant) -> Ended {
     }
 }
 
+/// How long a spawn waits for the zygote's answer before it executes a worker instead.
+const SPAWN_ANSWER: Duration = Duration::from_secs(10);
+
 /// `kilnd serve`'s end of the zygote.
 struct Zygote {
     sock: OwnedFd,
     child: Mutex<Child>,
-    /// One spawn at a time: its answer comes back on `spawned`.
-    spawning: Mutex<Receiver<Msg>>,
     ended: Mutex<Ends>,
     changed: Condvar,
 }
@@ -247,6 +285,10 @@ struct Zygote {
 #[derive(Default)]
 struct Ends {
     by_pid: HashMap<u32, Ended>,
+    /// Spawn requests and their answers.
+    spawns: Spawns,
+    /// Workers forked for a request that had given up: killed, and their end unwanted.
+    orphans: std::collections::HashSet<u32>,
     /// The socket reached its end: the zygote is gone, and its workers with it.
     gone: bool,
 }
@@ -276,11 +318,9 @@ impl Zygote {
             .stdin(Stdio::from(theirs))
             .stdout(Stdio::null())
             .spawn()?;
-        let (answers, spawning) = mpsc::sync_channel(1);
         let zygote = Arc::new(Self {
             sock: ours,
             child: Mutex::new(child),
-            spawning: Mutex::new(spawning),
             ended: Mutex::new(Ends::default()),
             changed: Condvar::new(),
         });
@@ -295,11 +335,19 @@ impl Zygote {
                         peak_rss_kib: Some(msg.b),
                         cpu_us: msg.c,
                     };
-                    reader.ends().by_pid.insert(msg.pid, ended);
-                    reader.changed.notify_all();
+                    let mut ends = reader.ends();
+                    if !ends.orphans.remove(&msg.pid) {
+                        ends.by_pid.insert(msg.pid, ended);
+                    }
                 } else {
-                    let _ = answers.try_send(msg);
+                    let orphan = reader.ends().spawns.answer(msg);
+                    if let Some(pid) = orphan {
+                        tracing::warn!(pid, "a worker forked after its spawn gave up; killing it");
+                        reader.ends().orphans.insert(pid);
+                        reader.kill(pid);
+                    }
                 }
+                reader.changed.notify_all();
             }
             tracing::warn!("the zygote has ended");
             reader.ends().gone = true;
@@ -327,17 +375,20 @@ impl Zygote {
         }
         // The worker reads requests from to_worker's read end and writes replies to
         // from_worker's write end.
-        let spawning = self.spawning.lock().unwrap_or_else(|e| e.into_inner());
-        // An answer left over from a spawn that gave up waiting is not this one's.
-        while spawning.try_recv().is_ok() {}
-        zygote::send(
+        let id = self.ends().spawns.begin();
+        let sent = zygote::send(
             self.sock.as_raw_fd(),
-            &Msg::new(zygote::SPAWN, 0),
+            &Msg {
+                id,
+                ..Msg::new(zygote::SPAWN, 0)
+            },
             &[to_worker.0.as_raw_fd(), from_worker.1.as_raw_fd()],
-        )?;
-        let answer = spawning
-            .recv_timeout(Duration::from_secs(10))
-            .map_err(|_| std::io::Error::other("the zygote did not answer"))?;
+        );
+        if let Err(e) = sent {
+            self.give_up(id);
+            return Err(e);
+        }
+        let answer = self.answer(id, Instant::now() + SPAWN_ANSWER)?;
         match answer.kind {
             zygote::SPAWNED => {
                 let process = Process {
@@ -357,6 +408,41 @@ impl Zygote {
                 })
             }
             _ => Err(std::io::Error::from_raw_os_error(answer.a as i32)),
+        }
+    }
+
+    /// The zygote's answer to spawn request `id`, or an error at `deadline` or when the
+    /// zygote is gone; an answer that comes later is nobody's (see [`Spawns`]).
+    fn answer(&self, id: u64, deadline: Instant) -> std::io::Result<Msg> {
+        let mut ends = self.ends();
+        loop {
+            if let Some(answer) = ends.spawns.take(id) {
+                return Ok(answer);
+            }
+            let left = deadline.checked_duration_since(Instant::now());
+            if ends.gone || left.is_none() {
+                drop(ends);
+                self.give_up(id);
+                return Err(std::io::Error::other(if left.is_none() {
+                    "the zygote did not answer"
+                } else {
+                    "the zygote has ended"
+                }));
+            }
+            ends = self
+                .changed
+                .wait_timeout(ends, left.unwrap_or_default())
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Spawn request `id` is given up; a worker already forked for it is killed.
+    fn give_up(&self, id: u64) {
+        let orphan = self.ends().spawns.give_up(id);
+        if let Some(pid) = orphan {
+            self.ends().orphans.insert(pid);
+            self.kill(pid);
         }
     }
 

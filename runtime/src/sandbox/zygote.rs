@@ -14,18 +14,25 @@
 //! that signals them: `kilnd serve` asks it to, so a pid is never signalled after it
 //! was reaped and perhaps reused. It talks to `kilnd serve` over a `SOCK_SEQPACKET`
 //! socket on its stdin, in fixed-size messages ([`Msg`]); a spawn request carries the
-//! worker's two pipe ends as `SCM_RIGHTS`. It ends when `kilnd serve` closes the
-//! socket or dies (`PR_SET_PDEATHSIG`); its workers die with it the same way.
+//! worker's two pipe ends as `SCM_RIGHTS` and a request id that the answer repeats, so
+//! an answer that comes after its request gave up is never taken for another's
+//! ([`Spawns`]). It ends when `kilnd serve` closes the socket or dies
+//! (`PR_SET_PDEATHSIG`); its workers die with it the same way. `PR_SET_PDEATHSIG`
+//! follows the *thread* that forked the process, so `kilnd serve` starts every zygote
+//! from one thread that lives as long as it does (`daemon::spawn`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-/// One message, either way: `kind`, a pid, and three numbers.
+/// One message, either way: `kind`, a pid, the spawn request it belongs to, and three
+/// numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Msg {
     pub kind: u32,
     pub pid: u32,
+    /// A spawn request's id, repeated by its `SPAWNED` or `FAILED` answer; 0 otherwise.
+    pub id: u64,
     pub a: i64,
     pub b: u64,
     pub c: u64,
@@ -42,13 +49,14 @@ pub const FAILED: u32 = 4;
 /// zygote -> serve: worker `pid` ended: wait status `a`, peak RSS `b` KiB, CPU `c` µs.
 pub const EXITED: u32 = 5;
 
-const MSG_LEN: usize = 32;
+const MSG_LEN: usize = 40;
 
 impl Msg {
     pub fn new(kind: u32, pid: u32) -> Self {
         Self {
             kind,
             pid,
+            id: 0,
             a: 0,
             b: 0,
             c: 0,
@@ -62,6 +70,7 @@ impl Msg {
         out[8..16].copy_from_slice(&self.a.to_le_bytes());
         out[16..24].copy_from_slice(&self.b.to_le_bytes());
         out[24..32].copy_from_slice(&self.c.to_le_bytes());
+        out[32..40].copy_from_slice(&self.id.to_le_bytes());
         out
     }
 
@@ -74,6 +83,7 @@ impl Msg {
             a: u64_at(8) as i64,
             b: u64_at(16),
             c: u64_at(24),
+            id: u64_at(32),
         }
     }
 }
@@ -163,6 +173,63 @@ pub fn recv(sock: RawFd) -> io::Result<Option<(Msg, Vec<OwnedFd>)>> {
     }
 }
 
+/// `kilnd serve`'s book of spawn requests: which answer belongs to which request. Pure
+/// state, no I/O, so that any interleaving of answers, late answers and timeouts can
+/// be tested ([`tests`]); the driver is `daemon::spawn`'s zygote reader.
+#[derive(Debug, Default)]
+pub struct Spawns {
+    last: u64,
+    /// Requests still waited for, and each one's answer once it came.
+    open: BTreeMap<u64, Option<Msg>>,
+}
+
+impl Spawns {
+    /// A new request; its id goes in the `SPAWN` message.
+    pub fn begin(&mut self) -> u64 {
+        self.last += 1;
+        self.open.insert(self.last, None);
+        self.last
+    }
+
+    /// An answer from the zygote. Kept for its request if that request is still waited
+    /// for and unanswered; otherwise (its request gave up, or the id was never asked
+    /// for or is answered twice) the worker it names belongs to nobody: its pid is
+    /// returned, to be killed.
+    pub fn answer(&mut self, msg: Msg) -> Option<u32> {
+        match self.open.get_mut(&msg.id) {
+            Some(slot @ None) => {
+                *slot = Some(msg);
+                None
+            }
+            _ => (msg.kind == SPAWNED).then_some(msg.pid),
+        }
+    }
+
+    /// The answer to request `id`, once it came; the request is then closed.
+    pub fn take(&mut self, id: u64) -> Option<Msg> {
+        match self.open.get(&id) {
+            Some(Some(_)) => self.open.remove(&id).flatten(),
+            _ => None,
+        }
+    }
+
+    /// Request `id` gives up waiting. An answer that came meanwhile is nobody's: the pid
+    /// of a worker it names is returned, to be killed; one that comes later is an
+    /// orphan for [`Spawns::answer`].
+    pub fn give_up(&mut self, id: u64) -> Option<u32> {
+        self.open
+            .remove(&id)
+            .flatten()
+            .filter(|m| m.kind == SPAWNED)
+            .map(|m| m.pid)
+    }
+
+    /// Requests still open (for tests and leak checks).
+    pub fn open(&self) -> usize {
+        self.open.len()
+    }
+}
+
 /// The write end of the self-pipe that SIGCHLD wakes the loop through.
 static CHLD_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
@@ -239,9 +306,13 @@ pub fn serve() -> i32 {
                 let reply = match fork_worker(pipe, &fds) {
                     Ok(pid) => {
                         children.insert(pid);
-                        Msg::new(SPAWNED, pid)
+                        Msg {
+                            id: msg.id,
+                            ..Msg::new(SPAWNED, pid)
+                        }
                     }
                     Err(e) => Msg {
+                        id: msg.id,
                         a: e.raw_os_error().unwrap_or(0) as i64,
                         ..Msg::new(FAILED, 0)
                     },
@@ -338,6 +409,7 @@ mod tests {
         let (a, b) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
         let file = tempfile::tempfile().unwrap();
         let msg = Msg {
+            id: 77,
             a: -9,
             b: u64::MAX,
             c: 7,
@@ -352,5 +424,112 @@ mod tests {
         assert_eq!((got.kind, got.pid, fds.len()), (KILL, 1, 0));
         drop(a);
         assert!(recv(b.as_raw_fd()).unwrap().is_none(), "end of stream");
+    }
+
+    /// One step of the world around [`Spawns`]: kilnd serve asks, the zygote answers
+    /// (in order, possibly late), a waiter times out, or a waiter looks for its answer.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Ask,
+        /// The zygote answers the oldest request it has not answered yet.
+        Answer {
+            fail: bool,
+        },
+        /// The zygote sends an answer for an id nobody asked for.
+        Stray(u64),
+        /// Waiter number `n` (of those still waiting) times out.
+        TimeOut(usize),
+        /// Waiter number `n` looks for its answer.
+        Look(usize),
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => Just(Step::Ask),
+            3 => any::<bool>().prop_map(|fail| Step::Answer { fail }),
+            1 => (0u64..40).prop_map(Step::Stray),
+            2 => (0usize..8).prop_map(Step::TimeOut),
+            3 => (0usize..8).prop_map(Step::Look),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Any interleaving of requests, answers, late answers, stray answers and
+        /// timeouts: a waiter only ever gets the answer the zygote gave to its own
+        /// request, and every worker forked for a request that gave up is handed back
+        /// to be killed, exactly once.
+        #[test]
+        fn no_interleaving_gives_a_pid_to_the_wrong_request(
+            steps in proptest::collection::vec(step(), 0..200)
+        ) {
+            let mut book = Spawns::default();
+            // The zygote's queue of requests to answer, in order.
+            let mut queue = std::collections::VecDeque::new();
+            // What the zygote answered to each id: the pid it forked (None: failed).
+            let mut forked: BTreeMap<u64, Option<u32>> = BTreeMap::new();
+            let mut waiting: Vec<u64> = Vec::new();
+            let mut got: BTreeMap<u64, Option<u32>> = BTreeMap::new();
+            let mut killed: Vec<u32> = Vec::new();
+            let mut next_pid = 100u32;
+            for step in steps {
+                match step {
+                    Step::Ask => {
+                        let id = book.begin();
+                        queue.push_back(id);
+                        waiting.push(id);
+                    }
+                    Step::Answer { fail } => {
+                        let Some(id) = queue.pop_front() else { continue };
+                        let msg = if fail {
+                            forked.insert(id, None);
+                            Msg { id, a: 11, ..Msg::new(FAILED, 0) }
+                        } else {
+                            next_pid += 1;
+                            forked.insert(id, Some(next_pid));
+                            Msg { id, ..Msg::new(SPAWNED, next_pid) }
+                        };
+                        killed.extend(book.answer(msg));
+                    }
+                    Step::Stray(id) => {
+                        // Never an id the zygote is still to answer: the zygote
+                        // answers each request once, and this is another answer.
+                        if queue.contains(&id) {
+                            continue;
+                        }
+                        next_pid += 1;
+                        let orphan = book.answer(Msg { id, ..Msg::new(SPAWNED, next_pid) });
+                        proptest::prop_assert_eq!(orphan, Some(next_pid), "a stray answer is killed");
+                    }
+                    Step::TimeOut(n) if !waiting.is_empty() => {
+                        let id = waiting.remove(n % waiting.len());
+                        killed.extend(book.give_up(id));
+                    }
+                    Step::Look(n) if !waiting.is_empty() => {
+                        let id = waiting[n % waiting.len()];
+                        if let Some(answer) = book.take(id) {
+                            waiting.retain(|w| *w != id);
+                            proptest::prop_assert_eq!(answer.id, id);
+                            let pid = (answer.kind == SPAWNED).then_some(answer.pid);
+                            proptest::prop_assert_eq!(Some(&pid), forked.get(&id), "request {} got another's answer", id);
+                            got.insert(id, pid);
+                        }
+                    }
+                    Step::TimeOut(_) | Step::Look(_) => {}
+                }
+            }
+            // Every forked worker is either some waiter's, or killed; never both.
+            for (id, pid) in &forked {
+                let Some(pid) = pid else { continue };
+                let taken = got.get(id) == Some(&Some(*pid));
+                let dropped = killed.contains(pid);
+                let pending = waiting.contains(id);
+                proptest::prop_assert!(
+                    [taken, dropped, pending].iter().filter(|x| **x).count() == 1,
+                    "worker {} of request {}: taken {}, killed {}, still awaited {}", pid, id, taken, dropped, pending
+                );
+            }
+            proptest::prop_assert_eq!(book.open(), waiting.len(), "no request leaks");
+        }
     }
 }
