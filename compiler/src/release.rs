@@ -62,20 +62,19 @@ pub fn decode_file(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     Ok(artifacts)
 }
 
-/// Reads an input file, refusing one larger than any release before reading it.
+/// Reads an input file, refusing one larger than any release, and a FIFO or device.
 pub fn read_input(path: &Path) -> Result<Vec<u8>> {
-    let file = path.display();
     let limit = MAX_ARTIFACT * MAX_TARGETS as u64 + 4096;
-    let len = std::fs::metadata(path)
-        .map_err(|e| coded(Code::NoInput, anyhow!("cannot read `{file}`: {e}")))?
-        .len();
-    if len > limit {
-        bail!(coded(
-            Code::InvalidInput,
-            anyhow!("`{file}` is {len} bytes, larger than any release ({limit})")
-        ));
-    }
-    std::fs::read(path).map_err(|e| coded(Code::NoInput, anyhow!("cannot read `{file}`: {e}")))
+    // The refusals name the file already; an I/O error does not.
+    kiln_protocol::files::read_bounded(path, limit).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => {
+            coded(Code::InvalidInput, anyhow!("{e}"))
+        }
+        _ => coded(
+            Code::NoInput,
+            anyhow!("cannot read `{}`: {e}", path.display()),
+        ),
+    })
 }
 
 /// One verified artifact of a release.

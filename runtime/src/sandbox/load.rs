@@ -10,6 +10,7 @@ use kiln_protocol::artifact::Envelope;
 use kiln_protocol::compat;
 use kiln_protocol::keys::{PublicKey, TrustedKeys};
 use kiln_protocol::manifest::Manifest;
+use kiln_protocol::transfer::MAX_ARTIFACT;
 use kiln_protocol::trust::{Chain, MAX_ROOT};
 use kiln_protocol::worker::Expect;
 use sha2::{Digest, Sha256};
@@ -39,12 +40,14 @@ pub fn read_trusted_keys(paths: &[PathBuf]) -> Result<TrustedKeys, Failure> {
             keys.extend(read_root(&path)?.root().release.public_keys());
             continue;
         }
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            Failure::new(
-                Code::NoInput,
-                format!("cannot read trusted key `{}`: {e}", path.display()),
-            )
-        })?;
+        let text = read_bounded(&path, MAX_KEY_FILE)
+            .and_then(|b| String::from_utf8(b).map_err(std::io::Error::other))
+            .map_err(|e| {
+                Failure::new(
+                    Code::NoInput,
+                    format!("cannot read trusted key `{}`: {e}", path.display()),
+                )
+            })?;
         let key = PublicKey::from_text(&text).map_err(|e| {
             Failure::new(
                 Code::Untrusted,
@@ -81,20 +84,10 @@ pub fn read_root(path: &Path) -> Result<Chain, Failure> {
     })
 }
 
-/// The file at `path`, refused before it is read if it is longer than `limit`.
-pub fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
-    let len = std::fs::metadata(path)?.len();
-    if len > limit {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!(
-                "{} is {len} bytes, expected at most {limit}",
-                path.display()
-            ),
-        ));
-    }
-    std::fs::read(path)
-}
+pub use kiln_protocol::files::read_bounded;
+
+/// Largest trusted key file: a key's text form is one short line.
+const MAX_KEY_FILE: u64 = 4096;
 
 /// The files that `--trust` or a config's `trust` names: a file is itself, and a
 /// directory (such as /etc/kiln/trust) stands for every `*.pub` key and `*.root`
@@ -141,7 +134,7 @@ pub fn load_artifact(
 ) -> Result<Loaded, Failure> {
     let file = path.display();
     let started = Instant::now();
-    let bytes = std::fs::read(path)
+    let bytes = read_bounded(path, MAX_ARTIFACT)
         .map_err(|e| Failure::new(Code::NoInput, format!("cannot read artifact `{file}`: {e}")))?;
     let read_time = started.elapsed();
     let mut loaded = load_bytes(&bytes, trust, expect, engine_for)

@@ -1,0 +1,93 @@
+//! The one way either side reads a file that someone else wrote (an artifact, a key, a
+//! root document, a slot, a state file): opened without waiting, refused unless it is
+//! a regular file, and read through a `take` so that no more than the limit is ever
+//! read, whatever the file's size says or becomes while it is read.
+//!
+//! ```
+//! let dir = tempfile::tempdir().unwrap();
+//! let path = dir.path().join("key.pub");
+//! std::fs::write(&path, b"kiln-ed25519 ...").unwrap();
+//! assert_eq!(kiln_protocol::files::read_bounded(&path, 64).unwrap().len(), 16);
+//! assert!(kiln_protocol::files::read_bounded(&path, 15).is_err());
+//! ```
+
+use std::fs::OpenOptions;
+use std::io::{self, Read};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+
+/// What [`read_bounded`] reserves before the bytes arrive: a file that claims to be
+/// large costs only what it delivers.
+const FIRST_READ: u64 = 64 * 1024;
+
+/// The regular file at `path`, if it holds at most `limit` bytes. A FIFO, a device, a
+/// socket or a directory is refused before a byte is read; a file that is, or grows,
+/// past `limit` is refused after `limit + 1` bytes.
+pub fn read_bounded(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer. It
+    // changes nothing for a regular file. O_NOCTTY: a terminal never becomes ours.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let meta = file.metadata()?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() || kind.is_block_device() {
+            "a device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "not a file"
+        };
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("`{}` is {what}, not a regular file", path.display()),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len().min(limit).min(FIRST_READ) as usize);
+    file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("`{}` is larger than {limit} bytes", path.display()),
+        ));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_within_the_limit_is_read_whole_and_one_past_it_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![7u8; 100]).unwrap();
+        assert_eq!(read_bounded(&path, 100).unwrap(), vec![7u8; 100]);
+        let err = read_bounded(&path, 99).unwrap_err();
+        assert!(err.to_string().contains("larger than 99 bytes"), "{err}");
+        assert_eq!(read_bounded(&path, u64::MAX).unwrap().len(), 100);
+    }
+
+    #[test]
+    fn a_fifo_a_device_and_a_directory_are_refused_without_waiting_or_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+        // No writer ever opens it: a blocking open would hang the test.
+        let err = read_bounded(&fifo, 10).unwrap_err();
+        assert!(err.to_string().contains("is a FIFO"), "{err}");
+        let err = read_bounded(Path::new("/dev/zero"), 10).unwrap_err();
+        assert!(err.to_string().contains("is a device"), "{err}");
+        let err = read_bounded(dir.path(), 10).unwrap_err();
+        assert!(err.to_string().contains("is a directory"), "{err}");
+    }
+}
