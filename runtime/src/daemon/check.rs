@@ -1,8 +1,9 @@
 //! `kilnd check`: would `kilnd serve` start with this config? It loads the config as
 //! `serve` does, reads the trusted keys, verifies and loads every artifact the config
 //! names, asks of each module what its worker would (`worker::admit`), and checks that
-//! the broker's TLS files read and that the data dir can be written. Nothing runs and
-//! nothing is written. What it found goes to stdout; the first problem is the error.
+//! the broker's TLS files read and that the data dir can be written, and says which
+//! confinement layers this kernel gives workers. Nothing runs and nothing is written.
+//! What it found goes to stdout; the first problem is the error.
 
 use std::ffi::CString;
 use std::io::Write;
@@ -11,6 +12,7 @@ use std::path::Path;
 
 use crate::daemon::config::Config;
 use crate::exit::{Code, Failure};
+use crate::sandbox::confine;
 use crate::sandbox::limits;
 use crate::sandbox::load::{load_artifact, read_trusted_keys};
 use crate::sandbox::worker::admit;
@@ -74,6 +76,9 @@ pub fn check(config_path: &Path) -> Result<i32, Failure> {
         writable(dir)?;
         let _ = writeln!(out, "data_dir: {}", dir.display());
     }
+    // What this kernel lets each worker give up; a layer that is off is a warning, not
+    // a reason to refuse the config.
+    let _ = writeln!(out, "confinement: {}", confine::probe().summary());
     let _ = writeln!(out, "config {}: ok", config_path.display());
     std::io::stdout()
         .write_all(&out)

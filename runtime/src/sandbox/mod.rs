@@ -3,8 +3,11 @@
 
 pub mod abi;
 pub mod capture;
+pub mod confine;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+#[cfg(feature = "test-hooks")]
+pub mod escape;
 pub mod guest;
 pub mod limits;
 pub mod load;

@@ -3,6 +3,10 @@
 //! stdout; the module's own stdout and stderr are captured into log frames, so nothing
 //! else ever writes to the frame pipe. Anything fatal ends the process: a trap may
 //! leave the instance in any state, and the supervisor starts a fresh one.
+//!
+//! A worker reads its Start frame and its artifact's bytes, then confines itself
+//! ([`crate::sandbox::confine`]) while it still has one thread, and only then
+//! verifies and deserializes the artifact and starts threads.
 
 use std::io::{self, BufReader, BufWriter, Write};
 use std::path::Path;
@@ -12,15 +16,17 @@ use std::time::{Duration, Instant};
 use kiln_protocol::abi;
 use kiln_protocol::keys::{PublicKey, TrustedKeys};
 use kiln_protocol::manifest::Manifest;
+use kiln_protocol::transfer::MAX_ARTIFACT;
 use kiln_protocol::worker::{
     read_frame, write_frame_unflushed, FromWorker, Ready, Reply, Request, StartSpec, Stop, ToWorker,
 };
 
 use crate::exit::{Code, Failure};
 use crate::sandbox::abi::Emit;
+use crate::sandbox::confine::{self, Policy, Report};
 use crate::sandbox::guest::{Guest, GuestOptions};
 use crate::sandbox::limits;
-use crate::sandbox::load::load_artifact;
+use crate::sandbox::load::{load_bytes, read_bounded};
 use crate::sandbox::wasi::{DirMapping, WasiOptions};
 
 /// How long a record may wait in the worker's buffer before it is flushed to the
@@ -98,16 +104,6 @@ impl Replies {
 /// process exit code (0 after a clean end, 1 after a fatal reply, 2 for a broken pipe).
 pub fn serve() -> i32 {
     die_with_parent();
-    let replies = Replies::start();
-    let sender = replies.clone();
-    let emit: Emit = Arc::new(move |reply| sender.send(reply));
-    let code = serve_with(&emit);
-    // What the module said last (its stdout's last line at finish) goes out too.
-    replies.flush();
-    code
-}
-
-fn serve_with(emit: &Emit) -> i32 {
     let mut input = BufReader::new(io::stdin().lock());
     let spec = match read_frame::<ToWorker>(&mut input) {
         Ok(Some(ToWorker::V1(Request::Start(spec)))) => spec,
@@ -120,7 +116,41 @@ fn serve_with(emit: &Emit) -> i32 {
             return 2;
         }
     };
-    let mut guest = match start(*spec, emit) {
+    // Read before confinement, which leaves the worker only the module's dirs.
+    let artifact = read_bounded(Path::new(&spec.artifact), MAX_ARTIFACT);
+    #[cfg(feature = "test-hooks")]
+    let parent = std::os::unix::process::parent_id();
+    let policy = Policy {
+        dirs: spec.dirs.iter().map(|(host, _)| host.into()).collect(),
+    };
+    // Test builds can leave a worker unconfined, to measure what confinement costs.
+    #[cfg(feature = "test-hooks")]
+    let confined = match std::env::var_os("KILND_TEST_NO_CONFINE") {
+        Some(_) => Report::default(),
+        None => confine::confine(&policy),
+    };
+    #[cfg(not(feature = "test-hooks"))]
+    let confined = confine::confine(&policy);
+    // Threads only from here on: each inherits the confinement.
+    let replies = Replies::start();
+    let sender = replies.clone();
+    let emit: Emit = Arc::new(move |reply| sender.send(reply));
+    #[cfg(feature = "test-hooks")]
+    crate::sandbox::escape::attempt_if_asked(parent, &confined, &emit);
+    let code = serve_with(input, *spec, artifact, confined, &emit);
+    // What the module said last (its stdout's last line at finish) goes out too.
+    replies.flush();
+    code
+}
+
+fn serve_with(
+    mut input: BufReader<io::StdinLock<'static>>,
+    spec: StartSpec,
+    artifact: io::Result<Vec<u8>>,
+    confined: Report,
+    emit: &Emit,
+) -> i32 {
+    let mut guest = match start(spec, artifact, confined, emit) {
         Ok(guest) => guest,
         Err(stop) => {
             emit(Reply::Fatal(stop));
@@ -168,8 +198,20 @@ fn serve_with(emit: &Emit) -> i32 {
     }
 }
 
-fn start(spec: StartSpec, emit: &Emit) -> Result<Guest, Stop> {
+fn start(
+    spec: StartSpec,
+    artifact: io::Result<Vec<u8>>,
+    confined: Report,
+    emit: &Emit,
+) -> Result<Guest, Stop> {
     let load_failed = |code: u8, message: String| Stop::LoadFailed { code, message };
+    let file = spec.artifact.as_str();
+    let bytes = artifact.map_err(|e| {
+        load_failed(
+            Code::NoInput as u8,
+            format!("cannot read artifact `{file}`: {e}"),
+        )
+    })?;
     let keys = spec
         .trusted_keys
         .iter()
@@ -178,20 +220,16 @@ fn start(spec: StartSpec, emit: &Emit) -> Result<Guest, Stop> {
         .map_err(|e| load_failed(75, format!("bad trusted key: {e}")))?;
     let trust = TrustedKeys::new(keys);
     let limits = spec.limits;
-    let loaded = load_artifact(
-        Path::new(&spec.artifact),
-        &trust,
-        spec.expect.as_ref(),
-        |manifest| {
-            limits::engine(
-                limits
-                    .memory_pages
-                    .or(manifest.settings.memory_limit_pages)
-                    .unwrap_or(limits::DEFAULT_MEMORY_PAGES),
-            )
-        },
-    )
-    .map_err(|f| load_failed(f.code as u8, f.message))?;
+    let loaded = load_bytes(&bytes, &trust, spec.expect.as_ref(), |manifest| {
+        limits::engine(
+            limits
+                .memory_pages
+                .or(manifest.settings.memory_limit_pages)
+                .unwrap_or(limits::DEFAULT_MEMORY_PAGES),
+        )
+    })
+    .map_err(|f| load_failed(f.code as u8, format!("artifact `{file}`: {}", f.message)))?;
+    drop(bytes);
     let manifest = loaded.manifest.clone();
     let fuel =
         admit(&manifest, limits.fuel_per_call).map_err(|f| load_failed(f.code as u8, f.message))?;
@@ -236,6 +274,14 @@ fn start(spec: StartSpec, emit: &Emit) -> Result<Guest, Stop> {
             return Err(Stop::SelfTestFailed(done.status));
         }
     }
+    // Every layer, on or off, in kilnd's log (the journal under systemd), next to the
+    // supervisor's `started` record for the same pid.
+    tracing::info!(
+        module = %manifest.name,
+        pid = std::process::id(),
+        confinement = %confined.summary(),
+        "worker confined"
+    );
     emit(Reply::Ready(Ready {
         name: manifest.name,
         version: manifest.version,
@@ -282,6 +328,19 @@ pub fn admit(manifest: &Manifest, fuel_per_call: Option<u64>) -> Result<Option<u
             ))
         }
     };
+    if let Some(import) = manifest
+        .imports
+        .iter()
+        .find(|i| runs_outside_a_call(&i.module, &i.name))
+    {
+        return Err(Failure::new(
+            Code::LoadFailed,
+            format!(
+                "module `{}` imports `{}`.`{}`, which would run guest code outside the calls kilnd times and caps (threads, forks, spawned processes, timed signals); kilnd does not provide it",
+                manifest.name, import.module, import.name
+            ),
+        ));
+    }
     if !manifest.is_command()
         && !manifest.exports_fn(abi::TICK)
         && !manifest.exports_fn(abi::ON_MESSAGE)
@@ -297,4 +356,77 @@ pub fn admit(manifest: &Manifest, fuel_per_call: Option<u64>) -> Result<Option<u
         ));
     }
     Ok(fuel)
+}
+
+/// WASIX (and wasi-threads) functions that start guest code of their own: a thread, a
+/// forked or spawned instance, a signal handler on a timer. Such code runs after the
+/// call that started it has returned, where the supervisor's wall-clock watchdog (which
+/// times calls) does not see it, on host threads whose stacks are outside the memory
+/// cap. A module importing one is refused at load, by the worker and by `kilnd check`.
+const OUTSIDE_A_CALL: &[&str] = &[
+    "thread_spawn",
+    "thread_spawn_v2",
+    "thread-spawn",
+    "proc_fork",
+    "proc_fork_env",
+    "proc_exec",
+    "proc_exec2",
+    "proc_exec3",
+    "proc_exec4",
+    "proc_spawn",
+    "proc_spawn2",
+    "proc_spawn3",
+    "proc_raise_interval",
+    "callback_signal",
+];
+
+fn runs_outside_a_call(module: &str, name: &str) -> bool {
+    matches!(module, "wasix_32v1" | "wasix_64v1" | "wasi") && OUTSIDE_A_CALL.contains(&name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_protocol::manifest::{Import, ImportKind};
+
+    fn importing(module: &str, name: &str) -> Manifest {
+        let mut m = Manifest::example(b"code");
+        m.imports.push(Import {
+            module: module.into(),
+            name: name.into(),
+            kind: ImportKind::Function,
+        });
+        m
+    }
+
+    #[test]
+    fn a_module_that_would_run_code_outside_a_call_is_refused_with_the_import_named() {
+        for (module, name) in [
+            ("wasix_32v1", "thread_spawn_v2"),
+            ("wasix_64v1", "proc_fork"),
+            ("wasix_32v1", "proc_spawn2"),
+            ("wasix_32v1", "callback_signal"),
+            ("wasi", "thread-spawn"),
+        ] {
+            let err = admit(&importing(module, name), None).unwrap_err();
+            assert_eq!(err.code, Code::LoadFailed);
+            assert!(
+                err.message.contains(&format!("`{module}`.`{name}`"))
+                    && err.message.contains("outside the calls"),
+                "{}",
+                err.message
+            );
+        }
+        // Other WASIX functions run inside the call that makes them.
+        for (module, name) in [
+            ("wasix_32v1", "thread_sleep"),
+            ("wasix_32v1", "proc_id"),
+            ("wasi_snapshot_preview1", "fd_write"),
+        ] {
+            assert!(
+                admit(&importing(module, name), None).is_ok(),
+                "{module}.{name}"
+            );
+        }
+    }
 }
