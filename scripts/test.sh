@@ -20,6 +20,9 @@ for crate in guest examples/hello examples/sensor-filter examples/workloads; do
 done
 cargo clippy --locked --quiet --manifest-path guest/Cargo.toml --target wasm32-wasip1 \
   --target-dir "$CARGO_TARGET_DIR/examples" -- -D warnings
+# The book (docs/): it builds; its links and anchors, and each command's page against
+# the command's --help, are checked by `cargo test -p kiln-dist --test book` below.
+mdbook build docs
 # Host crates and end-to-end tests; kiln-runtime is not a default member, so its
 # features are never unified with the compiler's.
 cargo test --locked
