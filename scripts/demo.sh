@@ -176,7 +176,8 @@ kill "${device_pid[rv-01]}"; wait "${device_pid[rv-01]}" 2>/dev/null || true
 step "$kiln" keygen -o "$out/new.key" --no-root
 step "$kiln" root rotate --root "$out/fleet.root" --sign "$out/fleet-root.key" --release-key "$out/new.pub"
 step "$kiln" root publish "$out/fleet.root" --broker "$broker"
-step "$kiln" refresh --all --sign "$out/new.key" --broker "$broker"
+# What the old key signed is re-signed only when the operator adopts it, after review.
+step "$kiln" refresh --all --sign "$out/new.key" --adopt --broker "$broker"
 step "$kiln" push "$sensor" --group demo --name app --version 4 --sign "$out/new.key" --broker "$broker" "${run_opts[@]}"
 start_device rv-01 riscv64 riscv64gc-unknown-linux-gnu
 wait_for 'app@4 .*committed'

@@ -80,7 +80,11 @@ impl Session {
     pub fn connect(connect: &Connect, prefix: &str) -> Result<Self> {
         let id = format!("kiln-{}-{}", std::process::id(), now_ms() % 100_000);
         let options = connect
-            .options(&id, Duration::from_secs(10))
+            .options_receiving(
+                &id,
+                Duration::from_secs(10),
+                kiln_protocol::mqtt::HOST_MAX_INCOMING,
+            )
             .map_err(|e| anyhow!(e))?;
         let (client, connection) = Client::new(options.clone(), 64);
         let mut session = Self {

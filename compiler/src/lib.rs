@@ -23,6 +23,7 @@ pub mod conformance;
 pub mod dashboard;
 pub mod exit;
 pub mod files;
+pub mod fleet;
 pub mod keyfile;
 pub mod release;
 pub mod targets;

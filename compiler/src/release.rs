@@ -12,8 +12,7 @@ use anyhow::{anyhow, bail, Result};
 use kiln_protocol::artifact::Envelope;
 use kiln_protocol::compat::same_target;
 use kiln_protocol::fleet::{
-    DesiredModule, Patch, Reported, Scope, SignedDesired, Status, TargetArtifact, Topics, Upload,
-    MAX_PATCHES,
+    DesiredModule, Patch, Scope, SignedDesired, TargetArtifact, Topics, Upload, MAX_PATCHES,
 };
 use kiln_protocol::keys::TrustedKeys;
 use kiln_protocol::manifest::Manifest;
@@ -23,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::broker::{now_ms, Session};
 use crate::commands::compile::human_size;
 use crate::exit::{coded, Code};
+use crate::fleet::messages::{warn_skipped, Reader};
 use crate::trust::Signing;
 
 /// The first bytes of a release file (`kiln release`).
@@ -412,34 +412,36 @@ fn running_versions(
     };
     // In a group, devices known to be elsewhere are left out; offline devices say
     // nothing of their groups, so they count.
+    // Which bases to make patches from: a lying device can only make kiln compute a
+    // patch from an artifact the fleet's keys signed, which devices then verify.
+    let registry = kiln_protocol::trust::Registry::default();
+    let reader = Reader::new(topics, &registry);
     let elsewhere: Vec<String> = match scope {
         Scope::Device(_) => Vec::new(),
-        Scope::Group(g) => session
-            .retained(&status)
-            .map_err(unavailable)?
-            .into_iter()
-            .filter_map(|(topic, payload)| {
-                let (s, _) = Status::open(&topic, &payload).ok()?;
-                let facts = s.facts?;
-                let (device, _) = topics.parse_device(&topic)?;
-                (!facts.groups.contains(g)).then(|| device.to_string())
-            })
-            .collect(),
+        Scope::Group(g) => {
+            let retained = session.retained(&status).map_err(unavailable)?;
+            let (heard, _) = reader.all(&retained);
+            heard
+                .into_iter()
+                .filter_map(|h| {
+                    let facts = h.status()?.facts.as_ref()?;
+                    (!facts.groups.contains(g)).then_some(h.device)
+                })
+                .collect()
+        }
     };
     let mut count: BTreeMap<[u8; 32], usize> = BTreeMap::new();
-    for (topic, payload) in session.retained(&reported).map_err(unavailable)? {
-        let device = topics.parse_device(&topic).map(|(d, _)| d.to_string());
-        if device.is_some_and(|d| elsewhere.contains(&d)) {
-            continue;
-        }
-        if let Ok((r, _)) = Reported::open(&topic, &payload) {
-            for m in r
-                .modules
-                .iter()
-                .filter(|m| m.name == name && m.sha256 != [0; 32])
-            {
-                *count.entry(m.sha256).or_default() += 1;
-            }
+    let retained = session.retained(&reported).map_err(unavailable)?;
+    let (heard, skipped) = reader.all(&retained);
+    warn_skipped(&skipped, 5);
+    for h in heard.iter().filter(|h| !elsewhere.contains(&h.device)) {
+        let Some(r) = h.reported() else { continue };
+        for m in r
+            .modules
+            .iter()
+            .filter(|m| m.name == name && m.sha256 != [0; 32])
+        {
+            *count.entry(m.sha256).or_default() += 1;
         }
     }
     let mut shas: Vec<([u8; 32], usize)> = count.into_iter().collect();

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::Args;
 use kiln_protocol::fleet::{Desired, SignedDesired, Topics, MAX_DESIRED};
 use kiln_protocol::keys::{PublicKey, SecretKey, TrustedKeys};
@@ -128,6 +128,18 @@ impl Fleet {
         for e in errors {
             eprintln!("warning: a root document on the broker is not taken: {e}");
         }
+        let now = crate::broker::now_ms();
+        if let Some(why) = chain.root().stale_at(now) {
+            eprintln!("warning: {why}");
+        } else if let Some(e) = chain.root().expires_ms {
+            if e.saturating_sub(now) < 30 * 86_400_000 {
+                eprintln!(
+                    "note: root v{} expires at {}: renew it with `kiln root rotate` before then",
+                    chain.root().version,
+                    kiln_protocol::fleet::utc(e)
+                );
+            }
+        }
         Ok(Self { chain, history })
     }
 
@@ -151,75 +163,125 @@ impl Fleet {
         Ok(true)
     }
 
-    /// A retained desired state, verified under the current root or, signed before a
-    /// rotation, under the root it was signed for (said on stderr: whatever it holds
-    /// is carried into the state built on it, signed by today's keys).
-    pub fn open_desired(&self, bytes: &[u8]) -> Result<Desired, String> {
-        let (d, signed_under) = self.verify_desired(bytes)?;
-        if let Some(root) = signed_under {
-            let modules: Vec<String> = d
-                .modules
-                .iter()
-                .map(|m| format!("{} v{}", m.name, m.version))
-                .collect();
-            eprintln!(
-                "note: the desired state serial {} was signed under root v{root} (keys since rotated out); it holds [{}]",
-                d.serial,
-                modules.join(", ")
-            );
-        }
-        Ok(d)
-    }
-
-    /// [`Fleet::open_desired`] without the note: the state, and the older root it was
-    /// signed under if not the current one.
-    pub fn verify_desired(&self, bytes: &[u8]) -> Result<(Desired, Option<u64>), String> {
+    /// A retained desired state, verified under the current root. One signed only
+    /// under an older root (by keys since rotated out) is [`Opened::Revoked`]: nothing
+    /// is built on it, re-signed or counted unless the operator adopts it.
+    pub fn open_desired(&self, bytes: &[u8]) -> Result<Opened<Desired>, String> {
         let current = SignedDesired::open(bytes, self.root());
         if let Ok(d) = current {
-            return Ok((d, None));
+            return Ok(Opened::Trusted(d));
         }
         for root in self.history.iter().rev().skip(1) {
             if let Ok(d) = SignedDesired::open(bytes, root) {
-                return Ok((d, Some(root.version)));
+                return Ok(Opened::Revoked {
+                    doc: d,
+                    root: root.version,
+                });
             }
         }
-        current.map(|d| (d, None))
+        current.map(Opened::Trusted)
     }
 
-    /// The enrolled device keys (an empty registry if none is retained yet).
-    pub fn registry(&self, session: &mut Session, topics: &Topics) -> Result<Registry> {
+    /// The enrolled device keys (an empty registry if none is retained yet). A
+    /// registry signed only under an older root is refused unless the operator
+    /// adopts it (`adopt`: it is shown, then taken): the keys a leaked key enrolled
+    /// must not count as verified.
+    pub fn registry(
+        &self,
+        session: &mut Session,
+        topics: &Topics,
+        adopt: bool,
+    ) -> Result<Registry> {
         let topic = topics.registry();
         let retained = session
             .retained(&topic)
             .map_err(|e| coded(Code::Unavailable, e))?;
-        match retained.get(&topic) {
-            None => Ok(Registry {
+        let Some(bytes) = retained.get(&topic) else {
+            return Ok(Registry {
                 fleet: self.root().fleet.clone(),
                 serial: 0,
                 devices: Vec::new(),
-            }),
-            Some(bytes) => {
-                let current = SignedRegistry::open(bytes, self.root());
-                if current.is_ok() {
-                    return current.map_err(|e| anyhow!(e));
+            });
+        };
+        let current = SignedRegistry::open(bytes, self.root());
+        if current.is_ok() {
+            return current.map_err(|e| anyhow!(e));
+        }
+        for root in self.history.iter().rev().skip(1) {
+            if let Ok(r) = SignedRegistry::open(bytes, root) {
+                let what = describe_registry(&r);
+                if adopt {
+                    eprintln!(
+                        "adopting the registry signed under root v{} (keys since rotated out): {what}",
+                        root.version
+                    );
+                    return Ok(r);
                 }
-                // Signed before a rotation: still the fleet's, until re-signed by
-                // `kiln enroll` or `kiln refresh`.
-                for root in self.history.iter().rev().skip(1) {
-                    if let Ok(r) = SignedRegistry::open(bytes, root) {
-                        eprintln!("note: the registry was signed under root v{}; `kiln refresh --all` re-signs it", root.version);
-                        return Ok(r);
-                    }
-                }
-                current.map_err(|e| {
-                    coded(
-                        Code::Key,
-                        anyhow!("the registry on the broker is not trusted: {e}"),
+                bail!(coded(
+                    Code::Key,
+                    anyhow!(
+                        "the registry on the broker was signed under root v{} by keys since rotated out ({what}); review it and pass --adopt to re-sign it with today's keys, or enroll the devices again",
+                        root.version
                     )
-                })
+                ));
             }
         }
+        current.map_err(|e| {
+            coded(
+                Code::Key,
+                anyhow!("the registry on the broker is not trusted: {e}"),
+            )
+        })
     }
+
+    /// [`Fleet::registry`] for commands that only read: an untrusted registry is said
+    /// on stderr and counts as empty (every device then shows as unenrolled).
+    pub fn registry_or_empty(&self, session: &mut Session, topics: &Topics) -> Result<Registry> {
+        match self.registry(session, topics, false) {
+            Ok(r) => Ok(r),
+            Err(e) if crate::exit::code_of(&e) == Code::Key => {
+                eprintln!(
+                    "warning: {}; no device counts as enrolled",
+                    crate::exit::one_line(&e)
+                );
+                Ok(Registry {
+                    fleet: self.root().fleet.clone(),
+                    serial: 0,
+                    devices: Vec::new(),
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A signed document and whether it verifies under the current root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opened<T> {
+    Trusted(T),
+    /// Verifies only under the older root `root`: its signers were rotated out.
+    Revoked {
+        doc: T,
+        root: u64,
+    },
+}
+
+/// The registry's devices and keys, for a person deciding whether to adopt it.
+pub fn describe_registry(r: &Registry) -> String {
+    let devices: Vec<String> = r
+        .devices
+        .iter()
+        .map(|e| match PublicKey::from_bytes(&e.key) {
+            Ok(k) => format!("{} key {}", e.device, k.id()),
+            Err(_) => format!("{} (invalid key)", e.device),
+        })
+        .collect();
+    format!(
+        "serial {}, {} devices: {}",
+        r.serial,
+        devices.len(),
+        devices.join(", ")
+    )
 }
 
 /// The broker's roots older than `anchor` that it vouches for: root `n` is the fleet's
@@ -253,44 +315,7 @@ fn older_roots(
     older
 }
 
-/// Whether a device's message is from its enrolled key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Identity {
-    /// Signed by the key the registry holds for the device.
-    Verified,
-    /// Signed, but the device is not enrolled.
-    Unenrolled(PublicKey),
-    /// Signed by a key other than the enrolled one: forged, or the device was
-    /// re-provisioned and must be enrolled again.
-    Mismatch(PublicKey),
-    /// Not signed (a kilnd before device identities).
-    Unsigned,
-}
-
-impl Identity {
-    pub fn of(registry: &Registry, device: &str, signer: Option<&PublicKey>) -> Self {
-        match (signer, registry.key_of(device)) {
-            (None, _) => Identity::Unsigned,
-            (Some(k), Some(enrolled)) if *k == enrolled => Identity::Verified,
-            (Some(k), Some(_)) => Identity::Mismatch(k.clone()),
-            (Some(k), None) => Identity::Unenrolled(k.clone()),
-        }
-    }
-
-    pub fn is_verified(&self) -> bool {
-        *self == Identity::Verified
-    }
-
-    /// One word for tables.
-    pub fn word(&self) -> &'static str {
-        match self {
-            Identity::Verified => "verified",
-            Identity::Unenrolled(_) => "unenrolled",
-            Identity::Mismatch(_) => "MISMATCH",
-            Identity::Unsigned => "unsigned",
-        }
-    }
-}
+pub use kiln_protocol::trust::Identity;
 
 /// The root document at `path`, for showing (signatures not checked).
 pub fn peek_root(path: &Path) -> Result<Root> {
@@ -311,6 +336,17 @@ pub struct SigningArgs {
     /// How long devices take the desired state (re-sign it before with `kiln refresh`)
     #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = parse_duration)]
     pub expires_in: u64,
+    /// After a rotation: build on, and re-sign with today's keys, the desired states
+    /// and the registry that verify only under an older root (their signers were
+    /// rotated out). Each is shown in full first. Without it they are refused: a
+    /// leaked key's work is never re-signed by a routine command.
+    #[arg(long)]
+    pub adopt: bool,
+    /// Where the current desired state is not trusted (signed by a revoked or unknown
+    /// key, too large, undecodable), start the new one from no modules instead of
+    /// refusing: the untrusted state's modules and serial are dropped, not re-signed
+    #[arg(long, conflicts_with = "adopt")]
+    pub replace_untrusted: bool,
 }
 
 impl SigningArgs {
@@ -324,6 +360,7 @@ impl SigningArgs {
             .collect::<Result<Vec<_>>>()?;
         let anchor = self.root.anchor(self.sign.first().map(PathBuf::as_path))?;
         let fleet = Fleet::follow(session, topics, anchor)?;
+        refuse_root_keys(&fleet, &self.sign, &keys)?;
         if fleet.publish_root(session, topics)? {
             eprintln!("published {}", fleet.root().describe());
         }
@@ -331,16 +368,42 @@ impl SigningArgs {
             fleet,
             keys,
             valid_ms: self.expires_in,
+            adopt: self.adopt,
+            replace_untrusted: self.replace_untrusted,
         })
     }
 }
 
+/// A root key given to sign a state or an artifact is refused: it signs root
+/// documents only, and belongs offline (a root key that is also a release key is the
+/// operator's documented choice, and allowed).
+pub fn refuse_root_keys(fleet: &Fleet, paths: &[PathBuf], keys: &[SecretKey]) -> Result<()> {
+    let root = fleet.root();
+    for (path, key) in paths.iter().zip(keys) {
+        let id = key.public().id();
+        if root.root.ids().contains(&id) && !root.release.ids().contains(&id) {
+            bail!(coded(
+                Code::Key,
+                anyhow!(
+                    "`{}` is a root key of {} (key {id}): root keys sign root documents only and stay offline; sign with a release key",
+                    path.display(),
+                    root.describe()
+                )
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// How desired states are signed: the fleet's roots, the release keys at hand (none:
-/// the state is written unsigned for `kiln sign`), and how long a state is valid.
+/// the state is written unsigned for `kiln sign`), how long a state is valid, and
+/// whether the operator adopts what was signed under an older root.
 pub struct Signing {
     pub fleet: Fleet,
     pub keys: Vec<SecretKey>,
     pub valid_ms: u64,
+    pub adopt: bool,
+    pub replace_untrusted: bool,
 }
 
 impl Signing {
@@ -428,7 +491,9 @@ pub fn read_state(path: &Path) -> Result<Vec<u8>> {
         })
 }
 
-/// What a desired state says, for a person about to sign or publish it.
+/// What a desired state says, on one line, for a person about to sign, publish or
+/// adopt it: every module with its version and each target's full sha256 (the rest is
+/// in [`describe_state_full`]).
 pub fn describe_state(d: &Desired) -> String {
     let scope = match &d.scope {
         kiln_protocol::fleet::Scope::Device(x) => format!("device {x}"),
@@ -441,9 +506,20 @@ pub fn describe_state(d: &Desired) -> String {
             let targets: Vec<String> = m
                 .artifacts
                 .iter()
-                .map(|a| format!("{} {}", a.triple, hex::encode(&a.sha256[..6])))
+                .map(|a| format!("{} {}", a.triple, hex::encode(a.sha256)))
                 .collect();
-            format!("{} v{} ({})", m.name, m.version, targets.join(", "))
+            let mut flags = String::new();
+            if m.allow_downgrade {
+                flags.push_str(", DOWNGRADE ALLOWED");
+            }
+            if !m.config.is_empty() {
+                flags.push_str(&format!(
+                    ", config {} B sha256 {}",
+                    m.config.len(),
+                    hex::encode(kiln_protocol::fleet::sha256(&m.config))
+                ));
+            }
+            format!("{} v{} ({}{flags})", m.name, m.version, targets.join(", "))
         })
         .collect();
     format!(
@@ -458,4 +534,87 @@ pub fn describe_state(d: &Desired) -> String {
             modules.join("; ")
         }
     )
+}
+
+/// Everything a signature over a desired state commits to, one fact a line: what
+/// `kiln sign` shows before it signs, so a publisher without keys cannot slip a
+/// config, a limit, a downgrade or an artifact past the signers.
+pub fn describe_state_full(d: &Desired, body_sha256: &[u8; 32]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let scope = match &d.scope {
+        kiln_protocol::fleet::Scope::Device(x) => format!("device {x}"),
+        kiln_protocol::fleet::Scope::Group(x) => format!("group {x}"),
+    };
+    let _ = writeln!(
+        out,
+        "desired state  {} {scope}, fleet {}",
+        hex::encode(body_sha256),
+        d.fleet
+    );
+    let _ = writeln!(out, "  serial       {}", d.serial);
+    let _ = writeln!(
+        out,
+        "  valid        {} .. {}",
+        kiln_protocol::fleet::utc(d.issued_ms),
+        kiln_protocol::fleet::utc(d.expires_ms)
+    );
+    if d.modules.is_empty() {
+        let _ = writeln!(
+            out,
+            "  no modules (devices in scope stop every fleet module)"
+        );
+    }
+    for m in &d.modules {
+        let _ = writeln!(out, "  module       {} v{}", m.name, m.version);
+        let _ = writeln!(
+            out,
+            "    downgrade  {}",
+            if m.allow_downgrade {
+                "ALLOWED"
+            } else {
+                "refused"
+            }
+        );
+        let _ = writeln!(out, "    health     {} ms", m.health_window_ms);
+        let l = &m.limits;
+        let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+        let _ = writeln!(
+            out,
+            "    limits     tick_ms {}, timeout_ms {}, fuel_per_call {}, memory_limit_pages {}",
+            opt(l.tick_ms),
+            opt(l.timeout_ms),
+            opt(l.fuel_per_call),
+            opt(l.memory_limit_pages.map(u64::from))
+        );
+        let printable: String = String::from_utf8_lossy(&m.config[..m.config.len().min(64)])
+            .chars()
+            .map(|c| if c.is_control() { '.' } else { c })
+            .collect();
+        let _ = writeln!(
+            out,
+            "    config     {} B, sha256 {}{}",
+            m.config.len(),
+            hex::encode(kiln_protocol::fleet::sha256(&m.config)),
+            if m.config.is_empty() {
+                String::new()
+            } else {
+                format!(", begins \"{printable}\"")
+            }
+        );
+        for a in &m.artifacts {
+            let _ = writeln!(
+                out,
+                "    artifact   {} [{}] sha256 {} ({} B)",
+                a.triple,
+                a.cpu_features.join(","),
+                hex::encode(a.sha256),
+                a.len
+            );
+            for p in &a.patches {
+                let _ = writeln!(out, "      patch    from {}", hex::encode(p.base));
+            }
+        }
+    }
+    out
 }

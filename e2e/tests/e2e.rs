@@ -18,6 +18,7 @@ mod telemetry;
 mod topologies;
 mod transfers;
 mod trust;
+mod trust_attacks;
 mod util;
 
 pub use kiln_e2e::DEVICES;

@@ -102,7 +102,11 @@ fn under_the_generated_acl_a_device_updates_but_cannot_speak_for_others() {
     use kiln_compiler::commands::acl::{render, AclFormat};
     let acl_dir = tempfile::tempdir().unwrap();
     let acl = acl_dir.path().join("kiln.acl");
-    std::fs::write(&acl, render(AclFormat::Mosquitto, DEFAULT_PREFIX, OPERATOR)).unwrap();
+    std::fs::write(
+        &acl,
+        render(AclFormat::Mosquitto, DEFAULT_PREFIX, OPERATOR, &[]),
+    )
+    .unwrap();
     // mosquitto drops to its own user: it must be able to read the file.
     for (p, mode) in [(acl_dir.path(), 0o755), (acl.as_path(), 0o644)] {
         use std::os::unix::fs::PermissionsExt;

@@ -20,8 +20,8 @@ use serde_json::Value;
 use crate::fleet::{retained, Watch};
 use crate::util::{eventually, now_ms, path_str, FleetDevice};
 
-const QUICK: [&str; 4] = ["--health-window-ms", "1000", "--tick-ms", "100"];
-const LIMIT: Duration = Duration::from_secs(30);
+pub(crate) const QUICK: [&str; 4] = ["--health-window-ms", "1000", "--tick-ms", "100"];
+pub(crate) const LIMIT: Duration = Duration::from_secs(30);
 
 /// A fleet of its own: `kiln keygen` run in a temp dir, and the `kiln` binary run there
 /// (so `fleet.root` beside `fleet.key` is found as a user's would be).
@@ -85,7 +85,7 @@ impl Fleet {
 
     /// Root version n+1 with `keys` as the release role (k of them needed), signed by
     /// the offline root key, and published.
-    fn rotate_release(&self, keys: &[&str], k: u32) {
+    pub(crate) fn rotate_release(&self, keys: &[&str], k: u32) {
         let k = k.to_string();
         let mut args = vec![
             "root",
@@ -104,13 +104,13 @@ impl Fleet {
             .ok("publish root");
     }
 
-    fn push(&self, artifact: &Path, to: [&str; 2], key: &str) -> Run {
+    pub(crate) fn push(&self, artifact: &Path, to: [&str; 2], key: &str) -> Run {
         let mut args = vec!["push", path_str(artifact), to[0], to[1], "--sign", key];
         args.extend(QUICK);
         self.kiln(&args)
     }
 
-    fn device(&self, broker: &Broker, id: &str, groups: &[&str]) -> FleetDevice {
+    pub(crate) fn device(&self, broker: &Broker, id: &str, groups: &[&str]) -> FleetDevice {
         let mut device = FleetDevice::new("x86_64-linux", id, broker);
         device.root = self.path("fleet.root");
         device.groups = groups.iter().map(|g| g.to_string()).collect();
@@ -118,7 +118,12 @@ impl Fleet {
     }
 
     /// A device of this fleet, started, online, with a watch on its events.
-    fn started(&self, broker: &Broker, id: &str, groups: &[&str]) -> (Watch, FleetDevice) {
+    pub(crate) fn started(
+        &self,
+        broker: &Broker,
+        id: &str,
+        groups: &[&str],
+    ) -> (Watch, FleetDevice) {
         let watch = Watch::start(broker, id);
         let mut device = self.device(broker, id, groups);
         device.start(None);
@@ -126,16 +131,21 @@ impl Fleet {
         (watch, device)
     }
 
-    fn key(&self, name: &str) -> SecretKey {
+    pub(crate) fn key(&self, name: &str) -> SecretKey {
         kiln_compiler::keyfile::read_secret(&self.path(name)).unwrap()
     }
 
-    fn root(&self) -> Root {
+    pub(crate) fn root(&self) -> Root {
         SignedRoot::peek(&std::fs::read(self.path("fleet.root")).unwrap()).unwrap()
     }
 
     /// A desired state for `device` holding no module, signed by `keys`.
-    fn state(&self, device: &str, serial: u64, keys: &[&SecretKey]) -> (Desired, Vec<u8>) {
+    pub(crate) fn state(
+        &self,
+        device: &str,
+        serial: u64,
+        keys: &[&SecretKey],
+    ) -> (Desired, Vec<u8>) {
         let d = Desired {
             fleet: self.root().fleet,
             scope: Scope::Device(device.into()),
@@ -149,13 +159,13 @@ impl Fleet {
     }
 }
 
-fn refused(watch: &Watch, what: &str, needle: &str) {
+pub(crate) fn refused(watch: &Watch, what: &str, needle: &str) {
     watch.wait_event(LIMIT, what, |(m, _, k)| {
         m == "*" && matches!(k, EventKind::Rejected { reason } if reason.contains(needle))
     });
 }
 
-fn kiln_devices(fleet: &Fleet, device: &str) -> Value {
+pub(crate) fn kiln_devices(fleet: &Fleet, device: &str) -> Value {
     let out = fleet.kiln(&["devices", "--json"]).ok("kiln devices");
     let line = out
         .stdout
@@ -197,9 +207,13 @@ fn a_key_rotation_reaches_online_and_offline_devices_and_the_old_key_is_refused_
         "root v2 taken",
         |(_, _, k)| matches!(k, EventKind::Trusted { reason } if reason.contains("root v2")),
     );
+    // What the old key signed is re-signed only as an explicit decision (--adopt).
+    let plain = fleet.kiln(&["refresh", "--all", "--sign", "new.key"]);
+    assert_eq!(plain.code, Some(77), "{plain}");
+    assert!(plain.stderr.contains("--adopt"), "{plain}");
     fleet
-        .kiln(&["refresh", "--all", "--sign", "new.key"])
-        .ok("refresh");
+        .kiln(&["refresh", "--all", "--sign", "new.key", "--adopt"])
+        .ok("refresh --adopt");
 
     // v2 with the new key: the online device takes it at once, the offline one when
     // it comes back (root v2 first, then the state).
@@ -260,9 +274,20 @@ fn a_state_needs_its_threshold_and_is_signed_apart_from_publishing() {
     args.extend(QUICK);
     args.extend(["--unsigned", "dev-t.kilnstate", "--root", "fleet.root"]);
     fleet.kiln(&args).ok("push --unsigned");
-    fleet
+    let shown = fleet
         .kiln(&["sign", "dev-t.kilnstate", "--key", "alice.key"])
         .ok("sign alice");
+    // Everything the signature commits to is shown before it is made.
+    for fact in [
+        "serial",
+        "downgrade  refused",
+        "health     1000 ms",
+        "tick_ms 100",
+        "config     0 B",
+        "artifact   x86_64-unknown-linux-gnu",
+    ] {
+        assert!(shown.stdout.contains(fact), "`{fact}` in {shown}");
+    }
     let early = fleet.kiln(&["push", "dev-t.kilnstate", "--root", "fleet.root"]);
     assert_ne!(early.code, Some(0), "{early}");
     assert!(early.stderr.contains("1 of the 2 signatures"), "{early}");

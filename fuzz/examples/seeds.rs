@@ -301,6 +301,12 @@ fn main() -> std::io::Result<()> {
         "signed",
         &seal_report(&reported, kiln_fuzz::REPORTED_TOPIC, &device_key),
     )?;
+    // The host's reader: a topic byte (0 status, 1 reported, 3 another device's
+    // reported), then the message.
+    let signed_reported = seal_report(&reported, kiln_fuzz::REPORTED_TOPIC, &device_key);
+    write("device_message", "reported", &[&[1u8][..], &signed_reported].concat())?;
+    write("device_message", "moved", &[&[3u8][..], &signed_reported].concat())?;
+    write("device_message", "status", &[&[0u8][..], &signed].concat())?;
 
     let kinds = [
         ("downloading", EventKind::Downloading { have: 1, total: 3 }),

@@ -52,6 +52,7 @@ pub fn root() -> Root {
             root: role.clone(),
             release: role,
             registry: None,
+    expires_ms: None,
         }
     })
     .clone()

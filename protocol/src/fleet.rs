@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::keys::{KeyId, PublicKey, SecretKey};
 use crate::transfer::{Codec, Transfer, MAX_ARTIFACT};
-use crate::trust::{sign_all, Root, Sig};
+use crate::trust::{sign_all, OpenError, Root, Sig};
 
 pub const DEFAULT_PREFIX: &str = "kiln/v1";
 
@@ -34,6 +34,22 @@ pub const MAX_DESIRED: usize = 120 * 1024;
 /// Limits a desired state may set, checked like the ones in `kilnd.toml`.
 pub const MAX_TICK_MS: u64 = 24 * 3600 * 1000;
 pub const MAX_TIMEOUT_MS: u64 = 3600 * 1000;
+
+/// How far ahead of time a serial may be. kiln takes a new state's serial from the
+/// clock (Unix milliseconds, or one above the last when pushes come faster), so an
+/// honest serial is never a day ahead of its issue time, and an issue time is never a
+/// day ahead of a device's clock. A serial beyond that is a fast-forward (a leaked
+/// key signing `u64::MAX` so that no later state is ever taken), and both sides refuse
+/// it: the device does not apply it, kiln does not build on it.
+pub const MAX_SERIAL_AHEAD_MS: u64 = 24 * 3600 * 1000;
+
+/// A clock before this (2024-01-01) has not been set yet (a board without a
+/// real-time clock, before NTP): the issue-time bound waits for a set clock.
+pub const PLAUSIBLE_CLOCK_MS: u64 = 1_704_067_200_000;
+
+/// Largest status, reported state or event a device sends; the fleet tool skips (and
+/// says so) anything larger on a device's topics instead of decoding it.
+pub const MAX_REPORT: usize = 64 * 1024;
 
 pub use crate::transfer::sha256;
 
@@ -244,6 +260,31 @@ impl Desired {
                 self.serial,
                 utc(self.expires_ms),
                 utc(self.issued_ms)
+            ));
+        }
+        self.check_bounds(now_ms)
+    }
+}
+
+impl Desired {
+    /// Whether its serial and issue time are within [`MAX_SERIAL_AHEAD_MS`]: the serial
+    /// of its issue time, the issue time of `now_ms` (once the clock is set).
+    pub fn check_bounds(&self, now_ms: u64) -> Result<(), String> {
+        if self.serial > self.issued_ms.saturating_add(MAX_SERIAL_AHEAD_MS) {
+            return Err(format!(
+                "desired state serial {} is more than a day ahead of its issue time {} (a fast-forward)",
+                self.serial,
+                utc(self.issued_ms)
+            ));
+        }
+        if now_ms >= PLAUSIBLE_CLOCK_MS
+            && self.issued_ms > now_ms.saturating_add(MAX_SERIAL_AHEAD_MS)
+        {
+            return Err(format!(
+                "desired state serial {} was issued {}, more than a day after this clock's {} (a fast-forward, or a wrong clock)",
+                self.serial,
+                utc(self.issued_ms),
+                utc(now_ms)
             ));
         }
         Ok(())
@@ -604,22 +645,34 @@ impl SignedDesired {
     /// signed it, and it is for `root`'s fleet. Freshness is the caller's, who has
     /// the clock ([`Desired::check_fresh`]).
     pub fn open(bytes: &[u8], root: &Root) -> Result<Desired, String> {
-        let (body, signatures) = unwrap_v3(bytes)?;
-        root.release.verify(
-            DESIRED_CONTEXT,
-            &body,
-            &signatures,
-            &format!("desired state (release keys of root v{})", root.version),
-        )?;
+        Self::verify(bytes, root)
+            .map(|(d, _)| d)
+            .map_err(|e| e.to_string())
+    }
+
+    /// [`SignedDesired::open`] with the release keys whose signatures verified, and
+    /// an error that says what kind of failure it is (only an
+    /// [`OpenError::Untrusted`] one may open under a newer root).
+    pub fn verify(bytes: &[u8], root: &Root) -> Result<(Desired, Vec<KeyId>), OpenError> {
+        let (body, signatures) = unwrap_v3(bytes).map_err(OpenError::Malformed)?;
+        let signers = root
+            .release
+            .verify(
+                DESIRED_CONTEXT,
+                &body,
+                &signatures,
+                &format!("desired state (release keys of root v{})", root.version),
+            )
+            .map_err(OpenError::Untrusted)?;
         let desired: Desired = postcard::from_bytes(&body)
-            .map_err(|e| format!("malformed desired state body: {e}"))?;
+            .map_err(|e| OpenError::Malformed(format!("malformed desired state body: {e}")))?;
         if desired.fleet != root.fleet {
-            return Err(format!(
+            return Err(OpenError::WrongFleet(format!(
                 "desired state serial {} is for fleet {}, this is fleet {}",
                 desired.serial, desired.fleet, root.fleet
-            ));
+            )));
         }
-        Ok(desired)
+        Ok((desired, signers))
     }
 
     /// The body without checking the signature: for tools that only look (which
@@ -1000,6 +1053,7 @@ mod tests {
             root: crate::trust::Role::new(&[root_key.public()], 1),
             release: crate::trust::Role::new(&keys, threshold),
             registry: None,
+            expires_ms: None,
         };
         (root, root_key)
     }

@@ -21,6 +21,7 @@ pub mod compat;
 pub mod dirs;
 pub mod files;
 pub mod fleet;
+pub mod heard;
 pub mod keys;
 #[cfg(feature = "cli")]
 pub mod kilnd_cli;

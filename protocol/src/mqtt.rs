@@ -27,6 +27,14 @@ const _: () = assert!(crate::telemetry::MAX_BATCH + PUBLISH_OVERHEAD <= MAX_PACK
 /// (mosquitto `message_size_limit`) at or below this so the broker refuses it instead.
 pub const MAX_INCOMING: usize = 8 * 1024 * 1024;
 
+/// Largest packet the fleet tool receives: MQTT's own limit (a remaining length of
+/// 268,435,455 bytes plus the fixed header). On the host nothing on the broker can be
+/// larger, so no retained message, however large a device or anyone made it, can drop
+/// kiln's session in the middle of a read (which it would do again at every retry);
+/// what kiln reads is then bounded per kind before it is decoded (`MAX_REPORT`,
+/// `MAX_DESIRED`, ...), and the oversized message is skipped and named.
+pub const HOST_MAX_INCOMING: usize = 268_435_455 + 5;
+
 /// How to reach the broker.
 #[derive(Debug, Clone, Default)]
 pub struct Connect {
@@ -43,11 +51,22 @@ pub struct Connect {
 
 impl Connect {
     pub fn options(&self, client_id: &str, keep_alive: Duration) -> Result<MqttOptions, String> {
+        self.options_receiving(client_id, keep_alive, MAX_INCOMING)
+    }
+
+    /// [`Connect::options`] with another bound on what is received (the fleet tool's
+    /// is [`HOST_MAX_INCOMING`]; a device's stays [`MAX_INCOMING`]).
+    pub fn options_receiving(
+        &self,
+        client_id: &str,
+        keep_alive: Duration,
+        max_incoming: usize,
+    ) -> Result<MqttOptions, String> {
         let url = parse_broker(&self.broker)?;
         let mut options = MqttOptions::new(client_id, url.host, url.port);
         options
             .set_keep_alive(keep_alive)
-            .set_max_packet_size(MAX_INCOMING, MAX_PACKET);
+            .set_max_packet_size(max_incoming, MAX_PACKET);
         // A username alone is enough where the broker authenticates by certificate or
         // not at all, and ACLs key on it (`kiln acl`).
         if let Some(user) = &self.username {

@@ -34,7 +34,49 @@ pub const MAX_SIGNATURES: usize = 32;
 pub const MAX_REGISTRY: usize = 120 * 1024;
 
 const ROOT_CONTEXT: &[u8] = b"kiln root v1\0";
+const ROOT_V2_CONTEXT: &[u8] = b"kiln root v2\0";
 const REGISTRY_CONTEXT: &[u8] = b"kiln registry v1\0";
+
+/// Why a signed document (a desired state, a registry, a rollout record, a root) does
+/// not open, by kind: a caller acts on the kind, and the words are for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenError {
+    /// Not a document of this kind, too large, or cut short: no root will open it.
+    Malformed(String),
+    /// Not signed by a threshold of the role's keys: a newer root may name the keys
+    /// that signed it, so this is the one kind worth trying again after a rotation.
+    Untrusted(String),
+    /// Signed for another fleet.
+    WrongFleet(String),
+    /// Past its expiry, or its serial or issue time out of bounds.
+    Stale(String),
+}
+
+impl OpenError {
+    /// Whether a newer root could make it open.
+    pub fn may_open_under_newer_root(&self) -> bool {
+        matches!(self, OpenError::Untrusted(_))
+    }
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Malformed(s)
+            | OpenError::Untrusted(s)
+            | OpenError::WrongFleet(s)
+            | OpenError::Stale(s) => f.write_str(s),
+        }
+    }
+}
+
+impl std::error::Error for OpenError {}
+
+impl From<OpenError> for String {
+    fn from(e: OpenError) -> Self {
+        e.to_string()
+    }
+}
 
 /// One signature over a document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,9 +232,53 @@ pub struct Root {
     pub root: Role,
     pub release: Role,
     pub registry: Option<Role>,
+    /// After this (Unix ms) the root is stale: a device says so in its status, and
+    /// kiln warns, until a newer root (`kiln root rotate`, same keys or new) arrives;
+    /// so a broker that withholds a rotation cannot do so unnoticed. `None`: never
+    /// (roots written before expiry, which every kilnd reads).
+    pub expires_ms: Option<u64>,
+}
+
+/// The body of a root document without an expiry (the `V1` envelope): what every
+/// kilnd reads. A root with an expiry travels in the `V2` envelope.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct RootV1 {
+    fleet: String,
+    version: u64,
+    issued_ms: u64,
+    root: Role,
+    release: Role,
+    registry: Option<Role>,
+}
+
+impl From<RootV1> for Root {
+    fn from(r: RootV1) -> Self {
+        Root {
+            fleet: r.fleet,
+            version: r.version,
+            issued_ms: r.issued_ms,
+            root: r.root,
+            release: r.release,
+            registry: r.registry,
+            expires_ms: None,
+        }
+    }
 }
 
 impl Root {
+    /// Why this root is stale at `now_ms`, if it is.
+    pub fn stale_at(&self, now_ms: u64) -> Option<String> {
+        let expires = self.expires_ms?;
+        (now_ms >= expires).then(|| {
+            format!(
+                "root v{} of fleet {} expired at {}; a newer root may be withheld (or is due: `kiln root rotate`)",
+                self.version,
+                self.fleet,
+                crate::fleet::utc(expires)
+            )
+        })
+    }
+
     pub fn check(&self) -> Result<(), String> {
         names::check(Kind::Fleet, &self.fleet)?;
         if self.version == 0 {
@@ -215,10 +301,27 @@ impl Root {
     /// of its own, for a rotation).
     pub fn sign(&self, keys: &[&SecretKey]) -> Result<Vec<u8>, String> {
         self.check()?;
-        let body = postcard::to_stdvec(self).map_err(|e| e.to_string())?;
-        let signatures = sign_all(ROOT_CONTEXT, &body, keys);
-        let bytes =
-            postcard::to_stdvec(&SignedRoot::V1 { body, signatures }).map_err(|e| e.to_string())?;
+        let envelope = match self.expires_ms {
+            None => {
+                let v1 = RootV1 {
+                    fleet: self.fleet.clone(),
+                    version: self.version,
+                    issued_ms: self.issued_ms,
+                    root: self.root.clone(),
+                    release: self.release.clone(),
+                    registry: self.registry.clone(),
+                };
+                let body = postcard::to_stdvec(&v1).map_err(|e| e.to_string())?;
+                let signatures = sign_all(ROOT_CONTEXT, &body, keys);
+                SignedRoot::V1 { body, signatures }
+            }
+            Some(_) => {
+                let body = postcard::to_stdvec(self).map_err(|e| e.to_string())?;
+                let signatures = sign_all(ROOT_V2_CONTEXT, &body, keys);
+                SignedRoot::V2 { body, signatures }
+            }
+        };
+        let bytes = postcard::to_stdvec(&envelope).map_err(|e| e.to_string())?;
         if bytes.len() > MAX_ROOT {
             return Err(format!(
                 "root document is {} bytes (limit {MAX_ROOT})",
@@ -241,6 +344,9 @@ impl Root {
         if let Some(r) = &self.registry {
             s.push_str(&format!(", registry {}", role(r)));
         }
+        if let Some(e) = self.expires_ms {
+            s.push_str(&format!(", expires {}", crate::fleet::utc(e)));
+        }
         s
     }
 }
@@ -248,7 +354,31 @@ impl Root {
 /// A root document as it travels and is stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SignedRoot {
-    V1 { body: Vec<u8>, signatures: Vec<Sig> },
+    V1 {
+        body: Vec<u8>,
+        signatures: Vec<Sig>,
+    },
+    /// A root with an expiry.
+    V2 {
+        body: Vec<u8>,
+        signatures: Vec<Sig>,
+    },
+}
+
+/// The root, its body, its signatures and the context they are over.
+fn decode_root(bytes: &[u8]) -> Result<(Root, Vec<u8>, Vec<Sig>, &'static [u8]), String> {
+    match postcard::from_bytes(bytes).map_err(|e| format!("malformed root document: {e}"))? {
+        SignedRoot::V1 { body, signatures } => {
+            let root: RootV1 = postcard::from_bytes(&body)
+                .map_err(|e| format!("malformed root document body: {e}"))?;
+            Ok((root.into(), body, signatures, ROOT_CONTEXT))
+        }
+        SignedRoot::V2 { body, signatures } => {
+            let root: Root = postcard::from_bytes(&body)
+                .map_err(|e| format!("malformed root document body: {e}"))?;
+            Ok((root, body, signatures, ROOT_V2_CONTEXT))
+        }
+    }
 }
 
 /// The parts of a root document, its own signatures checked.
@@ -256,6 +386,7 @@ struct Opened {
     root: Root,
     body: Vec<u8>,
     signatures: Vec<Sig>,
+    context: &'static [u8],
 }
 
 fn open_self(bytes: &[u8]) -> Result<Opened, String> {
@@ -265,14 +396,11 @@ fn open_self(bytes: &[u8]) -> Result<Opened, String> {
             bytes.len()
         ));
     }
-    let SignedRoot::V1 { body, signatures } =
-        postcard::from_bytes(bytes).map_err(|e| format!("malformed root document: {e}"))?;
-    let root: Root =
-        postcard::from_bytes(&body).map_err(|e| format!("malformed root document body: {e}"))?;
+    let (root, body, signatures, context) = decode_root(bytes)?;
     root.check()
         .map_err(|e| format!("root v{} is invalid: {e}", root.version))?;
     root.root.verify(
-        ROOT_CONTEXT,
+        context,
         &body,
         &signatures,
         &format!("root v{} (by its own root keys)", root.version),
@@ -281,6 +409,7 @@ fn open_self(bytes: &[u8]) -> Result<Opened, String> {
         root,
         body,
         signatures,
+        context,
     })
 }
 
@@ -298,6 +427,7 @@ impl SignedRoot {
             root,
             body,
             signatures,
+            context,
         } = open_self(bytes)?;
         if root.fleet != current.fleet {
             return Err(format!(
@@ -313,7 +443,7 @@ impl SignedRoot {
             ));
         }
         current.root.verify(
-            ROOT_CONTEXT,
+            context,
             &body,
             &signatures,
             &format!(
@@ -332,9 +462,7 @@ impl SignedRoot {
                 bytes.len()
             ));
         }
-        let SignedRoot::V1 { body, .. } =
-            postcard::from_bytes(bytes).map_err(|e| format!("malformed root document: {e}"))?;
-        postcard::from_bytes(&body).map_err(|e| format!("malformed root document body: {e}"))
+        decode_root(bytes).map(|(root, ..)| root)
     }
 }
 
@@ -480,6 +608,45 @@ impl SignedRegistry {
     }
 }
 
+/// Whether a device's message is from its enrolled key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// Signed by the key the registry holds for the device.
+    Verified,
+    /// Signed, but the device is not enrolled.
+    Unenrolled(PublicKey),
+    /// Signed by a key other than the enrolled one: forged, or the device was
+    /// re-provisioned and must be enrolled again.
+    Mismatch(PublicKey),
+    /// Not signed (a kilnd before device identities).
+    Unsigned,
+}
+
+impl Identity {
+    pub fn of(registry: &Registry, device: &str, signer: Option<&PublicKey>) -> Self {
+        match (signer, registry.key_of(device)) {
+            (None, _) => Identity::Unsigned,
+            (Some(k), Some(enrolled)) if *k == enrolled => Identity::Verified,
+            (Some(k), Some(_)) => Identity::Mismatch(k.clone()),
+            (Some(k), None) => Identity::Unenrolled(k.clone()),
+        }
+    }
+
+    pub fn is_verified(&self) -> bool {
+        *self == Identity::Verified
+    }
+
+    /// One word for tables.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Identity::Verified => "verified",
+            Identity::Unenrolled(_) => "unenrolled",
+            Identity::Mismatch(_) => "MISMATCH",
+            Identity::Unsigned => "unsigned",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -501,6 +668,7 @@ mod tests {
             root: Role::new(&publics(root_keys), k),
             release: Role::new(&publics(release), 1),
             registry: None,
+            expires_ms: None,
         }
     }
 
@@ -609,6 +777,38 @@ mod tests {
         registry.fleet = "staging".into();
         let err = SignedRegistry::open(&registry.sign(&refs(&reg)).unwrap(), &doc).unwrap_err();
         assert!(err.contains("fleet staging"), "{err}");
+    }
+
+    #[test]
+    fn a_root_with_an_expiry_travels_apart_and_goes_stale() {
+        let (r, rel) = (keys(1), keys(1));
+        let mut v1 = root(1, &r, &rel, 1);
+        let plain = v1.sign(&refs(&r)).unwrap();
+        assert!(matches!(
+            postcard::from_bytes(&plain).unwrap(),
+            SignedRoot::V1 { .. }
+        ));
+        v1.expires_ms = Some(2_000);
+        let dated = v1.sign(&refs(&r)).unwrap();
+        assert!(matches!(
+            postcard::from_bytes(&dated).unwrap(),
+            SignedRoot::V2 { .. }
+        ));
+        let opened = SignedRoot::open_initial(&dated).unwrap();
+        assert_eq!(opened, v1);
+        assert_eq!(opened.stale_at(1_999), None);
+        assert!(opened.stale_at(2_000).unwrap().contains("expired"));
+        // The expiry is signed: moving it breaks the signature.
+        let mut chain = Chain::new(dated).unwrap();
+        let mut v2 = root(2, &r, &rel, 1);
+        v2.expires_ms = Some(9_000);
+        assert_eq!(
+            chain
+                .advance(&v2.sign(&refs(&r)).unwrap())
+                .unwrap()
+                .expires_ms,
+            Some(9_000)
+        );
     }
 
     #[test]

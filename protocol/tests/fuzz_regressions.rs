@@ -43,6 +43,7 @@ fn root() -> Root {
         root: role.clone(),
         release: role,
         registry: None,
+        expires_ms: None,
     }
 }
 

@@ -42,6 +42,11 @@ pub struct DashboardCommand {
     /// Allow --listen on an address other than loopback (the page has no login)
     #[arg(long)]
     pub allow_remote: bool,
+    /// Another name the page may be reached by (the `Host` a proxy passes on); every
+    /// other `Host` or `Origin` is refused, so a web page elsewhere cannot read the
+    /// fleet through DNS rebinding [default: the listen address, localhost, 127.0.0.1]
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub host: Vec<String>,
     /// Points kept per time series
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u16).range(2..=10_000))]
     pub points: u16,
@@ -69,7 +74,7 @@ impl DashboardCommand {
         let topics = self.broker.topics();
         let mut session = self.broker.connect().map_err(unavailable)?;
         let fleet = crate::trust::Fleet::follow(&mut session, &topics, self.root.anchor(None)?)?;
-        let registry = fleet.registry(&mut session, &topics)?;
+        let registry = fleet.registry_or_empty(&mut session, &topics)?;
         let limits = Limits {
             points: self.points.into(),
             history: self.history.into(),
@@ -88,6 +93,7 @@ impl DashboardCommand {
             )
         })?;
         let address = listener.local_addr().unwrap_or(self.listen);
+        let hosts = http::Hosts::new(address, &self.host);
         let filters = [
             topics.all_devices("status"),
             topics.all_devices("reported"),
@@ -101,7 +107,7 @@ impl DashboardCommand {
         }
         {
             let shared = shared.clone();
-            std::thread::spawn(move || http::serve(listener, shared));
+            std::thread::spawn(move || http::serve(listener, shared, hosts));
         }
         shared.clone().tick();
         eprintln!(

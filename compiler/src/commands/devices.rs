@@ -2,13 +2,14 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 use clap::Parser;
-use kiln_protocol::fleet::{ModuleState, Reported, ReportedV1, Status, StatusV2};
+use kiln_protocol::fleet::{ModuleState, ReportedV1, StatusV2};
 use kiln_protocol::keys::PublicKey;
 use kiln_protocol::trust::Registry;
 use serde_json::json;
 
 use crate::broker::BrokerArgs;
 use crate::exit::{coded, Code};
+use crate::fleet::messages::{warn_skipped, Body, Reader};
 use crate::trust::{Fleet, Identity, RootArgs};
 
 const AFTER_HELP: &str = "\
@@ -74,23 +75,25 @@ impl DevicesCommand {
             Some(_) => {
                 let anchor = self.root.anchor(None)?;
                 let fleet = Fleet::follow(&mut session, &topics, anchor)?;
-                Some(fleet.registry(&mut session, &topics)?)
+                Some(fleet.registry_or_empty(&mut session, &topics)?)
             }
             None => None,
         };
         let mut rows: BTreeMap<String, Row> = BTreeMap::new();
+        let empty = Registry::default();
+        let reader = Reader::new(&topics, registry.as_ref().unwrap_or(&empty));
         for kind in ["status", "reported"] {
             let retained = session
                 .retained(&topics.all_devices(kind))
                 .map_err(|e| coded(Code::Unavailable, e))?;
-            for (topic, payload) in retained {
-                let Some((device, _)) = topics.parse_device(&topic) else {
-                    continue;
-                };
-                let row = rows.entry(device.to_string()).or_default();
-                match kind {
-                    "status" => row.status = Status::open(&topic, &payload).ok(),
-                    _ => row.reported = Reported::open(&topic, &payload).ok(),
+            let (heard, skipped) = reader.all(&retained);
+            warn_skipped(&skipped, 10);
+            for h in heard {
+                let row = rows.entry(h.device.clone()).or_default();
+                match h.body {
+                    Body::Status(s) => row.status = Some((s, h.signer)),
+                    Body::Reported(r) => row.reported = Some((r, h.signer)),
+                    Body::Event(_) => {}
                 }
             }
         }

@@ -2,15 +2,15 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Result};
 use clap::Parser;
-use kiln_protocol::fleet::Status;
 use kiln_protocol::names::Kind;
 use kiln_protocol::trust::SignedRegistry;
 
 use crate::broker::BrokerArgs;
 use crate::commands::valid_name;
 use crate::exit::{coded, Code};
+use crate::fleet::messages::{warn_skipped, Reader};
 use crate::keyfile;
-use crate::trust::{Fleet, RootArgs};
+use crate::trust::{Fleet, Identity, RootArgs};
 
 const AFTER_HELP: &str = "\
 Each device makes its own ed25519 key on first start (identity.key in its data dir)
@@ -46,6 +46,10 @@ pub struct EnrollCommand {
     /// Keys of the registry role (or of the release role) that sign the registry
     #[arg(long, value_name = "KEY", required = true)]
     pub sign: Vec<PathBuf>,
+    /// Build on a registry that verifies only under an older root (its signers were
+    /// rotated out), after showing it; without this it is refused
+    #[arg(long)]
+    pub adopt: bool,
     #[command(flatten)]
     pub root: RootArgs,
     #[command(flatten)]
@@ -79,19 +83,21 @@ impl EnrollCommand {
         let mut session = self.broker.connect().map_err(unavailable)?;
         let anchor = self.root.anchor(self.sign.first().map(PathBuf::as_path))?;
         let fleet = Fleet::follow(&mut session, &topics, anchor)?;
-        let mut registry = fleet.registry(&mut session, &topics)?;
+        let mut registry = fleet.registry(&mut session, &topics, self.adopt)?;
         let statuses = session
             .retained(&topics.all_devices("status"))
             .map_err(unavailable)?;
         let mut wanted = self.devices.clone();
+        let (heard, skipped) = Reader::new(&topics, &registry).all(&statuses);
+        warn_skipped(&skipped, 5);
         if let Some(g) = &self.group {
-            for (topic, payload) in &statuses {
-                let Ok((s, _)) = Status::open(topic, payload) else {
-                    continue;
-                };
-                let member = s.facts.is_some_and(|f| f.groups.contains(g));
-                if member && !wanted.contains(&s.device) {
-                    wanted.push(s.device);
+            for h in &heard {
+                let member = h
+                    .status()
+                    .and_then(|s| s.facts.as_ref())
+                    .is_some_and(|f| f.groups.contains(g));
+                if member && !wanted.contains(&h.device) {
+                    wanted.push(h.device.clone());
                 }
             }
         }
@@ -100,7 +106,13 @@ impl EnrollCommand {
                 Some(path) => keyfile::read_public(path).map_err(|e| coded(Code::Key, e))?,
                 None => {
                     let topic = topics.status(device);
-                    let payload = statuses.get(&topic).ok_or_else(|| {
+                    if let Some(s) = skipped.iter().find(|s| s.topic == topic) {
+                        bail!(coded(
+                            Code::InvalidInput,
+                            anyhow!("{device}'s status: {}", s.reason)
+                        ));
+                    }
+                    let status = heard.iter().find(|h| h.topic == topic).ok_or_else(|| {
                         coded(
                             Code::InvalidInput,
                             anyhow!(
@@ -108,15 +120,14 @@ impl EnrollCommand {
                             ),
                         )
                     })?;
-                    match Status::open(&topic, payload) {
-                        Ok((_, Some(key))) => key,
-                        Ok((_, None)) => bail!(coded(
+                    match &status.identity {
+                        Identity::Verified => registry.key_of(device).ok_or_else(|| {
+                            coded(Code::Failure, anyhow!("{device}: enrolled key vanished"))
+                        })?,
+                        Identity::Unenrolled(key) | Identity::Mismatch(key) => key.clone(),
+                        Identity::Unsigned => bail!(coded(
                             Code::InvalidInput,
                             anyhow!("{device}'s status is not signed (a kilnd before device identities)")
-                        )),
-                        Err(e) => bail!(coded(
-                            Code::InvalidInput,
-                            anyhow!("{device}'s status: {e}")
                         )),
                     }
                 }

@@ -39,6 +39,14 @@ pub struct KeygenCommand {
     /// Write only the key pair (a key to add to an existing root)
     #[arg(long)]
     pub no_root: bool,
+    /// How long the root document is valid: devices and kiln say `stale` after it, so
+    /// a withheld rotation is noticed; renew it with `kiln root rotate` before then
+    #[arg(long, value_name = "DURATION", default_value = "365d", value_parser = crate::trust::parse_duration)]
+    pub root_expires_in: u64,
+    /// A root document that never expires (for fleets with a kilnd from before root
+    /// expiry, which cannot read a root that has one)
+    #[arg(long, conflicts_with = "root_expires_in")]
+    pub no_root_expiry: bool,
 }
 
 /// `fleet.key` -> `fleet-root.key`, `fleet.root`.
@@ -106,6 +114,8 @@ impl KeygenCommand {
             root: Role::new(&[root_key.public()], 1),
             release: Role::new(&[key.public()], 1),
             registry: None,
+            expires_ms: (!self.no_root_expiry)
+                .then(|| now_ms().saturating_add(self.root_expires_in)),
         };
         let doc = root
             .sign(&[&root_key])

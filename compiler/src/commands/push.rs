@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser};
 use kiln_protocol::fleet::{
-    Desired, DesiredModule, DeviceFacts, EventKind, EventV1, ModuleLimits, Reported, ReportedV1,
-    Scope, SignedDesired, Status, StatusV2, Topics, MAX_DESIRED,
+    Desired, DesiredModule, DeviceFacts, EventKind, EventV1, ModuleLimits, ReportedV1, Scope,
+    SignedDesired, StatusV2, Topics, MAX_DESIRED,
 };
 use kiln_protocol::manifest::parse_memory_size;
 use kiln_protocol::names::Kind;
@@ -16,10 +16,12 @@ use crate::broker::{now_ms, BrokerArgs, Session};
 use crate::commands::compile::{human_size, BuildArgs};
 use crate::commands::valid_name;
 use crate::exit::{coded, Code};
+use crate::fleet::messages::{warn_skipped, Body, Heard, Reader};
+use crate::fleet::serial::{next_serial, warn_ignored, Claim};
 use crate::release::{decode_file, read_input, verify_all, Entry, Release, Wire, FILE_MAGIC};
 use crate::targets::ResolvedTarget;
 use crate::trust::{
-    describe_state, encode_state, read_state, Identity, Signing, SigningArgs, STATE_MAGIC,
+    describe_state, encode_state, read_state, Identity, Opened, Signing, SigningArgs, STATE_MAGIC,
 };
 use kiln_protocol::trust::Registry;
 
@@ -268,16 +270,19 @@ fn statuses(
     let retained = session
         .retained(&filter)
         .map_err(|e| coded(Code::Unavailable, e))?;
-    Ok(retained
+    // Facts only (which targets, who is online): no identity is judged from them.
+    let registry = Registry::default();
+    let (heard, skipped) = Reader::new(topics, &registry).all(&retained);
+    warn_skipped(&skipped, 5);
+    Ok(heard
         .into_iter()
-        .filter_map(|(topic, payload)| {
-            let (s, _) = Status::open(&topic, &payload).ok()?;
-            let (device, _) = topics.parse_device(&topic)?;
+        .filter_map(|h| {
+            let s = h.status()?.clone();
             let targeted = match scope {
-                Scope::Device(d) => d == device,
+                Scope::Device(d) => *d == h.device,
                 Scope::Group(g) => s.facts.as_ref().is_some_and(|f| f.groups.contains(g)),
             };
-            targeted.then(|| (device.to_string(), s))
+            targeted.then_some((h.device, s))
         })
         .collect())
 }
@@ -327,7 +332,7 @@ fn describe(scope: &Scope) -> String {
 }
 
 /// Reads the current desired state of `scope`, lets `edit` change its module list,
-/// and signs the result under a new serial (see [`next_serial`]).
+/// and signs the result under a new serial (see [`crate::fleet::serial`]).
 pub fn prepare_desired(
     session: &mut Session,
     signing: &Signing,
@@ -336,27 +341,24 @@ pub fn prepare_desired(
     edit: impl FnOnce(&mut Vec<DesiredModule>),
 ) -> Result<NextDesired> {
     let unavailable = |e| coded(Code::Unavailable, e);
-    let (topic, reported_filter) = match scope {
-        Scope::Device(d) => (topics.desired(d), topics.reported(d)),
-        // Offline devices publish no facts, so which of them belong to the group is
-        // unknown: take every device's serial. A serial higher than needed costs
-        // nothing; one too low is refused.
-        Scope::Group(g) => (topics.group_desired(g), topics.all_devices("reported")),
+    let topic = match scope {
+        Scope::Device(d) => topics.desired(d),
+        Scope::Group(g) => topics.group_desired(g),
     };
     let current = session.retained(&topic).map_err(unavailable)?;
-    let reported = reported_serials(session, &reported_filter)?;
+    let heard = device_reports(session, signing, topics, scope)?;
     build_desired(
         signing,
         scope,
         topic.clone(),
         current.get(&topic).map(Vec::as_slice),
-        reported.into_values(),
+        &crate::fleet::serial::claims(&heard, scope),
         edit,
     )
 }
 
-/// [`prepare_desired`] for many devices with two retained reads in all (a rollout's
-/// wave of a thousand devices would otherwise make two thousand round trips).
+/// [`prepare_desired`] for many devices with a few retained reads in all (a rollout's
+/// wave of a thousand devices would otherwise make thousands of round trips).
 pub fn prepare_for_devices(
     session: &mut Session,
     signing: &Signing,
@@ -368,56 +370,98 @@ pub fn prepare_for_devices(
     let current = session
         .retained(&topics.all_devices("desired"))
         .map_err(unavailable)?;
-    let reported = reported_serials(session, &topics.all_devices("reported"))?;
+    let heard = device_reports(session, signing, topics, &Scope::Group(String::new()))?;
     devices
         .iter()
         .map(|device| {
             let topic = topics.desired(device);
-            let serial = reported.get(&topics.reported(device)).copied();
+            let scope = Scope::Device(device.clone());
             build_desired(
                 signing,
-                &Scope::Device(device.clone()),
+                &scope,
                 topic.clone(),
                 current.get(&topic).map(Vec::as_slice),
-                serial,
+                &crate::fleet::serial::claims(&heard, &scope),
                 |m| edit(device, m),
             )
         })
         .collect()
 }
 
-/// The serial each device reports having applied, by its `reported` topic.
-fn reported_serials(session: &mut Session, filter: &str) -> Result<BTreeMap<String, u64>> {
-    Ok(session
-        .retained(filter)
-        .map_err(|e| coded(Code::Unavailable, e))?
-        .into_iter()
-        .filter_map(|(topic, payload)| {
-            let (r, _) = Reported::open(&topic, &payload).ok()?;
-            Some((topic, r.serial))
-        })
-        .collect())
+/// The retained statuses and reports of the devices `scope` may hold (a group's
+/// members say so in their statuses), judged by the one reader.
+fn device_reports(
+    session: &mut Session,
+    signing: &Signing,
+    topics: &Topics,
+    scope: &Scope,
+) -> Result<Vec<Heard>> {
+    let unavailable = |e| coded(Code::Unavailable, e);
+    let registry = signing.fleet.registry_or_empty(session, topics)?;
+    let mut retained = BTreeMap::new();
+    let kinds: &[&str] = match scope {
+        Scope::Device(d) => {
+            retained.extend(session.retained(&topics.reported(d)).map_err(unavailable)?);
+            &[]
+        }
+        Scope::Group(_) => &["status", "reported"],
+    };
+    for kind in kinds {
+        retained.extend(
+            session
+                .retained(&topics.all_devices(kind))
+                .map_err(unavailable)?,
+        );
+    }
+    let (heard, skipped) = Reader::new(topics, &registry).all(&retained);
+    warn_skipped(&skipped, 5);
+    Ok(heard)
 }
 
-/// The next desired state of `scope`, from the one retained on its topic (if any) and
-/// the serials its devices reported.
+/// The next desired state of `scope`, from the one retained on its topic (if it is
+/// trusted under the current root, or adopted) and what its devices claim.
 fn build_desired(
     signing: &Signing,
     scope: &Scope,
     topic: String,
     current: Option<&[u8]>,
-    reported: impl IntoIterator<Item = u64>,
+    claims: &[Claim],
     edit: impl FnOnce(&mut Vec<DesiredModule>),
 ) -> Result<NextDesired> {
     let target = describe(scope);
-    let (retained_serial, mut modules) = match current {
+    let (retained_serial, modules) = match current {
         Some(payload) => {
-            let d = signing.fleet.open_desired(payload).map_err(|e| {
-                coded(
+            let d = match signing.fleet.open_desired(payload) {
+                Ok(Opened::Trusted(d)) => d,
+                Ok(Opened::Revoked { doc, root }) if signing.adopt => {
+                    eprintln!(
+                        "adopting the desired state of {target} signed under root v{root} (keys since rotated out): {}",
+                        describe_state(&doc)
+                    );
+                    doc
+                }
+                Ok(Opened::Revoked { root, .. }) if signing.replace_untrusted => {
+                    eprintln!(
+                        "replacing the desired state of {target} signed under root v{root} (keys since rotated out): its modules are dropped"
+                    );
+                    return finish_desired(signing, scope, topic, None, Vec::new(), claims, edit);
+                }
+                Err(e) if signing.replace_untrusted => {
+                    eprintln!("replacing the untrusted desired state of {target} ({e}): its modules are dropped");
+                    return finish_desired(signing, scope, topic, None, Vec::new(), claims, edit);
+                }
+                Ok(Opened::Revoked { doc, root }) => bail!(coded(
                     Code::Key,
-                    anyhow!("the current desired state of {target} is not trusted ({e}); refusing to build on it"),
-                )
-            })?;
+                    anyhow!(
+                        "the current desired state of {target} was signed under root v{root} by keys since rotated out ({}); building on it would re-sign it with today's keys: review it and pass --adopt, or --replace-untrusted to start from no modules",
+                        describe_state(&doc)
+                    )
+                )),
+                Err(e) => bail!(coded(
+                    Code::Key,
+                    anyhow!("the current desired state of {target} is not trusted ({e}); refusing to build on it (--replace-untrusted starts from no modules)"),
+                )),
+            };
             // Not this target's state (a stray or mis-addressed message): start over,
             // above its serial so devices do not take ours for an old one.
             let modules = if d.scope == *scope {
@@ -429,15 +473,31 @@ fn build_desired(
         }
         None => (None, Vec::new()),
     };
-    let serial = next_serial(retained_serial, reported, now_ms()).ok_or_else(|| {
-        coded(
-            Code::InvalidInput,
-            anyhow!(
-                "{target}: a desired-state serial of {} is in use; no higher serial exists",
-                u64::MAX
-            ),
-        )
-    })?;
+    finish_desired(
+        signing,
+        scope,
+        topic,
+        retained_serial,
+        modules,
+        claims,
+        edit,
+    )
+}
+
+/// The new state: `modules` edited, under the next serial, signed.
+fn finish_desired(
+    signing: &Signing,
+    scope: &Scope,
+    topic: String,
+    retained_serial: Option<u64>,
+    mut modules: Vec<DesiredModule>,
+    claims: &[Claim],
+    edit: impl FnOnce(&mut Vec<DesiredModule>),
+) -> Result<NextDesired> {
+    let target = describe(scope);
+    let next = next_serial(retained_serial, claims, now_ms());
+    warn_ignored(&next, &target);
+    let serial = next.serial;
     edit(&mut modules);
     modules.sort_by(|a, b| a.name.cmp(&b.name));
     let now = now_ms();
@@ -466,23 +526,6 @@ fn build_desired(
     })
 }
 
-/// The serial of a new desired state: above the serial retained on its topic, above
-/// every serial the targeted devices report having applied, and no lower than the
-/// time (Unix milliseconds, at least 1). A device refuses a serial lower than the one
-/// it applied last; a broker restarted without persistence forgets the retained
-/// state, and the devices' reports (or, when they are gone too, the clock) keep the
-/// serial from going backwards. `None` only if some serial is already `u64::MAX`.
-pub fn next_serial(
-    retained: Option<u64>,
-    reported: impl IntoIterator<Item = u64>,
-    now_ms: u64,
-) -> Option<u64> {
-    retained
-        .into_iter()
-        .chain(reported)
-        .try_fold(now_ms.max(1), |floor, s| Some(floor.max(s.checked_add(1)?)))
-}
-
 /// What the devices said about a new desired state. Pure: the driver feeds it what
 /// the broker delivers on their `reported` and `events` topics.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -495,7 +538,7 @@ pub struct Confirmation {
 }
 
 /// One message from a device, decoded.
-pub enum Heard {
+pub enum Answer {
     Reported(ReportedV1),
     Event(EventV1),
 }
@@ -513,16 +556,16 @@ impl Confirmation {
     /// A device confirms by reporting a serial at least the new one; it refuses with
     /// a rejection of the desired state as a whole (module `*`: a stale serial, an
     /// untrusted signature, a wrong address). Other devices and messages are ignored.
-    pub fn heard(&mut self, device: &str, message: Heard) {
+    pub fn heard(&mut self, device: &str, message: Answer) {
         if !self.pending.contains(device) {
             return;
         }
         match message {
-            Heard::Reported(r) if r.serial >= self.serial => {
+            Answer::Reported(r) if r.serial >= self.serial => {
                 self.pending.remove(device);
                 self.confirmed.push(device.to_string());
             }
-            Heard::Event(e) if e.module == "*" => {
+            Answer::Event(e) if e.module == "*" => {
                 if let EventKind::Rejected { reason } = e.kind {
                     self.pending.remove(device);
                     self.refused.push((device.to_string(), reason));
@@ -592,21 +635,16 @@ fn await_confirmation(
         else {
             continue;
         };
-        let Some((device, kind)) = topics.parse_device(&topic) else {
-            continue;
+        let heard = match Reader::new(topics, registry).open(&topic, &payload) {
+            Ok(Some(h)) => h,
+            Ok(None) => continue,
+            Err(skipped) => {
+                eprintln!("warning: skipped {skipped}");
+                continue;
+            }
         };
-        let (heard, signer) = match kind {
-            "reported" => match Reported::open(&topic, &payload) {
-                Ok((r, signer)) => (Heard::Reported(r), signer),
-                Err(_) => continue,
-            },
-            "events" => match kiln_protocol::fleet::Event::open(&topic, &payload) {
-                Ok((e, signer)) => (Heard::Event(e), signer),
-                Err(_) => continue,
-            },
-            _ => continue,
-        };
-        match Identity::of(registry, device, signer.as_ref()) {
+        let device = heard.device.as_str();
+        match &heard.identity {
             Identity::Verified => {}
             Identity::Mismatch(key) => {
                 eprintln!(
@@ -619,7 +657,12 @@ fn await_confirmation(
                 unverified.insert(device.to_string());
             }
         }
-        confirmation.heard(device, heard);
+        let answer = match heard.body {
+            Body::Reported(r) => Answer::Reported(r),
+            Body::Event(e) => Answer::Event(e),
+            Body::Status(_) => continue,
+        };
+        confirmation.heard(&heard.device, answer);
     }
     Ok(unverified)
 }
@@ -650,7 +693,10 @@ impl PushCommand {
             session.disconnect();
             return write_unsigned(path, &next, &release, messages);
         }
-        let registry = release.signing.fleet.registry(&mut session, &topics)?;
+        let registry = release
+            .signing
+            .fleet
+            .registry_or_empty(&mut session, &topics)?;
         let summary = format!(
             "{} ({}; {messages} messages)",
             release.label(),
@@ -698,7 +744,9 @@ impl PushCommand {
         };
         let retained = session.retained(&topic).map_err(unavailable)?;
         if let Some(current) = retained.get(&topic) {
-            if let Ok(d) = signing.fleet.open_desired(current) {
+            if let Ok(Opened::Trusted(d) | Opened::Revoked { doc: d, .. }) =
+                signing.fleet.open_desired(current)
+            {
                 if d.serial >= desired.serial {
                     bail!(coded(
                         Code::InvalidInput,
@@ -712,7 +760,7 @@ impl PushCommand {
                 }
             }
         }
-        let registry = signing.fleet.registry(&mut session, &topics)?;
+        let registry = signing.fleet.registry_or_empty(&mut session, &topics)?;
         let summary = describe_state(&desired);
         let scope = desired.scope.clone();
         let next = NextDesired {
@@ -820,53 +868,16 @@ fn write_unsigned(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
 
-    #[test]
-    fn the_serial_climbs_above_the_retained_state_the_reports_and_the_clock() {
-        assert_eq!(next_serial(None, [], 0), Some(1), "a first state");
-        assert_eq!(next_serial(Some(7), [], 0), Some(8), "the retained + 1");
-        // The broker forgot the retained state; a device still reports serial 41.
-        assert_eq!(next_serial(None, [3, 41, 9], 0), Some(42));
-        assert_eq!(next_serial(Some(50), [41], 0), Some(51));
-        // The clock is the floor when everything was forgotten.
-        assert_eq!(
-            next_serial(None, [], 1_700_000_000_000),
-            Some(1_700_000_000_000)
-        );
-        assert_eq!(next_serial(Some(5), [9], 1_000), Some(1_000));
-        assert_eq!(next_serial(Some(u64::MAX), [], 1), None);
-        assert_eq!(next_serial(None, [1, u64::MAX], 1), None);
-    }
-
-    proptest! {
-        #[test]
-        fn the_serial_is_above_every_input_and_at_least_the_clock(
-            retained in proptest::option::of(any::<u64>()),
-            reported in proptest::collection::vec(any::<u64>(), 0..8),
-            now in any::<u64>(),
-        ) {
-            let inputs: Vec<u64> = retained.iter().copied().chain(reported.iter().copied()).collect();
-            match next_serial(retained, reported.iter().copied(), now) {
-                Some(serial) => {
-                    prop_assert!(inputs.iter().all(|s| serial > *s));
-                    prop_assert!(serial >= now);
-                    prop_assert!(serial >= 1);
-                }
-                None => prop_assert!(inputs.contains(&u64::MAX)),
-            }
-        }
-    }
-
-    fn reported(serial: u64) -> Heard {
-        Heard::Reported(ReportedV1 {
+    fn reported(serial: u64) -> Answer {
+        Answer::Reported(ReportedV1 {
             serial,
             modules: Vec::new(),
         })
     }
 
-    fn event(module: &str, kind: EventKind) -> Heard {
-        Heard::Event(EventV1 {
+    fn event(module: &str, kind: EventKind) -> Answer {
+        Answer::Event(EventV1 {
             at_ms: 0,
             module: module.into(),
             version: 0,

@@ -7,8 +7,7 @@ use crate::broker::{BrokerArgs, Session};
 use crate::commands::push::prepare_desired;
 use crate::commands::valid_name;
 use crate::exit::{coded, Code};
-use crate::trust::Signing;
-use crate::trust::SigningArgs;
+use crate::trust::{describe_state, Opened, Signing, SigningArgs};
 use kiln_protocol::fleet::Topics;
 use kiln_protocol::trust::SignedRegistry;
 
@@ -19,9 +18,15 @@ serving an old state cannot hide a newer one for longer. So a fleet re-signs its
 states more often than that, from a timer, with the release key: the modules stay as
 they are, and the serial, issue time and expiry are new.
 
+After a rotation, what verifies only under an older root (its signers were rotated
+out: possibly the leaked key's work) is not re-signed: refresh names each such state
+and the registry, re-signs the rest, and exits 77. Review what it shows, then
+`--adopt` re-signs them with today's keys.
+
 Examples:
   kiln refresh --all --sign fleet.key                 # e.g. weekly, from a systemd timer
-  kiln refresh --group lab --sign fleet.key --expires-in 7d";
+  kiln refresh --group lab --sign fleet.key --expires-in 7d
+  kiln refresh --all --sign new.key --adopt           # after `kiln root rotate`, reviewed";
 
 /// Re-sign desired states as they are, with a new issue time and expiry
 #[derive(Parser, Debug)]
@@ -49,6 +54,8 @@ impl RefreshCommand {
             bail!(coded(Code::Usage, anyhow!("refresh signs: --sign KEY")));
         }
         let signing = self.signing.signing(&mut session, &topics)?;
+        // States that verify only under an older root: never re-signed unless adopted.
+        let mut revoked = Vec::new();
         let scopes = match (&self.device, &self.group, self.all) {
             (Some(d), _, _) => {
                 valid_name(Kind::Device, d)?;
@@ -61,8 +68,21 @@ impl RefreshCommand {
             (None, None, true) => {
                 let mut scopes = Vec::new();
                 for (topic, bytes) in session.desired_states(&topics).map_err(unavailable)? {
-                    match signing.fleet.verify_desired(&bytes) {
-                        Ok((d, _)) => scopes.push(d.scope),
+                    match signing.fleet.open_desired(&bytes) {
+                        Ok(Opened::Trusted(d)) => scopes.push(d.scope),
+                        Ok(Opened::Revoked { doc, root }) if signing.adopt => {
+                            eprintln!(
+                                "adopting {topic}, signed under root v{root} (keys since rotated out): {}",
+                                describe_state(&doc)
+                            );
+                            scopes.push(doc.scope)
+                        }
+                        Ok(Opened::Revoked { doc, root }) => {
+                            revoked.push(format!(
+                                "{topic} (signed under root v{root} by keys since rotated out: {})",
+                                describe_state(&doc)
+                            ));
+                        }
                         Err(e) => {
                             eprintln!("warning: {topic} is not trusted and stays as it is: {e}")
                         }
@@ -76,19 +96,44 @@ impl RefreshCommand {
             )),
         };
         for scope in scopes {
-            let next = prepare_desired(&mut session, &signing, &topics, &scope, |_| {})?;
+            let next = match prepare_desired(&mut session, &signing, &topics, &scope, |_| {}) {
+                Ok(next) => next,
+                // One state signed by a revoked key does not stop the others' refresh.
+                Err(e) if self.all && crate::exit::code_of(&e) == Code::Key => {
+                    revoked.push(crate::exit::one_line(&e));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let (serial, expires) = (next.desired.serial, next.desired.expires_ms);
             let topic = next.topic.clone();
             next.publish(&mut session)?;
-            eprintln!(
+            println!(
                 "{topic}: serial {serial}, valid until {}",
                 kiln_protocol::fleet::utc(expires)
             );
         }
         if self.all {
-            resign_registry(&mut session, &topics, &signing)?;
+            if let Err(e) = resign_registry(&mut session, &topics, &signing) {
+                if crate::exit::code_of(&e) != Code::Key {
+                    return Err(e);
+                }
+                revoked.push(crate::exit::one_line(&e));
+            }
         }
         session.disconnect();
+        if !revoked.is_empty() {
+            for r in &revoked {
+                eprintln!("not re-signed: {r}");
+            }
+            bail!(coded(
+                Code::Key,
+                anyhow!(
+                    "{} item(s) not re-signed: they verify only under an older root, so a rotated-out key wrote them; review them above and run `kiln refresh --all --adopt` to re-sign them with today's keys",
+                    revoked.len()
+                )
+            ));
+        }
         Ok(())
     }
 }
@@ -96,7 +141,7 @@ impl RefreshCommand {
 /// The registry, signed again by today's keys (after a rotation it may be signed by a
 /// key since rotated out), if the keys at hand hold its role.
 fn resign_registry(session: &mut Session, topics: &Topics, signing: &Signing) -> Result<()> {
-    let mut registry = signing.fleet.registry(session, topics)?;
+    let mut registry = signing.fleet.registry(session, topics, signing.adopt)?;
     if registry.serial == 0 {
         return Ok(()); // nothing enrolled yet
     }
@@ -112,6 +157,6 @@ fn resign_registry(session: &mut Session, topics: &Topics, signing: &Signing) ->
     session
         .publish_all(vec![(topics.registry(), signed)], |_| {})
         .map_err(|e| coded(Code::Unavailable, e))?;
-    eprintln!("registry: serial {}", registry.serial);
+    println!("registry: serial {}", registry.serial);
     Ok(())
 }

@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use clap::{Args, Parser, Subcommand};
-use kiln_protocol::fleet::{
-    DesiredModule, Event, EventKind, ModuleState, Reported, Scope, Status, Topics,
-};
+use kiln_protocol::fleet::{DesiredModule, EventKind, ModuleState, Scope, Topics};
 use kiln_protocol::names::Kind;
 use kiln_protocol::rollout::{
     plan_waves, short_list, Action, Input, Outcome, Phase, Policy, Rollout, Threshold,
@@ -21,7 +19,8 @@ use crate::broker::{now_ms, BrokerArgs, Session};
 use crate::commands::push::{prepare_desired, prepare_for_devices, ReleaseArgs};
 use crate::commands::valid_name;
 use crate::exit::{coded, Code};
-use crate::trust::{parse_duration, Identity, RootArgs, Signing, SigningArgs};
+use crate::fleet::messages::{warn_skipped, Body, Reader};
+use crate::trust::{parse_duration, Opened, RootArgs, Signing, SigningArgs};
 
 const AFTER_HELP: &str = "\
 Devices are the members of the group according to their retained status; a member
@@ -187,7 +186,10 @@ impl RolloutCommand {
                 return Err(busy(&other));
             }
         }
-        let registry = release.signing.fleet.registry(&mut session, &topics)?;
+        let registry = release
+            .signing
+            .fleet
+            .registry_or_empty(&mut session, &topics)?;
         let members = members(&mut session, &topics, &registry, &group)?;
         let module = release.module.clone();
         let mut devices = Vec::new();
@@ -269,7 +271,7 @@ impl ControlArgs {
             ));
         };
         let me = operator(&signing);
-        let registry = signing.fleet.registry(&mut session, &topics)?;
+        let registry = signing.fleet.registry_or_empty(&mut session, &topics)?;
         let mut driver = Driver::new(session, &signing, topics, registry, record);
         let phase = driver.record.phase.clone();
         let head = format!(
@@ -351,20 +353,21 @@ fn members(
     group: &str,
 ) -> Result<Vec<(String, Target)>> {
     let mut unverified = Vec::new();
-    let mut members: Vec<(String, Target)> = session
+    let retained = session
         .retained(&topics.all_devices("status"))
-        .map_err(unavailable)?
+        .map_err(unavailable)?;
+    let (heard, skipped) = Reader::new(topics, registry).all(&retained);
+    warn_skipped(&skipped, 5);
+    let mut members: Vec<(String, Target)> = heard
         .into_iter()
-        .filter_map(|(topic, payload)| {
-            let (s, signer) = Status::open(&topic, &payload).ok()?;
-            let facts = s.facts?;
+        .filter_map(|h| {
+            let facts = h.status()?.facts.clone()?;
             if !facts.groups.iter().any(|g| g == group) {
                 return None;
             }
-            let (device, _) = topics.parse_device(&topic)?;
-            let identity = Identity::of(registry, device, signer.as_ref());
-            if !identity.is_verified() {
-                unverified.push(format!("{device} ({})", identity.word()));
+            let device = h.device.as_str();
+            if !h.identity.is_verified() {
+                unverified.push(format!("{device} ({})", h.identity.word()));
             }
             let target = Target {
                 triple: facts.triple,
@@ -406,7 +409,10 @@ fn own_entries(
         .into_iter()
         .filter_map(|(topic, payload)| {
             let (device, _) = topics.parse_device(&topic)?;
-            let d = signing.fleet.open_desired(&payload).ok()?;
+            // Only what verifies under the current root is carried into a new state.
+            let Ok(Opened::Trusted(d)) = signing.fleet.open_desired(&payload) else {
+                return None;
+            };
             let entry = d.modules.into_iter().find(|m| m.name == module)?;
             Some((device.to_string(), entry))
         })
@@ -761,20 +767,19 @@ impl<'a> Driver<'a> {
     }
 
     fn on_device_message(&mut self, topic: &str, payload: &[u8]) -> Result<()> {
-        let Some((device, kind)) = self.topics.parse_device(topic) else {
-            return Ok(());
+        let heard = match Reader::new(&self.topics, &self.registry).open(topic, payload) {
+            Ok(Some(h)) => h,
+            Ok(None) => return Ok(()),
+            Err(skipped) => {
+                eprintln!("  warning: skipped {skipped}");
+                return Ok(());
+            }
         };
-        let device = device.to_string();
         let (name, version) = (&self.record.module.name, self.record.module.version);
-        let input = match kind {
-            "events" => {
-                let Ok((e, signer)) = Event::open(topic, payload) else {
-                    return Ok(());
-                };
-                if e.module != *name || e.version != version {
-                    return Ok(());
-                }
-                if !Identity::of(&self.registry, &device, signer.as_ref()).is_verified() {
+        let device = heard.device.clone();
+        let input = match &heard.body {
+            Body::Event(e) => {
+                if e.module != *name || e.version != version || !heard.is_verified() {
                     return Ok(());
                 }
                 match e.kind {
@@ -785,27 +790,23 @@ impl<'a> Driver<'a> {
                     _ => return Ok(()),
                 }
             }
-            "reported" => {
-                let Ok((r, signer)) = Reported::open(topic, payload) else {
-                    return Ok(());
-                };
-                let identity = Identity::of(&self.registry, &device, signer.as_ref());
+            Body::Reported(r) => {
                 let runs = r.modules.iter().any(|m| {
                     m.name == *name && m.version == version && m.state == ModuleState::Running
                 });
                 if !runs {
                     return Ok(());
                 }
-                if !identity.is_verified() {
+                if !heard.is_verified() {
                     eprintln!(
                         "  {device}: a reported state not signed by its enrolled key ({}): not counted",
-                        identity.word()
+                        heard.identity.word()
                     );
                     return Ok(());
                 }
                 Input::Committed { device }
             }
-            _ => return Ok(()),
+            Body::Status(_) => return Ok(()),
         };
         self.apply(input)
     }

@@ -94,6 +94,14 @@ pub struct Rotate {
     pub no_registry: bool,
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// How long the root document is valid: devices and kiln say `stale` after it, so
+    /// a withheld rotation is noticed; renew it with `kiln root rotate` before then
+    #[arg(long, value_name = "DURATION", default_value = "365d", value_parser = crate::trust::parse_duration)]
+    pub root_expires_in: u64,
+    /// A root document that never expires (for fleets with a kilnd from before root
+    /// expiry, which cannot read a root that has one)
+    #[arg(long, conflicts_with = "root_expires_in")]
+    pub no_root_expiry: bool,
 }
 
 fn publics(paths: &[PathBuf]) -> Result<Vec<PublicKey>> {
@@ -134,6 +142,8 @@ impl Rotate {
             root: role(&current.root, &self.root_key, self.root_threshold)?,
             release: role(&current.release, &self.release_key, self.release_threshold)?,
             registry,
+            expires_ms: (!self.no_root_expiry)
+                .then(|| now_ms().saturating_add(self.root_expires_in)),
         };
         let keys = self
             .sign

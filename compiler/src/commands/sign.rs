@@ -7,7 +7,7 @@ use kiln_protocol::fleet::SignedDesired;
 
 use crate::exit::{coded, Code};
 use crate::keyfile;
-use crate::trust::{describe_state, encode_state, read_state, RootArgs};
+use crate::trust::{describe_state_full, encode_state, read_state, RootArgs};
 
 const AFTER_HELP: &str = "\
 Signs a desired state that `kiln push --unsigned` wrote, on a machine that has the
@@ -50,7 +50,12 @@ impl SignCommand {
         let mut signed = read_state(&self.file)?;
         let desired = SignedDesired::peek(&signed)
             .map_err(|e| coded(Code::InvalidInput, anyhow!("`{file}`: {e}")))?;
-        eprintln!("signing {}", describe_state(&desired));
+        // Everything the signature commits to, on stdout, before anything is signed.
+        let body = postcard::to_stdvec(&desired).unwrap_or_default();
+        print!(
+            "{}",
+            describe_state_full(&desired, &kiln_protocol::fleet::sha256(&body))
+        );
         for path in &self.key {
             let key = keyfile::read_secret(path).map_err(|e| coded(Code::Key, e))?;
             signed = SignedDesired::add_signature(&signed, &key)

@@ -4,15 +4,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use clap::Parser;
-use kiln_protocol::fleet::{Event as FleetEvent, EventKind};
+use kiln_protocol::fleet::{EventKind, Topics};
 use kiln_protocol::names::{self, Kind};
 use kiln_protocol::telemetry::{self, Account, Batch, BatchV1, Body, Record, Tracker, Verdict};
+use kiln_protocol::trust::Registry;
 use rumqttc::{Client, Event, Packet, QoS};
 use serde_json::{json, Value};
 
 use crate::broker::{now_ms, BrokerArgs};
 use crate::commands::valid_name;
 use crate::exit::{coded, Code};
+use crate::fleet::messages::Reader;
+use crate::trust::{Fleet, RootArgs};
 
 const AFTER_HELP: &str = "\
 Every telemetry batch carries (device, boot_id, seq). watch shows each batch's records
@@ -46,6 +49,11 @@ pub struct WatchCommand {
     /// Stop after this many seconds (default: until Ctrl-C), then print the summary
     #[arg(long, value_name = "SECS")]
     pub duration: Option<f64>,
+    /// With a root (`--root`, or fleet.root here), each deployment event shows whether
+    /// it is signed by its device's enrolled key; one on an enrolled device's topic
+    /// signed by another key, or not at all, is shown as invalid
+    #[command(flatten)]
+    pub root: RootArgs,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -77,7 +85,11 @@ impl WatchCommand {
         let mut options = self
             .broker
             .connect_options()
-            .options(&id, Duration::from_secs(10))
+            .options_receiving(
+                &id,
+                Duration::from_secs(10),
+                kiln_protocol::mqtt::HOST_MAX_INCOMING,
+            )
             .map_err(|e| coded(Code::Usage, anyhow!(e)))?;
         options.set_clean_session(self.session.is_none());
         let (client, mut connection) = Client::new(options, 64);
@@ -85,9 +97,25 @@ impl WatchCommand {
         let deadline = self
             .duration
             .map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+        let registry = match self.root.path(None) {
+            Some(_) => {
+                let anchor = self.root.anchor(None)?;
+                let mut session = self
+                    .broker
+                    .connect()
+                    .map_err(|e| coded(Code::Unavailable, e))?;
+                let fleet = Fleet::follow(&mut session, &topics, anchor)?;
+                let registry = fleet.registry_or_empty(&mut session, &topics)?;
+                session.disconnect();
+                Some(registry)
+            }
+            None => None,
+        };
         let mut out = Output {
             json: self.json,
             tracker: Tracker::default(),
+            topics: topics.clone(),
+            registry,
         };
         let mut connected_once = false;
         let mut down = false;
@@ -161,6 +189,9 @@ impl WatchCommand {
 struct Output {
     json: bool,
     tracker: Tracker,
+    topics: Topics,
+    /// The enrolled keys, where a root was given.
+    registry: Option<Registry>,
 }
 
 impl Output {
@@ -254,11 +285,35 @@ impl Output {
     }
 
     fn event(&mut self, device: &str, topic: &str, payload: &[u8]) {
-        let Ok((e, _)) = FleetEvent::open(topic, payload) else {
+        let empty = Registry::default();
+        let registry = self.registry.as_ref().unwrap_or(&empty);
+        let heard = match Reader::new(&self.topics, registry).open(topic, payload) {
+            Ok(Some(h)) => h,
+            Ok(None) => return,
+            Err(skipped) => {
+                return self.note(
+                    json!({ "kind": "invalid", "device": device, "why": skipped.reason }),
+                    format!("{device}: unreadable deployment event: {}", skipped.reason),
+                )
+            }
+        };
+        let identity = self.registry.as_ref().map(|_| heard.identity.word());
+        if registry.key_of(device).is_some() && !heard.is_verified() {
+            let why = match &heard.signer {
+                Some(k) => format!(
+                    "deployment event signed by key {}, not the device's enrolled key",
+                    k.id()
+                ),
+                None => "unsigned deployment event for an enrolled device".to_string(),
+            };
             return self.note(
-                json!({ "kind": "invalid", "device": device, "why": "not a deployment event" }),
-                format!("{device}: unreadable deployment event"),
+                json!({ "kind": "invalid", "device": device, "why": why }),
+                format!("{device}: {why}"),
             );
+        }
+        let signer = heard.signer.as_ref().map(|k| k.id().to_string());
+        let Some(e) = heard.event().cloned() else {
+            return;
         };
         let reason = match &e.kind {
             EventKind::RolledBack { reason } | EventKind::Rejected { reason } => Some(reason),
@@ -273,13 +328,19 @@ impl Output {
                 "version": e.version,
                 "event": e.kind.name(),
                 "reason": reason,
+                "signer": signer,
+                "identity": identity,
             }),
             format!(
-                "{} {device} {} v{} {}",
+                "{} {device} {} v{} {}{}",
                 clock(e.at_ms),
                 e.module,
                 e.version,
-                e.kind
+                e.kind,
+                match identity {
+                    Some(w) if w != "verified" => format!(" [{w}]"),
+                    _ => String::new(),
+                }
             ),
         );
     }

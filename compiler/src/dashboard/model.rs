@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use kiln_protocol::fleet::{Event, Reported, Status, Topics};
+use kiln_protocol::fleet::Topics;
 use kiln_protocol::keys::PublicKey;
 use kiln_protocol::names::{self, Kind};
 use kiln_protocol::rollout::{Outcome, Rollout};
@@ -15,6 +15,7 @@ use kiln_protocol::telemetry::{self, Batch, Body, Tracker, Verdict};
 use kiln_protocol::trust::{Registry, Root, SignedRegistry};
 use serde_json::{json, Map, Value};
 
+use crate::fleet::messages::{Body as MessageBody, Reader};
 use crate::trust::Identity;
 
 /// How much is kept, per device and per series.
@@ -147,24 +148,41 @@ impl Fleet {
             d.invalid.push_back((now_ms, why));
             trim(&mut d.invalid, 10);
         };
-        match kind {
-            "status" => match Status::open(topic, payload) {
-                Ok((s, signer)) => {
+        if matches!(kind, "status" | "reported" | "events") {
+            let heard = match Reader::new(&self.topics, &self.registry).open(topic, payload) {
+                Ok(Some(h)) => h,
+                Ok(None) => return Changed::Nothing,
+                Err(skipped) => {
+                    invalid(d, format!("{kind}: {}", skipped.reason));
+                    return Changed::Device(device);
+                }
+            };
+            // An enrolled device signs all it says with its key: anything else on its
+            // topics is someone else's, never shown as the device's own.
+            if self.registry.key_of(&device).is_some() && !heard.is_verified() {
+                let why = match &heard.identity {
+                    Identity::Mismatch(k) | Identity::Unenrolled(k) => {
+                        format!("signed by key {}, not the device's enrolled key", k.id())
+                    }
+                    _ => "not signed, and the device is enrolled".to_string(),
+                };
+                invalid(d, format!("{kind}: {why}"));
+                return Changed::Device(device);
+            }
+            match heard.body {
+                MessageBody::Status(s) => {
                     d.online = Some(s.online);
                     if let Some(f) = s.facts {
                         d.triple = f.triple;
                         d.kilnd = f.kilnd;
                         d.groups = f.groups;
                     }
-                    d.signer = signer;
+                    d.signer = heard.signer;
                     if s.online {
                         d.last_seen_ms = now_ms;
                     }
                 }
-                Err(why) => invalid(d, format!("status: {why}")),
-            },
-            "reported" => match Reported::open(topic, payload) {
-                Ok((r, _)) => {
+                MessageBody::Reported(r) => {
                     d.modules = r
                         .modules
                         .iter()
@@ -175,10 +193,7 @@ impl Fleet {
                         .collect();
                     d.last_seen_ms = now_ms;
                 }
-                Err(why) => invalid(d, format!("reported state: {why}")),
-            },
-            "events" => match Event::open(topic, payload) {
-                Ok((e, _)) => {
+                MessageBody::Event(e) => {
                     let text = format!("{} v{}: {}", e.module, e.version, e.kind);
                     d.last_event = Some((e.at_ms, text.clone()));
                     d.history
@@ -186,8 +201,10 @@ impl Fleet {
                     trim(&mut d.history, limits.history);
                     d.last_seen_ms = now_ms;
                 }
-                Err(why) => invalid(d, format!("event: {why}")),
-            },
+            }
+            return Changed::Device(device);
+        }
+        match kind {
             "telemetry" => {
                 let batch = match Batch::decode(payload) {
                     Ok(b) if b.device == device => b,

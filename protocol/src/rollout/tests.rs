@@ -268,6 +268,7 @@ fn a_record_is_signed_by_the_release_role_and_bound_to_its_group() {
         root: Role::new(&[other.public()], 1),
         release: Role::new(&[release.public()], 1),
         registry: None,
+        expires_ms: None,
     };
     let mut r = rollout(
         3,

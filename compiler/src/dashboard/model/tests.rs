@@ -1,5 +1,5 @@
 use super::*;
-use kiln_protocol::fleet::{seal_report, DeviceFacts, StatusV2, DEFAULT_PREFIX};
+use kiln_protocol::fleet::{seal_report, DeviceFacts, Status, StatusV2, DEFAULT_PREFIX};
 use kiln_protocol::keys::SecretKey;
 use kiln_protocol::telemetry::{BatchV1, Record};
 use kiln_protocol::trust::Role;
@@ -13,6 +13,7 @@ fn fleet(limits: Limits) -> (Fleet, SecretKey) {
         root: Role::new(&[release.public()], 1),
         release: Role::new(&[release.public()], 1),
         registry: None,
+        expires_ms: None,
     };
     let topics = Topics::new(DEFAULT_PREFIX);
     (

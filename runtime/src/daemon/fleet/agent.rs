@@ -18,12 +18,12 @@ use kiln_protocol::fleet::{
     EventV1, ModuleReport, ModuleState, Reported, ReportedV1, Scope, SignedDesired, Status,
     StatusV2, TargetArtifact, Topics, TrustReport, MAX_DESIRED,
 };
-use kiln_protocol::keys::SecretKey;
+use kiln_protocol::keys::{KeyId, SecretKey};
 use kiln_protocol::names::{self, Kind};
 use kiln_protocol::transfer::{ChunkList, Codec, Transfer};
 use kiln_protocol::trust::{Chain, SignedRoot, MAX_ROOT};
 
-use super::store::{DeviceState, Installed, ModuleRecord, Slot};
+use super::store::{DeviceState, Floor, Installed, ModuleRecord, Slot, LEGACY_SIGNER};
 
 /// A download is keyed by the transfer's stream and how it is cut: the same stream
 /// pushed again with another chunk size is another download.
@@ -290,6 +290,29 @@ impl Agent {
             ),
         };
         let unreadable_state = degraded.is_some();
+        let mut state = state;
+        // Floors kept before per-key floors bind under the keys trusted now.
+        let ids: Vec<[u8; 8]> = trust
+            .chain
+            .root()
+            .release
+            .ids()
+            .iter()
+            .map(|k| k.0)
+            .collect();
+        for floors in state.floors.values_mut() {
+            if let Some(i) = floors.iter().position(|f| f.key == LEGACY_SIGNER) {
+                let legacy = floors.remove(i);
+                for id in &ids {
+                    if !floors.iter().any(|f| f.key == *id) {
+                        floors.push(Floor {
+                            key: *id,
+                            ..legacy.clone()
+                        });
+                    }
+                }
+            }
+        }
         let saved_serial = state.serials.values().copied().max().unwrap_or(0);
         Self {
             device: device.into(),
@@ -439,6 +462,8 @@ impl Agent {
                 Ok(root) => {
                     let reason = root.describe();
                     taken = true;
+                    // Each one kept: the next start chains through all of them.
+                    self.out.push(Effect::Trust(bytes.clone()));
                     self.event("*", 0, EventKind::Trusted { reason });
                 }
                 Err(why) => {
@@ -466,8 +491,6 @@ impl Agent {
     /// from now on must verify under the new root, and the ones that did not verify
     /// before are tried again (they may be signed by a rotated-in key).
     fn on_new_root(&mut self) {
-        self.out
-            .push(Effect::Trust(self.trust.chain.bytes().to_vec()));
         for (source, bytes) in std::mem::take(&mut self.unverified) {
             self.on_desired(&source, &bytes);
         }
@@ -486,11 +509,14 @@ impl Agent {
             );
             return self.event("*", 0, EventKind::Rejected { reason });
         }
-        let desired = match SignedDesired::open(payload, self.trust.chain.root()) {
-            Ok(d) => d,
+        let (desired, signers) = match SignedDesired::verify(payload, self.trust.chain.root()) {
+            Ok(opened) => opened,
             Err(why) => {
-                // A key this root does not know may be one the next root brings.
-                self.unverified.insert(source.to_string(), payload.to_vec());
+                // A key this root does not know may be one the next root brings;
+                // nothing else a root changes makes a state open.
+                if why.may_open_under_newer_root() {
+                    self.unverified.insert(source.to_string(), payload.to_vec());
+                }
                 let reason = format!("desired state on {source} refused: {why}");
                 return self.event("*", 0, EventKind::Rejected { reason });
             }
@@ -507,6 +533,7 @@ impl Agent {
             .serials
             .insert(source.to_string(), desired.serial);
         self.state.digests.insert(source.to_string(), digest);
+        self.raise_floors(source, &signers, desired.serial, digest);
         self.desired.insert(source.to_string(), desired);
         self.check_stale();
         if let Some(why) = self.degraded.clone() {
@@ -518,26 +545,29 @@ impl Agent {
         self.reconcile();
     }
 
-    /// Not older than what was applied, not a second body under an applied serial,
-    /// not expired, and (the first from its source) not issued before the device was
-    /// provisioned.
+    /// Not older than what a key still trusted signed and this device applied, not a
+    /// second body under such a serial, within the serial bounds, not expired, and
+    /// (the first from its source under the keys trusted now) not issued before the
+    /// device was provisioned.
     fn fresh(&self, source: &str, desired: &Desired, digest: [u8; 32]) -> Result<(), String> {
-        let last = self.state.serials.get(source).copied().unwrap_or(0);
-        if desired.serial < last {
-            return Err(format!(
-                "desired state serial {} on {source} is older than serial {last} already applied (a replay)",
-                desired.serial
-            ));
-        }
-        if desired.serial == last && self.state.digests.get(source).is_some_and(|d| *d != digest) {
-            return Err(format!(
-                "desired state serial {} on {source} was already applied with another body",
-                desired.serial
-            ));
+        let floors = self.binding_floors(source);
+        for floor in &floors {
+            if desired.serial < floor.serial {
+                return Err(format!(
+                    "desired state serial {} on {source} is older than serial {} already applied (a replay)",
+                    desired.serial, floor.serial
+                ));
+            }
+            if desired.serial == floor.serial && floor.digest != digest {
+                return Err(format!(
+                    "desired state serial {} on {source} was already applied with another body",
+                    desired.serial
+                ));
+            }
         }
         desired.check_fresh(self.now_ms)?;
-        // Only where nothing was applied yet: after that, the serial is the floor.
-        if last == 0 && desired.issued_ms < self.trust.not_before_ms {
+        // Only where nothing was applied yet: after that, the floors hold.
+        if floors.is_empty() && desired.issued_ms < self.trust.not_before_ms {
             return Err(format!(
                 "desired state serial {} on {source} was issued {}, before this device was provisioned ({}; a replay)",
                 desired.serial,
@@ -546,6 +576,56 @@ impl Agent {
             ));
         }
         Ok(())
+    }
+
+    /// The release keys of the root this device trusts now.
+    fn release_ids(&self) -> BTreeSet<[u8; 8]> {
+        self.trust
+            .chain
+            .root()
+            .release
+            .ids()
+            .into_iter()
+            .map(|id| id.0)
+            .collect()
+    }
+
+    /// The floors on `source` set by keys the current root still trusts.
+    fn binding_floors(&self, source: &str) -> Vec<Floor> {
+        let trusted = self.release_ids();
+        self.state
+            .floors
+            .get(source)
+            .map(|f| {
+                f.iter()
+                    .filter(|f| trusted.contains(&f.key))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Raises the floor of each key that signed the state just taken, and forgets the
+    /// floors of keys the current root no longer trusts.
+    fn raise_floors(&mut self, source: &str, signers: &[KeyId], serial: u64, digest: [u8; 32]) {
+        let trusted = self.release_ids();
+        let floors = self.state.floors.entry(source.to_string()).or_default();
+        floors.retain(|f| trusted.contains(&f.key));
+        for key in signers {
+            match floors.iter_mut().find(|f| f.key == key.0) {
+                Some(f) if f.serial > serial => {}
+                Some(f) => {
+                    f.serial = serial;
+                    f.digest = digest;
+                }
+                None => floors.push(Floor {
+                    key: key.0,
+                    serial,
+                    digest,
+                }),
+            }
+        }
+        floors.sort_by_key(|f| f.key);
     }
 
     /// Whether the states this device follows are older than its bound (or, with none,
@@ -559,7 +639,9 @@ impl Agent {
             .iter()
             .min_by_key(|(_, d)| d.issued_ms)
             .map(|(s, d)| (s.clone(), d.issued_ms, d.expires_ms));
+        let root_stale = self.trust.chain.root().stale_at(now);
         let stale = match oldest {
+            _ if root_stale.is_some() => root_stale,
             Some((source, _, expires)) if now >= expires => Some(format!(
                 "the desired state on {source} expired at {} and nothing newer arrived",
                 utc(expires)
@@ -1241,7 +1323,11 @@ impl Agent {
         let serial = self.pending_saves.pop_front();
         match result {
             Ok(()) => {
-                self.saved_serial = self.saved_serial.max(serial.unwrap_or(0));
+                // Saves are answered in order: the newest answered is what is on
+                // disk (lower than before after a rotation ended a fast-forward).
+                if let Some(serial) = serial {
+                    self.saved_serial = serial;
+                }
                 if self.degraded.take().is_some() && !self.unreadable_state {
                     tracing::info!("the data dir is writable again; updates resume");
                     self.reconcile();

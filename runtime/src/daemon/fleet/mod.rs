@@ -92,26 +92,7 @@ pub fn trust(
     use crate::exit::{Code, Failure};
     let provisioned = crate::sandbox::load::read_root(root)?;
     let store = Store::at(data_dir);
-    let chain = match store.load_root() {
-        Ok(Some(bytes)) => match Chain::new(bytes) {
-            Ok(kept)
-                if kept.root().fleet == provisioned.root().fleet
-                    && kept.root().version > provisioned.root().version =>
-            {
-                kept
-            }
-            Ok(_) => provisioned,
-            Err(e) => {
-                tracing::warn!(error = %e, "the kept root document is unusable; using the provisioned one");
-                provisioned
-            }
-        },
-        Ok(None) => provisioned,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the kept root document; using the provisioned one");
-            provisioned
-        }
-    };
+    let chain = follow_kept_roots(&store, provisioned);
     let identity = identity::load_or_create(data_dir)
         .map_err(|e| Failure::new(Code::Config, format!("device identity: {e}")))?;
     tracing::info!(
@@ -119,12 +100,77 @@ pub fn trust(
         identity = %identity.public().id(),
         "trust"
     );
+    let not_before_ms = match config.not_before_ms {
+        0 => first_start(data_dir),
+        set => set,
+    };
     Ok(Trust {
         chain,
         identity,
-        not_before_ms: config.not_before_ms,
+        not_before_ms,
         stale_after_ms: config.stale_after_s.saturating_mul(1000),
     })
+}
+
+/// The provisioned root followed through the roots this device took and kept, one
+/// version at a time: a kept root that does not chain (planted by whoever could write
+/// the data dir, or a kilnd's single `root` file) is refused and said.
+fn follow_kept_roots(store: &Store, provisioned: Chain) -> Chain {
+    let mut chain = provisioned;
+    match store.load_roots() {
+        Ok((kept, unreadable)) => {
+            for e in unreadable {
+                tracing::warn!(error = %e, "a kept root document is unreadable");
+            }
+            let (_, refused) = chain.follow(kept.iter().map(Vec::as_slice));
+            for e in refused {
+                tracing::warn!(error = %e, "a kept root document does not chain to the provisioned root: refused");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the kept root documents; using the provisioned one")
+        }
+    }
+    if let Some(v) = store.legacy_root() {
+        if v > chain.root().version {
+            tracing::warn!(
+                version = v,
+                "the data dir's `root` file cannot be chained to the provisioned root: not trusted (the broker's roots are followed again)"
+            );
+        }
+    }
+    chain
+}
+
+/// Clock skew allowed between kiln's clock and a device's first start.
+const FIRST_START_SKEW_MS: u64 = 5 * 60 * 1000;
+
+/// When this device first started with a set clock (`{data_dir}/first-start`, written
+/// once), less [`FIRST_START_SKEW_MS`]: the default `not_before`, so a state issued
+/// before the device existed is never replayed to it. 0 while the clock is not set.
+fn first_start(data_dir: &std::path::Path) -> u64 {
+    let path = data_dir.join("first-start");
+    let kept = kiln_protocol::files::read_bounded(&path, 32)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let ms = match kept {
+        Some(ms) => ms,
+        None => {
+            let now = now_ms();
+            if now < kiln_protocol::fleet::PLAUSIBLE_CLOCK_MS {
+                return 0;
+            }
+            if let Err(e) =
+                kiln_protocol::atomic::write_atomically(&path, now.to_string().as_bytes())
+            {
+                tracing::warn!(error = %e, "cannot record the first start; not_before stays unset");
+                return 0;
+            }
+            now
+        }
+    };
+    ms.saturating_sub(FIRST_START_SKEW_MS)
 }
 
 pub struct Driver {

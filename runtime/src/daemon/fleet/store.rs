@@ -23,9 +23,9 @@ use kiln_protocol::atomic::write_atomically;
 use kiln_protocol::fleet::{sha256, DesiredModule, ModuleLimits, TargetArtifact};
 use kiln_protocol::names::{self, Kind};
 use kiln_protocol::transfer::{ChunkList, MAX_ARTIFACT};
-use kiln_protocol::trust::MAX_ROOT;
+use kiln_protocol::trust::{SignedRoot, MAX_ROOT};
 
-use crate::sandbox::load::read_bounded;
+use kiln_protocol::files::read_bounded;
 
 use super::agent::DownloadKey;
 use serde::{Deserialize, Serialize};
@@ -98,17 +98,87 @@ pub struct ModuleRecord {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceState {
-    /// Highest desired-state serial acted on, per source topic...
+    /// The serial of the desired state last acted on, per source topic (what the
+    /// device reports)...
     pub serials: BTreeMap<String, u64>,
-    /// ...and the sha256 of its body: the same serial with another body is refused.
+    /// ...and the sha256 of its body.
     pub digests: BTreeMap<String, [u8; 32]>,
     pub modules: BTreeMap<String, ModuleRecord>,
+    /// The anti-replay floors, per source topic and per release key: the highest
+    /// serial each key signed that this device applied, and that state's digest. A
+    /// floor binds while its key is a release key of the current root; a rotation
+    /// that drops a key drops its floors with it, so a leaked key's fast-forward
+    /// (serial `u64::MAX`) ends with the rotation that revokes the key, and the
+    /// floors the keys still trusted set keep refusing their old states.
+    pub floors: BTreeMap<String, Vec<Floor>>,
 }
+
+/// One release key's anti-replay floor on one source (see [`DeviceState::floors`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Floor {
+    /// The key's id; [`LEGACY_SIGNER`] for a floor kept by a kilnd before per-key
+    /// floors (it binds under whatever keys the device trusts when it starts).
+    pub key: [u8; 8],
+    pub serial: u64,
+    pub digest: [u8; 32],
+}
+
+/// The key id of a floor whose signer is not known (see [`Floor::key`]).
+pub const LEGACY_SIGNER: [u8; 8] = [0; 8];
+
+/// Root documents kept in the data dir: more rotations than a fleet makes in years.
+pub const MAX_KEPT_ROOTS: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum State {
     V1(v1::State),
-    V2(DeviceState),
+    V2(v2::State),
+    V3(DeviceState),
+}
+
+/// The state file before per-key floors: its serials become floors of unknown signer.
+mod v2 {
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct State {
+        pub serials: BTreeMap<String, u64>,
+        pub digests: BTreeMap<String, [u8; 32]>,
+        pub modules: BTreeMap<String, ModuleRecord>,
+    }
+
+    impl From<State> for DeviceState {
+        fn from(s: State) -> Self {
+            let floors = s
+                .serials
+                .iter()
+                .map(|(source, serial)| {
+                    let floor = Floor {
+                        key: LEGACY_SIGNER,
+                        serial: *serial,
+                        digest: s.digests.get(source).copied().unwrap_or_default(),
+                    };
+                    (source.clone(), vec![floor])
+                })
+                .collect();
+            DeviceState {
+                serials: s.serials,
+                digests: s.digests,
+                modules: s.modules,
+                floors,
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub fn fixture() -> Vec<u8> {
+        let old = State {
+            serials: BTreeMap::from([("kiln/v1/devices/d/desired".to_string(), 9)]),
+            digests: BTreeMap::from([("kiln/v1/devices/d/desired".to_string(), [4; 32])]),
+            modules: BTreeMap::new(),
+        };
+        postcard::to_stdvec(&super::State::V2(old)).unwrap()
+    }
 }
 
 /// The state file of kiln 0.2 (no digests, no signers), read and upgraded.
@@ -152,6 +222,7 @@ mod v1 {
 
     impl From<State> for DeviceState {
         fn from(s: State) -> Self {
+            let serials = s.serials.clone();
             let modules = s
                 .modules
                 .into_iter()
@@ -166,11 +237,12 @@ mod v1 {
                     (name, record)
                 })
                 .collect();
-            DeviceState {
-                serials: s.serials,
+            super::v2::State {
+                serials,
                 digests: BTreeMap::new(),
                 modules,
             }
+            .into()
         }
     }
 
@@ -221,7 +293,8 @@ impl Store {
         match std::fs::read(self.dir.join("state")) {
             Ok(bytes) => match postcard::from_bytes::<State>(&bytes) {
                 Ok(State::V1(old)) => Ok(old.into()),
-                Ok(State::V2(state)) => Ok(state),
+                Ok(State::V2(old)) => Ok(old.into()),
+                Ok(State::V3(state)) => Ok(state),
                 Err(e) => Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("{}: {e}", self.dir.join("state").display()),
@@ -233,23 +306,62 @@ impl Store {
     }
 
     pub fn save(&self, state: &DeviceState) -> io::Result<()> {
-        let bytes = postcard::to_stdvec(&State::V2(state.clone()))
+        let bytes = postcard::to_stdvec(&State::V3(state.clone()))
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         write_atomically(&self.dir.join("state"), &bytes)
     }
 
-    /// The newest root document this device took (see `trust::Chain`).
+    /// A root document this device took (see `trust::Chain`), kept as
+    /// `roots/{version}` beside the others it took: at the next start, the provisioned
+    /// root is followed through them one version at a time, so a file planted in the
+    /// data dir that does not chain to the provisioned root is never trusted.
     pub fn save_root(&self, bytes: &[u8]) -> io::Result<()> {
-        write_atomically(&self.dir.join("root"), bytes)
+        let version = SignedRoot::peek(bytes)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
+            .version;
+        let dir = self.dir.join("roots");
+        std::fs::create_dir_all(&dir)?;
+        write_atomically(&dir.join(version.to_string()), bytes)
     }
 
-    /// The root document kept by [`Store::save_root`], if there is one.
-    pub fn load_root(&self) -> io::Result<Option<Vec<u8>>> {
-        match read_bounded(&self.dir.join("root"), MAX_ROOT as u64) {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+    /// The root documents kept by [`Store::save_root`], at most [`MAX_KEPT_ROOTS`] of
+    /// them (the newest), each bounded; unreadable ones are skipped and named.
+    pub fn load_roots(&self) -> io::Result<(Vec<Vec<u8>>, Vec<String>)> {
+        let dir = self.dir.join("roots");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
+            Err(e) => return Err(e),
+        };
+        let mut versions: Vec<(u64, PathBuf)> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let v = e.file_name().to_str()?.parse::<u64>().ok()?;
+                Some((v, e.path()))
+            })
+            .collect();
+        versions.sort();
+        let skip = versions.len().saturating_sub(MAX_KEPT_ROOTS);
+        let (mut roots, mut errors) = (Vec::new(), Vec::new());
+        for (_, path) in versions.into_iter().skip(skip) {
+            match read_bounded(&path, MAX_ROOT as u64) {
+                Ok(bytes) => roots.push(bytes),
+                Err(e) => errors.push(format!("{}: {e}", path.display())),
+            }
         }
+        Ok((roots, errors))
+    }
+
+    /// The newest kept root document, if any.
+    pub fn load_root(&self) -> io::Result<Option<Vec<u8>>> {
+        Ok(self.load_roots()?.0.pop())
+    }
+
+    /// A root file of a kilnd that kept only the newest root (`{data_dir}/root`): it
+    /// cannot be chained, so it is not trusted; its version is said once.
+    pub fn legacy_root(&self) -> Option<u64> {
+        let bytes = read_bounded(&self.dir.join("root"), MAX_ROOT as u64).ok()?;
+        SignedRoot::peek(&bytes).ok().map(|r| r.version)
     }
 
     /// The file of a module's slot. Names are checked where they enter; an unchecked
@@ -368,6 +480,24 @@ mod tests {
         );
         store.save(&state).unwrap();
         assert_eq!(store.load().unwrap(), state);
+    }
+
+    /// A state file from before per-key floors keeps its floors, of unknown signer.
+    #[test]
+    fn a_state_file_without_per_key_floors_is_upgraded_with_its_floors() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("state"), v2::fixture()).unwrap();
+        let state = Store::open(dir.path()).unwrap().load().unwrap();
+        let source = "kiln/v1/devices/d/desired";
+        assert_eq!(state.serials[source], 9);
+        assert_eq!(
+            state.floors[source],
+            vec![Floor {
+                key: LEGACY_SIGNER,
+                serial: 9,
+                digest: [4; 32]
+            }]
+        );
     }
 
     #[test]

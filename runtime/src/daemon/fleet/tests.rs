@@ -16,7 +16,7 @@ use kiln_protocol::artifact::seal;
 use kiln_protocol::compat::HostFacts;
 use kiln_protocol::fleet::{
     Desired, DesiredModule, DeviceFacts, ModuleLimits, ModuleState, Patch, Scope, SignedDesired,
-    TargetArtifact, Topics,
+    TargetArtifact, Topics, MAX_SERIAL_AHEAD_MS,
 };
 use kiln_protocol::keys::{SecretKey, TrustedKeys};
 use kiln_protocol::manifest::{Digest, Manifest};
@@ -47,6 +47,7 @@ fn root_of(root_key: &SecretKey, release: &SecretKey) -> (Root, Vec<u8>) {
         root: Role::new(&[root_key.public()], 1),
         release: Role::new(&[release.public()], 1),
         registry: None,
+        expires_ms: None,
     };
     let bytes = root.sign(&[root_key]).expect("root");
     (root, bytes)
@@ -1323,6 +1324,64 @@ fn a_device_whose_states_grow_old_says_it_is_stale_once() {
     assert_eq!(
         w.events.iter().filter(|e| e.contains("stale")).count(),
         1,
+        "{:#?}",
+        w.events
+    );
+}
+
+#[test]
+fn a_fast_forward_by_a_key_ends_when_a_rotation_drops_the_key() {
+    let mut w = World::new();
+    let topic = w.topics.desired(DEVICE);
+    let scope = || Scope::Device(DEVICE.into());
+    // The leaked key (the world's release key) signs a serial almost a day ahead.
+    let ahead = w.now + MAX_SERIAL_AHEAD_MS - 1;
+    let ffwd = desired_at(scope(), ahead, w.now, Vec::new());
+    w.deliver(topic.clone(), SignedDesired::sign(&ffwd, &[&w.key]));
+    assert_eq!(w.agent.state().serials.get(&topic), Some(&ahead));
+    // Every honest state is below it: a replay while the key is trusted...
+    let honest = desired_at(scope(), w.now + 10, w.now, Vec::new());
+    w.deliver(topic.clone(), SignedDesired::sign(&honest, &[&w.key]));
+    assert!(saw(&w, "(a replay)"), "{:#?}", w.events);
+    // ...and taken once root v2 drops the key, signed by the new one: the leaked
+    // key's floor went with it, and nothing was wiped.
+    let new = SecretKey::generate().unwrap();
+    let (root2, v2) = rotated(&w, 2, &new);
+    w.root = root2;
+    w.deliver(w.topics.root(2), v2);
+    w.key = new;
+    let recovered = desired_at(scope(), w.now + 20, w.now, Vec::new());
+    w.deliver(topic.clone(), SignedDesired::sign(&recovered, &[&w.key]));
+    assert_eq!(w.agent.state().serials.get(&topic), Some(&(w.now + 20)));
+    // The new key's own floor holds: its older state is a replay.
+    let older = desired_at(scope(), w.now + 15, w.now, Vec::new());
+    w.deliver(topic.clone(), SignedDesired::sign(&older, &[&w.key]));
+    assert_eq!(w.agent.state().serials.get(&topic), Some(&(w.now + 20)));
+    // And a serial past the bound is refused outright.
+    let absurd = desired_at(scope(), u64::MAX, w.now, Vec::new());
+    w.deliver(topic.clone(), SignedDesired::sign(&absurd, &[&w.key]));
+    assert!(saw(&w, "more than a day ahead"), "{:#?}", w.events);
+    assert_eq!(w.agent.state().serials.get(&topic), Some(&(w.now + 20)));
+}
+
+#[test]
+fn a_device_whose_root_expired_says_it_is_stale() {
+    let mut w = World::new();
+    let root2 = Root {
+        version: 2,
+        expires_ms: Some(w.now + 5_000),
+        ..w.root.clone()
+    };
+    let bytes = root2.sign(&[&w.root_key]).unwrap();
+    w.root = root2;
+    w.deliver(w.topics.root(2), bytes);
+    assert!(saw(&w, "trusts fleet acme root v2"), "{:#?}", w.events);
+    assert!(!saw(&w, "stale"));
+    w.apply(&Op::Advance { ms: 6_000 });
+    assert!(
+        w.events
+            .iter()
+            .any(|e| e.contains("stale") && e.contains("root v2") && e.contains("expired")),
         "{:#?}",
         w.events
     );

@@ -1,0 +1,6 @@
+//! Operating the fleet: what kiln reads from devices and decides from it. Every
+//! command that looks at what devices say goes through [`messages`]; every serial
+//! kiln signs comes from [`serial`].
+
+pub mod messages;
+pub mod serial;

@@ -1,0 +1,43 @@
+//! Any message on any topic, judged by the host's one reader of device messages
+//! (`kiln_protocol::heard::Reader`, used by every kiln command and the dashboard): the
+//! first byte picks the topic (a device's status, reported state or events, another
+//! device's, or not a device's at all), the rest is the payload. The reader never
+//! panics, never takes a payload over `MAX_REPORT`, names the device of the topic,
+//! and counts a message as verified only when it verifies under the enrolled key.
+#![no_main]
+
+use kiln_protocol::fleet::{Topics, MAX_REPORT};
+use kiln_protocol::heard::Reader;
+use kiln_protocol::trust::{Identity, Registry};
+use libfuzzer_sys::fuzz_target;
+
+const TOPICS: [&str; 6] = [
+    kiln_fuzz::STATUS_TOPIC,
+    kiln_fuzz::REPORTED_TOPIC,
+    kiln_fuzz::EVENTS_TOPIC,
+    "kiln/v1/devices/other/reported",
+    "kiln/v1/devices/d/desired",
+    "kiln/v1/registry",
+];
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&pick, payload)) = data.split_first() else {
+        return;
+    };
+    let topic = TOPICS[pick as usize % TOPICS.len()];
+    let topics = Topics::new("kiln/v1");
+    let mut registry = Registry::default();
+    registry.enroll("d", &kiln_fuzz::device_key().public());
+    match Reader::new(&topics, &registry).open(topic, payload) {
+        Ok(Some(heard)) => {
+            assert!(payload.len() <= MAX_REPORT);
+            assert!(topic.contains(&format!("/devices/{}/", heard.device)));
+            if heard.identity == Identity::Verified {
+                assert_eq!(heard.device, "d");
+                assert_eq!(heard.signer, Some(kiln_fuzz::device_key().public()));
+            }
+        }
+        Ok(None) => assert!(payload.is_empty() || !topic.contains("/devices/") || topic.ends_with("/desired")),
+        Err(skipped) => assert_eq!(skipped.topic, topic),
+    }
+});
