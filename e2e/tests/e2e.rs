@@ -9,6 +9,7 @@ mod dashboard;
 mod fleet;
 mod headless;
 mod lean;
+mod module_state;
 mod refusals;
 mod run;
 mod sandbox;

@@ -796,7 +796,15 @@ pub struct ModuleReport {
 pub enum ModuleState {
     Running,
     Updating,
+    /// Not running and not restarted: its supervisor gave up, a command exited with a
+    /// failure, or (never committed) its first version rolled back. `last_event` says
+    /// why; `version` is the version it ran or tried.
     Failed,
+    /// Crashed and waiting out its backoff before the next start; `last_event` says how
+    /// many crashes and the last reason.
+    Restarting,
+    /// A WASI command that ran to its end and exited 0.
+    Exited,
 }
 
 /// On `events`: every step of an update.

@@ -86,12 +86,21 @@ impl Connect {
                         return Err("a client certificate needs both a certificate and a key".into())
                     }
                 };
-                tls(
-                    &mut options,
-                    read(ca, "CA certificate")?,
-                    client_auth,
-                    &self.broker,
-                )?;
+                let ca_bytes = read(ca, "CA certificate")?;
+                check_pem(&ca_bytes, client_auth.as_ref()).map_err(|e| {
+                    let (what, path) = match e {
+                        PemProblem::Ca(_) => ("CA certificate", ca),
+                        PemProblem::ClientCert(_) => (
+                            "client certificate",
+                            self.client_cert.as_ref().unwrap_or(ca),
+                        ),
+                        PemProblem::ClientKey(_) => {
+                            ("client key", self.client_key.as_ref().unwrap_or(ca))
+                        }
+                    };
+                    format!("{what} `{}`: {}", path.display(), e.why())
+                })?;
+                tls(&mut options, ca_bytes, client_auth, &self.broker)?;
             }
             (true, None) => {
                 return Err(format!(
@@ -109,6 +118,59 @@ impl Connect {
         }
         Ok(options)
     }
+}
+
+/// Which TLS file is wrong, and why.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "tls"), allow(dead_code))]
+enum PemProblem {
+    Ca(String),
+    ClientCert(String),
+    ClientKey(String),
+}
+
+impl PemProblem {
+    fn why(&self) -> &str {
+        match self {
+            PemProblem::Ca(w) | PemProblem::ClientCert(w) | PemProblem::ClientKey(w) => w,
+        }
+    }
+}
+
+/// The TLS files hold what they should (a CA certificate that parses as a trust
+/// anchor, a client certificate and a private key), checked when the options are
+/// built: `kilnd check` and `kilnd serve` then refuse the same configs, and neither
+/// retries forever against a file that can never work.
+#[cfg(feature = "tls")]
+fn check_pem(ca: &[u8], client: Option<&(Vec<u8>, Vec<u8>)>) -> Result<(), PemProblem> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = |bytes: &[u8]| -> Result<Vec<CertificateDer<'static>>, String> {
+        let certs = CertificateDer::pem_slice_iter(bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("not a PEM certificate ({e:?})"))?;
+        if certs.is_empty() {
+            return Err("holds no PEM certificate".into());
+        }
+        Ok(certs)
+    };
+    let anchors = certs(ca).map_err(PemProblem::Ca)?;
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(anchors);
+    if added == 0 {
+        return Err(PemProblem::Ca("no certificate in it parses".into()));
+    }
+    if let Some((cert, key)) = client {
+        certs(cert).map_err(PemProblem::ClientCert)?;
+        PrivateKeyDer::from_pem_slice(key)
+            .map_err(|e| PemProblem::ClientKey(format!("not a PEM private key ({e:?})")))?;
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "tls"))]
+fn check_pem(_: &[u8], _: Option<&(Vec<u8>, Vec<u8>)>) -> Result<(), PemProblem> {
+    Ok(())
 }
 
 #[cfg(feature = "tls")]

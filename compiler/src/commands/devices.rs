@@ -154,6 +154,8 @@ fn state_mark(state: ModuleState) -> &'static str {
         ModuleState::Running => "",
         ModuleState::Updating => " (updating)",
         ModuleState::Failed => " (failed)",
+        ModuleState::Restarting => " (restarting)",
+        ModuleState::Exited => " (exited)",
     }
 }
 

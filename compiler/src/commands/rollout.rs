@@ -791,8 +791,26 @@ impl<'a> Driver<'a> {
                 }
             }
             Body::Reported(r) => {
+                let this = |m: &&kiln_protocol::fleet::ModuleReport| {
+                    m.name == *name && m.version == version
+                };
+                // Failed after its trial (its supervisor gave up, or a command failed):
+                // a failure of the release, counted as the policy counts failures.
+                if let Some(m) = r
+                    .modules
+                    .iter()
+                    .find(|m| this(m) && m.state == ModuleState::Failed)
+                {
+                    if heard.is_verified() {
+                        return self.apply(Input::Failed {
+                            device,
+                            why: format!("failed after its trial: {}", m.last_event),
+                        });
+                    }
+                    return Ok(());
+                }
                 let runs = r.modules.iter().any(|m| {
-                    m.name == *name && m.version == version && m.state == ModuleState::Running
+                    this(&m) && matches!(m.state, ModuleState::Running | ModuleState::Exited)
                 });
                 if !runs {
                     return Ok(());

@@ -56,6 +56,10 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
     let mut watchdog = notify::init();
     let signals = Signals::block()?;
     let (config, plans) = Config::load(config_path).map_err(|e| Failure::new(Code::Config, e))?;
+    // What `kilnd check` refuses, serve refuses too, before anything starts.
+    crate::daemon::config::validate(&config, &plans).map_err(|e| {
+        Failure::new(Code::Config, format!("config `{}`: {e}", config_path.display()))
+    })?;
     let rates = config.rates.clone();
     let trusted_keys = read_keys(&config)?;
     let exe = std::env::current_exe().map_err(|e| {
@@ -597,7 +601,11 @@ impl Signals {
             }
             if sig == libc::SIGHUP {
                 notify::reloading();
-                match Config::load(config_path) {
+                let reloaded = Config::load(config_path).and_then(|(config, plans)| {
+                    crate::daemon::config::validate(&config, &plans)?;
+                    Ok((config, plans))
+                });
+                match reloaded {
                     Ok((config, plans)) => {
                         tracing::info!(config = %config_path.display(), "reloading");
                         lock(modules).set_local(plans, config.rates);

@@ -85,12 +85,41 @@ pub enum Outcome {
     Started {
         version: u64,
     },
-    /// The worker stopped for a reason that is not a clean exit or a requested stop.
+    /// The worker stopped for a reason that is not a clean exit or a requested stop;
+    /// `crashes` in the supervisor's window so far (it restarts it, or gives up).
     Crashed {
         reason: String,
+        crashes: u32,
     },
     TickFailed {
         status: i32,
+    },
+    /// A WASI command ran to its end and exited with this code (0: it did its job).
+    Exited {
+        code: i32,
+    },
+    /// The supervisor gave up: `crashes` in its window; not restarted.
+    GaveUp {
+        crashes: u32,
+    },
+}
+
+/// What a module is doing, as the supervisor's records say: what the device reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Run {
+    Running,
+    /// Crashed `crashes` times in the window; restarted after a backoff.
+    Restarting {
+        crashes: u32,
+        reason: String,
+    },
+    /// A command that exited (0: done).
+    Exited {
+        code: i32,
+    },
+    /// Not restarted any more.
+    Failed {
+        reason: String,
     },
 }
 
@@ -175,6 +204,9 @@ pub struct Settings {
     pub stall_ms: u64,
     /// The shortest health window, whatever the desired state says.
     pub min_health_ms: u64,
+    /// How long a new version may take to start (load, first tick) before it is
+    /// rolled back; its health window starts only once it runs.
+    pub start_timeout_ms: u64,
 }
 
 /// What a device trusts, and the key it signs what it says with.
@@ -196,6 +228,7 @@ impl Default for Settings {
         Self {
             stall_ms: 60_000,
             min_health_ms: 100,
+            start_timeout_ms: 60_000,
         }
     }
 }
@@ -221,8 +254,10 @@ struct Download {
 struct Trial {
     sha256: [u8; 32],
     version: u64,
+    /// Until it starts, the start timeout; once it runs, the end of its health window.
     deadline_ms: u64,
     started: bool,
+    health_ms: u64,
 }
 
 pub struct Agent {
@@ -247,6 +282,11 @@ pub struct Agent {
     /// Artifacts whose patch failed this run: fetched whole.
     no_patch: BTreeSet<[u8; 32]>,
     trials: BTreeMap<String, Trial>,
+    /// What each module's worker is doing, from the supervisor's records.
+    run: BTreeMap<String, Run>,
+    /// The version and artifact a module last rolled back from: reported when
+    /// nothing of it was ever committed, instead of v0.
+    tried: BTreeMap<String, (u64, [u8; 32])>,
     last_event: BTreeMap<String, String>,
     /// By module: the serial of the desired state last heard naming an artifact this
     /// device rolled back. A newer one (a rollout's retry) is answered with a refusal;
@@ -330,6 +370,8 @@ impl Agent {
             downloads: BTreeMap::new(),
             no_patch: BTreeSet::new(),
             trials: BTreeMap::new(),
+            run: BTreeMap::new(),
+            tried: BTreeMap::new(),
             last_event: BTreeMap::new(),
             refused_serial: BTreeMap::new(),
             degraded,
@@ -1181,9 +1223,9 @@ impl Agent {
                     Trial {
                         sha256: sha,
                         version: d.version,
-                        deadline_ms: self.now_ms
-                            + d.health_window_ms.max(self.settings.min_health_ms),
+                        deadline_ms: self.now_ms + self.settings.start_timeout_ms,
                         started: false,
+                        health_ms: d.health_window_ms.max(self.settings.min_health_ms),
                     },
                 );
                 self.run_plans();
@@ -1194,16 +1236,58 @@ impl Agent {
     }
 
     fn on_worker(&mut self, module: &str, outcome: Outcome) {
+        let run = match &outcome {
+            Outcome::Started { .. } => Some(Run::Running),
+            Outcome::Crashed { reason, crashes } => Some(Run::Restarting {
+                crashes: *crashes,
+                reason: reason.clone(),
+            }),
+            Outcome::Exited { code } => Some(Run::Exited { code: *code }),
+            Outcome::GaveUp { crashes } => {
+                let last = match self.run.get(module) {
+                    Some(Run::Restarting { reason, .. }) => format!(": {reason}"),
+                    _ => String::new(),
+                };
+                Some(Run::Failed {
+                    reason: format!("gave up after {crashes} crashes{last}"),
+                })
+            }
+            Outcome::TickFailed { .. } => None,
+        };
+        if let Some(run) = run {
+            if self.run.get(module) != Some(&run) {
+                self.run.insert(module.to_string(), run);
+            }
+        }
+        let now = self.now_ms;
         let Some(trial) = self.trials.get_mut(module) else {
             return;
         };
         match outcome {
-            Outcome::Started { version } if version == trial.version => trial.started = true,
-            Outcome::Started { .. } => {}
-            Outcome::Crashed { reason } => self.roll_back(module, reason),
-            Outcome::TickFailed { status } => {
-                self.roll_back(module, format!("kiln_tick returned {status}"))
+            Outcome::Started { version } if version == trial.version && !trial.started => {
+                // The health window starts now that it runs.
+                trial.started = true;
+                trial.deadline_ms = now + trial.health_ms;
             }
+            Outcome::Started { .. } => {}
+            // A command that ran and exited 0 did what it is for: healthy.
+            Outcome::Exited { code: 0 } => self.commit(module),
+            Outcome::Exited { code } => self.roll_back(
+                module,
+                format!("exited with code {code} during its health window"),
+            ),
+            Outcome::Crashed { reason, .. } => self.roll_back(
+                module,
+                format!("crashed during its health window: {reason}"),
+            ),
+            Outcome::GaveUp { crashes } => self.roll_back(
+                module,
+                format!("crashed {crashes} times during its health window"),
+            ),
+            Outcome::TickFailed { status } => self.roll_back(
+                module,
+                format!("kiln_tick returned {status} during its health window"),
+            ),
         }
     }
 
@@ -1219,7 +1303,11 @@ impl Agent {
             if started {
                 self.commit(&name);
             } else {
-                self.roll_back(&name, "did not start within the health window".into());
+                let s = self.settings.start_timeout_ms / 1000;
+                self.roll_back(
+                    &name,
+                    format!("did not start within the start timeout ({s} s)"),
+                );
             }
         }
         let stalled: Vec<DownloadKey> = self
@@ -1287,6 +1375,8 @@ impl Agent {
         let Some(trial) = self.trials.remove(name) else {
             return;
         };
+        self.tried
+            .insert(name.to_string(), (trial.version, trial.sha256));
         let serial = self
             .state
             .modules
@@ -1422,20 +1512,50 @@ impl Agent {
             .iter()
             .filter_map(|(name, r)| {
                 let c = r.committed.as_ref();
+                let running = match self.run.get(name) {
+                    Some(Run::Restarting { .. }) => ModuleState::Restarting,
+                    Some(Run::Exited { code: 0 }) => ModuleState::Exited,
+                    Some(Run::Exited { .. } | Run::Failed { .. }) => ModuleState::Failed,
+                    Some(Run::Running) | None => ModuleState::Running,
+                };
                 let (version, sha256, state) = match (self.trials.get(name), c) {
                     (Some(t), _) => (t.version, t.sha256, ModuleState::Updating),
-                    (None, Some(c)) => (c.version, c.sha256, ModuleState::Running),
-                    // Desired but never committed: its first version failed.
-                    (None, None) if r.source.is_some() => (0, [0; 32], ModuleState::Failed),
+                    (None, Some(c)) => (c.version, c.sha256, running),
+                    // Desired but never committed: its first version failed; say which.
+                    (None, None) if r.source.is_some() => {
+                        let (v, sha) = self.tried.get(name).copied().unwrap_or((0, [0; 32]));
+                        (v, sha, ModuleState::Failed)
+                    }
                     // No longer desired: only its anti-rollback floor is kept.
                     (None, None) => return None,
+                };
+                // What the state is about, in words: the run state's reason first.
+                let why = match self.run.get(name) {
+                    Some(Run::Restarting { crashes, reason })
+                        if state == ModuleState::Restarting =>
+                    {
+                        Some(format!(
+                            "restarting ({crashes} crashes in the window): {reason}"
+                        ))
+                    }
+                    Some(Run::Failed { reason }) if state == ModuleState::Failed => {
+                        Some(format!("failed, not restarted: {reason}"))
+                    }
+                    Some(Run::Exited { code })
+                        if c.is_some() && self.trials.get(name).is_none() =>
+                    {
+                        Some(format!("exited with code {code}"))
+                    }
+                    _ => None,
                 };
                 Some(ModuleReport {
                     name: name.clone(),
                     version,
                     sha256,
                     state,
-                    last_event: self.last_event.get(name).cloned().unwrap_or_default(),
+                    last_event: why
+                        .or_else(|| self.last_event.get(name).cloned())
+                        .unwrap_or_default(),
                 })
             })
             .collect();

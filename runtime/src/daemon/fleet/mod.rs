@@ -560,8 +560,13 @@ fn outcome(record: &Record) -> Option<(String, Outcome)> {
         Body::Started(s) => Outcome::Started { version: s.version },
         Body::Stopped(s) if !s.is_clean() => Outcome::Crashed {
             reason: s.why.clone(),
+            crashes: s.crashes_in_window,
+        },
+        Body::Stopped(s) if s.reason == "exited" => Outcome::Exited {
+            code: s.exit_code.unwrap_or(0),
         },
         Body::TickFailed { status } => Outcome::TickFailed { status: *status },
+        Body::Failed { crashes, .. } => Outcome::GaveUp { crashes: *crashes },
         _ => return None,
     };
     Some((module, outcome))

@@ -328,6 +328,7 @@ impl World {
             Settings {
                 stall_ms: 20_000,
                 min_health_ms: 100,
+                start_timeout_ms: HEALTH_MS,
             },
             store.load().map_err(|e| e.to_string()),
             1_000_000,
@@ -676,6 +677,7 @@ impl World {
         match self.artifacts.get(&i.sha256).map_or(Kind::Good, |a| a.kind) {
             Kind::Crashy => Outcome::Crashed {
                 reason: "trap: unreachable".into(),
+                crashes: 1,
             },
             _ => Outcome::Started { version: i.version },
         }
@@ -765,7 +767,7 @@ impl World {
             for m in &reported.modules {
                 let r = &state.modules[&m.name];
                 match m.state {
-                    ModuleState::Running => {
+                    ModuleState::Running | ModuleState::Restarting | ModuleState::Exited => {
                         let c = r.committed.as_ref().expect("running means committed");
                         assert_eq!((c.version, c.sha256), (m.version, m.sha256));
                     }
@@ -773,7 +775,12 @@ impl World {
                         let s = r.staged.as_ref().expect("updating means staged");
                         assert_eq!(s.sha256, m.sha256);
                     }
-                    ModuleState::Failed => assert!(r.committed.is_none()),
+                    // Never committed (its first version rolled back: the version it
+                    // tried is named), or committed and given up on.
+                    ModuleState::Failed => match r.committed.as_ref() {
+                        Some(c) => assert_eq!((c.version, c.sha256), (m.version, m.sha256)),
+                        None => assert!(r.rejected.contains(&m.sha256) || m.version == 0),
+                    },
                 }
             }
             for (name, r) in &state.modules {
@@ -1385,4 +1392,76 @@ fn a_device_whose_root_expired_says_it_is_stale() {
         "{:#?}",
         w.events
     );
+}
+
+/// The module `app` as the device last reported it.
+fn reported_app(w: &World) -> kiln_protocol::fleet::ModuleReport {
+    let bytes = w.last_reported.as_ref().expect("a reported state");
+    let reported = decode_reported(bytes).expect("reported decodes");
+    reported
+        .modules
+        .into_iter()
+        .find(|m| m.name == "app")
+        .expect("app reported")
+}
+
+#[test]
+fn a_module_that_crash_loops_after_its_trial_is_reported_restarting_then_failed() {
+    let mut w = World::new();
+    push(&mut w, false, 0, 1, Kind::Good);
+    commit(&mut w);
+    assert_eq!(reported_app(&w).state, ModuleState::Running);
+    let crash = |crashes| Outcome::Crashed {
+        reason: "trap: unreachable".into(),
+        crashes,
+    };
+    w.input(Input::Worker {
+        module: "app".into(),
+        outcome: crash(2),
+    });
+    let m = reported_app(&w);
+    assert_eq!((m.state, m.version), (ModuleState::Restarting, 1));
+    assert!(m.last_event.contains("2 crashes"), "{}", m.last_event);
+    w.input(Input::Worker {
+        module: "app".into(),
+        outcome: Outcome::GaveUp { crashes: 5 },
+    });
+    let m = reported_app(&w);
+    assert_eq!((m.state, m.version), (ModuleState::Failed, 1));
+    assert!(
+        m.last_event.contains("gave up after 5 crashes: trap: unreachable"),
+        "{}",
+        m.last_event
+    );
+    // Started again (a restart by SIGHUP, a new version): running, and said so.
+    w.input(Input::Worker {
+        module: "app".into(),
+        outcome: Outcome::Started { version: 1 },
+    });
+    assert_eq!(reported_app(&w).state, ModuleState::Running);
+}
+
+#[test]
+fn a_command_that_exits_0_in_its_trial_is_healthy_and_a_failed_first_version_is_named() {
+    let mut w = World::new();
+    push(&mut w, false, 0, 1, Kind::Good);
+    commit(&mut w);
+    push(&mut w, false, 0, 2, Kind::Good);
+    deliver_all(&mut w);
+    assert_eq!(reported_app(&w).state, ModuleState::Updating);
+    // A WASI command that ran and exited 0 before its window ended did its job.
+    w.input(Input::Worker {
+        module: "app".into(),
+        outcome: Outcome::Exited { code: 0 },
+    });
+    assert_eq!(committed(&w, "app"), Some(2));
+    assert!(!saw(&w, "rolled back"), "{:#?}", w.events);
+    // A first version that never commits is reported with the version it tried.
+    let mut fresh = World::new();
+    push(&mut fresh, false, 0, 3, Kind::Crashy);
+    commit(&mut fresh);
+    let m = reported_app(&fresh);
+    assert_eq!((m.state, m.version), (ModuleState::Failed, 3));
+    assert_ne!(m.sha256, [0; 32]);
+    assert!(saw(&fresh, "crashed during its health window"), "{:#?}", fresh.events);
 }
