@@ -655,17 +655,13 @@ impl SignedDesired {
     /// [`OpenError::Untrusted`] one may open under a newer root).
     pub fn verify(bytes: &[u8], root: &Root) -> Result<(Desired, Vec<KeyId>), OpenError> {
         let (body, signatures) = unwrap_v3(bytes).map_err(OpenError::Malformed)?;
-        let signers = root
-            .release
-            .verify(
-                DESIRED_CONTEXT,
-                &body,
-                &signatures,
-                &format!("desired state (release keys of root v{})", root.version),
-            )
-            .map_err(OpenError::Untrusted)?;
-        let desired: Desired = postcard::from_bytes(&body)
-            .map_err(|e| OpenError::Malformed(format!("malformed desired state body: {e}")))?;
+        let (desired, signers): (Desired, _) = crate::trust::open_body(
+            &root.release,
+            DESIRED_CONTEXT,
+            (&body, &signatures),
+            &format!("desired state (release keys of root v{})", root.version),
+            "desired state",
+        )?;
         if desired.fleet != root.fleet {
             return Err(OpenError::WrongFleet(format!(
                 "desired state serial {} is for fleet {}, this is fleet {}",

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fleet::DesiredModule;
 use crate::keys::SecretKey;
-use crate::trust::{sign_all, Root, Sig};
+use crate::trust::{open_body, sign_all, unwrap_envelope, OpenError, Root, Sig};
 
 /// A rollout record of 1,000 devices is some 60 KiB (with no device entry of its own to
 /// return); 1 MiB holds the largest group one rollout should take.
@@ -589,23 +589,25 @@ impl Rollout {
     /// The record on `topic`, if a threshold of `root`'s release keys signed it for
     /// this fleet and the group the topic names.
     pub fn open(bytes: &[u8], root: &Root, group: &str) -> Result<Self, String> {
-        if bytes.len() > MAX_ROLLOUT {
-            return Err(format!(
-                "the rollout record is {} bytes (limit {MAX_ROLLOUT})",
-                bytes.len()
-            ));
-        }
+        Self::verify(bytes, root, group).map_err(|e| e.to_string())
+    }
+
+    /// [`Rollout::open`] with the kind of failure.
+    pub fn verify(bytes: &[u8], root: &Root, group: &str) -> Result<Self, OpenError> {
         let SignedRollout::V1 { body, signatures } =
-            postcard::from_bytes(bytes).map_err(|e| format!("malformed rollout record: {e}"))?;
-        root.release
-            .verify(CONTEXT, &body, &signatures, "the rollout record")?;
-        let r: Rollout = postcard::from_bytes(&body)
-            .map_err(|e| format!("malformed rollout record body: {e}"))?;
+            unwrap_envelope(bytes, MAX_ROLLOUT, "rollout record")?;
+        let (r, _): (Rollout, _) = open_body(
+            &root.release,
+            CONTEXT,
+            (&body, &signatures),
+            "the rollout record",
+            "rollout record",
+        )?;
         if r.fleet != root.fleet || r.group != group {
-            return Err(format!(
+            return Err(OpenError::WrongFleet(format!(
                 "the rollout record is for group {} of fleet {}, not group {group} of {}",
                 r.group, r.fleet, root.fleet
-            ));
+            )));
         }
         Ok(r)
     }

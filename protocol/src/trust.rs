@@ -59,6 +59,39 @@ impl OpenError {
     }
 }
 
+/// The one way a signed document opens: `body` verified against `role` (a threshold
+/// of its keys signed `context || body`), then decoded. What is malformed and what is
+/// untrusted stay apart ([`OpenError`]); the fleet and scope are the caller's checks.
+pub fn open_body<T: serde::de::DeserializeOwned>(
+    role: &Role,
+    context: &[u8],
+    (body, signatures): (&[u8], &[Sig]),
+    signed_as: &str,
+    kind: &str,
+) -> Result<(T, Vec<KeyId>), OpenError> {
+    let signers = role
+        .verify(context, body, signatures, signed_as)
+        .map_err(OpenError::Untrusted)?;
+    let doc = postcard::from_bytes(body)
+        .map_err(|e| OpenError::Malformed(format!("malformed {kind} body: {e}")))?;
+    Ok((doc, signers))
+}
+
+/// The envelope every signed document travels in, bounded before it is decoded.
+pub fn unwrap_envelope<E: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    max: usize,
+    what: &str,
+) -> Result<E, OpenError> {
+    if bytes.len() > max {
+        return Err(OpenError::Malformed(format!(
+            "{what} is {} bytes (limit {max})",
+            bytes.len()
+        )));
+    }
+    postcard::from_bytes(bytes).map_err(|e| OpenError::Malformed(format!("malformed {what}: {e}")))
+}
+
 impl std::fmt::Display for OpenError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -586,23 +619,25 @@ pub enum SignedRegistry {
 impl SignedRegistry {
     /// The registry, if a threshold of `root`'s registry role signed it for its fleet.
     pub fn open(bytes: &[u8], root: &Root) -> Result<Registry, String> {
-        if bytes.len() > MAX_REGISTRY {
-            return Err(format!(
-                "the registry is {} bytes (limit {MAX_REGISTRY})",
-                bytes.len()
-            ));
-        }
+        Self::verify(bytes, root).map_err(|e| e.to_string())
+    }
+
+    /// [`SignedRegistry::open`] with the kind of failure.
+    pub fn verify(bytes: &[u8], root: &Root) -> Result<Registry, OpenError> {
         let SignedRegistry::V1 { body, signatures } =
-            postcard::from_bytes(bytes).map_err(|e| format!("malformed registry: {e}"))?;
-        root.registry_role()
-            .verify(REGISTRY_CONTEXT, &body, &signatures, "the device registry")?;
-        let registry: Registry =
-            postcard::from_bytes(&body).map_err(|e| format!("malformed registry body: {e}"))?;
+            unwrap_envelope(bytes, MAX_REGISTRY, "registry")?;
+        let (registry, _): (Registry, _) = open_body(
+            root.registry_role(),
+            REGISTRY_CONTEXT,
+            (&body, &signatures),
+            "the device registry",
+            "registry",
+        )?;
         if registry.fleet != root.fleet {
-            return Err(format!(
+            return Err(OpenError::WrongFleet(format!(
                 "the registry is for fleet {}, not {}",
                 registry.fleet, root.fleet
-            ));
+            )));
         }
         Ok(registry)
     }
