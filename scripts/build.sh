@@ -9,16 +9,43 @@
 #     lean kilnd without WASI, as `kilnd-lean`;
 #   - the host tool `kiln`;
 #   - the Rust example modules for wasm32-wasip1 (hello, a WASI command; sensor-filter,
-#     a reactor written with the kiln-guest SDK).
+#     a reactor written with the kiln-guest SDK);
+#   - the WASI testsuite's 46 wasm32-wasip1 Rust tests (conformance/wasi).
 # Prints the stripped size of each kilnd.
+#
+# scripts/build.sh --demo builds only what scripts/demo.sh runs: the shipped kilnd for
+# aarch64 and riscv64 and the example modules (the demo installs its own kiln), so a
+# newcomer waits for nothing the demo does not start.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${CARGO_TARGET_DIR:=$HOME/.cache/kiln/target}"
 export CARGO_TARGET_DIR
+demo=0
+case "${1:-}" in
+  --demo) demo=1 ;;
+  "") ;;
+  *) echo "build.sh: unknown argument \`$1\` (usage: scripts/build.sh [--demo])" >&2; exit 64 ;;
+esac
 scripts/setup.sh
 
 # keep: BUILT-NAME copies the kilnd just built aside (the next build overwrites it).
 keep() { cp "$out/kilnd" "$out/$1.tmp" && mv "$out/$1.tmp" "$out/$1"; }
+if [ "$demo" = 1 ]; then
+  # What the demo runs, with what each step costs cold on a 2-core machine (each kilnd
+  # triple is a wasmer build); warm, each takes seconds.
+  step=0
+  for triple in aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu; do
+    step=$((step + 1))
+    echo "build: [$step/3] kilnd for $triple (cold: about 7 minutes; warm: seconds)"
+    cargo build --locked --quiet -p kiln-runtime --release --target "$triple"
+  done
+  echo "build: [3/3] example modules for wasm32-wasip1 (cold: about a minute)"
+  for example in hello sensor-filter; do
+    cargo build --locked --quiet --release --target wasm32-wasip1 \
+      --manifest-path "examples/$example/Cargo.toml" --target-dir "$CARGO_TARGET_DIR/examples"
+  done
+  exit 0
+fi
 for triple in x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu; do
   echo "build: kilnd for $triple"
   out="$CARGO_TARGET_DIR/$triple/release"
@@ -44,6 +71,8 @@ for example in hello sensor-filter; do
   cargo build --locked --quiet --release --target wasm32-wasip1 \
     --manifest-path "examples/$example/Cargo.toml" --target-dir "$CARGO_TARGET_DIR/examples"
 done
+echo "build: the WASI testsuite for wasm32-wasip1"
+scripts/wasi-testsuite.sh --build
 
 for triple in x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu; do
   printf 'build: kilnd %-30s %s bytes (stripped, release)\n' "$triple" \
