@@ -26,7 +26,7 @@ case "${1:-}" in
   "") ;;
   *) echo "build.sh: unknown argument \`$1\` (usage: scripts/build.sh [--demo])" >&2; exit 64 ;;
 esac
-scripts/setup.sh
+if [ "$demo" = 1 ]; then scripts/setup.sh --demo; else scripts/setup.sh; fi
 
 # keep: BUILT-NAME copies the kilnd just built aside (the next build overwrites it).
 keep() { cp "$out/kilnd" "$out/$1.tmp" && mv "$out/$1.tmp" "$out/$1"; }

@@ -7,8 +7,13 @@
 # tests run against a second broker too: aedes (Node.js), from the npm registry at the
 # versions e2e/aedes/package-lock.json pins. The dashboard test drives Debian's
 # Chromium with chromedriver. The book (docs/) is built with mdBook, from crates.io.
+#
+# scripts/setup.sh --demo installs only what the demo needs (cross gcc, qemu-user,
+# mosquitto, openssl, the rustup targets): none of the test suite's tools.
 set -euo pipefail
 
+demo=0
+[ "${1:-}" = "--demo" ] && demo=1
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 
 packages=()
@@ -19,6 +24,7 @@ have riscv64-linux-gnu-gcc || packages+=(gcc-riscv64-linux-gnu)
 { have qemu-aarch64 && have qemu-riscv64 && have qemu-x86_64; } || packages+=(qemu-user)
 have mosquitto || packages+=(mosquitto)
 have openssl || packages+=(openssl)
+if [ "$demo" = 0 ]; then
 have systemd-analyze || packages+=(systemd)
 have man || packages+=(man-db)
 have strace || packages+=(strace)
@@ -27,6 +33,7 @@ have dpkg-deb || packages+=(dpkg)
 { have node && have npm; } || packages+=(nodejs npm)
 # The dashboard's browser test: headless Chromium driven over WebDriver.
 { have chromium && have chromedriver; } || packages+=(chromium chromium-driver)
+fi
 
 if [ ${#packages[@]} -gt 0 ]; then
   sudo=""
@@ -40,6 +47,8 @@ installed=$(rustup target list --installed)
 for target in aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu wasm32-wasip1; do
   grep -qx "$target" <<<"$installed" || rustup target add "$target"
 done
+
+[ "$demo" = 1 ] && exit 0
 
 aedes="$(dirname "$0")/../e2e/aedes"
 if [ ! -f "$aedes/node_modules/aedes/package.json" ]; then
