@@ -8,20 +8,44 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use kiln_protocol::keys::{PublicKey, SecretKey};
 
+/// Reads a secret key, checking in the order that gives the right advice: a path that
+/// is not a file (a directory, a FIFO) is named as such, a public key or a root
+/// document given where a secret key belongs is named as such, and only a real secret
+/// key file that others can read is told to `chmod 600`.
 pub fn read_secret(path: &Path) -> Result<SecretKey> {
-    let meta = fs::metadata(path)
-        .with_context(|| format!("cannot read signing key `{}`", path.display()))?;
+    let file = path.display();
+    let meta = fs::metadata(path).with_context(|| format!("cannot read signing key `{file}`"))?;
+    if meta.is_dir() {
+        bail!("signing key `{file}` is a directory; --sign takes a key file from `kiln keygen` (fleet.key)");
+    }
+    if !meta.is_file() {
+        bail!("signing key `{file}` is not a regular file");
+    }
+    // Refused before it is read: a key file is a few hundred bytes.
+    if meta.len() > 64 * 1024 {
+        bail!(
+            "signing key `{file}` is {} bytes, not a key file",
+            meta.len()
+        );
+    }
+    let bytes = fs::read(path).with_context(|| format!("cannot read signing key `{file}`"))?;
+    let text = String::from_utf8_lossy(&bytes);
+    if PublicKey::from_text(&text).is_ok() || text.contains("BEGIN PUBLIC KEY") {
+        bail!(
+            "`{file}` is a public key; --sign takes the secret key beside it ({})",
+            path.with_extension("key").display()
+        );
+    }
+    if kiln_protocol::trust::SignedRoot::peek(&bytes).is_ok() {
+        bail!("`{file}` is a root document, not a key; --sign takes a secret key file");
+    }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         bail!(
-            "signing key `{}` is readable by others (mode {mode:04o}); run `chmod 600 {}`",
-            path.display(),
-            path.display()
+            "signing key `{file}` is readable by others (mode {mode:04o}); run `chmod 600 {file}`"
         );
     }
-    let text = fs::read_to_string(path)
-        .with_context(|| format!("cannot read signing key `{}`", path.display()))?;
-    SecretKey::from_text(&text).with_context(|| format!("invalid signing key `{}`", path.display()))
+    SecretKey::from_text(&text).with_context(|| format!("invalid signing key `{file}`"))
 }
 
 pub fn read_public(path: &Path) -> Result<PublicKey> {

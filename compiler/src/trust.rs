@@ -395,6 +395,32 @@ pub fn refuse_root_keys(fleet: &Fleet, paths: &[PathBuf], keys: &[SecretKey]) ->
     Ok(())
 }
 
+/// For what is signed away from the broker (`kiln compile`, `kiln release`): a key
+/// that the root document beside it (see [`RootArgs::path`]) names as a root key and
+/// not as a release key is refused, so the offline root key is never used online. No
+/// root document beside the key: nothing to check against.
+pub fn refuse_root_key_beside(path: &Path, key: &SecretKey) -> Result<()> {
+    let Some(root_path) = RootArgs::default().path(Some(path)) else {
+        return Ok(());
+    };
+    let Ok(root) = peek_root(&root_path) else {
+        return Ok(());
+    };
+    let id = key.public().id();
+    if root.root.ids().contains(&id) && !root.release.ids().contains(&id) {
+        bail!(coded(
+            Code::Key,
+            anyhow!(
+                "`{}` is a root key of {} (per `{}`): root keys sign root documents only and stay offline; sign with a release key",
+                path.display(),
+                root.describe(),
+                root_path.display()
+            )
+        ));
+    }
+    Ok(())
+}
+
 /// How desired states are signed: the fleet's roots, the release keys at hand (none:
 /// the state is written unsigned for `kiln sign`), how long a state is valid, and
 /// whether the operator adopts what was signed under an older root.

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, Parser};
 
-use kiln_protocol::atomic::write_atomically;
 use kiln_protocol::keys::SecretKey;
 use kiln_protocol::manifest::{parse_memory_size, CompileSettings};
 use kiln_protocol::names::{self, Kind};
@@ -179,13 +178,14 @@ impl CompileCommand {
         let target = ResolvedTarget::resolve(&self.target, &self.cpu_features, &profiles)
             .map_err(|e| coded(Code::Usage, e))?;
         let key = keyfile::read_secret(&self.sign).map_err(|e| coded(Code::Key, e))?;
+        crate::trust::refuse_root_key_beside(&self.sign, &key)?;
         let source = read_source(&self.input)?;
         let label = target.label();
         let features = target.feature_names();
         let compiled = self
             .build
             .compile(&self.input, &source, target, self.memory_limit, &key)?;
-        write_atomically(&self.output, &compiled.bytes)
+        crate::files::write_public(&self.output, &compiled.bytes)
             .with_context(|| format!("cannot write `{}`", self.output.display()))
             .map_err(|e| coded(Code::CannotWrite, e))?;
         let seconds = compiled.compile_time.as_secs_f64();

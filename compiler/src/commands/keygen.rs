@@ -88,6 +88,28 @@ impl KeygenCommand {
                 anyhow!("`{}` exists; keygen never overwrites a key", p.display()),
             ));
         }
+        // A second root document beside the fleet's would be taken for the fleet's
+        // (it is found beside the key), and kiln would trust another fleet's root.
+        if !self.no_root {
+            let dir = match self.output.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            if let Some(other) = crate::files::with_extension(&dir, "root")
+                .unwrap_or_default()
+                .first()
+            {
+                return Err(coded(
+                    Code::CannotWrite,
+                    anyhow!(
+                        "`{}` already holds a fleet's root document ({}): a new fleet there would make kiln trust another root; for another release key of that fleet pass --no-root (then `kiln root rotate --release-key {}`), for a new fleet write into another directory",
+                        dir.display(),
+                        other.display(),
+                        public_path.display()
+                    ),
+                ));
+            }
+        }
         let key = SecretKey::generate().map_err(|e| coded(Code::Failure, e))?;
         keyfile::write_new(&self.output, &key.to_text(), 0o600)
             .map_err(|e| coded(Code::CannotWrite, e))?;

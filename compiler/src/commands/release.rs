@@ -2,7 +2,6 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use kiln_protocol::atomic::write_atomically;
 use kiln_protocol::manifest::parse_memory_size;
 
 use crate::commands::compile::{human_size, read_source, BuildArgs};
@@ -55,6 +54,7 @@ impl ReleaseCommand {
             .map(|t| ResolvedTarget::resolve(t, &[], &profiles).map_err(|e| coded(Code::Usage, e)))
             .collect::<Result<Vec<_>>>()?;
         let key = keyfile::read_secret(&self.sign).map_err(|e| coded(Code::Key, e))?;
+        crate::trust::refuse_root_key_beside(&self.sign, &key)?;
         let source = read_source(&self.input)?;
         let mut artifacts = Vec::new();
         for target in targets {
@@ -73,7 +73,7 @@ impl ReleaseCommand {
         let built = verify_all(artifacts, &TrustedKeys::new(vec![key.public()]))?;
         let bytes: Vec<Vec<u8>> = built.iter().map(|b| b.bytes.clone()).collect();
         let file = encode_file(&bytes);
-        write_atomically(&self.output, &file)
+        crate::files::write_public(&self.output, &file)
             .with_context(|| format!("cannot write `{}`", self.output.display()))
             .map_err(|e| coded(Code::CannotWrite, e))?;
         let m = &built[0].manifest;

@@ -2,7 +2,6 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, Parser, Subcommand};
-use kiln_protocol::atomic::write_atomically;
 use kiln_protocol::keys::PublicKey;
 use kiln_protocol::trust::{Role, Root};
 
@@ -159,7 +158,7 @@ impl Rotate {
             bail!(coded(Code::Key, anyhow!("devices would refuse it: {e}")));
         }
         let out = self.output.unwrap_or(self.root);
-        write_atomically(&out, &doc).map_err(|e| {
+        crate::files::write_public(&out, &doc).map_err(|e| {
             coded(
                 Code::CannotWrite,
                 anyhow!("cannot write `{}`: {e}", out.display()),

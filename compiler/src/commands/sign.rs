@@ -2,7 +2,6 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, Result};
 use clap::Parser;
-use kiln_protocol::atomic::write_atomically;
 use kiln_protocol::fleet::SignedDesired;
 
 use crate::exit::{coded, Code};
@@ -69,7 +68,7 @@ impl SignCommand {
             signed = SignedDesired::add_raw_signature(&signed, &key, &signature)
                 .map_err(|e| coded(Code::Key, anyhow!("the signature `{command}` made: {e}")))?;
         }
-        write_atomically(&self.file, &encode_state(&signed))
+        crate::files::write_public(&self.file, &encode_state(&signed))
             .map_err(|e| coded(Code::CannotWrite, anyhow!("cannot write `{file}`: {e}")))?;
         let signers: Vec<String> = SignedDesired::signers(&signed)
             .unwrap_or_default()
