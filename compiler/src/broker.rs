@@ -28,9 +28,14 @@ pub struct BrokerArgs {
     pub client_cert: Option<std::path::PathBuf>,
     #[arg(long, value_name = "FILE")]
     pub client_key: Option<std::path::PathBuf>,
+    /// User name for the broker; the password comes from --password-file or the
+    /// KILN_BROKER_PASSWORD environment variable, never from the command line
     #[arg(long, env = "KILN_BROKER_USER")]
     pub username: Option<String>,
-    /// Read from the environment only, never from the command line
+    /// File whose first line is the broker password (else KILN_BROKER_PASSWORD)
+    #[arg(long, value_name = "FILE", env = "KILN_BROKER_PASSWORD_FILE")]
+    pub password_file: Option<std::path::PathBuf>,
+    /// From the environment (KILN_BROKER_PASSWORD) only, never from the command line
     #[arg(skip = std::env::var("KILN_BROKER_PASSWORD").ok())]
     pub password: Option<String>,
 }
@@ -40,19 +45,60 @@ impl BrokerArgs {
         Topics::new(&self.prefix)
     }
 
-    pub fn connect_options(&self) -> Connect {
-        Connect {
+    /// How to connect; the password is read from --password-file here (its first
+    /// line, at most 4 KiB), so a missing file is an error before any connection.
+    pub fn connect_options(&self) -> Result<Connect> {
+        let password = match &self.password_file {
+            Some(path) => Some(read_password(path)?),
+            None => self.password.clone(),
+        };
+        Ok(Connect {
             broker: self.broker.clone(),
             ca: self.ca.clone(),
             client_cert: self.client_cert.clone(),
             client_key: self.client_key.clone(),
             username: self.username.clone(),
-            password: self.password.clone(),
-        }
+            password,
+        })
     }
 
     pub fn connect(&self) -> Result<Session> {
-        Session::connect(&self.connect_options(), &self.prefix)
+        Session::connect(&self.connect_options()?, &self.prefix)
+    }
+}
+
+fn read_password(path: &std::path::Path) -> Result<String> {
+    let bytes = kiln_protocol::files::read_bounded(path, 4096)
+        .map_err(|e| anyhow!("cannot read password file `{}`: {e}", path.display()))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| anyhow!("password file `{}` is not UTF-8", path.display()))?;
+    let line = text.lines().next().unwrap_or_default();
+    if line.is_empty() {
+        bail!("password file `{}` is empty", path.display());
+    }
+    Ok(line.to_string())
+}
+
+/// A connection error in one line a person can act on: rumqttc prints the packet it
+/// got instead of a CONNACK as a Rust value, and a peer that is not an MQTT broker
+/// (a web server on the port) gives exactly that.
+pub fn describe_connection_error(broker: &str, e: &rumqttc::ConnectionError) -> String {
+    use rumqttc::{ConnectionError, StateError};
+    match e {
+        ConnectionError::NotConnAck(_)
+        | ConnectionError::MqttState(StateError::Deserialization(_)) => format!(
+            "`{broker}` did not answer as an MQTT broker (its first reply was not a CONNACK); is that the broker's address and port?"
+        ),
+        ConnectionError::MqttState(StateError::ConnectionAborted) => format!(
+            "`{broker}` closed the connection (not an MQTT broker, or it refused this client)"
+        ),
+        ConnectionError::MqttState(StateError::Io(io)) | ConnectionError::Io(io) => {
+            format!("broker `{broker}`: {io}")
+        }
+        ConnectionError::ConnectionRefused(code) => {
+            format!("broker `{broker}` refused the session: {code:?}")
+        }
+        other => format!("broker `{broker}`: {other}"),
     }
 }
 
@@ -209,7 +255,7 @@ impl Session {
                     }
                 }
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => bail!("broker `{}`: {e}", self.broker),
+                Ok(Err(e)) => bail!(describe_connection_error(&self.broker, &e)),
                 Err(_) => bail!("broker `{}` did not answer within 10s", self.broker),
             }
         }
@@ -260,7 +306,7 @@ impl Session {
                     return Ok(Some((p.topic.clone(), p.payload.to_vec())))
                 }
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => bail!("broker `{}`: {e}", self.broker),
+                Ok(Err(e)) => bail!(describe_connection_error(&self.broker, &e)),
                 Err(_) => return Ok(None),
             }
         }
@@ -290,7 +336,7 @@ impl Session {
                     self.stash.push_back((p.topic.clone(), p.payload.to_vec()));
                 }
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => bail!("broker `{}`: {e}", self.broker),
+                Ok(Err(e)) => bail!(describe_connection_error(&self.broker, &e)),
                 Err(_) => bail!("broker `{}` did not answer within {limit:?}", self.broker),
             }
         }

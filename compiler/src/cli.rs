@@ -5,10 +5,12 @@ use clap::{Parser, Subcommand};
 
 use crate::commands::{
     acl::AclCommand, compile::CompileCommand, completions::CompletionsCommand,
-    conformance::ConformanceCommand, dashboard::DashboardCommand, devices::DevicesCommand,
-    enroll::EnrollCommand, gc::GcCommand, inspect::InspectCommand, keygen::KeygenCommand,
-    push::PushCommand, refresh::RefreshCommand, release::ReleaseCommand, rollout::RolloutCommand,
-    root::RootCommand, sign::SignCommand, targets::TargetsCommand, watch::WatchCommand,
+    conformance::ConformanceCommand, dashboard::DashboardCommand,
+    decommission::DecommissionCommand, devices::DevicesCommand, enroll::EnrollCommand,
+    gc::GcCommand, inspect::InspectCommand, keygen::KeygenCommand, push::PushCommand,
+    refresh::RefreshCommand, release::ReleaseCommand, remove::RemoveCommand,
+    rollout::RolloutCommand, root::RootCommand, sign::SignCommand, targets::TargetsCommand,
+    watch::WatchCommand,
 };
 
 const AFTER_HELP: &str = "\
@@ -22,6 +24,8 @@ Examples:
   kiln push app.wasm --group lab --version 2 --sign fleet.key     # compiled for the group's targets
   kiln rollout app.kiln --group lab --sign fleet.key --waves 1,10,100
   kiln enroll --group lab --sign fleet.key
+  kiln remove app --device dev-01 --sign fleet.key
+  kiln decommission dev-07 --sign fleet.key
   kiln root rotate --root fleet.root --sign fleet-root.key --release-key new.pub
   kiln devices
   kiln watch --device dev-01
@@ -48,6 +52,7 @@ pub enum Command {
     Conformance(ConformanceCommand),
     Release(ReleaseCommand),
     Push(PushCommand),
+    Remove(RemoveCommand),
     Devices(DevicesCommand),
     Watch(WatchCommand),
     Dashboard(DashboardCommand),
@@ -55,6 +60,7 @@ pub enum Command {
     Root(RootCommand),
     Sign(SignCommand),
     Enroll(EnrollCommand),
+    Decommission(DecommissionCommand),
     Refresh(RefreshCommand),
     Gc(GcCommand),
     Acl(AclCommand),
@@ -71,6 +77,7 @@ impl Command {
             Command::Conformance(c) => c.execute(),
             Command::Release(c) => c.execute(),
             Command::Push(c) => c.execute(),
+            Command::Remove(c) => c.execute(),
             Command::Devices(c) => c.execute(),
             Command::Watch(c) => c.execute(),
             Command::Dashboard(c) => c.execute(),
@@ -78,6 +85,7 @@ impl Command {
             Command::Root(c) => c.execute(),
             Command::Sign(c) => c.execute(),
             Command::Enroll(c) => c.execute(),
+            Command::Decommission(c) => c.execute(),
             Command::Refresh(c) => c.execute(),
             Command::Gc(c) => c.execute(),
             Command::Acl(c) => c.execute(),

@@ -21,6 +21,14 @@ pub enum Code {
     Unavailable = 69,
     /// A device refused the desired state `kiln push` published.
     Refused = 76,
+    /// `kiln push`/`rollout`/`remove`: no device has been seen with that id, or no
+    /// device's status names that group (`--force` publishes anyway).
+    NoSuchScope = 68,
+    /// `kiln push`/`rollout`: the devices would refuse this update, known before
+    /// publishing: an artifact for another target (`--force`), a version below what
+    /// they run (`--allow-downgrade`), limits the artifact cannot meet, a module that
+    /// is neither a WASI command nor a reactor. Nothing was published.
+    WouldRefuse = 78,
     /// Another operator's rollout holds the group (or a rollout is not in a state the
     /// command applies to).
     Busy = 75,

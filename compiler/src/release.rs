@@ -227,7 +227,13 @@ impl Release {
         let mut transfers = Vec::new();
         let mut artifacts = Vec::new();
         for b in &built {
+            let phase = Phase::start(format!(
+                "{name} v{version}: compressing the artifact for {} ({})",
+                b.target(),
+                human_size(b.bytes.len() as u64)
+            ));
             let stream = encoded(codec, None, &b.bytes);
+            phase.done(&human_size(stream.len() as u64));
             let full = keep_chunking(
                 session,
                 topics,
@@ -238,7 +244,13 @@ impl Release {
                 if !same_target(triple, &b.manifest.target.triple) || patches.len() >= MAX_PATCHES {
                     continue;
                 }
+                let phase = Phase::start(format!(
+                    "{name} v{version}: making a patch for {} from {}",
+                    b.target(),
+                    hex::encode(&base[..6])
+                ));
                 let stream = encoded(Codec::ZstdPatch, Some(base_bytes), &b.bytes);
+                phase.done(&human_size(stream.len() as u64));
                 let p = Prepared::of(Codec::ZstdPatch, stream, entry.chunk_size);
                 // A patch no smaller than the whole artifact is not worth a round trip.
                 if p.stream.len() >= full.stream.len() {
@@ -347,6 +359,8 @@ impl Release {
         }
         let total = messages.len();
         let label = self.label();
+        let bytes: usize = messages.iter().map(|(_, m)| m.len()).sum();
+        let started = std::time::Instant::now();
         // A progress line for people; one line at the end for logs and pipes.
         let live = std::io::IsTerminal::is_terminal(&std::io::stderr());
         session
@@ -364,12 +378,67 @@ impl Release {
             .map_err(unavailable)?;
         if live {
             eprintln!();
+        } else {
+            eprintln!(
+                "{label}: uploaded {total} messages ({}) in {:.1}s",
+                human_size(bytes as u64),
+                started.elapsed().as_secs_f64()
+            );
         }
         // Kept for the patches of the next release.
         for b in &self.built {
             remember(b);
         }
         Ok(total)
+    }
+}
+
+/// One step of preparing a release that may take seconds (compressing, patching): on
+/// a terminal a live line with the seconds so far, updated from a thread while the
+/// step runs, then its result; in a log or a pipe one line when it is done.
+struct Phase {
+    label: String,
+    started: std::time::Instant,
+    live: Option<(
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<()>,
+    )>,
+}
+
+impl Phase {
+    fn start(label: String) -> Self {
+        let live = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = stop.clone();
+            let shown = label.clone();
+            let started = std::time::Instant::now();
+            let handle = std::thread::spawn(move || {
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = write!(
+                        std::io::stderr(),
+                        "\r{shown}... {:.0}s",
+                        started.elapsed().as_secs_f64()
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(250));
+                }
+            });
+            (stop, handle)
+        });
+        Self {
+            label,
+            started: std::time::Instant::now(),
+            live,
+        }
+    }
+
+    fn done(self, result: &str) {
+        let seconds = self.started.elapsed().as_secs_f64();
+        if let Some((stop, handle)) = self.live {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = handle.join();
+            eprint!("\r");
+        }
+        eprintln!("{}: {result} in {seconds:.1}s", self.label);
     }
 }
 

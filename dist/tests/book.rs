@@ -20,6 +20,8 @@ const PAGES: &[(&str, &str)] = &[
     ("kiln conformance", "conformance.md"),
     ("kiln release", "fleet.md"),
     ("kiln push", "fleet.md"),
+    ("kiln remove", "fleet.md"),
+    ("kiln decommission", "fleet.md"),
     ("kiln devices", "fleet.md"),
     ("kiln gc", "fleet.md"),
     ("kiln watch", "telemetry.md"),

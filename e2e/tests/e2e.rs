@@ -20,6 +20,7 @@ mod topologies;
 mod transfers;
 mod trust;
 mod trust_attacks;
+mod truth;
 mod util;
 
 pub use kiln_e2e::DEVICES;

@@ -230,7 +230,7 @@ fn hundred_devices_take_a_push_and_growing_waves(fleet: &Fleet) {
         .kiln(&["enroll", "--group", "lab", "--sign", "fleet.key"])
         .ok("enroll");
     assert!(
-        enrolled.stderr.contains("100 devices enrolled"),
+        enrolled.stdout.contains("100 devices enrolled"),
         "{enrolled}"
     );
     let v1 = fleet.app(1, "fleet.key");

@@ -147,6 +147,8 @@ impl ConformanceCommand {
                 anyhow!("kilnd `{}` does not exist", self.kilnd.display()),
             ));
         }
+        let qemu = profile.map(|p| p.qemu.clone()).unwrap_or_default();
+        can_replay(&qemu, &self.kilnd)?;
         let files = wast_files(&self.paths).map_err(|e| coded(Code::NoInput, e))?;
         let work = tempfile::tempdir().context("cannot create a temp dir")?;
         let key = SecretKey::generate()?;
@@ -158,7 +160,7 @@ impl ConformanceCommand {
                 .profile
                 .clone()
                 .unwrap_or_else(|| target.triple.to_string()),
-            qemu: profile.map(|p| p.qemu.clone()).unwrap_or_default(),
+            qemu,
             kilnd: &self.kilnd,
             key: &key,
             trust: &trust,
@@ -207,6 +209,31 @@ impl ConformanceCommand {
         }
         Ok(())
     }
+}
+
+/// Asks the kilnd whether it has the replayer (`kilnd conformance --help`): a shipped
+/// kilnd is built without it, and every script would fail for that one reason.
+fn can_replay(qemu: &[String], kilnd: &Path) -> Result<()> {
+    let out = wrapped_command(qemu, kilnd)
+        .args(["conformance", "--help"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| {
+            coded(
+                Code::NoInput,
+                anyhow!("cannot start kilnd `{}`: {e}", kilnd.display()),
+            )
+        })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(coded(
+        Code::InvalidInput,
+        anyhow!(
+            "kilnd `{}` cannot replay spec scripts: it was built without the `conformance` feature (shipped builds leave it out); build one with `cargo build -p kiln-runtime --release --features conformance`",
+            kilnd.display()
+        ),
+    ))
 }
 
 fn read_expectations(path: &Path) -> Result<Expectations> {

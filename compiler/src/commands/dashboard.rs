@@ -36,8 +36,8 @@ Examples:
 #[derive(Parser, Debug)]
 #[command(after_help = AFTER_HELP)]
 pub struct DashboardCommand {
-    /// Address to serve the page on
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    /// Address to serve the page on: IP:PORT or HOST:PORT (`localhost:8080`)
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8080", value_parser = parse_listen)]
     pub listen: SocketAddr,
     /// Allow --listen on an address other than loopback (the page has no login)
     #[arg(long)]
@@ -136,4 +136,22 @@ impl DashboardCommand {
             }
         }
     }
+}
+
+/// `IP:PORT`, or `HOST:PORT` resolved here (an IPv4 address first when the name has
+/// both, as `localhost` usually does).
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<SocketAddr> = text
+        .to_socket_addrs()
+        .map_err(|e| {
+            format!("`{text}` is not an address to listen on (HOST:PORT or IP:PORT): {e}")
+        })?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("`{text}` resolves to no address"))
 }

@@ -17,7 +17,8 @@ IDENTITY says whether the device's status and reported state are signed by the k
 enrolled for it (`kiln enroll`): verified, unenrolled, MISMATCH (a forged report, or a
 re-provisioned device to enroll again) or unsigned (a kilnd before identities). TRUST
 is the root version the device follows, and `stale` when it says its desired states
-are older than its bound (they may be withheld).
+are older than its bound (they may be withheld). LAST EVENT is each module's newest
+event, named by its module (`app: committed`).
 
 Examples:
   kiln devices
@@ -133,11 +134,7 @@ impl DevicesCommand {
                         .map(|m| format!("{}@{}{}", m.name, m.version, state_mark(m.state)))
                         .collect::<Vec<_>>()
                         .join(" "),
-                    r.modules
-                        .iter()
-                        .map(|m| m.last_event.clone())
-                        .find(|e| !e.is_empty())
-                        .unwrap_or_default(),
+                    last_events(r),
                 ),
                 None => ("-".into(), "-".into(), String::new()),
             };
@@ -147,6 +144,17 @@ impl DevicesCommand {
         }
         Ok(())
     }
+}
+
+/// Each module's newest event, named by its module (`sensor: committed v7`): a
+/// device runs several, and an event without its module's name says nothing.
+fn last_events(r: &ReportedV1) -> String {
+    r.modules
+        .iter()
+        .filter(|m| !m.last_event.is_empty())
+        .map(|m| format!("{}: {}", m.name, m.last_event))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn state_mark(state: ModuleState) -> &'static str {

@@ -50,10 +50,55 @@ pub struct EnrollCommand {
     /// rotated out), after showing it; without this it is refused
     #[arg(long)]
     pub adopt: bool,
+    /// The result as one JSON object on stdout (see the JSON shapes in the book)
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub root: RootArgs,
     #[command(flatten)]
     pub broker: BrokerArgs,
+}
+
+/// A registry with `devices` removed, signed and published: what `enroll --remove`
+/// and `kiln decommission` share. Returns the new serial and whether any was there.
+pub fn remove_from_registry(
+    session: &mut crate::broker::Session,
+    topics: &kiln_protocol::fleet::Topics,
+    fleet: &Fleet,
+    keys: &[kiln_protocol::keys::SecretKey],
+    devices: &[String],
+    adopt: bool,
+) -> Result<(u64, Vec<String>)> {
+    let mut registry = fleet.registry(session, topics, adopt)?;
+    let removed: Vec<String> = devices
+        .iter()
+        .filter(|d| registry.key_of(d).is_some())
+        .cloned()
+        .collect();
+    registry.devices.retain(|e| !devices.contains(&e.device));
+    publish_registry(session, topics, fleet, keys, &mut registry)?;
+    Ok((registry.serial, removed))
+}
+
+/// Signs `registry` under the next serial, checks a device would trust it, publishes it.
+fn publish_registry(
+    session: &mut crate::broker::Session,
+    topics: &kiln_protocol::fleet::Topics,
+    fleet: &Fleet,
+    keys: &[kiln_protocol::keys::SecretKey],
+    registry: &mut kiln_protocol::trust::Registry,
+) -> Result<()> {
+    registry.fleet = fleet.root().fleet.clone();
+    registry.serial += 1;
+    let refs: Vec<_> = keys.iter().collect();
+    let signed = registry
+        .sign(&refs)
+        .map_err(|e| coded(Code::InvalidInput, anyhow!(e)))?;
+    SignedRegistry::open(&signed, fleet.root())
+        .map_err(|e| coded(Code::Key, anyhow!("the registry would not be trusted: {e}")))?;
+    session
+        .publish_all(vec![(topics.registry(), signed)], |_| {})
+        .map_err(|e| coded(Code::Unavailable, e))
 }
 
 impl EnrollCommand {
@@ -101,6 +146,7 @@ impl EnrollCommand {
                 }
             }
         }
+        let mut results = Vec::new();
         for device in &wanted {
             let key = match &self.key {
                 Some(path) => keyfile::read_public(path).map_err(|e| coded(Code::Key, e))?,
@@ -132,38 +178,56 @@ impl EnrollCommand {
                     }
                 }
             };
-            match registry.key_of(device) {
-                Some(old) if old == key => {
-                    eprintln!("{device}: already enrolled, key {}", key.id())
+            let change = match registry.key_of(device) {
+                Some(old) if old == key => "unchanged",
+                Some(_) => "replaced",
+                None => "enrolled",
+            };
+            results.push(serde_json::json!({
+                "device": device,
+                "key": key.id().to_string(),
+                "change": change,
+            }));
+            if !self.json {
+                match registry.key_of(device) {
+                    Some(old) if old == key => {
+                        println!("{device}: already enrolled, key {}", key.id())
+                    }
+                    Some(old) => println!("{device}: key {} replaces {}", key.id(), old.id()),
+                    None => println!("{device}: enrolled, key {}", key.id()),
                 }
-                Some(old) => eprintln!("{device}: key {} replaces {}", key.id(), old.id()),
-                None => eprintln!("{device}: enrolled, key {}", key.id()),
             }
             registry.enroll(device, &key);
         }
+        let mut removed = Vec::new();
         for device in &self.remove {
             if registry.key_of(device).is_some() {
                 registry.devices.retain(|e| e.device != *device);
-                eprintln!("{device}: removed");
+                if !self.json {
+                    println!("{device}: removed");
+                }
+                removed.push(device.clone());
             }
         }
-        registry.fleet = fleet.root().fleet.clone();
-        registry.serial += 1;
-        let refs: Vec<_> = keys.iter().collect();
-        let signed = registry
-            .sign(&refs)
-            .map_err(|e| coded(Code::InvalidInput, anyhow!(e)))?;
-        SignedRegistry::open(&signed, fleet.root())
-            .map_err(|e| coded(Code::Key, anyhow!("the registry would not be trusted: {e}")))?;
-        session
-            .publish_all(vec![(topics.registry(), signed)], |_| {})
-            .map_err(unavailable)?;
+        publish_registry(&mut session, &topics, &fleet, &keys, &mut registry)?;
         session.disconnect();
-        eprintln!(
-            "registry serial {}: {} devices enrolled",
-            registry.serial,
-            registry.devices.len()
-        );
+        if self.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "registry_serial": registry.serial,
+                    "devices": registry.devices.len(),
+                    "enrolled": results,
+                    "removed": removed,
+                })
+            );
+        } else {
+            println!(
+                "registry serial {}: {} devices enrolled",
+                registry.serial,
+                registry.devices.len()
+            );
+        }
         Ok(())
     }
 }

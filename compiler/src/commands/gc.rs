@@ -32,6 +32,9 @@ pub struct GcCommand {
     /// Keep unreferenced artifacts whose upload started less than this long ago
     #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
     pub grace_s: u64,
+    /// The result as one JSON object on stdout (see the JSON shapes in the book)
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The upload marker of an artifact, as gc sees it.
@@ -179,16 +182,24 @@ impl GcCommand {
         };
         let (mut n, mut bytes) = (0usize, 0u64);
         let mut clears = Vec::new();
+        let mut removed = Vec::new();
         for sha in &plan.remove {
             let Some((chunk_topics, size)) = by_artifact.remove(sha) else {
                 continue;
             };
-            eprintln!(
-                "gc: {verb} {}: {} chunks, {}",
-                hex::encode(sha),
-                chunk_topics.len(),
-                human_size(size)
-            );
+            if !self.json {
+                println!(
+                    "gc: {verb} {}: {} chunks, {}",
+                    hex::encode(sha),
+                    chunk_topics.len(),
+                    human_size(size)
+                );
+            }
+            removed.push(serde_json::json!({
+                "sha256": hex::encode(sha),
+                "chunks": chunk_topics.len(),
+                "bytes": size,
+            }));
             n += chunk_topics.len();
             bytes += size;
             clears.extend(chunk_topics);
@@ -198,7 +209,10 @@ impl GcCommand {
                 Some(Marker::Started(at)) => format!("{}s ago", now.saturating_sub(*at) / 1000),
                 _ => "at an unknown time (its marker is unreadable)".into(),
             };
-            eprintln!(
+            if self.json {
+                continue;
+            }
+            println!(
                 "gc: keeping {}: unreferenced, but its upload started {age} (grace {}s)",
                 hex::encode(sha),
                 self.grace_s
@@ -213,7 +227,24 @@ impl GcCommand {
             session.publish_all(clears, |_| {}).map_err(unavailable)?;
         }
         session.disconnect();
-        eprintln!(
+        if self.json {
+            let hexes = |set: &BTreeSet<[u8; 32]>| set.iter().map(hex::encode).collect::<Vec<_>>();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "dry_run": self.dry_run,
+                    "removed": removed,
+                    "chunks": n,
+                    "bytes": bytes,
+                    "stale_markers": hexes(&plan.clear_markers),
+                    "referenced": hexes(&plan.referenced),
+                    "uploading": hexes(&plan.uploading),
+                    "grace_s": self.grace_s,
+                })
+            );
+            return Ok(());
+        }
+        println!(
             "gc: {} {n} chunks ({}) and {} stale upload markers; kept {} referenced artifacts and {} uploads younger than {}s",
             if self.dry_run {
                 "would remove"

@@ -67,6 +67,32 @@ impl InspectCommand {
                     anyhow!(e).context(format!("artifact `{file}`")),
                 )
             })?;
+            // Unsigned or not, a file whose payload is not what its manifest says
+            // (cut short in a copy, or grown) is no artifact any device will load.
+            let have = envelope.payload_len();
+            if have != manifest.payload.len {
+                let why = if have < manifest.payload.len {
+                    "truncated"
+                } else {
+                    "too long"
+                };
+                return Err(coded(
+                    Code::InvalidInput,
+                    anyhow!(
+                        "artifact `{file}` is {why}: its payload is {have} bytes, its manifest says {}",
+                        manifest.payload.len
+                    ),
+                ));
+            }
+            let payload = &bytes[bytes.len() - have as usize..];
+            if kiln_protocol::transfer::sha256(payload) != manifest.payload.sha256 {
+                return Err(coded(
+                    Code::InvalidInput,
+                    anyhow!(
+                        "artifact `{file}`: its payload does not match the sha256 its manifest names (corrupted)"
+                    ),
+                ));
+            }
             (manifest, None)
         } else {
             let trust = TrustedKeys::new(keys);

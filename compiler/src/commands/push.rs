@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser};
 use kiln_protocol::fleet::{
-    Desired, DesiredModule, DeviceFacts, EventKind, EventV1, ModuleLimits, ReportedV1, Scope,
-    SignedDesired, StatusV2, Topics, MAX_DESIRED,
+    Desired, DesiredModule, DeviceFacts, EventKind, EventV1, ModuleLimits, ModuleState, ReportedV1,
+    Scope, SignedDesired, StatusV2, Topics, MAX_DESIRED,
 };
 use kiln_protocol::manifest::parse_memory_size;
 use kiln_protocol::names::Kind;
@@ -17,11 +17,13 @@ use crate::commands::compile::{human_size, BuildArgs};
 use crate::commands::valid_name;
 use crate::exit::{coded, Code};
 use crate::fleet::messages::{warn_skipped, Body, Heard, Reader};
+use crate::fleet::preflight;
 use crate::fleet::serial::{next_serial, warn_ignored, Claim};
 use crate::release::{decode_file, read_input, verify_all, Entry, Release, Wire, FILE_MAGIC};
 use crate::targets::ResolvedTarget;
 use crate::trust::{
-    describe_state, encode_state, read_state, Identity, Opened, Signing, SigningArgs, STATE_MAGIC,
+    describe_state, describe_state_full, encode_state, read_state, Identity, Opened, Signing,
+    SigningArgs, STATE_MAGIC,
 };
 use kiln_protocol::trust::Registry;
 
@@ -67,6 +69,24 @@ pub struct PushCommand {
     /// `kiln sign` instead of publishing it (no key needed)
     #[arg(long, value_name = "FILE", conflicts_with = "sign")]
     pub unsigned: Option<PathBuf>,
+    /// Check and sign, then print the desired state that would be published, in full,
+    /// on stdout; nothing is uploaded or published
+    #[arg(long)]
+    pub dry_run: bool,
+    /// After publishing, wait until every online device of the scope runs the new
+    /// version (or fails it) and report each; non-zero if any failed or did not finish
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = crate::trust::parse_duration)]
+    pub wait_timeout: u64,
+    /// Publish although no device of the scope has been seen, or some have a target
+    /// the release has no artifact for
+    #[arg(long)]
+    pub force: bool,
+    /// The result as one JSON object on stdout (see the JSON shapes in the book)
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub release: ReleaseArgs,
 }
@@ -92,11 +112,13 @@ pub struct ReleaseArgs {
     /// Config bytes for the module, from a file
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    #[arg(long, value_name = "MS")]
+    /// Tick period for a reactor (at least 1)
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub tick_ms: Option<u64>,
     /// Linear-memory cap: pages or a size (4MiB)
     #[arg(long, value_name = "PAGES|SIZE", value_parser = parse_memory_size)]
     pub memory_limit: Option<u32>,
+    /// Fuel per call (the artifact must be compiled with --fuel)
     #[arg(long, value_name = "POINTS")]
     pub fuel_per_call: Option<u64>,
     /// Wall-clock limit per call
@@ -108,6 +130,7 @@ pub struct ReleaseArgs {
     /// Allow a version lower than the one devices have committed
     #[arg(long)]
     pub allow_downgrade: bool,
+    /// Size of the chunks an artifact travels in
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_CHUNK,
           value_parser = clap::value_parser!(u32).range(1024..=1_048_576))]
     pub chunk_size: u32,
@@ -585,23 +608,6 @@ impl Confirmation {
     }
 }
 
-/// Says when devices of `scope` have a target the release has no artifact for: they
-/// will refuse it and keep what they run.
-fn warn_unserved(
-    session: &mut Session,
-    topics: &Topics,
-    scope: &Scope,
-    module: &DesiredModule,
-) -> Result<()> {
-    for facts in device_facts(session, topics, scope)? {
-        if let Err(why) = module.artifact_for(&facts.triple, &facts.cpu_features) {
-            eprintln!("warning: {why}; devices of that target will refuse it");
-            break;
-        }
-    }
-    Ok(())
-}
-
 /// The devices targeted by `scope` that are online now, by their retained status.
 fn online_targets(session: &mut Session, topics: &Topics, scope: &Scope) -> Result<Vec<String>> {
     Ok(statuses(session, topics, scope)?
@@ -684,10 +690,25 @@ impl PushCommand {
         let scope = self.scope()?;
         let unavailable = |e| coded(Code::Unavailable, e);
         let mut session = self.release.broker.connect().map_err(unavailable)?;
+        let topics = self.release.broker.topics();
+        // What can be known before anything is compiled, uploaded or published.
+        let seen = seen(&mut session, &topics)?;
+        if let Some(r) = preflight::scope_refusal(&scope, &seen) {
+            if !self.force {
+                bail!(coded(r.code(), anyhow!("not published: {r}")));
+            }
+            eprintln!("warning: {r} (--force: publishing anyway)");
+        }
         let mut release = self.release.load(&mut session, &scope)?;
-        let topics = release.topics.clone();
-        warn_unserved(&mut session, &topics, &scope, &release.module)?;
+        release.check(&scope, &seen, self.force)?;
+        let next = release.next_desired(&mut session, &scope)?;
+        if self.dry_run {
+            session.disconnect();
+            return self.print_dry_run(&next, &release);
+        }
         let messages = release.upload(&mut session)?;
+        // Signed again after the upload: the serial must be above anything a device
+        // applied meanwhile (the upload of a large release takes a while).
         let next = release.next_desired(&mut session, &scope)?;
         if let Some(path) = &self.unsigned {
             session.disconnect();
@@ -702,7 +723,42 @@ impl PushCommand {
             release.label(),
             release.summary()
         );
-        self.publish_and_confirm(session, &topics, &registry, next, &scope, &summary)
+        let what = Pushed {
+            module: release.module.name.clone(),
+            version: release.module.version,
+            messages,
+            summary,
+        };
+        self.publish_and_confirm(session, &topics, &registry, next, &scope, what)
+    }
+
+    /// `--dry-run`: the state that would be published, in full, on stdout.
+    fn print_dry_run(&self, next: &NextDesired, release: &Release) -> Result<()> {
+        let body = postcard::to_stdvec(&next.desired).unwrap_or_default();
+        let full = describe_state_full(&next.desired, &kiln_protocol::fleet::sha256(&body));
+        if self.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "dry_run": true,
+                    "scope": scope_json(&next.desired.scope),
+                    "module": release.module.name,
+                    "version": release.module.version,
+                    "serial": next.desired.serial,
+                    "topic": next.topic,
+                    "transfers": release.transfers.len(),
+                    "state": full,
+                })
+            );
+        } else {
+            print!("{full}");
+            eprintln!(
+                "dry run: nothing uploaded or published ({} would go out as {} transfer(s))",
+                release.label(),
+                release.transfers.len()
+            );
+        }
+        Ok(())
     }
 
     fn scope(&self) -> Result<Scope> {
@@ -761,14 +817,19 @@ impl PushCommand {
             }
         }
         let registry = signing.fleet.registry_or_empty(&mut session, &topics)?;
-        let summary = describe_state(&desired);
+        let what = Pushed {
+            module: String::new(),
+            version: 0,
+            messages: 0,
+            summary: describe_state(&desired),
+        };
         let scope = desired.scope.clone();
         let next = NextDesired {
             topic,
             desired,
             signed,
         };
-        self.publish_and_confirm(session, &topics, &registry, next, &scope, &summary)
+        self.publish_and_confirm(session, &topics, &registry, next, &scope, what)
     }
 
     fn publish_and_confirm(
@@ -778,10 +839,10 @@ impl PushCommand {
         registry: &Registry,
         next: NextDesired,
         scope: &Scope,
-        what: &str,
+        what: Pushed,
     ) -> Result<()> {
         let unavailable = |e| coded(Code::Unavailable, e);
-        let online = if self.confirm_timeout_s > 0 {
+        let online = if self.confirm_timeout_s > 0 || self.wait {
             online_targets(&mut session, topics, scope)?
         } else {
             Vec::new()
@@ -797,47 +858,340 @@ impl PushCommand {
         }
         let serial = next.publish(&mut session)?;
         let target = describe(scope);
-        eprintln!("pushed {what} to {target}: desired state serial {serial}");
-        let mut confirmation = Confirmation::new(serial, online);
-        let waited = await_confirmation(
+        if !self.json {
+            println!(
+                "pushed {} to {target}: desired state serial {serial}",
+                what.summary
+            );
+        }
+        let mut confirmation = Confirmation::new(serial, online.clone());
+        let confirm_for =
+            Duration::from_secs(self.confirm_timeout_s.max(u64::from(self.wait) * 30));
+        let mut waited = await_confirmation(
             &mut session,
             topics,
             registry,
             &mut confirmation,
-            Duration::from_secs(self.confirm_timeout_s),
+            confirm_for,
         );
+        // --wait: each device that took the state, until it runs the version or fails.
+        let mut convergence = Convergence::new(
+            &what.module,
+            what.version,
+            confirmation.confirmed.iter().cloned(),
+        );
+        if self.wait && waited.is_ok() && !what.module.is_empty() {
+            waited = await_convergence(
+                &mut session,
+                topics,
+                registry,
+                &mut convergence,
+                Duration::from_millis(self.wait_timeout),
+            )
+            .map(|more| {
+                let mut all = waited.unwrap_or_default();
+                all.extend(more);
+                all
+            });
+        }
         session.disconnect();
         let unverified = waited?;
+        let mut rows: Vec<DeviceResult> = Vec::new();
         for device in &confirmation.confirmed {
-            let note = if unverified.contains(device) {
-                " (its report is not from an enrolled key: `kiln enroll`)"
-            } else {
-                ""
+            let mut row = DeviceResult {
+                device: device.clone(),
+                result: "took",
+                reason: None,
+                verified: !unverified.contains(device),
             };
-            eprintln!("  {device}: took serial {serial}{note}");
+            if self.wait {
+                match convergence.outcome(device) {
+                    Some(Ok(())) => row.result = "running",
+                    Some(Err(why)) => {
+                        row.result = "failed";
+                        row.reason = Some(why.to_string());
+                    }
+                    None => {
+                        row.result = "pending";
+                        row.reason = Some(format!(
+                            "took the state but did not run v{} within {}s",
+                            what.version,
+                            self.wait_timeout / 1000
+                        ));
+                    }
+                }
+            }
+            rows.push(row);
         }
         for device in confirmation.pending() {
-            eprintln!(
-                "  {device}: not confirmed yet after {}s (offline or busy); it converges when it takes the retained state",
-                self.confirm_timeout_s
+            rows.push(DeviceResult {
+                device: device.to_string(),
+                result: "pending",
+                reason: Some(format!(
+                    "not confirmed after {}s (offline or busy); it converges when it takes the retained state",
+                    confirm_for.as_secs()
+                )),
+                verified: false,
+            });
+        }
+        for (device, reason) in &confirmation.refused {
+            rows.push(DeviceResult {
+                device: device.clone(),
+                result: "refused",
+                reason: Some(reason.clone()),
+                verified: !unverified.contains(device),
+            });
+        }
+        rows.sort_by(|a, b| a.device.cmp(&b.device));
+        if self.json {
+            let devices: Vec<serde_json::Value> = rows.iter().map(DeviceResult::json).collect();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "scope": scope_json(scope),
+                    "module": (!what.module.is_empty()).then_some(&what.module),
+                    "version": (!what.module.is_empty()).then_some(what.version),
+                    "serial": serial,
+                    "messages": what.messages,
+                    "devices": devices,
+                })
             );
+        } else {
+            for row in &rows {
+                let note = if row.result != "pending" && !row.verified {
+                    " (its report is not from an enrolled key: `kiln enroll`)"
+                } else {
+                    ""
+                };
+                match (row.result, &row.reason) {
+                    ("took", _) => println!("  {}: took serial {serial}{note}", row.device),
+                    ("running", _) => println!(
+                        "  {}: runs {} v{}{note}",
+                        row.device, what.module, what.version
+                    ),
+                    (word, Some(why)) => println!("  {}: {word}: {why}{note}", row.device),
+                    (word, None) => println!("  {}: {word}{note}", row.device),
+                }
+            }
         }
-        if confirmation.refused.is_empty() {
-            return Ok(());
-        }
-        let refusals: Vec<String> = confirmation
-            .refused
+        let refused: Vec<String> = rows
             .iter()
-            .map(|(device, reason)| format!("{device}: {reason}"))
+            .filter(|r| matches!(r.result, "refused" | "failed"))
+            .map(|r| format!("{}: {}", r.device, r.reason.as_deref().unwrap_or("")))
             .collect();
-        Err(coded(
-            Code::Refused,
-            anyhow!(
-                "desired state serial {serial} of {target} refused by {}",
-                refusals.join("; ")
-            ),
-        ))
+        if !refused.is_empty() {
+            return Err(coded(
+                Code::Refused,
+                anyhow!(
+                    "desired state serial {serial} of {target} refused or failed by {}",
+                    refused.join("; ")
+                ),
+            ));
+        }
+        if self.wait {
+            let pending: Vec<&str> = rows
+                .iter()
+                .filter(|r| r.result == "pending")
+                .map(|r| r.device.as_str())
+                .collect();
+            if !pending.is_empty() {
+                return Err(coded(
+                    Code::Failure,
+                    anyhow!(
+                        "{target}: {} did not converge within --wait-timeout",
+                        pending.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
+}
+
+/// What a push published, for its result.
+pub struct Pushed {
+    /// Empty for a state file (it may hold many modules).
+    module: String,
+    version: u64,
+    messages: usize,
+    summary: String,
+}
+
+/// One device's answer, as printed and in `--json`.
+struct DeviceResult {
+    device: String,
+    /// `took`, `running`, `failed`, `refused` or `pending`.
+    result: &'static str,
+    reason: Option<String>,
+    verified: bool,
+}
+
+impl DeviceResult {
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "device": self.device,
+            "result": self.result,
+            "reason": self.reason,
+            "verified": self.verified,
+        })
+    }
+}
+
+/// `{"device": ID}` or `{"group": NAME}`.
+pub fn scope_json(scope: &Scope) -> serde_json::Value {
+    match scope {
+        Scope::Device(d) => serde_json::json!({ "device": d }),
+        Scope::Group(g) => serde_json::json!({ "group": g }),
+    }
+}
+
+/// Every device the broker retains anything for, with its facts and reported state
+/// (judged by the one reader; facts and claims only, no identity is decided here).
+pub fn seen(session: &mut Session, topics: &Topics) -> Result<Vec<preflight::Seen>> {
+    let unavailable = |e| coded(Code::Unavailable, e);
+    let registry = Registry::default();
+    let reader = Reader::new(topics, &registry);
+    let mut by_device: BTreeMap<String, preflight::Seen> = BTreeMap::new();
+    for kind in ["status", "reported"] {
+        let retained = session
+            .retained(&topics.all_devices(kind))
+            .map_err(unavailable)?;
+        let (heard, skipped) = reader.all(&retained);
+        warn_skipped(&skipped, 5);
+        for h in heard {
+            let entry = by_device
+                .entry(h.device.clone())
+                .or_insert_with(|| preflight::Seen {
+                    device: h.device.clone(),
+                    ..Default::default()
+                });
+            match h.body {
+                Body::Status(st) => entry.facts = st.facts,
+                Body::Reported(r) => entry.reported = Some(r),
+                Body::Event(_) => {}
+            }
+        }
+    }
+    Ok(by_device.into_values().collect())
+}
+
+impl Release {
+    /// Refuses what the devices of `scope` would refuse (see [`preflight`]); `force`
+    /// waives what an operator may know better about, said on stderr.
+    pub fn check(&self, scope: &Scope, seen: &[preflight::Seen], force: bool) -> Result<()> {
+        let manifests: Vec<&kiln_protocol::manifest::Manifest> =
+            self.built.iter().map(|b| &b.manifest).collect();
+        let refusals = preflight::check(scope, &self.module, &manifests, seen);
+        if let Some((code, line)) = preflight::verdict(&refusals, force) {
+            bail!(coded(code, anyhow!(line)));
+        }
+        for r in refusals.iter().filter(|r| r.forcible()) {
+            eprintln!("warning: {r} (--force: publishing anyway)");
+        }
+        Ok(())
+    }
+}
+
+/// Whether the devices that took a state run the new version: a report of the module
+/// at the version, running, is success; a rollback or rejection of the module (or a
+/// report of it failed) is failure. Pure, like [`Confirmation`].
+pub struct Convergence {
+    module: String,
+    version: u64,
+    pending: BTreeSet<String>,
+    outcomes: BTreeMap<String, Result<(), String>>,
+}
+
+impl Convergence {
+    pub fn new(module: &str, version: u64, devices: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            module: module.to_string(),
+            version,
+            pending: devices.into_iter().collect(),
+            outcomes: BTreeMap::new(),
+        }
+    }
+
+    pub fn heard(&mut self, device: &str, message: Answer) {
+        if !self.pending.contains(device) {
+            return;
+        }
+        let outcome = match message {
+            Answer::Reported(r) => r
+                .modules
+                .iter()
+                .find(|m| m.name == self.module)
+                .and_then(|m| match m.state {
+                    ModuleState::Running if m.version == self.version => Some(Ok(())),
+                    ModuleState::Failed if m.version == self.version || m.version == 0 => {
+                        Some(Err(format!("failed: {}", m.last_event)))
+                    }
+                    _ => None,
+                }),
+            Answer::Event(e) if e.module == self.module || e.module == "*" => match e.kind {
+                EventKind::RolledBack { reason } => Some(Err(format!("rolled back: {reason}"))),
+                EventKind::Rejected { reason } => Some(Err(format!("rejected: {reason}"))),
+                _ => None,
+            },
+            Answer::Event(_) => None,
+        };
+        if let Some(o) = outcome {
+            self.pending.remove(device);
+            self.outcomes.insert(device.to_string(), o);
+        }
+    }
+
+    pub fn done(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    pub fn outcome(&self, device: &str) -> Option<Result<(), &str>> {
+        self.outcomes
+            .get(device)
+            .map(|o| o.as_ref().map(|_| ()).map_err(String::as_str))
+    }
+}
+
+/// [`await_confirmation`] for [`Convergence`].
+fn await_convergence(
+    session: &mut Session,
+    topics: &Topics,
+    registry: &Registry,
+    convergence: &mut Convergence,
+    limit: Duration,
+) -> Result<BTreeSet<String>> {
+    let deadline = Instant::now() + limit;
+    let mut unverified = BTreeSet::new();
+    while !convergence.done() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let Some((topic, payload)) = session
+            .next_message(left)
+            .map_err(|e| coded(Code::Unavailable, e))?
+        else {
+            continue;
+        };
+        let heard = match Reader::new(topics, registry).open(&topic, &payload) {
+            Ok(Some(h)) => h,
+            Ok(None) | Err(_) => continue,
+        };
+        match &heard.identity {
+            Identity::Verified => {}
+            Identity::Mismatch(_) => continue,
+            Identity::Unenrolled(_) | Identity::Unsigned => {
+                unverified.insert(heard.device.clone());
+            }
+        }
+        let answer = match heard.body {
+            Body::Reported(r) => Answer::Reported(r),
+            Body::Event(e) => Answer::Event(e),
+            Body::Status(_) => continue,
+        };
+        convergence.heard(&heard.device, answer);
+    }
+    Ok(unverified)
 }
 
 /// `--unsigned FILE`: the state for `kiln sign`, with what it holds on stderr.
@@ -847,13 +1201,13 @@ fn write_unsigned(
     release: &Release,
     messages: usize,
 ) -> Result<()> {
-    kiln_protocol::atomic::write_atomically(path, &encode_state(&next.signed)).map_err(|e| {
+    crate::files::write_public(path, &encode_state(&next.signed)).map_err(|e| {
         coded(
             Code::CannotWrite,
             anyhow!("cannot write `{}`: {e}", path.display()),
         )
     })?;
-    eprintln!(
+    println!(
         "uploaded {} ({}; {messages} messages); wrote the unsigned desired state to {}:\n  {}\nsign it with `kiln sign {} --key release.key` (as many keys as the threshold), then `kiln push {}`",
         release.label(),
         release.summary(),

@@ -20,6 +20,7 @@ use crate::commands::push::{prepare_desired, prepare_for_devices, ReleaseArgs};
 use crate::commands::valid_name;
 use crate::exit::{coded, Code};
 use crate::fleet::messages::{warn_skipped, Body, Reader};
+use crate::fleet::preflight;
 use crate::trust::{parse_duration, Opened, RootArgs, Signing, SigningArgs};
 
 const AFTER_HELP: &str = "\
@@ -88,6 +89,10 @@ pub struct RolloutCommand {
     /// what they had too
     #[arg(long)]
     pub revert: bool,
+    /// Check and plan, then print the waves and the module entry every device would
+    /// get on stdout; nothing is uploaded or published
+    #[arg(long)]
+    pub dry_run: bool,
     #[command(flatten)]
     pub release: ReleaseArgs,
 }
@@ -101,6 +106,9 @@ pub enum Control {
     Status {
         #[arg(long)]
         group: Option<String>,
+        /// One JSON object per rollout, one per line (see the JSON shapes in the book)
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         root: RootArgs,
         #[command(flatten)]
@@ -160,9 +168,10 @@ impl RolloutCommand {
         match self.control {
             Some(Control::Status {
                 group,
+                json,
                 root,
                 broker,
-            }) => status(group.as_deref(), &root, &broker),
+            }) => status(group.as_deref(), json, &root, &broker),
             Some(Control::Pause(c)) => c.operate(Word::Pause),
             Some(Control::Resume(c)) => c.control.operate(Word::Resume {
                 take_over: c.take_over,
@@ -178,7 +187,21 @@ impl RolloutCommand {
         valid_name(Kind::Group, &group)?;
         let mut session = self.release.broker.connect().map_err(unavailable)?;
         let scope = Scope::Group(group.clone());
+        let seen = crate::commands::push::seen(&mut session, &self.release.broker.topics())?;
+        if let Some(r) = preflight::scope_refusal(&scope, &seen) {
+            return Err(coded(r.code(), anyhow!("not started: {r}")));
+        }
         let mut release = self.release.load(&mut session, &scope)?;
+        // Members without an artifact are left out (below), not refused.
+        let manifests: Vec<_> = release.built.iter().map(|b| &b.manifest).collect();
+        let refusals: Vec<preflight::Refusal> =
+            preflight::check(&scope, &release.module, &manifests, &seen)
+                .into_iter()
+                .filter(|r| !matches!(r, preflight::Refusal::NoArtifact { .. }))
+                .collect();
+        if let Some((code, line)) = preflight::verdict(&refusals, false) {
+            return Err(coded(code, anyhow!(line)));
+        }
         let topics = release.topics.clone();
         // Refused before anything is uploaded: another rollout holds the group.
         if let Some(other) = read_record(&mut session, &release.signing, &topics, &group)? {
@@ -224,13 +247,39 @@ impl RolloutCommand {
             revert: self.revert,
         };
         let sizes: Vec<String> = waves.iter().map(|w| w.len().to_string()).collect();
-        eprintln!(
+        let plan = format!(
             "rollout {} to group {group}: {} devices in {} waves ({})",
             release.label(),
             devices.len(),
             waves.len(),
             sizes.join(", ")
         );
+        if self.dry_run {
+            session.disconnect();
+            println!("{plan}");
+            for (i, wave) in waves.iter().enumerate() {
+                println!("  wave {}: {}", i + 1, wave.join(" "));
+            }
+            for (d, why) in &skipped {
+                println!("  left out: {d}: {why}");
+            }
+            let entry = kiln_protocol::fleet::Desired {
+                fleet: release.signing.fleet.root().fleet.clone(),
+                scope: scope.clone(),
+                serial: 0,
+                issued_ms: now_ms(),
+                expires_ms: now_ms().saturating_add(release.signing.valid_ms),
+                modules: vec![module],
+            };
+            let body = postcard::to_stdvec(&entry).unwrap_or_default();
+            print!(
+                "{}",
+                crate::trust::describe_state_full(&entry, &kiln_protocol::fleet::sha256(&body))
+            );
+            eprintln!("dry run: nothing uploaded or published");
+            return Ok(());
+        }
+        println!("{plan}");
         release.upload(&mut session)?;
         let record = Rollout::new(
             &release.signing.fleet.root().fleet,
@@ -388,7 +437,7 @@ fn members(
     }
     if members.is_empty() {
         return Err(coded(
-            Code::InvalidInput,
+            Code::NoSuchScope,
             anyhow!("no device has reported membership of group `{group}`"),
         ));
     }
@@ -672,7 +721,7 @@ impl<'a> Driver<'a> {
         let (_, _, committed, failed) = r.counts();
         let result = match &r.phase {
             Phase::Complete => {
-                eprintln!(
+                println!(
                     "rollout complete: {committed} devices run {}, {failed} failed; it is now group {}'s desired state",
                     r.label(),
                     r.group
@@ -920,7 +969,7 @@ fn failures(r: &Rollout) -> String {
 }
 
 /// `kiln rollout status`: the record(s), checked against the fleet's root.
-fn status(group: Option<&str>, root: &RootArgs, broker: &BrokerArgs) -> Result<()> {
+fn status(group: Option<&str>, json: bool, root: &RootArgs, broker: &BrokerArgs) -> Result<()> {
     let mut session = broker.connect().map_err(unavailable)?;
     let topics = broker.topics();
     let fleet = crate::trust::Fleet::follow(&mut session, &topics, root.anchor(None)?)?;
@@ -949,6 +998,11 @@ fn status(group: Option<&str>, root: &RootArgs, broker: &BrokerArgs) -> Result<(
             .and_then(|t| t.rsplit('/').next())
             .unwrap_or_default();
         match Rollout::open(bytes, fleet.root(), g) {
+            Err(why) if json => println!(
+                "{}",
+                serde_json::json!({ "group": g, "valid": false, "error": why.to_string() })
+            ),
+            Ok(r) if json => println!("{}", status_json(&r)),
             Err(why) => println!("{g}: INVALID rollout record: {why}"),
             Ok(r) if group.is_none() => {
                 let (waiting, sent, committed, failed) = r.counts();
@@ -963,6 +1017,45 @@ fn status(group: Option<&str>, root: &RootArgs, broker: &BrokerArgs) -> Result<(
         }
     }
     Ok(())
+}
+
+/// A rollout record for scripts: `kiln rollout status --json`, one object a line.
+fn status_json(r: &Rollout) -> serde_json::Value {
+    let (waiting, sent, committed, failed) = r.counts();
+    let devices: Vec<serde_json::Value> = r
+        .devices
+        .iter()
+        .map(|(name, d)| {
+            let (outcome, why) = match &d.outcome {
+                Outcome::Waiting => ("waiting", None),
+                Outcome::Sent { .. } => ("pending", None),
+                Outcome::Committed { .. } => ("committed", None),
+                Outcome::Failed { why } => ("failed", Some(why.clone())),
+            };
+            serde_json::json!({
+                "device": name,
+                "outcome": outcome,
+                "why": why,
+                "given_back": d.returned,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "group": r.group,
+        "valid": true,
+        "id": r.id,
+        "module": r.module.name,
+        "version": r.module.version,
+        "phase": r.phase.to_string(),
+        "started_by": r.started_by,
+        "driver": r.driver,
+        "started_ms": r.started_ms,
+        "updated_ms": r.updated_ms,
+        "waves": r.waves,
+        "counts": { "waiting": waiting, "pending": sent, "committed": committed, "failed": failed },
+        "devices": devices,
+        "skipped": r.skipped.iter().map(|(d, why)| serde_json::json!({"device": d, "why": why})).collect::<Vec<_>>(),
+    })
 }
 
 /// The whole record, for a person.

@@ -85,6 +85,7 @@ impl WatchCommand {
         let mut options = self
             .broker
             .connect_options()
+            .map_err(|e| coded(Code::NoInput, e))?
             .options_receiving(
                 &id,
                 Duration::from_secs(10),
@@ -156,7 +157,10 @@ impl WatchCommand {
                 Ok(Err(e)) if !connected_once => {
                     return Err(coded(
                         Code::Unavailable,
-                        anyhow!("broker `{}`: {e}", self.broker.broker),
+                        anyhow!(crate::broker::describe_connection_error(
+                            &self.broker.broker,
+                            &e
+                        )),
                     ));
                 }
                 Ok(Err(e)) => {

@@ -3,4 +3,5 @@
 //! kiln signs comes from [`serial`].
 
 pub mod messages;
+pub mod preflight;
 pub mod serial;
