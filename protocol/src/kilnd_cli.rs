@@ -64,7 +64,8 @@ const RUN_HELP: &str = "\
 Examples:
   kilnd run app.kiln --trust fleet.pub
   kilnd run app.kiln --trust /etc/kiln/trust --dir ./data:/data --env MODE=prod -- --verbose input.txt
-  kilnd run app.kiln --trust fleet.pub --timings";
+  kilnd run app.kiln --trust fleet.pub --timings
+  kilnd run tool.kiln --trust fleet.pub --dir ./rootfs:/ -- /input.txt   # ./rootfs is the module's whole file system";
 
 /// Verify an artifact and run its WASI `_start`; exits with the module's exit code
 #[derive(Args, Debug)]
@@ -77,7 +78,8 @@ pub struct RunArgs {
     /// (repeatable, at least one)
     #[arg(long, value_name = "KEY.pub|DIR", required = true)]
     pub trust: Vec<PathBuf>,
-    /// Make a host directory visible to the module: HOST[:GUEST] (repeatable)
+    /// Make a host directory visible to the module: HOST[:GUEST] (repeatable); GUEST
+    /// `/` makes HOST the module's whole file system
     #[arg(long, value_name = "HOST[:GUEST]")]
     pub dir: Vec<DirMapping>,
     /// Environment variable for the module: KEY=VALUE (repeatable); nothing else is passed

@@ -132,9 +132,10 @@ impl Guest {
                 .finalize(&mut store)
                 .map_err(|e| fail(format!("cannot set up WASI: {e}")))?;
             steps.mark("wasi env");
-            let imports = env
+            let mut imports = env
                 .import_object_for_all_wasi_versions(&mut store, &module)
                 .map_err(|e| fail(format!("cannot set up WASI: {e}")))?;
+            wasi::adapt_imports(&mut store, &mut imports);
             (Some(tokio), Some(env), imports)
         } else {
             (None, None, Imports::new())

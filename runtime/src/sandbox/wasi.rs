@@ -10,9 +10,11 @@ use std::sync::Arc;
 use kiln_protocol::abi;
 use wasmer::Module;
 #[cfg(feature = "wasi")]
+use wasmer_wasix::fs::{Kind, WasiFs, WasiInodes, VIRTUAL_ROOT_FD};
+#[cfg(feature = "wasi")]
 use wasmer_wasix::virtual_fs::{host_fs, mount_fs::MountFileSystem, RootFileSystemBuilder};
 #[cfg(feature = "wasi")]
-use wasmer_wasix::{WasiEnv, WasiEnvBuilder};
+use wasmer_wasix::{WasiEnv, WasiEnvBuilder, ALL_RIGHTS};
 
 use crate::exit::{Code, Failure};
 
@@ -26,6 +28,7 @@ pub struct WasiOptions {
 }
 
 /// A WASI environment for module `name`: only the given args, env and directories.
+/// `kilnd run` and the workers of `kilnd serve` both set WASI up here.
 #[cfg(feature = "wasi")]
 pub fn builder(
     name: &str,
@@ -36,8 +39,9 @@ pub fn builder(
         .args(opts.args.iter())
         .envs(opts.env.iter().cloned());
     builder.set_mount_fs(sandbox(&opts.dirs, handle)?);
-    // Rust's WASI libc resolves both absolute and relative paths through preopens:
-    // "/" for the former, "." (the working directory, also "/") for the latter.
+    // WASI libcs resolve absolute paths through the preopen named "/", and relative
+    // ones (older libcs) through ".": both are the sandbox's root. Each gets every
+    // right; the sandbox is the file system behind them, not the rights.
     builder
         .add_preopen_dir("/")
         .and_then(|()| {
@@ -50,7 +54,131 @@ pub fn builder(
             })
         })
         .map_err(|e| Failure::new(Code::Internal, format!("cannot set up the sandbox: {e}")))?;
-    Ok(builder)
+    Ok(builder.setup_fs(Box::new(preopens_first)))
+}
+
+/// wasix puts its own virtual root at fd 3, named `/` like a preopen, ahead of the
+/// real preopens, and resolves fd 3 and every absolute path through it. That root holds
+/// only the preopens themselves: nothing can be created in it (`EACCES`) or opened for
+/// writing in it (`EPERM`). Programs that take the first preopen named `/` as the root
+/// (the WASI testsuite, users of wasmtime's `--dir HOST::/`) got that root. So kilnd
+/// makes the sandbox's `/` directory the root: it becomes wasix's root inode (`/..` is
+/// `/` again, as in POSIX), it takes fd 3, and the other preopens follow without a gap
+/// (libcs stop at the first fd that is not a preopen), each with every right (the
+/// sandbox is the file system behind them, not the rights), as wasmtime's preopens.
+#[cfg(feature = "wasi")]
+fn preopens_first(_: &WasiInodes, fs: &mut WasiFs) -> Result<(), String> {
+    let poisoned = "the WASI file table is poisoned";
+    let root_fd = VIRTUAL_ROOT_FD;
+    let preopens = fs.preopen_fds.get_mut().map_err(|_| poisoned)?;
+    let fds = fs.fd_map.get_mut().map_err(|_| poisoned)?;
+    match fds
+        .get(root_fd)
+        .map(|fd| matches!(*fd.inode.read(), Kind::Root { .. }))
+    {
+        Some(true) => {}
+        _ => return Err(format!("fd {root_fd} is not wasix's virtual root")),
+    }
+    let ours: Vec<u32> = preopens
+        .iter()
+        .copied()
+        .filter(|&fd| fd != root_fd)
+        .collect();
+    if ours.iter().any(|&fd| fd < root_fd) {
+        return Err(format!("a preopen below fd {root_fd}: {ours:?}"));
+    }
+    fds.remove(root_fd);
+    let mut moved = Vec::with_capacity(ours.len());
+    for have in ours {
+        let mut fd = fds
+            .remove(have)
+            .ok_or_else(|| format!("preopen fd {have} is not open"))?;
+        fd.inner.rights = ALL_RIGHTS;
+        fd.inner.rights_inheriting = ALL_RIGHTS;
+        moved.push(fd);
+    }
+    let root = moved
+        .first()
+        .map(|fd| fd.inode.clone())
+        .ok_or("no preopen for `/`")?;
+    if !matches!(*root.read(), Kind::Dir { ref path, .. } if path.as_path() == Path::new("/")) {
+        return Err("the first preopen is not the directory `/`".into());
+    }
+    for fd in &moved {
+        if let Kind::Dir { parent, .. } = &mut *fd.inode.write() {
+            *parent = root.downgrade();
+        }
+    }
+    fs.root_inode = root;
+    let mut renumbered = Vec::with_capacity(moved.len());
+    for (want, fd) in (root_fd..).zip(moved) {
+        if !fds.insert(true, want, fd) {
+            return Err(format!("fd {want} is taken"));
+        }
+        renumbered.push(want);
+    }
+    *preopens = renumbered;
+    Ok(())
+}
+
+/// wasix refuses to open a directory when FD_WRITE is among the requested rights
+/// (`EISDIR`), while it reports every right, FD_WRITE included, for fd 3: so the usual
+/// way to reopen the root, `path_open(3, ".", O_DIRECTORY, <fd 3's rights>)`, failed.
+/// wasmtime never reports FD_WRITE for a directory and opens it; so does kilnd, by
+/// asking wasix for a directory without FD_WRITE. Nothing else changes: a file opened
+/// for writing still needs FD_WRITE, and every other error is wasix's.
+#[cfg(feature = "wasi")]
+pub fn adapt_imports(store: &mut wasmer::Store, imports: &mut wasmer::Imports) {
+    use wasmer::{Extern, Function, FunctionEnv, FunctionEnvMut, RuntimeError, Value};
+    use wasmer_wasix::types::wasi::{Oflags, Rights};
+
+    #[allow(clippy::too_many_arguments)] // WASI's path_open
+    fn path_open(
+        mut ctx: FunctionEnvMut<Function>,
+        fd: i32,
+        dirflags: i32,
+        path: i32,
+        path_len: i32,
+        oflags: i32,
+        rights_base: i64,
+        rights_inheriting: i64,
+        fdflags: i32,
+        opened: i32,
+    ) -> Result<i32, RuntimeError> {
+        let directory = (oflags as u16) & Oflags::DIRECTORY.bits() != 0;
+        let rights_base = if directory {
+            ((rights_base as u64) & !Rights::FD_WRITE.bits()) as i64
+        } else {
+            rights_base
+        };
+        let original = ctx.data().clone();
+        let args = [
+            Value::I32(fd),
+            Value::I32(dirflags),
+            Value::I32(path),
+            Value::I32(path_len),
+            Value::I32(oflags),
+            Value::I64(rights_base),
+            Value::I64(rights_inheriting),
+            Value::I32(fdflags),
+            Value::I32(opened),
+        ];
+        match original.call(&mut ctx, &args)?.first() {
+            Some(Value::I32(errno)) => Ok(*errno),
+            other => Err(RuntimeError::new(format!("path_open returned {other:?}"))),
+        }
+    }
+
+    for ns in ["wasi_snapshot_preview1", "wasi_unstable"] {
+        if let Some(Extern::Function(original)) = imports.get_export(ns, "path_open") {
+            let env = FunctionEnv::new(store, original);
+            imports.define(
+                ns,
+                "path_open",
+                Function::new_typed_with_env(store, &env, path_open),
+            );
+        }
+    }
 }
 
 /// Import modules this kilnd provides.
@@ -118,36 +246,67 @@ pub fn check_imports(name: &str, module: &Module) -> Result<(), Failure> {
     ))
 }
 
-/// The module's whole file system: an empty in-memory root with `/dev/null` and
-/// friends, and the mapped host directories. Nothing else of the host is visible.
+/// The module's whole file system: the host directory mapped at `/` if there is one,
+/// else an empty in-memory root with `/dev/null` and friends; and the other mapped
+/// host directories mounted in it. Nothing else of the host is visible.
 #[cfg(feature = "wasi")]
 fn sandbox(
     dirs: &[DirMapping],
     handle: &tokio::runtime::Handle,
 ) -> Result<MountFileSystem, Failure> {
     let guests: Vec<&str> = dirs.iter().map(|d| d.guest.as_str()).collect();
-    let root = RootFileSystemBuilder::default().build_ext(&guests);
-    for dir in dirs {
+    let host_fs = |dir: &DirMapping| {
         let fail = |why: String| {
             Failure::new(
                 Code::NoInput,
                 format!("cannot map directory `{}`: {why}", dir.host.display()),
             )
         };
-        if dir.guest == "/" || !dir.guest.starts_with('/') {
+        if let Some(twice) = dirs
+            .iter()
+            .find(|d| !std::ptr::eq(*d, dir) && d.guest == dir.guest)
+        {
             return Err(fail(format!(
-                "guest path `{}` must be absolute and not `/`, e.g. `--dir {}:/data`",
-                dir.guest,
-                dir.host.display()
+                "`{}` is mapped at `{}` too",
+                twice.host.display(),
+                dir.guest
             )));
         }
         let host = dir.host.canonicalize().map_err(|e| fail(e.to_string()))?;
         if !host.is_dir() {
             return Err(fail("not a directory".into()));
         }
-        let fs = host_fs::FileSystem::new(handle.clone(), host).map_err(|e| fail(e.to_string()))?;
-        root.mount(Path::new(&dir.guest), Arc::new(fs))
-            .map_err(|e| fail(format!("cannot mount at `{}`: {e}", dir.guest)))?;
+        host_fs::FileSystem::new(handle.clone(), host)
+            .map(Arc::new)
+            .map_err(|e| fail(e.to_string()))
+    };
+    // Mapped at `/`, a host directory is the root itself, as with wasmtime's
+    // `--dir HOST::/`: no in-memory `/dev` or `/tmp` is laid over it.
+    let root = match dirs.iter().find(|d| d.is_root()) {
+        Some(dir) => {
+            let root = MountFileSystem::new();
+            root.mount(Path::new("/"), host_fs(dir)?).map_err(|e| {
+                Failure::new(
+                    Code::Internal,
+                    format!("cannot mount `{}` at `/`: {e}", dir.host.display()),
+                )
+            })?;
+            root
+        }
+        None => RootFileSystemBuilder::default().build_ext(&guests),
+    };
+    for dir in dirs.iter().filter(|d| !d.is_root()) {
+        root.mount(Path::new(&dir.guest), host_fs(dir)?)
+            .map_err(|e| {
+                Failure::new(
+                    Code::NoInput,
+                    format!(
+                        "cannot map directory `{}` at `{}`: {e}",
+                        dir.host.display(),
+                        dir.guest
+                    ),
+                )
+            })?;
     }
     Ok(root)
 }
