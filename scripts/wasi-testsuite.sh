@@ -70,8 +70,8 @@ for name in names:
             code = 0
         except wasmtime.ExitTrap as e:
             code = e.code
-        except wasmtime.Trap as e:
-            code = "trap: " + str(e).splitlines()[0]
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
+            code = "error: " + str(e).splitlines()[0]
         with open(out) as f:
             stdout = f.read()
         with open(err) as f:
