@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The benchmark: builds what it needs, installs the peer runtimes it compares against
-# (scripts/peers.sh), then measures kiln on this machine and prints markdown tables
-# (the README quotes them). Not part of the tests.
+# (scripts/peers.sh), then measures kiln on this machine, prints markdown tables, and
+# writes them as the book's dated page docs/src/measurements/YYYY-MM-DD.md (listed in
+# docs/src/SUMMARY.md and docs/src/measurements.md; --no-page skips it). Not part of
+# the tests.
 #   scripts/bench.sh [--runs N] [--targets x86_64-linux,aarch64-linux,riscv64-linux]
 #                    [--only size,compile,start,speed,metering,update,telemetry,transfer] [--module-mb 49]
+#                    [--no-page] [--book docs/src]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${CARGO_TARGET_DIR:=$HOME/.cache/kiln/target}"
@@ -29,4 +32,4 @@ for triple in x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu riscv64gc-unkno
       --manifest-path "examples/$example/Cargo.toml" --target-dir "$CARGO_TARGET_DIR/examples"
   done
 done
-cargo run --locked --quiet -p kiln-e2e --bin bench -- "$@"
+KILN_BENCH_COMMAND="scripts/bench.sh $*" cargo run --locked --quiet -p kiln-e2e --bin bench -- "$@"

@@ -5,6 +5,8 @@
 //!
 //! Run with `cargo test -p kiln-dist --test book`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is the failure report
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
 
@@ -53,7 +55,10 @@ const SHARED_FLAGS_PAGE: &str = "fleet.md";
 /// Flags of other tools that pages name outside a `kiln`/`kilnd` command line, each with
 /// whose it is. Inside a `kiln`/`kilnd` command line every flag must be the command's.
 const OTHER_TOOLS: &[(&str, &str)] = &[
-    ("--no-default-features", "cargo: the lean and no-TLS kilnd builds"),
+    (
+        "--no-default-features",
+        "cargo: the lean and no-TLS kilnd builds",
+    ),
     ("--features", "cargo"),
     ("--release", "cargo"),
     ("--locked", "cargo"),
@@ -64,7 +69,10 @@ const OTHER_TOOLS: &[(&str, &str)] = &[
     ("--lib", "cargo test"),
     ("--test", "cargo test"),
     ("--check", "cargo fmt"),
-    ("--patch-from", "zstd's command line, which kiln's patches follow"),
+    (
+        "--patch-from",
+        "zstd's command line, which kiln's patches follow",
+    ),
     ("--ultra", "zstd's command line, measured against"),
     ("--long", "zstd's command line, measured against"),
     ("--only", "scripts/bench.sh"),
@@ -76,6 +84,7 @@ const OTHER_TOOLS: &[(&str, &str)] = &[
     ("--plan", "the soak binary"),
     ("--no-build", "scripts/soak.sh"),
     ("--seconds", "scripts/fuzz.sh"),
+    ("--build", "scripts/wasi-testsuite.sh"),
     ("--devices", "scripts/soak.sh, scripts/fleet-scale.sh"),
 ];
 
@@ -293,7 +302,10 @@ fn links(text: &str) -> Vec<(usize, String)> {
             let Some(end) = prose[start..].find(')') else {
                 break;
             };
-            let target = prose[start..start + end].split_whitespace().next().unwrap_or("");
+            let target = prose[start..start + end]
+                .split_whitespace()
+                .next()
+                .unwrap_or("");
             out.push((line, target.to_string()));
             from = start + end;
         }
@@ -636,8 +648,14 @@ fn check_line(
 
 #[test]
 fn the_checks_see_what_they_should() {
-    assert_eq!(heading_id("Update transfers: one release, `kiln push`"), "update-transfers-one-release-kiln-push");
-    assert_eq!(heading_id("Fleet scale: 1,000 devices"), "fleet-scale-1000-devices");
+    assert_eq!(
+        heading_id("Update transfers: one release, `kiln push`"),
+        "update-transfers-one-release-kiln-push"
+    );
+    assert_eq!(
+        heading_id("Fleet scale: 1,000 devices"),
+        "fleet-scale-1000-devices"
+    );
     assert_eq!(heading_id("[Trust](trust.md) and keys"), "trust-and-keys");
     let ids = anchors("# A\n\n## B\n```\n# not a heading\n```\n## B\n");
     assert_eq!(
@@ -663,6 +681,11 @@ fn the_checks_see_what_they_should() {
     let found = invocations("kiln rollout status|pause --group lab", &programs);
     assert_eq!(found[0].0.len(), 2);
     let mut problems = Vec::new();
-    check_line("kiln push a.kiln --no-such-flag", &programs, "here", &mut problems);
+    check_line(
+        "kiln push a.kiln --no-such-flag",
+        &programs,
+        "here",
+        &mut problems,
+    );
     assert_eq!(problems.len(), 1, "{problems:?}");
 }

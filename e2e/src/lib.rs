@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)] // a panic is the failure report
 
+pub mod bench_page;
 pub mod browser;
 pub mod mosquitto;
 pub mod procfs;

@@ -53,14 +53,14 @@ fn compile(wasm: &Path, target: &str, key: &Path, out: &Path) {
 }
 
 pub fn print(rows: &[Vec<String>], runs: usize) {
-    println!("### Compile a large module (release kiln, median of {runs})");
-    println!();
-    println!("| target | wasm | wall time | wasm rate | artifact |");
-    println!("|---|---|---|---|---|");
+    report!("### Compile a large module (release kiln, median of {runs})");
+    report!();
+    report!("| target | wasm | wall time | wasm rate | artifact |");
+    report!("|---|---|---|---|---|");
     for row in rows {
-        println!("| {} |", row.join(" | "));
+        report!("| {} |", row.join(" | "));
     }
-    println!();
+    report!();
 }
 
 /// A valid module of about `size` bytes: one memory, one function type

@@ -12,15 +12,15 @@ use crate::target::Target;
 use crate::{median, table};
 
 pub fn print_update(update_rows: &[Vec<String>], runs: usize) {
-    println!("\n### Fleet update over MQTT (mosquitto on loopback), median of {runs}\n");
-    println!(
+    report!("\n### Fleet update over MQTT (mosquitto on loopback), median of {runs}\n");
+    report!(
         "A reactor whose data segment makes the artifact the given size. `upload` is `kiln push`"
     );
-    println!(
+    report!(
         "until the broker acknowledged every chunk and the desired state; `push -> running` ends"
     );
-    println!("when the device reports the new version started (chunks fetched, verified, staged,");
-    println!("started in a worker); throughput is artifact bytes over that time.\n");
+    report!("when the device reports the new version started (chunks fetched, verified, staged,");
+    report!("started in a worker); throughput is artifact bytes over that time.\n");
     table(
         &[
             "target",
@@ -35,26 +35,26 @@ pub fn print_update(update_rows: &[Vec<String>], runs: usize) {
 }
 
 pub fn print_telemetry(telemetry_rows: &[Vec<String>], _runs: usize) {
-    println!("\n### Telemetry over MQTT (mosquitto on loopback), one device\n");
-    println!(
+    report!("\n### Telemetry over MQTT (mosquitto on loopback), one device\n");
+    report!(
         "The counter fixture publishes {BURST} records of 8 bytes per 1 ms tick (the offered load);"
     );
-    println!(
+    report!(
         "kilnd batches them (16 KiB or 1 s), writes each batch durably to its spool (fsync), then"
     );
-    println!(
+    report!(
         "publishes it with QoS 1. `received` is what a subscriber decoded per second over {TELEMETRY_SECS} s"
     );
-    println!(
+    report!(
         "after a 2 s warm-up; bytes per record are the batches' payload bytes over their records,"
     );
-    println!(
+    report!(
         "against the same record as a JSON line (kilnd's stdout form); spool write is the time per"
     );
-    println!(
+    report!(
         "durable append as kilnd's device-stats record reports it. A backlog near 0 batches means"
     );
-    println!("kilnd kept up with the module, and `received` is what the module produced.\n");
+    report!("kilnd kept up with the module, and `received` is what the module produced.\n");
     table(
         &[
             "target",

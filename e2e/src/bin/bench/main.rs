@@ -12,6 +12,29 @@
 //! (workloads against native and peer runtimes), `metering`, `fleet` (update
 //! latency and telemetry throughput over MQTT), and `transfer` (bytes on the wire and
 //! update time, whole, compressed and patched).
+//!
+//! Everything it prints is also written, at the end, as a dated page of the book
+//! (`docs/src/measurements/YYYY-MM-DD.md`, listed in `SUMMARY.md` and on
+//! `measurements.md`; see `kiln_e2e::bench_page`), unless `--no-page`.
+
+/// Every line the bench prints on stdout, kept for the dated page it writes at the end.
+static REPORT: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+/// `println!` that also keeps the line for the page.
+macro_rules! report {
+    () => {
+        report!("")
+    };
+    ($($arg:tt)*) => {{
+        let line = format!($($arg)*);
+        println!("{line}");
+        let mut kept = crate::REPORT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        kept.push_str(&line);
+        kept.push('\n');
+    }};
+}
 
 mod compile;
 mod fleet;
@@ -26,7 +49,7 @@ use std::process::Command;
 
 use clap::Parser;
 use kiln_compiler::commands::keygen::KeygenCommand;
-use kiln_e2e::{path_str, DEVICES};
+use kiln_e2e::{bench_page, path_str, DEVICES};
 
 use target::Target;
 
@@ -45,6 +68,12 @@ struct Args {
     /// Sections to run, comma-separated (default: all)
     #[arg(long, value_delimiter = ',', value_enum)]
     only: Vec<Section>,
+    /// The book's source folder the dated page of this run is written into
+    #[arg(long, value_name = "DIR", default_value = "docs/src")]
+    book: std::path::PathBuf,
+    /// Print the tables only; write no page
+    #[arg(long)]
+    no_page: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -141,6 +170,30 @@ fn main() {
             transfer::print_decode(&transfer::decode_times(native));
         }
     }
+    if !args.no_page {
+        write_page(&args.book);
+    }
+}
+
+/// Writes what the run printed as the book's dated page for it.
+fn write_page(book: &std::path::Path) {
+    let report = REPORT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let command = std::env::var("KILN_BENCH_COMMAND").unwrap_or_else(|_| {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        format!("bench {}", args.join(" "))
+    });
+    match bench_page::render(&report, command.trim())
+        .and_then(|page| bench_page::write(book, &page))
+    {
+        Ok(path) => eprintln!("bench: wrote {}", path.display()),
+        Err(e) => {
+            eprintln!("bench: no page written: {e}");
+            std::process::exit(1);
+        }
+    }
 }
 
 /// A section's measurement of one target (rows), and how its table is printed.
@@ -148,12 +201,12 @@ type Measure = fn(&Target, usize) -> Vec<Vec<String>>;
 type Print = fn(&[Vec<String>], usize);
 
 fn print_machine(args: &Args) {
-    println!(
+    report!(
         "## kiln bench, {}",
         first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
     );
-    println!();
-    println!(
+    report!();
+    report!(
         "- machine: {} ({} cores), {}; {}",
         first_line("uname", &["-m"]),
         first_line("nproc", &[]),
@@ -164,18 +217,22 @@ fn print_machine(args: &Args) {
         )
         .trim()
     );
-    println!(
+    report!(
         "- wasmer {} (kilnd and kiln), {}",
         kiln_compiler::aot::WASMER_VERSION,
         first_line("qemu-aarch64", &["--version"])
     );
-    println!(
+    report!(
         "- peers: wasmtime {} (PyPI), node {} (V8, node:wasi), wasmi {} (interpreter)",
         speed::peer_version(speed::Peer::Wasmtime),
         speed::peer_version(speed::Peer::Node),
         speed::peer_version(speed::Peer::Wasmi)
     );
-    println!(
+    report!(
+        "- load average when it started (1, 5, 15 min): {} (other work on the machine slows what is measured)",
+        first_line("cut", &["-d", " ", "-f", "1-3", "/proc/loadavg"])
+    );
+    report!(
         "- targets: {} (native: x86_64; others under qemu-user, where only ratios mean much); runs per figure: {}",
         args.targets.join(", "),
         args.runs
@@ -209,9 +266,9 @@ pub fn median(values: impl Iterator<Item = f64>) -> f64 {
 }
 
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
-    println!("| {} |", header.join(" | "));
-    println!("|{}", "---|".repeat(header.len()));
+    report!("| {} |", header.join(" | "));
+    report!("|{}", "---|".repeat(header.len()));
     for row in rows {
-        println!("| {} |", row.join(" | "));
+        report!("| {} |", row.join(" | "));
     }
 }

@@ -9,7 +9,7 @@ use crate::target::Target;
 use crate::{median, table};
 
 pub fn print(metering_rows: &[Vec<String>], runs: usize) {
-    println!("\n### Metering: compute.wat (sieve of 1,000,000), `_start` time, median of {runs}\n");
+    report!("\n### Metering: compute.wat (sieve of 1,000,000), `_start` time, median of {runs}\n");
     table(
         &["target", "mode", "plain", "metered (--fuel)", "overhead"],
         metering_rows,

@@ -11,10 +11,10 @@ use crate::table;
 use crate::target::Target;
 
 pub fn print(rows: &[Vec<String>]) {
-    println!("\n### kilnd size (stripped release: opt-level s, fat LTO, panic=abort)\n");
-    println!("`full` is the default build: WASI (wasmer-wasix), fleet updates and telemetry over");
-    println!("MQTT, and TLS (rustls with ring). `no TLS` refuses mqtts:// brokers. `lean` has");
-    println!("everything but WASI: it runs kiln-ABI reactors and refuses WASI modules.\n");
+    report!("\n### kilnd size (stripped release: opt-level s, fat LTO, panic=abort)\n");
+    report!("`full` is the default build: WASI (wasmer-wasix), fleet updates and telemetry over");
+    report!("MQTT, and TLS (rustls with ring). `no TLS` refuses mqtts:// brokers. `lean` has");
+    report!("everything but WASI: it runs kiln-ABI reactors and refuses WASI modules.\n");
     table(
         &[
             "target",

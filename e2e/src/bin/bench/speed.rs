@@ -104,7 +104,7 @@ pub fn peer_version(peer: Peer) -> String {
 }
 
 pub fn print(rows: &[Vec<String>], runs: usize) {
-    println!("\n### Execution speed: workloads, kernel time, median of {runs}\n");
+    report!("\n### Execution speed: workloads, kernel time, median of {runs}\n");
     for line in [
         "Each workload times its own kernel (start-up and compilation excluded). `native` is the",
         "same Rust source built for the target; `kiln` is `kilnd run` of its artifact, and",
@@ -113,9 +113,9 @@ pub fn print(rows: &[Vec<String>], runs: usize) {
         "install: wasmtime (precompiled, PyPI), Node.js (V8, node:wasi), wasmi (an interpreter).",
         "Under qemu-user both sides are emulated, so only the ratios mean something there.",
     ] {
-        println!("{line}");
+        report!("{line}");
     }
-    println!();
+    report!();
     table(
         &[
             "target",

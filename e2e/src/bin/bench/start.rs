@@ -57,11 +57,11 @@ pub fn print(rows: &[Vec<String>], runs: usize) {
 }
 
 fn print_device(rows: &[Vec<String>], runs: usize) {
-    println!("\n### A whole device's memory, median of {runs}\n");
-    println!("`kilnd serve` with sensor-filter (Rust, WASI) and two small kiln-ABI reactors");
-    println!("(`fixtures/counter.wat`), 1.5 s after they started: PSS of each process from");
-    println!("`/proc/PID/smaps_rollup`, and a small reactor's worker's Private_Dirty. Workers are");
-    println!("forked by the zygote and share its pages until they write to them.\n");
+    report!("\n### A whole device's memory, median of {runs}\n");
+    report!("`kilnd serve` with sensor-filter (Rust, WASI) and two small kiln-ABI reactors");
+    report!("(`fixtures/counter.wat`), 1.5 s after they started: PSS of each process from");
+    report!("`/proc/PID/smaps_rollup`, and a small reactor's worker's Private_Dirty. Workers are");
+    report!("forked by the zygote and share its pages until they write to them.\n");
     table(
         &[
             "target",
@@ -136,10 +136,10 @@ fn module(name: &str, artifact: &std::path::Path, extra: &str) -> String {
 }
 
 fn print_process(rows: &[Vec<String>], runs: usize) {
-    println!("\n### Cold start of a whole process: hello (Rust, WASI), median of {runs}\n");
-    println!("`kilnd run hello.kiln` from exec to exit, against the same source built natively");
-    println!("for the target (both under qemu-user for the emulated targets); the split is what");
-    println!("`kilnd run --timings` reports for its own steps.\n");
+    report!("\n### Cold start of a whole process: hello (Rust, WASI), median of {runs}\n");
+    report!("`kilnd run hello.kiln` from exec to exit, against the same source built natively");
+    report!("for the target (both under qemu-user for the emulated targets); the split is what");
+    report!("`kilnd run --timings` reports for its own steps.\n");
     table(
         &[
             "target",
@@ -234,11 +234,11 @@ pub fn timings(stderr: &str) -> Vec<f64> {
 }
 
 fn print_worker(start_rows: &[Vec<String>], runs: usize) {
-    println!("\n### Worker start: sensor-filter (Rust reactor, WASI) and counter.wat (small kiln-ABI reactor), median of {runs}\n");
-    println!(
+    report!("\n### Worker start: sensor-filter (Rust reactor, WASI) and counter.wat (small kiln-ABI reactor), median of {runs}\n");
+    report!(
         "spawn + read + verify + deserialize + instantiate + kiln_init + first kiln_tick, as the"
     );
-    println!(
+    report!(
         "supervisor's `started` record reports it: `start` is the first worker of a fresh kilnd,\n`restart` the same worker forked again by the warm zygote after a SIGKILL (the split\nis the first start's). Idle RSS and PSS are the worker's 1.5 s later (PSS counts\nkilnd's shared code once across workers; under qemu both include the emulator).\n"
     );
     table(

@@ -34,20 +34,18 @@ const MODES: [(&str, &[&str]); 3] = [
 ];
 
 pub fn print(rows: &[Vec<String>], _runs: usize) {
-    println!(
+    report!(
         "\n### Update transfers: bytes on the wire and push -> running (mosquitto on loopback)\n"
     );
-    println!(
-        "Bytes are every payload the device receives for the artifact (chunk list and chunks;"
-    );
-    println!("the signed desired state, about 0.5 KiB, comes on top), as a share of the artifact.");
-    println!("`delta` is a zstd patch from the version the device runs, made by `kiln push` from");
-    println!(
+    report!("Bytes are every payload the device receives for the artifact (chunk list and chunks;");
+    report!("the signed desired state, about 0.5 KiB, comes on top), as a share of the artifact.");
+    report!("`delta` is a zstd patch from the version the device runs, made by `kiln push` from");
+    report!(
         "what the device reports. Times run from the release `kiln push` (which compresses at zstd level 19"
     );
-    println!("and makes the patches) until the device's worker started the new version. The");
-    println!("codegen-wide rebuild recompiles the new source with --bounds-checks: it changes the");
-    println!("code of every function, as a wasmer upgrade would (this build has one wasmer).\n");
+    report!("and makes the patches) until the device's worker started the new version. The");
+    report!("codegen-wide rebuild recompiles the new source with --bounds-checks: it changes the");
+    report!("code of every function, as a wasmer upgrade would (this build has one wasmer).\n");
     table(
         &[
             "target",
@@ -64,9 +62,9 @@ pub fn print(rows: &[Vec<String>], _runs: usize) {
 }
 
 pub fn print_decode(rows: &[Vec<String>]) {
-    println!("\n### Decoding on the device (x86_64, in process, median of 5)\n");
-    println!("What a device spends turning a transfer back into the artifact before it checks the");
-    println!("sha256 and signature as for any artifact (zstd's C code optimized, as in kilnd).\n");
+    report!("\n### Decoding on the device (x86_64, in process, median of 5)\n");
+    report!("What a device spends turning a transfer back into the artifact before it checks the");
+    report!("sha256 and signature as for any artifact (zstd's C code optimized, as in kilnd).\n");
     table(&["module", "artifact", "zstd decode", "patch decode"], rows);
 }
 
