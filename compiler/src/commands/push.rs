@@ -558,6 +558,9 @@ pub struct Confirmation {
     pub confirmed: Vec<String>,
     /// `(device, reason)` for every device that refused the state.
     pub refused: Vec<(String, String)>,
+    /// Pending devices whose report names a serial above this state's: a newer state,
+    /// or a fast-forward (never counted as confirmed).
+    pub above: BTreeMap<String, u64>,
 }
 
 /// One message from a device, decoded.
@@ -573,10 +576,11 @@ impl Confirmation {
             pending: devices.into_iter().collect(),
             confirmed: Vec::new(),
             refused: Vec::new(),
+            above: BTreeMap::new(),
         }
     }
 
-    /// A device confirms by reporting a serial at least the new one; it refuses with
+    /// A device confirms by reporting exactly the new serial; it refuses with
     /// a rejection of the desired state as a whole (module `*`: a stale serial, an
     /// untrusted signature, a wrong address). Other devices and messages are ignored.
     pub fn heard(&mut self, device: &str, message: Answer) {
@@ -584,9 +588,17 @@ impl Confirmation {
             return;
         }
         match message {
-            Answer::Reported(r) if r.serial >= self.serial => {
+            // Exactly this serial. A report of a higher one is not this state taken:
+            // a newer state, or one a leaked key fast-forwarded, which makes the
+            // device refuse this one. Said as such, never as "took".
+            Answer::Reported(r) if r.serial == self.serial => {
                 self.pending.remove(device);
                 self.confirmed.push(device.to_string());
+            }
+            // Still pending (the retained report may predate this state), but said
+            // if nothing else comes.
+            Answer::Reported(r) if r.serial > self.serial => {
+                self.above.insert(device.to_string(), r.serial);
             }
             Answer::Event(e) if e.module == "*" => {
                 if let EventKind::Rejected { reason } = e.kind {
@@ -1266,8 +1278,13 @@ mod tests {
         assert_eq!(c.confirmed, ["a"]);
         assert_eq!(c.refused, [("b".to_string(), stale.to_string())]);
         assert_eq!(c.pending().collect::<Vec<_>>(), ["c"]);
-        c.heard("c", reported(101));
-        assert!(c.done());
+        // A report above the serial is not this state taken (a newer state, or a
+        // fast-forward): noted, never counted as confirmed.
+        c.heard("c", reported(u64::MAX - 1));
+        assert!(!c.done());
+        assert_eq!(c.confirmed, ["a"]);
+        assert_eq!(c.above.get("c"), Some(&(u64::MAX - 1)));
+        c.heard("c", reported(100));
         assert_eq!(c.confirmed, ["a", "c"]);
     }
 }
