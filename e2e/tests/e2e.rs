@@ -22,5 +22,6 @@ mod trust;
 mod trust_attacks;
 mod truth;
 mod util;
+mod wasi;
 
 pub use kiln_e2e::DEVICES;
