@@ -756,7 +756,7 @@ mod tests {
             match i.code {
                 BPF_LD_W_ABS => {
                     let k = i.k as usize;
-                    acc = u32::from_le_bytes(data[k..k + 4].try_into().unwrap());
+                    acc = u32::from_le_bytes(data[k..k + 4].try_into().expect("a 32-bit word"));
                 }
                 BPF_JEQ_K => pc += if acc == i.k { i.jt } else { i.jf } as usize,
                 BPF_JSET_K => pc += if acc & i.k != 0 { i.jt } else { i.jf } as usize,

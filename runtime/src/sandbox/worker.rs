@@ -123,6 +123,7 @@ pub fn serve() -> i32 {
     let policy = Policy {
         dirs: spec.dirs.iter().map(|(host, _)| host.into()).collect(),
     };
+    let confining = Instant::now();
     // Test builds can leave a worker unconfined, to measure what confinement costs.
     #[cfg(feature = "test-hooks")]
     let confined = match std::env::var_os("KILND_TEST_NO_CONFINE") {
@@ -131,13 +132,14 @@ pub fn serve() -> i32 {
     };
     #[cfg(not(feature = "test-hooks"))]
     let confined = confine::confine(&policy);
+    let confine_us = confining.elapsed().as_micros() as u64;
     // Threads only from here on: each inherits the confinement.
     let replies = Replies::start();
     let sender = replies.clone();
     let emit: Emit = Arc::new(move |reply| sender.send(reply));
     #[cfg(feature = "test-hooks")]
     crate::sandbox::escape::attempt_if_asked(parent, &confined, &emit);
-    let code = serve_with(input, *spec, artifact, confined, &emit);
+    let code = serve_with(input, *spec, artifact, (confined, confine_us), &emit);
     // What the module said last (its stdout's last line at finish) goes out too.
     replies.flush();
     code
@@ -147,7 +149,7 @@ fn serve_with(
     mut input: BufReader<io::StdinLock<'static>>,
     spec: StartSpec,
     artifact: io::Result<Vec<u8>>,
-    confined: Report,
+    confined: (Report, u64),
     emit: &Emit,
 ) -> i32 {
     let mut guest = match start(spec, artifact, confined, emit) {
@@ -201,7 +203,7 @@ fn serve_with(
 fn start(
     spec: StartSpec,
     artifact: io::Result<Vec<u8>>,
-    confined: Report,
+    (confined, confine_us): (Report, u64),
     emit: &Emit,
 ) -> Result<Guest, Stop> {
     let load_failed = |code: u8, message: String| Stop::LoadFailed { code, message };
@@ -280,6 +282,7 @@ fn start(
         module = %manifest.name,
         pid = std::process::id(),
         confinement = %confined.summary(),
+        confine_us,
         "worker confined"
     );
     emit(Reply::Ready(Ready {
