@@ -40,8 +40,7 @@ fn shown(broker: &Broker, device: &str, module: &str) -> Option<(String, u64, St
 }
 
 #[test]
-fn a_module_that_crash_loops_after_its_trial_shows_failed_and_a_command_that_exits_0_is_healthy()
-{
+fn a_module_that_crash_loops_after_its_trial_shows_failed_and_a_command_that_exits_0_is_healthy() {
     let broker = Broker::start();
     let watch = Watch::start(&broker, "dev-s");
     let mut device = FleetDevice::new("x86_64-linux", "dev-s", &broker);
@@ -97,7 +96,7 @@ fn kilnd_check_refuses_what_serve_would_refuse_with_the_same_error() {
     let base = format!(
         "device = \"dev-c\"\ndata_dir = {:?}\ntrust = [{:?}]\n{}\n",
         path_str(&dir.path().join("data")),
-        path_str(&shared().trust()),
+        path_str(&shared().root()),
         device.launcher_line(),
     );
     let module = format!(
@@ -107,24 +106,20 @@ fn kilnd_check_refuses_what_serve_would_refuse_with_the_same_error() {
     let cases = [
         (
             "mqtts without a CA",
-            format!("{base}root = {:?}\n[mqtt]\nbroker = \"mqtts://127.0.0.1:8883\"\n", path_str(&shared().root())),
+            format!("{base}[mqtt]\nbroker = \"mqtts://127.0.0.1:8883\"\n"),
             "give the CA certificate",
         ),
         (
             "a CA that is not a certificate",
             format!(
-                "{base}root = {:?}\n[mqtt]\nbroker = \"mqtts://127.0.0.1:8883\"\nca = {:?}\n",
-                path_str(&shared().root()),
+                "{base}[mqtt]\nbroker = \"mqtts://127.0.0.1:8883\"\nca = {:?}\n",
                 path_str(&not_a_cert)
             ),
             "holds no PEM certificate",
         ),
         (
             "a dirs host path that does not exist",
-            format!(
-                "{base}{module}dirs = [\"{}:/data\"]\n",
-                path_str(&missing)
-            ),
+            format!("{base}{module}dirs = [\"{}:/data\"]\n", path_str(&missing)),
             "no-such-dir",
         ),
     ];

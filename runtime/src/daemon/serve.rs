@@ -58,7 +58,10 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
     let (config, plans) = Config::load(config_path).map_err(|e| Failure::new(Code::Config, e))?;
     // What `kilnd check` refuses, serve refuses too, before anything starts.
     crate::daemon::config::validate(&config, &plans).map_err(|e| {
-        Failure::new(Code::Config, format!("config `{}`: {e}", config_path.display()))
+        Failure::new(
+            Code::Config,
+            format!("config `{}`: {e}", config_path.display()),
+        )
     })?;
     let rates = config.rates.clone();
     let trusted_keys = read_keys(&config)?;
@@ -147,9 +150,11 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
         }
         stdout.print(&record);
         if let Some(m) = &mqtt {
+            // What the update agent acts on and reports: starts, stops, failed ticks,
+            // and a supervisor giving up.
             if matches!(
                 record.body,
-                Body::Started(_) | Body::Stopped(_) | Body::TickFailed { .. }
+                Body::Started(_) | Body::Stopped(_) | Body::TickFailed { .. } | Body::Failed { .. }
             ) && lock(&modules).is_fleet(&module)
             {
                 if let Err(TrySendError::Full(_)) =
