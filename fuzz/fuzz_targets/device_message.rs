@@ -6,8 +6,11 @@
 //! and counts a message as verified only when it verifies under the enrolled key.
 #![no_main]
 
+use std::sync::OnceLock;
+
 use kiln_protocol::fleet::{Topics, MAX_REPORT};
 use kiln_protocol::heard::Reader;
+use kiln_protocol::keys::PublicKey;
 use kiln_protocol::trust::{Identity, Registry};
 use libfuzzer_sys::fuzz_target;
 
@@ -20,21 +23,31 @@ const TOPICS: [&str; 6] = [
     "kiln/v1/registry",
 ];
 
+/// Device `d` enrolled with the fixed device key: built once, not per input.
+fn registry() -> &'static (Registry, PublicKey) {
+    static REGISTRY: OnceLock<(Registry, PublicKey)> = OnceLock::new();
+    REGISTRY.get_or_init(|| {
+        let key = kiln_fuzz::device_key().public();
+        let mut registry = Registry::default();
+        registry.enroll("d", &key);
+        (registry, key)
+    })
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&pick, payload)) = data.split_first() else {
         return;
     };
     let topic = TOPICS[pick as usize % TOPICS.len()];
     let topics = Topics::new("kiln/v1");
-    let mut registry = Registry::default();
-    registry.enroll("d", &kiln_fuzz::device_key().public());
-    match Reader::new(&topics, &registry).open(topic, payload) {
+    let (registry, device_key) = registry();
+    match Reader::new(&topics, registry).open(topic, payload) {
         Ok(Some(heard)) => {
             assert!(payload.len() <= MAX_REPORT);
             assert!(topic.contains(&format!("/devices/{}/", heard.device)));
             if heard.identity == Identity::Verified {
                 assert_eq!(heard.device, "d");
-                assert_eq!(heard.signer, Some(kiln_fuzz::device_key().public()));
+                assert_eq!(heard.signer.as_ref(), Some(device_key));
             }
         }
         Ok(None) => assert!(payload.is_empty() || !topic.contains("/devices/") || topic.ends_with("/desired")),

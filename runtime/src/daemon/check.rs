@@ -20,7 +20,10 @@ use crate::sandbox::worker::admit;
 pub fn check(config_path: &Path) -> Result<i32, Failure> {
     let (config, plans) = Config::load(config_path).map_err(|e| Failure::new(Code::Config, e))?;
     crate::daemon::config::validate(&config, &plans).map_err(|e| {
-        Failure::new(Code::Config, format!("config `{}`: {e}", config_path.display()))
+        Failure::new(
+            Code::Config,
+            format!("config `{}`: {e}", config_path.display()),
+        )
     })?;
     let trust = read_trusted_keys(&config.trust)?;
     let mut out = Vec::new();

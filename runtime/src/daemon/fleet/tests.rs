@@ -1429,7 +1429,8 @@ fn a_module_that_crash_loops_after_its_trial_is_reported_restarting_then_failed(
     let m = reported_app(&w);
     assert_eq!((m.state, m.version), (ModuleState::Failed, 1));
     assert!(
-        m.last_event.contains("gave up after 5 crashes: trap: unreachable"),
+        m.last_event
+            .contains("gave up after 5 crashes: trap: unreachable"),
         "{}",
         m.last_event
     );
@@ -1463,5 +1464,9 @@ fn a_command_that_exits_0_in_its_trial_is_healthy_and_a_failed_first_version_is_
     let m = reported_app(&fresh);
     assert_eq!((m.state, m.version), (ModuleState::Failed, 3));
     assert_ne!(m.sha256, [0; 32]);
-    assert!(saw(&fresh, "crashed during its health window"), "{:#?}", fresh.events);
+    assert!(
+        saw(&fresh, "crashed during its health window"),
+        "{:#?}",
+        fresh.events
+    );
 }
