@@ -273,7 +273,10 @@ fn run_test(device: &Device, name: &str, artifact: &Path) -> Option<String> {
         .rev()
         .find(|l| !l.trim().is_empty())
         .unwrap_or("");
-    Some(format!("{}; stderr ends `{last}`\n{run}", mismatches.join(", ")))
+    Some(format!(
+        "{}; stderr ends `{last}`\n{run}",
+        mismatches.join(", ")
+    ))
 }
 
 /// Compiles and runs every test for `device`, two at a time (the build machine has two
