@@ -704,7 +704,8 @@ impl PushCommand {
         let mut session = self.release.broker.connect().map_err(unavailable)?;
         let topics = self.release.broker.topics();
         // What can be known before anything is compiled, uploaded or published.
-        let seen = seen(&mut session, &topics)?;
+        let registry = self.release.registry(&mut session, &topics)?;
+        let seen = seen(&mut session, &topics, registry.as_ref())?;
         if let Some(r) = preflight::scope_refusal(&scope, &seen) {
             if !self.force {
                 bail!(coded(r.code(), anyhow!("not published: {r}")));
@@ -936,13 +937,21 @@ impl PushCommand {
             rows.push(row);
         }
         for device in confirmation.pending() {
+            let reason = match confirmation.above.get(device) {
+                Some(above) => format!(
+                    "not confirmed after {}s: it reports serial {above}, above this state's {} (a newer state, or a fast-forward it keeps until the key that signed it is rotated out)",
+                    confirm_for.as_secs(),
+                    confirmation.serial
+                ),
+                None => format!(
+                    "not confirmed after {}s (offline or busy); it converges when it takes the retained state",
+                    confirm_for.as_secs()
+                ),
+            };
             rows.push(DeviceResult {
                 device: device.to_string(),
                 result: "pending",
-                reason: Some(format!(
-                    "not confirmed after {}s (offline or busy); it converges when it takes the retained state",
-                    confirm_for.as_secs()
-                )),
+                reason: Some(reason),
                 verified: false,
             });
         }
@@ -1057,12 +1066,36 @@ pub fn scope_json(scope: &Scope) -> serde_json::Value {
     }
 }
 
+impl ReleaseArgs {
+    /// The registry of the fleet whose root these flags find (`None` without a root),
+    /// for the checks before publishing.
+    pub fn registry(&self, session: &mut Session, topics: &Topics) -> Result<Option<Registry>> {
+        let sign = self.signing.sign.first().map(PathBuf::as_path);
+        if self.signing.root.path(sign).is_none() {
+            return Ok(None);
+        }
+        let anchor = self.signing.root.anchor(sign)?;
+        let fleet = crate::trust::Fleet::follow(session, topics, anchor)?;
+        Ok(Some(fleet.registry_or_empty(session, topics)?))
+    }
+}
+
 /// Every device the broker retains anything for, with its facts and reported state
-/// (judged by the one reader; facts and claims only, no identity is decided here).
-pub fn seen(session: &mut Session, topics: &Topics) -> Result<Vec<preflight::Seen>> {
+/// (judged by the one reader). Where the fleet enrolls devices (`registry` holds any),
+/// a device whose status or report is not signed by its enrolled key is left out and
+/// named: one lying device cannot block every push. Where nobody is enrolled, what is
+/// retained counts as it is.
+pub fn seen(
+    session: &mut Session,
+    topics: &Topics,
+    registry: Option<&Registry>,
+) -> Result<Vec<preflight::Seen>> {
     let unavailable = |e| coded(Code::Unavailable, e);
-    let registry = Registry::default();
-    let reader = Reader::new(topics, &registry);
+    let empty = Registry::default();
+    let registry = registry.unwrap_or(&empty);
+    let enrolling = !registry.devices.is_empty();
+    let mut left_out = BTreeSet::new();
+    let reader = Reader::new(topics, registry);
     let mut by_device: BTreeMap<String, preflight::Seen> = BTreeMap::new();
     for kind in ["status", "reported"] {
         let retained = session
@@ -1071,6 +1104,10 @@ pub fn seen(session: &mut Session, topics: &Topics) -> Result<Vec<preflight::See
         let (heard, skipped) = reader.all(&retained);
         warn_skipped(&skipped, 5);
         for h in heard {
+            if enrolling && !h.is_verified() {
+                left_out.insert(h.device.clone());
+                continue;
+            }
             let entry = by_device
                 .entry(h.device.clone())
                 .or_insert_with(|| preflight::Seen {
@@ -1083,6 +1120,13 @@ pub fn seen(session: &mut Session, topics: &Topics) -> Result<Vec<preflight::See
                 Body::Event(_) => {}
             }
         }
+    }
+    if !left_out.is_empty() {
+        let names: Vec<String> = left_out.into_iter().collect();
+        eprintln!(
+            "warning: not signed by an enrolled key, so left out of the checks: {}",
+            kiln_protocol::rollout::short_list(&names)
+        );
     }
     Ok(by_device.into_values().collect())
 }
@@ -1134,17 +1178,26 @@ impl Convergence {
                 .iter()
                 .find(|m| m.name == self.module)
                 .and_then(|m| match m.state {
-                    ModuleState::Running if m.version == self.version => Some(Ok(())),
-                    ModuleState::Failed if m.version == self.version || m.version == 0 => {
+                    // A command that ran to its end and exited 0 did what it was for.
+                    ModuleState::Running | ModuleState::Exited if m.version == self.version => {
+                        Some(Ok(()))
+                    }
+                    // Only the version it tried: a first version still downloading is
+                    // reported as v0, not failed yet.
+                    ModuleState::Failed if m.version == self.version => {
                         Some(Err(format!("failed: {}", m.last_event)))
                     }
                     _ => None,
                 }),
-            Answer::Event(e) if e.module == self.module || e.module == "*" => match e.kind {
-                EventKind::RolledBack { reason } => Some(Err(format!("rolled back: {reason}"))),
-                EventKind::Rejected { reason } => Some(Err(format!("rejected: {reason}"))),
-                _ => None,
-            },
+            Answer::Event(e)
+                if (e.module == self.module && e.version == self.version) || e.module == "*" =>
+            {
+                match e.kind {
+                    EventKind::RolledBack { reason } => Some(Err(format!("rolled back: {reason}"))),
+                    EventKind::Rejected { reason } => Some(Err(format!("rejected: {reason}"))),
+                    _ => None,
+                }
+            }
             Answer::Event(_) => None,
         };
         if let Some(o) = outcome {
@@ -1249,6 +1302,66 @@ mod tests {
             version: 0,
             kind,
         })
+    }
+
+    fn app(version: u64, state: ModuleState, last_event: &str) -> Answer {
+        Answer::Reported(ReportedV1 {
+            serial: 5,
+            modules: vec![kiln_protocol::fleet::ModuleReport {
+                name: "app".into(),
+                version,
+                sha256: [0; 32],
+                state,
+                last_event: last_event.into(),
+            }],
+        })
+    }
+
+    #[test]
+    fn a_device_converges_by_running_the_version_and_fails_by_rolling_it_back() {
+        let mut c = Convergence::new("app", 2, ["a", "b", "c", "d"].map(String::from));
+        // Still downloading its first version: reported as v0 failed, not an answer.
+        c.heard("a", app(0, ModuleState::Failed, "downloading 0/2 chunks"));
+        c.heard("a", app(1, ModuleState::Running, ""));
+        c.heard("a", app(2, ModuleState::Updating, "activated"));
+        assert!(c.outcome("a").is_none());
+        c.heard("a", app(2, ModuleState::Running, "committed"));
+        assert_eq!(c.outcome("a"), Some(Ok(())));
+        // A late rollback of another version says nothing about this one.
+        let old = EventKind::RolledBack {
+            reason: "old".into(),
+        };
+        c.heard(
+            "b",
+            Answer::Event(EventV1 {
+                at_ms: 0,
+                module: "app".into(),
+                version: 1,
+                kind: old,
+            }),
+        );
+        assert!(c.outcome("b").is_none());
+        let crash = EventKind::RolledBack {
+            reason: "trap".into(),
+        };
+        c.heard(
+            "b",
+            Answer::Event(EventV1 {
+                at_ms: 0,
+                module: "app".into(),
+                version: 2,
+                kind: crash,
+            }),
+        );
+        assert_eq!(c.outcome("b"), Some(Err("rolled back: trap")));
+        c.heard("c", app(2, ModuleState::Exited, "exited with code 0"));
+        assert_eq!(c.outcome("c"), Some(Ok(())));
+        assert!(!c.done());
+        c.heard(
+            "d",
+            app(2, ModuleState::Failed, "failed, not restarted: trap"),
+        );
+        assert!(c.done());
     }
 
     #[test]
