@@ -23,23 +23,25 @@ fn topics() -> Topics {
     Topics::new(DEFAULT_PREFIX)
 }
 
-/// A status naming `groups`, as a device would say it (offline: push waits for no
-/// answer from it).
-fn status(device: &str, groups: &[&str]) -> Status {
+/// A status naming `groups`, with the facts of a real device here (offline: push
+/// waits for no answer from it).
+fn status(device: &str, groups: &[&str], like: &DeviceFacts) -> Status {
     Status::V2(StatusV2 {
         device: device.into(),
         online: false,
         facts: Some(DeviceFacts {
-            triple: "x86_64-unknown-linux-gnu".into(),
-            cpu_features: Vec::new(),
-            kilnd: "0".into(),
-            wasmer: "0".into(),
-            kiln_abi: 1,
             groups: groups.iter().map(|g| g.to_string()).collect(),
-            boot_id: 1,
+            ..like.clone()
         }),
         trust: None,
     })
+}
+
+/// The facts `device` says of itself in its retained status.
+fn facts_of(broker: &Broker, device: &str) -> DeviceFacts {
+    let topic = topics().status(device);
+    let (s, _) = Status::open(&topic, &retained(&broker.url(), &topic)[&topic]).unwrap();
+    s.facts.unwrap()
 }
 
 fn report(serial: u64) -> Reported {
@@ -71,6 +73,7 @@ fn forged_and_absurd_reports_move_no_serial_kiln_signs() {
         .kiln(&["enroll", "dev-01", "--sign", "fleet.key"])
         .ok("enroll");
     let t = topics();
+    let like = facts_of(&broker, "dev-01");
     // The audit's reproduction: an unsigned report of 2^64 - 2 from a device nobody
     // enrolled, and one signed by a key nobody enrolled, each with a status in `lab`.
     let stranger = SecretKey::generate().unwrap();
@@ -81,7 +84,7 @@ fn forged_and_absurd_reports_move_no_serial_kiln_signs() {
     broker.publish_retained(
         &t.status("mallory"),
         seal_report(
-            &status("mallory", &["lab"]),
+            &status("mallory", &["lab"], &like),
             &t.status("mallory"),
             &stranger,
         ),
@@ -106,7 +109,11 @@ fn forged_and_absurd_reports_move_no_serial_kiln_signs() {
         .ok("enroll dev-02");
     broker.publish_retained(
         &t.status("dev-02"),
-        seal_report(&status("dev-02", &["lab"]), &t.status("dev-02"), &dev02),
+        seal_report(
+            &status("dev-02", &["lab"], &like),
+            &t.status("dev-02"),
+            &dev02,
+        ),
     );
     broker.publish_retained(
         &t.reported("dev-02"),

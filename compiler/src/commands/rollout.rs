@@ -187,7 +187,9 @@ impl RolloutCommand {
         valid_name(Kind::Group, &group)?;
         let mut session = self.release.broker.connect().map_err(unavailable)?;
         let scope = Scope::Group(group.clone());
-        let seen = crate::commands::push::seen(&mut session, &self.release.broker.topics())?;
+        let topics = self.release.broker.topics();
+        let registry = self.release.registry(&mut session, &topics)?;
+        let seen = crate::commands::push::seen(&mut session, &topics, registry.as_ref())?;
         if let Some(r) = preflight::scope_refusal(&scope, &seen) {
             return Err(coded(r.code(), anyhow!("not started: {r}")));
         }
