@@ -26,6 +26,7 @@ pub struct BrokerArgs {
     /// PEM client certificate, for brokers that require one (with --client-key)
     #[arg(long, value_name = "FILE")]
     pub client_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --client-cert
     #[arg(long, value_name = "FILE")]
     pub client_key: Option<std::path::PathBuf>,
     /// User name for the broker; the password comes from --password-file or the

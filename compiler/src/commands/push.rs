@@ -34,6 +34,14 @@ version the targeted devices report running (--no-delta: none; --wire raw: the b
 as they are). Then the signed desired state for the device or group is updated (other
 modules in it are kept). Devices that are offline converge when they come back.
 
+Before anything is uploaded, push refuses what the devices would refuse, naming the
+device and the reason: a device or group no device has been seen in (exit 68), an
+artifact for another target, a version below what a device runs, --fuel-per-call on
+an unmetered artifact, a module that is neither a WASI command nor a reactor (78).
+--force publishes anyway where the operator may know better (a device not started
+yet, another target); --allow-downgrade makes a lower version one devices take.
+The result goes to stdout (--json: one object); progress to stderr.
+
 To sign apart from publishing (the release key never meets the broker's credentials),
 a signer builds the release with `kiln release`, the publisher uploads it and writes
 the state with --unsigned, each signer adds a signature with `kiln sign`, and the
@@ -46,6 +54,9 @@ Examples:
   kiln push app.kilnrel --group lab --sign fleet.key            # from `kiln release`
   kiln push app.kiln --group lab --sign fleet.key --broker mqtt://broker.lan:1883 --config app.conf
   kiln push app.kiln --device dev-01 --sign fleet.key --allow-downgrade   # roll back on purpose
+  kiln push app.kiln --group lab --sign fleet.key --dry-run     # the state it would publish
+  kiln push app.kiln --group lab --sign fleet.key --wait --json # each device's outcome
+  kiln push app.kiln --device dev-09 --sign fleet.key --force   # a device not started yet
   kiln release app.wasm --target aarch64-linux --sign release.key -o app.kilnrel   # signer
   kiln push app.kilnrel --group lab --unsigned lab.kilnstate                       # publisher
   kiln sign lab.kilnstate --key release.key                                        # signer(s)

@@ -32,8 +32,10 @@ Examples:
 #[derive(Parser, Debug)]
 #[command(after_help = AFTER_HELP)]
 pub struct RefreshCommand {
+    /// The device whose own desired state to re-sign
     #[arg(long, conflicts_with_all = ["group", "all"])]
     pub device: Option<String>,
+    /// The group whose desired state to re-sign
     #[arg(long, conflicts_with = "all")]
     pub group: Option<String>,
     /// Every desired state the broker retains

@@ -101,9 +101,10 @@ pub struct RolloutCommand {
 pub enum Control {
     /// Show a group's rollout, or one line for every group's
     #[command(
-        after_help = "Examples:\n  kiln rollout status                  # one line per group\n  kiln rollout status --group lab      # waves, outcomes, failures, history"
+        after_help = "Examples:\n  kiln rollout status                  # one line per group\n  kiln rollout status --group lab      # waves, outcomes, failures, history\n  kiln rollout status --json | jq .phase"
     )]
     Status {
+        /// The group whose rollout to show in full [default: one line per group]
         #[arg(long)]
         group: Option<String>,
         /// One JSON object per rollout, one per line (see the JSON shapes in the book)
@@ -144,6 +145,7 @@ pub struct ResumeArgs {
 
 #[derive(Args, Debug)]
 pub struct ControlArgs {
+    /// The group whose rollout to drive
     #[arg(long)]
     pub group: String,
     #[command(flatten)]

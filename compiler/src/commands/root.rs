@@ -76,21 +76,25 @@ pub struct Rotate {
     /// The release role's public keys from now on (repeatable; default: unchanged)
     #[arg(long, value_name = "PUB")]
     pub release_key: Vec<PathBuf>,
+    /// How many release keys must sign a desired state (default: unchanged)
     #[arg(long, value_name = "K")]
     pub release_threshold: Option<u32>,
     /// The root role's public keys from now on (repeatable; default: unchanged)
     #[arg(long, value_name = "PUB")]
     pub root_key: Vec<PathBuf>,
+    /// How many root keys must sign the next root document (default: unchanged)
     #[arg(long, value_name = "K")]
     pub root_threshold: Option<u32>,
     /// A registry role (signs enrolled device keys) from now on (repeatable)
     #[arg(long, value_name = "PUB", conflicts_with = "no_registry")]
     pub registry_key: Vec<PathBuf>,
+    /// How many registry keys must sign the registry (default: unchanged)
     #[arg(long, value_name = "K")]
     pub registry_threshold: Option<u32>,
     /// Drop the registry role: the release keys sign the registry again
     #[arg(long)]
     pub no_registry: bool,
+    /// Where to write the new root document [default: over --root]
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
     /// How long the root document is valid: devices and kiln say `stale` after it, so
