@@ -605,10 +605,7 @@ fn zygote_of(serve: u32) -> Option<u32> {
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid: u32 = e.file_name().to_str()?.parse().ok()?;
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let last = cmdline
-            .split(|b| *b == 0)
-            .filter(|a| !a.is_empty())
-            .last()?;
+        let last = cmdline.split(|b| *b == 0).rfind(|a| !a.is_empty())?;
         (parent_of(pid) == Some(serve) && last == b"zygote").then_some(pid)
     })
 }

@@ -399,19 +399,26 @@ pub enum SignedRoot {
 }
 
 /// The root, its body, its signatures and the context they are over.
-fn decode_root(bytes: &[u8]) -> Result<(Root, Vec<u8>, Vec<Sig>, &'static [u8]), String> {
-    match postcard::from_bytes(bytes).map_err(|e| format!("malformed root document: {e}"))? {
-        SignedRoot::V1 { body, signatures } => {
-            let root: RootV1 = postcard::from_bytes(&body)
-                .map_err(|e| format!("malformed root document body: {e}"))?;
-            Ok((root.into(), body, signatures, ROOT_CONTEXT))
-        }
-        SignedRoot::V2 { body, signatures } => {
-            let root: Root = postcard::from_bytes(&body)
-                .map_err(|e| format!("malformed root document body: {e}"))?;
-            Ok((root, body, signatures, ROOT_V2_CONTEXT))
-        }
-    }
+fn decode_root(bytes: &[u8]) -> Result<Opened, String> {
+    let (root, body, signatures, context) =
+        match postcard::from_bytes(bytes).map_err(|e| format!("malformed root document: {e}"))? {
+            SignedRoot::V1 { body, signatures } => {
+                let root: RootV1 = postcard::from_bytes(&body)
+                    .map_err(|e| format!("malformed root document body: {e}"))?;
+                (root.into(), body, signatures, ROOT_CONTEXT)
+            }
+            SignedRoot::V2 { body, signatures } => {
+                let root: Root = postcard::from_bytes(&body)
+                    .map_err(|e| format!("malformed root document body: {e}"))?;
+                (root, body, signatures, ROOT_V2_CONTEXT)
+            }
+        };
+    Ok(Opened {
+        root,
+        body,
+        signatures,
+        context,
+    })
 }
 
 /// The parts of a root document, its own signatures checked.
@@ -429,7 +436,12 @@ fn open_self(bytes: &[u8]) -> Result<Opened, String> {
             bytes.len()
         ));
     }
-    let (root, body, signatures, context) = decode_root(bytes)?;
+    let Opened {
+        root,
+        body,
+        signatures,
+        context,
+    } = decode_root(bytes)?;
     root.check()
         .map_err(|e| format!("root v{} is invalid: {e}", root.version))?;
     root.root.verify(
@@ -495,7 +507,7 @@ impl SignedRoot {
                 bytes.len()
             ));
         }
-        decode_root(bytes).map(|(root, ..)| root)
+        decode_root(bytes).map(|o| o.root)
     }
 }
 

@@ -469,6 +469,56 @@ fn host_name() -> Result<String, String> {
     Ok(name.trim().to_string())
 }
 
+/// What `kilnd check` and `kilnd serve` both refuse, beyond what [`Config::load`]
+/// parses: the broker's TLS material as the link will use it (a CA that is not a
+/// certificate, `mqtts://` without one), each module's `dirs` (a host directory that
+/// does not exist), and the worker launcher's program. One function, so whatever
+/// `check` passes, `serve` accepts; `serve` fails at once instead of retrying forever
+/// or failing a module for good.
+pub fn validate(config: &Config, plans: &[ModulePlan]) -> Result<(), String> {
+    if let Some(mqtt) = &config.mqtt {
+        mqtt.connect()
+            .options("kilnd-check", std::time::Duration::from_secs(30))
+            .map_err(|e| format!("[mqtt]: {e}"))?;
+    }
+    for plan in plans {
+        for dir in &plan.dirs {
+            match std::fs::metadata(&dir.host) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(format!(
+                        "module `{}`: dirs: `{}` is not a directory",
+                        plan.name,
+                        dir.host.display()
+                    ))
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "module `{}`: dirs: `{}`: {e}",
+                        plan.name,
+                        dir.host.display()
+                    ))
+                }
+            }
+        }
+    }
+    if let Some(program) = config.worker_launcher.first() {
+        let found = if program.contains('/') {
+            std::path::Path::new(program).is_file()
+        } else {
+            std::env::var_os("PATH").is_some_and(|paths| {
+                std::env::split_paths(&paths).any(|p| p.join(program).is_file())
+            })
+        };
+        if !found {
+            return Err(format!(
+                "worker_launcher: `{program}` is not a file, nor found on PATH"
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -662,54 +712,4 @@ restart = { backoff_ms = 100, max_crashes = 3 }
         // Without `device`, a device is known by its host name.
         assert_eq!(config.device, Some(host_name().unwrap()));
     }
-}
-
-/// What `kilnd check` and `kilnd serve` both refuse, beyond what [`Config::load`]
-/// parses: the broker's TLS material as the link will use it (a CA that is not a
-/// certificate, `mqtts://` without one), each module's `dirs` (a host directory that
-/// does not exist), and the worker launcher's program. One function, so whatever
-/// `check` passes, `serve` accepts; `serve` fails at once instead of retrying forever
-/// or failing a module for good.
-pub fn validate(config: &Config, plans: &[ModulePlan]) -> Result<(), String> {
-    if let Some(mqtt) = &config.mqtt {
-        mqtt.connect()
-            .options("kilnd-check", std::time::Duration::from_secs(30))
-            .map_err(|e| format!("[mqtt]: {e}"))?;
-    }
-    for plan in plans {
-        for dir in &plan.dirs {
-            match std::fs::metadata(&dir.host) {
-                Ok(m) if m.is_dir() => {}
-                Ok(_) => {
-                    return Err(format!(
-                        "module `{}`: dirs: `{}` is not a directory",
-                        plan.name,
-                        dir.host.display()
-                    ))
-                }
-                Err(e) => {
-                    return Err(format!(
-                        "module `{}`: dirs: `{}`: {e}",
-                        plan.name,
-                        dir.host.display()
-                    ))
-                }
-            }
-        }
-    }
-    if let Some(program) = config.worker_launcher.first() {
-        let found = if program.contains('/') {
-            std::path::Path::new(program).is_file()
-        } else {
-            std::env::var_os("PATH").is_some_and(|paths| {
-                std::env::split_paths(&paths).any(|p| p.join(program).is_file())
-            })
-        };
-        if !found {
-            return Err(format!(
-                "worker_launcher: `{program}` is not a file, nor found on PATH"
-            ));
-        }
-    }
-    Ok(())
 }

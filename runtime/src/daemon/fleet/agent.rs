@@ -1542,7 +1542,7 @@ impl Agent {
                         Some(format!("failed, not restarted: {reason}"))
                     }
                     Some(Run::Exited { code })
-                        if c.is_some() && self.trials.get(name).is_none() =>
+                        if c.is_some() && !self.trials.contains_key(name) =>
                     {
                         Some(format!("exited with code {code}"))
                     }
