@@ -315,9 +315,11 @@ fn main() {
     assert!(rolled.code == 0, "rollout v2 failed:\n{}", rolled.stderr);
     std::thread::sleep(Duration::from_millis(2500));
     let s2 = sys_counters(broker.port);
+    // The plan line is the command's result: on stdout (stderr before issue 30).
     let waves = rolled
-        .stderr
+        .stdout
         .lines()
+        .chain(rolled.stderr.lines())
         .find(|l| l.contains(" waves ("))
         .map(|l| {
             l.rsplit('(')
