@@ -222,6 +222,11 @@ pub struct Trust {
 
 /// Root documents that arrived before the ones they follow, kept until those do.
 const MAX_PENDING_ROOTS: usize = 16;
+/// The longest health window a desired state may ask for (a day); longer is refused
+/// at admission, and the deadline arithmetic never wraps.
+pub const MAX_HEALTH_WINDOW_MS: u64 = 24 * 3600 * 1000;
+/// Candidates kept per pending version.
+const MAX_ROOT_CANDIDATES: usize = 4;
 
 impl Default for Settings {
     fn default() -> Self {
@@ -274,7 +279,9 @@ pub struct Agent {
     /// again when a newer root arrives (it may be signed by a rotated-in key).
     unverified: BTreeMap<String, Vec<u8>>,
     /// Root documents newer than the next one, by version.
-    pending_roots: BTreeMap<u64, Vec<u8>>,
+    /// Several per version (a forged root n+2 must not displace the genuine one),
+    /// each checked when its version is next.
+    pending_roots: BTreeMap<u64, Vec<Vec<u8>>>,
     /// When this run started, and why the device thinks its states are stale.
     started_ms: u64,
     stale: Option<String>,
@@ -491,27 +498,46 @@ impl Agent {
         if payload.len() > MAX_ROOT || version <= current {
             return;
         }
-        self.pending_roots.insert(version, payload.to_vec());
+        let candidates = self.pending_roots.entry(version).or_default();
+        if !candidates.iter().any(|c| c.as_slice() == payload) {
+            candidates.push(payload.to_vec());
+            if candidates.len() > MAX_ROOT_CANDIDATES {
+                candidates.remove(0);
+            }
+        }
         while self.pending_roots.len() > MAX_PENDING_ROOTS {
             self.pending_roots.pop_last();
         }
         let mut taken = false;
-        while let Some(bytes) = self
+        while let Some(candidates) = self
             .pending_roots
             .remove(&self.trust.chain.root().version.saturating_add(1))
         {
-            match self.trust.chain.advance(&bytes) {
-                Ok(root) => {
-                    let reason = root.describe();
-                    taken = true;
-                    // Each one kept: the next start chains through all of them.
-                    self.out.push(Effect::Trust(bytes.clone()));
-                    self.event("*", 0, EventKind::Trusted { reason });
+            // The first candidate that chains is the root; the others are refused.
+            let mut refused = Vec::new();
+            let mut advanced = false;
+            for bytes in candidates {
+                if advanced {
+                    break;
                 }
-                Err(why) => {
-                    let reason = format!("root document refused: {why}");
-                    self.event("*", 0, EventKind::Rejected { reason });
+                match self.trust.chain.advance(&bytes) {
+                    Ok(root) => {
+                        let reason = root.describe();
+                        advanced = true;
+                        taken = true;
+                        // Each one kept: the next start chains through all of them.
+                        self.out.push(Effect::Trust(bytes.clone()));
+                        self.event("*", 0, EventKind::Trusted { reason });
+                    }
+                    Err(why) => refused.push(why),
                 }
+            }
+            for why in refused {
+                let reason = format!("root document refused: {why}");
+                self.event("*", 0, EventKind::Rejected { reason });
+            }
+            if !advanced {
+                break;
             }
         }
         let current = self.trust.chain.root().version;
@@ -727,6 +753,12 @@ impl Agent {
         let mut seen = BTreeSet::new();
         for m in &desired.modules {
             names::check(Kind::Module, &m.name)?;
+            if m.health_window_ms > MAX_HEALTH_WINDOW_MS {
+                return Err(format!(
+                    "module `{}`: health window of {} ms (limit {MAX_HEALTH_WINDOW_MS})",
+                    m.name, m.health_window_ms
+                ));
+            }
             if !seen.insert(&m.name) {
                 return Err(format!("desired state names module `{}` twice", m.name));
             }
@@ -1223,9 +1255,11 @@ impl Agent {
                     Trial {
                         sha256: sha,
                         version: d.version,
-                        deadline_ms: self.now_ms + self.settings.start_timeout_ms,
+                        deadline_ms: self.now_ms.saturating_add(self.settings.start_timeout_ms),
                         started: false,
-                        health_ms: d.health_window_ms.max(self.settings.min_health_ms),
+                        health_ms: d
+                            .health_window_ms
+                            .clamp(self.settings.min_health_ms, MAX_HEALTH_WINDOW_MS),
                     },
                 );
                 self.run_plans();
@@ -1267,7 +1301,7 @@ impl Agent {
             Outcome::Started { version } if version == trial.version && !trial.started => {
                 // The health window starts now that it runs.
                 trial.started = true;
-                trial.deadline_ms = now + trial.health_ms;
+                trial.deadline_ms = now.saturating_add(trial.health_ms);
             }
             Outcome::Started { .. } => {}
             // A command that ran and exited 0 did what it is for: healthy.

@@ -1470,3 +1470,43 @@ fn a_command_that_exits_0_in_its_trial_is_healthy_and_a_failed_first_version_is_
         fresh.events
     );
 }
+
+#[test]
+fn a_forged_later_root_does_not_displace_the_genuine_one_and_windows_are_bounded() {
+    let mut w = World::new();
+    let (r2_key, r3_key) = (
+        SecretKey::generate().unwrap(),
+        SecretKey::generate().unwrap(),
+    );
+    let (_, v2) = rotated(&w, 2, &r2_key);
+    // Root v3 arrives before v2: the genuine one, then a forged v3 on another topic.
+    let (root3, v3) = {
+        let root = Root {
+            version: 3,
+            release: Role::new(&[r3_key.public()], 1),
+            ..w.root.clone()
+        };
+        let bytes = root.sign(&[&w.root_key]).unwrap();
+        (root, bytes)
+    };
+    let rogue = SecretKey::generate().unwrap();
+    let forged = Root {
+        version: 3,
+        root: Role::new(&[rogue.public()], 1),
+        release: Role::new(&[rogue.public()], 1),
+        ..w.root.clone()
+    }
+    .sign(&[&rogue])
+    .unwrap();
+    w.deliver(w.topics.root(3), v3);
+    w.deliver(format!("{}/roots/x", "kiln/v1"), forged);
+    w.deliver(w.topics.root(2), v2);
+    assert!(saw(&w, "trusts fleet acme root v3"), "{:#?}", w.events);
+    w.root = root3;
+    // A health window past the bound is refused, not left to wrap a deadline.
+    let mut huge = w.artifact("app", 1, Kind::Good, 1024);
+    huge.health_window_ms = u64::MAX;
+    w.key = r3_key;
+    deliver_only(&mut w, huge);
+    assert!(saw(&w, "health window of"), "{:#?}", w.events);
+}
