@@ -70,7 +70,7 @@ fn spawn_kiln(fleet: &Fleet, args: &[&str]) -> Child {
         .args(args)
         .args(["--broker", &fleet.broker])
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
@@ -249,12 +249,12 @@ fn hundred_devices_take_a_push_and_growing_waves(fleet: &Fleet) {
     });
     let run = rollout(fleet, 2, &["--waves", "1,10", "--wave-size", "40"]).ok("rollout v2");
     assert!(
-        run.stderr
+        run.stdout
             .contains("100 devices in 5 waves (1, 10, 40, 40, 9)"),
         "{run}"
     );
     assert!(
-        run.stderr
+        run.stdout
             .contains("rollout complete: 100 devices run app v2"),
         "{run}"
     );
@@ -344,7 +344,9 @@ fn a_rollout_outlives_its_driver_and_a_broker_restart() {
     let deadline = Instant::now() + Duration::from_secs(120);
     let out = loop {
         if let Some(status) = resumed.try_wait().unwrap() {
+            // The result on stdout, the reconnection on stderr.
             let mut err = String::new();
+            std::io::Read::read_to_string(resumed.stdout.as_mut().unwrap(), &mut err).unwrap();
             std::io::Read::read_to_string(resumed.stderr.as_mut().unwrap(), &mut err).unwrap();
             break (status, err);
         }

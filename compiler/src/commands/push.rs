@@ -1015,7 +1015,7 @@ impl PushCommand {
             return Err(coded(
                 Code::Refused,
                 anyhow!(
-                    "desired state serial {serial} of {target} refused or failed by {}",
+                    "desired state serial {serial} of {target} refused by {}",
                     refused.join("; ")
                 ),
             ));
