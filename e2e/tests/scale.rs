@@ -200,7 +200,9 @@ fn a_hundred_devices_take_growing_waves_and_the_policy_halts_pauses_aborts_and_r
     assert_eq!(halted.code, Some(1), "{halted}");
     assert!(
         halted.stderr.contains("devices failed (allowed: 5%)")
-            && halted.stderr.contains("rolled back: simulated crash"),
+            && halted
+                .stderr
+                .contains("rolled back: crashed during its health window: simulated crash"),
         "{halted}"
     );
     let s = status(&fleet);

@@ -1555,6 +1555,16 @@ impl Agent {
                 let (version, sha256, state) = match (self.trials.get(name), c) {
                     (Some(t), _) => (t.version, t.sha256, ModuleState::Updating),
                     (None, Some(c)) => (c.version, c.sha256, running),
+                    // Desired, never committed, its first version on its way: updating.
+                    (None, None) if self.downloads.values().any(|d| d.module.name == *name) => {
+                        let d = self
+                            .downloads
+                            .values()
+                            .find(|d| d.module.name == *name)
+                            .map(|d| (d.module.version, d.target.sha256))
+                            .unwrap_or((0, [0; 32]));
+                        (d.0, d.1, ModuleState::Updating)
+                    }
                     // Desired but never committed: its first version failed; say which.
                     (None, None) if r.source.is_some() => {
                         let (v, sha) = self.tried.get(name).copied().unwrap_or((0, [0; 32]));

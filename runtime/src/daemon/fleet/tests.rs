@@ -771,10 +771,11 @@ impl World {
                         let c = r.committed.as_ref().expect("running means committed");
                         assert_eq!((c.version, c.sha256), (m.version, m.sha256));
                     }
-                    ModuleState::Updating => {
-                        let s = r.staged.as_ref().expect("updating means staged");
-                        assert_eq!(s.sha256, m.sha256);
-                    }
+                    // On trial (staged), or a first version still downloading.
+                    ModuleState::Updating => match r.staged.as_ref() {
+                        Some(s) => assert_eq!(s.sha256, m.sha256),
+                        None => assert!(r.committed.is_none(), "updating, not staged"),
+                    },
                     // Never committed (its first version rolled back: the version it
                     // tried is named), or committed and given up on.
                     ModuleState::Failed => match r.committed.as_ref() {
