@@ -6,6 +6,7 @@
 mod confine;
 mod conformance;
 mod dashboard;
+mod first_hour;
 mod fleet;
 mod headless;
 mod lean;
