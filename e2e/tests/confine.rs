@@ -37,7 +37,10 @@ fn device_files(dir: &Path) {
 
 #[test]
 fn a_confined_worker_reaches_no_file_socket_or_process_of_kilnd() {
-    for target in ["x86_64-linux"] {
+    // aarch64 under qemu-user: only the layers the emulator passes to the kernel
+    // (namespaces, prctl, rlimits) are on there (docs/src/confinement.md); each
+    // attempt is held to the layers the worker reports on.
+    for target in ["x86_64-linux", "aarch64-linux"] {
         let device = Device::new(target);
         let dir = tempfile::tempdir().unwrap();
         device_files(dir.path());
@@ -100,14 +103,19 @@ fn a_confined_worker_reaches_no_file_socket_or_process_of_kilnd() {
                 assert!(on(layer), "{target}: {layer} is off: {confined}");
             }
         }
-        // Nothing of the device changed, and nobody connected.
+        // Nothing of the device changed, and nobody connected, where a layer that
+        // stops it was on.
         let data = dir.path().join("data");
-        assert_eq!(
-            std::fs::read(data.join("modules/m/a.kiln")).unwrap(),
-            b"slot a"
-        );
-        assert!(!data.join("root").exists(), "{target}: root planted");
-        assert!(listener.accept().is_err(), "{target}: a worker connected");
+        if on("landlock") {
+            assert_eq!(
+                std::fs::read(data.join("modules/m/a.kiln")).unwrap(),
+                b"slot a"
+            );
+            assert!(!data.join("root").exists(), "{target}: root planted");
+        }
+        if ["seccomp", "namespaces", "landlock"].iter().any(|l| on(l)) {
+            assert!(listener.accept().is_err(), "{target}: a worker connected");
+        }
         // And the module itself runs as before, confined.
         assert!(
             of(&records, "m", "stopped").is_empty(),

@@ -239,7 +239,8 @@ fn bad_releases_and_transfers_are_refused_and_the_running_version_untouched() {
     // A release whose artifact for this target is signed by a key it does not trust.
     let rogue = shared().dir.path().join("rogue.key");
     if !rogue.exists() {
-        KeygenCommand::try_parse_from(["keygen", "-o", path_str(&rogue)])
+        // A key of no fleet: the shared fleet's root is in that directory.
+        KeygenCommand::try_parse_from(["keygen", "-o", path_str(&rogue), "--no-root"])
             .unwrap()
             .execute()
             .unwrap();
