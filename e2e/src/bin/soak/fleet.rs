@@ -78,10 +78,12 @@ impl Artifacts {
     pub fn new(dir: &Path) -> Result<Self> {
         use clap::Parser;
         use kiln_compiler::commands::keygen::KeygenCommand;
-        for name in ["fleet.key", "rogue.key"] {
-            let key = dir.join(name);
-            KeygenCommand::try_parse_from(["keygen", "-o", path_str(&key)])?.execute()?;
-        }
+        KeygenCommand::try_parse_from(["keygen", "-o", path_str(&dir.join("fleet.key"))])?
+            .execute()?;
+        // A key of no fleet (keygen refuses a second root beside the fleet's).
+        let rogue = dir.join("rogue.key");
+        KeygenCommand::try_parse_from(["keygen", "-o", path_str(&rogue), "--no-root"])?
+            .execute()?;
         Ok(Self {
             dir: dir.into(),
             cache: HashMap::new(),
