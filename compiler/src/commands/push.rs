@@ -640,20 +640,45 @@ fn online_targets(session: &mut Session, topics: &Topics, scope: &Scope) -> Resu
         .collect())
 }
 
-/// Feeds the devices' answers to `confirmation` until all have answered or `limit`
-/// has passed. A message signed by another key than the device's enrolled one is
-/// forged (or from a re-provisioned device) and never counts; the devices whose
-/// answers could not be verified are returned.
-fn await_confirmation(
+/// What waits on devices' answers: a confirmation of a state, or `--wait`'s convergence.
+trait Answers {
+    fn done(&self) -> bool;
+    fn heard(&mut self, device: &str, message: Answer);
+}
+
+impl Answers for Confirmation {
+    fn done(&self) -> bool {
+        Confirmation::done(self)
+    }
+    fn heard(&mut self, device: &str, message: Answer) {
+        Confirmation::heard(self, device, message)
+    }
+}
+
+impl Answers for Convergence {
+    fn done(&self) -> bool {
+        Convergence::done(self)
+    }
+    fn heard(&mut self, device: &str, message: Answer) {
+        Convergence::heard(self, device, message)
+    }
+}
+
+/// Feeds the devices' answers to `answers` until all have answered or `limit` has
+/// passed. A message signed by another key than the device's enrolled one is forged
+/// (or from a re-provisioned device) and never counts (said on stderr where `warn`);
+/// the devices whose answers could not be verified are returned.
+fn await_answers(
     session: &mut Session,
     topics: &Topics,
     registry: &Registry,
-    confirmation: &mut Confirmation,
+    answers: &mut impl Answers,
     limit: Duration,
+    warn: bool,
 ) -> Result<BTreeSet<String>> {
     let deadline = Instant::now() + limit;
     let mut unverified = BTreeSet::new();
-    while !confirmation.done() {
+    while !answers.done() {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             break;
@@ -668,7 +693,9 @@ fn await_confirmation(
             Ok(Some(h)) => h,
             Ok(None) => continue,
             Err(skipped) => {
-                eprintln!("warning: skipped {skipped}");
+                if warn {
+                    eprintln!("warning: skipped {skipped}");
+                }
                 continue;
             }
         };
@@ -676,10 +703,12 @@ fn await_confirmation(
         match &heard.identity {
             Identity::Verified => {}
             Identity::Mismatch(key) => {
-                eprintln!(
-                    "warning: a message for {device} is signed by key {}, not its enrolled key: ignored",
-                    key.id()
-                );
+                if warn {
+                    eprintln!(
+                        "warning: a message for {device} is signed by key {}, not its enrolled key: ignored",
+                        key.id()
+                    );
+                }
                 continue;
             }
             Identity::Unenrolled(_) | Identity::Unsigned => {
@@ -691,7 +720,7 @@ fn await_confirmation(
             Body::Event(e) => Answer::Event(e),
             Body::Status(_) => continue,
         };
-        confirmation.heard(&heard.device, answer);
+        answers.heard(&heard.device, answer);
     }
     Ok(unverified)
 }
@@ -891,12 +920,13 @@ impl PushCommand {
         let mut confirmation = Confirmation::new(serial, online.clone());
         let confirm_for =
             Duration::from_secs(self.confirm_timeout_s.max(u64::from(self.wait) * 30));
-        let mut waited = await_confirmation(
+        let mut waited = await_answers(
             &mut session,
             topics,
             registry,
             &mut confirmation,
             confirm_for,
+            true,
         );
         // --wait: each device that took the state, until it runs the version or fails.
         let mut convergence = Convergence::new(
@@ -905,12 +935,13 @@ impl PushCommand {
             confirmation.confirmed.iter().cloned(),
         );
         if self.wait && waited.is_ok() && !what.module.is_empty() {
-            waited = await_convergence(
+            waited = await_answers(
                 &mut session,
                 topics,
                 registry,
                 &mut convergence,
                 Duration::from_millis(self.wait_timeout),
+                false,
             )
             .map(|more| {
                 let mut all = waited.unwrap_or_default();
@@ -1226,48 +1257,6 @@ impl Convergence {
             .get(device)
             .map(|o| o.as_ref().map(|_| ()).map_err(String::as_str))
     }
-}
-
-/// [`await_confirmation`] for [`Convergence`].
-fn await_convergence(
-    session: &mut Session,
-    topics: &Topics,
-    registry: &Registry,
-    convergence: &mut Convergence,
-    limit: Duration,
-) -> Result<BTreeSet<String>> {
-    let deadline = Instant::now() + limit;
-    let mut unverified = BTreeSet::new();
-    while !convergence.done() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        let Some((topic, payload)) = session
-            .next_message(left)
-            .map_err(|e| coded(Code::Unavailable, e))?
-        else {
-            continue;
-        };
-        let heard = match Reader::new(topics, registry).open(&topic, &payload) {
-            Ok(Some(h)) => h,
-            Ok(None) | Err(_) => continue,
-        };
-        match &heard.identity {
-            Identity::Verified => {}
-            Identity::Mismatch(_) => continue,
-            Identity::Unenrolled(_) | Identity::Unsigned => {
-                unverified.insert(heard.device.clone());
-            }
-        }
-        let answer = match heard.body {
-            Body::Reported(r) => Answer::Reported(r),
-            Body::Event(e) => Answer::Event(e),
-            Body::Status(_) => continue,
-        };
-        convergence.heard(&heard.device, answer);
-    }
-    Ok(unverified)
 }
 
 /// `--unsigned FILE`: the state for `kiln sign`, with what it holds on stderr.
