@@ -12,6 +12,15 @@ use kiln_protocol::keys::{PublicKey, SecretKey};
 /// is not a file (a directory, a FIFO) is named as such, a public key or a root
 /// document given where a secret key belongs is named as such, and only a real secret
 /// key file that others can read is told to `chmod 600`.
+/// Every key file of `paths` (`--sign`, repeatable), an unusable one failing with the
+/// key exit code.
+pub fn read_secrets(paths: &[std::path::PathBuf]) -> Result<Vec<SecretKey>> {
+    paths
+        .iter()
+        .map(|p| read_secret(p).map_err(|e| crate::exit::coded(crate::exit::Code::Key, e)))
+        .collect()
+}
+
 pub fn read_secret(path: &Path) -> Result<SecretKey> {
     let file = path.display();
     let meta = fs::metadata(path).with_context(|| format!("cannot read signing key `{file}`"))?;

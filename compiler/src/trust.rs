@@ -353,11 +353,7 @@ impl SigningArgs {
     /// The fleet's roots (the anchor followed along the broker's), the release keys at
     /// hand, and how long a state is valid. A root newer than the broker's is published.
     pub fn signing(&self, session: &mut Session, topics: &Topics) -> Result<Signing> {
-        let keys = self
-            .sign
-            .iter()
-            .map(|p| crate::keyfile::read_secret(p).map_err(|e| coded(Code::Key, e)))
-            .collect::<Result<Vec<_>>>()?;
+        let keys = crate::keyfile::read_secrets(&self.sign)?;
         let anchor = self.root.anchor(self.sign.first().map(PathBuf::as_path))?;
         let fleet = Fleet::follow(session, topics, anchor)?;
         refuse_root_keys(&fleet, &self.sign, &keys)?;

@@ -53,11 +53,7 @@ impl DecommissionCommand {
     pub fn execute(self) -> Result<()> {
         valid_name(Kind::Device, &self.device)?;
         let device = self.device.as_str();
-        let keys = self
-            .sign
-            .iter()
-            .map(|p| keyfile::read_secret(p).map_err(|e| coded(Code::Key, e)))
-            .collect::<Result<Vec<_>>>()?;
+        let keys = keyfile::read_secrets(&self.sign)?;
         let topics = self.broker.topics();
         let unavailable = |e| coded(Code::Unavailable, e);
         let mut session = self.broker.connect().map_err(unavailable)?;

@@ -118,11 +118,7 @@ impl EnrollCommand {
         if self.key.is_some() && (self.devices.len() != 1 || self.group.is_some()) {
             bail!(coded(Code::Usage, anyhow!("--key is for one device")));
         }
-        let keys = self
-            .sign
-            .iter()
-            .map(|p| keyfile::read_secret(p).map_err(|e| coded(Code::Key, e)))
-            .collect::<Result<Vec<_>>>()?;
+        let keys = keyfile::read_secrets(&self.sign)?;
         let topics = self.broker.topics();
         let unavailable = |e| coded(Code::Unavailable, e);
         let mut session = self.broker.connect().map_err(unavailable)?;

@@ -148,11 +148,7 @@ impl Rotate {
             expires_ms: (!self.no_root_expiry)
                 .then(|| now_ms().saturating_add(self.root_expires_in)),
         };
-        let keys = self
-            .sign
-            .iter()
-            .map(|p| keyfile::read_secret(p).map_err(|e| coded(Code::Key, e)))
-            .collect::<Result<Vec<_>>>()?;
+        let keys = keyfile::read_secrets(&self.sign)?;
         let refs: Vec<_> = keys.iter().collect();
         let doc = next
             .sign(&refs)
