@@ -366,6 +366,7 @@ impl SigningArgs {
             valid_ms: self.expires_in,
             adopt: self.adopt,
             replace_untrusted: self.replace_untrusted,
+            registry: std::cell::OnceCell::new(),
         })
     }
 }
@@ -426,9 +427,21 @@ pub struct Signing {
     pub valid_ms: u64,
     pub adopt: bool,
     pub replace_untrusted: bool,
+    /// The registry, read once per command (`refresh --all` prepares a state per
+    /// scope, and each judges its devices' reports against it).
+    registry: std::cell::OnceCell<Registry>,
 }
 
 impl Signing {
+    /// The fleet's registry as [`Fleet::registry_or_empty`] reads it, once.
+    pub fn registry(&self, session: &mut Session, topics: &Topics) -> Result<&Registry> {
+        if self.registry.get().is_none() {
+            let registry = self.fleet.registry_or_empty(session, topics)?;
+            let _ = self.registry.set(registry);
+        }
+        Ok(self.registry.get().expect("set just above"))
+    }
+
     /// The keys a release's artifacts must be signed by: the current release keys.
     pub fn release_keys(&self) -> TrustedKeys {
         self.fleet.root().release.trusted()

@@ -431,7 +431,7 @@ fn device_reports(
     scope: &Scope,
 ) -> Result<Vec<Heard>> {
     let unavailable = |e| coded(Code::Unavailable, e);
-    let registry = signing.fleet.registry_or_empty(session, topics)?;
+    let registry = signing.registry(session, topics)?;
     let mut retained = BTreeMap::new();
     let kinds: &[&str] = match scope {
         Scope::Device(d) => {
@@ -447,7 +447,7 @@ fn device_reports(
                 .map_err(unavailable)?,
         );
     }
-    let (heard, skipped) = Reader::new(topics, &registry).all(&retained);
+    let (heard, skipped) = Reader::new(topics, registry).all(&retained);
     warn_skipped(&skipped, 5);
     Ok(heard)
 }
