@@ -1,37 +1,46 @@
 //! Exit codes of `kiln`. Every failure prints one line; the code says which kind.
+//! The numbers come from the table kiln and kilnd share (`kiln_protocol::exit`).
 
 use std::fmt;
+
+use kiln_protocol::exit::Code as Shared;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Code {
     /// Anything not classified below.
-    Failure = 1,
+    Failure = Shared::Failure as u8,
     /// Bad command line (clap's own code).
-    Usage = 2,
+    Usage = Shared::Usage as u8,
     /// The input is not valid: bad WebAssembly, a tampered or foreign artifact.
-    InvalidInput = 65,
+    InvalidInput = Shared::InvalidInput as u8,
     /// An input file does not exist or cannot be read.
-    NoInput = 66,
+    NoInput = Shared::NoInput as u8,
     /// An output file cannot be written.
-    CannotWrite = 73,
+    CannotWrite = Shared::CannotWrite as u8,
     /// A key is missing, malformed, untrusted or has unsafe permissions.
-    Key = 77,
+    Key = Shared::Key as u8,
     /// The MQTT broker cannot be reached or refused the session.
-    Unavailable = 69,
+    Unavailable = Shared::Unavailable as u8,
     /// A device refused the desired state `kiln push` published.
-    Refused = 76,
+    Refused = Shared::Refused as u8,
     /// `kiln push`/`rollout`/`remove`: no device has been seen with that id, or no
     /// device's status names that group (`--force` publishes anyway).
-    NoSuchScope = 68,
+    NoSuchScope = Shared::NoSuchScope as u8,
     /// `kiln push`/`rollout`: the devices would refuse this update, known before
     /// publishing: an artifact for another target (`--force`), a version below what
     /// they run (`--allow-downgrade`), limits the artifact cannot meet, a module that
     /// is neither a WASI command nor a reactor. Nothing was published.
-    WouldRefuse = 78,
+    WouldRefuse = Shared::WouldRefuse as u8,
     /// Another operator's rollout holds the group (or a rollout is not in a state the
     /// command applies to).
-    Busy = 75,
+    Busy = Shared::Busy as u8,
+}
+
+impl From<Code> for Shared {
+    fn from(code: Code) -> Shared {
+        Shared::from_number(code as u8).unwrap_or(Shared::Failure)
+    }
 }
 
 /// An error that carries the exit code `kiln` ends with.
@@ -70,4 +79,32 @@ pub fn code_of(err: &anyhow::Error) -> Code {
     err.chain()
         .find_map(|e| e.downcast_ref::<Coded>())
         .map_or(Code::Failure, |c| c.code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every code kiln ends with is a kiln row of the shared table.
+    #[test]
+    fn codes_are_the_shared_tables() {
+        use Code::*;
+        for code in [
+            Failure,
+            Usage,
+            InvalidInput,
+            NoInput,
+            CannotWrite,
+            Key,
+            Unavailable,
+            Refused,
+            NoSuchScope,
+            WouldRefuse,
+            Busy,
+        ] {
+            let shared = Shared::from_number(code as u8).expect("in the table");
+            assert_eq!(Shared::from(code), shared);
+            assert!(shared.entry().used_by.kiln(), "{code:?}");
+        }
+    }
 }

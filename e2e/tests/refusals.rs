@@ -60,14 +60,14 @@ fn a_flipped_byte_anywhere_is_refused() {
         (0, 72),
         (8, 74),
         (10, 74),
-        (13, 73),
-        (16, 75),
-        (40, 73),
-        (88, 73),
-        ((88 + manifest_end) / 2, 73),
-        (manifest_end, 73),
-        ((manifest_end + good.len()) / 2, 73),
-        (good.len() - 1, 73),
+        (13, 83),
+        (16, 84),
+        (40, 83),
+        (88, 83),
+        ((88 + manifest_end) / 2, 83),
+        (manifest_end, 83),
+        ((manifest_end + good.len()) / 2, 83),
+        (good.len() - 1, 83),
     ];
     for (at, code) in positions {
         let mut bad = good.clone();
@@ -85,7 +85,7 @@ fn truncated_and_empty_files_are_refused() {
     let manifest_end = header_and_manifest_len(&good);
     for len in [4, 50, manifest_end - 1, manifest_end, good.len() - 1] {
         let path = write(dir.path(), &format!("cut-{len}.kiln"), &good[..len]);
-        refused(&device, &path, 73, &["truncated"]);
+        refused(&device, &path, 83, &["truncated"]);
     }
     let empty = write(dir.path(), "empty.kiln", b"");
     refused(&device, &empty, 72, &["empty.kiln", "file is empty"]);
@@ -124,7 +124,7 @@ fn an_artifact_from_an_untrusted_key_is_refused_naming_the_keys() {
     refused(
         &Device::new("x86_64-linux"),
         &artifact,
-        75,
+        84,
         &["rogue.kiln", "not trusted", &rogue_id],
     );
 }
@@ -149,7 +149,7 @@ fn a_riscv64_artifact_on_aarch64_is_refused_naming_both_targets() {
     refused(
         &Device::new("aarch64-linux"),
         &artifact,
-        76,
+        85,
         &["riscv64gc-unknown-linux-gnu", "aarch64-unknown-linux-gnu"],
     );
 }
@@ -160,7 +160,7 @@ fn an_artifact_needing_a_cpu_feature_the_machine_lacks_is_refused() {
     let artifact = shared().artifact("compute.wat", "x86_64-v3-linux");
     let mut device = Device::new("x86_64-linux");
     device.profile.qemu = vec!["qemu-x86_64".into(), "-cpu".into(), "qemu64".into()];
-    refused(&device, &artifact, 77, &["avx2", "bmi2", "lacks"]);
+    refused(&device, &artifact, 86, &["avx2", "bmi2", "lacks"]);
 }
 
 /// Re-signs a good artifact with a manifest changed by `edit`, as a future kiln might.
@@ -183,13 +183,13 @@ fn another_wasmer_version_or_a_newer_abi_is_refused() {
         "wasmer.kiln",
         &resealed(|m| m.engine.wasmer = "7.5.0".into()),
     );
-    refused(&device, &other, 78, &["wasmer 7.5.0", "7.4.2"]);
+    refused(&device, &other, 87, &["wasmer 7.5.0", "7.4.2"]);
     let abi = write(
         dir.path(),
         "abi.kiln",
         &resealed(|m| m.engine.kiln_abi += 1),
     );
-    refused(&device, &abi, 78, &["kiln ABI 2"]);
+    refused(&device, &abi, 87, &["kiln ABI 2"]);
 }
 
 #[test]
@@ -220,7 +220,7 @@ fn missing_files_and_bad_trust_keys_are_named() {
             path_str(&shared().key()),
         ])
         .assert_refused(
-            75,
+            84,
             &["fleet.key", "expected a public key but found a secret key"],
         );
 }

@@ -201,7 +201,7 @@ fn check_answers_for_a_config_without_running_it() {
         std::fs::write(&config, &bad).unwrap();
         device
             .kilnd(&["check", "--config", path_str(&config)])
-            .assert_refused(76, &[path_str(&foreign)]);
+            .assert_refused(85, &[path_str(&foreign)]);
 
         // A fuel limit on a module compiled without metering is what its worker refuses.
         let own = shared().artifact("fixtures/counter.wat", name);

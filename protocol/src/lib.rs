@@ -19,6 +19,7 @@ pub mod artifact;
 pub mod atomic;
 pub mod compat;
 pub mod dirs;
+pub mod exit;
 pub mod files;
 pub mod fleet;
 pub mod heard;
