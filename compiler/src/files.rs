@@ -18,7 +18,7 @@ pub fn with_extension(dir: &Path, ext: &str) -> Result<Vec<PathBuf>> {
 /// Writes `bytes` to `path` atomically (a temp file in the same directory, renamed)
 /// with mode 0644 whatever the umask: for what is signed, not secret (artifacts,
 /// release files, root documents, desired states), so a service user can read what an
-/// operator wrote. Secret keys go through [`crate::keyfile`] (0600).
+/// operator wrote. Secret keys go through [`crate::fleet::keyfile`] (0600).
 pub fn write_public(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::PermissionsExt;

@@ -1,8 +1,11 @@
 //! `kiln`, the host and fleet tool: compiles WebAssembly into signed native artifacts
 //! for edge devices and inspects them.
 //!
-//! Each subcommand is one file in [`commands`]; tests drive them exactly as a user
-//! would:
+//! Two wings do the work: [`build`] makes artifacts (compiling, targets, release
+//! files, conformance scripts) and [`fleet`] operates the fleet (the broker session,
+//! desired states, releases, trust, rollouts, the one reader of device messages).
+//! Each subcommand is one thin file in [`commands`] that imports the wings and never
+//! another command; tests drive them exactly as a user would:
 //!
 //! ```no_run
 //! use clap::Parser;
@@ -15,16 +18,16 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
-pub mod aot;
-pub mod broker;
+pub mod build;
 pub mod cli;
 pub mod commands;
-pub mod conformance;
 pub mod dashboard;
 pub mod exit;
 pub mod files;
 pub mod fleet;
-pub mod keyfile;
-pub mod release;
-pub mod targets;
-pub mod trust;
+pub mod names;
+pub mod text;
+
+// Paths other crates of the workspace (e2e, the bench, the soak) name.
+pub use build::aot;
+pub use fleet::{broker, keyfile};

@@ -11,9 +11,9 @@ use kiln_protocol::target::wrapped_command;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::conformance::{translate, HostOutcome};
+use crate::build::conformance::{translate, HostOutcome};
+use crate::build::targets::{self, ResolvedTarget};
 use crate::exit::{coded, Code};
-use crate::targets::{self, ResolvedTarget};
 
 const AFTER_HELP: &str = "\
 Every module is compiled and signed for the target; the scripts run inside that

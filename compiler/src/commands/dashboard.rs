@@ -4,11 +4,11 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Result};
 use clap::Parser;
 
-use crate::broker::BrokerArgs;
 use crate::dashboard::model::{Fleet, Limits};
 use crate::dashboard::{http, Shared};
 use crate::exit::{coded, Code};
-use crate::trust::RootArgs;
+use crate::fleet::broker::BrokerArgs;
+use crate::fleet::trust::RootArgs;
 
 const AFTER_HELP: &str = "\
 One page, served by kiln itself (nothing to install, no database): every device with
@@ -73,7 +73,8 @@ impl DashboardCommand {
         let unavailable = |e| coded(Code::Unavailable, e);
         let topics = self.broker.topics();
         let mut session = self.broker.connect().map_err(unavailable)?;
-        let fleet = crate::trust::Fleet::follow(&mut session, &topics, self.root.anchor(None)?)?;
+        let fleet =
+            crate::fleet::trust::Fleet::follow(&mut session, &topics, self.root.anchor(None)?)?;
         let registry = fleet.registry_or_empty(&mut session, &topics)?;
         let limits = Limits {
             points: self.points.into(),

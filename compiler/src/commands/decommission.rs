@@ -5,13 +5,13 @@ use clap::Parser;
 use kiln_protocol::names::Kind;
 use kiln_protocol::trust::Registry;
 
-use crate::broker::BrokerArgs;
 use crate::commands::enroll::remove_from_registry;
-use crate::commands::valid_name;
 use crate::exit::{coded, Code};
+use crate::fleet::broker::BrokerArgs;
+use crate::fleet::keyfile;
 use crate::fleet::messages::Reader;
-use crate::keyfile;
-use crate::trust::{refuse_root_keys, Fleet, RootArgs};
+use crate::fleet::trust::{refuse_root_keys, Fleet, RootArgs};
+use crate::names::valid_name;
 
 const AFTER_HELP: &str = "\
 Clears everything the broker retains for the device (its status, reported state,

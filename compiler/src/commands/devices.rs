@@ -7,10 +7,10 @@ use kiln_protocol::keys::PublicKey;
 use kiln_protocol::trust::Registry;
 use serde_json::json;
 
-use crate::broker::BrokerArgs;
 use crate::exit::{coded, Code};
+use crate::fleet::broker::BrokerArgs;
 use crate::fleet::messages::{warn_skipped, Body, Reader};
-use crate::trust::{Fleet, Identity, RootArgs};
+use crate::fleet::trust::{Fleet, Identity, RootArgs};
 
 const AFTER_HELP: &str = "\
 IDENTITY says whether the device's status and reported state are signed by the key

@@ -5,12 +5,12 @@ use clap::Parser;
 use kiln_protocol::names::Kind;
 use kiln_protocol::trust::SignedRegistry;
 
-use crate::broker::BrokerArgs;
-use crate::commands::valid_name;
 use crate::exit::{coded, Code};
+use crate::fleet::broker::BrokerArgs;
+use crate::fleet::keyfile;
 use crate::fleet::messages::{warn_skipped, Reader};
-use crate::keyfile;
-use crate::trust::{Fleet, Identity, RootArgs};
+use crate::fleet::trust::{Fleet, Identity, RootArgs};
+use crate::names::valid_name;
 
 const AFTER_HELP: &str = "\
 Each device makes its own ed25519 key on first start (identity.key in its data dir)
@@ -62,7 +62,7 @@ pub struct EnrollCommand {
 /// A registry with `devices` removed, signed and published: what `enroll --remove`
 /// and `kiln decommission` share. Returns the new serial and whether any was there.
 pub fn remove_from_registry(
-    session: &mut crate::broker::Session,
+    session: &mut crate::fleet::broker::Session,
     topics: &kiln_protocol::fleet::Topics,
     fleet: &Fleet,
     keys: &[kiln_protocol::keys::SecretKey],
@@ -82,7 +82,7 @@ pub fn remove_from_registry(
 
 /// Signs `registry` under the next serial, checks a device would trust it, publishes it.
 fn publish_registry(
-    session: &mut crate::broker::Session,
+    session: &mut crate::fleet::broker::Session,
     topics: &kiln_protocol::fleet::Topics,
     fleet: &Fleet,
     keys: &[kiln_protocol::keys::SecretKey],

@@ -4,9 +4,9 @@ use anyhow::Result;
 use clap::Parser;
 use kiln_protocol::fleet::{SignedDesired, TargetArtifact, Topics, Upload};
 
-use crate::broker::{now_ms, BrokerArgs, Session};
-use crate::commands::compile::human_size;
 use crate::exit::{coded, Code};
+use crate::fleet::broker::{now_ms, BrokerArgs, Session};
+use crate::text::human_size;
 
 const AFTER_HELP: &str = "\
 An artifact is kept while a device or group desired state references it, or while its

@@ -8,9 +8,9 @@ use kiln_protocol::keys::TrustedKeys;
 use kiln_protocol::manifest::Manifest;
 use serde_json::json;
 
-use super::compile::human_size;
 use crate::exit::{coded, Code};
-use crate::keyfile;
+use crate::fleet::keyfile;
+use crate::text::human_size;
 
 const AFTER_HELP: &str = "\
 With --trust, the exit code is non-zero unless the signature and payload verify.
@@ -48,7 +48,12 @@ impl InspectCommand {
         for path in &self.trust {
             if path.extension().is_some_and(|e| e == "root") {
                 // A root document stands for its release keys, as on a device.
-                keys.extend(crate::trust::read_root(path)?.root().release.public_keys());
+                keys.extend(
+                    crate::fleet::trust::read_root(path)?
+                        .root()
+                        .release
+                        .public_keys(),
+                );
             } else {
                 keys.push(keyfile::read_public(path).map_err(|e| coded(Code::Key, e))?);
             }

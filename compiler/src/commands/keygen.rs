@@ -6,10 +6,10 @@ use kiln_protocol::keys::SecretKey;
 use kiln_protocol::names::Kind;
 use kiln_protocol::trust::{Role, Root};
 
-use crate::broker::now_ms;
-use crate::commands::valid_name;
 use crate::exit::{coded, Code};
-use crate::keyfile;
+use crate::fleet::broker::now_ms;
+use crate::fleet::keyfile;
+use crate::names::valid_name;
 
 const AFTER_HELP: &str = "\
 Writes four files, so a fleet starts with a root of trust in one step:
@@ -41,7 +41,7 @@ pub struct KeygenCommand {
     pub no_root: bool,
     /// How long the root document is valid: devices and kiln say `stale` after it, so
     /// a withheld rotation is noticed; renew it with `kiln root rotate` before then
-    #[arg(long, value_name = "DURATION", default_value = "365d", value_parser = crate::trust::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "365d", value_parser = crate::fleet::trust::parse_duration)]
     pub root_expires_in: u64,
     /// A root document that never expires (for fleets with a kilnd from before root
     /// expiry, which cannot read a root that has one)

@@ -1,4 +1,5 @@
-//! One file and one struct per subcommand.
+//! One file and one struct per subcommand: each parses its flags and runs, importing
+//! the wings ([`crate::build`], [`crate::fleet`]) and never another command.
 
 pub mod acl;
 pub mod compile;
@@ -20,13 +21,3 @@ pub mod root;
 pub mod sign;
 pub mod targets;
 pub mod watch;
-
-use kiln_protocol::names::{self, Kind};
-
-use crate::exit::{coded, Code};
-
-/// Checks a name given on the command line, before it becomes a topic level or a file
-/// name; a bad one is a usage error, like any other bad argument.
-pub fn valid_name(kind: Kind, name: &str) -> anyhow::Result<()> {
-    names::check(kind, name).map_err(|e| coded(Code::Usage, anyhow::anyhow!(e)))
-}

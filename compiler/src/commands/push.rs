@@ -12,19 +12,21 @@ use kiln_protocol::manifest::parse_memory_size;
 use kiln_protocol::names::Kind;
 use kiln_protocol::transfer::DEFAULT_CHUNK;
 
-use crate::broker::{now_ms, BrokerArgs, Session};
-use crate::commands::compile::{human_size, BuildArgs};
-use crate::commands::valid_name;
+use crate::build::args::BuildArgs;
+use crate::build::release_file::{decode_file, read_input, FILE_MAGIC};
+use crate::build::targets::ResolvedTarget;
 use crate::exit::{coded, Code};
+use crate::fleet::broker::{now_ms, BrokerArgs, Session};
 use crate::fleet::messages::{warn_skipped, Body, Heard, Reader};
 use crate::fleet::preflight;
+use crate::fleet::release::{verify_all, Entry, Release, Wire};
 use crate::fleet::serial::{next_serial, warn_ignored, Claim};
-use crate::release::{decode_file, read_input, verify_all, Entry, Release, Wire, FILE_MAGIC};
-use crate::targets::ResolvedTarget;
-use crate::trust::{
+use crate::fleet::trust::{
     describe_state, describe_state_full, encode_state, read_state, Identity, Opened, Signing,
     SigningArgs, STATE_MAGIC,
 };
+use crate::names::valid_name;
+use crate::text::human_size;
 use kiln_protocol::trust::Registry;
 
 const AFTER_HELP: &str = "\
@@ -89,7 +91,7 @@ pub struct PushCommand {
     #[arg(long)]
     pub wait: bool,
     /// How long --wait waits
-    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = crate::trust::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = crate::fleet::trust::parse_duration)]
     pub wait_timeout: u64,
     /// Publish although no device of the scope has been seen, or some have a target
     /// the release has no artifact for
@@ -1117,7 +1119,7 @@ impl ReleaseArgs {
             return Ok(None);
         }
         let anchor = self.signing.root.anchor(sign)?;
-        let fleet = crate::trust::Fleet::follow(session, topics, anchor)?;
+        let fleet = crate::fleet::trust::Fleet::follow(session, topics, anchor)?;
         Ok(Some(fleet.registry_or_empty(session, topics)?))
     }
 }

@@ -3,11 +3,11 @@ use clap::Parser;
 use kiln_protocol::fleet::Scope;
 use kiln_protocol::names::Kind;
 
-use crate::broker::{BrokerArgs, Session};
 use crate::commands::push::prepare_desired;
-use crate::commands::valid_name;
 use crate::exit::{coded, Code};
-use crate::trust::{describe_state, Opened, Signing, SigningArgs};
+use crate::fleet::broker::{BrokerArgs, Session};
+use crate::fleet::trust::{describe_state, Opened, Signing, SigningArgs};
+use crate::names::valid_name;
 use kiln_protocol::fleet::Topics;
 use kiln_protocol::trust::SignedRegistry;
 

@@ -4,11 +4,13 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use kiln_protocol::manifest::parse_memory_size;
 
-use crate::commands::compile::{human_size, read_source, BuildArgs};
+use crate::build::args::{read_source, BuildArgs};
+use crate::build::release_file::encode_file;
+use crate::build::targets::ResolvedTarget;
 use crate::exit::{coded, Code};
-use crate::keyfile;
-use crate::release::{encode_file, verify_all};
-use crate::targets::ResolvedTarget;
+use crate::fleet::keyfile;
+use crate::fleet::release::verify_all;
+use crate::text::human_size;
 use kiln_protocol::keys::TrustedKeys;
 
 const AFTER_HELP: &str = "\
@@ -54,7 +56,7 @@ impl ReleaseCommand {
             .map(|t| ResolvedTarget::resolve(t, &[], &profiles).map_err(|e| coded(Code::Usage, e)))
             .collect::<Result<Vec<_>>>()?;
         let key = keyfile::read_secret(&self.sign).map_err(|e| coded(Code::Key, e))?;
-        crate::trust::refuse_root_key_beside(&self.sign, &key)?;
+        crate::fleet::trust::refuse_root_key_beside(&self.sign, &key)?;
         let source = read_source(&self.input)?;
         let mut artifacts = Vec::new();
         for target in targets {

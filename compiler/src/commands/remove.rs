@@ -5,11 +5,11 @@ use clap::Parser;
 use kiln_protocol::fleet::Scope;
 use kiln_protocol::names::Kind;
 
-use crate::broker::BrokerArgs;
 use crate::commands::push::{prepare_desired, scope_json};
-use crate::commands::valid_name;
 use crate::exit::{coded, Code};
-use crate::trust::SigningArgs;
+use crate::fleet::broker::BrokerArgs;
+use crate::fleet::trust::SigningArgs;
+use crate::names::valid_name;
 
 const AFTER_HELP: &str = "\
 Drops the module from the signed desired state of the device or the group (the other

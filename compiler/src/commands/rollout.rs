@@ -15,13 +15,13 @@ use kiln_protocol::rollout::{
 };
 use kiln_protocol::trust::Registry;
 
-use crate::broker::{now_ms, BrokerArgs, Session};
 use crate::commands::push::{prepare_desired, prepare_for_devices, ReleaseArgs};
-use crate::commands::valid_name;
 use crate::exit::{coded, Code};
+use crate::fleet::broker::{now_ms, BrokerArgs, Session};
 use crate::fleet::messages::{warn_skipped, Body, Reader};
 use crate::fleet::preflight;
-use crate::trust::{parse_duration, Opened, RootArgs, Signing, SigningArgs};
+use crate::fleet::trust::{parse_duration, Opened, RootArgs, Signing, SigningArgs};
+use crate::names::valid_name;
 
 const AFTER_HELP: &str = "\
 Devices are the members of the group according to their retained status; a member
@@ -278,7 +278,10 @@ impl RolloutCommand {
             let body = postcard::to_stdvec(&entry).unwrap_or_default();
             print!(
                 "{}",
-                crate::trust::describe_state_full(&entry, &kiln_protocol::fleet::sha256(&body))
+                crate::fleet::trust::describe_state_full(
+                    &entry,
+                    &kiln_protocol::fleet::sha256(&body)
+                )
             );
             eprintln!("dry run: nothing uploaded or published");
             return Ok(());
@@ -976,7 +979,7 @@ fn failures(r: &Rollout) -> String {
 fn status(group: Option<&str>, json: bool, root: &RootArgs, broker: &BrokerArgs) -> Result<()> {
     let mut session = broker.connect().map_err(unavailable)?;
     let topics = broker.topics();
-    let fleet = crate::trust::Fleet::follow(&mut session, &topics, root.anchor(None)?)?;
+    let fleet = crate::fleet::trust::Fleet::follow(&mut session, &topics, root.anchor(None)?)?;
     let filter = match group {
         Some(g) => {
             valid_name(Kind::Group, g)?;

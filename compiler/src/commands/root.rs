@@ -5,10 +5,10 @@ use clap::{Args, Parser, Subcommand};
 use kiln_protocol::keys::PublicKey;
 use kiln_protocol::trust::{Role, Root};
 
-use crate::broker::{now_ms, BrokerArgs};
 use crate::exit::{coded, Code};
-use crate::keyfile;
-use crate::trust::{read_root, Fleet};
+use crate::fleet::broker::{now_ms, BrokerArgs};
+use crate::fleet::keyfile;
+use crate::fleet::trust::{read_root, Fleet};
 
 const AFTER_HELP: &str = "\
 The root document names the keys of each role (root, release, and optionally
@@ -99,7 +99,7 @@ pub struct Rotate {
     pub output: Option<PathBuf>,
     /// How long the root document is valid: devices and kiln say `stale` after it, so
     /// a withheld rotation is noticed; renew it with `kiln root rotate` before then
-    #[arg(long, value_name = "DURATION", default_value = "365d", value_parser = crate::trust::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "365d", value_parser = crate::fleet::trust::parse_duration)]
     pub root_expires_in: u64,
     /// A root document that never expires (for fleets with a kilnd from before root
     /// expiry, which cannot read a root that has one)
@@ -178,7 +178,7 @@ impl RootCommand {
     pub fn execute(self) -> Result<()> {
         match self.action {
             RootAction::Show { file } => {
-                let root = crate::trust::peek_root(&file)?;
+                let root = crate::fleet::trust::peek_root(&file)?;
                 println!("{}", root.describe());
                 Ok(())
             }

@@ -5,8 +5,8 @@ use clap::Parser;
 use kiln_protocol::fleet::SignedDesired;
 
 use crate::exit::{coded, Code};
-use crate::keyfile;
-use crate::trust::{describe_state_full, encode_state, read_state, RootArgs};
+use crate::fleet::keyfile;
+use crate::fleet::trust::{describe_state_full, encode_state, read_state, RootArgs};
 
 const AFTER_HELP: &str = "\
 Signs a desired state that `kiln push --unsigned` wrote, on a machine that has the
@@ -77,7 +77,7 @@ impl SignCommand {
             .collect();
         eprintln!("{file}: signed by {}", signers.join(", "));
         if let Some(path) = self.root.path(self.key.first().map(PathBuf::as_path)) {
-            let chain = crate::trust::read_root(&path)?;
+            let chain = crate::fleet::trust::read_root(&path)?;
             match SignedDesired::open(&signed, chain.root()) {
                 Ok(_) => eprintln!("{file}: ready: `kiln push {file}`"),
                 Err(e) => eprintln!("{file}: not yet: {e}"),

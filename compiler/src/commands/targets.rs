@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Parser;
 
-use crate::targets;
+use crate::build::targets;
 
 const AFTER_HELP: &str = "\
 Examples:

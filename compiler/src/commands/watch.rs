@@ -11,11 +11,11 @@ use kiln_protocol::trust::Registry;
 use rumqttc::{Client, Event, Packet, QoS};
 use serde_json::{json, Value};
 
-use crate::broker::{now_ms, BrokerArgs};
-use crate::commands::valid_name;
 use crate::exit::{coded, Code};
+use crate::fleet::broker::{now_ms, BrokerArgs};
 use crate::fleet::messages::Reader;
-use crate::trust::{Fleet, RootArgs};
+use crate::fleet::trust::{Fleet, RootArgs};
+use crate::names::valid_name;
 
 const AFTER_HELP: &str = "\
 Every telemetry batch carries (device, boot_id, seq). watch shows each batch's records
@@ -157,7 +157,7 @@ impl WatchCommand {
                 Ok(Err(e)) if !connected_once => {
                     return Err(coded(
                         Code::Unavailable,
-                        anyhow!(crate::broker::describe_connection_error(
+                        anyhow!(crate::fleet::broker::describe_connection_error(
                             &self.broker.broker,
                             &e
                         )),

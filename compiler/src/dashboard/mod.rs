@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::broker::now_ms;
+use crate::fleet::broker::now_ms;
 use model::{Changed, Fleet};
 
 /// What the MQTT side, the ticker and the pages share.

@@ -16,7 +16,7 @@ use kiln_protocol::trust::{Registry, Root, SignedRegistry};
 use serde_json::{json, Map, Value};
 
 use crate::fleet::messages::{Body as MessageBody, Reader};
-use crate::trust::Identity;
+use crate::fleet::trust::Identity;
 
 /// How much is kept, per device and per series.
 #[derive(Debug, Clone, Copy)]

@@ -119,7 +119,7 @@ pub fn warn_ignored(next: &Next, target: &str) {
 mod tests {
     use super::*;
     use crate::fleet::messages::Body;
-    use crate::trust::Identity;
+    use crate::fleet::trust::Identity;
     use kiln_protocol::fleet::{DeviceFacts, ReportedV1, StatusV2};
     use kiln_protocol::keys::SecretKey;
     use proptest::prelude::*;

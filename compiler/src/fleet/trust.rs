@@ -14,8 +14,8 @@ use kiln_protocol::fleet::{Desired, SignedDesired, Topics, MAX_DESIRED};
 use kiln_protocol::keys::{PublicKey, SecretKey, TrustedKeys};
 use kiln_protocol::trust::{Chain, Registry, Root, SignedRegistry, SignedRoot, MAX_ROOT};
 
-use crate::broker::Session;
 use crate::exit::{coded, Code};
+use crate::fleet::broker::Session;
 
 /// The root document flag the fleet commands share.
 #[derive(Args, Debug, Clone, Default)]
@@ -128,7 +128,7 @@ impl Fleet {
         for e in errors {
             eprintln!("warning: a root document on the broker is not taken: {e}");
         }
-        let now = crate::broker::now_ms();
+        let now = crate::fleet::broker::now_ms();
         if let Some(why) = chain.root().stale_at(now) {
             eprintln!("warning: {why}");
         } else if let Some(e) = chain.root().expires_ms {
@@ -353,7 +353,7 @@ impl SigningArgs {
     /// The fleet's roots (the anchor followed along the broker's), the release keys at
     /// hand, and how long a state is valid. A root newer than the broker's is published.
     pub fn signing(&self, session: &mut Session, topics: &Topics) -> Result<Signing> {
-        let keys = crate::keyfile::read_secrets(&self.sign)?;
+        let keys = crate::fleet::keyfile::read_secrets(&self.sign)?;
         let anchor = self.root.anchor(self.sign.first().map(PathBuf::as_path))?;
         let fleet = Fleet::follow(session, topics, anchor)?;
         refuse_root_keys(&fleet, &self.sign, &keys)?;

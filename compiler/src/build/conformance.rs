@@ -1,5 +1,5 @@
 //! Turns a `.wast` spec script into a [`ScriptV1`] for one target: every module is
-//! compiled and signed by the real pipeline ([`crate::aot`]); checks that need no
+//! compiled and signed by the real pipeline ([`crate::build::aot`]); checks that need no
 //! device (`assert_invalid`, `assert_malformed`) are decided here.
 
 use kiln_protocol::keys::SecretKey;
@@ -12,8 +12,8 @@ use wast::parser::{self, ParseBuffer};
 use wast::token::Span;
 use wast::{QuoteWat, Wast, WastArg, WastDirective, WastExecute, WastInvoke, WastRet};
 
-use crate::aot::{self, CompileOptions};
-use crate::targets::ResolvedTarget;
+use crate::build::aot::{self, CompileOptions};
+use crate::build::targets::ResolvedTarget;
 
 /// What the host decided for one directive without a device.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -23,7 +23,7 @@ use wasmer::{MemoryType, TableType};
 use wasmer_middlewares::Metering;
 use wasmer_types::CompilationProgressCallback;
 
-use crate::targets::ResolvedTarget;
+use crate::build::targets::ResolvedTarget;
 
 /// The wasmer version this build links; devices must embed exactly the same.
 pub const WASMER_VERSION: &str = wasmer_types::VERSION;

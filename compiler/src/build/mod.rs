@@ -1,0 +1,11 @@
+//! Building artifacts: compiling WebAssembly into signed native artifacts
+//! ([`aot`]), for which targets ([`targets`]), with which flags ([`args`]), the release
+//! file that carries one artifact per target ([`release_file`]), and the WebAssembly
+//! spec suite turned into scripts devices replay ([`conformance`]). Nothing here talks
+//! to a broker.
+
+pub mod aot;
+pub mod args;
+pub mod conformance;
+pub mod release_file;
+pub mod targets;
