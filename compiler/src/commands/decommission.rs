@@ -5,11 +5,11 @@ use clap::Parser;
 use kiln_protocol::names::Kind;
 use kiln_protocol::trust::Registry;
 
-use crate::commands::enroll::remove_from_registry;
 use crate::exit::{coded, Code};
 use crate::fleet::broker::BrokerArgs;
 use crate::fleet::keyfile;
 use crate::fleet::messages::Reader;
+use crate::fleet::registry::remove_from_registry;
 use crate::fleet::trust::{refuse_root_keys, Fleet, RootArgs};
 use crate::names::valid_name;
 

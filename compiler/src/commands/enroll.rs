@@ -3,12 +3,12 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Result};
 use clap::Parser;
 use kiln_protocol::names::Kind;
-use kiln_protocol::trust::SignedRegistry;
 
 use crate::exit::{coded, Code};
 use crate::fleet::broker::BrokerArgs;
 use crate::fleet::keyfile;
 use crate::fleet::messages::{warn_skipped, Reader};
+use crate::fleet::registry::publish_registry;
 use crate::fleet::trust::{Fleet, Identity, RootArgs};
 use crate::names::valid_name;
 
@@ -57,48 +57,6 @@ pub struct EnrollCommand {
     pub root: RootArgs,
     #[command(flatten)]
     pub broker: BrokerArgs,
-}
-
-/// A registry with `devices` removed, signed and published: what `enroll --remove`
-/// and `kiln decommission` share. Returns the new serial and whether any was there.
-pub fn remove_from_registry(
-    session: &mut crate::fleet::broker::Session,
-    topics: &kiln_protocol::fleet::Topics,
-    fleet: &Fleet,
-    keys: &[kiln_protocol::keys::SecretKey],
-    devices: &[String],
-    adopt: bool,
-) -> Result<(u64, Vec<String>)> {
-    let mut registry = fleet.registry(session, topics, adopt)?;
-    let removed: Vec<String> = devices
-        .iter()
-        .filter(|d| registry.key_of(d).is_some())
-        .cloned()
-        .collect();
-    registry.devices.retain(|e| !devices.contains(&e.device));
-    publish_registry(session, topics, fleet, keys, &mut registry)?;
-    Ok((registry.serial, removed))
-}
-
-/// Signs `registry` under the next serial, checks a device would trust it, publishes it.
-fn publish_registry(
-    session: &mut crate::fleet::broker::Session,
-    topics: &kiln_protocol::fleet::Topics,
-    fleet: &Fleet,
-    keys: &[kiln_protocol::keys::SecretKey],
-    registry: &mut kiln_protocol::trust::Registry,
-) -> Result<()> {
-    registry.fleet = fleet.root().fleet.clone();
-    registry.serial += 1;
-    let refs: Vec<_> = keys.iter().collect();
-    let signed = registry
-        .sign(&refs)
-        .map_err(|e| coded(Code::InvalidInput, anyhow!(e)))?;
-    SignedRegistry::open(&signed, fleet.root())
-        .map_err(|e| coded(Code::Key, anyhow!("the registry would not be trusted: {e}")))?;
-    session
-        .publish_all(vec![(topics.registry(), signed)], |_| {})
-        .map_err(|e| coded(Code::Unavailable, e))
 }
 
 impl EnrollCommand {

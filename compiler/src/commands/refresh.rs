@@ -3,9 +3,9 @@ use clap::Parser;
 use kiln_protocol::fleet::Scope;
 use kiln_protocol::names::Kind;
 
-use crate::commands::push::prepare_desired;
 use crate::exit::{coded, Code};
 use crate::fleet::broker::{BrokerArgs, Session};
+use crate::fleet::desired::prepare_desired;
 use crate::fleet::trust::{describe_state, Opened, Signing, SigningArgs};
 use crate::names::valid_name;
 use kiln_protocol::fleet::Topics;

@@ -5,9 +5,9 @@ use clap::Parser;
 use kiln_protocol::fleet::Scope;
 use kiln_protocol::names::Kind;
 
-use crate::commands::push::{prepare_desired, scope_json};
 use crate::exit::{coded, Code};
 use crate::fleet::broker::BrokerArgs;
+use crate::fleet::desired::{prepare_desired, scope_json};
 use crate::fleet::trust::SigningArgs;
 use crate::names::valid_name;
 

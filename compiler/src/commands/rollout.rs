@@ -15,11 +15,12 @@ use kiln_protocol::rollout::{
 };
 use kiln_protocol::trust::Registry;
 
-use crate::commands::push::{prepare_desired, prepare_for_devices, ReleaseArgs};
 use crate::exit::{coded, Code};
 use crate::fleet::broker::{now_ms, BrokerArgs, Session};
+use crate::fleet::desired::{prepare_desired, prepare_for_devices};
 use crate::fleet::messages::{warn_skipped, Body, Reader};
 use crate::fleet::preflight;
+use crate::fleet::release::ReleaseArgs;
 use crate::fleet::trust::{parse_duration, Opened, RootArgs, Signing, SigningArgs};
 use crate::names::valid_name;
 
@@ -191,7 +192,7 @@ impl RolloutCommand {
         let scope = Scope::Group(group.clone());
         let topics = self.release.broker.topics();
         let registry = self.release.registry(&mut session, &topics)?;
-        let seen = crate::commands::push::seen(&mut session, &topics, registry.as_ref())?;
+        let seen = crate::fleet::messages::seen(&mut session, &topics, registry.as_ref())?;
         if let Some(r) = preflight::scope_refusal(&scope, &seen) {
             return Err(coded(r.code(), anyhow!("not started: {r}")));
         }

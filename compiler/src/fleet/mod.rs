@@ -1,11 +1,18 @@
-//! Operating the fleet: what kiln reads from devices and decides from it. Every
-//! command that looks at what devices say goes through [`messages`]; every serial
-//! kiln signs comes from [`serial`].
+//! Operating the fleet: what kiln reads from devices and decides from it, and what it
+//! publishes. The session with the broker is [`broker`]; every command that looks at
+//! what devices say goes through [`messages`] (and waits on their answers with
+//! [`answers`]); every desired state is built by [`desired`] under a serial from
+//! [`serial`]; releases (artifacts and their transfers) are [`release`]; keys, roots
+//! and the registry are [`trust`] and [`keyfile`]; the checks before publishing are
+//! [`preflight`].
 
+pub mod answers;
 pub mod broker;
+pub mod desired;
 pub mod keyfile;
 pub mod messages;
 pub mod preflight;
+pub mod registry;
 pub mod release;
 pub mod serial;
 pub mod trust;

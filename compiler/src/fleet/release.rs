@@ -3,6 +3,7 @@
 //! `kiln rollout` or `kiln release` (artifacts, a release file, or a .wasm compiled
 //! here), each artifact verified with the signing key. Every artifact travels
 //! compressed, and as patches from the versions the targeted devices report running.
+//! The flags that make one are [`ReleaseArgs`] (`release/args.rs`).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -22,8 +23,30 @@ use crate::build::release_file::read_input;
 use crate::exit::{coded, Code};
 use crate::fleet::broker::{now_ms, Session};
 use crate::fleet::messages::{warn_skipped, Reader};
+use crate::fleet::preflight;
 use crate::fleet::trust::Signing;
 use crate::text::human_size;
+
+mod args;
+
+pub use args::ReleaseArgs;
+
+impl Release {
+    /// Refuses what the devices of `scope` would refuse (see [`preflight`]); `force`
+    /// waives what an operator may know better about, said on stderr.
+    pub fn check(&self, scope: &Scope, seen: &[preflight::Seen], force: bool) -> Result<()> {
+        let manifests: Vec<&kiln_protocol::manifest::Manifest> =
+            self.built.iter().map(|b| &b.manifest).collect();
+        let refusals = preflight::check(scope, &self.module, &manifests, seen);
+        if let Some((code, line)) = preflight::verdict(&refusals, force) {
+            bail!(coded(code, anyhow!(line)));
+        }
+        for r in refusals.iter().filter(|r| r.forcible()) {
+            eprintln!("warning: {r} (--force: publishing anyway)");
+        }
+        Ok(())
+    }
+}
 
 /// One verified artifact of a release.
 pub struct Built {
