@@ -50,6 +50,34 @@ pub struct Connect {
 }
 
 impl Connect {
+    /// The builder both sides start from: the broker, then [`Connect::tls`] and
+    /// [`Connect::credentials`] as configured (each `None` when not given).
+    pub fn to(broker: impl Into<String>) -> Self {
+        Self {
+            broker: broker.into(),
+            ..Self::default()
+        }
+    }
+
+    /// The CA the broker's certificate must chain to, and a client certificate.
+    pub fn tls(
+        mut self,
+        ca: Option<PathBuf>,
+        client_cert: Option<PathBuf>,
+        client_key: Option<PathBuf>,
+    ) -> Self {
+        self.ca = ca;
+        self.client_cert = client_cert;
+        self.client_key = client_key;
+        self
+    }
+
+    pub fn credentials(mut self, username: Option<String>, password: Option<String>) -> Self {
+        self.username = username;
+        self.password = password;
+        self
+    }
+
     pub fn options(&self, client_id: &str, keep_alive: Duration) -> Result<MqttOptions, String> {
         self.options_receiving(client_id, keep_alive, MAX_INCOMING)
     }
@@ -201,4 +229,20 @@ fn tls(
     Err(format!(
         "broker `{broker}` uses TLS, but this build has no TLS (built without feature `tls`)"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_builder_sets_what_it_is_given() {
+        let c = Connect::to("mqtt://b:1883")
+            .tls(Some("ca.pem".into()), None, Some("k.pem".into()))
+            .credentials(Some("dev".into()), None);
+        assert_eq!(c.broker, "mqtt://b:1883");
+        assert_eq!(c.ca, Some(PathBuf::from("ca.pem")));
+        assert_eq!((c.client_cert, c.client_key), (None, Some("k.pem".into())));
+        assert_eq!((c.username, c.password), (Some("dev".into()), None));
+    }
 }

@@ -29,6 +29,14 @@ pub const BATCH_OVERHEAD: usize = 1 + (1 + crate::names::MAX_NAME) + 10 + 10 + 5
 /// streams, payloads and log lines keep from happening) is replaced by a count.
 pub const MAX_RECORD: usize = MAX_BATCH - BATCH_OVERHEAD;
 
+/// Room a device keeps in every batch for the drop reports sealing may add to it
+/// (coalesced ranges: a handful, 40 bytes each).
+pub const DROP_REPORT_ROOM: usize = 16 * 1024;
+
+/// The bound on the records of one batch a device seals (and so on kilnd.toml's
+/// `batch_bytes`).
+pub const RECORDS_BUDGET: usize = MAX_RECORD - DROP_REPORT_ROOM;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Batch {
     V1(BatchV1),

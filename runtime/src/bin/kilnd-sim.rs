@@ -18,11 +18,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use kiln_protocol::clock::now_ms;
 use kiln_protocol::telemetry::{Body, ModuleStats, Record, Started, Stopped};
 use kiln_runtime::daemon::config::{ModulePlan, MqttConfig, TelemetryConfig};
 use kiln_runtime::daemon::fleet::{self, AgentIn};
 use kiln_runtime::daemon::link::{self, LinkEvent};
-use kiln_runtime::daemon::supervisor::now_ms;
 use kiln_runtime::daemon::telemetry::{new_boot_id, Deliveries, Pipeline, TelemetryIn};
 
 /// Run N simulated kilnd devices against a broker

@@ -94,7 +94,7 @@ impl Default for TelemetryConfig {
 }
 
 /// The largest `batch_bytes`: the records of one batch under the link's bound.
-pub const MAX_BATCH_BYTES: u64 = crate::daemon::telemetry::RECORDS_BUDGET as u64;
+pub const MAX_BATCH_BYTES: u64 = kiln_protocol::telemetry::RECORDS_BUDGET as u64;
 
 fn byte_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     #[derive(Deserialize)]
@@ -195,14 +195,13 @@ pub struct RestartPolicy {
 
 impl MqttConfig {
     pub fn connect(&self) -> kiln_protocol::mqtt::Connect {
-        kiln_protocol::mqtt::Connect {
-            broker: self.broker.clone(),
-            ca: self.ca.clone(),
-            client_cert: self.client_cert.clone(),
-            client_key: self.client_key.clone(),
-            username: self.username.clone(),
-            password: self.password.clone(),
-        }
+        kiln_protocol::mqtt::Connect::to(&self.broker)
+            .tls(
+                self.ca.clone(),
+                self.client_cert.clone(),
+                self.client_key.clone(),
+            )
+            .credentials(self.username.clone(), self.password.clone())
     }
 }
 

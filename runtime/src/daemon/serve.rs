@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use kiln_protocol::clock::now_ms;
 use kiln_protocol::fleet::Topics;
 use kiln_protocol::keys::PublicKey;
 use kiln_protocol::telemetry::{self, Body, Cause, Discarded, Record};
@@ -297,7 +298,7 @@ impl Shed {
             return;
         }
         let count = Record {
-            at_ms: supervisor::now_ms(),
+            at_ms: now_ms(),
             module: None,
             body: Body::Discarded(Discarded {
                 cause: Cause::Queue,
@@ -535,7 +536,7 @@ impl Modules {
 
     /// Stats of every module that is still supervised.
     fn sample(&self) -> Vec<telemetry::Record> {
-        let at_ms = supervisor::now_ms();
+        let at_ms = now_ms();
         self.running
             .iter()
             .filter(|(_, r)| !r.thread.is_finished())

@@ -10,9 +10,10 @@ use std::io::{BufReader, BufWriter};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use kiln_protocol::abi::MAX_PUBLISH;
+use kiln_protocol::clock::now_ms;
 use kiln_protocol::names::{self, Kind};
 use kiln_protocol::telemetry::{self, Body, Cause, Discarded, ModuleStats, Record};
 use kiln_protocol::worker::{
@@ -788,12 +789,6 @@ fn signal_name(signal: i32) -> &'static str {
         libc::SIGTERM => "SIGTERM",
         _ => "signal",
     }
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A bounded inbox per module: a slow module drops messages instead of growing the

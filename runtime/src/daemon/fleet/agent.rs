@@ -23,24 +23,7 @@ use kiln_protocol::names::{self, Kind};
 use kiln_protocol::transfer::{ChunkList, Codec, Transfer};
 use kiln_protocol::trust::{Chain, SignedRoot, MAX_ROOT};
 
-use super::store::{DeviceState, Floor, Installed, ModuleRecord, Slot, LEGACY_SIGNER};
-
-/// A download is keyed by the transfer's stream and how it is cut: the same stream
-/// pushed again with another chunk size is another download.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct DownloadKey {
-    pub sha256: [u8; 32],
-    pub chunk_size: u32,
-}
-
-impl DownloadKey {
-    pub fn of(transfer: &Transfer) -> Self {
-        Self {
-            sha256: transfer.sha256,
-            chunk_size: transfer.chunk_size,
-        }
-    }
-}
+use super::store::{DeviceState, DownloadKey, Floor, Installed, ModuleRecord, Slot, LEGACY_SIGNER};
 
 /// What the agent reacts to.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,6 +16,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
 use kiln_protocol::artifact::Envelope;
+use kiln_protocol::clock::now_ms;
 use kiln_protocol::compat::{self, HostFacts};
 use kiln_protocol::fleet::{
     seal_report, sha256, DesiredModule, DeviceFacts, Status, StatusV2, TargetArtifact, Topics,
@@ -28,7 +29,6 @@ use kiln_protocol::worker::Expect;
 
 use crate::daemon::config::{ModulePlan, MqttConfig, RestartPolicy};
 use crate::daemon::link::{Link, LinkEvent};
-use crate::daemon::supervisor::now_ms;
 use agent::{Agent, Effect, Input, Outcome, Settings, StageFrom, StageResult, Trust};
 use store::{Installed, Store};
 
@@ -429,7 +429,7 @@ impl Executor {
         &self,
         d: &DesiredModule,
         target: &TargetArtifact,
-        key: &agent::DownloadKey,
+        key: &store::DownloadKey,
         slot: store::Slot,
         from: StageFrom,
     ) -> StageResult {

@@ -22,13 +22,29 @@ use std::path::{Path, PathBuf};
 use kiln_protocol::atomic::write_atomically;
 use kiln_protocol::fleet::{sha256, DesiredModule, ModuleLimits, TargetArtifact};
 use kiln_protocol::names::{self, Kind};
-use kiln_protocol::transfer::{ChunkList, MAX_ARTIFACT};
+use kiln_protocol::transfer::{ChunkList, Transfer, MAX_ARTIFACT};
 use kiln_protocol::trust::{SignedRoot, MAX_ROOT};
 
 use kiln_protocol::files::read_bounded;
 
-use super::agent::DownloadKey;
 use serde::{Deserialize, Serialize};
+
+/// A download is keyed by the transfer's stream and how it is cut: the same stream
+/// pushed again with another chunk size is another download.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DownloadKey {
+    pub sha256: [u8; 32],
+    pub chunk_size: u32,
+}
+
+impl DownloadKey {
+    pub fn of(transfer: &Transfer) -> Self {
+        Self {
+            sha256: transfer.sha256,
+            chunk_size: transfer.chunk_size,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Slot {

@@ -25,15 +25,16 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kiln_protocol::clock::now_ms;
 use kiln_protocol::telemetry::{
     coalesce, split, Batch, BatchV1, Body, Cause, DeviceStats, Discarded, Dropped, Record,
-    MAX_RECORD,
+    RECORDS_BUDGET,
 };
 
 use crate::daemon::config::TelemetryConfig;
 use crate::daemon::link::{Delivery, Link};
 use crate::daemon::procfs;
-use crate::daemon::supervisor::{now_ms, Slot};
+use crate::daemon::supervisor::Slot;
 use spool::{Entry, Spool};
 
 pub enum TelemetryIn {
@@ -73,13 +74,6 @@ pub struct Pipeline {
     next_stats: Instant,
     totals: Totals,
 }
-
-/// Room kept in every batch for the drop reports sealing may add to it (coalesced
-/// ranges: a handful, 40 bytes each).
-const DROP_REPORT_ROOM: usize = 16 * 1024;
-
-/// The bound on the records of one sealed batch.
-pub const RECORDS_BUDGET: usize = MAX_RECORD - DROP_REPORT_ROOM;
 
 #[derive(Default)]
 struct Totals {
