@@ -307,7 +307,7 @@ impl Root {
                 "root v{} of fleet {} expired at {}; a newer root may be withheld (or is due: `kiln root rotate`)",
                 self.version,
                 self.fleet,
-                crate::fleet::utc(expires)
+                crate::clock::utc(expires)
             )
         })
     }
@@ -378,7 +378,7 @@ impl Root {
             s.push_str(&format!(", registry {}", role(r)));
         }
         if let Some(e) = self.expires_ms {
-            s.push_str(&format!(", expires {}", crate::fleet::utc(e)));
+            s.push_str(&format!(", expires {}", crate::clock::utc(e)));
         }
         s
     }
