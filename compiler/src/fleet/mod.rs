@@ -14,5 +14,6 @@ pub mod messages;
 pub mod preflight;
 pub mod registry;
 pub mod release;
+pub mod rollout;
 pub mod serial;
 pub mod trust;

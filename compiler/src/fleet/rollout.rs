@@ -1,0 +1,175 @@
+//! Rollouts, as the fleet tool drives them. What to do is decided by
+//! [`kiln_protocol::rollout::Rollout::step`] (the policy) and by [`recovery`] (what a
+//! driver does after the broker went away or when it takes up a rollout in progress);
+//! [`driver`] feeds both what the broker delivers and the clock, carries out what they
+//! decide (desired states) and keeps the signed record on
+//! `{prefix}/groups/{group}/rollout` current. This file holds what the driver and the
+//! `rollout` command share: the group's members, the record as the broker keeps it,
+//! who is acting.
+
+use std::collections::BTreeMap;
+
+use anyhow::{anyhow, Result};
+use kiln_protocol::fleet::{DesiredModule, Topics};
+use kiln_protocol::rollout::{short_list, Outcome, Rollout};
+use kiln_protocol::trust::Registry;
+
+use crate::exit::{coded, Code};
+use crate::fleet::broker::Session;
+use crate::fleet::messages::{warn_skipped, Reader};
+use crate::fleet::trust::{Opened, Signing};
+
+pub mod driver;
+pub mod recovery;
+#[cfg(test)]
+mod tests;
+
+pub use driver::Driver;
+
+pub fn unavailable(e: anyhow::Error) -> anyhow::Error {
+    coded(Code::Unavailable, e)
+}
+
+/// What a member's status says it runs on.
+pub struct Target {
+    pub triple: String,
+    pub cpu_features: Vec<String>,
+}
+
+/// The group's members by their retained status, with their target, refusing any
+/// whose status is not signed by its enrolled key (its reports would never count).
+pub fn members(
+    session: &mut Session,
+    topics: &Topics,
+    registry: &Registry,
+    group: &str,
+) -> Result<Vec<(String, Target)>> {
+    let mut unverified = Vec::new();
+    let retained = session
+        .retained(&topics.all_devices("status"))
+        .map_err(unavailable)?;
+    let (heard, skipped) = Reader::new(topics, registry).all(&retained);
+    warn_skipped(&skipped, 5);
+    let mut members: Vec<(String, Target)> = heard
+        .into_iter()
+        .filter_map(|h| {
+            let facts = h.status()?.facts.clone()?;
+            if !facts.groups.iter().any(|g| g == group) {
+                return None;
+            }
+            let device = h.device.as_str();
+            if !h.identity.is_verified() {
+                unverified.push(format!("{device} ({})", h.identity.word()));
+            }
+            let target = Target {
+                triple: facts.triple,
+                cpu_features: facts.cpu_features,
+            };
+            Some((device.to_string(), target))
+        })
+        .collect();
+    members.sort_by(|a, b| a.0.cmp(&b.0));
+    if !unverified.is_empty() {
+        return Err(coded(
+            Code::Key,
+            anyhow!(
+                "group {group}: the status of {} is not signed by an enrolled key; enroll them first (`kiln enroll --group {group}`)",
+                unverified.join(", ")
+            ),
+        ));
+    }
+    if members.is_empty() {
+        return Err(coded(
+            Code::NoSuchScope,
+            anyhow!("no device has reported membership of group `{group}`"),
+        ));
+    }
+    Ok(members)
+}
+
+/// Each device's own desired-state entry for `module`, where it has one.
+pub fn own_entries(
+    session: &mut Session,
+    signing: &Signing,
+    topics: &Topics,
+    module: &str,
+) -> Result<BTreeMap<String, DesiredModule>> {
+    let states = session
+        .retained(&topics.all_devices("desired"))
+        .map_err(unavailable)?;
+    Ok(states
+        .into_iter()
+        .filter_map(|(topic, payload)| {
+            let (device, _) = topics.parse_device(&topic)?;
+            // Only what verifies under the current root is carried into a new state.
+            let Ok(Opened::Trusted(d)) = signing.fleet.open_desired(&payload) else {
+                return None;
+            };
+            let entry = d.modules.into_iter().find(|m| m.name == module)?;
+            Some((device.to_string(), entry))
+        })
+        .collect())
+}
+
+/// The group's rollout record, if one is retained and trusted. An untrusted one is
+/// named and ignored (it is overwritten by the next rollout).
+pub fn read_record(
+    session: &mut Session,
+    signing: &Signing,
+    topics: &Topics,
+    group: &str,
+) -> Result<Option<Rollout>> {
+    let topic = topics.rollout(group);
+    let retained = session.retained(&topic).map_err(unavailable)?;
+    let Some(bytes) = retained.get(&topic) else {
+        return Ok(None);
+    };
+    match Rollout::open(bytes, signing.fleet.root(), group) {
+        Ok(r) => Ok(Some(r)),
+        Err(why) => {
+            eprintln!("kiln: warning: ignoring the rollout record on {topic}: {why}");
+            Ok(None)
+        }
+    }
+}
+
+pub fn busy(other: &Rollout) -> anyhow::Error {
+    coded(
+        Code::Busy,
+        anyhow!(
+            "group {}: rollout {} of {} is {} (started by {}); see `kiln rollout status --group {}`, or stop it with `kiln rollout abort --group {}`",
+            other.group,
+            other.id,
+            other.label(),
+            other.phase,
+            other.started_by,
+            other.group,
+            other.group
+        ),
+    )
+}
+
+/// Who is acting: the user, the machine, and the key that signs.
+pub fn operator(signing: &Signing) -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "someone".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    match signing.keys.first() {
+        Some(k) => format!("{user}@{host} (key {})", k.public().id()),
+        None => format!("{user}@{host}"),
+    }
+}
+
+/// The failed devices and why, at most five.
+pub fn failures(r: &Rollout) -> String {
+    let failed: Vec<String> = r
+        .devices
+        .iter()
+        .filter_map(|(n, d)| match &d.outcome {
+            Outcome::Failed { why } => Some(format!("{n}: {why}")),
+            _ => None,
+        })
+        .collect();
+    short_list(&failed)
+}

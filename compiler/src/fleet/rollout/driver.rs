@@ -1,0 +1,560 @@
+//! The driver of a rollout: it feeds [`Rollout::step`] what the broker delivers and
+//! the clock, carries out the actions (desired states), keeps the signed record
+//! current, and hands every failure to [`Recovery`], doing what it says.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Result};
+use kiln_protocol::fleet::{DesiredModule, EventKind, ModuleState, Scope, Topics};
+use kiln_protocol::rollout::{short_list, Action, Input, Phase, Rollout};
+use kiln_protocol::trust::Registry;
+
+use crate::exit::{coded, Code};
+use crate::fleet::broker::{now_ms, Session};
+use crate::fleet::desired::{prepare_desired, prepare_for_devices};
+use crate::fleet::messages::Body;
+use crate::fleet::messages::Reader;
+use crate::fleet::rollout::recovery::{Do, Doing, Event, Recovery, TakeUp};
+use crate::fleet::rollout::{busy, failures, read_record, unavailable};
+use crate::fleet::trust::Signing;
+
+/// The driver writes the record at least this often (its heartbeat), and at most
+/// this often while only outcomes change.
+const HEARTBEAT: Duration = Duration::from_secs(30);
+const COALESCE: Duration = Duration::from_secs(2);
+
+pub struct Driver<'a> {
+    pub session: Session,
+    signing: &'a Signing,
+    topics: Topics,
+    registry: Registry,
+    pub record: Rollout,
+    topic: String,
+    last_persist: Instant,
+    dirty: bool,
+    /// What to do when the broker goes away, or on taking the rollout up.
+    recovery: Recovery,
+    /// The step under way, for [`Recovery`] when it fails.
+    doing: Doing,
+}
+
+impl<'a> Driver<'a> {
+    pub fn new(
+        session: Session,
+        signing: &'a Signing,
+        topics: Topics,
+        registry: Registry,
+        record: Rollout,
+    ) -> Self {
+        let topic = topics.rollout(&record.group);
+        Self {
+            session,
+            signing,
+            topics,
+            registry,
+            record,
+            topic,
+            last_persist: Instant::now(),
+            dirty: false,
+            recovery: Recovery::default(),
+            doing: Doing::Waiting,
+        }
+    }
+
+    /// Writes the record (retained, signed) and waits for the broker to have it.
+    pub fn persist(&mut self) -> Result<()> {
+        self.doing = Doing::Persisting;
+        self.record.serial += 1;
+        self.record.updated_ms = now_ms();
+        let keys: Vec<_> = self.signing.keys.iter().collect();
+        let bytes = self
+            .record
+            .seal(&keys)
+            .map_err(|e| coded(Code::InvalidInput, anyhow!(e)))?;
+        self.session
+            .publish_all(vec![(self.topic.clone(), bytes)], |_| {})
+            .map_err(unavailable)?;
+        self.last_persist = Instant::now();
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// The record the broker keeps for this rollout's group now.
+    pub fn kept(&mut self) -> Result<Option<Rollout>> {
+        self.doing = Doing::Reading;
+        read_record(
+            &mut self.session,
+            self.signing,
+            &self.topics,
+            &self.record.group,
+        )
+    }
+
+    /// Two operators starting at once: the broker keeps one record; whoever's is not
+    /// it stops before any device was sent anything.
+    pub fn claim(&mut self) -> Result<()> {
+        std::thread::sleep(Duration::from_millis(500));
+        let kept = self.kept()?;
+        match kept {
+            Some(other) if other.id != self.record.id => Err(busy(&other)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The devices' answers, then (once this driver's own record is the one kept) the
+    /// record's topic, where an operator's pause or abort arrives.
+    fn subscribe(&mut self, record: bool) -> Result<()> {
+        self.doing = Doing::Waiting;
+        let mut filters = vec![
+            self.topics.all_devices("events"),
+            self.topics.all_devices("reported"),
+        ];
+        if record {
+            filters.push(self.topic.clone());
+        }
+        for filter in filters {
+            self.session.subscribe(&filter).map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// What the retained reported states say of the devices still pending: the
+    /// answers a driver that was away (dead, or disconnected) missed.
+    pub fn catch_up(&mut self) -> Result<()> {
+        self.doing = Doing::Reading;
+        let reported = self
+            .session
+            .retained(&self.topics.all_devices("reported"))
+            .map_err(unavailable)?;
+        for (topic, payload) in reported {
+            self.on_device_message(&topic, &payload)?;
+        }
+        Ok(())
+    }
+
+    /// Steps the record and carries out what it says; the record is written when the
+    /// phase changed or a wave went out, and otherwise at most every two seconds.
+    pub fn apply(&mut self, input: Input) -> Result<()> {
+        let phase = self.record.phase.clone();
+        let actions = self.record.step(now_ms(), input);
+        self.dirty = true;
+        let urgent = !actions.is_empty() || self.record.phase != phase;
+        if urgent {
+            // Sent is on record before any device is sent the release, so an abort
+            // from elsewhere knows whom to give back.
+            self.persist()?;
+        }
+        for action in actions {
+            self.perform(action)?;
+        }
+        if self.record.phase != phase {
+            eprintln!("rollout {}: {}", self.record.id, self.record.phase);
+        }
+        Ok(())
+    }
+
+    fn perform(&mut self, action: Action) -> Result<()> {
+        self.doing = Doing::Reading;
+        let name = self.record.module.name.clone();
+        let module = self.record.module.clone();
+        let (devices, what) = match &action {
+            Action::Send(d) => (d.clone(), "sent"),
+            Action::Return(d) => (d.clone(), "given back what they had"),
+            Action::Finish(d) => {
+                let scope = Scope::Group(self.record.group.clone());
+                let next =
+                    prepare_desired(&mut self.session, self.signing, &self.topics, &scope, |m| {
+                        m.retain(|e| e.name != name);
+                        m.push(module.clone());
+                    })?;
+                self.doing = Doing::Publishing;
+                let serial = next.publish(&mut self.session)?;
+                eprintln!(
+                    "group {}: desired state serial {serial} has {}",
+                    self.record.group,
+                    self.record.label()
+                );
+                (d.clone(), "follow the group's desired state again")
+            }
+        };
+        let before: BTreeMap<String, Option<DesiredModule>> = devices
+            .iter()
+            .map(|d| {
+                let entry = self.record.devices.get(d).and_then(|x| x.before.clone());
+                (d.clone(), entry)
+            })
+            .collect();
+        self.doing = Doing::Reading;
+        let states = prepare_for_devices(
+            &mut self.session,
+            self.signing,
+            &self.topics,
+            &devices,
+            |device, m| {
+                m.retain(|e| e.name != name);
+                match &action {
+                    Action::Send(_) => m.push(module.clone()),
+                    Action::Return(_) => m.extend(before.get(device).cloned().flatten()),
+                    // An empty module list is still published, signed, never cleared:
+                    // a device takes a device-scoped state that never arrives for one it
+                    // has not heard from, and would keep running what the old one named.
+                    Action::Finish(_) => {}
+                }
+            },
+        )?;
+        let messages = states.into_iter().map(|n| (n.topic, n.signed)).collect();
+        self.doing = Doing::Publishing;
+        self.session
+            .publish_all(messages, |_| {})
+            .map_err(|e| coded(Code::Unavailable, e))?;
+        eprintln!("  {} {what}: {}", devices.len(), short_list(&devices));
+        Ok(())
+    }
+
+    /// Runs the rollout until it is no longer running: it completed, halted, or an
+    /// operator paused or aborted it.
+    pub fn drive(mut self, first: Input) -> Result<()> {
+        self.subscribe(false)?;
+        let took_up = match first {
+            Input::Resume => TakeUp::Resume,
+            Input::Retry => TakeUp::Retry,
+            _ => TakeUp::Start,
+        };
+        self.apply(first)?;
+        // What taking it up, and any step failing below, call for is Recovery's to say.
+        carry_out(&mut self, Event::TookUp(took_up), None)?;
+        self.subscribe(true)?;
+        let mut last_tick = Instant::now();
+        while matches!(self.record.phase, Phase::Running { .. }) {
+            if let Err(e) = self.turn(&mut last_tick) {
+                let away = crate::exit::code_of(&e) == Code::Unavailable;
+                let doing = self.doing;
+                carry_out(&mut self, Event::Failed { doing, away }, Some(e))?;
+            }
+        }
+        if self.dirty {
+            self.persist()?;
+        }
+        let r = &self.record;
+        let (_, _, committed, failed) = r.counts();
+        let result = match &r.phase {
+            Phase::Complete => {
+                println!(
+                    "rollout complete: {committed} devices run {}, {failed} failed; it is now group {}'s desired state",
+                    r.label(),
+                    r.group
+                );
+                Ok(())
+            }
+            Phase::Paused { by, .. } => {
+                eprintln!(
+                    "rollout {} paused by {by}; `kiln rollout resume --group {}` goes on",
+                    r.id, r.group
+                );
+                Ok(())
+            }
+            Phase::Halted { wave, why } => Err(coded(
+                Code::Failure,
+                anyhow!(
+                    "rollout halted in wave {}: {why}: {}",
+                    wave + 1,
+                    failures(r)
+                ),
+            )),
+            Phase::Aborted { by, wave } => Err(coded(
+                Code::Failure,
+                anyhow!("rollout aborted in wave {} by {by}", wave + 1),
+            )),
+            Phase::Running { .. } => unreachable!("the loop ends when the rollout does"),
+        };
+        self.session.disconnect();
+        result
+    }
+
+    /// One message (or a second without one), the clock, and the record's heartbeat.
+    fn turn(&mut self, last_tick: &mut Instant) -> Result<()> {
+        let wait = self
+            .record
+            .deadline_ms()
+            .map_or(1000, |d| d.saturating_sub(now_ms()))
+            .clamp(10, 1000);
+        self.doing = Doing::Waiting;
+        let message = self
+            .session
+            .next_message(Duration::from_millis(wait))
+            .map_err(unavailable)?;
+        if let Some((topic, payload)) = message {
+            if topic == self.topic {
+                if let Ok(theirs) =
+                    Rollout::open(&payload, self.signing.fleet.root(), &self.record.group)
+                {
+                    self.take_over(theirs)?;
+                }
+            } else {
+                self.on_device_message(&topic, &payload)?;
+            }
+        }
+        if last_tick.elapsed() >= Duration::from_millis(wait) {
+            *last_tick = Instant::now();
+            self.apply(Input::Tick)?;
+        }
+        let due = self.last_persist.elapsed() >= HEARTBEAT
+            || (self.dirty && self.last_persist.elapsed() >= COALESCE);
+        if due && matches!(self.record.phase, Phase::Running { .. }) {
+            self.persist()?;
+        }
+        Ok(())
+    }
+
+    /// A record on the rollout topic: our own echo, or an operator's pause or abort,
+    /// which this driver takes on (adding what it did since their copy).
+    fn take_over(&mut self, theirs: Rollout) -> Result<()> {
+        if theirs.id != self.record.id {
+            // A new rollout took the group (after an abort): this one is over.
+            self.record.phase = Phase::Aborted {
+                wave: 0,
+                by: format!("rollout {} of {}", theirs.id, theirs.started_by),
+            };
+            self.dirty = false;
+            return Ok(());
+        }
+        for (name, d) in &theirs.devices {
+            if d.returned {
+                if let Some(ours) = self.record.devices.get_mut(name) {
+                    ours.returned = true;
+                }
+            }
+        }
+        self.record.serial = self.record.serial.max(theirs.serial);
+        match theirs.phase {
+            Phase::Paused { by, .. } => self.apply(Input::Pause { by })?,
+            Phase::Aborted { by, .. } => self.apply(Input::Abort { by })?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn on_device_message(&mut self, topic: &str, payload: &[u8]) -> Result<()> {
+        let heard = match Reader::new(&self.topics, &self.registry).open(topic, payload) {
+            Ok(Some(h)) => h,
+            Ok(None) => return Ok(()),
+            Err(skipped) => {
+                eprintln!("  warning: skipped {skipped}");
+                return Ok(());
+            }
+        };
+        let (name, version) = (&self.record.module.name, self.record.module.version);
+        let device = heard.device.clone();
+        let input = match &heard.body {
+            Body::Event(e) => {
+                if e.module != *name || e.version != version || !heard.is_verified() {
+                    return Ok(());
+                }
+                match e.kind {
+                    EventKind::RolledBack { .. } | EventKind::Rejected { .. } => Input::Failed {
+                        device,
+                        why: e.kind.to_string(),
+                    },
+                    _ => return Ok(()),
+                }
+            }
+            Body::Reported(r) => {
+                let this = |m: &&kiln_protocol::fleet::ModuleReport| {
+                    m.name == *name && m.version == version
+                };
+                // Failed after its trial (its supervisor gave up, or a command failed):
+                // a failure of the release, counted as the policy counts failures.
+                if let Some(m) = r
+                    .modules
+                    .iter()
+                    .find(|m| this(m) && m.state == ModuleState::Failed)
+                {
+                    if heard.is_verified() {
+                        return self.apply(Input::Failed {
+                            device,
+                            why: format!("failed after its trial: {}", m.last_event),
+                        });
+                    }
+                    return Ok(());
+                }
+                let runs = r.modules.iter().any(|m| {
+                    this(&m) && matches!(m.state, ModuleState::Running | ModuleState::Exited)
+                });
+                if !runs {
+                    return Ok(());
+                }
+                if !heard.is_verified() {
+                    eprintln!(
+                        "  {device}: a reported state not signed by its enrolled key ({}): not counted",
+                        heard.identity.word()
+                    );
+                    return Ok(());
+                }
+                Input::Committed { device }
+            }
+            Body::Status(_) => return Ok(()),
+        };
+        self.apply(input)
+    }
+
+    /// An operator's abort: on record first (the driver, if alive, stops sending and
+    /// gives back what it sent since), then the devices of the wave in flight get back
+    /// what they had. Checked until the broker keeps the abort.
+    pub fn abort(mut self, me: &str) -> Result<()> {
+        for _ in 0..5 {
+            self.apply(Input::Abort { by: me.into() })?;
+            std::thread::sleep(Duration::from_millis(1500));
+            match self.kept()? {
+                Some(kept) if kept.id == self.record.id && !kept.phase.is_active() => {
+                    eprintln!("rollout {}: {}", kept.id, kept.phase);
+                    self.session.disconnect();
+                    return Ok(());
+                }
+                // A driver wrote over the abort before it saw it: abort its newer copy.
+                Some(kept) if kept.id == self.record.id => self.record = kept,
+                _ => {
+                    self.session.disconnect();
+                    return Ok(());
+                }
+            }
+        }
+        Err(coded(
+            Code::Busy,
+            anyhow!(
+                "rollout {}: the abort did not hold; run it again",
+                self.record.id
+            ),
+        ))
+    }
+}
+
+/// What the driver does for [`Recovery`]: on the broker here; on a simulated one in
+/// the model test, which runs the same [`carry_out`].
+pub trait Effects {
+    /// The rollout as this driver has it.
+    fn record(&self) -> &Rollout;
+    /// The rollout, and the driver's recovery to step with it.
+    fn parts(&mut self) -> (&Rollout, &mut Recovery);
+    /// The step under way (the one that failed, after an error).
+    fn doing(&self) -> Doing;
+    /// The clock.
+    fn now_ms(&self) -> u64;
+    /// Waits a second, then reconnects the session (`Err`: still away).
+    fn reconnect(&mut self) -> Result<()>;
+    /// Whether the broker keeps a record for this rollout's group.
+    fn record_kept(&mut self) -> Result<bool>;
+    fn persist(&mut self) -> Result<()>;
+    /// Subscribes again to the devices' answers and the record's topic.
+    fn subscribe(&mut self) -> Result<()>;
+    fn catch_up(&mut self) -> Result<()>;
+    fn perform(&mut self, action: Action) -> Result<()>;
+}
+
+impl Effects for Driver<'_> {
+    fn record(&self) -> &Rollout {
+        &self.record
+    }
+    fn parts(&mut self) -> (&Rollout, &mut Recovery) {
+        (&self.record, &mut self.recovery)
+    }
+    fn doing(&self) -> Doing {
+        self.doing
+    }
+    fn now_ms(&self) -> u64 {
+        now_ms()
+    }
+    fn reconnect(&mut self) -> Result<()> {
+        std::thread::sleep(Duration::from_secs(1));
+        self.session.reconnect()
+    }
+    fn record_kept(&mut self) -> Result<bool> {
+        Ok(self.kept()?.is_some())
+    }
+    fn persist(&mut self) -> Result<()> {
+        Driver::persist(self)
+    }
+    fn subscribe(&mut self) -> Result<()> {
+        Driver::subscribe(self, true)
+    }
+    fn catch_up(&mut self) -> Result<()> {
+        Driver::catch_up(self)
+    }
+    fn perform(&mut self, action: Action) -> Result<()> {
+        Driver::perform(self, action)
+    }
+}
+
+/// Hands `event` (and the error that caused it) to the driver's [`Recovery`] and does
+/// what it says, feeding back how each list went, until it has nothing more to do.
+/// `Err` when it stops the driver: the error, or the broker's absence past a minute.
+pub fn carry_out(fx: &mut impl Effects, event: Event, error: Option<anyhow::Error>) -> Result<()> {
+    let mut event = event;
+    let mut error = error;
+    if let (Event::Failed { away: true, .. }, Some(e)) = (&event, &error) {
+        if !fx.parts().1.stopped() {
+            eprintln!("kiln: warning: {e:#}; reconnecting");
+        }
+    }
+    loop {
+        let now = fx.now_ms();
+        let (record, recovery) = fx.parts();
+        let todo = recovery.step(record, now, event);
+        if todo.is_empty() {
+            return Ok(());
+        }
+        event = Event::Done;
+        for d in todo {
+            let result = match d {
+                Do::Reconnect => {
+                    event = match fx.reconnect() {
+                        Ok(()) => match fx.record_kept() {
+                            Ok(record_kept) => Event::Reconnected { record_kept },
+                            Err(e) => failed(fx, &mut error, e),
+                        },
+                        Err(e) => {
+                            error = Some(e);
+                            Event::StillAway
+                        }
+                    };
+                    break;
+                }
+                Do::Persist => {
+                    eprintln!(
+                        "  the broker lost the rollout record (no persistence?): written again"
+                    );
+                    fx.persist()
+                }
+                Do::Subscribe => fx.subscribe(),
+                Do::CatchUp => fx.catch_up(),
+                Do::Perform(action) => fx.perform(action),
+                Do::Fail => {
+                    return Err(error.unwrap_or_else(|| anyhow!("the rollout driver stopped")))
+                }
+                Do::GiveUp => {
+                    let r = fx.record();
+                    let context = format!(
+                        "rollout {} stopped; `kiln rollout resume --group {}` takes it up",
+                        r.id, r.group
+                    );
+                    let e = error.unwrap_or_else(|| anyhow!("the broker is away"));
+                    return Err(unavailable(e.context(context)));
+                }
+            };
+            if let Err(e) = result {
+                event = failed(fx, &mut error, e);
+                break;
+            }
+        }
+    }
+}
+
+/// The event for a step that failed with `e` (kept as the error to stop with).
+fn failed(fx: &impl Effects, error: &mut Option<anyhow::Error>, e: anyhow::Error) -> Event {
+    let away = crate::exit::code_of(&e) == Code::Unavailable;
+    *error = Some(e);
+    Event::Failed {
+        doing: fx.doing(),
+        away,
+    }
+}
