@@ -31,6 +31,9 @@ cargo test --locked
 # test-only features the tests' kilnd has.
 cargo test --locked -p kiln-runtime --lib --features conformance,test-hooks
 cargo test --locked -p kiln-runtime --doc
+# The differential corpus's quick part (docs/src/corpus.md): two registry programs on
+# x86_64, aarch64 and riscv64, byte for byte against wasmtime (about two minutes).
+scripts/corpus.sh --quick
 # The chaos soak for one minute with a fixed seed (docs/src/testing.md, "Chaos soak"): three devices
 # (native, aarch64 and riscv64 under qemu-user), faults from the seed, invariants held.
 scripts/soak.sh --no-build --minutes 1 --seed 20261130
