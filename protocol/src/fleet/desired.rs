@@ -1,13 +1,14 @@
 //! The signed desired state: what a device or a group should run, each module's
 //! artifacts per target and limits, and the envelope its signatures travel in.
 
+use serde::{Deserialize, Serialize};
+
 use super::{
     sha256, utc, MAX_DESIRED, MAX_SERIAL_AHEAD_MS, MAX_TICK_MS, MAX_TIMEOUT_MS, PLAUSIBLE_CLOCK_MS,
 };
 use crate::keys::{KeyId, PublicKey, SecretKey};
 use crate::transfer::{Codec, Transfer, MAX_ARTIFACT};
 use crate::trust::{sign_all, OpenError, Root, Sig};
-use serde::{Deserialize, Serialize};
 
 /// What a device or a group should run. Signed by a threshold of the release keys of
 /// the fleet's root.

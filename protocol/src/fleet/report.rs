@@ -1,8 +1,9 @@
 //! What a device publishes: its status (birth and LWT), what it runs (reported), the
 //! events of every update, each signed with the device's identity key.
 
-use crate::keys::{PublicKey, SecretKey};
 use serde::{Deserialize, Serialize};
+
+use crate::keys::{PublicKey, SecretKey};
 
 /// Retained on `status`: the birth message, or the LWT.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
