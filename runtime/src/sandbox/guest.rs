@@ -123,7 +123,7 @@ impl Guest {
                 })?;
             let _guard = tokio.enter();
             steps.mark("io runtime");
-            let mut builder = wasi::builder(&name, &opts.wasi, tokio.handle())?;
+            let (mut builder, preopens) = wasi::builder(&name, &opts.wasi, tokio.handle())?;
             builder.set_engine(loaded.engine.clone());
             if opts.capture_stdio {
                 captures = capture_stdio(&mut builder, &opts.emit);
@@ -135,7 +135,8 @@ impl Guest {
             let mut imports = env
                 .import_object_for_all_wasi_versions(&mut store, &module)
                 .map_err(|e| fail(format!("cannot set up WASI: {e}")))?;
-            wasi::adapt_imports(&mut store, &mut imports);
+            let wasip1 = !wasmer_wasix::is_wasix_module(&module);
+            wasi::adapt(&mut store, &mut imports, &env, preopens, wasip1);
             (Some(tokio), Some(env), imports)
         } else {
             (None, None, Imports::new())

@@ -8,15 +8,27 @@ use std::path::Path;
 use std::sync::Arc;
 
 use kiln_protocol::abi;
+#[cfg(feature = "wasi")]
+use std::sync::RwLock;
 use wasmer::Module;
 #[cfg(feature = "wasi")]
-use wasmer_wasix::fs::{Kind, WasiFs, WasiInodes, VIRTUAL_ROOT_FD};
+use wasmer_wasix::fs::{InodeGuard, InodeVal, Kind, WasiFs, WasiInodes, VIRTUAL_ROOT_FD};
 #[cfg(feature = "wasi")]
-use wasmer_wasix::virtual_fs::{host_fs, mount_fs::MountFileSystem, RootFileSystemBuilder};
+use wasmer_wasix::virtual_fs::{mount_fs::MountFileSystem, RootFileSystemBuilder};
 #[cfg(feature = "wasi")]
 use wasmer_wasix::{WasiEnv, WasiEnvBuilder, ALL_RIGHTS};
 
 use crate::exit::{Code, Failure};
+
+#[cfg(feature = "wasi")]
+mod adapt;
+#[cfg(feature = "wasi")]
+mod hostfs;
+#[cfg(feature = "wasi")]
+pub mod paths;
+
+#[cfg(feature = "wasi")]
+pub use adapt::{adapt, Preopens};
 
 pub use kiln_protocol::dirs::DirMapping;
 
@@ -34,14 +46,13 @@ pub fn builder(
     name: &str,
     opts: &WasiOptions,
     handle: &tokio::runtime::Handle,
-) -> Result<WasiEnvBuilder, Failure> {
+) -> Result<(WasiEnvBuilder, Preopens), Failure> {
     let mut builder = WasiEnv::builder(name)
         .args(opts.args.iter())
         .envs(opts.env.iter().cloned());
     builder.set_mount_fs(sandbox(&opts.dirs, handle)?);
     // WASI libcs resolve absolute paths through the preopen named "/", and relative
-    // ones (older libcs) through ".": both are the sandbox's root. Each gets every
-    // right; the sandbox is the file system behind them, not the rights.
+    // ones (older libcs) through ".": both are the sandbox's root.
     builder
         .add_preopen_dir("/")
         .and_then(|()| {
@@ -54,7 +65,12 @@ pub fn builder(
             })
         })
         .map_err(|e| Failure::new(Code::Internal, format!("cannot set up the sandbox: {e}")))?;
-    Ok(builder.setup_fs(Box::new(preopens_first)))
+    let preopens = Preopens::default();
+    let table = preopens.clone();
+    let builder = builder.setup_fs(Box::new(move |inodes, fs| {
+        preopens_first(inodes, fs, &table)
+    }));
+    Ok((builder, preopens))
 }
 
 /// wasix puts its own virtual root at fd 3, named `/` like a preopen, ahead of the
@@ -64,10 +80,14 @@ pub fn builder(
 /// (the WASI testsuite, users of wasmtime's `--dir HOST::/`) got that root. So kilnd
 /// makes the sandbox's `/` directory the root: it becomes wasix's root inode (`/..` is
 /// `/` again, as in POSIX), it takes fd 3, and the other preopens follow without a gap
-/// (libcs stop at the first fd that is not a preopen), each with every right (the
-/// sandbox is the file system behind them, not the rights), as wasmtime's preopens.
+/// (libcs stop at the first fd that is not a preopen), each with a directory's rights
+/// and every right to inherit, as wasmtime's preopens.
+///
+/// Each preopen gets an inode of its own that wasix does not mark as preopened: wasix
+/// will not close such an fd or renumber over it, which WASI allows. kilnd answers
+/// `fd_prestat_get` itself from `table` instead (`adapt`).
 #[cfg(feature = "wasi")]
-fn preopens_first(_: &WasiInodes, fs: &mut WasiFs) -> Result<(), String> {
+fn preopens_first(inodes: &WasiInodes, fs: &mut WasiFs, table: &Preopens) -> Result<(), String> {
     let poisoned = "the WASI file table is poisoned";
     let root_fd = VIRTUAL_ROOT_FD;
     let preopens = fs.preopen_fds.get_mut().map_err(|_| poisoned)?;
@@ -93,7 +113,8 @@ fn preopens_first(_: &WasiInodes, fs: &mut WasiFs) -> Result<(), String> {
         let mut fd = fds
             .remove(have)
             .ok_or_else(|| format!("preopen fd {have} is not open"))?;
-        fd.inner.rights = ALL_RIGHTS;
+        fd.inode = unmarked(inodes, &fd.inode)?;
+        fd.inner.rights = adapt::DIRECTORY_RIGHTS;
         fd.inner.rights_inheriting = ALL_RIGHTS;
         moved.push(fd);
     }
@@ -111,7 +132,10 @@ fn preopens_first(_: &WasiInodes, fs: &mut WasiFs) -> Result<(), String> {
     }
     fs.root_inode = root;
     let mut renumbered = Vec::with_capacity(moved.len());
+    let mut names = table.lock().map_err(|_| poisoned)?;
     for (want, fd) in (root_fd..).zip(moved) {
+        let name = fd.inode.name.read().map_err(|_| poisoned)?.to_string();
+        names.insert(want, name);
         if !fds.insert(true, want, fd) {
             return Err(format!("fd {want} is taken"));
         }
@@ -121,64 +145,28 @@ fn preopens_first(_: &WasiInodes, fs: &mut WasiFs) -> Result<(), String> {
     Ok(())
 }
 
-/// wasix refuses to open a directory when FD_WRITE is among the requested rights
-/// (`EISDIR`), while it reports every right, FD_WRITE included, for fd 3: so the usual
-/// way to reopen the root, `path_open(3, ".", O_DIRECTORY, <fd 3's rights>)`, failed.
-/// wasmtime never reports FD_WRITE for a directory and opens it; so does kilnd, by
-/// asking wasix for a directory without FD_WRITE. Nothing else changes: a file opened
-/// for writing still needs FD_WRITE, and every other error is wasix's.
+/// A copy of preopen inode `old` that wasix does not mark as preopened.
 #[cfg(feature = "wasi")]
-pub fn adapt_imports(store: &mut wasmer::Store, imports: &mut wasmer::Imports) {
-    use wasmer::{Extern, Function, FunctionEnv, FunctionEnvMut, RuntimeError, Value};
-    use wasmer_wasix::types::wasi::{Oflags, Rights};
-
-    #[allow(clippy::too_many_arguments)] // WASI's path_open
-    fn path_open(
-        mut ctx: FunctionEnvMut<Function>,
-        fd: i32,
-        dirflags: i32,
-        path: i32,
-        path_len: i32,
-        oflags: i32,
-        rights_base: i64,
-        rights_inheriting: i64,
-        fdflags: i32,
-        opened: i32,
-    ) -> Result<i32, RuntimeError> {
-        let directory = (oflags as u16) & Oflags::DIRECTORY.bits() != 0;
-        let rights_base = if directory {
-            ((rights_base as u64) & !Rights::FD_WRITE.bits()) as i64
-        } else {
-            rights_base
-        };
-        let original = ctx.data().clone();
-        let args = [
-            Value::I32(fd),
-            Value::I32(dirflags),
-            Value::I32(path),
-            Value::I32(path_len),
-            Value::I32(oflags),
-            Value::I64(rights_base),
-            Value::I64(rights_inheriting),
-            Value::I32(fdflags),
-            Value::I32(opened),
-        ];
-        match original.call(&mut ctx, &args)?.first() {
-            Some(Value::I32(errno)) => Ok(*errno),
-            other => Err(RuntimeError::new(format!("path_open returned {other:?}"))),
-        }
-    }
-
-    for ns in ["wasi_snapshot_preview1", "wasi_unstable"] {
-        if let Some(Extern::Function(original)) = imports.get_export(ns, "path_open") {
-            let env = FunctionEnv::new(store, original);
-            imports.define(
-                ns,
-                "path_open",
-                Function::new_typed_with_env(store, &env, path_open),
-            );
-        }
-    }
+fn unmarked(inodes: &WasiInodes, old: &InodeGuard) -> Result<InodeGuard, String> {
+    let poisoned = "the WASI inode table is poisoned";
+    let kind = match &*old.read() {
+        Kind::Dir {
+            parent,
+            path,
+            entries,
+        } => Kind::Dir {
+            parent: parent.clone(),
+            path: path.clone(),
+            entries: entries.clone(),
+        },
+        other => return Err(format!("a preopen is not a directory: {other:?}")),
+    };
+    Ok(inodes.add_inode_val(InodeVal {
+        stat: RwLock::new(*old.stat.read().map_err(|_| poisoned)?),
+        is_preopened: false,
+        name: RwLock::new(old.name.read().map_err(|_| poisoned)?.clone()),
+        kind: RwLock::new(kind),
+    }))
 }
 
 /// Import modules this kilnd provides.
@@ -276,7 +264,7 @@ fn sandbox(
         if !host.is_dir() {
             return Err(fail("not a directory".into()));
         }
-        host_fs::FileSystem::new(handle.clone(), host)
+        hostfs::HostDir::new(handle.clone(), host)
             .map(Arc::new)
             .map_err(|e| fail(e.to_string()))
     };
