@@ -362,8 +362,10 @@ fn fd_close(mut ctx: Ctx, fd: i32) -> Result<i32, RuntimeError> {
 /// `fd_dup2` takes the lowest free fd from `to` on, which is `to`), and closes `from`.
 fn fd_renumber(mut ctx: Ctx, from: i32, to: i32) -> Result<i32, RuntimeError> {
     answer((|| {
-        let moved = fdstat(&mut ctx, from, &[]).map_err(|_| Errno::Badf)?;
-        fdstat(&mut ctx, to, &[]).map_err(|_| Errno::Badf)?;
+        if !is_open(&mut ctx, from)? || !is_open(&mut ctx, to)? {
+            return Ok(errno(Errno::Badf));
+        }
+        let moved = fdstat(&mut ctx, from, &[])?;
         if from == to {
             return Ok(ESUCCESS);
         }
@@ -498,19 +500,23 @@ capable! {
     fd_fdstat_set_flags(fd: i32, flags: i32);
 }
 
+/// Whether `fd` is open in wasix's file table: asking to set its rights to every right
+/// fails `BADF` when it is not, and changes nothing when it is (rights only shrink).
+/// `fd_fdstat_get` cannot tell for fds 0 to 3 (below).
+fn is_open(ctx: &mut Ctx, fd: i32) -> Step<bool> {
+    let all = ALL_RIGHTS.bits() as i64;
+    let probe = [Value::I32(fd), Value::I64(all), Value::I64(all)];
+    Ok(call(ctx, "fd_fdstat_set_rights", &probe)? != errno(Errno::Badf))
+}
+
 /// wasix answers `fd_fdstat_get` for fds 0 to 3 from constants, open or not: the
 /// standard streams as terminals and fd 3 as its root with every right. kilnd asks
-/// wasix's file table whether the fd is open (setting an fd's rights to every right
-/// fails `BADF` when it is not, and changes nothing when it is), and gives fd 3 the
-/// rights it really has.
+/// wasix's file table whether the fd is open (`is_open`), and gives fd 3 the rights
+/// it really has.
 fn fd_fdstat_get(mut ctx: Ctx, fd: i32, buf: i32) -> Result<i32, RuntimeError> {
     answer((|| {
-        if (0..=3).contains(&fd) {
-            let all = ALL_RIGHTS.bits() as i64;
-            let probe = [Value::I32(fd), Value::I64(all), Value::I64(all)];
-            if call(&mut ctx, "fd_fdstat_set_rights", &probe)? == errno(Errno::Badf) {
-                return Ok(errno(Errno::Badf));
-            }
+        if !is_open(&mut ctx, fd)? {
+            return Ok(errno(Errno::Badf));
         }
         let e = call(
             &mut ctx,
