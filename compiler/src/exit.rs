@@ -5,6 +5,8 @@ use std::fmt;
 
 use kiln_protocol::exit::Code as Shared;
 
+use crate::fleet;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Code {
@@ -75,10 +77,33 @@ pub fn one_line(err: &anyhow::Error) -> String {
         .join(": ")
 }
 
+/// The code of the outermost error in `err`'s chain that carries one: a [`Coded`], or
+/// a wing's typed error.
 pub fn code_of(err: &anyhow::Error) -> Code {
     err.chain()
-        .find_map(|e| e.downcast_ref::<Coded>())
-        .map_or(Code::Failure, |c| c.code)
+        .find_map(|e| {
+            e.downcast_ref::<Coded>()
+                .map(|c| c.code)
+                .or_else(|| e.downcast_ref::<fleet::Error>().map(Code::from))
+        })
+        .unwrap_or(Code::Failure)
+}
+
+/// The fleet wing's errors, each kind with its code: the one place they are mapped.
+impl From<&fleet::Error> for Code {
+    fn from(e: &fleet::Error) -> Code {
+        match e {
+            fleet::Error::Broker(_) => Code::Unavailable,
+            fleet::Error::Trust(_) => Code::Key,
+            fleet::Error::Invalid(_) => Code::InvalidInput,
+            fleet::Error::Unreadable(_) => Code::NoInput,
+            fleet::Error::Usage(_) => Code::Usage,
+            fleet::Error::NoSuchScope(_) => Code::NoSuchScope,
+            fleet::Error::WouldRefuse(_) => Code::WouldRefuse,
+            fleet::Error::Busy(_) => Code::Busy,
+            fleet::Error::Stopped(_) => Code::Failure,
+        }
+    }
 }
 
 #[cfg(test)]

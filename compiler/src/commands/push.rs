@@ -117,7 +117,7 @@ impl PushCommand {
         let seen = seen(&mut session, &topics, registry.as_ref())?;
         if let Some(r) = preflight::scope_refusal(&scope, &seen) {
             if !self.force {
-                bail!(coded(r.code(), anyhow!("not published: {r}")));
+                bail!(r.error(format!("not published: {r}")));
             }
             eprintln!("warning: {r} (--force: publishing anyway)");
         }

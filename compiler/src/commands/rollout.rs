@@ -181,7 +181,7 @@ impl RolloutCommand {
         let registry = self.release.registry(&mut session, &topics)?;
         let seen = crate::fleet::messages::seen(&mut session, &topics, registry.as_ref())?;
         if let Some(r) = preflight::scope_refusal(&scope, &seen) {
-            return Err(coded(r.code(), anyhow!("not started: {r}")));
+            return Err(r.error(format!("not started: {r}")).into());
         }
         let mut release = self.release.load(&mut session, &scope)?;
         // Members without an artifact are left out (below), not refused.
@@ -191,14 +191,14 @@ impl RolloutCommand {
                 .into_iter()
                 .filter(|r| !matches!(r, preflight::Refusal::NoArtifact { .. }))
                 .collect();
-        if let Some((code, line)) = preflight::verdict(&refusals, false) {
-            return Err(coded(code, anyhow!(line)));
+        if let Some(refused) = preflight::verdict(&refusals, false) {
+            return Err(refused.into());
         }
         let topics = release.topics.clone();
         // Refused before anything is uploaded: another rollout holds the group.
         if let Some(other) = read_record(&mut session, &release.signing, &topics, &group)? {
             if other.phase.is_active() {
-                return Err(busy(&other));
+                return Err(busy(&other).into());
             }
         }
         let registry = release

@@ -10,10 +10,10 @@ use anyhow::Result;
 use kiln_protocol::fleet::{EventKind, EventV1, ModuleState, ReportedV1, Topics};
 use kiln_protocol::trust::Registry;
 
-use crate::exit::{coded, Code};
 use crate::fleet::broker::Session;
 use crate::fleet::messages::{Body, Reader};
 use crate::fleet::trust::Identity;
+use crate::fleet::Error;
 
 /// What the devices said about a new desired state. Pure: the driver feeds it what
 /// the broker delivers on their `reported` and `events` topics.
@@ -129,10 +129,7 @@ pub fn await_answers(
         if left.is_zero() {
             break;
         }
-        let Some((topic, payload)) = session
-            .next_message(left)
-            .map_err(|e| coded(Code::Unavailable, e))?
-        else {
+        let Some((topic, payload)) = session.next_message(left).map_err(Error::Broker)? else {
             continue;
         };
         let heard = match Reader::new(topics, registry).open(&topic, &payload) {

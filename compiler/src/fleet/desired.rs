@@ -8,12 +8,12 @@ use std::collections::BTreeMap;
 use anyhow::{anyhow, bail, Result};
 use kiln_protocol::fleet::{Desired, DesiredModule, Scope, Topics, MAX_DESIRED};
 
-use crate::exit::{coded, Code};
 use crate::fleet::broker::{now_ms, Session};
 use crate::fleet::messages::{warn_skipped, Heard, Reader};
 use crate::fleet::release::Release;
 use crate::fleet::serial::{next_serial, warn_ignored, Claim};
 use crate::fleet::trust::{describe_state, Opened, Signing};
+use crate::fleet::Error;
 
 impl Release {
     /// The desired state of `scope` with this release as its module's entry (the
@@ -47,7 +47,7 @@ impl NextDesired {
     pub fn publish(self, session: &mut Session) -> Result<u64> {
         session
             .publish_all(vec![(self.topic, self.signed)], |_| {})
-            .map_err(|e| coded(Code::Unavailable, e))?;
+            .map_err(Error::Broker)?;
         Ok(self.desired.serial)
     }
 }
@@ -69,7 +69,7 @@ pub fn prepare_desired(
     scope: &Scope,
     edit: impl FnOnce(&mut Vec<DesiredModule>),
 ) -> Result<NextDesired> {
-    let unavailable = |e| coded(Code::Unavailable, e);
+    let unavailable = |e| Error::Broker(e);
     let topic = match scope {
         Scope::Device(d) => topics.desired(d),
         Scope::Group(g) => topics.group_desired(g),
@@ -95,7 +95,7 @@ pub fn prepare_for_devices(
     devices: &[String],
     mut edit: impl FnMut(&str, &mut Vec<DesiredModule>),
 ) -> Result<Vec<NextDesired>> {
-    let unavailable = |e| coded(Code::Unavailable, e);
+    let unavailable = |e| Error::Broker(e);
     let current = session
         .retained(&topics.all_devices("desired"))
         .map_err(unavailable)?;
@@ -125,7 +125,7 @@ fn device_reports(
     topics: &Topics,
     scope: &Scope,
 ) -> Result<Vec<Heard>> {
-    let unavailable = |e| coded(Code::Unavailable, e);
+    let unavailable = |e| Error::Broker(e);
     let registry = signing.registry(session, topics)?;
     let mut retained = BTreeMap::new();
     let kinds: &[&str] = match scope {
@@ -179,16 +179,12 @@ fn build_desired(
                     eprintln!("replacing the untrusted desired state of {target} ({e}): its modules are dropped");
                     return finish_desired(signing, scope, topic, None, Vec::new(), claims, edit);
                 }
-                Ok(Opened::Revoked { doc, root }) => bail!(coded(
-                    Code::Key,
-                    anyhow!(
+                Ok(Opened::Revoked { doc, root }) => bail!(Error::trust(anyhow!(
                         "the current desired state of {target} was signed under root v{root} by keys since rotated out ({}); building on it would re-sign it with today's keys: review it and pass --adopt, or --replace-untrusted to start from no modules",
                         describe_state(&doc)
                     )
                 )),
-                Err(e) => bail!(coded(
-                    Code::Key,
-                    anyhow!("the current desired state of {target} is not trusted ({e}); refusing to build on it (--replace-untrusted starts from no modules)"),
+                Err(e) => bail!(Error::Trust(format!("the current desired state of {target} is not trusted ({e}); refusing to build on it (--replace-untrusted starts from no modules)"),
                 )),
             };
             // Not this target's state (a stray or mis-addressed message): start over,
@@ -240,9 +236,7 @@ fn finish_desired(
     };
     let signed = signing.sign(&desired)?;
     if signed.len() > MAX_DESIRED {
-        bail!(coded(
-            Code::InvalidInput,
-            anyhow!(
+        bail!(Error::invalid(anyhow!(
                 "the desired state of {target} would be {} bytes, more than devices read ({MAX_DESIRED}); fewer modules or a smaller config",
                 signed.len()
             )

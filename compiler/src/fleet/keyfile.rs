@@ -17,7 +17,7 @@ use kiln_protocol::keys::{PublicKey, SecretKey};
 pub fn read_secrets(paths: &[std::path::PathBuf]) -> Result<Vec<SecretKey>> {
     paths
         .iter()
-        .map(|p| read_secret(p).map_err(|e| crate::exit::coded(crate::exit::Code::Key, e)))
+        .map(|p| read_secret(p).map_err(|e| crate::fleet::Error::trust(e).into()))
         .collect()
 }
 

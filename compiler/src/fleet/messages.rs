@@ -7,9 +7,9 @@ use anyhow::Result;
 use kiln_protocol::fleet::{DeviceFacts, Scope, StatusV2, Topics};
 use kiln_protocol::trust::Registry;
 
-use crate::exit::{coded, Code};
 use crate::fleet::broker::Session;
 use crate::fleet::preflight;
+use crate::fleet::Error;
 
 pub use kiln_protocol::heard::{Body, Heard, Reader, Skipped};
 
@@ -50,9 +50,7 @@ pub fn statuses(
         Scope::Device(d) => topics.status(d),
         Scope::Group(_) => topics.all_devices("status"),
     };
-    let retained = session
-        .retained(&filter)
-        .map_err(|e| coded(Code::Unavailable, e))?;
+    let retained = session.retained(&filter).map_err(Error::Broker)?;
     // Facts only (which targets, who is online): no identity is judged from them.
     let registry = Registry::default();
     let (heard, skipped) = Reader::new(topics, &registry).all(&retained);
@@ -93,7 +91,7 @@ pub fn seen(
     topics: &Topics,
     registry: Option<&Registry>,
 ) -> Result<Vec<preflight::Seen>> {
-    let unavailable = |e| coded(Code::Unavailable, e);
+    let unavailable = |e| Error::Broker(e);
     let empty = Registry::default();
     let registry = registry.unwrap_or(&empty);
     let enrolling = !registry.devices.is_empty();

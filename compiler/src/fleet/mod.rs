@@ -4,11 +4,13 @@
 //! [`answers`]); every desired state is built by [`desired`] under a serial from
 //! [`serial`]; releases (artifacts and their transfers) are [`release`]; keys, roots
 //! and the registry are [`trust`] and [`keyfile`]; the checks before publishing are
-//! [`preflight`].
+//! [`preflight`]. What fails here fails as an [`Error`], whose kind says the exit
+//! code ([`crate::exit`]).
 
 pub mod answers;
 pub mod broker;
 pub mod desired;
+mod error;
 pub mod keyfile;
 pub mod messages;
 pub mod preflight;
@@ -17,3 +19,5 @@ pub mod release;
 pub mod rollout;
 pub mod serial;
 pub mod trust;
+
+pub use error::Error;

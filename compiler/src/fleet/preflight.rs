@@ -16,7 +16,7 @@ use kiln_protocol::abi;
 use kiln_protocol::fleet::{DesiredModule, DeviceFacts, ModuleState, ReportedV1, Scope};
 use kiln_protocol::manifest::Manifest;
 
-use crate::exit::Code;
+use crate::fleet::Error;
 
 /// What the broker retains about one device: its facts (from its status) and its
 /// reported state, whoever signed them (a refusal from an unverified claim can only
@@ -50,11 +50,12 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub fn code(&self) -> Code {
+    /// The refusal as the error a command ends with, worded `line`.
+    pub fn error(&self, line: String) -> Error {
         match self {
-            Refusal::UnknownScope { .. } => Code::NoSuchScope,
-            Refusal::ZeroTick => Code::Usage,
-            _ => Code::WouldRefuse,
+            Refusal::UnknownScope { .. } => Error::NoSuchScope(line),
+            Refusal::ZeroTick => Error::Usage(line),
+            _ => Error::WouldRefuse(line),
         }
     }
 
@@ -187,18 +188,15 @@ pub fn check(
 }
 
 /// The refusals that stand (`force` waives the forcible ones), as one error: the
-/// first refusal's code, every reason on one line.
-pub fn verdict(refusals: &[Refusal], force: bool) -> Option<(Code, String)> {
+/// first refusal's kind, every reason on one line.
+pub fn verdict(refusals: &[Refusal], force: bool) -> Option<Error> {
     let standing: Vec<&Refusal> = refusals
         .iter()
         .filter(|r| !(force && r.forcible()))
         .collect();
     let first = standing.first()?;
     let reasons: Vec<String> = standing.iter().map(ToString::to_string).collect();
-    Some((
-        first.code(),
-        format!("not published: {}", reasons.join("; ")),
-    ))
+    Some(first.error(format!("not published: {}", reasons.join("; "))))
 }
 
 #[cfg(test)]
@@ -270,7 +268,7 @@ mod tests {
         let lab = Scope::Group("lab".into());
         assert!(scope_refusal(&lab, &fleet).is_none());
         let typo = scope_refusal(&Scope::Device("dev-1".into()), &fleet).unwrap();
-        assert_eq!(typo.code(), Code::NoSuchScope);
+        assert!(matches!(typo.error(String::new()), Error::NoSuchScope(_)));
         assert!(typo.to_string().contains("device dev-1"));
         assert!(scope_refusal(&Scope::Group("lba".into()), &fleet).is_some());
 
@@ -281,8 +279,9 @@ mod tests {
             matches!(&refusals[0], Refusal::Downgrade { device, running: 3, .. } if device == "dev-01")
         );
         assert!(matches!(&refusals[1], Refusal::NoArtifact { device, .. } if device == "dev-02"));
-        let (code, line) = verdict(&refusals, false).unwrap();
-        assert_eq!(code, Code::WouldRefuse);
+        let Some(Error::WouldRefuse(line)) = verdict(&refusals, false) else {
+            panic!("not a refusal of the update");
+        };
         assert!(line.contains("dev-01") && line.contains("dev-02"), "{line}");
         assert!(verdict(&refusals, true).is_none());
         // What every device refuses yields to nothing.

@@ -4,8 +4,8 @@
 use anyhow::{anyhow, Result};
 use kiln_protocol::trust::SignedRegistry;
 
-use crate::exit::{coded, Code};
 use crate::fleet::trust::Fleet;
+use crate::fleet::Error;
 
 /// A registry with `devices` removed, signed and published: what `enroll --remove`
 /// and `kiln decommission` share. Returns the new serial and whether any was there.
@@ -35,16 +35,16 @@ pub fn publish_registry(
     fleet: &Fleet,
     keys: &[kiln_protocol::keys::SecretKey],
     registry: &mut kiln_protocol::trust::Registry,
-) -> Result<()> {
+) -> Result<(), Error> {
     registry.fleet = fleet.root().fleet.clone();
     registry.serial += 1;
     let refs: Vec<_> = keys.iter().collect();
     let signed = registry
         .sign(&refs)
-        .map_err(|e| coded(Code::InvalidInput, anyhow!(e)))?;
+        .map_err(|e| Error::invalid(anyhow!(e)))?;
     SignedRegistry::open(&signed, fleet.root())
-        .map_err(|e| coded(Code::Key, anyhow!("the registry would not be trusted: {e}")))?;
+        .map_err(|e| Error::Trust(format!("the registry would not be trusted: {e}")))?;
     session
         .publish_all(vec![(topics.registry(), signed)], |_| {})
-        .map_err(|e| coded(Code::Unavailable, e))
+        .map_err(Error::Broker)
 }

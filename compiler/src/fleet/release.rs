@@ -20,11 +20,11 @@ use kiln_protocol::manifest::Manifest;
 use kiln_protocol::transfer::{self, sha256, Chunk, ChunkList, Codec, Prepared};
 
 use crate::build::release_file::read_input;
-use crate::exit::{coded, Code};
 use crate::fleet::broker::{now_ms, Session};
 use crate::fleet::messages::{warn_skipped, Reader};
 use crate::fleet::preflight;
 use crate::fleet::trust::Signing;
+use crate::fleet::Error;
 use crate::text::human_size;
 
 mod args;
@@ -38,8 +38,8 @@ impl Release {
         let manifests: Vec<&kiln_protocol::manifest::Manifest> =
             self.built.iter().map(|b| &b.manifest).collect();
         let refusals = preflight::check(scope, &self.module, &manifests, seen);
-        if let Some((code, line)) = preflight::verdict(&refusals, force) {
-            bail!(coded(code, anyhow!(line)));
+        if let Some(refused) = preflight::verdict(&refusals, force) {
+            bail!(refused);
         }
         for r in refusals.iter().filter(|r| r.forcible()) {
             eprintln!("warning: {r} (--force: publishing anyway)");
@@ -74,7 +74,7 @@ pub fn verify_all(artifacts: Vec<(String, Vec<u8>)>, trust: &TrustedKeys) -> Res
         let manifest = Envelope::parse(&bytes)
             .and_then(|e| e.verify(trust))
             .map(|v| v.manifest)
-            .map_err(|e| coded(Code::InvalidInput, anyhow!("artifact {origin}: {e}")))?;
+            .map_err(|e| Error::Invalid(format!("artifact {origin}: {e}")))?;
         let b = Built {
             manifest,
             sha256: sha256(&bytes),
@@ -83,33 +83,26 @@ pub fn verify_all(artifacts: Vec<(String, Vec<u8>)>, trust: &TrustedKeys) -> Res
         if let Some(first) = built.first() {
             let (m, f) = (&b.manifest, &first.manifest);
             if (m.name.as_str(), m.version) != (f.name.as_str(), f.version) {
-                bail!(coded(
-                    Code::InvalidInput,
-                    anyhow!(
-                        "artifact {origin} is {} v{}, the release is {} v{}",
-                        m.name,
-                        m.version,
-                        f.name,
-                        f.version
-                    )
-                ));
+                bail!(Error::invalid(anyhow!(
+                    "artifact {origin} is {} v{}, the release is {} v{}",
+                    m.name,
+                    m.version,
+                    f.name,
+                    f.version
+                )));
             }
         }
         if built.iter().any(|o| o.target() == b.target()) {
-            bail!(coded(
-                Code::InvalidInput,
-                anyhow!(
-                    "artifact {origin}: the release already has one for {}",
-                    b.target()
-                )
-            ));
+            bail!(Error::invalid(anyhow!(
+                "artifact {origin}: the release already has one for {}",
+                b.target()
+            )));
         }
         built.push(b);
     }
     if built.is_empty() {
-        bail!(coded(
-            Code::Usage,
-            anyhow!("a release needs at least one artifact")
+        bail!(Error::Usage(
+            "a release needs at least one artifact".to_string()
         ));
     }
     Ok(built)
@@ -305,7 +298,7 @@ impl Release {
     /// push or rollout of the same artifact may still be between its chunks and its
     /// desired state. gc clears them once they are stale.
     pub fn upload(&mut self, session: &mut Session) -> Result<usize> {
-        let unavailable = |e| coded(Code::Unavailable, e);
+        let unavailable = |e| Error::Broker(e);
         let markers = self
             .transfers
             .iter()
@@ -419,9 +412,7 @@ impl Phase {
 /// names the old size), and those transfers could never finish.
 fn keep_chunking(session: &mut Session, topics: &Topics, p: Prepared) -> Result<Prepared> {
     let topic = topics.list(&p.transfer.sha256);
-    let retained = session
-        .retained(&topic)
-        .map_err(|e| coded(Code::Unavailable, e))?;
+    let retained = session.retained(&topic).map_err(Error::Broker)?;
     match retained.get(&topic).map(|l| ChunkList::peek(l)) {
         Some(Ok(list))
             if list.sha256 == p.transfer.sha256 && list.chunk_size != p.transfer.chunk_size =>
@@ -445,7 +436,7 @@ fn running_versions(
     scope: &Scope,
     name: &str,
 ) -> Result<Vec<[u8; 32]>> {
-    let unavailable = |e| coded(Code::Unavailable, e);
+    let unavailable = |e| Error::Broker(e);
     let (reported, status) = match scope {
         Scope::Device(d) => (topics.reported(d), topics.status(d)),
         Scope::Group(_) => (topics.all_devices("reported"), topics.all_devices("status")),
@@ -576,7 +567,7 @@ fn find_artifact(
             return Ok(Some(bytes));
         }
     }
-    let unavailable = |e| coded(Code::Unavailable, e);
+    let unavailable = |e| Error::Broker(e);
     let states = match states {
         Some(states) => states,
         None => states.insert(session.desired_states(topics).map_err(unavailable)?),

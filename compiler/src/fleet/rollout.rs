@@ -14,10 +14,10 @@ use kiln_protocol::fleet::{DesiredModule, Topics};
 use kiln_protocol::rollout::{short_list, Outcome, Rollout};
 use kiln_protocol::trust::Registry;
 
-use crate::exit::{coded, Code};
 use crate::fleet::broker::Session;
 use crate::fleet::messages::{warn_skipped, Reader};
 use crate::fleet::trust::{Opened, Signing};
+use crate::fleet::Error;
 
 pub mod driver;
 pub mod recovery;
@@ -26,8 +26,9 @@ mod tests;
 
 pub use driver::Driver;
 
-pub fn unavailable(e: anyhow::Error) -> anyhow::Error {
-    coded(Code::Unavailable, e)
+/// The broker went away (or was never there).
+pub fn unavailable(e: anyhow::Error) -> Error {
+    Error::Broker(e)
 }
 
 /// What a member's status says it runs on.
@@ -70,19 +71,17 @@ pub fn members(
         .collect();
     members.sort_by(|a, b| a.0.cmp(&b.0));
     if !unverified.is_empty() {
-        return Err(coded(
-            Code::Key,
-            anyhow!(
-                "group {group}: the status of {} is not signed by an enrolled key; enroll them first (`kiln enroll --group {group}`)",
-                unverified.join(", ")
-            ),
-        ));
+        return Err(Error::Trust(format!(
+            "group {group}: the status of {} is not signed by an enrolled key; enroll them first (`kiln enroll --group {group}`)",
+            unverified.join(", ")
+        ))
+        .into());
     }
     if members.is_empty() {
-        return Err(coded(
-            Code::NoSuchScope,
-            anyhow!("no device has reported membership of group `{group}`"),
-        ));
+        return Err(Error::NoSuchScope(format!(
+            "no device has reported membership of group `{group}`"
+        ))
+        .into());
     }
     Ok(members)
 }
@@ -133,10 +132,9 @@ pub fn read_record(
     }
 }
 
-pub fn busy(other: &Rollout) -> anyhow::Error {
-    coded(
-        Code::Busy,
-        anyhow!(
+/// Another rollout holds the group.
+pub fn busy(other: &Rollout) -> Error {
+    Error::busy(anyhow!(
             "group {}: rollout {} of {} is {} (started by {}); see `kiln rollout status --group {}`, or stop it with `kiln rollout abort --group {}`",
             other.group,
             other.id,

@@ -14,8 +14,9 @@ use kiln_protocol::fleet::{Desired, SignedDesired, Topics, MAX_DESIRED};
 use kiln_protocol::keys::{PublicKey, SecretKey, TrustedKeys};
 use kiln_protocol::trust::{Chain, Registry, Root, SignedRegistry, SignedRoot, MAX_ROOT};
 
-use crate::exit::{coded, Code};
+use crate::exit::Code;
 use crate::fleet::broker::Session;
+use crate::fleet::Error;
 
 /// The root document flag the fleet commands share.
 #[derive(Args, Debug, Clone, Default)]
@@ -45,11 +46,10 @@ impl RootArgs {
 
     /// The root document kiln starts from; an error names the file and says how to
     /// get one.
-    pub fn anchor(&self, sign: Option<&Path>) -> Result<Chain> {
+    pub fn anchor(&self, sign: Option<&Path>) -> Result<Chain, Error> {
         let path = self.path(sign).ok_or_else(|| {
-            coded(
-                Code::Key,
-                anyhow!("no root document: pass --root FILE (kiln keygen writes fleet.root)"),
+            Error::Trust(
+                "no root document: pass --root FILE (kiln keygen writes fleet.root)".into(),
             )
         })?;
         read_root(&path)
@@ -70,36 +70,24 @@ fn only_root_beside(key: &Path) -> Option<PathBuf> {
     roots.next().is_none().then_some(first)
 }
 
-pub fn read_root(path: &Path) -> Result<Chain> {
+pub fn read_root(path: &Path) -> Result<Chain, Error> {
     let bytes = read_bounded(path, MAX_ROOT as u64)?;
-    Chain::new(bytes).map_err(|e| {
-        coded(
-            Code::Key,
-            anyhow!("root document `{}`: {e}", path.display()),
-        )
-    })
+    Chain::new(bytes).map_err(|e| Error::Trust(format!("root document `{}`: {e}", path.display())))
 }
 
-pub fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>> {
+pub fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, Error> {
     use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| {
-        coded(
-            Code::NoInput,
-            anyhow!("cannot read `{}`: {e}", path.display()),
-        )
-    })?;
+    let file = std::fs::File::open(path)
+        .map_err(|e| Error::Unreadable(format!("cannot read `{}`: {e}", path.display())))?;
     let mut bytes = Vec::new();
-    file.take(limit + 1).read_to_end(&mut bytes).map_err(|e| {
-        coded(
-            Code::NoInput,
-            anyhow!("cannot read `{}`: {e}", path.display()),
-        )
-    })?;
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::Unreadable(format!("cannot read `{}`: {e}", path.display())))?;
     if bytes.len() as u64 > limit {
-        return Err(coded(
-            Code::InvalidInput,
-            anyhow!("`{}` is larger than {limit} bytes", path.display()),
-        ));
+        return Err(Error::Invalid(format!(
+            "`{}` is larger than {limit} bytes",
+            path.display()
+        )));
     }
     Ok(bytes)
 }
@@ -117,7 +105,7 @@ impl Fleet {
     pub fn follow(session: &mut Session, topics: &Topics, anchor: Chain) -> Result<Self> {
         let retained = session
             .retained(&topics.all_roots())
-            .map_err(|e| coded(Code::Unavailable, e))?;
+            .map_err(Error::Broker)?;
         let mut chain = anchor;
         let mut history = older_roots(&chain, &retained);
         history.push(chain.root().clone());
@@ -151,15 +139,13 @@ impl Fleet {
     /// not hold it, so devices can follow a rotation made from this machine.
     pub fn publish_root(&self, session: &mut Session, topics: &Topics) -> Result<bool> {
         let topic = topics.root(self.root().version);
-        let held = session
-            .retained(&topic)
-            .map_err(|e| coded(Code::Unavailable, e))?;
+        let held = session.retained(&topic).map_err(Error::Broker)?;
         if held.get(&topic).map(Vec::as_slice) == Some(self.chain.bytes()) {
             return Ok(false);
         }
         session
             .publish_all(vec![(topic, self.chain.bytes().to_vec())], |_| {})
-            .map_err(|e| coded(Code::Unavailable, e))?;
+            .map_err(Error::Broker)?;
         Ok(true)
     }
 
@@ -193,9 +179,7 @@ impl Fleet {
         adopt: bool,
     ) -> Result<Registry> {
         let topic = topics.registry();
-        let retained = session
-            .retained(&topic)
-            .map_err(|e| coded(Code::Unavailable, e))?;
+        let retained = session.retained(&topic).map_err(Error::Broker)?;
         let Some(bytes) = retained.get(&topic) else {
             return Ok(Registry {
                 fleet: self.root().fleet.clone(),
@@ -217,9 +201,7 @@ impl Fleet {
                     );
                     return Ok(r);
                 }
-                bail!(coded(
-                    Code::Key,
-                    anyhow!(
+                bail!(Error::trust(anyhow!(
                         "the registry on the broker was signed under root v{} by keys since rotated out ({what}); review it and pass --adopt to re-sign it with today's keys, or enroll the devices again",
                         root.version
                     )
@@ -227,10 +209,7 @@ impl Fleet {
             }
         }
         current.map_err(|e| {
-            coded(
-                Code::Key,
-                anyhow!("the registry on the broker is not trusted: {e}"),
-            )
+            Error::Trust(format!("the registry on the broker is not trusted: {e}")).into()
         })
     }
 
@@ -318,10 +297,9 @@ fn older_roots(
 pub use kiln_protocol::trust::Identity;
 
 /// The root document at `path`, for showing (signatures not checked).
-pub fn peek_root(path: &Path) -> Result<Root> {
+pub fn peek_root(path: &Path) -> Result<Root, Error> {
     let bytes = read_bounded(path, MAX_ROOT as u64)?;
-    SignedRoot::peek(&bytes)
-        .map_err(|e| coded(Code::InvalidInput, anyhow!("`{}`: {e}", path.display())))
+    SignedRoot::peek(&bytes).map_err(|e| Error::Invalid(format!("`{}`: {e}", path.display())))
 }
 
 /// The signing flags that `push`, `rollout` and `refresh` share.
@@ -379,9 +357,7 @@ pub fn refuse_root_keys(fleet: &Fleet, paths: &[PathBuf], keys: &[SecretKey]) ->
     for (path, key) in paths.iter().zip(keys) {
         let id = key.public().id();
         if root.root.ids().contains(&id) && !root.release.ids().contains(&id) {
-            bail!(coded(
-                Code::Key,
-                anyhow!(
+            bail!(Error::trust(anyhow!(
                     "`{}` is a root key of {} (key {id}): root keys sign root documents only and stay offline; sign with a release key",
                     path.display(),
                     root.describe()
@@ -405,9 +381,7 @@ pub fn refuse_root_key_beside(path: &Path, key: &SecretKey) -> Result<()> {
     };
     let id = key.public().id();
     if root.root.ids().contains(&id) && !root.release.ids().contains(&id) {
-        bail!(coded(
-            Code::Key,
-            anyhow!(
+        bail!(Error::trust(anyhow!(
                 "`{}` is a root key of {} (per `{}`): root keys sign root documents only and stay offline; sign with a release key",
                 path.display(),
                 root.describe(),
@@ -469,9 +443,7 @@ impl Signing {
             return Ok(signed);
         }
         SignedDesired::open(&signed, self.fleet.root()).map_err(|e| {
-            coded(
-                Code::Key,
-                anyhow!(
+            Error::trust(anyhow!(
                     "devices would refuse this desired state: {e}; sign with release keys of {} (or write it with --unsigned and add signatures with `kiln sign`)",
                     self.fleet.root().describe()
                 ),
@@ -510,19 +482,16 @@ pub fn encode_state(signed: &[u8]) -> Vec<u8> {
     [STATE_MAGIC, signed].concat()
 }
 
-pub fn read_state(path: &Path) -> Result<Vec<u8>> {
+pub fn read_state(path: &Path) -> Result<Vec<u8>, Error> {
     let bytes = read_bounded(path, (STATE_MAGIC.len() + MAX_DESIRED) as u64)?;
     bytes
         .strip_prefix(STATE_MAGIC)
         .map(<[u8]>::to_vec)
         .ok_or_else(|| {
-            coded(
-                Code::InvalidInput,
-                anyhow!(
-                    "`{}` is not a desired-state file from `kiln push --unsigned`",
-                    path.display()
-                ),
-            )
+            Error::invalid(anyhow!(
+                "`{}` is not a desired-state file from `kiln push --unsigned`",
+                path.display()
+            ))
         })
 }
 

@@ -13,12 +13,12 @@ use kiln_protocol::trust::Registry;
 use crate::build::args::BuildArgs;
 use crate::build::release_file::{decode_file, read_input, FILE_MAGIC};
 use crate::build::targets::ResolvedTarget;
-use crate::exit::{coded, Code};
 use crate::fleet::broker::{BrokerArgs, Session};
 use crate::fleet::desired::describe;
 use crate::fleet::messages::device_facts;
 use crate::fleet::release::{verify_all, Entry, Release, Wire};
 use crate::fleet::trust::{Signing, SigningArgs};
+use crate::fleet::Error;
 use crate::text::human_size;
 
 /// What `push` and `rollout` share: the release, the key, the broker, and how the
@@ -88,8 +88,8 @@ impl ReleaseArgs {
             let file = input.display().to_string();
             let text = input.extension().is_some_and(|e| e == "wat");
             if bytes.starts_with(FILE_MAGIC) {
-                let inner = decode_file(&bytes)
-                    .map_err(|e| coded(Code::InvalidInput, anyhow!("`{file}`: {e}")))?;
+                let inner =
+                    decode_file(&bytes).map_err(|e| Error::Invalid(format!("`{file}`: {e}")))?;
                 let n = inner.len();
                 artifacts.extend(
                     inner
@@ -108,13 +108,10 @@ impl ReleaseArgs {
             (1, true) => {
                 let (input, source) = sources.remove(0);
                 let key = signing.keys.first().ok_or_else(|| {
-                    coded(
-                        Code::Usage,
-                        anyhow!(
-                            "compiling {} needs a key to sign it: --sign",
-                            input.display()
-                        ),
-                    )
+                    Error::usage(anyhow!(
+                        "compiling {} needs a key to sign it: --sign",
+                        input.display()
+                    ))
                 })?;
                 let targets = self.compile_targets(session, &topics, scope)?;
                 for target in targets {
@@ -129,9 +126,8 @@ impl ReleaseArgs {
                     artifacts.push((format!("{} for {label}", input.display()), c.bytes));
                 }
             }
-            _ => bail!(coded(
-                Code::Usage,
-                anyhow!("give one .wasm/.wat module, or artifacts and release files, not both")
+            _ => bail!(Error::Usage(
+                "give one .wasm/.wat module, or artifacts and release files, not both".to_string()
             )),
         }
         let built = verify_all(artifacts, &signing.release_keys())?;
@@ -169,35 +165,32 @@ impl ReleaseArgs {
                 .targets
                 .iter()
                 .map(|t| {
-                    ResolvedTarget::resolve(t, &[], &profiles).map_err(|e| coded(Code::Usage, e))
+                    ResolvedTarget::resolve(t, &[], &profiles).map_err(|e| Error::usage(e).into())
                 })
                 .collect();
         }
         let mut targets: Vec<ResolvedTarget> = Vec::new();
         for facts in device_facts(session, topics, scope)? {
             let target = ResolvedTarget::for_device(&facts.triple, &facts.cpu_features, &profiles)
-                .map_err(|e| coded(Code::InvalidInput, e))?;
+                .map_err(Error::invalid)?;
             if !targets.iter().any(|t| t.label() == target.label()) {
                 targets.push(target);
             }
         }
         if targets.is_empty() {
-            bail!(coded(
-                Code::Usage,
-                anyhow!(
-                    "no device of {} has reported its target yet; pass --target",
-                    describe(scope)
-                )
-            ));
+            bail!(Error::usage(anyhow!(
+                "no device of {} has reported its target yet; pass --target",
+                describe(scope)
+            )));
         }
         Ok(targets)
     }
 }
 
-fn read_config(path: &Path) -> Result<Vec<u8>> {
+fn read_config(path: &Path) -> Result<Vec<u8>, Error> {
     std::fs::read(path)
         .with_context(|| format!("cannot read config `{}`", path.display()))
-        .map_err(|e| coded(Code::NoInput, e))
+        .map_err(Error::unreadable)
 }
 
 impl ReleaseArgs {

@@ -10,7 +10,7 @@ use kiln_protocol::fleet::{DesiredModule, EventKind, ModuleState, Scope, Topics}
 use kiln_protocol::rollout::{short_list, Action, Input, Phase, Rollout};
 use kiln_protocol::trust::Registry;
 
-use crate::exit::{coded, Code};
+use crate::exit::{code_of, Code};
 use crate::fleet::broker::{now_ms, Session};
 use crate::fleet::desired::{prepare_desired, prepare_for_devices};
 use crate::fleet::messages::Body;
@@ -18,6 +18,7 @@ use crate::fleet::messages::Reader;
 use crate::fleet::rollout::recovery::{Do, Doing, Event, Recovery, TakeUp};
 use crate::fleet::rollout::{busy, failures, read_record, unavailable};
 use crate::fleet::trust::Signing;
+use crate::fleet::Error;
 
 /// The driver writes the record at least this often (its heartbeat), and at most
 /// this often while only outcomes change.
@@ -71,7 +72,7 @@ impl<'a> Driver<'a> {
         let bytes = self
             .record
             .seal(&keys)
-            .map_err(|e| coded(Code::InvalidInput, anyhow!(e)))?;
+            .map_err(|e| Error::invalid(anyhow!(e)))?;
         self.session
             .publish_all(vec![(self.topic.clone(), bytes)], |_| {})
             .map_err(unavailable)?;
@@ -97,7 +98,7 @@ impl<'a> Driver<'a> {
         std::thread::sleep(Duration::from_millis(500));
         let kept = self.kept()?;
         match kept {
-            Some(other) if other.id != self.record.id => Err(busy(&other)),
+            Some(other) if other.id != self.record.id => Err(busy(&other).into()),
             _ => Ok(()),
         }
     }
@@ -207,7 +208,7 @@ impl<'a> Driver<'a> {
         self.doing = Doing::Publishing;
         self.session
             .publish_all(messages, |_| {})
-            .map_err(|e| coded(Code::Unavailable, e))?;
+            .map_err(Error::Broker)?;
         eprintln!("  {} {what}: {}", devices.len(), short_list(&devices));
         Ok(())
     }
@@ -228,7 +229,7 @@ impl<'a> Driver<'a> {
         let mut last_tick = Instant::now();
         while matches!(self.record.phase, Phase::Running { .. }) {
             if let Err(e) = self.turn(&mut last_tick) {
-                let away = crate::exit::code_of(&e) == Code::Unavailable;
+                let away = code_of(&e) == Code::Unavailable;
                 let doing = self.doing;
                 carry_out(&mut self, Event::Failed { doing, away }, Some(e))?;
             }
@@ -254,18 +255,15 @@ impl<'a> Driver<'a> {
                 );
                 Ok(())
             }
-            Phase::Halted { wave, why } => Err(coded(
-                Code::Failure,
-                anyhow!(
-                    "rollout halted in wave {}: {why}: {}",
-                    wave + 1,
-                    failures(r)
-                ),
-            )),
-            Phase::Aborted { by, wave } => Err(coded(
-                Code::Failure,
-                anyhow!("rollout aborted in wave {} by {by}", wave + 1),
-            )),
+            Phase::Halted { wave, why } => Err(Error::Stopped(format!(
+                "rollout halted in wave {}: {why}: {}",
+                wave + 1,
+                failures(r)
+            ))
+            .into()),
+            Phase::Aborted { by, wave } => {
+                Err(Error::Stopped(format!("rollout aborted in wave {} by {by}", wave + 1)).into())
+            }
             Phase::Running { .. } => unreachable!("the loop ends when the rollout does"),
         };
         self.session.disconnect();
@@ -419,13 +417,11 @@ impl<'a> Driver<'a> {
                 }
             }
         }
-        Err(coded(
-            Code::Busy,
-            anyhow!(
-                "rollout {}: the abort did not hold; run it again",
-                self.record.id
-            ),
+        Err(Error::Busy(format!(
+            "rollout {}: the abort did not hold; run it again",
+            self.record.id
         ))
+        .into())
     }
 }
 
@@ -538,7 +534,7 @@ pub fn carry_out(fx: &mut impl Effects, event: Event, error: Option<anyhow::Erro
                         r.id, r.group
                     );
                     let e = error.unwrap_or_else(|| anyhow!("the broker is away"));
-                    return Err(unavailable(e.context(context)));
+                    return Err(unavailable(e.context(context)).into());
                 }
             };
             if let Err(e) = result {
@@ -551,7 +547,7 @@ pub fn carry_out(fx: &mut impl Effects, event: Event, error: Option<anyhow::Erro
 
 /// The event for a step that failed with `e` (kept as the error to stop with).
 fn failed(fx: &impl Effects, error: &mut Option<anyhow::Error>, e: anyhow::Error) -> Event {
-    let away = crate::exit::code_of(&e) == Code::Unavailable;
+    let away = code_of(&e) == Code::Unavailable;
     *error = Some(e);
     Event::Failed {
         doing: fx.doing(),

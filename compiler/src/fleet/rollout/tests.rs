@@ -43,7 +43,8 @@ use super::driver::{carry_out, Effects};
 use super::recovery::{
     may_resume, Do, Doing, Event, Recovery, TakeUp, ORPHANED_MS, RECONNECT_FOR_MS,
 };
-use crate::exit::{code_of, coded, Code};
+use crate::exit::{code_of, Code};
+use crate::fleet::Error;
 
 /// What goes wrong at one step of a driver.
 #[derive(Debug, Clone)]
@@ -82,7 +83,7 @@ struct World {
 }
 
 fn away() -> anyhow::Error {
-    coded(Code::Unavailable, anyhow!("the broker went away"))
+    Error::Broker(anyhow!("the broker went away")).into()
 }
 
 /// A driver on the simulated broker: what `Driver` does, step for step.
