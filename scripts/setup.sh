@@ -7,6 +7,7 @@
 # tests run against a second broker too: aedes (Node.js), from the npm registry at the
 # versions e2e/aedes/package-lock.json pins. The dashboard test drives Debian's
 # Chromium with chromedriver. The book (docs/) is built with mdBook, from crates.io.
+# The WASI testsuite's C tests are built with Debian's clang-19, lld-19 and wasi-libc.
 #
 # scripts/setup.sh --demo installs only what the demo needs (cross gcc, qemu-user,
 # mosquitto, openssl, the rustup targets): none of the test suite's tools.
@@ -31,6 +32,10 @@ have strace || packages+=(strace)
 have shellcheck || packages+=(shellcheck)
 have dpkg-deb || packages+=(dpkg)
 { have node && have npm; } || packages+=(nodejs npm)
+# The WASI testsuite's C tests: Debian's clang, lld, wasi-libc and its wasm32 runtime.
+{ have clang-19 && have wasm-ld-19 && [ -e /usr/lib/wasm32-wasi/libc.a ] \
+  && [ -e /usr/lib/llvm-19/lib/clang/19/lib/wasi/libclang_rt.builtins-wasm32.a ]; } \
+  || packages+=(clang-19 lld-19 wasi-libc libclang-rt-19-dev-wasm32)
 # The dashboard's browser test: headless Chromium driven over WebDriver.
 { have chromium && have chromedriver; } || packages+=(chromium chromium-driver)
 fi

@@ -24,6 +24,19 @@ out="$CARGO_TARGET_DIR/wasi-testsuite"
 cargo build --locked --quiet --release --target wasm32-wasip1 \
   --manifest-path conformance/wasi/Cargo.toml --target-dir "$out"
 bins="$out/wasm32-wasip1/release"
+# The C tests, with Debian's clang, lld and wasi-libc (scripts/setup.sh installs them).
+clang=$(command -v clang-19 || command -v clang || true)
+if [ -z "$clang" ]; then
+  echo "wasi-testsuite.sh: no clang to build the C tests: run scripts/setup.sh" >&2
+  exit 69
+fi
+mkdir -p "$out/c"
+for src in conformance/wasi/c/*.c; do
+  name=$(basename "$src" .c)
+  if [ ! "$out/c/$name.wasm" -nt "$src" ]; then
+    "$clang" --target=wasm32-wasi -O2 "$src" -o "$out/c/$name.wasm"
+  fi
+done
 [ "${1:-}" = --build ] && exit 0
 
 venv="$out/venv"
@@ -32,11 +45,14 @@ if ! "$venv/bin/python" -c "import wasmtime" 2>/dev/null; then
   "$venv/bin/pip" install --quiet "$WASMTIME_PY"
 fi
 echo "wasi testsuite: wasmtime $("$venv/bin/pip" show wasmtime | sed -n 's/^Version: //p') (PyPI embedding) on x86_64:"
-"$venv/bin/python" - "$bins" conformance/wasi/src/bin <<'PY'
+for set in "Rust $bins conformance/wasi/src/bin" "C $out/c conformance/wasi/c"; do
+# shellcheck disable=SC2086 # three words: the set's name, its binaries, its specs
+set -- $set
+"$venv/bin/python" - "$2" "$3" "$1" <<'PY'
 import json, os, shutil, sys, tempfile
 import wasmtime
 
-bins, specs = sys.argv[1], sys.argv[2]
+bins, specs, kind = sys.argv[1], sys.argv[2], sys.argv[3]
 engine = wasmtime.Engine()
 linker = wasmtime.Linker(engine)
 linker.define_wasi()
@@ -82,8 +98,9 @@ for name in names:
         passed += 1
     else:
         failed.append(f"{name} ({code})")
-print(f"wasi testsuite: wasmtime on x86_64-linux: {passed}/{len(names)} passed; failed: {', '.join(failed) or 'none'}")
+print(f"wasi testsuite ({kind}): wasmtime on x86_64-linux: {passed}/{len(names)} passed; failed: {', '.join(failed) or 'none'}")
 PY
+done
 
 # kiln: the e2e test prints one line per target (and fails on a wrong expectation).
 cargo test --locked --quiet -p kiln-e2e --test e2e wasi::the_wasi_testsuite -- --nocapture 2>&1 |
