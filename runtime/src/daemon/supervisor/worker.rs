@@ -1,0 +1,366 @@
+//! One worker's life as the supervisor sees it: spawning it with its Start frame,
+//! driving its calls (ticks, messages, `_start`) to their deadlines, and why it ended.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use kiln_protocol::telemetry::{self, Body};
+use kiln_protocol::worker::{
+    read_frame_within, write_frame, Done, FromWorker, Limits, Ready, Reply, Request, StartSpec,
+    Stop, ToWorker, MAX_REPLY,
+};
+
+use super::report::{check, Reporter};
+use super::{Input, Supervised};
+use crate::daemon::config::ModulePlan;
+use crate::daemon::procfs;
+use crate::daemon::spawn::{Ended, Exit, Process, Workers};
+use crate::sandbox::capture::bound_line;
+
+/// Frames read from a worker and not yet handled. When it is full the reader thread
+/// stops reading, the pipe fills, and the worker blocks in its next `publish`: the
+/// backpressure lands on that module alone. Frames are at most `worker::MAX_FRAME`.
+pub(super) const FRAME_QUEUE: usize = 8;
+
+/// One worker's life, from spawn to death; returns why it ended and its peak RSS.
+pub(super) fn run_worker(
+    module: &Supervised,
+    workers: &Workers,
+    attempt: u32,
+    next: &mut Option<ModulePlan>,
+    reporter: &Reporter,
+) -> (Stop, Option<u64>) {
+    let report = |body: Body| reporter.event(body);
+    let plan = &module.plan;
+    let spawned = Instant::now();
+    let spec = StartSpec {
+        artifact: plan.artifact.display().to_string(),
+        trusted_keys: if plan.trusted_keys.is_empty() {
+            module.trusted_keys.clone()
+        } else {
+            plan.trusted_keys.clone()
+        },
+        config: plan.config.clone(),
+        limits: Limits {
+            memory_pages: plan.memory_pages,
+            fuel_per_call: plan.fuel_per_call,
+        },
+        args: plan.args.clone(),
+        env: plan.env.clone(),
+        dirs: plan
+            .dirs
+            .iter()
+            .map(|d| (d.host.display().to_string(), d.guest.clone()))
+            .collect(),
+        expect: plan.expect.clone(),
+    };
+    // The Start frame goes with the spawn: a forked worker finds it waiting in its
+    // pipe and starts loading while the zygote is still answering.
+    let mut start = Vec::new();
+    if let Err(e) = write_frame(&mut start, &ToWorker::V1(Request::Start(Box::new(spec)))) {
+        return (
+            Stop::Lost(format!("cannot encode the Start frame: {e}")),
+            None,
+        );
+    }
+    let mut process = match workers.spawn(&start) {
+        Ok(process) => process,
+        Err(e) => {
+            return (
+                Stop::Lost(format!("cannot start a worker ({:?}): {e}", workers.exe())),
+                None,
+            )
+        }
+    };
+    let counters = &module.counters;
+    counters.pid.store(process.pid, Relaxed);
+    let Some((stdin, stdout)) = process.take_pipes() else {
+        return (Stop::Lost("a worker without pipes".into()), None);
+    };
+    let mut worker = Worker::attach(stdin, stdout, &process);
+    let stop = (|| -> Result<(), Stop> {
+        let ready = worker.await_ready(plan.start_timeout, reporter)?;
+        counters.memory_pages.store(ready.memory_pages, Relaxed);
+        let rss_kib = procfs::rss_kib(process.pid);
+        if ready.command {
+            let done = worker.call(Request::Run, "_start", plan.run_timeout, reporter)?;
+            counters.called(&done);
+            return Err(Stop::Exited(done.status));
+        }
+        let first_tick = if ready.ticks {
+            let done = worker.call(Request::Tick, "kiln_tick", Some(plan.timeout), reporter)?;
+            counters.called(&done);
+            Some(done)
+        } else {
+            None
+        };
+        report(started(
+            attempt,
+            process.pid,
+            &ready,
+            spawned.elapsed().as_micros() as u64,
+            first_tick.as_ref(),
+            rss_kib,
+        ));
+        if let Some(done) = first_tick.filter(|d| d.status != 0) {
+            report(Body::TickFailed {
+                status: done.status,
+            });
+        }
+        let mut next_tick = Instant::now() + plan.tick;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            let (request, call) = match module.inbox.recv_timeout(if ready.ticks {
+                wait
+            } else {
+                Duration::from_secs(3600)
+            }) {
+                Ok(Input::Message((topic, data))) => {
+                    (Request::Message { topic, data }, "kiln_on_message")
+                }
+                Ok(Input::Swap(plan)) => {
+                    *next = Some(*plan);
+                    return Err(Stop::Requested { swap: true });
+                }
+                Ok(Input::Stop) => return Err(Stop::Requested { swap: false }),
+                Ok(Input::Limit(rate)) => {
+                    reporter.set_rate(rate);
+                    continue;
+                }
+                Err(RecvTimeoutError::Timeout) if ready.ticks => {
+                    next_tick += plan.tick;
+                    (Request::Tick, "kiln_tick")
+                }
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(wait);
+                    next_tick += plan.tick;
+                    (Request::Tick, "kiln_tick")
+                }
+            };
+            let done = worker.call(request, call, Some(plan.timeout), reporter)?;
+            reporter.flush(false);
+            counters.called(&done);
+            if done.status != 0 && call == "kiln_tick" {
+                report(Body::TickFailed {
+                    status: done.status,
+                });
+            }
+        }
+    })()
+    .err()
+    .unwrap_or_else(|| Stop::Lost("worker loop ended".into()));
+    drop(worker);
+    let Ended {
+        exit: status,
+        peak_rss_kib: peak,
+        cpu_us,
+    } = process.reap(Duration::from_secs(2));
+    counters.pid.store(0, Relaxed);
+    counters.ended_cpu_us.fetch_add(cpu_us, Relaxed);
+    // A worker that died on its own without a last word: its exit status says why.
+    let stop = match (stop, status) {
+        (Stop::Lost(_), Some(Exit::Signal(signal))) => Stop::Signal {
+            signal,
+            name: signal_name(signal).into(),
+        },
+        (Stop::Lost(why), Some(Exit::Code(code))) => {
+            Stop::Lost(format!("{why}; it exited with code {code}"))
+        }
+        (Stop::Lost(why), Some(Exit::WithZygote)) => Stop::Lost(format!(
+            "{why}; the zygote that forked it died, and it with it"
+        )),
+        (stop, _) => stop,
+    };
+    (stop, peak)
+}
+
+/// The supervisor's end of one worker's pipes.
+pub(super) struct Worker<'a> {
+    stdin: Option<BufWriter<File>>,
+    frames: Receiver<Result<Reply, String>>,
+    process: &'a Process,
+}
+
+impl<'a> Worker<'a> {
+    fn attach(stdin: File, stdout: File, process: &'a Process) -> Self {
+        let (tx, frames) = mpsc::sync_channel(FRAME_QUEUE);
+        std::thread::spawn(move || {
+            // Workers write their records in batches (see `sandbox::worker`).
+            let mut input = BufReader::with_capacity(64 * 1024, stdout);
+            loop {
+                let frame = match read_frame_within::<FromWorker>(&mut input, MAX_REPLY) {
+                    Ok(Some(FromWorker::V1(reply))) => Ok(reply),
+                    Ok(None) => return,
+                    Err(e) => Err(e.to_string()),
+                };
+                let broken = frame.is_err();
+                if tx.send(frame).is_err() || broken {
+                    return;
+                }
+            }
+        });
+        Self {
+            stdin: Some(BufWriter::new(stdin)),
+            frames,
+            process,
+        }
+    }
+
+    fn send(&mut self, request: Request) -> Result<(), Stop> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| Stop::Lost("worker stdin closed".into()))?;
+        write_frame(stdin, &ToWorker::V1(request)).map_err(|e| self.gone(e.to_string()))
+    }
+
+    /// Waits for the next frame that is not a record, forwarding records on the way.
+    /// The worker checked them already; they are checked again here, because a frame
+    /// that slipped past (a bug, a worker built from other sources) must not reach the
+    /// link as it is: out of bounds is cut (a log line) or dropped, and counted.
+    fn next(
+        &mut self,
+        deadline: Option<Instant>,
+        call: &str,
+        limit: Option<Duration>,
+        reporter: &Reporter,
+    ) -> Result<Reply, Stop> {
+        reporter.call_started(deadline, limit);
+        loop {
+            let frame = match deadline {
+                Some(d) => match self
+                    .frames
+                    .recv_timeout(d.saturating_duration_since(Instant::now()))
+                {
+                    Ok(frame) => frame,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.process.kill();
+                        return Err(Stop::Watchdog {
+                            call: call.into(),
+                            limit_ms: limit.map_or(0, |l| l.as_millis() as u64),
+                        });
+                    }
+                    Err(RecvTimeoutError::Disconnected) => {
+                        return Err(self.gone("the worker closed its pipe".into()))
+                    }
+                },
+                None => self
+                    .frames
+                    .recv()
+                    .map_err(|_| self.gone("the worker closed its pipe".into()))?,
+            };
+            match frame.map_err(|e| Stop::Lost(format!("broken frame from the worker: {e}")))? {
+                Reply::Telemetry { stream, data } => {
+                    let checked = check(Body::Telemetry { stream, data });
+                    reporter.checked(checked);
+                }
+                Reply::Log {
+                    level,
+                    source,
+                    line,
+                } => {
+                    let checked = check(Body::Log {
+                        level,
+                        source,
+                        line,
+                    });
+                    reporter.checked(checked);
+                }
+                Reply::Fatal(stop) => return Err(stop),
+                other => return Ok(other),
+            }
+        }
+    }
+
+    fn await_ready(&mut self, limit: Duration, reporter: &Reporter) -> Result<Ready, Stop> {
+        match self.next(Some(Instant::now() + limit), "start", Some(limit), reporter)? {
+            Reply::Ready(ready) => Ok(ready),
+            other => Err(Stop::Lost(format!("expected Ready, got {other:?}"))),
+        }
+    }
+
+    fn call(
+        &mut self,
+        request: Request,
+        call: &str,
+        limit: Option<Duration>,
+        reporter: &Reporter,
+    ) -> Result<Done, Stop> {
+        self.send(request)?;
+        let deadline = limit.map(|l| Instant::now() + l);
+        match self.next(deadline, call, limit, reporter)? {
+            Reply::Done(done) => Ok(done),
+            other => Err(Stop::Lost(format!("expected Done, got {other:?}"))),
+        }
+    }
+
+    fn gone(&self, why: String) -> Stop {
+        Stop::Lost(why)
+    }
+}
+
+/// A worker came up: its start-up split and first tick, as telemetry reports it.
+pub(super) fn started(
+    attempt: u32,
+    pid: u32,
+    ready: &Ready,
+    start_us: u64,
+    first_tick: Option<&Done>,
+    rss_kib: Option<u64>,
+) -> Body {
+    Body::Started(telemetry::Started {
+        attempt,
+        pid,
+        version: ready.version,
+        command: ready.command,
+        start_us,
+        verify_us: ready.verify_us,
+        deserialize_us: ready.deserialize_us,
+        instantiate_us: ready.instantiate_us,
+        init_us: ready.init_us,
+        first_tick_us: first_tick.map(|d| d.elapsed_us),
+        fuel_used: first_tick.and_then(|d| d.fuel_used),
+        memory_pages: ready.memory_pages,
+        rss_kib,
+    })
+}
+
+/// A worker ended, and why.
+pub(super) fn stopped(
+    reason: &Stop,
+    uptime_ms: u64,
+    peak_rss_kib: Option<u64>,
+    crashes_in_window: u32,
+    restart_in_ms: Option<u64>,
+) -> Body {
+    Body::Stopped(telemetry::Stopped {
+        reason: reason.kind().into(),
+        // A trap message comes from the worker: bounded like a log line.
+        why: bound_line(&reason.to_string()).0,
+        exit_code: match reason {
+            Stop::Exited(c) => Some(*c),
+            _ => None,
+        },
+        uptime_ms,
+        peak_rss_kib,
+        crashes_in_window,
+        restart_in_ms,
+    })
+}
+
+pub(super) fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGTERM => "SIGTERM",
+        _ => "signal",
+    }
+}
