@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use kiln_protocol::clock::now_ms;
 use kiln_protocol::fleet::Topics;
 use kiln_protocol::keys::PublicKey;
-use kiln_protocol::telemetry::{self, Body, Cause, Discarded, Record};
+use kiln_protocol::telemetry::{self, Body, Record};
 
 use crate::daemon::config::{Config, ModulePlan, MqttConfig};
 use crate::daemon::fleet::{self, AgentIn};
@@ -29,6 +29,9 @@ use crate::daemon::spawn::{WorkerCommand, Workers};
 use crate::daemon::supervisor::{self, Counters, Input, Queued, Slot, Supervised};
 use crate::daemon::telemetry::{Deliveries, Pipeline, TelemetryIn};
 use crate::exit::{Code, Failure};
+use filter::{payload_len, Shed};
+
+mod filter;
 
 /// Records from every module's supervisor to the loop below. Supervisors put what a
 /// module publishes or logs only if there is room (else it is counted), and wait for
@@ -143,28 +146,25 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
             Err(RecvTimeoutError::Disconnected) => break,
         };
         let module = record.module.clone().unwrap_or_default();
-        if let Body::Telemetry { stream, data } = &record.body {
+        let route = filter::route(&record.body, mqtt.is_some(), || {
+            lock(&modules).is_fleet(&module)
+        });
+        if let (true, Body::Telemetry { stream, data }) = (route.inboxes, &record.body) {
             lock(&modules).route(&module, stream, data);
         }
-        if matches!(record.body, Body::Failed { .. }) {
+        if route.failed {
             failed += 1;
         }
         stdout.print(&record);
-        if let Some(m) = &mqtt {
-            // What the update agent acts on and reports: starts, stops, failed ticks,
-            // and a supervisor giving up.
-            if matches!(
-                record.body,
-                Body::Started(_) | Body::Stopped(_) | Body::TickFailed { .. } | Body::Failed { .. }
-            ) && lock(&modules).is_fleet(&module)
-            {
+        if let (true, Some(m)) = (route.broker, &mqtt) {
+            if route.agent {
                 if let Err(TrySendError::Full(_)) =
                     m.agent.try_send(AgentIn::Record(record.clone()))
                 {
                     tracing::warn!(%module, "the fleet agent's queue is full; a module event did not reach it");
                 }
             }
-            shed.send(&m.telemetry, record, slot);
+            send_shedding(&mut shed, &m.telemetry, record, slot);
         }
     }
     if let Some(m) = mqtt {
@@ -272,58 +272,38 @@ impl Printer {
     }
 }
 
-/// Records the telemetry queue had no room for, reported once a second as a
-/// `Discarded` count of kilnd's own when there is room again.
-#[derive(Default)]
-struct Shed {
-    records: u64,
-    bytes: u64,
-    reported: Option<Instant>,
-}
-
-impl Shed {
-    /// The record keeps its claim on its module's share until the pipeline has it.
-    fn send(&mut self, telemetry: &SyncSender<TelemetryIn>, record: Record, slot: Option<Slot>) {
-        let bytes = payload_len(&record.body);
-        if let Err(TrySendError::Full(_)) = telemetry.try_send(TelemetryIn::Record(record, slot)) {
-            self.records += 1;
-            self.bytes += bytes;
-            return;
-        }
-        if self.records == 0
-            || self
-                .reported
-                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
-        {
-            return;
-        }
-        let count = Record {
-            at_ms: now_ms(),
-            module: None,
-            body: Body::Discarded(Discarded {
-                cause: Cause::Queue,
-                records: self.records,
-                bytes: self.bytes,
-            }),
-        };
-        if telemetry.try_send(TelemetryIn::Record(count, None)).is_ok() {
-            tracing::warn!(
-                records = self.records,
-                bytes = self.bytes,
-                "telemetry queue was full; records discarded"
-            );
-            self.reported = Some(Instant::now());
-            (self.records, self.bytes) = (0, 0);
-        }
+/// Offers `record` to the telemetry pipeline; what finds the queue full is counted,
+/// and reported when [`Shed`] says a report is due. The record keeps its claim on its
+/// module's share until the pipeline has it.
+fn send_shedding(
+    shed: &mut Shed,
+    telemetry: &SyncSender<TelemetryIn>,
+    record: Record,
+    slot: Option<Slot>,
+) {
+    let bytes = payload_len(&record.body);
+    if let Err(TrySendError::Full(_)) = telemetry.try_send(TelemetryIn::Record(record, slot)) {
+        shed.full(bytes);
+        return;
     }
-}
-
-/// Bytes a record carries for its module: telemetry data or a log line.
-fn payload_len(body: &Body) -> u64 {
-    match body {
-        Body::Telemetry { data, .. } => data.len() as u64,
-        Body::Log { line, .. } => line.len() as u64,
-        _ => 0,
+    let Some(count) = shed.due(Instant::now()) else {
+        return;
+    };
+    let record = Record {
+        at_ms: now_ms(),
+        module: None,
+        body: Body::Discarded(count),
+    };
+    if telemetry
+        .try_send(TelemetryIn::Record(record, None))
+        .is_ok()
+    {
+        tracing::warn!(
+            records = count.records,
+            bytes = count.bytes,
+            "telemetry queue was full; records discarded"
+        );
+        shed.reported(Instant::now());
     }
 }
 
