@@ -5,7 +5,7 @@ use std::fmt;
 
 use kiln_protocol::exit::Code as Shared;
 
-use crate::fleet;
+use crate::{build, fleet};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -85,8 +85,21 @@ pub fn code_of(err: &anyhow::Error) -> Code {
             e.downcast_ref::<Coded>()
                 .map(|c| c.code)
                 .or_else(|| e.downcast_ref::<fleet::Error>().map(Code::from))
+                .or_else(|| e.downcast_ref::<build::Error>().map(Code::from))
         })
         .unwrap_or(Code::Failure)
+}
+
+/// The build wing's errors, each kind with its code: the one place they are mapped.
+impl From<&build::Error> for Code {
+    fn from(e: &build::Error) -> Code {
+        match e {
+            build::Error::Usage(_) => Code::Usage,
+            build::Error::Invalid(_) => Code::InvalidInput,
+            build::Error::Unreadable(_) => Code::NoInput,
+            build::Error::Failed(_) => Code::Failure,
+        }
+    }
 }
 
 /// The fleet wing's errors, each kind with its code: the one place they are mapped.

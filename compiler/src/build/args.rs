@@ -15,7 +15,7 @@ use kiln_protocol::target::TargetProfile;
 
 use crate::build::aot::{self, AotError, CompileOptions};
 use crate::build::targets::{self, ResolvedTarget};
-use crate::exit::{coded, Code};
+use crate::build::Error;
 use crate::names::valid_name;
 
 /// How a module is compiled, whatever the target: what `compile`, `release` and a
@@ -58,25 +58,18 @@ impl BuildArgs {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .ok_or_else(|| {
-                coded(
-                    Code::Usage,
-                    anyhow!(
-                        "cannot derive a module name from `{}`; pass --name",
-                        input.display()
-                    ),
-                )
+                Error::Usage(format!(
+                    "cannot derive a module name from `{}`; pass --name",
+                    input.display()
+                ))
             })?;
-        names::check(Kind::Module, &stem).map_err(|e| {
-            coded(
-                Code::Usage,
-                anyhow!("input `{}`: {e}; pass --name", input.display()),
-            )
-        })?;
+        names::check(Kind::Module, &stem)
+            .map_err(|e| Error::Usage(format!("input `{}`: {e}; pass --name", input.display())))?;
         Ok(stem)
     }
 
     pub fn profiles(&self) -> Result<Vec<TargetProfile>> {
-        targets::load(self.targets_dir.as_deref()).map_err(|e| coded(Code::InvalidInput, e))
+        Ok(targets::load(self.targets_dir.as_deref()).map_err(Error::invalid)?)
     }
 
     /// Compiles `source` (read from `input`) for `target`, with a progress meter.
@@ -109,14 +102,13 @@ impl BuildArgs {
         let compiled = aot::compile_with_progress(source, &opts, key, Some(progress));
         meter.finish();
         compiled.map_err(|e| {
-            let code = match e {
-                AotError::Parse(_) | AotError::Compile(_) => Code::InvalidInput,
-                _ => Code::Failure,
-            };
-            coded(
-                code,
-                anyhow!(e).context(format!("cannot compile `{}`", input.display())),
-            )
+            let invalid = matches!(e, AotError::Parse(_) | AotError::Compile(_));
+            let e = anyhow!(e).context(format!("cannot compile `{}`", input.display()));
+            if invalid {
+                Error::invalid(e).into()
+            } else {
+                Error::failed(e).into()
+            }
         })
     }
 }
@@ -125,7 +117,7 @@ impl BuildArgs {
 pub fn read_source(input: &Path) -> Result<Vec<u8>> {
     fs::read(input)
         .with_context(|| format!("cannot read `{}`", input.display()))
-        .map_err(|e| coded(Code::NoInput, e))
+        .map_err(|e| Error::unreadable(e).into())
 }
 
 /// Shows how far a long compile is on stderr: nothing for the first second, then a
@@ -186,10 +178,10 @@ impl Meter {
 fn source_date_epoch() -> Result<Option<u64>> {
     match std::env::var("SOURCE_DATE_EPOCH") {
         Ok(v) => v.trim().parse().map(Some).map_err(|_| {
-            coded(
-                Code::Usage,
-                anyhow!("SOURCE_DATE_EPOCH `{v}` is not a number of seconds"),
-            )
+            Error::Usage(format!(
+                "SOURCE_DATE_EPOCH `{v}` is not a number of seconds"
+            ))
+            .into()
         }),
         Err(_) => Ok(None),
     }

@@ -3,11 +3,11 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use kiln_protocol::transfer::MAX_ARTIFACT;
 use serde::{Deserialize, Serialize};
 
-use crate::exit::{coded, Code};
+use crate::build::Error;
 
 /// The first bytes of a release file (`kiln release`).
 pub const FILE_MAGIC: &[u8; 8] = b"KILNREL\x01";
@@ -52,12 +52,9 @@ pub fn read_input(path: &Path) -> Result<Vec<u8>> {
     // The refusals name the file already; an I/O error does not.
     kiln_protocol::files::read_bounded(path, limit).map_err(|e| match e.kind() {
         std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => {
-            coded(Code::InvalidInput, anyhow!("{e}"))
+            Error::Invalid(e.to_string()).into()
         }
-        _ => coded(
-            Code::NoInput,
-            anyhow!("cannot read `{}`: {e}", path.display()),
-        ),
+        _ => Error::Unreadable(format!("cannot read `{}`: {e}", path.display())).into(),
     })
 }
 
