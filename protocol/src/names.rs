@@ -35,32 +35,77 @@ impl Kind {
     }
 }
 
+/// Why a name was refused. The message names the kind of name and the problem.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("{0} name is empty")]
+    Empty(&'static str),
+    #[error("{what} name `{start}…` is {len} bytes long (at most {MAX_NAME})")]
+    TooLong {
+        what: &'static str,
+        /// The first characters, escaped.
+        start: String,
+        len: usize,
+    },
+    #[error("{what} name `{name}` is not allowed")]
+    Reserved { what: &'static str, name: String },
+    #[error("{what} name `{name}` contains `{c}`; use only letters, digits, `.`, `_` and `-`")]
+    BadChar {
+        what: &'static str,
+        /// The name, escaped.
+        name: String,
+        /// The first character refused, escaped.
+        c: String,
+    },
+}
+
+impl From<NameError> for String {
+    fn from(e: NameError) -> Self {
+        e.to_string()
+    }
+}
+
+/// Shown (in JSON too) as its message.
+impl serde::Serialize for NameError {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// `[A-Za-z0-9._-]{1,64}`, and neither `.` nor `..`: safe as a topic level (no `+`,
 /// `#` or `/`) and as a file name (no separators, no way up).
-pub fn check(kind: Kind, name: &str) -> Result<(), String> {
+pub fn check(kind: Kind, name: &str) -> Result<(), NameError> {
     let what = kind.word();
     if name.is_empty() {
-        return Err(format!("{what} name is empty"));
+        return Err(NameError::Empty(what));
     }
     if name.len() > MAX_NAME {
-        return Err(format!(
-            "{what} name `{}…` is {} bytes long (at most {MAX_NAME})",
-            name.chars().take(16).collect::<String>().escape_debug(),
-            name.len()
-        ));
+        return Err(NameError::TooLong {
+            what,
+            start: name
+                .chars()
+                .take(16)
+                .collect::<String>()
+                .escape_debug()
+                .to_string(),
+            len: name.len(),
+        });
     }
     if name == "." || name == ".." {
-        return Err(format!("{what} name `{name}` is not allowed"));
+        return Err(NameError::Reserved {
+            what,
+            name: name.into(),
+        });
     }
     if let Some(c) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
-        return Err(format!(
-            "{what} name `{}` contains `{}`; use only letters, digits, `.`, `_` and `-`",
-            name.escape_debug(),
-            c.escape_debug()
-        ));
+        return Err(NameError::BadChar {
+            what,
+            name: name.escape_debug().to_string(),
+            c: c.escape_debug().to_string(),
+        });
     }
     Ok(())
 }
@@ -89,7 +134,7 @@ mod tests {
             "a\u{1b}[31m",
             &"x".repeat(MAX_NAME + 1),
         ] {
-            let err = check(Kind::Group, bad).unwrap_err();
+            let err = check(Kind::Group, bad).unwrap_err().to_string();
             assert!(err.starts_with("group name"), "{err}");
             assert!(!err.contains('\n') && !err.contains('\u{1b}'), "{err}");
         }

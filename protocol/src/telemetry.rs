@@ -226,17 +226,36 @@ impl Batch {
         postcard::to_stdvec(&Batch::V1(batch.clone())).unwrap_or_default()
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<BatchV1, String> {
+    pub fn decode(bytes: &[u8]) -> Result<BatchV1, BatchError> {
         if bytes.len() > MAX_BATCH {
-            return Err(format!(
-                "telemetry batch of {} bytes is over the {MAX_BATCH} byte limit",
-                bytes.len()
-            ));
+            return Err(BatchError::TooLarge(bytes.len()));
         }
         match postcard::from_bytes(bytes) {
             Ok(Batch::V1(b)) => Ok(b),
-            Err(e) => Err(format!("not a telemetry batch: {e}")),
+            Err(e) => Err(BatchError::Malformed(e.to_string())),
         }
+    }
+}
+
+/// Why bytes are not a telemetry batch a consumer takes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    #[error("telemetry batch of {0} bytes is over the {MAX_BATCH} byte limit")]
+    TooLarge(usize),
+    #[error("not a telemetry batch: {0}")]
+    Malformed(String),
+}
+
+impl From<BatchError> for String {
+    fn from(e: BatchError) -> Self {
+        e.to_string()
+    }
+}
+
+/// Shown (in JSON too) as its message.
+impl Serialize for BatchError {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 

@@ -341,7 +341,7 @@ impl Config {
                     .map(|s| s.to_string_lossy().into_owned())
                     .ok_or_else(|| bad("cannot derive a name; set `name`".into()))?,
             };
-            names::check(Kind::Module, &name).map_err(bad)?;
+            names::check(Kind::Module, &name).map_err(|e| bad(e.into()))?;
             if !names.insert(name.clone()) {
                 return Err(bad(format!("a second module is named `{name}`")));
             }
