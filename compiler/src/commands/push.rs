@@ -8,7 +8,7 @@ use kiln_protocol::names::Kind;
 use kiln_protocol::trust::Registry;
 
 use crate::exit::{coded, Code};
-use crate::fleet::answers::{await_answers, Confirmation, Convergence};
+use crate::fleet::answers::{await_answers, results, Confirmation, Convergence, DeviceResult};
 use crate::fleet::broker::{now_ms, Session};
 use crate::fleet::desired::{describe, scope_json, NextDesired};
 use crate::fleet::messages::{online_targets, seen};
@@ -320,61 +320,14 @@ impl PushCommand {
         }
         session.disconnect();
         let unverified = waited?;
-        let mut rows: Vec<DeviceResult> = Vec::new();
-        for device in &confirmation.confirmed {
-            let mut row = DeviceResult {
-                device: device.clone(),
-                result: "took",
-                reason: None,
-                verified: !unverified.contains(device),
-            };
-            if self.wait {
-                match convergence.outcome(device) {
-                    Some(Ok(())) => row.result = "running",
-                    Some(Err(why)) => {
-                        row.result = "failed";
-                        row.reason = Some(why.to_string());
-                    }
-                    None => {
-                        row.result = "pending";
-                        row.reason = Some(format!(
-                            "took the state but did not run v{} within {}s",
-                            what.version,
-                            self.wait_timeout / 1000
-                        ));
-                    }
-                }
-            }
-            rows.push(row);
-        }
-        for device in confirmation.pending() {
-            let reason = match confirmation.above.get(device) {
-                Some(above) => format!(
-                    "not confirmed after {}s: it reports serial {above}, above this state's {} (a newer state, or a fast-forward it keeps until the key that signed it is rotated out)",
-                    confirm_for.as_secs(),
-                    confirmation.serial
-                ),
-                None => format!(
-                    "not confirmed after {}s (offline or busy); it converges when it takes the retained state",
-                    confirm_for.as_secs()
-                ),
-            };
-            rows.push(DeviceResult {
-                device: device.to_string(),
-                result: "pending",
-                reason: Some(reason),
-                verified: false,
-            });
-        }
-        for (device, reason) in &confirmation.refused {
-            rows.push(DeviceResult {
-                device: device.clone(),
-                result: "refused",
-                reason: Some(reason.clone()),
-                verified: !unverified.contains(device),
-            });
-        }
-        rows.sort_by(|a, b| a.device.cmp(&b.device));
+        let rows = results(
+            &confirmation,
+            self.wait.then_some(&convergence),
+            &unverified,
+            confirm_for,
+            Duration::from_millis(self.wait_timeout),
+            what.version,
+        );
         if self.json {
             let devices: Vec<serde_json::Value> = rows.iter().map(DeviceResult::json).collect();
             println!(
@@ -447,26 +400,6 @@ pub struct Pushed {
     version: u64,
     messages: usize,
     summary: String,
-}
-
-/// One device's answer, as printed and in `--json`.
-struct DeviceResult {
-    device: String,
-    /// `took`, `running`, `failed`, `refused` or `pending`.
-    result: &'static str,
-    reason: Option<String>,
-    verified: bool,
-}
-
-impl DeviceResult {
-    fn json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "device": self.device,
-            "result": self.result,
-            "reason": self.reason,
-            "verified": self.verified,
-        })
-    }
 }
 
 /// `--unsigned FILE`: the state for `kiln sign`, with what it holds on stderr.

@@ -237,6 +237,96 @@ impl Convergence {
     }
 }
 
+/// One device's answer to a push, as printed and in `--json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceResult {
+    pub device: String,
+    /// `took`, `running`, `failed`, `refused` or `pending`.
+    pub result: &'static str,
+    pub reason: Option<String>,
+    pub verified: bool,
+}
+
+impl DeviceResult {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "device": self.device,
+            "result": self.result,
+            "reason": self.reason,
+            "verified": self.verified,
+        })
+    }
+}
+
+/// Each device's answer to a push, by device: what `confirmation` heard within
+/// `confirm_for`, and with `--wait` what `convergence` heard within `wait_for` of the
+/// devices that took it (`version` is what they should run). `unverified`: devices
+/// whose answers were not signed by an enrolled key.
+pub fn results(
+    confirmation: &Confirmation,
+    convergence: Option<&Convergence>,
+    unverified: &BTreeSet<String>,
+    confirm_for: Duration,
+    wait_for: Duration,
+    version: u64,
+) -> Vec<DeviceResult> {
+    let mut rows: Vec<DeviceResult> = Vec::new();
+    for device in &confirmation.confirmed {
+        let mut row = DeviceResult {
+            device: device.clone(),
+            result: "took",
+            reason: None,
+            verified: !unverified.contains(device),
+        };
+        if let Some(convergence) = convergence {
+            match convergence.outcome(device) {
+                Some(Ok(())) => row.result = "running",
+                Some(Err(why)) => {
+                    row.result = "failed";
+                    row.reason = Some(why.to_string());
+                }
+                None => {
+                    row.result = "pending";
+                    row.reason = Some(format!(
+                        "took the state but did not run v{version} within {}s",
+                        wait_for.as_secs()
+                    ));
+                }
+            }
+        }
+        rows.push(row);
+    }
+    for device in confirmation.pending() {
+        let reason = match confirmation.above.get(device) {
+            Some(above) => format!(
+                "not confirmed after {}s: it reports serial {above}, above this state's {} (a newer state, or a fast-forward it keeps until the key that signed it is rotated out)",
+                confirm_for.as_secs(),
+                confirmation.serial
+            ),
+            None => format!(
+                "not confirmed after {}s (offline or busy); it converges when it takes the retained state",
+                confirm_for.as_secs()
+            ),
+        };
+        rows.push(DeviceResult {
+            device: device.to_string(),
+            result: "pending",
+            reason: Some(reason),
+            verified: false,
+        });
+    }
+    for (device, reason) in &confirmation.refused {
+        rows.push(DeviceResult {
+            device: device.clone(),
+            result: "refused",
+            reason: Some(reason.clone()),
+            verified: !unverified.contains(device),
+        });
+    }
+    rows.sort_by(|a, b| a.device.cmp(&b.device));
+    rows
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,5 +442,52 @@ mod tests {
         assert_eq!(c.above.get("c"), Some(&(u64::MAX - 1)));
         c.heard("c", reported(100));
         assert_eq!(c.confirmed, ["a", "c"]);
+    }
+
+    #[test]
+    fn each_device_has_one_result_in_order() {
+        let mut c = Confirmation::new(7, ["d", "c", "b", "a"].map(String::from));
+        c.heard("a", reported(7));
+        c.heard("b", reported(7));
+        c.heard(
+            "c",
+            event(
+                "*",
+                EventKind::Rejected {
+                    reason: "stale".into(),
+                },
+            ),
+        );
+        c.heard("d", reported(9));
+        let mut v = Convergence::new("app", 2, ["a".to_string(), "b".to_string()]);
+        v.heard("a", app(2, ModuleState::Running, "committed"));
+        let unverified = BTreeSet::from(["b".to_string()]);
+        let (confirm, wait) = (Duration::from_secs(5), Duration::from_secs(300));
+        let took = results(&c, None, &unverified, confirm, wait, 2);
+        let words: Vec<(&str, &str, bool)> = took
+            .iter()
+            .map(|r| (r.device.as_str(), r.result, r.verified))
+            .collect();
+        assert_eq!(
+            words,
+            [
+                ("a", "took", true),
+                ("b", "took", false),
+                ("c", "refused", true),
+                ("d", "pending", false)
+            ]
+        );
+        assert!(took[3]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("reports serial 9"));
+        let waited = results(&c, Some(&v), &unverified, confirm, wait, 2);
+        assert_eq!(waited[0].result, "running");
+        assert_eq!(waited[1].result, "pending");
+        assert_eq!(
+            waited[1].reason.as_deref(),
+            Some("took the state but did not run v2 within 300s")
+        );
     }
 }
