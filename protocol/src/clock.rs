@@ -10,9 +10,20 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Text that is not a UTC time [`parse_utc`] reads.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a UTC time like 2026-11-30T08:00:00Z")]
+pub struct NotUtc(pub String);
+
+impl From<NotUtc> for String {
+    fn from(e: NotUtc) -> Self {
+        e.to_string()
+    }
+}
+
 /// `YYYY-MM-DDTHH:MM:SSZ` (UTC only) as Unix milliseconds.
-pub fn parse_utc(text: &str) -> Result<u64, String> {
-    let bad = || format!("`{text}` is not a UTC time like 2026-11-30T08:00:00Z");
+pub fn parse_utc(text: &str) -> Result<u64, NotUtc> {
+    let bad = || NotUtc(text.into());
     let b = text.as_bytes();
     if b.len() != 20
         || b[4] != b'-'
@@ -24,7 +35,7 @@ pub fn parse_utc(text: &str) -> Result<u64, String> {
     {
         return Err(bad());
     }
-    let num = |r: std::ops::Range<usize>| -> Result<i64, String> {
+    let num = |r: std::ops::Range<usize>| -> Result<i64, NotUtc> {
         text[r].parse::<u32>().map(i64::from).map_err(|_| bad())
     };
     let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);

@@ -59,7 +59,7 @@ pub struct BrokerUrl {
     pub tls: bool,
 }
 
-pub fn parse_broker(url: &str) -> Result<BrokerUrl, String> {
+pub fn parse_broker(url: &str) -> Result<BrokerUrl, BrokerUrlError> {
     let (rest, tls) = if let Some(rest) = url.strip_prefix("mqtts://") {
         (rest, true)
     } else if let Some(rest) = url
@@ -68,27 +68,44 @@ pub fn parse_broker(url: &str) -> Result<BrokerUrl, String> {
     {
         (rest, false)
     } else {
-        return Err(format!(
-            "broker `{url}` must look like mqtt://host[:port] or mqtts://host[:port]"
-        ));
+        return Err(BrokerUrlError::Scheme(url.into()));
     };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
         Some((h, p)) => (
             h,
-            p.parse()
-                .map_err(|_| format!("broker `{url}`: port `{p}` is not a number"))?,
+            p.parse().map_err(|_| BrokerUrlError::Port {
+                url: url.into(),
+                port: p.into(),
+            })?,
         ),
         None => (rest, if tls { 8883 } else { 1883 }),
     };
     if host.is_empty() {
-        return Err(format!("broker `{url}` names no host"));
+        return Err(BrokerUrlError::NoHost(url.into()));
     }
     Ok(BrokerUrl {
         host: host.to_string(),
         port,
         tls,
     })
+}
+
+/// Why a broker URL was refused; each message quotes the URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerUrlError {
+    #[error("broker `{0}` must look like mqtt://host[:port] or mqtts://host[:port]")]
+    Scheme(String),
+    #[error("broker `{url}`: port `{port}` is not a number")]
+    Port { url: String, port: String },
+    #[error("broker `{0}` names no host")]
+    NoHost(String),
+}
+
+impl From<BrokerUrlError> for String {
+    fn from(e: BrokerUrlError) -> Self {
+        e.to_string()
+    }
 }
 
 /// Builds every topic; nothing else formats topic strings.

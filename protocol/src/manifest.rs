@@ -81,7 +81,7 @@ pub const PAGE: u64 = 64 * 1024;
 
 /// A memory size as pages (`256`) or bytes with a unit (`16MiB`, `512KiB`, `1GiB`),
 /// rounded up to whole pages; at least one page.
-pub fn parse_memory_size(s: &str) -> Result<u32, String> {
+pub fn parse_memory_size(s: &str) -> Result<u32, SizeError> {
     let bytes = match split_size(s)? {
         (n, None) => return page_count(n, s),
         (_, Some(bytes)) => bytes,
@@ -90,46 +90,65 @@ pub fn parse_memory_size(s: &str) -> Result<u32, String> {
 }
 
 /// A size in bytes (`65536`) or with a unit (`64KiB`, `8MiB`, `1GiB`).
-pub fn parse_byte_size(s: &str) -> Result<u64, String> {
+pub fn parse_byte_size(s: &str) -> Result<u64, SizeError> {
     match split_size(s)? {
         (n, None) => Ok(n),
         (_, Some(Some(bytes))) => Ok(bytes),
-        (_, Some(None)) => Err(format!("`{s}` is too large")),
+        (_, Some(None)) => Err(SizeError::TooLarge(s.into())),
+    }
+}
+
+/// Why a size (`--memory`, `memory_limit`, `batch_bytes`, ...) was refused; each
+/// message quotes the text given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("`{0}` is not a number or a size like 16MiB")]
+    NotANumber(String),
+    #[error("`{text}`: unknown unit `{unit}` (use KiB, MiB or GiB)")]
+    UnknownUnit { text: String, unit: String },
+    #[error("`{0}` is too large")]
+    TooLarge(String),
+    #[error("`{0}` must be between 1 page (64KiB) and 65536 pages (4GiB)")]
+    Pages(String),
+}
+
+impl From<SizeError> for String {
+    fn from(e: SizeError) -> Self {
+        e.to_string()
     }
 }
 
 /// The number, and the bytes it means if a unit follows (`None` inside on overflow).
 #[allow(clippy::type_complexity)]
-fn split_size(s: &str) -> Result<(u64, Option<Option<u64>>), String> {
+fn split_size(s: &str) -> Result<(u64, Option<Option<u64>>), SizeError> {
     let t = s.trim();
     let (num, unit) = t
         .find(|c: char| !c.is_ascii_digit())
         .map_or((t, ""), |i| t.split_at(i));
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("`{s}` is not a number or a size like 16MiB"))?;
+        .map_err(|_| SizeError::NotANumber(s.into()))?;
     let shift = match unit.trim() {
         "" => return Ok((n, None)),
         "KiB" => 10,
         "MiB" => 20,
         "GiB" => 30,
         other => {
-            return Err(format!(
-                "`{s}`: unknown unit `{other}` (use KiB, MiB or GiB)"
-            ))
+            return Err(SizeError::UnknownUnit {
+                text: s.into(),
+                unit: other.into(),
+            })
         }
     };
     Ok((n, Some(n.checked_mul(1 << shift))))
 }
 
-fn page_count(pages: u64, s: &str) -> Result<u32, String> {
+fn page_count(pages: u64, s: &str) -> Result<u32, SizeError> {
     // 65536 pages is all a 32-bit memory can address.
     if (1..=65536).contains(&pages) {
         Ok(pages as u32)
     } else {
-        Err(format!(
-            "`{s}` must be between 1 page (64KiB) and 65536 pages (4GiB)"
-        ))
+        Err(SizeError::Pages(s.into()))
     }
 }
 
@@ -209,9 +228,9 @@ mod tests {
         assert_eq!(parse_memory_size("4GiB"), Ok(65536));
         assert!(parse_memory_size("0").is_err());
         assert!(parse_memory_size("5GiB").is_err());
-        assert!(parse_memory_size("12MB")
-            .unwrap_err()
-            .contains("unknown unit `MB`"));
+        let err = parse_memory_size("12MB").unwrap_err();
+        assert!(matches!(&err, SizeError::UnknownUnit { unit, .. } if unit == "MB"));
+        assert_eq!(err.to_string(), "`12MB`: unknown unit `MB` (use KiB, MiB or GiB)");
         assert!(parse_memory_size("lots").is_err());
     }
 }

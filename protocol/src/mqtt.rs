@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rumqttc::MqttOptions;
 
-use crate::fleet::parse_broker;
+use crate::fleet::{parse_broker, BrokerUrlError};
 
 /// Largest packet kiln sends: a chunk of up to 1 MiB plus its framing, and the bound
 /// every telemetry batch is sealed under.
@@ -78,7 +78,11 @@ impl Connect {
         self
     }
 
-    pub fn options(&self, client_id: &str, keep_alive: Duration) -> Result<MqttOptions, String> {
+    pub fn options(
+        &self,
+        client_id: &str,
+        keep_alive: Duration,
+    ) -> Result<MqttOptions, ConnectError> {
         self.options_receiving(client_id, keep_alive, MAX_INCOMING)
     }
 
@@ -89,7 +93,7 @@ impl Connect {
         client_id: &str,
         keep_alive: Duration,
         max_incoming: usize,
-    ) -> Result<MqttOptions, String> {
+    ) -> Result<MqttOptions, ConnectError> {
         let url = parse_broker(&self.broker)?;
         let mut options = MqttOptions::new(client_id, url.host, url.port);
         options
@@ -101,7 +105,9 @@ impl Connect {
             options.set_credentials(user, self.password.as_deref().unwrap_or(""));
         }
         let read = |p: &PathBuf, what: &str| {
-            std::fs::read(p).map_err(|e| format!("cannot read {what} `{}`: {e}", p.display()))
+            std::fs::read(p).map_err(|e| {
+                ConnectError::Read(format!("cannot read {what} `{}`: {e}", p.display()))
+            })
         };
         match (url.tls, &self.ca) {
             (true, Some(ca)) => {
@@ -110,9 +116,7 @@ impl Connect {
                         Some((read(c, "client certificate")?, read(k, "client key")?))
                     }
                     (None, None) => None,
-                    _ => {
-                        return Err("a client certificate needs both a certificate and a key".into())
-                    }
+                    _ => return Err(ConnectError::ClientPair),
                 };
                 let ca_bytes = read(ca, "CA certificate")?;
                 check_pem(&ca_bytes, client_auth.as_ref()).map_err(|e| {
@@ -126,25 +130,47 @@ impl Connect {
                             ("client key", self.client_key.as_ref().unwrap_or(ca))
                         }
                     };
-                    format!("{what} `{}`: {}", path.display(), e.why())
+                    ConnectError::BadFile(format!("{what} `{}`: {}", path.display(), e.why()))
                 })?;
-                tls(&mut options, ca_bytes, client_auth, &self.broker)?;
+                tls(&mut options, ca_bytes, client_auth, &self.broker)
+                    .map_err(ConnectError::Tls)?;
             }
-            (true, None) => {
-                return Err(format!(
-                    "broker `{}` uses TLS: give the CA certificate",
-                    self.broker
-                ))
-            }
+            (true, None) => return Err(ConnectError::NoCa(self.broker.clone())),
             (false, _) if self.ca.is_some() || self.client_cert.is_some() => {
-                return Err(format!(
-                    "a CA or client certificate was given, but broker `{}` is not mqtts://",
-                    self.broker
-                ))
+                return Err(ConnectError::NotTls(self.broker.clone()))
             }
             (false, _) => {}
         }
         Ok(options)
+    }
+}
+
+/// Why session options cannot be built from a [`Connect`]: checked before any
+/// connection, so `kilnd check` and `kilnd serve` refuse the same configs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Broker(#[from] BrokerUrlError),
+    /// A TLS file cannot be read.
+    #[error("{0}")]
+    Read(String),
+    #[error("a client certificate needs both a certificate and a key")]
+    ClientPair,
+    /// A TLS file does not hold what it should.
+    #[error("{0}")]
+    BadFile(String),
+    #[error("broker `{0}` uses TLS: give the CA certificate")]
+    NoCa(String),
+    #[error("a CA or client certificate was given, but broker `{0}` is not mqtts://")]
+    NotTls(String),
+    /// TLS cannot be set up (or this build has none).
+    #[error("{0}")]
+    Tls(String),
+}
+
+impl From<ConnectError> for String {
+    fn from(e: ConnectError) -> Self {
+        e.to_string()
     }
 }
 
