@@ -117,3 +117,24 @@ fn bounds_checked_artifacts_run_alike_and_still_trap_out_of_bounds() {
         }
     }
 }
+
+/// Issue 31: a large C++ program built with wasm exceptions trapped on riscv64 only.
+/// fixtures/exceptions.wat throws and catches the ways such programs do (catch then
+/// touch memory, many values live across a throwing call, cleanups that rethrow,
+/// call_indirect, multi-value tags, stack arguments, 15000 rethrows through 5000
+/// frames); every target, with and without --bounds-checks, must print the same.
+#[test]
+fn exceptions_unwind_alike_on_every_target() {
+    let expected =
+        "1 107\n2 305000\n3 5750\n4 7308226226776\n4 2100\n5 488671864700\n6 109\n7 21\n";
+    for device in DEVICES {
+        for flags in [&[][..], &["--bounds-checks"][..]] {
+            let artifact = shared().artifact_with("fixtures/exceptions.wat", device, flags);
+            let run = Device::new(device).run(&artifact, &[]);
+            assert!(
+                run.code == Some(0) && run.stdout == expected,
+                "{device} {flags:?}: exceptions must unwind as on every other target\n{run}"
+            );
+        }
+    }
+}
