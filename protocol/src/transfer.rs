@@ -71,6 +71,30 @@ pub struct Transfer {
     pub list: [u8; 32],
 }
 
+/// Why a transfer, its chunk list or a chunk is refused, or a stream does not decode
+/// to the artifact, by kind; the words are for people (and unchanged).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransferError {
+    /// Sizes or counts out of the bounds a transfer may have.
+    #[error("{0}")]
+    Bounds(String),
+    /// Does not decode.
+    #[error("{0}")]
+    Malformed(String),
+    /// Decodes, but is not what was signed: another transfer, another stream.
+    #[error("{0}")]
+    Mismatch(String),
+    /// The stream does not decode to the artifact the desired state names.
+    #[error("{0}")]
+    Decode(String),
+}
+
+impl From<TransferError> for String {
+    fn from(e: TransferError) -> Self {
+        e.to_string()
+    }
+}
+
 impl Transfer {
     /// Compresses (or keeps, for `Codec::Raw`) `artifact` and cuts the stream into
     /// chunks: the transfer, its chunk-list message and its stream.
@@ -88,15 +112,15 @@ impl Transfer {
     }
 
     /// Is the description sane for an artifact of `artifact_len` bytes?
-    pub fn check(&self, artifact_len: u64) -> Result<(), String> {
+    pub fn check(&self, artifact_len: u64) -> Result<(), TransferError> {
         let n = self.len.div_ceil(u64::from(self.chunk_size.max(1)));
         if self.chunk_size == 0 || self.chunk_size > MAX_CHUNK || n > u64::from(MAX_CHUNKS) {
-            return Err(format!(
+            return Err(TransferError::Bounds(format!(
                 "{} transfer of {} bytes in chunks of {} (at most {MAX_CHUNKS} chunks of at most {MAX_CHUNK} bytes)",
                 self.codec.name(),
                 self.len,
                 self.chunk_size
-            ));
+            )));
         }
         let limit = match self.codec {
             Codec::Raw => artifact_len,
@@ -104,11 +128,11 @@ impl Transfer {
             Codec::Zstd | Codec::ZstdPatch => artifact_len + artifact_len / 64 + 1024,
         };
         if self.len == 0 || self.len > limit || (self.codec == Codec::Raw && self.len != limit) {
-            return Err(format!(
+            return Err(TransferError::Bounds(format!(
                 "{} transfer of {} bytes for an artifact of {artifact_len} bytes",
                 self.codec.name(),
                 self.len
-            ));
+            )));
         }
         Ok(())
     }
@@ -200,23 +224,27 @@ impl ChunkList {
 
     /// The chunk list of `transfer` from its retained message: bounded before it is
     /// decoded, its hash checked against the signed one before a byte of it is read.
-    pub fn open(payload: &[u8], transfer: &Transfer) -> Result<Self, String> {
+    pub fn open(payload: &[u8], transfer: &Transfer) -> Result<Self, TransferError> {
         if payload.len() > MAX_LIST {
-            return Err(format!(
+            return Err(TransferError::Bounds(format!(
                 "chunk list of {} bytes (limit {MAX_LIST})",
                 payload.len()
-            ));
+            )));
         }
         if sha256(payload) != transfer.list {
-            return Err("chunk list does not match its signed sha256".into());
+            return Err(TransferError::Mismatch(
+                "chunk list does not match its signed sha256".into(),
+            ));
         }
-        let ListMessage::V1(list) =
-            postcard::from_bytes(payload).map_err(|e| format!("malformed chunk list: {e}"))?;
+        let ListMessage::V1(list) = postcard::from_bytes(payload)
+            .map_err(|e| TransferError::Malformed(format!("malformed chunk list: {e}")))?;
         if list.sha256 != transfer.sha256
             || list.len != transfer.len
             || list.chunk_size != transfer.chunk_size
         {
-            return Err("chunk list describes another transfer".into());
+            return Err(TransferError::Mismatch(
+                "chunk list describes another transfer".into(),
+            ));
         }
         list.check()?;
         Ok(list)
@@ -225,26 +253,32 @@ impl ChunkList {
     /// The chunk list in a retained message, without a signed hash to check it
     /// against: for tools that only look (how a stream on the broker is cut), never
     /// for fetching.
-    pub fn peek(payload: &[u8]) -> Result<Self, String> {
+    pub fn peek(payload: &[u8]) -> Result<Self, TransferError> {
         if payload.len() > MAX_LIST {
-            return Err(format!("chunk list of {} bytes", payload.len()));
+            return Err(TransferError::Bounds(format!(
+                "chunk list of {} bytes",
+                payload.len()
+            )));
         }
-        let ListMessage::V1(list) =
-            postcard::from_bytes(payload).map_err(|e| format!("malformed chunk list: {e}"))?;
+        let ListMessage::V1(list) = postcard::from_bytes(payload)
+            .map_err(|e| TransferError::Malformed(format!("malformed chunk list: {e}")))?;
         Ok(list)
     }
 
     /// Checks the description itself is sane before the device acts on it.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), TransferError> {
         let n = self.chunks.len() as u64;
         if self.chunk_size == 0 || self.chunk_size > MAX_CHUNK || n > u64::from(MAX_CHUNKS) {
-            return Err(format!("{n} chunks of {} bytes", self.chunk_size));
+            return Err(TransferError::Bounds(format!(
+                "{n} chunks of {} bytes",
+                self.chunk_size
+            )));
         }
         if n != self.len.div_ceil(u64::from(self.chunk_size)) {
-            return Err(format!(
+            return Err(TransferError::Bounds(format!(
                 "{n} chunk hashes for {} bytes in chunks of {}",
                 self.len, self.chunk_size
-            ));
+            )));
         }
         Ok(())
     }
@@ -271,21 +305,26 @@ pub enum Chunk {
 impl Chunk {
     /// Decodes a chunk of `list`'s stream (size bounded before decoding): its index and
     /// data. The caller checks the data against the chunk's own hash.
-    pub fn open(payload: &[u8], list: &ChunkList) -> Result<(u32, Vec<u8>), String> {
+    pub fn open(payload: &[u8], list: &ChunkList) -> Result<(u32, Vec<u8>), TransferError> {
         let limit = list.chunk_size as usize + CHUNK_OVERHEAD;
         if payload.len() > limit {
-            return Err(format!("{} bytes (limit {limit})", payload.len()));
+            return Err(TransferError::Bounds(format!(
+                "{} bytes (limit {limit})",
+                payload.len()
+            )));
         }
-        match postcard::from_bytes(payload).map_err(|e| format!("malformed: {e}"))? {
+        match postcard::from_bytes(payload)
+            .map_err(|e| TransferError::Malformed(format!("malformed: {e}")))?
+        {
             Chunk::V1 {
                 sha256,
                 index,
                 data,
             } if sha256 == list.sha256 => Ok((index, data)),
-            Chunk::V1 { sha256, index, .. } => Err(format!(
+            Chunk::V1 { sha256, index, .. } => Err(TransferError::Mismatch(format!(
                 "carries chunk {index} of {}, not this one",
                 hex::encode(&sha256[..6])
-            )),
+            ))),
         }
     }
 }
@@ -346,41 +385,49 @@ pub fn decode(
     stream: &[u8],
     base: Option<&[u8]>,
     len: u64,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, TransferError> {
     use zstd::zstd_safe::DCtx;
     if len > MAX_ARTIFACT {
-        return Err(format!("an artifact of {len} bytes (limit {MAX_ARTIFACT})"));
+        return Err(TransferError::Decode(format!(
+            "an artifact of {len} bytes (limit {MAX_ARTIFACT})"
+        )));
     }
     if codec == Codec::Raw {
         return match stream.len() as u64 == len {
             true => Ok(stream.to_vec()),
-            false => Err(format!("{} bytes, expected {len}", stream.len())),
+            false => Err(TransferError::Decode(format!(
+                "{} bytes, expected {len}",
+                stream.len()
+            ))),
         };
     }
     match zstd::zstd_safe::get_frame_content_size(stream) {
         Ok(Some(declared)) if declared == len => {}
         Ok(Some(declared)) => {
-            return Err(format!(
+            return Err(TransferError::Decode(format!(
                 "it declares {declared} bytes, the desired state {len}"
-            ))
+            )))
         }
-        Ok(None) => return Err("it does not declare its size".into()),
-        Err(_) => return Err("no valid zstd frame header".into()),
+        Ok(None) => return Err(TransferError::Decode("it does not declare its size".into())),
+        Err(_) => return Err(TransferError::Decode("no valid zstd frame header".into())),
     }
     let mut dctx = DCtx::create();
     if codec == Codec::ZstdPatch {
-        let base = base.ok_or("a patch needs the base artifact")?;
+        let base =
+            base.ok_or_else(|| TransferError::Decode("a patch needs the base artifact".into()))?;
         dctx.ref_prefix(base)
-            .map_err(|_| "cannot use the base artifact".to_string())?;
+            .map_err(|_| TransferError::Decode("cannot use the base artifact".into()))?;
     }
     let mut out = Vec::with_capacity(len as usize);
     match dctx.decompress(&mut out, stream) {
         Ok(n) if n as u64 == len => Ok(out),
-        Ok(n) => Err(format!("it gives {n} bytes, expected {len}")),
-        Err(code) => Err(format!(
+        Ok(n) => Err(TransferError::Decode(format!(
+            "it gives {n} bytes, expected {len}"
+        ))),
+        Err(code) => Err(TransferError::Decode(format!(
             "it does not decode ({})",
             zstd::zstd_safe::get_error_name(code)
-        )),
+        ))),
     }
 }
 
@@ -436,6 +483,7 @@ mod tests {
         // Declared 100,000 bytes; the desired state says fewer: refused before decoding.
         assert!(decode(Codec::Zstd, &full, None, 1000)
             .unwrap_err()
+            .to_string()
             .contains("declares 100000 bytes"));
         // A bomb: a frame of 64 MiB of zeros that claims nothing about its size cannot
         // write past the buffer of the declared length.
@@ -446,6 +494,7 @@ mod tests {
         assert!(bomb.len() < 64 << 10);
         assert!(decode(Codec::Zstd, &bomb, None, 1000)
             .unwrap_err()
+            .to_string()
             .contains("does not declare its size"));
         // Truncated and corrupt streams.
         assert!(decode(Codec::Zstd, &full[..full.len() / 2], None, 100_000).is_err());
@@ -454,6 +503,7 @@ mod tests {
         corrupt[at] ^= 0x55;
         assert!(decode(Codec::Zstd, &corrupt, None, 100_000)
             .unwrap_err()
+            .to_string()
             .contains("does not decode"));
         // A patch applied to another base decodes to something else (or nothing); the
         // device's sha256 check then refuses it.

@@ -163,7 +163,7 @@ impl Agent {
                 let why = format!("carries chunk {index}, not this one");
                 return self.event(&module.name, module.version, reject(why));
             }
-            Err(why) => return self.event(&module.name, module.version, reject(why)),
+            Err(why) => return self.event(&module.name, module.version, reject(why.into())),
         };
         if data.len() as u64 != art.chunk_len(n) {
             let why = format!("{} bytes, expected {}", data.len(), art.chunk_len(n));
