@@ -104,4 +104,4 @@ done
 
 # kiln: the e2e test prints one line per target (and fails on a wrong expectation).
 cargo test --locked --quiet -p kiln-e2e --test e2e wasi::the_wasi_testsuite -- --nocapture 2>&1 |
-  grep -E '^wasi testsuite:|panicked|FAILED|test result'
+  grep -E '^wasi testsuite|panicked|FAILED|test result'
