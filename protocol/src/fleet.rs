@@ -134,7 +134,7 @@ impl Topics {
     pub fn group_desired(&self, group: &str) -> String {
         format!("{}/groups/{group}/desired", self.prefix)
     }
-    /// The record of the group's rollout (see [`crate::rollout`]).
+    /// The record of the group's rollout (see `kiln_protocol::rollout`).
     pub fn rollout(&self, group: &str) -> String {
         format!("{}/groups/{group}/rollout", self.prefix)
     }
