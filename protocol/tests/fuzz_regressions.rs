@@ -168,7 +168,9 @@ fn desired_state_with_huge_body_and_signature_lengths_is_malformed() {
     let mut forged = vec![2];
     forged.extend(varint(1 << 40));
     forged.extend_from_slice(&[1, 2, 3]);
-    let err = SignedDesired::open(&forged, &root()).unwrap_err();
+    let err = SignedDesired::open(&forged, &root())
+        .unwrap_err()
+        .to_string();
     assert!(err.starts_with("malformed desired state"), "{err}");
     assert!(SignedDesired::peek(&forged).is_err());
     assert!(SignedDesired::signers(&forged).is_err());
@@ -178,7 +180,9 @@ fn desired_state_with_huge_body_and_signature_lengths_is_malformed() {
     forged.extend_from_slice(&key().public().id().0);
     forged.extend(varint(1 << 40));
     forged.extend_from_slice(&[1, 2, 3]);
-    let err = SignedDesired::open(&forged, &root()).unwrap_err();
+    let err = SignedDesired::open(&forged, &root())
+        .unwrap_err()
+        .to_string();
     assert!(err.starts_with("malformed desired state"), "{err}");
     assert!(SignedDesired::peek(&forged).is_err());
     // A valid state cut anywhere.
@@ -198,7 +202,9 @@ fn desired_state_signature_of_the_wrong_length_does_not_count() {
         let mut forged = vec![2];
         forged.extend(bytes(&body));
         forged.extend(one_sig(key().public().id().0, &vec![7; len]));
-        let err = SignedDesired::open(&forged, &root()).unwrap_err();
+        let err = SignedDesired::open(&forged, &root())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("0 of the 1 signatures"), "{len}: {err}");
         assert!(err.contains("does not verify"), "{len}: {err}");
         // Unchecked, it still shows.
@@ -214,7 +220,9 @@ fn desired_state_declaring_two_to_the_40_signatures_is_malformed() {
     forged.extend(varint(1 << 40));
     forged.extend_from_slice(&key().public().id().0);
     forged.extend(bytes(&[0; 64]));
-    let err = SignedDesired::open(&forged, &root()).unwrap_err();
+    let err = SignedDesired::open(&forged, &root())
+        .unwrap_err()
+        .to_string();
     assert!(err.starts_with("malformed desired state"), "{err}");
     assert!(SignedDesired::signers(&forged).is_err());
 }
@@ -233,11 +241,11 @@ fn desired_state_over_max_desired_is_refused_before_decoding() {
     );
     let over = SignedDesired::sign(&desired(config + 1), &[&key()]);
     assert_eq!(over.len(), MAX_DESIRED + 1);
-    let limit = format!(
+    let limit = kiln_protocol::trust::OpenError::Malformed(format!(
         "desired state is {} bytes (limit {MAX_DESIRED})",
         over.len()
-    );
-    assert_eq!(SignedDesired::open(&over, &root()).unwrap_err(), limit);
+    ));
+    assert_eq!(SignedDesired::open(&over, &root()).unwrap_err(), limit.to_string());
     assert_eq!(SignedDesired::peek(&over).unwrap_err(), limit);
     assert_eq!(SignedDesired::signers(&over).unwrap_err(), limit);
     assert_eq!(
@@ -248,6 +256,7 @@ fn desired_state_over_max_desired_is_refused_before_decoding() {
     let junk = vec![0xff; MAX_DESIRED + 1];
     assert!(SignedDesired::open(&junk, &root())
         .unwrap_err()
+        .to_string()
         .contains("limit"));
 }
 

@@ -7,7 +7,7 @@ use super::{
     sha256, utc, MAX_DESIRED, MAX_SERIAL_AHEAD_MS, MAX_TICK_MS, MAX_TIMEOUT_MS, PLAUSIBLE_CLOCK_MS,
 };
 use crate::keys::{KeyId, PublicKey, SecretKey};
-use crate::transfer::{Codec, Transfer, MAX_ARTIFACT};
+use crate::transfer::{Codec, Transfer, TransferError, MAX_ARTIFACT};
 use crate::trust::{sign_all, OpenError, Root, Sig};
 
 /// What a device or a group should run. Signed by a threshold of the release keys of
@@ -29,16 +29,37 @@ pub struct Desired {
     pub modules: Vec<DesiredModule>,
 }
 
+/// Why a module of a desired state cannot be taken as it is: limits out of bounds, an
+/// artifact whose description is not sane, or no artifact for this device. (What
+/// makes a whole desired state refused is an [`OpenError`].)
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModuleError {
+    #[error("{0}")]
+    Limits(String),
+    #[error("{0}")]
+    Artifact(String),
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    #[error("{0}")]
+    NoArtifact(String),
+}
+
+impl From<ModuleError> for String {
+    fn from(e: ModuleError) -> Self {
+        e.to_string()
+    }
+}
+
 impl Desired {
     /// Why a device must not take it at `now_ms`, if it must not.
-    pub fn check_fresh(&self, now_ms: u64) -> Result<(), String> {
+    pub fn check_fresh(&self, now_ms: u64) -> Result<(), OpenError> {
         if now_ms >= self.expires_ms {
-            return Err(format!(
+            return Err(OpenError::Stale(format!(
                 "desired state serial {} expired at {} (issued {})",
                 self.serial,
                 utc(self.expires_ms),
                 utc(self.issued_ms)
-            ));
+            )));
         }
         self.check_bounds(now_ms)
     }
@@ -47,23 +68,23 @@ impl Desired {
 impl Desired {
     /// Whether its serial and issue time are within [`MAX_SERIAL_AHEAD_MS`]: the serial
     /// of its issue time, the issue time of `now_ms` (once the clock is set).
-    pub fn check_bounds(&self, now_ms: u64) -> Result<(), String> {
+    pub fn check_bounds(&self, now_ms: u64) -> Result<(), OpenError> {
         if self.serial > self.issued_ms.saturating_add(MAX_SERIAL_AHEAD_MS) {
-            return Err(format!(
+            return Err(OpenError::Stale(format!(
                 "desired state serial {} is more than a day ahead of its issue time {} (a fast-forward)",
                 self.serial,
                 utc(self.issued_ms)
-            ));
+            )));
         }
         if now_ms >= PLAUSIBLE_CLOCK_MS
             && self.issued_ms > now_ms.saturating_add(MAX_SERIAL_AHEAD_MS)
         {
-            return Err(format!(
+            return Err(OpenError::Stale(format!(
                 "desired state serial {} was issued {}, more than a day after this clock's {} (a fast-forward, or a wrong clock)",
                 self.serial,
                 utc(self.issued_ms),
                 utc(now_ms)
-            ));
+            )));
         }
         Ok(())
     }
@@ -103,22 +124,26 @@ pub struct ModuleLimits {
 
 impl ModuleLimits {
     /// A tick or watchdog of 0 ms would spin or fire at once.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), ModuleError> {
         if let Some(t) = self.tick_ms {
             if t == 0 || t > MAX_TICK_MS {
-                return Err(format!("tick_ms {t} is outside 1..={MAX_TICK_MS}"));
+                return Err(ModuleError::Limits(format!(
+                    "tick_ms {t} is outside 1..={MAX_TICK_MS}"
+                )));
             }
         }
         if let Some(t) = self.timeout_ms {
             if t == 0 || t > MAX_TIMEOUT_MS {
-                return Err(format!("timeout_ms {t} is outside 1..={MAX_TIMEOUT_MS}"));
+                return Err(ModuleError::Limits(format!(
+                    "timeout_ms {t} is outside 1..={MAX_TIMEOUT_MS}"
+                )));
             }
         }
         if self.memory_limit_pages == Some(0) {
-            return Err("memory_limit_pages is 0".into());
+            return Err(ModuleError::Limits("memory_limit_pages is 0".into()));
         }
         if self.fuel_per_call == Some(0) {
-            return Err("fuel_per_call is 0".into());
+            return Err(ModuleError::Limits("fuel_per_call is 0".into()));
         }
         Ok(())
     }
@@ -171,29 +196,29 @@ impl TargetArtifact {
     }
 
     /// Checks the description itself is sane before the device acts on it.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), ModuleError> {
         if self.len == 0 || self.len > MAX_ARTIFACT {
-            return Err(format!(
+            return Err(ModuleError::Artifact(format!(
                 "artifact of {} bytes (limit {MAX_ARTIFACT})",
                 self.len
-            ));
+            )));
         }
         if self.patches.len() > MAX_PATCHES {
-            return Err(format!(
+            return Err(ModuleError::Artifact(format!(
                 "{} patches (limit {MAX_PATCHES})",
                 self.patches.len()
-            ));
+            )));
         }
         if self.full.codec == Codec::ZstdPatch {
-            return Err("the full transfer is a patch".into());
+            return Err(ModuleError::Artifact("the full transfer is a patch".into()));
         }
         self.full.check(self.len)?;
         for p in &self.patches {
             if p.transfer.codec != Codec::ZstdPatch {
-                return Err(format!(
+                return Err(ModuleError::Artifact(format!(
                     "a {} transfer listed as a patch",
                     p.transfer.codec.name()
-                ));
+                )));
             }
             p.transfer.check(self.len)?;
         }
@@ -221,12 +246,22 @@ impl TargetArtifact {
 
 impl DesiredModule {
     /// The release's artifact for a device of `triple` with `cpu_features`, or why it
-    /// has none.
+    /// has none (the message; [`DesiredModule::find_artifact`] gives the kind).
     pub fn artifact_for(
         &self,
         triple: &str,
         cpu_features: &[String],
     ) -> Result<&TargetArtifact, String> {
+        self.find_artifact(triple, cpu_features)
+            .map_err(String::from)
+    }
+
+    /// [`DesiredModule::artifact_for`], its error a [`ModuleError::NoArtifact`].
+    pub fn find_artifact(
+        &self,
+        triple: &str,
+        cpu_features: &[String],
+    ) -> Result<&TargetArtifact, ModuleError> {
         let same = |a: &&TargetArtifact| crate::compat::same_target(&a.triple, triple);
         let fits = |a: &&TargetArtifact| a.cpu_features.iter().all(|f| cpu_features.contains(f));
         // The most specific artifact this device can run: the one needing the most
@@ -247,7 +282,7 @@ impl DesiredModule {
                     false => format!("{}+{}", a.triple, a.cpu_features.join("+")),
                 })
                 .collect();
-            format!(
+            ModuleError::NoArtifact(format!(
                 "release {} v{} has no artifact for this {triple} device (it has: {})",
                 self.name,
                 self.version,
@@ -256,7 +291,7 @@ impl DesiredModule {
                 } else {
                     has.join(", ")
                 }
-            )
+            ))
         })
     }
 }
@@ -284,18 +319,20 @@ pub enum SignedDesired {
 
 const DESIRED_CONTEXT: &[u8] = b"kiln desired v3\0";
 
-fn unwrap_v3(bytes: &[u8]) -> Result<(Vec<u8>, Vec<Sig>), String> {
+fn unwrap_v3(bytes: &[u8]) -> Result<(Vec<u8>, Vec<Sig>), OpenError> {
     if bytes.len() > MAX_DESIRED {
-        return Err(format!(
+        return Err(OpenError::Malformed(format!(
             "desired state is {} bytes (limit {MAX_DESIRED})",
             bytes.len()
-        ));
+        )));
     }
-    match postcard::from_bytes(bytes).map_err(|e| format!("malformed desired state: {e}"))? {
+    match postcard::from_bytes(bytes)
+        .map_err(|e| OpenError::Malformed(format!("malformed desired state: {e}")))?
+    {
         SignedDesired::V3 { body, signatures } => Ok((body, signatures)),
-        SignedDesired::V1 { .. } | SignedDesired::V2 { .. } => Err(
+        SignedDesired::V1 { .. } | SignedDesired::V2 { .. } => Err(OpenError::Malformed(
             "desired state in an earlier kiln's format (no fleet, no expiry, one key), which this kilnd no longer reads; push the release again with a current kiln".into(),
-        ),
+        )),
     }
 }
 
@@ -308,17 +345,18 @@ impl SignedDesired {
     }
 
     /// Adds `key`'s signature to a state (replacing one it already made).
-    pub fn add_signature(bytes: &[u8], key: &SecretKey) -> Result<Vec<u8>, String> {
+    pub fn add_signature(bytes: &[u8], key: &SecretKey) -> Result<Vec<u8>, OpenError> {
         let (body, mut signatures) = unwrap_v3(bytes)?;
         let id = key.public().id().0;
         signatures.retain(|s| s.key_id != id);
         signatures.extend(sign_all(DESIRED_CONTEXT, &body, &[key]));
-        postcard::to_stdvec(&SignedDesired::V3 { body, signatures }).map_err(|e| e.to_string())
+        postcard::to_stdvec(&SignedDesired::V3 { body, signatures })
+            .map_err(|e| OpenError::Malformed(e.to_string()))
     }
 
     /// The bytes a signature covers, for a signer outside kiln (an HSM, a cloud KMS)
     /// that is handed the message and returns a raw Ed25519 signature.
-    pub fn signing_message(bytes: &[u8]) -> Result<Vec<u8>, String> {
+    pub fn signing_message(bytes: &[u8]) -> Result<Vec<u8>, OpenError> {
         let (body, _) = unwrap_v3(bytes)?;
         Ok([DESIRED_CONTEXT, &body].concat())
     }
@@ -328,13 +366,13 @@ impl SignedDesired {
         bytes: &[u8],
         key: &PublicKey,
         signature: &[u8; 64],
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Vec<u8>, OpenError> {
         let (body, mut signatures) = unwrap_v3(bytes)?;
         if !key.verify_strict(&[DESIRED_CONTEXT, &body].concat(), signature) {
-            return Err(format!(
+            return Err(OpenError::Untrusted(format!(
                 "the signature does not verify with key {}",
                 key.id()
-            ));
+            )));
         }
         let id = key.id().0;
         signatures.retain(|s| s.key_id != id);
@@ -342,11 +380,12 @@ impl SignedDesired {
             key_id: id,
             signature: signature.to_vec(),
         });
-        postcard::to_stdvec(&SignedDesired::V3 { body, signatures }).map_err(|e| e.to_string())
+        postcard::to_stdvec(&SignedDesired::V3 { body, signatures })
+            .map_err(|e| OpenError::Malformed(e.to_string()))
     }
 
     /// Who signed it (not checked): for showing.
-    pub fn signers(bytes: &[u8]) -> Result<Vec<KeyId>, String> {
+    pub fn signers(bytes: &[u8]) -> Result<Vec<KeyId>, OpenError> {
         Ok(unwrap_v3(bytes)?
             .1
             .iter()
@@ -357,17 +396,18 @@ impl SignedDesired {
     /// Decodes and verifies a desired state: a threshold of `root`'s release keys
     /// signed it, and it is for `root`'s fleet. Freshness is the caller's, who has
     /// the clock ([`Desired::check_fresh`]).
+    /// (Its error is the message; [`SignedDesired::verify`] gives the kind.)
     pub fn open(bytes: &[u8], root: &Root) -> Result<Desired, String> {
         Self::verify(bytes, root)
             .map(|(d, _)| d)
-            .map_err(|e| e.to_string())
+            .map_err(String::from)
     }
 
     /// [`SignedDesired::open`] with the release keys whose signatures verified, and
     /// an error that says what kind of failure it is (only an
     /// [`OpenError::Untrusted`] one may open under a newer root).
     pub fn verify(bytes: &[u8], root: &Root) -> Result<(Desired, Vec<KeyId>), OpenError> {
-        let (body, signatures) = unwrap_v3(bytes).map_err(OpenError::Malformed)?;
+        let (body, signatures) = unwrap_v3(bytes)?;
         let (desired, signers): (Desired, _) = crate::trust::open_body(
             &root.release,
             DESIRED_CONTEXT,
@@ -386,8 +426,9 @@ impl SignedDesired {
 
     /// The body without checking the signature: for tools that only look (which
     /// artifacts are still referenced), never for acting on it.
-    pub fn peek(bytes: &[u8]) -> Result<Desired, String> {
+    pub fn peek(bytes: &[u8]) -> Result<Desired, OpenError> {
         let body = unwrap_v3(bytes)?.0;
-        postcard::from_bytes(&body).map_err(|e| format!("malformed desired state body: {e}"))
+        postcard::from_bytes(&body)
+            .map_err(|e| OpenError::Malformed(format!("malformed desired state body: {e}")))
     }
 }

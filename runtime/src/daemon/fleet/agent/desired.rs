@@ -347,6 +347,7 @@ impl Agent {
         };
         let sha = target.sha256;
         if let Err(reason) = d.limits.check().and_then(|()| target.check()) {
+            let reason = reason.into();
             return self.event_once(&d.name, d.version, EventKind::Rejected { reason });
         }
         if let Some(c) = &record.committed {
