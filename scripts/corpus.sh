@@ -5,18 +5,18 @@
 # (natively and under qemu-user); every output compared byte for byte.
 #
 #   scripts/corpus.sh            the whole corpus; writes the book's dated page
-#                                docs/src/measurements/corpus-YYYY-MM-DD.md (about an
-#                                hour on 2 cores, most of it the 69 MB yosys module)
+#                                docs/src/measurements/corpus-YYYY-MM-DD.md (about 15
+#                                minutes on 2 cores with the host-profile kiln, most of
+#                                it the 69 MB yosys module)
 #   scripts/corpus.sh --quick    the programs marked `quick` (CI: scripts/test.sh)
 #   options: --only NAME,NAME  --targets x86_64-linux,...  --record (print wasmtime's
-#            hashes for the manifest)  --no-kiln (wasmtime only)  --page (write the
-#            page even with other options)
+#            hashes for the manifest)  --no-kiln (wasmtime only)  --no-build (use the
+#            kiln already built)  --page (write the page even with other options)
 #
 # Packages are fetched with pip and npm into $CARGO_TARGET_DIR/corpus and kept there;
-# wasmtime is its PyPI embedding in a venv there. kiln is the host-profile build if
-# there is one (`cargo build -p kiln-compiler --profile host`, much faster on large
-# modules), else the debug one; kilnd is the shipped build of each target
-# (scripts/build.sh). Exits 1 on a difference the manifest does not explain.
+# wasmtime is its PyPI embedding in a venv there. kilnd is the shipped build of each
+# target (scripts/build.sh). Exits 1 on a difference the manifest does not explain, 2
+# when something it needs is missing or a package does not match its pins.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${CARGO_TARGET_DIR:=$HOME/.cache/kiln/target}"
@@ -26,7 +26,18 @@ cache="$CARGO_TARGET_DIR/corpus"
 mkdir -p "$cache"
 
 command="scripts/corpus.sh $*"
-[ $# -gt 0 ] || set -- --page
+# --quick uses the debug kiln that scripts/build.sh builds for the tests; the whole
+# corpus the host-profile kiln users install (built here, as scripts/bench.sh does,
+# unless --no-build: then the one already built). The page is written for a whole run.
+quick='' build=yes page=--page args=()
+for arg in "$@"; do
+  case "$arg" in
+    --no-build) build='' ;;
+    --quick) quick=yes page='' ;;
+    --only* | --targets* | --record | --no-kiln) page='' ;;
+  esac
+  [ "$arg" = --no-build ] || args+=("$arg")
+done
 
 venv="$cache/venv"
 if ! "$venv/bin/python" -c "import wasmtime" 2>/dev/null; then
@@ -34,13 +45,16 @@ if ! "$venv/bin/python" -c "import wasmtime" 2>/dev/null; then
   "$venv/bin/pip" install --quiet "$WASMTIME_PY"
 fi
 
-kiln="$CARGO_TARGET_DIR/host/kiln"
-[ -x "$kiln" ] || kiln="$CARGO_TARGET_DIR/debug/kiln"
-if [ ! -x "$kiln" ]; then
-  cargo build --locked --quiet -p kiln-compiler
+if [ -n "$quick" ]; then
+  kiln="$CARGO_TARGET_DIR/debug/kiln"
+else
+  kiln="$CARGO_TARGET_DIR/host/kiln"
+  [ -z "$build" ] || cargo build --locked --quiet -p kiln-compiler --profile host
 fi
+[ -x "$kiln" ] || { echo "corpus: $kiln is missing (scripts/build.sh builds the debug one)" >&2; exit 2; }
 key="$cache/corpus.key"
 [ -f "$key" ] || "$kiln" keygen -o "$key" >/dev/null
 
 exec "$venv/bin/python" conformance/corpus/corpus.py --kiln "$kiln" --key "$key" \
-  --cache "$cache" --target-dir "$CARGO_TARGET_DIR" --command "${command% }" "$@"
+  --cache "$cache" --target-dir "$CARGO_TARGET_DIR" --command "${command% }" \
+  ${page:+"$page"} ${args[@]+"${args[@]}"}

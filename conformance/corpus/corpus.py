@@ -15,6 +15,7 @@ import datetime
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -236,6 +237,16 @@ def tail(path, lines=8):
     return "\n".join("    " + line for line in text[-lines:])
 
 
+def why(stderr):
+    """kilnd's own error or trap line, if it printed one."""
+    try:
+        with open(stderr, "rb") as f:
+            text = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    return next((line.strip()[:300] for line in text if "kilnd: error" in line or "trapped" in line), None)
+
+
 def describe(digest, expected):
     wrong = [k for k in expected if digest.get(k) != expected[k]]
     if not wrong:
@@ -283,8 +294,8 @@ def write_page(env, programs, rows, wasmtime_rows, notes, command, started):
         lines.append(f"| {p.name} | {p.language} | {p.package} | `{p.wasm}`, {fmt_mb(size)} | {p.runs} |")
     lines += ["", "## wasmtime, the reference (x86_64, compile and run)", "",
               "| program | time | exit | stdout sha256 | against the recorded hashes |", "|---|---|---|---|---|"]
-    for name, seconds, digest, verdict in wasmtime_rows:
-        lines.append(f"| {name} | {fmt_s(seconds)} | {digest['exit_code']} | `{digest['stdout'][:16]}` | {verdict} |")
+    for prog_name, seconds, digest, verdict in wasmtime_rows:
+        lines.append(f"| {prog_name} | {fmt_s(seconds)} | {digest['exit_code']} | `{digest['stdout'][:16]}` | {verdict} |")
     lines += ["", "## kiln per target", "",
               "`compile` is `kiln compile` (wall clock, every core); `run` is `kilnd run` from start to "
               "exit, verification and loading included; `result` compares exit code, stdout and output "
@@ -388,6 +399,8 @@ def main():
             stats, got, err = run_kiln(prog, wasm, target, env, work)
             _, qemu = qemu_prefix(target, platform.machine())
             wrong = describe(got, ref)
+            if wrong is not None and why(err):
+                wrong += f"; {why(err)}"
             if wrong is None:
                 result = "agree"
             elif target in prog.known:
@@ -396,7 +409,8 @@ def main():
             else:
                 result = f"**differ**: {wrong}"
                 failures.append(f"{prog.name} on {target}: {wrong}\n{tail(err)}")
-                notes.append(f"{prog.name} on {target}: {wrong} (`kilnd run ... -- {' '.join(prog.args)}`)")
+                notes.append(f"{prog.name} on {target}: {wrong} (`kilnd run ... --dir ROOT:{prog.guest_dir} -- "
+                             f"{shlex.join(prog.args)}`)")
             row = dict(stats, program=prog.name, target=target, mode="qemu-user" if qemu else "native", result=result)
             rows.append(row)
             print(f"| {prog.name} | {target} | {row['mode']} | {fmt_s(row['compile_s'])} | {fmt_mb(row['size'])} "
