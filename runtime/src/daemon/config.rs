@@ -366,7 +366,7 @@ impl Config {
             if m.restart.max_crashes == 0 {
                 return Err(bad("restart.max_crashes must be at least 1".into()));
             }
-            m.rate.check().map_err(bad)?;
+            m.rate.check().map_err(|e| bad(e.into()))?;
             rates.insert(name.clone(), m.rate);
             let dirs = m
                 .dirs

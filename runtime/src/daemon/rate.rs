@@ -44,17 +44,31 @@ impl Default for RateLimit {
     }
 }
 
+/// Why a `rate` in kilnd.toml is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RateError {
+    #[error("rate needs records_per_s, bytes_per_s and burst_ms above 0")]
+    Zero,
+    #[error(
+        "rate allows a burst of {0} bytes, less than one largest record ({max} bytes): raise bytes_per_s or burst_ms",
+        max = kiln_protocol::abi::MAX_PUBLISH
+    )]
+    BurstTooSmall(u64),
+}
+
+impl From<RateError> for String {
+    fn from(e: RateError) -> Self {
+        e.to_string()
+    }
+}
+
 impl RateLimit {
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), RateError> {
         if self.records_per_s == 0 || self.bytes_per_s == 0 || self.burst_ms == 0 {
-            return Err("rate needs records_per_s, bytes_per_s and burst_ms above 0".into());
+            return Err(RateError::Zero);
         }
         if self.burst_bytes() < kiln_protocol::abi::MAX_PUBLISH as u64 {
-            return Err(format!(
-                "rate allows a burst of {} bytes, less than one largest record ({} bytes): raise bytes_per_s or burst_ms",
-                self.burst_bytes(),
-                kiln_protocol::abi::MAX_PUBLISH
-            ));
+            return Err(RateError::BurstTooSmall(self.burst_bytes()));
         }
         Ok(())
     }
@@ -164,7 +178,12 @@ mod tests {
             bytes_per_s: 1000,
             burst_ms: 1000,
         };
-        assert!(tiny.check().unwrap_err().contains("burst of 1000 bytes"));
+        assert_eq!(tiny.check(), Err(RateError::BurstTooSmall(1000)));
+        assert!(tiny
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("burst of 1000 bytes"));
         assert!(RateLimit::default().check().is_ok());
     }
 

@@ -11,36 +11,55 @@ use kiln_protocol::keys::SecretKey;
 
 const FILE: &str = "identity.key";
 
+/// Why the device has no identity key to sign with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    /// The key file cannot be read.
+    #[error("{0}")]
+    Read(String),
+    /// The key file is there but is not used: readable by others, or not a key.
+    #[error("{0}")]
+    Refused(String),
+    /// No key file, and none can be made.
+    #[error("{0}")]
+    Create(String),
+}
+
 /// The key in `{data_dir}/identity.key`, created if there is none. A key file others
 /// can read is refused rather than used: it would not identify this device.
-pub fn load_or_create(data_dir: &Path) -> Result<SecretKey, String> {
+pub fn load_or_create(data_dir: &Path) -> Result<SecretKey, IdentityError> {
     let path = data_dir.join(FILE);
     let shown = path.display();
     match std::fs::metadata(&path) {
         Ok(meta) => {
             let mode = meta.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
-                return Err(format!(
+                return Err(IdentityError::Refused(format!(
                     "`{shown}` is readable by others (mode {mode:04o}); run `chmod 600 {shown}`"
-                ));
+                )));
             }
             if meta.len() > 4096 {
-                return Err(format!("`{shown}` is {} bytes, not a key", meta.len()));
+                return Err(IdentityError::Refused(format!(
+                    "`{shown}` is {} bytes, not a key",
+                    meta.len()
+                )));
             }
             let text = std::fs::read_to_string(&path)
-                .map_err(|e| format!("cannot read `{shown}`: {e}"))?;
-            SecretKey::from_text(&text).map_err(|e| format!("`{shown}`: {e}"))
+                .map_err(|e| IdentityError::Read(format!("cannot read `{shown}`: {e}")))?;
+            SecretKey::from_text(&text)
+                .map_err(|e| IdentityError::Refused(format!("`{shown}`: {e}")))
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => create(data_dir, &path),
-        Err(e) => Err(format!("cannot read `{shown}`: {e}")),
+        Err(e) => Err(IdentityError::Read(format!("cannot read `{shown}`: {e}"))),
     }
 }
 
-fn create(data_dir: &Path, path: &Path) -> Result<SecretKey, String> {
+fn create(data_dir: &Path, path: &Path) -> Result<SecretKey, IdentityError> {
     let shown = path.display();
-    std::fs::create_dir_all(data_dir)
-        .map_err(|e| format!("cannot create `{}`: {e}", data_dir.display()))?;
-    let key = SecretKey::generate().map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(data_dir).map_err(|e| {
+        IdentityError::Create(format!("cannot create `{}`: {e}", data_dir.display()))
+    })?;
+    let key = SecretKey::generate().map_err(|e| IdentityError::Create(e.to_string()))?;
     // Written under a temporary name and linked into place, so a crash never leaves
     // a half-written key, and two starts racing keep one key.
     let tmp = data_dir.join(format!(".{FILE}.{}", std::process::id()));
@@ -64,7 +83,9 @@ fn create(data_dir: &Path, path: &Path) -> Result<SecretKey, String> {
             Ok(key)
         }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => load_or_create(data_dir),
-        Err(e) => Err(format!("cannot create `{shown}`: {e}")),
+        Err(e) => Err(IdentityError::Create(format!(
+            "cannot create `{shown}`: {e}"
+        ))),
     }
 }
 
@@ -86,6 +107,7 @@ mod tests {
         )
         .unwrap();
         let err = load_or_create(dir.path()).unwrap_err();
-        assert!(err.contains("readable by others"), "{err}");
+        assert!(matches!(err, IdentityError::Refused(_)), "{err}");
+        assert!(err.to_string().contains("readable by others"), "{err}");
     }
 }
