@@ -125,9 +125,7 @@ fn split_size(s: &str) -> Result<(u64, Option<Option<u64>>), SizeError> {
     let (num, unit) = t
         .find(|c: char| !c.is_ascii_digit())
         .map_or((t, ""), |i| t.split_at(i));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| SizeError::NotANumber(s.into()))?;
+    let n: u64 = num.parse().map_err(|_| SizeError::NotANumber(s.into()))?;
     let shift = match unit.trim() {
         "" => return Ok((n, None)),
         "KiB" => 10,
@@ -230,7 +228,10 @@ mod tests {
         assert!(parse_memory_size("5GiB").is_err());
         let err = parse_memory_size("12MB").unwrap_err();
         assert!(matches!(&err, SizeError::UnknownUnit { unit, .. } if unit == "MB"));
-        assert_eq!(err.to_string(), "`12MB`: unknown unit `MB` (use KiB, MiB or GiB)");
+        assert_eq!(
+            err.to_string(),
+            "`12MB`: unknown unit `MB` (use KiB, MiB or GiB)"
+        );
         assert!(parse_memory_size("lots").is_err());
     }
 }

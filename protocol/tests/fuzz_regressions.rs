@@ -245,7 +245,10 @@ fn desired_state_over_max_desired_is_refused_before_decoding() {
         "desired state is {} bytes (limit {MAX_DESIRED})",
         over.len()
     ));
-    assert_eq!(SignedDesired::open(&over, &root()).unwrap_err(), limit.to_string());
+    assert_eq!(
+        SignedDesired::open(&over, &root()).unwrap_err(),
+        limit.to_string()
+    );
     assert_eq!(SignedDesired::peek(&over).unwrap_err(), limit);
     assert_eq!(SignedDesired::signers(&over).unwrap_err(), limit);
     assert_eq!(
