@@ -20,6 +20,12 @@ use std::path::Path;
 /// large costs only what it delivers.
 const FIRST_READ: u64 = 64 * 1024;
 
+/// The largest artifact a device reads from its own disk: `kilnd run FILE`, a module
+/// configured by path, a slot the update agent wrote. Bounded so that a corrupt or
+/// planted file cannot take the device's memory, but far above what travels over MQTT
+/// (`transfer::MAX_ARTIFACT`): a 66 MB C++ module compiles to 270-320 MB.
+pub const MAX_LOCAL_ARTIFACT: u64 = 1024 * 1024 * 1024;
+
 /// The regular file at `path`, if it holds at most `limit` bytes. A FIFO, a device, a
 /// socket or a directory is refused before a byte is read; a file that is, or grows,
 /// past `limit` is refused after `limit + 1` bytes.

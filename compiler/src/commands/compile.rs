@@ -68,6 +68,18 @@ impl CompileCommand {
         let compiled = self
             .build
             .compile(&self.input, &source, target, self.memory_limit, &key)?;
+        let len = compiled.bytes.len() as u64;
+        if len > kiln_protocol::files::MAX_LOCAL_ARTIFACT {
+            return Err(coded(
+                Code::InvalidInput,
+                anyhow::anyhow!(
+                    "{}: the artifact would be {}, more than the {} kilnd reads; not written",
+                    self.input.display(),
+                    human_size(len),
+                    human_size(kiln_protocol::files::MAX_LOCAL_ARTIFACT)
+                ),
+            ));
+        }
         crate::files::write_public(&self.output, &compiled.bytes)
             .with_context(|| format!("cannot write `{}`", self.output.display()))
             .map_err(|e| coded(Code::CannotWrite, e))?;
@@ -88,6 +100,16 @@ impl CompileCommand {
             std::thread::available_parallelism().map_or(1, |n| n.get()),
             key.public().id(),
         );
+        if len > kiln_protocol::transfer::MAX_ARTIFACT {
+            eprintln!(
+                "kiln: warning: {} is {}: kilnd runs it from a file (up to {}), but a push or \
+                 rollout carries at most {} an artifact",
+                self.output.display(),
+                human_size(len),
+                human_size(kiln_protocol::files::MAX_LOCAL_ARTIFACT),
+                human_size(kiln_protocol::transfer::MAX_ARTIFACT),
+            );
+        }
         Ok(())
     }
 }

@@ -10,7 +10,6 @@ use kiln_protocol::artifact::Envelope;
 use kiln_protocol::compat;
 use kiln_protocol::keys::{PublicKey, TrustedKeys};
 use kiln_protocol::manifest::Manifest;
-use kiln_protocol::transfer::MAX_ARTIFACT;
 use kiln_protocol::trust::{Chain, MAX_ROOT};
 use kiln_protocol::worker::Expect;
 use sha2::{Digest, Sha256};
@@ -84,7 +83,7 @@ pub fn read_root(path: &Path) -> Result<Chain, Failure> {
     })
 }
 
-pub use kiln_protocol::files::read_bounded;
+pub use kiln_protocol::files::{read_bounded, MAX_LOCAL_ARTIFACT};
 
 /// Largest trusted key file: a key's text form is one short line.
 const MAX_KEY_FILE: u64 = 4096;
@@ -134,7 +133,7 @@ pub fn load_artifact(
 ) -> Result<Loaded, Failure> {
     let file = path.display();
     let started = Instant::now();
-    let bytes = read_bounded(path, MAX_ARTIFACT)
+    let bytes = read_bounded(path, MAX_LOCAL_ARTIFACT)
         .map_err(|e| Failure::new(Code::NoInput, format!("cannot read artifact `{file}`: {e}")))?;
     let read_time = started.elapsed();
     let mut loaded = load_bytes(&bytes, trust, expect, engine_for)

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use kiln_protocol::abi;
 use kiln_protocol::keys::{PublicKey, TrustedKeys};
 use kiln_protocol::manifest::Manifest;
-use kiln_protocol::transfer::MAX_ARTIFACT;
 use kiln_protocol::worker::{
     read_frame, write_frame_unflushed, FromWorker, Ready, Reply, Request, StartSpec, Stop, ToWorker,
 };
@@ -26,7 +25,7 @@ use crate::sandbox::abi::Emit;
 use crate::sandbox::confine::{self, Policy, Report};
 use crate::sandbox::guest::{Guest, GuestOptions};
 use crate::sandbox::limits;
-use crate::sandbox::load::{load_bytes, read_bounded};
+use crate::sandbox::load::{load_bytes, read_bounded, MAX_LOCAL_ARTIFACT};
 use crate::sandbox::wasi::{DirMapping, WasiOptions};
 
 /// How long a record may wait in the worker's buffer before it is flushed to the
@@ -117,7 +116,7 @@ pub fn serve() -> i32 {
         }
     };
     // Read before confinement, which leaves the worker only the module's dirs.
-    let artifact = read_bounded(Path::new(&spec.artifact), MAX_ARTIFACT);
+    let artifact = read_bounded(Path::new(&spec.artifact), MAX_LOCAL_ARTIFACT);
     #[cfg(feature = "test-hooks")]
     let parent = std::os::unix::process::parent_id();
     let policy = Policy {
