@@ -104,7 +104,7 @@ impl<'a> Reader<'a> {
             "reported" => Reported::open(topic, payload).map(|(r, k)| (Body::Reported(r), k)),
             _ => Event::open(topic, payload).map(|(e, k)| (Body::Event(e), k)),
         }
-        .map_err(skip)?;
+        .map_err(|e| skip(e.into()))?;
         if let Body::Status(s) = &body {
             if s.device != device {
                 return Err(skip(format!(

@@ -5,6 +5,22 @@ use serde::{Deserialize, Serialize};
 
 use crate::keys::{PublicKey, SecretKey};
 
+/// Why a device's message is not taken: it does not decode (or is signed twice), or its
+/// signature does not verify for its topic (forged, or moved to another topic).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReportError {
+    #[error("{0}")]
+    Malformed(String),
+    #[error("{0}")]
+    Forged(String),
+}
+
+impl From<ReportError> for String {
+    fn from(e: ReportError) -> Self {
+        e.to_string()
+    }
+}
+
 /// Retained on `status`: the birth message, or the LWT.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Status {
@@ -56,12 +72,12 @@ pub struct TrustReport {
 
 impl Status {
     /// The status in its current form, and who signed it (see [`open_report`]).
-    pub fn open(topic: &str, bytes: &[u8]) -> Result<(StatusV2, Option<PublicKey>), String> {
+    pub fn open(topic: &str, bytes: &[u8]) -> Result<(StatusV2, Option<PublicKey>), ReportError> {
         let (status, signer) = open_report::<Status>(topic, bytes)?;
         let status = match status {
             Status::V1(s) => s.into(),
             Status::V2(s) => s,
-            Status::Signed(_) => return Err("status signed twice".into()),
+            Status::Signed(_) => return Err(ReportError::Malformed("status signed twice".into())),
         };
         Ok((status, signer))
     }
@@ -88,10 +104,12 @@ pub enum Reported {
 
 impl Reported {
     /// The reported state, and who signed it (see [`open_report`]).
-    pub fn open(topic: &str, bytes: &[u8]) -> Result<(ReportedV1, Option<PublicKey>), String> {
+    pub fn open(topic: &str, bytes: &[u8]) -> Result<(ReportedV1, Option<PublicKey>), ReportError> {
         match open_report::<Reported>(topic, bytes)? {
             (Reported::V1(r), signer) => Ok((r, signer)),
-            (Reported::Signed(_), _) => Err("reported state signed twice".into()),
+            (Reported::Signed(_), _) => {
+                Err(ReportError::Malformed("reported state signed twice".into()))
+            }
         }
     }
 }
@@ -139,10 +157,10 @@ pub enum Event {
 
 impl Event {
     /// The event, and who signed it (see [`open_report`]).
-    pub fn open(topic: &str, bytes: &[u8]) -> Result<(EventV1, Option<PublicKey>), String> {
+    pub fn open(topic: &str, bytes: &[u8]) -> Result<(EventV1, Option<PublicKey>), ReportError> {
         match open_report::<Event>(topic, bytes)? {
             (Event::V1(e), signer) => Ok((e, signer)),
-            (Event::Signed(_), _) => Err("event signed twice".into()),
+            (Event::Signed(_), _) => Err(ReportError::Malformed("event signed twice".into())),
         }
     }
 }
@@ -227,25 +245,27 @@ pub fn seal_report<T: DeviceMessage>(message: &T, topic: &str, key: &SecretKey) 
 pub fn open_report<T: DeviceMessage>(
     topic: &str,
     bytes: &[u8],
-) -> Result<(T, Option<PublicKey>), String> {
-    let message: T = postcard::from_bytes(bytes).map_err(|e| format!("malformed: {e}"))?;
+) -> Result<(T, Option<PublicKey>), ReportError> {
+    let message: T = postcard::from_bytes(bytes)
+        .map_err(|e| ReportError::Malformed(format!("malformed: {e}")))?;
     let Some(signed) = message.as_signed() else {
         return Ok((message, None));
     };
-    let key = PublicKey::from_bytes(&signed.key).map_err(|_| "invalid signing key".to_string())?;
+    let key = PublicKey::from_bytes(&signed.key)
+        .map_err(|_| ReportError::Malformed("invalid signing key".into()))?;
     let signature: [u8; 64] = signed
         .signature
         .as_slice()
         .try_into()
-        .map_err(|_| "malformed signature".to_string())?;
+        .map_err(|_| ReportError::Malformed("malformed signature".into()))?;
     if !key.verify_strict(&report_message(T::CONTEXT, topic, &signed.body), &signature) {
-        return Err(format!(
+        return Err(ReportError::Forged(format!(
             "signature by {} does not verify for {topic}",
             key.id()
-        ));
+        )));
     }
-    let inner: T =
-        postcard::from_bytes(&signed.body).map_err(|e| format!("malformed signed body: {e}"))?;
+    let inner: T = postcard::from_bytes(&signed.body)
+        .map_err(|e| ReportError::Malformed(format!("malformed signed body: {e}")))?;
     Ok((inner, Some(key)))
 }
 
