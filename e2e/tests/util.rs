@@ -93,12 +93,8 @@ pub fn fleet_id() -> String {
         .fleet
 }
 
-/// Unix milliseconds now.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+/// Unix milliseconds now: the one clock (`kiln_protocol::clock`).
+pub use kiln_protocol::clock::now_ms;
 
 /// A device: the `kilnd` of a target profile, wrapped in its qemu command (tests may
 /// change `profile.qemu`, e.g. to emulate an older CPU).

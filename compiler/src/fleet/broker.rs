@@ -344,8 +344,5 @@ impl Session {
     }
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+/// The one clock (`kiln_protocol::clock`).
+pub use kiln_protocol::clock::now_ms;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use kiln_e2e::mosquitto::Broker;
@@ -22,12 +22,9 @@ use serde_json::Value;
 
 use crate::invariants::{Ms, Obs};
 
-/// Unix time in milliseconds: the clock of every observation, and of kilnd's records.
-pub fn now_ms() -> Ms {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+/// Unix time in milliseconds: the clock of every observation, and of kilnd's records
+/// (the one clock, `kiln_protocol::clock`).
+pub use kiln_protocol::clock::now_ms;
 
 pub type ObsTx = Sender<(Ms, Obs)>;
 
