@@ -64,16 +64,26 @@ pub(super) fn fd_close(mut ctx: Ctx, fd: i32) -> Result<i32, RuntimeError> {
 /// with `to` taking `from`'s inheriting rights, leaves `from` open, and refuses a
 /// preopen as `to`. kilnd closes `to`, duplicates `from` exactly into it (wasix's
 /// `fd_dup2` takes the lowest free fd from `to` on, which is `to`), and closes `from`.
+///
+/// `to` must be open, as in wasmtime, except a standard stream: programs redirect one
+/// by closing it and renumbering a file onto it (`close(1); dup2(fd, 1)`), as Yosys
+/// does around ABC, which wasix allowed.
 pub(super) fn fd_renumber(mut ctx: Ctx, from: i32, to: i32) -> Result<i32, RuntimeError> {
     answer((|| {
-        if !is_open(&mut ctx, from)? || !is_open(&mut ctx, to)? {
+        if !is_open(&mut ctx, from)? {
+            return Ok(errno(Errno::Badf));
+        }
+        let to_open = is_open(&mut ctx, to)?;
+        if !to_open && !(0..=2).contains(&to) {
             return Ok(errno(Errno::Badf));
         }
         let moved = fdstat(&mut ctx, from, &[])?;
         if from == to {
             return Ok(ESUCCESS);
         }
-        call_ok(&mut ctx, "fd_close", &[Value::I32(to)])?;
+        if to_open {
+            call_ok(&mut ctx, "fd_close", &[Value::I32(to)])?;
+        }
         let dup2 = match ctx.data().dup2.clone() {
             Some(f) => f,
             None => {
