@@ -218,7 +218,7 @@ fn start(
         .iter()
         .map(|text| PublicKey::from_text(text))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| load_failed(75, format!("bad trusted key: {e}")))?;
+        .map_err(|e| load_failed(Code::Untrusted as u8, format!("bad trusted key: {e}")))?;
     let trust = TrustedKeys::new(keys);
     let limits = spec.limits;
     let loaded = load_bytes(&bytes, &trust, spec.expect.as_ref(), |manifest| {
