@@ -53,14 +53,13 @@ impl BrokerArgs {
             Some(path) => Some(read_password(path)?),
             None => self.password.clone(),
         };
-        Ok(Connect {
-            broker: self.broker.clone(),
-            ca: self.ca.clone(),
-            client_cert: self.client_cert.clone(),
-            client_key: self.client_key.clone(),
-            username: self.username.clone(),
-            password,
-        })
+        Ok(Connect::to(self.broker.clone())
+            .tls(
+                self.ca.clone(),
+                self.client_cert.clone(),
+                self.client_key.clone(),
+            )
+            .credentials(self.username.clone(), password))
     }
 
     pub fn connect(&self) -> Result<Session> {
