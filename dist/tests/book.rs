@@ -86,6 +86,16 @@ const OTHER_TOOLS: &[(&str, &str)] = &[
     ("--seconds", "scripts/fuzz.sh"),
     ("--build", "scripts/wasi-testsuite.sh"),
     ("--devices", "scripts/soak.sh, scripts/fleet-scale.sh"),
+    ("--quick", "scripts/corpus.sh: the part CI runs"),
+    ("--no-deps", "pip download: how the corpus fetches a wheel"),
+    (
+        "--nocapture",
+        "cargo test's harness: print the tests' output",
+    ),
+    (
+        "--translate-to-exnref",
+        "binaryen's wasm-opt: how a C++ module is made to use the exnref proposal",
+    ),
 ];
 
 fn repo() -> PathBuf {
