@@ -172,17 +172,9 @@ pub(super) fn path_symlink(
             }
         }
         check_path(&ctx, new, new_len)?;
-        if let Some(name) = path(&ctx, new, new_len)? {
-            if paths::has_trailing_slash(&name) {
-                let trimmed = paths::trim_trailing_slashes(&name).len();
-                let avoid = [region(old, old_len), region(new, new_len)];
-                return Ok(
-                    match filestat_at(&mut ctx, fd, false, new, trimmed, &avoid) {
-                        Ok(_) => errno(Errno::Exist),
-                        Err(_) => errno(Errno::Noent),
-                    },
-                );
-            }
+        let avoid = [region(old, old_len), region(new, new_len)];
+        if let Some(e) = new_name_with_slash(&mut ctx, fd, new, new_len, &avoid)? {
+            return Ok(e);
         }
         let args = [
             Value::I32(old),
@@ -257,16 +249,8 @@ pub(super) fn path_link(
         if let Ok((FILETYPE_DIRECTORY, _)) = filestat_at(&mut ctx, old_fd, follow, old, o, &avoid) {
             return Ok(errno(Errno::Perm));
         }
-        if let Some(name) = path(&ctx, new, new_len)? {
-            if paths::has_trailing_slash(&name) {
-                let trimmed = paths::trim_trailing_slashes(&name).len();
-                return Ok(
-                    match filestat_at(&mut ctx, new_fd, false, new, trimmed, &avoid) {
-                        Ok(_) => errno(Errno::Exist),
-                        Err(_) => errno(Errno::Noent),
-                    },
-                );
-            }
+        if let Some(e) = new_name_with_slash(&mut ctx, new_fd, new, new_len, &avoid)? {
+            return Ok(e);
         }
         // wasix keeps a hard link to a symlink in memory only (gone for the next
         // lookup); kilnd makes it a second symlink with the same target, which
@@ -274,17 +258,7 @@ pub(super) fn path_link(
         if !follow {
             if let Ok((FILETYPE_SYMLINK, _)) = filestat_at(&mut ctx, old_fd, false, old, o, &avoid)
             {
-                return lending(&mut ctx, MAX_LINK + 4, &avoid, |ctx, at| {
-                    let args = [
-                        Value::I32(old_fd),
-                        Value::I32(old),
-                        Value::I32(old_len),
-                        Value::I32(at as i32),
-                        Value::I32(MAX_LINK as i32),
-                        Value::I32((at + MAX_LINK) as i32),
-                    ];
-                    call_ok(ctx, "path_readlink", &args)?;
-                    let n = u32_at(ctx, at + MAX_LINK)?.min(MAX_LINK);
+                return with_link(&mut ctx, old_fd, old, old_len, &avoid, |ctx, at, n| {
                     let args = [
                         Value::I32(at as i32),
                         Value::I32(n as i32),
@@ -338,17 +312,7 @@ pub(super) fn path_readlink(
             region(buf, buf_len),
             region(used, 4),
         ];
-        let link = lending(&mut ctx, MAX_LINK + 4, &avoid, |ctx, at| {
-            let args = [
-                Value::I32(fd),
-                Value::I32(path),
-                Value::I32(path_len),
-                Value::I32(at as i32),
-                Value::I32(MAX_LINK as i32),
-                Value::I32((at + MAX_LINK) as i32),
-            ];
-            call_ok(ctx, "path_readlink", &args)?;
-            let n = u32_at(ctx, at + MAX_LINK)?.min(MAX_LINK);
+        let link = with_link(&mut ctx, fd, path, path_len, &avoid, |ctx, at, n| {
             read(ctx, at, n)
         })?;
         let n = link.len().min(buf_len as u32 as usize);
@@ -409,4 +373,53 @@ pub(super) fn path_filestat_set_times(
         call(&mut ctx, "fd_close", &[Value::I32(file)])?;
         Ok(e)
     })())
+}
+
+/// A new name that ends in a slash (a directory's) names nothing a symlink or a link
+/// can be: `EXIST` if it is taken, else `NOENT`; None for a name without one.
+fn new_name_with_slash(
+    ctx: &mut Ctx,
+    fd: i32,
+    name: i32,
+    name_len: i32,
+    avoid: &[Region],
+) -> Step<Option<i32>> {
+    let Some(bytes) = path(ctx, name, name_len)? else {
+        return Ok(None);
+    };
+    if !paths::has_trailing_slash(&bytes) {
+        return Ok(None);
+    }
+    let trimmed = paths::trim_trailing_slashes(&bytes).len();
+    Ok(Some(
+        match filestat_at(ctx, fd, false, name, trimmed, avoid) {
+            Ok(_) => errno(Errno::Exist),
+            Err(_) => errno(Errno::Noent),
+        },
+    ))
+}
+
+/// Reads the symlink at (`path`, `path_len`) under `fd` into lent guest memory and
+/// runs `f` with its address and length there (at most `MAX_LINK` bytes).
+fn with_link<T>(
+    ctx: &mut Ctx,
+    fd: i32,
+    path: i32,
+    path_len: i32,
+    avoid: &[Region],
+    f: impl FnOnce(&mut Ctx, u32, u32) -> Step<T>,
+) -> Step<T> {
+    lending(ctx, MAX_LINK + 4, avoid, |ctx, at| {
+        let args = [
+            Value::I32(fd),
+            Value::I32(path),
+            Value::I32(path_len),
+            Value::I32(at as i32),
+            Value::I32(MAX_LINK as i32),
+            Value::I32((at + MAX_LINK) as i32),
+        ];
+        call_ok(ctx, "path_readlink", &args)?;
+        let n = u32_at(ctx, at + MAX_LINK)?.min(MAX_LINK);
+        f(ctx, at, n)
+    })
 }
