@@ -4,9 +4,14 @@
 #
 ################################################################################
 
-KILND_VERSION = 0.1.0
-KILND_SITE = https://example.invalid/kiln.git
-KILND_SITE_METHOD = git
+# TEMPLATE: not built as it stands. scripts/release-source.sh writes the release copy
+# with @VERSION@ and @SITE@ filled in, and kilnd.hash beside it, from the release
+# archive it makes (a file in the repository cannot hold the hash of an archive that
+# contains it). That archive already holds its crates in VENDOR/, so Buildroot does not
+# vendor it again and checks its hash as downloaded.
+KILND_VERSION = @VERSION@
+KILND_SITE = @SITE@
+KILND_SOURCE = kiln-$(KILND_VERSION)-vendored.tar.gz
 KILND_LICENSE = Apache-2.0
 KILND_LICENSE_FILES = LICENSE
 
@@ -15,7 +20,9 @@ KILND_LICENSE_FILES = LICENSE
 # unification never links a compiler into kilnd.
 KILND_CARGO_BUILD_OPTS = -p kiln-runtime
 # The repository's .cargo/config.toml names Debian's cross gcc for the cc crate
-# (ring's C code); use Buildroot's toolchain instead.
+# (ring's C code). The release archive carries cargo vendor's config in its place, as
+# Buildroot's own vendoring would; the cc crate is pointed at Buildroot's compiler
+# anyway, whatever config a source carries.
 KILND_CARGO_ENV = CC_$(subst -,_,$(RUSTC_TARGET_NAME))="$(TARGET_CC)"
 
 # The workspace root is a virtual manifest, which `cargo install --path ./` (the

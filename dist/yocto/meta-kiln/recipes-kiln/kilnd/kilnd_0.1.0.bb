@@ -5,16 +5,17 @@ HOMEPAGE = "https://example.invalid/kiln"
 LICENSE = "Apache-2.0"
 LIC_FILES_CHKSUM = "file://LICENSE;md5=e23fadd6ceef8c618fc1c65191d846fa"
 
-SRC_URI = "git://example.invalid/kiln.git;protocol=https;branch=main"
-# Pin the commit you ship; the crates .inc below must be regenerated with it.
-SRCREV = "${AUTOREV}"
-PV = "0.1.0+git"
-S = "${WORKDIR}/git"
+# TEMPLATE: this file is not built as it stands. scripts/release-source.sh writes the
+# release copy (kilnd_VERSION.bb, VERSION from Cargo.toml) with @SITE@ and @SHA256@
+# filled in, beside kilnd-crates.inc, from the release tarball it makes: a recipe in
+# the repository cannot hold the checksum of a tarball that contains it.
+SRC_URI = "@SITE@/kiln-${PV}.tar.gz"
+SRC_URI[sha256sum] = "@SHA256@"
+S = "${WORKDIR}/kiln-${PV}"
 
-# Every crate of Cargo.lock as a crate:// SRC_URI with its checksum, so the build
-# runs offline. Generate (and regenerate after each Cargo.lock change) with
-#   bitbake -c update_crates kilnd
-# which writes kilnd-crates.inc next to this recipe.
+# Every crate of Cargo.lock as a crate:// SRC_URI with Cargo.lock's checksum, so the
+# build runs offline after do_fetch: written by scripts/release-source.sh (the same
+# form as `bitbake -c update_crates kilnd` writes).
 require ${BPN}-crates.inc
 
 inherit cargo cargo-update-recipe-crates systemd useradd
