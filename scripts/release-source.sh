@@ -126,6 +126,7 @@ fill "$bb" -e "s|@SITE@|$site|g" -e "s|@SHA256@|$sha|g"
 # kilnd-crates.inc in the form poky's update_crates writes: one crate:// URI per
 # locked crates.io package, and its checksum under the fetcher's name NAME-VERSION.
 awk -v ver="$version" '
+  BEGIN { n = 0 }
   function flush() {
     if (name != "" && source != "") {
       if (source !~ /^registry\+https:\/\/github\.com\/rust-lang\/crates\.io-index$/ || checksum == "") {
