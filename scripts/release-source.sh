@@ -104,10 +104,15 @@ mkdir -p "$work/tree"
 tar -xzf "$out/$name.tar.gz" -C "$work/tree"
 tree="$work/tree/$name"
 
-# fill FILE SED-ARGS...: the placeholders @NAME@ of a template, each required.
+# fill FILE SED-ARGS...: the placeholders @NAME@ of a template, each required. The
+# template's own comment (from `# TEMPLATE:` to the next line that is no comment) gives
+# way to a line naming where the copy comes from.
 fill() {
   file="$1"; shift
-  sed "$@" "$file.in" >"$file"
+  awk -v note="# Release copy for kiln $version (commit ${commit:0:12}), written by scripts/release-source.sh." '
+    /^# TEMPLATE:/ { print note; skip = 1; next }
+    skip && /^#/ { next }
+    { skip = 0; print }' "$file.in" | sed "$@" >"$file"
   rm "$file.in"
   ! grep -n '@[A-Z0-9_]*@' "$file" >"$work/left" ||
     die 6 "${file#"$out"/} keeps a placeholder after filling: $(head -n1 "$work/left")"
