@@ -169,8 +169,11 @@ if [ "$vendor" = 1 ]; then
   need "$tree/$package/kilnd.mk" @VERSION@
   need "$tree/$package/kilnd.mk" @SITE@
   cp -R "$tree" "$work/vendored"
-  (cd "$work/vendored" && cargo vendor --locked --quiet VENDOR >"$work/config.toml") ||
-    die 4 "\`cargo vendor --locked\` failed: it needs static.crates.io (or every crate in the local cache)"
+  (cd "$work/vendored" && cargo vendor --locked VENDOR >"$work/config.toml" 2>"$work/vendor.log") ||
+    die 4 "\`cargo vendor --locked\` failed ($(grep -m1 -i 'error' "$work/vendor.log")): it needs static.crates.io (or every crate in the local cache)"
+  # With --quiet cargo vendor prints no config either: check it names the directory.
+  grep -q '^directory = "VENDOR"' "$work/config.toml" ||
+    die 4 "\`cargo vendor\` printed no source replacement for VENDOR/"
   mkdir -p "$work/vendored/.cargo"
   mv "$work/config.toml" "$work/vendored/.cargo/config.toml"
   mkdir -p "$work/v"
