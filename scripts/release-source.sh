@@ -23,8 +23,9 @@
 #                                 every crate of Cargo.lock as crate://crates.io/NAME/VERSION
 #                                 with Cargo.lock's checksum (written here, so nobody runs
 #                                 `bitbake -c update_crates`)
-#   buildroot/package/kilnd/      the package with KILND_VERSION and KILND_SITE filled in
-#                                 and kilnd.hash (the vendored archive and LICENSE)
+#   buildroot/                    a BR2_EXTERNAL tree (name KILN) whose package/kilnd has
+#                                 KILND_VERSION and KILND_SITE filled in and kilnd.hash
+#                                 (the vendored archive and LICENSE)
 #
 # --site URL is where the archives will be published (default: the workspace's
 # `repository` + /releases/download/vVERSION). --no-vendor skips the vendored archive
@@ -183,8 +184,7 @@ if [ "$vendor" = 1 ]; then
   vsha=$(sha256sum "$out/$name-vendored.tar.gz" | cut -d' ' -f1)
   sums="$sums"$'\n'"$vsha  $name-vendored.tar.gz"
   rm -rf "$out/buildroot"
-  mkdir -p "$out/buildroot/package"
-  cp -R "$tree/$package" "$out/buildroot/package/kilnd"
+  cp -R "$tree/dist/buildroot" "$out/buildroot"
   mk="$out/buildroot/package/kilnd/kilnd.mk"
   mv "$mk" "$mk.in"
   fill "$mk" -e "s|@VERSION@|$version|g" -e "s|@SITE@|$site|g"
