@@ -7,8 +7,8 @@ use crate::commands::{
     acl::AclCommand, compile::CompileCommand, completions::CompletionsCommand,
     conformance::ConformanceCommand, dashboard::DashboardCommand,
     decommission::DecommissionCommand, devices::DevicesCommand, enroll::EnrollCommand,
-    gc::GcCommand, inspect::InspectCommand, keygen::KeygenCommand, push::PushCommand,
-    refresh::RefreshCommand, release::ReleaseCommand, remove::RemoveCommand,
+    gc::GcCommand, inspect::InspectCommand, keygen::KeygenCommand, provision::ProvisionCommand,
+    push::PushCommand, refresh::RefreshCommand, release::ReleaseCommand, remove::RemoveCommand,
     rollout::RolloutCommand, root::RootCommand, sign::SignCommand, targets::TargetsCommand,
     watch::WatchCommand,
 };
@@ -23,6 +23,7 @@ Examples:
   kiln push app.kiln --device dev-01 --sign fleet.key --broker mqtt://broker.lan:1883
   kiln push app.wasm --group lab --version 2 --sign fleet.key     # compiled for the group's targets
   kiln rollout app.kiln --group lab --sign fleet.key --waves 1,10,100
+  kiln provision --out out --device pi-01 --broker mqtts://broker.lan:8883 --root fleet.root --ca ca.pem --password
   kiln enroll --group lab --sign fleet.key
   kiln remove app --device dev-01 --sign fleet.key
   kiln decommission dev-07 --sign fleet.key
@@ -64,6 +65,7 @@ pub enum Command {
     Refresh(RefreshCommand),
     Gc(GcCommand),
     Acl(AclCommand),
+    Provision(ProvisionCommand),
     Completions(CompletionsCommand),
 }
 
@@ -89,6 +91,7 @@ impl Command {
             Command::Refresh(c) => c.execute(),
             Command::Gc(c) => c.execute(),
             Command::Acl(c) => c.execute(),
+            Command::Provision(c) => c.execute(),
             Command::Completions(c) => c.execute(),
         }
     }

@@ -115,6 +115,7 @@ impl From<&fleet::Error> for Code {
             fleet::Error::WouldRefuse(_) => Code::WouldRefuse,
             fleet::Error::Busy(_) => Code::Busy,
             fleet::Error::Stopped(_) => Code::Failure,
+            fleet::Error::CannotWrite(_) => Code::CannotWrite,
         }
     }
 }

@@ -103,7 +103,8 @@ pub const TABLE: &[Entry] = &[
         UsedBy::Kiln,
         "invalid input: bad WebAssembly, an artifact that fails `inspect --trust`, a truncated \
          or corrupted artifact (`inspect`, with or without `--trust`); `conformance`: a kilnd \
-         built without the replayer",
+         built without the replayer; `provision`: a malformed line of `--devices`, a `--ca` \
+         that is no certificate",
     ),
     entry(Code::NoInput, "NoInput", UsedBy::Kiln, "input file missing"),
     entry(
@@ -125,7 +126,8 @@ pub const TABLE: &[Entry] = &[
         Code::Unreadable,
         "Unreadable",
         UsedBy::Kilnd,
-        "an artifact, key or directory cannot be read",
+        "an artifact, key or directory cannot be read; `kilnd provision`: a file of the \
+         bundle is missing, unreadable or larger than its bound",
     ),
     entry(
         Code::NotArtifact,
@@ -136,10 +138,12 @@ pub const TABLE: &[Entry] = &[
     entry(
         Code::CannotWrite,
         "CannotWrite",
-        UsedBy::Kiln,
+        UsedBy::Both,
         "output cannot be written (or a key file already exists, or `keygen` without \
          `--no-root` into a directory that holds a root document; `dashboard`: the address \
-         cannot be listened on)",
+         cannot be listened on; `provision`: a device folder exists, without `--force`); \
+         `kilnd provision`: the config directory cannot be written, or the bundle cannot be \
+         deleted after the install",
     ),
     entry(
         Code::UnsupportedFormat,
@@ -166,7 +170,8 @@ pub const TABLE: &[Entry] = &[
         Code::Key,
         "Key",
         UsedBy::Kiln,
-        "signing key missing, malformed, untrusted or readable by others",
+        "signing key missing, malformed, untrusted or readable by others; `provision`: \
+         `--root` is a secret key or not a valid root document",
     ),
     entry(
         Code::WouldRefuse,
@@ -192,7 +197,9 @@ pub const TABLE: &[Entry] = &[
         Code::Config,
         "Config",
         UsedBy::Kilnd,
-        "`kilnd serve`, `kilnd check`: the config is unreadable or invalid (file and line named)",
+        "`kilnd serve`, `kilnd check`: the config is unreadable or invalid (file and line \
+         named); `kilnd provision`: the bundle's kilnd.toml is invalid or names a file the \
+         bundle does not hold",
     ),
     entry(
         Code::ModuleFailed,
@@ -210,7 +217,9 @@ pub const TABLE: &[Entry] = &[
         Code::Untrusted,
         "Untrusted",
         UsedBy::Kilnd,
-        "signed by a key that is not trusted, or an invalid trust key file",
+        "signed by a key that is not trusted, or an invalid trust key file; `kilnd provision`: \
+         the bundle's trust directory holds no root document or key, or one that does not \
+         verify",
     ),
     entry(
         Code::WrongTarget,

@@ -12,6 +12,7 @@ pub mod enroll;
 pub mod gc;
 pub mod inspect;
 pub mod keygen;
+pub mod provision;
 pub mod push;
 pub mod refresh;
 pub mod release;

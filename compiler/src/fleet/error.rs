@@ -36,6 +36,9 @@ pub enum Error {
     /// A rollout halted or was aborted.
     #[error("{0}")]
     Stopped(String),
+    /// An output cannot be written, or exists and is not overwritten.
+    #[error("{0}")]
+    CannotWrite(String),
 }
 
 impl Error {
@@ -60,6 +63,9 @@ impl Error {
     }
     pub fn stopped(e: impl Into<anyhow::Error>) -> Self {
         Error::Stopped(one_line(&e.into()))
+    }
+    pub fn cannot_write(e: impl Into<anyhow::Error>) -> Self {
+        Error::CannotWrite(one_line(&e.into()))
     }
 }
 
@@ -91,6 +97,7 @@ mod tests {
             (Error::WouldRefuse("x".into()), Code::WouldRefuse),
             (Error::busy(anyhow!("x")), Code::Busy),
             (Error::stopped(anyhow!("x")), Code::Failure),
+            (Error::cannot_write(anyhow!("x")), Code::CannotWrite),
         ] {
             assert_eq!(code_of(&error.into()), code);
         }

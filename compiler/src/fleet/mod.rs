@@ -3,7 +3,8 @@
 //! what devices say goes through [`messages`] (and waits on their answers with
 //! [`answers`]); every desired state is built by [`desired`] under a serial from
 //! [`serial`]; releases (artifacts and their transfers) are [`release`]; keys, roots
-//! and the registry are [`trust`] and [`keyfile`]; the checks before publishing are
+//! and the registry are [`trust`] and [`keyfile`]; the bundles that provision a device are
+//! [`provision`]; the checks before publishing are
 //! [`preflight`]. What fails here fails as an [`Error`], whose kind says the exit
 //! code ([`crate::exit`]).
 
@@ -14,6 +15,7 @@ mod error;
 pub mod keyfile;
 pub mod messages;
 pub mod preflight;
+pub mod provision;
 pub mod registry;
 pub mod release;
 pub mod rollout;
