@@ -34,7 +34,8 @@ Environment:
 Examples:
   kilnd run app.kiln --trust fleet.pub
   kilnd check
-  kilnd serve --config /etc/kiln/kilnd.toml";
+  kilnd serve --config /etc/kiln/kilnd.toml
+  kilnd provision --from /boot/firmware/kiln";
 
 /// The line under `kilnd --help`'s usage.
 pub const ABOUT: &str = "kilnd: headless runtime for signed kiln artifacts";
@@ -52,6 +53,7 @@ pub enum Command {
     Run(RunArgs),
     Serve(ServeArgs),
     Check(CheckArgs),
+    Provision(ProvisionArgs),
     /// Internal: one module's worker process, started by `kilnd serve`
     #[command(hide = true)]
     Worker,
@@ -154,6 +156,40 @@ Examples:
 pub struct CheckArgs {
     #[command(flatten)]
     pub config: ConfigArg,
+}
+
+const PROVISION_HELP: &str = "\
+Takes a bundle that `kiln provision` wrote for this device (its DIR/NAME/kiln folder,
+copied to the boot partition as /boot/firmware/kiln) and installs it into the config
+directory. Everything is checked before anything is written: the bundle's kilnd.toml
+loads as `kilnd check` loads it, every file it names is in the bundle, the trust
+directory holds a root document or a public key that reads, and no file is over
+1 MiB. Then each file is written atomically (temp file, fsync, rename, fsync of the
+directory): kilnd.toml and keys 0640 root:kiln (0600 root when there is no group
+kiln), trust/ 0755 with 0644 files, certificates 0644. A file it replaces that
+differs is kept beside it as NAME.pre-provision (NAME.pre-provision.1, ...), and so is
+any key or root in trust/ the bundle does not hold. Last, the bundle is deleted, so
+the boot medium no longer carries the device's credentials.
+
+Without a bundle at --from it says so and exits 0: kilnd-provision.service runs it at
+every boot where /boot/firmware/kiln/kilnd.toml exists, before kilnd.service.
+
+Examples:
+  kilnd provision --from /boot/firmware/kiln
+  kilnd provision --from ./out/pi-01/kiln --etc /mnt/rootfs/etc/kiln   # an image's root";
+
+/// Install a provisioning bundle from `kiln provision` into /etc/kiln (at first boot),
+/// then delete the bundle
+#[derive(Args, Debug)]
+#[command(after_help = PROVISION_HELP)]
+pub struct ProvisionArgs {
+    /// The bundle: a folder holding kilnd.toml and trust/
+    #[arg(long, value_name = "DIR", default_value = crate::provision::BOOT_BUNDLE)]
+    pub from: PathBuf,
+    /// The config directory to install into; the group `kiln` is looked up in the
+    /// `group` file beside it (/etc/group for /etc/kiln)
+    #[arg(long, value_name = "DIR", default_value = crate::provision::ETC)]
+    pub etc: PathBuf,
 }
 
 #[cfg(test)]

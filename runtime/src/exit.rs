@@ -8,6 +8,8 @@ use kiln_protocol::artifact::ArtifactError;
 use kiln_protocol::compat::Incompatible;
 use kiln_protocol::exit::Code as Shared;
 
+use crate::daemon::provision::ProvisionError;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Code {
@@ -39,6 +41,9 @@ pub enum Code {
     Config = Shared::Config as u8,
     /// `kilnd serve`: every module ended and at least one was marked failed.
     ModuleFailed = Shared::ModuleFailed as u8,
+    /// `kilnd provision`: the config directory cannot be written, or the bundle
+    /// cannot be deleted after the install.
+    CannotWrite = Shared::CannotWrite as u8,
 }
 
 /// A kilnd failure: exit code plus the one line printed for it.
@@ -93,6 +98,17 @@ impl From<&ArtifactError> for Code {
     }
 }
 
+impl From<&ProvisionError> for Code {
+    fn from(e: &ProvisionError) -> Code {
+        match e {
+            ProvisionError::Config(_) => Code::Config,
+            ProvisionError::Unreadable(_) => Code::NoInput,
+            ProvisionError::Untrusted(_) => Code::Untrusted,
+            ProvisionError::CannotWrite(_) => Code::CannotWrite,
+        }
+    }
+}
+
 impl From<&Incompatible> for Code {
     fn from(e: &Incompatible) -> Code {
         match e {
@@ -126,6 +142,7 @@ mod tests {
             Trap,
             Config,
             ModuleFailed,
+            CannotWrite,
         ] {
             let shared = Shared::from_number(code as u8).expect("in the table");
             assert_eq!(Shared::from(code), shared);

@@ -130,6 +130,9 @@ fn main() -> ExitCode {
         Command::Shipped(kilnd_cli::Command::Check(c)) => {
             kiln_runtime::daemon::check::check(&c.config.config)
         }
+        Command::Shipped(kilnd_cli::Command::Provision(p)) => {
+            kiln_runtime::daemon::provision::provision(&p.from, &p.etc)
+        }
         Command::Shipped(kilnd_cli::Command::Worker) => Ok(kiln_runtime::sandbox::worker::serve()),
         Command::Shipped(kilnd_cli::Command::Zygote) => Ok(kiln_runtime::sandbox::zygote::serve()),
         #[cfg(feature = "conformance")]

@@ -7,6 +7,7 @@ pub mod fleet;
 pub mod link;
 pub mod notify;
 pub mod procfs;
+pub mod provision;
 pub mod rate;
 pub mod serve;
 pub mod spawn;
