@@ -5,9 +5,11 @@
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)] // a panic is the failure report
 
 pub mod bench_page;
+pub mod board;
 pub mod browser;
 pub mod mosquitto;
 pub mod procfs;
+pub mod rng;
 pub mod sim;
 
 use std::path::{Path, PathBuf};
