@@ -5,7 +5,8 @@
 #                                          [--docs DIR]
 #
 # It packs the shipped kilnd that scripts/build.sh built for each triple (it builds
-# nothing itself), the systemd unit, sysusers.d and tmpfiles.d entries and the
+# nothing itself), the systemd units (kilnd.service, and kilnd-provision.service, which
+# installs a provisioning bundle from the boot partition at first boot), sysusers.d and tmpfiles.d entries and the
 # commented /etc/kiln/kilnd.toml from dist/, the man pages and shell completions that
 # `cargo run -p kiln-dist -- docs` generates from the clap definitions (or that
 # --docs DIR already holds: DIR/man/*.1, DIR/completions/*), and the maintainer
@@ -100,6 +101,8 @@ for arch in "${arches[@]}"; do
 
   install -D -m 0755 "$bin" "$root/usr/bin/kilnd"
   install -D -m 0644 dist/systemd/kilnd.service "$root/usr/lib/systemd/system/kilnd.service"
+  install -D -m 0644 dist/systemd/kilnd-provision.service \
+    "$root/usr/lib/systemd/system/kilnd-provision.service"
   install -D -m 0644 dist/systemd/kilnd.sysusers "$root/usr/lib/sysusers.d/kilnd.conf"
   install -D -m 0644 dist/systemd/kilnd.tmpfiles "$root/usr/lib/tmpfiles.d/kilnd.conf"
   install -D -m 0644 dist/kilnd.toml "$root/etc/kiln/kilnd.toml"

@@ -34,7 +34,13 @@ const ARCHES: [(&str, &str); 3] = [
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The man pages the package must carry: one per kilnd subcommand a user runs.
-const MAN_PAGES: [&str; 4] = ["kilnd", "kilnd-run", "kilnd-serve", "kilnd-check"];
+const MAN_PAGES: [&str; 5] = [
+    "kilnd",
+    "kilnd-run",
+    "kilnd-serve",
+    "kilnd-check",
+    "kilnd-provision",
+];
 
 fn cmd(program: &str, args: &[&str]) -> Command {
     let mut c = Command::new(program);
@@ -109,6 +115,10 @@ fn every_package_holds_exactly_the_files_it_should_owned_by_root_with_their_mode
         let mut expected: BTreeMap<String, &str> = [
             ("/usr/bin/kilnd", "-rwxr-xr-x"),
             ("/usr/lib/systemd/system/kilnd.service", "-rw-r--r--"),
+            (
+                "/usr/lib/systemd/system/kilnd-provision.service",
+                "-rw-r--r--",
+            ),
             ("/usr/lib/sysusers.d/kilnd.conf", "-rw-r--r--"),
             ("/usr/lib/tmpfiles.d/kilnd.conf", "-rw-r--r--"),
             ("/etc/kiln/kilnd.toml", "-rw-r--r--"),
@@ -449,6 +459,7 @@ fn the_arm64_package_installs_into_a_scratch_root_and_its_kilnd_runs_hello() {
     for file in [
         "usr/bin/kilnd",
         "usr/lib/systemd/system/kilnd.service",
+        "usr/lib/systemd/system/kilnd-provision.service",
         "usr/lib/sysusers.d/kilnd.conf",
         "usr/lib/tmpfiles.d/kilnd.conf",
         "etc/kiln/kilnd.toml",
@@ -485,6 +496,14 @@ fn the_arm64_package_installs_into_a_scratch_root_and_its_kilnd_runs_hello() {
         std::fs::read_link(&wants).ok(),
         Some(PathBuf::from("/usr/lib/systemd/system/kilnd.service")),
         "postinst must enable kilnd.service inside the root"
+    );
+    let provision = root.path("etc/systemd/system/kilnd.service.wants/kilnd-provision.service");
+    assert_eq!(
+        std::fs::read_link(&provision).ok(),
+        Some(PathBuf::from(
+            "/usr/lib/systemd/system/kilnd-provision.service"
+        )),
+        "postinst must enable kilnd-provision.service (WantedBy=kilnd.service) inside the root"
     );
 
     let hello = Hello::new();
@@ -578,25 +597,28 @@ fn reinstall_keeps_an_edited_config_remove_keeps_state_and_purge_removes_it_but_
 #[test]
 fn the_unit_passes_systemd_analyze_verify_with_the_installed_binary_and_man_pages() {
     let root = Root::installed();
-    // The unit as installed, with its /usr/bin/kilnd pointed at the root's, so verify
+    // Each unit as installed, with its /usr/bin/kilnd pointed at the root's, so verify
     // checks the packaged binary is there and executable; MANPATH lets it find the
     // packaged man pages that Documentation= names.
-    let unit = std::fs::read_to_string(root.path("usr/lib/systemd/system/kilnd.service")).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let copy = dir.path().join("kilnd.service");
-    std::fs::write(
-        &copy,
-        unit.replace("/usr/bin/kilnd", path_str(&root.path("usr/bin/kilnd"))),
-    )
-    .unwrap();
-    let mut verify = cmd("systemd-analyze", &["verify", "--man=yes", path_str(&copy)]);
-    verify.env("MANPATH", root.path("usr/share/man"));
-    let run = Run::new(verify);
-    assert!(
-        run.code == Some(0) && run.stdout.is_empty() && run.stderr.is_empty(),
-        "systemd-analyze verify must accept the unit without a warning \
-         (an unknown directive, a missing binary or man page)\n{run}"
-    );
+    for name in ["kilnd.service", "kilnd-provision.service"] {
+        let unit =
+            std::fs::read_to_string(root.path(&format!("usr/lib/systemd/system/{name}"))).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let copy = dir.path().join(name);
+        std::fs::write(
+            &copy,
+            unit.replace("/usr/bin/kilnd", path_str(&root.path("usr/bin/kilnd"))),
+        )
+        .unwrap();
+        let mut verify = cmd("systemd-analyze", &["verify", "--man=yes", path_str(&copy)]);
+        verify.env("MANPATH", root.path("usr/share/man"));
+        let run = Run::new(verify);
+        assert!(
+            run.code == Some(0) && run.stdout.is_empty() && run.stderr.is_empty(),
+            "systemd-analyze verify must accept {name} without a warning \
+             (an unknown directive, a missing binary or man page)\n{run}"
+        );
+    }
 }
 
 #[test]

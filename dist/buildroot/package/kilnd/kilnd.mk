@@ -40,9 +40,14 @@ define KILND_USERS
 	kiln -1 kiln -1 * /var/lib/kiln - - Kiln module runtime
 endef
 
+# Enabled by the `systemctl preset-all` Buildroot runs when it finalizes a systemd
+# target: kilnd.service into multi-user.target, kilnd-provision.service (a bundle from
+# /boot/firmware/kiln at first boot) into kilnd.service.
 define KILND_INSTALL_INIT_SYSTEMD
 	$(INSTALL) -D -m 0644 $(@D)/dist/systemd/kilnd.service \
 		$(TARGET_DIR)/usr/lib/systemd/system/kilnd.service
+	$(INSTALL) -D -m 0644 $(@D)/dist/systemd/kilnd-provision.service \
+		$(TARGET_DIR)/usr/lib/systemd/system/kilnd-provision.service
 	$(INSTALL) -D -m 0644 $(@D)/dist/systemd/kilnd.tmpfiles \
 		$(TARGET_DIR)/usr/lib/tmpfiles.d/kilnd.conf
 endef

@@ -36,11 +36,15 @@ USERADD_PACKAGES = "${PN}"
 USERADD_PARAM:${PN} = "--system --user-group --home-dir ${localstatedir}/lib/kiln \
     --no-create-home --shell ${base_sbindir}/nologin --comment 'Kiln module runtime' kiln"
 
-SYSTEMD_SERVICE:${PN} = "kilnd.service"
+# kilnd-provision.service installs a bundle from /boot/firmware/kiln at first boot
+# (docs/src/provisioning.md); without one it is skipped.
+SYSTEMD_SERVICE:${PN} = "kilnd.service kilnd-provision.service"
 SYSTEMD_AUTO_ENABLE:${PN} = "enable"
 
 do_install:append() {
     install -D -m 0644 ${S}/dist/systemd/kilnd.service ${D}${systemd_system_unitdir}/kilnd.service
+    install -D -m 0644 ${S}/dist/systemd/kilnd-provision.service \
+        ${D}${systemd_system_unitdir}/kilnd-provision.service
     install -D -m 0644 ${S}/dist/systemd/kilnd.tmpfiles ${D}${nonarch_libdir}/tmpfiles.d/kilnd.conf
     install -D -m 0644 ${S}/dist/kilnd.toml ${D}${sysconfdir}/kiln/kilnd.toml
     install -d -m 0755 ${D}${sysconfdir}/kiln/trust
