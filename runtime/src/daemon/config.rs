@@ -287,7 +287,14 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read config `{file}`: {e}"))?;
         let mut config: Config = toml::from_str(&text).map_err(|e| {
-            let msg = e.message().to_string();
+            // toml's message may span lines ("invalid array\nexpected `]`"): one line.
+            let msg = e
+                .message()
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(": ");
             match e.span() {
                 Some(span) => {
                     let line = text[..span.start].matches('\n').count() + 1;
@@ -570,6 +577,12 @@ restart = { backoff_ms = 100, max_crashes = 3 }
             .unwrap_err()
             .contains("names no public key"));
         assert!(!typo.contains('\n'));
+        // toml says some mistakes in two lines; kilnd prints one.
+        let open = load("trust = [\n").unwrap_err();
+        assert!(
+            open.contains("kilnd.toml` line ") && !open.contains('\n'),
+            "{open}"
+        );
     }
 
     #[test]
