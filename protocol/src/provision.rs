@@ -52,6 +52,8 @@ pub struct DeviceConfig {
     /// Entries of `trust`: files or directories.
     pub trust: Vec<String>,
     pub broker: String,
+    /// The fleet's topic prefix, when it is not the default.
+    pub prefix: Option<String>,
     pub ca: Option<String>,
     pub groups: Vec<String>,
     /// `YYYY-MM-DDTHH:MM:SSZ`.
@@ -69,6 +71,7 @@ impl Default for DeviceConfig {
             data_dir: DATA_DIR.into(),
             trust: vec![TRUST_DIR.into()],
             broker: String::new(),
+            prefix: None,
             ca: None,
             groups: Vec::new(),
             not_before: String::new(),
@@ -120,6 +123,7 @@ pub fn render(c: &DeviceConfig) -> String {
             s.push_str(&format!("{key} = {}\n", quoted(v)));
         }
     };
+    line("prefix", &c.prefix);
     line("ca", &c.ca);
     line("client_cert", &c.client_cert);
     line("client_key", &c.client_key);

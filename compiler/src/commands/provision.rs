@@ -3,6 +3,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use clap::{ArgGroup, Parser};
 use kiln_protocol::clock::{parse_utc, utc};
+use kiln_protocol::fleet::DEFAULT_PREFIX;
 use kiln_protocol::names::Kind;
 use kiln_protocol::provision::{self as layout, random_password, DeviceConfig};
 
@@ -54,6 +55,9 @@ pub struct ProvisionCommand {
     /// The fleet's root document (fleet.root from `kiln keygen`), verified first
     #[arg(long, value_name = "FILE")]
     pub root: PathBuf,
+    /// The fleet's topic prefix, written into kilnd.toml when it is not the default
+    #[arg(long, default_value = DEFAULT_PREFIX)]
+    pub prefix: String,
     /// The broker's CA certificate (PEM), installed as ca.pem; needed with mqtts://
     #[arg(long, value_name = "FILE")]
     pub ca: Option<PathBuf>,
@@ -197,6 +201,7 @@ impl ProvisionCommand {
             device: entry.name.clone(),
             data_dir: self.data_dir.clone(),
             broker: self.broker.clone(),
+            prefix: (self.prefix != DEFAULT_PREFIX).then(|| self.prefix.clone()),
             ca: ca.map(|_| layout::CA.to_string()),
             groups,
             not_before: not_before.to_string(),

@@ -520,19 +520,23 @@ mod tests {
             groups in proptest::collection::vec(name(), 0..5),
             host in "[a-z][a-z0-9.-]{0,20}",
             port in proptest::option::of(1u16..),
+            prefix in proptest::option::of("[a-z]{1,8}/v[0-9]"),
         ) {
             let broker = match port {
                 Some(p) => format!("mqtt://{host}:{p}"),
                 None => format!("mqtt://{host}"),
             };
             let dir = tempfile::tempdir().unwrap();
-            let b = bundle(dir.path(), &config(&device, groups.clone(), broker.clone()));
+            let mut c = config(&device, groups.clone(), broker.clone());
+            c.prefix = prefix.clone();
+            let b = bundle(dir.path(), &c);
             let (c, _) = Config::load(&b.join(CONFIG)).unwrap();
             prop_assert_eq!(c.device.as_deref(), Some(device.as_str()));
             prop_assert_eq!(c.data_dir.as_deref(), Some(Path::new("/var/lib/kiln")));
             prop_assert_eq!(c.root, Some(b.join("trust/fleet.root")));
             let mqtt = c.mqtt.unwrap();
             prop_assert_eq!(mqtt.broker, broker);
+            prop_assert_eq!(mqtt.prefix, prefix.unwrap_or_else(|| "kiln/v1".into()));
             prop_assert_eq!(mqtt.groups, groups);
             prop_assert_eq!(mqtt.username.as_deref(), Some(device.as_str()));
             prop_assert_eq!(mqtt.password.as_deref(), Some("p\"\\w"));
