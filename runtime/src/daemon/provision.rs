@@ -106,6 +106,7 @@ fn run(from: &Path, etc: &Path, out: &mut Vec<u8>) -> Result<i32, ProvisionError
 /// The files to install, every one read and checked.
 fn check_bundle(from: &Path, etc: &Path) -> Result<Vec<Item>, ProvisionError> {
     let config_path = from.join(CONFIG);
+    no_link(from, Path::new(CONFIG))?;
     let text = read_bounded(&config_path, MAX_FILE).map_err(|e| {
         ProvisionError::Unreadable(format!(
             "bundle `{}`: cannot read `{}`: {e}",
@@ -168,6 +169,7 @@ fn check_bundle(from: &Path, etc: &Path) -> Result<Vec<Item>, ProvisionError> {
                 if !seen.insert(rel.clone()) {
                     continue;
                 }
+                no_link(from, &rel)?;
                 let bytes = read_bounded(&path, limit).map_err(|e| {
                     ProvisionError::Unreadable(format!(
                         "bundle `{}`: `{}`, which kilnd.toml names: {e}",
@@ -199,6 +201,27 @@ fn check_bundle(from: &Path, etc: &Path) -> Result<Vec<Item>, ProvisionError> {
         }
     }
     Ok(items)
+}
+
+/// Refuses a symbolic link on the way from the bundle to `rel`: a bundle holds plain
+/// files (FAT has no links), and a link could make root install a file from elsewhere,
+/// readable by the group kiln or by all.
+fn no_link(from: &Path, rel: &Path) -> Result<(), ProvisionError> {
+    let mut path = from.to_path_buf();
+    for part in rel.components() {
+        path.push(part);
+        if path
+            .symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_symlink())
+        {
+            return Err(ProvisionError::Unreadable(format!(
+                "bundle `{}`: `{}` is a symbolic link; a bundle holds plain files",
+                from.display(),
+                path.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `from`-relative path of `path` if it lies in the bundle (no `..`, not absolute).
@@ -604,5 +627,19 @@ mod tests {
         assert!(e.to_string().contains("ca.pem"), "{e}");
         assert!(!etc.exists());
         assert!(b.join(CONFIG).exists());
+        // A link in the bundle would install a file from elsewhere.
+        fs::write(
+            b.join(CONFIG),
+            render(&config("pi-01", vec![], "mqtt://h".into())),
+        )
+        .unwrap();
+        let secret = dir.path().join("secret");
+        fs::write(&secret, root_doc()).unwrap();
+        fs::remove_file(b.join("trust/fleet.root")).unwrap();
+        std::os::unix::fs::symlink(&secret, b.join("trust/fleet.root")).unwrap();
+        let e = run(&b, &etc, &mut Vec::new()).unwrap_err();
+        assert!(matches!(e, ProvisionError::Unreadable(_)), "{e}");
+        assert!(e.to_string().contains("is a symbolic link"), "{e}");
+        assert!(!etc.exists());
     }
 }
