@@ -45,6 +45,7 @@
 # Cargo.lock has a crate that is not from crates.io.
 set -euo pipefail
 umask 022
+caller="$PWD"
 cd "$(dirname "$0")/.."
 : "${CARGO_TARGET_DIR:=$HOME/.cache/kiln/target}"
 
@@ -63,6 +64,7 @@ while [ $# -gt 0 ]; do
 done
 
 die() { code="$1"; shift; echo "release-source: error: $*" >&2; exit "$code"; }
+case "$out" in /*) ;; *) out="$caller/$out" ;; esac # relative to where it was run
 
 for tool in git gzip tar sha256sum awk; do
   command -v "$tool" >/dev/null || die 5 "\`$tool\` is not installed"
