@@ -11,6 +11,7 @@ mod fleet;
 mod headless;
 mod lean;
 mod module_state;
+mod provision;
 mod refusals;
 mod run;
 mod sandbox;
