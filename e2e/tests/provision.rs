@@ -367,3 +367,79 @@ fn kiln_provision_refuses_a_secret_as_root_and_an_existing_device_folder() {
         "no device of a bad list is written"
     );
 }
+
+#[test]
+fn a_tls_device_gets_its_ca_and_client_key_with_the_key_readable_by_kiln_only() {
+    let pki = kiln_e2e::mosquitto::Pki::generate();
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    fs::create_dir_all(&certs).unwrap();
+    fs::copy(&pki.client_cert, certs.join("pi-tls.pem")).unwrap();
+    fs::copy(&pki.client_key, certs.join("pi-tls.key")).unwrap();
+    let out = dir.path().join("out");
+    let data = dir.path().join("data");
+    let root = shared().root();
+    kiln(&[
+        "provision",
+        "--out",
+        path_str(&out),
+        "--device",
+        "pi-tls",
+        "--broker",
+        "mqtts://127.0.0.1:8883",
+        "--root",
+        path_str(&root),
+        "--ca",
+        path_str(&pki.ca),
+        "--client-certs",
+        path_str(&certs),
+        "--data-dir",
+        path_str(&data),
+    ])
+    .ok("kiln provision with a CA and client certificates");
+    let bundle = out.join("pi-tls/kiln");
+    assert_eq!(mode_owner(&bundle.join("pi-tls.key")).0, 0o600);
+    assert_eq!(
+        mode_owner(&bundle.join("kilnd.toml")).0,
+        0o644,
+        "no secret in it"
+    );
+
+    let etc = scratch_root(dir.path());
+    let run = device()
+        .kilnd(&[
+            "provision",
+            "--from",
+            path_str(&bundle),
+            "--etc",
+            path_str(&etc),
+        ])
+        .ok("kilnd provision of a TLS bundle");
+    assert!(
+        !bundle.exists(),
+        "the client key must leave the bundle\n{run}"
+    );
+    assert_eq!(mode_owner(&etc.join("ca.pem")), (0o644, 0, 0));
+    assert_eq!(mode_owner(&etc.join("pi-tls.pem")), (0o644, 0, 0));
+    assert_eq!(mode_owner(&etc.join("pi-tls.key")), (0o640, 0, KILN_GID));
+    assert_eq!(mode_owner(&etc.join("kilnd.toml")), (0o640, 0, KILN_GID));
+    let config = etc.join("kilnd.toml");
+    let run = device()
+        .kilnd(&["check", "--config", path_str(&config)])
+        .ok("kilnd check must accept the provisioned TLS config");
+    assert!(
+        run.stdout
+            .contains("mqtts://127.0.0.1:8883 as device pi-tls"),
+        "{run}"
+    );
+
+    // mqtts:// without --ca, and --ca with plain mqtt://, are refused before writing.
+    let run = provision_one(
+        &dir.path().join("out2"),
+        "pi-x",
+        &data,
+        &["--client-certs", path_str(&certs)],
+    );
+    kiln_refused(&run, Code::Usage, &["mqtts://"]);
+    assert!(!dir.path().join("out2").exists());
+}
