@@ -75,7 +75,7 @@ impl Board {
         Self {
             image: image.clone(),
             dir,
-            ssh_port: crate::free_port(),
+            ssh_port: forward_port(),
             qemu: None,
             boots: 0,
         }
@@ -128,7 +128,7 @@ impl Board {
         .arg(format!("file:{}", path_str(&console)))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(std::fs::File::create(self.dir.path().join("qemu.stderr")).expect("qemu.stderr"));
         // The console log of earlier boots is kept beside this one's.
         if console.exists() {
             let _ = std::fs::rename(
@@ -283,7 +283,8 @@ impl Board {
         let start = (start..text.len())
             .find(|i| text.is_char_boundary(*i))
             .unwrap_or(0);
-        format!("--- console ---\n{}", &text[start..])
+        let qemu = std::fs::read_to_string(self.dir.path().join("qemu.stderr")).unwrap_or_default();
+        format!("--- qemu ---\n{qemu}--- console ---\n{}", &text[start..])
     }
 }
 
@@ -291,6 +292,17 @@ impl Drop for Board {
     fn drop(&mut self) {
         self.cut();
     }
+}
+
+/// A loopback port for the board's ssh forward, below the kernel's ephemeral range
+/// (32768 and up): qemu listens on it again at every boot, and a port from that range
+/// could meanwhile have become the source port of one of the host's own connections.
+fn forward_port() -> u16 {
+    let offset = (std::process::id() % 10_000) as u16;
+    (0..10_000u16)
+        .map(|i| 20_000 + (offset + i) % 10_000)
+        .find(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok())
+        .expect("a free loopback port between 20000 and 30000")
 }
 
 fn run(cmd: &mut Command) {

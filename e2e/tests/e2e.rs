@@ -3,6 +3,7 @@
 //! Run with `scripts/test.sh` (it builds kilnd for each target and the examples first).
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+mod board;
 mod confine;
 mod conformance;
 mod dashboard;

@@ -102,9 +102,19 @@ impl Watch {
         );
     }
 
+    /// The latest reported state the broker delivered.
+    pub(crate) fn reported(&self) -> Option<ReportedV1> {
+        self.reported.lock().unwrap().clone()
+    }
+
+    /// Forgets the reported state, so the next one seen is one the device sent after.
+    pub(crate) fn forget_reported(&self) {
+        *self.reported.lock().unwrap() = None;
+    }
+
     /// `(version, state)` of module `app` in the retained reported state.
     fn reported_app(&self) -> Option<(u64, String)> {
-        let r = self.reported.lock().unwrap().clone()?;
+        let r = self.reported()?;
         let m = r.modules.iter().find(|m| m.name == "app")?;
         Some((m.version, format!("{:?}", m.state)))
     }

@@ -20,14 +20,14 @@ use serde_json::Value;
 use crate::util::{eventually, now_ms, path_str, shared, FleetDevice, Tmpfs};
 
 /// `kiln watch --json --session NAME` as a separate process, its lines collected.
-struct Watcher {
+pub(crate) struct Watcher {
     child: Option<Child>,
     lines: Arc<Mutex<Vec<Value>>>,
     stderr: Arc<Mutex<String>>,
 }
 
 impl Watcher {
-    fn start(broker: &Broker, session: &str) -> Self {
+    pub(crate) fn start(broker: &Broker, session: &str) -> Self {
         let mut child = Command::new(kiln_path())
             .args(["watch", "--json", "--session", session, "--broker"])
             .arg(broker.url())
@@ -65,15 +65,15 @@ impl Watcher {
         watcher
     }
 
-    fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
 
-    fn lines(&self) -> Vec<Value> {
+    pub(crate) fn lines(&self) -> Vec<Value> {
         self.lines.lock().unwrap().clone()
     }
 
-    fn of_kind(&self, kind: &str) -> Vec<Value> {
+    pub(crate) fn of_kind(&self, kind: &str) -> Vec<Value> {
         self.lines()
             .into_iter()
             .filter(|v| v["kind"] == kind)
@@ -81,13 +81,13 @@ impl Watcher {
     }
 
     /// Counter values received, in arrival order.
-    fn counters(&self) -> Vec<u64> {
+    pub(crate) fn counters(&self) -> Vec<u64> {
         counters(&self.lines())
     }
 
     /// Stops it like Ctrl-C: it prints one summary line per (device, boot) and exits
     /// 1 if a batch is missing that no drop report explains.
-    fn stop(&mut self) -> (Option<i32>, Vec<Value>) {
+    pub(crate) fn stop(&mut self) -> (Option<i32>, Vec<Value>) {
         let mut child = self.child.take().expect("running");
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])

@@ -50,7 +50,10 @@ impl Fleet {
     pub(crate) fn kiln(&self, args: &[&str]) -> Run {
         let mut cmd = Command::new(kiln_path());
         cmd.current_dir(self.dir.path()).args(args);
-        let offline = matches!(args[0], "keygen" | "sign" | "compile" | "release");
+        let offline = matches!(
+            args[0],
+            "keygen" | "sign" | "compile" | "release" | "provision"
+        );
         if !offline && args.get(1) != Some(&"rotate") && args.get(1) != Some(&"show") {
             cmd.args(["--broker", &self.broker]);
         }

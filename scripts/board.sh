@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# A board in the loop: a Debian arm64 image with systemd, booted under full-system
+# emulation (qemu-system-aarch64 -M virt), with the kilnd .deb installed and the device
+# provisioned from its boot partition, and scenarios run against it from the host with
+# the release `kiln` (e2e/tests/board.rs).
+#
+#   scripts/board.sh [--short] [--cuts N] [--seed S] [--image-only] [--no-build]
+#
+#   --short       one boot, one update, one power cut (what .ci/run runs)
+#   --cuts N      power cuts in the power-cut scenario (default 100; --short: 1)
+#   --seed S      the seed that places the cuts (default 20261206)
+#   --image-only  build (or find) the cached image and stop
+#   --no-build    do not run scripts/build.sh and scripts/package.sh first
+#
+# The image is built once and cached under ~/.cache/kiln/board/ (XDG_CACHE_HOME), keyed
+# by a hash of the recipe below: Debian 12 arm64 from the Debian archive with
+# mmdebstrap (its maintainer scripts run under qemu-user through binfmt_misc, which
+# this script registers when it is not), Debian's own arm64 kernel and initramfs, an
+# ext4 root file system made with mkfs.ext4 -d, and an ssh key for the host. Each
+# scenario boots a copy-on-write overlay of it, so the cached image is never changed.
+#
+# riscv64: not yet; docs/src/boards.md says what it takes.
+#
+# Exit codes: 2 bad command line; 3 the image cannot be built; 5 a tool is missing;
+# otherwise cargo test's.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${CARGO_TARGET_DIR:=$HOME/.cache/kiln/target}"
+export CARGO_TARGET_DIR
+
+short=0
+cuts=""
+seed=20261206
+image_only=0
+build=1
+usage() { sed -n '7,13p' "$0" | sed 's/^# *//' >&2; exit 2; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --short) short=1; shift ;;
+    --cuts) [ $# -ge 2 ] || usage; cuts="$2"; shift 2 ;;
+    --seed) [ $# -ge 2 ] || usage; seed="$2"; shift 2 ;;
+    --image-only) image_only=1; shift ;;
+    --no-build) build=0; shift ;;
+    -h | --help) usage ;;
+    *) echo "board: unknown argument \`$1\`" >&2; usage ;;
+  esac
+done
+[ -n "$cuts" ] || { [ "$short" = 1 ] && cuts=1 || cuts=100; }
+case "$cuts$seed" in *[!0-9]*) echo "board: --cuts and --seed take numbers" >&2; exit 2 ;; esac
+
+die() { code="$1"; shift; echo "board: error: $*" >&2; exit "$code"; }
+log() { echo "board: $*" >&2; }
+
+# --- tools ------------------------------------------------------------------------
+need=()
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
+have qemu-system-aarch64 || need+=(qemu-system-arm)
+have qemu-aarch64-static || need+=(qemu-user-static)
+have mmdebstrap || need+=(mmdebstrap)
+have mkfs.vfat || need+=(dosfstools)
+have mcopy || need+=(mtools)
+have ssh || need+=(openssh-client)
+have mkfs.ext4 || need+=(e2fsprogs)
+have qemu-img || need+=(qemu-utils)
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  log "installing ${need[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# --- the image --------------------------------------------------------------------
+# Everything that decides the image's bytes is in this function, and its text keys the
+# cache: an edit here builds a new image.
+suite=bookworm
+mirror=http://deb.debian.org/debian
+packages=systemd-sysv,udev,kmod,linux-image-arm64,openssh-server,iproute2,procps,dosfstools
+build_image() {
+  local out="$1" root="$1/root"
+  ssh-keygen -q -t ed25519 -N "" -C "kiln-board" -f "$out/id_ed25519"
+  # The guest's customisation: its network (DHCP on qemu's user network, where the
+  # host is 10.0.2.2), the boot partition (FAT, as on a Raspberry Pi: kilnd's
+  # provisioning bundle goes there), ssh for the host's key, no timers that would
+  # wake up during a measurement.
+  cat >"$out/customize.sh" <<'EOF'
+set -eu
+root="$1"; key="$2"
+echo board >"$root/etc/hostname"
+printf '127.0.0.1 localhost\n127.0.1.1 board\n' >"$root/etc/hosts"
+printf '/dev/vda / ext4 errors=remount-ro 0 1\nLABEL=KILNBOOT /boot/firmware vfat defaults,nofail,umask=0077 0 0\n' >"$root/etc/fstab"
+mkdir -p "$root/boot/firmware" "$root/root/.ssh" "$root/etc/systemd/network" "$root/var/log/journal"
+printf '[Match]\nName=en* eth*\n[Network]\nDHCP=ipv4\n' >"$root/etc/systemd/network/10-wired.network"
+install -m 0600 "$key" "$root/root/.ssh/authorized_keys"
+chroot "$root" systemctl enable systemd-networkd.service >/dev/null 2>&1
+chroot "$root" systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer \
+  fstrim.timer systemd-networkd-wait-online.service getty-static.service >/dev/null 2>&1
+# sshd started by its socket at the first connection: a boot does not wait for it.
+chroot "$root" systemctl disable ssh.service >/dev/null 2>&1
+chroot "$root" systemctl enable ssh.socket >/dev/null 2>&1
+chroot "$root" passwd -d root >/dev/null
+EOF
+  # The initramfs holds only what the virt board needs to mount its root (MODULES=list):
+  # Debian's default (most modules) takes many minutes under qemu-user and boots slower.
+  cat >"$out/initramfs.sh" <<'EOF'
+set -eu
+mkdir -p "$1/etc/initramfs-tools/conf.d" "$1/usr/share/initramfs-tools/modules.d"
+printf 'MODULES=list\nCOMPRESS=gzip\n' >"$1/etc/initramfs-tools/conf.d/kiln-board"
+printf 'virtio_pci\nvirtio_mmio\nvirtio_blk\next4\n' >"$1/usr/share/initramfs-tools/modules.d/kiln-board"
+EOF
+  mmdebstrap --quiet --architectures=arm64 --variant=apt --mode=root \
+    --include="$packages" \
+    --essential-hook="sh $out/initramfs.sh \"\$1\"" \
+    --customize-hook="sh $out/customize.sh \"\$1\" $out/id_ed25519.pub" \
+    "$suite" "$root" "$mirror" >"$out/mmdebstrap.log" 2>&1 ||
+    { tail -20 "$out/mmdebstrap.log" >&2; return 1; }
+  # (Called in an `||` list, so `set -e` is off in here: every step checks itself.)
+  local kernel
+  kernel=$(cd "$root/boot" && ls vmlinuz-*) || return 1
+  cp "$root/boot/$kernel" "$out/vmlinuz" || return 1
+  cp "$root/boot/initrd.img-${kernel#vmlinuz-}" "$out/initrd.img" || return 1
+  chroot "$root" dpkg-query -W -f '${Package} ${Version}\n' >"$out/packages.txt" || return 1
+  mkfs.ext4 -q -L kilnroot -d "$root" "$out/rootfs.img" 2G || return 1
+  rm -rf "$root"
+}
+
+cache="${XDG_CACHE_HOME:-$HOME/.cache}/kiln/board"
+recipe=$(printf '%s\n%s\n%s\n%s\n' "$suite" "$mirror" "$packages" "$(declare -f build_image)" |
+  sha256sum | cut -c1-12)
+image="$cache/arm64-$recipe"
+if [ ! -f "$image/rootfs.img" ]; then
+  [ "$(id -u)" -eq 0 ] || die 3 "building the board image needs root (mmdebstrap --mode=root, binfmt_misc)"
+  # Foreign maintainer scripts run under qemu-user: register it for arm64 binaries
+  # (F: the interpreter is opened now, so it works inside the chroot).
+  if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
+    mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc ||
+      die 3 "cannot mount binfmt_misc, which mmdebstrap needs to configure an arm64 root"
+  fi
+  if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
+    sed 's|:/usr/libexec/qemu-binfmt/aarch64-binfmt-P:.*$|:/usr/bin/qemu-aarch64-static:F|' \
+      /usr/lib/binfmt.d/qemu-aarch64.conf >/proc/sys/fs/binfmt_misc/register ||
+      die 3 "cannot register qemu-aarch64-static with binfmt_misc"
+  fi
+  log "building the arm64 image in $image (once; about 10 minutes on 2 cores)"
+  started=$(date +%s)
+  rm -rf "$image.tmp"
+  mkdir -p "$image.tmp"
+  build_image "$image.tmp" || die 3 "the image build failed (mmdebstrap log: $image.tmp/mmdebstrap.log)"
+  echo "built $(date -u +%FT%TZ) in $(($(date +%s) - started)) s" >"$image.tmp/built.txt"
+  rm -rf "$image"
+  mv "$image.tmp" "$image"
+  # Older images of other recipes are not needed any more.
+  find "$cache" -mindepth 1 -maxdepth 1 -name 'arm64-*' ! -path "$image" -exec rm -rf {} +
+fi
+log "image: $image ($(cat "$image/built.txt"))"
+[ "$image_only" = 1 ] && exit 0
+
+# --- what runs on it --------------------------------------------------------------
+if [ "$build" = 1 ]; then
+  scripts/build.sh
+  scripts/package.sh --targets arm64 >/dev/null
+fi
+deb=$(ls "$CARGO_TARGET_DIR"/packages/kilnd_*_arm64.deb 2>/dev/null | tail -1)
+[ -n "$deb" ] || die 5 "no arm64 .deb in $CARGO_TARGET_DIR/packages: run scripts/build.sh && scripts/package.sh"
+
+export KILN_BOARD_IMAGE="$image" KILN_BOARD_DEB="$deb" KILN_BOARD_CUTS="$cuts" KILN_BOARD_SEED="$seed"
+filter=board::
+[ "$short" = 1 ] && filter=board::short
+cargo build --locked --quiet -p kiln-compiler --release
+exec cargo test --locked -p kiln-e2e --test e2e "$filter" -- --ignored --test-threads=1 --nocapture
