@@ -95,9 +95,6 @@ install -m 0600 "$key" "$root/root/.ssh/authorized_keys"
 chroot "$root" systemctl enable systemd-networkd.service >/dev/null 2>&1
 chroot "$root" systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer \
   fstrim.timer systemd-networkd-wait-online.service getty-static.service >/dev/null 2>&1
-# sshd started by its socket at the first connection: a boot does not wait for it.
-chroot "$root" systemctl disable ssh.service >/dev/null 2>&1
-chroot "$root" systemctl enable ssh.socket >/dev/null 2>&1
 chroot "$root" passwd -d root >/dev/null
 EOF
   # The initramfs holds only what the virt board needs to mount its root (MODULES=list):

@@ -8,6 +8,8 @@
 # versions e2e/aedes/package-lock.json pins. The dashboard test drives Debian's
 # Chromium with chromedriver. The book (docs/) is built with mdBook, from crates.io.
 # The WASI testsuite's C tests are built with Debian's clang-19, lld-19 and wasi-libc.
+# The board (scripts/board.sh) needs qemu-system-arm, qemu-user-static, qemu-utils,
+# mmdebstrap, dosfstools, mtools and ssh.
 #
 # scripts/setup.sh --demo installs only what the demo needs (cross gcc, qemu-user,
 # mosquitto, openssl, the rustup targets): none of the test suite's tools.
@@ -36,6 +38,12 @@ have dpkg-deb || packages+=(dpkg)
 { have clang-19 && have wasm-ld-19 && [ -e /usr/lib/wasm32-wasi/libc.a ] \
   && [ -e /usr/lib/llvm-19/lib/clang/19/lib/wasi/libclang_rt.builtins-wasm32.a ]; } \
   || packages+=(clang-19 lld-19 wasi-libc libclang-rt-19-dev-wasm32)
+# The board (scripts/board.sh): full-system qemu for aarch64, mmdebstrap and
+# qemu-user-static to build its Debian arm64 image, the FAT tools for its boot
+# partition, and ssh to reach it.
+{ have qemu-system-aarch64 && have qemu-aarch64-static && have mmdebstrap && have mkfs.vfat \
+  && have mcopy && have ssh; } \
+  || packages+=(qemu-system-arm qemu-user-static mmdebstrap dosfstools mtools openssh-client)
 # The dashboard's browser test: headless Chromium driven over WebDriver.
 { have chromium && have chromedriver; } || packages+=(chromium chromium-driver)
 fi
@@ -46,6 +54,15 @@ if [ ${#packages[@]} -gt 0 ]; then
   echo "setup: installing ${packages[*]}"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+fi
+
+# Debian 12's qemu-system-arm removes a newer qemu-utils from backports, and qemu-img
+# with it; the board needs qemu-img, so it comes back at Debian 12's version.
+if [ "$demo" = 0 ] && ! have qemu-img; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "setup: installing qemu-utils"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends qemu-utils >/dev/null
 fi
 
 installed=$(rustup target list --installed)

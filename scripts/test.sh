@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what is missing, builds kilnd for
-# x86_64, aarch64 and riscv64, then runs every test (devices under qemu-user).
+# x86_64, aarch64 and riscv64, then runs every test (devices under qemu-user, and an
+# arm64 board under full-system qemu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${CARGO_TARGET_DIR:=$HOME/.cache/kiln/target}"
@@ -37,3 +38,8 @@ scripts/corpus.sh --quick
 # The chaos soak for one minute with a fixed seed (docs/src/testing.md, "Chaos soak"): three devices
 # (native, aarch64 and riscv64 under qemu-user), faults from the seed, invariants held.
 scripts/soak.sh --no-build --minutes 1 --seed 20261130
+# The arm64 board, short (docs/src/boards.md): a Debian image with systemd under
+# qemu-system-aarch64 (built once and cached), the .deb installed, the device
+# provisioned at first boot, one update and one power cut in the middle of the next.
+scripts/package.sh --targets arm64 >/dev/null
+scripts/board.sh --short --no-build
