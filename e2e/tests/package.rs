@@ -349,11 +349,10 @@ fn the_maintainer_scripts_are_posix_sh_and_the_scripts_shellcheck_clean() {
     let mut sh = cmd("shellcheck", &["-s", "sh"]);
     sh.args(&scripts);
     Run::new(sh).ok("the maintainer scripts must be shellcheck-clean");
-    Run::new(cmd(
-        "shellcheck",
-        &[path_str(&repo().join("scripts/package.sh"))],
-    ))
-    .ok("scripts/package.sh must be shellcheck-clean");
+    for script in ["scripts/package.sh", "scripts/board.sh"] {
+        Run::new(cmd("shellcheck", &[path_str(&repo().join(script))]))
+            .ok(&format!("{script} must be shellcheck-clean"));
+    }
 }
 
 /// A scratch root with the arm64 package installed by dpkg, maintainer scripts run
