@@ -47,6 +47,8 @@ pub struct Board {
     qemu: Option<Child>,
     /// Boots so far (a power cut ends one).
     pub boots: u32,
+    /// Boots that did not answer ssh and were power-cycled (see [`Board::boot`]).
+    pub unreachable: u32,
 }
 
 impl Board {
@@ -78,11 +80,37 @@ impl Board {
             ssh_port: forward_port(),
             qemu: None,
             boots: 0,
+            unreachable: 0,
         }
     }
 
     /// Powers the board on and waits until ssh answers; returns the time that took.
+    ///
+    /// About one boot in twenty after a power cut reaches the console's login prompt
+    /// but does not answer ssh: the connection is accepted and no banner comes (cause
+    /// not yet found, docs/src/boards.md). The board is then power-cycled once, and
+    /// the boot counted in `unreachable`, which the tests print.
     pub fn boot(&mut self) -> Duration {
+        if let Some(took) = self.power_on() {
+            return took;
+        }
+        self.unreachable += 1;
+        eprintln!(
+            "board: boot {} did not answer ssh within 240 s; power-cycling it once\n{}",
+            self.boots,
+            self.console()
+        );
+        self.cut();
+        self.power_on().unwrap_or_else(|| {
+            panic!(
+                "the board did not answer ssh within 240 s, twice\n{}",
+                self.console()
+            )
+        })
+    }
+
+    /// One power-on: the time until ssh answered, or `None` after 240 s.
+    fn power_on(&mut self) -> Option<Duration> {
         assert!(self.qemu.is_none(), "the board is already on");
         let started = Instant::now();
         let console = self.dir.path().join("console.log");
@@ -141,7 +169,7 @@ impl Board {
                 .expect("qemu-system-aarch64 (scripts/board.sh installs it)"),
         );
         self.boots += 1;
-        let deadline = started + Duration::from_secs(600);
+        let deadline = started + Duration::from_secs(240);
         loop {
             if let Some(status) = self.qemu.as_mut().and_then(|q| q.try_wait().ok().flatten()) {
                 self.qemu = None;
@@ -151,13 +179,11 @@ impl Board {
                 .try_ssh("true", Duration::from_secs(20))
                 .is_some_and(|o| o.status.success())
             {
-                return started.elapsed();
+                return Some(started.elapsed());
             }
-            assert!(
-                Instant::now() < deadline,
-                "the board did not answer ssh within 600 s\n{}",
-                self.console()
-            );
+            if Instant::now() > deadline {
+                return None;
+            }
             std::thread::sleep(Duration::from_secs(2));
         }
     }

@@ -247,6 +247,10 @@ fn short_one_boot_one_update_one_power_cut() {
     lab.watch.wait_committed(2, LIMIT);
     assert_old_state_refused(&lab, &old_state);
     assert_no_denied_syscalls(&lab);
+    eprintln!(
+        "board: {} boots, {} did not answer ssh and were power-cycled",
+        lab.board.boots, lab.board.unreachable
+    );
 }
 
 /// The device's desired state as the broker holds it now (signed, retained).
@@ -634,9 +638,11 @@ fn power_cuts_during_updates_and_telemetry_leave_a_working_device() {
     let dropped: u64 = summaries.iter().filter_map(|s| s["dropped"].as_u64()).sum();
     eprintln!(
         "board: {cuts} power cuts from seed {seed} ({in_update} in updates, {in_stream} in the telemetry stream) \
-         in {:.0?}: 0 bricked, {} boots of kilnd, {batches} batches received, {dropped} reported dropped, exit {code:?}",
+         in {:.0?}: 0 bricked, {} boots of kilnd, {batches} batches received, {dropped} reported dropped, exit {code:?}; \
+         {} boots did not answer ssh and were power-cycled",
         started.elapsed(),
-        summaries.len()
+        summaries.len(),
+        lab.board.unreachable
     );
     assert_eq!(
         code,
