@@ -52,23 +52,11 @@ die() { code="$1"; shift; echo "board: error: $*" >&2; exit "$code"; }
 log() { echo "board: $*" >&2; }
 
 # --- tools ------------------------------------------------------------------------
-need=()
-have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
-have qemu-system-aarch64 || need+=(qemu-system-arm)
-have qemu-aarch64-static || need+=(qemu-user-static)
-have mmdebstrap || need+=(mmdebstrap)
-have mkfs.vfat || need+=(dosfstools)
-have mcopy || need+=(mtools)
-have ssh || need+=(openssh-client)
-have mkfs.ext4 || need+=(e2fsprogs)
-have qemu-img || need+=(qemu-utils)
-if [ ${#need[@]} -gt 0 ]; then
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  log "installing ${need[*]}"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+# The board's tools (qemu-system-arm, qemu-user-static, qemu-utils, mmdebstrap, the FAT
+# tools, ssh) are scripts/setup.sh's to install, like every other tool of the suite.
+for tool in qemu-system-aarch64 qemu-aarch64-static qemu-img mmdebstrap mkfs.vfat mcopy ssh mkfs.ext4; do
+  command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || { scripts/setup.sh; break; }
+done
 
 # --- the image --------------------------------------------------------------------
 # Everything that decides the image's bytes is in this function, and its text keys the

@@ -42,8 +42,8 @@ have dpkg-deb || packages+=(dpkg)
 # qemu-user-static to build its Debian arm64 image, the FAT tools for its boot
 # partition, and ssh to reach it.
 { have qemu-system-aarch64 && have qemu-aarch64-static && have mmdebstrap && have mkfs.vfat \
-  && have mcopy && have ssh; } \
-  || packages+=(qemu-system-arm qemu-user-static mmdebstrap dosfstools mtools openssh-client)
+  && have mcopy && have ssh && have mkfs.ext4; } \
+  || packages+=(qemu-system-arm qemu-user-static mmdebstrap dosfstools mtools openssh-client e2fsprogs)
 # The dashboard's browser test: headless Chromium driven over WebDriver.
 { have chromium && have chromedriver; } || packages+=(chromium chromium-driver)
 fi

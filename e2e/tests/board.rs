@@ -135,27 +135,8 @@ impl Lab {
 
     /// `source` compiled for the board as module `name` at `version`, signed by `key`.
     fn artifact(&self, source: &str, name: &str, version: u64, key: &str) -> PathBuf {
-        let out = self.fleet.path(&format!("{name}-{version}-{key}.kiln"));
-        if !out.exists() {
-            let v = version.to_string();
-            self.fleet
-                .kiln(&[
-                    "compile",
-                    path_str(&kiln_e2e::source(source)),
-                    "--target",
-                    "aarch64-linux",
-                    "--name",
-                    name,
-                    "--version",
-                    &v,
-                    "--sign",
-                    key,
-                    "-o",
-                    path_str(&out),
-                ])
-                .ok("compile");
-        }
-        out
+        self.fleet
+            .compile(source, "aarch64-linux", name, version, key)
     }
 
     /// `kiln push` of the sensor reactor as `app` at `version`.

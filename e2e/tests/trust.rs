@@ -63,17 +63,29 @@ impl Fleet {
     /// The sensor reactor as module `app` at `version`, compiled for x86_64 and signed
     /// with this fleet's `key`.
     pub(crate) fn app(&self, version: u64, key: &str) -> PathBuf {
-        let out = self.path(&format!("app-{version}-{key}.kiln"));
+        self.compile("sensor_filter.wasm", "x86_64-linux", "app", version, key)
+    }
+
+    /// `source` (as [`kiln_e2e::source`] names it) compiled for `target` as module
+    /// `name` at `version`, signed with this fleet's `key`; compiled once.
+    pub(crate) fn compile(
+        &self,
+        source: &str,
+        target: &str,
+        name: &str,
+        version: u64,
+        key: &str,
+    ) -> PathBuf {
+        let out = self.path(&format!("{name}-{target}-{version}-{key}.kiln"));
         if !out.exists() {
-            let wasm = kiln_e2e::source("sensor_filter.wasm");
             let v = version.to_string();
             self.kiln(&[
                 "compile",
-                path_str(&wasm),
+                path_str(&kiln_e2e::source(source)),
                 "--target",
-                "x86_64-linux",
+                target,
                 "--name",
-                "app",
+                name,
                 "--version",
                 &v,
                 "--sign",
