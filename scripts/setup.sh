@@ -8,7 +8,7 @@
 # versions e2e/aedes/package-lock.json pins. The dashboard test drives Debian's
 # Chromium with chromedriver. The book (docs/) is built with mdBook, from crates.io.
 # The WASI testsuite's C tests are built with Debian's clang-19, lld-19 and wasi-libc.
-# The board (scripts/board.sh) needs qemu-system-arm, qemu-user-static, qemu-utils,
+# The boards (scripts/board.sh) need qemu-system-arm and -misc, qemu-user-static, qemu-utils,
 # mmdebstrap, dosfstools, mtools and ssh.
 #
 # scripts/setup.sh --demo installs only what the demo needs (cross gcc, qemu-user,
@@ -38,12 +38,13 @@ have dpkg-deb || packages+=(dpkg)
 { have clang-19 && have wasm-ld-19 && [ -e /usr/lib/wasm32-wasi/libc.a ] \
   && [ -e /usr/lib/llvm-19/lib/clang/19/lib/wasi/libclang_rt.builtins-wasm32.a ]; } \
   || packages+=(clang-19 lld-19 wasi-libc libclang-rt-19-dev-wasm32)
-# The board (scripts/board.sh): full-system qemu for aarch64, mmdebstrap and
-# qemu-user-static to build its Debian arm64 image, the FAT tools for its boot
-# partition, and ssh to reach it.
-{ have qemu-system-aarch64 && have qemu-aarch64-static && have mmdebstrap && have mkfs.vfat \
+# The boards (scripts/board.sh): full-system qemu for aarch64 and riscv64 (with
+# OpenSBI), mmdebstrap and qemu-user-static to build their Debian images, the FAT
+# tools for the boot partition, and ssh to reach them.
+{ have qemu-system-aarch64 && have qemu-system-riscv64 && have qemu-aarch64-static \
+  && have qemu-riscv64-static && have mmdebstrap && have mkfs.vfat \
   && have mcopy && have ssh && have mkfs.ext4; } \
-  || packages+=(qemu-system-arm qemu-user-static mmdebstrap dosfstools mtools openssh-client e2fsprogs)
+  || packages+=(qemu-system-arm qemu-system-misc qemu-user-static mmdebstrap dosfstools mtools openssh-client e2fsprogs)
 # The dashboard's browser test: headless Chromium driven over WebDriver.
 { have chromium && have chromedriver; } || packages+=(chromium chromium-driver)
 fi

@@ -1,6 +1,7 @@
-//! A board in the loop: the arm64 image `scripts/board.sh` builds and caches, booted
-//! under full-system emulation (`qemu-system-aarch64 -M virt`) on a copy-on-write
-//! overlay, reached over ssh through qemu's user network. The guest sees the host as
+//! A board in the loop: the arm64 or riscv64 image `scripts/board.sh` builds and
+//! caches, booted under full-system emulation (`qemu-system-aarch64 -M virt`, or
+//! `qemu-system-riscv64 -M virt` with OpenSBI) on a copy-on-write overlay, reached
+//! over ssh through qemu's user network. The guest sees the host as
 //! 10.0.2.2, so a broker on the host's loopback is `mqtt://10.0.2.2:PORT` to it.
 //!
 //! A power cut is a SIGKILL of qemu: the guest gets no shutdown and no sync, so what it
@@ -18,6 +19,8 @@ use crate::path_str;
 #[derive(Clone, Debug)]
 pub struct Image {
     pub dir: PathBuf,
+    /// Debian's name of its architecture: `arm64` or `riscv64`.
+    pub arch: String,
 }
 
 impl Image {
@@ -31,7 +34,19 @@ impl Image {
             "{} holds no board image: run scripts/board.sh --image-only",
             dir.display()
         );
-        Self { dir }
+        // (Images from before riscv64 boards carry no `arch` file: they are arm64.)
+        let arch = std::fs::read_to_string(dir.join("arch"))
+            .map(|a| a.trim().to_owned())
+            .unwrap_or_else(|_| "arm64".into());
+        Self { dir, arch }
+    }
+
+    /// The kiln target its artifacts are compiled for.
+    pub fn target(&self) -> &'static str {
+        match self.arch.as_str() {
+            "riscv64" => "riscv64-linux",
+            _ => "aarch64-linux",
+        }
     }
 
     fn key(&self) -> PathBuf {
@@ -96,9 +111,11 @@ impl Board {
         }
         self.unreachable += 1;
         eprintln!(
-            "board: boot {} did not answer ssh within 240 s; power-cycling it once\n{}",
+            "board: boot {} did not answer ssh within 240 s; what the serial console shows \
+             of it, then a power cycle\n{}\n--- logged in on the console ---\n{}",
             self.boots,
-            self.console()
+            self.console(),
+            self.on_console(DIAGNOSE_SSH)
         );
         self.cut();
         self.power_on().unwrap_or_else(|| {
@@ -109,54 +126,74 @@ impl Board {
         })
     }
 
+    /// The image this board was flashed with.
+    pub fn image(&self) -> &Image {
+        &self.image
+    }
+
     /// One power-on: the time until ssh answered, or `None` after 240 s.
     fn power_on(&mut self) -> Option<Duration> {
         assert!(self.qemu.is_none(), "the board is already on");
         let started = Instant::now();
         let console = self.dir.path().join("console.log");
-        let mut cmd = Command::new("qemu-system-aarch64");
-        cmd.args([
-            "-M",
-            "virt",
-            "-cpu",
-            "cortex-a72",
-            "-smp",
-            "2",
-            "-m",
-            "1024",
-        ])
-        .args(["-display", "none", "-monitor", "none", "-no-reboot"])
-        .arg("-kernel")
-        .arg(self.image.dir.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(self.image.dir.join("initrd.img"))
-        .args([
-            "-append",
-            "root=/dev/vda rw console=ttyAMA0 quiet systemd.show_status=0",
-        ])
-        .arg("-drive")
-        .arg(format!(
-            "if=none,id=root,format=qcow2,file={}",
-            path_str(&self.dir.path().join("disk.qcow2"))
-        ))
-        .args(["-device", "virtio-blk-pci,drive=root"])
-        .arg("-drive")
-        .arg(format!(
-            "if=none,id=boot,format=raw,file={}",
-            path_str(&self.dir.path().join("boot.img"))
-        ))
-        .args(["-device", "virtio-blk-pci,drive=boot"])
-        .arg("-netdev")
-        .arg(format!(
-            "user,id=net,hostfwd=tcp:127.0.0.1:{}-:22",
-            self.ssh_port
-        ))
-        .args(["-device", "virtio-net-pci,netdev=net,romfile="])
-        .arg("-serial")
-        .arg(format!("file:{}", path_str(&console)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(self.dir.path().join("qemu.stderr")).expect("qemu.stderr"));
+        // The machine: qemu's `virt` board of the image's architecture, 2 cores, 1 GiB;
+        // riscv64's firmware is the OpenSBI build qemu ships (`-bios default`).
+        let (qemu, machine, console_tty): (_, &[&str], _) = match self.image.arch.as_str() {
+            "riscv64" => (
+                "qemu-system-riscv64",
+                &["-M", "virt", "-cpu", "rv64", "-bios", "default"],
+                "ttyS0",
+            ),
+            _ => (
+                "qemu-system-aarch64",
+                &["-M", "virt", "-cpu", "cortex-a72"],
+                "ttyAMA0",
+            ),
+        };
+        let mut cmd = Command::new(qemu);
+        cmd.args(machine)
+            .args(["-smp", "2", "-m", "1024"])
+            .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+            .arg("-kernel")
+            .arg(self.image.dir.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(self.image.dir.join("initrd.img"))
+            .arg("-append")
+            .arg(format!(
+                "root=/dev/vda rw console={console_tty} quiet systemd.show_status=0"
+            ))
+            .arg("-drive")
+            .arg(format!(
+                "if=none,id=root,format=qcow2,file={}",
+                path_str(&self.dir.path().join("disk.qcow2"))
+            ))
+            .args(["-device", "virtio-blk-pci,drive=root"])
+            .arg("-drive")
+            .arg(format!(
+                "if=none,id=boot,format=raw,file={}",
+                path_str(&self.dir.path().join("boot.img"))
+            ))
+            .args(["-device", "virtio-blk-pci,drive=boot"])
+            .arg("-netdev")
+            .arg(format!(
+                "user,id=net,hostfwd=tcp:127.0.0.1:{}-:22",
+                self.ssh_port
+            ))
+            .args(["-device", "virtio-net-pci,netdev=net,romfile="])
+            // The serial console: a socket the harness can log in on (root has no password
+            // on the console only; ssh takes the key), logged to a file as it goes.
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=con,path={},server=on,wait=off,logfile={}",
+                path_str(&self.dir.path().join("console.sock")),
+                path_str(&console)
+            ))
+            .args(["-serial", "chardev:con"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::create(self.dir.path().join("qemu.stderr")).expect("qemu.stderr"),
+            );
         // The console log of earlier boots is kept beside this one's.
         if console.exists() {
             let _ = std::fs::rename(
@@ -166,7 +203,7 @@ impl Board {
         }
         self.qemu = Some(
             cmd.spawn()
-                .expect("qemu-system-aarch64 (scripts/board.sh installs it)"),
+                .unwrap_or_else(|e| panic!("{qemu} (scripts/setup.sh installs it): {e}")),
         );
         self.boots += 1;
         let deadline = started + Duration::from_secs(240);
@@ -302,6 +339,48 @@ impl Board {
         cmd
     }
 
+    /// Logs in as root on the serial console, runs `script` there and returns what the
+    /// console printed meanwhile: the way in when ssh does not answer.
+    pub fn on_console(&self, script: &str) -> String {
+        use std::io::{Read, Write};
+        let path = self.dir.path().join("console.sock");
+        let mut sock = match std::os::unix::net::UnixStream::connect(&path) {
+            Ok(sock) => sock,
+            Err(e) => return format!("{}: {e}", path.display()),
+        };
+        let _ = sock.set_read_timeout(Some(Duration::from_millis(200)));
+        let mut seen = Vec::new();
+        // Sends `input`, then reads until the console shows one of `until` (its index)
+        // or `limit` passes.
+        let mut step = |input: &str, until: &[&str], limit: u64| -> Option<usize> {
+            let from = seen.len();
+            let _ = sock.write_all(input.as_bytes());
+            let deadline = Instant::now() + Duration::from_secs(limit);
+            let mut buf = [0u8; 4096];
+            while Instant::now() < deadline {
+                if let Ok(n @ 1..) = sock.read(&mut buf) {
+                    seen.extend_from_slice(&buf[..n]);
+                    let new = String::from_utf8_lossy(&seen[from..]);
+                    if let Some(i) = until.iter().position(|u| new.contains(u)) {
+                        return Some(i);
+                    }
+                }
+            }
+            None
+        };
+        // The marker is computed by the shell, so the echo of the typed line is not it.
+        if step("\n", &["login:", "# "], 15) == Some(0) {
+            step("root\n", &["# "], 30);
+        }
+        step(
+            &format!("{script}; echo console-done-$((6*7))\n"),
+            &["console-done-42"],
+            120,
+        );
+        step("exit\n", &[], 1);
+        String::from_utf8_lossy(&seen).into_owned()
+    }
+
     /// What the board printed on its serial console this boot (the last 4 KiB).
     pub fn console(&self) -> String {
         let text = std::fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default();
@@ -319,6 +398,13 @@ impl Drop for Board {
         self.cut();
     }
 }
+
+/// What the harness reads on the console of a board that does not answer ssh: the
+/// address, sshd and its listening socket, the entropy pool, the network's journal.
+const DIAGNOSE_SSH: &str = "export SYSTEMD_PAGER= SYSTEMD_COLORS=0; ip -br addr; ip route; \
+     ss -tlnp; cat /proc/sys/kernel/random/entropy_avail; systemctl is-system-running; \
+     systemctl --no-pager list-jobs; systemctl --no-pager status ssh systemd-networkd 2>&1 | head -40; \
+     journalctl -b --no-pager -o short-monotonic -u ssh -u systemd-networkd | tail -30";
 
 /// A loopback port for the board's ssh forward, below the kernel's ephemeral range
 /// (32768 and up): qemu listens on it again at every boot, and a port from that range
