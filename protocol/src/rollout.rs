@@ -25,6 +25,8 @@ pub const MAX_HISTORY: usize = 64;
 
 const CONTEXT: &[u8] = b"kiln rollout v1\0";
 
+pub mod gate;
+
 /// How many failures are allowed: a count, or a share of the devices counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Threshold {
