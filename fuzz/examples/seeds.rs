@@ -169,12 +169,12 @@ fn main() -> std::io::Result<()> {
         "fuzz@seed",
         1,
         module,
-        kiln_protocol::rollout::Policy {
-            wave_failures: kiln_protocol::rollout::Threshold::Percent(10),
-            total_failures: kiln_protocol::rollout::Threshold::Count(1),
-            wave_timeout_ms: 60_000,
-            revert: true,
-        },
+        kiln_protocol::rollout::Policy::new(
+            kiln_protocol::rollout::Threshold::Percent(10),
+            kiln_protocol::rollout::Threshold::Count(1),
+            60_000,
+            true,
+        ),
         kiln_protocol::rollout::plan_waves(&devices, &[1], None),
         Default::default(),
         vec![("d4".into(), "no artifact for riscv64".into())],

@@ -5,8 +5,29 @@
 //! same rollout, and a rollout outlives the machine that started it.
 //!
 //! [`Rollout::step`] is the whole decision: a pure function of the record and one
-//! input (a device committed or failed, the clock, an operator's word) that returns
-//! the actions to carry out. The fleet tool only performs them.
+//! input (a device committed or failed, its health, the clock, an operator's word)
+//! that returns the actions to carry out. The fleet tool only performs them.
+//!
+//! A policy may gate each wave on its devices' health ([`gate`]): once every device
+//! of a wave has answered, the wave soaks for [`Policy::soak_ms`], then [`gate::judge`]
+//! compares the wave's committed devices (their [`Input::Health`] since they
+//! committed) with the control (the rollout's devices not sent the release yet) and
+//! the baseline (the wave's devices' own health from before they were sent it):
+//!
+//! - `Pass`: the next wave starts (when the schedule allows), or the rollout completes;
+//! - `Breach`: the rollout halts, as a failure halt does (with `revert`, the wave's
+//!   committed devices get back what they had); the history names each breached gate,
+//!   the wave's value against the reference, and the worst devices;
+//! - `Wait` (a gate short of its minimum sample): the wave waits one more soak time;
+//!   still short then, it goes on unjudged and the history says which gates lacked
+//!   their sample. A gate never halts a rollout without a breach over its sample.
+//!
+//! In the last wave no device is left for the control: `x control` gates compare
+//! with the wave's baseline instead (and the history says so).
+//!
+//! The schedule ([`Policy::wave_interval_ms`], [`Policy::window`]) holds a wave that
+//! may not start yet ([`Hold::Schedule`]); [`Policy::sample_percent`] draws each wave
+//! at random, from a seed kept in the record, when it starts.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -17,15 +38,30 @@ use crate::fleet::DesiredModule;
 use crate::keys::SecretKey;
 use crate::trust::{open_body, sign_all, unwrap_envelope, OpenError, Root, Sig};
 
+use gate::HealthSummary;
+
 /// A rollout record of 1,000 devices is some 60 KiB (with no device entry of its own to
-/// return); 1 MiB holds the largest group one rollout should take.
+/// return); 1 MiB holds the largest group one rollout should take. Gates add each
+/// device's health twice (before and after its update), only the modules and metrics
+/// the gates name: at most some 200 bytes a device for gates on the rollout's module
+/// and one metric, so a gated record of 1,000 devices stays near 260 KiB.
 pub const MAX_ROLLOUT: usize = 1024 * 1024;
 /// Lines of history a record keeps (the newest).
 pub const MAX_HISTORY: usize = 64;
+/// Gates one policy may have.
+pub const MAX_GATES: usize = 16;
 
-const CONTEXT: &[u8] = b"kiln rollout v1\0";
+/// Records since health gates (v2): a v1 record opens as one with no gates, no
+/// sample and no schedule ([`SignedRollout::V1`]); every record is sealed as v2.
+const CONTEXT: &[u8] = b"kiln rollout v2\0";
+const CONTEXT_V1: &[u8] = b"kiln rollout v1\0";
 
 pub mod gate;
+mod health;
+mod schedule;
+mod v1;
+
+pub use schedule::{in_window, next_open, DAY_MINUTES};
 
 /// How many failures are allowed: a count, or a share of the devices counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +113,75 @@ pub struct Policy {
     /// A halt (or an abort) gives every device of the wave in flight back what it had
     /// before, committed or not; without it, only those that did not commit.
     pub revert: bool,
+    /// Health gates (`traps <= 2x control min 5`, see [`gate::Gate`]), at most
+    /// [`MAX_GATES`]; each wave is judged on them after its soak. None: no soak.
+    pub gates: Vec<String>,
+    /// How long after its last device answered a wave is judged by the gates (above 0
+    /// when there are gates); a wave short of a gate's sample then waits once more as
+    /// long.
+    pub soak_ms: u64,
+    /// Each wave is this share (1 to 100) of the rollout's devices (rounded up), drawn
+    /// at random from those not yet sent the release, with the record's seed; the
+    /// planned waves are not used. None: the planned waves, in their order.
+    pub sample_percent: Option<u8>,
+    /// The least time between the starts of two waves.
+    pub wave_interval_ms: Option<u64>,
+    /// Minutes of the UTC day (0 to 1439) from which, and until which (not included),
+    /// a wave may start; a window whose start is after its end spans midnight
+    /// (`(1380, 120)`: 23:00 to 02:00).
+    pub window: Option<(u16, u16)>,
+}
+
+impl Policy {
+    /// A policy with no gate, no sample and no schedule.
+    pub fn new(
+        wave_failures: Threshold,
+        total_failures: Threshold,
+        wave_timeout_ms: u64,
+        revert: bool,
+    ) -> Self {
+        Policy {
+            wave_failures,
+            total_failures,
+            wave_timeout_ms,
+            revert,
+            gates: Vec::new(),
+            soak_ms: 0,
+            sample_percent: None,
+            wave_interval_ms: None,
+            window: None,
+        }
+    }
+
+    /// The gates, parsed; an error names the gate and what is wrong with it.
+    pub fn parsed_gates(&self) -> Result<Vec<gate::Gate>, String> {
+        if self.gates.len() > MAX_GATES {
+            return Err(format!(
+                "the policy has {} gates (at most {MAX_GATES})",
+                self.gates.len()
+            ));
+        }
+        self.gates.iter().map(|g| gate::Gate::parse(g)).collect()
+    }
+
+    /// Refuses a policy the step cannot follow: a gate that does not parse, gates
+    /// without a soak time, a sample outside 1% to 100%, a window that is empty or
+    /// names a minute past the day's last.
+    pub fn check(&self) -> Result<(), String> {
+        let gates = self.parsed_gates()?;
+        if !gates.is_empty() && self.soak_ms == 0 {
+            return Err("the policy has gates but no soak time: give one above 0".into());
+        }
+        if let Some(p) = self.sample_percent {
+            if !(1..=100).contains(&p) {
+                return Err(format!("a wave sample of {p}% is not within 1% to 100%"));
+            }
+        }
+        if let Some(w) = self.window {
+            schedule::check_window(w)?;
+        }
+        Ok(())
+    }
 }
 
 /// Splits `devices` into waves: one of each of `sizes` (1, 10, 100 ...), then waves of
@@ -116,7 +221,7 @@ pub enum Outcome {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Device {
     /// Its wave, from 0.
     pub wave: u32,
@@ -126,6 +231,23 @@ pub struct Device {
     pub before: Option<DesiredModule>,
     /// Given back what it had before, after a halt or an abort.
     pub returned: bool,
+    /// Its health from before it was sent the release, by module (the baseline).
+    pub baseline: BTreeMap<String, HealthSummary>,
+    /// Its health since the rollout started (while waiting) or since it committed, by
+    /// module: only the modules and metrics the gates name, and an empty summary of
+    /// the rollout's module once it reported anything.
+    pub health: BTreeMap<String, HealthSummary>,
+}
+
+/// A wave held back from going on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Hold {
+    /// Every device of `wave` had answered at `since_ms`: the gates judge it at the
+    /// end of the soak.
+    Soak { wave: u32, since_ms: u64 },
+    /// `wave` starts when the schedule allows (its window, the interval since the
+    /// last wave started).
+    Schedule { wave: u32 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,7 +292,7 @@ impl fmt::Display for Phase {
 }
 
 /// The record of a rollout, as kept on the broker.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Rollout {
     pub fleet: String,
     pub group: String,
@@ -195,10 +317,16 @@ pub struct Rollout {
     pub phase: Phase,
     /// What happened, newest last (at most [`MAX_HISTORY`] lines).
     pub history: Vec<(u64, String)>,
+    /// Draws the waves of a sampling policy: the same seed, the same waves.
+    pub seed: u64,
+    /// When each wave started, in order (a retry starts none).
+    pub wave_starts: Vec<u64>,
+    /// A soak or the schedule holding the rollout.
+    pub hold: Option<Hold>,
 }
 
 /// What happens to a rollout.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Input {
     /// The first wave goes out.
     Start,
@@ -211,7 +339,16 @@ pub enum Input {
         device: String,
         why: String,
     },
-    /// The clock: a wave past its timeout fails its silent devices.
+    /// A device's signed health summaries (one per module, each over the period
+    /// since its previous one): kept for the gates while it waits (the control, then
+    /// its baseline) or after it committed; invalid ones, and those of modules no gate
+    /// watches, are left out.
+    Health {
+        device: String,
+        summaries: Vec<HealthSummary>,
+    },
+    /// The clock: a wave past its timeout fails its silent devices; a soak ends; the
+    /// schedule lets a wave start.
     Tick,
     Pause {
         by: String,
@@ -239,7 +376,9 @@ pub enum Action {
 }
 
 impl Rollout {
-    /// A new rollout, waiting for [`Input::Start`].
+    /// A new rollout, waiting for [`Input::Start`]. With a sampling policy, `waves`
+    /// become one pool every wave is drawn from; the seed is derived from the id and
+    /// the devices (the fleet tool may set a random one before the start).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         fleet: &str,
@@ -252,6 +391,12 @@ impl Rollout {
         before: BTreeMap<String, DesiredModule>,
         skipped: Vec<(String, String)>,
     ) -> Self {
+        let waves = match policy.sample_percent {
+            Some(_) => vec![waves.concat()],
+            None => waves,
+        };
+        let id = format!("{group}-{now_ms}");
+        let seed = schedule::seed(&id, waves.iter().flatten());
         let mut devices = BTreeMap::new();
         for (i, wave) in waves.iter().enumerate() {
             for d in wave {
@@ -262,6 +407,8 @@ impl Rollout {
                         outcome: Outcome::Waiting,
                         before: before.get(d).cloned(),
                         returned: false,
+                        baseline: BTreeMap::new(),
+                        health: BTreeMap::new(),
                     },
                 );
             }
@@ -269,7 +416,7 @@ impl Rollout {
         Rollout {
             fleet: fleet.into(),
             group: group.into(),
-            id: format!("{group}-{now_ms}"),
+            id,
             serial: 0,
             started_by: started_by.into(),
             driver: started_by.into(),
@@ -286,6 +433,9 @@ impl Rollout {
                 since_ms: now_ms,
             },
             history: Vec::new(),
+            seed,
+            wave_starts: Vec::new(),
+            hold: None,
         }
     }
 
@@ -318,13 +468,35 @@ impl Rollout {
         c
     }
 
-    /// When the wave in flight times out, if one is.
+    /// When the rollout next needs the clock ([`Input::Tick`]), as of its last step:
+    /// the end of a soak (or of its extension), the schedule's next start, or the wave
+    /// in flight's timeout. None unless it is running.
     pub fn deadline_ms(&self) -> Option<u64> {
-        match self.phase {
-            Phase::Running { since_ms, .. } => {
-                Some(since_ms.saturating_add(self.policy.wave_timeout_ms))
+        let Phase::Running { since_ms, .. } = self.phase else {
+            return None;
+        };
+        Some(match self.hold {
+            Some(Hold::Soak { since_ms, .. }) => {
+                let end = since_ms.saturating_add(self.policy.soak_ms);
+                match self.updated_ms < end {
+                    true => end,
+                    false => end.saturating_add(self.policy.soak_ms),
+                }
             }
-            _ => None,
+            Some(Hold::Schedule { .. }) => self.next_start_ms(self.updated_ms),
+            None => since_ms.saturating_add(self.policy.wave_timeout_ms),
+        })
+    }
+
+    /// The earliest moment from `now_ms` at which the schedule lets a wave start.
+    pub fn next_start_ms(&self, now_ms: u64) -> u64 {
+        let after = match (self.wave_starts.last(), self.policy.wave_interval_ms) {
+            (Some(last), Some(interval)) => now_ms.max(last.saturating_add(interval)),
+            _ => now_ms,
+        };
+        match self.policy.window {
+            Some(window) => next_open(window, after),
+            None => after,
         }
     }
 
@@ -336,12 +508,13 @@ impl Rollout {
         match input {
             Input::Start => {
                 if let Phase::Running { wave: 0, .. } = self.phase {
-                    if self.counts().0 == self.devices.len() {
+                    if !self.started() && self.counts().0 == self.devices.len() {
                         self.note(now_ms, format!("started by {}", self.started_by));
-                        self.send_wave(0, now_ms, &mut out);
+                        self.start_wave(0, now_ms, &mut out);
                     }
                 }
             }
+            Input::Health { device, summaries } => self.record_health(&device, &summaries),
             Input::Committed { device } => {
                 match self.devices.get_mut(&device).map(|d| &mut d.outcome) {
                     // A device that timed out may commit late: it runs the release.
@@ -379,21 +552,8 @@ impl Rollout {
                 let Phase::Running { since_ms, .. } = self.phase else {
                     return out;
                 };
-                if now_ms < since_ms.saturating_add(self.policy.wave_timeout_ms) {
-                    return out;
-                }
-                let why = format!(
-                    "no answer within {}s",
-                    self.policy.wave_timeout_ms.div_ceil(1000)
-                );
-                let silent: Vec<String> = self.pending().into_iter().map(String::from).collect();
-                for device in &silent {
-                    if let Some(d) = self.devices.get_mut(device) {
-                        d.outcome = Outcome::Failed { why: why.clone() };
-                    }
-                }
-                if !silent.is_empty() {
-                    self.note(now_ms, format!("{}: {why}", short_list(&silent)));
+                if now_ms >= since_ms.saturating_add(self.policy.wave_timeout_ms) {
+                    self.time_out(now_ms);
                 }
                 self.evaluate(now_ms, &mut out);
             }
@@ -441,8 +601,10 @@ impl Rollout {
                     if let Some(d) = self.devices.get_mut(device) {
                         d.outcome = Outcome::Sent { at_ms: now_ms };
                         d.returned = false;
+                        d.health.clear();
                     }
                 }
+                self.hold = None;
                 self.phase = Phase::Running {
                     wave,
                     since_ms: now_ms,
@@ -459,6 +621,7 @@ impl Rollout {
                     wave,
                     by: by.clone(),
                 };
+                self.hold = None;
                 self.note(now_ms, format!("aborted by {by}"));
                 self.give_back(&mut out);
             }
@@ -466,12 +629,65 @@ impl Rollout {
         out
     }
 
-    /// While running: halts when a threshold is passed, starts the next wave when no
-    /// device is pending, or completes after the last.
+    /// Whether the first wave went out (or waits for the schedule).
+    fn started(&self) -> bool {
+        !self.wave_starts.is_empty() || self.hold.is_some()
+    }
+
+    /// The devices still pending past the wave's timeout fail.
+    fn time_out(&mut self, now_ms: u64) {
+        let why = format!(
+            "no answer within {}s",
+            self.policy.wave_timeout_ms.div_ceil(1000)
+        );
+        let silent: Vec<String> = self.pending().into_iter().map(String::from).collect();
+        for device in &silent {
+            if let Some(d) = self.devices.get_mut(device) {
+                d.outcome = Outcome::Failed { why: why.clone() };
+            }
+        }
+        if !silent.is_empty() {
+            self.note(now_ms, format!("{}: {why}", short_list(&silent)));
+        }
+    }
+
+    /// While running: halts when a threshold is passed; when no device is pending,
+    /// has the gates judge the wave (after its soak), then starts the next wave (when
+    /// the schedule allows) or completes after the last.
     fn evaluate(&mut self, now_ms: u64, out: &mut Vec<Action>) {
         let Phase::Running { wave, .. } = self.phase else {
             return;
         };
+        if !self.started() {
+            return;
+        }
+        if let Some(why) = self.over_threshold(wave) {
+            self.halt(now_ms, wave, why, out);
+            return;
+        }
+        if !self.pending().is_empty() {
+            return;
+        }
+        if let Some(Hold::Schedule { wave: next }) = self.hold {
+            self.start_wave(next, now_ms, out);
+            return;
+        }
+        if !self.gates_passed(wave, now_ms, out) {
+            return;
+        }
+        let next = wave + 1;
+        if (next as usize) < self.waves.len() {
+            self.start_wave(next, now_ms, out);
+        } else {
+            self.phase = Phase::Complete;
+            self.hold = None;
+            self.note(now_ms, "complete".into());
+            out.push(Action::Finish(self.devices.keys().cloned().collect()));
+        }
+    }
+
+    /// Why the failures so far halt the rollout in `wave`, if they do.
+    fn over_threshold(&self, wave: u32) -> Option<String> {
         let failed_in = |w: Option<u32>| {
             self.devices
                 .values()
@@ -481,45 +697,57 @@ impl Rollout {
         };
         let in_wave = self.waves.get(wave as usize).map_or(0, Vec::len);
         let (wave_failed, total_failed) = (failed_in(Some(wave)), failed_in(None));
-        let wave_allowed = self.policy.wave_failures.allowed(in_wave);
-        let total_allowed = self.policy.total_failures.allowed(self.devices.len());
-        let why = if wave_failed > wave_allowed {
-            Some(format!(
+        if wave_failed > self.policy.wave_failures.allowed(in_wave) {
+            return Some(format!(
                 "{wave_failed} of {in_wave} devices of the wave failed (allowed: {})",
                 self.policy.wave_failures
-            ))
-        } else if total_failed > total_allowed {
-            Some(format!(
+            ));
+        }
+        let total_allowed = self.policy.total_failures.allowed(self.devices.len());
+        (total_failed > total_allowed).then(|| {
+            format!(
                 "{total_failed} of {} devices failed (allowed: {})",
                 self.devices.len(),
                 self.policy.total_failures
-            ))
-        } else {
-            None
+            )
+        })
+    }
+
+    /// Stops the rollout in `wave` for `why` and gives back what must not keep the
+    /// release.
+    fn halt(&mut self, now_ms: u64, wave: u32, why: String, out: &mut Vec<Action>) {
+        self.note(now_ms, format!("halted: {why}"));
+        self.phase = Phase::Halted { wave, why };
+        self.hold = None;
+        self.give_back(out);
+    }
+
+    /// Starts `wave` if the schedule allows it now (drawing its devices when the
+    /// policy samples); otherwise holds it for the schedule.
+    fn start_wave(&mut self, wave: u32, now_ms: u64, out: &mut Vec<Action>) {
+        if self.next_start_ms(now_ms) > now_ms {
+            if self.hold != Some(Hold::Schedule { wave }) {
+                self.hold = Some(Hold::Schedule { wave });
+                let wait = self.next_start_ms(now_ms) - now_ms;
+                let line = format!(
+                    "wave {} waits {}s for the schedule",
+                    wave + 1,
+                    wait.div_ceil(1000)
+                );
+                self.note(now_ms, line);
+            }
+            return;
+        }
+        self.hold = None;
+        self.phase = Phase::Running {
+            wave,
+            since_ms: now_ms,
         };
-        if let Some(why) = why {
-            self.note(now_ms, format!("halted: {why}"));
-            self.phase = Phase::Halted { wave, why };
-            self.give_back(out);
-            return;
-        }
-        if !self.pending().is_empty() {
-            return;
-        }
-        let next = wave + 1;
-        if (next as usize) < self.waves.len() {
-            self.phase = Phase::Running {
-                wave: next,
-                since_ms: now_ms,
-            };
-            self.send_wave(next, now_ms, out);
-            // An empty wave (all of it already answered) moves on at once.
-            self.evaluate(now_ms, out);
-        } else {
-            self.phase = Phase::Complete;
-            self.note(now_ms, "complete".into());
-            out.push(Action::Finish(self.devices.keys().cloned().collect()));
-        }
+        self.wave_starts.push(now_ms);
+        self.draw_wave(wave);
+        self.send_wave(wave, now_ms, out);
+        // An empty wave (all of it already answered) moves on at once.
+        self.evaluate(now_ms, out);
     }
 
     fn send_wave(&mut self, wave: u32, now_ms: u64, out: &mut Vec<Action>) {
@@ -528,6 +756,7 @@ impl Rollout {
             if let Some(d) = self.devices.get_mut(name) {
                 if d.outcome == Outcome::Waiting {
                     d.outcome = Outcome::Sent { at_ms: now_ms };
+                    d.baseline = std::mem::take(&mut d.health);
                     sent.push(name.clone());
                 }
             }
@@ -572,11 +801,23 @@ impl Rollout {
         }
     }
 
+    /// Refuses a record the step cannot follow: its policy ([`Policy::check`]), or a
+    /// health summary that is not one.
+    pub fn check(&self) -> Result<(), String> {
+        self.policy.check()?;
+        for (name, d) in &self.devices {
+            for s in d.baseline.values().chain(d.health.values()) {
+                s.validate().map_err(|e| format!("health of {name}: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Signs the record with `keys` (a threshold of the fleet's release role).
     pub fn seal(&self, keys: &[&SecretKey]) -> Result<Vec<u8>, String> {
         let body = postcard::to_stdvec(self).map_err(|e| e.to_string())?;
         let signatures = sign_all(CONTEXT, &body, keys);
-        let bytes = postcard::to_stdvec(&SignedRollout::V1 { body, signatures })
+        let bytes = postcard::to_stdvec(&SignedRollout::V2 { body, signatures })
             .map_err(|e| e.to_string())?;
         if bytes.len() > MAX_ROLLOUT {
             return Err(format!(
@@ -596,15 +837,20 @@ impl Rollout {
 
     /// [`Rollout::open`] with the kind of failure.
     pub fn verify(bytes: &[u8], root: &Root, group: &str) -> Result<Self, OpenError> {
-        let SignedRollout::V1 { body, signatures } =
-            unwrap_envelope(bytes, MAX_ROLLOUT, "rollout record")?;
-        let (r, _): (Rollout, _) = open_body(
-            &root.release,
-            CONTEXT,
-            (&body, &signatures),
-            "the rollout record",
-            "rollout record",
-        )?;
+        let signed = unwrap_envelope(bytes, MAX_ROLLOUT, "rollout record")?;
+        let (what, kind) = ("the rollout record", "rollout record");
+        let r: Rollout = match signed {
+            SignedRollout::V1 { body, signatures } => {
+                let (old, _): (v1::RolloutV1, _) =
+                    open_body(&root.release, CONTEXT_V1, (&body, &signatures), what, kind)?;
+                old.into()
+            }
+            SignedRollout::V2 { body, signatures } => {
+                open_body(&root.release, CONTEXT, (&body, &signatures), what, kind)?.0
+            }
+        };
+        r.check()
+            .map_err(|e| OpenError::Malformed(format!("rollout record {}: {e}", r.id)))?;
         if r.fleet != root.fleet || r.group != group {
             return Err(OpenError::WrongFleet(format!(
                 "the rollout record is for group {} of fleet {}, not group {group} of {}",
@@ -615,9 +861,12 @@ impl Rollout {
     }
 }
 
+/// The signed envelope: a v1 body (before health gates) opens as a record with
+/// none; records are sealed as v2, which a kiln before gates does not open.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SignedRollout {
     V1 { body: Vec<u8>, signatures: Vec<Sig> },
+    V2 { body: Vec<u8>, signatures: Vec<Sig> },
 }
 
 /// At most five of `items`, and how many more: `d1, d2, d3, d4, d5 and 995 more`.

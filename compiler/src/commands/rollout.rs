@@ -232,12 +232,16 @@ impl RolloutCommand {
         // gives back.
         let before = own_entries(&mut session, &release.signing, &topics, &module.name)?;
         let waves = plan_waves(&devices, &self.waves, self.wave_size);
-        let policy = Policy {
-            wave_failures: self.max_failures,
-            total_failures: self.max_total_failures,
-            wave_timeout_ms: self.wave_timeout,
-            revert: self.revert,
-        };
+        // No gate, sample or schedule from the command line yet.
+        let policy = Policy::new(
+            self.max_failures,
+            self.max_total_failures,
+            self.wave_timeout,
+            self.revert,
+        );
+        policy
+            .check()
+            .map_err(|e| coded(Code::InvalidInput, anyhow!("not started: {e}")))?;
         let sizes: Vec<String> = waves.iter().map(|w| w.len().to_string()).collect();
         let plan = format!(
             "rollout {} to group {group}: {} devices in {} waves ({})",

@@ -4,6 +4,8 @@ use crate::keys::PublicKey;
 use crate::trust::Role;
 use proptest::prelude::*;
 
+mod gates;
+
 fn names(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("d{i:03}")).collect()
 }
@@ -21,12 +23,7 @@ fn module(version: u64) -> DesiredModule {
 }
 
 fn policy(wave: Threshold, total: Threshold, revert: bool) -> Policy {
-    Policy {
-        wave_failures: wave,
-        total_failures: total,
-        wave_timeout_ms: 60_000,
-        revert,
-    }
+    Policy::new(wave, total, 60_000, revert)
 }
 
 fn rollout(n: usize, sizes: &[usize], policy: Policy) -> Rollout {
@@ -349,7 +346,7 @@ proptest! {
         steps in prop::collection::vec(step_strategy(30), 0..120),
     ) {
         let n = behaviours.len();
-        let mut r = rollout(n, &sizes, Policy { wave_failures: wave, total_failures: total, wave_timeout_ms: 60_000, revert });
+        let mut r = rollout(n, &sizes, Policy::new(wave, total, 60_000, revert));
         let mut now = 1u64;
         let mut ever_sent = BTreeSet::new();
         let mut aborted = false;

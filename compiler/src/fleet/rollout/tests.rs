@@ -321,13 +321,8 @@ fn module() -> DesiredModule {
 /// driver's death) to its end.
 fn run(devices: usize, sizes: &[usize], faults: BTreeMap<u32, Fault>) -> World {
     let names: Vec<String> = (0..devices).map(|i| format!("dev-{i:02}")).collect();
-    let policy = Policy {
-        wave_failures: Threshold::Count(0),
-        total_failures: Threshold::Count(0),
-        // A day: no wave may time out in a run of minutes.
-        wave_timeout_ms: 86_400_000,
-        revert: false,
-    };
+    // A day: no wave may time out in a run of minutes.
+    let policy = Policy::new(Threshold::Count(0), Threshold::Count(0), 86_400_000, false);
     let mut world = World {
         now: 1_000_000,
         faults,
@@ -491,12 +486,7 @@ fn a_broker_away_past_a_minute_stops_the_driver_and_resume_takes_it_up() {
         "alice",
         0,
         module(),
-        Policy {
-            wave_failures: Threshold::Count(0),
-            total_failures: Threshold::Count(0),
-            wave_timeout_ms: 60_000,
-            revert: false,
-        },
+        Policy::new(Threshold::Count(0), Threshold::Count(0), 60_000, false),
         vec![vec!["a".into()]],
         BTreeMap::new(),
         Vec::new(),
