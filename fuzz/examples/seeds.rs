@@ -9,11 +9,12 @@ use std::path::Path;
 use kiln_protocol::abi::Level;
 use kiln_protocol::artifact;
 use kiln_protocol::fleet::{
-    seal_report, Desired, DesiredModule, DeviceFacts, Event, EventKind, EventV1, ModuleLimits,
-    ModuleReport, ModuleState, Reported, ReportedV1, Scope, SignedDesired, Status, StatusV1,
-    StatusV2, TargetArtifact, TrustReport,
+    seal_report, Desired, DesiredModule, DeviceFacts, Event, EventKind, EventV1, Health, HealthV1,
+    ModuleHealth, ModuleLimits, ModuleReport, ModuleState, Reported, ReportedV1, Scope,
+    SignedDesired, Status, StatusV1, StatusV2, TargetArtifact, TrustReport,
 };
 use kiln_protocol::manifest::Manifest;
+use kiln_protocol::rollout::gate::{HealthSummary, Sketch};
 use kiln_protocol::telemetry::{
     Batch, BatchV1, Body, DeviceStats, Dropped, ModuleStats, Record, Started, Stopped,
 };
@@ -353,6 +354,42 @@ fn main() -> std::io::Result<()> {
         let signed = seal_report(&event, kiln_fuzz::EVENTS_TOPIC, &device_key);
         write("event", &format!("signed-{name}"), &signed)?;
     }
+
+    // A period of two versions of one module (updated during it) and another module.
+    let summary = |module: &str, traps: u64| HealthSummary {
+        calls: 1200,
+        traps,
+        restarts: traps,
+        records_sent: 60,
+        records_dropped: 1,
+        fuel_used: 3_400_000,
+        peak_memory_bytes: 6 << 20,
+        metrics: [("error_rate".to_string(), Sketch::of(&[0.25, 1.0, 0.5]))].into(),
+        ..HealthSummary::new(module)
+    };
+    let health = HealthV1 {
+        seq: 2,
+        period_ms: 60_000,
+        modules: vec![
+            ModuleHealth {
+                version: 3,
+                summary: summary("sensor", 0),
+            },
+            ModuleHealth {
+                version: 4,
+                summary: summary("sensor", 2),
+            },
+            ModuleHealth {
+                version: 1,
+                summary: HealthSummary::new("filter"),
+            },
+        ],
+    };
+    write("health", "unsigned", &pc(&Health::V1(health.clone())))?;
+    let signed_health = health
+        .seal(kiln_fuzz::HEALTH_TOPIC, &device_key)
+        .expect("the seed health is valid");
+    write("health", "signed", &signed_health)?;
 
     let records = vec![
         Body::Telemetry {

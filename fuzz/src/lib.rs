@@ -15,6 +15,7 @@ pub const FLEET: &str = "fuzz";
 pub const STATUS_TOPIC: &str = "kiln/v1/devices/d/status";
 pub const REPORTED_TOPIC: &str = "kiln/v1/devices/d/reported";
 pub const EVENTS_TOPIC: &str = "kiln/v1/devices/d/events";
+pub const HEALTH_TOPIC: &str = "kiln/v1/devices/d/health";
 
 /// A fixed key, so a seed signed with it verifies in every run and the fuzzer mutates
 /// from a valid signature instead of never getting past it.

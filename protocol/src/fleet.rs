@@ -7,6 +7,7 @@
 //! {prefix}/groups/{group}/desired     retained  SignedDesired for a group
 //! {prefix}/devices/{id}/reported      retained  Reported: what runs, per module
 //! {prefix}/devices/{id}/events                  Event: staged, verified, activated, ...
+//! {prefix}/devices/{id}/health        retained  Health: per module, the last period's counts
 //! {prefix}/devices/{id}/telemetry               telemetry batches
 //! {prefix}/artifacts/{sha256}/{n}     retained  Chunk n of a transfer (see `transfer`)
 //! {prefix}/artifacts/{sha256}/list    retained  The chunk list of a transfer
@@ -15,7 +16,7 @@
 //! {prefix}/registry                   retained  SignedRegistry: enrolled device keys
 //! ```
 //!
-//! What a device publishes (status, reported, events) is signed with its own identity
+//! What a device publishes (status, reported, events, health) is signed with its own identity
 //! key ([`seal_report`]); the fleet tool checks the key against the registry.
 
 use serde::{Deserialize, Serialize};
@@ -147,6 +148,10 @@ impl Topics {
     pub fn events(&self, device: &str) -> String {
         format!("{}/devices/{device}/events", self.prefix)
     }
+    /// The device's modules over its last period (see [`Health`]), for health gates.
+    pub fn health(&self, device: &str) -> String {
+        format!("{}/devices/{device}/health", self.prefix)
+    }
     pub fn telemetry(&self, device: &str) -> String {
         format!("{}/devices/{device}/telemetry", self.prefix)
     }
@@ -247,8 +252,10 @@ impl Topics {
 }
 
 mod desired;
+mod health;
 mod report;
 pub use desired::*;
+pub use health::*;
 pub use report::*;
 
 /// Retained on `uploads/{sha256}` before the first chunk of an artifact goes up, so

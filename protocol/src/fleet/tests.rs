@@ -245,6 +245,9 @@ fn topics_are_built_and_parsed_in_one_place() {
         t.parse_device("kiln/v1/devices/d/events"),
         Some(("d", "events"))
     );
+    assert_eq!(t.health("d"), "kiln/v1/devices/d/health");
+    assert_eq!(t.parse_device(&t.health("d")), Some(("d", "health")));
+    assert_eq!(t.all_devices("health"), "kiln/v1/devices/+/health");
     assert_eq!(t.parse_chunk("other/artifacts/zz/1"), None);
     let upload = t.upload(&sha);
     assert_eq!(upload, format!("kiln/v1/uploads/{}", hex::encode(sha)));
