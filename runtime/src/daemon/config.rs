@@ -73,6 +73,9 @@ pub struct TelemetryConfig {
     pub spool_limit: u64,
     /// Interval of kilnd's own module and device stats; 0 turns them off.
     pub stats_s: u64,
+    /// Interval of the modules' health summaries (retained on the device's `health`
+    /// topic, for a rollout's health gates); 0 turns them off.
+    pub health_s: u64,
     /// Batches published and not yet acknowledged at once.
     pub window: usize,
     /// Also print every record as a JSON line on stdout (turn off on a busy device:
@@ -87,11 +90,15 @@ impl Default for TelemetryConfig {
             batch_ms: 1000,
             spool_limit: 8 * 1024 * 1024,
             stats_s: 10,
+            health_s: 60,
             window: 8,
             stdout: true,
         }
     }
 }
+
+/// The longest `health_s`: a rollout's health gate waits for a period at most a day.
+pub const MAX_HEALTH_S: u64 = 24 * 3600;
 
 /// The largest `batch_bytes`: the records of one batch under the link's bound.
 pub const MAX_BATCH_BYTES: u64 = kiln_protocol::telemetry::RECORDS_BUDGET as u64;
@@ -447,6 +454,12 @@ impl Config {
                     t.batch_bytes
                 ));
             }
+            if t.health_s > MAX_HEALTH_S {
+                return Err(format!(
+                    "config `{file}`: [telemetry] health_s {} is above {MAX_HEALTH_S} (a day); 0 turns health summaries off",
+                    t.health_s
+                ));
+            }
             if t.batch_bytes == 0 || t.window == 0 {
                 return Err(format!(
                     "config `{file}`: [telemetry] needs batch_bytes and window above 0"
@@ -633,6 +646,12 @@ restart = { backoff_ms = 100, max_crashes = 3 }
         let tiny = format!("{mqtt}[telemetry]\nspool_limit = 100\n");
         let err = load_config(&tiny).unwrap_err();
         assert!(err.contains("spool_limit 100 is under"), "{err}");
+        assert_eq!(t.health_s, 60);
+        let off = format!("{mqtt}[telemetry]\nhealth_s = 0\n");
+        assert_eq!(load_config(&off).unwrap().0.telemetry.unwrap().health_s, 0);
+        let long = format!("{mqtt}[telemetry]\nhealth_s = 86401\n");
+        let err = load_config(&long).unwrap_err();
+        assert!(err.contains("health_s 86401 is above 86400"), "{err}");
         let alone = "trust = [\"k.pub\"]\n[[module]]\nartifact = \"a.kiln\"\n[telemetry]\n";
         assert!(load(alone)
             .unwrap_err()

@@ -4,6 +4,7 @@
 pub mod check;
 pub mod config;
 pub mod fleet;
+pub mod health;
 pub mod link;
 pub mod notify;
 pub mod procfs;

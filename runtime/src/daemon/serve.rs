@@ -22,6 +22,7 @@ use kiln_protocol::telemetry::{self, Body, Record};
 
 use crate::daemon::config::{Config, ModulePlan, MqttConfig};
 use crate::daemon::fleet::{self, AgentIn};
+use crate::daemon::health::HealthBook;
 use crate::daemon::link;
 use crate::daemon::notify;
 use crate::daemon::rate::RateLimit;
@@ -123,6 +124,12 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
             ""
         }
     ));
+    // With a broker, every `health_s` the modules' health goes to the fleet agent.
+    let health_s = config.telemetry.clone().unwrap_or_default().health_s;
+    let mut health = mqtt
+        .as_ref()
+        .filter(|_| health_s > 0)
+        .map(|_| Period::new(Duration::from_secs(health_s)));
     #[cfg(feature = "test-hooks")]
     let stuck = test_hooks::StuckLoop::from_env();
     loop {
@@ -133,6 +140,9 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
         }
         #[cfg(feature = "test-hooks")]
         stuck.maybe_hang();
+        if let (Some(period), Some(m)) = (&mut health, &mqtt) {
+            period.maybe_send(&modules, &m.agent);
+        }
         let (record, slot) = match records.recv_timeout(turn) {
             Ok(queued) => queued,
             Err(RecvTimeoutError::Timeout) => {
@@ -146,6 +156,9 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
             Err(RecvTimeoutError::Disconnected) => break,
         };
         let module = record.module.clone().unwrap_or_default();
+        if let Some(period) = &mut health {
+            period.observe(&modules, &record);
+        }
         let route = filter::route(&record.body, mqtt.is_some(), || {
             lock(&modules).is_fleet(&module)
         });
@@ -176,6 +189,57 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
     } else {
         0
     })
+}
+
+/// The modules' health over the current period (see `daemon::health`), and when it
+/// ends.
+struct Period {
+    book: HealthBook,
+    every: Duration,
+    began: Instant,
+}
+
+impl Period {
+    fn new(every: Duration) -> Self {
+        Self {
+            book: HealthBook::new(),
+            every,
+            began: Instant::now(),
+        }
+    }
+
+    /// Counts `record`. A start or a stop first samples its module's counters: a
+    /// start closes what they grew by under the version that ran until then, a stop
+    /// counts its trap even if the supervisor gives up after it.
+    fn observe(&mut self, modules: &Mutex<Modules>, record: &Record) {
+        if let (Body::Started(_) | Body::Stopped(_), Some(module)) = (&record.body, &record.module)
+        {
+            if let Some(stats) = lock(modules).stats_of(module) {
+                self.book.sample(module, &stats);
+            }
+        }
+        self.book.observe(record);
+    }
+
+    /// At the end of the period: a last sample of every module, and the period to the
+    /// fleet agent to sign and publish (if its queue has room: a period that finds it
+    /// full is lost, never waited for); a new period begins.
+    fn maybe_send(&mut self, modules: &Mutex<Modules>, agent: &SyncSender<AgentIn>) {
+        let elapsed = self.began.elapsed();
+        if elapsed < self.every {
+            return;
+        }
+        for r in lock(modules).sample() {
+            if let (Some(module), Body::ModuleStats(stats)) = (&r.module, &r.body) {
+                self.book.sample(module, stats);
+            }
+        }
+        self.began = Instant::now();
+        let period = self.book.take(elapsed.as_millis() as u64);
+        if let Err(TrySendError::Full(_)) = agent.try_send(AgentIn::Health(period)) {
+            tracing::warn!("the fleet agent's queue is full; a health period was not sent");
+        }
+    }
 }
 
 /// Lines printed on stdout and not yet written, and their bytes (a 64 KiB record of
@@ -526,6 +590,12 @@ impl Modules {
                 body: Body::ModuleStats(r.counters.stats()),
             })
             .collect()
+    }
+
+    /// Stats of one module that is still supervised.
+    fn stats_of(&self, name: &str) -> Option<telemetry::ModuleStats> {
+        let r = self.running.get(name)?;
+        (!r.thread.is_finished()).then(|| r.counters.stats())
     }
 
     fn all_ended(&self) -> bool {

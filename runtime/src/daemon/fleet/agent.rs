@@ -19,8 +19,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use kiln_protocol::fleet::{
     seal_report, Desired, DesiredModule, DeviceFacts, DeviceMessage, Event, EventKind, EventV1,
-    ModuleReport, ModuleState, Reported, ReportedV1, Status, StatusV2, TargetArtifact, Topics,
-    TrustReport,
+    HealthV1, ModuleReport, ModuleState, Reported, ReportedV1, Status, StatusV2, TargetArtifact,
+    Topics, TrustReport,
 };
 use kiln_protocol::keys::SecretKey;
 use kiln_protocol::transfer::{ChunkList, Codec, Transfer};
@@ -604,6 +604,23 @@ impl Agent {
         });
         let topic = self.topics.status(&self.device);
         self.publish(topic, true, &status);
+    }
+
+    /// A period of the modules' health (see `daemon::health`), signed and retained on
+    /// the device's `health` topic; one that is not valid is not sent (and said so).
+    pub fn health(&mut self, health: &HealthV1) -> Vec<Effect> {
+        let topic = self.topics.health(&self.device);
+        match health.seal(&topic, &self.trust.identity) {
+            Ok(payload) => vec![Effect::Publish {
+                topic,
+                retain: true,
+                payload,
+            }],
+            Err(e) => {
+                tracing::warn!("health of period {} not sent: {e}", health.seq);
+                Vec::new()
+            }
+        }
     }
 
     /// Everything a device says is signed with its identity key, for its topic.

@@ -19,7 +19,8 @@ use kiln_protocol::artifact::Envelope;
 use kiln_protocol::clock::now_ms;
 use kiln_protocol::compat::{self, HostFacts};
 use kiln_protocol::fleet::{
-    seal_report, sha256, DesiredModule, DeviceFacts, Status, StatusV2, TargetArtifact, Topics,
+    seal_report, sha256, DesiredModule, DeviceFacts, HealthV1, Status, StatusV2, TargetArtifact,
+    Topics,
 };
 use kiln_protocol::keys::{PublicKey, SecretKey, TrustedKeys};
 use kiln_protocol::telemetry::{Body, Record};
@@ -37,6 +38,8 @@ pub enum AgentIn {
     Link(LinkEvent),
     /// A supervisor record about a fleet module (health during a trial).
     Record(Record),
+    /// A period of the modules' health, to sign and publish.
+    Health(HealthV1),
     Stop,
 }
 
@@ -293,6 +296,11 @@ impl Driver {
                     Some((module, outcome)) => Input::Worker { module, outcome },
                     None => continue,
                 },
+                Ok(AgentIn::Health(health)) => {
+                    let effects = self.agent.health(&health);
+                    self.perform(effects);
+                    continue;
+                }
                 Ok(AgentIn::Stop) | Err(RecvTimeoutError::Disconnected) => {
                     let topic = self.topics.status(&self.device);
                     self.link.publish(topic, true, self.offline.clone());

@@ -1511,3 +1511,41 @@ fn a_forged_later_root_does_not_displace_the_genuine_one_and_windows_are_bounded
     deliver_only(&mut w, huge);
     assert!(saw(&w, "health window of"), "{:#?}", w.events);
 }
+
+#[test]
+fn a_health_period_is_signed_and_retained_on_the_devices_health_topic_and_an_invalid_one_is_not_sent(
+) {
+    use kiln_protocol::fleet::{Health, HealthV1, ModuleHealth};
+    use kiln_protocol::rollout::gate::HealthSummary;
+
+    let mut w = World::new();
+    let health = HealthV1 {
+        seq: 1,
+        period_ms: 60_000,
+        modules: vec![ModuleHealth {
+            version: 2,
+            summary: HealthSummary {
+                calls: 10,
+                traps: 1,
+                ..HealthSummary::new("app")
+            },
+        }],
+    };
+    let effects = w.agent.health(&health);
+    let [Effect::Publish {
+        topic,
+        retain: true,
+        payload,
+    }] = effects.as_slice()
+    else {
+        panic!("one retained publish: {effects:?}");
+    };
+    assert_eq!(*topic, w.topics.health(DEVICE));
+    let (opened, signer) = Health::open(topic, payload).expect("it opens");
+    assert_eq!(opened, health);
+    assert!(signer.is_some());
+
+    let mut twice = health.clone();
+    twice.modules.push(twice.modules[0].clone());
+    assert!(w.agent.health(&twice).is_empty());
+}
