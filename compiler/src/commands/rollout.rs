@@ -15,9 +15,10 @@ use crate::fleet::preflight;
 use crate::fleet::release::ReleaseArgs;
 use crate::fleet::rollout::recovery::may_resume;
 use crate::fleet::rollout::{
-    busy, members, operator, own_entries, read_record, unavailable, Driver,
+    busy, members, operator, own_entries, phase_words, read_record, unavailable, Driver,
 };
 use crate::fleet::trust::{parse_duration, RootArgs, SigningArgs};
+use crate::fleet::Error;
 use crate::names::valid_name;
 
 mod status;
@@ -48,12 +49,69 @@ Examples:
   kiln rollout app.kiln --group lab --sign fleet.key                  # 1 canary, then the rest
   kiln rollout app.kilnrel --group lab --sign fleet.key --waves 1,10,100 --max-failures 5%
   kiln rollout app.kiln --group lab --sign fleet.key --max-total-failures 2 --revert
+  kiln rollout app.kiln --group lab --sign fleet.key --gate 'traps <= 2x control min 5' --soak 30m
   kiln rollout status --group lab";
+
+/// The policy language, in `kiln rollout --help` (not `-h`).
+const GATES_HELP: &str = "
+Health gates: --gate 'SIGNAL <= BOUND [min N]' (repeatable, at most 16) with --soak.
+Once every device of a wave has answered, the wave soaks for --soak; then each gate
+compares the wave's committed devices (their health since they committed) with the
+control (the rollout's devices not sent the release yet) or the baseline (the same
+devices before they were sent it). Devices send a signed health summary per module.
+
+Signals (of the module the rollout updates, unless MODULE.METRIC):
+  traps           traps per call (a worker stopped by a trap, its fuel or the watchdog)
+  restarts        restarts per call
+  dropped         the share of the module's telemetry records lost
+  fuel            fuel per call
+  memory          the devices' mean peak memory, in bytes
+  offline         the share of the devices that sent no health at all
+  MODULE.METRIC   the mean of a numeric field of a module's own telemetry
+                  (temperature.error_rate: field error_rate of module temperature)
+Bounds:
+  10   1%         absolute: for traps, restarts, dropped and offline a count in the
+                  wave or a share; for fuel, memory and metrics the value itself
+  1.5x control    relative: at most 1.5 times the control's value (a control of zero
+  1.2x baseline   allows 1.5 events' worth), or the wave's own value from before
+  min N           judge only with at least N devices with data in the wave (and in
+                  the reference); fewer: the gate waits [default: 1]
+In the last wave no device is left for the control: `x control` gates compare with
+the baseline.
+
+After the soak, the wave's verdict:
+  pass            the next wave starts (when the schedule allows), or the rollout
+                  completes
+  breach          the rollout halts (exit 1), as too many failures do: the wave's
+                  devices that did not commit get back what they had, with --revert
+                  the committed ones too; the history names the gate, the wave's
+                  value against the reference and the worst devices
+  wait            a gate short of its sample: the wave soaks once more; still short,
+                  it goes on unjudged and the history says which gates lacked devices
+A gate never halts a rollout without a breach over its minimum sample.
+
+Schedule and sampling:
+  --wave-interval 1h       a wave starts at least 1h after the previous one started
+  --window 22:00-04:00     waves start only within this UTC time (may span midnight)
+  --sample 10%             each wave is 10% of the devices, drawn at random (with a
+                           seed kept in the record) from those not sent it yet,
+                           instead of --waves and --wave-size
+A held wave shows in `kiln rollout status` (waiting for the window or the interval,
+soaking until a time), never as running.
+
+Examples:
+  kiln rollout app.kiln --group lab --sign fleet.key --waves 1,10 \\
+      --gate 'traps <= 2x control min 5' --gate 'offline <= 20%' --soak 30m --revert
+  kiln rollout app.kiln --group lab --sign fleet.key --sample 10% --wave-interval 1h \\
+      --window 22:00-04:00 --gate 'temperature.error_rate <= 1.2x baseline min 3' --soak 2h
+  kiln rollout app.kiln --group lab --sign fleet.key --gate 'restarts <= 0' \\
+      --gate 'memory <= 8000000' --gate 'dropped <= 1%' --soak 10m";
 
 /// Update a group's devices in waves, halting when too many fail
 #[derive(Parser, Debug)]
 #[command(
     after_help = AFTER_HELP,
+    after_long_help = format!("{AFTER_HELP}\n{GATES_HELP}"),
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]
@@ -88,6 +146,23 @@ pub struct RolloutCommand {
     /// what they had too
     #[arg(long)]
     pub revert: bool,
+    /// A health gate every wave must pass after its soak, `SIGNAL <= BOUND [min N]`
+    /// (`traps <= 2x control min 5`; repeatable; see --help)
+    #[arg(long = "gate", value_name = "GATE")]
+    pub gates: Vec<String>,
+    /// How long a wave runs, once all its devices answered, before its gates judge it
+    #[arg(long, value_name = "DURATION")]
+    pub soak: Option<String>,
+    /// Each wave is this share of the devices (`10%`), drawn at random from those not
+    /// sent the release yet, instead of --waves and --wave-size
+    #[arg(long, value_name = "PERCENT", conflicts_with_all = ["waves", "wave_size"])]
+    pub sample: Option<String>,
+    /// The least time between the starts of two waves
+    #[arg(long, value_name = "DURATION")]
+    pub wave_interval: Option<String>,
+    /// Waves start only within this time of the UTC day (`22:00-04:00` spans midnight)
+    #[arg(long, value_name = "HH:MM-HH:MM")]
+    pub window: Option<String>,
     /// Check and plan, then print the waves and the module entry every device would
     /// get on stdout; nothing is uploaded or published
     #[arg(long)]
@@ -172,9 +247,64 @@ impl RolloutCommand {
         }
     }
 
+    /// The policy the flags ask for, checked by [`Policy::check`]; the error is one
+    /// line naming the flag and what is wrong.
+    pub fn policy(&self) -> std::result::Result<Policy, String> {
+        let mut p = Policy::new(
+            self.max_failures,
+            self.max_total_failures,
+            self.wave_timeout,
+            self.revert,
+        );
+        let check = |p: &Policy, flag: &str| p.check().map_err(|e| format!("{flag}: {e}"));
+        let duration = |flag: &str, text: &Option<String>| match text {
+            Some(t) => parse_duration(t)
+                .map(Some)
+                .map_err(|e| format!("{flag}: {e}")),
+            None => Ok(None),
+        };
+        // Each gate on its own first, so the error names the one at fault.
+        for gate in &self.gates {
+            let one = Policy {
+                gates: vec![gate.clone()],
+                soak_ms: 1,
+                ..p.clone()
+            };
+            check(&one, "--gate")?;
+        }
+        p.gates = self.gates.clone();
+        p.soak_ms = 1;
+        check(&p, "--gate")?;
+        p.soak_ms = duration("--soak", &self.soak)?.unwrap_or(0);
+        if p.gates.is_empty() && p.soak_ms > 0 {
+            return Err("--soak: no --gate to judge a wave on after its soak".into());
+        }
+        check(&p, "--soak").map_err(|e| format!("{e} (e.g. --soak 30m)"))?;
+        if let Some(text) = &self.sample {
+            let share = text.trim().strip_suffix('%').unwrap_or(text.trim());
+            let share: u8 = share.trim().parse().map_err(|_| {
+                format!("--sample: `{text}` is not a share of the devices from 1% to 100%")
+            })?;
+            p.sample_percent = Some(share);
+            check(&p, "--sample")?;
+        }
+        p.wave_interval_ms = duration("--wave-interval", &self.wave_interval)?;
+        check(&p, "--wave-interval")?;
+        if let Some(text) = &self.window {
+            p.window = Some(parse_window(text).map_err(|e| format!("--window: {e}"))?);
+            check(&p, "--window")
+                .map_err(|e| format!("{e} (`{text}`: the start and the end are the same)"))?;
+        }
+        Ok(p)
+    }
+
     fn start(self) -> Result<()> {
         let group = self.group.clone().unwrap_or_default();
         valid_name(Kind::Group, &group)?;
+        // A policy the flags get wrong is refused before the broker is asked anything.
+        let policy = self
+            .policy()
+            .map_err(|e| Error::Usage(format!("not started: {e}")))?;
         let mut session = self.release.broker.connect().map_err(unavailable)?;
         let scope = Scope::Group(group.clone());
         let topics = self.release.broker.topics();
@@ -232,29 +362,38 @@ impl RolloutCommand {
         // gives back.
         let before = own_entries(&mut session, &release.signing, &topics, &module.name)?;
         let waves = plan_waves(&devices, &self.waves, self.wave_size);
-        // No gate, sample or schedule from the command line yet.
-        let policy = Policy::new(
-            self.max_failures,
-            self.max_total_failures,
-            self.wave_timeout,
-            self.revert,
-        );
-        policy
-            .check()
-            .map_err(|e| coded(Code::InvalidInput, anyhow!("not started: {e}")))?;
-        let sizes: Vec<String> = waves.iter().map(|w| w.len().to_string()).collect();
-        let plan = format!(
-            "rollout {} to group {group}: {} devices in {} waves ({})",
-            release.label(),
-            devices.len(),
-            waves.len(),
-            sizes.join(", ")
-        );
+        let plan = match policy.sample_percent {
+            Some(p) => {
+                let each = (devices.len() * usize::from(p)).div_ceil(100).max(1);
+                format!(
+                    "rollout {} to group {group}: {} devices in {} waves of {each} ({p}%), each drawn at random when it starts",
+                    release.label(),
+                    devices.len(),
+                    devices.len().div_ceil(each),
+                )
+            }
+            None => {
+                let sizes: Vec<String> = waves.iter().map(|w| w.len().to_string()).collect();
+                format!(
+                    "rollout {} to group {group}: {} devices in {} waves ({})",
+                    release.label(),
+                    devices.len(),
+                    waves.len(),
+                    sizes.join(", ")
+                )
+            }
+        };
+        let terms = status::policy_lines(&policy);
         if self.dry_run {
             session.disconnect();
             println!("{plan}");
-            for (i, wave) in waves.iter().enumerate() {
-                println!("  wave {}: {}", i + 1, wave.join(" "));
+            for line in &terms {
+                println!("  {line}");
+            }
+            if policy.sample_percent.is_none() {
+                for (i, wave) in waves.iter().enumerate() {
+                    println!("  wave {}: {}", i + 1, wave.join(" "));
+                }
             }
             for (d, why) in &skipped {
                 println!("  left out: {d}: {why}");
@@ -279,8 +418,11 @@ impl RolloutCommand {
             return Ok(());
         }
         println!("{plan}");
+        for line in &terms {
+            println!("  {line}");
+        }
         release.upload(&mut session)?;
-        let record = Rollout::new(
+        let mut record = Rollout::new(
             &release.signing.fleet.root().fleet,
             &group,
             &operator(&release.signing),
@@ -291,11 +433,50 @@ impl RolloutCommand {
             before,
             skipped,
         );
+        // Every operator's copy draws the same sampled waves from the record's seed;
+        // a random one keeps a rollout from drawing what the last one drew.
+        record.seed = random_seed();
         let mut driver = Driver::new(session, &release.signing, topics, registry, record);
         driver.persist()?;
         driver.claim()?;
         driver.drive(Input::Start)
     }
+}
+
+/// `22:00-04:00`: minutes of the UTC day, from and until (a start after the end
+/// spans midnight).
+pub fn parse_window(text: &str) -> std::result::Result<(u16, u16), String> {
+    let bad = || format!("`{text}` is not a time of the UTC day like 22:00-04:00 (HH:MM-HH:MM)");
+    let minute = |hhmm: &str| -> Option<u16> {
+        let (h, m) = hhmm.trim().split_once(':')?;
+        let digits = |s: &str, most: usize| {
+            (!s.is_empty() && s.len() <= most && s.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| s.parse::<u16>().ok())
+                .flatten()
+        };
+        let (h, m) = (digits(h, 2)?, digits(m, 2).filter(|_| m.len() == 2)?);
+        (h < 24 && m < 60).then_some(h * 60 + m)
+    };
+    let (from, until) = text.split_once('-').ok_or_else(bad)?;
+    Ok((
+        minute(from).ok_or_else(bad)?,
+        minute(until).ok_or_else(bad)?,
+    ))
+}
+
+/// `HH:MM` of a minute of the day.
+pub fn hhmm(minute: u16) -> String {
+    format!("{:02}:{:02}", minute / 60, minute % 60)
+}
+
+/// A seed no earlier rollout had: this process's hasher keys (random, from the
+/// system) over the clock.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now_ms());
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -323,10 +504,11 @@ impl ControlArgs {
         let mut driver = Driver::new(session, &signing, topics, registry, record);
         let phase = driver.record.phase.clone();
         let head = format!(
-            "group {}: rollout {} of {} is {phase}",
+            "group {}: rollout {} of {} is {}",
             driver.record.group,
             driver.record.id,
-            driver.record.label()
+            driver.record.label(),
+            phase_words(&driver.record)
         );
         let refuse = |what: &str| coded(Code::Busy, anyhow!("{head}; {what}"));
         match word {
@@ -412,5 +594,185 @@ mod tests {
             "x"
         ])
         .is_err());
+    }
+
+    fn start(flags: &[&str]) -> RolloutCommand {
+        let args = ["rollout", "app.kiln", "--group", "lab"]
+            .iter()
+            .chain(flags);
+        RolloutCommand::try_parse_from(args).unwrap()
+    }
+
+    /// The policy's error for `flags`, which must be one line naming `flag`.
+    fn refused(flags: &[&str], flag: &str) -> String {
+        let e = start(flags).policy().unwrap_err();
+        assert!(e.starts_with(&format!("{flag}: ")), "{flags:?}: {e}");
+        assert!(!e.contains('\n'), "{e}");
+        e
+    }
+
+    #[test]
+    fn the_gate_soak_sample_and_schedule_flags_make_the_policy() {
+        let p = start(&[
+            "--gate",
+            "traps <= 2x control min 5",
+            "--gate",
+            "temperature.error_rate <= 1.2x baseline",
+            "--soak",
+            "30m",
+            "--sample",
+            "10%",
+            "--wave-interval",
+            "1h",
+            "--window",
+            "22:00-04:30",
+            "--revert",
+        ])
+        .policy()
+        .unwrap();
+        assert_eq!(
+            p.gates,
+            [
+                "traps <= 2x control min 5",
+                "temperature.error_rate <= 1.2x baseline"
+            ]
+        );
+        assert_eq!(p.soak_ms, 30 * 60_000);
+        assert_eq!(p.sample_percent, Some(10));
+        assert_eq!(p.wave_interval_ms, Some(3_600_000));
+        assert_eq!(p.window, Some((22 * 60, 4 * 60 + 30)));
+        assert!(p.revert);
+        assert_eq!(p.check(), Ok(()));
+        // A share with or without its sign; no flag: the policy of before.
+        assert_eq!(
+            start(&["--sample", "25"]).policy().unwrap().sample_percent,
+            Some(25)
+        );
+        let plain = start(&[]).policy().unwrap();
+        assert_eq!(
+            plain,
+            Policy::new(Threshold::Count(0), Threshold::Count(0), 300_000, false)
+        );
+    }
+
+    #[test]
+    fn a_bad_policy_flag_is_one_line_naming_the_flag_and_why() {
+        let e = refused(&["--gate", "traps <= x", "--soak", "1m"], "--gate");
+        assert!(e.contains("`x` is not a number"), "{e}");
+        let e = refused(&["--gate", "latency < 3", "--soak", "1m"], "--gate");
+        assert!(e.contains("SIGNAL <= BOUND"), "{e}");
+        let e = refused(
+            &["--gate", "traps <= 2x control", "--gate", "fuel <= 5%"],
+            "--gate",
+        );
+        assert!(e.contains("fuel is not a share"), "{e}");
+        let mut many = Vec::new();
+        for _ in 0..17 {
+            many.extend(["--gate", "traps <= 1"]);
+        }
+        many.extend(["--soak", "1m"]);
+        let e = refused(&many, "--gate");
+        assert!(e.contains("17 gates (at most 16)"), "{e}");
+        let e = refused(&["--gate", "traps <= 1"], "--soak");
+        assert!(
+            e.contains("no soak time") && e.contains("--soak 30m"),
+            "{e}"
+        );
+        refused(&["--soak", "10m"], "--soak");
+        refused(&["--gate", "traps <= 1", "--soak", "soon"], "--soak");
+        let e = refused(&["--sample", "0%"], "--sample");
+        assert!(e.contains("not within 1% to 100%"), "{e}");
+        refused(&["--sample", "101"], "--sample");
+        refused(&["--sample", "1000%"], "--sample");
+        refused(&["--sample", "half"], "--sample");
+        let e = refused(&["--wave-interval", "0s"], "--wave-interval");
+        assert!(e.contains("out of range"), "{e}");
+        for bad in [
+            "22:00",
+            "24:00-01:00",
+            "22:60-01:00",
+            "2200-0100",
+            "22:0-01:00",
+            "a:00-01:00",
+        ] {
+            let e = refused(&["--window", bad], "--window");
+            assert!(e.contains("HH:MM-HH:MM"), "{bad}: {e}");
+        }
+        let e = refused(&["--window", "02:00-02:00"], "--window");
+        assert!(e.contains("empty"), "{e}");
+        // A sample replaces the planned waves: both is a usage error of clap's.
+        for planned in [["--waves", "1,10"], ["--wave-size", "5"]] {
+            let mut args = vec!["rollout", "app.kiln", "--group", "lab", "--sample", "10"];
+            args.extend(planned);
+            assert!(RolloutCommand::try_parse_from(args).is_err());
+        }
+    }
+
+    #[test]
+    fn windows_parse_as_minutes_of_the_utc_day() {
+        assert_eq!(parse_window("00:00-23:59"), Ok((0, 1439)));
+        assert_eq!(parse_window("9:05-17:00"), Ok((545, 1020)));
+        assert_eq!(parse_window(" 23:00 - 02:00 "), Ok((1380, 120)));
+        assert_eq!(hhmm(545), "09:05");
+    }
+
+    #[test]
+    fn the_long_help_documents_the_policy_language() {
+        use clap::CommandFactory;
+        let mut cmd = RolloutCommand::command();
+        let long = cmd.render_long_help().to_string();
+        for word in [
+            "--gate",
+            "--soak",
+            "--sample",
+            "--wave-interval",
+            "--window",
+            "traps",
+            "restarts",
+            "dropped",
+            "fuel",
+            "memory",
+            "offline",
+            "MODULE.METRIC",
+            "x control",
+            "x baseline",
+            "min N",
+            "pass",
+            "breach",
+            "wait",
+            "--revert",
+            "kiln rollout status",
+        ] {
+            assert!(long.contains(word), "`kiln rollout --help` lacks {word}");
+        }
+        let short = cmd.render_help().to_string();
+        assert!(
+            !short.contains("MODULE.METRIC"),
+            "the language is --help's, not -h's"
+        );
+        // Every example in the help parses into a policy.
+        let examples = GATES_HELP
+            .split("Examples:")
+            .nth(1)
+            .unwrap()
+            .replace("\\\n", " ");
+        for line in examples.lines().filter(|l| !l.trim().is_empty()) {
+            let words = split_shell(line.trim());
+            let cmd = RolloutCommand::try_parse_from(&words[1..]).unwrap();
+            cmd.policy().unwrap_or_else(|e| panic!("{line}: {e}"));
+        }
+    }
+
+    /// Words of a command line with single quotes.
+    fn split_shell(line: &str) -> Vec<String> {
+        let mut words = Vec::new();
+        for (i, part) in line.split('\'').enumerate() {
+            if i % 2 == 1 {
+                words.push(part.to_string());
+            } else {
+                words.extend(part.split_whitespace().map(String::from));
+            }
+        }
+        words
     }
 }

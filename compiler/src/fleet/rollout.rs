@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{anyhow, Result};
 use kiln_protocol::fleet::{DesiredModule, Topics};
-use kiln_protocol::rollout::{short_list, Outcome, Rollout};
+use kiln_protocol::rollout::{short_list, Hold, Outcome, Phase, Rollout};
 use kiln_protocol::trust::Registry;
 
 use crate::fleet::broker::Session;
@@ -20,6 +20,7 @@ use crate::fleet::trust::{Opened, Signing};
 use crate::fleet::Error;
 
 pub mod driver;
+pub mod health;
 pub mod recovery;
 #[cfg(test)]
 mod tests;
@@ -139,12 +140,26 @@ pub fn busy(other: &Rollout) -> Error {
             other.group,
             other.id,
             other.label(),
-            other.phase,
+            phase_words(other),
             other.started_by,
             other.group,
             other.group
         ),
     )
+}
+
+/// The phase in a few words, never `running` for a wave its soak or the schedule
+/// holds (`kiln rollout status` says until when).
+pub fn phase_words(r: &Rollout) -> String {
+    match (&r.phase, r.hold) {
+        (Phase::Running { .. }, Some(Hold::Soak { wave, .. })) => {
+            format!("soaking wave {} before its gates judge it", wave + 1)
+        }
+        (Phase::Running { .. }, Some(Hold::Schedule { wave })) => {
+            format!("holding wave {} for the schedule", wave + 1)
+        }
+        (phase, _) => phase.to_string(),
+    }
 }
 
 /// Who is acting: the user, the machine, and the key that signs.

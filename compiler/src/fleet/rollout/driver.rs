@@ -15,8 +15,9 @@ use crate::fleet::broker::{now_ms, Session};
 use crate::fleet::desired::{prepare_desired, prepare_for_devices};
 use crate::fleet::messages::Body;
 use crate::fleet::messages::Reader;
+use crate::fleet::rollout::health::{HealthFeed, Taken};
 use crate::fleet::rollout::recovery::{Do, Doing, Event, Recovery, TakeUp};
-use crate::fleet::rollout::{busy, failures, read_record, unavailable};
+use crate::fleet::rollout::{busy, failures, phase_words, read_record, unavailable};
 use crate::fleet::trust::Signing;
 use crate::fleet::Error;
 
@@ -38,6 +39,8 @@ pub struct Driver<'a> {
     recovery: Recovery,
     /// The step under way, for [`Recovery`] when it fails.
     doing: Doing,
+    /// The devices' health messages taken for the gates, and those refused.
+    health: HealthFeed,
 }
 
 impl<'a> Driver<'a> {
@@ -60,6 +63,7 @@ impl<'a> Driver<'a> {
             dirty: false,
             recovery: Recovery::default(),
             doing: Doing::Waiting,
+            health: HealthFeed::default(),
         }
     }
 
@@ -103,14 +107,23 @@ impl<'a> Driver<'a> {
         }
     }
 
-    /// The devices' answers, then (once this driver's own record is the one kept) the
-    /// record's topic, where an operator's pause or abort arrives.
+    /// Whether the policy has health gates (and the driver reads health messages).
+    fn gated(&self) -> bool {
+        !self.record.policy.gates.is_empty()
+    }
+
+    /// The devices' answers (and, with gates, their health), then (once this driver's
+    /// own record is the one kept) the record's topic, where an operator's pause or
+    /// abort arrives.
     fn subscribe(&mut self, record: bool) -> Result<()> {
         self.doing = Doing::Waiting;
         let mut filters = vec![
             self.topics.all_devices("events"),
             self.topics.all_devices("reported"),
         ];
+        if self.gated() {
+            filters.push(self.topics.all_devices("health"));
+        }
         if record {
             filters.push(self.topic.clone());
         }
@@ -134,10 +147,28 @@ impl<'a> Driver<'a> {
         Ok(())
     }
 
+    /// The devices' retained health (their last period each), fed before the first
+    /// wave so its devices have a baseline and the control has data.
+    pub fn read_health(&mut self) -> Result<()> {
+        if !self.gated() {
+            return Ok(());
+        }
+        self.doing = Doing::Reading;
+        let retained = self
+            .session
+            .retained(&self.topics.all_devices("health"))
+            .map_err(unavailable)?;
+        for (topic, payload) in retained {
+            self.on_device_message(&topic, &payload)?;
+        }
+        Ok(())
+    }
+
     /// Steps the record and carries out what it says; the record is written when the
     /// phase changed or a wave went out, and otherwise at most every two seconds.
     pub fn apply(&mut self, input: Input) -> Result<()> {
         let phase = self.record.phase.clone();
+        let hold = self.record.hold;
         let actions = self.record.step(now_ms(), input);
         self.dirty = true;
         let urgent = !actions.is_empty() || self.record.phase != phase;
@@ -150,7 +181,12 @@ impl<'a> Driver<'a> {
             self.perform(action)?;
         }
         if self.record.phase != phase {
-            eprintln!("rollout {}: {}", self.record.id, self.record.phase);
+            eprintln!("rollout {}: {}", self.record.id, phase_words(&self.record));
+        } else if self.record.hold != hold && self.record.hold.is_some() {
+            // A soak or the schedule holds it: what the history says of it.
+            if let Some((_, line)) = self.record.history.last() {
+                eprintln!("rollout {}: {line}", self.record.id);
+            }
         }
         Ok(())
     }
@@ -222,6 +258,9 @@ impl<'a> Driver<'a> {
             Input::Retry => TakeUp::Retry,
             _ => TakeUp::Start,
         };
+        if took_up == TakeUp::Start {
+            self.read_health()?;
+        }
         self.apply(first)?;
         // What taking it up, and any step failing below, call for is Recovery's to say.
         carry_out(&mut self, Event::TookUp(took_up), None)?;
@@ -236,6 +275,14 @@ impl<'a> Driver<'a> {
         }
         if self.dirty {
             self.persist()?;
+        }
+        if !self.health.refused.is_empty() {
+            let devices: Vec<String> = self.health.refused.keys().cloned().collect();
+            eprintln!(
+                "  {} health messages refused (not judged), from {}",
+                self.health.refused_count(),
+                short_list(&devices)
+            );
         }
         let r = &self.record;
         let (_, _, committed, failed) = r.counts();
@@ -272,9 +319,10 @@ impl<'a> Driver<'a> {
 
     /// One message (or a second without one), the clock, and the record's heartbeat.
     fn turn(&mut self, last_tick: &mut Instant) -> Result<()> {
-        let wait = self
-            .record
-            .deadline_ms()
+        // The step needs the clock at its deadline (a soak's end, the schedule's next
+        // start, the wave's timeout) and, for anything else, once a second.
+        let deadline = self.record.deadline_ms();
+        let wait = deadline
             .map_or(1000, |d| d.saturating_sub(now_ms()))
             .clamp(10, 1000);
         self.doing = Doing::Waiting;
@@ -293,7 +341,9 @@ impl<'a> Driver<'a> {
                 self.on_device_message(&topic, &payload)?;
             }
         }
-        if last_tick.elapsed() >= Duration::from_millis(wait) {
+        let due = deadline.is_some_and(|d| now_ms() >= d)
+            || last_tick.elapsed() >= Duration::from_secs(1);
+        if due && last_tick.elapsed() >= Duration::from_millis(10) {
             *last_tick = Instant::now();
             self.apply(Input::Tick)?;
         }
@@ -334,6 +384,25 @@ impl<'a> Driver<'a> {
     }
 
     fn on_device_message(&mut self, topic: &str, payload: &[u8]) -> Result<()> {
+        let taken = self
+            .health
+            .take(&self.topics, &self.registry, &self.record, topic, payload);
+        match taken {
+            Taken::NotHealth => {}
+            Taken::Input(input) => return self.apply(input),
+            Taken::Ignored => return Ok(()),
+            Taken::Refused { device, why } => {
+                if self
+                    .health
+                    .refused
+                    .get(&device)
+                    .is_some_and(|(n, _)| *n == 1)
+                {
+                    eprintln!("  warning: {device}: health not judged: {why}");
+                }
+                return Ok(());
+            }
+        }
         let heard = match Reader::new(&self.topics, &self.registry).open(topic, payload) {
             Ok(Some(h)) => h,
             Ok(None) => return Ok(()),
