@@ -58,7 +58,9 @@ Health gates: --gate 'SIGNAL <= BOUND [min N]' (repeatable, at most 16) with --s
 Once every device of a wave has answered, the wave soaks for --soak; then each gate
 compares the wave's committed devices (their health since they committed) with the
 control (the rollout's devices not sent the release yet) or the baseline (the same
-devices before they were sent it). Devices send a signed health summary per module.
+devices before they were sent it). Each device sends a signed health summary per
+module every health_s of its kilnd.toml (60 s by default): give --soak a few of
+them, as a device that sent none since it committed counts as offline.
 
 Signals (of the module the rollout updates, unless MODULE.METRIC):
   traps           traps per call (a worker stopped by a trap, its fuel or the watchdog)
@@ -305,6 +307,13 @@ impl RolloutCommand {
         let policy = self
             .policy()
             .map_err(|e| Error::Usage(format!("not started: {e}")))?;
+        if !policy.gates.is_empty() && policy.soak_ms < 3 * DEFAULT_HEALTH_MS {
+            eprintln!(
+                "warning: --soak {} is short: devices send their health every {}s by default (health_s), and one that sent none since it committed counts as offline",
+                status::duration(policy.soak_ms),
+                DEFAULT_HEALTH_MS / 1000
+            );
+        }
         let mut session = self.release.broker.connect().map_err(unavailable)?;
         let scope = Scope::Group(group.clone());
         let topics = self.release.broker.topics();
@@ -442,6 +451,10 @@ impl RolloutCommand {
         driver.drive(Input::Start)
     }
 }
+
+/// How often a kilnd sends its modules' health unless configured otherwise
+/// (`[telemetry] health_s`).
+const DEFAULT_HEALTH_MS: u64 = 60_000;
 
 /// `22:00-04:00`: minutes of the UTC day, from and until (a start after the end
 /// spans midnight).
