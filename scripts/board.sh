@@ -68,7 +68,9 @@ done
 # Everything that decides the image's bytes is in this function, and its text keys the
 # cache: an edit here builds a new image.
 mirror=http://deb.debian.org/debian
-packages=systemd-sysv,udev,kmod,linux-image-$arch,openssh-server,iproute2,procps,dosfstools
+# (`login` is essential in Debian 12 but not in 13: without it the serial console's
+# getty has no /bin/login to run.)
+packages=systemd-sysv,udev,kmod,linux-image-$arch,openssh-server,iproute2,procps,dosfstools,login
 build_image() {
   local out="$1" root="$1/root"
   ssh-keygen -q -t ed25519 -N "" -C "kiln-board" -f "$out/id_ed25519"

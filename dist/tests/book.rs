@@ -83,6 +83,7 @@ const OTHER_TOOLS: &[(&str, &str)] = &[
     ("--module-mb", "scripts/bench.sh"),
     ("--minutes", "scripts/soak.sh"),
     ("--short", "scripts/board.sh"),
+    ("--arch", "scripts/board.sh"),
     ("--cuts", "scripts/board.sh"),
     ("--image-only", "scripts/board.sh"),
     ("--architectures", "mmdebstrap: the board image"),

@@ -360,6 +360,11 @@ impl Board {
             while Instant::now() < deadline {
                 if let Ok(n @ 1..) = sock.read(&mut buf) {
                     seen.extend_from_slice(&buf[..n]);
+                    // systemd 257 (Debian 13) asks the terminal where its cursor is, to
+                    // learn its size, and waits for the answer: a 24x80 terminal's.
+                    for _ in 0..count(&buf[..n], b"\x1b[6n") {
+                        let _ = sock.write_all(b"\x1b[24;80R");
+                    }
                     let new = String::from_utf8_lossy(&seen[from..]);
                     if let Some(i) = until.iter().position(|u| new.contains(u)) {
                         return Some(i);
@@ -369,8 +374,13 @@ impl Board {
             None
         };
         // The marker is computed by the shell, so the echo of the typed line is not it.
-        if step("\n", &["login:", "# "], 15) == Some(0) {
-            step("root\n", &["# "], 30);
+        // (Twice: a login prompt shown while the first try was typed can eat it.)
+        for _ in 0..2 {
+            match step("\n", &["board login:", "# "], 15) {
+                Some(0) if step("root\n", &["# ", "board login:"], 30) == Some(0) => break,
+                Some(0) => continue,
+                _ => break,
+            }
         }
         step(
             &format!("{script}; echo console-done-$((6*7))\n"),
@@ -397,6 +407,14 @@ impl Drop for Board {
     fn drop(&mut self) {
         self.cut();
     }
+}
+
+/// How often `needle` occurs in `haystack`.
+fn count(haystack: &[u8], needle: &[u8]) -> usize {
+    haystack
+        .windows(needle.len())
+        .filter(|w| *w == needle)
+        .count()
 }
 
 /// What the harness reads on the console of a board that does not answer ssh: the
