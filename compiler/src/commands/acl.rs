@@ -76,7 +76,7 @@ pub fn device_topics(prefix: &str, id: &str, groups_by_member: bool) -> DeviceTo
         format!("{prefix}/registry"),
     ]);
     DeviceTopics {
-        publish: ["status", "reported", "events", "telemetry"]
+        publish: ["status", "reported", "events", "telemetry", "health"]
             .map(own)
             .to_vec(),
         subscribe,
