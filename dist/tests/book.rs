@@ -93,6 +93,16 @@ const OTHER_TOOLS: &[(&str, &str)] = &[
     ("--seconds", "scripts/fuzz.sh"),
     ("--build", "scripts/wasi-testsuite.sh"),
     ("--devices", "scripts/soak.sh, scripts/fleet-scale.sh"),
+    ("--model", "kilnd-sim: a module's behaviour per version"),
+    (
+        "--crash",
+        "kilnd-sim: the share of devices whose worker crashes on a version",
+    ),
+    ("--calls-per-s", "kilnd-sim: the module model's call rate"),
+    (
+        "--health-ms",
+        "kilnd-sim: how often each simulated device sends its health",
+    ),
     ("--quick", "scripts/corpus.sh: the part CI runs"),
     ("--no-deps", "pip download: how the corpus fetches a wheel"),
     (

@@ -23,6 +23,19 @@ impl Sim {
 
     /// [`Sim::start`] with more kilnd-sim flags (`--riscv N`).
     pub fn start_with(broker: &str, root: &Path, n: usize, crash: &[&str], extra: &[&str]) -> Self {
+        Self::start_modelled(broker, root, n, crash, &[], extra)
+    }
+
+    /// [`Sim::start_with`] and module models (`VERSION:traps=PER_MILLE,...`, see
+    /// `kilnd-sim --help`): how a module of each version behaves, for health gates.
+    pub fn start_modelled(
+        broker: &str,
+        root: &Path,
+        n: usize,
+        crash: &[&str],
+        models: &[&str],
+        extra: &[&str],
+    ) -> Self {
         let data = tempfile::tempdir().unwrap();
         let mut cmd = Command::new(crate::sim_path());
         cmd.args(["--broker", broker, "--root"])
@@ -32,6 +45,9 @@ impl Sim {
             .args(["--devices", &n.to_string(), "--telemetry-ms", "2000"]);
         for c in crash {
             cmd.args(["--crash", c]);
+        }
+        for m in models {
+            cmd.args(["--model", m]);
         }
         cmd.args(extra);
         let mut child = cmd

@@ -4,7 +4,8 @@
 //! simulated, against a real mosquitto, and kiln's own commands drive it. The rollout
 //! policy is tested here: growing waves, failure thresholds, a second operator's
 //! rollout refused, pause, abort in flight, retry, a driver killed and taken over, and
-//! the broker restarting under a rollout.
+//! the broker restarting under a rollout; and the health gates, on the signed health
+//! each simulated device sends of a module model (`kilnd-sim --model`).
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -374,4 +375,184 @@ fn a_rollout_outlives_its_driver_and_a_broker_restart() {
                 .all(|(d, v)| *v == Some(1) || d.as_str() >= "sim-0020")
         },
     );
+}
+
+/// How `app` behaves on every device, by version (`kilnd-sim --model`): v1, and any
+/// version not named, traps 5 calls in a thousand and publishes a latency of about
+/// 100; v2 traps twice as often (after its health window: the update agent commits
+/// it); v3 publishes a latency 30% higher; v4 is as good as v1.
+const MODELS: [&str; 3] = [
+    "*:traps=5,metric=latency_ms:100",
+    "2:traps=10,metric=latency_ms:100",
+    "3:traps=5,metric=latency_ms:130",
+];
+
+/// Health every 2 s, 250 calls a second per device, fixed draws.
+const MODELLED: [&str; 6] = [
+    "--health-ms",
+    "2000",
+    "--calls-per-s",
+    "250",
+    "--seed",
+    "36",
+];
+
+const SOAK_MS: u64 = 8000;
+
+/// Gated waves of 10, 30 and 60, soaking 8 s (four health periods); a breach gives
+/// the wave back (`--revert`).
+const GATED: [&str; 9] = [
+    "--waves",
+    "10,30",
+    "--gate",
+    "traps <= 1.5x control min 5",
+    "--gate",
+    "app.latency_ms <= 1.2x control min 5",
+    "--soak",
+    "8s",
+    "--revert",
+];
+
+/// `kiln rollout status --json` of the group.
+fn status_json(fleet: &Fleet) -> Value {
+    let out = fleet
+        .kiln(&["rollout", "status", "--group", "lab", "--json"])
+        .ok("rollout status --json");
+    serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// Rolls out `version` with the gates, expecting a halt in wave 1 on `gate`; returns
+/// the breach as the record says it, the wave given back.
+#[track_caller]
+fn halts_in_wave_1(fleet: &Fleet, version: u64, gate: &str) -> String {
+    let begun = Instant::now();
+    let run = rollout(fleet, version, &GATED);
+    let took = begun.elapsed();
+    assert_eq!(run.code, Some(1), "{run}");
+    assert!(
+        run.stderr.contains(&format!("gate {gate}: ")),
+        "v{version} halts on `{gate}`: {run}"
+    );
+    let s = status_json(fleet);
+    assert_eq!(s["version"], version, "{s}");
+    let phase = s["phase"].as_str().unwrap();
+    assert!(
+        phase.starts_with(&format!("halted in wave 1: gate {gate}: ")),
+        "{phase}"
+    );
+    // Exposed in wave 1 (10 devices, committed: it passed the agent's health window),
+    // and judged at the end of that wave's soak: never a second soak, never wave 2.
+    assert_eq!(s["counts"]["committed"], 10, "{s}");
+    assert_eq!(s["counts"]["waiting"], 90, "{s}");
+    let verdicts = s["verdicts"].as_array().unwrap();
+    assert_eq!(verdicts.len(), 1, "{s}");
+    assert_eq!(verdicts[0]["wave"], 1);
+    assert_eq!(verdicts[0]["verdict"], "breach");
+    let breach = verdicts[0]["lines"][0].as_str().unwrap().to_string();
+    assert!(breach.starts_with(&format!("{gate}: ")), "{breach}");
+    let at = verdicts[0]["at_ms"].as_u64().unwrap() - s["started_ms"].as_u64().unwrap();
+    assert!(
+        (SOAK_MS..2 * SOAK_MS).contains(&at),
+        "judged {at} ms after the start: within the first soak"
+    );
+    let back: Vec<&Value> = s["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["given_back"] == true)
+        .collect();
+    assert_eq!(back.len(), 10, "--revert gives wave 1 back: {s}");
+    eprintln!("v{version}: halted {at} ms after the start ({took:?} in all): {breach}");
+    // What wave 1 runs once given back. Not asserted: a committed device given back
+    // follows the group's v1 again, which it refuses as a downgrade (the group's
+    // entry allows none), so it keeps the release for now.
+    let mut wave1 = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < deadline {
+        wave1 = running(fleet)
+            .into_iter()
+            .filter(|(d, _)| d.as_str() < "sim-0010")
+            .map(|(_, v)| v)
+            .collect();
+        if wave1.iter().all(|v| *v != Some(version)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!("v{version}: wave 1 runs {wave1:?} after the halt");
+    breach
+}
+
+#[test]
+fn a_hundred_devices_halt_a_rollout_on_their_health_and_complete_a_good_one() {
+    let broker = Broker::start();
+    let fleet = Fleet::new(&broker, "gates");
+    let _sim = Sim::start_modelled(
+        &fleet.broker,
+        &fleet.path("fleet.root"),
+        100,
+        &[],
+        &MODELS,
+        &MODELLED,
+    );
+    wait_for(Duration::from_secs(30), "100 devices", || {
+        devices(&fleet).len() == 100
+    });
+    fleet
+        .kiln(&["enroll", "--group", "lab", "--sign", "fleet.key"])
+        .ok("enroll");
+    let v1 = fleet.app(1, "fleet.key");
+    let mut push = vec![
+        "push",
+        path_str(&v1),
+        "--group",
+        "lab",
+        "--sign",
+        "fleet.key",
+    ];
+    push.extend(QUICK);
+    fleet.kiln(&push).ok("push v1 to 100 devices");
+    wait_for(Duration::from_secs(60), "every device runs v1", || {
+        running(&fleet).iter().all(|(_, v)| *v == Some(1))
+    });
+
+    // (a) Twice the traps: the update agent commits v2 on all of wave 1, and the
+    // trap gate halts it after the wave's soak, against the 90 devices on v1.
+    let breach = halts_in_wave_1(&fleet, 2, "traps <= 1.5x control min 5");
+    assert!(breach.contains("in the control"), "{breach}");
+
+    // (b) A published metric 30% higher: the metric gate halts it likewise; its
+    // traps are those of v1, and that gate passes.
+    let breach = halts_in_wave_1(&fleet, 3, "app.latency_ms <= 1.2x control min 5");
+    let s = status_json(&fleet);
+    assert!(
+        !s["phase"].as_str().unwrap().contains("more gates above"),
+        "only the metric is above its bound: {s}"
+    );
+    assert!(breach.contains("in the control"), "{breach}");
+
+    // (c) As good as v1: every wave passes its gates, the last (no control left)
+    // against its own baseline, and the rollout completes.
+    let begun = Instant::now();
+    let run = rollout(&fleet, 4, &GATED).ok("rollout v4");
+    assert!(
+        run.stdout.contains("100 devices in 3 waves (10, 30, 60)"),
+        "{run}"
+    );
+    assert!(
+        run.stdout
+            .contains("rollout complete: 100 devices run app v4"),
+        "{run}"
+    );
+    let s = status_json(&fleet);
+    assert_eq!(s["phase"], "complete", "{s}");
+    let verdicts: Vec<(u64, &str)> = s["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["wave"].as_u64().unwrap(), v["verdict"].as_str().unwrap()))
+        .collect();
+    assert_eq!(verdicts, [(1, "pass"), (2, "pass"), (3, "pass")], "{s}");
+    eprintln!("v4: complete in {:?}", begun.elapsed());
+    assert!(running(&fleet).iter().all(|(_, v)| *v == Some(4)));
 }
