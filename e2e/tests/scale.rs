@@ -463,23 +463,26 @@ fn halts_in_wave_1(fleet: &Fleet, version: u64, gate: &str) -> String {
         .collect();
     assert_eq!(back.len(), 10, "--revert gives wave 1 back: {s}");
     eprintln!("v{version}: halted {at} ms after the start ({took:?} in all): {breach}");
-    // What wave 1 runs once given back. Not asserted: a committed device given back
-    // follows the group's v1 again, which it refuses as a downgrade (the group's
-    // entry allows none), so it keeps the release for now.
+    // Given back, wave 1 goes down to what it had (the group's entry, signed again
+    // allowing the downgrade: it had committed the release).
     let mut wave1 = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(4);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         wave1 = running(fleet)
             .into_iter()
             .filter(|(d, _)| d.as_str() < "sim-0010")
             .map(|(_, v)| v)
             .collect();
-        if wave1.iter().all(|v| *v != Some(version)) {
+        if wave1.iter().all(|v| *v == Some(1)) {
             break;
         }
         std::thread::sleep(Duration::from_millis(500));
     }
     eprintln!("v{version}: wave 1 runs {wave1:?} after the halt");
+    assert!(
+        wave1.len() == 10 && wave1.iter().all(|v| *v == Some(1)),
+        "v{version}: wave 1 was given back but runs {wave1:?}"
+    );
     breach
 }
 

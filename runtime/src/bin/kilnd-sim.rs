@@ -97,8 +97,9 @@ struct Args {
     /// Calls into each running module per second
     #[arg(long, default_value_t = 100)]
     calls_per_s: u32,
-    /// How often each device sends its modules' health (kilnd's health_s); 0: never
-    #[arg(long, default_value_t = 2000)]
+    /// How often each device sends its modules' health (kilnd's health_s, and its
+    /// default of a minute); 0: never
+    #[arg(long, default_value_t = 60_000)]
     health_ms: u64,
     /// Seeds the draws of the models' traps, restarts and readings
     #[arg(long, default_value_t = 1)]

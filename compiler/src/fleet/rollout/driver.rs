@@ -222,6 +222,9 @@ impl<'a> Driver<'a> {
                 (d.clone(), entry)
             })
             .collect();
+        if matches!(action, Action::Return(_)) && before.values().any(Option::is_none) {
+            self.let_the_group_take_back(&name)?;
+        }
         self.doing = Doing::Reading;
         let states = prepare_for_devices(
             &mut self.session,
@@ -232,7 +235,14 @@ impl<'a> Driver<'a> {
                 m.retain(|e| e.name != name);
                 match &action {
                     Action::Send(_) => m.push(module.clone()),
-                    Action::Return(_) => m.extend(before.get(device).cloned().flatten()),
+                    // What it had, signed as a downgrade: a device that committed
+                    // the release refuses anything older without it.
+                    Action::Return(_) => {
+                        m.extend(before.get(device).cloned().flatten().map(|mut had| {
+                            had.allow_downgrade = true;
+                            had
+                        }))
+                    }
                     // An empty module list is still published, signed, never cleared:
                     // a device takes a device-scoped state that never arrives for one it
                     // has not heard from, and would keep running what the old one named.
@@ -246,6 +256,35 @@ impl<'a> Driver<'a> {
             .publish_all(messages, |_| {})
             .map_err(Error::Broker)?;
         eprintln!("  {} {what}: {}", devices.len(), short_list(&devices));
+        Ok(())
+    }
+
+    /// A device given back with no entry of its own follows the group's desired state
+    /// again, whose entry for `name` is older than the release a committed device now
+    /// runs: without `allow_downgrade` the device refuses it and keeps the release. So
+    /// the group's entry is signed again allowing the downgrade (devices that never
+    /// left it are not moved by that); the next push to the group replaces it.
+    fn let_the_group_take_back(&mut self, name: &str) -> Result<()> {
+        let scope = Scope::Group(self.record.group.clone());
+        let mut needed = false;
+        self.doing = Doing::Reading;
+        let next = prepare_desired(&mut self.session, self.signing, &self.topics, &scope, |m| {
+            for entry in m
+                .iter_mut()
+                .filter(|e| e.name == name && !e.allow_downgrade)
+            {
+                entry.allow_downgrade = true;
+                needed = true;
+            }
+        })?;
+        if needed {
+            self.doing = Doing::Publishing;
+            let serial = next.publish(&mut self.session)?;
+            eprintln!(
+                "group {}: desired state serial {serial} lets devices given back go down to it",
+                self.record.group
+            );
+        }
         Ok(())
     }
 
