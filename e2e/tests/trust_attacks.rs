@@ -385,7 +385,9 @@ fn the_dashboard_answers_only_to_its_own_names_and_one_client_cannot_hold_it() {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let origin = origin.map_or(String::new(), |o| format!("Origin: {o}\r\n"));
-        write!(s, "GET / HTTP/1.1\r\nHost: {host}\r\n{origin}\r\n").unwrap();
+        // (A dashboard at its bound answers 503 and closes without reading: under load
+        // that can come before this write, which then fails; the answer is still read.)
+        let _ = write!(s, "GET / HTTP/1.1\r\nHost: {host}\r\n{origin}\r\n");
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
         out.lines().next().unwrap_or("").to_string()
