@@ -23,7 +23,7 @@ pub mod driver;
 pub mod health;
 pub mod recovery;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use driver::Driver;
 

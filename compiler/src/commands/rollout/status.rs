@@ -444,24 +444,13 @@ fn describe(r: &Rollout, now: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_protocol::fleet::{DesiredModule, ModuleLimits};
     use kiln_protocol::rollout::gate::HealthSummary;
     use kiln_protocol::rollout::{Input, Threshold};
 
     const T0: u64 = 1_800_000_000_000;
     const SOAK: u64 = 60_000;
 
-    fn module() -> DesiredModule {
-        DesiredModule {
-            name: "app".into(),
-            version: 2,
-            artifacts: Vec::new(),
-            config: Vec::new(),
-            limits: ModuleLimits::default(),
-            allow_downgrade: false,
-            health_window_ms: 1000,
-        }
-    }
+    use crate::fleet::rollout::tests::module;
 
     /// d1 in wave 1, d2 and d3 in wave 2, gated on traps, a wave an hour at most.
     fn rollout() -> Rollout {

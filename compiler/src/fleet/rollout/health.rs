@@ -128,9 +128,7 @@ pub fn judged(record: &Rollout, device: &str, health: &HealthV1) -> Vec<HealthSu
 
 #[cfg(test)]
 mod tests {
-    use kiln_protocol::fleet::{
-        seal_report, DesiredModule, ModuleHealth, ModuleLimits, MAX_HEALTH,
-    };
+    use kiln_protocol::fleet::{seal_report, ModuleHealth, MAX_HEALTH};
     use kiln_protocol::keys::SecretKey;
     use kiln_protocol::rollout::gate::Sketch;
     use kiln_protocol::rollout::{Action, Phase, Policy, Threshold};
@@ -164,15 +162,7 @@ mod tests {
             "sensor.error_rate <= 1.5x baseline".into(),
         ];
         policy.soak_ms = SOAK;
-        let module = DesiredModule {
-            name: "app".into(),
-            version: 2,
-            artifacts: Vec::new(),
-            config: Vec::new(),
-            limits: ModuleLimits::default(),
-            allow_downgrade: false,
-            health_window_ms: 1000,
-        };
+        let module = crate::fleet::rollout::tests::module();
         let waves = vec![vec!["d1".to_string()], vec!["d2".into(), "d3".into()]];
         let record = Rollout::new(
             "fleet",

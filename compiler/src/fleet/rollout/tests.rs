@@ -305,7 +305,8 @@ fn started(record: &Rollout) -> bool {
         .any(|d| d.outcome != Outcome::Waiting)
 }
 
-fn module() -> DesiredModule {
+/// The module the rollout tests (here and beside the driver and `status`) roll out.
+pub(crate) fn module() -> DesiredModule {
     DesiredModule {
         name: "app".into(),
         version: 2,
