@@ -223,9 +223,8 @@ fn a_hundred_devices_take_growing_waves_and_the_policy_halts_pauses_aborts_and_r
     fleet.kiln(&["gc"]).ok("gc");
 }
 
-/// Every device of a hundred enrolls, takes v1 from a push to the group, then v2 from
-/// a rollout in waves of 1, 10, 40, 40 and 9.
-fn hundred_devices_take_a_push_and_growing_waves(fleet: &Fleet) {
+/// Every device of a hundred enrolls in group `lab` and takes v1 from a push to it.
+fn hundred_devices_enroll_and_run_v1(fleet: &Fleet) {
     wait_for(Duration::from_secs(30), "100 devices", || {
         devices(fleet).len() == 100
     });
@@ -250,6 +249,12 @@ fn hundred_devices_take_a_push_and_growing_waves(fleet: &Fleet) {
     wait_for(Duration::from_secs(60), "every device runs v1", || {
         running(fleet).iter().all(|(_, v)| *v == Some(1))
     });
+}
+
+/// Every device of a hundred enrolls, takes v1 from a push to the group, then v2 from
+/// a rollout in waves of 1, 10, 40, 40 and 9.
+fn hundred_devices_take_a_push_and_growing_waves(fleet: &Fleet) {
+    hundred_devices_enroll_and_run_v1(fleet);
     let run = rollout(fleet, 2, &["--waves", "1,10", "--wave-size", "40"]).ok("rollout v2");
     assert!(
         run.stdout
@@ -498,26 +503,7 @@ fn a_hundred_devices_halt_a_rollout_on_their_health_and_complete_a_good_one() {
         &MODELS,
         &MODELLED,
     );
-    wait_for(Duration::from_secs(30), "100 devices", || {
-        devices(&fleet).len() == 100
-    });
-    fleet
-        .kiln(&["enroll", "--group", "lab", "--sign", "fleet.key"])
-        .ok("enroll");
-    let v1 = fleet.app(1, "fleet.key");
-    let mut push = vec![
-        "push",
-        path_str(&v1),
-        "--group",
-        "lab",
-        "--sign",
-        "fleet.key",
-    ];
-    push.extend(QUICK);
-    fleet.kiln(&push).ok("push v1 to 100 devices");
-    wait_for(Duration::from_secs(60), "every device runs v1", || {
-        running(&fleet).iter().all(|(_, v)| *v == Some(1))
-    });
+    hundred_devices_enroll_and_run_v1(&fleet);
 
     // (a) Twice the traps: the update agent commits v2 on all of wave 1, and the
     // trap gate halts it after the wave's soak, against the 90 devices on v1.

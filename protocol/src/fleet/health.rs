@@ -132,7 +132,8 @@ mod tests {
     use super::*;
     use crate::fleet::Topics;
     use crate::names;
-    use crate::rollout::gate::{Sketch, MAX_METRICS, MAX_METRIC_NAME, MAX_VALUE};
+    use crate::rollout::gate::tests::largest_of;
+    use crate::rollout::gate::{Sketch, MAX_METRICS};
     use proptest::prelude::*;
 
     fn key() -> SecretKey {
@@ -183,25 +184,7 @@ mod tests {
 
     /// The largest summary `validate` lets through, of module `i`.
     fn largest(i: usize) -> HealthSummary {
-        let name = |i: usize| format!("{i}{}", "m".repeat(MAX_METRIC_NAME - 1));
-        let sketch = Sketch {
-            count: u64::MAX,
-            sum: -MAX_VALUE,
-            min: -MAX_VALUE,
-            max: MAX_VALUE,
-        };
-        let module = format!("{i:02}{}", "m".repeat(names::MAX_NAME - 2));
-        HealthSummary {
-            calls: u64::MAX,
-            traps: u64::MAX,
-            restarts: u64::MAX,
-            records_sent: u64::MAX,
-            records_dropped: u64::MAX,
-            fuel_used: u64::MAX,
-            peak_memory_bytes: u64::MAX,
-            metrics: (0..MAX_METRICS).map(|i| (name(i), sketch)).collect(),
-            ..HealthSummary::new(&module)
-        }
+        largest_of(&format!("{i:02}{}", "m".repeat(names::MAX_NAME - 2)))
     }
 
     #[test]

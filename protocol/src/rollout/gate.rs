@@ -802,4 +802,4 @@ fn blame(parts: &[(&str, Part)], limit: f64, own: fn(&Part) -> f64) -> (Vec<Stri
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -136,15 +136,7 @@ impl<'a> Driver<'a> {
     /// What the retained reported states say of the devices still pending: the
     /// answers a driver that was away (dead, or disconnected) missed.
     pub fn catch_up(&mut self) -> Result<()> {
-        self.doing = Doing::Reading;
-        let reported = self
-            .session
-            .retained(&self.topics.all_devices("reported"))
-            .map_err(unavailable)?;
-        for (topic, payload) in reported {
-            self.on_device_message(&topic, &payload)?;
-        }
-        Ok(())
+        self.read_retained("reported")
     }
 
     /// The devices' retained health (their last period each), fed before the first
@@ -153,10 +145,15 @@ impl<'a> Driver<'a> {
         if !self.gated() {
             return Ok(());
         }
+        self.read_retained("health")
+    }
+
+    /// Every device's retained message of `kind`, taken as if it had just arrived.
+    fn read_retained(&mut self, kind: &str) -> Result<()> {
         self.doing = Doing::Reading;
         let retained = self
             .session
-            .retained(&self.topics.all_devices("health"))
+            .retained(&self.topics.all_devices(kind))
             .map_err(unavailable)?;
         for (topic, payload) in retained {
             self.on_device_message(&topic, &payload)?;

@@ -424,8 +424,8 @@ fn summaries_merge_by_adding_and_keeping_the_peak() {
     assert_eq!(Sketch::default().mean(), None);
 }
 
-/// The largest summary a device may send.
-fn largest() -> HealthSummary {
+/// The largest summary a device may send (also the health message's tests').
+pub(crate) fn largest_of(module: &str) -> HealthSummary {
     let name = |i: usize| format!("{i}{}", "m".repeat(MAX_METRIC_NAME - 1));
     let sketch = Sketch {
         count: u64::MAX,
@@ -434,7 +434,7 @@ fn largest() -> HealthSummary {
         max: MAX_VALUE,
     };
     HealthSummary {
-        module: "m".repeat(names::MAX_NAME),
+        module: module.into(),
         calls: u64::MAX,
         traps: u64::MAX,
         restarts: u64::MAX,
@@ -444,6 +444,10 @@ fn largest() -> HealthSummary {
         peak_memory_bytes: u64::MAX,
         metrics: (0..MAX_METRICS).map(|i| (name(i), sketch)).collect(),
     }
+}
+
+fn largest() -> HealthSummary {
+    largest_of(&"m".repeat(names::MAX_NAME))
 }
 
 #[test]
