@@ -732,25 +732,17 @@ enum Check {
 /// One gate over the wave.
 fn check(gate: &Gate, wave: &Cohort, control: &Cohort, baseline: &Cohort) -> Check {
     let (parts, w) = wave.measure(&gate.signal);
-    // The wave's value in the bound's terms, the limit, the reference, the sample, and
-    // one device's value in the same terms.
-    let (observed, limit, reference, sample, own): (_, _, _, _, fn(&Part) -> f64) = match gate.bound
-    {
-        Bound::At(n) if gate.signal.counts() => (w.num, n, None, w.sample, |p| p.num),
-        Bound::At(n) => (w.value(), n, None, w.sample, Part::value),
-        Bound::Percent(p) => (w.scaled(100.0), p, None, w.sample, |p| {
-            100.0 * p.num / p.den
-        }),
-        Bound::Times(x, which) => {
-            let cohort = match which {
-                Reference::Control => control,
-                Reference::Baseline => baseline,
-            };
-            let (_, r) = cohort.measure(&gate.signal);
-            let limit = relative_limit(x, r.value(), w.unit / w.den);
-            let sample = w.sample.min(r.sample);
-            (w.value(), limit, Some(r.value()), sample, Part::value)
-        }
+    let Weighed {
+        observed,
+        limit,
+        reference,
+        sample,
+    } = weigh(gate, &w, control, baseline);
+    // One device's value in the bound's terms.
+    let own: fn(&Part) -> f64 = match gate.bound {
+        Bound::At(_) if gate.signal.counts() => |p| p.num,
+        Bound::Percent(_) => |p| 100.0 * p.num / p.den,
+        Bound::At(_) | Bound::Times(..) => Part::value,
     };
     if sample < gate.min {
         return Check::Wait;
@@ -768,6 +760,107 @@ fn check(gate: &Gate, wave: &Cohort, control: &Cohort, baseline: &Cohort) -> Che
         devices,
         more,
     }))
+}
+
+/// A gate's signal over a cohort measuring `m`, in the bound's terms: a count
+/// (`<= 10` of a counting signal), a percentage (`<= 20%`) or the signal's value.
+fn in_terms(gate: &Gate, m: &Measure) -> f64 {
+    match gate.bound {
+        Bound::At(_) if gate.signal.counts() => m.num,
+        Bound::Percent(_) => m.scaled(100.0),
+        Bound::At(_) | Bound::Times(..) => m.value(),
+    }
+}
+
+/// What a gate weighs of a wave measuring `w`.
+struct Weighed {
+    /// The wave's value in the bound's terms.
+    observed: f64,
+    limit: f64,
+    /// The reference's value, for a relative bound.
+    reference: Option<f64>,
+    /// Devices with data: of the wave, and of the reference of a relative bound.
+    sample: u32,
+}
+
+fn weigh(gate: &Gate, w: &Measure, control: &Cohort, baseline: &Cohort) -> Weighed {
+    let observed = in_terms(gate, w);
+    match gate.bound {
+        Bound::At(n) | Bound::Percent(n) => Weighed {
+            observed,
+            limit: n,
+            reference: None,
+            sample: w.sample,
+        },
+        Bound::Times(x, which) => {
+            let cohort = match which {
+                Reference::Control => control,
+                Reference::Baseline => baseline,
+            };
+            let (_, r) = cohort.measure(&gate.signal);
+            Weighed {
+                observed,
+                limit: relative_limit(x, r.value(), w.unit / w.den),
+                reference: Some(r.value()),
+                sample: w.sample.min(r.sample),
+            }
+        }
+    }
+}
+
+/// A gate's signal over one cohort: its value in the bound's terms (see
+/// [`Reading`]), and the devices with data for it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Level {
+    pub value: f64,
+    pub sample: u32,
+}
+
+/// What one gate reads of a wave, as [`judge`] weighs it: for showing a gate beside
+/// its verdict. Values are in the bound's terms: a count of a counting signal for an
+/// absolute bound (`traps <= 10`), a percentage for a share (`offline <= 20%`), else
+/// the signal's value (traps per call, a metric's mean, bytes; so a relative bound
+/// compares the wave's rate with the reference's).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    pub wave: Level,
+    pub control: Level,
+    pub baseline: Level,
+    /// The most the wave's value may be: the bound, or its factor times the
+    /// reference's value (at least one event's worth, see [`judge`]).
+    pub limit: f64,
+    /// The devices the gate's minimum sample is compared with: the wave's, or the
+    /// fewer of the wave's and the reference's for a relative bound.
+    pub sample: u32,
+    /// This gate alone: [`Verdict::Pass`], [`Verdict::Wait`] or its one breach.
+    pub verdict: Verdict,
+}
+
+/// What `gate` reads of `wave` against `control` and `baseline` (the cohorts
+/// [`judge`] takes), with the gate's own verdict.
+pub fn read(gate: &Gate, wave: &Cohort, control: &Cohort, baseline: &Cohort) -> Reading {
+    let level = |cohort: &Cohort| {
+        let (_, m) = cohort.measure(&gate.signal);
+        Level {
+            value: in_terms(gate, &m),
+            sample: m.sample,
+        }
+    };
+    let (_, w) = wave.measure(&gate.signal);
+    let weighed = weigh(gate, &w, control, baseline);
+    let verdict = match check(gate, wave, control, baseline) {
+        Check::Pass => Verdict::Pass,
+        Check::Wait => Verdict::Wait,
+        Check::Breach(b) => Verdict::Breach(vec![*b]),
+    };
+    Reading {
+        wave: level(wave),
+        control: level(control),
+        baseline: level(baseline),
+        limit: weighed.limit,
+        sample: weighed.sample,
+        verdict,
+    }
 }
 
 /// `x` times `reference`, which counts as at least `floor` (one event's worth) in

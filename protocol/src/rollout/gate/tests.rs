@@ -906,3 +906,39 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_reading_shows_each_cohort_in_the_bounds_terms_with_the_gates_own_verdict() {
+    let control = cohort("c", &[calls(1000, 1), calls(1000, 1)]);
+    let baseline = cohort("b", &[calls(2000, 0)]);
+    let worse = cohort("w", &[calls(500, 0), calls(1500, 5)]);
+    // Relative: rates, the limit twice the control's, the sample the fewer devices.
+    let r = read(&gate("traps <= 2x control"), &worse, &control, &baseline);
+    let level = |l: Level| (l.value, l.sample);
+    assert_eq!(
+        [level(r.wave), level(r.control), level(r.baseline)],
+        [(0.0025, 2), (0.001, 2), (0.0, 1)]
+    );
+    assert_eq!((r.limit, r.sample), (0.002, 2));
+    assert_eq!(
+        r.verdict,
+        judge(&[gate("traps <= 2x control")], &worse, &control, &baseline)
+    );
+    // Against a baseline of none: one trap's worth of the wave, twice; short of 3.
+    let r = read(
+        &gate("traps <= 2x baseline min 3"),
+        &worse,
+        &control,
+        &baseline,
+    );
+    assert!(close(r.limit, 2.0 / 2000.0), "{}", r.limit);
+    assert_eq!((r.sample, r.verdict), (1, Verdict::Wait));
+    // Absolute: counts, and shares as percentages, for every cohort alike.
+    let r = read(&gate("traps <= 5"), &worse, &control, &baseline);
+    assert_eq!((r.wave.value, r.control.value, r.limit), (5.0, 2.0, 5.0));
+    assert_eq!(r.verdict, Verdict::Pass);
+    let r = read(&gate("traps <= 0.2%"), &worse, &control, &baseline);
+    assert!(close(r.wave.value, 0.25) && close(r.control.value, 0.1));
+    assert_eq!(r.limit, 0.2);
+    assert!(matches!(r.verdict, Verdict::Breach(ref b) if b.len() == 1));
+}
