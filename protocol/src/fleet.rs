@@ -9,6 +9,7 @@
 //! {prefix}/devices/{id}/events                  Event: staged, verified, activated, ...
 //! {prefix}/devices/{id}/health        retained  Health: per module, the last period's counts
 //! {prefix}/devices/{id}/telemetry               telemetry batches
+//! {prefix}/devices/{id}/tags          retained  SignedTags: operator tags (kiln writes)
 //! {prefix}/artifacts/{sha256}/{n}     retained  Chunk n of a transfer (see `transfer`)
 //! {prefix}/artifacts/{sha256}/list    retained  The chunk list of a transfer
 //! {prefix}/uploads/{sha256}           retained  Upload: a transfer's chunks are going up
@@ -152,6 +153,11 @@ impl Topics {
     pub fn health(&self, device: &str) -> String {
         format!("{}/devices/{device}/health", self.prefix)
     }
+    /// The device's operator tags ([`Tags`]), signed by the release keys; the device
+    /// never writes it.
+    pub fn tags(&self, device: &str) -> String {
+        format!("{}/devices/{device}/tags", self.prefix)
+    }
     pub fn telemetry(&self, device: &str) -> String {
         format!("{}/devices/{device}/telemetry", self.prefix)
     }
@@ -254,9 +260,11 @@ impl Topics {
 mod desired;
 mod health;
 mod report;
+mod tags;
 pub use desired::*;
 pub use health::*;
 pub use report::*;
+pub use tags::*;
 
 /// Retained on `uploads/{sha256}` before the first chunk of an artifact goes up, so
 /// that `kiln gc` leaves chunks alone that no desired state references *yet*: the

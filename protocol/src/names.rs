@@ -1,4 +1,4 @@
-//! Names that travel (device, group, module, stream) become MQTT topic levels and file
+//! Names that travel (device, group, module, stream, an operator's tag) become MQTT topic levels and file
 //! names, so every one of them passes [`check`] wherever it enters: `kiln compile`,
 //! `kiln push`, `kilnd.toml`, and the fleet agent reading a signed desired state.
 //!
@@ -21,6 +21,7 @@ pub enum Kind {
     Module,
     Stream,
     Fleet,
+    Tag,
 }
 
 impl Kind {
@@ -31,6 +32,7 @@ impl Kind {
             Kind::Module => "module",
             Kind::Stream => "stream",
             Kind::Fleet => "fleet",
+            Kind::Tag => "tag",
         }
     }
 }

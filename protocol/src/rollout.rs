@@ -51,15 +51,19 @@ pub const MAX_HISTORY: usize = 64;
 /// Gates one policy may have.
 pub const MAX_GATES: usize = 16;
 
-/// Records since health gates (v2): a v1 record opens as one with no gates, no
-/// sample and no schedule ([`SignedRollout::V1`]); every record is sealed as v2.
-const CONTEXT: &[u8] = b"kiln rollout v2\0";
+/// Records since cohorts (v3): a v2 record opens as one with no cohort
+/// ([`SignedRollout::V2`]), a v1 record as one with no gates, no sample, no schedule
+/// and no cohort ([`SignedRollout::V1`]); every record is sealed as v3.
+const CONTEXT: &[u8] = b"kiln rollout v3\0";
+const CONTEXT_V2: &[u8] = b"kiln rollout v2\0";
 const CONTEXT_V1: &[u8] = b"kiln rollout v1\0";
 
+pub mod cohort;
 pub mod gate;
 mod health;
 mod schedule;
 mod v1;
+mod v2;
 
 pub use schedule::{in_window, next_open, DAY_MINUTES};
 
@@ -130,6 +134,11 @@ pub struct Policy {
     /// a wave may start; a window whose start is after its end spans midnight
     /// (`(1380, 120)`: 23:00 to 02:00).
     pub window: Option<(u16, u16)>,
+    /// The cohort: the `--where` conditions (`tag=canary`, `kilnd>=0.9.0`, see
+    /// [`cohort`]) every device of the rollout met when it started, normalized; at
+    /// most [`cohort::MAX_CONDITIONS`]. Members that did not are not in the rollout
+    /// (neither updated nor in the control). None: the whole group.
+    pub cohort: Vec<String>,
 }
 
 impl Policy {
@@ -150,6 +159,7 @@ impl Policy {
             sample_percent: None,
             wave_interval_ms: None,
             window: None,
+            cohort: Vec::new(),
         }
     }
 
@@ -180,6 +190,7 @@ impl Policy {
         if let Some(w) = self.window {
             schedule::check_window(w)?;
         }
+        cohort::parse_all(&self.cohort)?;
         Ok(())
     }
 }
@@ -817,7 +828,7 @@ impl Rollout {
     pub fn seal(&self, keys: &[&SecretKey]) -> Result<Vec<u8>, String> {
         let body = postcard::to_stdvec(self).map_err(|e| e.to_string())?;
         let signatures = sign_all(CONTEXT, &body, keys);
-        let bytes = postcard::to_stdvec(&SignedRollout::V2 { body, signatures })
+        let bytes = postcard::to_stdvec(&SignedRollout::V3 { body, signatures })
             .map_err(|e| e.to_string())?;
         if bytes.len() > MAX_ROLLOUT {
             return Err(format!(
@@ -846,6 +857,11 @@ impl Rollout {
                 old.into()
             }
             SignedRollout::V2 { body, signatures } => {
+                let (old, _): (v2::RolloutV2, _) =
+                    open_body(&root.release, CONTEXT_V2, (&body, &signatures), what, kind)?;
+                old.into()
+            }
+            SignedRollout::V3 { body, signatures } => {
                 open_body(&root.release, CONTEXT, (&body, &signatures), what, kind)?.0
             }
         };
@@ -862,11 +878,13 @@ impl Rollout {
 }
 
 /// The signed envelope: a v1 body (before health gates) opens as a record with
-/// none; records are sealed as v2, which a kiln before gates does not open.
+/// none, a v2 body (before cohorts) as one with no cohort; records are sealed as v3,
+/// which a kiln before cohorts does not open (its policy would drop the cohort).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SignedRollout {
     V1 { body: Vec<u8>, signatures: Vec<Sig> },
     V2 { body: Vec<u8>, signatures: Vec<Sig> },
+    V3 { body: Vec<u8>, signatures: Vec<Sig> },
 }
 
 /// At most five of `items`, and how many more: `d1, d2, d3, d4, d5 and 995 more`.

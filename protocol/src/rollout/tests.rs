@@ -4,6 +4,7 @@ use crate::keys::PublicKey;
 use crate::trust::Role;
 use proptest::prelude::*;
 
+mod cohorts;
 mod gates;
 
 fn names(n: usize) -> Vec<String> {

@@ -1,0 +1,65 @@
+//! The cohort in the signed record: sealed and opened with it, a v2 record (before
+//! cohorts) still opens, and a record whose cohort does not parse does not.
+
+use super::*;
+use crate::rollout::v2::RolloutV2;
+
+fn root(key: &SecretKey) -> Root {
+    Root {
+        fleet: "acme".into(),
+        version: 1,
+        issued_ms: 0,
+        root: Role::new(&[key.public()], 1),
+        release: Role::new(&[key.public()], 1),
+        registry: None,
+        expires_ms: None,
+    }
+}
+
+fn with_cohort(cohort: &[&str]) -> Policy {
+    let mut p = policy(Threshold::Count(0), Threshold::Count(0), false);
+    p.cohort = cohort.iter().map(|c| c.to_string()).collect();
+    p
+}
+
+#[test]
+fn the_cohort_is_sealed_in_the_record_and_opens_with_it() {
+    let key = SecretKey::generate().unwrap();
+    let r = rollout(3, &[1], with_cohort(&["tag=canary", "kilnd>=0.9.0"]));
+    let opened = Rollout::open(&r.seal(&[&key]).unwrap(), &root(&key), "lab").unwrap();
+    assert_eq!(opened.policy.cohort, ["tag=canary", "kilnd>=0.9.0"]);
+    assert_eq!(opened, r);
+}
+
+#[test]
+fn a_v2_record_opens_as_one_with_no_cohort_and_goes_on() {
+    let key = SecretKey::generate().unwrap();
+    let mut r = rollout(3, &[1], with_cohort(&[]));
+    r.step(1, Input::Start);
+    r.serial = 7;
+    let body = postcard::to_stdvec(&RolloutV2::from(&r)).unwrap();
+    let signatures = sign_all(CONTEXT_V2, &body, &[&key]);
+    let bytes = postcard::to_stdvec(&SignedRollout::V2 { body, signatures }).unwrap();
+    let mut opened = Rollout::open(&bytes, &root(&key), "lab").unwrap();
+    assert_eq!(opened, r);
+    assert!(opened.policy.cohort.is_empty());
+    assert_eq!(sent(&opened.step(2, committed("d000"))), ["d001", "d002"]);
+    // Written again, it is a v3 record.
+    let again = opened.seal(&[&key]).unwrap();
+    let envelope: SignedRollout = postcard::from_bytes(&again).unwrap();
+    assert!(matches!(envelope, SignedRollout::V3 { .. }));
+    // A v2 body signed as v3 (or the reverse) does not open: the contexts differ.
+    let SignedRollout::V2 { body, signatures } = postcard::from_bytes(&bytes).unwrap() else {
+        unreachable!()
+    };
+    let swapped = postcard::to_stdvec(&SignedRollout::V3 { body, signatures }).unwrap();
+    assert!(Rollout::open(&swapped, &root(&key), "lab").is_err());
+}
+
+#[test]
+fn a_record_whose_cohort_does_not_parse_does_not_open() {
+    let key = SecretKey::generate().unwrap();
+    let r = rollout(2, &[1], with_cohort(&["colour=red"]));
+    let e = Rollout::open(&r.seal(&[&key]).unwrap(), &root(&key), "lab").unwrap_err();
+    assert!(e.contains("`colour` is not an attribute"), "{e}");
+}
