@@ -10,12 +10,14 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use kiln_protocol::fleet::Topics;
 use kiln_protocol::keys::PublicKey;
 use kiln_protocol::names::{self, Kind};
-use kiln_protocol::rollout::{Outcome, Rollout};
+use kiln_protocol::rollout::gate::{self, Cohort, Gate, Level};
+use kiln_protocol::rollout::{Outcome, Phase, Rollout};
 use kiln_protocol::telemetry::{self, Batch, Body, Tracker, Verdict};
 use kiln_protocol::trust::{Registry, Root, SignedRegistry};
 use serde_json::{json, Map, Value};
 
 use crate::fleet::messages::{Body as MessageBody, Reader};
+use crate::fleet::rollout::health::{verdicts, Judged};
 use crate::fleet::trust::Identity;
 
 /// How much is kept, per device and per series.
@@ -431,7 +433,77 @@ fn rollout_json(r: &Rollout) -> Value {
         "waves": waves,
         "skipped": r.skipped,
         "history": r.history.iter().map(|(at, l)| json!({ "at_ms": at, "text": l })).collect::<Vec<_>>(),
+        "gates": gates_json(r),
     })
+}
+
+/// Each gate of `r`'s policy and, per wave that started, what it reads of the wave
+/// ([`gate::read`] over [`Rollout::cohorts`]: the signal in the wave, the control and
+/// the baseline in the bound's terms, the limit, the devices) beside what the rollout
+/// decided of it. A policy whose gates do not parse gives one entry with the error.
+fn gates_json(r: &Rollout) -> Value {
+    let gates = match r.policy.parsed_gates() {
+        Ok(g) => g,
+        Err(why) => {
+            return json!([{ "gate": r.policy.gates.join("; "), "error": why, "waves": [] }])
+        }
+    };
+    if gates.is_empty() {
+        return json!([]);
+    }
+    let started = r.wave_starts.len().min(r.waves.len()) as u32;
+    let cohorts: Vec<(Cohort, Cohort, Cohort, bool)> = (0..started).map(|w| r.cohorts(w)).collect();
+    let judged = verdicts(r);
+    let gates: Vec<Value> = gates
+        .iter()
+        .zip(&r.policy.gates)
+        .map(|(g, text)| {
+            let waves: Vec<Value> = cohorts
+                .iter()
+                .enumerate()
+                .map(|(i, (w, control, baseline, no_control))| {
+                    let reading = gate::read(g, w, control, baseline);
+                    let last = judged.iter().rev().find(|j| j.wave as usize == i);
+                    let level = |l: Level| json!({ "value": l.value, "devices": l.sample });
+                    json!({
+                        "wave": i + 1,
+                        "wave_value": level(reading.wave),
+                        "control": level(reading.control),
+                        "baseline": level(reading.baseline),
+                        "control_is_baseline": no_control,
+                        "bound": g.bound.to_string(),
+                        "limit": reading.limit,
+                        "sample": reading.sample,
+                        "min": g.min,
+                        "now": verdict_word(&reading.verdict),
+                        "verdict": decided(r, i, last, g),
+                        "line": last.and_then(|j| j.breach_of(g)),
+                    })
+                })
+                .collect();
+            json!({ "gate": text, "waves": waves })
+        })
+        .collect();
+    json!(gates)
+}
+
+fn verdict_word(v: &gate::Verdict) -> &'static str {
+    match v {
+        gate::Verdict::Pass => "pass",
+        gate::Verdict::Wait => "wait",
+        gate::Verdict::Breach(_) => "breach",
+    }
+}
+
+/// What the rollout decided of `gate` for wave `i`: its last judgment in the
+/// history; else `went on` for a wave whose judgment left the history (a later wave
+/// started, or the rollout completed), else `not yet judged`.
+fn decided(r: &Rollout, i: usize, last: Option<&Judged>, gate: &Gate) -> &'static str {
+    match last {
+        Some(j) => j.of_gate(gate),
+        None if i + 1 < r.wave_starts.len() || r.phase == Phase::Complete => "went on",
+        None => "not yet judged",
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use kiln_protocol::rollout::{in_window, short_list, Hold, Outcome, Phase, Policy
 
 use crate::exit::{coded, Code};
 use crate::fleet::broker::{now_ms, BrokerArgs};
+use crate::fleet::rollout::health::verdicts;
 use crate::fleet::rollout::unavailable;
 use crate::fleet::trust::RootArgs;
 use crate::names::valid_name;
@@ -220,76 +221,6 @@ pub fn state(r: &Rollout, now: u64) -> String {
         }
         None => r.phase.to_string(),
     }
-}
-
-/// What the gates said of one wave.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Judged {
-    pub wave: u32,
-    pub at_ms: u64,
-    /// `pass`, `wait` (it went on unjudged) or `breach`.
-    pub verdict: &'static str,
-    /// The history's words: the breach line(s), or the gates short of their sample.
-    pub lines: Vec<String>,
-}
-
-/// The gates' verdict on each judged wave, from the history the record keeps (its
-/// newest 64 lines: an early wave's verdict may have left it).
-pub fn verdicts(r: &Rollout) -> Vec<Judged> {
-    let wave_of = |line: &str, after: &str| -> Option<u32> {
-        let n = line.strip_prefix("wave ")?.split(' ').next()?;
-        let n: u32 = n.trim_end_matches(':').parse().ok()?;
-        line.contains(after).then(|| n.saturating_sub(1))
-    };
-    let mut out: Vec<Judged> = Vec::new();
-    let mut soaking: Option<u32> = None;
-    for (at_ms, line) in &r.history {
-        let at_ms = *at_ms;
-        if let Some(w) = wave_of(line, " soaks ") {
-            soaking = Some(w);
-        } else if let Some(w) = wave_of(line, " passed its gates") {
-            out.push(Judged {
-                wave: w,
-                at_ms,
-                verdict: "pass",
-                lines: Vec::new(),
-            });
-        } else if let Some(w) = wave_of(line, " goes on unjudged") {
-            let why = line.split_once(": ").map_or(line.as_str(), |(_, w)| w);
-            out.push(Judged {
-                wave: w,
-                at_ms,
-                verdict: "wait",
-                lines: vec![format!("went on unjudged: {why}")],
-            });
-        } else if let (Some(gate), Some(w)) = (line.strip_prefix("gate "), soaking) {
-            // A breach of several gates: the others come first, then the halt.
-            match out.last_mut() {
-                Some(j) if j.verdict == "breach" && j.wave == w && j.at_ms == at_ms => {
-                    j.lines.push(gate.to_string())
-                }
-                _ => out.push(Judged {
-                    wave: w,
-                    at_ms,
-                    verdict: "breach",
-                    lines: vec![gate.to_string()],
-                }),
-            }
-        } else if let (Some(gate), Some(w)) = (line.strip_prefix("halted: gate "), soaking) {
-            match out.last_mut() {
-                Some(j) if j.verdict == "breach" && j.wave == w && j.at_ms == at_ms => {
-                    j.lines.insert(0, gate.to_string())
-                }
-                _ => out.push(Judged {
-                    wave: w,
-                    at_ms,
-                    verdict: "breach",
-                    lines: vec![gate.to_string()],
-                }),
-            }
-        }
-    }
-    out
 }
 
 /// A rollout record for scripts: `kiln rollout status --json`, one object a line.

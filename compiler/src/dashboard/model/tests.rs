@@ -172,3 +172,78 @@ fn memory_is_bounded_by_the_limits_whatever_devices_send() {
     let d = f.detail("d0").unwrap();
     assert_eq!(d["series"].as_object().unwrap().len(), 2);
 }
+
+#[test]
+fn a_gated_rollout_shows_each_gates_signal_per_started_wave_against_its_control() {
+    use crate::fleet::rollout::health::tests::roll_out;
+    // d1 (wave 1) committed and passed; wave 2 (d2, d3) is being sent, so no device
+    // is left waiting and wave 1's `x control` compares with its baseline.
+    let good = rollout_json(&roll_out(0, 1.1));
+    let gates = good["gates"].as_array().unwrap();
+    assert_eq!(gates.len(), 2);
+    assert_eq!(gates[0]["gate"], "traps <= 2x control");
+    assert_eq!(gates[1]["gate"], "sensor.error_rate <= 1.5x baseline");
+    let traps = gates[0]["waves"].as_array().unwrap();
+    assert_eq!(traps.len(), 2, "both waves started: {traps:?}");
+    let w1 = &traps[0];
+    assert_eq!(w1["wave"], 1);
+    assert_eq!(w1["wave_value"], json!({ "value": 0.0, "devices": 1 }));
+    assert_eq!(w1["control"], json!({ "value": 0.0, "devices": 1 }));
+    assert_eq!(w1["baseline"], json!({ "value": 0.0, "devices": 1 }));
+    assert_eq!(w1["control_is_baseline"], true);
+    // No traps anywhere: two traps' worth of the wave's 3000 calls.
+    assert_eq!(w1["bound"], "2x control");
+    let limit = w1["limit"].as_f64().unwrap();
+    assert!((limit - 2.0 / 3000.0).abs() < 1e-12, "{limit}");
+    assert_eq!((&w1["sample"], &w1["min"]), (&json!(1), &json!(1)));
+    assert_eq!(
+        (&w1["verdict"], &w1["now"]),
+        (&json!("pass"), &json!("pass"))
+    );
+    assert_eq!(w1["line"], Value::Null);
+    let metric = &gates[1]["waves"][0];
+    assert_eq!(metric["wave_value"]["value"], 1.1);
+    assert_eq!(metric["baseline"]["value"], 1.0);
+    assert_eq!(metric["limit"], 1.5);
+    assert_eq!(metric["verdict"], "pass");
+    // Wave 2 is out but none of it committed yet: no data (its baseline is that of
+    // its committed devices), not judged.
+    let w2 = &traps[1];
+    for cohort in ["wave_value", "control", "baseline"] {
+        assert_eq!(w2[cohort]["devices"], 0, "{cohort}");
+    }
+    assert_eq!(
+        (&w2["verdict"], &w2["now"]),
+        (&json!("not yet judged"), &json!("wait"))
+    );
+
+    // Five traps a period halt wave 1 on the trap gate: the history's line keeps the
+    // values it was judged on (d1 was given back, so it no longer counts in the
+    // wave); the metric gate did not breach. Wave 2 never started.
+    let halted = rollout_json(&roll_out(5, 1.0));
+    let traps = halted["gates"][0]["waves"].as_array().unwrap();
+    assert_eq!(traps.len(), 1);
+    assert_eq!(traps[0]["verdict"], "breach");
+    let line = traps[0]["line"].as_str().unwrap();
+    assert!(
+        line.starts_with("traps <= 2x control: 0.005 in the wave against 0 in the control"),
+        "{line}"
+    );
+    assert_eq!(halted["gates"][1]["waves"][0]["verdict"], "not breached");
+    assert_eq!(halted["gates"][1]["waves"][0]["line"], Value::Null);
+}
+
+#[test]
+fn a_rollout_without_gates_has_an_empty_gate_list() {
+    use crate::fleet::rollout::health::tests::roll_out;
+    let mut r = roll_out(0, 1.0);
+    r.policy.gates.clear();
+    assert_eq!(rollout_json(&r)["gates"], json!([]));
+    r.policy.gates = vec!["traps <= lots".into()];
+    let bad = rollout_json(&r);
+    assert_eq!(bad["gates"][0]["gate"], "traps <= lots");
+    assert!(
+        bad["gates"][0]["error"].as_str().unwrap().contains("lots"),
+        "{bad}"
+    );
+}

@@ -2,12 +2,13 @@
 //! `{prefix}/devices/{id}/health` is opened ([`Health::open`]: bounded before it is
 //! decoded, its signature checked over its topic), its signer compared with the
 //! registry, and only what the rollout can judge is kept, as an [`Input::Health`] for
-//! [`Rollout::step`]. Anything else is counted and never fed.
+//! [`Rollout::step`]. Anything else is counted and never fed. And what the gates
+//! said of each wave, read back from the record's history ([`verdicts`]).
 
 use std::collections::BTreeMap;
 
 use kiln_protocol::fleet::{Health, HealthV1, Topics};
-use kiln_protocol::rollout::gate::HealthSummary;
+use kiln_protocol::rollout::gate::{Gate, HealthSummary};
 use kiln_protocol::rollout::{Input, Outcome, Rollout};
 use kiln_protocol::trust::{Identity, Registry};
 
@@ -126,8 +127,130 @@ pub fn judged(record: &Rollout, device: &str, health: &HealthV1) -> Vec<HealthSu
     out
 }
 
+/// What the gates said of one wave.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Judged {
+    pub wave: u32,
+    pub at_ms: u64,
+    /// `pass`, `wait` (it went on unjudged) or `breach`.
+    pub verdict: &'static str,
+    /// The history's words: the breach line(s), or the gates short of their sample.
+    pub lines: Vec<String>,
+}
+
+/// The gates' verdict on each judged wave, from the history the record keeps (its
+/// newest 64 lines: an early wave's verdict may have left it).
+pub fn verdicts(r: &Rollout) -> Vec<Judged> {
+    let wave_of = |line: &str, after: &str| -> Option<u32> {
+        let n = line.strip_prefix("wave ")?.split(' ').next()?;
+        let n: u32 = n.trim_end_matches(':').parse().ok()?;
+        line.contains(after).then(|| n.saturating_sub(1))
+    };
+    let mut out: Vec<Judged> = Vec::new();
+    let mut soaking: Option<u32> = None;
+    for (at_ms, line) in &r.history {
+        let at_ms = *at_ms;
+        if let Some(w) = wave_of(line, " soaks ") {
+            soaking = Some(w);
+        } else if let Some(w) = wave_of(line, " passed its gates") {
+            out.push(Judged {
+                wave: w,
+                at_ms,
+                verdict: "pass",
+                lines: Vec::new(),
+            });
+        } else if let Some(w) = wave_of(line, " goes on unjudged") {
+            let why = line.split_once(": ").map_or(line.as_str(), |(_, w)| w);
+            out.push(Judged {
+                wave: w,
+                at_ms,
+                verdict: "wait",
+                lines: vec![format!("went on unjudged: {why}")],
+            });
+        } else if let (Some(gate), Some(w)) = (line.strip_prefix("gate "), soaking) {
+            // A breach of several gates: the others come first, then the halt.
+            match out.last_mut() {
+                Some(j) if j.verdict == "breach" && j.wave == w && j.at_ms == at_ms => {
+                    j.lines.push(gate.to_string())
+                }
+                _ => out.push(Judged {
+                    wave: w,
+                    at_ms,
+                    verdict: "breach",
+                    lines: vec![gate.to_string()],
+                }),
+            }
+        } else if let (Some(gate), Some(w)) = (line.strip_prefix("halted: gate "), soaking) {
+            match out.last_mut() {
+                Some(j) if j.verdict == "breach" && j.wave == w && j.at_ms == at_ms => {
+                    j.lines.insert(0, gate.to_string())
+                }
+                _ => out.push(Judged {
+                    wave: w,
+                    at_ms,
+                    verdict: "breach",
+                    lines: vec![gate.to_string()],
+                }),
+            }
+        }
+    }
+    out
+}
+
+impl Judged {
+    /// What this judgment says of `gate`: `breach` (a breach line names it), `wait`
+    /// (the wave went on unjudged and it was short of its sample), `pass` (the wave
+    /// passed, or went on with this gate not short), or `not breached` (the wave
+    /// breached on other gates, or went on short of more gates than the history
+    /// names, and the record does not say whether this one had its sample).
+    pub fn of_gate(&self, gate: &Gate) -> &'static str {
+        let text = gate.to_string();
+        match self.verdict {
+            "breach" if self.breach_of(gate).is_some() => "breach",
+            "breach" => "not breached",
+            "wait" => {
+                let short = self
+                    .lines
+                    .iter()
+                    .filter_map(|l| l.split_once("too few devices for ").map(|(_, g)| g))
+                    .collect::<Vec<_>>();
+                if short
+                    .iter()
+                    .any(|g| g.split(", ").any(|g| names_gate(g, &text)))
+                {
+                    "wait"
+                } else if short.iter().any(|g| g.contains(" more")) {
+                    "not breached"
+                } else {
+                    "pass"
+                }
+            }
+            _ => "pass",
+        }
+    }
+
+    /// The history's line of `gate`'s breach (`{gate}: ...`, with the values it was
+    /// judged on), if it breached.
+    pub fn breach_of(&self, gate: &Gate) -> Option<&str> {
+        let text = format!("{gate}: ");
+        let breach = self.verdict == "breach";
+        self.lines
+            .iter()
+            .find(|l| breach && l.starts_with(&text))
+            .map(String::as_str)
+    }
+}
+
+/// An item of a short list of gates: the gate, or the last before ` and N more`.
+fn names_gate(item: &str, gate: &str) -> bool {
+    item == gate
+        || item
+            .strip_prefix(gate)
+            .is_some_and(|r| r.starts_with(" and "))
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use kiln_protocol::fleet::{seal_report, ModuleHealth, MAX_HEALTH};
     use kiln_protocol::keys::SecretKey;
     use kiln_protocol::rollout::gate::Sketch;
@@ -332,8 +455,9 @@ mod tests {
     }
 
     /// Health read before the start is the first wave's baseline and the control;
-    /// after its soak the wave is judged on what it sent since it committed.
-    fn roll_out(traps_after: u64, error_rate_after: f64) -> Rollout {
+    /// after its soak the wave is judged on what it sent since it committed (`d1`'s
+    /// `traps_after` traps in 1000 calls a period, its `sensor.error_rate` readings).
+    pub(crate) fn roll_out(traps_after: u64, error_rate_after: f64) -> Rollout {
         let mut f = fleet();
         for d in ["d1", "d2", "d3"] {
             f.hear(T0, d, &period(1, 1, 0, 1.0));
@@ -398,5 +522,45 @@ mod tests {
             why.starts_with("gate sensor.error_rate <= 1.5x baseline: "),
             "{why}"
         );
+    }
+
+    #[test]
+    fn a_judgment_says_what_it_knows_of_each_gate() {
+        let gate = |t: &str| Gate::parse(t).unwrap();
+        let judged = |verdict, lines: &[&str]| Judged {
+            wave: 0,
+            at_ms: T0,
+            verdict,
+            lines: lines.iter().map(|l| l.to_string()).collect(),
+        };
+        let traps = gate("traps <= 2x control");
+        let min5 = gate("traps <= 2x control min 5");
+        let offline = gate("offline <= 20%");
+        let breach = judged("breach", &["traps <= 2x control min 5: 3 in the wave ..."]);
+        assert_eq!(breach.of_gate(&min5), "breach");
+        assert_eq!(breach.breach_of(&min5), Some(breach.lines[0].as_str()));
+        assert_eq!(
+            (breach.of_gate(&traps), breach.breach_of(&traps)),
+            ("not breached", None)
+        );
+        let wait = judged(
+            "wait",
+            &["went on unjudged: too few devices for traps <= 2x control min 5"],
+        );
+        assert_eq!(
+            (wait.of_gate(&min5), wait.of_gate(&offline)),
+            ("wait", "pass")
+        );
+        assert_eq!(wait.breach_of(&min5), None);
+        // Six short gates: the history names five and counts the sixth.
+        let many = judged(
+            "wait",
+            &["went on unjudged: too few devices for a.b <= 1, a.c <= 1, a.d <= 1, a.e <= 1, offline <= 20% and 1 more"],
+        );
+        assert_eq!(
+            (many.of_gate(&offline), many.of_gate(&traps)),
+            ("wait", "not breached")
+        );
+        assert_eq!(judged("pass", &[]).of_gate(&traps), "pass");
     }
 }
