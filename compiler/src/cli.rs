@@ -9,8 +9,8 @@ use crate::commands::{
     decommission::DecommissionCommand, devices::DevicesCommand, enroll::EnrollCommand,
     gc::GcCommand, inspect::InspectCommand, keygen::KeygenCommand, provision::ProvisionCommand,
     push::PushCommand, refresh::RefreshCommand, release::ReleaseCommand, remove::RemoveCommand,
-    rollout::RolloutCommand, root::RootCommand, sign::SignCommand, targets::TargetsCommand,
-    watch::WatchCommand,
+    rollout::RolloutCommand, root::RootCommand, sign::SignCommand, tag::TagCommand,
+    targets::TargetsCommand, watch::WatchCommand,
 };
 
 const AFTER_HELP: &str = "\
@@ -23,6 +23,8 @@ Examples:
   kiln push app.kiln --device dev-01 --sign fleet.key --broker mqtt://broker.lan:1883
   kiln push app.wasm --group lab --version 2 --sign fleet.key     # compiled for the group's targets
   kiln rollout app.kiln --group lab --sign fleet.key --waves 1,10,100
+  kiln tag dev-01 dev-02 --add canary --sign fleet.key
+  kiln rollout app.kiln --group lab --sign fleet.key --where tag=canary
   kiln provision --out out --device pi-01 --broker mqtts://broker.lan:8883 --root fleet.root --ca ca.pem --password
   kiln enroll --group lab --sign fleet.key
   kiln remove app --device dev-01 --sign fleet.key
@@ -58,6 +60,7 @@ pub enum Command {
     Watch(WatchCommand),
     Dashboard(DashboardCommand),
     Rollout(RolloutCommand),
+    Tag(TagCommand),
     Root(RootCommand),
     Sign(SignCommand),
     Enroll(EnrollCommand),
@@ -84,6 +87,7 @@ impl Command {
             Command::Watch(c) => c.execute(),
             Command::Dashboard(c) => c.execute(),
             Command::Rollout(c) => c.execute(),
+            Command::Tag(c) => c.execute(),
             Command::Root(c) => c.execute(),
             Command::Sign(c) => c.execute(),
             Command::Enroll(c) => c.execute(),

@@ -3,7 +3,8 @@ use clap::{Parser, ValueEnum};
 use kiln_protocol::fleet::DEFAULT_PREFIX;
 
 const AFTER_HELP: &str = "\
-Each device may publish only its own status, reported state, events and telemetry,
+Each device may publish only its own status, reported state, events, telemetry and
+health (never its tags, which the fleet's release keys sign: `kiln tag`),
 and read only its own desired state, group desired states, artifacts and the fleet's
 root documents and registry. With --member, each named device reads the desired
 states of its own groups only (a per-user rule each), and no device reads the others'
@@ -179,6 +180,8 @@ mod tests {
             "{m}"
         );
         assert!(!m.contains("pattern write kiln/v1/groups"), "{m}");
+        // Tags select devices for rollouts: a device never writes its own.
+        assert!(!m.contains("tags"), "{m}");
         let e = render(AclFormat::Emqx, "kiln/v1", "ops", &[]);
         assert!(
             e.contains("{allow, {user, \"ops\"}, all, [\"kiln/v1/#\"]}."),
@@ -189,6 +192,11 @@ mod tests {
             "{e}"
         );
         assert!(e.ends_with("{deny, all}.\n"), "{e}");
+        assert!(!e.contains("tags"), "{e}");
+        assert!(!device_topics("kiln/v1", "%u", false)
+            .publish
+            .iter()
+            .any(|t| t.ends_with("/tags") || t.ends_with("/#") || t.ends_with("/+")));
     }
 
     #[test]

@@ -18,7 +18,8 @@ enrolled for it (`kiln enroll`): verified, unenrolled, MISMATCH (a forged report
 re-provisioned device to enroll again) or unsigned (a kilnd before identities). TRUST
 is the root version the device follows, and `stale` when it says its desired states
 are older than its bound (they may be withheld). LAST EVENT is each module's newest
-event, named by its module (`app: committed`).
+event, named by its module (`app: committed`). TAGS are the operator's tags (`kiln
+tag`), shown only when they verify under the fleet's root (`?` without --root).
 
 Examples:
   kiln devices
@@ -72,13 +73,19 @@ impl DevicesCommand {
             .broker
             .connect()
             .map_err(|e| coded(Code::Unavailable, e))?;
-        let registry = match self.root.path(None) {
+        let (registry, tags) = match self.root.path(None) {
             Some(_) => {
                 let anchor = self.root.anchor(None)?;
                 let fleet = Fleet::follow(&mut session, &topics, anchor)?;
-                Some(fleet.registry_or_empty(&mut session, &topics)?)
+                let registry = fleet.registry_or_empty(&mut session, &topics)?;
+                let tags = crate::fleet::tags::read_all(&mut session, &topics, &fleet)?;
+                (Some(registry), Some(tags))
             }
-            None => None,
+            None => (None, None),
+        };
+        let tags_of = |device: &str| {
+            tags.as_ref()
+                .map(|t| t.get(device).cloned().unwrap_or_default())
         };
         let mut rows: BTreeMap<String, Row> = BTreeMap::new();
         let empty = Registry::default();
@@ -103,13 +110,15 @@ impl DevicesCommand {
         if self.json {
             for (device, row) in &rows {
                 let identity = row.identity(registry.as_ref(), device);
-                println!("{}", to_json(device, row, identity.as_ref()));
+                let mut line = to_json(device, row, identity.as_ref());
+                line["tags"] = json!(tags_of(device));
+                println!("{line}");
             }
             return Ok(());
         }
         println!(
-            "{:<16} {:<8} {:<28} {:<11} {:<10} {:<14} {:<30} LAST EVENT",
-            "DEVICE", "ONLINE", "TARGET", "IDENTITY", "TRUST", "SERIAL", "MODULES"
+            "{:<16} {:<8} {:<28} {:<11} {:<10} {:<14} {:<30} {:<16} LAST EVENT",
+            "DEVICE", "ONLINE", "TARGET", "IDENTITY", "TRUST", "SERIAL", "MODULES", "TAGS"
         );
         for (device, row) in &rows {
             let (online, target, trust) = match &row.status {
@@ -138,8 +147,13 @@ impl DevicesCommand {
                 ),
                 None => ("-".into(), "-".into(), String::new()),
             };
+            let tags = match tags_of(device) {
+                None => "?".to_string(),
+                Some(t) if t.is_empty() => "-".to_string(),
+                Some(t) => t.into_iter().collect::<Vec<_>>().join(","),
+            };
             println!(
-                "{device:<16} {online:<8} {target:<28} {identity:<11} {trust:<10} {serial:<14} {modules:<30} {last}"
+                "{device:<16} {online:<8} {target:<28} {identity:<11} {trust:<10} {serial:<14} {modules:<30} {tags:<16} {last}"
             );
         }
         Ok(())

@@ -20,5 +20,6 @@ pub mod remove;
 pub mod rollout;
 pub mod root;
 pub mod sign;
+pub mod tag;
 pub mod targets;
 pub mod watch;

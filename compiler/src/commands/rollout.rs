@@ -7,7 +7,9 @@ use anyhow::{anyhow, Result};
 use clap::{Args, Parser, Subcommand};
 use kiln_protocol::fleet::Scope;
 use kiln_protocol::names::Kind;
-use kiln_protocol::rollout::{plan_waves, Input, Outcome, Phase, Policy, Rollout, Threshold};
+use kiln_protocol::rollout::{
+    cohort, plan_waves, Input, Outcome, Phase, Policy, Rollout, Threshold,
+};
 
 use crate::exit::{coded, Code};
 use crate::fleet::broker::{now_ms, BrokerArgs};
@@ -15,7 +17,7 @@ use crate::fleet::preflight;
 use crate::fleet::release::ReleaseArgs;
 use crate::fleet::rollout::recovery::may_resume;
 use crate::fleet::rollout::{
-    busy, members, operator, own_entries, phase_words, read_record, unavailable, Driver,
+    busy, members, operator, own_entries, phase_words, read_record, unavailable, Driver, Target,
 };
 use crate::fleet::trust::{parse_duration, RootArgs, SigningArgs};
 use crate::fleet::Error;
@@ -50,6 +52,7 @@ Examples:
   kiln rollout app.kilnrel --group lab --sign fleet.key --waves 1,10,100 --max-failures 5%
   kiln rollout app.kiln --group lab --sign fleet.key --max-total-failures 2 --revert
   kiln rollout app.kiln --group lab --sign fleet.key --gate 'traps <= 2x control min 5' --soak 30m
+  kiln rollout app.kiln --group lab --sign fleet.key --where tag=canary --where 'kilnd>=0.9.0'
   kiln rollout status --group lab";
 
 /// The policy language, in `kiln rollout --help` (not `-h`).
@@ -101,13 +104,30 @@ Schedule and sampling:
 A held wave shows in `kiln rollout status` (waiting for the window or the interval,
 soaking until a time), never as running.
 
+Cohorts: --where EXPR (repeatable, at most 16; every one must hold) takes only the
+members of the group it selects, by their signed status and their signed tags:
+  target=TRIPLE            the device's triple (aarch64-unknown-linux-gnu), or a kiln
+  target=NAME              target's name (aarch64-linux: its triple and CPU features)
+  feature=NAME             the device has this CPU feature (neon, avx2)
+  kilnd>=X.Y.Z             its kilnd version; also =, !=, <, <=, >
+  group=NAME               it is also a member of this group
+  tag=NAME                 an operator tagged it with `kiln tag DEVICE --add NAME`
+Each but kilnd also takes != (tag!=fragile). The members not selected are neither
+updated nor part of the control; `kiln rollout` says how many of the group the cohort
+selects and refuses (exit 68) when it selects none. Tags count only when their record
+verifies under the fleet's root; an unverifiable one is named and selects nothing. The
+conditions are in the signed record: `kiln rollout status` (and --json, `cohort`) and
+the dashboard show them, and `resume` goes on with the same devices.
+
 Examples:
   kiln rollout app.kiln --group lab --sign fleet.key --waves 1,10 \\
       --gate 'traps <= 2x control min 5' --gate 'offline <= 20%' --soak 30m --revert
   kiln rollout app.kiln --group lab --sign fleet.key --sample 10% --wave-interval 1h \\
       --window 22:00-04:00 --gate 'temperature.error_rate <= 1.2x baseline min 3' --soak 2h
   kiln rollout app.kiln --group lab --sign fleet.key --gate 'restarts <= 0' \\
-      --gate 'memory <= 8000000' --gate 'dropped <= 1%' --soak 10m";
+      --gate 'memory <= 8000000' --gate 'dropped <= 1%' --soak 10m
+  kiln rollout app.kiln --group lab --sign fleet.key --where tag=canary \\
+      --where 'kilnd>=0.9.0' --where target=aarch64-linux --where feature!=lse";
 
 /// Update a group's devices in waves, halting when too many fail
 #[derive(Parser, Debug)]
@@ -165,6 +185,10 @@ pub struct RolloutCommand {
     /// Waves start only within this time of the UTC day (`22:00-04:00` spans midnight)
     #[arg(long, value_name = "HH:MM-HH:MM")]
     pub window: Option<String>,
+    /// Take only the members for which EXPR holds (repeatable: all must): `tag=canary`,
+    /// `target=aarch64-linux`, `feature=neon`, `kilnd>=0.9.0`, `group=west` (see --help)
+    #[arg(long = "where", value_name = "EXPR")]
+    pub cohort: Vec<String>,
     /// Check and plan, then print the waves and the module entry every device would
     /// get on stdout; nothing is uploaded or published
     #[arg(long)]
@@ -297,6 +321,12 @@ impl RolloutCommand {
             check(&p, "--window")
                 .map_err(|e| format!("{e} (`{text}`: the start and the end are the same)"))?;
         }
+        p.cohort = cohort::parse_all(&self.cohort)
+            .map_err(|e| format!("--where: {e}"))?
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        check(&p, "--where")?;
         Ok(p)
     }
 
@@ -345,6 +375,14 @@ impl RolloutCommand {
             .fleet
             .registry_or_empty(&mut session, &topics)?;
         let members = members(&mut session, &topics, &registry, &group)?;
+        let members = select(
+            &mut session,
+            &topics,
+            &release.signing.fleet,
+            &group,
+            &policy,
+            members,
+        )?;
         let module = release.module.clone();
         let mut devices = Vec::new();
         let mut skipped = Vec::new();
@@ -450,6 +488,50 @@ impl RolloutCommand {
         driver.claim()?;
         driver.drive(Input::Start)
     }
+}
+
+/// The members the policy's cohort selects (all without one). Says how many of the
+/// group it picked; refuses when it picks none. Tags count only when they verify.
+fn select(
+    session: &mut crate::fleet::broker::Session,
+    topics: &kiln_protocol::fleet::Topics,
+    fleet: &crate::fleet::trust::Fleet,
+    group: &str,
+    policy: &Policy,
+    members: Vec<(String, Target)>,
+) -> Result<Vec<(String, Target)>> {
+    if policy.cohort.is_empty() {
+        return Ok(members);
+    }
+    let conditions = cohort::parse_all(&policy.cohort).map_err(Error::Usage)?;
+    let tags = crate::fleet::tags::read_all(session, topics, fleet)?;
+    let profiles = crate::build::targets::load(None)?;
+    let of = members.len();
+    let chosen: Vec<(String, Target)> = members
+        .into_iter()
+        .filter(|(device, t)| {
+            let attributes = cohort::Attributes {
+                triple: t.triple.clone(),
+                cpu_features: t.cpu_features.clone(),
+                kilnd: t.kilnd.clone(),
+                groups: t.groups.clone(),
+                tags: tags.get(device).cloned().unwrap_or_default(),
+            };
+            cohort::selects(&conditions, &attributes, &profiles)
+        })
+        .collect();
+    let cohort = policy.cohort.join(" and ");
+    if chosen.is_empty() {
+        return Err(coded(
+            Code::NoSuchScope,
+            anyhow!("group {group}: --where {cohort} selects none of its {of} members; nothing to roll out"),
+        ));
+    }
+    eprintln!(
+        "cohort: --where {cohort} selects {} of the {of} members of group {group}",
+        chosen.len()
+    );
+    Ok(chosen)
 }
 
 /// How often a kilnd sends its modules' health unless configured otherwise
@@ -722,6 +804,26 @@ mod tests {
     }
 
     #[test]
+    fn where_flags_make_the_cohort_and_a_bad_one_names_the_flag() {
+        let p = start(&["--where", "tag=canary", "--where", "kilnd >= 0.9.0"])
+            .policy()
+            .unwrap();
+        assert_eq!(p.cohort, ["tag=canary", "kilnd>=0.9.0"]);
+        assert!(start(&[]).policy().unwrap().cohort.is_empty());
+        let e = refused(&["--where", "colour=red"], "--where");
+        assert!(e.contains("`colour` is not an attribute"), "{e}");
+        let e = refused(&["--where", "kilnd>=soon"], "--where");
+        assert!(e.contains("not a version like 0.9.0"), "{e}");
+        let e = refused(&["--where", "tag<x"], "--where");
+        assert!(e.contains("tag takes = or !="), "{e}");
+        let mut many = Vec::new();
+        for _ in 0..17 {
+            many.extend(["--where", "tag=a"]);
+        }
+        assert!(refused(&many, "--where").contains("at most 16"));
+    }
+
+    #[test]
     fn windows_parse_as_minutes_of_the_utc_day() {
         assert_eq!(parse_window("00:00-23:59"), Ok((0, 1439)));
         assert_eq!(parse_window("9:05-17:00"), Ok((545, 1020)));
@@ -755,6 +857,13 @@ mod tests {
             "wait",
             "--revert",
             "kiln rollout status",
+            "--where",
+            "target=",
+            "feature=",
+            "kilnd>=",
+            "group=",
+            "tag=",
+            "kiln tag",
         ] {
             assert!(long.contains(word), "`kiln rollout --help` lacks {word}");
         }

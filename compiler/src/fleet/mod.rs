@@ -4,7 +4,7 @@
 //! [`answers`]); every desired state is built by [`desired`] under a serial from
 //! [`serial`]; releases (artifacts and their transfers) are [`release`]; keys, roots
 //! and the registry are [`trust`] and [`keyfile`]; the bundles that provision a device are
-//! [`provision`]; the checks before publishing are
+//! [`provision`]; operator tags are [`tags`]; the checks before publishing are
 //! [`preflight`]. What fails here fails as an [`Error`], whose kind says the exit
 //! code ([`crate::exit`]).
 
@@ -20,6 +20,7 @@ pub mod registry;
 pub mod release;
 pub mod rollout;
 pub mod serial;
+pub mod tags;
 pub mod trust;
 
 pub use error::Error;

@@ -32,10 +32,14 @@ pub fn unavailable(e: anyhow::Error) -> Error {
     Error::Broker(e)
 }
 
-/// What a member's status says it runs on.
+/// What a member's status says it runs on, and what a cohort selects on.
 pub struct Target {
     pub triple: String,
     pub cpu_features: Vec<String>,
+    /// Its kilnd version.
+    pub kilnd: String,
+    /// Every group it is a member of.
+    pub groups: Vec<String>,
 }
 
 /// The group's members by their retained status, with their target, refusing any
@@ -66,6 +70,8 @@ pub fn members(
             let target = Target {
                 triple: facts.triple,
                 cpu_features: facts.cpu_features,
+                kilnd: facts.kilnd,
+                groups: facts.groups,
             };
             Some((device.to_string(), target))
         })

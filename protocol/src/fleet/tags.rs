@@ -92,8 +92,8 @@ impl Tags {
         self.check()?;
         let body = postcard::to_stdvec(self).map_err(|e| e.to_string())?;
         let signatures = sign_all(CONTEXT, &body, keys);
-        let bytes = postcard::to_stdvec(&SignedTags::V1 { body, signatures })
-            .map_err(|e| e.to_string())?;
+        let bytes =
+            postcard::to_stdvec(&SignedTags::V1 { body, signatures }).map_err(|e| e.to_string())?;
         if bytes.len() > MAX_TAGS_RECORD {
             return Err(format!(
                 "the tags record of {} would be {} bytes (limit {MAX_TAGS_RECORD})",

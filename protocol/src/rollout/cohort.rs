@@ -48,7 +48,10 @@ impl Attr {
     ];
 
     fn word(self) -> &'static str {
-        Self::ALL.iter().find(|(a, _)| *a == self).map_or("", |p| p.1)
+        Self::ALL
+            .iter()
+            .find(|(a, _)| *a == self)
+            .map_or("", |p| p.1)
     }
 }
 
@@ -74,7 +77,10 @@ impl Op {
     ];
 
     fn word(self) -> &'static str {
-        Self::ALL.iter().find(|(o, _)| *o == self).map_or("", |p| p.1)
+        Self::ALL
+            .iter()
+            .find(|(o, _)| *o == self)
+            .map_or("", |p| p.1)
     }
 
     fn holds(self, ord: Ordering) -> bool {
@@ -124,14 +130,14 @@ impl Version {
     }
 
     fn cmp_release(&self, other: &Self) -> Ordering {
-        self.numbers.cmp(&other.numbers).then_with(|| {
-            match (&self.pre, &other.pre) {
+        self.numbers
+            .cmp(&other.numbers)
+            .then_with(|| match (&self.pre, &other.pre) {
                 (None, None) => Ordering::Equal,
                 (None, Some(_)) => Ordering::Greater,
                 (Some(_), None) => Ordering::Less,
                 (Some(a), Some(b)) => a.cmp(b),
-            }
-        })
+            })
     }
 }
 
@@ -218,10 +224,7 @@ impl Condition {
                     .chars()
                     .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+')))
                 {
-                    return Err(format!(
-                        "`{shown}`: a {key} has no `{}`",
-                        c.escape_debug()
-                    ));
+                    return Err(format!("`{shown}`: a {key} has no `{}`", c.escape_debug()));
                 }
                 None
             }
@@ -229,7 +232,9 @@ impl Condition {
         Ok(Condition {
             attr,
             op,
-            value: version.as_ref().map_or(value.to_string(), Version::to_string),
+            value: version
+                .as_ref()
+                .map_or(value.to_string(), Version::to_string),
             version,
         })
     }
@@ -242,7 +247,9 @@ impl Condition {
             Attr::Target => match profiles.iter().find(|p| p.name == self.value) {
                 Some(p) => {
                     p.triple == device.triple
-                        && p.cpu_features.iter().all(|f| device.cpu_features.contains(f))
+                        && p.cpu_features
+                            .iter()
+                            .all(|f| device.cpu_features.contains(f))
                 }
                 None => device.triple == self.value,
             },
@@ -371,7 +378,9 @@ mod tests {
         assert_eq!(v("1.0.0-rc1").cmp_release(&v("1.0.0")), Ordering::Less);
         assert_eq!(v("1.0.0+abc").cmp_release(&v("1.0.0")), Ordering::Equal);
         assert_eq!(v("0.10.0").cmp_release(&v("0.9.9")), Ordering::Greater);
-        for bad in ["1", "1.0", "1.0.0.0", "a.b.c", "1..0", "-1.0.0", "1.0.0-", ""] {
+        for bad in [
+            "1", "1.0", "1.0.0.0", "a.b.c", "1..0", "-1.0.0", "1.0.0-", "",
+        ] {
             assert!(Version::parse(bad).is_err(), "{bad}");
         }
     }

@@ -78,9 +78,17 @@ pub fn duration(ms: u64) -> String {
     }
 }
 
-/// The gates, soak, sample and schedule of `p`, a line each (none without them).
+/// The cohort, gates, soak, sample and schedule of `p`, a line each (none without
+/// them).
 pub fn policy_lines(p: &Policy) -> Vec<String> {
-    let mut lines: Vec<String> = p.gates.iter().map(|g| format!("gate:     {g}")).collect();
+    let mut lines = Vec::new();
+    if !p.cohort.is_empty() {
+        lines.push(format!(
+            "cohort:   the members where {} (the others are neither updated nor the control)",
+            p.cohort.join(" and ")
+        ));
+    }
+    lines.extend(p.gates.iter().map(|g| format!("gate:     {g}")));
     if !p.gates.is_empty() {
         lines.push(format!(
             "soak:     {}: a wave's gates judge it this long after its last device answered",
@@ -265,6 +273,7 @@ fn status_json(r: &Rollout, now: u64) -> serde_json::Value {
             "wave_timeout_ms": r.policy.wave_timeout_ms,
             "revert": r.policy.revert,
             "gates": r.policy.gates,
+            "cohort": r.policy.cohort,
             "soak_ms": r.policy.soak_ms,
             "sample_percent": r.policy.sample_percent,
             "wave_interval_ms": r.policy.wave_interval_ms,
@@ -452,6 +461,12 @@ mod tests {
         );
         let plain = Policy::new(Threshold::Count(0), Threshold::Count(0), 1000, false);
         assert!(policy_lines(&plain).is_empty());
+        let mut cohort = plain.clone();
+        cohort.cohort = vec!["tag=canary".into(), "kilnd>=0.9.0".into()];
+        assert_eq!(
+            policy_lines(&cohort),
+            ["cohort:   the members where tag=canary and kilnd>=0.9.0 (the others are neither updated nor the control)"]
+        );
         assert_eq!(duration(90_000), "90s");
         assert_eq!(duration(2 * 86_400_000), "2d");
     }
@@ -491,6 +506,7 @@ mod tests {
         assert_eq!(json["policy"]["soak_ms"], SOAK);
         assert_eq!(json["policy"]["window"], "22:00-04:00");
         assert_eq!(json["policy"]["gates"][1], "offline <= 50%");
+        assert_eq!(json["policy"]["cohort"], serde_json::json!([]));
     }
 
     #[test]
