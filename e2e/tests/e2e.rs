@@ -9,6 +9,7 @@ mod conformance;
 mod dashboard;
 mod first_hour;
 mod fleet;
+mod gates;
 mod headless;
 mod lean;
 mod module_state;
