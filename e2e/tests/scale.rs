@@ -545,3 +545,145 @@ fn a_hundred_devices_halt_a_rollout_on_their_health_and_complete_a_good_one() {
     eprintln!("v4: complete in {:?}", begun.elapsed());
     assert!(running(&fleet).iter().all(|(_, v)| *v == Some(4)));
 }
+
+/// A cohort (issue 36): of ten devices, the three tagged `canary` take v2 and the
+/// seven others stay on v1 (neither sent it nor given it by the group's desired
+/// state at the end); a tag signed outside the fleet's release keys selects nothing;
+/// status shows the cohort; one that selects no member is refused.
+#[test]
+fn a_rollout_where_tag_canary_takes_only_the_tagged_devices() {
+    let broker = Broker::start();
+    let fleet = Fleet::new(&broker, "cohort");
+    let _sim = sim(&fleet, 10, &[]);
+    wait_for(Duration::from_secs(30), "10 devices", || {
+        devices(&fleet).len() == 10
+    });
+    fleet
+        .kiln(&["enroll", "--group", "lab", "--sign", "fleet.key"])
+        .ok("enroll");
+    let v1 = fleet.app(1, "fleet.key");
+    let mut push = vec![
+        "push",
+        path_str(&v1),
+        "--group",
+        "lab",
+        "--sign",
+        "fleet.key",
+    ];
+    push.extend(QUICK);
+    fleet.kiln(&push).ok("push v1");
+    wait_for(Duration::from_secs(60), "every device runs v1", || {
+        running(&fleet).iter().all(|(_, v)| *v == Some(1))
+    });
+
+    let canaries = ["sim-0001", "sim-0004", "sim-0007"];
+    let mut tag = vec!["tag"];
+    tag.extend(canaries);
+    tag.extend(["--add", "canary", "--add", "east", "--sign", "fleet.key"]);
+    let tagged = fleet.kiln(&tag).ok("kiln tag");
+    assert!(
+        tagged.stdout.contains("sim-0004: canary, east (serial "),
+        "{tagged}"
+    );
+    fleet
+        .kiln(&["tag", "sim-0007", "--remove", "east", "--sign", "fleet.key"])
+        .ok("kiln tag --remove");
+    // A key the root does not name as a release key: kiln refuses to publish what
+    // would not verify.
+    fleet
+        .kiln(&["keygen", "-o", "spare.key", "--no-root"])
+        .ok("keygen spare");
+    let refused = fleet.kiln(&["tag", "sim-0002", "--add", "canary", "--sign", "spare.key"]);
+    assert_ne!(refused.code, Some(0), "{refused}");
+    assert!(refused.stderr.contains("would not verify"), "{refused}");
+    // A forger's own root of the same fleet name tags sim-0002: its record does not
+    // verify under the fleet's root, so it is named and selects nothing.
+    std::fs::create_dir(fleet.path("forger")).unwrap();
+    fleet
+        .kiln(&["keygen", "-o", "forger/fleet.key", "--fleet", "cohort"])
+        .ok("keygen forger");
+    fleet
+        .kiln(&[
+            "tag",
+            "sim-0002",
+            "--add",
+            "canary",
+            "--sign",
+            "forger/fleet.key",
+        ])
+        .ok("tag under the forger's root");
+    let listed = devices(&fleet);
+    let tags_of = |d: &str| {
+        listed
+            .iter()
+            .find(|x| x["device"] == d)
+            .map(|x| x["tags"].clone())
+            .unwrap()
+    };
+    assert_eq!(tags_of("sim-0004"), serde_json::json!(["canary", "east"]));
+    assert_eq!(tags_of("sim-0007"), serde_json::json!(["canary"]));
+    assert_eq!(tags_of("sim-0002"), serde_json::json!([]));
+
+    let none = rollout(&fleet, 2, &["--where", "tag=nobody", "--dry-run"]);
+    assert_eq!(none.code, Some(68), "{none}");
+    assert!(
+        none.stderr
+            .contains("--where tag=nobody selects none of its 10 members"),
+        "{none}"
+    );
+    let bad = rollout(&fleet, 2, &["--where", "tag>canary"]);
+    assert_eq!(bad.code, Some(2), "{bad}");
+    assert!(bad.stderr.contains("--where: "), "{bad}");
+
+    let run = rollout(
+        &fleet,
+        2,
+        &[
+            "--where",
+            "tag=canary",
+            "--where",
+            "kilnd>=0.0.1",
+            "--waves",
+            "1",
+        ],
+    )
+    .ok("rollout v2 to the canaries");
+    assert!(
+        run.stderr.contains(
+            "cohort: --where tag=canary and kilnd>=0.0.1 selects 3 of the 10 members of group lab"
+        ),
+        "{run}"
+    );
+    assert!(
+        run.stderr.contains("ignoring the tags of sim-0002"),
+        "{run}"
+    );
+    assert!(run.stdout.contains("3 devices in 2 waves (1, 2)"), "{run}");
+    assert!(
+        run.stdout
+            .contains("rollout complete: 3 devices run app v2"),
+        "{run}"
+    );
+    // The others never move: wait a little for a stray group state to arrive.
+    std::thread::sleep(Duration::from_secs(3));
+    for (device, version) in running(&fleet) {
+        let want = if canaries.contains(&device.as_str()) {
+            2
+        } else {
+            1
+        };
+        assert_eq!(version, Some(want), "{device}");
+    }
+    let text = status(&fleet);
+    assert!(
+        text.contains("cohort:   the members where tag=canary and kilnd>=0.0.1"),
+        "{text}"
+    );
+    let s = status_json(&fleet);
+    assert_eq!(
+        s["policy"]["cohort"],
+        serde_json::json!(["tag=canary", "kilnd>=0.0.1"]),
+        "{s}"
+    );
+    assert_eq!(s["devices"].as_array().unwrap().len(), 3, "{s}");
+}

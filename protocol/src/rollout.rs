@@ -279,7 +279,8 @@ pub enum Phase {
         wave: u32,
         by: String,
     },
-    /// Every wave went through within the policy; the release is the group's.
+    /// Every wave went through within the policy; the release is the group's (with
+    /// a cohort: the cohort's devices' own).
     Complete,
 }
 
@@ -382,7 +383,9 @@ pub enum Action {
     /// Give these devices back what their own desired state had before.
     Return(Vec<String>),
     /// The release goes into the group's desired state; then these devices' own
-    /// desired states lose it (they follow the group's again).
+    /// desired states lose it (they follow the group's again). Never for a rollout
+    /// with a cohort ([`Policy::cohort`]): the group's state would take the release
+    /// to the members it left out, so its devices keep it in their own.
     Finish(Vec<String>),
 }
 
@@ -692,8 +695,17 @@ impl Rollout {
         } else {
             self.phase = Phase::Complete;
             self.hold = None;
-            self.note(now_ms, "complete".into());
-            out.push(Action::Finish(self.devices.keys().cloned().collect()));
+            if self.policy.cohort.is_empty() {
+                self.note(now_ms, "complete".into());
+                out.push(Action::Finish(self.devices.keys().cloned().collect()));
+            } else {
+                // The group's desired state would take the release to the members the
+                // cohort left out: the cohort keeps it in its own.
+                self.note(
+                    now_ms,
+                    "complete: the cohort keeps the release in its own desired states".into(),
+                );
+            }
         }
     }
 

@@ -31,7 +31,8 @@ whose target the release lacks is left out (and named). Each wave's devices get 
 release in their own desired state; the next wave starts when every device of this
 one has answered (committed, or failed: rolled back, refused, or silent past the wave
 timeout). When every wave is through within the failure thresholds, the release goes
-into the group's desired state and leaves the devices' own.
+into the group's desired state and leaves the devices' own (with --where, it stays in
+the selected devices' own, and the group's is unchanged).
 
 A wave (or the whole rollout) with more failures than allowed halts the rollout: the
 devices not reached keep what they run; the halted wave's devices that did not commit

@@ -323,6 +323,15 @@ impl<'a> Driver<'a> {
         let r = &self.record;
         let (_, _, committed, failed) = r.counts();
         let result = match &r.phase {
+            Phase::Complete if !r.policy.cohort.is_empty() => {
+                println!(
+                    "rollout complete: {committed} devices run {}, {failed} failed; they keep it in their own desired states (the cohort where {}), group {}'s is unchanged",
+                    r.label(),
+                    r.policy.cohort.join(" and "),
+                    r.group
+                );
+                Ok(())
+            }
             Phase::Complete => {
                 println!(
                     "rollout complete: {committed} devices run {}, {failed} failed; it is now group {}'s desired state",

@@ -63,3 +63,23 @@ fn a_record_whose_cohort_does_not_parse_does_not_open() {
     let e = Rollout::open(&r.seal(&[&key]).unwrap(), &root(&key), "lab").unwrap_err();
     assert!(e.contains("`colour` is not an attribute"), "{e}");
 }
+
+#[test]
+fn a_cohort_completes_without_giving_the_group_the_release() {
+    let mut r = rollout(3, &[1], with_cohort(&["tag=canary"]));
+    assert_eq!(sent(&r.step(1, Input::Start)), ["d000"]);
+    assert_eq!(sent(&r.step(2, committed("d000"))), ["d001", "d002"]);
+    r.step(3, committed("d001"));
+    let last = r.step(4, committed("d002"));
+    assert_eq!(r.phase, Phase::Complete);
+    assert!(
+        !last.iter().any(|a| matches!(a, Action::Finish(_))),
+        "{last:?}"
+    );
+    assert!(r.history.last().unwrap().1.contains("cohort keeps the release"));
+    // Without one, the group's desired state takes it.
+    let mut whole = rollout(1, &[1], with_cohort(&[]));
+    whole.step(1, Input::Start);
+    let last = whole.step(2, committed("d000"));
+    assert_eq!(last, [Action::Finish(vec!["d000".into()])]);
+}
