@@ -81,6 +81,8 @@ fn the_page_follows_real_devices_live_and_shows_what_is_wrong() {
         watches.push(Watch::start(&broker, id));
         let mut d = FleetDevice::new(target, id, &broker);
         d.groups = vec!["lab".into()];
+        // Health every second, for the rollout's gate below.
+        d.mqtt_extra = "[telemetry]\nhealth_s = 1\n".into();
         d.start(None);
         wait_online(&broker.url(), id);
         devices.push(d);
@@ -172,6 +174,7 @@ fn the_page_follows_real_devices_live_and_shows_what_is_wrong() {
         "app",
     ];
     rollout.extend(["--version", "4", "--waves", "1"]);
+    rollout.extend(["--gate", "traps <= 2x control", "--soak", "2s"]);
     rollout.extend(HEALTH);
     kiln(&rollout);
     let waves = browser.wait_for(
@@ -190,6 +193,22 @@ fn the_page_follows_real_devices_live_and_shows_what_is_wrong() {
         browser.eval("return document.querySelectorAll('.rollout .chip.committed').length;"),
         serde_json::json!(2)
     );
+    // Its gate's table: a row per wave, each judged after its soak (passed, or gone
+    // on unjudged if a period was short of calls), none a breach.
+    let rows = browser.eval(
+        "return [...document.querySelectorAll('.rollout[data-group=\"lab\"] .gate[data-gate=\"traps <= 2x control\"] tr[data-wave]')].map(r => [r.dataset.wave, r.className, r.querySelector('.verdict').textContent, r.textContent]);",
+    );
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row[0], (i + 1).to_string(), "{rows:?}");
+        assert_ne!(row[1], "bad", "{rows:?}");
+        assert!(matches!(row[2].as_str(), Some("pass" | "wait")), "{rows:?}");
+        assert!(
+            row[3].as_str().unwrap().contains("(2x control)"),
+            "{rows:?}"
+        );
+    }
     // Enrolled: the open device view says its reports verify.
     browser.wait_for(
         LIMIT,

@@ -176,11 +176,49 @@ function renderRollouts() {
       box.appendChild(w);
     });
     for (const [device, why] of r.skipped || []) box.appendChild(el('div', 'left out: ' + device + ': ' + why, 'muted'));
+    for (const g of r.gates || []) box.appendChild(gateTable(g));
     const h = el('ul', null, 'history');
     for (const line of (r.history || []).slice(-10)) h.appendChild(el('li', new Date(line.at_ms).toLocaleTimeString() + ' ' + line.text));
     box.appendChild(h);
     list.appendChild(box);
   }
+}
+
+// A value of a gate's signal: rates are small, so significant digits, not decimals.
+function num(v) {
+  return v === null || v === undefined ? '-' : String(Number(v.toPrecision(4)));
+}
+
+// One gate of a rollout: a row per started wave, its signal in the wave, the control
+// and the baseline (devices reporting in brackets), the limit, and the verdict.
+function gateTable(g) {
+  const box = el('div', null, 'gate');
+  box.dataset.gate = g.gate;
+  box.appendChild(el('div', 'gate ' + g.gate, g.error ? 'bad' : 'muted'));
+  if (g.error) {
+    box.appendChild(el('div', g.error, 'bad'));
+    return box;
+  }
+  const t = el('table', null, 'gates');
+  const head = el('tr');
+  for (const h of ['wave', 'wave value', 'control', 'baseline', 'bound', 'verdict']) head.appendChild(el('th', h));
+  t.appendChild(head);
+  const level = (l) => num(l.value) + ' (' + l.devices + ')';
+  for (const w of g.waves) {
+    const tr = el('tr', null, w.verdict === 'breach' ? 'bad' : '');
+    tr.dataset.wave = w.wave;
+    tr.appendChild(el('td', w.wave));
+    tr.appendChild(el('td', level(w.wave_value)));
+    tr.appendChild(el('td', level(w.control) + (w.control_is_baseline ? ' = baseline' : '')));
+    tr.appendChild(el('td', level(w.baseline)));
+    tr.appendChild(el('td', num(w.limit) + ' (' + w.bound + (w.min > 1 ? ', min ' + w.min : '') + ')'));
+    const v = el('td', w.verdict === 'not yet judged' ? w.verdict + ' (now ' + w.now + ')' : w.verdict, 'verdict');
+    if (w.line) v.title = w.line;
+    tr.appendChild(v);
+    t.appendChild(tr);
+  }
+  box.appendChild(t);
+  return box;
 }
 
 function chart(name, series) {
