@@ -1,9 +1,10 @@
 //! `kiln dashboard` in headless Chromium (WebDriver), against a real mosquitto and real
 //! devices: kilnd natively and one aarch64 kilnd under qemu-user. The page shows both
 //! devices with their versions, a push appears without a reload, a rollback shows its
-//! reason, a numeric telemetry stream is charted, and forged or malformed messages are
-//! shown as invalid without breaking the page or adding markup. A second test loads
-//! the page with 1,000 simulated devices and measures it. Screenshots are kept in
+//! reason, a numeric telemetry stream is charted, a gated rollout shows its gate's
+//! table wave by wave, and forged or malformed messages are shown as invalid without
+//! breaking the page or adding markup. A second test loads the page with 1,000
+//! simulated devices and measures it. Screenshots are kept in
 //! `$CARGO_TARGET_DIR/artifacts/`.
 
 use std::path::PathBuf;
