@@ -29,6 +29,10 @@ device name), and DIR/credentials.txt (0600) gets a `name:password` line per dev
 
 A device list has one device a line, `name[,group;group...]`; `#` starts a comment.
 
+It works offline (no broker session, no release key): operator tags, which rollouts
+select on (`kiln rollout --where tag=canary`), are set with `kiln tag` once the device
+is online.
+
 Examples:
   kiln provision --out out --device pi-01 --broker mqtts://broker.lan:8883 \\
       --root fleet.root --ca ca.pem --group lab --password

@@ -76,7 +76,12 @@ fn a_cohort_completes_without_giving_the_group_the_release() {
         !last.iter().any(|a| matches!(a, Action::Finish(_))),
         "{last:?}"
     );
-    assert!(r.history.last().unwrap().1.contains("cohort keeps the release"));
+    assert!(r
+        .history
+        .last()
+        .unwrap()
+        .1
+        .contains("cohort keeps the release"));
     // Without one, the group's desired state takes it.
     let mut whole = rollout(1, &[1], with_cohort(&[]));
     whole.step(1, Input::Start);
