@@ -34,6 +34,7 @@ const PAGES: &[(&str, &str)] = &[
     ("kiln rollout resume", "rollouts.md"),
     ("kiln rollout retry", "rollouts.md"),
     ("kiln rollout abort", "rollouts.md"),
+    ("kiln tag", "rollouts.md"),
     ("kiln root", "trust.md"),
     ("kiln root show", "trust.md"),
     ("kiln root rotate", "trust.md"),

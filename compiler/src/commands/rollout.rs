@@ -628,6 +628,9 @@ impl ControlArgs {
                     return Err(refuse(&why));
                 }
                 driver.record.driver = me;
+                for line in status::policy_lines(&driver.record.policy) {
+                    eprintln!("  {line}");
+                }
                 driver.catch_up()?;
                 driver.drive(Input::Resume)
             }
