@@ -658,11 +658,16 @@ pub struct Breach {
 
 impl fmt::Display for Breach {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {} in the wave", self.gate, self.observed)?;
+        write!(f, "{}: {} in the wave", self.gate, shown(self.observed))?;
         if let (Some(r), Bound::Times(_, which)) = (self.reference, self.gate.bound) {
-            write!(f, " against {r} in the {which}")?;
+            write!(f, " against {} in the {which}", shown(r))?;
         }
-        write!(f, " (limit {}) over {} devices", self.limit, self.sample)?;
+        write!(
+            f,
+            " (limit {}) over {} devices",
+            shown(self.limit),
+            self.sample
+        )?;
         if self.devices.is_empty() {
             return Ok(());
         }
@@ -672,6 +677,22 @@ impl fmt::Display for Breach {
             0 => Ok(()),
             rest => write!(f, " and {rest} more"),
         }
+    }
+}
+
+/// `value` to four significant digits (whole numbers from 10,000 up), without
+/// trailing zeros: `0.005155`, `128.9`, `100`, `1048576`. An operator reads a breach
+/// line, and a rate's seventeenth digit says nothing.
+pub fn shown(value: f64) -> String {
+    if value == 0.0 || !value.is_finite() {
+        return format!("{value}");
+    }
+    let magnitude = value.abs().log10().floor() as i32;
+    let decimals = (3 - magnitude).clamp(0, 15) as usize;
+    let text = format!("{value:.decimals$}");
+    match text.contains('.') {
+        true => text.trim_end_matches('0').trim_end_matches('.').to_string(),
+        false => text,
     }
 }
 

@@ -942,3 +942,21 @@ fn a_reading_shows_each_cohort_in_the_bounds_terms_with_the_gates_own_verdict() 
     assert_eq!(r.limit, 0.2);
     assert!(matches!(r.verdict, Verdict::Breach(ref b) if b.len() == 1));
 }
+
+#[test]
+fn a_breach_line_shows_four_significant_digits() {
+    let cases = [
+        (0.005154639175257732, "0.005155"),
+        (0.0012886597938144330, "0.001289"),
+        (128.93, "128.9"),
+        (100.0, "100"),
+        (0.0025, "0.0025"),
+        (9.5, "9.5"),
+        (1048576.0, "1048576"),
+        (-12.345, "-12.35"),
+        (0.0, "0"),
+    ];
+    for (value, text) in cases {
+        assert_eq!(super::shown(value), text, "{value}");
+    }
+}
