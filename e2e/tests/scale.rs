@@ -679,6 +679,10 @@ fn a_rollout_where_tag_canary_takes_only_the_tagged_devices() {
         text.contains("cohort:   the members where tag=canary and kilnd>=0.0.1"),
         "{text}"
     );
+    assert!(
+        text.contains("cohort: --where tag=canary and kilnd>=0.0.1 selects 3 of the 10 members"),
+        "the record's history says how many it took: {text}"
+    );
     let s = status_json(&fleet);
     assert_eq!(
         s["policy"]["cohort"],

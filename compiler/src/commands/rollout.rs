@@ -376,10 +376,11 @@ impl RolloutCommand {
             .fleet
             .registry_or_empty(&mut session, &topics)?;
         let members = members(&mut session, &topics, &registry, &group)?;
-        let members = select(
+        let profiles = self.release.build.profiles()?;
+        let (members, selected) = select(
             &mut session,
             &topics,
-            &release.signing.fleet,
+            (&release.signing.fleet, &profiles),
             &group,
             &policy,
             members,
@@ -484,6 +485,9 @@ impl RolloutCommand {
         // Every operator's copy draws the same sampled waves from the record's seed;
         // a random one keeps a rollout from drawing what the last one drew.
         record.seed = random_seed();
+        if let Some(said) = selected {
+            record.history.push((record.started_ms, said));
+        }
         let mut driver = Driver::new(session, &release.signing, topics, registry, record);
         driver.persist()?;
         driver.claim()?;
@@ -491,24 +495,31 @@ impl RolloutCommand {
     }
 }
 
-/// The members the policy's cohort selects (all without one). Says how many of the
-/// group it picked; refuses when it picks none. Tags count only when they verify.
+/// A group's members, each with what its status says of it.
+type Members = Vec<(String, Target)>;
+
+/// The members the policy's cohort selects (all without one), and what to say of
+/// the choice (none without a cohort). Says how many of the group it picked; refuses
+/// when it picks none. Tags count only when they verify under the fleet's root;
+/// `target=NAME` resolves among `profiles` (the built-in ones, or --targets-dir's).
 fn select(
     session: &mut crate::fleet::broker::Session,
     topics: &kiln_protocol::fleet::Topics,
-    fleet: &crate::fleet::trust::Fleet,
+    (fleet, profiles): (
+        &crate::fleet::trust::Fleet,
+        &[kiln_protocol::target::TargetProfile],
+    ),
     group: &str,
     policy: &Policy,
-    members: Vec<(String, Target)>,
-) -> Result<Vec<(String, Target)>> {
+    members: Members,
+) -> Result<(Members, Option<String>)> {
     if policy.cohort.is_empty() {
-        return Ok(members);
+        return Ok((members, None));
     }
     let conditions = cohort::parse_all(&policy.cohort).map_err(Error::Usage)?;
     let tags = crate::fleet::tags::read_all(session, topics, fleet)?;
-    let profiles = crate::build::targets::load(None)?;
     let of = members.len();
-    let chosen: Vec<(String, Target)> = members
+    let chosen: Members = members
         .into_iter()
         .filter(|(device, t)| {
             let attributes = cohort::Attributes {
@@ -518,7 +529,7 @@ fn select(
                 groups: t.groups.clone(),
                 tags: tags.get(device).cloned().unwrap_or_default(),
             };
-            cohort::selects(&conditions, &attributes, &profiles)
+            cohort::selects(&conditions, &attributes, profiles)
         })
         .collect();
     let cohort = policy.cohort.join(" and ");
@@ -528,11 +539,12 @@ fn select(
             anyhow!("group {group}: --where {cohort} selects none of its {of} members; nothing to roll out"),
         ));
     }
-    eprintln!(
+    let said = format!(
         "cohort: --where {cohort} selects {} of the {of} members of group {group}",
         chosen.len()
     );
-    Ok(chosen)
+    eprintln!("{said}");
+    Ok((chosen, Some(said)))
 }
 
 /// How often a kilnd sends its modules' health unless configured otherwise
