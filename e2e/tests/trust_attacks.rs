@@ -303,6 +303,7 @@ fn oversized_retained_messages_on_every_topic_kiln_reads_are_skipped_not_fatal()
         t.reported("big"),
         t.desired("big"),
         t.group_desired("other"),
+        t.tags("big"),
     ] {
         broker.publish_retained(&topic, huge.clone());
     }
@@ -310,6 +311,10 @@ fn oversized_retained_messages_on_every_topic_kiln_reads_are_skipped_not_fatal()
     let devices = fleet.kiln(&["devices"]).ok("kiln devices");
     assert!(devices.stderr.contains("skipped"), "{devices}");
     assert!(devices.stdout.contains("dev-b"), "{devices}");
+    assert!(
+        devices.stderr.contains("ignoring the tags of big"),
+        "{devices}"
+    );
     fleet
         .push(&fleet.app(1, "fleet.key"), ["--group", "lab"], "fleet.key")
         .ok("push past the oversized messages");
