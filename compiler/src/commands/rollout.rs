@@ -117,8 +117,8 @@ Each but kilnd also takes != (tag!=fragile). The members not selected are neithe
 updated nor part of the control; `kiln rollout` says how many of the group the cohort
 selects and refuses (exit 68) when it selects none. Tags count only when their record
 verifies under the fleet's root; an unverifiable one is named and selects nothing. The
-conditions are in the signed record: `kiln rollout status` (and --json, `cohort`) and
-the dashboard show them, and `resume` goes on with the same devices.
+conditions are in the signed record: `kiln rollout status` shows them (--json:
+`policy.cohort`), and `resume` goes on with the same devices.
 
 Examples:
   kiln rollout app.kiln --group lab --sign fleet.key --waves 1,10 \\
