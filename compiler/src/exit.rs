@@ -27,7 +27,8 @@ pub enum Code {
     /// A device refused the desired state `kiln push` published.
     Refused = Shared::Refused as u8,
     /// `kiln push`/`rollout`/`remove`: no device has been seen with that id, or no
-    /// device's status names that group (`--force` publishes anyway).
+    /// device's status names that group (`--force` publishes anyway), or `rollout
+    /// --where` selects none of its members.
     NoSuchScope = Shared::NoSuchScope as u8,
     /// `kiln push`/`rollout`: the devices would refuse this update, known before
     /// publishing: an artifact for another target (`--force`), a version below what

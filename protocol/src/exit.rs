@@ -112,7 +112,8 @@ pub const TABLE: &[Entry] = &[
         "NoSuchScope",
         UsedBy::Kiln,
         "`push`, `rollout`: no device with that id has been seen, or no status names the group \
-         (`--force` publishes anyway); `remove`: the state does not hold the module; \
+         (`--force` publishes anyway), or `rollout --where` selects none of the group's members; \
+         `remove`: the state does not hold the module; \
          `decommission`: nothing retained and not enrolled",
     ),
     entry(
