@@ -248,6 +248,9 @@ pub struct Device {
     /// module: only the modules and metrics the gates name, and an empty summary of
     /// the rollout's module once it reported anything.
     pub health: BTreeMap<String, HealthSummary>,
+    /// The `seq` of the last health period counted: the same retained message read
+    /// again (a resubscription, or a driver that takes the rollout up) counts once.
+    pub health_seq: Option<u64>,
 }
 
 /// A wave held back from going on.
@@ -357,6 +360,8 @@ pub enum Input {
     /// watches, are left out.
     Health {
         device: String,
+        /// The period's `seq` (see [`Device::health_seq`]).
+        seq: u64,
         summaries: Vec<HealthSummary>,
     },
     /// The clock: a wave past its timeout fails its silent devices; a soak ends; the
@@ -423,6 +428,7 @@ impl Rollout {
                         returned: false,
                         baseline: BTreeMap::new(),
                         health: BTreeMap::new(),
+                        health_seq: None,
                     },
                 );
             }
@@ -528,7 +534,11 @@ impl Rollout {
                     }
                 }
             }
-            Input::Health { device, summaries } => self.record_health(&device, &summaries),
+            Input::Health {
+                device,
+                seq,
+                summaries,
+            } => self.record_health(&device, seq, &summaries),
             Input::Committed { device } => {
                 match self.devices.get_mut(&device).map(|d| &mut d.outcome) {
                     // A device that timed out may commit late: it runs the release.

@@ -49,7 +49,7 @@ impl Rollout {
     /// then its baseline) or after it committed; nothing while it is sent the release
     /// (which version a summary is of is unknown), failed or given back. Without gates
     /// nothing is kept.
-    pub(super) fn record_health(&mut self, device: &str, summaries: &[HealthSummary]) {
+    pub(super) fn record_health(&mut self, device: &str, seq: u64, summaries: &[HealthSummary]) {
         let gates = match self.policy.parsed_gates() {
             Ok(g) if !g.is_empty() => g,
             _ => return,
@@ -58,6 +58,9 @@ impl Rollout {
         let Some(d) = self.devices.get_mut(device) else {
             return;
         };
+        if d.health_seq.replace(seq) == Some(seq) {
+            return;
+        }
         let keeps = match d.outcome {
             Outcome::Waiting => true,
             Outcome::Committed { .. } => !d.returned,

@@ -75,6 +75,7 @@ impl From<RolloutV1> for Rollout {
                     returned: d.returned,
                     baseline: BTreeMap::new(),
                     health: BTreeMap::new(),
+                    health_seq: None,
                 };
                 (name, d)
             })

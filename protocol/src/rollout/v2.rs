@@ -6,8 +6,36 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Device, Hold, Phase, Policy, Rollout, Threshold};
+use super::gate::HealthSummary;
+use super::{Device, Hold, Outcome, Phase, Policy, Rollout, Threshold};
 use crate::fleet::DesiredModule;
+
+/// The v2 device, field for field: without the last health period counted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct DeviceV2 {
+    pub wave: u32,
+    pub outcome: Outcome,
+    pub before: Option<DesiredModule>,
+    pub returned: bool,
+    pub baseline: BTreeMap<String, HealthSummary>,
+    pub health: BTreeMap<String, HealthSummary>,
+}
+
+impl From<DeviceV2> for Device {
+    /// No period counted yet: the next one a driver reads counts (the one a v2
+    /// driver may have counted already, once).
+    fn from(d: DeviceV2) -> Self {
+        Device {
+            wave: d.wave,
+            outcome: d.outcome,
+            before: d.before,
+            returned: d.returned,
+            baseline: d.baseline,
+            health: d.health,
+            health_seq: None,
+        }
+    }
+}
 
 /// The v2 policy, field for field.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -23,7 +51,7 @@ pub(super) struct PolicyV2 {
     pub window: Option<(u16, u16)>,
 }
 
-/// The v2 record, field for field (its devices are today's).
+/// The v2 record, field for field.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct RolloutV2 {
     pub fleet: String,
@@ -37,7 +65,7 @@ pub(super) struct RolloutV2 {
     pub module: DesiredModule,
     pub policy: PolicyV2,
     pub waves: Vec<Vec<String>>,
-    pub devices: BTreeMap<String, Device>,
+    pub devices: BTreeMap<String, DeviceV2>,
     pub skipped: Vec<(String, String)>,
     pub unexpected: BTreeSet<String>,
     pub phase: Phase,
@@ -78,7 +106,7 @@ impl From<RolloutV2> for Rollout {
             module: r.module,
             policy: r.policy.into(),
             waves: r.waves,
-            devices: r.devices,
+            devices: r.devices.into_iter().map(|(n, d)| (n, d.into())).collect(),
             skipped: r.skipped,
             unexpected: r.unexpected,
             phase: r.phase,
@@ -117,7 +145,21 @@ impl From<&Rollout> for RolloutV2 {
                 window: p.window,
             },
             waves: r.waves.clone(),
-            devices: r.devices.clone(),
+            devices: r
+                .devices
+                .iter()
+                .map(|(n, d)| {
+                    let d = DeviceV2 {
+                        wave: d.wave,
+                        outcome: d.outcome.clone(),
+                        before: d.before.clone(),
+                        returned: d.returned,
+                        baseline: d.baseline.clone(),
+                        health: d.health.clone(),
+                    };
+                    (n.clone(), d)
+                })
+                .collect(),
             skipped: r.skipped.clone(),
             unexpected: r.unexpected.clone(),
             phase: r.phase.clone(),

@@ -420,6 +420,7 @@ mod tests {
     fn health(device: &str, traps: u64) -> Input {
         Input::Health {
             device: device.into(),
+            seq: traps + 1,
             summaries: vec![HealthSummary {
                 calls: 1000,
                 traps,

@@ -19,8 +19,9 @@ pub enum Taken {
     NotHealth,
     /// Feed it to the step.
     Input(Input),
-    /// A message of a device the rollout does not take, or the same period again
-    /// (its `seq` seen): nothing to judge, nothing wrong.
+    /// A message of a device the rollout does not take, or the period the record
+    /// counted last again (its `seq`: a retained message read by a resubscription, or
+    /// by a driver taking the rollout up): nothing to judge, nothing wrong.
     Ignored,
     /// Refused: forged, unsigned, not signed by the device's enrolled key, malformed
     /// or oversized. Counted, never fed.
@@ -30,9 +31,6 @@ pub enum Taken {
 /// The health messages a driver has taken and refused.
 #[derive(Debug, Default)]
 pub struct HealthFeed {
-    /// The last period taken from each device: a retained message read again (a
-    /// resubscription, a catch-up) is not counted twice.
-    seq: BTreeMap<String, u64>,
     /// Refused messages by device: how many, and why the last one was.
     pub refused: BTreeMap<String, (u64, String)>,
 }
@@ -74,14 +72,15 @@ impl HealthFeed {
                 )))
             }
         }
-        if !record.devices.contains_key(device) {
+        let Some(d) = record.devices.get(device) else {
             return Taken::Ignored;
-        }
-        if self.seq.insert(device.to_string(), health.seq) == Some(health.seq) {
+        };
+        if d.health_seq == Some(health.seq) {
             return Taken::Ignored;
         }
         Taken::Input(Input::Health {
             device: device.to_string(),
+            seq: health.seq,
             summaries: judged(record, device, &health),
         })
     }
@@ -413,16 +412,19 @@ pub(crate) mod tests {
         assert_eq!(f.take((topic.clone(), Vec::new())), Taken::NotHealth);
         let other = f.sealed("other", "other", &h);
         assert_eq!(f.take(other), Taken::Ignored);
-        // The driver's own: taken once, the same period again ignored.
+        // The driver's own: taken once; the same period again ignored, by this driver
+        // or by one that takes the rollout up (the record knows the period counted).
         let own = f.sealed("d1", "d1", &h);
         assert!(
-            matches!(f.take(own.clone()), Taken::Input(Input::Health { device, .. }) if device == "d1")
+            matches!(f.hear(T0, "d1", &h), Taken::Input(Input::Health { device, .. }) if device == "d1")
         );
-        assert_eq!(f.take(own), Taken::Ignored);
+        assert_eq!(f.take(own.clone()), Taken::Ignored);
         // kilnd restarted: its periods count from 1 again.
         let restarted = f.sealed("d1", "d1", &period(0, 1, 0, 1.0));
         assert!(matches!(f.take(restarted), Taken::Input(_)));
         assert_eq!(f.feed.refused_count(), 7);
+        f.feed = HealthFeed::default();
+        assert_eq!(f.take(own), Taken::Ignored);
     }
 
     #[test]

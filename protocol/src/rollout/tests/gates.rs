@@ -23,10 +23,18 @@ fn summary(calls: u64, traps: u64) -> HealthSummary {
     }
 }
 
+/// A period's `seq` no report of these tests had: each counts (the same one again is
+/// `a_period_read_again_counts_once`'s).
+fn next_seq() -> u64 {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// `device` reports `calls` calls of `app` with `traps` traps.
 fn health(device: &str, calls: u64, traps: u64) -> Input {
     Input::Health {
         device: device.into(),
+        seq: next_seq(),
         summaries: vec![summary(calls, traps)],
     }
 }
@@ -208,6 +216,7 @@ fn health_is_kept_only_for_the_gates_and_the_baseline_is_what_came_before_the_se
     let latency = Sketch::of(&[4.0, 6.0]);
     let report = |d: &str| Input::Health {
         device: d.into(),
+        seq: next_seq(),
         summaries: vec![
             HealthSummary {
                 metrics: BTreeMap::from([("latency".into(), latency), ("other".into(), latency)]),
@@ -247,6 +256,7 @@ fn health_is_kept_only_for_the_gates_and_the_baseline_is_what_came_before_the_se
         4,
         Input::Health {
             device: "d000".into(),
+            seq: next_seq(),
             summaries: Vec::new(),
         },
     );
@@ -263,6 +273,7 @@ fn health_is_kept_only_for_the_gates_and_the_baseline_is_what_came_before_the_se
         5,
         Input::Health {
             device: "d000".into(),
+            seq: next_seq(),
             summaries: vec![bad],
         },
     );
@@ -270,6 +281,7 @@ fn health_is_kept_only_for_the_gates_and_the_baseline_is_what_came_before_the_se
         5,
         Input::Health {
             device: "stranger".into(),
+            seq: next_seq(),
             summaries: vec![summary(1, 1)],
         },
     );
@@ -723,6 +735,7 @@ fn a_gated_record_of_a_thousand_devices_with_their_health_fits() {
     );
     let full = |d: &str| Input::Health {
         device: d.into(),
+        seq: next_seq(),
         summaries: vec![HealthSummary {
             fuel_used: u64::MAX / 3,
             peak_memory_bytes: 1 << 40,
@@ -739,4 +752,27 @@ fn a_gated_record_of_a_thousand_devices_with_their_health_fits() {
     let per_device = (sealed - plain) / 1000;
     assert!(per_device < 240, "{per_device} bytes of health a device");
     assert!(sealed < MAX_ROLLOUT / 3, "{sealed} bytes");
+}
+
+#[test]
+fn a_period_read_again_counts_once() {
+    let mut r = rollout(2, &[1], gated_policy(&["traps <= 2x control"]));
+    let period = |seq| Input::Health {
+        device: "d001".into(),
+        seq,
+        summaries: vec![summary(1000, 3)],
+    };
+    r.step(0, period(7));
+    // The same retained message, read by a driver that took the rollout up from the
+    // record: the record knows it counted period 7.
+    let key = SecretKey::generate().unwrap();
+    let sealed = r.seal(&[&key]).unwrap();
+    let mut taken_up = Rollout::open(&sealed, &release_root(&key), "lab").unwrap();
+    taken_up.step(1, period(7));
+    assert_eq!(taken_up.devices["d001"].health["app"].traps, 3);
+    taken_up.step(2, period(8));
+    // kilnd restarted: its periods count from 1 again, and they count.
+    taken_up.step(3, period(1));
+    assert_eq!(taken_up.devices["d001"].health["app"].traps, 9);
+    assert_eq!(taken_up.devices["d001"].health_seq, Some(1));
 }
