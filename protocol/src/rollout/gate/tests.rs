@@ -947,7 +947,7 @@ fn a_reading_shows_each_cohort_in_the_bounds_terms_with_the_gates_own_verdict() 
 fn a_breach_line_shows_four_significant_digits() {
     let cases = [
         (0.005154639175257732, "0.005155"),
-        (0.0012886597938144330, "0.001289"),
+        (0.001288659793814433, "0.001289"),
         (128.93, "128.9"),
         (100.0, "100"),
         (0.0025, "0.0025"),
