@@ -164,6 +164,7 @@ function renderRollouts() {
       continue;
     }
     box.appendChild(el('p', 'group ' + r.group + ': ' + r.release + ' - ' + r.phase, 'phase'));
+    if (r.cohort && r.cohort.length) box.appendChild(el('p', 'cohort: --where ' + r.cohort.join(' --where '), 'cohort'));
     const c = r.counts;
     box.appendChild(el('p', c.committed + ' committed, ' + c.failed + ' failed, ' + c.pending + ' pending, ' + c.waiting + ' waiting; started by ' + r.started_by, 'muted'));
     r.waves.forEach((wave, i) => {

@@ -432,6 +432,7 @@ fn rollout_json(r: &Rollout) -> Value {
         "counts": { "waiting": waiting, "pending": pending, "committed": committed, "failed": failed },
         "waves": waves,
         "skipped": r.skipped,
+        "cohort": r.policy.cohort,
         "history": r.history.iter().map(|(at, l)| json!({ "at_ms": at, "text": l })).collect::<Vec<_>>(),
         "gates": gates_json(r),
     })

@@ -179,6 +179,10 @@ fn a_gated_rollout_shows_each_gates_signal_per_started_wave_against_its_control(
     // d1 (wave 1) committed and passed; wave 2 (d2, d3) is being sent, so no device
     // is left waiting and wave 1's `x control` compares with its baseline.
     let good = rollout_json(&roll_out(0, 1.1));
+    assert_eq!(good["cohort"], json!([]), "the whole group");
+    let mut canaries = roll_out(0, 1.1);
+    canaries.policy.cohort = vec!["tag=canary".into()];
+    assert_eq!(rollout_json(&canaries)["cohort"], json!(["tag=canary"]));
     let gates = good["gates"].as_array().unwrap();
     assert_eq!(gates.len(), 2);
     assert_eq!(gates[0]["gate"], "traps <= 2x control");
