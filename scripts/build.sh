@@ -10,6 +10,8 @@
 #   - the host tool `kiln`;
 #   - the Rust example modules for wasm32-wasip1 (hello, a WASI command; sensor-filter,
 #     a reactor written with the kiln-guest SDK);
+#   - the C example modules (examples/c, written with the C SDK guest/c/kiln.h), with
+#     clang-19 and wasi-libc (scripts/c-examples.sh);
 #   - the WASI testsuite's 46 wasm32-wasip1 Rust tests (conformance/wasi).
 # Prints the stripped size of each kilnd.
 #
@@ -71,6 +73,8 @@ for example in hello sensor-filter; do
   cargo build --locked --quiet --release --target wasm32-wasip1 \
     --manifest-path "examples/$example/Cargo.toml" --target-dir "$CARGO_TARGET_DIR/examples"
 done
+echo "build: C example modules for wasm32-wasi"
+scripts/c-examples.sh
 echo "build: the WASI testsuite for wasm32-wasip1"
 scripts/wasi-testsuite.sh --build
 

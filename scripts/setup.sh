@@ -7,7 +7,8 @@
 # tests run against a second broker too: aedes (Node.js), from the npm registry at the
 # versions e2e/aedes/package-lock.json pins. The dashboard test drives Debian's
 # Chromium with chromedriver. The book (docs/) is built with mdBook, from crates.io.
-# The WASI testsuite's C tests are built with Debian's clang-19, lld-19 and wasi-libc.
+# The WASI testsuite's C tests and the C SDK's examples (examples/c) are built with
+# Debian's clang-19, lld-19 and wasi-libc.
 # The boards (scripts/board.sh) need qemu-system-arm and -misc, qemu-user-static, qemu-utils,
 # mmdebstrap, dosfstools, mtools and ssh.
 #
@@ -34,7 +35,8 @@ have strace || packages+=(strace)
 have shellcheck || packages+=(shellcheck)
 have dpkg-deb || packages+=(dpkg)
 { have node && have npm; } || packages+=(nodejs npm)
-# The WASI testsuite's C tests: Debian's clang, lld, wasi-libc and its wasm32 runtime.
+# The WASI testsuite's C tests and the C examples: Debian's clang, lld, wasi-libc and
+# its wasm32 runtime.
 { have clang-19 && have wasm-ld-19 && [ -e /usr/lib/wasm32-wasi/libc.a ] \
   && [ -e /usr/lib/llvm-19/lib/clang/19/lib/wasi/libclang_rt.builtins-wasm32.a ]; } \
   || packages+=(clang-19 lld-19 wasi-libc libclang-rt-19-dev-wasm32)
