@@ -6,6 +6,7 @@
 mod board;
 mod confine;
 mod conformance;
+mod csdk;
 mod dashboard;
 mod first_hour;
 mod fleet;
