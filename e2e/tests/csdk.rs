@@ -158,3 +158,35 @@ fn the_c_sensor_filter_artifact_is_small() {
         );
     }
 }
+
+/// A C module built with KILN_NO_LIBC imports nothing but `kiln`: the lean kilnd (no
+/// WASI) runs it, and it publishes what the counter fixture (WAT) publishes.
+#[test]
+fn a_c_module_without_libc_runs_on_the_lean_kilnd_like_the_wat_counter() {
+    for target in kiln_e2e::LEAN_DEVICES {
+        let s = shared();
+        let tick = "tick_ms = 50\ntimeout_ms = 20000\nconfig = \"3\"";
+        let mut config = module_entry("wat", &s.artifact("fixtures/counter.wat", target), tick);
+        config += &module_entry("c", &s.artifact("c/counter.wasm", target), tick);
+        let mut serve = Serve::start(&Device::lean(target), &config);
+        let records = serve.wait_until(Duration::from_secs(120), |r| {
+            texts(r, "wat").len() >= 30 && texts(r, "c").len() >= 30
+        });
+        let explain = serve.explain();
+        let expected: Vec<String> = (1..=30).map(|n| format!("{n:08x}")).collect();
+        assert_eq!(
+            texts(&records, "wat")[..30],
+            expected[..],
+            "{target}\n{explain}"
+        );
+        assert_eq!(
+            texts(&records, "c")[..30],
+            expected[..],
+            "{target}\n{explain}"
+        );
+        eprintln!(
+            "{target}: lean kilnd: the C counter ({} bytes of wasm) published 1..=30 like the WAT one",
+            std::fs::metadata(kiln_e2e::source("c/counter.wasm")).unwrap().len()
+        );
+    }
+}
