@@ -11,7 +11,7 @@ use kiln_protocol::artifact;
 use kiln_protocol::fleet::{
     seal_report, Desired, DesiredModule, DeviceFacts, Event, EventKind, EventV1, Health, HealthV1,
     ModuleHealth, ModuleLimits, ModuleReport, ModuleState, Reported, ReportedV1, Scope,
-    SignedDesired, Status, StatusV1, StatusV2, TargetArtifact, TrustReport,
+    SignedDesired, Status, StatusV1, StatusV2, Tags, TargetArtifact, TrustReport, MAX_TAGS,
 };
 use kiln_protocol::manifest::Manifest;
 use kiln_protocol::rollout::gate::{HealthSummary, Sketch};
@@ -555,6 +555,31 @@ fn main() -> std::io::Result<()> {
     ];
     write("worker_to", "session", &frames(&frames_to))?;
     write("worker_to", "tick", &frames(&frames_to[1..2]))?;
+
+    // Tags signed by the fixed root's release key for dev-01 (the target opens them
+    // on dev-01's topic): none, a few, and the most a record may hold.
+    let tags = |names: &[String]| Tags {
+        fleet: kiln_fuzz::FLEET.into(),
+        device: "dev-01".into(),
+        serial: 7,
+        issued_ms: 1_700_000_000_000,
+        tags: names.iter().cloned().collect(),
+    };
+    let few = ["canary".to_string(), "site-berlin".into(), "rev_b".into()];
+    let most: Vec<String> = (0..MAX_TAGS).map(|i| format!("tag-{i:02}")).collect();
+    for (name, names) in [("none", &[][..]), ("few", &few[..]), ("most", &most[..])] {
+        let sealed = tags(names).seal(&[&key]).expect("valid tags seal");
+        write("tags", name, &sealed)?;
+    }
+
+    // Conditions, and a device's attributes after a newline.
+    for (name, text) in [
+        ("tag", "tag=canary\nx86_64-unknown-linux-gnu avx2 sse4.2 0.9.1 lab canary"),
+        ("version", "kilnd>=0.9.0-rc.1\naarch64-unknown-linux-gnu neon - 0.9.0 lab"),
+        ("target", "target != riscv64gc-unknown-linux-gnu"),
+    ] {
+        write("cohort", name, text.as_bytes())?;
+    }
     Ok(())
 }
 

@@ -679,3 +679,20 @@ fn a_stream_is_decoded_only_to_its_signed_length() {
         artifact
     );
 }
+
+/// fuzz/artifacts/cohort/crash-d162c4995675338b17a478a7fdbfb616d5c8bc9f: a `kilnd`
+/// condition whose pre-release held form feeds and spaces parsed, but showed as text
+/// that parsed to another condition (the record keeps conditions as text). A
+/// pre-release is now semver's: dot-separated identifiers of `[0-9A-Za-z-]`.
+#[test]
+fn a_kilnd_condition_with_control_characters_in_its_pre_release_is_refused() {
+    use kiln_protocol::rollout::cohort::Condition;
+    let input: &[u8] = b"kilnd=2.05.4---\x0c\x0cki    +                \x0c\x0c\x0c\x0c\x0c\x0c\x0c---\x0c\x0cki         ---\x0c\x0cki              \x09";
+    let text = std::str::from_utf8(input).unwrap();
+    assert!(Condition::parse(text).is_err());
+    // What the fuzz target holds every condition to.
+    for text in ["kilnd=2.05.4---ki", "kilnd >= 0.9.0-rc.1+b", "tag=canary"] {
+        let parsed = Condition::parse(text).unwrap();
+        assert_eq!(Condition::parse(&parsed.to_string()), Ok(parsed), "{text}");
+    }
+}

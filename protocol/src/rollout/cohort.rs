@@ -109,7 +109,15 @@ impl Version {
         let bad = || format!("`{text}` is not a version like 0.9.0 (X.Y.Z)");
         let core = text.split('+').next().unwrap_or_default();
         let (core, pre) = match core.split_once('-') {
-            Some((c, p)) if !p.is_empty() => (c, Some(p.to_string())),
+            // Dot-separated identifiers of [0-9A-Za-z-], none empty (as semver has
+            // them): what parses shows as the same text.
+            Some((c, p))
+                if p.split('.').all(|id| {
+                    !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                }) =>
+            {
+                (c, Some(p.to_string()))
+            }
             Some(_) => return Err(bad()),
             None => (core, None),
         };
@@ -136,8 +144,37 @@ impl Version {
                 (None, None) => Ordering::Equal,
                 (None, Some(_)) => Ordering::Greater,
                 (Some(_), None) => Ordering::Less,
-                (Some(a), Some(b)) => a.cmp(b),
+                (Some(a), Some(b)) => pre_release_order(a, b),
             })
+    }
+}
+
+/// Semver's order of pre-releases: identifier by identifier, numbers numerically
+/// and before words, and a prefix before what extends it (`rc.2` < `rc.10` < `rc.10.1`).
+fn pre_release_order(a: &str, b: &str) -> Ordering {
+    // Numeric identifiers compare by length, then text (without leading zeros):
+    // numerically, without overflow however long.
+    fn rank(id: &str) -> (u8, usize, &str) {
+        match id.bytes().all(|b| b.is_ascii_digit()) {
+            true => (
+                0,
+                id.trim_start_matches('0').len(),
+                id.trim_start_matches('0'),
+            ),
+            false => (1, 0, id),
+        }
+    }
+    let (mut a, mut b) = (a.split('.'), b.split('.'));
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return Ordering::Equal,
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            (Some(x), Some(y)) => match rank(x).cmp(&rank(y)) {
+                Ordering::Equal => continue,
+                other => return other,
+            },
+        }
     }
 }
 
@@ -361,6 +398,38 @@ mod tests {
         ] {
             assert!(!holds(no), "{no}");
         }
+    }
+
+    #[test]
+    fn pre_releases_order_as_semver_has_them_and_show_as_they_parse() {
+        let v = |t: &str| Version::parse(t).unwrap();
+        let ordered = [
+            "0.9.0-alpha",
+            "0.9.0-alpha.1",
+            "0.9.0-alpha.beta",
+            "0.9.0-rc.2",
+            "0.9.0-rc.10",
+            "0.9.0-rc.10.1",
+            "0.9.0",
+            "0.9.1-1",
+        ];
+        for pair in ordered.windows(2) {
+            assert_eq!(
+                v(pair[0]).cmp_release(&v(pair[1])),
+                Ordering::Less,
+                "{pair:?}"
+            );
+        }
+        for text in [
+            "0.9.0-",
+            "0.9.0-rc..1",
+            "0.9.0-rc 1",
+            "0.9.0-r\u{c}c",
+            "0.9.0-rc_1",
+        ] {
+            assert!(Version::parse(text).is_err(), "{text:?}");
+        }
+        assert_eq!(v("0.9.0-rc.1+build.5").to_string(), "0.9.0-rc.1");
     }
 
     #[test]
