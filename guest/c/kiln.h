@@ -1,7 +1,7 @@
 /*
  * kiln.h: write kiln reactor modules in C. Header-only; include it and build with
  *
- *   clang-19 --target=wasm32-wasi -mexec-model=reactor -O2 -I guest/c module.c -o module.wasm
+ *   clang-19 --target=wasm32-wasi -mexec-model=reactor -O2 -s -I guest/c module.c -o module.wasm
  *
  * then `kiln compile module.wasm --target ... --sign ...`. The book's page
  * docs/src/c-sdk.md has the whole walk-through; the ABI itself is
