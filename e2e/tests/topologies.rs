@@ -1,7 +1,8 @@
 //! Kiln across topologies and brokers: devices on a gateway mosquitto bridged to a
 //! central one, where the fleet tool connects (as a factory runs it), and devices on
-//! aedes, a second MQTT implementation. Updates, patches, reports, events and
-//! telemetry all get through; so does a broker restart. And the ACL `kiln acl` writes.
+//! aedes, a second MQTT implementation, and a device given two brokers that fails over
+//! when one dies. Updates, patches, reports, events and telemetry all get through; so
+//! does a broker restart. And the ACL `kiln acl` writes.
 
 use std::time::{Duration, Instant};
 
@@ -45,6 +46,49 @@ fn a_device_behind_a_bridged_gateway_updates_and_reports_to_the_central_broker()
     let central = Broker::start();
     let mut gateway = Broker::start_bridged(&central, DEFAULT_PREFIX);
     updates_reports_and_survives_a_restart(Some(&central), &mut gateway);
+}
+
+/// A device and the fleet tool given two brokers (`URL,URL`, as a cluster's nodes):
+/// the first dies, the device moves to the second on its own, and a push naming both
+/// reaches it there. The brokers are two lone mosquittos, so nothing retained crosses
+/// over: the device's birth message on the second is its own, sent on reconnecting.
+#[test]
+fn a_device_given_two_brokers_moves_to_the_second_when_the_first_dies() {
+    let mut first = Broker::start();
+    let second = Broker::start();
+    let both = format!("{},{}", first.url(), second.url());
+    let watch_first = Watch::start(&first, "dev-two");
+    let watch_second = Watch::start(&second, "dev-two");
+    let mut device = FleetDevice::new("x86_64-linux", "dev-two", &first);
+    device.broker = both.clone();
+    device.start(None);
+    wait_online(&first.url(), "dev-two");
+    let health = ["--health-window-ms", "1000", "--tick-ms", "100"];
+    push(&first, &app("x86_64-linux", 1, false), "dev-two", &health);
+    watch_first.wait_committed(1, LIMIT);
+
+    first.kill();
+    let killed = Instant::now();
+    wait_online(&second.url(), "dev-two");
+    eprintln!(
+        "online on the second broker {:?} after the first died",
+        killed.elapsed()
+    );
+    let log = device.stderr();
+    assert!(
+        log.contains("broker connection lost") && log.contains(&format!("next={}", second.url())),
+        "the device says where it goes next:\n{log}"
+    );
+    // The fleet tool, given both, finds the first gone and publishes on the second.
+    crate::fleet::try_push(
+        &both,
+        &app("x86_64-linux", 2, false),
+        ["--device", "dev-two"],
+        &health,
+    )
+    .expect("a push naming both brokers goes through the second");
+    watch_second.wait_committed(2, LIMIT);
+    assert_eq!(device.started_versions().last(), Some(&2));
 }
 
 #[test]

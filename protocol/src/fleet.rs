@@ -61,7 +61,31 @@ pub struct BrokerUrl {
     pub tls: bool,
 }
 
+/// Brokers one list may name: the nodes of a cluster, or brokers that serve the same
+/// fleet.
+pub const MAX_BROKERS: usize = 16;
+
+/// `URL[,URL...]`, in the order a client tries them: each entry as [`parse_broker`]
+/// reads it, with its text (spaces around commas allowed).
+pub fn parse_brokers(list: &str) -> Result<Vec<(String, BrokerUrl)>, BrokerUrlError> {
+    let entries: Vec<&str> = list.split(',').map(str::trim).collect();
+    if entries.len() > MAX_BROKERS {
+        return Err(BrokerUrlError::TooMany(entries.len()));
+    }
+    entries
+        .into_iter()
+        .map(|text| match text.is_empty() {
+            true => Err(BrokerUrlError::Empty(list.into())),
+            false => parse_broker(text).map(|url| (text.to_string(), url)),
+        })
+        .collect()
+}
+
 pub fn parse_broker(url: &str) -> Result<BrokerUrl, BrokerUrlError> {
+    if url.contains(',') {
+        // Read as one URL, `mqtt://a:1883,mqtt://b` would be host `a:1883,mqtt://b`.
+        return Err(BrokerUrlError::Scheme(url.into()));
+    }
     let (rest, tls) = if let Some(rest) = url.strip_prefix("mqtts://") {
         (rest, true)
     } else if let Some(rest) = url
@@ -102,6 +126,10 @@ pub enum BrokerUrlError {
     Port { url: String, port: String },
     #[error("broker `{0}` names no host")]
     NoHost(String),
+    #[error("broker list `{0}` has an empty entry (a list is URL,URL,...)")]
+    Empty(String),
+    #[error("broker list names {0} brokers (at most {MAX_BROKERS})")]
+    TooMany(usize),
 }
 
 impl From<BrokerUrlError> for String {

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use rumqttc::MqttOptions;
 
-use crate::fleet::{parse_broker, BrokerUrlError};
+use crate::fleet::{parse_brokers, BrokerUrl, BrokerUrlError};
+
+pub mod failover;
 
 /// Largest packet kiln sends: a chunk of up to 1 MiB plus its framing, and the bound
 /// every telemetry batch is sealed under.
@@ -38,7 +40,8 @@ pub const HOST_MAX_INCOMING: usize = 268_435_455 + 5;
 /// How to reach the broker.
 #[derive(Debug, Clone, Default)]
 pub struct Connect {
-    /// `mqtt://host[:port]` or `mqtts://host[:port]`
+    /// `mqtt://host[:port]` or `mqtts://host[:port]`, or a list of them separated by
+    /// commas (the nodes of a cluster), tried in turn ([`failover`]).
     pub broker: String,
     /// PEM CA certificate(s) the broker's certificate must chain to (`mqtts://`).
     pub ca: Option<PathBuf>,
@@ -94,7 +97,35 @@ impl Connect {
         keep_alive: Duration,
         max_incoming: usize,
     ) -> Result<MqttOptions, ConnectError> {
-        let url = parse_broker(&self.broker)?;
+        let mut all = self.all_options(client_id, keep_alive, max_incoming)?;
+        Ok(all.swap_remove(0).1)
+    }
+
+    /// Options for each broker of the list, in its order, with the broker's URL: each
+    /// checked as a single broker would be, so one bad entry refuses the list.
+    pub fn all_options(
+        &self,
+        client_id: &str,
+        keep_alive: Duration,
+        max_incoming: usize,
+    ) -> Result<Vec<(String, MqttOptions)>, ConnectError> {
+        parse_brokers(&self.broker)?
+            .into_iter()
+            .map(|(text, url)| {
+                let options = self.options_at(&text, url, client_id, keep_alive, max_incoming)?;
+                Ok((text, options))
+            })
+            .collect()
+    }
+
+    fn options_at(
+        &self,
+        broker: &str,
+        url: BrokerUrl,
+        client_id: &str,
+        keep_alive: Duration,
+        max_incoming: usize,
+    ) -> Result<MqttOptions, ConnectError> {
         let mut options = MqttOptions::new(client_id, url.host, url.port);
         options
             .set_keep_alive(keep_alive)
@@ -132,12 +163,11 @@ impl Connect {
                     };
                     ConnectError::BadFile(format!("{what} `{}`: {}", path.display(), e.why()))
                 })?;
-                tls(&mut options, ca_bytes, client_auth, &self.broker)
-                    .map_err(ConnectError::Tls)?;
+                tls(&mut options, ca_bytes, client_auth, broker).map_err(ConnectError::Tls)?;
             }
-            (true, None) => return Err(ConnectError::NoCa(self.broker.clone())),
+            (true, None) => return Err(ConnectError::NoCa(broker.to_string())),
             (false, _) if self.ca.is_some() || self.client_cert.is_some() => {
-                return Err(ConnectError::NotTls(self.broker.clone()))
+                return Err(ConnectError::NotTls(broker.to_string()))
             }
             (false, _) => {}
         }
@@ -270,5 +300,33 @@ mod tests {
         assert_eq!(c.ca, Some(PathBuf::from("ca.pem")));
         assert_eq!((c.client_cert, c.client_key), (None, Some("k.pem".into())));
         assert_eq!((c.username, c.password), (Some("dev".into()), None));
+    }
+
+    #[test]
+    fn a_list_gives_options_per_broker_in_order_and_one_bad_entry_refuses_it() {
+        let keep_alive = Duration::from_secs(30);
+        let all = Connect::to("mqtt://a:1883, mqtt://b:1884")
+            .all_options("dev", keep_alive, MAX_INCOMING)
+            .unwrap();
+        let shown: Vec<(&str, (String, u16))> = all
+            .iter()
+            .map(|(t, o)| (t.as_str(), o.broker_address()))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("mqtt://a:1883", ("a".to_string(), 1883)),
+                ("mqtt://b:1884", ("b".to_string(), 1884))
+            ]
+        );
+        // The TLS node of a list without a CA is named, like a single broker.
+        let e = Connect::to("mqtt://a,mqtts://b")
+            .all_options("dev", keep_alive, MAX_INCOMING)
+            .unwrap_err();
+        assert_eq!(e, ConnectError::NoCa("mqtts://b".into()));
+        let first = Connect::to("mqtt://a,mqtt://b")
+            .options("dev", keep_alive)
+            .unwrap();
+        assert_eq!(first.broker_address(), ("a".to_string(), 1883));
     }
 }

@@ -53,7 +53,8 @@ pub struct ProvisionCommand {
     /// A list of devices: one a line, `name[,group;group...]`, `#` comments
     #[arg(long, value_name = "FILE")]
     pub devices: Option<PathBuf>,
-    /// The broker the devices connect to: mqtt://host[:port] or mqtts://host[:port]
+    /// The broker the devices connect to: mqtt://host[:port] or mqtts://host[:port], or
+    /// a cluster's nodes as URL,URL,... (tried in turn)
     #[arg(long, value_name = "URL")]
     pub broker: String,
     /// The fleet's root document (fleet.root from `kiln keygen`), verified first
@@ -93,15 +94,16 @@ impl ProvisionCommand {
         for group in &self.group {
             valid_name(Kind::Group, group)?;
         }
-        let url = kiln_protocol::fleet::parse_broker(&self.broker).map_err(Error::usage)?;
-        if url.tls && self.ca.is_none() {
+        let urls = kiln_protocol::fleet::parse_brokers(&self.broker).map_err(Error::usage)?;
+        let tls = urls.iter().any(|(_, u)| u.tls);
+        if tls && self.ca.is_none() {
             return Err(Error::Usage(format!(
                 "broker `{}` is mqtts://: pass --ca FILE, the broker's CA certificate",
                 self.broker
             ))
             .into());
         }
-        if !url.tls && (self.ca.is_some() || self.client_certs.is_some()) {
+        if urls.iter().any(|(_, u)| !u.tls) && (self.ca.is_some() || self.client_certs.is_some()) {
             return Err(Error::Usage(format!(
                 "--ca and --client-certs need an mqtts:// broker, not `{}`",
                 self.broker

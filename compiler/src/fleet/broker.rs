@@ -9,12 +9,13 @@ use anyhow::{anyhow, bail, Result};
 use clap::Args;
 use kiln_protocol::fleet::{Topics, DEFAULT_PREFIX};
 use kiln_protocol::mqtt::Connect;
-use rumqttc::{Client, Connection, Event, Outgoing, Packet, QoS};
+use rumqttc::{Client, Connection, Event, MqttOptions, Outgoing, Packet, QoS};
 
 /// The broker flags every fleet command shares.
 #[derive(Args, Debug, Clone)]
 pub struct BrokerArgs {
-    /// `mqtt://host[:port]`, or `mqtts://host[:port]` with --ca
+    /// `mqtt://host[:port]`, or `mqtts://host[:port]` with --ca; or a cluster's nodes as
+    /// URL,URL,... (the first that answers)
     #[arg(long, default_value = "mqtt://127.0.0.1:1883", env = "KILN_BROKER")]
     pub broker: String,
     /// Topic prefix the fleet uses
@@ -125,20 +126,44 @@ impl Session {
     /// lives under it, so broker ACLs for the fleet cover it).
     pub fn connect(connect: &Connect, prefix: &str) -> Result<Self> {
         let id = format!("kiln-{}-{}", std::process::id(), now_ms() % 100_000);
-        let options = connect
-            .options_receiving(
+        let brokers = connect
+            .all_options(
                 &id,
                 Duration::from_secs(10),
                 kiln_protocol::mqtt::HOST_MAX_INCOMING,
             )
             .map_err(|e| anyhow!(e))?;
+        // A list (a cluster's nodes): the first that answers. One broker's error is
+        // its own; a list's names each broker's.
+        let single = brokers.len() == 1;
+        let mut failed = Vec::new();
+        for (broker, options) in brokers {
+            match Self::connect_to(broker.clone(), options, prefix, &id) {
+                Ok(session) => {
+                    if !failed.is_empty() {
+                        eprintln!("note: connected to {broker} ({})", failed.join("; "));
+                    }
+                    return Ok(session);
+                }
+                Err(e) if single => return Err(e),
+                Err(e) => failed.push(format!("{e:#}")),
+            }
+        }
+        Err(anyhow!(
+            "no broker of `{}` answered: {}",
+            connect.broker,
+            failed.join("; ")
+        ))
+    }
+
+    fn connect_to(broker: String, options: MqttOptions, prefix: &str, id: &str) -> Result<Self> {
         let (client, connection) = Client::new(options.clone(), 64);
         let mut session = Self {
             client,
             connection,
-            broker: connect.broker.clone(),
+            broker,
             prefix: prefix.trim_end_matches('/').to_string(),
-            id: id.clone(),
+            id: id.to_string(),
             stash: VecDeque::new(),
             subscribed: BTreeSet::new(),
             reads: 0,

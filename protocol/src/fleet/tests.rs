@@ -232,6 +232,37 @@ fn broker_urls_name_host_port_and_tls() {
     assert_eq!((b.host.as_str(), b.port, b.tls), ("127.0.0.1", 1884, false));
     assert!(parse_broker("http://x").is_err());
     assert!(parse_broker("mqtt://:1883").is_err());
+    // A list given where one broker is read is refused, not read as host `a:1,mqtt://b`.
+    assert!(parse_broker("mqtt://a:1,mqtt://b").is_err());
+}
+
+#[test]
+fn broker_lists_keep_their_order_and_refuse_empty_entries_and_too_many() {
+    let list = parse_brokers("mqtt://a:1 , mqtts://b,mqtt://c:3").unwrap();
+    let shown: Vec<(&str, &str, u16, bool)> = list
+        .iter()
+        .map(|(t, u)| (t.as_str(), u.host.as_str(), u.port, u.tls))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            ("mqtt://a:1", "a", 1, false),
+            ("mqtts://b", "b", 8883, true),
+            ("mqtt://c:3", "c", 3, false)
+        ]
+    );
+    assert_eq!(parse_brokers("mqtt://a").unwrap().len(), 1);
+    for bad in ["mqtt://a,", ",mqtt://a", "mqtt://a,,mqtt://b", ""] {
+        assert!(parse_brokers(bad).is_err(), "{bad:?}");
+    }
+    let many = vec!["mqtt://a"; MAX_BROKERS + 1].join(",");
+    assert_eq!(
+        parse_brokers(&many).unwrap_err().to_string(),
+        format!(
+            "broker list names {} brokers (at most {MAX_BROKERS})",
+            MAX_BROKERS + 1
+        )
+    );
 }
 
 #[test]

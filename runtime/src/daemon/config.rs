@@ -119,7 +119,8 @@ fn byte_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
-    /// `mqtt://host[:port]`, or `mqtts://host[:port]` with `ca`
+    /// `mqtt://host[:port]`, or `mqtts://host[:port]` with `ca`; or several, separated
+    /// by commas (a cluster's nodes), tried in turn when the connection drops.
     pub broker: String,
     /// PEM CA certificate for `mqtts://`
     pub ca: Option<PathBuf>,
@@ -417,7 +418,7 @@ impl Config {
         }
         config.rates = rates;
         if let Some(mqtt) = &mut config.mqtt {
-            kiln_protocol::fleet::parse_broker(&mqtt.broker)
+            kiln_protocol::fleet::parse_brokers(&mqtt.broker)
                 .map_err(|e| format!("config `{file}`: {e}"))?;
             for p in [&mut mqtt.ca, &mut mqtt.client_cert, &mut mqtt.client_key]
                 .into_iter()

@@ -1,7 +1,9 @@
 //! The device's one MQTT connection, shared by the fleet agent and the telemetry
 //! pipeline: one rumqttc event loop polled by its own thread, which never blocks on
-//! anything else. rumqttc reconnects by being polled again; kilnd waits with a growing
-//! backoff in between. Subscriptions do not survive a reconnect with a clean session,
+//! anything else. rumqttc reconnects by being polled again; kilnd waits in between and,
+//! given a list of brokers (`broker = "mqtt://node1,mqtt://node2"`), moves on to the
+//! next one, as [`Failover`] decides (random waits, so the devices of a node that dies
+//! do not all reconnect at once). Subscriptions do not survive a reconnect with a clean session,
 //! so the agent resubscribes on every [`LinkEvent::Connected`].
 //!
 //! Telemetry needs to know which batch the broker acknowledged, but rumqttc picks
@@ -23,7 +25,8 @@ use std::time::Duration;
 
 use rumqttc::{Client, ClientError, Event, LastWill, Outgoing, Packet, QoS, Request};
 
-use kiln_protocol::mqtt::{MAX_PACKET, PUBLISH_OVERHEAD};
+use kiln_protocol::mqtt::failover::Failover;
+use kiln_protocol::mqtt::{MAX_INCOMING, MAX_PACKET, PUBLISH_OVERHEAD};
 
 use crate::daemon::config::MqttConfig;
 
@@ -137,25 +140,35 @@ pub fn connect(
     on_delivery: impl Fn(Delivery) + Send + 'static,
 ) -> Result<Link, String> {
     let keep_alive = Duration::from_secs(config.keep_alive_s.max(5));
-    let mut options = config
-        .connect()
-        .options(&format!("kilnd-{device}"), keep_alive)?;
-    options
-        .set_clean_session(true)
-        .set_inflight(INFLIGHT)
-        .set_last_will(LastWill::new(will.0, will.1, QoS::AtLeastOnce, true));
-    let (client, mut connection) = Client::new(options, 256);
+    let mut brokers =
+        config
+            .connect()
+            .all_options(&format!("kilnd-{device}"), keep_alive, MAX_INCOMING)?;
+    for (_, options) in &mut brokers {
+        options
+            .set_clean_session(true)
+            .set_inflight(INFLIGHT)
+            .set_last_will(LastWill::new(
+                will.0.clone(),
+                will.1.clone(),
+                QoS::AtLeastOnce,
+                true,
+            ));
+    }
+    let mut seed = [0u8; 8];
+    getrandom::getrandom(&mut seed)
+        .map_err(|e| format!("no randomness for the broker failover: {e}"))?;
+    let mut failover = Failover::new(brokers.len(), u64::from_le_bytes(seed));
+    let (client, mut connection) = Client::new(brokers[0].1.clone(), 256);
     let link = Link {
         client,
         tags: Arc::default(),
     };
     let tags = link.tags.clone();
-    let broker = config.broker.clone();
     std::thread::spawn(move || {
-        let mut backoff = Duration::from_millis(200);
         let mut pairing = Pairing::default();
         // One event as it came; false when nobody listens any more.
-        let handle = |event: Event, pairing: &mut Pairing| -> bool {
+        let handle = |event: Event, pairing: &mut Pairing, broker: &str| -> bool {
             match event {
                 Event::Incoming(Packet::ConnAck(_)) => {
                     tracing::info!(%broker, "connected");
@@ -182,15 +195,18 @@ pub fn connect(
             let Ok(event) = connection.recv() else {
                 return; // every client handle is gone
             };
+            let broker = brokers[failover.current()].0.as_str();
             let alive = match event {
                 Ok(event) => {
                     if matches!(event, Event::Incoming(Packet::ConnAck(_))) {
-                        backoff = Duration::from_millis(200);
+                        failover.connected();
                     }
-                    handle(event, &mut pairing)
+                    handle(event, &mut pairing, broker)
                 }
                 Err(e) => {
-                    tracing::warn!(%broker, error = %e, retry_ms = backoff.as_millis() as u64, "broker connection lost");
+                    let (next, wait) = failover.failed();
+                    let next_broker = brokers[next].0.as_str();
+                    tracing::warn!(%broker, error = %e, next = %next_broker, retry_ms = wait.as_millis() as u64, "broker connection lost");
                     if let rumqttc::ConnectionError::MqttState(
                         rumqttc::StateError::Deserialization(
                             rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n),
@@ -211,7 +227,7 @@ pub fn connect(
                     let stale = std::mem::take(&mut connection.eventloop.state.events);
                     let mut alive = true;
                     for event in stale {
-                        alive &= handle(event, &mut pairing);
+                        alive &= handle(event, &mut pairing, broker);
                     }
                     // What rumqttc kept to resend: the unacknowledged publishes (with
                     // packet ids) and the requests it had not sent yet (without).
@@ -224,8 +240,9 @@ pub fn connect(
                     for tag in lost {
                         on_delivery(Delivery::Lost(tag));
                     }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    // rumqttc connects with its options of the moment: the next broker's.
+                    connection.eventloop.mqtt_options = brokers[next].1.clone();
+                    std::thread::sleep(wait);
                     alive
                 }
             };
