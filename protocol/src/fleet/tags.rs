@@ -130,19 +130,6 @@ impl Tags {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trust::Role;
-
-    fn root(key: &SecretKey) -> Root {
-        Root {
-            fleet: "acme".into(),
-            version: 1,
-            issued_ms: 0,
-            root: Role::new(&[key.public()], 1),
-            release: Role::new(&[key.public()], 1),
-            registry: None,
-            expires_ms: None,
-        }
-    }
 
     fn tags(device: &str, serial: u64, tags: &[&str]) -> Tags {
         Tags {
@@ -159,11 +146,14 @@ mod tests {
         let key = SecretKey::generate().unwrap();
         let t = tags("dev-01", 1_000, &["canary", "rack-3"]);
         let bytes = t.seal(&[&key]).unwrap();
-        assert_eq!(Tags::open(&bytes, &root(&key), "dev-01").unwrap(), t);
+        assert_eq!(
+            Tags::open(&bytes, &Root::of_one_key(&key), "dev-01").unwrap(),
+            t
+        );
         // Moved to another device's topic, or read in another fleet: refused.
-        let e = Tags::open(&bytes, &root(&key), "dev-02").unwrap_err();
+        let e = Tags::open(&bytes, &Root::of_one_key(&key), "dev-02").unwrap_err();
         assert!(matches!(e, OpenError::WrongFleet(_)), "{e}");
-        let mut other = root(&key);
+        let mut other = Root::of_one_key(&key);
         other.fleet = "staging".into();
         assert!(Tags::open(&bytes, &other, "dev-01").is_err());
     }
@@ -173,7 +163,7 @@ mod tests {
         let key = SecretKey::generate().unwrap();
         let forger = SecretKey::generate().unwrap();
         let bytes = tags("dev-01", 1_000, &["canary"]).seal(&[&forger]).unwrap();
-        let e = Tags::open(&bytes, &root(&key), "dev-01").unwrap_err();
+        let e = Tags::open(&bytes, &Root::of_one_key(&key), "dev-01").unwrap_err();
         assert!(matches!(e, OpenError::Untrusted(_)), "{e}");
         // The body changed after signing.
         let good = tags("dev-01", 1_000, &["canary"]).seal(&[&key]).unwrap();
@@ -184,12 +174,12 @@ mod tests {
         let last = body.len() - 1;
         body[last] ^= 1;
         let bytes = postcard::to_stdvec(&SignedTags::V1 { body, signatures }).unwrap();
-        assert!(Tags::open(&bytes, &root(&key), "dev-01").is_err());
+        assert!(Tags::open(&bytes, &Root::of_one_key(&key), "dev-01").is_err());
         // Not a record at all, or too large.
-        assert!(Tags::open(b"\xff\xff", &root(&key), "dev-01").is_err());
+        assert!(Tags::open(b"\xff\xff", &Root::of_one_key(&key), "dev-01").is_err());
         let huge = vec![0u8; MAX_TAGS_RECORD + 1];
         assert!(matches!(
-            Tags::open(&huge, &root(&key), "dev-01"),
+            Tags::open(&huge, &Root::of_one_key(&key), "dev-01"),
             Err(OpenError::Malformed(_))
         ));
     }

@@ -54,6 +54,23 @@ impl From<RootV1> for Root {
     }
 }
 
+#[cfg(test)]
+impl Root {
+    /// The tests' root: fleet `acme`, v1, whose root and release roles are `key` alone.
+    pub(crate) fn of_one_key(key: &SecretKey) -> Root {
+        let role = Role::new(&[key.public()], 1);
+        Root {
+            fleet: "acme".into(),
+            version: 1,
+            issued_ms: 0,
+            root: role.clone(),
+            release: role,
+            registry: None,
+            expires_ms: None,
+        }
+    }
+}
+
 impl Root {
     /// Why this root is stale at `now_ms`, if it is.
     pub fn stale_at(&self, now_ms: u64) -> Option<String> {

@@ -4,18 +4,6 @@
 use super::*;
 use crate::rollout::v2::RolloutV2;
 
-fn root(key: &SecretKey) -> Root {
-    Root {
-        fleet: "acme".into(),
-        version: 1,
-        issued_ms: 0,
-        root: Role::new(&[key.public()], 1),
-        release: Role::new(&[key.public()], 1),
-        registry: None,
-        expires_ms: None,
-    }
-}
-
 fn with_cohort(cohort: &[&str]) -> Policy {
     let mut p = policy(Threshold::Count(0), Threshold::Count(0), false);
     p.cohort = cohort.iter().map(|c| c.to_string()).collect();
@@ -26,7 +14,7 @@ fn with_cohort(cohort: &[&str]) -> Policy {
 fn the_cohort_is_sealed_in_the_record_and_opens_with_it() {
     let key = SecretKey::generate().unwrap();
     let r = rollout(3, &[1], with_cohort(&["tag=canary", "kilnd>=0.9.0"]));
-    let opened = Rollout::open(&r.seal(&[&key]).unwrap(), &root(&key), "lab").unwrap();
+    let opened = Rollout::open(&r.seal(&[&key]).unwrap(), &Root::of_one_key(&key), "lab").unwrap();
     assert_eq!(opened.policy.cohort, ["tag=canary", "kilnd>=0.9.0"]);
     assert_eq!(opened, r);
 }
@@ -40,7 +28,7 @@ fn a_v2_record_opens_as_one_with_no_cohort_and_goes_on() {
     let body = postcard::to_stdvec(&RolloutV2::from(&r)).unwrap();
     let signatures = sign_all(CONTEXT_V2, &body, &[&key]);
     let bytes = postcard::to_stdvec(&SignedRollout::V2 { body, signatures }).unwrap();
-    let mut opened = Rollout::open(&bytes, &root(&key), "lab").unwrap();
+    let mut opened = Rollout::open(&bytes, &Root::of_one_key(&key), "lab").unwrap();
     assert_eq!(opened, r);
     assert!(opened.policy.cohort.is_empty());
     assert_eq!(sent(&opened.step(2, committed("d000"))), ["d001", "d002"]);
@@ -53,14 +41,14 @@ fn a_v2_record_opens_as_one_with_no_cohort_and_goes_on() {
         unreachable!()
     };
     let swapped = postcard::to_stdvec(&SignedRollout::V3 { body, signatures }).unwrap();
-    assert!(Rollout::open(&swapped, &root(&key), "lab").is_err());
+    assert!(Rollout::open(&swapped, &Root::of_one_key(&key), "lab").is_err());
 }
 
 #[test]
 fn a_record_whose_cohort_does_not_parse_does_not_open() {
     let key = SecretKey::generate().unwrap();
     let r = rollout(2, &[1], with_cohort(&["colour=red"]));
-    let e = Rollout::open(&r.seal(&[&key]).unwrap(), &root(&key), "lab").unwrap_err();
+    let e = Rollout::open(&r.seal(&[&key]).unwrap(), &Root::of_one_key(&key), "lab").unwrap_err();
     assert!(e.contains("`colour` is not an attribute"), "{e}");
 }
 

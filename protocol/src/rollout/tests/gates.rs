@@ -392,18 +392,6 @@ fn a_sampled_wave_is_a_share_drawn_from_the_seed_and_no_device_twice() {
     assert_eq!(draws(sampled(1, 100)), [names(10)]);
 }
 
-fn release_root(key: &SecretKey) -> Root {
-    Root {
-        fleet: "acme".into(),
-        version: 1,
-        issued_ms: 0,
-        root: Role::new(&[key.public()], 1),
-        release: Role::new(&[key.public()], 1),
-        registry: None,
-        expires_ms: None,
-    }
-}
-
 #[test]
 fn a_v1_record_opens_with_no_gates_and_goes_on() {
     let key = SecretKey::generate().unwrap();
@@ -451,14 +439,14 @@ fn a_v1_record_opens_with_no_gates_and_goes_on() {
     let body = postcard::to_stdvec(&old).unwrap();
     let signatures = sign_all(CONTEXT_V1, &body, &[&key]);
     let bytes = postcard::to_stdvec(&SignedRollout::V1 { body, signatures }).unwrap();
-    let mut opened = Rollout::open(&bytes, &release_root(&key), "lab").unwrap();
+    let mut opened = Rollout::open(&bytes, &Root::of_one_key(&key), "lab").unwrap();
     assert_eq!(opened.policy, r.policy);
     assert_eq!((opened.serial, &opened.wave_starts), (4, &vec![0]));
     assert!(opened.step(2, Input::Start).is_empty(), "not started again");
     assert_eq!(sent(&opened.step(3, committed("d000"))), ["d001", "d002"]);
     let again = opened.seal(&[&key]).unwrap();
     assert_eq!(
-        Rollout::open(&again, &release_root(&key), "lab").unwrap(),
+        Rollout::open(&again, &Root::of_one_key(&key), "lab").unwrap(),
         opened
     );
 }
@@ -468,7 +456,7 @@ fn a_record_whose_policy_does_not_hold_does_not_open() {
     let key = SecretKey::generate().unwrap();
     let mut r = rollout(2, &[1], gated_policy(&["traps <= 2x control"]));
     r.policy.gates.push("latency < 3".into());
-    let e = Rollout::open(&r.seal(&[&key]).unwrap(), &release_root(&key), "lab").unwrap_err();
+    let e = Rollout::open(&r.seal(&[&key]).unwrap(), &Root::of_one_key(&key), "lab").unwrap_err();
     assert!(e.contains("gate `latency < 3`"), "{e}");
     r.policy.gates.pop();
     r.devices.get_mut("d000").unwrap().health.insert(
@@ -478,7 +466,7 @@ fn a_record_whose_policy_does_not_hold_does_not_open() {
             ..summary(1, 0)
         },
     );
-    let e = Rollout::open(&r.seal(&[&key]).unwrap(), &release_root(&key), "lab").unwrap_err();
+    let e = Rollout::open(&r.seal(&[&key]).unwrap(), &Root::of_one_key(&key), "lab").unwrap_err();
     assert!(e.contains("health of d000"), "{e}");
 }
 
@@ -767,7 +755,7 @@ fn a_period_read_again_counts_once() {
     // record: the record knows it counted period 7.
     let key = SecretKey::generate().unwrap();
     let sealed = r.seal(&[&key]).unwrap();
-    let mut taken_up = Rollout::open(&sealed, &release_root(&key), "lab").unwrap();
+    let mut taken_up = Rollout::open(&sealed, &Root::of_one_key(&key), "lab").unwrap();
     taken_up.step(1, period(7));
     assert_eq!(taken_up.devices["d001"].health["app"].traps, 3);
     taken_up.step(2, period(8));
