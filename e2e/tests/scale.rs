@@ -223,16 +223,16 @@ fn a_hundred_devices_take_growing_waves_and_the_policy_halts_pauses_aborts_and_r
     fleet.kiln(&["gc"]).ok("gc");
 }
 
-/// Every device of a hundred enrolls in group `lab` and takes v1 from a push to it.
-fn hundred_devices_enroll_and_run_v1(fleet: &Fleet) {
-    wait_for(Duration::from_secs(30), "100 devices", || {
-        devices(fleet).len() == 100
+/// Every device of `n` enrolls in group `lab` and takes v1 from a push to it.
+fn devices_enroll_and_run_v1(fleet: &Fleet, n: usize) {
+    wait_for(Duration::from_secs(30), &format!("{n} devices"), || {
+        devices(fleet).len() == n
     });
     let enrolled = fleet
         .kiln(&["enroll", "--group", "lab", "--sign", "fleet.key"])
         .ok("enroll");
     assert!(
-        enrolled.stdout.contains("100 devices enrolled"),
+        enrolled.stdout.contains(&format!("{n} devices enrolled")),
         "{enrolled}"
     );
     let v1 = fleet.app(1, "fleet.key");
@@ -245,7 +245,7 @@ fn hundred_devices_enroll_and_run_v1(fleet: &Fleet) {
         "fleet.key",
     ];
     push.extend(QUICK);
-    fleet.kiln(&push).ok("push v1 to 100 devices");
+    fleet.kiln(&push).ok("push v1 to the group");
     wait_for(Duration::from_secs(60), "every device runs v1", || {
         running(fleet).iter().all(|(_, v)| *v == Some(1))
     });
@@ -254,7 +254,7 @@ fn hundred_devices_enroll_and_run_v1(fleet: &Fleet) {
 /// Every device of a hundred enrolls, takes v1 from a push to the group, then v2 from
 /// a rollout in waves of 1, 10, 40, 40 and 9.
 fn hundred_devices_take_a_push_and_growing_waves(fleet: &Fleet) {
-    hundred_devices_enroll_and_run_v1(fleet);
+    devices_enroll_and_run_v1(fleet, 100);
     let run = rollout(fleet, 2, &["--waves", "1,10", "--wave-size", "40"]).ok("rollout v2");
     assert!(
         run.stdout
@@ -503,7 +503,7 @@ fn a_hundred_devices_halt_a_rollout_on_their_health_and_complete_a_good_one() {
         &MODELS,
         &MODELLED,
     );
-    hundred_devices_enroll_and_run_v1(&fleet);
+    devices_enroll_and_run_v1(&fleet, 100);
 
     // (a) Twice the traps: the update agent commits v2 on all of wave 1, and the
     // trap gate halts it after the wave's soak, against the 90 devices on v1.
@@ -555,26 +555,7 @@ fn a_rollout_where_tag_canary_takes_only_the_tagged_devices() {
     let broker = Broker::start();
     let fleet = Fleet::new(&broker, "cohort");
     let _sim = sim(&fleet, 10, &[]);
-    wait_for(Duration::from_secs(30), "10 devices", || {
-        devices(&fleet).len() == 10
-    });
-    fleet
-        .kiln(&["enroll", "--group", "lab", "--sign", "fleet.key"])
-        .ok("enroll");
-    let v1 = fleet.app(1, "fleet.key");
-    let mut push = vec![
-        "push",
-        path_str(&v1),
-        "--group",
-        "lab",
-        "--sign",
-        "fleet.key",
-    ];
-    push.extend(QUICK);
-    fleet.kiln(&push).ok("push v1");
-    wait_for(Duration::from_secs(60), "every device runs v1", || {
-        running(&fleet).iter().all(|(_, v)| *v == Some(1))
-    });
+    devices_enroll_and_run_v1(&fleet, 10);
 
     let canaries = ["sim-0001", "sim-0004", "sim-0007"];
     let mut tag = vec!["tag"];
@@ -623,6 +604,29 @@ fn a_rollout_where_tag_canary_takes_only_the_tagged_devices() {
     assert_eq!(tags_of("sim-0004"), serde_json::json!(["canary", "east"]));
     assert_eq!(tags_of("sim-0007"), serde_json::json!(["canary"]));
     assert_eq!(tags_of("sim-0002"), serde_json::json!([]));
+    // kiln devices chooses as the rollout will: the canaries, by their verified tags.
+    let chosen = fleet
+        .kiln(&[
+            "devices",
+            "--json",
+            "--group",
+            "lab",
+            "--where",
+            "tag=canary",
+        ])
+        .ok("kiln devices --where");
+    let names: Vec<String> = chosen
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["device"].to_string())
+        .collect();
+    assert_eq!(names, canaries.map(|c| format!("{c:?}")), "{chosen}");
+    assert!(
+        chosen
+            .stderr
+            .contains("3 of 10 devices: tag=canary and group=lab"),
+        "{chosen}"
+    );
 
     let none = rollout(&fleet, 2, &["--where", "tag=nobody", "--dry-run"]);
     assert_eq!(none.code, Some(68), "{none}");

@@ -4,6 +4,8 @@ use anyhow::Result;
 use clap::Parser;
 use kiln_protocol::fleet::{ModuleState, ReportedV1, StatusV2};
 use kiln_protocol::keys::PublicKey;
+use kiln_protocol::names::Kind;
+use kiln_protocol::rollout::cohort::{self, Attr, Attributes, Condition};
 use kiln_protocol::trust::Registry;
 use serde_json::json;
 
@@ -11,6 +13,8 @@ use crate::exit::{coded, Code};
 use crate::fleet::broker::BrokerArgs;
 use crate::fleet::messages::{warn_skipped, Body, Reader};
 use crate::fleet::trust::{Fleet, Identity, RootArgs};
+use crate::fleet::Error;
+use crate::names::valid_name;
 
 const AFTER_HELP: &str = "\
 IDENTITY says whether the device's status and reported state are signed by the key
@@ -21,9 +25,16 @@ are older than its bound (they may be withheld). LAST EVENT is each module's new
 event, named by its module (`app: committed`). TAGS are the operator's tags (`kiln
 tag`), shown only when they verify under the fleet's root (`?` without --root).
 
+--group and --where show only some devices, chosen as `kiln rollout` chooses them: by
+their signed status (a device that has sent none is not shown) and, for `tag=`, by
+tags that verify (so `tag=` needs --root). A note on stderr says how many of the
+fleet they chose.
+
 Examples:
   kiln devices
-  kiln devices --root fleet.root --broker mqtt://broker.lan:1883 --json";
+  kiln devices --root fleet.root --broker mqtt://broker.lan:1883 --json
+  kiln devices --group lab --where 'kilnd<0.9.0'
+  kiln devices --root fleet.root --where tag=canary --where target=aarch64-unknown-linux-gnu";
 
 /// Show the fleet from the broker's retained status and reported state
 #[derive(Parser, Debug)]
@@ -36,6 +47,13 @@ pub struct DevicesCommand {
     /// One JSON object per device, one per line
     #[arg(long)]
     pub json: bool,
+    /// Only the members of this group (by their signed status)
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+    /// Only the devices a condition selects, as `kiln rollout --where` has them
+    /// (repeatable, all must hold): target=, feature=, kilnd>=X.Y.Z, group=, tag=
+    #[arg(long = "where", value_name = "EXPR")]
+    pub cohort: Vec<String>,
 }
 
 /// What the broker retains for a device, decoded, with who signed it.
@@ -67,7 +85,29 @@ impl Row {
 }
 
 impl DevicesCommand {
+    /// The --group and --where conditions, refused before the broker is asked.
+    fn conditions(&self) -> Result<Vec<Condition>> {
+        let mut conditions =
+            cohort::parse_all(&self.cohort).map_err(|e| Error::Usage(format!("--where: {e}")))?;
+        if let Some(group) = &self.group {
+            valid_name(Kind::Group, group)?;
+            conditions.push(
+                Condition::parse(&format!("group={group}"))
+                    .map_err(|e| Error::Usage(format!("--group: {e}")))?,
+            );
+        }
+        if self.root.path(None).is_none() && conditions.iter().any(|c| c.attr == Attr::Tag) {
+            return Err(Error::Usage(
+                "--where tag=: tags count only when they verify; pass --root".into(),
+            )
+            .into());
+        }
+        Ok(conditions)
+    }
+
     pub fn execute(self) -> Result<()> {
+        let conditions = self.conditions()?;
+        let profiles = crate::build::targets::load(None).map_err(Error::invalid)?;
         let topics = self.broker.topics();
         let mut session = self
             .broker
@@ -106,6 +146,24 @@ impl DevicesCommand {
             }
         }
         session.disconnect();
+        if !conditions.is_empty() {
+            let of = rows.len();
+            rows.retain(|device, row| {
+                let Some(facts) = row.status.as_ref().and_then(|(s, _)| s.facts.as_ref()) else {
+                    return false;
+                };
+                let attributes = Attributes {
+                    triple: facts.triple.clone(),
+                    cpu_features: facts.cpu_features.clone(),
+                    kilnd: facts.kilnd.clone(),
+                    groups: facts.groups.clone(),
+                    tags: tags_of(device).unwrap_or_default(),
+                };
+                cohort::selects(&conditions, &attributes, &profiles)
+            });
+            let chosen: Vec<String> = conditions.iter().map(ToString::to_string).collect();
+            eprintln!("{} of {of} devices: {}", rows.len(), chosen.join(" and "));
+        }
 
         if self.json {
             for (device, row) in &rows {
@@ -211,4 +269,41 @@ fn to_json(device: &str, row: &Row, identity: Option<&Identity>) -> serde_json::
         "status": status,
         "reported": reported,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conditions(args: &[&str]) -> Result<Vec<String>, String> {
+        let mut all = vec!["devices"];
+        all.extend(args);
+        DevicesCommand::try_parse_from(all)
+            .unwrap()
+            .conditions()
+            .map(|c| c.iter().map(ToString::to_string).collect())
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    #[test]
+    fn group_and_where_make_the_conditions_and_a_bad_one_is_refused_naming_its_flag() {
+        assert_eq!(conditions(&[]), Ok(vec![]));
+        assert_eq!(
+            conditions(&["--where", "kilnd >= 0.9.0", "--group", "lab"]),
+            Ok(vec!["kilnd>=0.9.0".to_string(), "group=lab".into()])
+        );
+        assert_eq!(
+            conditions(&["--root", "fleet.root", "--where", "tag=canary"]),
+            Ok(vec!["tag=canary".to_string()])
+        );
+        let e = conditions(&["--where", "tag>canary"]).unwrap_err();
+        assert!(e.starts_with("--where: "), "{e}");
+        let e = conditions(&["--group", "no/such"]).unwrap_err();
+        assert!(e.contains("no/such"), "{e}");
+        let e = conditions(&["--where", "tag=canary"]).unwrap_err();
+        assert_eq!(
+            e,
+            "--where tag=: tags count only when they verify; pass --root"
+        );
+    }
 }
