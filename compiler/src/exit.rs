@@ -22,7 +22,7 @@ pub enum Code {
     CannotWrite = Shared::CannotWrite as u8,
     /// A key is missing, malformed, untrusted or has unsafe permissions.
     Key = Shared::Key as u8,
-    /// The MQTT broker cannot be reached or refused the session.
+    /// The MQTT broker cannot be reached, or refused the session or a subscription.
     Unavailable = Shared::Unavailable as u8,
     /// A device refused the desired state `kiln push` published.
     Refused = Shared::Refused as u8,

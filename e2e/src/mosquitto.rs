@@ -20,6 +20,8 @@ pub struct Broker {
     pub extra_config: String,
     /// aedes (Node.js) instead of mosquitto: the second broker implementation.
     aedes: bool,
+    /// aedes only: subscriptions to these filters are refused (SUBACK 0x80).
+    pub deny_subscribe: Vec<String>,
 }
 
 impl Broker {
@@ -35,6 +37,7 @@ impl Broker {
             tls: None,
             extra_config: String::new(),
             aedes: false,
+            deny_subscribe: Vec::new(),
         };
         broker.restart();
         broker
@@ -121,6 +124,7 @@ impl Broker {
             let child = Command::new("node")
                 .arg(dir.join("server.cjs"))
                 .arg(self.port.to_string())
+                .env("AEDES_DENY_SUBSCRIBE", self.deny_subscribe.join(","))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()

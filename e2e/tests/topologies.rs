@@ -1,7 +1,7 @@
 //! Kiln across topologies and brokers: devices on a gateway mosquitto bridged to a
 //! central one, where the fleet tool connects (as a factory runs it), and devices on
-//! aedes, a second MQTT implementation, and a device given two brokers that fails over
-//! when one dies. Updates, patches, reports, events and telemetry all get through; so
+//! aedes, a second MQTT implementation, a device given two brokers that fails over
+//! when one dies, and a broker that refuses subscriptions. Updates, patches, reports, events and telemetry all get through; so
 //! does a broker restart. And the ACL `kiln acl` writes.
 
 use std::time::{Duration, Instant};
@@ -89,6 +89,63 @@ fn a_device_given_two_brokers_moves_to_the_second_when_the_first_dies() {
     .expect("a push naming both brokers goes through the second");
     watch_second.wait_committed(2, LIMIT);
     assert_eq!(device.started_versions().last(), Some(&2));
+}
+
+/// A broker that refuses subscriptions (SUBACK 0x80: an ACL, or a loaded cluster; here
+/// aedes told to refuse two filters): the device names the refusal in an event and
+/// keeps its other subscriptions, and the fleet tool stops with exit 69 naming the
+/// filter instead of showing an empty fleet.
+#[test]
+fn a_subscription_the_broker_refuses_is_named_by_the_device_and_the_fleet_tool() {
+    let topics = Topics::new(DEFAULT_PREFIX);
+    let west = topics.group_desired("west");
+    let mut broker = Broker::start_aedes();
+    broker.deny_subscribe = vec![west.clone()];
+    broker.restart();
+    let watch = Watch::start(&broker, "dev-deny");
+    let mut device = FleetDevice::new("x86_64-linux", "dev-deny", &broker);
+    device.groups = vec!["lab".into(), "west".into()];
+    device.start(None);
+    wait_online(&broker.url(), "dev-deny");
+    watch.wait_event(LIMIT, "the refusal", |(m, _, k)| {
+        m == "*"
+            && k.to_string()
+                .contains(&format!("the broker refused the subscription to {west}"))
+    });
+    // Its own desired state still arrives.
+    let health = ["--health-window-ms", "1000", "--tick-ms", "100"];
+    push(&broker, &app("x86_64-linux", 1, false), "dev-deny", &health);
+    watch.wait_committed(1, LIMIT);
+    // And it asks again (5 s later), and is refused again.
+    crate::util::eventually(
+        LIMIT,
+        || {
+            device
+                .stderr()
+                .lines()
+                .filter(|l| l.contains("the broker refused a subscription") && l.contains(&west))
+                .count()
+                >= 2
+        },
+        || format!("asked once only:\n{}", device.stderr()),
+    );
+
+    // Now every device's reported state is refused (to the fleet tool too).
+    broker.deny_subscribe.push(topics.all_devices("reported"));
+    broker.restart();
+    let out = std::process::Command::new(kiln_e2e::kiln_path())
+        .args(["devices", "--broker", &broker.url()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "refused the subscription to `{}`",
+            topics.all_devices("reported")
+        )),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -120,7 +120,8 @@ pub const TABLE: &[Entry] = &[
         Code::Unavailable,
         "Unavailable",
         UsedBy::Kiln,
-        "`push`, `devices`: the MQTT broker cannot be reached, or the peer is not an MQTT broker",
+        "`push`, `devices`, `watch`: the MQTT broker cannot be reached, refused a subscription \
+         (its ACL, or overloaded), or the peer is not an MQTT broker",
     ),
     entry(Code::Internal, "Internal", UsedBy::Kilnd, "internal error"),
     entry(

@@ -136,7 +136,17 @@ impl WatchCommand {
                         .subscribe_many(subscriptions)
                         .map_err(|e| anyhow!("cannot subscribe: {e}"))?;
                 }
-                Ok(Ok(Event::Incoming(Packet::SubAck(_)))) if !announced => {
+                Ok(Ok(Event::Incoming(Packet::SubAck(ack)))) if !announced => {
+                    if let Some(i) = crate::fleet::broker::refused(&ack) {
+                        return Err(coded(
+                            Code::Unavailable,
+                            anyhow!(
+                                "broker `{}` refused the subscription to `{}` (SUBACK failure): its ACL does not let this user read it, or it is overloaded",
+                                self.broker.broker,
+                                filters[i]
+                            ),
+                        ));
+                    }
                     announced = true;
                     eprintln!(
                         "kiln watch: watching {} and {} on {}",

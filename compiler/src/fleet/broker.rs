@@ -185,6 +185,7 @@ impl Session {
         self.until(Duration::from_secs(10), |e| {
             matches!(e, Event::Incoming(Packet::ConnAck(_)))
         })
+        .map(drop)
     }
 
     /// Publishes retained QoS 1 messages and returns when the broker has acknowledged
@@ -264,7 +265,15 @@ impl Session {
                         out.insert(p.topic.clone(), p.payload.to_vec());
                     }
                 }
-                Ok(Ok(Event::Incoming(Packet::SubAck(_)))) if !sent => {
+                Ok(Ok(Event::Incoming(Packet::SubAck(ack)))) if !sent => {
+                    // A refused subscription would read as an empty snapshot (or a
+                    // marker that never comes back): named instead.
+                    if let Some(i) = refused(&ack) {
+                        let which = if i == 0 { filter } else { sync.as_str() };
+                        let _ = self.client.unsubscribe(filter);
+                        let _ = self.client.unsubscribe(&sync);
+                        bail!(self.refusal(which));
+                    }
                     sent = true;
                     // QoS 1, like the retained messages: a broker sends QoS 1 messages
                     // in order but only so many unacknowledged at once (mosquitto: 20),
@@ -304,9 +313,24 @@ impl Session {
             .subscribe(filter, QoS::AtLeastOnce)
             .map_err(|e| anyhow!("cannot subscribe to `{filter}`: {e}"))?;
         self.subscribed.insert(filter.to_string());
-        self.until(Duration::from_secs(10), |e| {
+        let ack = self.until(Duration::from_secs(10), |e| {
             matches!(e, Event::Incoming(Packet::SubAck(_)))
-        })
+        })?;
+        match ack {
+            Event::Incoming(Packet::SubAck(ack)) if refused(&ack).is_some() => {
+                self.subscribed.remove(filter);
+                bail!(self.refusal(filter))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A SUBACK's failure code, in a line an operator can act on.
+    fn refusal(&self, filter: &str) -> String {
+        format!(
+            "broker `{}` refused the subscription to `{filter}` (SUBACK failure): its ACL does not let this user read it, or it is overloaded",
+            self.broker
+        )
     }
 
     fn is_subscribed(&self, topic: &str) -> bool {
@@ -348,7 +372,8 @@ impl Session {
         }
     }
 
-    fn until(&mut self, limit: Duration, want: impl Fn(&Event) -> bool) -> Result<()> {
+    /// Reads events until one `want`s it, and returns that one.
+    fn until(&mut self, limit: Duration, want: impl Fn(&Event) -> bool) -> Result<Event> {
         let deadline = Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -356,7 +381,7 @@ impl Session {
                 bail!("broker `{}` did not answer within {limit:?}", self.broker);
             }
             match self.connection.recv_timeout(left) {
-                Ok(Ok(event)) if want(&event) => return Ok(()),
+                Ok(Ok(event)) if want(&event) => return Ok(event),
                 Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
                     self.stash.push_back((p.topic.clone(), p.payload.to_vec()));
                 }
@@ -366,6 +391,13 @@ impl Session {
             }
         }
     }
+}
+
+/// The index of the first filter a SUBACK refused, if any.
+pub fn refused(ack: &rumqttc::SubAck) -> Option<usize> {
+    ack.return_codes
+        .iter()
+        .position(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
 }
 
 /// The one clock (`kiln_protocol::clock`).

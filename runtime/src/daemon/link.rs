@@ -41,6 +41,11 @@ pub enum LinkEvent {
     Unreceivable {
         what: String,
     },
+    /// The broker answered the subscription to `topic` with a failure code: its ACL
+    /// does not let the device read it, or it is overloaded. Nothing would arrive.
+    SubscribeRefused {
+        topic: String,
+    },
 }
 
 /// The publishing and subscribing side of the connection; cheap to clone.
@@ -49,6 +54,9 @@ pub struct Link {
     client: Client,
     /// Tags of publishes handed to rumqttc whose packet id is not yet known.
     tags: Arc<Mutex<VecDeque<Option<u64>>>>,
+    /// Topics of subscriptions handed to rumqttc whose packet id is not yet known:
+    /// paired with theirs as they go out, as publishes are with their tags.
+    subscribing: Arc<Mutex<VecDeque<String>>>,
 }
 
 impl Link {
@@ -120,7 +128,23 @@ impl Link {
     }
 
     pub fn subscribe(&self, topic: String) {
-        let _ = self.client.subscribe(topic, QoS::AtLeastOnce);
+        for _ in 0..400 {
+            // Queued under the same lock as the request, as a publish's tag is, so the
+            // event loop pairs each packet id with its topic; never held while waiting.
+            let mut subscribing = lock(&self.subscribing);
+            match self.client.try_subscribe(topic.clone(), QoS::AtLeastOnce) {
+                Ok(()) => {
+                    subscribing.push_back(topic);
+                    return;
+                }
+                Err(ClientError::TryRequest(_)) => {
+                    drop(subscribing);
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return, // the event loop is gone
+            }
+        }
+        tracing::error!(%topic, "could not queue a subscription: the link's queue stayed full");
     }
 
     pub fn unsubscribe(&self, topic: String) {
@@ -163,12 +187,19 @@ pub fn connect(
     let link = Link {
         client,
         tags: Arc::default(),
+        subscribing: Arc::default(),
     };
     let tags = link.tags.clone();
+    let subscribing = link.subscribing.clone();
     std::thread::spawn(move || {
         let mut pairing = Pairing::default();
+        let mut subscriptions: HashMap<u16, String> = HashMap::new();
         // One event as it came; false when nobody listens any more.
-        let handle = |event: Event, pairing: &mut Pairing, broker: &str| -> bool {
+        let handle = |event: Event,
+                      pairing: &mut Pairing,
+                      subscriptions: &mut HashMap<u16, String>,
+                      broker: &str|
+         -> bool {
             match event {
                 Event::Incoming(Packet::ConnAck(_)) => {
                     tracing::info!(%broker, "connected");
@@ -188,6 +219,24 @@ pub fn connect(
                     }
                     true
                 }
+                Event::Outgoing(Outgoing::Subscribe(pkid)) => {
+                    if let Some(topic) = lock(&subscribing).pop_front() {
+                        subscriptions.insert(pkid, topic);
+                    }
+                    true
+                }
+                Event::Incoming(Packet::SubAck(ack)) => {
+                    let topic = subscriptions.remove(&ack.pkid);
+                    let failed = ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                    match (failed, topic) {
+                        // The agent logs it, and asks again.
+                        (true, Some(topic)) => on_event(LinkEvent::SubscribeRefused { topic }),
+                        _ => true,
+                    }
+                }
                 _ => true,
             }
         };
@@ -201,7 +250,7 @@ pub fn connect(
                     if matches!(event, Event::Incoming(Packet::ConnAck(_))) {
                         failover.connected();
                     }
-                    handle(event, &mut pairing, broker)
+                    handle(event, &mut pairing, &mut subscriptions, broker)
                 }
                 Err(e) => {
                     let (next, wait) = failover.failed();
@@ -227,7 +276,7 @@ pub fn connect(
                     let stale = std::mem::take(&mut connection.eventloop.state.events);
                     let mut alive = true;
                     for event in stale {
-                        alive &= handle(event, &mut pairing, broker);
+                        alive &= handle(event, &mut pairing, &mut subscriptions, broker);
                     }
                     // What rumqttc kept to resend: the unacknowledged publishes (with
                     // packet ids) and the requests it had not sent yet (without).
@@ -237,6 +286,18 @@ pub fn connect(
                         .filter(|r| matches!(r, Request::Publish(p) if p.pkid == 0 && p.qos != QoS::AtMostOnce))
                         .count();
                     let lost = pairing.disconnected(unsent, &mut lock(&tags));
+                    // Subscriptions: those sent are gone with the session (the agent
+                    // subscribes again on connecting); those rumqttc had taken but not
+                    // sent are dropped here, and are the oldest not yet paired.
+                    subscriptions.clear();
+                    let unsent_subscriptions = dropped
+                        .iter()
+                        .filter(|r| matches!(r, Request::Subscribe(_)))
+                        .count();
+                    let mut queue = lock(&subscribing);
+                    let n = unsent_subscriptions.min(queue.len());
+                    queue.drain(..n);
+                    drop(queue);
                     for tag in lost {
                         on_delivery(Delivery::Lost(tag));
                     }

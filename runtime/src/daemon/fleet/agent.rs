@@ -33,6 +33,10 @@ mod trial;
 
 use super::store::{DeviceState, DownloadKey, Floor, Installed, ModuleRecord, Slot, LEGACY_SIGNER};
 
+/// The first wait before a refused subscription is asked again, and the longest.
+const SUBSCRIBE_RETRY_MS: u64 = 5_000;
+const SUBSCRIBE_RETRY_MAX_MS: u64 = 300_000;
+
 /// What the agent reacts to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
@@ -44,6 +48,10 @@ pub enum Input {
     /// A message the link could not receive (too large, undecodable).
     Unreceivable {
         what: String,
+    },
+    /// The broker answered a subscription with a failure (its ACL, or overloaded).
+    SubscribeRefused {
+        topic: String,
     },
     /// A fleet module's worker outcome, as the supervisor reports it.
     Worker {
@@ -290,6 +298,9 @@ pub struct Agent {
     /// device rolled back. A newer one (a rollout's retry) is answered with a refusal;
     /// the same one (re-read after the rollback) is not.
     refused_serial: BTreeMap<String, u64>,
+    /// Subscriptions the broker refused this connection: how many times, and when to
+    /// ask again (`None` while asked; a refusal sets the next time).
+    refused_subscriptions: BTreeMap<String, (u32, Option<u64>)>,
     /// Why updates are refused (the data dir cannot be written), if they are.
     degraded: Option<String>,
     /// The state file could not be read: nothing is saved over it.
@@ -372,6 +383,7 @@ impl Agent {
             tried: BTreeMap::new(),
             last_event: BTreeMap::new(),
             refused_serial: BTreeMap::new(),
+            refused_subscriptions: BTreeMap::new(),
             degraded,
             unreadable_state,
             now_ms,
@@ -414,7 +426,8 @@ impl Agent {
             .values()
             .filter(|d| !d.staging)
             .map(|d| d.last_progress_ms + self.settings.stall_ms);
-        trials.chain(stalls).min()
+        let retries = self.refused_subscriptions.values().filter_map(|r| r.1);
+        trials.chain(stalls).chain(retries).min()
     }
 
     pub fn handle(&mut self, now_ms: u64, input: Input) -> Vec<Effect> {
@@ -429,8 +442,12 @@ impl Agent {
                     reason: format!("message not received: {what}"),
                 },
             ),
+            Input::SubscribeRefused { topic } => self.on_subscribe_refused(topic),
             Input::Worker { module, outcome } => self.on_worker(&module, outcome),
-            Input::Tick => self.on_tick(),
+            Input::Tick => {
+                self.retry_subscriptions();
+                self.on_tick()
+            }
             Input::Scanned { key, have } => self.on_scanned(key, have),
             Input::ChunkStored { key, n, result } => self.on_chunk_stored(key, n, result),
             Input::Staged {
@@ -444,7 +461,38 @@ impl Agent {
         std::mem::take(&mut self.out)
     }
 
+    /// A refused subscription is asked again after 5 s, doubling per refusal up to
+    /// 5 min; without it the device would silently never hear its desired state.
+    fn on_subscribe_refused(&mut self, topic: String) {
+        let entry = self.refused_subscriptions.entry(topic.clone()).or_default();
+        entry.0 = entry.0.saturating_add(1);
+        let wait = (SUBSCRIBE_RETRY_MS << (entry.0 - 1).min(6)).min(SUBSCRIBE_RETRY_MAX_MS);
+        entry.1 = Some(self.now_ms + wait);
+        tracing::warn!(%topic, refusals = entry.0, retry_ms = wait, "the broker refused a subscription");
+        self.event_once(
+            "*",
+            0,
+            EventKind::Rejected {
+                reason: format!(
+                    "the broker refused the subscription to {topic} (its ACL, or overloaded); asking again"
+                ),
+            },
+        );
+    }
+
+    fn retry_subscriptions(&mut self) {
+        let now = self.now_ms;
+        for (topic, (_, at)) in &mut self.refused_subscriptions {
+            if at.is_some_and(|at| at <= now) {
+                *at = None;
+                self.out.push(Effect::Subscribe(topic.clone()));
+            }
+        }
+    }
+
     fn on_connect(&mut self) {
+        // A new session: every subscription is asked afresh.
+        self.refused_subscriptions.clear();
         self.publish_status();
         // Roots first: a desired state signed by a rotated-in key needs them.
         let mut topics = vec![self.topics.all_roots(), self.topics.desired(&self.device)];

@@ -292,6 +292,9 @@ impl Driver {
                     Input::Message { topic, payload }
                 }
                 Ok(AgentIn::Link(LinkEvent::Unreceivable { what })) => Input::Unreceivable { what },
+                Ok(AgentIn::Link(LinkEvent::SubscribeRefused { topic })) => {
+                    Input::SubscribeRefused { topic }
+                }
                 Ok(AgentIn::Record(record)) => match outcome(&record) {
                     Some((module, outcome)) => Input::Worker { module, outcome },
                     None => continue,

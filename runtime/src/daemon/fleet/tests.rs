@@ -1549,3 +1549,44 @@ fn a_health_period_is_signed_and_retained_on_the_devices_health_topic_and_an_inv
     twice.modules.push(twice.modules[0].clone());
     assert!(w.agent.health(&twice).is_empty());
 }
+
+/// A subscription the broker refuses (its ACL, or a loaded broker's 0x80) would leave
+/// the device deaf to its desired state without a word: it is named in an event and
+/// asked again after 5 s, then 10 s, and afresh on every new connection.
+#[test]
+fn a_refused_subscription_is_named_and_asked_again_with_growing_waits() {
+    let mut world = World::new();
+    world.boot();
+    let topic = world.topics.desired(DEVICE);
+    let refused = |world: &mut World| {
+        world.broker.subscribed.remove(&topic);
+        world.input(Input::SubscribeRefused {
+            topic: topic.clone(),
+        });
+    };
+    refused(&mut world);
+    assert!(
+        world
+            .events
+            .iter()
+            .any(|e| e.contains("the broker refused the subscription to") && e.contains(&topic)),
+        "{:?}",
+        world.events
+    );
+    for wait in [5_000, 10_000] {
+        world.now += wait - 1;
+        world.input(Input::Tick);
+        assert!(
+            !world.broker.subscribed.contains(&topic),
+            "before {wait} ms"
+        );
+        world.now += 1;
+        world.input(Input::Tick);
+        assert!(world.broker.subscribed.contains(&topic), "after {wait} ms");
+        refused(&mut world);
+    }
+    // A new connection subscribes to everything again, and forgets the refusals.
+    world.input(Input::Connected);
+    assert!(world.broker.subscribed.contains(&topic));
+    assert_eq!(world.agent.next_deadline_ms(), None);
+}
