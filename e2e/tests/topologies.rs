@@ -66,6 +66,13 @@ fn a_device_given_two_brokers_moves_to_the_second_when_the_first_dies() {
     let health = ["--health-window-ms", "1000", "--tick-ms", "100"];
     push(&first, &app("x86_64-linux", 1, false), "dev-two", &health);
     watch_first.wait_committed(1, LIMIT);
+    // A long-lived fleet tool session (a rollout's driver, the dashboard) on both.
+    let mut session = kiln_compiler::broker::Session::connect(
+        &kiln_protocol::mqtt::Connect::to(both.clone()),
+        DEFAULT_PREFIX,
+    )
+    .unwrap();
+    assert_eq!(session.broker(), first.url());
 
     first.kill();
     let killed = Instant::now();
@@ -89,6 +96,28 @@ fn a_device_given_two_brokers_moves_to_the_second_when_the_first_dies() {
     .expect("a push naming both brokers goes through the second");
     watch_second.wait_committed(2, LIMIT);
     assert_eq!(device.started_versions().last(), Some(&2));
+    // The session's broker is gone: it connects again to the next one.
+    session
+        .reconnect()
+        .expect("the session moves to the second broker");
+    assert_eq!(session.broker(), second.url());
+    session.disconnect();
+    // kiln watch, given both, finds the first gone and watches on the second.
+    let out = std::process::Command::new(kiln_e2e::kiln_path())
+        .args([
+            "watch",
+            "--device",
+            "dev-two",
+            "--duration",
+            "2",
+            "--broker",
+            &both,
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("on {}", second.url())), "{stderr}");
 }
 
 /// A broker that refuses subscriptions (SUBACK 0x80: an ACL, or a loaded cluster; here

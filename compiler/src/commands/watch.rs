@@ -82,18 +82,22 @@ impl WatchCommand {
             Some(name) => format!("kiln-watch-{name}"),
             None => format!("kiln-watch-{}-{}", std::process::id(), now_ms() % 100_000),
         };
-        let mut options = self
+        // A list (a cluster's nodes): the next when the current one fails.
+        let mut brokers = self
             .broker
             .connect_options()
             .map_err(|e| coded(Code::NoInput, e))?
-            .options_receiving(
+            .all_options(
                 &id,
                 Duration::from_secs(10),
                 kiln_protocol::mqtt::HOST_MAX_INCOMING,
             )
             .map_err(|e| coded(Code::Usage, anyhow!(e)))?;
-        options.set_clean_session(self.session.is_none());
-        let (client, mut connection) = Client::new(options, 64);
+        for (_, options) in &mut brokers {
+            options.set_clean_session(self.session.is_none());
+        }
+        let mut at = 0;
+        let (client, mut connection) = Client::new(brokers[at].1.clone(), 64);
 
         let deadline = self
             .duration
@@ -125,7 +129,7 @@ impl WatchCommand {
             match connection.recv_timeout(Duration::from_millis(200)) {
                 Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
                     if down {
-                        eprintln!("kiln watch: broker `{}` is back", self.broker.broker);
+                        eprintln!("kiln watch: broker `{}` is back", brokers[at].0);
                     }
                     connected_once = true;
                     down = false;
@@ -142,7 +146,7 @@ impl WatchCommand {
                             Code::Unavailable,
                             anyhow!(
                                 "broker `{}` refused the subscription to `{}` (SUBACK failure): its ACL does not let this user read it, or it is overloaded",
-                                self.broker.broker,
+                                brokers[at].0,
                                 filters[i]
                             ),
                         ));
@@ -150,7 +154,7 @@ impl WatchCommand {
                     announced = true;
                     eprintln!(
                         "kiln watch: watching {} and {} on {}",
-                        filters[0], filters[1], self.broker.broker
+                        filters[0], filters[1], brokers[at].0
                     );
                 }
                 Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
@@ -164,22 +168,25 @@ impl WatchCommand {
                     }
                 }
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) if !connected_once => {
+                Ok(Err(e)) if !connected_once && at + 1 == brokers.len() => {
                     return Err(coded(
                         Code::Unavailable,
                         anyhow!(crate::fleet::broker::describe_connection_error(
-                            &self.broker.broker,
+                            &brokers[at].0,
                             &e
                         )),
                     ));
                 }
                 Ok(Err(e)) => {
-                    if !down {
+                    let was = at;
+                    at = (at + 1) % brokers.len();
+                    if !down || at != was {
                         eprintln!(
-                            "kiln watch: broker `{}`: {e}; reconnecting",
-                            self.broker.broker
+                            "kiln watch: broker `{}`: {e}; reconnecting to `{}`",
+                            brokers[was].0, brokers[at].0
                         );
                     }
+                    connection.eventloop.mqtt_options = brokers[at].1.clone();
                     down = true;
                     std::thread::sleep(Duration::from_millis(500));
                 }

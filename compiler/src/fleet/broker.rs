@@ -117,13 +117,17 @@ pub struct Session {
     subscribed: BTreeSet<String>,
     /// Retained reads so far, to name each one's marker topic.
     reads: u64,
-    /// How it connected, to connect again.
-    options: rumqttc::MqttOptions,
+    /// The brokers as given (`URL[,URL...]`), each with its options, and which one
+    /// the session is on: to connect again.
+    list: String,
+    brokers: Vec<(String, MqttOptions)>,
+    at: usize,
 }
 
 impl Session {
     /// Connects; `prefix` is the fleet's topic prefix (the session's own sync topic
-    /// lives under it, so broker ACLs for the fleet cover it).
+    /// lives under it, so broker ACLs for the fleet cover it). Given a list (a
+    /// cluster's nodes), the first that answers.
     pub fn connect(connect: &Connect, prefix: &str) -> Result<Self> {
         let id = format!("kiln-{}-{}", std::process::id(), now_ms() % 100_000);
         let brokers = connect
@@ -133,59 +137,68 @@ impl Session {
                 kiln_protocol::mqtt::HOST_MAX_INCOMING,
             )
             .map_err(|e| anyhow!(e))?;
-        // A list (a cluster's nodes): the first that answers. One broker's error is
-        // its own; a list's names each broker's.
-        let single = brokers.len() == 1;
+        let (client, connection) = Client::new(brokers[0].1.clone(), 64);
+        let mut session = Self {
+            client,
+            connection,
+            broker: brokers[0].0.clone(),
+            prefix: prefix.trim_end_matches('/').to_string(),
+            id,
+            stash: VecDeque::new(),
+            subscribed: BTreeSet::new(),
+            reads: 0,
+            list: connect.broker.clone(),
+            brokers,
+            at: 0,
+        };
+        session.connect_from(0)?;
+        Ok(session)
+    }
+
+    /// Connects to the brokers in turn from the `first`, until one answers. One
+    /// broker's error is its own; a list's names each broker's.
+    fn connect_from(&mut self, first: usize) -> Result<()> {
+        let n = self.brokers.len();
         let mut failed = Vec::new();
-        for (broker, options) in brokers {
-            match Self::connect_to(broker.clone(), options, prefix, &id) {
-                Ok(session) => {
+        for k in 0..n {
+            let i = (first + k) % n;
+            let (client, connection) = Client::new(self.brokers[i].1.clone(), 64);
+            self.client = client;
+            self.connection = connection;
+            self.broker = self.brokers[i].0.clone();
+            self.subscribed.clear();
+            let connected = self.until(Duration::from_secs(10), |e| {
+                matches!(e, Event::Incoming(Packet::ConnAck(_)))
+            });
+            match connected {
+                Ok(_) => {
+                    self.at = i;
                     if !failed.is_empty() {
-                        eprintln!("note: connected to {broker} ({})", failed.join("; "));
+                        eprintln!("note: connected to {} ({})", self.broker, failed.join("; "));
                     }
-                    return Ok(session);
+                    return Ok(());
                 }
-                Err(e) if single => return Err(e),
+                Err(e) if n == 1 => return Err(e),
                 Err(e) => failed.push(format!("{e:#}")),
             }
         }
         Err(anyhow!(
             "no broker of `{}` answered: {}",
-            connect.broker,
+            self.list,
             failed.join("; ")
         ))
     }
 
-    fn connect_to(broker: String, options: MqttOptions, prefix: &str, id: &str) -> Result<Self> {
-        let (client, connection) = Client::new(options.clone(), 64);
-        let mut session = Self {
-            client,
-            connection,
-            broker,
-            prefix: prefix.trim_end_matches('/').to_string(),
-            id: id.to_string(),
-            stash: VecDeque::new(),
-            subscribed: BTreeSet::new(),
-            reads: 0,
-            options,
-        };
-        session.until(Duration::from_secs(10), |e| {
-            matches!(e, Event::Incoming(Packet::ConnAck(_)))
-        })?;
-        Ok(session)
+    /// Connects again after the connection dropped (a clean session: the caller
+    /// subscribes again): to the same broker if it answers, else to the next of the
+    /// list (a cluster's node died), and so on.
+    pub fn reconnect(&mut self) -> Result<()> {
+        self.connect_from(self.at)
     }
 
-    /// Connects again after the connection dropped (a clean session: the caller
-    /// subscribes again).
-    pub fn reconnect(&mut self) -> Result<()> {
-        let (client, connection) = Client::new(self.options.clone(), 64);
-        self.client = client;
-        self.connection = connection;
-        self.subscribed.clear();
-        self.until(Duration::from_secs(10), |e| {
-            matches!(e, Event::Incoming(Packet::ConnAck(_)))
-        })
-        .map(drop)
+    /// The broker the session is connected to (one of the list).
+    pub fn broker(&self) -> &str {
+        &self.broker
     }
 
     /// Publishes retained QoS 1 messages and returns when the broker has acknowledged
