@@ -16,7 +16,7 @@ export CARGO_TARGET_DIR="$CARGO_TARGET_DIR-bloat"
 case "$triple" in
   aarch64-*) nm=aarch64-linux-gnu-nm ;;
   riscv64*) nm=riscv64-linux-gnu-nm ;;
-  x86_64-*) nm=nm ;;
+  x86_64-*) nm="nm" ;;
   *) echo "bloat: unknown triple \`$triple\`" >&2; exit 2 ;;
 esac
 CARGO_PROFILE_RELEASE_STRIP=false cargo build --locked --quiet -p kiln-runtime --release \

@@ -29,8 +29,9 @@ while [ $# -gt 0 ]; do
   esac
   case "$name" in
     minutes)
-      [[ "$value" =~ ^[0-9]+(\.[0-9]+)?$ ]] && awk "BEGIN { exit !($value > 0 && $value <= 1440) }" \
-        || usage "--minutes takes a number of minutes above 0 and at most 1440, got \`$value\`"
+      if ! { [[ "$value" =~ ^[0-9]+(\.[0-9]+)?$ ]] && awk "BEGIN { exit !($value > 0 && $value <= 1440) }"; }; then
+        usage "--minutes takes a number of minutes above 0 and at most 1440, got \`$value\`"
+      fi
       minutes=$value ;;
     seed)
       [[ "$value" =~ ^[0-9]{1,19}$ ]] || usage "--seed takes a whole number below 10^19, got \`$value\`"
