@@ -23,6 +23,7 @@ pub fn read_all(
         .retained(&topics.all_devices("tags"))
         .map_err(Error::Broker)?;
     let mut out = BTreeMap::new();
+    let mut ignored = 0usize;
     for (topic, bytes) in retained {
         let Some((device, _)) = topics.parse_device(&topic) else {
             continue;
@@ -31,13 +32,28 @@ pub fn read_all(
             Ok(t) => {
                 out.insert(device.to_string(), t.tags);
             }
-            Err(why) => eprintln!(
-                "kiln: warning: ignoring the tags of {device} on {topic}: {why}; they select nothing"
-            ),
+            // Named up to a few: whoever can write to the broker could plant thousands.
+            Err(why) => {
+                ignored += 1;
+                if ignored <= WARNED {
+                    eprintln!(
+                        "kiln: warning: ignoring the tags of {device} on {topic}: {why}; they select nothing"
+                    );
+                }
+            }
         }
+    }
+    if ignored > WARNED {
+        eprintln!(
+            "kiln: warning: ignoring the tags of {} more devices",
+            ignored - WARNED
+        );
     }
     Ok(out)
 }
+
+/// Tags records that do not verify named one by one; the rest are counted.
+const WARNED: usize = 5;
 
 /// `device`'s record if one verifies; an unverifiable one is warned of and counts as
 /// none (a new record replaces it).
