@@ -16,6 +16,14 @@ const TICKS: usize = 30;
 const CONFIG: &str = "config = \"sensor=greenhouse-1\\nalpha=0.5\"";
 const ABOVE: f64 = 22.5;
 
+/// The log lines `module` printed, in order.
+fn log_lines<'a>(records: &'a [Value], module: &str) -> Vec<&'a str> {
+    of(records, module, "log")
+        .iter()
+        .map(|r| r["line"].as_str().unwrap())
+        .collect()
+}
+
 fn texts(records: &[Value], module: &str) -> Vec<String> {
     of(records, module, "telemetry")
         .iter()
@@ -53,12 +61,8 @@ fn the_c_sensor_filter_publishes_the_rust_ones_records_on_every_target() {
         );
         // Both read their config and said so the same way.
         for module in ["rust", "c"] {
-            let logs: Vec<&str> = of(&records, module, "log")
-                .iter()
-                .map(|r| r["line"].as_str().unwrap())
-                .collect();
             assert_eq!(
-                logs,
+                log_lines(&records, module),
                 ["sensor greenhouse-1 ready, alpha 0.5"],
                 "{target} {module}\n{explain}"
             );
@@ -124,12 +128,8 @@ fn the_c_sensor_filter_refuses_a_bad_alpha_like_the_rust_one() {
     });
     let explain = serve.explain();
     for module in ["rust", "c"] {
-        let logs: Vec<&str> = of(&records, module, "log")
-            .iter()
-            .map(|r| r["line"].as_str().unwrap())
-            .collect();
         assert_eq!(
-            logs.first().copied(),
+            log_lines(&records, module).first().copied(),
             Some("init failed: alpha `2` must be a number in (0, 1]"),
             "{module}\n{explain}"
         );
