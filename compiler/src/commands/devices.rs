@@ -152,13 +152,7 @@ impl DevicesCommand {
                 let Some(facts) = row.status.as_ref().and_then(|(s, _)| s.facts.as_ref()) else {
                     return false;
                 };
-                let attributes = Attributes {
-                    triple: facts.triple.clone(),
-                    cpu_features: facts.cpu_features.clone(),
-                    kilnd: facts.kilnd.clone(),
-                    groups: facts.groups.clone(),
-                    tags: tags_of(device).unwrap_or_default(),
-                };
+                let attributes = Attributes::of(facts, tags_of(device).unwrap_or_default());
                 cohort::selects(&conditions, &attributes, &profiles)
             });
             let chosen: Vec<String> = conditions.iter().map(ToString::to_string).collect();

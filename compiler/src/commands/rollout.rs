@@ -5,7 +5,7 @@
 
 use anyhow::{anyhow, Result};
 use clap::{Args, Parser, Subcommand};
-use kiln_protocol::fleet::Scope;
+use kiln_protocol::fleet::{DeviceFacts, Scope};
 use kiln_protocol::names::Kind;
 use kiln_protocol::rollout::{
     cohort, plan_waves, Input, Outcome, Phase, Policy, Rollout, Threshold,
@@ -17,7 +17,7 @@ use crate::fleet::preflight;
 use crate::fleet::release::ReleaseArgs;
 use crate::fleet::rollout::recovery::may_resume;
 use crate::fleet::rollout::{
-    busy, members, operator, own_entries, phase_words, read_record, unavailable, Driver, Target,
+    busy, members, operator, own_entries, phase_words, read_record, unavailable, Driver,
 };
 use crate::fleet::trust::{parse_duration, RootArgs, SigningArgs};
 use crate::fleet::Error;
@@ -388,8 +388,8 @@ impl RolloutCommand {
         let module = release.module.clone();
         let mut devices = Vec::new();
         let mut skipped = Vec::new();
-        for (device, target) in members {
-            match module.artifact_for(&target.triple, &target.cpu_features) {
+        for (device, facts) in members {
+            match module.artifact_for(&facts.triple, &facts.cpu_features) {
                 Ok(_) => devices.push(device),
                 Err(why) => skipped.push((device, why)),
             }
@@ -496,7 +496,7 @@ impl RolloutCommand {
 }
 
 /// A group's members, each with what its status says of it.
-type Members = Vec<(String, Target)>;
+type Members = Vec<(String, DeviceFacts)>;
 
 /// The members the policy's cohort selects (all without one), and what to say of
 /// the choice (none without a cohort). Says how many of the group it picked; refuses
@@ -521,15 +521,9 @@ fn select(
     let of = members.len();
     let chosen: Members = members
         .into_iter()
-        .filter(|(device, t)| {
-            let attributes = cohort::Attributes {
-                triple: t.triple.clone(),
-                cpu_features: t.cpu_features.clone(),
-                kilnd: t.kilnd.clone(),
-                groups: t.groups.clone(),
-                tags: tags.get(device).cloned().unwrap_or_default(),
-            };
-            cohort::selects(&conditions, &attributes, profiles)
+        .filter(|(device, facts)| {
+            let tags = tags.get(device).cloned().unwrap_or_default();
+            cohort::selects(&conditions, &cohort::Attributes::of(facts, tags), profiles)
         })
         .collect();
     let cohort = policy.cohort.join(" and ");

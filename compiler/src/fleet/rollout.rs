@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{anyhow, Result};
-use kiln_protocol::fleet::{DesiredModule, Topics};
+use kiln_protocol::fleet::{DesiredModule, DeviceFacts, Topics};
 use kiln_protocol::rollout::{short_list, Hold, Outcome, Phase, Rollout};
 use kiln_protocol::trust::Registry;
 
@@ -32,31 +32,22 @@ pub fn unavailable(e: anyhow::Error) -> Error {
     Error::Broker(e)
 }
 
-/// What a member's status says it runs on, and what a cohort selects on.
-pub struct Target {
-    pub triple: String,
-    pub cpu_features: Vec<String>,
-    /// Its kilnd version.
-    pub kilnd: String,
-    /// Every group it is a member of.
-    pub groups: Vec<String>,
-}
-
-/// The group's members by their retained status, with their target, refusing any
+/// The group's members by their retained status, with its facts (what it runs on,
+/// and what a cohort selects on), refusing any
 /// whose status is not signed by its enrolled key (its reports would never count).
 pub fn members(
     session: &mut Session,
     topics: &Topics,
     registry: &Registry,
     group: &str,
-) -> Result<Vec<(String, Target)>> {
+) -> Result<Vec<(String, DeviceFacts)>> {
     let mut unverified = Vec::new();
     let retained = session
         .retained(&topics.all_devices("status"))
         .map_err(unavailable)?;
     let (heard, skipped) = Reader::new(topics, registry).all(&retained);
     warn_skipped(&skipped, 5);
-    let mut members: Vec<(String, Target)> = heard
+    let mut members: Vec<(String, DeviceFacts)> = heard
         .into_iter()
         .filter_map(|h| {
             let facts = h.status()?.facts.clone()?;
@@ -67,13 +58,7 @@ pub fn members(
             if !h.identity.is_verified() {
                 unverified.push(format!("{device} ({})", h.identity.word()));
             }
-            let target = Target {
-                triple: facts.triple,
-                cpu_features: facts.cpu_features,
-                kilnd: facts.kilnd,
-                groups: facts.groups,
-            };
-            Some((device.to_string(), target))
+            Some((device.to_string(), facts))
         })
         .collect();
     members.sort_by(|a, b| a.0.cmp(&b.0));

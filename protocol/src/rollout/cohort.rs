@@ -20,6 +20,7 @@ use std::cmp::Ordering;
 use std::collections::BTreeSet;
 use std::fmt;
 
+use crate::fleet::DeviceFacts;
 use crate::names::{check, Kind};
 use crate::target::TargetProfile;
 
@@ -209,6 +210,19 @@ pub struct Attributes {
     pub kilnd: String,
     pub groups: Vec<String>,
     pub tags: BTreeSet<String>,
+}
+
+impl Attributes {
+    /// A device's attributes: what its signed status says, and its verified tags.
+    pub fn of(facts: &DeviceFacts, tags: BTreeSet<String>) -> Self {
+        Attributes {
+            triple: facts.triple.clone(),
+            cpu_features: facts.cpu_features.clone(),
+            kilnd: facts.kilnd.clone(),
+            groups: facts.groups.clone(),
+            tags,
+        }
+    }
 }
 
 impl Condition {
