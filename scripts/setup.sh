@@ -9,6 +9,7 @@
 # Chromium with chromedriver. The book (docs/) is built with mdBook, from crates.io.
 # The WASI testsuite's C tests and the C SDK's examples (examples/c) are built with
 # Debian's clang-19, lld-19 and wasi-libc.
+# The cluster tests run Debian's nats-server; the mirror tests Debian's nginx.
 # The boards (scripts/board.sh) need qemu-system-arm and -misc, qemu-user-static, qemu-utils,
 # mmdebstrap, dosfstools, mtools and ssh.
 #
@@ -49,6 +50,10 @@ have dpkg-deb || packages+=(dpkg)
   || packages+=(qemu-system-arm qemu-system-misc qemu-user-static mmdebstrap dosfstools mtools openssh-client e2fsprogs)
 # The dashboard's browser test: headless Chromium driven over WebDriver.
 { have chromium && have chromedriver; } || packages+=(chromium chromium-driver)
+# Beyond one broker: a 3-node nats-server cluster (its MQTT side) and nginx serving
+# artifact chunks over HTTPS as a mirror.
+have nats-server || packages+=(nats-server)
+have nginx || packages+=(nginx-light)
 fi
 
 if [ ${#packages[@]} -gt 0 ]; then
