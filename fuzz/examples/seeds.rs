@@ -194,10 +194,20 @@ fn main() -> std::io::Result<()> {
     registry.enroll("dev-02", &key.public());
     let signed = registry.sign(&[&key]).expect("registry signs");
     assert_eq!(
-        SignedRegistry::open(&signed, &fuzz_root),
+        SignedRegistry::open(&signed.head, |s| signed.part(s), &fuzz_root),
         Ok(registry.clone())
     );
-    write("registry", "two-devices", &signed)?;
+    // The registry target opens heads with no part retained: a whole registry from
+    // before parts, and an empty one; a head naming parts exercises refusal.
+    write(
+        "registry",
+        "two-devices-whole",
+        &registry.sign_whole(&[&key]).expect("registry signs"),
+    )?;
+    write("registry", "two-devices-head", &signed.head)?;
+    for (i, (_, part)) in signed.parts.iter().enumerate() {
+        write("registry_part", &format!("two-devices-{i}"), part)?;
+    }
     let empty = Registry {
         fleet: kiln_fuzz::FLEET.into(),
         ..Registry::default()
@@ -205,12 +215,12 @@ fn main() -> std::io::Result<()> {
     write(
         "registry",
         "empty",
-        &empty.sign(&[&key]).expect("registry signs"),
+        &empty.sign(&[&key]).expect("registry signs").head,
     )?;
     write(
         "registry",
         "by-a-stranger",
-        &registry.sign(&[&device_key]).expect("registry signs"),
+        &registry.sign(&[&device_key]).expect("registry signs").head,
     )?;
 
     let chunk = Chunk::V1 {

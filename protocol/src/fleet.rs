@@ -15,6 +15,7 @@
 //! {prefix}/uploads/{sha256}           retained  Upload: a transfer's chunks are going up
 //! {prefix}/roots/{version}            retained  SignedRoot: the fleet's root documents
 //! {prefix}/registry                   retained  SignedRegistry: enrolled device keys
+//! {prefix}/registry/parts/{sha256}    retained  A part of it (see `parts`), named by its head
 //! ```
 //!
 //! What a device publishes (status, reported, events, health) is signed with its own identity
@@ -238,8 +239,17 @@ impl Topics {
             .ok()
     }
 
+    /// The registry's signed head (see `trust::registry`).
     pub fn registry(&self) -> String {
         format!("{}/registry", self.prefix)
+    }
+    /// One part of the registry, by its sha256.
+    pub fn registry_part(&self, sha256: &[u8; 32]) -> String {
+        format!("{}/registry/parts/{}", self.prefix, hex::encode(sha256))
+    }
+    /// The registry's head and every part.
+    pub fn registry_all(&self) -> String {
+        format!("{}/registry/#", self.prefix)
     }
 
     pub fn parse_device<'a>(&self, topic: &'a str) -> Option<(&'a str, &'a str)> {

@@ -31,6 +31,7 @@ pub mod manifest;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 pub mod names;
+pub mod parts;
 pub mod provision;
 pub mod rollout;
 pub mod script;

@@ -29,12 +29,14 @@ pub const MAX_ROOT: usize = 16 * 1024;
 pub const MAX_ROLE_KEYS: usize = 16;
 /// Signatures a document may carry (more than any role's keys is never needed).
 pub const MAX_SIGNATURES: usize = 32;
-/// The enrolled device keys: about 60 bytes a device, so some 2,000 devices.
+/// The registry's signed head (its parts' hashes, at most some 11 KiB), or a whole
+/// registry as one was kept before parts (about 60 bytes a device, some 2,000).
 pub const MAX_REGISTRY: usize = 120 * 1024;
 
 const ROOT_CONTEXT: &[u8] = b"kiln root v1\0";
 const ROOT_V2_CONTEXT: &[u8] = b"kiln root v2\0";
 const REGISTRY_CONTEXT: &[u8] = b"kiln registry v1\0";
+const REGISTRY_V2_CONTEXT: &[u8] = b"kiln registry v2\0";
 
 /// Why a signed document (a desired state, a registry, a rollout record, a root) does
 /// not open, by kind: a caller acts on the kind, and the words are for people.
@@ -49,6 +51,9 @@ pub enum OpenError {
     WrongFleet(String),
     /// Past its expiry, or its serial or issue time out of bounds.
     Stale(String),
+    /// A part its signed head names is not there (see [`crate::parts`]): a writer may
+    /// be between its parts and its head, so reading again may find it whole.
+    Incomplete(String),
 }
 
 impl OpenError {
@@ -97,7 +102,8 @@ impl std::fmt::Display for OpenError {
             OpenError::Malformed(s)
             | OpenError::Untrusted(s)
             | OpenError::WrongFleet(s)
-            | OpenError::Stale(s) => f.write_str(s),
+            | OpenError::Stale(s)
+            | OpenError::Incomplete(s) => f.write_str(s),
         }
     }
 }

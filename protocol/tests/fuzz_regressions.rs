@@ -357,10 +357,10 @@ fn registry_with_huge_declared_lengths_is_malformed() {
     huge_sigs.extend(varint(1 << 40));
     huge_sigs.extend_from_slice(&[0; 8]);
     for forged in [huge_body, huge_sigs] {
-        let err = SignedRegistry::open(&forged, &root()).unwrap_err();
+        let err = SignedRegistry::open(&forged, |_| None, &root()).unwrap_err();
         assert!(err.starts_with("malformed registry"), "{err}");
     }
-    let err = SignedRegistry::open(&vec![0; MAX_REGISTRY + 1], &root()).unwrap_err();
+    let err = SignedRegistry::open(&vec![0; MAX_REGISTRY + 1], |_| None, &root()).unwrap_err();
     assert!(err.contains("limit"), "{err}");
     // Signed by the release key, so the body is decoded: 2^40 devices declared. The
     // signature is over `CONTEXT || body` (trust.rs).
@@ -374,13 +374,13 @@ fn registry_with_huge_declared_lengths_is_malformed() {
         signatures,
     })
     .unwrap();
-    let err = SignedRegistry::open(&forged, &root()).unwrap_err();
+    let err = SignedRegistry::open(&forged, |_| None, &root()).unwrap_err();
     assert!(err.starts_with("malformed registry body"), "{err}");
     // A signature by the same key over another context does not count, and then the
     // body is never decoded.
     let signatures = sign_all(b"kiln root v1\0", &body, &[&key()]);
     let forged = postcard::to_stdvec(&SignedRegistry::V1 { body, signatures }).unwrap();
-    let err = SignedRegistry::open(&forged, &root()).unwrap_err();
+    let err = SignedRegistry::open(&forged, |_| None, &root()).unwrap_err();
     assert!(err.contains("0 of the 1 signatures"), "{err}");
 }
 
@@ -695,4 +695,20 @@ fn a_kilnd_condition_with_control_characters_in_its_pre_release_is_refused() {
         let parsed = Condition::parse(text).unwrap();
         assert_eq!(Condition::parse(&parsed.to_string()), Ok(parsed), "{text}");
     }
+}
+
+#[test]
+fn a_registry_part_declaring_2_pow_40_entries_is_refused_without_allocating_them() {
+    // Part 0 declaring 2^40 entries, named by a head by its hash (so it is decoded).
+    let mut forged = vec![0];
+    forged.extend(varint(1 << 40));
+    forged.extend(string("d"));
+    let refs = [kiln_protocol::parts::PartRef {
+        part: 0,
+        entries: 1,
+        sha256: kiln_protocol::transfer::sha256(&forged),
+    }];
+    let err = kiln_protocol::parts::join::<[u8; 32]>(&refs, |_| Some(forged.as_slice()))
+        .unwrap_err();
+    assert!(err.to_string().contains("does not decode"), "{err}");
 }

@@ -101,7 +101,7 @@ impl DashboardCommand {
             topics.all_devices("events"),
             topics.all_devices("telemetry"),
             topics.all_rollouts(),
-            topics.registry(),
+            topics.registry_all(),
         ];
         for f in &filters {
             session.subscribe(f).map_err(unavailable)?;

@@ -6,10 +6,10 @@ use kiln_protocol::names::Kind;
 use crate::exit::{coded, Code};
 use crate::fleet::broker::{BrokerArgs, Session};
 use crate::fleet::desired::prepare_desired;
+use crate::fleet::registry::publish_registry;
 use crate::fleet::trust::{describe_state, Opened, Signing, SigningArgs};
 use crate::names::valid_name;
 use kiln_protocol::fleet::Topics;
-use kiln_protocol::trust::SignedRegistry;
 
 const AFTER_HELP: &str = "\
 Devices refuse expired desired states and report `stale` when the states they follow
@@ -147,18 +147,15 @@ fn resign_registry(session: &mut Session, topics: &Topics, signing: &Signing) ->
     if registry.serial == 0 {
         return Ok(()); // nothing enrolled yet
     }
-    registry.serial += 1;
-    let keys: Vec<_> = signing.keys.iter().collect();
-    let signed = registry
-        .sign(&keys)
-        .map_err(|e| coded(Code::InvalidInput, anyhow!(e)))?;
-    if let Err(e) = SignedRegistry::open(&signed, signing.fleet.root()) {
-        eprintln!("registry left as it is: {e}");
-        return Ok(());
+    let keys = &signing.keys;
+    match publish_registry(session, topics, &signing.fleet, keys, &mut registry) {
+        Ok(()) => {}
+        Err(e @ crate::fleet::Error::Broker(_)) => return Err(e.into()),
+        Err(e) => {
+            eprintln!("registry left as it is: {e}");
+            return Ok(());
+        }
     }
-    session
-        .publish_all(vec![(topics.registry(), signed)], |_| {})
-        .map_err(|e| coded(Code::Unavailable, e))?;
     println!("registry: serial {}", registry.serial);
     Ok(())
 }

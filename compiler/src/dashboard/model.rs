@@ -93,9 +93,17 @@ pub struct Fleet {
     devices: BTreeMap<String, Device>,
     rollouts: BTreeMap<String, Value>,
     tracker: Tracker,
+    /// The registry's head and parts as retained (see `kiln_protocol::parts`): the
+    /// registry changes when they open together.
+    registry_head: Option<Vec<u8>>,
+    registry_parts: BTreeMap<String, Vec<u8>>,
     /// Messages on no device's topic, or for more devices than the limit.
     pub ignored: u64,
 }
+
+/// Registry parts kept at once: twice as many as a registry has, so a writer's new
+/// parts fit beside the old until it clears them.
+const MAX_REGISTRY_PARTS: usize = 2 * kiln_protocol::parts::PARTS;
 
 impl Fleet {
     pub fn new(topics: Topics, root: Root, registry: Registry, limits: Limits) -> Self {
@@ -107,20 +115,54 @@ impl Fleet {
             devices: BTreeMap::new(),
             rollouts: BTreeMap::new(),
             tracker: Tracker::default(),
+            registry_head: None,
+            registry_parts: BTreeMap::new(),
             ignored: 0,
+        }
+    }
+
+    fn registry_parts_prefix(&self) -> String {
+        format!("{}/registry/parts/", self.topics.prefix())
+    }
+
+    /// A registry head or part: kept (an empty payload clears it), and the registry
+    /// taken when the head and the parts it names open together.
+    fn on_registry(&mut self, topic: &str, payload: &[u8]) -> Changed {
+        if topic == self.topics.registry() {
+            self.registry_head = (!payload.is_empty()).then(|| payload.to_vec());
+        } else if payload.is_empty() {
+            self.registry_parts.remove(topic);
+        } else if payload.len() > kiln_protocol::parts::MAX_PART
+            || (self.registry_parts.len() >= MAX_REGISTRY_PARTS
+                && !self.registry_parts.contains_key(topic))
+        {
+            self.ignored += 1;
+            return Changed::Nothing;
+        } else {
+            self.registry_parts
+                .insert(topic.to_string(), payload.to_vec());
+        }
+        let Some(head) = &self.registry_head else {
+            return Changed::Nothing;
+        };
+        let part = |sha: &[u8; 32]| {
+            self.registry_parts
+                .get(&self.topics.registry_part(sha))
+                .map(|b| b.as_slice())
+        };
+        match SignedRegistry::open(head, part, &self.root) {
+            Ok(r) if r != self.registry => {
+                self.registry = r;
+                Changed::All
+            }
+            _ => Changed::Nothing,
         }
     }
 
     /// Folds one message in.
     pub fn on_message(&mut self, topic: &str, payload: &[u8], now_ms: u64) -> Changed {
-        if topic == self.topics.registry() {
-            return match SignedRegistry::open(payload, &self.root) {
-                Ok(r) => {
-                    self.registry = r;
-                    Changed::All
-                }
-                Err(_) => Changed::Nothing,
-            };
+        if topic == self.topics.registry() || topic.starts_with(&self.registry_parts_prefix()) {
+            return self.on_registry(topic, payload);
         }
         if let Some(group) = topic
             .strip_suffix("/rollout")

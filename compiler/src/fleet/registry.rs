@@ -1,6 +1,8 @@
 //! The device registry on the broker: signed under the next serial, checked as a
 //! device would check it, and published. `enroll` and `decommission` change it here.
 
+use std::collections::BTreeSet;
+
 use anyhow::{anyhow, Result};
 use kiln_protocol::trust::SignedRegistry;
 
@@ -28,7 +30,10 @@ pub fn remove_from_registry(
     Ok((registry.serial, removed))
 }
 
-/// Signs `registry` under the next serial, checks a device would trust it, publishes it.
+/// Signs `registry` under the next serial, checks a device would trust it, publishes
+/// it: the parts the broker does not hold yet, then the head, then clears the parts
+/// no head names any more (so a reader never finds a head whose parts are not there,
+/// but for the moment between the last two steps, which it reads again).
 pub fn publish_registry(
     session: &mut crate::fleet::broker::Session,
     topics: &kiln_protocol::fleet::Topics,
@@ -42,9 +47,31 @@ pub fn publish_registry(
     let signed = registry
         .sign(&refs)
         .map_err(|e| Error::invalid(anyhow!(e)))?;
-    SignedRegistry::open(&signed, fleet.root())
+    SignedRegistry::open(&signed.head, |s| signed.part(s), fleet.root())
         .map_err(|e| Error::Trust(format!("the registry would not be trusted: {e}")))?;
-    session
-        .publish_all(vec![(topics.registry(), signed)], |_| {})
-        .map_err(Error::Broker)
+    let held = session
+        .retained(&topics.registry_all())
+        .map_err(Error::Broker)?;
+    let named: BTreeSet<String> = signed
+        .parts
+        .iter()
+        .map(|(sha, _)| topics.registry_part(sha))
+        .collect();
+    let new_parts: Vec<(String, Vec<u8>)> = signed
+        .parts
+        .into_iter()
+        .map(|(sha, bytes)| (topics.registry_part(&sha), bytes))
+        .filter(|(topic, _)| !held.contains_key(topic))
+        .collect();
+    let stale: Vec<(String, Vec<u8>)> = held
+        .keys()
+        .filter(|t| *t != &topics.registry() && !named.contains(*t))
+        .map(|t| (t.clone(), Vec::new()))
+        .collect();
+    for step in [new_parts, vec![(topics.registry(), signed.head)], stale] {
+        if !step.is_empty() {
+            session.publish_all(step, |_| {}).map_err(Error::Broker)?;
+        }
+    }
+    Ok(())
 }

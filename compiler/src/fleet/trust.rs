@@ -12,7 +12,9 @@ use anyhow::{anyhow, bail, Result};
 use clap::Args;
 use kiln_protocol::fleet::{Desired, SignedDesired, Topics, MAX_DESIRED};
 use kiln_protocol::keys::{PublicKey, SecretKey, TrustedKeys};
-use kiln_protocol::trust::{Chain, Registry, Root, SignedRegistry, SignedRoot, MAX_ROOT};
+use kiln_protocol::trust::{
+    Chain, OpenError, Registry, Root, SignedRegistry, SignedRoot, MAX_ROOT,
+};
 
 use crate::exit::Code;
 use crate::fleet::broker::Session;
@@ -178,21 +180,51 @@ impl Fleet {
         topics: &Topics,
         adopt: bool,
     ) -> Result<Registry> {
-        let topic = topics.registry();
-        let retained = session.retained(&topic).map_err(Error::Broker)?;
-        let Some(bytes) = retained.get(&topic) else {
+        // A writer publishes its new parts, then the head, then clears the old parts:
+        // a read between the last two finds a part gone; the next read finds it whole.
+        let mut tries = 0;
+        loop {
+            let retained = session
+                .retained(&topics.registry_all())
+                .map_err(Error::Broker)?;
+            match self.registry_in(&retained, topics, adopt) {
+                Err(e) if e.is_incomplete() && tries < 3 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(200 * tries));
+                }
+                Err(e) => return Err(e.into_error()),
+                Ok(r) => return Ok(r),
+            }
+        }
+    }
+
+    /// The registry in `retained` (its head and parts), as [`Fleet::registry`] takes it.
+    fn registry_in(
+        &self,
+        retained: &std::collections::BTreeMap<String, Vec<u8>>,
+        topics: &Topics,
+        adopt: bool,
+    ) -> Result<Registry, RegistryRead> {
+        let Some(head) = retained.get(&topics.registry()) else {
             return Ok(Registry {
                 fleet: self.root().fleet.clone(),
                 serial: 0,
                 devices: Vec::new(),
             });
         };
-        let current = SignedRegistry::open(bytes, self.root());
-        if current.is_ok() {
-            return current.map_err(|e| anyhow!(e));
+        let part = |sha: &[u8; 32]| {
+            retained
+                .get(&topics.registry_part(sha))
+                .map(|b| b.as_slice())
+        };
+        let current = SignedRegistry::verify(head, part, self.root());
+        match current {
+            Ok(r) => return Ok(r),
+            Err(e @ OpenError::Incomplete(_)) => return Err(RegistryRead::Incomplete(e)),
+            Err(_) => {}
         }
         for root in self.history.iter().rev().skip(1) {
-            if let Ok(r) = SignedRegistry::open(bytes, root) {
+            if let Ok(r) = SignedRegistry::open(head, part, root) {
                 let what = describe_registry(&r);
                 if adopt {
                     eprintln!(
@@ -201,15 +233,17 @@ impl Fleet {
                     );
                     return Ok(r);
                 }
-                bail!(Error::trust(anyhow!(
+                return Err(RegistryRead::Refused(Error::trust(anyhow!(
                         "the registry on the broker was signed under root v{} by keys since rotated out ({what}); review it and pass --adopt to re-sign it with today's keys, or enroll the devices again",
                         root.version
                     )
-                ));
+                ).into()));
             }
         }
         current.map_err(|e| {
-            Error::Trust(format!("the registry on the broker is not trusted: {e}")).into()
+            RegistryRead::Refused(
+                Error::Trust(format!("the registry on the broker is not trusted: {e}")).into(),
+            )
         })
     }
 
@@ -230,6 +264,28 @@ impl Fleet {
                 })
             }
             Err(e) => Err(e),
+        }
+    }
+}
+
+/// Why the registry could not be read this time.
+enum RegistryRead {
+    /// A part its head names is not retained (yet, or any more): read again.
+    Incomplete(OpenError),
+    Refused(anyhow::Error),
+}
+
+impl RegistryRead {
+    fn is_incomplete(&self) -> bool {
+        matches!(self, RegistryRead::Incomplete(_))
+    }
+
+    fn into_error(self) -> anyhow::Error {
+        match self {
+            RegistryRead::Incomplete(e) => {
+                Error::Trust(format!("the registry on the broker is not whole: {e}")).into()
+            }
+            RegistryRead::Refused(e) => e,
         }
     }
 }

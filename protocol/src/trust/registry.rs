@@ -1,11 +1,18 @@
 //! The registry of enrolled devices: each device's identity key, signed by the
-//! fleet's enroll role.
+//! fleet's enroll role. It is kept as a signed head and parts ([`crate::parts`]), so it
+//! grows with the fleet without a ceiling near 100,000 devices: enrolling one device
+//! rewrites its part and the head. A registry written before parts (one signed message
+//! of every device, [`SignedRegistry::V1`]) still opens; the next write gives it parts.
 
 use serde::{Deserialize, Serialize};
 
 use super::root::Root;
-use super::{open_body, sign_all, unwrap_envelope, OpenError, Sig, MAX_REGISTRY, REGISTRY_CONTEXT};
+use super::{
+    open_body, sign_all, unwrap_envelope, OpenError, Sig, MAX_REGISTRY, REGISTRY_CONTEXT,
+    REGISTRY_V2_CONTEXT,
+};
 use crate::keys::{PublicKey, SecretKey};
+use crate::parts::{self, JoinError, PartRef, Published};
 
 /// The device keys the fleet has enrolled: a report verifies when it is signed by its
 /// device's enrolled key.
@@ -14,6 +21,7 @@ pub struct Registry {
     pub fleet: String,
     /// Each change adds one.
     pub serial: u64,
+    /// By device name, in order: [`Registry::enroll`] and opening keep them so.
     pub devices: Vec<Enrolled>,
 }
 
@@ -23,25 +31,68 @@ pub struct Enrolled {
     pub key: [u8; 32],
 }
 
+/// What is signed of a registry with parts: its parts' hashes, not its devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Head {
+    fleet: String,
+    serial: u64,
+    parts: Vec<PartRef>,
+}
+
 impl Registry {
     pub fn key_of(&self, device: &str) -> Option<PublicKey> {
-        self.devices
-            .iter()
-            .find(|e| e.device == device)
-            .and_then(|e| PublicKey::from_bytes(&e.key).ok())
+        let at = self
+            .devices
+            .binary_search_by(|e| e.device.as_str().cmp(device))
+            .ok()?;
+        PublicKey::from_bytes(&self.devices[at].key).ok()
     }
 
     /// Enrolls `device` with `key`, replacing a key it had.
     pub fn enroll(&mut self, device: &str, key: &PublicKey) {
-        self.devices.retain(|e| e.device != device);
-        self.devices.push(Enrolled {
+        let entry = Enrolled {
             device: device.into(),
             key: key.to_bytes(),
-        });
-        self.devices.sort_by(|a, b| a.device.cmp(&b.device));
+        };
+        match self
+            .devices
+            .binary_search_by(|e| e.device.as_str().cmp(device))
+        {
+            Ok(at) => self.devices[at] = entry,
+            Err(at) => self.devices.insert(at, entry),
+        }
     }
 
-    pub fn sign(&self, keys: &[&SecretKey]) -> Result<Vec<u8>, String> {
+    /// The head signed by `keys`, and the parts it names.
+    pub fn sign(&self, keys: &[&SecretKey]) -> Result<Published, String> {
+        let split = parts::split(
+            self.devices.iter().map(|e| (&e.device, &e.key)),
+            "the registry",
+        )?;
+        let head = Head {
+            fleet: self.fleet.clone(),
+            serial: self.serial,
+            parts: split.refs,
+        };
+        let body = postcard::to_stdvec(&head).map_err(|e| e.to_string())?;
+        let signatures = sign_all(REGISTRY_V2_CONTEXT, &body, keys);
+        let bytes = postcard::to_stdvec(&SignedRegistry::V2 { body, signatures })
+            .map_err(|e| e.to_string())?;
+        if bytes.len() > MAX_REGISTRY {
+            return Err(format!(
+                "the registry's head would be {} bytes (limit {MAX_REGISTRY})",
+                bytes.len()
+            ));
+        }
+        Ok(Published {
+            head: bytes,
+            parts: split.parts,
+        })
+    }
+
+    /// The registry as one signed message of every device, as it was kept before
+    /// parts: for tests of reading an old fleet.
+    pub fn sign_whole(&self, keys: &[&SecretKey]) -> Result<Vec<u8>, String> {
         let body = postcard::to_stdvec(self).map_err(|e| e.to_string())?;
         let signatures = sign_all(REGISTRY_CONTEXT, &body, keys);
         let bytes = postcard::to_stdvec(&SignedRegistry::V1 { body, signatures })
@@ -57,36 +108,87 @@ impl Registry {
     }
 }
 
+/// The envelope on the registry topic: `V1` a whole registry (before parts), `V2` the
+/// head of one with parts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SignedRegistry {
     V1 { body: Vec<u8>, signatures: Vec<Sig> },
+    V2 { body: Vec<u8>, signatures: Vec<Sig> },
 }
 
 impl SignedRegistry {
-    /// The registry, if a threshold of `root`'s registry role signed it for its fleet.
-    pub fn open(bytes: &[u8], root: &Root) -> Result<Registry, String> {
-        Self::verify(bytes, root).map_err(|e| e.to_string())
+    /// The registry, if a threshold of `root`'s registry role signed its head for its
+    /// fleet and every part the head names is found by `part` (by sha256) as named.
+    pub fn open<'a>(
+        head: &[u8],
+        part: impl Fn(&[u8; 32]) -> Option<&'a [u8]>,
+        root: &Root,
+    ) -> Result<Registry, String> {
+        Self::verify(head, part, root).map_err(|e| e.to_string())
     }
 
-    /// [`SignedRegistry::open`] with the kind of failure.
-    pub fn verify(bytes: &[u8], root: &Root) -> Result<Registry, OpenError> {
-        let SignedRegistry::V1 { body, signatures } =
-            unwrap_envelope(bytes, MAX_REGISTRY, "registry")?;
-        let (registry, _): (Registry, _) = open_body(
-            root.registry_role(),
-            REGISTRY_CONTEXT,
-            (&body, &signatures),
-            "the device registry",
-            "registry",
-        )?;
-        if registry.fleet != root.fleet {
-            return Err(OpenError::WrongFleet(format!(
-                "the registry is for fleet {}, not {}",
-                registry.fleet, root.fleet
-            )));
-        }
+    /// [`SignedRegistry::open`] with the kind of failure: [`OpenError::Incomplete`]
+    /// when a part is not there (read again).
+    pub fn verify<'a>(
+        head: &[u8],
+        part: impl Fn(&[u8; 32]) -> Option<&'a [u8]>,
+        root: &Root,
+    ) -> Result<Registry, OpenError> {
+        let (what, kind) = ("the device registry", "registry");
+        let mut registry = match unwrap_envelope(head, MAX_REGISTRY, kind)? {
+            SignedRegistry::V1 { body, signatures } => {
+                let (whole, _): (Registry, _) = open_body(
+                    root.registry_role(),
+                    REGISTRY_CONTEXT,
+                    (&body, &signatures),
+                    what,
+                    kind,
+                )?;
+                check_fleet(&whole.fleet, root)?;
+                whole
+            }
+            SignedRegistry::V2 { body, signatures } => {
+                let (head, _): (Head, _) = open_body(
+                    root.registry_role(),
+                    REGISTRY_V2_CONTEXT,
+                    (&body, &signatures),
+                    what,
+                    kind,
+                )?;
+                check_fleet(&head.fleet, root)?;
+                let entries: Vec<(String, [u8; 32])> =
+                    parts::join(&head.parts, part).map_err(|e| match e {
+                        JoinError::Missing(_) => {
+                            OpenError::Incomplete(format!("the registry's {e}"))
+                        }
+                        JoinError::Bad(why) => {
+                            OpenError::Malformed(format!("the registry's {why}"))
+                        }
+                    })?;
+                Registry {
+                    fleet: head.fleet,
+                    serial: head.serial,
+                    devices: entries
+                        .into_iter()
+                        .map(|(device, key)| Enrolled { device, key })
+                        .collect(),
+                }
+            }
+        };
+        registry.devices.sort_by(|a, b| a.device.cmp(&b.device));
+        registry.devices.dedup_by(|a, b| a.device == b.device);
         Ok(registry)
     }
+}
+
+fn check_fleet(fleet: &str, root: &Root) -> Result<(), OpenError> {
+    if fleet != root.fleet {
+        return Err(OpenError::WrongFleet(format!(
+            "the registry is for fleet {fleet}, not {}",
+            root.fleet
+        )));
+    }
+    Ok(())
 }
 
 /// Whether a device's message is from its enrolled key.

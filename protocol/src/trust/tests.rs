@@ -119,14 +119,94 @@ fn the_registry_opens_only_with_the_registry_role_for_its_fleet() {
     registry.enroll("dev-01", &device[0].public());
     // Without a registry role, the release role signs it.
     let by_release = registry.sign(&refs(&rel)).unwrap();
-    let opened = SignedRegistry::open(&by_release, &doc).unwrap();
+    let open = |p: &crate::parts::Published, doc: &Root| {
+        SignedRegistry::open(&p.head, |s| p.part(s), doc)
+    };
+    let opened = open(&by_release, &doc).unwrap();
     assert_eq!(opened.key_of("dev-01"), Some(device[0].public()));
     doc.registry = Some(Role::new(&publics(&reg), 1));
-    assert!(SignedRegistry::open(&by_release, &doc).is_err());
-    assert!(SignedRegistry::open(&registry.sign(&refs(&reg)).unwrap(), &doc).is_ok());
+    assert!(open(&by_release, &doc).is_err());
+    assert!(open(&registry.sign(&refs(&reg)).unwrap(), &doc).is_ok());
     registry.fleet = "staging".into();
-    let err = SignedRegistry::open(&registry.sign(&refs(&reg)).unwrap(), &doc).unwrap_err();
+    let err = open(&registry.sign(&refs(&reg)).unwrap(), &doc).unwrap_err();
     assert!(err.contains("fleet staging"), "{err}");
+}
+
+#[test]
+fn a_registry_of_100000_devices_is_a_head_and_parts_each_within_one_message() {
+    let (r, rel) = (keys(1), keys(1));
+    let doc = root(1, &r, &rel, 1);
+    let key = keys(1)[0].public();
+    let mut registry = Registry {
+        fleet: "acme".into(),
+        serial: 7,
+        devices: Vec::new(),
+    };
+    for i in 0..100_000 {
+        registry.enroll(&format!("device-{i:06}"), &key);
+    }
+    let published = registry.sign(&refs(&rel)).unwrap();
+    assert!(published.head.len() < 16 * 1024, "{}", published.head.len());
+    let largest = published.parts.iter().map(|(_, b)| b.len()).max().unwrap();
+    assert!(largest < crate::parts::MAX_PART / 2, "{largest}");
+    let opened =
+        SignedRegistry::open(&published.head, |s| published.part(s), &doc).unwrap();
+    assert_eq!(opened, registry);
+    assert_eq!(opened.key_of("device-054321"), Some(key.clone()));
+    assert_eq!(opened.key_of("device-100000"), None);
+
+    // One part missing: incomplete (read again), not untrusted.
+    let (gone, _) = published.parts[3].clone();
+    let err = SignedRegistry::verify(
+        &published.head,
+        |s| (*s != gone).then(|| published.part(s)).flatten(),
+        &doc,
+    )
+    .unwrap_err();
+    assert!(matches!(err, OpenError::Incomplete(_)), "{err}");
+    // The same part of another registry (an older enrollment replayed) put in its
+    // place: refused.
+    let mut older = registry.clone();
+    older.enroll("device-000001", &keys(1)[0].public());
+    let old = older.sign(&refs(&rel)).unwrap();
+    let theirs: Vec<&Vec<u8>> = old
+        .parts
+        .iter()
+        .filter(|(sha, _)| published.part(sha).is_none())
+        .map(|(_, b)| b)
+        .collect();
+    assert_eq!(theirs.len(), 1, "one part differs");
+    let err = SignedRegistry::verify(
+        &published.head,
+        |s| {
+            if old.part(s).is_none() {
+                Some(theirs[0].as_slice())
+            } else {
+                published.part(s)
+            }
+        },
+        &doc,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("does not hash"), "{err}");
+}
+
+#[test]
+fn a_registry_kept_whole_before_parts_still_opens() {
+    let (r, rel) = (keys(1), keys(1));
+    let doc = root(1, &r, &rel, 1);
+    let device = keys(1)[0].public();
+    let mut registry = Registry {
+        fleet: "acme".into(),
+        serial: 3,
+        devices: Vec::new(),
+    };
+    registry.enroll("dev-02", &device);
+    registry.enroll("dev-01", &device);
+    let whole = registry.sign_whole(&refs(&rel)).unwrap();
+    let opened = SignedRegistry::open(&whole, |_| None, &doc).unwrap();
+    assert_eq!(opened, registry);
+    assert_eq!(opened.key_of("dev-01"), Some(device));
 }
 
 #[test]
