@@ -131,6 +131,7 @@ fn keygen_makes_a_root_and_an_outside_signer_signs_a_state_through_kiln_sign() {
         serial: 7,
         issued_ms: 1,
         expires_ms: u64::MAX,
+        mirrors: Vec::new(),
         modules: Vec::new(),
     };
     let mut file = b"KILNSTATE\x01".to_vec();

@@ -347,6 +347,7 @@ fn bad_desired_states_and_chunks_are_rejected_and_the_running_module_untouched()
         expires_ms: now_ms() + 3_600_000,
         scope: Scope::Device("dev-03".into()),
         serial: 99,
+        mirrors: Vec::new(),
         modules: vec![],
     };
     broker.publish_retained(&desired_topic, SignedDesired::sign(&desired, &[&stranger]));
@@ -370,6 +371,7 @@ fn bad_desired_states_and_chunks_are_rejected_and_the_running_module_untouched()
         expires_ms: now_ms() + 3_600_000,
         scope: Scope::Device("dev-04".into()),
         serial: 100,
+        mirrors: Vec::new(),
         modules: vec![],
     };
     broker.publish_retained(&desired_topic, SignedDesired::sign(&other, &[&key]));
@@ -392,6 +394,7 @@ fn bad_desired_states_and_chunks_are_rejected_and_the_running_module_untouched()
         expires_ms: now_ms() + 3_600_000,
         scope: Scope::Device("dev-03".into()),
         serial: fresh_serial(),
+        mirrors: Vec::new(),
         modules: vec![kiln_protocol::fleet::DesiredModule {
             name: "app".into(),
             version: 9,
@@ -813,6 +816,7 @@ fn oversized_retained_messages_are_reported_and_the_device_stays_connected() {
         expires_ms: now_ms() + 3_600_000,
         scope: Scope::Device("dev-big".into()),
         serial: fresh_serial(),
+        mirrors: Vec::new(),
         modules: vec![kiln_protocol::fleet::DesiredModule {
             name: "app".into(),
             version: 2,

@@ -160,6 +160,7 @@ fn offer(
         expires_ms: now_ms() + 3_600_000,
         scope: Scope::Device(device.into()),
         serial: fresh_serial(),
+        mirrors: Vec::new(),
         modules: vec![DesiredModule {
             name: "app".into(),
             version,

@@ -167,6 +167,7 @@ impl Fleet {
             serial,
             issued_ms: now_ms(),
             expires_ms: now_ms() + 3_600_000,
+            mirrors: Vec::new(),
             modules: Vec::new(),
         };
         let signed = SignedDesired::sign(&d, keys);

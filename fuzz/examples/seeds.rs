@@ -71,6 +71,7 @@ fn main() -> std::io::Result<()> {
         serial: 7,
         issued_ms,
         expires_ms: issued_ms + 30 * 24 * 3600 * 1000,
+        mirrors: Vec::new(),
         modules: vec![module.clone()],
     };
     let group = Desired {
@@ -79,6 +80,7 @@ fn main() -> std::io::Result<()> {
         serial: 1,
         issued_ms,
         expires_ms: issued_ms + 3600 * 1000,
+        mirrors: Vec::new(),
         modules: vec![],
     };
     let fuzz_root = kiln_fuzz::root();

@@ -28,6 +28,7 @@ pub mod keys;
 #[cfg(feature = "cli")]
 pub mod kilnd_cli;
 pub mod manifest;
+pub mod mirror;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 pub mod names;

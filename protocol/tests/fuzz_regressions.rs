@@ -59,6 +59,7 @@ fn desired(config: usize) -> Desired {
         serial: 1,
         issued_ms: 1_700_000_000_000,
         expires_ms: 1_800_000_000_000,
+        mirrors: Vec::new(),
         modules: vec![DesiredModule {
             name: "m".into(),
             version: 1,

@@ -453,6 +453,7 @@ impl RolloutCommand {
                 serial: 0,
                 issued_ms: now_ms(),
                 expires_ms: now_ms().saturating_add(release.signing.valid_ms),
+                mirrors: Vec::new(),
                 modules: vec![module],
             };
             let body = postcard::to_stdvec(&entry).unwrap_or_default();

@@ -27,6 +27,25 @@ pub struct Desired {
     pub issued_ms: u64,
     pub expires_ms: u64,
     pub modules: Vec<DesiredModule>,
+    /// Base URLs of HTTP(S) mirrors that serve the transfers' chunk lists and chunks
+    /// (`kiln push --mirror-url`; see `kiln_protocol::mirror`), tried before the
+    /// broker, which stays the fallback. Absent from the body when empty, so a state
+    /// without mirrors is byte for byte what kiln signed before there were mirrors, and
+    /// a kilnd from before reads a state with them (postcard ignores what follows).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "trailing_mirrors"
+    )]
+    pub mirrors: Vec<String>,
+}
+
+/// The mirrors at the end of a desired state's body, or none when the body ends
+/// before them (a state signed without mirrors, or by a kiln from before them).
+fn trailing_mirrors<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    // postcard says only that the input ended; a body the signers signed with a
+    // malformed tail gets no mirrors, and the device uses the broker.
+    Ok(Vec::<String>::deserialize(d).unwrap_or_default())
 }
 
 /// Why a module of a desired state cannot be taken as it is: limits out of bounds, an

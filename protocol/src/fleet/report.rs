@@ -293,7 +293,9 @@ pub enum EventKind {
     Rejected {
         reason: String,
     },
-    /// A patch did not give the artifact; the device fetches it whole.
+    /// A patch did not give the artifact, and the device fetches it whole; or a mirror
+    /// failed (the reason starts `the mirror `), and it fetches the transfer from the
+    /// broker.
     FellBack {
         reason: String,
     },
@@ -333,6 +335,10 @@ impl std::fmt::Display for EventKind {
             }
             EventKind::RolledBack { reason } => write!(f, "rolled back: {reason}"),
             EventKind::Rejected { reason } => write!(f, "rejected: {reason}"),
+            // A mirror that failed: the same transfer comes from the broker.
+            EventKind::FellBack { reason } if reason.starts_with("the mirror ") => {
+                write!(f, "fetching from the broker: {reason}")
+            }
             EventKind::FellBack { reason } => {
                 write!(f, "fetching the full artifact: {reason}")
             }

@@ -10,6 +10,7 @@ fn desired() -> Desired {
         serial: 3,
         issued_ms: 1_700_000_000_000,
         expires_ms: 1_700_000_000_000 + 86_400_000,
+        mirrors: Vec::new(),
         modules: vec![DesiredModule {
             name: "app".into(),
             version: 2,
@@ -311,4 +312,45 @@ fn upload_v1_fixture_still_decodes() {
     fixture.extend([128, 208, 149, 255, 188, 49, 3]);
     assert_eq!(bytes, fixture);
     assert_eq!(postcard::from_bytes::<Upload>(&fixture).unwrap(), marker);
+}
+
+/// The desired state as kiln signed it before mirrors: the same fields, no more.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct DesiredBeforeMirrors {
+    fleet: String,
+    scope: Scope,
+    serial: u64,
+    issued_ms: u64,
+    expires_ms: u64,
+    modules: Vec<DesiredModule>,
+}
+
+#[test]
+fn mirrors_travel_at_the_end_of_the_body_and_both_kinds_of_kilnd_read_both_kinds_of_state() {
+    let plain = desired();
+    let old = DesiredBeforeMirrors {
+        fleet: plain.fleet.clone(),
+        scope: plain.scope.clone(),
+        serial: plain.serial,
+        issued_ms: plain.issued_ms,
+        expires_ms: plain.expires_ms,
+        modules: plain.modules.clone(),
+    };
+    // Without mirrors the body is byte for byte what an older kiln signed.
+    let body = postcard::to_stdvec(&plain).unwrap();
+    assert_eq!(body, postcard::to_stdvec(&old).unwrap());
+    assert_eq!(postcard::from_bytes::<Desired>(&body).unwrap(), plain);
+    // With them, this kilnd reads them, and an older one reads the rest.
+    let mirrored = Desired {
+        mirrors: vec!["https://m.lan/fleet".into(), "http://10.0.0.2".into()],
+        ..desired()
+    };
+    let body = postcard::to_stdvec(&mirrored).unwrap();
+    assert_eq!(postcard::from_bytes::<Desired>(&body).unwrap(), mirrored);
+    assert_eq!(postcard::from_bytes::<DesiredBeforeMirrors>(&body).unwrap(), old);
+    // A signed state with mirrors opens with them.
+    let key = SecretKey::generate().unwrap();
+    let (root, _) = root_for(&[&key], 1);
+    let signed = SignedDesired::sign(&mirrored, &[&key]);
+    assert_eq!(SignedDesired::open(&signed, &root).unwrap(), mirrored);
 }

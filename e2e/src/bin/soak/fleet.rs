@@ -645,6 +645,7 @@ pub fn forged_desired(device: &str, version: u64, artifact: &Path, key: &Path) -
         serial: now_ms() * 1_000,
         issued_ms: now_ms(),
         expires_ms: now_ms() + 3_600_000,
+        mirrors: Vec::new(),
         modules: vec![DesiredModule {
             name: "app".into(),
             version,
