@@ -51,6 +51,14 @@ pub struct Config {
     pub data_dir: Option<PathBuf>,
     /// Receive modules over MQTT as signed desired state.
     pub mqtt: Option<MqttConfig>,
+    /// This device's own artifact mirror (`https://cache.lan/kiln`, a local cache or a
+    /// CDN in front of the fleet's), used instead of the mirrors a desired state
+    /// names; `off` uses none, only the broker. Unset: the desired state's mirrors.
+    pub mirror: Option<String>,
+    /// PEM CA certificate(s) an `https://` mirror's certificate must chain to; by
+    /// default the `[mqtt]` `ca`, else the system's bundle
+    /// (`/etc/ssl/certs/ca-certificates.crt`).
+    pub mirror_ca: Option<PathBuf>,
     /// How telemetry is batched and spooled (with `[mqtt]`).
     pub telemetry: Option<TelemetryConfig>,
     /// Each module's rate limit by name (filled by `load`).
@@ -333,6 +341,14 @@ impl Config {
             if let Some(t) = &mqtt.not_before {
                 mqtt.not_before_ms = kiln_protocol::fleet::parse_utc(t)
                     .map_err(|e| format!("config `{file}`: not_before: {e}"))?;
+            }
+        }
+        config.mirror_ca = config.mirror_ca.as_deref().map(resolve);
+        if let Some(url) = config.mirror.as_deref().filter(|u| *u != "off") {
+            kiln_protocol::mirror::MirrorUrl::parse(url)
+                .map_err(|e| format!("config `{file}`: {e} (or `off`)"))?;
+            if !cfg!(feature = "mirror") {
+                return Err(format!("config `{file}`: mirror `{url}`: this kilnd was built without mirrors (feature `mirror`); leave `mirror` out"));
             }
         }
         // Names become topic levels and file names: checked here like everywhere.

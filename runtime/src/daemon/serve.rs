@@ -437,6 +437,8 @@ fn connect(
         link.clone(),
         facts,
     );
+    #[cfg(feature = "mirror")]
+    let agent = with_mirrors(agent, config, mqtt, agent_tx.clone());
 
     let sampled = modules.clone();
     let pipeline = Pipeline::open(
@@ -454,6 +456,32 @@ fn connect(
         agent_thread: std::thread::spawn(move || agent.run(agent_rx)),
         telemetry: telemetry_tx,
     })
+}
+
+/// The device's mirrors (`mirror` in kilnd.toml: its own, `off`, or unset for those
+/// the desired state names) and the thread that fetches from them. A CA that cannot
+/// be read is said once here; `https://` mirrors then fail, and the broker serves.
+#[cfg(feature = "mirror")]
+fn with_mirrors(
+    agent: fleet::Driver,
+    config: &Config,
+    mqtt: &MqttConfig,
+    to_agent: SyncSender<AgentIn>,
+) -> fleet::Driver {
+    use fleet::agent::Mirrors;
+    let mirrors = match config.mirror.as_deref() {
+        Some("off") => return agent,
+        Some(url) => Mirrors::Own(url.to_string()),
+        None => Mirrors::FromState,
+    };
+    let ca = config.mirror_ca.as_deref().or(mqtt.ca.as_deref());
+    let tls = fleet::mirror::tls_config(ca);
+    if let Err(e) = &tls {
+        tracing::warn!(error = %e, "https:// mirrors will fail; the broker serves their transfers");
+    }
+    let (jobs, queue) = mpsc::channel();
+    std::thread::spawn(move || fleet::mirror::serve(queue, to_agent, tls));
+    agent.with_mirrors(mirrors, jobs)
 }
 
 /// The keys local modules are verified with, as text for the workers: the `trust`

@@ -76,6 +76,32 @@ pub enum Input {
         result: StageResult,
     },
     Saved(Result<(), String>),
+    /// What a mirror answered for a download's chunk list or chunk (unverified bytes),
+    /// or why it gave nothing.
+    Mirror {
+        key: DownloadKey,
+        part: MirrorPart,
+        result: Result<Vec<u8>, String>,
+    },
+}
+
+/// What of a transfer is asked of a mirror.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorPart {
+    List,
+    Chunk(u32),
+}
+
+/// Where this device fetches transfers besides the broker (`kilnd.toml` `mirror`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Mirrors {
+    /// Only the broker (`mirror = "off"`, or a kilnd without mirrors).
+    #[default]
+    Off,
+    /// The mirrors the desired state names, if any.
+    FromState,
+    /// The device's own mirror, whatever the desired state names.
+    Own(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,6 +199,15 @@ pub enum Effect {
         from: Box<StageFrom>,
     },
     DropDownload(DownloadKey),
+    /// Get a download's chunk list or chunk from the first of `urls` that gives it, at
+    /// most `max` bytes (exactly `exact` when known); answer with `Input::Mirror`.
+    MirrorGet {
+        key: DownloadKey,
+        part: MirrorPart,
+        urls: Vec<String>,
+        max: u64,
+        exact: Option<u64>,
+    },
     /// What fleet modules run: each with the installed version to run.
     Run(BTreeMap<String, Installed>),
     /// A point the crash-safety tests can kill kilnd at (test builds only).
@@ -252,6 +287,10 @@ struct Download {
     last_progress_ms: u64,
     /// Waiting for `Input::Staged`.
     staging: bool,
+    /// The mirrors it is fetched from; `None`: the broker (no mirror, or it failed).
+    mirror: Option<Vec<String>>,
+    /// What was asked of the mirror and not answered yet.
+    in_flight: Option<MirrorPart>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -287,6 +326,10 @@ pub struct Agent {
     downloads: BTreeMap<DownloadKey, Download>,
     /// Artifacts whose patch failed this run: fetched whole.
     no_patch: BTreeSet<[u8; 32]>,
+    /// Where transfers come from besides the broker.
+    mirrors: Mirrors,
+    /// Transfers a mirror failed this run: fetched from the broker.
+    mirror_failed: BTreeSet<[u8; 32]>,
     trials: BTreeMap<String, Trial>,
     /// What each module's worker is doing, from the supervisor's records.
     run: BTreeMap<String, Run>,
@@ -378,6 +421,8 @@ impl Agent {
             stale: None,
             downloads: BTreeMap::new(),
             no_patch: BTreeSet::new(),
+            mirrors: Mirrors::Off,
+            mirror_failed: BTreeSet::new(),
             trials: BTreeMap::new(),
             run: BTreeMap::new(),
             tried: BTreeMap::new(),
@@ -408,6 +453,11 @@ impl Agent {
         }
         self.run_plans();
         std::mem::take(&mut self.out)
+    }
+
+    /// Where transfers come from besides the broker (off until set).
+    pub fn set_mirrors(&mut self, mirrors: Mirrors) {
+        self.mirrors = mirrors;
     }
 
     pub fn state(&self) -> &DeviceState {
@@ -456,6 +506,7 @@ impl Agent {
                 result,
             } => self.on_staged(&module, key, result),
             Input::Saved(result) => self.on_saved(result),
+            Input::Mirror { key, part, result } => self.on_mirror(key, part, result),
         }
         self.report();
         std::mem::take(&mut self.out)

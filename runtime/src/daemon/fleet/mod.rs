@@ -6,13 +6,15 @@
 
 pub mod agent;
 pub mod identity;
+#[cfg(feature = "mirror")]
+pub mod mirror;
 pub mod store;
 #[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::Duration;
 
 use kiln_protocol::artifact::Envelope;
@@ -30,7 +32,7 @@ use kiln_protocol::worker::Expect;
 
 use crate::daemon::config::{ModulePlan, MqttConfig, RestartPolicy};
 use crate::daemon::link::{Link, LinkEvent};
-use agent::{Agent, Effect, Input, Outcome, Settings, StageFrom, StageResult, Trust};
+use agent::{Agent, Effect, Input, MirrorPart, Outcome, Settings, StageFrom, StageResult, Trust};
 use store::{Installed, Store};
 
 /// What the driver reacts to.
@@ -40,7 +42,22 @@ pub enum AgentIn {
     Record(Record),
     /// A period of the modules' health, to sign and publish.
     Health(HealthV1),
+    /// What a mirror answered for a download (see `mirror`).
+    Mirror {
+        key: store::DownloadKey,
+        part: MirrorPart,
+        result: Result<Vec<u8>, String>,
+    },
     Stop,
+}
+
+/// A request for a mirror, handed to the thread that fetches (feature `mirror`).
+pub struct MirrorJob {
+    pub key: store::DownloadKey,
+    pub part: MirrorPart,
+    pub urls: Vec<String>,
+    pub max: u64,
+    pub exact: Option<u64>,
 }
 
 /// How the agent changes what runs: the full set of fleet modules.
@@ -186,6 +203,8 @@ pub struct Driver {
     /// The retained status said when kilnd stops.
     offline: Vec<u8>,
     fault: Option<String>,
+    /// The thread that fetches from mirrors, if this device uses them.
+    mirror: Option<Sender<MirrorJob>>,
 }
 
 /// Opens the device state and runs what was committed; `run` then serves until
@@ -246,6 +265,7 @@ pub fn start(
         device: device.into(),
         offline,
         fault: fault_point(),
+        mirror: None,
     };
     // What was committed runs before the broker is even reachable.
     let effects = driver.agent.boot();
@@ -278,6 +298,14 @@ fn fault_point() -> Option<String> {
 }
 
 impl Driver {
+    /// Fetches transfers from mirrors as `mirrors` says, through `fetcher`, which
+    /// answers each `MirrorJob` with an `AgentIn::Mirror`.
+    pub fn with_mirrors(mut self, mirrors: agent::Mirrors, fetcher: Sender<MirrorJob>) -> Self {
+        self.agent.set_mirrors(mirrors);
+        self.mirror = Some(fetcher);
+        self
+    }
+
     pub fn run(mut self, rx: Receiver<AgentIn>) {
         let mut last_tick = now_ms();
         loop {
@@ -299,6 +327,7 @@ impl Driver {
                     Some((module, outcome)) => Input::Worker { module, outcome },
                     None => continue,
                 },
+                Ok(AgentIn::Mirror { key, part, result }) => Input::Mirror { key, part, result },
                 Ok(AgentIn::Health(health)) => {
                     let effects = self.agent.health(&health);
                     self.perform(effects);
@@ -355,6 +384,26 @@ impl Driver {
             Effect::Unsubscribe(topic) => self.link.unsubscribe(topic),
             Effect::Run(modules) => (self.apply)(self.exec.plans(modules)),
             Effect::Checkpoint(step) => self.checkpoint(step),
+            Effect::MirrorGet {
+                key,
+                part,
+                urls,
+                max,
+                exact,
+            } => {
+                let job = MirrorJob {
+                    key,
+                    part,
+                    urls,
+                    max,
+                    exact,
+                };
+                let sent = self.mirror.as_ref().map(|m| m.send(job));
+                if !matches!(sent, Some(Ok(()))) {
+                    let result = Err("this kilnd fetches from no mirror".into());
+                    return Some(Input::Mirror { key, part, result });
+                }
+            }
             _ => {}
         }
         None

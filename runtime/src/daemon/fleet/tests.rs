@@ -25,7 +25,9 @@ use kiln_protocol::trust::{Chain, Role, Root};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
-use super::agent::{decode_reported, Agent, Effect, Input, Outcome, Settings, Trust};
+use super::agent::{
+    decode_reported, Agent, Effect, Input, MirrorPart, Mirrors, Outcome, Settings, Trust,
+};
 use super::store::{Installed, Store};
 use super::Executor;
 
@@ -61,6 +63,7 @@ fn desired_at(scope: Scope, serial: u64, now: u64, modules: Vec<DesiredModule>) 
         serial,
         issued_ms: now,
         expires_ms: now + VALID_MS,
+        mirrors: Vec::new(),
         modules,
     }
 }
@@ -256,6 +259,21 @@ struct World {
     /// Every event the device published, in words.
     events: Vec<String>,
     steps: Vec<String>,
+    /// What an HTTP mirror does when asked, the mirrors desired states name, and
+    /// what went through it and through the broker.
+    mirror: MirrorModel,
+    state_mirrors: Vec<String>,
+    mirror_bytes: u64,
+    broker_chunks: usize,
+}
+
+/// A mirror serving the transfers on the broker as `kiln push --mirror-dir` writes
+/// them, one serving a chunk with a byte flipped, or one that does not answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MirrorModel {
+    Serving,
+    Corrupt,
+    Dead,
 }
 
 impl World {
@@ -293,6 +311,10 @@ impl World {
             keep_chunking: true,
             events: Vec::new(),
             steps: Vec::new(),
+            mirror: MirrorModel::Dead,
+            state_mirrors: Vec::new(),
+            mirror_bytes: 0,
+            broker_chunks: 0,
         };
         world.boot();
         world
@@ -389,6 +411,18 @@ impl World {
                     }
                 }
                 Err(Effect::Subscribe(t)) => self.broker.subscribe(t),
+                Err(Effect::MirrorGet {
+                    key,
+                    part,
+                    urls,
+                    max,
+                    exact,
+                }) => {
+                    assert!(!urls.is_empty());
+                    let result = self.mirror_answer(&key.sha256, part, max, exact);
+                    let input = Input::Mirror { key, part, result };
+                    queue.extend(self.agent.handle(self.now, input));
+                }
                 Err(Effect::Unsubscribe(t)) => {
                     self.broker.subscribed.remove(&t);
                 }
@@ -540,7 +574,10 @@ impl World {
             .get(&group)
             .map(|m| m.values().cloned().collect())
             .unwrap_or_default();
-        let desired = desired_at(scope, *serial, self.now, modules);
+        let desired = Desired {
+            mirrors: self.state_mirrors.clone(),
+            ..desired_at(scope, *serial, self.now, modules)
+        };
         let signed = SignedDesired::sign(&desired, &[&self.key]);
         self.history.entry(group).or_default().push(signed.clone());
         let topic = self.source(group);
@@ -658,7 +695,45 @@ impl World {
         self.check(matches!(op, Op::Restart));
     }
 
+    /// What the mirror answers: the chunk list as on the broker, a chunk's raw bytes.
+    fn mirror_answer(
+        &mut self,
+        sha: &[u8; 32],
+        part: MirrorPart,
+        max: u64,
+        exact: Option<u64>,
+    ) -> Result<Vec<u8>, String> {
+        if self.mirror == MirrorModel::Dead {
+            return Err(
+                "GET http://mirror.test/: connect to 10.0.0.9:80: Connection refused".into(),
+            );
+        }
+        let (topic, n) = match part {
+            MirrorPart::List => (self.topics.list(sha), None),
+            MirrorPart::Chunk(n) => (self.topics.chunk(sha, n), Some(n)),
+        };
+        let Some(message) = self.broker.retained.get(&topic) else {
+            return Err("HTTP 404".into());
+        };
+        let mut bytes = match n {
+            None => message.clone(),
+            Some(_) => match postcard::from_bytes(message) {
+                Ok(kiln_protocol::transfer::Chunk::V1 { data, .. }) => data,
+                Err(e) => return Err(e.to_string()),
+            },
+        };
+        if self.mirror == MirrorModel::Corrupt && n == Some(1) {
+            bytes[0] ^= 1;
+        }
+        assert!(bytes.len() as u64 <= max && exact.is_none_or(|e| e == bytes.len() as u64));
+        self.mirror_bytes += bytes.len() as u64;
+        Ok(bytes)
+    }
+
     fn deliver(&mut self, topic: String, payload: Vec<u8>) {
+        if self.topics.parse_chunk(&topic).is_some() && !topic.ends_with("/list") {
+            self.broker_chunks += 1;
+        }
         // The model of what the device wants: a desired state it can accept.
         if topic.ends_with("/desired") {
             let fresh = |d: &Desired| d.check_fresh(self.now).is_ok();
@@ -1589,4 +1664,73 @@ fn a_refused_subscription_is_named_and_asked_again_with_growing_waits() {
     world.input(Input::Connected);
     assert!(world.broker.subscribed.contains(&topic));
     assert_eq!(world.agent.next_deadline_ms(), None);
+}
+
+#[test]
+fn transfers_come_from_the_mirror_and_from_the_broker_when_it_fails() {
+    let mut w = World::new();
+    w.agent.set_mirrors(Mirrors::FromState);
+    w.state_mirrors = vec!["http://mirror.test".into()];
+    w.mirror = MirrorModel::Serving;
+    let push_chunked = |w: &mut World, version| {
+        w.apply(&Op::Push {
+            group: false,
+            module: 0,
+            version,
+            kind: Kind::Good,
+            via: Via::Raw,
+            chunk: 0, // 1 KiB chunks: several of them
+            downgrade: false,
+        })
+    };
+    push_chunked(&mut w, 1);
+    commit(&mut w);
+    assert_eq!(committed(&w, "app"), Some(1));
+    // Every byte through the mirror: no chunk or chunk list asked of the broker.
+    let entry = w.scope_modules[&false]["app"].artifacts[0].clone();
+    assert!(entry.full.len > 1024, "several chunks");
+    assert_eq!(w.broker_chunks, 0, "{:?}", w.broker.subscribed);
+    assert!(w.mirror_bytes > entry.full.len, "the list and every chunk");
+    assert!(!w
+        .broker
+        .subscribed
+        .iter()
+        .any(|t| t.contains("/artifacts/")));
+    assert!(!saw(&w, "fell-back"));
+
+    // A chunk that does not hash as the list says: said once, then the broker.
+    w.mirror = MirrorModel::Corrupt;
+    push_chunked(&mut w, 2);
+    commit(&mut w);
+    commit(&mut w);
+    assert_eq!(committed(&w, "app"), Some(2));
+    let fell: Vec<&String> = w.events.iter().filter(|e| e.contains("mirror")).collect();
+    assert_eq!(fell.len(), 1, "{:?}", w.events);
+    assert!(
+        fell[0].starts_with("app v2: fetching from the broker: the mirror failed for ")
+            && fell[0].ends_with(": chunk 1: sha256 mismatch"),
+        "{}",
+        fell[0]
+    );
+    assert!(w.broker_chunks > 0, "the rest came from the broker");
+
+    // A dead mirror: the same, the next update does not stall.
+    w.mirror = MirrorModel::Dead;
+    let before = w.broker_chunks;
+    push_chunked(&mut w, 3);
+    commit(&mut w);
+    commit(&mut w);
+    assert_eq!(committed(&w, "app"), Some(3));
+    assert!(saw(&w, "Connection refused"), "{:?}", w.events);
+    assert!(w.broker_chunks > before);
+
+    // The device's own `mirror = "off"`: the broker only, nothing said.
+    w.agent.set_mirrors(Mirrors::Off);
+    w.mirror = MirrorModel::Serving;
+    let (mirrored, events) = (w.mirror_bytes, w.events.len());
+    push_chunked(&mut w, 4);
+    commit(&mut w);
+    assert_eq!(committed(&w, "app"), Some(4));
+    assert_eq!(w.mirror_bytes, mirrored);
+    assert!(!w.events[events..].iter().any(|e| e.contains("mirror")));
 }

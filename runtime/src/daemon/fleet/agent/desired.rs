@@ -410,6 +410,7 @@ impl Agent {
             base = base.map(|b| hex::encode(&b[..6])),
             "fetching"
         );
+        let mirror = self.mirror_for(record.source.as_deref(), &transfer.sha256);
         let download = Download {
             module: d.clone(),
             target: target.clone(),
@@ -419,6 +420,8 @@ impl Agent {
             have: None,
             last_progress_ms: self.now_ms,
             staging: staged_here,
+            mirror,
+            in_flight: None,
         };
         self.begin_download(key, download);
         if staged_here {

@@ -1,12 +1,23 @@
-//! Downloads: a chunk list, the chunks (from the store first, then the broker), a fetch
-//! that stalls, and staging the assembled artifact into a slot.
+//! Downloads: a chunk list, the chunks (from the store first, then a mirror or the
+//! broker), a fetch that stalls, and staging the assembled artifact into a slot.
+//!
+//! A mirror is asked for one thing at a time (the list, then each missing chunk), and
+//! what it answers is verified here exactly as the broker's is: the list against the
+//! signed hash before it is decoded, each chunk's raw bytes against the list's hash
+//! before they are written. Any failure (no answer, an HTTP error, a wrong hash, a
+//! short body, a stall) is said once in a `fell-back` event, and the transfer is
+//! fetched from the broker from where it stands: chunks already verified stay.
 
 use std::collections::BTreeSet;
 
-use kiln_protocol::fleet::EventKind;
-use kiln_protocol::transfer::ChunkList;
+use kiln_protocol::fleet::{sha256, EventKind};
+use kiln_protocol::mirror::MAX_MIRRORS;
+use kiln_protocol::transfer::{ChunkList, MAX_LIST};
 
-use super::{Agent, Download, Effect, StageFrom, StageResult, Trial, MAX_HEALTH_WINDOW_MS};
+use super::{
+    Agent, Download, Effect, MirrorPart, Mirrors, StageFrom, StageResult, Trial,
+    MAX_HEALTH_WINDOW_MS,
+};
 use crate::daemon::fleet::store::{DownloadKey, Installed, Slot};
 
 impl Agent {
@@ -17,8 +28,7 @@ impl Agent {
         let scan = download.list.clone().filter(|_| !download.staging);
         self.downloads.insert(key, download);
         if fetch {
-            self.out
-                .push(Effect::Subscribe(self.topics.list(&key.sha256)));
+            self.subscribe_missing(key);
         }
         if let Some(list) = scan {
             self.out.push(Effect::Scan { key, list });
@@ -95,6 +105,9 @@ impl Agent {
         if d.staging {
             return;
         }
+        if d.mirror.is_some() {
+            return self.mirror_next(key);
+        }
         let (Some(have), Some(list)) = (&d.have, &d.list) else {
             if d.list.is_none() {
                 self.out
@@ -114,6 +127,9 @@ impl Agent {
         let Some(d) = self.downloads.get(&key) else {
             return;
         };
+        if d.mirror.is_some() {
+            return; // nothing of it was asked of the broker
+        }
         let Some(list) = &d.list else {
             self.out
                 .push(Effect::Unsubscribe(self.topics.list(&key.sha256)));
@@ -198,7 +214,10 @@ impl Agent {
         let total = d.list.as_ref().map_or(0, |l| l.chunks.len() as u32);
         let count = have.len() as u32;
         let (name, version) = (d.module.name.clone(), d.module.version);
-        self.out.push(Effect::Unsubscribe(topic));
+        let mirrored = d.mirror.is_some();
+        if !mirrored {
+            self.out.push(Effect::Unsubscribe(topic));
+        }
         self.out.push(Effect::Checkpoint("download"));
         if count < total && count.is_multiple_of(8) {
             self.event(
@@ -207,7 +226,142 @@ impl Agent {
                 EventKind::Downloading { have: count, total },
             );
         }
+        if mirrored {
+            self.mirror_next(key);
+        }
         self.maybe_stage(key);
+    }
+
+    /// The mirrors a transfer of a module from `source` is fetched from: the device's
+    /// own, else those its desired state names; none once a mirror failed it.
+    pub(super) fn mirror_for(
+        &self,
+        source: Option<&str>,
+        transfer: &[u8; 32],
+    ) -> Option<Vec<String>> {
+        if self.mirror_failed.contains(transfer) {
+            return None;
+        }
+        let urls: Vec<String> = match &self.mirrors {
+            Mirrors::Off => return None,
+            Mirrors::Own(url) => vec![url.clone()],
+            Mirrors::FromState => source
+                .and_then(|s| self.desired.get(s))
+                .map(|d| d.mirrors.iter().take(MAX_MIRRORS).cloned().collect())?,
+        };
+        (!urls.is_empty()).then_some(urls)
+    }
+
+    /// Asks the mirror for what the download lacks next, unless it is waiting for an
+    /// answer: its chunk list, then the first chunk not on disk.
+    fn mirror_next(&mut self, key: DownloadKey) {
+        let Some(d) = self.downloads.get_mut(&key) else {
+            return;
+        };
+        let (Some(urls), None, false) = (&d.mirror, d.in_flight, d.staging) else {
+            return;
+        };
+        let (part, max, exact) = match (&d.list, &d.have) {
+            (None, _) => (MirrorPart::List, MAX_LIST as u64, None),
+            (Some(list), Some(have)) => {
+                let total = list.chunks.len() as u32;
+                let Some(n) = (0..total).find(|n| !have.contains(n)) else {
+                    return;
+                };
+                let len = list.chunk_len(n);
+                (MirrorPart::Chunk(n), len, Some(len))
+            }
+            (Some(_), None) => return, // being scanned
+        };
+        let urls = urls.clone();
+        d.in_flight = Some(part);
+        self.out.push(Effect::MirrorGet {
+            key,
+            part,
+            urls,
+            max,
+            exact,
+        });
+    }
+
+    /// What the mirror answered, verified as the broker's would be.
+    pub(super) fn on_mirror(
+        &mut self,
+        key: DownloadKey,
+        part: MirrorPart,
+        result: Result<Vec<u8>, String>,
+    ) {
+        let now = self.now_ms;
+        let Some(d) = self.downloads.get_mut(&key) else {
+            return; // cancelled meanwhile
+        };
+        if d.staging || d.mirror.is_none() || d.in_flight != Some(part) {
+            return; // an answer to a question no longer asked
+        }
+        d.in_flight = None;
+        let bytes = match result {
+            Ok(bytes) => bytes,
+            Err(why) => return self.fall_back(key, why),
+        };
+        match part {
+            MirrorPart::List => match ChunkList::open(&bytes, &d.transfer) {
+                Ok(list) => {
+                    d.list = Some(list.clone());
+                    d.last_progress_ms = now;
+                    self.out.push(Effect::Scan { key, list });
+                }
+                Err(why) => self.fall_back(key, format!("its chunk list: {why}")),
+            },
+            MirrorPart::Chunk(n) => {
+                let Some(list) = &d.list else {
+                    return;
+                };
+                let fits = match list.chunks.get(n as usize) {
+                    None => Err("beyond the last chunk".to_string()),
+                    Some(_) if bytes.len() as u64 != list.chunk_len(n) => Err(format!(
+                        "{} bytes, expected {}",
+                        bytes.len(),
+                        list.chunk_len(n)
+                    )),
+                    Some(expected) if sha256(&bytes) != *expected => {
+                        Err("sha256 mismatch".to_string())
+                    }
+                    Some(_) => Ok(()),
+                };
+                match fits {
+                    Ok(()) => {
+                        d.last_progress_ms = now;
+                        self.out.push(Effect::WriteChunk {
+                            key,
+                            n,
+                            data: bytes,
+                        });
+                    }
+                    Err(why) => self.fall_back(key, format!("chunk {n}: {why}")),
+                }
+            }
+        }
+    }
+
+    /// The mirror failed this download: said once, and the broker takes over from
+    /// where it stands (the chunks already verified stay).
+    pub(super) fn fall_back(&mut self, key: DownloadKey, why: String) {
+        let now = self.now_ms;
+        let Some(d) = self.downloads.get_mut(&key) else {
+            return;
+        };
+        d.mirror = None;
+        d.in_flight = None;
+        d.last_progress_ms = now;
+        self.mirror_failed.insert(key.sha256);
+        let (name, version) = (d.module.name.clone(), d.module.version);
+        let reason = format!(
+            "the mirror failed for {}: {why}",
+            hex::encode(&key.sha256[..6])
+        );
+        tracing::warn!(module = %name, %reason, "fetching from the broker");
+        self.event(&name, version, EventKind::FellBack { reason });
+        self.subscribe_missing(key);
     }
 
     /// Every chunk is on disk: assemble, verify and stage into the inactive slot.
@@ -274,6 +428,7 @@ impl Agent {
                     have: None,
                     last_progress_ms: self.now_ms,
                     staging: false,
+                    in_flight: None,
                     ..download
                 };
                 self.begin_download(key, download);

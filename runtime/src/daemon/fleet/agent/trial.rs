@@ -91,6 +91,11 @@ impl Agent {
             .map(|(k, _)| *k)
             .collect();
         for key in stalled {
+            if self.downloads.get(&key).is_some_and(|d| d.mirror.is_some()) {
+                let why = format!("no answer for {} s", self.settings.stall_ms / 1000);
+                self.fall_back(key, why);
+                continue;
+            }
             let Some(d) = self.downloads.get_mut(&key) else {
                 continue;
             };
