@@ -49,6 +49,8 @@ Examples:
   kiln push app.kiln --group lab --sign fleet.key --dry-run     # the state it would publish
   kiln push app.kiln --group lab --sign fleet.key --wait --json # each device's outcome
   kiln push app.kiln --device dev-09 --sign fleet.key --force   # a device not started yet
+  kiln push app.kiln --group lab --sign fleet.key --mirror-dir /srv/kiln \
+      --mirror-url https://mirror.lan/kiln                      # chunks from a mirror too
   kiln release app.wasm --target aarch64-linux --sign release.key -o app.kilnrel   # signer
   kiln push app.kilnrel --group lab --unsigned lab.kilnstate                       # publisher
   kiln sign lab.kilnstate --key release.key                                        # signer(s)
@@ -90,6 +92,19 @@ pub struct PushCommand {
     /// The result as one JSON object on stdout (see the JSON shapes in the book)
     #[arg(long)]
     pub json: bool,
+    /// Also write each transfer's chunk list and chunks as static files under DIR
+    /// (artifacts/SHA256/list, artifacts/SHA256/N), for an HTTP(S) mirror: a static
+    /// file server's root, or synced to an object store or a CDN
+    #[arg(long, value_name = "DIR")]
+    pub mirror_dir: Option<PathBuf>,
+    /// A mirror's base URL (http:// or https://) the signed desired state names:
+    /// devices fetch chunks there first and from the broker if it fails (repeatable,
+    /// up to 4; without it the state keeps the mirrors it names)
+    #[arg(long = "mirror-url", value_name = "URL")]
+    pub mirror_urls: Vec<String>,
+    /// Name no mirror in the desired state: devices fetch from the broker only
+    #[arg(long, conflicts_with = "mirror_urls")]
+    pub no_mirror: bool,
     #[command(flatten)]
     pub release: ReleaseArgs,
 }
@@ -109,6 +124,7 @@ impl PushCommand {
             return self.publish_state_file();
         }
         let scope = self.scope()?;
+        let mirrors = self.mirrors()?;
         let unavailable = |e| coded(Code::Unavailable, e);
         let mut session = self.release.broker.connect().map_err(unavailable)?;
         let topics = self.release.broker.topics();
@@ -122,11 +138,23 @@ impl PushCommand {
             eprintln!("warning: {r} (--force: publishing anyway)");
         }
         let mut release = self.release.load(&mut session, &scope)?;
+        release.mirrors = mirrors;
         release.check(&scope, &seen, self.force)?;
         let next = release.next_desired(&mut session, &scope)?;
         if self.dry_run {
             session.disconnect();
             return self.print_dry_run(&next, &release);
+        }
+        if let Some(dir) = &self.mirror_dir {
+            let w = crate::fleet::mirror::write(dir, &release.transfers)?;
+            eprintln!(
+                "{}: mirror dir {}: {} files written, {} already there ({})",
+                release.label(),
+                dir.display(),
+                w.written,
+                w.kept,
+                crate::text::human_size(w.bytes)
+            );
         }
         let messages = release.upload(&mut session)?;
         // Signed again after the upload: the serial must be above anything a device
@@ -181,6 +209,31 @@ impl PushCommand {
             );
         }
         Ok(())
+    }
+
+    /// The mirrors the state is to name: `--mirror-url`s (each checked as a device
+    /// will read it), none with `--no-mirror`, else `None` (those it names now).
+    fn mirrors(&self) -> Result<Option<Vec<String>>> {
+        use kiln_protocol::mirror::{MirrorUrl, MAX_MIRRORS};
+        if self.no_mirror {
+            return Ok(Some(Vec::new()));
+        }
+        if self.mirror_urls.is_empty() {
+            return Ok(None);
+        }
+        if self.mirror_urls.len() > MAX_MIRRORS {
+            bail!(coded(
+                Code::Usage,
+                anyhow!(
+                    "{} --mirror-urls (devices read at most {MAX_MIRRORS})",
+                    self.mirror_urls.len()
+                )
+            ));
+        }
+        for url in &self.mirror_urls {
+            MirrorUrl::parse(url).map_err(|e| coded(Code::Usage, anyhow!("--mirror-url: {e}")))?;
+        }
+        Ok(Some(self.mirror_urls.clone()))
     }
 
     fn scope(&self) -> Result<Scope> {

@@ -20,10 +20,18 @@ impl Release {
     /// other modules kept), signed and ready to publish.
     pub fn next_desired(&self, session: &mut Session, scope: &Scope) -> Result<NextDesired> {
         let module = self.module.clone();
-        prepare_desired(session, &self.signing, &self.topics, scope, |modules| {
-            modules.retain(|m| m.name != module.name);
-            modules.push(module);
-        })
+        let mirrors = self.mirrors.clone();
+        prepare(
+            session,
+            &self.signing,
+            &self.topics,
+            scope,
+            mirrors,
+            |modules| {
+                modules.retain(|m| m.name != module.name);
+                modules.push(module);
+            },
+        )
     }
 
     /// Makes this release the desired version of its module for `scope`; returns the
@@ -62,11 +70,24 @@ pub fn describe(scope: &Scope) -> String {
 
 /// Reads the current desired state of `scope`, lets `edit` change its module list,
 /// and signs the result under a new serial (see [`crate::fleet::serial`]).
+/// The mirrors the retained state names are kept.
 pub fn prepare_desired(
     session: &mut Session,
     signing: &Signing,
     topics: &Topics,
     scope: &Scope,
+    edit: impl FnOnce(&mut Vec<DesiredModule>),
+) -> Result<NextDesired> {
+    prepare(session, signing, topics, scope, None, edit)
+}
+
+/// [`prepare_desired`] naming `mirrors` (`None`: those the retained state names).
+fn prepare(
+    session: &mut Session,
+    signing: &Signing,
+    topics: &Topics,
+    scope: &Scope,
+    mirrors: Option<Vec<String>>,
     edit: impl FnOnce(&mut Vec<DesiredModule>),
 ) -> Result<NextDesired> {
     let unavailable = |e| Error::Broker(e);
@@ -82,6 +103,7 @@ pub fn prepare_desired(
         topic.clone(),
         current.get(&topic).map(Vec::as_slice),
         &crate::fleet::serial::claims(&heard, scope),
+        mirrors,
         edit,
     )
 }
@@ -111,6 +133,7 @@ pub fn prepare_for_devices(
                 topic.clone(),
                 current.get(&topic).map(Vec::as_slice),
                 &crate::fleet::serial::claims(&heard, &scope),
+                None,
                 |m| edit(device, m),
             )
         })
@@ -155,10 +178,12 @@ fn build_desired(
     topic: String,
     current: Option<&[u8]>,
     claims: &[Claim],
+    mirrors: Option<Vec<String>>,
     edit: impl FnOnce(&mut Vec<DesiredModule>),
 ) -> Result<NextDesired> {
     let target = describe(scope);
-    let (retained_serial, modules) = match current {
+    let fresh = mirrors.clone().unwrap_or_default();
+    let (retained_serial, modules, mirrors) = match current {
         Some(payload) => {
             let d = match signing.fleet.open_desired(payload) {
                 Ok(Opened::Trusted(d)) => d,
@@ -173,11 +198,11 @@ fn build_desired(
                     eprintln!(
                         "replacing the desired state of {target} signed under root v{root} (keys since rotated out): its modules are dropped"
                     );
-                    return finish_desired(signing, scope, topic, None, Vec::new(), claims, edit);
+                    return finish_desired(signing, scope, topic, None, (Vec::new(), fresh), claims, edit);
                 }
                 Err(e) if signing.replace_untrusted => {
                     eprintln!("replacing the untrusted desired state of {target} ({e}): its modules are dropped");
-                    return finish_desired(signing, scope, topic, None, Vec::new(), claims, edit);
+                    return finish_desired(signing, scope, topic, None, (Vec::new(), fresh), claims, edit);
                 }
                 Ok(Opened::Revoked { doc, root }) => bail!(Error::trust(anyhow!(
                         "the current desired state of {target} was signed under root v{root} by keys since rotated out ({}); building on it would re-sign it with today's keys: review it and pass --adopt, or --replace-untrusted to start from no modules",
@@ -189,33 +214,33 @@ fn build_desired(
             };
             // Not this target's state (a stray or mis-addressed message): start over,
             // above its serial so devices do not take ours for an old one.
-            let modules = if d.scope == *scope {
-                d.modules
+            let (modules, kept) = if d.scope == *scope {
+                (d.modules, d.mirrors)
             } else {
-                Vec::new()
+                (Vec::new(), Vec::new())
             };
-            (Some(d.serial), modules)
+            (Some(d.serial), modules, mirrors.unwrap_or(kept))
         }
-        None => (None, Vec::new()),
+        None => (None, Vec::new(), fresh),
     };
     finish_desired(
         signing,
         scope,
         topic,
         retained_serial,
-        modules,
+        (modules, mirrors),
         claims,
         edit,
     )
 }
 
-/// The new state: `modules` edited, under the next serial, signed.
+/// The new state: `modules` edited, naming `mirrors`, under the next serial, signed.
 fn finish_desired(
     signing: &Signing,
     scope: &Scope,
     topic: String,
     retained_serial: Option<u64>,
-    mut modules: Vec<DesiredModule>,
+    (mut modules, mirrors): (Vec<DesiredModule>, Vec<String>),
     claims: &[Claim],
     edit: impl FnOnce(&mut Vec<DesiredModule>),
 ) -> Result<NextDesired> {
@@ -232,6 +257,7 @@ fn finish_desired(
         serial,
         issued_ms: now,
         expires_ms: now.saturating_add(signing.valid_ms),
+        mirrors,
         modules,
     };
     let signed = signing.sign(&desired)?;

@@ -14,6 +14,7 @@ pub mod desired;
 mod error;
 pub mod keyfile;
 pub mod messages;
+pub mod mirror;
 pub mod preflight;
 pub mod provision;
 pub mod registry;

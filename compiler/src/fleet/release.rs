@@ -125,6 +125,9 @@ pub struct Release {
     pub module: DesiredModule,
     pub transfers: Vec<Prepared>,
     pub topics: Topics,
+    /// The mirrors its desired state names (`kiln push --mirror-url`); `None` keeps
+    /// those the retained state names.
+    pub mirrors: Option<Vec<String>>,
 }
 
 /// How the desired-state entry is made, apart from the artifacts.
@@ -252,6 +255,7 @@ impl Release {
             module,
             transfers,
             topics: topics.clone(),
+            mirrors: None,
         })
     }
 

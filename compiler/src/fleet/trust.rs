@@ -619,6 +619,9 @@ pub fn describe_state_full(d: &Desired, body_sha256: &[u8; 32]) -> String {
         kiln_protocol::fleet::utc(d.issued_ms),
         kiln_protocol::fleet::utc(d.expires_ms)
     );
+    for url in &d.mirrors {
+        let _ = writeln!(out, "  mirror       {url}");
+    }
     if d.modules.is_empty() {
         let _ = writeln!(
             out,
