@@ -517,6 +517,13 @@ pub fn validate(config: &Config, plans: &[ModulePlan]) -> Result<(), String> {
             .options("kilnd-check", std::time::Duration::from_secs(30))
             .map_err(|e| format!("[mqtt]: {e}"))?;
     }
+    // A CA named for the mirror must hold one (the system's bundle, the default, may be
+    // missing on a device: its https:// mirrors then fail over to the broker).
+    #[cfg(feature = "mirror")]
+    if let Some(ca) = &config.mirror_ca {
+        crate::daemon::fleet::mirror::tls_config(Some(ca))
+            .map_err(|e| format!("mirror_ca: {e}"))?;
+    }
     for plan in plans {
         for dir in &plan.dirs {
             match std::fs::metadata(&dir.host) {
@@ -629,6 +636,31 @@ restart = { backoff_ms = 100, max_crashes = 3 }
             load("trust = [\"k.pub\"]\n[[module]]\nartifact = \"a.kiln\"\nname = \"../x\"\n")
                 .unwrap_err();
         assert!(module.contains("module name `../x`"), "{module}");
+    }
+
+    #[test]
+    fn a_mirror_is_a_url_or_off_and_its_ca_must_hold_a_certificate() {
+        let with = |top: &str| {
+            format!("device = \"d\"\ndata_dir = \"d\"\ntrust = [\"fleet.root\"]\n{top}[mqtt]\nbroker = \"mqtt://h\"\n")
+        };
+        let (config, _) = load_config(&with("mirror = \"https://m.lan/kiln\"\n")).unwrap();
+        assert_eq!(config.mirror.as_deref(), Some("https://m.lan/kiln"));
+        assert!(load_config(&with("mirror = \"off\"\n")).is_ok());
+        let err = load_config(&with("mirror = \"ftp://m.lan\"\n")).unwrap_err();
+        assert!(
+            err.contains("mirror `ftp://m.lan` must look like http://")
+                && err.ends_with("(or `off`)"),
+            "{err}"
+        );
+        let (config, plans) = load_config(&with("mirror_ca = \"nowhere.pem\"\n")).unwrap();
+        assert!(config.mirror_ca.as_ref().is_some_and(|p| p.is_absolute()));
+        if cfg!(feature = "mirror") {
+            let err = validate(&config, &plans).unwrap_err();
+            assert!(
+                err.starts_with("mirror_ca: cannot read the mirror CA `"),
+                "{err}"
+            );
+        }
     }
 
     /// Found by the chaos soak: `spool_limit = "32KiB"` with `batch_bytes = 4096` passed
