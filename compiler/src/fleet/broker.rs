@@ -244,6 +244,24 @@ impl Session {
     /// Live messages on topics subscribed with [`Session::subscribe`] that arrive
     /// meanwhile are kept for [`Session::next_message`].
     pub fn retained(&mut self, filter: &str) -> Result<BTreeMap<String, Vec<u8>>> {
+        self.again_if_refused(|s| s.retained_once(filter))
+    }
+
+    /// `op` again, after a wait, while the broker refuses its subscription, at most
+    /// [`REFUSED_WAITS`] times: a cluster's node refuses a subscription it cannot
+    /// create yet (nats-server, while it elects leaders after losing a node, or
+    /// under a burst of new subscriptions), and a refusal that stays is an ACL's.
+    fn again_if_refused<T>(&mut self, mut op: impl FnMut(&mut Self) -> Result<T>) -> Result<T> {
+        for wait in REFUSED_WAITS {
+            match op(self) {
+                Err(e) if e.downcast_ref::<Refused>().is_some() => std::thread::sleep(wait),
+                done => return done,
+            }
+        }
+        op(self)
+    }
+
+    fn retained_once(&mut self, filter: &str) -> Result<BTreeMap<String, Vec<u8>>> {
         self.reads += 1;
         let sync = format!("{}/tools/{}/sync/{}", self.prefix, self.id, self.reads);
         // One SUBSCRIBE; the marker once it is acknowledged. Retained messages that
@@ -283,7 +301,9 @@ impl Session {
                     // marker that never comes back): named instead.
                     if let Some(i) = refused(&ack) {
                         let which = if i == 0 { filter } else { sync.as_str() };
-                        let _ = self.client.unsubscribe(filter);
+                        if !self.subscribed.contains(filter) {
+                            let _ = self.client.unsubscribe(filter);
+                        }
                         let _ = self.client.unsubscribe(&sync);
                         bail!(self.refusal(which));
                     }
@@ -322,6 +342,10 @@ impl Session {
 
     /// Subscribes to `filter` for [`Session::next_message`].
     pub fn subscribe(&mut self, filter: &str) -> Result<()> {
+        self.again_if_refused(|s| s.subscribe_once(filter))
+    }
+
+    fn subscribe_once(&mut self, filter: &str) -> Result<()> {
         self.client
             .subscribe(filter, QoS::AtLeastOnce)
             .map_err(|e| anyhow!("cannot subscribe to `{filter}`: {e}"))?;
@@ -339,11 +363,13 @@ impl Session {
     }
 
     /// A SUBACK's failure code, in a line an operator can act on.
-    fn refusal(&self, filter: &str) -> String {
-        format!(
-            "broker `{}` refused the subscription to `{filter}` (SUBACK failure): its ACL does not let this user read it, or it is overloaded",
-            self.broker
-        )
+    fn refusal(&self, filter: &str) -> Refused {
+        Refused(format!(
+            "broker `{}` refused the subscription to `{filter}` (SUBACK failure, {} times over {}s): its ACL does not let this user read it, or it is overloaded",
+            self.broker,
+            REFUSED_WAITS.len() + 1,
+            REFUSED_WAITS.iter().sum::<Duration>().as_secs()
+        ))
     }
 
     fn is_subscribed(&self, topic: &str) -> bool {
@@ -405,6 +431,26 @@ impl Session {
         }
     }
 }
+
+/// How long a session waits before asking again for a subscription the broker
+/// refused, each time; then the refusal is the command's error.
+const REFUSED_WAITS: [Duration; 3] = [
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+];
+
+/// A subscription the broker refused (a SUBACK failure code).
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
 
 /// The index of the first filter a SUBACK refused, if any.
 pub fn refused(ack: &rumqttc::SubAck) -> Option<usize> {

@@ -88,8 +88,9 @@ pub enum Recovery {
     Resending,
     /// The broker went away at `since_ms`; reconnecting.
     Away { since_ms: u64 },
-    /// Back, and putting right what was missed (the record, the answers).
-    CatchingUp,
+    /// Back after being away since `since_ms`, and putting right what was missed
+    /// (the record, the answers).
+    CatchingUp { since_ms: u64 },
     /// Stopped: the rollout is left on record for `resume`.
     Stopped,
 }
@@ -110,7 +111,10 @@ impl Recovery {
                 *self = Away { since_ms: now_ms };
                 vec![Do::Reconnect]
             }
-            (Away { since_ms }, Event::StillAway) => {
+            // Reconnected, but the first read after it failed as the broker going
+            // away (a cluster's node refusing the subscription while it elects
+            // leaders): still away.
+            (Away { since_ms }, Event::StillAway | Event::Failed { away: true, .. }) => {
                 if now_ms.saturating_sub(*since_ms) >= RECONNECT_FOR_MS {
                     *self = Stopped;
                     vec![Do::GiveUp]
@@ -118,8 +122,10 @@ impl Recovery {
                     vec![Do::Reconnect]
                 }
             }
-            (Away { .. }, Event::Reconnected { record_kept }) => {
-                *self = CatchingUp;
+            (Away { since_ms }, Event::Reconnected { record_kept }) => {
+                *self = CatchingUp {
+                    since_ms: *since_ms,
+                };
                 let mut todo = Vec::new();
                 if !record_kept {
                     todo.push(Do::Persist);
@@ -130,14 +136,31 @@ impl Recovery {
             // A send cut short by the broker going away leaves devices on record as
             // sent that never got the release: send it again to every device still
             // pending, once caught up on the answers missed.
-            (CatchingUp, Event::Done) => self.resend(record),
+            (CatchingUp { .. }, Event::Done) => self.resend(record),
+            // A broker that goes away again, or refuses a subscription, while the
+            // driver catches up is still away: a cluster that lost a node takes
+            // seconds to elect new leaders, and meanwhile its other nodes accept a
+            // connection but may refuse its subscriptions (nats-server answers a
+            // SUBACK failure when it cannot create the subscription's consumer). The
+            // same minute since the broker first went away bounds it.
+            (CatchingUp { since_ms }, Event::Failed { away: true, .. }) => {
+                *self = Away {
+                    since_ms: *since_ms,
+                };
+                vec![Do::Reconnect]
+            }
+            // A send again cut short the same way: away again, from now.
+            (Resending, Event::Failed { away: true, .. }) => {
+                *self = Away { since_ms: now_ms };
+                vec![Do::Reconnect]
+            }
             (Resending, Event::Done) => {
                 *self = Driving;
                 Vec::new()
             }
             (Driving, Event::Done) => Vec::new(),
-            // Anything else failing (or the broker going away while recovering) stops
-            // the driver with the error; the record stays for `resume`.
+            // Anything else failing stops the driver with the error; the record stays
+            // for `resume`.
             (Stopped, _) => Vec::new(),
             (_, Event::Failed { .. }) => {
                 *self = Stopped;

@@ -504,6 +504,31 @@ fn a_broker_away_past_a_minute_stops_the_driver_and_resume_takes_it_up() {
         [Do::GiveUp]
     );
     assert!(r.stopped());
+    // Away again while catching up (a cluster's node refusing the subscription while
+    // it elects leaders): reconnect again, within the same minute.
+    let mut r = Recovery::default();
+    let refused = Event::Failed {
+        doing: Doing::Waiting,
+        away: true,
+    };
+    assert_eq!(r.step(&record, 1000, refused.clone()), [Do::Reconnect]);
+    let back = Event::Reconnected { record_kept: true };
+    assert_eq!(
+        r.step(&record, 2000, back.clone()),
+        [Do::Subscribe, Do::CatchUp]
+    );
+    assert_eq!(r.step(&record, 2500, refused.clone()), [Do::Reconnect]);
+    // The same when the read of the record just after reconnecting is refused.
+    assert_eq!(r.step(&record, 2600, refused.clone()), [Do::Reconnect]);
+    assert_eq!(r.step(&record, 3000, back), [Do::Subscribe, Do::CatchUp]);
+    assert_eq!(
+        r.step(&record, 1000 + RECONNECT_FOR_MS, refused),
+        [Do::Reconnect]
+    );
+    assert_eq!(
+        r.step(&record, 1000 + RECONNECT_FOR_MS, Event::StillAway),
+        [Do::GiveUp]
+    );
     // Something else failing stops it at once.
     let mut r = Recovery::default();
     let other = Event::Failed {
