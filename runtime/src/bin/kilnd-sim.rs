@@ -58,7 +58,9 @@ Examples:
 #[derive(Parser, Debug)]
 #[command(after_help = MODEL_HELP)]
 struct Args {
-    /// mqtt://host[:port]
+    /// mqtt://host[:port], or a cluster's nodes as URL,URL,...: device i starts on
+    /// the list's node i mod N (then the others, in order), so the fleet is spread
+    /// over the nodes and a node's loss moves its share of it
     #[arg(long)]
     broker: String,
     /// The fleet's root document
@@ -467,7 +469,14 @@ fn main() {
     for i in 0..args.devices {
         let name = format!("{}{i:04}", args.name);
         let riscv = i + args.riscv >= args.devices;
-        match start(&args, &name, riscv, &connected, &models) {
+        match start(
+            &args,
+            &name,
+            &spread(&args.broker, i),
+            riscv,
+            &connected,
+            &models,
+        ) {
             Ok(w) => fleet.push(w),
             Err(e) => {
                 eprintln!("kilnd-sim: device {name}: {e}");
@@ -513,9 +522,22 @@ fn main() {
     }
 }
 
+/// The broker list rotated so that it starts at its entry `i mod N`.
+fn spread(brokers: &str, i: usize) -> String {
+    let list: Vec<&str> = brokers.split(',').collect();
+    let first = i % list.len();
+    list[first..]
+        .iter()
+        .chain(&list[..first])
+        .copied()
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn start(
     args: &Args,
     name: &str,
+    broker: &str,
     riscv: bool,
     connected: &Arc<AtomicUsize>,
     models: &Arc<Vec<Model>>,
@@ -523,7 +545,7 @@ fn start(
     let data_dir = args.data.join(name);
     std::fs::create_dir_all(&data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
     let config = MqttConfig {
-        broker: args.broker.clone(),
+        broker: broker.to_string(),
         ca: None,
         client_cert: None,
         client_key: None,
@@ -640,6 +662,15 @@ mod tests {
         ] {
             assert!(Model::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn devices_start_on_the_nodes_of_a_list_in_turn() {
+        assert_eq!(spread("mqtt://a:1", 5), "mqtt://a:1");
+        let list = "mqtt://a:1,mqtt://b:2,mqtt://c:3";
+        assert_eq!(spread(list, 0), list);
+        assert_eq!(spread(list, 1), "mqtt://b:2,mqtt://c:3,mqtt://a:1");
+        assert_eq!(spread(list, 5), "mqtt://c:3,mqtt://a:1,mqtt://b:2");
     }
 
     #[test]
