@@ -155,37 +155,41 @@ fn main() -> std::io::Result<()> {
         &last.sign(&[&key]).expect("the last root signs"),
     )?;
 
-    // A rollout record of three devices in two waves, its first wave sent.
-    let module = kiln_protocol::fleet::DesiredModule {
-        name: "app".into(),
-        version: 2,
-        artifacts: Vec::new(),
-        config: Vec::new(),
-        limits: Default::default(),
-        allow_downgrade: false,
-        health_window_ms: 1000,
-    };
-    let devices: Vec<String> = ["d1", "d2", "d3"].map(String::from).to_vec();
-    let mut rollout = kiln_protocol::rollout::Rollout::new(
+    // A rollout record of three devices in two waves, its first wave sent: its head
+    // (the rollout target, with no part retained: refused as incomplete, unless a
+    // mutation makes it a record from before parts) and, for rollout_part, its one
+    // part behind the counts the head gives (two waves, one skipped).
+    let mut rollout = kiln_fuzz::rollout();
+    let sealed = rollout.seal(&[&key]).expect("record seals");
+    write("rollout", "first-wave-sent-head", &sealed.head)?;
+    // For rollout_part, a record whose members all share one part: four names of
+    // part 0 (one wave of one, one of two, one left out), the counts the head gives,
+    // then the part.
+    let same: Vec<String> = (0..)
+        .map(|i| format!("d{i}"))
+        .filter(|d| kiln_protocol::parts::part_of(d) == 0)
+        .take(4)
+        .collect();
+    let mut shared = kiln_protocol::rollout::Rollout::new(
         kiln_fuzz::FLEET,
         "lab",
         "fuzz@seed",
         1,
-        module,
-        kiln_protocol::rollout::Policy::new(
-            kiln_protocol::rollout::Threshold::Percent(10),
-            kiln_protocol::rollout::Threshold::Count(1),
-            60_000,
-            true,
-        ),
-        kiln_protocol::rollout::plan_waves(&devices, &[1], None),
+        rollout.module.clone(),
+        rollout.policy.clone(),
+        kiln_protocol::rollout::plan_waves(&same[..3], &[1], None),
         Default::default(),
-        vec![("d4".into(), "no artifact for riscv64".into())],
+        vec![(same[3].clone(), "no artifact for riscv64".into())],
     );
-    rollout.step(2, kiln_protocol::rollout::Input::Start);
-    write("rollout", "first-wave-sent", &rollout.seal(&[&key]).expect("record seals"))?;
+    shared.step(2, kiln_protocol::rollout::Input::Start);
+    let one = shared.seal(&[&key]).expect("record seals");
+    assert_eq!(one.parts.len(), 1);
+    let mut part = vec![1, 2, 1, 4];
+    part.extend(&one.parts[0].1);
+    write("rollout_part", "one-part", &part)?;
     rollout.step(3, kiln_protocol::rollout::Input::Abort { by: "ops".into() });
-    write("rollout", "aborted", &rollout.seal(&[&key]).expect("record seals"))?;
+    let sealed = rollout.seal(&[&key]).expect("record seals");
+    write("rollout", "aborted-head", &sealed.head)?;
 
     let mut registry = Registry {
         fleet: kiln_fuzz::FLEET.into(),

@@ -1,6 +1,7 @@
-//! A group's rollout record from the broker, opened against the fixed root (its
-//! release role signs records): only a record signed by it, for its fleet and the
-//! group asked for, opens; what opens seals and opens again the same, and any step
+//! A group's rollout record's head from the broker (or a whole record from before
+//! parts), opened against the fixed root (its release role signs records) with no part
+//! retained: only a record signed by it, for its fleet and the group asked for, opens
+//! (the parts' decoder is `rollout_part`); what opens seals and opens again the same, and any step
 //! on it keeps the record's own rules (no device sent the release after an abort).
 #![no_main]
 
@@ -9,13 +10,16 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let root = kiln_fuzz::root();
-    let Ok(record) = Rollout::open(data, &root, "lab") else {
+    let Ok(record) = Rollout::open(data, |_| None, &root, "lab") else {
         return;
     };
     assert_eq!((record.fleet.as_str(), record.group.as_str()), (root.fleet.as_str(), "lab"));
     let key = kiln_fuzz::key();
     if let Ok(again) = record.seal(&[&key]) {
-        assert_eq!(Rollout::open(&again, &root, "lab").as_ref(), Ok(&record));
+        assert_eq!(
+            Rollout::open(&again.head, |s| again.part(s), &root, "lab").as_ref(),
+            Ok(&record)
+        );
     }
     let _ = (record.label(), record.counts(), record.pending(), record.deadline_ms());
     let first = record.devices.keys().next().cloned().unwrap_or_default();

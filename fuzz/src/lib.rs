@@ -5,6 +5,7 @@ use std::fmt::Debug;
 use std::sync::OnceLock;
 
 use kiln_protocol::keys::{SecretKey, TrustedKeys};
+use kiln_protocol::rollout::{plan_waves, Input, Policy, Rollout, Threshold};
 use kiln_protocol::trust::{Role, Root};
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -57,6 +58,39 @@ pub fn root() -> Root {
         }
     })
     .clone()
+}
+
+/// A rollout record of group `lab`: three devices in two waves (one left out), its
+/// first wave sent. Built once.
+pub fn rollout() -> Rollout {
+    static ROLLOUT: OnceLock<Rollout> = OnceLock::new();
+    ROLLOUT
+        .get_or_init(|| {
+            let module = kiln_protocol::fleet::DesiredModule {
+                name: "app".into(),
+                version: 2,
+                artifacts: Vec::new(),
+                config: Vec::new(),
+                limits: Default::default(),
+                allow_downgrade: false,
+                health_window_ms: 1000,
+            };
+            let devices: Vec<String> = ["d1", "d2", "d3"].map(String::from).to_vec();
+            let mut rollout = Rollout::new(
+                FLEET,
+                "lab",
+                "fuzz@seed",
+                1,
+                module,
+                Policy::new(Threshold::Percent(10), Threshold::Count(1), 60_000, true),
+                plan_waves(&devices, &[1], None),
+                Default::default(),
+                vec![("d4".into(), "no artifact for riscv64".into())],
+            );
+            rollout.step(2, Input::Start);
+            rollout
+        })
+        .clone()
 }
 
 /// [`root`], signed by [`key`]: what a device is provisioned with. Ed25519 signing

@@ -5,6 +5,8 @@
 //! {prefix}/devices/{id}/status        retained  Status: birth (online + facts), LWT offline
 //! {prefix}/devices/{id}/desired       retained  SignedDesired for this device
 //! {prefix}/groups/{group}/desired     retained  SignedDesired for a group
+//! {prefix}/groups/{group}/rollout     retained  SignedRollout: the group's rollout record
+//! {prefix}/groups/{group}/rollout/parts/{sha256}  retained  A part of it
 //! {prefix}/devices/{id}/reported      retained  Reported: what runs, per module
 //! {prefix}/devices/{id}/events                  Event: staged, verified, activated, ...
 //! {prefix}/devices/{id}/health        retained  Health: per module, the last period's counts
@@ -169,8 +171,45 @@ impl Topics {
     pub fn rollout(&self, group: &str) -> String {
         format!("{}/groups/{group}/rollout", self.prefix)
     }
+    /// One part of the group's rollout record, by its sha256.
+    pub fn rollout_part(&self, group: &str, sha256: &[u8; 32]) -> String {
+        format!(
+            "{}/groups/{group}/rollout/parts/{}",
+            self.prefix,
+            hex::encode(sha256)
+        )
+    }
+    /// The group's rollout record: its head and every part.
+    pub fn rollout_all(&self, group: &str) -> String {
+        format!("{}/groups/{group}/rollout/#", self.prefix)
+    }
+    /// Every group's rollout record, heads and parts.
     pub fn all_rollouts(&self) -> String {
-        format!("{}/groups/+/rollout", self.prefix)
+        format!("{}/groups/+/rollout/#", self.prefix)
+    }
+    /// `(group, None)` of a rollout record's head topic, `(group, Some(sha256))` of
+    /// one of its parts.
+    pub fn parse_rollout<'a>(&self, topic: &'a str) -> Option<(&'a str, Option<[u8; 32]>)> {
+        let rest = topic
+            .strip_prefix(&self.prefix)?
+            .strip_prefix("/groups/")?;
+        let (group, rest) = rest.split_once('/')?;
+        if rest == "rollout" {
+            return Some((group, None));
+        }
+        let sha = rest.strip_prefix("rollout/parts/")?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(sha, &mut out).ok()?;
+        Some((group, Some(out)))
+    }
+    /// The sha256 of a registry part's topic.
+    pub fn parse_registry_part(&self, topic: &str) -> Option<[u8; 32]> {
+        let sha = topic
+            .strip_prefix(&self.prefix)?
+            .strip_prefix("/registry/parts/")?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(sha, &mut out).ok()?;
+        Some(out)
     }
     pub fn reported(&self, device: &str) -> String {
         format!("{}/devices/{device}/reported", self.prefix)

@@ -11,8 +11,8 @@
 //! parts cannot be mixed across versions: a writer publishes its new parts, then the
 //! head, then clears the parts no head names any more.
 //!
-//! At 100,000 devices a part holds about 400 entries; the ceiling is
-//! `PARTS x MAX_PART`, some 500,000 registry entries.
+//! At 100,000 devices a part holds about 400 entries; the ceiling is `PARTS` parts of
+//! at most `max` bytes each: some 500,000 registry entries at [`MAX_PART`].
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -21,7 +21,8 @@ use crate::transfer::sha256;
 
 /// Parts a document is spread over.
 pub const PARTS: usize = 256;
-/// One part's bytes: as a registry was, whole, before it had parts.
+/// One part's bytes at most, unless a document says otherwise: as a registry was,
+/// whole, before it had parts (under AWS IoT Core's 128 KB per publish).
 pub const MAX_PART: usize = 120 * 1024;
 
 /// The part `name`'s entry belongs in.
@@ -60,6 +61,11 @@ pub struct Published {
 }
 
 impl Published {
+    /// The bytes it takes on the broker: its head and its parts.
+    pub fn bytes(&self) -> usize {
+        self.head.len() + self.parts.iter().map(|(_, b)| b.len()).sum::<usize>()
+    }
+
     /// The part with `sha256`, as [`join`] looks parts up.
     pub fn part(&self, sha256: &[u8; 32]) -> Option<&[u8]> {
         self.parts
@@ -69,10 +75,12 @@ impl Published {
     }
 }
 
-/// Splits `entries` (one per name) into parts; `what` names the document in errors.
+/// Splits `entries` (one per name) into parts of at most `max` bytes; `what` names the
+/// document in errors.
 pub fn split<'a, T: Serialize + Clone + 'a>(
     entries: impl IntoIterator<Item = (&'a String, &'a T)>,
     what: &str,
+    max: usize,
 ) -> Result<Split, String> {
     let mut by_part: Vec<Vec<(String, T)>> = vec![Vec::new(); PARTS];
     for (name, entry) in entries {
@@ -91,9 +99,9 @@ pub fn split<'a, T: Serialize + Clone + 'a>(
             entries,
         };
         let bytes = postcard::to_stdvec(&part).map_err(|e| e.to_string())?;
-        if bytes.len() > MAX_PART {
+        if bytes.len() > max {
             return Err(format!(
-                "part {n} of {what} would be {} bytes (limit {MAX_PART}): {count} entries",
+                "part {n} of {what} would be {} bytes (limit {max}): {count} entries",
                 bytes.len()
             ));
         }
@@ -142,19 +150,21 @@ pub fn check_refs(refs: &[PartRef]) -> Result<(), String> {
 }
 
 /// The entries of every part `refs` names, each part fetched by `lookup` (by sha256)
-/// and checked against its ref before it is decoded. Entries come out in part order.
+/// and checked against its ref (at most `max` bytes, its hash) before it is decoded.
+/// Entries come out in part order.
 pub fn join<'a, T: DeserializeOwned>(
     refs: &[PartRef],
     lookup: impl Fn(&[u8; 32]) -> Option<&'a [u8]>,
+    max: usize,
 ) -> Result<Vec<(String, T)>, JoinError> {
     check_refs(refs).map_err(JoinError::Bad)?;
     let mut out = Vec::new();
     for r in refs {
         let bytes = lookup(&r.sha256).ok_or(JoinError::Missing(r.sha256))?;
         let short = hex::encode(&r.sha256[..8]);
-        if bytes.len() > MAX_PART {
+        if bytes.len() > max {
             return Err(JoinError::Bad(format!(
-                "part {short} is {} bytes (limit {MAX_PART})",
+                "part {short} is {} bytes (limit {max})",
                 bytes.len()
             )));
         }
@@ -208,9 +218,9 @@ mod tests {
         fn what_is_split_joins_back_in_name_order_within_each_part(
             entries in prop::collection::btree_map("[a-z0-9-]{1,12}", any::<u32>(), 0..300)
         ) {
-            let split = split(&entries, "test").unwrap();
+            let split = split(&entries, "test", MAX_PART).unwrap();
             prop_assert!(split.refs.len() <= PARTS);
-            let joined: Vec<(String, u32)> = join(&split.refs, |s| part(&split, s)).unwrap();
+            let joined: Vec<(String, u32)> = join(&split.refs, |s| part(&split, s), MAX_PART).unwrap();
             let back: BTreeMap<String, u32> = joined.into_iter().collect();
             prop_assert_eq!(back, entries);
         }
@@ -221,11 +231,11 @@ mod tests {
             at in any::<prop::sample::Index>(),
             flip in 1u8..,
         ) {
-            let mut split = split(&entries, "test").unwrap();
+            let mut split = split(&entries, "test", MAX_PART).unwrap();
             let (_, bytes) = &mut split.parts[0];
             let i = at.index(bytes.len());
             bytes[i] ^= flip;
-            let got = join::<u32>(&split.refs, |s| part(&split, s));
+            let got = join::<u32>(&split.refs, |s| part(&split, s), MAX_PART);
             prop_assert!(matches!(got, Err(JoinError::Bad(_))), "{:?}", got);
         }
     }
@@ -234,15 +244,15 @@ mod tests {
     fn a_missing_part_says_so_and_a_part_of_another_document_is_refused() {
         let a: BTreeMap<String, u32> = [("dev-1".to_string(), 1)].into();
         let b: BTreeMap<String, u32> = [("dev-1".to_string(), 2)].into();
-        let (sa, sb) = (split(&a, "a").unwrap(), split(&b, "b").unwrap());
+        let (sa, sb) = (split(&a, "a", MAX_PART).unwrap(), split(&b, "b", MAX_PART).unwrap());
         let none = |_: &[u8; 32]| -> Option<&[u8]> { None };
         assert_eq!(
-            join::<u32>(&sa.refs, none).unwrap_err(),
+            join::<u32>(&sa.refs, none, MAX_PART).unwrap_err(),
             JoinError::Missing(sa.refs[0].sha256)
         );
         // b's part offered under a's hash: refused before it is decoded.
         let swapped = |_: &[u8; 32]| Some(sb.parts[0].1.as_slice());
-        let err = join::<u32>(&sa.refs, swapped).unwrap_err();
+        let err = join::<u32>(&sa.refs, swapped, MAX_PART).unwrap_err();
         assert!(err.to_string().contains("does not hash"), "{err}");
     }
 
@@ -262,7 +272,7 @@ mod tests {
             entries: 1,
             sha256: sha256(&bytes),
         }];
-        let err = join::<u32>(&refs, |_| Some(bytes.as_slice())).unwrap_err();
+        let err = join::<u32>(&refs, |_| Some(bytes.as_slice()), MAX_PART).unwrap_err();
         assert!(err.to_string().contains("belongs in another part"), "{err}");
     }
 
@@ -284,7 +294,7 @@ mod tests {
         let entries: BTreeMap<String, Vec<u8>> = (0..4)
             .map(|i| (format!("d{i}"), vec![0u8; MAX_PART]))
             .collect();
-        let err = split(&entries, "the registry").unwrap_err();
+        let err = split(&entries, "the registry", MAX_PART).unwrap_err();
         assert!(err.contains("of the registry would be"), "{err}");
     }
 }

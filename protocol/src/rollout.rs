@@ -35,35 +35,34 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::fleet::DesiredModule;
-use crate::keys::SecretKey;
-use crate::trust::{open_body, sign_all, unwrap_envelope, OpenError, Root, Sig};
 
 use gate::HealthSummary;
 
-/// A rollout record of 1,000 devices is some 60 KiB (with no device entry of its own to
-/// return); 1 MiB holds the largest group one rollout should take. Gates add each
-/// device's health twice (before and after its update), only the modules and metrics
-/// the gates name: at most some 200 bytes a device for gates on the rollout's module
-/// and one metric, so a gated record of 1,000 devices stays near 260 KiB.
+/// A rollout record's signed head, and each of its parts (its members, by device:
+/// see [`crate::parts`]). A member is some 60 bytes; gates add each device's health
+/// twice (before and after its update), only the modules and metrics the gates name:
+/// some 200 bytes more for gates on the rollout's module and one metric. So a gated
+/// rollout of 100,000 devices is some 100 KiB a part. A record from before parts
+/// (v1 to v3) was all in one message of at most this.
 pub const MAX_ROLLOUT: usize = 1024 * 1024;
 /// Lines of history a record keeps (the newest).
 pub const MAX_HISTORY: usize = 64;
 /// Gates one policy may have.
 pub const MAX_GATES: usize = 16;
 
-/// Records since cohorts (v3): a v2 record opens as one with no cohort
-/// ([`SignedRollout::V2`]), a v1 record as one with no gates, no sample, no schedule
-/// and no cohort ([`SignedRollout::V1`]); every record is sealed as v3.
-const CONTEXT: &[u8] = b"kiln rollout v3\0";
-const CONTEXT_V2: &[u8] = b"kiln rollout v2\0";
-const CONTEXT_V1: &[u8] = b"kiln rollout v1\0";
-
 pub mod cohort;
 pub mod gate;
 mod health;
+mod record;
 mod schedule;
 mod v1;
 mod v2;
+
+pub use record::SignedRollout;
+#[cfg(feature = "fuzzing")]
+pub use record::sign_head;
+#[cfg(test)]
+use record::{CONTEXT_V1, CONTEXT_V2};
 
 pub use schedule::{in_window, next_open, DAY_MINUTES};
 
@@ -845,68 +844,6 @@ impl Rollout {
         }
         Ok(())
     }
-
-    /// Signs the record with `keys` (a threshold of the fleet's release role).
-    pub fn seal(&self, keys: &[&SecretKey]) -> Result<Vec<u8>, String> {
-        let body = postcard::to_stdvec(self).map_err(|e| e.to_string())?;
-        let signatures = sign_all(CONTEXT, &body, keys);
-        let bytes = postcard::to_stdvec(&SignedRollout::V3 { body, signatures })
-            .map_err(|e| e.to_string())?;
-        if bytes.len() > MAX_ROLLOUT {
-            return Err(format!(
-                "the rollout record would be {} bytes (limit {MAX_ROLLOUT}): {} devices",
-                bytes.len(),
-                self.devices.len()
-            ));
-        }
-        Ok(bytes)
-    }
-
-    /// The record on `topic`, if a threshold of `root`'s release keys signed it for
-    /// this fleet and the group the topic names.
-    pub fn open(bytes: &[u8], root: &Root, group: &str) -> Result<Self, String> {
-        Self::verify(bytes, root, group).map_err(|e| e.to_string())
-    }
-
-    /// [`Rollout::open`] with the kind of failure.
-    pub fn verify(bytes: &[u8], root: &Root, group: &str) -> Result<Self, OpenError> {
-        let signed = unwrap_envelope(bytes, MAX_ROLLOUT, "rollout record")?;
-        let (what, kind) = ("the rollout record", "rollout record");
-        let r: Rollout = match signed {
-            SignedRollout::V1 { body, signatures } => {
-                let (old, _): (v1::RolloutV1, _) =
-                    open_body(&root.release, CONTEXT_V1, (&body, &signatures), what, kind)?;
-                old.into()
-            }
-            SignedRollout::V2 { body, signatures } => {
-                let (old, _): (v2::RolloutV2, _) =
-                    open_body(&root.release, CONTEXT_V2, (&body, &signatures), what, kind)?;
-                old.into()
-            }
-            SignedRollout::V3 { body, signatures } => {
-                open_body(&root.release, CONTEXT, (&body, &signatures), what, kind)?.0
-            }
-        };
-        r.check()
-            .map_err(|e| OpenError::Malformed(format!("rollout record {}: {e}", r.id)))?;
-        if r.fleet != root.fleet || r.group != group {
-            return Err(OpenError::WrongFleet(format!(
-                "the rollout record is for group {} of fleet {}, not group {group} of {}",
-                r.group, r.fleet, root.fleet
-            )));
-        }
-        Ok(r)
-    }
-}
-
-/// The signed envelope: a v1 body (before health gates) opens as a record with
-/// none, a v2 body (before cohorts) as one with no cohort; records are sealed as v3,
-/// which a kiln before cohorts does not open (its policy would drop the cohort).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SignedRollout {
-    V1 { body: Vec<u8>, signatures: Vec<Sig> },
-    V2 { body: Vec<u8>, signatures: Vec<Sig> },
-    V3 { body: Vec<u8>, signatures: Vec<Sig> },
 }
 
 /// At most five of `items`, and how many more: `d1, d2, d3, d4, d5 and 995 more`.

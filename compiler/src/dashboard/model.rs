@@ -11,12 +11,14 @@ use kiln_protocol::fleet::Topics;
 use kiln_protocol::keys::PublicKey;
 use kiln_protocol::names::{self, Kind};
 use kiln_protocol::rollout::gate::{self, Cohort, Gate, Level};
-use kiln_protocol::rollout::{Outcome, Phase, Rollout};
+use kiln_protocol::parts::MAX_PART;
+use kiln_protocol::rollout::{Outcome, Phase, Rollout, MAX_ROLLOUT};
 use kiln_protocol::telemetry::{self, Batch, Body, Tracker, Verdict};
-use kiln_protocol::trust::{Registry, Root, SignedRegistry};
+use kiln_protocol::trust::{OpenError, Registry, Root, SignedRegistry};
 use serde_json::{json, Map, Value};
 
 use crate::fleet::messages::{Body as MessageBody, Reader};
+use crate::fleet::parts::Assembly;
 use crate::fleet::rollout::health::{verdicts, Judged};
 use crate::fleet::trust::Identity;
 
@@ -94,16 +96,12 @@ pub struct Fleet {
     rollouts: BTreeMap<String, Value>,
     tracker: Tracker,
     /// The registry's head and parts as retained (see `kiln_protocol::parts`): the
-    /// registry changes when they open together.
-    registry_head: Option<Vec<u8>>,
-    registry_parts: BTreeMap<String, Vec<u8>>,
+    /// registry changes when they open together. The same for each group's rollout.
+    registry_parts: Assembly,
+    rollout_parts: BTreeMap<String, Assembly>,
     /// Messages on no device's topic, or for more devices than the limit.
     pub ignored: u64,
 }
-
-/// Registry parts kept at once: twice as many as a registry has, so a writer's new
-/// parts fit beside the old until it clears them.
-const MAX_REGISTRY_PARTS: usize = 2 * kiln_protocol::parts::PARTS;
 
 impl Fleet {
     pub fn new(topics: Topics, root: Root, registry: Registry, limits: Limits) -> Self {
@@ -115,40 +113,16 @@ impl Fleet {
             devices: BTreeMap::new(),
             rollouts: BTreeMap::new(),
             tracker: Tracker::default(),
-            registry_head: None,
-            registry_parts: BTreeMap::new(),
+            registry_parts: Assembly::default(),
+            rollout_parts: BTreeMap::new(),
             ignored: 0,
         }
     }
 
-    fn registry_parts_prefix(&self) -> String {
-        format!("{}/registry/parts/", self.topics.prefix())
-    }
-
-    /// A registry head or part: kept (an empty payload clears it), and the registry
-    /// taken when the head and the parts it names open together.
-    fn on_registry(&mut self, topic: &str, payload: &[u8]) -> Changed {
-        if topic == self.topics.registry() {
-            self.registry_head = (!payload.is_empty()).then(|| payload.to_vec());
-        } else if payload.is_empty() {
-            self.registry_parts.remove(topic);
-        } else if payload.len() > kiln_protocol::parts::MAX_PART
-            || (self.registry_parts.len() >= MAX_REGISTRY_PARTS
-                && !self.registry_parts.contains_key(topic))
-        {
-            self.ignored += 1;
+    /// The registry, when its head and the parts it names open together.
+    fn open_registry(&mut self) -> Changed {
+        let Some((head, part)) = self.registry_parts.get() else {
             return Changed::Nothing;
-        } else {
-            self.registry_parts
-                .insert(topic.to_string(), payload.to_vec());
-        }
-        let Some(head) = &self.registry_head else {
-            return Changed::Nothing;
-        };
-        let part = |sha: &[u8; 32]| {
-            self.registry_parts
-                .get(&self.topics.registry_part(sha))
-                .map(|b| b.as_slice())
         };
         match SignedRegistry::open(head, part, &self.root) {
             Ok(r) if r != self.registry => {
@@ -159,21 +133,53 @@ impl Fleet {
         }
     }
 
+    /// A rollout record's head or part: the record as it stands once the head and the
+    /// parts it names are all in (until then, the last one that was).
+    fn on_rollout(&mut self, group: &str, part: Option<[u8; 32]>, payload: &[u8]) -> Changed {
+        if names::check(Kind::Group, group).is_err()
+            || (!self.rollout_parts.contains_key(group)
+                && self.rollout_parts.len() >= self.limits.devices)
+        {
+            self.ignored += 1;
+            return Changed::Nothing;
+        }
+        let parts = self.rollout_parts.entry(group.to_string()).or_default();
+        match part {
+            None => parts.head(payload),
+            Some(sha) => {
+                if !parts.part(sha, payload, MAX_ROLLOUT) {
+                    self.ignored += 1;
+                    return Changed::Nothing;
+                }
+            }
+        }
+        let Some((head, part)) = parts.get() else {
+            return Changed::Nothing;
+        };
+        let summary = match Rollout::verify(head, part, &self.root, group) {
+            Ok(r) => rollout_json(&r),
+            Err(OpenError::Incomplete(_)) => return Changed::Nothing,
+            Err(why) => json!({ "group": group, "invalid": why.to_string() }),
+        };
+        self.rollouts.insert(group.to_string(), summary);
+        Changed::Rollout(group.to_string())
+    }
+
     /// Folds one message in.
     pub fn on_message(&mut self, topic: &str, payload: &[u8], now_ms: u64) -> Changed {
-        if topic == self.topics.registry() || topic.starts_with(&self.registry_parts_prefix()) {
-            return self.on_registry(topic, payload);
+        if topic == self.topics.registry() {
+            self.registry_parts.head(payload);
+            return self.open_registry();
         }
-        if let Some(group) = topic
-            .strip_suffix("/rollout")
-            .and_then(|t| t.strip_prefix(&format!("{}/groups/", self.topics.prefix())))
-        {
-            let summary = match Rollout::open(payload, &self.root, group) {
-                Ok(r) => rollout_json(&r),
-                Err(why) => json!({ "group": group, "invalid": why }),
-            };
-            self.rollouts.insert(group.to_string(), summary);
-            return Changed::Rollout(group.to_string());
+        if let Some(sha) = self.topics.parse_registry_part(topic) {
+            if !self.registry_parts.part(sha, payload, MAX_PART) {
+                self.ignored += 1;
+                return Changed::Nothing;
+            }
+            return self.open_registry();
+        }
+        if let Some((group, part)) = self.topics.parse_rollout(topic) {
+            return self.on_rollout(group, part, payload);
         }
         let Some((device, kind)) = self.topics.parse_device(topic) else {
             self.ignored += 1;

@@ -15,6 +15,7 @@ mod error;
 pub mod keyfile;
 pub mod messages;
 pub mod mirror;
+pub mod parts;
 pub mod preflight;
 pub mod provision;
 pub mod registry;

@@ -49,29 +49,14 @@ pub fn publish_registry(
         .map_err(|e| Error::invalid(anyhow!(e)))?;
     SignedRegistry::open(&signed.head, |s| signed.part(s), fleet.root())
         .map_err(|e| Error::Trust(format!("the registry would not be trusted: {e}")))?;
-    let held = session
+    let held: BTreeSet<String> = session
         .retained(&topics.registry_all())
+        .map_err(Error::Broker)?
+        .into_keys()
+        .filter(|t| topics.parse_registry_part(t).is_some())
+        .collect();
+    let part = |sha: &[u8; 32]| topics.registry_part(sha);
+    crate::fleet::parts::publish(session, &topics.registry(), part, &held, signed)
         .map_err(Error::Broker)?;
-    let named: BTreeSet<String> = signed
-        .parts
-        .iter()
-        .map(|(sha, _)| topics.registry_part(sha))
-        .collect();
-    let new_parts: Vec<(String, Vec<u8>)> = signed
-        .parts
-        .into_iter()
-        .map(|(sha, bytes)| (topics.registry_part(&sha), bytes))
-        .filter(|(topic, _)| !held.contains_key(topic))
-        .collect();
-    let stale: Vec<(String, Vec<u8>)> = held
-        .keys()
-        .filter(|t| *t != &topics.registry() && !named.contains(*t))
-        .map(|t| (t.clone(), Vec::new()))
-        .collect();
-    for step in [new_parts, vec![(topics.registry(), signed.head)], stale] {
-        if !step.is_empty() {
-            session.publish_all(step, |_| {}).map_err(Error::Broker)?;
-        }
-    }
     Ok(())
 }

@@ -7,7 +7,7 @@
 //! `rollout` command share: the group's members, the record as the broker keeps it,
 //! who is acting.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{anyhow, Result};
 use kiln_protocol::fleet::{DesiredModule, DeviceFacts, Topics};
@@ -110,13 +110,39 @@ pub fn read_record(
     topics: &Topics,
     group: &str,
 ) -> Result<Option<Rollout>> {
+    Ok(read_whole_record(session, signing.fleet.root(), topics, group)?.map(|(r, _)| r))
+}
+
+/// The group's rollout record and the part topics the broker holds for it (what its
+/// next write clears if it no longer names them). An untrusted record is named and
+/// ignored (it is overwritten by the next rollout).
+pub fn read_whole_record(
+    session: &mut Session,
+    root: &kiln_protocol::trust::Root,
+    topics: &Topics,
+    group: &str,
+) -> Result<Option<(Rollout, BTreeSet<String>)>> {
     let topic = topics.rollout(group);
-    let retained = session.retained(&topic).map_err(unavailable)?;
-    let Some(bytes) = retained.get(&topic) else {
-        return Ok(None);
-    };
-    match Rollout::open(bytes, signing.fleet.root(), group) {
-        Ok(r) => Ok(Some(r)),
+    let mut held = BTreeSet::new();
+    let read = crate::fleet::parts::read_whole(session, &topics.rollout_all(group), |retained| {
+        held = retained
+            .keys()
+            .filter(|t| matches!(topics.parse_rollout(t), Some((_, Some(_)))))
+            .cloned()
+            .collect();
+        let Some(head) = retained.get(&topic) else {
+            return Ok(None);
+        };
+        let part = |sha: &[u8; 32]| {
+            retained
+                .get(&topics.rollout_part(group, sha))
+                .map(Vec::as_slice)
+        };
+        Rollout::verify(head, part, root, group).map(Some)
+    })
+    .map_err(unavailable)?;
+    match read {
+        Ok(r) => Ok(r.map(|r| (r, held))),
         Err(why) => {
             eprintln!("kiln: warning: ignoring the rollout record on {topic}: {why}");
             Ok(None)

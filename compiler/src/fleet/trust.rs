@@ -180,22 +180,11 @@ impl Fleet {
         topics: &Topics,
         adopt: bool,
     ) -> Result<Registry> {
-        // A writer publishes its new parts, then the head, then clears the old parts:
-        // a read between the last two finds a part gone; the next read finds it whole.
-        let mut tries = 0;
-        loop {
-            let retained = session
-                .retained(&topics.registry_all())
-                .map_err(Error::Broker)?;
-            match self.registry_in(&retained, topics, adopt) {
-                Err(e) if e.is_incomplete() && tries < 3 => {
-                    tries += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(200 * tries));
-                }
-                Err(e) => return Err(e.into_error()),
-                Ok(r) => return Ok(r),
-            }
-        }
+        let read = crate::fleet::parts::read_whole(session, &topics.registry_all(), |retained| {
+            self.registry_in(retained, topics, adopt)
+        })
+        .map_err(Error::Broker)?;
+        read.map_err(RegistryRead::into_error)
     }
 
     /// The registry in `retained` (its head and parts), as [`Fleet::registry`] takes it.
@@ -275,11 +264,13 @@ enum RegistryRead {
     Refused(anyhow::Error),
 }
 
-impl RegistryRead {
+impl crate::fleet::parts::Incomplete for RegistryRead {
     fn is_incomplete(&self) -> bool {
         matches!(self, RegistryRead::Incomplete(_))
     }
+}
 
+impl RegistryRead {
     fn into_error(self) -> anyhow::Error {
         match self {
             RegistryRead::Incomplete(e) => {

@@ -1,7 +1,8 @@
 use super::*;
 use crate::fleet::ModuleLimits;
-use crate::keys::PublicKey;
-use crate::trust::Role;
+use crate::keys::{PublicKey, SecretKey};
+use crate::parts::Published;
+use crate::trust::{sign_all, Role, Root};
 use proptest::prelude::*;
 
 mod cohorts;
@@ -255,6 +256,67 @@ fn retry_sends_again_to_the_failed_devices_and_those_cut_off() {
     assert_eq!(end, [Action::Finish(names(3))]);
 }
 
+proptest! {
+    #[test]
+    fn a_record_in_parts_opens_as_it_was_sealed(
+        n in 1usize..120,
+        sizes in prop::collection::vec(1usize..20, 0..4),
+        skipped in prop::collection::btree_set("[a-z]{1,6}", 0..8),
+        unexpected in prop::collection::btree_set("[a-z0-9]{1,6}", 0..8),
+        steps in prop::collection::vec((0usize..120, any::<bool>()), 0..40),
+    ) {
+        let key = SecretKey::generate().unwrap();
+        let mut waves = plan_waves(&names(n), &sizes, Some(7));
+        // Not in name order: the record keeps each wave's order.
+        waves.iter_mut().for_each(|w| w.reverse());
+        // Left out in no name order either.
+        let skipped: Vec<(String, String)> =
+            skipped.into_iter().rev().map(|d| (format!("s-{d}"), "no artifact".into())).collect();
+        let mut r = Rollout::new(
+            "acme", "lab", "ops", 0, module(2),
+            policy(Threshold::Count(2), Threshold::Count(5), true),
+            waves, BTreeMap::new(), skipped,
+        );
+        r.unexpected = unexpected;
+        r.step(1, Input::Start);
+        for (i, (d, ok)) in steps.into_iter().enumerate() {
+            let d = format!("d{:03}", d % n);
+            r.step(2 + i as u64, if ok { committed(&d) } else { failed(&d) });
+        }
+        let sealed = r.seal(&[&key]).unwrap();
+        prop_assert_eq!(open_sealed(&sealed, &Root::of_one_key(&key), "lab").unwrap(), r);
+    }
+}
+
+#[test]
+fn a_record_of_100000_devices_is_a_head_and_parts() {
+    let key = SecretKey::generate().unwrap();
+    let devices: Vec<String> = (0..100_000).map(|i| format!("device-{i:06}")).collect();
+    let waves = plan_waves(&devices, &[1, 10, 100, 1000], Some(10_000));
+    let mut r = Rollout::new(
+        "acme",
+        "lab",
+        "ops",
+        0,
+        module(2),
+        policy(Threshold::Count(2), Threshold::Count(5), true),
+        waves,
+        BTreeMap::new(),
+        Vec::new(),
+    );
+    r.step(1, Input::Start);
+    let sealed = r.seal(&[&key]).unwrap();
+    assert!(sealed.head.len() < 16 * 1024, "{}", sealed.head.len());
+    let largest = sealed.parts.iter().map(|(_, b)| b.len()).max().unwrap();
+    assert!(largest < crate::parts::MAX_PART, "{largest}");
+    assert_eq!(open_sealed(&sealed, &Root::of_one_key(&key), "lab").unwrap(), r);
+}
+
+/// A sealed record opened again, as a reader of the broker would.
+pub(super) fn open_sealed(p: &Published, root: &Root, group: &str) -> Result<Rollout, String> {
+    Rollout::open(&p.head, |s| p.part(s), root, group)
+}
+
 #[test]
 fn a_record_is_signed_by_the_release_role_and_bound_to_its_group() {
     let release = SecretKey::generate().unwrap();
@@ -275,16 +337,21 @@ fn a_record_is_signed_by_the_release_role_and_bound_to_its_group() {
     );
     r.step(1, Input::Start);
     let bytes = r.seal(&[&release]).unwrap();
-    assert_eq!(Rollout::open(&bytes, &root, "lab").unwrap(), r);
-    assert!(Rollout::open(&bytes, &root, "other").is_err());
+    assert_eq!(open_sealed(&bytes, &root, "lab").unwrap(), r);
+    assert!(open_sealed(&bytes, &root, "other").is_err());
     let forged = r.seal(&[&other]).unwrap();
-    assert!(Rollout::open(&forged, &root, "lab")
+    assert!(open_sealed(&forged, &root, "lab")
         .unwrap_err()
         .contains("signatures"));
     let mut tampered = bytes.clone();
-    let n = tampered.len();
-    tampered[n / 2] ^= 1;
-    assert!(Rollout::open(&tampered, &root, "lab").is_err());
+    let n = tampered.head.len();
+    tampered.head[n / 2] ^= 1;
+    assert!(open_sealed(&tampered, &root, "lab").is_err());
+    let mut tampered = bytes.clone();
+    let n = tampered.parts[0].1.len();
+    tampered.parts[0].1[n / 2] ^= 1;
+    let e = open_sealed(&tampered, &root, "lab").unwrap_err();
+    assert!(e.contains("does not hash"), "{e}");
     let _ = PublicKey::from_bytes(&release.public().to_bytes()).unwrap();
 }
 

@@ -68,6 +68,7 @@ impl Registry {
         let split = parts::split(
             self.devices.iter().map(|e| (&e.device, &e.key)),
             "the registry",
+            parts::MAX_PART,
         )?;
         let head = Head {
             fleet: self.fleet.clone(),
@@ -157,7 +158,7 @@ impl SignedRegistry {
                 )?;
                 check_fleet(&head.fleet, root)?;
                 let entries: Vec<(String, [u8; 32])> =
-                    parts::join(&head.parts, part).map_err(|e| match e {
+                    parts::join(&head.parts, part, parts::MAX_PART).map_err(|e| match e {
                         JoinError::Missing(_) => {
                             OpenError::Incomplete(format!("the registry's {e}"))
                         }

@@ -6,6 +6,7 @@ use anyhow::{anyhow, Result};
 use kiln_protocol::clock::utc;
 use kiln_protocol::names::Kind;
 use kiln_protocol::rollout::{in_window, short_list, Hold, Outcome, Phase, Policy, Rollout};
+use kiln_protocol::trust::OpenError;
 
 use crate::exit::{coded, Code};
 use crate::fleet::broker::{now_ms, BrokerArgs};
@@ -24,13 +25,35 @@ pub fn status(group: Option<&str>, json: bool, root: &RootArgs, broker: &BrokerA
     let filter = match group {
         Some(g) => {
             valid_name(Kind::Group, g)?;
-            topics.rollout(g)
+            topics.rollout_all(g)
         }
         None => topics.all_rollouts(),
     };
-    let retained = session.retained(&filter).map_err(unavailable)?;
+    // Every record's head, opened with its parts (read again while a writer is
+    // between its parts and its head).
+    let read = crate::fleet::parts::read_whole(&mut session, &filter, |retained| {
+        let mut records = Vec::new();
+        for (topic, head) in retained {
+            let Some((g, None)) = topics.parse_rollout(topic) else {
+                continue;
+            };
+            let part = |sha: &[u8; 32]| retained.get(&topics.rollout_part(g, sha)).map(Vec::as_slice);
+            records.push((g.to_string(), Rollout::verify(head, part, fleet.root(), g)));
+        }
+        let incomplete = records
+            .iter()
+            .any(|(_, r)| matches!(r, Err(OpenError::Incomplete(_))));
+        if incomplete {
+            Err(Partial(records))
+        } else {
+            Ok(records)
+        }
+    })
+    .map_err(unavailable)?;
+    // Still incomplete after reading again: said as such, record by record.
+    let records = read.unwrap_or_else(|Partial(records)| records);
     session.disconnect();
-    if retained.is_empty() {
+    if records.is_empty() {
         return Err(coded(
             Code::InvalidInput,
             anyhow!(match group {
@@ -40,12 +63,8 @@ pub fn status(group: Option<&str>, json: bool, root: &RootArgs, broker: &BrokerA
         ));
     }
     let now = now_ms();
-    for (topic, bytes) in &retained {
-        let g = topic
-            .strip_suffix("/rollout")
-            .and_then(|t| t.rsplit('/').next())
-            .unwrap_or_default();
-        match Rollout::open(bytes, fleet.root(), g) {
+    for (g, opened) in records {
+        match opened {
             Err(why) if json => println!(
                 "{}",
                 serde_json::json!({ "group": g, "valid": false, "error": why.to_string() })
@@ -65,6 +84,15 @@ pub fn status(group: Option<&str>, json: bool, root: &RootArgs, broker: &BrokerA
         }
     }
     Ok(())
+}
+
+/// Records read while a part of one was missing.
+struct Partial(Vec<(String, Result<Rollout, OpenError>)>);
+
+impl crate::fleet::parts::Incomplete for Partial {
+    fn is_incomplete(&self) -> bool {
+        true
+    }
 }
 
 /// `30m`, `2h`, `90s`: a duration as the flags take it.

@@ -2,7 +2,7 @@
 //! the clock, carries out the actions (desired states), keeps the signed record
 //! current, and hands every failure to [`Recovery`], doing what it says.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
@@ -17,7 +17,7 @@ use crate::fleet::messages::Body;
 use crate::fleet::messages::Reader;
 use crate::fleet::rollout::health::{HealthFeed, Taken};
 use crate::fleet::rollout::recovery::{Do, Doing, Event, Recovery, TakeUp};
-use crate::fleet::rollout::{busy, failures, phase_words, read_record, unavailable};
+use crate::fleet::rollout::{busy, failures, phase_words, read_whole_record, unavailable};
 use crate::fleet::trust::Signing;
 use crate::fleet::Error;
 
@@ -41,6 +41,10 @@ pub struct Driver<'a> {
     doing: Doing,
     /// The devices' health messages taken for the gates, and those refused.
     health: HealthFeed,
+    /// The record's part topics the broker holds (None: not read yet), and the last
+    /// head this driver wrote (its own, coming back, is not another operator's).
+    held: Option<BTreeSet<String>>,
+    last_head: Vec<u8>,
 }
 
 impl<'a> Driver<'a> {
@@ -64,6 +68,8 @@ impl<'a> Driver<'a> {
             recovery: Recovery::default(),
             doing: Doing::Waiting,
             health: HealthFeed::default(),
+            held: None,
+            last_head: Vec::new(),
         }
     }
 
@@ -73,13 +79,27 @@ impl<'a> Driver<'a> {
         self.record.serial += 1;
         self.record.updated_ms = now_ms();
         let keys: Vec<_> = self.signing.keys.iter().collect();
-        let bytes = self
+        let sealed = self
             .record
             .seal(&keys)
             .map_err(|e| Error::invalid(anyhow!(e)))?;
-        self.session
-            .publish_all(vec![(self.topic.clone(), bytes)], |_| {})
+        let held = match self.held.take() {
+            Some(held) => held,
+            None => self
+                .session
+                .retained(&self.topics.rollout_all(&self.record.group))
+                .map_err(unavailable)?
+                .into_keys()
+                .filter(|t| matches!(self.topics.parse_rollout(t), Some((_, Some(_)))))
+                .collect(),
+        };
+        let head = sealed.head.clone();
+        let (topics, group) = (&self.topics, &self.record.group);
+        let part = |sha: &[u8; 32]| topics.rollout_part(group, sha);
+        let named = crate::fleet::parts::publish(&mut self.session, &self.topic, part, &held, sealed)
             .map_err(unavailable)?;
+        self.held = Some(named);
+        self.last_head = head;
         self.last_persist = Instant::now();
         self.dirty = false;
         Ok(())
@@ -88,12 +108,16 @@ impl<'a> Driver<'a> {
     /// The record the broker keeps for this rollout's group now.
     pub fn kept(&mut self) -> Result<Option<Rollout>> {
         self.doing = Doing::Reading;
-        read_record(
+        let kept = read_whole_record(
             &mut self.session,
-            self.signing,
+            self.signing.fleet.root(),
             &self.topics,
             &self.record.group,
-        )
+        )?;
+        Ok(kept.map(|(record, held)| {
+            self.held = Some(held);
+            record
+        }))
     }
 
     /// Two operators starting at once: the broker keeps one record; whoever's is not
@@ -377,10 +401,12 @@ impl<'a> Driver<'a> {
             .map_err(unavailable)?;
         if let Some((topic, payload)) = message {
             if topic == self.topic {
-                if let Ok(theirs) =
-                    Rollout::open(&payload, self.signing.fleet.root(), &self.record.group)
-                {
-                    self.take_over(theirs)?;
+                // Another operator's write (a pause, an abort, a driver taking the
+                // rollout up): its head names parts, read with it.
+                if !payload.is_empty() && payload != self.last_head {
+                    if let Some(theirs) = self.kept()? {
+                        self.take_over(theirs)?;
+                    }
                 }
             } else {
                 self.on_device_message(&topic, &payload)?;

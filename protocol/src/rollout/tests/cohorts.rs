@@ -14,7 +14,7 @@ fn with_cohort(cohort: &[&str]) -> Policy {
 fn the_cohort_is_sealed_in_the_record_and_opens_with_it() {
     let key = SecretKey::generate().unwrap();
     let r = rollout(3, &[1], with_cohort(&["tag=canary", "kilnd>=0.9.0"]));
-    let opened = Rollout::open(&r.seal(&[&key]).unwrap(), &Root::of_one_key(&key), "lab").unwrap();
+    let opened = open_sealed(&r.seal(&[&key]).unwrap(), &Root::of_one_key(&key), "lab").unwrap();
     assert_eq!(opened.policy.cohort, ["tag=canary", "kilnd>=0.9.0"]);
     assert_eq!(opened, r);
 }
@@ -28,27 +28,28 @@ fn a_v2_record_opens_as_one_with_no_cohort_and_goes_on() {
     let body = postcard::to_stdvec(&RolloutV2::from(&r)).unwrap();
     let signatures = sign_all(CONTEXT_V2, &body, &[&key]);
     let bytes = postcard::to_stdvec(&SignedRollout::V2 { body, signatures }).unwrap();
-    let mut opened = Rollout::open(&bytes, &Root::of_one_key(&key), "lab").unwrap();
+    let mut opened = Rollout::open(&bytes, |_| None, &Root::of_one_key(&key), "lab").unwrap();
     assert_eq!(opened, r);
     assert!(opened.policy.cohort.is_empty());
     assert_eq!(sent(&opened.step(2, committed("d000"))), ["d001", "d002"]);
-    // Written again, it is a v3 record.
+    // Written again, it is a v4 record (a head and parts).
     let again = opened.seal(&[&key]).unwrap();
-    let envelope: SignedRollout = postcard::from_bytes(&again).unwrap();
-    assert!(matches!(envelope, SignedRollout::V3 { .. }));
+    let envelope: SignedRollout = postcard::from_bytes(&again.head).unwrap();
+    assert!(matches!(envelope, SignedRollout::V4 { .. }));
+    assert_eq!(open_sealed(&again, &Root::of_one_key(&key), "lab").unwrap(), opened);
     // A v2 body signed as v3 (or the reverse) does not open: the contexts differ.
     let SignedRollout::V2 { body, signatures } = postcard::from_bytes(&bytes).unwrap() else {
         unreachable!()
     };
     let swapped = postcard::to_stdvec(&SignedRollout::V3 { body, signatures }).unwrap();
-    assert!(Rollout::open(&swapped, &Root::of_one_key(&key), "lab").is_err());
+    assert!(Rollout::open(&swapped, |_| None, &Root::of_one_key(&key), "lab").is_err());
 }
 
 #[test]
 fn a_record_whose_cohort_does_not_parse_does_not_open() {
     let key = SecretKey::generate().unwrap();
     let r = rollout(2, &[1], with_cohort(&["colour=red"]));
-    let e = Rollout::open(&r.seal(&[&key]).unwrap(), &Root::of_one_key(&key), "lab").unwrap_err();
+    let e = open_sealed(&r.seal(&[&key]).unwrap(), &Root::of_one_key(&key), "lab").unwrap_err();
     assert!(e.contains("`colour` is not an attribute"), "{e}");
 }
 
