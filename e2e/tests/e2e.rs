@@ -13,6 +13,7 @@ mod fleet;
 mod gates;
 mod headless;
 mod lean;
+mod mirror;
 mod module_state;
 mod provision;
 mod refusals;

@@ -181,6 +181,8 @@ pub struct FleetDevice {
     pub groups: Vec<String>,
     /// Extra lines after the [mqtt] section's own: more keys, or further tables.
     pub mqtt_extra: String,
+    /// Extra top-level lines, before `[mqtt]` (`mirror`, `mirror_ca`).
+    pub top_extra: String,
     /// The root document it is provisioned with (the tests' shared fleet by default).
     pub root: PathBuf,
     _keep: Option<tempfile::TempDir>,
@@ -199,6 +201,7 @@ impl FleetDevice {
             records: Arc::default(),
             groups: Vec::new(),
             mqtt_extra: String::new(),
+            top_extra: String::new(),
             root: shared().root(),
             _keep: Some(keep),
         }
@@ -216,10 +219,11 @@ impl FleetDevice {
         std::fs::write(
             &config,
             format!(
-                "device = {:?}\ndata_dir = \"data\"\ntrust = [{:?}]\nworker_launcher = [{}]\n[mqtt]\nbroker = {:?}\ngroups = {:?}\n{}",
+                "device = {:?}\ndata_dir = \"data\"\ntrust = [{:?}]\nworker_launcher = [{}]\n{}[mqtt]\nbroker = {:?}\ngroups = {:?}\n{}",
                 self.id,
                 path_str(&self.root),
                 launcher.join(", "),
+                self.top_extra,
                 self.broker,
                 self.groups,
                 self.mqtt_extra
