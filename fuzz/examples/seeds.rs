@@ -251,6 +251,25 @@ fn main() -> std::io::Result<()> {
     seed.extend(&whole.stream);
     write("transfer", "zstd", &seed)?;
 
+    // Mirror answers as nginx sends them (even first byte: a head), and mirror URLs
+    // (odd first byte).
+    for (name, head) in [
+        ("nginx-200", "HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 06 Dec 2026 20:00:00 GMT\r\nContent-Type: application/octet-stream\r\nContent-Length: 16384\r\nLast-Modified: Sun, 06 Dec 2026 19:59:59 GMT\r\nConnection: keep-alive\r\nETag: \"6934d7ff-4000\"\r\nAccept-Ranges: bytes\r\n\r\n"),
+        ("nginx-404", "HTTP/1.1 404 Not Found\r\nServer: nginx\r\nContent-Type: text/html\r\nContent-Length: 153\r\nConnection: keep-alive\r\n\r\n<html>"),
+        ("redirect", "HTTP/1.1 302 Found\r\nLocation: https://elsewhere.example/x\r\nContent-Length: 0\r\n\r\n"),
+        ("chunked", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n"),
+        ("http10-close", "HTTP/1.0 200 OK\r\nContent-Length: 4\r\n\r\nabcd"),
+        ("cut", "HTTP/1.1 200 OK\r\nContent-Len"),
+    ] {
+        write("http_head", name, &[&[0u8][..], head.as_bytes()].concat())?;
+    }
+    for (name, url) in [
+        ("url-https", "https://mirror.example.com:8443/kiln"),
+        ("url-v6", "http://[::1]/fleet/"),
+    ] {
+        write("http_head", name, &[&[1u8][..], url.as_bytes()].concat())?;
+    }
+
     let facts = DeviceFacts {
         triple: "aarch64-unknown-linux-gnu".into(),
         cpu_features: vec!["neon".into()],

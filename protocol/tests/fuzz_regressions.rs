@@ -713,3 +713,33 @@ fn a_registry_part_declaring_2_pow_40_entries_is_refused_without_allocating_them
         .unwrap_err();
     assert!(err.to_string().contains("does not decode"), "{err}");
 }
+
+/// A mirror's answer (`http_head`): a head that never ends, endless header lines, a
+/// Content-Length beyond any bound, NULs and bare line feeds all end in a clean `Err`
+/// or a wait, bounded by the 8 KiB head limit however many bytes arrive.
+#[test]
+fn hostile_mirror_answers_are_refused_within_the_head_bound() {
+    use kiln_protocol::mirror::{parse_head, MAX_HEAD};
+    let endless = [
+        b"HTTP/1.1 200 OK\r\n".as_slice(),
+        &vec![b'a'; 10 * MAX_HEAD],
+    ]
+    .concat();
+    assert!(parse_head(&endless).is_err());
+    let lines: Vec<u8> = (0..5000)
+        .flat_map(|i| format!("X-{i}: y\r\n").into_bytes())
+        .collect();
+    let many = [b"HTTP/1.1 200 OK\r\n".as_slice(), &lines, b"\r\n"].concat();
+    assert!(parse_head(&many).is_err());
+    let huge = b"HTTP/1.1 200 OK\r\nContent-Length: 9999999999999999999\r\n\r\n";
+    let head = parse_head(huge).unwrap().unwrap();
+    assert!(head.body_len(1 << 20, None).is_err());
+    let longer = b"HTTP/1.1 200 OK\r\nContent-Length: 18446744073709551616\r\n\r\n";
+    assert!(parse_head(longer).is_err());
+    assert!(parse_head(b"HTTP/1.1 200 OK\r\nX: \0\r\n\r\n").is_err());
+    assert_eq!(
+        parse_head(b"HTTP/1.1 200 OK\nContent-Length: 1\n\n").unwrap(),
+        None
+    );
+    assert!(parse_head(b"\r\n\r\n").is_err());
+}
