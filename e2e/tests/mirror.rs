@@ -10,6 +10,7 @@
 //! bytes the broker sends each device are measured exactly; what the mirror sent is
 //! nginx's own access log (`$body_bytes_sent`).
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use kiln_compiler::commands::gc::GcCommand;
 use kiln_compiler::commands::push::PushCommand;
 use kiln_protocol::fleet::{EventKind, SignedDesired, Topics, DEFAULT_PREFIX};
 
@@ -439,4 +441,31 @@ fn a_full_update_comes_from_the_https_mirror_and_a_bad_or_dead_mirror_falls_back
     }
     eprintln!("  v1 streams {v1_lens:?}, v2 streams {v2_lens:?}");
     devices.iter_mut().for_each(FleetDevice::kill);
+
+    // kiln gc --mirror-dir: the files of v2 and v3 go, v4's (referenced) stay.
+    let mirrored = |dir: &Path| -> BTreeSet<String> {
+        std::fs::read_dir(dir.join("artifacts"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert_eq!(mirrored(&mirror_dir).len(), 3 * targets.len());
+    let topic = topics.group_desired("mirrored");
+    let state = SignedDesired::peek(&retained(&url, &topic)[&topic]).unwrap();
+    let v4: BTreeSet<String> = state.modules[0]
+        .artifacts
+        .iter()
+        .map(|a| a.full.sha256.iter().map(|b| format!("{b:02x}")).collect())
+        .collect();
+    let gc = [
+        "gc",
+        "--broker",
+        &url,
+        "--grace-s",
+        "0",
+        "--mirror-dir",
+        path_str(&mirror_dir),
+    ];
+    GcCommand::try_parse_from(gc).unwrap().execute().unwrap();
+    assert_eq!(mirrored(&mirror_dir), v4);
 }

@@ -12,12 +12,15 @@ const AFTER_HELP: &str = "\
 An artifact is kept while a device or group desired state references it, or while its
 upload marker (published by push and rollout before the first chunk) is younger than
 the grace period: a push publishes its desired state only after the last chunk.
-Stale markers are removed with the chunks of unreferenced artifacts.
+Stale markers are removed with the chunks of unreferenced artifacts. With --mirror-dir,
+the same artifacts' files go from an artifact mirror's directory (kiln push
+--mirror-dir), but for those written less than the grace period ago.
 
 Examples:
   kiln gc --dry-run
   kiln gc --broker mqtt://broker.lan:1883
-  kiln gc --grace-s 0        # also uploads that started just now";
+  kiln gc --grace-s 0        # also uploads that started just now
+  kiln gc --mirror-dir /srv/kiln   # and the mirror's files of the same artifacts";
 
 /// Remove retained artifact chunks that no desired state references and no upload in
 /// progress needs
@@ -35,6 +38,51 @@ pub struct GcCommand {
     /// The result as one JSON object on stdout (see the JSON shapes in the book)
     #[arg(long)]
     pub json: bool,
+    /// Also remove, from this artifact mirror's directory (as `kiln push --mirror-dir`
+    /// writes it), the files of every transfer no desired state references
+    #[arg(long, value_name = "DIR")]
+    pub mirror_dir: Option<std::path::PathBuf>,
+}
+
+/// The transfers in a mirror directory that go: unreferenced, not uploading, and not
+/// written within the grace period (a push writes its mirror files before its upload
+/// marker). Only `artifacts/{64 hex digits}` entries are ever considered.
+pub fn mirror_plan(
+    dir: &std::path::Path,
+    referenced: &BTreeSet<[u8; 32]>,
+    uploading: &BTreeSet<[u8; 32]>,
+    grace: std::time::Duration,
+) -> std::io::Result<Vec<([u8; 32], u64)>> {
+    let artifacts = dir.join("artifacts");
+    let entries = match std::fs::read_dir(&artifacts) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let mut sha = [0u8; 32];
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.len() != 64 || hex::decode_to_slice(name, &mut sha).is_err() {
+            continue;
+        }
+        if referenced.contains(&sha) || uploading.contains(&sha) || !entry.file_type()?.is_dir() {
+            continue;
+        }
+        let (mut bytes, mut young) = (0u64, false);
+        for file in std::fs::read_dir(entry.path())? {
+            let meta = file?.metadata()?;
+            bytes += meta.len();
+            let age = meta.modified()?.elapsed().unwrap_or_default();
+            young |= age < grace;
+        }
+        if !young {
+            out.push((sha, bytes));
+        }
+    }
+    Ok(out)
 }
 
 /// The upload marker of an artifact, as gc sees it.
@@ -218,6 +266,38 @@ impl GcCommand {
                 self.grace_s
             );
         }
+        let mirror = match &self.mirror_dir {
+            Some(dir) => {
+                let grace = std::time::Duration::from_secs(self.grace_s);
+                let gone =
+                    mirror_plan(dir, &plan.referenced, &plan.uploading, grace).map_err(|e| {
+                        coded(
+                            Code::InvalidInput,
+                            anyhow::anyhow!("mirror dir `{}`: {e}", dir.display()),
+                        )
+                    })?;
+                for (sha, size) in &gone {
+                    if !self.json {
+                        println!(
+                            "gc: {verb} {} from the mirror dir, {}",
+                            hex::encode(sha),
+                            human_size(*size)
+                        );
+                    }
+                    if !self.dry_run {
+                        let path = dir.join("artifacts").join(hex::encode(sha));
+                        std::fs::remove_dir_all(&path).map_err(|e| {
+                            coded(
+                                Code::InvalidInput,
+                                anyhow::anyhow!("cannot remove `{}`: {e}", path.display()),
+                            )
+                        })?;
+                    }
+                }
+                gone
+            }
+            None => Vec::new(),
+        };
         // Chunks before markers: a gc that stops halfway leaves stale markers, which
         // the next run removes, never chunks that lost their marker early.
         clears.extend(plan.clear_markers.iter().map(|sha| topics.upload(sha)));
@@ -239,6 +319,10 @@ impl GcCommand {
                     "stale_markers": hexes(&plan.clear_markers),
                     "referenced": hexes(&plan.referenced),
                     "uploading": hexes(&plan.uploading),
+                    "mirror_removed": mirror.iter().map(|(sha, bytes)| serde_json::json!({
+                        "sha256": hex::encode(sha),
+                        "bytes": bytes,
+                    })).collect::<Vec<_>>(),
                     "grace_s": self.grace_s,
                 })
             );
@@ -257,6 +341,18 @@ impl GcCommand {
             plan.uploading.len(),
             self.grace_s
         );
+        if self.mirror_dir.is_some() {
+            println!(
+                "gc: {} {} transfers from the mirror dir ({})",
+                if self.dry_run {
+                    "would remove"
+                } else {
+                    "removed"
+                },
+                mirror.len(),
+                human_size(mirror.iter().map(|(_, b)| b).sum())
+            );
+        }
         Ok(())
     }
 }
@@ -298,5 +394,41 @@ mod tests {
         let ahead = BTreeMap::from([(uploading, Marker::Started(now + HOUR))]);
         let p = plan(&chunks, &ahead, &referenced, now, HOUR);
         assert!(p.uploading.contains(&uploading));
+    }
+}
+
+#[cfg(test)]
+mod mirror_tests {
+    use super::*;
+
+    #[test]
+    fn only_unreferenced_settled_transfers_leave_the_mirror_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str| {
+            let d = dir.path().join("artifacts").join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("list"), b"list").unwrap();
+            std::fs::write(d.join("0"), b"chunk").unwrap();
+        };
+        let (used, busy, old) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        for sha in [used, busy, old] {
+            write(&hex::encode(sha));
+        }
+        write("not-a-transfer");
+        let referenced = BTreeSet::from([used]);
+        let uploading = BTreeSet::from([busy]);
+        let settled = std::time::Duration::ZERO;
+        let gone = mirror_plan(dir.path(), &referenced, &uploading, settled).unwrap();
+        assert_eq!(gone, vec![(old, 9)]);
+        // Written within the grace period: a push between its mirror files and its
+        // upload marker.
+        let grace = std::time::Duration::from_secs(3600);
+        assert!(mirror_plan(dir.path(), &referenced, &uploading, grace)
+            .unwrap()
+            .is_empty());
+        let none = tempfile::tempdir().unwrap();
+        assert!(mirror_plan(none.path(), &referenced, &uploading, settled)
+            .unwrap()
+            .is_empty());
     }
 }
