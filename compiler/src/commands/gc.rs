@@ -269,13 +269,23 @@ impl GcCommand {
         let mirror = match &self.mirror_dir {
             Some(dir) => {
                 let grace = std::time::Duration::from_secs(self.grace_s);
-                let gone =
-                    mirror_plan(dir, &plan.referenced, &plan.uploading, grace).map_err(|e| {
-                        coded(
-                            Code::InvalidInput,
-                            anyhow::anyhow!("mirror dir `{}`: {e}", dir.display()),
-                        )
-                    })?;
+                // Every reference and every young marker, whether or not the broker
+                // still holds the transfer's chunks.
+                let uploading: BTreeSet<[u8; 32]> = markers
+                    .iter()
+                    .filter(|(_, m)| match m {
+                        Marker::Started(at) => now.saturating_sub(*at) < grace_ms,
+                        Marker::Unreadable => true,
+                    })
+                    .map(|(sha, _)| *sha)
+                    .chain(plan.uploading.iter().copied())
+                    .collect();
+                let gone = mirror_plan(dir, &referenced, &uploading, grace).map_err(|e| {
+                    coded(
+                        Code::InvalidInput,
+                        anyhow::anyhow!("mirror dir `{}`: {e}", dir.display()),
+                    )
+                })?;
                 for (sha, size) in &gone {
                     if !self.json {
                         println!(
