@@ -8,6 +8,7 @@ pub mod bench_page;
 pub mod board;
 pub mod browser;
 pub mod mosquitto;
+pub mod nats;
 pub mod procfs;
 pub mod rng;
 pub mod sim;
