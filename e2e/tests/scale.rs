@@ -18,14 +18,14 @@ use serde_json::Value;
 use crate::trust::Fleet;
 use crate::util::path_str;
 
-const QUICK: [&str; 2] = ["--health-window-ms", "1000"];
+pub(crate) const QUICK: [&str; 2] = ["--health-window-ms", "1000"];
 
 fn sim(fleet: &Fleet, n: usize, crash: &[&str]) -> Sim {
     Sim::start(&fleet.broker, &fleet.path("fleet.root"), n, crash)
 }
 
 /// Every device's `kiln devices --json` line.
-fn devices(fleet: &Fleet) -> Vec<Value> {
+pub(crate) fn devices(fleet: &Fleet) -> Vec<Value> {
     let out = fleet.kiln(&["devices", "--json"]).ok("kiln devices");
     out.stdout
         .lines()
@@ -34,7 +34,7 @@ fn devices(fleet: &Fleet) -> Vec<Value> {
 }
 
 /// The version of `app` each device reports running, by device.
-fn running(fleet: &Fleet) -> Vec<(String, Option<u64>)> {
+pub(crate) fn running(fleet: &Fleet) -> Vec<(String, Option<u64>)> {
     devices(fleet)
         .iter()
         .map(|d| {
@@ -65,7 +65,7 @@ fn rollout(fleet: &Fleet, version: u64, policy: &[&str]) -> Run {
 }
 
 /// `kiln ARGS` in the background (a rollout another operator will stop).
-fn spawn_kiln(fleet: &Fleet, args: &[&str]) -> Child {
+pub(crate) fn spawn_kiln(fleet: &Fleet, args: &[&str]) -> Child {
     Command::new(kiln_path())
         .current_dir(fleet.dir.path())
         .args(args)
@@ -86,7 +86,7 @@ fn status(fleet: &Fleet) -> String {
 
 /// Polls `check` every half second (each poll runs kiln) until it holds.
 #[track_caller]
-fn wait_for(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+pub(crate) fn wait_for(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !check() {
         assert!(
@@ -99,7 +99,7 @@ fn wait_for(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
 
 /// The rollout status once it contains `needle`.
 #[track_caller]
-fn wait_status(fleet: &Fleet, needle: &str) -> String {
+pub(crate) fn wait_status(fleet: &Fleet, needle: &str) -> String {
     let mut last = String::new();
     wait_for(Duration::from_secs(60), needle, || {
         // No record yet is not an error here.
@@ -419,7 +419,7 @@ const GATED: [&str; 9] = [
 ];
 
 /// `kiln rollout status --json` of the group.
-fn status_json(fleet: &Fleet) -> Value {
+pub(crate) fn status_json(fleet: &Fleet) -> Value {
     let out = fleet
         .kiln(&["rollout", "status", "--group", "lab", "--json"])
         .ok("rollout status --json");
