@@ -23,7 +23,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rumqttc::{Client, ClientError, Event, LastWill, Outgoing, Packet, QoS, Request};
+use rumqttc::{Client, ClientError, Event, EventLoop, LastWill, Outgoing, Packet, QoS, Request};
 
 use kiln_protocol::mqtt::failover::Failover;
 use kiln_protocol::mqtt::{MAX_INCOMING, MAX_PACKET, PUBLISH_OVERHEAD};
@@ -156,6 +156,28 @@ impl Link {
     }
 }
 
+/// The link's event loop: rumqttc's, and what kilnd keeps between its events. kilnd
+/// runs it on a thread of its own ([`connect`]); kilnd-sim polls thousands of them on
+/// one tokio runtime ([`LinkLoop::run`]).
+pub struct LinkLoop {
+    pub eventloop: EventLoop,
+    core: Core,
+}
+
+/// Everything but rumqttc's event loop: the brokers and the failover between them,
+/// packet ids paired with tags and topics, and where events go.
+struct Core {
+    brokers: Vec<(String, rumqttc::MqttOptions)>,
+    failover: Failover,
+    pairing: Pairing,
+    subscriptions: HashMap<u16, String>,
+    tags: Arc<Mutex<VecDeque<Option<u64>>>>,
+    subscribing: Arc<Mutex<VecDeque<String>>>,
+    on_event: Box<dyn Fn(LinkEvent) -> bool + Send>,
+    on_delivery: Box<dyn Fn(Delivery) + Send>,
+}
+
+/// Connects to the broker on a thread of the link's own.
 pub fn connect(
     config: &MqttConfig,
     device: &str,
@@ -163,6 +185,23 @@ pub fn connect(
     on_event: impl Fn(LinkEvent) -> bool + Send + 'static,
     on_delivery: impl Fn(Delivery) + Send + 'static,
 ) -> Result<Link, String> {
+    let (link, looping) = open(config, device, will, on_event, on_delivery)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("no runtime for the broker connection: {e}"))?;
+    std::thread::spawn(move || runtime.block_on(looping.run()));
+    Ok(link)
+}
+
+/// The link and its event loop, not yet polled: the caller runs [`LinkLoop::run`].
+pub fn open(
+    config: &MqttConfig,
+    device: &str,
+    will: (String, Vec<u8>),
+    on_event: impl Fn(LinkEvent) -> bool + Send + 'static,
+    on_delivery: impl Fn(Delivery) + Send + 'static,
+) -> Result<(Link, LinkLoop), String> {
     let keep_alive = Duration::from_secs(config.keep_alive_s.max(5));
     let mut brokers =
         config
@@ -182,128 +221,46 @@ pub fn connect(
     let mut seed = [0u8; 8];
     getrandom::getrandom(&mut seed)
         .map_err(|e| format!("no randomness for the broker failover: {e}"))?;
-    let mut failover = Failover::new(brokers.len(), u64::from_le_bytes(seed));
-    let (client, mut connection) = Client::new(brokers[0].1.clone(), 256);
+    let failover = Failover::new(brokers.len(), u64::from_le_bytes(seed));
+    // rumqttc's blocking client (what the agent and telemetry threads call) and its
+    // event loop, without the runtime it would poll that on: the caller's polls it.
+    let (client, connection) = Client::new(brokers[0].1.clone(), 256);
+    let rumqttc::Connection { eventloop, .. } = connection;
     let link = Link {
         client,
         tags: Arc::default(),
         subscribing: Arc::default(),
     };
-    let tags = link.tags.clone();
-    let subscribing = link.subscribing.clone();
-    std::thread::spawn(move || {
-        let mut pairing = Pairing::default();
-        let mut subscriptions: HashMap<u16, String> = HashMap::new();
-        // One event as it came; false when nobody listens any more.
-        let handle = |event: Event,
-                      pairing: &mut Pairing,
-                      subscriptions: &mut HashMap<u16, String>,
-                      broker: &str|
-         -> bool {
-            match event {
-                Event::Incoming(Packet::ConnAck(_)) => {
-                    tracing::info!(%broker, "connected");
-                    on_event(LinkEvent::Connected)
-                }
-                Event::Incoming(Packet::Publish(p)) => on_event(LinkEvent::Message {
-                    topic: p.topic.clone(),
-                    payload: p.payload.to_vec(),
-                }),
-                Event::Outgoing(Outgoing::Publish(pkid)) if pkid != 0 => {
-                    pairing.sent(pkid, &mut lock(&tags));
-                    true
-                }
-                Event::Incoming(Packet::PubAck(ack)) => {
-                    if let Some(tag) = pairing.acked(ack.pkid) {
-                        on_delivery(Delivery::Acked(tag));
-                    }
-                    true
-                }
-                Event::Outgoing(Outgoing::Subscribe(pkid)) => {
-                    if let Some(topic) = lock(&subscribing).pop_front() {
-                        subscriptions.insert(pkid, topic);
-                    }
-                    true
-                }
-                Event::Incoming(Packet::SubAck(ack)) => {
-                    let topic = subscriptions.remove(&ack.pkid);
-                    let failed = ack
-                        .return_codes
-                        .iter()
-                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
-                    match (failed, topic) {
-                        // The agent logs it, and asks again.
-                        (true, Some(topic)) => on_event(LinkEvent::SubscribeRefused { topic }),
-                        _ => true,
-                    }
-                }
-                _ => true,
-            }
-        };
+    let core = Core {
+        brokers,
+        failover,
+        pairing: Pairing::default(),
+        subscriptions: HashMap::new(),
+        tags: link.tags.clone(),
+        subscribing: link.subscribing.clone(),
+        on_event: Box::new(on_event),
+        on_delivery: Box::new(on_delivery),
+    };
+    Ok((link, LinkLoop { eventloop, core }))
+}
+
+impl LinkLoop {
+    /// Polls the connection until every handle of the link is gone or nobody listens
+    /// to its events any more; between brokers, waits as [`Failover`] says.
+    pub async fn run(mut self) {
         loop {
-            let Ok(event) = connection.recv() else {
-                return; // every client handle is gone
-            };
-            let broker = brokers[failover.current()].0.as_str();
-            let alive = match event {
+            let alive = match self.eventloop.poll().await {
                 Ok(event) => {
                     if matches!(event, Event::Incoming(Packet::ConnAck(_))) {
-                        failover.connected();
+                        self.core.failover.connected();
                     }
-                    handle(event, &mut pairing, &mut subscriptions, broker)
+                    self.core.handle(event)
                 }
+                // Every handle of the link is gone.
+                Err(rumqttc::ConnectionError::RequestsDone) => return,
                 Err(e) => {
-                    let (next, wait) = failover.failed();
-                    let next_broker = brokers[next].0.as_str();
-                    tracing::warn!(%broker, error = %e, next = %next_broker, retry_ms = wait.as_millis() as u64, "broker connection lost");
-                    if let rumqttc::ConnectionError::MqttState(
-                        rumqttc::StateError::Deserialization(
-                            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n),
-                        ),
-                    ) = &e
-                    {
-                        let limit = kiln_protocol::mqtt::MAX_INCOMING;
-                        on_event(LinkEvent::Unreceivable {
-                            what: format!("a message of {n} bytes (limit {limit})"),
-                        });
-                    }
-                    // Events rumqttc queued before the write or flush that failed (the
-                    // `Outgoing::Publish` of the very publish it was writing, PUBACKs
-                    // read in the same batch) stay in its queue across the reconnect.
-                    // Handled after it, a stale packet id would take the tag of a later
-                    // publish, and a PUBACK would remove the wrong batch from the spool.
-                    // They are handled now, before the in-flight ones are written off.
-                    let stale = std::mem::take(&mut connection.eventloop.state.events);
-                    let mut alive = true;
-                    for event in stale {
-                        alive &= handle(event, &mut pairing, &mut subscriptions, broker);
-                    }
-                    // What rumqttc kept to resend: the unacknowledged publishes (with
-                    // packet ids) and the requests it had not sent yet (without).
-                    let dropped = std::mem::take(&mut connection.eventloop.pending);
-                    let unsent = dropped
-                        .iter()
-                        .filter(|r| matches!(r, Request::Publish(p) if p.pkid == 0 && p.qos != QoS::AtMostOnce))
-                        .count();
-                    let lost = pairing.disconnected(unsent, &mut lock(&tags));
-                    // Subscriptions: those sent are gone with the session (the agent
-                    // subscribes again on connecting); those rumqttc had taken but not
-                    // sent are dropped here, and are the oldest not yet paired.
-                    subscriptions.clear();
-                    let unsent_subscriptions = dropped
-                        .iter()
-                        .filter(|r| matches!(r, Request::Subscribe(_)))
-                        .count();
-                    let mut queue = lock(&subscribing);
-                    let n = unsent_subscriptions.min(queue.len());
-                    queue.drain(..n);
-                    drop(queue);
-                    for tag in lost {
-                        on_delivery(Delivery::Lost(tag));
-                    }
-                    // rumqttc connects with its options of the moment: the next broker's.
-                    connection.eventloop.mqtt_options = brokers[next].1.clone();
-                    std::thread::sleep(wait);
+                    let (alive, wait) = self.core.failed(e, &mut self.eventloop);
+                    tokio::time::sleep(wait).await;
                     alive
                 }
             };
@@ -311,8 +268,115 @@ pub fn connect(
                 return;
             }
         }
-    });
-    Ok(link)
+    }
+}
+
+impl Core {
+    fn broker(&self) -> &str {
+        &self.brokers[self.failover.current()].0
+    }
+
+    /// One event as it came; false when nobody listens any more.
+    fn handle(&mut self, event: Event) -> bool {
+        match event {
+            Event::Incoming(Packet::ConnAck(_)) => {
+                tracing::info!(broker = %self.broker(), "connected");
+                (self.on_event)(LinkEvent::Connected)
+            }
+            Event::Incoming(Packet::Publish(p)) => (self.on_event)(LinkEvent::Message {
+                topic: p.topic.clone(),
+                payload: p.payload.to_vec(),
+            }),
+            Event::Outgoing(Outgoing::Publish(pkid)) if pkid != 0 => {
+                self.pairing.sent(pkid, &mut lock(&self.tags));
+                true
+            }
+            Event::Incoming(Packet::PubAck(ack)) => {
+                if let Some(tag) = self.pairing.acked(ack.pkid) {
+                    (self.on_delivery)(Delivery::Acked(tag));
+                }
+                true
+            }
+            Event::Outgoing(Outgoing::Subscribe(pkid)) => {
+                if let Some(topic) = lock(&self.subscribing).pop_front() {
+                    self.subscriptions.insert(pkid, topic);
+                }
+                true
+            }
+            Event::Incoming(Packet::SubAck(ack)) => {
+                let topic = self.subscriptions.remove(&ack.pkid);
+                let failed = ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                match (failed, topic) {
+                    // The agent logs it, and asks again.
+                    (true, Some(topic)) => (self.on_event)(LinkEvent::SubscribeRefused { topic }),
+                    _ => true,
+                }
+            }
+            _ => true,
+        }
+    }
+
+    /// The connection failed: what was in flight is written off, the next broker
+    /// chosen. Whether anyone still listens, and how long to wait before polling again.
+    fn failed(
+        &mut self,
+        e: rumqttc::ConnectionError,
+        eventloop: &mut EventLoop,
+    ) -> (bool, Duration) {
+        let broker = self.broker().to_string();
+        let (next, wait) = self.failover.failed();
+        let next_broker = self.brokers[next].0.as_str();
+        tracing::warn!(%broker, error = %e, next = %next_broker, retry_ms = wait.as_millis() as u64, "broker connection lost");
+        let mut alive = true;
+        if let rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n),
+        )) = &e
+        {
+            let limit = kiln_protocol::mqtt::MAX_INCOMING;
+            alive &= (self.on_event)(LinkEvent::Unreceivable {
+                what: format!("a message of {n} bytes (limit {limit})"),
+            });
+        }
+        // Events rumqttc queued before the write or flush that failed (the
+        // `Outgoing::Publish` of the very publish it was writing, PUBACKs read in the
+        // same batch) stay in its queue across the reconnect. Handled after it, a stale
+        // packet id would take the tag of a later publish, and a PUBACK would remove
+        // the wrong batch from the spool. They are handled now, before the in-flight
+        // ones are written off.
+        let stale = std::mem::take(&mut eventloop.state.events);
+        for event in stale {
+            alive &= self.handle(event);
+        }
+        // What rumqttc kept to resend: the unacknowledged publishes (with packet ids)
+        // and the requests it had not sent yet (without).
+        let dropped = std::mem::take(&mut eventloop.pending);
+        let unsent = dropped
+            .iter()
+            .filter(|r| matches!(r, Request::Publish(p) if p.pkid == 0 && p.qos != QoS::AtMostOnce))
+            .count();
+        let lost = self.pairing.disconnected(unsent, &mut lock(&self.tags));
+        // Subscriptions: those sent are gone with the session (the agent subscribes
+        // again on connecting); those rumqttc had taken but not sent are dropped here,
+        // and are the oldest not yet paired.
+        self.subscriptions.clear();
+        let unsent_subscriptions = dropped
+            .iter()
+            .filter(|r| matches!(r, Request::Subscribe(_)))
+            .count();
+        let mut queue = lock(&self.subscribing);
+        let n = unsent_subscriptions.min(queue.len());
+        queue.drain(..n);
+        drop(queue);
+        for tag in lost {
+            (self.on_delivery)(Delivery::Lost(tag));
+        }
+        // rumqttc connects with its options of the moment: the next broker's.
+        eventloop.mqtt_options = self.brokers[next].1.clone();
+        (alive, wait)
+    }
 }
 
 /// Packet id -> tag of the publish it carries, from the moment rumqttc sends it

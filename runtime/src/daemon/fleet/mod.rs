@@ -205,6 +205,8 @@ pub struct Driver {
     fault: Option<String>,
     /// The thread that fetches from mirrors, if this device uses them.
     mirror: Option<Sender<MirrorJob>>,
+    /// When the agent was last given the clock.
+    last_tick: u64,
 }
 
 /// Opens the device state and runs what was committed; `run` then serves until
@@ -266,6 +268,7 @@ pub fn start(
         offline,
         fault: fault_point(),
         mirror: None,
+        last_tick: now_ms(),
     };
     // What was committed runs before the broker is even reachable.
     let effects = driver.agent.boot();
@@ -306,56 +309,73 @@ impl Driver {
         self
     }
 
+    /// Serves until `AgentIn::Stop` (or every sender is gone).
     pub fn run(mut self, rx: Receiver<AgentIn>) {
-        let mut last_tick = now_ms();
         loop {
-            let now = now_ms();
-            let wait = self
-                .agent
-                .next_deadline_ms()
-                .map_or(1000, |d| d.saturating_sub(now).min(1000));
-            let input = match rx.recv_timeout(Duration::from_millis(wait)) {
-                Ok(AgentIn::Link(LinkEvent::Connected)) => Input::Connected,
-                Ok(AgentIn::Link(LinkEvent::Message { topic, payload })) => {
-                    Input::Message { topic, payload }
-                }
-                Ok(AgentIn::Link(LinkEvent::Unreceivable { what })) => Input::Unreceivable { what },
-                Ok(AgentIn::Link(LinkEvent::SubscribeRefused { topic })) => {
-                    Input::SubscribeRefused { topic }
-                }
-                Ok(AgentIn::Record(record)) => match outcome(&record) {
-                    Some((module, outcome)) => Input::Worker { module, outcome },
-                    None => continue,
-                },
-                Ok(AgentIn::Mirror { key, part, result }) => Input::Mirror { key, part, result },
-                Ok(AgentIn::Health(health)) => {
-                    let effects = self.agent.health(&health);
-                    self.perform(effects);
-                    continue;
-                }
-                Ok(AgentIn::Stop) | Err(RecvTimeoutError::Disconnected) => {
-                    let topic = self.topics.status(&self.device);
-                    self.link.publish(topic, true, self.offline.clone());
-                    self.link.disconnect();
-                    return;
-                }
-                Err(RecvTimeoutError::Timeout) => Input::Tick,
+            let input = match rx.recv_timeout(Duration::from_millis(self.wait_ms())) {
+                Ok(input) => Some(input),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => Some(AgentIn::Stop),
             };
-            let is_tick = input == Input::Tick;
-            let effects = self.agent.handle(now_ms(), input);
-            self.perform(effects);
-            // A busy link must not starve the clock: trials end and probes run on time.
-            let now = now_ms();
-            if is_tick {
-                last_tick = now;
-            } else if now >= last_tick + 1000
-                || self.agent.next_deadline_ms().is_some_and(|d| d <= now)
-            {
-                last_tick = now;
-                let effects = self.agent.handle(now, Input::Tick);
-                self.perform(effects);
+            if !self.turn(input) {
+                return;
             }
         }
+    }
+
+    /// How long [`Driver::run`] waits for an input before it gives the agent the clock.
+    pub fn wait_ms(&self) -> u64 {
+        let now = now_ms();
+        self.agent
+            .next_deadline_ms()
+            .map_or(1000, |d| d.saturating_sub(now).min(1000))
+    }
+
+    /// One input (`None`: the wait ran out, a tick), and the clock if it is due. False
+    /// once it stopped (the offline status published, the link disconnected).
+    pub fn turn(&mut self, input: Option<AgentIn>) -> bool {
+        let input = match input {
+            None => Input::Tick,
+            Some(AgentIn::Link(LinkEvent::Connected)) => Input::Connected,
+            Some(AgentIn::Link(LinkEvent::Message { topic, payload })) => {
+                Input::Message { topic, payload }
+            }
+            Some(AgentIn::Link(LinkEvent::Unreceivable { what })) => Input::Unreceivable { what },
+            Some(AgentIn::Link(LinkEvent::SubscribeRefused { topic })) => {
+                Input::SubscribeRefused { topic }
+            }
+            Some(AgentIn::Record(record)) => match outcome(&record) {
+                Some((module, outcome)) => Input::Worker { module, outcome },
+                None => return true,
+            },
+            Some(AgentIn::Mirror { key, part, result }) => Input::Mirror { key, part, result },
+            Some(AgentIn::Health(health)) => {
+                let effects = self.agent.health(&health);
+                self.perform(effects);
+                return true;
+            }
+            Some(AgentIn::Stop) => {
+                let topic = self.topics.status(&self.device);
+                self.link.publish(topic, true, self.offline.clone());
+                self.link.disconnect();
+                return false;
+            }
+        };
+        let is_tick = input == Input::Tick;
+        let effects = self.agent.handle(now_ms(), input);
+        self.perform(effects);
+        // A busy link must not starve the clock: trials end and probes run on time.
+        let now = now_ms();
+        if is_tick {
+            self.last_tick = now;
+        } else if now >= self.last_tick + 1000
+            || self.agent.next_deadline_ms().is_some_and(|d| d <= now)
+        {
+            self.last_tick = now;
+            let effects = self.agent.handle(now, Input::Tick);
+            self.perform(effects);
+        }
+        true
     }
 
     /// Performs effects in order; a store operation's result goes back to the agent

@@ -136,47 +136,64 @@ impl Pipeline {
     pub fn run(mut self, rx: Receiver<TelemetryIn>) {
         self.publish();
         loop {
-            let now = Instant::now();
-            let mut until = self.next_stats;
-            if self.settings.stats_s == 0 {
-                until = now + Duration::from_secs(3600);
-            }
-            if !self.open.is_empty() {
-                until = until.min(self.opened_at + Duration::from_millis(self.settings.batch_ms));
-            }
-            match rx.recv_timeout(until.saturating_duration_since(now)) {
-                Ok(TelemetryIn::Record(r, _slot)) => self.push(r),
-                Ok(TelemetryIn::Delivered) => {}
+            let wait = self.until().saturating_duration_since(Instant::now());
+            let input = match rx.recv_timeout(wait) {
                 Ok(TelemetryIn::Finish(done)) => {
                     self.finish(&rx);
                     let _ = done.send(());
                     return;
                 }
-                Err(RecvTimeoutError::Timeout) => {}
+                Ok(input) => Some(input),
+                Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => return self.seal(),
-            }
-            self.take_deliveries();
-            if self.settings.stats_s > 0 && Instant::now() >= self.next_stats {
-                self.next_stats += Duration::from_secs(self.settings.stats_s);
-                self.spool.retry();
-                // A quiet device writes what it held through a full disk back too.
-                if self.spool.held() > 0 {
-                    let _ = self.spool.write_back();
-                }
-                for r in (self.sample)() {
-                    self.push(r);
-                }
-                let stats = self.device_stats();
-                self.push(stats);
-            }
-            let age = Duration::from_millis(self.settings.batch_ms);
-            if !self.open.is_empty()
-                && (self.open_bytes >= self.settings.batch_bytes || self.opened_at.elapsed() >= age)
-            {
-                self.seal();
-            }
-            self.publish();
+            };
+            self.turn(input);
         }
+    }
+
+    /// When [`Pipeline::run`] stops waiting for a record: the next stats, or the end
+    /// of the open batch's age.
+    pub fn until(&self) -> Instant {
+        let now = Instant::now();
+        let mut until = self.next_stats;
+        if self.settings.stats_s == 0 {
+            until = now + Duration::from_secs(3600);
+        }
+        if !self.open.is_empty() {
+            until = until.min(self.opened_at + Duration::from_millis(self.settings.batch_ms));
+        }
+        until
+    }
+
+    /// One input (`None`: the wait ran out): a record taken, deliveries counted, stats
+    /// when due, a batch sealed when full or old, and what the window lets out
+    /// published. A `Finish` is for [`Pipeline::run`] only.
+    pub fn turn(&mut self, input: Option<TelemetryIn>) {
+        match input {
+            Some(TelemetryIn::Record(r, _slot)) => self.push(r),
+            Some(TelemetryIn::Delivered | TelemetryIn::Finish(_)) | None => {}
+        }
+        self.take_deliveries();
+        if self.settings.stats_s > 0 && Instant::now() >= self.next_stats {
+            self.next_stats += Duration::from_secs(self.settings.stats_s);
+            self.spool.retry();
+            // A quiet device writes what it held through a full disk back too.
+            if self.spool.held() > 0 {
+                let _ = self.spool.write_back();
+            }
+            for r in (self.sample)() {
+                self.push(r);
+            }
+            let stats = self.device_stats();
+            self.push(stats);
+        }
+        let age = Duration::from_millis(self.settings.batch_ms);
+        if !self.open.is_empty()
+            && (self.open_bytes >= self.settings.batch_bytes || self.opened_at.elapsed() >= age)
+        {
+            self.seal();
+        }
+        self.publish();
     }
 
     fn push(&mut self, record: Record) {
