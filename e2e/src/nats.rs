@@ -183,7 +183,11 @@ impl Cluster {
 
     fn spawn(&mut self, i: usize) {
         let dir = self.node_dir(i);
-        let log = std::fs::File::create(dir.join("log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("log"))
+            .unwrap();
         let child = Command::new(&self.server)
             .arg("-c")
             .arg(dir.join("nats.conf"))
@@ -193,6 +197,19 @@ impl Cluster {
             .spawn()
             .expect("start nats-server");
         self.nodes[i].child = Some(child);
+    }
+
+    /// How many lines of every node's log (of all its lives) contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        (0..self.nodes.len())
+            .map(|i| {
+                std::fs::read_to_string(self.node_dir(i).join("log"))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains(needle))
+                    .count()
+            })
+            .sum()
     }
 
     /// The last lines of node `i`'s log, for a failure message.

@@ -3,6 +3,11 @@
 //! build users install), measured: push to every device committed, a rollout in
 //! growing waves, a bad release halted, `kiln devices`, gc; the broker's traffic per
 //! device per update; peak memory of kiln and of the broker. Prints a markdown table.
+//!
+//! With `--brokers 3` (or more), a nats-server cluster on loopback instead
+//! (`kiln_e2e::nats`): the devices spread over its nodes, kiln on the first, and node
+//! 1 is killed in the middle of the rollout (and restarted ten seconds later), which
+//! must still complete with every device committed once. The same figures, the brokers' summed over the nodes.
 
 #![allow(clippy::unwrap_used)] // a harness: a panic is the failure report
 
@@ -13,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use kiln_e2e::mosquitto::Broker;
+use kiln_e2e::nats::Cluster;
 use kiln_e2e::procfs::pss_kib;
 use kiln_e2e::sim::Sim;
 use kiln_e2e::{path_str, source};
@@ -26,6 +32,107 @@ struct Args {
     /// The kiln to measure (the host-profile build)
     #[arg(long)]
     kiln: PathBuf,
+    /// 1: one mosquitto; 3 or more: a nats-server cluster of that many nodes, one of
+    /// them killed in the middle of the rollout
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=9))]
+    brokers: u8,
+}
+
+/// The broker side: one mosquitto, or a nats-server cluster.
+enum Brokers {
+    Mosquitto(Broker),
+    Nats {
+        cluster: Cluster,
+        /// Each node's counters as last read (a killed node's stay as they were
+        /// just before it died), what its earlier lives counted (a restarted node
+        /// counts from zero), and its peak RSS.
+        last: Vec<[u64; 4]>,
+        before: Vec<[u64; 4]>,
+        hwm_kib: Vec<u64>,
+    },
+}
+
+impl Brokers {
+    /// Messages and bytes in and out, under mosquitto's `$SYS` names; a cluster's
+    /// summed over its nodes (what crosses between nodes, and JetStream's own
+    /// replication, counted too).
+    fn counters(&mut self) -> BTreeMap<String, u64> {
+        match self {
+            Brokers::Mosquitto(broker) => sys_counters(broker.port),
+            Brokers::Nats {
+                cluster,
+                last,
+                before,
+                hwm_kib,
+            } => {
+                for (i, pid) in cluster.node_pids().into_iter().enumerate() {
+                    if let Some(c) = cluster.counters(i) {
+                        if c[0] < last[i][0] {
+                            for k in 0..4 {
+                                before[i][k] += last[i][k];
+                            }
+                        }
+                        last[i] = c;
+                    }
+                    if let Some(pid) = pid {
+                        hwm_kib[i] = hwm_kib[i].max(vm_hwm_kib(pid));
+                    }
+                }
+                let keys = [
+                    "messages/received",
+                    "messages/sent",
+                    "bytes/received",
+                    "bytes/sent",
+                ];
+                keys.iter()
+                    .enumerate()
+                    .map(|(k, key)| {
+                        (
+                            format!("$SYS/broker/{key}"),
+                            last.iter().chain(before.iter()).map(|c| c[k]).sum(),
+                        )
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// PSS of the broker processes now, and their peak RSS, summed.
+    fn memory(&mut self) -> (u64, u64) {
+        match self {
+            Brokers::Mosquitto(broker) => {
+                let pid = broker.pid().unwrap();
+                (pss_kib(pid).unwrap_or(0), vm_hwm_kib(pid))
+            }
+            Brokers::Nats { cluster, .. } => {
+                let pids: Vec<u32> = cluster.node_pids().into_iter().flatten().collect();
+                let _ = self.counters();
+                let Brokers::Nats { hwm_kib, .. } = self else {
+                    unreachable!()
+                };
+                (
+                    pids.iter().map(|p| pss_kib(*p).unwrap_or(0)).sum(),
+                    hwm_kib.iter().sum(),
+                )
+            }
+        }
+    }
+
+    fn port(&self) -> u16 {
+        match self {
+            Brokers::Mosquitto(broker) => broker.port,
+            Brokers::Nats { cluster, .. } => cluster.mqtt_port(0),
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Brokers::Mosquitto(_) => "mosquitto".into(),
+            Brokers::Nats { cluster, .. } => {
+                format!("nats-server, {} nodes", cluster.len())
+            }
+        }
+    }
 }
 
 /// One run of kiln, measured.
@@ -199,6 +306,12 @@ fn traffic(
     )
 }
 
+/// A measured row, also said on stderr at once (a run that fails later keeps it).
+fn push_row(rows: &mut Vec<(String, String)>, row: (String, String)) {
+    eprintln!("fleet-scale: {}: {}", row.0, row.1);
+    rows.push(row);
+}
+
 fn secs(d: Duration) -> String {
     format!("{:.1} s", d.as_secs_f64())
 }
@@ -236,13 +349,41 @@ fn wait_running(fleet: &Fleet, version: u64, n: usize, limit: Duration) -> Measu
 fn main() {
     let args = Args::parse();
     let n = args.devices;
-    let mut broker = Broker::start();
-    broker.extra_config = "sys_interval 1\nmax_queued_messages 10000\n".into();
-    broker.restart();
+    let mut brokers = match args.brokers {
+        1 => {
+            let mut broker = Broker::start();
+            broker.extra_config = "sys_interval 1\nmax_queued_messages 10000\n".into();
+            broker.restart();
+            Brokers::Mosquitto(broker)
+        }
+        2 => {
+            eprintln!(
+                "fleet-scale: error: a cluster needs 3 nodes or more (a quorum that survives one)"
+            );
+            std::process::exit(64);
+        }
+        nodes => {
+            let Some(cluster) = Cluster::start(nodes.into()) else {
+                eprintln!("fleet-scale: error: nats-server is not installed (scripts/setup.sh installs it)");
+                std::process::exit(69);
+            };
+            let nodes = cluster.len();
+            Brokers::Nats {
+                cluster,
+                last: vec![[0; 4]; nodes],
+                before: vec![[0; 4]; nodes],
+                hwm_kib: vec![0; nodes],
+            }
+        }
+    };
+    let urls = match &brokers {
+        Brokers::Mosquitto(broker) => broker.url(),
+        Brokers::Nats { cluster, .. } => cluster.urls(),
+    };
     let fleet = Fleet {
         dir: tempfile::tempdir().unwrap(),
         kiln: args.kiln.clone(),
-        broker: broker.url(),
+        broker: urls,
     };
     fleet.ok(&["keygen", "-o", "fleet.key", "--fleet", "scale"]);
     let apps: Vec<PathBuf> = (1..=3).map(|v| fleet.app(v)).collect();
@@ -250,10 +391,13 @@ fn main() {
     eprintln!("fleet-scale: starting {n} simulated devices");
     let sim = Sim::start(&fleet.broker, &root, n, &["3:10"]);
     let mut rows: Vec<(String, String)> = Vec::new();
-    rows.push((
-        format!("{n} devices connect (kilnd-sim, 200/s)"),
-        format!("{:.1} s", sim.connect_ms as f64 / 1000.0),
-    ));
+    push_row(
+        &mut rows,
+        (
+            format!("{n} devices connect (kilnd-sim, 200/s)"),
+            format!("{:.1} s", sim.connect_ms as f64 / 1000.0),
+        ),
+    );
     // Every device's status is in before anything counts them.
     let deadline = Instant::now() + Duration::from_secs(120);
     while fleet.ok(&["devices", "--json"]).stdout.lines().count() < n {
@@ -264,10 +408,13 @@ fn main() {
         std::thread::sleep(Duration::from_millis(500));
     }
     let enroll = fleet.ok(&["enroll", "--group", "lab", "--sign", "fleet.key"]);
-    rows.push((format!("`kiln enroll` {n} devices"), secs(enroll.wall)));
+    push_row(
+        &mut rows,
+        (format!("`kiln enroll` {n} devices"), secs(enroll.wall)),
+    );
 
     let quick = ["--health-window-ms", "2000"];
-    let s0 = sys_counters(broker.port);
+    let s0 = brokers.counters();
     let started = Instant::now();
     let mut push = vec![
         "push",
@@ -281,20 +428,30 @@ fn main() {
     let pushed = fleet.ok(&push);
     wait_running(&fleet, 1, n, Duration::from_secs(600));
     let committed = started.elapsed();
-    rows.push((
-        format!("`kiln push` to a group of {n} (the command)"),
-        secs(pushed.wall),
-    ));
-    rows.push((
-        format!("push to all {n} committed (2 s health window)"),
-        secs(committed),
-    ));
+    push_row(
+        &mut rows,
+        (
+            format!("`kiln push` to a group of {n} (the command)"),
+            secs(pushed.wall),
+        ),
+    );
+    push_row(
+        &mut rows,
+        (
+            format!("push to all {n} committed (2 s health window)"),
+            secs(committed),
+        ),
+    );
     std::thread::sleep(Duration::from_millis(2500));
-    let s1 = sys_counters(broker.port);
-    rows.push((
-        "broker traffic per device, one group update (all of it, in and out, telemetry too)".into(),
-        traffic(&s0, &s1, n),
-    ));
+    let s1 = brokers.counters();
+    push_row(
+        &mut rows,
+        (
+            "broker traffic per device, one group update (all of it, in and out, telemetry too)"
+                .into(),
+            traffic(&s0, &s1, n),
+        ),
+    );
 
     // `kiln rollout APP` to group lab in waves of 1, 10, 100 and the rest.
     let rollout = |app: &Path, policy: &[&str]| {
@@ -311,10 +468,61 @@ fn main() {
         args.extend(quick);
         fleet.kiln(&args)
     };
-    let rolled = rollout(&apps[1], &[]);
+    let rolled = match &mut brokers {
+        Brokers::Mosquitto(_) => rollout(&apps[1], &[]),
+        Brokers::Nats { .. } => {
+            // Node 1 (the devices that started there; kiln is on node 0) is killed
+            // once the rollout's big wave is under way.
+            let (rolled, killed_at) = std::thread::scope(|scope| {
+                let driver = scope.spawn(|| rollout(&apps[1], &[]));
+                let mut killed_at = None;
+                let mut refused_before_kill = 0;
+                while !driver.is_finished() {
+                    let committed = fleet
+                        .kiln(&["rollout", "status", "--group", "lab", "--json"])
+                        .stdout;
+                    let committed = serde_json::from_str::<serde_json::Value>(committed.trim())
+                        .ok()
+                        .and_then(|s| s["counts"]["committed"].as_u64());
+                    if committed.is_some_and(|c| c >= 111.min(n as u64 / 2)) {
+                        let _ = brokers.counters();
+                        let Brokers::Nats { cluster, .. } = &mut brokers else {
+                            unreachable!()
+                        };
+                        refused_before_kill = cluster.log_count("Unable to add JetStream consumer");
+                        cluster.kill(1);
+                        killed_at = committed;
+                        // Down for ten seconds, as a crashed node systemd restarts (a
+                        // node that stays down strands the subscriptions whose
+                        // consumer it held: docs/src/brokers.md).
+                        std::thread::sleep(Duration::from_secs(10));
+                        cluster.restart(1);
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                (driver.join().unwrap(), (killed_at, refused_before_kill))
+            });
+            let (killed_at, refused_before_kill) = killed_at;
+            push_row(&mut rows, (
+                "subscriptions the nodes refused before the kill (connect, enroll, push, waves)"
+                    .into(),
+                refused_before_kill.to_string(),
+            ));
+            let killed_at = killed_at.expect("the rollout ended before node 1 could be killed");
+            push_row(&mut rows, (
+                "node 1 killed (SIGKILL) during the rollout, back 10 s later; devices committed then".into(),
+                format!("{killed_at} of {n}"),
+            ));
+            rolled
+        }
+    };
     assert!(rolled.code == 0, "rollout v2 failed:\n{}", rolled.stderr);
+    if let Brokers::Nats { .. } = brokers {
+        every_device_committed_once(&fleet, n);
+    }
     std::thread::sleep(Duration::from_millis(2500));
-    let s2 = sys_counters(broker.port);
+    let s2 = brokers.counters();
     // The plan line is the command's result: on stdout (stderr before issue 30).
     let waves = rolled
         .stdout
@@ -329,37 +537,33 @@ fn main() {
                 .to_string()
         })
         .unwrap_or_default();
-    rows.push((
-        format!("`kiln rollout` in waves of {waves}, to complete"),
-        secs(rolled.wall),
-    ));
-    rows.push((
-        "broker traffic per device, one rollout".into(),
-        traffic(&s1, &s2, n),
-    ));
-    rows.push((
-        "`kiln rollout`: peak PSS / max RSS".into(),
-        format!("{} / {}", mib(rolled.peak_pss_kib), mib(rolled.max_rss_kib)),
-    ));
+    push_row(
+        &mut rows,
+        (
+            format!("`kiln rollout` in waves of {waves}, to complete"),
+            secs(rolled.wall),
+        ),
+    );
+    push_row(
+        &mut rows,
+        (
+            "broker traffic per device, one rollout".into(),
+            traffic(&s1, &s2, n),
+        ),
+    );
+    push_row(
+        &mut rows,
+        (
+            "`kiln rollout`: peak PSS / max RSS".into(),
+            format!("{} / {}", mib(rolled.peak_pss_kib), mib(rolled.max_rss_kib)),
+        ),
+    );
 
-    // v3 crashes on a tenth of the devices: 1% allowed in all halts it.
-    let policy = ["--max-failures", "100%", "--max-total-failures", "1%"];
-    let halted = rollout(&apps[2], &policy);
-    assert_eq!(halted.code, 1, "the bad release halts:\n{}", halted.stderr);
-    // `kiln: error: rollout halted in wave 3: 11 of 1000 devices failed (allowed: 1%): ...`
-    let why = halted
-        .stderr
-        .lines()
-        .find_map(|l| l.split_once("rollout halted in ").map(|(_, w)| w))
-        .and_then(|w| w.split(" (allowed").next())
-        .unwrap_or("")
-        .to_string();
-    rows.push((
-        "a release crashing on 10% halts (1% allowed)".into(),
-        format!("{} ({why})", secs(halted.wall)),
-    ));
-    let status = fleet.ok(&["rollout", "status", "--group", "lab"]);
-    rows.push(("`kiln rollout status` of it".into(), secs(status.wall)));
+    // v3 crashes on a tenth of the devices: 1% allowed in all halts it (on one
+    // broker; the cluster's run ends with its node loss).
+    if let Brokers::Mosquitto(_) = brokers {
+        halted_rollout(&fleet, &apps[2], &rollout, &mut rows);
+    }
 
     let mut walls = Vec::new();
     let mut devices = None;
@@ -370,41 +574,134 @@ fn main() {
     }
     walls.sort();
     let devices = devices.unwrap();
-    rows.push((
-        format!("`kiln devices` of {n} (median of 3)"),
-        secs(walls[1]),
-    ));
-    rows.push((
-        "`kiln devices`: peak PSS / max RSS".into(),
-        format!(
-            "{} / {}",
-            mib(devices.peak_pss_kib),
-            mib(devices.max_rss_kib)
+    push_row(
+        &mut rows,
+        (
+            format!("`kiln devices` of {n} (median of 3)"),
+            secs(walls[1]),
         ),
-    ));
+    );
+    push_row(
+        &mut rows,
+        (
+            "`kiln devices`: peak PSS / max RSS".into(),
+            format!(
+                "{} / {}",
+                mib(devices.peak_pss_kib),
+                mib(devices.max_rss_kib)
+            ),
+        ),
+    );
     let gc = fleet.ok(&["gc"]);
-    rows.push(("`kiln gc`".into(), secs(gc.wall)));
-    let pid = broker.pid().unwrap();
-    rows.push((
-        "mosquitto: PSS / peak RSS at the end".into(),
-        format!(
-            "{} / {}",
-            mib(pss_kib(pid).unwrap_or(0)),
-            mib(vm_hwm_kib(pid))
+    push_row(&mut rows, ("`kiln gc`".into(), secs(gc.wall)));
+    if let Brokers::Nats { cluster, .. } = &brokers {
+        push_row(&mut rows, (
+            "subscriptions the nodes refused (SUBACK 0x80: a consumer not created in 4 s), all run"
+                .into(),
+            cluster
+                .log_count("Unable to add JetStream consumer")
+                .to_string(),
+        ));
+        push_row(
+            &mut rows,
+            (
+                "connections the nodes refused (a session not loaded in time), all run".into(),
+                cluster.log_count("unable to connect").to_string(),
+            ),
+        );
+    }
+    let (pss, hwm) = brokers.memory();
+    push_row(
+        &mut rows,
+        (
+            format!("{}: PSS / peak RSS at the end (summed)", brokers.name()),
+            format!("{} / {}", mib(pss), mib(hwm)),
         ),
-    ));
+    );
     let sim_pss = pss_kib(sim.pid()).unwrap_or(0);
-    rows.push((
-        format!("kilnd-sim: PSS for {n} device sides"),
-        format!("{} ({} KiB a device)", mib(sim_pss), sim_pss / n as u64),
-    ));
-    let retained = retained_bytes(broker.port, &fleet.dir.path().join("x"));
-    rows.push(("retained on the broker".into(), retained));
+    push_row(
+        &mut rows,
+        (
+            format!("kilnd-sim: PSS for {n} device sides"),
+            format!("{} ({} KiB a device)", mib(sim_pss), sim_pss / n as u64),
+        ),
+    );
+    let retained = retained_bytes(brokers.port(), &fleet.dir.path().join("x"));
+    push_row(&mut rows, ("retained on the broker".into(), retained));
 
-    println!("\n### Fleet scale: {n} simulated devices, one mosquitto, this machine\n");
+    let on = match &brokers {
+        Brokers::Mosquitto(_) => "one mosquitto".to_string(),
+        Brokers::Nats { cluster, .. } => format!(
+            "a {}-node nats-server cluster, node 1 killed mid-rollout and restarted",
+            cluster.len()
+        ),
+    };
+    println!("\n### Fleet scale: {n} simulated devices, {on}, this machine\n");
     println!("| step | measured |\n|---|---|");
     for (k, v) in rows {
         println!("| {k} | {v} |");
+    }
+}
+
+/// A release crashing on a tenth of the devices, halted by its 1% allowance.
+fn halted_rollout(
+    fleet: &Fleet,
+    app: &Path,
+    rollout: &dyn Fn(&Path, &[&str]) -> Measured,
+    rows: &mut Vec<(String, String)>,
+) {
+    let policy = ["--max-failures", "100%", "--max-total-failures", "1%"];
+    let halted = rollout(app, &policy);
+    assert_eq!(halted.code, 1, "the bad release halts:\n{}", halted.stderr);
+    // `kiln: error: rollout halted in wave 3: 11 of 1000 devices failed (allowed: 1%): ...`
+    let why = halted
+        .stderr
+        .lines()
+        .find_map(|l| l.split_once("rollout halted in ").map(|(_, w)| w))
+        .and_then(|w| w.split(" (allowed").next())
+        .unwrap_or("")
+        .to_string();
+    push_row(
+        rows,
+        (
+            "a release crashing on 10% halts (1% allowed)".into(),
+            format!("{} ({why})", secs(halted.wall)),
+        ),
+    );
+    let status = fleet.ok(&["rollout", "status", "--group", "lab"]);
+    push_row(
+        rows,
+        ("`kiln rollout status` of it".into(), secs(status.wall)),
+    );
+}
+
+/// The record has every device once, committed; every device runs v2 and is online.
+fn every_device_committed_once(fleet: &Fleet, n: usize) {
+    let status = fleet.ok(&["rollout", "status", "--group", "lab", "--json"]);
+    let s: serde_json::Value = serde_json::from_str(status.stdout.trim()).unwrap();
+    assert_eq!(s["phase"], "complete", "{s}");
+    assert_eq!(s["counts"]["committed"], n, "{s}");
+    let devices = s["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), n, "{s}");
+    assert!(devices.iter().all(|d| d["outcome"] == "committed"), "{s}");
+    wait_running(fleet, 2, n, Duration::from_secs(120));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let online = fleet
+            .ok(&["devices", "--json"])
+            .stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|d| d["status"]["online"] == true)
+            .count();
+        if online == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {online} of {n} devices online on the nodes left"
+        );
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
