@@ -136,6 +136,12 @@ enum Op {
         ms: u64,
     },
     Restart,
+    /// The mirror the desired states name starts serving, serving a wrong chunk, or
+    /// fails; `on`: whether the device uses it (`mirror = "off"` when not).
+    Mirror {
+        model: MirrorModel,
+        on: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -167,6 +173,15 @@ fn op() -> impl Strategy<Value = Op> {
         3 => Just(Op::Workers),
         3 => (100..8000u64).prop_map(|ms| Op::Advance { ms }),
         1 => Just(Op::Restart),
+        1 => (
+            prop_oneof![
+                Just(MirrorModel::Serving),
+                Just(MirrorModel::Corrupt),
+                Just(MirrorModel::Dead)
+            ],
+            any::<bool>()
+        )
+            .prop_map(|(model, on)| Op::Mirror { model, on }),
     ]
 }
 
@@ -263,6 +278,8 @@ struct World {
     /// what went through it and through the broker.
     mirror: MirrorModel,
     state_mirrors: Vec<String>,
+    /// Whether the device uses the mirrors its desired states name.
+    mirrors_on: bool,
     mirror_bytes: u64,
     broker_chunks: usize,
 }
@@ -312,7 +329,8 @@ impl World {
             events: Vec::new(),
             steps: Vec::new(),
             mirror: MirrorModel::Dead,
-            state_mirrors: Vec::new(),
+            state_mirrors: vec!["http://mirror.test".into()],
+            mirrors_on: false,
             mirror_bytes: 0,
             broker_chunks: 0,
         };
@@ -682,9 +700,18 @@ impl World {
                 self.now += ms;
                 self.input(Input::Tick);
             }
+            Op::Mirror { model, on } => {
+                self.mirror = model;
+                self.mirrors_on = on;
+                let mirrors = if on { Mirrors::FromState } else { Mirrors::Off };
+                self.agent.set_mirrors(mirrors);
+            }
             Op::Restart => {
                 let trust = (self.not_before_ms, self.stale_after_ms);
                 self.agent = Self::agent(&self.dir, &self.root_bytes, &self.topics, trust);
+                if self.mirrors_on {
+                    self.agent.set_mirrors(Mirrors::FromState);
+                }
                 self.heard.clear();
                 self.broker.subscribed.clear();
                 self.broker.pending.clear();
@@ -944,6 +971,7 @@ fn random_operations_keep_the_invariants_and_converge() {
     let mut runner = runner(32);
     let started = std::time::Instant::now();
     let steps = std::cell::Cell::new(0usize);
+    let (mirrored, fell_back) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0usize));
     let result = runner.run(&prop::collection::vec(op(), 1..60), |ops| {
         let mut world = World::new();
         for op in &ops {
@@ -951,13 +979,21 @@ fn random_operations_keep_the_invariants_and_converge() {
         }
         world.settle();
         steps.set(steps.get() + ops.len());
+        mirrored.set(mirrored.get() + world.mirror_bytes);
+        let fell = world
+            .events
+            .iter()
+            .filter(|e| e.contains("the mirror failed"));
+        fell_back.set(fell_back.get() + fell.count());
         Ok(())
     });
     eprintln!(
-        "model: {} cases, {} steps, {:.1} s",
+        "model: {} cases, {} steps, {:.1} s; {} bytes from the mirror, {} fallbacks to the broker",
         runner.config().cases,
         steps.get(),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        mirrored.get(),
+        fell_back.get()
     );
     if let Err(e) = result {
         panic!("{e}");
