@@ -280,6 +280,8 @@ struct World {
     state_mirrors: Vec<String>,
     /// Whether the device uses the mirrors its desired states name.
     mirrors_on: bool,
+    /// Every mirror URL the device asked.
+    mirror_urls: BTreeSet<String>,
     mirror_bytes: u64,
     broker_chunks: usize,
 }
@@ -331,6 +333,7 @@ impl World {
             mirror: MirrorModel::Dead,
             state_mirrors: vec!["http://mirror.test".into()],
             mirrors_on: false,
+            mirror_urls: BTreeSet::new(),
             mirror_bytes: 0,
             broker_chunks: 0,
         };
@@ -437,6 +440,7 @@ impl World {
                     exact,
                 }) => {
                     assert!(!urls.is_empty());
+                    self.mirror_urls.extend(urls);
                     let result = self.mirror_answer(&key.sha256, part, max, exact);
                     let input = Input::Mirror { key, part, result };
                     queue.extend(self.agent.handle(self.now, input));
@@ -1769,4 +1773,14 @@ fn transfers_come_from_the_mirror_and_from_the_broker_when_it_fails() {
     assert_eq!(committed(&w, "app"), Some(4));
     assert_eq!(w.mirror_bytes, mirrored);
     assert!(!w.events[events..].iter().any(|e| e.contains("mirror")));
+
+    // The device's own mirror comes before the one the state names.
+    w.agent
+        .set_mirrors(Mirrors::Own("http://own.test/kiln".into()));
+    push_chunked(&mut w, 5);
+    commit(&mut w);
+    assert_eq!(committed(&w, "app"), Some(5));
+    assert!(w.mirror_bytes > mirrored);
+    let asked: Vec<&String> = w.mirror_urls.iter().collect();
+    assert_eq!(asked, ["http://mirror.test", "http://own.test/kiln"]);
 }
