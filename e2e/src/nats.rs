@@ -118,6 +118,19 @@ impl Cluster {
         self.wait_formed(Duration::from_secs(60));
     }
 
+    /// Starts node `i` again and returns once it listens on MQTT, without waiting for
+    /// the cluster to take it back (a loaded cluster can take minutes): what a
+    /// measurement under load does, where [`Cluster::restart`] would give up.
+    pub fn start_again(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(("127.0.0.1", self.nodes[i].mqtt)).is_err() {
+            self.give_up_at(deadline, i, "does not listen on MQTT");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// `/varz` of node `i` (its counters: `in_msgs`, `out_bytes`, ...), if it answers.
     pub fn varz(&self, i: usize) -> Option<serde_json::Value> {
         self.monitor(i, "/varz")

@@ -234,7 +234,16 @@ impl Fleet {
 
     /// How many devices run `app` at `version`, and how long `kiln devices` took.
     fn running(&self, version: u64) -> (usize, Measured) {
-        let m = self.ok(&["devices", "--json"]);
+        self.running_else(version)
+            .unwrap_or_else(|m| panic!("kiln devices --json failed ({}):\n{}", m.code, m.stderr))
+    }
+
+    /// [`Fleet::running`], or the failed run of `kiln devices`.
+    fn running_else(&self, version: u64) -> Result<(usize, Measured), Measured> {
+        let m = self.kiln(&["devices", "--json"]);
+        if m.code != 0 {
+            return Err(m);
+        }
         let n = m
             .stdout
             .lines()
@@ -247,7 +256,7 @@ impl Fleet {
                 })
             })
             .count();
-        (n, m)
+        Ok((n, m))
     }
 }
 
@@ -331,16 +340,30 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Polls `kiln devices` until `n` devices run `version`. A poll the broker fails (a
+/// cluster's node refusing or stalling under the update) is counted, said, and
+/// polled again.
 fn wait_running(fleet: &Fleet, version: u64, n: usize, limit: Duration) -> Measured {
     let deadline = Instant::now() + limit;
+    let (mut have, mut failed) = (0, 0);
     loop {
-        let (have, m) = fleet.running(version);
-        if have >= n {
-            return m;
+        match fleet.running_else(version) {
+            Ok((now, m)) if now >= n => {
+                if failed > 0 {
+                    eprintln!("fleet-scale: {failed} polls of `kiln devices` failed on the way");
+                }
+                return m;
+            }
+            Ok((now, _)) => have = now,
+            Err(m) => {
+                failed += 1;
+                let why = m.stderr.lines().last().unwrap_or("").to_string();
+                eprintln!("fleet-scale: `kiln devices` failed ({failed} so far, {have} of {n} on v{version}): {why}");
+            }
         }
         assert!(
             Instant::now() < deadline,
-            "only {have} of {n} devices run v{version} after {limit:?}"
+            "only {have} of {n} devices run v{version} after {limit:?} ({failed} polls failed)"
         );
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -496,7 +519,7 @@ fn main() {
                         // node that stays down strands the subscriptions whose
                         // consumer it held: docs/src/brokers.md).
                         std::thread::sleep(Duration::from_secs(10));
-                        cluster.restart(1);
+                        cluster.start_again(1);
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(500));
