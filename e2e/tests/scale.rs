@@ -25,7 +25,7 @@ fn sim(fleet: &Fleet, n: usize, crash: &[&str]) -> Sim {
 }
 
 /// Every device's `kiln devices --json` line.
-pub(crate) fn devices(fleet: &Fleet) -> Vec<Value> {
+fn devices(fleet: &Fleet) -> Vec<Value> {
     let out = fleet.kiln(&["devices", "--json"]).ok("kiln devices");
     out.stdout
         .lines()
@@ -34,7 +34,7 @@ pub(crate) fn devices(fleet: &Fleet) -> Vec<Value> {
 }
 
 /// The version of `app` each device reports running, by device.
-pub(crate) fn running(fleet: &Fleet) -> Vec<(String, Option<u64>)> {
+fn running(fleet: &Fleet) -> Vec<(String, Option<u64>)> {
     devices(fleet)
         .iter()
         .map(|d| {
@@ -419,7 +419,7 @@ const GATED: [&str; 9] = [
 ];
 
 /// `kiln rollout status --json` of the group.
-pub(crate) fn status_json(fleet: &Fleet) -> Value {
+fn status_json(fleet: &Fleet) -> Value {
     let out = fleet
         .kiln(&["rollout", "status", "--group", "lab", "--json"])
         .ok("rollout status --json");
