@@ -129,7 +129,7 @@ impl Brokers {
         match self {
             Brokers::Mosquitto(_) => "mosquitto".into(),
             Brokers::Nats { cluster, .. } => {
-                format!("nats-server, {} nodes", cluster.len())
+                format!("nats-server, {} nodes summed", cluster.len())
             }
         }
     }
@@ -637,7 +637,7 @@ fn main() {
     push_row(
         &mut rows,
         (
-            format!("{}: PSS / peak RSS at the end (summed)", brokers.name()),
+            format!("{}: PSS / peak RSS at the end", brokers.name()),
             format!("{} / {}", mib(pss), mib(hwm)),
         ),
     );
