@@ -265,9 +265,20 @@ impl Session {
         self.reads += 1;
         let sync = format!("{}/tools/{}/sync/{}", self.prefix, self.id, self.reads);
         // One SUBSCRIBE; the marker once it is acknowledged. Retained messages that
-        // arrive before the SUBACK are collected too.
-        let filters = [filter, sync.as_str()]
-            .map(|t| rumqttc::SubscribeFilter::new(t.to_string(), QoS::AtLeastOnce));
+        // arrive before the SUBACK are collected too. At QoS 0, the snapshot and the
+        // marker: a broker holds back QoS 1 messages past a window (mosquitto: 20 in
+        // flight) and drops what its queue cannot take (mosquitto: 1,000 more), so a
+        // snapshot of 10,000 devices' statuses came back as 1,020 of them, the marker
+        // behind; QoS 0 messages go out in order, none held back, the marker last.
+        // A filter already subscribed live keeps its QoS 1 (a second SUBSCRIBE of it
+        // would change it).
+        let qos = if self.subscribed.contains(filter) {
+            QoS::AtLeastOnce
+        } else {
+            QoS::AtMostOnce
+        };
+        let filters = [(filter, qos), (sync.as_str(), qos)]
+            .map(|(t, qos)| rumqttc::SubscribeFilter::new(t.to_string(), qos));
         self.client
             .subscribe_many(filters)
             .map_err(|e| anyhow!("cannot subscribe to `{filter}`: {e}"))?;
@@ -277,11 +288,14 @@ impl Session {
         // `publish_all` would count it as one of its own.
         let (mut back, mut acked) = (false, false);
         let mut out = BTreeMap::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Ten seconds without a message: a snapshot of 10,000 devices from a busy
+        // broker takes longer than that in all, and goes on arriving.
+        let mut deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.connection.recv_timeout(left) {
                 Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                    deadline = Instant::now() + Duration::from_secs(10);
                     if p.topic == sync {
                         back |= p.payload.as_ref() == nonce.as_slice();
                         if back && acked {
@@ -308,9 +322,9 @@ impl Session {
                         bail!(self.refusal(which));
                     }
                     sent = true;
-                    // QoS 1, like the retained messages: a broker sends QoS 1 messages
-                    // in order but only so many unacknowledged at once (mosquitto: 20),
-                    // and a QoS 0 marker would overtake the rest of a large snapshot.
+                    // Delivered at the QoS of the read (a QoS 0 marker would overtake a
+                    // QoS 1 snapshot held back by the broker's window), published at
+                    // QoS 1 so the broker has it.
                     self.client
                         .publish(&sync, QoS::AtLeastOnce, false, nonce.clone())
                         .map_err(|e| anyhow!("cannot publish to `{sync}`: {e}"))?;
@@ -323,7 +337,7 @@ impl Session {
                 }
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => bail!(describe_connection_error(&self.broker, &e)),
-                Err(_) => bail!("broker `{}` did not answer within 10s", self.broker),
+                Err(_) => bail!("broker `{}` sent nothing for 10s while kiln read its retained messages", self.broker),
             }
         }
         if !self.subscribed.contains(filter) {

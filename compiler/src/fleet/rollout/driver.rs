@@ -25,6 +25,11 @@ use crate::fleet::Error;
 /// this often while only outcomes change.
 const HEARTBEAT: Duration = Duration::from_secs(30);
 const COALESCE: Duration = Duration::from_secs(2);
+/// While devices are pending, the driver reads their retained reported states this
+/// often: a broker may drop live answers it cannot queue (mosquitto keeps at most
+/// 1,000 QoS 1 messages a client past 20 in flight), and a device whose answer was
+/// dropped must not count as silent.
+const CATCH_UP: Duration = Duration::from_secs(15);
 
 pub struct Driver<'a> {
     pub session: Session,
@@ -34,6 +39,7 @@ pub struct Driver<'a> {
     pub record: Rollout,
     topic: String,
     last_persist: Instant,
+    last_catch_up: Instant,
     dirty: bool,
     /// What to do when the broker goes away, or on taking the rollout up.
     recovery: Recovery,
@@ -64,6 +70,7 @@ impl<'a> Driver<'a> {
             record,
             topic,
             last_persist: Instant::now(),
+            last_catch_up: Instant::now(),
             dirty: false,
             recovery: Recovery::default(),
             doing: Doing::Waiting,
@@ -417,6 +424,13 @@ impl<'a> Driver<'a> {
         if due && last_tick.elapsed() >= Duration::from_millis(10) {
             *last_tick = Instant::now();
             self.apply(Input::Tick)?;
+        }
+        if self.last_catch_up.elapsed() >= CATCH_UP
+            && matches!(self.record.phase, Phase::Running { .. })
+            && !self.record.pending().is_empty()
+        {
+            self.last_catch_up = Instant::now();
+            self.catch_up()?;
         }
         let due = self.last_persist.elapsed() >= HEARTBEAT
             || (self.dirty && self.last_persist.elapsed() >= COALESCE);
