@@ -128,11 +128,16 @@ impl Link {
     }
 
     pub fn subscribe(&self, topic: String) {
+        self.subscribe_at(topic, QoS::AtLeastOnce)
+    }
+
+    /// Subscribes at `qos`: QoS 0 for what is retained and asked again if lost.
+    pub fn subscribe_at(&self, topic: String, qos: QoS) {
         for _ in 0..400 {
             // Queued under the same lock as the request, as a publish's tag is, so the
             // event loop pairs each packet id with its topic; never held while waiting.
             let mut subscribing = lock(&self.subscribing);
-            match self.client.try_subscribe(topic.clone(), QoS::AtLeastOnce) {
+            match self.client.try_subscribe(topic.clone(), qos) {
                 Ok(()) => {
                     subscribing.push_back(topic);
                     return;

@@ -29,6 +29,7 @@ use kiln_protocol::telemetry::{Body, Record};
 use kiln_protocol::transfer::{self, MAX_ARTIFACT};
 use kiln_protocol::trust::Chain;
 use kiln_protocol::worker::Expect;
+use rumqttc::QoS;
 
 use crate::daemon::config::{ModulePlan, MqttConfig, RestartPolicy};
 use crate::daemon::link::{Link, LinkEvent};
@@ -400,6 +401,14 @@ impl Driver {
                 retain,
                 payload,
             } => self.link.publish(topic, retain, payload),
+            // A transfer's chunks and chunk list at QoS 0: retained, content-addressed
+            // and verified, asked again when a download stalls, so a lost one costs a
+            // wait, not a wrong byte; and a QoS 1 subscription is a JetStream consumer
+            // on nats-server, one per chunk, which a cluster under a thousand devices'
+            // downloads refused by the thousand.
+            Effect::Subscribe(topic) if self.topics.parse_artifact(&topic).is_some() => {
+                self.link.subscribe_at(topic, QoS::AtMostOnce)
+            }
             Effect::Subscribe(topic) => self.link.subscribe(topic),
             Effect::Unsubscribe(topic) => self.link.unsubscribe(topic),
             Effect::Run(modules) => (self.apply)(self.exec.plans(modules)),
