@@ -340,8 +340,16 @@ fn main() -> std::io::Result<()> {
     // The host's reader: a topic byte (0 status, 1 reported, 3 another device's
     // reported), then the message.
     let signed_reported = seal_report(&reported, kiln_fuzz::REPORTED_TOPIC, &device_key);
-    write("device_message", "reported", &[&[1u8][..], &signed_reported].concat())?;
-    write("device_message", "moved", &[&[3u8][..], &signed_reported].concat())?;
+    write(
+        "device_message",
+        "reported",
+        &[&[1u8][..], &signed_reported].concat(),
+    )?;
+    write(
+        "device_message",
+        "moved",
+        &[&[3u8][..], &signed_reported].concat(),
+    )?;
     write("device_message", "status", &[&[0u8][..], &signed].concat())?;
 
     let kinds = [
@@ -609,8 +617,14 @@ fn main() -> std::io::Result<()> {
 
     // Conditions, and a device's attributes after a newline.
     for (name, text) in [
-        ("tag", "tag=canary\nx86_64-unknown-linux-gnu avx2 sse4.2 0.9.1 lab canary"),
-        ("version", "kilnd>=0.9.0-rc.1\naarch64-unknown-linux-gnu neon - 0.9.0 lab"),
+        (
+            "tag",
+            "tag=canary\nx86_64-unknown-linux-gnu avx2 sse4.2 0.9.1 lab canary",
+        ),
+        (
+            "version",
+            "kilnd>=0.9.0-rc.1\naarch64-unknown-linux-gnu neon - 0.9.0 lab",
+        ),
         ("target", "target != riscv64gc-unknown-linux-gnu"),
     ] {
         write("cohort", name, text.as_bytes())?;

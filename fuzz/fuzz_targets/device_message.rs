@@ -50,7 +50,9 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(heard.signer.as_ref(), Some(device_key));
             }
         }
-        Ok(None) => assert!(payload.is_empty() || !topic.contains("/devices/") || topic.ends_with("/desired")),
+        Ok(None) => assert!(
+            payload.is_empty() || !topic.contains("/devices/") || topic.ends_with("/desired")
+        ),
         Err(skipped) => assert_eq!(skipped.topic, topic),
     }
 });

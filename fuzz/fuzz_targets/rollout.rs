@@ -13,7 +13,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(record) = Rollout::open(data, |_| None, &root, "lab") else {
         return;
     };
-    assert_eq!((record.fleet.as_str(), record.group.as_str()), (root.fleet.as_str(), "lab"));
+    assert_eq!(
+        (record.fleet.as_str(), record.group.as_str()),
+        (root.fleet.as_str(), "lab")
+    );
     let key = kiln_fuzz::key();
     if let Ok(again) = record.seal(&[&key]) {
         assert_eq!(
@@ -21,12 +24,22 @@ fuzz_target!(|data: &[u8]| {
             Ok(&record)
         );
     }
-    let _ = (record.label(), record.counts(), record.pending(), record.deadline_ms());
+    let _ = (
+        record.label(),
+        record.counts(),
+        record.pending(),
+        record.deadline_ms(),
+    );
     let first = record.devices.keys().next().cloned().unwrap_or_default();
     for input in [
         Input::Start,
-        Input::Committed { device: first.clone() },
-        Input::Failed { device: first, why: "fuzz".into() },
+        Input::Committed {
+            device: first.clone(),
+        },
+        Input::Failed {
+            device: first,
+            why: "fuzz".into(),
+        },
         Input::Tick,
         Input::Resume,
         Input::Retry,

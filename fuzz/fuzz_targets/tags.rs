@@ -22,7 +22,10 @@ fuzz_target!(|data: &[u8]| {
     let key = kiln_fuzz::key();
     let again = tags.seal(&[&key]).expect("an opened record seals");
     assert_eq!(Tags::open(&again, &root, DEVICE).as_ref(), Ok(&tags));
-    assert!(Tags::open(&again, &root, "dev-02").is_err(), "another device's");
+    assert!(
+        Tags::open(&again, &root, "dev-02").is_err(),
+        "another device's"
+    );
     assert!(tags.replaces(&tags).is_err());
     let newer = Tags {
         serial: Tags::next_serial(Some(&tags), 0),

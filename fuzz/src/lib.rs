@@ -54,7 +54,7 @@ pub fn root() -> Root {
             root: role.clone(),
             release: role,
             registry: None,
-    expires_ms: None,
+            expires_ms: None,
         }
     })
     .clone()

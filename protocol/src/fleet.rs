@@ -190,9 +190,7 @@ impl Topics {
     /// `(group, None)` of a rollout record's head topic, `(group, Some(sha256))` of
     /// one of its parts.
     pub fn parse_rollout<'a>(&self, topic: &'a str) -> Option<(&'a str, Option<[u8; 32]>)> {
-        let rest = topic
-            .strip_prefix(&self.prefix)?
-            .strip_prefix("/groups/")?;
+        let rest = topic.strip_prefix(&self.prefix)?.strip_prefix("/groups/")?;
         let (group, rest) = rest.split_once('/')?;
         if rest == "rollout" {
             return Some((group, None));

@@ -244,7 +244,10 @@ mod tests {
     fn a_missing_part_says_so_and_a_part_of_another_document_is_refused() {
         let a: BTreeMap<String, u32> = [("dev-1".to_string(), 1)].into();
         let b: BTreeMap<String, u32> = [("dev-1".to_string(), 2)].into();
-        let (sa, sb) = (split(&a, "a", MAX_PART).unwrap(), split(&b, "b", MAX_PART).unwrap());
+        let (sa, sb) = (
+            split(&a, "a", MAX_PART).unwrap(),
+            split(&b, "b", MAX_PART).unwrap(),
+        );
         let none = |_: &[u8; 32]| -> Option<&[u8]> { None };
         assert_eq!(
             join::<u32>(&sa.refs, none, MAX_PART).unwrap_err(),

@@ -58,9 +58,9 @@ mod schedule;
 mod v1;
 mod v2;
 
-pub use record::SignedRollout;
 #[cfg(feature = "fuzzing")]
 pub use record::sign_head;
+pub use record::SignedRollout;
 #[cfg(test)]
 use record::{CONTEXT_V1, CONTEXT_V2};
 

@@ -709,8 +709,12 @@ fn a_registry_part_declaring_2_pow_40_entries_is_refused_without_allocating_them
         entries: 1,
         sha256: kiln_protocol::transfer::sha256(&forged),
     }];
-    let err = kiln_protocol::parts::join::<[u8; 32]>(&refs, |_| Some(forged.as_slice()), kiln_protocol::parts::MAX_PART)
-        .unwrap_err();
+    let err = kiln_protocol::parts::join::<[u8; 32]>(
+        &refs,
+        |_| Some(forged.as_slice()),
+        kiln_protocol::parts::MAX_PART,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("does not decode"), "{err}");
 }
 

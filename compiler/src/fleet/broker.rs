@@ -337,7 +337,10 @@ impl Session {
                 }
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => bail!(describe_connection_error(&self.broker, &e)),
-                Err(_) => bail!("broker `{}` sent nothing for 10s while kiln read its retained messages", self.broker),
+                Err(_) => bail!(
+                    "broker `{}` sent nothing for 10s while kiln read its retained messages",
+                    self.broker
+                ),
             }
         }
         if !self.subscribed.contains(filter) {

@@ -108,7 +108,9 @@ impl Assembly {
     #[allow(clippy::type_complexity)]
     pub fn get<'a>(&'a self) -> Option<(&'a [u8], impl Fn(&[u8; 32]) -> Option<&'a [u8]> + 'a)> {
         let head = self.head.as_deref()?;
-        Some((head, move |sha: &[u8; 32]| self.parts.get(sha).map(Vec::as_slice)))
+        Some((head, move |sha: &[u8; 32]| {
+            self.parts.get(sha).map(Vec::as_slice)
+        }))
     }
 }
 
@@ -126,7 +128,10 @@ mod tests {
             let (head, part) = a.get().unwrap();
             assert_eq!((head, part(&[1; 32])), (&b"head"[..], Some(&b"one"[..])));
         }
-        assert!(!a.part([2; 32], &vec![0; MAX_PART + 1], MAX_PART), "too large");
+        assert!(
+            !a.part([2; 32], &vec![0; MAX_PART + 1], MAX_PART),
+            "too large"
+        );
         for n in 0..2 * PARTS - 1 {
             assert!(a.part(sha(n), b"x", MAX_PART));
         }

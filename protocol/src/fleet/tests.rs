@@ -347,7 +347,10 @@ fn mirrors_travel_at_the_end_of_the_body_and_both_kinds_of_kilnd_read_both_kinds
     };
     let body = postcard::to_stdvec(&mirrored).unwrap();
     assert_eq!(postcard::from_bytes::<Desired>(&body).unwrap(), mirrored);
-    assert_eq!(postcard::from_bytes::<DesiredBeforeMirrors>(&body).unwrap(), old);
+    assert_eq!(
+        postcard::from_bytes::<DesiredBeforeMirrors>(&body).unwrap(),
+        old
+    );
     // A signed state with mirrors opens with them.
     let key = SecretKey::generate().unwrap();
     let (root, _) = root_for(&[&key], 1);

@@ -209,7 +209,12 @@ fn whole(head: Head, members: Vec<(String, Member)>) -> Result<Rollout, String> 
             let slot = waves
                 .get_mut(device.wave as usize)
                 .and_then(|w| w.get_mut(at as usize))
-                .ok_or_else(|| format!("{name} is at {at} of wave {}, which has no such place", device.wave + 1))?;
+                .ok_or_else(|| {
+                    format!(
+                        "{name} is at {at} of wave {}, which has no such place",
+                        device.wave + 1
+                    )
+                })?;
             if slot.replace(name.clone()).is_some() {
                 return Err(format!("two devices at {at} of wave {}", device.wave + 1));
             }

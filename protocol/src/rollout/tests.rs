@@ -309,7 +309,10 @@ fn a_record_of_100000_devices_is_a_head_and_parts() {
     assert!(sealed.head.len() < 16 * 1024, "{}", sealed.head.len());
     let largest = sealed.parts.iter().map(|(_, b)| b.len()).max().unwrap();
     assert!(largest < crate::parts::MAX_PART, "{largest}");
-    assert_eq!(open_sealed(&sealed, &Root::of_one_key(&key), "lab").unwrap(), r);
+    assert_eq!(
+        open_sealed(&sealed, &Root::of_one_key(&key), "lab").unwrap(),
+        r
+    );
 }
 
 /// A sealed record opened again, as a reader of the broker would.

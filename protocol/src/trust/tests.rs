@@ -119,9 +119,8 @@ fn the_registry_opens_only_with_the_registry_role_for_its_fleet() {
     registry.enroll("dev-01", &device[0].public());
     // Without a registry role, the release role signs it.
     let by_release = registry.sign(&refs(&rel)).unwrap();
-    let open = |p: &crate::parts::Published, doc: &Root| {
-        SignedRegistry::open(&p.head, |s| p.part(s), doc)
-    };
+    let open =
+        |p: &crate::parts::Published, doc: &Root| SignedRegistry::open(&p.head, |s| p.part(s), doc);
     let opened = open(&by_release, &doc).unwrap();
     assert_eq!(opened.key_of("dev-01"), Some(device[0].public()));
     doc.registry = Some(Role::new(&publics(&reg), 1));
@@ -149,8 +148,7 @@ fn a_registry_of_100000_devices_is_a_head_and_parts_each_within_one_message() {
     assert!(published.head.len() < 16 * 1024, "{}", published.head.len());
     let largest = published.parts.iter().map(|(_, b)| b.len()).max().unwrap();
     assert!(largest < crate::parts::MAX_PART / 2, "{largest}");
-    let opened =
-        SignedRegistry::open(&published.head, |s| published.part(s), &doc).unwrap();
+    let opened = SignedRegistry::open(&published.head, |s| published.part(s), &doc).unwrap();
     assert_eq!(opened, registry);
     assert_eq!(opened.key_of("device-054321"), Some(key.clone()));
     assert_eq!(opened.key_of("device-100000"), None);

@@ -37,7 +37,11 @@ pub fn status(group: Option<&str>, json: bool, root: &RootArgs, broker: &BrokerA
             let Some((g, None)) = topics.parse_rollout(topic) else {
                 continue;
             };
-            let part = |sha: &[u8; 32]| retained.get(&topics.rollout_part(g, sha)).map(Vec::as_slice);
+            let part = |sha: &[u8; 32]| {
+                retained
+                    .get(&topics.rollout_part(g, sha))
+                    .map(Vec::as_slice)
+            };
             records.push((g.to_string(), Rollout::verify(head, part, fleet.root(), g)));
         }
         let incomplete = records

@@ -103,8 +103,9 @@ impl<'a> Driver<'a> {
         let head = sealed.head.clone();
         let (topics, group) = (&self.topics, &self.record.group);
         let part = |sha: &[u8; 32]| topics.rollout_part(group, sha);
-        let named = crate::fleet::parts::publish(&mut self.session, &self.topic, part, &held, sealed)
-            .map_err(unavailable)?;
+        let named =
+            crate::fleet::parts::publish(&mut self.session, &self.topic, part, &held, sealed)
+                .map_err(unavailable)?;
         self.held = Some(named);
         self.last_head = head;
         self.last_persist = Instant::now();

@@ -36,7 +36,10 @@ fn a_v2_record_opens_as_one_with_no_cohort_and_goes_on() {
     let again = opened.seal(&[&key]).unwrap();
     let envelope: SignedRollout = postcard::from_bytes(&again.head).unwrap();
     assert!(matches!(envelope, SignedRollout::V4 { .. }));
-    assert_eq!(open_sealed(&again, &Root::of_one_key(&key), "lab").unwrap(), opened);
+    assert_eq!(
+        open_sealed(&again, &Root::of_one_key(&key), "lab").unwrap(),
+        opened
+    );
     // A v2 body signed as v3 (or the reverse) does not open: the contexts differ.
     let SignedRollout::V2 { body, signatures } = postcard::from_bytes(&bytes).unwrap() else {
         unreachable!()
