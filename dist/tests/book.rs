@@ -94,6 +94,7 @@ const OTHER_TOOLS: &[(&str, &str)] = &[
     ("--seconds", "scripts/fuzz.sh"),
     ("--build", "scripts/wasi-testsuite.sh"),
     ("--devices", "scripts/soak.sh, scripts/fleet-scale.sh"),
+    ("--brokers", "scripts/fleet-scale.sh"),
     ("--model", "kilnd-sim: a module's behaviour per version"),
     (
         "--crash",

@@ -40,6 +40,31 @@ struct Head {
     parts: Vec<PartRef>,
 }
 
+impl Head {
+    /// `record` without its members, with `waves` and `skipped` places and `parts`.
+    fn of(record: &Rollout, waves: Vec<u32>, skipped: u32, parts: Vec<PartRef>) -> Head {
+        Head {
+            record: Rollout {
+                waves: Vec::new(),
+                devices: BTreeMap::new(),
+                skipped: Vec::new(),
+                unexpected: BTreeSet::new(),
+                ..record.clone()
+            },
+            waves,
+            skipped,
+            parts,
+        }
+    }
+
+    /// The v4 envelope, signed by `keys`.
+    fn sign(&self, keys: &[&SecretKey]) -> Result<Vec<u8>, String> {
+        let body = postcard::to_stdvec(self).map_err(|e| e.to_string())?;
+        let signatures = sign_all(CONTEXT, &body, keys);
+        postcard::to_stdvec(&SignedRollout::V4 { body, signatures }).map_err(|e| e.to_string())
+    }
+}
+
 /// One device's place in the record, in its part.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Member {
@@ -81,22 +106,9 @@ impl Rollout {
             members.entry(name.clone()).or_default().unexpected = true;
         }
         let split = parts::split(&members, "the rollout record", MAX_ROLLOUT)?;
-        let head = Head {
-            record: Rollout {
-                waves: Vec::new(),
-                devices: BTreeMap::new(),
-                skipped: Vec::new(),
-                unexpected: BTreeSet::new(),
-                ..self.clone()
-            },
-            waves: self.waves.iter().map(|w| w.len() as u32).collect(),
-            skipped: self.skipped.len() as u32,
-            parts: split.refs,
-        };
-        let body = postcard::to_stdvec(&head).map_err(|e| e.to_string())?;
-        let signatures = sign_all(CONTEXT, &body, keys);
-        let bytes = postcard::to_stdvec(&SignedRollout::V4 { body, signatures })
-            .map_err(|e| e.to_string())?;
+        let waves = self.waves.iter().map(|w| w.len() as u32).collect();
+        let head = Head::of(self, waves, self.skipped.len() as u32, split.refs);
+        let bytes = head.sign(keys)?;
         if bytes.len() > MAX_ROLLOUT {
             return Err(format!(
                 "the rollout record's head would be {} bytes (limit {MAX_ROLLOUT})",
@@ -252,19 +264,7 @@ pub fn sign_head(
     parts: Vec<PartRef>,
     keys: &[&SecretKey],
 ) -> Vec<u8> {
-    let head = Head {
-        record: Rollout {
-            waves: Vec::new(),
-            devices: BTreeMap::new(),
-            skipped: Vec::new(),
-            unexpected: BTreeSet::new(),
-            ..record.clone()
-        },
-        waves,
-        skipped,
-        parts,
-    };
-    let body = postcard::to_stdvec(&head).expect("a head encodes");
-    let signatures = sign_all(CONTEXT, &body, keys);
-    postcard::to_stdvec(&SignedRollout::V4 { body, signatures }).expect("a head encodes")
+    Head::of(record, waves, skipped, parts)
+        .sign(keys)
+        .expect("a head encodes")
 }
