@@ -291,17 +291,29 @@ impl Session {
         // Ten seconds without a message: a snapshot of 10,000 devices from a busy
         // broker takes longer than that in all, and goes on arriving.
         let mut deadline = Instant::now() + Duration::from_secs(10);
+        // At QoS 0, a broker that streams retained messages after the SUBACK (aedes)
+        // can deliver the marker before the last of them: once the marker is back,
+        // the read ends after SETTLE without a message.
+        let mut settling: Option<Instant> = None;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = settling
+                .unwrap_or(deadline)
+                .saturating_duration_since(Instant::now());
             match self.connection.recv_timeout(left) {
                 Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
                     deadline = Instant::now() + Duration::from_secs(10);
                     if p.topic == sync {
                         back |= p.payload.as_ref() == nonce.as_slice();
                         if back && acked {
-                            break;
+                            if qos == QoS::AtLeastOnce {
+                                break;
+                            }
+                            settling = Some(Instant::now() + SETTLE);
                         }
                         continue;
+                    }
+                    if settling.is_some() {
+                        settling = Some(Instant::now() + SETTLE);
                     }
                     if !p.retain && self.is_subscribed(&p.topic) {
                         self.stash.push_back((p.topic.clone(), p.payload.to_vec()));
@@ -332,11 +344,15 @@ impl Session {
                 Ok(Ok(Event::Incoming(Packet::PubAck(_)))) if sent => {
                     acked = true;
                     if back {
-                        break;
+                        if qos == QoS::AtLeastOnce {
+                            break;
+                        }
+                        settling = Some(Instant::now() + SETTLE);
                     }
                 }
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => bail!(describe_connection_error(&self.broker, &e)),
+                Err(_) if settling.is_some() => break,
                 Err(_) => bail!(
                     "broker `{}` sent nothing for 10s while kiln read its retained messages",
                     self.broker
@@ -448,6 +464,10 @@ impl Session {
         }
     }
 }
+
+/// How long a QoS 0 retained read waits, after its marker, for a message still on its
+/// way (see `retained_once`).
+const SETTLE: Duration = Duration::from_millis(150);
 
 /// How long a session waits before asking again for a subscription the broker
 /// refused, each time; then the refusal is the command's error.
