@@ -33,9 +33,27 @@ mod trial;
 
 use super::store::{DeviceState, DownloadKey, Floor, Installed, ModuleRecord, Slot, LEGACY_SIGNER};
 
-/// The first wait before a refused subscription is asked again, and the longest.
-const SUBSCRIBE_RETRY_MS: u64 = 5_000;
-const SUBSCRIBE_RETRY_MAX_MS: u64 = 300_000;
+/// The first wait before a refused subscription is asked again, and the longest. A
+/// cluster's node refuses while it is loaded (a JetStream consumer that could not be
+/// created in time) and recovers within seconds: a ceiling of minutes left devices
+/// deaf through a rollout's wave (docs/src/brokers.md). A refusal by ACL is asked
+/// again at most once a minute, one small packet.
+const SUBSCRIBE_RETRY_MS: u64 = 2_000;
+const SUBSCRIBE_RETRY_MAX_MS: u64 = 60_000;
+
+/// The wait before the `refusals`-th refused subscription to a topic is asked again:
+/// doubling from [`SUBSCRIBE_RETRY_MS`] up to [`SUBSCRIBE_RETRY_MAX_MS`], plus up to a
+/// quarter more, spread by `seed` (the device and the topic), so that devices a loaded
+/// node refused together do not all ask again in the same instant.
+pub fn subscribe_retry_ms(refusals: u32, seed: &str) -> u64 {
+    let wait =
+        (SUBSCRIBE_RETRY_MS << refusals.saturating_sub(1).min(6)).min(SUBSCRIBE_RETRY_MAX_MS);
+    // FNV-1a: stable across builds and platforms, unlike std's hasher.
+    let hash = seed.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    wait + hash % (wait / 4 + 1)
+}
 
 /// What the agent reacts to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -512,12 +530,12 @@ impl Agent {
         std::mem::take(&mut self.out)
     }
 
-    /// A refused subscription is asked again after 5 s, doubling per refusal up to
-    /// 5 min; without it the device would silently never hear its desired state.
+    /// A refused subscription is asked again after [`subscribe_retry_ms`]; without it
+    /// the device would silently never hear its desired state.
     fn on_subscribe_refused(&mut self, topic: String) {
         let entry = self.refused_subscriptions.entry(topic.clone()).or_default();
         entry.0 = entry.0.saturating_add(1);
-        let wait = (SUBSCRIBE_RETRY_MS << (entry.0 - 1).min(6)).min(SUBSCRIBE_RETRY_MAX_MS);
+        let wait = subscribe_retry_ms(entry.0, &format!("{}/{topic}", self.device));
         entry.1 = Some(self.now_ms + wait);
         tracing::warn!(%topic, refusals = entry.0, retry_ms = wait, "the broker refused a subscription");
         self.event_once(

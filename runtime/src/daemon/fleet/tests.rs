@@ -26,7 +26,8 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
 use super::agent::{
-    decode_reported, Agent, Effect, Input, MirrorPart, Mirrors, Outcome, Settings, Trust,
+    decode_reported, subscribe_retry_ms, Agent, Effect, Input, MirrorPart, Mirrors, Outcome,
+    Settings, Trust,
 };
 use super::store::{Installed, Store};
 use super::Executor;
@@ -1667,7 +1668,8 @@ fn a_health_period_is_signed_and_retained_on_the_devices_health_topic_and_an_inv
 
 /// A subscription the broker refuses (its ACL, or a loaded broker's 0x80) would leave
 /// the device deaf to its desired state without a word: it is named in an event and
-/// asked again after 5 s, then 10 s, and afresh on every new connection.
+/// asked again after 2 s, then 4 s (each plus this device's spread), and afresh on every
+/// new connection.
 #[test]
 fn a_refused_subscription_is_named_and_asked_again_with_growing_waits() {
     let mut world = World::new();
@@ -1688,7 +1690,8 @@ fn a_refused_subscription_is_named_and_asked_again_with_growing_waits() {
         "{:?}",
         world.events
     );
-    for wait in [5_000, 10_000] {
+    for refusals in [1, 2] {
+        let wait = subscribe_retry_ms(refusals, &format!("{DEVICE}/{topic}"));
         world.now += wait - 1;
         world.input(Input::Tick);
         assert!(
@@ -1704,6 +1707,23 @@ fn a_refused_subscription_is_named_and_asked_again_with_growing_waits() {
     world.input(Input::Connected);
     assert!(world.broker.subscribed.contains(&topic));
     assert_eq!(world.agent.next_deadline_ms(), None);
+}
+
+proptest! {
+    /// The waits grow, never pass a minute and a quarter, and a thousand devices
+    /// refused together spread over at least a fifth of the wait.
+    #[test]
+    fn refused_subscription_waits_grow_are_bounded_and_spread(device in "[a-z0-9-]{1,24}", refusals in 1u32..64) {
+        let now = subscribe_retry_ms(refusals, &device);
+        let next = subscribe_retry_ms(refusals + 1, &device);
+        prop_assert!((2_000..=75_000).contains(&now), "{now}");
+        prop_assert!(next >= now || now > 60_000, "{now} then {next}");
+        let waits: BTreeSet<u64> = (0..1000)
+            .map(|i| subscribe_retry_ms(refusals, &format!("{device}-{i}")))
+            .collect();
+        let (lo, hi) = (waits.first().unwrap(), waits.last().unwrap());
+        prop_assert!(hi - lo >= (lo / 5), "{lo}..{hi}");
+    }
 }
 
 #[test]
