@@ -14,7 +14,8 @@
 //! | `config_read` | `(ptr, len) -> i32` | copies up to `len` config bytes, returns count |
 //! | `message_len` | `() -> i32` | length of the message being delivered, or `NO_MESSAGE` |
 //! | `message_read` | `(ptr, len) -> i32` | copies up to `len` bytes of the message |
-//! | `message_topic` | `(ptr, len) -> i32` | copies its topic (`module/stream`), returns count |
+//! | `message_topic` | `(ptr, len) -> i32` | copies its topic (`module/stream`, or `command/<topic>` for a command from the fleet), returns count |
+//! | `reply` | `(ptr, len) -> i32` | within `kiln_on_message` for a command: its reply, at most [`MAX_REPLY`] bytes (the last call counts); `NO_MESSAGE` otherwise |
 //! | `monotonic_ns` | `() -> i64` | nanoseconds since the worker started, never goes back |
 //! | `wall_ns` | `() -> i64` | nanoseconds since the Unix epoch (the device's clock) |
 //!
@@ -45,6 +46,7 @@ pub const IMPORTS: &[(&str, &[ValType], &[ValType])] = &[
     ("message_topic", &[I32, I32], &[I32]),
     ("monotonic_ns", &[], &[I64]),
     ("wall_ns", &[], &[I64]),
+    ("reply", &[I32, I32], &[I32]),
 ];
 
 /// Reactor exports the daemon calls, with their signatures.
@@ -63,6 +65,8 @@ pub const EXPORTS: &[(&str, &[ValType], &[ValType])] = &[
 pub const MAX_STREAM: usize = crate::names::MAX_NAME;
 pub const MAX_PUBLISH: usize = 64 * 1024;
 pub const MAX_LOG: usize = 4 * 1024;
+/// Largest reply to a command (see [`crate::command`]).
+pub const MAX_REPLY: usize = crate::command::MAX_DATA;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ValType {

@@ -212,6 +212,30 @@ impl Topics {
     pub fn reported(&self, device: &str) -> String {
         format!("{}/devices/{device}/reported", self.prefix)
     }
+    /// Commands for one device, and for every device of a group (see
+    /// [`crate::command`]); never retained.
+    pub fn commands(&self, device: &str) -> String {
+        format!("{}/devices/{device}/commands", self.prefix)
+    }
+    pub fn group_commands(&self, group: &str) -> String {
+        format!("{}/groups/{group}/commands", self.prefix)
+    }
+    /// A device's signed replies to commands.
+    pub fn replies(&self, device: &str) -> String {
+        format!("{}/devices/{device}/replies", self.prefix)
+    }
+    /// Whether `topic` is one of the command topics (a device's or a group's).
+    pub fn is_commands(&self, topic: &str) -> bool {
+        topic
+            .strip_prefix(&self.prefix)
+            .and_then(|t| t.strip_prefix('/'))
+            .and_then(|t| t.strip_suffix("/commands"))
+            .is_some_and(|t| {
+                t.split_once('/').is_some_and(|(kind, name)| {
+                    matches!(kind, "devices" | "groups") && !name.is_empty() && !name.contains('/')
+                })
+            })
+    }
     pub fn events(&self, device: &str) -> String {
         format!("{}/devices/{device}/events", self.prefix)
     }

@@ -18,6 +18,7 @@ pub mod abi;
 pub mod artifact;
 pub mod atomic;
 pub mod clock;
+pub mod command;
 pub mod compat;
 pub mod dirs;
 pub mod exit;

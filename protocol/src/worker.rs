@@ -95,6 +95,10 @@ pub enum Reply {
     Done(Done),
     /// The worker cannot go on and exits after this frame.
     Fatal(Stop),
+    /// The module's reply to the command being delivered (the `reply` import).
+    Answer {
+        data: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

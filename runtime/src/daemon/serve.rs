@@ -439,6 +439,24 @@ fn connect(
     );
     #[cfg(feature = "mirror")]
     let agent = with_mirrors(agent, config, mqtt, agent_tx.clone());
+    let (commanded, answers) = (modules.clone(), agent_tx.clone());
+    let agent = agent.with_commands(Box::new(move |command| {
+        let (id, reply) = (command.id, command.reply);
+        let answers = answers.clone();
+        let answer = supervisor::Answer::new(move |outcome| {
+            // The agent's queue is bounded; a sender whose answer is lost times out.
+            if answers
+                .try_send(AgentIn::Answer { id, reply, outcome })
+                .is_err()
+            {
+                tracing::warn!(
+                    id = format!("{id:016x}"),
+                    "the agent is busy; an answer to a command was dropped"
+                );
+            }
+        });
+        lock(&commanded).command(&command, answer)
+    }));
 
     let sampled = modules.clone();
     let pipeline = Pipeline::open(
@@ -630,9 +648,36 @@ impl Modules {
         self.running.values().all(|r| r.thread.is_finished())
     }
 
+    /// Hands a command to its module's supervisor.
+    fn command(
+        &self,
+        command: &kiln_protocol::command::Command,
+        answer: supervisor::Answer,
+    ) -> Result<(), String> {
+        let name = &command.module;
+        let running = self
+            .running
+            .get(name)
+            .filter(|r| !r.thread.is_finished())
+            .ok_or_else(|| format!("module {name} does not run on this device"))?;
+        let message = Input::Command((command.message_topic(), command.data.clone()), answer);
+        match running.input.try_send(message) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => {
+                Err(format!("module {name} has a full inbox; try again later"))
+            }
+            Err(TrySendError::Disconnected(_)) => Err(format!("module {name} has stopped")),
+        }
+    }
+
     /// Delivers telemetry of `module/stream` to every module whose inbox lists it.
     fn route(&self, module: &str, stream: &str, data: &[u8]) {
         let topic = format!("{module}/{stream}");
+        // `command/...` is what a command from the fleet looks like to a module: a
+        // module named `command` must not pass its telemetry off as one.
+        if topic.starts_with(kiln_protocol::command::MESSAGE_PREFIX) {
+            return;
+        }
         for (name, r) in &self.running {
             if !r.plan.inbox.contains(&topic) {
                 continue;

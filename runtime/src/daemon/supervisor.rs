@@ -9,6 +9,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::time::Instant;
 
+use kiln_protocol::command::Outcome;
 use kiln_protocol::telemetry::Body;
 use kiln_protocol::worker::Stop;
 
@@ -27,10 +28,31 @@ use worker::{run_worker, stopped};
 /// A message for a module's `kiln_on_message`: topic and bytes.
 pub type Message = (String, Vec<u8>);
 
+/// Told once what became of a command: answered by the module, or why not.
+pub struct Answer(Box<dyn FnOnce(Outcome) + Send>);
+
+impl Answer {
+    pub fn new(f: impl FnOnce(Outcome) + Send + 'static) -> Self {
+        Self(Box::new(f))
+    }
+    pub fn give(self, outcome: Outcome) {
+        (self.0)(outcome)
+    }
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Answer")
+    }
+}
+
 /// What a module's supervisor thread acts on between calls.
 #[derive(Debug)]
 pub enum Input {
     Message(Message),
+    /// A command from the fleet (topic `command/<topic>`), answered through `Answer`
+    /// whatever happens to it.
+    Command(Message, Answer),
     /// Replace the running worker with one for this plan (new artifact or config).
     Swap(Box<ModulePlan>),
     /// End the worker and the module.
@@ -120,6 +142,12 @@ pub fn supervise(mut module: Supervised, workers: Arc<Workers>, sink: SyncSender
                 .recv_timeout(until.saturating_duration_since(Instant::now()))
             {
                 Ok(Input::Message(_)) => continue,
+                Ok(Input::Command(_, answer)) => {
+                    answer.give(Outcome::Failed(format!(
+                        "module {name} is restarting after its worker stopped"
+                    )));
+                    continue;
+                }
                 Ok(Input::Limit(rate)) => {
                     reporter.set_rate(rate);
                     continue;

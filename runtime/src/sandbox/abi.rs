@@ -65,6 +65,7 @@ pub fn imports(store: &mut Store, env: &FunctionEnv<KilnEnv>) -> Imports {
         Function::new_typed_with_env(store, env, monotonic_ns),
     );
     ns.insert("wall_ns", Function::new_typed_with_env(store, env, wall_ns));
+    ns.insert("reply", Function::new_typed_with_env(store, env, reply));
     let mut imports = Imports::new();
     imports.register_namespace(abi::MODULE, ns);
     imports
@@ -128,6 +129,24 @@ fn publish(
         Err(status) => return status,
     };
     (ctx.data().emit)(Reply::Telemetry { stream, data });
+    0
+}
+
+/// The reply to a command from the fleet, only while one is being delivered.
+fn reply(ctx: FunctionEnvMut<'_, KilnEnv>, ptr: i32, len: i32) -> i32 {
+    let in_command = ctx
+        .data()
+        .message
+        .as_ref()
+        .is_some_and(|(topic, _)| topic.starts_with(kiln_protocol::command::MESSAGE_PREFIX));
+    if !in_command {
+        return Status::NoMessage as i32;
+    }
+    let data = match read(&ctx, ptr, len, abi::MAX_REPLY) {
+        Ok(d) => d,
+        Err(status) => return status,
+    };
+    (ctx.data().emit)(Reply::Answer { data });
     0
 }
 

@@ -26,6 +26,7 @@ use kiln_protocol::keys::SecretKey;
 use kiln_protocol::transfer::{ChunkList, Codec, Transfer};
 use kiln_protocol::trust::Chain;
 
+mod command;
 mod desired;
 mod download;
 mod roots;
@@ -100,6 +101,12 @@ pub enum Input {
         key: DownloadKey,
         part: MirrorPart,
         result: Result<Vec<u8>, String>,
+    },
+    /// What became of a command the agent handed out (`Effect::Command`).
+    Answer {
+        id: u64,
+        reply: bool,
+        outcome: kiln_protocol::command::Outcome,
     },
 }
 
@@ -233,6 +240,9 @@ pub enum Effect {
     /// A newer root document was taken: keep it (it is what the device trusts after a
     /// restart) and verify artifacts with its release keys from now on.
     Trust(Vec<u8>),
+    /// Deliver a verified, admitted command to its module; answer with
+    /// `Input::Answer`, whatever becomes of it.
+    Command(Box<kiln_protocol::command::Command>),
 }
 
 /// Where a staged artifact comes from.
@@ -362,6 +372,8 @@ pub struct Agent {
     /// Subscriptions the broker refused this connection: how many times, and when to
     /// ask again (`None` while asked; a refusal sets the next time).
     refused_subscriptions: BTreeMap<String, (u32, Option<u64>)>,
+    /// Commands taken (their ids, while valid) and the rate they may come at.
+    commands: command::Commands,
     /// Why updates are refused (the data dir cannot be written), if they are.
     degraded: Option<String>,
     /// The state file could not be read: nothing is saved over it.
@@ -447,6 +459,7 @@ impl Agent {
             last_event: BTreeMap::new(),
             refused_serial: BTreeMap::new(),
             refused_subscriptions: BTreeMap::new(),
+            commands: command::Commands::default(),
             degraded,
             unreadable_state,
             now_ms,
@@ -525,6 +538,7 @@ impl Agent {
             } => self.on_staged(&module, key, result),
             Input::Saved(result) => self.on_saved(result),
             Input::Mirror { key, part, result } => self.on_mirror(key, part, result),
+            Input::Answer { id, reply, outcome } => self.on_answer(id, reply, outcome),
         }
         self.report();
         std::mem::take(&mut self.out)
@@ -566,6 +580,7 @@ impl Agent {
         // Roots first: a desired state signed by a rotated-in key needs them.
         let mut topics = vec![self.topics.all_roots(), self.topics.desired(&self.device)];
         topics.extend(self.groups.iter().map(|g| self.topics.group_desired(g)));
+        topics.extend(self.command_topics());
         for topic in topics {
             self.out.push(Effect::Subscribe(topic));
         }
@@ -586,6 +601,8 @@ impl Agent {
             self.on_desired(topic, payload);
         } else if self.topics.parse_root(topic).is_some() {
             self.on_root(payload);
+        } else if self.topics.is_commands(topic) {
+            self.on_command(payload);
         }
     }
 

@@ -49,8 +49,18 @@ pub enum AgentIn {
         part: MirrorPart,
         result: Result<Vec<u8>, String>,
     },
+    /// What became of a command handed to a module.
+    Answer {
+        id: u64,
+        reply: bool,
+        outcome: kiln_protocol::command::Outcome,
+    },
     Stop,
 }
+
+/// Hands a verified command to its module's supervisor, which answers through
+/// `AgentIn::Answer`; `Err` says at once why it cannot be delivered.
+pub type DeliverFn = Box<dyn Fn(Box<kiln_protocol::command::Command>) -> Result<(), String> + Send>;
 
 /// A request for a mirror, handed to the thread that fetches (feature `mirror`).
 pub struct MirrorJob {
@@ -206,6 +216,8 @@ pub struct Driver {
     fault: Option<String>,
     /// The thread that fetches from mirrors, if this device uses them.
     mirror: Option<Sender<MirrorJob>>,
+    /// Where commands go, if this device runs modules that take them.
+    deliver: Option<DeliverFn>,
     /// When the agent was last given the clock.
     last_tick: u64,
 }
@@ -269,6 +281,7 @@ pub fn start(
         offline,
         fault: fault_point(),
         mirror: None,
+        deliver: None,
         last_tick: now_ms(),
     };
     // What was committed runs before the broker is even reachable.
@@ -307,6 +320,12 @@ impl Driver {
     pub fn with_mirrors(mut self, mirrors: agent::Mirrors, fetcher: Sender<MirrorJob>) -> Self {
         self.agent.set_mirrors(mirrors);
         self.mirror = Some(fetcher);
+        self
+    }
+
+    /// Delivers commands to modules through `deliver`.
+    pub fn with_commands(mut self, deliver: DeliverFn) -> Self {
+        self.deliver = Some(deliver);
         self
     }
 
@@ -350,6 +369,7 @@ impl Driver {
                 None => return true,
             },
             Some(AgentIn::Mirror { key, part, result }) => Input::Mirror { key, part, result },
+            Some(AgentIn::Answer { id, reply, outcome }) => Input::Answer { id, reply, outcome },
             Some(AgentIn::Health(health)) => {
                 let effects = self.agent.health(&health);
                 self.perform(effects);
@@ -413,6 +433,17 @@ impl Driver {
             Effect::Unsubscribe(topic) => self.link.unsubscribe(topic),
             Effect::Run(modules) => (self.apply)(self.exec.plans(modules)),
             Effect::Checkpoint(step) => self.checkpoint(step),
+            Effect::Command(command) => {
+                let (id, reply) = (command.id, command.reply);
+                let delivered = match &self.deliver {
+                    Some(deliver) => deliver(command),
+                    None => Err("this device runs no modules that take commands".into()),
+                };
+                if let Err(why) = delivered {
+                    let outcome = kiln_protocol::command::Outcome::Refused(why);
+                    return Some(Input::Answer { id, reply, outcome });
+                }
+            }
             Effect::MirrorGet {
                 key,
                 part,

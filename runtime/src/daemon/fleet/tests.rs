@@ -285,6 +285,9 @@ struct World {
     mirror_urls: BTreeSet<String>,
     mirror_bytes: u64,
     broker_chunks: usize,
+    /// Commands handed to modules, and the replies the device signed.
+    commands: Vec<kiln_protocol::command::Command>,
+    replies: Vec<kiln_protocol::command::ReplyV1>,
 }
 
 /// A mirror serving the transfers on the broker as `kiln push --mirror-dir` writes
@@ -337,6 +340,8 @@ impl World {
             mirror_urls: BTreeSet::new(),
             mirror_bytes: 0,
             broker_chunks: 0,
+            commands: Vec::new(),
+            replies: Vec::new(),
         };
         world.boot();
         world
@@ -425,6 +430,15 @@ impl World {
                 Err(Effect::Publish { topic, payload, .. }) => {
                     if topic == self.topics.reported(DEVICE) {
                         self.last_reported = Some(payload);
+                    } else if topic == self.topics.replies(DEVICE) {
+                        let (reply, signer) = kiln_protocol::fleet::open_report::<
+                            kiln_protocol::command::Reply,
+                        >(&topic, &payload)
+                        .expect("a signed reply");
+                        assert!(signer.is_some());
+                        if let kiln_protocol::command::Reply::V1(r) = reply {
+                            self.replies.push(r);
+                        }
                     } else if topic == self.topics.events(DEVICE) {
                         if let Ok((e, _)) = kiln_protocol::fleet::Event::open(&topic, &payload) {
                             self.events
@@ -433,6 +447,7 @@ impl World {
                     }
                 }
                 Err(Effect::Subscribe(t)) => self.broker.subscribe(t),
+                Err(Effect::Command(c)) => self.commands.push(*c),
                 Err(Effect::MirrorGet {
                     key,
                     part,
@@ -1707,6 +1722,89 @@ fn a_refused_subscription_is_named_and_asked_again_with_growing_waits() {
     world.input(Input::Connected);
     assert!(world.broker.subscribed.contains(&topic));
     assert_eq!(world.agent.next_deadline_ms(), None);
+}
+
+/// A command signed by the release role reaches its module once; one signed by
+/// another key, a replay and one for another device do not, and the sender of a
+/// verified one hears what became of it in a reply the device signs.
+#[test]
+fn commands_reach_their_module_once_and_are_answered() {
+    use kiln_protocol::command::{Command, Outcome, To};
+    let mut w = World::new();
+    w.boot();
+    let topic = w.topics.commands(DEVICE);
+    assert!(w.broker.subscribed.contains(&topic));
+    assert!(w
+        .broker
+        .subscribed
+        .contains(&w.topics.group_commands(GROUP)));
+    let command = |w: &World, id: u64, to: To| Command {
+        fleet: w.root.fleet.clone(),
+        to,
+        module: "app".into(),
+        topic: "open".into(),
+        data: b"1".to_vec(),
+        id,
+        issued_ms: w.now,
+        expires_ms: w.now + 30_000,
+        reply: true,
+    };
+    let send = |w: &mut World, bytes: Vec<u8>| {
+        w.input(Input::Message {
+            topic: topic.clone(),
+            payload: bytes,
+        })
+    };
+
+    let good = command(&w, 1, To::Device(DEVICE.into()));
+    let bytes = good.sign(&[&w.key]).unwrap();
+    send(&mut w, bytes);
+    assert_eq!(w.commands, vec![good.clone()]);
+    w.input(Input::Answer {
+        id: 1,
+        reply: true,
+        outcome: Outcome::Answered {
+            status: 0,
+            data: b"opened".to_vec(),
+        },
+    });
+    assert_eq!(w.replies.len(), 1);
+    assert_eq!(
+        (w.replies[0].id, &w.replies[0].outcome),
+        (
+            1,
+            &Outcome::Answered {
+                status: 0,
+                data: b"opened".to_vec()
+            }
+        )
+    );
+
+    // A replay: refused, and the sender told.
+    let bytes = good.sign(&[&w.key]).unwrap();
+    send(&mut w, bytes);
+    assert_eq!(w.commands.len(), 1);
+    assert!(matches!(&w.replies[1].outcome, Outcome::Refused(why) if why.contains("replay")));
+    // Another device's, and one by a key the root does not name: never delivered; the
+    // forged one is not answered (its sender is nobody the device knows).
+    let other = command(&w, 2, To::Device("other".into()));
+    let bytes = other.sign(&[&w.key]).unwrap();
+    send(&mut w, bytes);
+    let forged = command(&w, 3, To::Device(DEVICE.into()));
+    let bytes = forged.sign(&[&w.rogue]).unwrap();
+    send(&mut w, bytes);
+    assert_eq!(w.commands.len(), 1);
+    assert_eq!(w.replies.len(), 3);
+    assert!(
+        w.events.iter().any(|e| e.contains("command refused")),
+        "{:?}",
+        w.events
+    );
+    // The group's: delivered.
+    let group = command(&w, 4, To::Group(GROUP.into()));
+    let bytes = group.sign(&[&w.key]).unwrap();
+    send(&mut w, bytes);
+    assert_eq!(w.commands.len(), 2);
 }
 
 proptest! {

@@ -14,11 +14,12 @@ use kiln_protocol::worker::{
 };
 
 use super::report::{check, Reporter};
-use super::{Input, Supervised};
+use super::{Answer, Input, Supervised};
 use crate::daemon::config::ModulePlan;
 use crate::daemon::procfs;
 use crate::daemon::spawn::{Ended, Exit, Process, Workers};
 use crate::sandbox::capture::bound_line;
+use kiln_protocol::command::Outcome;
 
 /// Frames read from a worker and not yet handled. When it is full the reader thread
 /// stops reading, the pipe fills, and the worker blocks in its next `publish`: the
@@ -81,6 +82,8 @@ pub(super) fn run_worker(
         return (Stop::Lost("a worker without pipes".into()), None);
     };
     let mut worker = Worker::attach(stdin, stdout, &process);
+    // A command being delivered: answered when its call ends, or with why it did not.
+    let mut pending: Option<Answer> = None;
     let stop = (|| -> Result<(), Stop> {
         let ready = worker.await_ready(plan.start_timeout, reporter)?;
         counters.memory_pages.store(ready.memory_pages, Relaxed);
@@ -121,6 +124,11 @@ pub(super) fn run_worker(
                 Ok(Input::Message((topic, data))) => {
                     (Request::Message { topic, data }, "kiln_on_message")
                 }
+                Ok(Input::Command((topic, data), answer)) => {
+                    pending = Some(answer);
+                    worker.answer = None;
+                    (Request::Message { topic, data }, "kiln_on_message")
+                }
                 Ok(Input::Swap(plan)) => {
                     *next = Some(*plan);
                     return Err(Stop::Requested { swap: true });
@@ -144,6 +152,12 @@ pub(super) fn run_worker(
             let done = worker.call(request, call, Some(plan.timeout), reporter)?;
             reporter.flush(false);
             counters.called(&done);
+            if let Some(answer) = pending.take() {
+                answer.give(Outcome::Answered {
+                    status: done.status,
+                    data: worker.answer.take().unwrap_or_default(),
+                });
+            }
             if done.status != 0 && call == "kiln_tick" {
                 report(Body::TickFailed {
                     status: done.status,
@@ -153,6 +167,11 @@ pub(super) fn run_worker(
     })()
     .err()
     .unwrap_or_else(|| Stop::Lost("worker loop ended".into()));
+    if let Some(answer) = pending.take() {
+        answer.give(Outcome::Failed(format!(
+            "the module's worker stopped: {stop}"
+        )));
+    }
     drop(worker);
     let Ended {
         exit: status,
@@ -180,6 +199,8 @@ pub(super) fn run_worker(
 
 /// The supervisor's end of one worker's pipes.
 pub(super) struct Worker<'a> {
+    /// The reply the module gave to the command being delivered.
+    answer: Option<Vec<u8>>,
     stdin: Option<BufWriter<File>>,
     frames: Receiver<Result<Reply, String>>,
     process: &'a Process,
@@ -204,6 +225,7 @@ impl<'a> Worker<'a> {
             }
         });
         Self {
+            answer: None,
             stdin: Some(BufWriter::new(stdin)),
             frames,
             process,
@@ -271,6 +293,11 @@ impl<'a> Worker<'a> {
                     reporter.checked(checked);
                 }
                 Reply::Fatal(stop) => return Err(stop),
+                // Bounded by the worker's ABI; checked again, as records are.
+                Reply::Answer { mut data } => {
+                    data.truncate(kiln_protocol::abi::MAX_REPLY);
+                    self.answer = Some(data);
+                }
                 other => return Ok(other),
             }
         }
