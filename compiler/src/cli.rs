@@ -9,8 +9,8 @@ use crate::commands::{
     decommission::DecommissionCommand, devices::DevicesCommand, enroll::EnrollCommand,
     gc::GcCommand, inspect::InspectCommand, keygen::KeygenCommand, provision::ProvisionCommand,
     push::PushCommand, refresh::RefreshCommand, release::ReleaseCommand, remove::RemoveCommand,
-    rollout::RolloutCommand, root::RootCommand, sign::SignCommand, tag::TagCommand,
-    targets::TargetsCommand, watch::WatchCommand,
+    rollout::RolloutCommand, root::RootCommand, send::SendCommand, sign::SignCommand,
+    tag::TagCommand, targets::TargetsCommand, watch::WatchCommand,
 };
 
 const AFTER_HELP: &str = "\
@@ -61,6 +61,7 @@ pub enum Command {
     Dashboard(DashboardCommand),
     Rollout(RolloutCommand),
     Tag(TagCommand),
+    Send(SendCommand),
     Root(RootCommand),
     Sign(SignCommand),
     Enroll(EnrollCommand),
@@ -88,6 +89,7 @@ impl Command {
             Command::Dashboard(c) => c.execute(),
             Command::Rollout(c) => c.execute(),
             Command::Tag(c) => c.execute(),
+            Command::Send(c) => c.execute(),
             Command::Root(c) => c.execute(),
             Command::Sign(c) => c.execute(),
             Command::Enroll(c) => c.execute(),

@@ -35,6 +35,7 @@ const PAGES: &[(&str, &str)] = &[
     ("kiln rollout retry", "rollouts.md"),
     ("kiln rollout abort", "rollouts.md"),
     ("kiln tag", "rollouts.md"),
+    ("kiln send", "commands.md"),
     ("kiln root", "trust.md"),
     ("kiln root show", "trust.md"),
     ("kiln root rotate", "trust.md"),

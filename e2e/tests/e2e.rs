@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 mod board;
 mod cluster;
+mod commands;
 mod confine;
 mod conformance;
 mod csdk;

@@ -615,6 +615,32 @@ fn main() -> std::io::Result<()> {
         write("tags", name, &sealed)?;
     }
 
+    // Commands signed by the fixed root's release key (mode 0: the envelope as it
+    // travels), and a command's body alone (mode 1: the target signs it).
+    let command = kiln_protocol::command::Command {
+        fleet: kiln_fuzz::FLEET.into(),
+        to: kiln_protocol::command::To::Device("d".into()),
+        module: "valve".into(),
+        topic: "open".into(),
+        data: b"30".to_vec(),
+        id: 0x1234_5678_9abc_def0,
+        issued_ms: 1_700_000_000_000,
+        expires_ms: 1_700_000_060_000,
+        reply: true,
+    };
+    let signed = command.sign(&[&key]).expect("a valid command signs");
+    write("command", "signed", &[&[0u8][..], &signed].concat())?;
+    let body = postcard::to_stdvec(&command).expect("encodes");
+    write("command", "body", &[&[1u8][..], &body].concat())?;
+    let group = kiln_protocol::command::Command {
+        to: kiln_protocol::command::To::Group("g".into()),
+        data: Vec::new(),
+        reply: false,
+        ..command
+    };
+    let body = postcard::to_stdvec(&group).expect("encodes");
+    write("command", "group-body", &[&[1u8][..], &body].concat())?;
+
     // Conditions, and a device's attributes after a newline.
     for (name, text) in [
         (

@@ -117,6 +117,7 @@ KILN_IMPORT(message_read) int32_t kiln_abi_message_read(void *buf, int32_t len);
 KILN_IMPORT(message_topic) int32_t kiln_abi_message_topic(void *buf, int32_t len);
 KILN_IMPORT(monotonic_ns) int64_t kiln_abi_monotonic_ns(void);
 KILN_IMPORT(wall_ns) int64_t kiln_abi_wall_ns(void);
+KILN_IMPORT(reply) int32_t kiln_abi_reply(const void *data, int32_t len);
 
 /* ---- Typed wrappers ------------------------------------------------------------- */
 
@@ -184,9 +185,24 @@ static inline int32_t kiln_message_read(void *buf, size_t cap) {
     return kiln_abi_message_read(buf, kiln__len(cap));
 }
 
+/* Whether the message being delivered is a command from the fleet (`kiln send`): its
+ * topic is `command/<topic>`. */
+static inline int kiln_is_command(const char *topic) {
+    const char *p = "command/";
+    while (*p && *topic == *p) { p++; topic++; }
+    return *p == '\0';
+}
+
+/* The reply to the command being delivered (at most 16 KiB; the last call counts):
+ * `kiln send` prints it with kiln_on_message's return value. Errors:
+ * KILN_E_NO_MESSAGE (not in a command), KILN_E_TOO_LARGE, KILN_E_OUT_OF_BOUNDS. */
+static inline int32_t kiln_reply(const void *data, size_t len) {
+    return kiln_abi_reply(data, kiln__len(len));
+}
+
 /* Copies the message's topic, `module/stream` of its sender, NUL-terminated, into
- * `buf` (at most cap - 1 bytes of it; `cap` must be at least 1); returns its length.
- * A topic is at most 129 bytes (two names of at most 64 and a slash), so a buffer
+ * `buf` (at most cap - 1 bytes of it; `cap` must be at least 1); returns its length;
+ * for a command from the fleet, `command/<topic>`. A topic is at most 129 bytes (two names of at most 64 and a slash), so a buffer
  * of 130 bytes always holds it. Errors: KILN_E_NO_MESSAGE, KILN_E_OUT_OF_BOUNDS. */
 static inline int32_t kiln_message_topic(char *buf, size_t cap) {
     if (cap == 0) return KILN_E_TRUNCATED;

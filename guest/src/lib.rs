@@ -38,6 +38,7 @@ mod sys {
         pub fn message_topic(ptr: *mut u8, len: i32) -> i32;
         pub fn monotonic_ns() -> i64;
         pub fn wall_ns() -> i64;
+        pub fn reply(ptr: *const u8, len: i32) -> i32;
     }
 }
 
@@ -173,11 +174,28 @@ pub fn wall() -> SystemTime {
     UNIX_EPOCH + Duration::from_nanos(unsafe { sys::wall_ns() }.max(0) as u64)
 }
 
-/// A message routed to this module: `topic` is `module/stream` of its sender.
+/// A message routed to this module: `topic` is `module/stream` of its sender, or
+/// `command/<topic>` for a command from the fleet (`kiln send`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     pub topic: String,
     pub data: Vec<u8>,
+}
+
+impl Message {
+    /// The command's topic, if this is a command from the fleet.
+    pub fn command(&self) -> Option<&str> {
+        self.topic.strip_prefix("command/")
+    }
+}
+
+/// The reply to the command being delivered (at most 16 KiB; the last call counts),
+/// which `kiln send` prints with `on_message`'s result. Outside a command it is
+/// `Error` no-message.
+pub fn reply(data: &[u8]) -> Result<(), Error> {
+    // SAFETY: pointer and length of a live slice.
+    let status = unsafe { sys::reply(data.as_ptr(), data.len() as i32) };
+    Error::check(status).map(|_| ())
 }
 
 fn current_message() -> Result<Message, Error> {

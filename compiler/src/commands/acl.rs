@@ -67,9 +67,10 @@ pub struct DeviceTopics {
 /// in the shared pattern).
 pub fn device_topics(prefix: &str, id: &str, groups_by_member: bool) -> DeviceTopics {
     let own = |kind: &str| format!("{prefix}/devices/{id}/{kind}");
-    let mut subscribe = vec![own("desired")];
+    let mut subscribe = vec![own("desired"), own("commands")];
     if !groups_by_member {
         subscribe.push(format!("{prefix}/groups/+/desired"));
+        subscribe.push(format!("{prefix}/groups/+/commands"));
     }
     subscribe.extend([
         format!("{prefix}/artifacts/#"),
@@ -77,9 +78,16 @@ pub fn device_topics(prefix: &str, id: &str, groups_by_member: bool) -> DeviceTo
         format!("{prefix}/registry"),
     ]);
     DeviceTopics {
-        publish: ["status", "reported", "events", "telemetry", "health"]
-            .map(own)
-            .to_vec(),
+        publish: [
+            "status",
+            "reported",
+            "events",
+            "telemetry",
+            "health",
+            "replies",
+        ]
+        .map(own)
+        .to_vec(),
         subscribe,
     }
 }
@@ -105,6 +113,7 @@ pub fn render(
                 s += &format!("user {device}\n");
                 for g in groups {
                     s += &format!("topic read {prefix}/groups/{g}/desired\n");
+                    s += &format!("topic read {prefix}/groups/{g}/commands\n");
                 }
                 s += "\n";
             }
@@ -130,7 +139,9 @@ pub fn render(
                 .map(|(device, groups)| {
                     let topics: Vec<String> = groups
                         .iter()
-                        .map(|g| format!("{prefix}/groups/{g}/desired"))
+                        .flat_map(|g| {
+                            ["desired", "commands"].map(|k| format!("{prefix}/groups/{g}/{k}"))
+                        })
                         .collect();
                     format!(
                         "{{allow, {{user, \"{device}\"}}, subscribe, [{}]}}.\n",
@@ -179,6 +190,23 @@ mod tests {
             m.contains("pattern read kiln/v1/devices/%u/desired\n"),
             "{m}"
         );
+        // Commands: read its own and its groups', write only its own replies.
+        assert!(
+            m.contains("pattern read kiln/v1/devices/%u/commands\n"),
+            "{m}"
+        );
+        assert!(
+            m.contains("pattern read kiln/v1/groups/+/commands\n"),
+            "{m}"
+        );
+        assert!(
+            m.contains("pattern write kiln/v1/devices/%u/replies\n"),
+            "{m}"
+        );
+        assert!(
+            !m.contains("pattern write kiln/v1/devices/%u/commands"),
+            "{m}"
+        );
         assert!(!m.contains("pattern write kiln/v1/groups"), "{m}");
         // Tags select devices for rollouts: a device never writes its own.
         assert!(!m.contains("tags"), "{m}");
@@ -206,11 +234,11 @@ mod tests {
             vec!["lab".to_string(), "west".to_string()],
         )];
         let m = render(AclFormat::Mosquitto, "kiln/v1", "ops", &members);
-        assert!(!m.contains("groups/+/desired"), "{m}");
-        assert!(m.contains("user dev-01\ntopic read kiln/v1/groups/lab/desired\ntopic read kiln/v1/groups/west/desired\n"), "{m}");
+        assert!(!m.contains("groups/+/"), "{m}");
+        assert!(m.contains("user dev-01\ntopic read kiln/v1/groups/lab/desired\ntopic read kiln/v1/groups/lab/commands\ntopic read kiln/v1/groups/west/desired\ntopic read kiln/v1/groups/west/commands\n"), "{m}");
         let e = render(AclFormat::Emqx, "kiln/v1", "ops", &members);
-        assert!(!e.contains("groups/+/desired"), "{e}");
-        assert!(e.contains("{allow, {user, \"dev-01\"}, subscribe, [\"kiln/v1/groups/lab/desired\", \"kiln/v1/groups/west/desired\"]}."), "{e}");
+        assert!(!e.contains("groups/+/"), "{e}");
+        assert!(e.contains("{allow, {user, \"dev-01\"}, subscribe, [\"kiln/v1/groups/lab/desired\", \"kiln/v1/groups/lab/commands\", \"kiln/v1/groups/west/desired\", \"kiln/v1/groups/west/commands\"]}."), "{e}");
         assert!(parse_member("dev-01").is_err());
         assert!(parse_member("dev 1=lab").is_err());
     }

@@ -19,6 +19,7 @@ pub mod release;
 pub mod remove;
 pub mod rollout;
 pub mod root;
+pub mod send;
 pub mod sign;
 pub mod tag;
 pub mod targets;

@@ -233,6 +233,19 @@ impl Session {
         Ok(())
     }
 
+    /// Publishes one message at QoS 1, not retained, and returns once the broker has
+    /// acknowledged it. Messages on subscribed topics that arrive meanwhile are kept
+    /// for [`Session::next_message`].
+    pub fn publish_once(&mut self, topic: String, payload: Vec<u8>) -> Result<()> {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .map_err(|e| anyhow!("cannot queue a publish: {e}"))?;
+        self.until(Duration::from_secs(30), |e| {
+            matches!(e, Event::Incoming(Packet::PubAck(_)))
+        })?;
+        Ok(())
+    }
+
     /// Everything retained under `filter`, by topic. MQTT has no "that was all"
     /// marker, so the session also subscribes to a topic of its own and, once the
     /// broker has acknowledged the subscription, publishes to it: the broker sends the
