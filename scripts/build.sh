@@ -69,7 +69,7 @@ done
 echo "build: kiln (host)"
 cargo build --locked --quiet -p kiln-compiler
 echo "build: example modules for wasm32-wasip1"
-for example in hello sensor-filter; do
+for example in hello sensor-filter nmea; do
   cargo build --locked --quiet --release --target wasm32-wasip1 \
     --manifest-path "examples/$example/Cargo.toml" --target-dir "$CARGO_TARGET_DIR/examples"
 done

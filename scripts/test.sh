@@ -16,7 +16,7 @@ if [ -z "${KILN_WASM_TESTSUITE:-}" ] && [ -d ../shared/wasm-testsuite ]; then
 fi
 cargo fmt --all -- --check
 # The guest SDK and the Rust examples live outside the host workspace (wasm32 only).
-for crate in guest examples/hello examples/sensor-filter examples/workloads; do
+for crate in guest examples/hello examples/sensor-filter examples/nmea examples/workloads; do
   cargo fmt --manifest-path "$crate/Cargo.toml" -- --check
 done
 cargo clippy --locked --quiet --manifest-path guest/Cargo.toml --target wasm32-wasip1 \

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 mod board;
+mod capabilities;
 mod cluster;
 mod commands;
 mod confine;

@@ -64,6 +64,10 @@ typedef enum kiln_status {
     /* a stream name that is empty, longer than 64 bytes or not [A-Za-z0-9._-]; a log
      * level outside 0..4 */
     KILN_E_INVALID = -4,
+    /* a capability the module was not granted (a serial port by that name) */
+    KILN_E_DENIED = -5,
+    /* the device said no (an I/O error on a serial port); try again */
+    KILN_E_IO = -6,
     /* kiln_config_value: the config has no such key (helpers only) */
     KILN_E_NOT_FOUND = -100,
     /* a helper's output did not fit the caller's buffer (helpers only) */
@@ -86,6 +90,8 @@ static inline const char *kiln_strerror(int32_t status) {
     case KILN_E_TOO_LARGE: return "larger than the kiln ABI accepts";
     case KILN_E_NO_MESSAGE: return "no message is being delivered";
     case KILN_E_INVALID: return "invalid argument";
+    case KILN_E_DENIED: return "not granted to this module";
+    case KILN_E_IO: return "the device reported an I/O error";
     case KILN_E_NOT_FOUND: return "no such config key";
     case KILN_E_TRUNCATED: return "did not fit the buffer";
     default: return status >= 0 ? "ok" : "unknown kiln status";
@@ -118,6 +124,11 @@ KILN_IMPORT(message_topic) int32_t kiln_abi_message_topic(void *buf, int32_t len
 KILN_IMPORT(monotonic_ns) int64_t kiln_abi_monotonic_ns(void);
 KILN_IMPORT(wall_ns) int64_t kiln_abi_wall_ns(void);
 KILN_IMPORT(reply) int32_t kiln_abi_reply(const void *data, int32_t len);
+KILN_IMPORT(serial_open) int32_t kiln_abi_serial_open(const void *name, int32_t len);
+KILN_IMPORT(serial_read)
+int32_t kiln_abi_serial_read(int32_t port, void *buf, int32_t len, int32_t wait_ms);
+KILN_IMPORT(serial_write)
+int32_t kiln_abi_serial_write(int32_t port, const void *data, int32_t len, int32_t wait_ms);
 
 /* ---- Typed wrappers ------------------------------------------------------------- */
 
@@ -209,6 +220,30 @@ static inline int32_t kiln_message_topic(char *buf, size_t cap) {
     int32_t n = kiln_abi_message_topic(buf, kiln__len(cap - 1));
     buf[n >= 0 ? n : 0] = '\0';
     return n;
+}
+
+/* ---- Serial ports (the `serial` capability) ---------------------------------------
+ * Only ports kilnd.toml grants this module ([[serial]] ... modules = ["NAME"]); a
+ * module that uses these without a grant is refused at load. kilnd opens the port and
+ * sets its baud and framing; the module reads and writes bytes. */
+
+/* A handle to the port granted under `name`. Errors: KILN_E_DENIED. */
+static inline int32_t kiln_serial_open(const char *name) {
+    return kiln_abi_serial_open(name, kiln__len(kiln__strlen(name)));
+}
+
+/* Bytes read into `buf` (at most 4096 per call), 0 if none came within `wait_ms`
+ * (at most 5000; keep it under the module's timeout_ms). Errors: KILN_E_INVALID (a bad
+ * handle), KILN_E_IO, KILN_E_OUT_OF_BOUNDS. */
+static inline int32_t kiln_serial_read(int32_t port, void *buf, size_t cap, int32_t wait_ms) {
+    return kiln_abi_serial_read(port, buf, kiln__len(cap), wait_ms);
+}
+
+/* Bytes the port took (at most 4096 per call), 0 if it took none within `wait_ms`.
+ * Errors: KILN_E_INVALID, KILN_E_IO, KILN_E_TOO_LARGE, KILN_E_OUT_OF_BOUNDS. */
+static inline int32_t kiln_serial_write(int32_t port, const void *data, size_t len,
+                                        int32_t wait_ms) {
+    return kiln_abi_serial_write(port, data, kiln__len(len), wait_ms);
 }
 
 /* Nanoseconds since the worker started; never goes backwards. */

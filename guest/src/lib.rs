@@ -39,6 +39,9 @@ mod sys {
         pub fn monotonic_ns() -> i64;
         pub fn wall_ns() -> i64;
         pub fn reply(ptr: *const u8, len: i32) -> i32;
+        pub fn serial_open(name: *const u8, len: i32) -> i32;
+        pub fn serial_read(port: i32, ptr: *mut u8, len: i32, wait_ms: i32) -> i32;
+        pub fn serial_write(port: i32, ptr: *const u8, len: i32, wait_ms: i32) -> i32;
     }
 }
 
@@ -49,6 +52,10 @@ pub enum Error {
     TooLarge,
     NoMessage,
     Invalid,
+    /// A capability (a serial port by that name) not granted to the module.
+    Denied,
+    /// The device reported an I/O error.
+    Io,
     Other(i32),
 }
 
@@ -60,6 +67,8 @@ impl Error {
             -2 => Err(Error::TooLarge),
             -3 => Err(Error::NoMessage),
             -4 => Err(Error::Invalid),
+            -5 => Err(Error::Denied),
+            -6 => Err(Error::Io),
             n => Err(Error::Other(n)),
         }
     }
@@ -72,6 +81,8 @@ impl fmt::Display for Error {
             Error::TooLarge => f.write_str("larger than the kiln ABI accepts"),
             Error::NoMessage => f.write_str("no message is being delivered"),
             Error::Invalid => f.write_str("invalid argument"),
+            Error::Denied => f.write_str("not granted to this module"),
+            Error::Io => f.write_str("the device reported an I/O error"),
             Error::Other(n) => write!(f, "kiln ABI status {n}"),
         }
     }
@@ -172,6 +183,38 @@ pub fn monotonic() -> Duration {
 pub fn wall() -> SystemTime {
     // SAFETY: no arguments.
     UNIX_EPOCH + Duration::from_nanos(unsafe { sys::wall_ns() }.max(0) as u64)
+}
+
+/// A serial port kilnd.toml grants this module (`[[serial]]`): kilnd opens it and
+/// sets its baud and framing; the module moves bytes. A module that uses it without
+/// a grant is refused at load.
+#[derive(Debug)]
+pub struct Serial(i32);
+
+impl Serial {
+    /// The port granted under `name`; `Error::Denied` if there is none.
+    pub fn open(name: &str) -> Result<Self, Error> {
+        // SAFETY: pointer and length of a live str.
+        let handle = unsafe { sys::serial_open(name.as_ptr(), name.len() as i32) };
+        Error::check(handle).map(Serial)
+    }
+
+    /// Bytes read into `buf` (at most 4096 a call), 0 if none came within `wait`
+    /// (at most 5 s; keep it under the module's `timeout_ms`).
+    pub fn read(&self, buf: &mut [u8], wait: Duration) -> Result<usize, Error> {
+        let wait = wait.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: the host writes at most `buf.len()` bytes into `buf`.
+        let n = unsafe { sys::serial_read(self.0, buf.as_mut_ptr(), buf.len() as i32, wait) };
+        Error::check(n).map(|n| n as usize)
+    }
+
+    /// Bytes the port took (at most 4096 a call), 0 if none within `wait`.
+    pub fn write(&self, data: &[u8], wait: Duration) -> Result<usize, Error> {
+        let wait = wait.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: pointer and length of a live slice.
+        let n = unsafe { sys::serial_write(self.0, data.as_ptr(), data.len() as i32, wait) };
+        Error::check(n).map(|n| n as usize)
+    }
 }
 
 /// A message routed to this module: `topic` is `module/stream` of its sender, or

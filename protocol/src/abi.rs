@@ -15,6 +15,9 @@
 //! | `message_len` | `() -> i32` | length of the message being delivered, or `NO_MESSAGE` |
 //! | `message_read` | `(ptr, len) -> i32` | copies up to `len` bytes of the message |
 //! | `message_topic` | `(ptr, len) -> i32` | copies its topic (`module/stream`, or `command/<topic>` for a command from the fleet), returns count |
+//! | `serial_open` | `(name_ptr, name_len) -> i32` | a handle to the serial port granted under `name` ([`crate::capability`]); `DENIED` if none is |
+//! | `serial_read` | `(handle, ptr, len, wait_ms) -> i32` | bytes read (at most [`crate::capability::MAX_SERIAL_IO`]), 0 if none came within `wait_ms` (at most 5,000) |
+//! | `serial_write` | `(handle, ptr, len, wait_ms) -> i32` | bytes written, 0 if the port took none within `wait_ms` |
 //! | `reply` | `(ptr, len) -> i32` | within `kiln_on_message` for a command: its reply, at most [`MAX_REPLY`] bytes (the last call counts); `NO_MESSAGE` otherwise |
 //! | `monotonic_ns` | `() -> i64` | nanoseconds since the worker started, never goes back |
 //! | `wall_ns` | `() -> i64` | nanoseconds since the Unix epoch (the device's clock) |
@@ -47,6 +50,9 @@ pub const IMPORTS: &[(&str, &[ValType], &[ValType])] = &[
     ("monotonic_ns", &[], &[I64]),
     ("wall_ns", &[], &[I64]),
     ("reply", &[I32, I32], &[I32]),
+    ("serial_open", &[I32, I32], &[I32]),
+    ("serial_read", &[I32, I32, I32, I32], &[I32]),
+    ("serial_write", &[I32, I32, I32, I32], &[I32]),
 ];
 
 /// Reactor exports the daemon calls, with their signatures.
@@ -86,8 +92,12 @@ pub enum Status {
     /// `message_*` outside `kiln_on_message`.
     NoMessage = -3,
     /// A stream name that `names::check` refuses (empty, not `[A-Za-z0-9._-]`), or a
-    /// log level outside 0..=4.
+    /// log level outside 0..=4, or a handle the module was not given.
     Invalid = -4,
+    /// A capability (a serial port by that name) the module was not granted.
+    Denied = -5,
+    /// The device said no (an I/O error on a serial port); the module may try again.
+    Io = -6,
 }
 
 /// Log levels, as numbers on the ABI.

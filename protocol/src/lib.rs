@@ -17,6 +17,7 @@
 pub mod abi;
 pub mod artifact;
 pub mod atomic;
+pub mod capability;
 pub mod clock;
 pub mod command;
 pub mod compat;

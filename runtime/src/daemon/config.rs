@@ -64,6 +64,70 @@ pub struct Config {
     /// Each module's rate limit by name (filled by `load`).
     #[serde(skip)]
     pub rates: BTreeMap<String, RateLimit>,
+    /// Serial ports, each granted to the modules it names (local or fleet).
+    #[serde(default)]
+    pub serial: Vec<SerialConfig>,
+    /// The ports granted to each module, by its name (filled by `load`).
+    #[serde(skip)]
+    pub grants: Grants,
+}
+
+/// A serial port in kilnd.toml and the modules granted it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    /// What a module opens it by.
+    pub name: String,
+    pub path: PathBuf,
+    #[serde(default = "defaults::baud")]
+    pub baud: u32,
+    #[serde(default = "defaults::framing")]
+    pub framing: String,
+    /// The modules granted it (none: no module may open it).
+    pub modules: Vec<String>,
+}
+
+/// The hardware each module is granted, by module name.
+pub type Grants = BTreeMap<String, Vec<kiln_protocol::capability::SerialPort>>;
+
+/// Checks the `[[serial]]` ports and who they are granted to.
+fn grants(serial: &[SerialConfig], base: &Path) -> Result<Grants, String> {
+    use kiln_protocol::capability::{SerialPort, MAX_SERIAL_PORTS};
+    let mut grants = Grants::new();
+    let mut names = BTreeSet::new();
+    for s in serial {
+        let path = base.join(&s.path);
+        let port = SerialPort {
+            name: s.name.clone(),
+            path: path.to_string_lossy().into_owned(),
+            baud: s.baud,
+            framing: s
+                .framing
+                .parse()
+                .map_err(|e| format!("[[serial]] `{}`: {e}", s.name))?,
+        };
+        port.check().map_err(|e| format!("[[serial]] {e}"))?;
+        if !names.insert(s.name.clone()) {
+            return Err(format!("[[serial]]: a second port is named `{}`", s.name));
+        }
+        if s.modules.is_empty() {
+            return Err(format!(
+                "[[serial]] `{}`: `modules` names no module to grant it to",
+                s.name
+            ));
+        }
+        for m in &s.modules {
+            names::check(Kind::Module, m).map_err(|e| format!("[[serial]] `{}`: {e}", s.name))?;
+            let ports = grants.entry(m.clone()).or_default();
+            ports.push(port.clone());
+            if ports.len() > MAX_SERIAL_PORTS {
+                return Err(format!(
+                    "[[serial]]: module `{m}` is granted more than {MAX_SERIAL_PORTS} ports"
+                ));
+            }
+        }
+    }
+    Ok(grants)
 }
 
 /// Telemetry goes to the broker in batches, each written to a bounded spool on disk
@@ -267,6 +331,12 @@ mod defaults {
     pub fn start_timeout_ms() -> u64 {
         30_000
     }
+    pub fn baud() -> u32 {
+        9600
+    }
+    pub fn framing() -> String {
+        "8N1".into()
+    }
 }
 
 /// A module ready to supervise: names resolved, paths absolute, limits parsed.
@@ -294,6 +364,8 @@ pub struct ModulePlan {
     /// the device's (`trust`, or its root's release keys). A fleet module names the
     /// key that signed it when it was staged.
     pub trusted_keys: Vec<String>,
+    /// The serial ports kilnd.toml grants the module (by its name, local or fleet).
+    pub serial: Vec<kiln_protocol::capability::SerialPort>,
 }
 
 impl Config {
@@ -430,9 +502,12 @@ impl Config {
                 dirs,
                 restart: m.restart,
                 trusted_keys: Vec::new(),
+                serial: Vec::new(),
             });
         }
         config.rates = rates;
+        config.grants =
+            grants(&config.serial, base).map_err(|e| format!("config `{file}`: {e}"))?;
         if let Some(mqtt) = &mut config.mqtt {
             kiln_protocol::fleet::parse_brokers(&mqtt.broker)
                 .map_err(|e| format!("config `{file}`: {e}"))?;
@@ -597,6 +672,49 @@ restart = { backoff_ms = 100, max_crashes = 3 }
         assert_eq!(p.config, b"alpha=0.3");
         assert_eq!(p.restart.max_crashes, 3);
         assert_eq!(p.restart.backoff_max_ms, 30_000);
+    }
+
+    #[test]
+    fn serial_ports_are_granted_to_the_modules_they_name_and_checked() {
+        let base = "trust = [\"k.pub\"]\n[[module]]\nartifact = \"nmea.kiln\"\n";
+        let (config, _) = load_config(&format!(
+            "{base}[[serial]]\nname = \"gps\"\npath = \"/dev/ttyUSB0\"\nbaud = 4800\nframing = \"7E1\"\nmodules = [\"nmea\", \"fleet-app\"]\n"
+        ))
+        .unwrap();
+        let granted = &config.grants["nmea"];
+        assert_eq!(granted.len(), 1);
+        assert_eq!(
+            (
+                granted[0].name.as_str(),
+                granted[0].path.as_str(),
+                granted[0].baud
+            ),
+            ("gps", "/dev/ttyUSB0", 4800)
+        );
+        assert_eq!(granted[0].framing.to_string(), "7E1");
+        assert_eq!(config.grants["fleet-app"], *granted);
+        assert!(!config.grants.contains_key("other"));
+        let refused = |serial: &str| load(&format!("{base}[[serial]]\n{serial}")).unwrap_err();
+        assert!(refused(
+            "name = \"gps\"\npath = \"/dev/ttyS0\"\nbaud = 9601\nmodules = [\"nmea\"]\n"
+        )
+        .contains("baud 9601"));
+        assert!(refused(
+            "name = \"gps\"\npath = \"/dev/ttyS0\"\nframing = \"9N1\"\nmodules = [\"nmea\"]\n"
+        )
+        .contains("framing `9N1`"));
+        assert!(
+            refused("name = \"gps\"\npath = \"/dev/ttyS0\"\nmodules = []\n")
+                .contains("names no module")
+        );
+        assert!(
+            refused("name = \"a/b\"\npath = \"/dev/ttyS0\"\nmodules = [\"nmea\"]\n")
+                .contains("serial port name")
+        );
+        assert!(refused(
+            "name = \"gps\"\npath = \"/dev/ttyS0\"\nmodules = [\"nmea\"]\nparity = 1\n"
+        )
+        .contains("unknown field `parity`"));
     }
 
     #[test]

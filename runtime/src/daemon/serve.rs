@@ -20,7 +20,7 @@ use kiln_protocol::fleet::Topics;
 use kiln_protocol::keys::PublicKey;
 use kiln_protocol::telemetry::{self, Body, Record};
 
-use crate::daemon::config::{Config, ModulePlan, MqttConfig};
+use crate::daemon::config::{Config, Grants, ModulePlan, MqttConfig};
 use crate::daemon::fleet::{self, AgentIn};
 use crate::daemon::health::HealthBook;
 use crate::daemon::link;
@@ -92,10 +92,11 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
         sink,
         local: Vec::new(),
         rates: BTreeMap::new(),
+        grants: Grants::new(),
         fleet: Vec::new(),
         running: HashMap::new(),
     }));
-    lock(&modules).set_local(plans, rates);
+    lock(&modules).set_local(plans, rates, config.grants.clone());
     let mqtt = match (&config.mqtt, &config.device, &config.data_dir) {
         (Some(mqtt), Some(device), Some(data_dir)) => {
             Some(connect(&config, mqtt, device, data_dir, &modules)?)
@@ -518,6 +519,8 @@ struct Modules {
     local: Vec<ModulePlan>,
     /// Rate limits of local modules by name, from kilnd.toml.
     rates: BTreeMap<String, RateLimit>,
+    /// The hardware kilnd.toml grants each module, local or fleet, by name.
+    grants: Grants,
     fleet: Vec<ModulePlan>,
     running: HashMap<String, Running>,
 }
@@ -531,9 +534,15 @@ struct Running {
 }
 
 impl Modules {
-    fn set_local(&mut self, plans: Vec<ModulePlan>, rates: BTreeMap<String, RateLimit>) {
+    fn set_local(
+        &mut self,
+        plans: Vec<ModulePlan>,
+        rates: BTreeMap<String, RateLimit>,
+        grants: Grants,
+    ) {
         self.local = plans;
         self.rates = rates;
+        self.grants = grants;
         self.apply();
     }
 
@@ -566,6 +575,9 @@ impl Modules {
             if !plans.iter().any(|f| f.name == p.name) {
                 plans.push(p.clone());
             }
+        }
+        for plan in &mut plans {
+            plan.serial = self.grants.get(&plan.name).cloned().unwrap_or_default();
         }
         let names: Vec<String> = plans.iter().map(|p| p.name.clone()).collect();
         for (name, running) in &self.running {
@@ -737,7 +749,7 @@ impl Signals {
                 match reloaded {
                     Ok((config, plans)) => {
                         tracing::info!(config = %config_path.display(), "reloading");
-                        lock(modules).set_local(plans, config.rates);
+                        lock(modules).set_local(plans, config.rates, config.grants);
                     }
                     Err(e) => tracing::error!("reload refused, keeping what runs: {e}"),
                 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use kiln_protocol::abi::{self, Level, Status, MAX_LOG, MAX_PUBLISH, MAX_STREAM};
+use kiln_protocol::capability::MAX_SERIAL_IO;
 use kiln_protocol::names::{self, Kind};
 use kiln_protocol::worker::{LogSource, Reply};
 use wasmer::{AsStoreMut, Exports, Function, FunctionEnv, FunctionEnvMut, Imports, Memory, Store};
@@ -21,6 +22,8 @@ pub struct KilnEnv {
     pub message: Option<(String, Vec<u8>)>,
     pub emit: Emit,
     pub started: Instant,
+    /// The serial ports granted to the module, opened; a handle is an index.
+    pub ports: Vec<crate::sandbox::serial::Port>,
 }
 
 impl KilnEnv {
@@ -31,6 +34,7 @@ impl KilnEnv {
             message: None,
             emit,
             started: Instant::now(),
+            ports: Vec::new(),
         }
     }
 }
@@ -66,6 +70,18 @@ pub fn imports(store: &mut Store, env: &FunctionEnv<KilnEnv>) -> Imports {
     );
     ns.insert("wall_ns", Function::new_typed_with_env(store, env, wall_ns));
     ns.insert("reply", Function::new_typed_with_env(store, env, reply));
+    ns.insert(
+        "serial_open",
+        Function::new_typed_with_env(store, env, serial_open),
+    );
+    ns.insert(
+        "serial_read",
+        Function::new_typed_with_env(store, env, serial_read),
+    );
+    ns.insert(
+        "serial_write",
+        Function::new_typed_with_env(store, env, serial_write),
+    );
     let mut imports = Imports::new();
     imports.register_namespace(abi::MODULE, ns);
     imports
@@ -148,6 +164,72 @@ fn reply(ctx: FunctionEnvMut<'_, KilnEnv>, ptr: i32, len: i32) -> i32 {
     };
     (ctx.data().emit)(Reply::Answer { data });
     0
+}
+
+/// A handle to the serial port granted under `name`.
+fn serial_open(ctx: FunctionEnvMut<'_, KilnEnv>, ptr: i32, len: i32) -> i32 {
+    let name = match read(&ctx, ptr, len, MAX_STREAM) {
+        Ok(n) => n,
+        Err(status) => return status,
+    };
+    ctx.data()
+        .ports
+        .iter()
+        .position(|p| p.name.as_bytes() == name.as_slice())
+        .map_or(Status::Denied as i32, |i| i as i32)
+}
+
+/// Whether `len` bytes at `ptr` are inside the module's memory: checked before a
+/// port is read, so no byte is taken from it that cannot be handed over.
+fn fits(ctx: &FunctionEnvMut<'_, KilnEnv>, ptr: i32, len: usize) -> bool {
+    let (Ok(ptr), Some(memory)) = (u64::try_from(ptr), ctx.data().memory.as_ref()) else {
+        return false;
+    };
+    ptr.checked_add(len as u64)
+        .is_some_and(|end| end <= memory.view(ctx).data_size())
+}
+
+fn serial_read(
+    mut ctx: FunctionEnvMut<'_, KilnEnv>,
+    handle: i32,
+    ptr: i32,
+    len: i32,
+    wait_ms: i32,
+) -> i32 {
+    let n = usize::try_from(len).unwrap_or(0).min(MAX_SERIAL_IO);
+    if !fits(&ctx, ptr, n) {
+        return Status::OutOfBounds as i32;
+    }
+    let mut buf = vec![0u8; n];
+    let got = match ctx.data_mut().ports.get_mut(handle as usize) {
+        Some(port) if handle >= 0 => port.read(&mut buf, wait_ms.max(0) as u32),
+        _ => return Status::Invalid as i32,
+    };
+    match got {
+        Ok(got) => write(&mut ctx, ptr, got as i32, &buf[..got]),
+        Err(_) => Status::Io as i32,
+    }
+}
+
+fn serial_write(
+    ctx: FunctionEnvMut<'_, KilnEnv>,
+    handle: i32,
+    ptr: i32,
+    len: i32,
+    wait_ms: i32,
+) -> i32 {
+    let data = match read(&ctx, ptr, len, MAX_SERIAL_IO) {
+        Ok(d) => d,
+        Err(status) => return status,
+    };
+    let mut ctx = ctx;
+    match ctx.data_mut().ports.get_mut(handle as usize) {
+        Some(port) if handle >= 0 => match port.write(&data, wait_ms.max(0) as u32) {
+            Ok(n) => n as i32,
+            Err(_) => Status::Io as i32,
+        },
+        _ => Status::Invalid as i32,
+    }
 }
 
 fn log(ctx: FunctionEnvMut<'_, KilnEnv>, level: i32, ptr: i32, len: i32) -> i32 {

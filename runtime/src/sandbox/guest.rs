@@ -34,6 +34,8 @@ pub struct GuestOptions {
     /// Capture stdout/stderr as log records (workers) instead of passing them through
     /// to kilnd's own (`kilnd run`).
     pub capture_stdio: bool,
+    /// The serial ports granted to the module, opened before confinement.
+    pub serial: Vec<crate::sandbox::serial::Port>,
 }
 
 pub struct Guest {
@@ -88,6 +90,27 @@ impl std::fmt::Display for Steps {
     }
 }
 
+/// A module that imports a capability's functions must have been granted it: refused
+/// at load, naming the capability and the grant that would allow it.
+fn check_capabilities(
+    module: &wasmer::Module,
+    serial: &[crate::sandbox::serial::Port],
+) -> Result<(), String> {
+    let Some(import) = module.imports().find(|i| {
+        i.module() == abi::MODULE
+            && kiln_protocol::capability::needed_by(i.name()) == Some("serial")
+    }) else {
+        return Ok(());
+    };
+    if serial.is_empty() {
+        return Err(format!(
+            "imports `kiln`.`{}`, but it is not granted the `serial` capability (kilnd.toml: [[serial]] with this module in `modules`)",
+            import.name()
+        ));
+    }
+    Ok(())
+}
+
 impl Guest {
     /// Instantiates `loaded`, runs WASI's `_initialize` if the module has one (but not
     /// `kiln_init`, which is a call like any other).
@@ -96,6 +119,7 @@ impl Guest {
         let fail = |why: String| Failure::new(Code::LoadFailed, format!("module `{name}` {why}"));
         let mut steps = Steps::start();
         wasi::check_imports(&name, &loaded.module)?;
+        check_capabilities(&loaded.module, &opts.serial).map_err(&fail)?;
         check_reactor_exports(&loaded.module).map_err(&fail)?;
         let mut store = Store::new(loaded.engine.clone());
         let module = loaded.module;
@@ -143,7 +167,9 @@ impl Guest {
         };
         #[cfg(feature = "wasi")]
         let _guard = tokio.as_ref().map(|t| t.enter());
-        let kiln = FunctionEnv::new(&mut store, KilnEnv::new(opts.config, opts.emit.clone()));
+        let mut kiln_env = KilnEnv::new(opts.config, opts.emit.clone());
+        kiln_env.ports = opts.serial;
+        let kiln = FunctionEnv::new(&mut store, kiln_env);
         for ((ns, name), ext) in crate::sandbox::abi::imports(&mut store, &kiln).into_iter() {
             imports.define(&ns, &name, ext);
         }

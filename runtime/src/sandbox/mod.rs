@@ -11,6 +11,7 @@ pub mod escape;
 pub mod guest;
 pub mod limits;
 pub mod load;
+pub mod serial;
 pub mod wasi;
 pub mod worker;
 pub mod zygote;

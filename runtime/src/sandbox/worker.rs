@@ -26,6 +26,7 @@ use crate::sandbox::confine::{self, Policy, Report};
 use crate::sandbox::guest::{Guest, GuestOptions};
 use crate::sandbox::limits;
 use crate::sandbox::load::{load_bytes, read_bounded, MAX_LOCAL_ARTIFACT};
+use crate::sandbox::serial;
 use crate::sandbox::wasi::{DirMapping, WasiOptions};
 
 /// How long a record may wait in the worker's buffer before it is flushed to the
@@ -117,6 +118,20 @@ pub fn serve() -> i32 {
     };
     // Read before confinement, which leaves the worker only the module's dirs.
     let artifact = read_bounded(Path::new(&spec.artifact), MAX_LOCAL_ARTIFACT);
+    // The granted serial ports too: confinement leaves the worker these descriptors,
+    // not the device directory.
+    let ports: Result<Vec<serial::Port>, String> = spec
+        .serial
+        .iter()
+        .map(|p| {
+            serial::open(p).map_err(|e| {
+                format!(
+                    "cannot open serial port `{}` (`{}`, granted in kilnd.toml): {e}",
+                    p.name, p.path
+                )
+            })
+        })
+        .collect();
     #[cfg(feature = "test-hooks")]
     let parent = std::os::unix::process::parent_id();
     let policy = Policy {
@@ -138,7 +153,13 @@ pub fn serve() -> i32 {
     let emit: Emit = Arc::new(move |reply| sender.send(reply));
     #[cfg(feature = "test-hooks")]
     crate::sandbox::escape::attempt_if_asked(parent, &confined, &emit);
-    let code = serve_with(input, *spec, artifact, (confined, confine_us), &emit);
+    let code = serve_with(
+        input,
+        *spec,
+        (artifact, ports),
+        (confined, confine_us),
+        &emit,
+    );
     // What the module said last (its stdout's last line at finish) goes out too.
     replies.flush();
     code
@@ -147,7 +168,7 @@ pub fn serve() -> i32 {
 fn serve_with(
     mut input: BufReader<io::StdinLock<'static>>,
     spec: StartSpec,
-    artifact: io::Result<Vec<u8>>,
+    artifact: (io::Result<Vec<u8>>, Result<Vec<serial::Port>, String>),
     confined: (Report, u64),
     emit: &Emit,
 ) -> i32 {
@@ -201,11 +222,12 @@ fn serve_with(
 
 fn start(
     spec: StartSpec,
-    artifact: io::Result<Vec<u8>>,
+    (artifact, ports): (io::Result<Vec<u8>>, Result<Vec<serial::Port>, String>),
     (confined, confine_us): (Report, u64),
     emit: &Emit,
 ) -> Result<Guest, Stop> {
     let load_failed = |code: u8, message: String| Stop::LoadFailed { code, message };
+    let ports = ports.map_err(|why| load_failed(Code::LoadFailed as u8, why))?;
     let file = spec.artifact.as_str();
     let bytes = artifact.map_err(|e| {
         load_failed(
@@ -258,6 +280,7 @@ fn start(
         fuel,
         emit: emit.clone(),
         capture_stdio: true,
+        serial: ports,
     };
     let mut guest =
         Guest::instantiate(loaded, opts).map_err(|f| load_failed(f.code as u8, f.message))?;

@@ -666,6 +666,8 @@ impl Executor {
                         .and_then(|k| PublicKey::from_bytes(&k).ok())
                         .map(|k| vec![k.to_text()])
                         .unwrap_or_else(|| self.trust.keys().map(PublicKey::to_text).collect()),
+                    // Hardware is the device's to grant: kilnd.toml's, added by serve.
+                    serial: Vec::new(),
                 }
             })
             .collect()
