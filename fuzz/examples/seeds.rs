@@ -588,11 +588,21 @@ fn main() -> std::io::Result<()> {
             env: vec![("RUST_LOG".into(), "info".into())],
             dirs: vec![("/var/lib/kilnd/data/sensor".into(), "/data".into())],
             expect: None,
+            serial: vec![kiln_protocol::capability::SerialPort {
+                name: "gps".into(),
+                path: "/dev/ttyUSB0".into(),
+                baud: 4800,
+                framing: kiln_protocol::capability::Framing::default(),
+            }],
         }))),
         ToWorker::V1(Request::Tick),
         ToWorker::V1(Request::Message {
             topic: "sensor/cmd".into(),
             data: vec![1, 2, 3],
+        }),
+        ToWorker::V1(Request::Message {
+            topic: "command/open".into(),
+            data: b"30".to_vec(),
         }),
         ToWorker::V1(Request::Run),
     ];
