@@ -11,7 +11,8 @@
 #   - the Rust example modules for wasm32-wasip1 (hello, a WASI command; sensor-filter,
 #     a reactor written with the kiln-guest SDK);
 #   - the C example modules (examples/c, written with the C SDK guest/c/kiln.h), with
-#     clang-19 and wasi-libc (scripts/c-examples.sh);
+#     clang-19 and wasi-libc (scripts/c-examples.sh), and the Zig ones (examples/zig,
+#     scripts/zig-examples.sh, Zig from PyPI);
 #   - the WASI testsuite's 46 wasm32-wasip1 Rust tests (conformance/wasi).
 # Prints the stripped size of each kilnd.
 #
@@ -75,6 +76,8 @@ for example in hello sensor-filter nmea; do
 done
 echo "build: C example modules for wasm32-wasi"
 scripts/c-examples.sh
+echo "build: Zig example modules for wasm32"
+scripts/zig-examples.sh
 echo "build: the WASI testsuite for wasm32-wasip1"
 scripts/wasi-testsuite.sh --build
 

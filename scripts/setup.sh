@@ -54,6 +54,9 @@ have dpkg-deb || packages+=(dpkg)
 # artifact chunks over HTTPS as a mirror.
 have nats-server || packages+=(nats-server)
 have nginx || packages+=(nginx-light)
+# Zig for its example module (scripts/zig-examples.sh installs Zig itself from PyPI,
+# the package registry that carries it; Debian does not).
+python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)
 fi
 
 if [ ${#packages[@]} -gt 0 ]; then
@@ -95,3 +98,5 @@ if [ "$(mdbook --version 2>/dev/null)" != "mdbook v$mdbook_version" ]; then
   cargo install --locked --quiet mdbook --version "$mdbook_version" \
     --no-default-features --features search
 fi
+# Zig, from its PyPI package (Debian has none; TinyGo is in neither).
+[ "$demo" = 1 ] || "$(dirname "$0")/zig-examples.sh" --install

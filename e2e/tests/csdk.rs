@@ -159,18 +159,20 @@ fn the_c_sensor_filter_artifact_is_small() {
     }
 }
 
-/// A C module built with KILN_NO_LIBC imports nothing but `kiln`: the lean kilnd (no
-/// WASI) runs it, and it publishes what the counter fixture (WAT) publishes.
+/// A C module built with KILN_NO_LIBC, and the Zig one (examples/zig, built for
+/// wasm32-freestanding), import nothing but `kiln`: the lean kilnd (no WASI) runs
+/// them, and they publish what the counter fixture (WAT) publishes.
 #[test]
-fn a_c_module_without_libc_runs_on_the_lean_kilnd_like_the_wat_counter() {
+fn c_and_zig_modules_without_libc_run_on_the_lean_kilnd_like_the_wat_counter() {
     for target in kiln_e2e::LEAN_DEVICES {
         let s = shared();
         let tick = "tick_ms = 50\ntimeout_ms = 20000\nconfig = \"3\"";
         let mut config = module_entry("wat", &s.artifact("fixtures/counter.wat", target), tick);
         config += &module_entry("c", &s.artifact("c/counter.wasm", target), tick);
+        config += &module_entry("zig", &s.artifact("zig/counter.wasm", target), tick);
         let mut serve = Serve::start(&Device::lean(target), &config);
         let records = serve.wait_until(Duration::from_secs(120), |r| {
-            texts(r, "wat").len() >= 30 && texts(r, "c").len() >= 30
+            ["wat", "c", "zig"].iter().all(|m| texts(r, m).len() >= 30)
         });
         let explain = serve.explain();
         let expected: Vec<String> = (1..=30).map(|n| format!("{n:08x}")).collect();
@@ -184,9 +186,15 @@ fn a_c_module_without_libc_runs_on_the_lean_kilnd_like_the_wat_counter() {
             expected[..],
             "{target}\n{explain}"
         );
+        assert_eq!(
+            texts(&records, "zig")[..30],
+            expected[..],
+            "{target}\n{explain}"
+        );
         eprintln!(
-            "{target}: lean kilnd: the C counter ({} bytes of wasm) published 1..=30 like the WAT one",
-            std::fs::metadata(kiln_e2e::source("c/counter.wasm")).unwrap().len()
+            "{target}: lean kilnd: the C counter ({} bytes of wasm) and the Zig one ({} bytes) published 1..=30 like the WAT one",
+            std::fs::metadata(kiln_e2e::source("c/counter.wasm")).unwrap().len(),
+            std::fs::metadata(kiln_e2e::source("zig/counter.wasm")).unwrap().len()
         );
     }
 }

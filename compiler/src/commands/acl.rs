@@ -67,7 +67,9 @@ pub struct DeviceTopics {
 /// in the shared pattern).
 pub fn device_topics(prefix: &str, id: &str, groups_by_member: bool) -> DeviceTopics {
     let own = |kind: &str| format!("{prefix}/devices/{id}/{kind}");
-    let mut subscribe = vec![own("desired"), own("commands")];
+    // Its own status too: a last will that lands after it reconnected (a cluster's
+    // dead node) is answered by saying online again.
+    let mut subscribe = vec![own("desired"), own("commands"), own("status")];
     if !groups_by_member {
         subscribe.push(format!("{prefix}/groups/+/desired"));
         subscribe.push(format!("{prefix}/groups/+/commands"));

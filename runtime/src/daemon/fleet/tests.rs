@@ -288,6 +288,8 @@ struct World {
     /// Commands handed to modules, and the replies the device signed.
     commands: Vec<kiln_protocol::command::Command>,
     replies: Vec<kiln_protocol::command::ReplyV1>,
+    /// `online` of every status the device published.
+    statuses: Vec<bool>,
 }
 
 /// A mirror serving the transfers on the broker as `kiln push --mirror-dir` writes
@@ -342,6 +344,7 @@ impl World {
             broker_chunks: 0,
             commands: Vec::new(),
             replies: Vec::new(),
+            statuses: Vec::new(),
         };
         world.boot();
         world
@@ -430,6 +433,10 @@ impl World {
                 Err(Effect::Publish { topic, payload, .. }) => {
                     if topic == self.topics.reported(DEVICE) {
                         self.last_reported = Some(payload);
+                    } else if topic == self.topics.status(DEVICE) {
+                        let (status, _) = kiln_protocol::fleet::Status::open(&topic, &payload)
+                            .expect("a status the device signed");
+                        self.statuses.push(status.online);
                     } else if topic == self.topics.replies(DEVICE) {
                         let (reply, signer) = kiln_protocol::fleet::open_report::<
                             kiln_protocol::command::Reply,
@@ -1722,6 +1729,51 @@ fn a_refused_subscription_is_named_and_asked_again_with_growing_waits() {
     world.input(Input::Connected);
     assert!(world.broker.subscribed.contains(&topic));
     assert_eq!(world.agent.next_deadline_ms(), None);
+}
+
+/// A cluster node that died fires the last will of the device's old session after the
+/// device said online on another node: the device hears its own status say offline,
+/// and says online again; its own online coming back is not answered (no loop).
+#[test]
+fn a_late_last_will_is_answered_by_saying_online_again() {
+    let mut w = World::new();
+    w.boot();
+    let topic = w.topics.status(DEVICE);
+    assert!(w.broker.subscribed.contains(&topic));
+    assert!(w.statuses.iter().all(|online| *online));
+    let before = w.statuses.len();
+    let facts = kiln_protocol::fleet::DeviceFacts {
+        triple: "x86_64-unknown-linux-gnu".into(),
+        cpu_features: Vec::new(),
+        kilnd: "test".into(),
+        wasmer: "7.4.2".into(),
+        kiln_abi: 1,
+        groups: vec![GROUP.into()],
+        boot_id: 1,
+    };
+    let identity = SecretKey::generate().unwrap();
+    let will = super::offline(&topic, DEVICE, &facts, &identity);
+    w.input(Input::Message {
+        topic: topic.clone(),
+        payload: will,
+    });
+    assert_eq!(w.statuses[before..], [true]);
+    // Its own online status, delivered back: nothing more.
+    let online = kiln_protocol::fleet::seal_report(
+        &kiln_protocol::fleet::Status::V2(kiln_protocol::fleet::StatusV2 {
+            device: DEVICE.into(),
+            online: true,
+            facts: None,
+            trust: None,
+        }),
+        &topic,
+        &identity,
+    );
+    w.input(Input::Message {
+        topic: topic.clone(),
+        payload: online,
+    });
+    assert_eq!(w.statuses.len(), before + 1);
 }
 
 /// A command signed by the release role reaches its module once; one signed by
