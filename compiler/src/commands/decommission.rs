@@ -10,7 +10,7 @@ use crate::fleet::broker::BrokerArgs;
 use crate::fleet::keyfile;
 use crate::fleet::messages::Reader;
 use crate::fleet::registry::remove_from_registry;
-use crate::fleet::trust::{refuse_root_keys, Fleet, RootArgs};
+use crate::fleet::trust::RootArgs;
 use crate::names::valid_name;
 
 const AFTER_HELP: &str = "\
@@ -57,9 +57,9 @@ impl DecommissionCommand {
         let topics = self.broker.topics();
         let unavailable = |e| coded(Code::Unavailable, e);
         let mut session = self.broker.connect().map_err(unavailable)?;
-        let anchor = self.root.anchor(self.sign.first().map(PathBuf::as_path))?;
-        let fleet = Fleet::follow(&mut session, &topics, anchor)?;
-        refuse_root_keys(&fleet, &self.sign, &keys)?;
+        let fleet = self
+            .root
+            .follow_to_sign(&mut session, &topics, &self.sign, &keys)?;
         let filter = format!("{}/devices/{device}/#", topics.prefix());
         let retained = session.retained(&filter).map_err(unavailable)?;
         let status = topics.status(device);

@@ -17,7 +17,7 @@ use crate::exit::{coded, Code};
 use crate::fleet::broker::{BrokerArgs, Session};
 use crate::fleet::keyfile;
 use crate::fleet::messages::online_targets;
-use crate::fleet::trust::{parse_duration, refuse_root_keys, Fleet, RootArgs};
+use crate::fleet::trust::{parse_duration, RootArgs};
 use crate::fleet::Error;
 use crate::names::valid_name;
 
@@ -151,27 +151,19 @@ impl SendCommand {
             .broker
             .connect()
             .map_err(|e| coded(Code::Unavailable, e))?;
-        let anchor = self.root.anchor(self.sign.first().map(PathBuf::as_path))?;
-        let fleet = Fleet::follow(&mut session, &topics, anchor)?;
-        refuse_root_keys(&fleet, &self.sign, &keys)?;
+        let fleet = self
+            .root
+            .follow_to_sign(&mut session, &topics, &self.sign, &keys)?;
         let registry = fleet.registry_or_empty(&mut session, &topics)?;
         let scope = &checked.scope;
         let targets = online_targets(&mut session, &topics, scope)?;
-        if let Scope::Device(d) = scope {
-            if targets.is_empty() {
-                session.disconnect();
-                return Err(coded(
-                    Code::NoSuchScope,
-                    anyhow::anyhow!("device {d} is not online (its retained status says so, or it has none); a command is not kept for it"),
-                ));
-            }
-        }
         if targets.is_empty() {
             session.disconnect();
-            return Err(coded(
-                Code::NoSuchScope,
-                anyhow::anyhow!("no online device's status names {}", words(scope)),
-            ));
+            let why = match scope {
+                Scope::Device(d) => format!("device {d} is not online (its retained status says so, or it has none); a command is not kept for it"),
+                Scope::Group(_) => format!("no online device's status names {}", words(scope)),
+            };
+            return Err(coded(Code::NoSuchScope, anyhow::anyhow!(why)));
         }
         let now = kiln_protocol::clock::now_ms();
         let command = Command {

@@ -13,7 +13,7 @@ use crate::exit::{coded, Code};
 use crate::fleet::broker::BrokerArgs;
 use crate::fleet::keyfile;
 use crate::fleet::tags;
-use crate::fleet::trust::{refuse_root_keys, Fleet, RootArgs};
+use crate::fleet::trust::RootArgs;
 use crate::fleet::Error;
 use crate::names::valid_name;
 
@@ -90,9 +90,9 @@ impl TagCommand {
             .broker
             .connect()
             .map_err(|e| coded(Code::Unavailable, e))?;
-        let anchor = self.root.anchor(self.sign.first().map(PathBuf::as_path))?;
-        let fleet = Fleet::follow(&mut session, &topics, anchor)?;
-        refuse_root_keys(&fleet, &self.sign, &keys)?;
+        let fleet = self
+            .root
+            .follow_to_sign(&mut session, &topics, &self.sign, &keys)?;
         let keys: Vec<&SecretKey> = keys.iter().collect();
         for device in &self.devices {
             let record = if self.add.is_empty() && self.remove.is_empty() {

@@ -56,6 +56,22 @@ impl RootArgs {
         })?;
         read_root(&path)
     }
+
+    /// The fleet's roots, from the anchor (beside the first of `sign`) along the
+    /// broker's, for a command that signs with `keys` (read from `sign`): a root key
+    /// among them is refused ([`refuse_root_keys`]).
+    pub fn follow_to_sign(
+        &self,
+        session: &mut Session,
+        topics: &Topics,
+        sign: &[PathBuf],
+        keys: &[SecretKey],
+    ) -> Result<Fleet> {
+        let anchor = self.anchor(sign.first().map(PathBuf::as_path))?;
+        let fleet = Fleet::follow(session, topics, anchor)?;
+        refuse_root_keys(&fleet, sign, keys)?;
+        Ok(fleet)
+    }
 }
 
 /// The single `*.root` file in the directory of `key`, if there is exactly one.
@@ -379,9 +395,9 @@ impl SigningArgs {
     /// hand, and how long a state is valid. A root newer than the broker's is published.
     pub fn signing(&self, session: &mut Session, topics: &Topics) -> Result<Signing> {
         let keys = crate::fleet::keyfile::read_secrets(&self.sign)?;
-        let anchor = self.root.anchor(self.sign.first().map(PathBuf::as_path))?;
-        let fleet = Fleet::follow(session, topics, anchor)?;
-        refuse_root_keys(&fleet, &self.sign, &keys)?;
+        let fleet = self
+            .root
+            .follow_to_sign(session, topics, &self.sign, &keys)?;
         if fleet.publish_root(session, topics)? {
             eprintln!("published {}", fleet.root().describe());
         }

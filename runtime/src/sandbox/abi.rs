@@ -212,7 +212,7 @@ fn serial_read(
 }
 
 fn serial_write(
-    ctx: FunctionEnvMut<'_, KilnEnv>,
+    mut ctx: FunctionEnvMut<'_, KilnEnv>,
     handle: i32,
     ptr: i32,
     len: i32,
@@ -222,7 +222,6 @@ fn serial_write(
         Ok(d) => d,
         Err(status) => return status,
     };
-    let mut ctx = ctx;
     match ctx.data_mut().ports.get_mut(handle as usize) {
         Some(port) if handle >= 0 => match port.write(&data, wait_ms.max(0) as u32) {
             Ok(n) => n as i32,

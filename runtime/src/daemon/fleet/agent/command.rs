@@ -13,28 +13,29 @@ pub const BURST: u64 = 20;
 pub const EVERY_MS: u64 = 100;
 
 /// The ids taken and the rate's bucket.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Commands {
     seen: Seen,
-    /// Commands allowed now, and when that was counted.
+    /// Commands allowed now, and the time up to which refills were counted.
     tokens: u64,
-    counted_ms: Option<u64>,
+    counted_ms: u64,
+}
+
+impl Default for Commands {
+    fn default() -> Self {
+        Self {
+            seen: Seen::default(),
+            tokens: BURST,
+            counted_ms: 0,
+        }
+    }
 }
 
 impl Commands {
     fn take_token(&mut self, now_ms: u64) -> Result<(), String> {
-        let since = self.counted_ms.unwrap_or(0);
-        let refill = match self.counted_ms {
-            None => BURST,
-            Some(_) => now_ms.saturating_sub(since) / EVERY_MS,
-        };
-        if refill > 0 {
-            self.tokens = (self.tokens + refill).min(BURST);
-            self.counted_ms = Some(match self.counted_ms {
-                None => now_ms,
-                Some(_) => since + refill * EVERY_MS,
-            });
-        }
+        let refill = now_ms.saturating_sub(self.counted_ms) / EVERY_MS;
+        self.tokens = self.tokens.saturating_add(refill).min(BURST);
+        self.counted_ms += refill * EVERY_MS;
         if self.tokens == 0 {
             return Err(format!(
                 "more than {BURST} commands at once and {} a second after; try again later",
