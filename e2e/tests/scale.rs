@@ -153,7 +153,8 @@ fn a_hundred_devices_take_growing_waves_and_the_policy_halts_pauses_aborts_and_r
         .ok("pause");
     let paused = first.wait_with_output().unwrap();
     assert!(paused.status.success(), "{paused:?}");
-    assert!(String::from_utf8_lossy(&paused.stderr).contains("paused by"));
+    let said = String::from_utf8_lossy(&paused.stderr);
+    assert!(said.contains("paused by"), "{said}");
     let s = wait_status(&fleet, "phase:    paused in wave 1");
     assert!(s.contains("wave 2:   30 devices: 30 waiting"), "{s}");
     fleet

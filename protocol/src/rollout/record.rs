@@ -157,25 +157,9 @@ impl Rollout {
         root: &Root,
         group: &str,
     ) -> Result<Self, OpenError> {
-        let signed = unwrap_envelope(head, MAX_ROLLOUT, "rollout record")?;
-        let (what, kind) = ("the rollout record", "rollout record");
-        let r: Rollout = match signed {
-            SignedRollout::V1 { body, signatures } => {
-                let (old, _): (v1::RolloutV1, _) =
-                    open_body(&root.release, CONTEXT_V1, (&body, &signatures), what, kind)?;
-                old.into()
-            }
-            SignedRollout::V2 { body, signatures } => {
-                let (old, _): (v2::RolloutV2, _) =
-                    open_body(&root.release, CONTEXT_V2, (&body, &signatures), what, kind)?;
-                old.into()
-            }
-            SignedRollout::V3 { body, signatures } => {
-                open_body(&root.release, CONTEXT_V3, (&body, &signatures), what, kind)?.0
-            }
-            SignedRollout::V4 { body, signatures } => {
-                let (head, _): (Head, _) =
-                    open_body(&root.release, CONTEXT, (&body, &signatures), what, kind)?;
+        let r = match Self::open_signed(head, root)? {
+            Signed::Whole(r) => r,
+            Signed::Head(head) => {
                 let members = parts::join(&head.parts, part, MAX_ROLLOUT).map_err(|e| match e {
                     JoinError::Missing(_) => {
                         OpenError::Incomplete(format!("the rollout record's {e}"))
@@ -184,21 +168,74 @@ impl Rollout {
                         OpenError::Malformed(format!("the rollout record's {why}"))
                     }
                 })?;
-                whole(head, members).map_err(|e| {
+                whole(*head, members).map_err(|e| {
                     OpenError::Malformed(format!("the rollout record's members: {e}"))
                 })?
             }
         };
         r.check()
             .map_err(|e| OpenError::Malformed(format!("rollout record {}: {e}", r.id)))?;
-        if r.fleet != root.fleet || r.group != group {
-            return Err(OpenError::WrongFleet(format!(
-                "the rollout record is for group {} of fleet {}, not group {group} of {}",
-                r.group, r.fleet, root.fleet
-            )));
-        }
+        r.for_group(root, group)?;
         Ok(r)
     }
+
+    /// The record's head alone, signature and fleet checked, without its members
+    /// (`devices`, `waves`, `skipped` and `unexpected` are empty): what a driver needs
+    /// of another writer's head (its rollout, serial and phase) when the broker may
+    /// already hold a later write in its place.
+    pub fn verify_head(head: &[u8], root: &Root, group: &str) -> Result<Self, OpenError> {
+        let r = match Self::open_signed(head, root)? {
+            Signed::Whole(mut r) => {
+                r.devices.clear();
+                r.waves.clear();
+                r.skipped.clear();
+                r.unexpected.clear();
+                r
+            }
+            Signed::Head(head) => head.record,
+        };
+        r.for_group(root, group)?;
+        Ok(r)
+    }
+
+    fn open_signed(head: &[u8], root: &Root) -> Result<Signed, OpenError> {
+        let signed = unwrap_envelope(head, MAX_ROLLOUT, "rollout record")?;
+        let (what, kind) = ("the rollout record", "rollout record");
+        Ok(match signed {
+            SignedRollout::V1 { body, signatures } => {
+                let (old, _): (v1::RolloutV1, _) =
+                    open_body(&root.release, CONTEXT_V1, (&body, &signatures), what, kind)?;
+                Signed::Whole(old.into())
+            }
+            SignedRollout::V2 { body, signatures } => {
+                let (old, _): (v2::RolloutV2, _) =
+                    open_body(&root.release, CONTEXT_V2, (&body, &signatures), what, kind)?;
+                Signed::Whole(old.into())
+            }
+            SignedRollout::V3 { body, signatures } => Signed::Whole(
+                open_body(&root.release, CONTEXT_V3, (&body, &signatures), what, kind)?.0,
+            ),
+            SignedRollout::V4 { body, signatures } => Signed::Head(Box::new(
+                open_body(&root.release, CONTEXT, (&body, &signatures), what, kind)?.0,
+            )),
+        })
+    }
+
+    fn for_group(&self, root: &Root, group: &str) -> Result<(), OpenError> {
+        if self.fleet != root.fleet || self.group != group {
+            return Err(OpenError::WrongFleet(format!(
+                "the rollout record is for group {} of fleet {}, not group {group} of {}",
+                self.group, self.fleet, root.fleet
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A signed record as it was published: whole (formats 1 to 3) or a head naming parts.
+enum Signed {
+    Whole(Rollout),
+    Head(Box<Head>),
 }
 
 /// The record a head and its members make: every place in every wave and in the

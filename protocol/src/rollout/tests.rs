@@ -356,6 +356,17 @@ fn a_record_is_signed_by_the_release_role_and_bound_to_its_group() {
     let e = open_sealed(&tampered, &root, "lab").unwrap_err();
     assert!(e.contains("does not hash"), "{e}");
     let _ = PublicKey::from_bytes(&release.public().to_bytes()).unwrap();
+    // The head alone: its phase and serial, signature and group checked, no members.
+    let head = Rollout::verify_head(&bytes.head, &root, "lab").unwrap();
+    assert_eq!((head.id.as_str(), head.serial), (r.id.as_str(), r.serial));
+    assert_eq!(head.phase, r.phase);
+    assert!(head.devices.is_empty() && head.waves.is_empty());
+    assert!(Rollout::verify_head(&bytes.head, &root, "other").is_err());
+    assert!(Rollout::verify_head(&forged.head, &root, "lab").is_err());
+    let mut tampered = bytes.head.clone();
+    let n = tampered.len();
+    tampered[n / 2] ^= 1;
+    assert!(Rollout::verify_head(&tampered, &root, "lab").is_err());
 }
 
 /// What a device in the model does when sent the release.

@@ -412,8 +412,19 @@ impl<'a> Driver<'a> {
                 // Another operator's write (a pause, an abort, a driver taking the
                 // rollout up): its head names parts, read with it.
                 if !payload.is_empty() && payload != self.last_head {
+                    // The head as delivered: this driver's own write may have landed
+                    // after it and taken its place on the broker, but a pause or abort
+                    // it carries still stands.
+                    let heard = Rollout::verify_head(
+                        &payload,
+                        self.signing.fleet.root(),
+                        &self.record.group,
+                    );
                     if let Some(theirs) = self.kept()? {
                         self.take_over(theirs)?;
+                    }
+                    if let Ok(heard) = heard {
+                        self.heed(heard)?;
                     }
                 }
             } else {
@@ -467,6 +478,20 @@ impl<'a> Driver<'a> {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Another writer's head of this rollout, as it was delivered: its pause or abort
+    /// is applied even when the record the broker now keeps is a later write of this
+    /// driver's that was made without it (two writers, no compare-and-set).
+    fn heed(&mut self, heard: Rollout) -> Result<()> {
+        if heard.id != self.record.id || !matches!(self.record.phase, Phase::Running { .. }) {
+            return Ok(());
+        }
+        match heard.phase {
+            Phase::Paused { by, .. } => self.apply(Input::Pause { by }),
+            Phase::Aborted { by, .. } => self.apply(Input::Abort { by }),
+            _ => Ok(()),
+        }
     }
 
     fn on_device_message(&mut self, topic: &str, payload: &[u8]) -> Result<()> {
