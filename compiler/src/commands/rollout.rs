@@ -17,7 +17,8 @@ use crate::fleet::preflight;
 use crate::fleet::release::ReleaseArgs;
 use crate::fleet::rollout::recovery::may_resume;
 use crate::fleet::rollout::{
-    busy, members, operator, own_entries, phase_words, read_record, unavailable, Driver,
+    busy, driver_name, members, operator, own_entries, phase_words, read_record, unavailable,
+    Driver,
 };
 use crate::fleet::trust::{parse_duration, RootArgs, SigningArgs};
 use crate::fleet::Error;
@@ -486,6 +487,7 @@ impl RolloutCommand {
         // Every operator's copy draws the same sampled waves from the record's seed;
         // a random one keeps a rollout from drawing what the last one drew.
         record.seed = random_seed();
+        record.driver = driver_name(&release.signing);
         if let Some(said) = selected {
             record.history.push((record.started_ms, said));
         }
@@ -634,7 +636,7 @@ impl ControlArgs {
                 if let Err(why) = may_resume(&driver.record, now_ms(), take_over) {
                     return Err(refuse(&why));
                 }
-                driver.record.driver = me;
+                driver.take_up(driver_name(&signing));
                 for line in status::policy_lines(&driver.record.policy) {
                     eprintln!("  {line}");
                 }
@@ -655,7 +657,7 @@ impl ControlArgs {
                 {
                     return Err(refuse("no device failed"));
                 }
-                driver.record.driver = me;
+                driver.take_up(driver_name(&signing));
                 driver.drive(Input::Retry)
             }
         }

@@ -191,6 +191,13 @@ pub fn operator(signing: &Signing) -> String {
     }
 }
 
+/// The driver a record names: the operator and this process, so that two drivers on
+/// one operator's machine are told apart (a driver yields to one that took its
+/// rollout up, see `Driver::taken_over_by`).
+pub fn driver_name(signing: &Signing) -> String {
+    format!("{} pid {}", operator(signing), std::process::id())
+}
+
 /// The failed devices and why, at most five.
 pub fn failures(r: &Rollout) -> String {
     let failed: Vec<String> = r

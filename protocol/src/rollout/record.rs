@@ -158,7 +158,7 @@ impl Rollout {
         group: &str,
     ) -> Result<Self, OpenError> {
         let r = match Self::open_signed(head, root)? {
-            Signed::Whole(r) => r,
+            Signed::Whole(r) => *r,
             Signed::Head(head) => {
                 let members = parts::join(&head.parts, part, MAX_ROLLOUT).map_err(|e| match e {
                     JoinError::Missing(_) => {
@@ -190,7 +190,7 @@ impl Rollout {
                 r.waves.clear();
                 r.skipped.clear();
                 r.unexpected.clear();
-                r
+                *r
             }
             Signed::Head(head) => head.record,
         };
@@ -205,16 +205,16 @@ impl Rollout {
             SignedRollout::V1 { body, signatures } => {
                 let (old, _): (v1::RolloutV1, _) =
                     open_body(&root.release, CONTEXT_V1, (&body, &signatures), what, kind)?;
-                Signed::Whole(old.into())
+                Signed::Whole(Box::new(old.into()))
             }
             SignedRollout::V2 { body, signatures } => {
                 let (old, _): (v2::RolloutV2, _) =
                     open_body(&root.release, CONTEXT_V2, (&body, &signatures), what, kind)?;
-                Signed::Whole(old.into())
+                Signed::Whole(Box::new(old.into()))
             }
-            SignedRollout::V3 { body, signatures } => Signed::Whole(
+            SignedRollout::V3 { body, signatures } => Signed::Whole(Box::new(
                 open_body(&root.release, CONTEXT_V3, (&body, &signatures), what, kind)?.0,
-            ),
+            )),
             SignedRollout::V4 { body, signatures } => Signed::Head(Box::new(
                 open_body(&root.release, CONTEXT, (&body, &signatures), what, kind)?.0,
             )),
@@ -234,7 +234,7 @@ impl Rollout {
 
 /// A signed record as it was published: whole (formats 1 to 3) or a head naming parts.
 enum Signed {
-    Whole(Rollout),
+    Whole(Box<Rollout>),
     Head(Box<Head>),
 }
 

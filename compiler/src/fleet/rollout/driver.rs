@@ -16,7 +16,7 @@ use crate::fleet::desired::{prepare_desired, prepare_for_devices};
 use crate::fleet::messages::Body;
 use crate::fleet::messages::Reader;
 use crate::fleet::rollout::health::{HealthFeed, Taken};
-use crate::fleet::rollout::recovery::{Do, Doing, Event, Recovery, TakeUp};
+use crate::fleet::rollout::recovery::{Do, Doing, Event, Kept, Recovery, TakeUp};
 use crate::fleet::rollout::{busy, failures, phase_words, read_whole_record, unavailable};
 use crate::fleet::trust::Signing;
 use crate::fleet::Error;
@@ -51,6 +51,9 @@ pub struct Driver<'a> {
     /// head this driver wrote (its own, coming back, is not another operator's).
     held: Option<BTreeSet<String>>,
     last_head: Vec<u8>,
+    /// The driver the record named when this one took the rollout up (resume,
+    /// retry): its writes still in flight are not a take-over.
+    pub took_from: Option<String>,
 }
 
 impl<'a> Driver<'a> {
@@ -77,7 +80,14 @@ impl<'a> Driver<'a> {
             health: HealthFeed::default(),
             held: None,
             last_head: Vec::new(),
+            took_from: None,
         }
+    }
+
+    /// This driver takes the rollout up (resume, retry) as `name`, from the driver the
+    /// record names.
+    pub fn take_up(&mut self, name: String) {
+        self.took_from = Some(std::mem::replace(&mut self.record.driver, name));
     }
 
     /// Writes the record (retained, signed) and waits for the broker to have it.
@@ -336,6 +346,10 @@ impl<'a> Driver<'a> {
         let mut last_tick = Instant::now();
         while matches!(self.record.phase, Phase::Running { .. }) {
             if let Err(e) = self.turn(&mut last_tick) {
+                if self.recovery.stopped() {
+                    // It yielded to another driver: nothing more is written.
+                    return Err(e);
+                }
                 let away = code_of(&e) == Code::Unavailable;
                 let doing = self.doing;
                 carry_out(&mut self, Event::Failed { doing, away }, Some(e))?;
@@ -420,7 +434,12 @@ impl<'a> Driver<'a> {
                         self.signing.fleet.root(),
                         &self.record.group,
                     );
-                    if let Some(theirs) = self.kept()? {
+                    let kept = self.kept()?;
+                    let taken = kept.iter().chain(heard.as_ref().ok());
+                    if taken.into_iter().any(|r| self.taken_over_by(r)) {
+                        return carry_out(self, Event::TakenOver, None);
+                    }
+                    if let Some(theirs) = kept {
                         self.take_over(theirs)?;
                     }
                     if let Ok(heard) = heard {
@@ -478,6 +497,16 @@ impl<'a> Driver<'a> {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Whether `theirs`, another writer's record of this rollout, says another driver
+    /// runs it: one that took it up from this one (not the driver this one took it up
+    /// from, whose late writes are only old news).
+    fn taken_over_by(&self, theirs: &Rollout) -> bool {
+        theirs.id == self.record.id
+            && matches!(theirs.phase, Phase::Running { .. })
+            && theirs.driver != self.record.driver
+            && Some(&theirs.driver) != self.took_from.as_ref()
     }
 
     /// Another writer's head of this rollout, as it was delivered: its pause or abort
@@ -618,8 +647,8 @@ pub trait Effects {
     fn now_ms(&self) -> u64;
     /// Waits a second, then reconnects the session (`Err`: still away).
     fn reconnect(&mut self) -> Result<()>;
-    /// Whether the broker keeps a record for this rollout's group.
-    fn record_kept(&mut self) -> Result<bool>;
+    /// What the broker keeps of this rollout's group.
+    fn record_kept(&mut self) -> Result<Kept>;
     fn persist(&mut self) -> Result<()>;
     /// Subscribes again to the devices' answers and the record's topic.
     fn subscribe(&mut self) -> Result<()>;
@@ -644,8 +673,12 @@ impl Effects for Driver<'_> {
         std::thread::sleep(Duration::from_secs(1));
         self.session.reconnect()
     }
-    fn record_kept(&mut self) -> Result<bool> {
-        Ok(self.kept()?.is_some())
+    fn record_kept(&mut self) -> Result<Kept> {
+        Ok(match self.kept()? {
+            None => Kept::Nothing,
+            Some(theirs) if self.taken_over_by(&theirs) => Kept::TakenOver,
+            Some(_) => Kept::Record,
+        })
     }
     fn persist(&mut self) -> Result<()> {
         Driver::persist(self)
@@ -663,7 +696,8 @@ impl Effects for Driver<'_> {
 
 /// Hands `event` (and the error that caused it) to the driver's [`Recovery`] and does
 /// what it says, feeding back how each list went, until it has nothing more to do.
-/// `Err` when it stops the driver: the error, or the broker's absence past a minute.
+/// `Err` when it stops the driver: the error, the broker's absence past
+/// [`RECONNECT_FOR_MS`](super::recovery::RECONNECT_FOR_MS), or another driver's take-over.
 pub fn carry_out(fx: &mut impl Effects, event: Event, error: Option<anyhow::Error>) -> Result<()> {
     let mut event = event;
     let mut error = error;
@@ -685,7 +719,10 @@ pub fn carry_out(fx: &mut impl Effects, event: Event, error: Option<anyhow::Erro
                 Do::Reconnect => {
                     event = match fx.reconnect() {
                         Ok(()) => match fx.record_kept() {
-                            Ok(record_kept) => Event::Reconnected { record_kept },
+                            Ok(Kept::TakenOver) => Event::TakenOver,
+                            Ok(kept) => Event::Reconnected {
+                                record_kept: kept == Kept::Record,
+                            },
                             Err(e) => failed(fx, &mut error, e),
                         },
                         Err(e) => {
@@ -715,6 +752,14 @@ pub fn carry_out(fx: &mut impl Effects, event: Event, error: Option<anyhow::Erro
                     );
                     let e = error.unwrap_or_else(|| anyhow!("the broker is away"));
                     return Err(unavailable(e.context(context)).into());
+                }
+                Do::Yield => {
+                    let r = fx.record();
+                    return Err(Error::busy(anyhow!(
+                        "rollout {}: another driver took it up (`kiln rollout resume`) while this one was away or silent; this one stops without writing, and `kiln rollout status --group {}` follows it",
+                        r.id, r.group
+                    ))
+                    .into());
                 }
             };
             if let Err(e) = result {

@@ -13,7 +13,11 @@ use kiln_protocol::rollout::{Action, Phase, Rollout};
 /// `resume` (its heartbeat is every 30 s).
 pub const ORPHANED_MS: u64 = 90_000;
 /// How long a driver tries to reconnect to a broker that went away before it stops.
-pub const RECONNECT_FOR_MS: u64 = 60_000;
+/// Longer than [`ORPHANED_MS`] on purpose: a broker cluster that lost a node can take
+/// minutes to take subscriptions again, and a driver that is still trying when an
+/// operator has meanwhile resumed the rollout elsewhere finds the record names
+/// another driver when it gets back ([`Event::TakenOver`]) and stops without writing.
+pub const RECONNECT_FOR_MS: u64 = 600_000;
 
 /// How a driver took up the rollout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +58,22 @@ pub enum Event {
     Reconnected { record_kept: bool },
     /// A reconnect failed: the broker is still away.
     StillAway,
+    /// The record the broker keeps (or another writer's head, as delivered) names
+    /// another driver of this rollout: an operator resumed it while this one was away
+    /// or silent.
+    TakenOver,
+}
+
+/// What the broker keeps of a rollout's group, read on reconnecting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kept {
+    /// No record (a broker restarted without persistence).
+    Nothing,
+    /// A record this driver may go on writing: its own, or one an operator's pause or
+    /// abort changed.
+    Record,
+    /// This rollout's record, naming another driver that took it up.
+    TakenOver,
 }
 
 /// What the driver must do, in order.
@@ -76,6 +96,8 @@ pub enum Do {
     Fail,
     /// Stop: the broker stayed away for [`RECONNECT_FOR_MS`]; `resume` takes it up.
     GiveUp,
+    /// Stop, writing nothing more: another driver has the rollout.
+    Yield,
 }
 
 /// Where the driver is, as far as recovery goes.
@@ -100,6 +122,13 @@ impl Recovery {
     pub fn step(&mut self, record: &Rollout, now_ms: u64, event: Event) -> Vec<Do> {
         use Recovery::*;
         match (&*self, event) {
+            // Whatever this driver was doing, another one drives the rollout now: any
+            // write of this one's would undo that one's.
+            (Stopped, Event::TakenOver) => Vec::new(),
+            (_, Event::TakenOver) => {
+                *self = Stopped;
+                vec![Do::Yield]
+            }
             // A driver that died between writing the record and publishing left
             // devices on record as sent that never got the release: whoever takes
             // it up sends it again to every device still pending.
@@ -142,7 +171,7 @@ impl Recovery {
             // seconds to elect new leaders, and meanwhile its other nodes accept a
             // connection but may refuse its subscriptions (nats-server answers a
             // SUBACK failure when it cannot create the subscription's consumer). The
-            // same minute since the broker first went away bounds it.
+            // same window since the broker first went away bounds it.
             (CatchingUp { since_ms }, Event::Failed { away: true, .. }) => {
                 *self = Away {
                     since_ms: *since_ms,
