@@ -677,3 +677,102 @@ fn figures_on_the_emulated_board() {
         .sh("journalctl -u kilnd -b -o cat --no-pager | grep -i 'started' | tail -n 3");
     eprintln!("board figures: worker starts:\n{starts}");
 }
+
+/// The `gpio` and `i2c` capabilities on a real kernel (issue 35): a simulated GPIO
+/// chip (`gpio-sim`, configured through configfs) and an I2C EEPROM (`i2c-stub` at
+/// 0x50) on the arm64 board, granted in kilnd.toml to the C panel module
+/// (examples/c/panel.c) and opened by its worker before it confines itself. A button
+/// pressed on the simulated chip (a pull-up on an input line) lights the matching
+/// LED (an output line the test reads back), the EEPROM keeps what the module wrote
+/// across its restarts, and no system call of the worker is refused.
+#[test]
+#[ignore = "needs the board image: scripts/board.sh"]
+fn gpio_and_i2c_reach_the_module_granted_them() {
+    let lab = Lab::new("board-hw");
+    // The hardware, simulated by the kernel. gpio-sim's chip: 4 lines, 0-1 the
+    // buttons, 2-3 the LEDs.
+    let found = lab.board.sh(
+        "set -e; modprobe gpio-sim; modprobe i2c-dev; modprobe i2c-stub chip_addr=0x50; \
+         mountpoint -q /sys/kernel/config || mount -t configfs none /sys/kernel/config; \
+         d=/sys/kernel/config/gpio-sim/kiln; mkdir -p $d/bank0; echo 4 > $d/bank0/num_lines; \
+         echo 1 > $d/live; chip=$(cat $d/bank0/chip_name); \
+         bus=$(grep -l 'SMBus stub' /sys/class/i2c-dev/*/name | head -1 | xargs dirname | xargs basename); \
+         echo \"$(cat $d/dev_name) $chip $bus\"",
+    );
+    let parts: Vec<&str> = found.split_whitespace().collect();
+    let [dev, chip, bus] = parts[..] else {
+        panic!("gpio-sim and i2c-stub: {found}");
+    };
+    // What a firmware team's image does for the hardware it grants: the device nodes
+    // to kilnd's user, and a drop-in giving kilnd.service those devices (its
+    // PrivateDevices=yes hides every other).
+    lab.board.sh(&format!(
+        "set -e; chown kiln /dev/{chip} /dev/{bus}; mkdir -p /etc/systemd/system/kilnd.service.d; \
+         printf '[Service]\\nPrivateDevices=no\\nDevicePolicy=closed\\nDeviceAllow=/dev/{chip} rw\\nDeviceAllow=/dev/{bus} rw\\n' \
+           > /etc/systemd/system/kilnd.service.d/hardware.conf; \
+         printf '\\n[[gpio]]\\nname = \"buttons\"\\nchip = \"/dev/{chip}\"\\nlines = [0, 1]\\ndirection = \"input\"\\nmodules = [\"panel\"]\\n\\n[[gpio]]\\nname = \"leds\"\\nchip = \"/dev/{chip}\"\\nlines = [2, 3]\\ndirection = \"output\"\\nmodules = [\"panel\"]\\n\\n[[i2c]]\\nname = \"eeprom\"\\nbus = \"/dev/{bus}\"\\naddress = 0x50\\nmodules = [\"panel\"]\\n' \
+           >> /etc/kiln/kilnd.toml; \
+         systemctl daemon-reload; systemctl restart kilnd"
+    ));
+    lab.wait_active();
+    lab.wait_online();
+    let watcher = Watcher::start(&lab.broker, "board-hw");
+    let panel = lab.artifact("c/panel.wasm", "panel", 1, "fleet.key");
+    lab.push(
+        &panel,
+        "fleet.key",
+        &["--tick-ms", "200", "--confirm-timeout-s", "0"],
+    );
+    lab.wait_running("panel", 1);
+    let records = || -> Vec<serde_json::Value> {
+        watcher
+            .of_kind("telemetry")
+            .iter()
+            .filter(|v| v["stream"] == "panel")
+            .filter_map(|v| serde_json::from_str(v["text"].as_str()?).ok())
+            .collect()
+    };
+    let last = || records().last().cloned().unwrap_or_default();
+    let sim = format!("/sys/devices/platform/{dev}/{chip}");
+    eventually(
+        LIMIT,
+        || last()["marker"] == "4b494c4e" && last()["buttons"] == 0,
+        || format!("{:?}\n{}", records(), lab.journal()),
+    );
+    let boots = last()["boots"].as_u64().unwrap();
+    assert_eq!(
+        lab.board.sh(&format!("cat {sim}/sim_gpio2/value")).trim(),
+        "0"
+    );
+    // Button 0 pressed: LED 0 (line 2) lights.
+    lab.board
+        .sh(&format!("echo pull-up > {sim}/sim_gpio0/pull"));
+    eventually(
+        LIMIT,
+        || last()["buttons"] == 1 && last()["leds"] == 1,
+        || format!("{:?}", records()),
+    );
+    eventually(
+        Duration::from_secs(30),
+        || lab.board.sh(&format!("cat {sim}/sim_gpio2/value")).trim() == "1",
+        || lab.board.sh(&format!("grep . {sim}/sim_gpio*/value")),
+    );
+    assert_eq!(
+        lab.board.sh(&format!("cat {sim}/sim_gpio3/value")).trim(),
+        "0"
+    );
+    // The EEPROM keeps the boot count across a restart of the module's worker.
+    lab.board.sh("systemctl restart kilnd");
+    lab.wait_active();
+    eventually(
+        LIMIT,
+        || last()["boots"].as_u64() == Some(boots + 1),
+        || format!("{:?}\n{}", records(), lab.journal()),
+    );
+    assert_no_denied_syscalls(&lab);
+    assert!(
+        records().iter().all(|r| r.get("error").is_none()),
+        "{:?}",
+        records()
+    );
+}

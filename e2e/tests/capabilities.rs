@@ -4,7 +4,8 @@
 //! (examples/nmea), each compiled by `kiln compile` for every target and run under
 //! `kilnd serve`: both publish the same fixes, on every target. A module that imports
 //! the capability without a grant is refused at load, naming it; a module opens the
-//! port granted under a name and no other.
+//! port granted under a name and no other. GPIO and I2C grants are refused or named
+//! here when missing; the board test runs them against the kernel's simulators.
 
 use std::fs::File;
 use std::io::Write;
@@ -162,4 +163,44 @@ fn c_and_rust_modules_read_the_granted_serial_port_alike_on_every_target() {
             started.elapsed().as_secs_f64()
         );
     }
+}
+
+/// The `gpio` and `i2c` capabilities where there is no such hardware (the board test,
+/// `board::gpio_and_i2c_reach_the_module_granted_them`, has it): the panel module
+/// granted nothing is refused at load naming the first capability it lacks, and one
+/// granted a chip that is not there fails its start naming the grant and the path.
+#[test]
+fn gpio_and_i2c_grants_are_refused_or_named_when_missing() {
+    let target = "x86_64-linux";
+    let s = shared();
+    let panel = s.artifact("c/panel.wasm", target);
+    let run = "tick_ms = 50\n";
+    let mut config = String::from(
+        "[[gpio]]\nname = \"buttons\"\nchip = \"/dev/kiln-no-such-gpiochip\"\nlines = [0, 1]\ndirection = \"input\"\nmodules = [\"missing\"]\n",
+    );
+    config += &module_entry("ungranted", &panel, run);
+    config += &module_entry("missing", &panel, run);
+    let mut serve = Serve::start(&Device::new(target), &config);
+    let records = serve.wait_until(Duration::from_secs(60), |r| {
+        !of(r, "ungranted", "stopped").is_empty() && !of(r, "missing", "stopped").is_empty()
+    });
+    let why = |module: &str| {
+        of(&records, module, "stopped")[0]["why"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let ungranted = why("ungranted");
+    assert!(
+        ungranted.contains("imports `kiln`.`gpio_open`")
+            && ungranted.contains("not granted the `gpio` capability"),
+        "{ungranted}"
+    );
+    let missing = why("missing");
+    assert!(
+        missing.contains(
+            "cannot open gpio lines `buttons` (`/dev/kiln-no-such-gpiochip`, granted in kilnd.toml)"
+        ),
+        "{missing}"
+    );
 }

@@ -588,12 +588,25 @@ fn main() -> std::io::Result<()> {
             env: vec![("RUST_LOG".into(), "info".into())],
             dirs: vec![("/var/lib/kilnd/data/sensor".into(), "/data".into())],
             expect: None,
-            serial: vec![kiln_protocol::capability::SerialPort {
-                name: "gps".into(),
-                path: "/dev/ttyUSB0".into(),
-                baud: 4800,
-                framing: kiln_protocol::capability::Framing::default(),
-            }],
+            grants: kiln_protocol::capability::Grants {
+                serial: vec![kiln_protocol::capability::SerialPort {
+                    name: "gps".into(),
+                    path: "/dev/ttyUSB0".into(),
+                    baud: 4800,
+                    framing: kiln_protocol::capability::Framing::default(),
+                }],
+                gpio: vec![kiln_protocol::capability::GpioLines {
+                    name: "relays".into(),
+                    chip: "/dev/gpiochip0".into(),
+                    lines: vec![0, 3],
+                    output: true,
+                }],
+                i2c: vec![kiln_protocol::capability::I2cDevice {
+                    name: "eeprom".into(),
+                    bus: "/dev/i2c-1".into(),
+                    address: 0x50,
+                }],
+            },
         }))),
         ToWorker::V1(Request::Tick),
         ToWorker::V1(Request::Message {

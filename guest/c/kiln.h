@@ -64,9 +64,11 @@ typedef enum kiln_status {
     /* a stream name that is empty, longer than 64 bytes or not [A-Za-z0-9._-]; a log
      * level outside 0..4 */
     KILN_E_INVALID = -4,
-    /* a capability the module was not granted (a serial port by that name) */
+    /* a capability the module was not granted (a serial port, GPIO lines or an I2C
+     * device by that name), or a write to GPIO lines granted as inputs */
     KILN_E_DENIED = -5,
-    /* the device said no (an I/O error on a serial port); try again */
+    /* the device said no (an I/O error on a serial port, GPIO chip or I2C bus); try
+     * again */
     KILN_E_IO = -6,
     /* kiln_config_value: the config has no such key (helpers only) */
     KILN_E_NOT_FOUND = -100,
@@ -129,6 +131,14 @@ KILN_IMPORT(serial_read)
 int32_t kiln_abi_serial_read(int32_t port, void *buf, int32_t len, int32_t wait_ms);
 KILN_IMPORT(serial_write)
 int32_t kiln_abi_serial_write(int32_t port, const void *data, int32_t len, int32_t wait_ms);
+KILN_IMPORT(gpio_open) int32_t kiln_abi_gpio_open(const void *name, int32_t len);
+KILN_IMPORT(gpio_read) int32_t kiln_abi_gpio_read(int32_t lines);
+KILN_IMPORT(gpio_write) int32_t kiln_abi_gpio_write(int32_t lines, int32_t values, int32_t mask);
+KILN_IMPORT(i2c_open) int32_t kiln_abi_i2c_open(const void *name, int32_t len);
+KILN_IMPORT(i2c_read)
+int32_t kiln_abi_i2c_read(int32_t device, int32_t reg, void *buf, int32_t len);
+KILN_IMPORT(i2c_write)
+int32_t kiln_abi_i2c_write(int32_t device, int32_t reg, const void *data, int32_t len);
 
 /* ---- Typed wrappers ------------------------------------------------------------- */
 
@@ -244,6 +254,47 @@ static inline int32_t kiln_serial_read(int32_t port, void *buf, size_t cap, int3
 static inline int32_t kiln_serial_write(int32_t port, const void *data, size_t len,
                                         int32_t wait_ms) {
     return kiln_abi_serial_write(port, data, kiln__len(len), wait_ms);
+}
+
+/* ---- GPIO lines and I2C devices (the `gpio` and `i2c` capabilities) ---------------
+ * Likewise only what kilnd.toml grants ([[gpio]] lines of a chip, all inputs or all
+ * outputs; [[i2c]] one device, a bus and a 7-bit address). kilnd requests the lines
+ * and binds the bus to the address; the module reads and writes values. */
+
+/* A handle to the lines granted under `name`. Errors: KILN_E_DENIED. */
+static inline int32_t kiln_gpio_open(const char *name) {
+    return kiln_abi_gpio_open(name, kiln__len(kiln__strlen(name)));
+}
+
+/* The lines' values: bit i is the grant's i-th line (at most 16). Errors:
+ * KILN_E_INVALID (a bad handle), KILN_E_IO. */
+static inline int32_t kiln_gpio_read(int32_t lines) {
+    return kiln_abi_gpio_read(lines);
+}
+
+/* Drives the lines whose bit is set in `mask` to their bit in `values`. Errors:
+ * KILN_E_DENIED (lines granted as inputs), KILN_E_INVALID, KILN_E_IO. */
+static inline int32_t kiln_gpio_write(int32_t lines, uint16_t values, uint16_t mask) {
+    return kiln_abi_gpio_write(lines, values, mask);
+}
+
+/* A handle to the device granted under `name`. Errors: KILN_E_DENIED. */
+static inline int32_t kiln_i2c_open(const char *name) {
+    return kiln_abi_i2c_open(name, kiln__len(kiln__strlen(name)));
+}
+
+/* Reads `len` bytes (1 to 32) from register `reg` into `buf`: 1 is an SMBus "read
+ * byte data", more an I2C block read. Returns the count. Errors: KILN_E_INVALID,
+ * KILN_E_TOO_LARGE, KILN_E_IO (no device answered), KILN_E_OUT_OF_BOUNDS. */
+static inline int32_t kiln_i2c_read(int32_t device, uint8_t reg, void *buf, size_t len) {
+    return kiln_abi_i2c_read(device, reg, buf, kiln__len(len));
+}
+
+/* Writes `len` bytes (1 to 32) to register `reg`. Returns the count. Errors as
+ * kiln_i2c_read. */
+static inline int32_t kiln_i2c_write(int32_t device, uint8_t reg, const void *data,
+                                     size_t len) {
+    return kiln_abi_i2c_write(device, reg, data, kiln__len(len));
 }
 
 /* Nanoseconds since the worker started; never goes backwards. */

@@ -42,6 +42,12 @@ mod sys {
         pub fn serial_open(name: *const u8, len: i32) -> i32;
         pub fn serial_read(port: i32, ptr: *mut u8, len: i32, wait_ms: i32) -> i32;
         pub fn serial_write(port: i32, ptr: *const u8, len: i32, wait_ms: i32) -> i32;
+        pub fn gpio_open(name: *const u8, len: i32) -> i32;
+        pub fn gpio_read(lines: i32) -> i32;
+        pub fn gpio_write(lines: i32, values: i32, mask: i32) -> i32;
+        pub fn i2c_open(name: *const u8, len: i32) -> i32;
+        pub fn i2c_read(device: i32, reg: i32, ptr: *mut u8, len: i32) -> i32;
+        pub fn i2c_write(device: i32, reg: i32, ptr: *const u8, len: i32) -> i32;
     }
 }
 
@@ -52,7 +58,8 @@ pub enum Error {
     TooLarge,
     NoMessage,
     Invalid,
-    /// A capability (a serial port by that name) not granted to the module.
+    /// A capability (a serial port, GPIO lines or an I2C device by that name) not
+    /// granted to the module, or a write to lines granted as inputs.
     Denied,
     /// The device reported an I/O error.
     Io,
@@ -213,6 +220,61 @@ impl Serial {
         let wait = wait.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: pointer and length of a live slice.
         let n = unsafe { sys::serial_write(self.0, data.as_ptr(), data.len() as i32, wait) };
+        Error::check(n).map(|n| n as usize)
+    }
+}
+
+/// GPIO lines kilnd.toml grants this module (`[[gpio]]`), all inputs or all outputs:
+/// bit `i` of a value is the grant's `i`th line (at most 16).
+#[derive(Debug)]
+pub struct Gpio(i32);
+
+impl Gpio {
+    /// The lines granted under `name`; `Error::Denied` if there are none.
+    pub fn open(name: &str) -> Result<Self, Error> {
+        // SAFETY: pointer and length of a live str.
+        let handle = unsafe { sys::gpio_open(name.as_ptr(), name.len() as i32) };
+        Error::check(handle).map(Gpio)
+    }
+
+    /// The lines' values.
+    pub fn read(&self) -> Result<u16, Error> {
+        // SAFETY: a handle and no memory.
+        Error::check(unsafe { sys::gpio_read(self.0) }).map(|bits| bits as u16)
+    }
+
+    /// Drives the lines set in `mask` to their bit in `values` (`Error::Denied` for
+    /// inputs).
+    pub fn write(&self, values: u16, mask: u16) -> Result<(), Error> {
+        // SAFETY: a handle and two numbers.
+        Error::check(unsafe { sys::gpio_write(self.0, values.into(), mask.into()) }).map(|_| ())
+    }
+}
+
+/// An I2C device kilnd.toml grants this module (`[[i2c]]`, one bus and address):
+/// register reads and writes of 1 byte (SMBus byte data) to 32 (I2C block).
+#[derive(Debug)]
+pub struct I2c(i32);
+
+impl I2c {
+    /// The device granted under `name`; `Error::Denied` if there is none.
+    pub fn open(name: &str) -> Result<Self, Error> {
+        // SAFETY: pointer and length of a live str.
+        let handle = unsafe { sys::i2c_open(name.as_ptr(), name.len() as i32) };
+        Error::check(handle).map(I2c)
+    }
+
+    /// Fills `buf` (1 to 32 bytes) from register `reg`; returns how many came.
+    pub fn read(&self, reg: u8, buf: &mut [u8]) -> Result<usize, Error> {
+        // SAFETY: the host writes at most `buf.len()` bytes into `buf`.
+        let n = unsafe { sys::i2c_read(self.0, reg.into(), buf.as_mut_ptr(), buf.len() as i32) };
+        Error::check(n).map(|n| n as usize)
+    }
+
+    /// Writes `data` (1 to 32 bytes) to register `reg`.
+    pub fn write(&self, reg: u8, data: &[u8]) -> Result<usize, Error> {
+        // SAFETY: pointer and length of a live slice.
+        let n = unsafe { sys::i2c_write(self.0, reg.into(), data.as_ptr(), data.len() as i32) };
         Error::check(n).map(|n| n as usize)
     }
 }

@@ -18,6 +18,12 @@
 //! | `serial_open` | `(name_ptr, name_len) -> i32` | a handle to the serial port granted under `name` ([`crate::capability`]); `DENIED` if none is |
 //! | `serial_read` | `(handle, ptr, len, wait_ms) -> i32` | bytes read (at most [`crate::capability::MAX_SERIAL_IO`]), 0 if none came within `wait_ms` (at most 5,000) |
 //! | `serial_write` | `(handle, ptr, len, wait_ms) -> i32` | bytes written, 0 if the port took none within `wait_ms` |
+//! | `gpio_open` | `(name_ptr, name_len) -> i32` | a handle to the GPIO lines granted under `name`; `DENIED` if none are |
+//! | `gpio_read` | `(handle) -> i32` | the lines' values, bit `i` for the grant's `i`th line |
+//! | `gpio_write` | `(handle, values, mask) -> i32` | drives the output lines whose bit is set in `mask` to their bit in `values`; `DENIED` for inputs |
+//! | `i2c_open` | `(name_ptr, name_len) -> i32` | a handle to the I2C device granted under `name`; `DENIED` if none is |
+//! | `i2c_read` | `(handle, reg, ptr, len) -> i32` | reads `len` bytes from register `reg` (1: SMBus read byte data; 2 to [`crate::capability::MAX_I2C_IO`]: I2C block read), returns count |
+//! | `i2c_write` | `(handle, reg, ptr, len) -> i32` | writes `len` bytes to register `reg` (1: SMBus write byte data; more: I2C block write), returns count |
 //! | `reply` | `(ptr, len) -> i32` | within `kiln_on_message` for a command: its reply, at most [`MAX_REPLY`] bytes (the last call counts); `NO_MESSAGE` otherwise |
 //! | `monotonic_ns` | `() -> i64` | nanoseconds since the worker started, never goes back |
 //! | `wall_ns` | `() -> i64` | nanoseconds since the Unix epoch (the device's clock) |
@@ -53,6 +59,12 @@ pub const IMPORTS: &[(&str, &[ValType], &[ValType])] = &[
     ("serial_open", &[I32, I32], &[I32]),
     ("serial_read", &[I32, I32, I32, I32], &[I32]),
     ("serial_write", &[I32, I32, I32, I32], &[I32]),
+    ("gpio_open", &[I32, I32], &[I32]),
+    ("gpio_read", &[I32], &[I32]),
+    ("gpio_write", &[I32, I32, I32], &[I32]),
+    ("i2c_open", &[I32, I32], &[I32]),
+    ("i2c_read", &[I32, I32, I32, I32], &[I32]),
+    ("i2c_write", &[I32, I32, I32, I32], &[I32]),
 ];
 
 /// Reactor exports the daemon calls, with their signatures.
@@ -94,9 +106,11 @@ pub enum Status {
     /// A stream name that `names::check` refuses (empty, not `[A-Za-z0-9._-]`), or a
     /// log level outside 0..=4, or a handle the module was not given.
     Invalid = -4,
-    /// A capability (a serial port by that name) the module was not granted.
+    /// A capability (a serial port, GPIO lines or an I2C device by that name) the
+    /// module was not granted, or a write to GPIO lines granted as inputs.
     Denied = -5,
-    /// The device said no (an I/O error on a serial port); the module may try again.
+    /// The device said no (an I/O error on a serial port, a GPIO chip, an I2C bus);
+    /// the module may try again.
     Io = -6,
 }
 

@@ -4,16 +4,21 @@
 //! device's to say). A module that imports a capability's functions without a grant
 //! is refused at load, naming the capability.
 //!
-//! The one capability today is `serial`: a port opened (and set to raw mode, its baud
-//! and framing) by the worker before it confines itself, so the module reaches that
-//! port and nothing else, by the name the grant gives it.
+//! Three capabilities, each opened by the worker before it confines itself, so the
+//! module reaches that resource and nothing else, by the name the grant gives it:
+//!
+//! - `serial`: a port set to raw mode, its baud and framing;
+//! - `gpio`: lines of a GPIO chip (the kernel's character device, uAPI v2), requested
+//!   as inputs or as outputs; the worker keeps the request's descriptor, never the
+//!   chip's;
+//! - `i2c`: one device (one 7-bit address) on an I2C bus, spoken to with SMBus
+//!   register reads and writes; the worker keeps a descriptor bound to that address
+//!   and cannot change it.
 
 use serde::{Deserialize, Serialize};
 
 /// The `kiln` imports of the serial capability.
 pub const SERIAL_IMPORTS: &[&str] = &["serial_open", "serial_read", "serial_write"];
-/// Ports one module may be granted.
-pub const MAX_SERIAL_PORTS: usize = 8;
 /// Bytes one `serial_read` or `serial_write` moves at most.
 pub const MAX_SERIAL_IO: usize = 4096;
 /// The longest a `serial_read` or `serial_write` waits; a module's call watchdog
@@ -24,9 +29,120 @@ pub const BAUDS: &[u32] = &[
     1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600,
 ];
 
+/// The `kiln` imports of the GPIO capability.
+pub const GPIO_IMPORTS: &[&str] = &["gpio_open", "gpio_read", "gpio_write"];
+/// Lines one grant may request (one read or write moves them all, a bit each of a
+/// non-negative `i32`).
+pub const MAX_GPIO_LINES: usize = 16;
+/// The `kiln` imports of the I2C capability.
+pub const I2C_IMPORTS: &[&str] = &["i2c_open", "i2c_read", "i2c_write"];
+/// Bytes one `i2c_read` or `i2c_write` moves at most (SMBus's I2C block).
+pub const MAX_I2C_IO: usize = 32;
+/// Grants of one kind one module may hold.
+pub const MAX_GRANTS: usize = 8;
+
 /// The capability a `kiln` import needs, if it needs one.
 pub fn needed_by(import: &str) -> Option<&'static str> {
-    SERIAL_IMPORTS.contains(&import).then_some("serial")
+    if SERIAL_IMPORTS.contains(&import) {
+        Some("serial")
+    } else if GPIO_IMPORTS.contains(&import) {
+        Some("gpio")
+    } else if I2C_IMPORTS.contains(&import) {
+        Some("i2c")
+    } else {
+        None
+    }
+}
+
+/// What one module is granted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grants {
+    pub serial: Vec<SerialPort>,
+    pub gpio: Vec<GpioLines>,
+    pub i2c: Vec<I2cDevice>,
+}
+
+impl Grants {
+    /// Whether any grant of `capability` (`serial`, `gpio`, `i2c`) is held.
+    pub fn has(&self, capability: &str) -> bool {
+        match capability {
+            "serial" => !self.serial.is_empty(),
+            "gpio" => !self.gpio.is_empty(),
+            "i2c" => !self.i2c.is_empty(),
+            _ => false,
+        }
+    }
+}
+
+/// Lines of a GPIO chip granted to a module, all inputs or all outputs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpioLines {
+    /// What the module opens them by (`gpio_open("relays")`).
+    pub name: String,
+    /// The chip's character device (`/dev/gpiochip0`, or a udev link to it).
+    pub chip: String,
+    /// Line offsets on the chip; bit `i` of a read or write is `lines[i]`.
+    pub lines: Vec<u32>,
+    /// Outputs (driven by `gpio_write`, starting low) or inputs (read only).
+    pub output: bool,
+}
+
+impl GpioLines {
+    /// Its name, chip path and lines, checked.
+    pub fn check(&self) -> Result<(), String> {
+        crate::names::check(crate::names::Kind::Stream, &self.name)
+            .map_err(|e| format!("gpio name: {e}"))?;
+        absolute("gpio", &self.name, &self.chip)?;
+        if self.lines.is_empty() || self.lines.len() > MAX_GPIO_LINES {
+            return Err(format!(
+                "gpio `{}`: {} lines, where 1 to {MAX_GPIO_LINES} may be granted together",
+                self.name,
+                self.lines.len()
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(twice) = self.lines.iter().find(|l| !seen.insert(**l)) {
+            return Err(format!("gpio `{}`: line {twice} is named twice", self.name));
+        }
+        Ok(())
+    }
+}
+
+/// One device on an I2C bus granted to a module.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I2cDevice {
+    /// What the module opens it by (`i2c_open("eeprom")`).
+    pub name: String,
+    /// The bus's character device (`/dev/i2c-1`).
+    pub bus: String,
+    /// Its 7-bit address.
+    pub address: u16,
+}
+
+impl I2cDevice {
+    /// Its name, bus path and address, checked: the 7-bit addresses I2C reserves
+    /// for the bus itself (0x00-0x07, 0x78-0x7f) are refused.
+    pub fn check(&self) -> Result<(), String> {
+        crate::names::check(crate::names::Kind::Stream, &self.name)
+            .map_err(|e| format!("i2c name: {e}"))?;
+        absolute("i2c", &self.name, &self.bus)?;
+        if !(0x08..=0x77).contains(&self.address) {
+            return Err(format!(
+                "i2c `{}`: address {:#04x} is not a device's 7-bit address (0x08 to 0x77)",
+                self.name, self.address
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn absolute(kind: &str, name: &str, path: &str) -> Result<(), String> {
+    if !path.starts_with('/') || path.contains('\0') {
+        return Err(format!(
+            "{kind} `{name}`: path `{path}` is not an absolute path"
+        ));
+    }
+    Ok(())
 }
 
 /// A serial port granted to a module.
@@ -114,12 +230,7 @@ impl SerialPort {
     pub fn check(&self) -> Result<(), String> {
         crate::names::check(crate::names::Kind::Stream, &self.name)
             .map_err(|e| format!("serial port name: {e}"))?;
-        if !self.path.starts_with('/') || self.path.contains('\0') {
-            return Err(format!(
-                "serial port `{}`: path `{}` is not an absolute path",
-                self.name, self.path
-            ));
-        }
+        absolute("serial port", &self.name, &self.path)?;
         if !BAUDS.contains(&self.baud) {
             return Err(format!(
                 "serial port `{}`: baud {} is not one of {BAUDS:?}",
@@ -168,5 +279,49 @@ mod tests {
         assert!(bad(|p| p.baud = 9601).contains("baud 9601"));
         assert_eq!(needed_by("serial_read"), Some("serial"));
         assert_eq!(needed_by("publish"), None);
+    }
+
+    #[test]
+    fn gpio_and_i2c_grants_are_checked() {
+        let lines = GpioLines {
+            name: "relays".into(),
+            chip: "/dev/gpiochip0".into(),
+            lines: vec![0, 3],
+            output: true,
+        };
+        assert_eq!(lines.check(), Ok(()));
+        let bad = |f: fn(&mut GpioLines)| {
+            let mut l = lines.clone();
+            f(&mut l);
+            l.check().unwrap_err()
+        };
+        assert!(bad(|l| l.chip = "gpiochip0".into()).contains("absolute"));
+        assert!(bad(|l| l.lines.clear()).contains("0 lines"));
+        assert!(bad(|l| l.lines = (0..17).collect()).contains("17 lines"));
+        assert!(bad(|l| l.lines = vec![1, 2, 1]).contains("line 1 is named twice"));
+        assert!(bad(|l| l.name = String::new()).contains("gpio name"));
+        let eeprom = I2cDevice {
+            name: "eeprom".into(),
+            bus: "/dev/i2c-1".into(),
+            address: 0x50,
+        };
+        assert_eq!(eeprom.check(), Ok(()));
+        for address in [0x00, 0x07, 0x78, 0x7f, 0x3ff] {
+            let d = I2cDevice {
+                address,
+                ..eeprom.clone()
+            };
+            assert!(
+                d.check().unwrap_err().contains("7-bit address"),
+                "{address}"
+            );
+        }
+        assert_eq!(needed_by("gpio_write"), Some("gpio"));
+        assert_eq!(needed_by("i2c_read"), Some("i2c"));
+        let grants = Grants {
+            i2c: vec![eeprom],
+            ..Grants::default()
+        };
+        assert!(grants.has("i2c") && !grants.has("gpio") && !grants.has("serial"));
     }
 }

@@ -60,9 +60,9 @@ pub struct StartSpec {
     /// For a fleet module: exactly which artifact the agent staged. A signed file of
     /// another version copied into the slot is refused, floor or no floor.
     pub expect: Option<Expect>,
-    /// The serial ports granted to the module: opened before the worker confines
-    /// itself (`crate::capability`).
-    pub serial: Vec<crate::capability::SerialPort>,
+    /// The hardware granted to the module (serial ports, GPIO lines, I2C devices):
+    /// opened before the worker confines itself (`crate::capability`).
+    pub grants: crate::capability::Grants,
 }
 
 /// The artifact a worker must find at `StartSpec::artifact`.

@@ -98,7 +98,7 @@ fn run(run: RunArgs) -> Result<i32, Failure> {
         fuel,
         emit: std::sync::Arc::new(move |reply| print_record(&name, reply)),
         capture_stdio: false,
-        serial: Vec::new(),
+        devices: Default::default(),
     };
     guest::run_command(loaded, opts, run.timings)
 }

@@ -67,7 +67,13 @@ pub struct Config {
     /// Serial ports, each granted to the modules it names (local or fleet).
     #[serde(default)]
     pub serial: Vec<SerialConfig>,
-    /// The ports granted to each module, by its name (filled by `load`).
+    /// GPIO lines, likewise.
+    #[serde(default)]
+    pub gpio: Vec<GpioConfig>,
+    /// I2C devices, likewise.
+    #[serde(default)]
+    pub i2c: Vec<I2cConfig>,
+    /// The hardware granted to each module, by its name (filled by `load`).
     #[serde(skip)]
     pub grants: Grants,
 }
@@ -87,19 +93,51 @@ pub struct SerialConfig {
     pub modules: Vec<String>,
 }
 
-/// The hardware each module is granted, by module name.
-pub type Grants = BTreeMap<String, Vec<kiln_protocol::capability::SerialPort>>;
+/// GPIO lines in kilnd.toml and the modules granted them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpioConfig {
+    pub name: String,
+    /// The chip's character device.
+    pub chip: PathBuf,
+    /// Line offsets on the chip.
+    pub lines: Vec<u32>,
+    /// `input` or `output`.
+    pub direction: Direction,
+    pub modules: Vec<String>,
+}
 
-/// Checks the `[[serial]]` ports and who they are granted to.
-fn grants(serial: &[SerialConfig], base: &Path) -> Result<Grants, String> {
-    use kiln_protocol::capability::{SerialPort, MAX_SERIAL_PORTS};
-    let mut grants = Grants::new();
-    let mut names = BTreeSet::new();
-    for s in serial {
-        let path = base.join(&s.path);
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Input,
+    Output,
+}
+
+/// An I2C device in kilnd.toml and the modules granted it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct I2cConfig {
+    pub name: String,
+    /// The bus's character device.
+    pub bus: PathBuf,
+    /// The device's 7-bit address (`0x50` in TOML is a number).
+    pub address: u16,
+    pub modules: Vec<String>,
+}
+
+/// The hardware each module is granted, by module name.
+pub type Grants = BTreeMap<String, kiln_protocol::capability::Grants>;
+
+/// Checks the `[[serial]]`, `[[gpio]]` and `[[i2c]]` grants and who they go to.
+fn grants(config: &Config, base: &Path) -> Result<Grants, String> {
+    use kiln_protocol::capability::{GpioLines, I2cDevice, SerialPort};
+    let (mut grants, mut seen) = (Grants::new(), BTreeSet::new());
+    let path = |p: &Path| base.join(p).to_string_lossy().into_owned();
+    for s in &config.serial {
         let port = SerialPort {
             name: s.name.clone(),
-            path: path.to_string_lossy().into_owned(),
+            path: path(&s.path),
             baud: s.baud,
             framing: s
                 .framing
@@ -107,27 +145,73 @@ fn grants(serial: &[SerialConfig], base: &Path) -> Result<Grants, String> {
                 .map_err(|e| format!("[[serial]] `{}`: {e}", s.name))?,
         };
         port.check().map_err(|e| format!("[[serial]] {e}"))?;
-        if !names.insert(s.name.clone()) {
-            return Err(format!("[[serial]]: a second port is named `{}`", s.name));
-        }
-        if s.modules.is_empty() {
-            return Err(format!(
-                "[[serial]] `{}`: `modules` names no module to grant it to",
-                s.name
-            ));
-        }
-        for m in &s.modules {
-            names::check(Kind::Module, m).map_err(|e| format!("[[serial]] `{}`: {e}", s.name))?;
-            let ports = grants.entry(m.clone()).or_default();
-            ports.push(port.clone());
-            if ports.len() > MAX_SERIAL_PORTS {
-                return Err(format!(
-                    "[[serial]]: module `{m}` is granted more than {MAX_SERIAL_PORTS} ports"
-                ));
-            }
-        }
+        grant(
+            &mut grants,
+            &mut seen,
+            ("serial", &s.name),
+            &s.modules,
+            |g| {
+                g.serial.push(port.clone());
+                g.serial.len()
+            },
+        )?;
+    }
+    for c in &config.gpio {
+        let lines = GpioLines {
+            name: c.name.clone(),
+            chip: path(&c.chip),
+            lines: c.lines.clone(),
+            output: c.direction == Direction::Output,
+        };
+        lines.check().map_err(|e| format!("[[gpio]] {e}"))?;
+        grant(&mut grants, &mut seen, ("gpio", &c.name), &c.modules, |g| {
+            g.gpio.push(lines.clone());
+            g.gpio.len()
+        })?;
+    }
+    for c in &config.i2c {
+        let device = I2cDevice {
+            name: c.name.clone(),
+            bus: path(&c.bus),
+            address: c.address,
+        };
+        device.check().map_err(|e| format!("[[i2c]] {e}"))?;
+        grant(&mut grants, &mut seen, ("i2c", &c.name), &c.modules, |g| {
+            g.i2c.push(device.clone());
+            g.i2c.len()
+        })?;
     }
     Ok(grants)
+}
+
+/// Grants `name` (of `kind`) to each of `modules` with `add`, which returns how many
+/// of that kind the module then holds (at most `MAX_GRANTS`). Names are unique within
+/// a kind (`seen`).
+fn grant(
+    grants: &mut Grants,
+    seen: &mut BTreeSet<(&'static str, String)>,
+    (kind, name): (&'static str, &str),
+    modules: &[String],
+    add: impl Fn(&mut kiln_protocol::capability::Grants) -> usize,
+) -> Result<(), String> {
+    use kiln_protocol::capability::MAX_GRANTS;
+    if !seen.insert((kind, name.to_string())) {
+        return Err(format!("[[{kind}]]: a second one is named `{name}`"));
+    }
+    if modules.is_empty() {
+        return Err(format!(
+            "[[{kind}]] `{name}`: `modules` names no module to grant it to"
+        ));
+    }
+    for m in modules {
+        names::check(Kind::Module, m).map_err(|e| format!("[[{kind}]] `{name}`: {e}"))?;
+        if add(grants.entry(m.clone()).or_default()) > MAX_GRANTS {
+            return Err(format!(
+                "[[{kind}]]: module `{m}` is granted more than {MAX_GRANTS}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Telemetry goes to the broker in batches, each written to a bounded spool on disk
@@ -364,8 +448,8 @@ pub struct ModulePlan {
     /// the device's (`trust`, or its root's release keys). A fleet module names the
     /// key that signed it when it was staged.
     pub trusted_keys: Vec<String>,
-    /// The serial ports kilnd.toml grants the module (by its name, local or fleet).
-    pub serial: Vec<kiln_protocol::capability::SerialPort>,
+    /// The hardware kilnd.toml grants the module (by its name, local or fleet).
+    pub grants: kiln_protocol::capability::Grants,
 }
 
 impl Config {
@@ -502,12 +586,11 @@ impl Config {
                 dirs,
                 restart: m.restart,
                 trusted_keys: Vec::new(),
-                serial: Vec::new(),
+                grants: Default::default(),
             });
         }
         config.rates = rates;
-        config.grants =
-            grants(&config.serial, base).map_err(|e| format!("config `{file}`: {e}"))?;
+        config.grants = grants(&config, base).map_err(|e| format!("config `{file}`: {e}"))?;
         if let Some(mqtt) = &mut config.mqtt {
             kiln_protocol::fleet::parse_brokers(&mqtt.broker)
                 .map_err(|e| format!("config `{file}`: {e}"))?;
@@ -681,7 +764,7 @@ restart = { backoff_ms = 100, max_crashes = 3 }
             "{base}[[serial]]\nname = \"gps\"\npath = \"/dev/ttyUSB0\"\nbaud = 4800\nframing = \"7E1\"\nmodules = [\"nmea\", \"fleet-app\"]\n"
         ))
         .unwrap();
-        let granted = &config.grants["nmea"];
+        let granted = &config.grants["nmea"].serial;
         assert_eq!(granted.len(), 1);
         assert_eq!(
             (
@@ -692,7 +775,7 @@ restart = { backoff_ms = 100, max_crashes = 3 }
             ("gps", "/dev/ttyUSB0", 4800)
         );
         assert_eq!(granted[0].framing.to_string(), "7E1");
-        assert_eq!(config.grants["fleet-app"], *granted);
+        assert_eq!(config.grants["fleet-app"].serial, *granted);
         assert!(!config.grants.contains_key("other"));
         let refused = |serial: &str| load(&format!("{base}[[serial]]\n{serial}")).unwrap_err();
         assert!(refused(
@@ -715,6 +798,51 @@ restart = { backoff_ms = 100, max_crashes = 3 }
             "name = \"gps\"\npath = \"/dev/ttyS0\"\nmodules = [\"nmea\"]\nparity = 1\n"
         )
         .contains("unknown field `parity`"));
+    }
+
+    #[test]
+    fn gpio_lines_and_i2c_devices_are_granted_and_checked() {
+        let base = "trust = [\"k.pub\"]\n[[module]]\nartifact = \"pump.kiln\"\n";
+        let (config, _) = load_config(&format!(
+            "{base}[[gpio]]\nname = \"relays\"\nchip = \"/dev/gpiochip0\"\nlines = [0, 3]\ndirection = \"output\"\nmodules = [\"pump\"]\n\
+             [[gpio]]\nname = \"buttons\"\nchip = \"/dev/gpiochip1\"\nlines = [7]\ndirection = \"input\"\nmodules = [\"pump\"]\n\
+             [[i2c]]\nname = \"eeprom\"\nbus = \"/dev/i2c-1\"\naddress = 0x50\nmodules = [\"pump\"]\n"
+        ))
+        .unwrap();
+        let g = &config.grants["pump"];
+        assert_eq!(g.gpio.len(), 2);
+        assert_eq!(
+            (g.gpio[0].lines.as_slice(), g.gpio[0].output),
+            (&[0, 3][..], true)
+        );
+        assert!(!g.gpio[1].output);
+        assert_eq!(
+            (g.i2c[0].bus.as_str(), g.i2c[0].address),
+            ("/dev/i2c-1", 0x50)
+        );
+        assert!(g.serial.is_empty());
+        let refused = |t: &str| load(&format!("{base}{t}")).unwrap_err();
+        let gpio = "[[gpio]]\nname = \"r\"\nchip = \"/dev/gpiochip0\"\nmodules = [\"pump\"]\n";
+        assert!(
+            refused(&format!("{gpio}lines = [1, 1]\ndirection = \"output\"\n"))
+                .contains("line 1 is named twice")
+        );
+        assert!(
+            refused(&format!("{gpio}lines = [1]\ndirection = \"sideways\"\n"))
+                .contains("unknown variant `sideways`")
+        );
+        assert!(refused(&format!(
+            "{gpio}lines = [1]\ndirection = \"input\"\n{gpio}lines = [2]\ndirection = \"input\"\n"
+        ))
+        .contains("a second one is named `r`"));
+        let i2c = "[[i2c]]\nname = \"e\"\nbus = \"/dev/i2c-1\"\n";
+        assert!(
+            refused(&format!("{i2c}address = 0x78\nmodules = [\"pump\"]\n"))
+                .contains("7-bit address")
+        );
+        assert!(
+            refused(&format!("{i2c}address = 0x50\nmodules = []\n")).contains("names no module")
+        );
     }
 
     #[test]

@@ -577,7 +577,7 @@ impl Modules {
             }
         }
         for plan in &mut plans {
-            plan.serial = self.grants.get(&plan.name).cloned().unwrap_or_default();
+            plan.grants = self.grants.get(&plan.name).cloned().unwrap_or_default();
         }
         let names: Vec<String> = plans.iter().map(|p| p.name.clone()).collect();
         for (name, running) in &self.running {

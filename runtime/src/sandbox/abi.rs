@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use kiln_protocol::abi::{self, Level, Status, MAX_LOG, MAX_PUBLISH, MAX_STREAM};
-use kiln_protocol::capability::MAX_SERIAL_IO;
+use kiln_protocol::capability::{MAX_I2C_IO, MAX_SERIAL_IO};
 use kiln_protocol::names::{self, Kind};
 use kiln_protocol::worker::{LogSource, Reply};
 use wasmer::{AsStoreMut, Exports, Function, FunctionEnv, FunctionEnvMut, Imports, Memory, Store};
@@ -22,8 +22,9 @@ pub struct KilnEnv {
     pub message: Option<(String, Vec<u8>)>,
     pub emit: Emit,
     pub started: Instant,
-    /// The serial ports granted to the module, opened; a handle is an index.
-    pub ports: Vec<crate::sandbox::serial::Port>,
+    /// The hardware granted to the module, opened; a handle is an index into its
+    /// kind's list.
+    pub devices: crate::sandbox::devices::Devices,
 }
 
 impl KilnEnv {
@@ -34,7 +35,7 @@ impl KilnEnv {
             message: None,
             emit,
             started: Instant::now(),
-            ports: Vec::new(),
+            devices: Default::default(),
         }
     }
 }
@@ -81,6 +82,30 @@ pub fn imports(store: &mut Store, env: &FunctionEnv<KilnEnv>) -> Imports {
     ns.insert(
         "serial_write",
         Function::new_typed_with_env(store, env, serial_write),
+    );
+    ns.insert(
+        "gpio_open",
+        Function::new_typed_with_env(store, env, gpio_open),
+    );
+    ns.insert(
+        "gpio_read",
+        Function::new_typed_with_env(store, env, gpio_read),
+    );
+    ns.insert(
+        "gpio_write",
+        Function::new_typed_with_env(store, env, gpio_write),
+    );
+    ns.insert(
+        "i2c_open",
+        Function::new_typed_with_env(store, env, i2c_open),
+    );
+    ns.insert(
+        "i2c_read",
+        Function::new_typed_with_env(store, env, i2c_read),
+    );
+    ns.insert(
+        "i2c_write",
+        Function::new_typed_with_env(store, env, i2c_write),
     );
     let mut imports = Imports::new();
     imports.register_namespace(abi::MODULE, ns);
@@ -166,17 +191,132 @@ fn reply(ctx: FunctionEnvMut<'_, KilnEnv>, ptr: i32, len: i32) -> i32 {
     0
 }
 
-/// A handle to the serial port granted under `name`.
-fn serial_open(ctx: FunctionEnvMut<'_, KilnEnv>, ptr: i32, len: i32) -> i32 {
-    let name = match read(&ctx, ptr, len, MAX_STREAM) {
+/// The handle (index) of the grant named by the module's `ptr`/`len` among `names`.
+fn open_named<'n>(
+    ctx: &FunctionEnvMut<'_, KilnEnv>,
+    ptr: i32,
+    len: i32,
+    mut names: impl Iterator<Item = &'n str>,
+) -> i32 {
+    let name = match read(ctx, ptr, len, MAX_STREAM) {
         Ok(n) => n,
         Err(status) => return status,
     };
-    ctx.data()
-        .ports
-        .iter()
-        .position(|p| p.name.as_bytes() == name.as_slice())
+    names
+        .position(|n| n.as_bytes() == name.as_slice())
         .map_or(Status::Denied as i32, |i| i as i32)
+}
+
+/// A handle to the serial port granted under `name`.
+fn serial_open(ctx: FunctionEnvMut<'_, KilnEnv>, ptr: i32, len: i32) -> i32 {
+    let names = ctx.data().devices.serial.iter().map(|p| p.name.as_str());
+    open_named(&ctx, ptr, len, names)
+}
+
+/// A handle to the GPIO lines granted under `name`.
+fn gpio_open(ctx: FunctionEnvMut<'_, KilnEnv>, ptr: i32, len: i32) -> i32 {
+    let names = ctx.data().devices.gpio.iter().map(|l| l.name.as_str());
+    open_named(&ctx, ptr, len, names)
+}
+
+/// The lines' values, bit `i` for the grant's `i`th line (at most 16 lines, so the
+/// result is never negative).
+fn gpio_read(ctx: FunctionEnvMut<'_, KilnEnv>, handle: i32) -> i32 {
+    let Some(lines) = usize::try_from(handle)
+        .ok()
+        .and_then(|h| ctx.data().devices.gpio.get(h))
+    else {
+        return Status::Invalid as i32;
+    };
+    match lines.read() {
+        Ok(bits) => bits as i32,
+        Err(_) => Status::Io as i32,
+    }
+}
+
+/// Drives the output lines whose bit is set in `mask` to their bit in `values`.
+fn gpio_write(ctx: FunctionEnvMut<'_, KilnEnv>, handle: i32, values: i32, mask: i32) -> i32 {
+    let Some(lines) = usize::try_from(handle)
+        .ok()
+        .and_then(|h| ctx.data().devices.gpio.get(h))
+    else {
+        return Status::Invalid as i32;
+    };
+    if !lines.output {
+        return Status::Denied as i32;
+    }
+    match lines.write(values as u32 as u64, mask as u32 as u64) {
+        Ok(()) => 0,
+        Err(_) => Status::Io as i32,
+    }
+}
+
+/// A handle to the I2C device granted under `name`.
+fn i2c_open(ctx: FunctionEnvMut<'_, KilnEnv>, ptr: i32, len: i32) -> i32 {
+    let names = ctx.data().devices.i2c.iter().map(|d| d.name.as_str());
+    open_named(&ctx, ptr, len, names)
+}
+
+/// The register a module names: 0 to 255.
+fn register(reg: i32) -> Option<u8> {
+    u8::try_from(reg).ok()
+}
+
+/// Reads `len` (1 to 32) bytes from register `reg` into the module's memory.
+fn i2c_read(
+    mut ctx: FunctionEnvMut<'_, KilnEnv>,
+    handle: i32,
+    reg: i32,
+    ptr: i32,
+    len: i32,
+) -> i32 {
+    let (Some(reg), Ok(n)) = (register(reg), usize::try_from(len)) else {
+        return Status::Invalid as i32;
+    };
+    if n == 0 || n > MAX_I2C_IO {
+        return Status::TooLarge as i32;
+    }
+    // Checked before the bus is read: nothing is taken from a device that cannot
+    // be handed over.
+    if !fits(&ctx, ptr, n) {
+        return Status::OutOfBounds as i32;
+    }
+    let mut buf = [0u8; MAX_I2C_IO];
+    let got = match usize::try_from(handle)
+        .ok()
+        .and_then(|h| ctx.data().devices.i2c.get(h))
+    {
+        Some(device) => device.read(reg, &mut buf[..n]),
+        None => return Status::Invalid as i32,
+    };
+    match got {
+        Ok(got) => write(&mut ctx, ptr, got as i32, &buf[..got]),
+        Err(_) => Status::Io as i32,
+    }
+}
+
+/// Writes `len` (1 to 32) bytes from the module's memory to register `reg`.
+fn i2c_write(ctx: FunctionEnvMut<'_, KilnEnv>, handle: i32, reg: i32, ptr: i32, len: i32) -> i32 {
+    let Some(reg) = register(reg) else {
+        return Status::Invalid as i32;
+    };
+    let data = match read(&ctx, ptr, len, MAX_I2C_IO) {
+        Ok(d) => d,
+        Err(status) => return status,
+    };
+    if data.is_empty() {
+        return Status::Invalid as i32;
+    }
+    match usize::try_from(handle)
+        .ok()
+        .and_then(|h| ctx.data().devices.i2c.get(h))
+    {
+        Some(device) => match device.write(reg, &data) {
+            Ok(n) => n as i32,
+            Err(_) => Status::Io as i32,
+        },
+        None => Status::Invalid as i32,
+    }
 }
 
 /// Whether `len` bytes at `ptr` are inside the module's memory: checked before a
@@ -201,7 +341,7 @@ fn serial_read(
         return Status::OutOfBounds as i32;
     }
     let mut buf = vec![0u8; n];
-    let got = match ctx.data_mut().ports.get_mut(handle as usize) {
+    let got = match ctx.data_mut().devices.serial.get_mut(handle as usize) {
         Some(port) if handle >= 0 => port.read(&mut buf, wait_ms.max(0) as u32),
         _ => return Status::Invalid as i32,
     };
@@ -222,7 +362,7 @@ fn serial_write(
         Ok(d) => d,
         Err(status) => return status,
     };
-    match ctx.data_mut().ports.get_mut(handle as usize) {
+    match ctx.data_mut().devices.serial.get_mut(handle as usize) {
         Some(port) if handle >= 0 => match port.write(&data, wait_ms.max(0) as u32) {
             Ok(n) => n as i32,
             Err(_) => Status::Io as i32,

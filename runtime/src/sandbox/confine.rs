@@ -643,13 +643,20 @@ pub fn filter(pid: u32) -> Vec<libc::sock_filter> {
             ],
         );
     }
-    // Only the terminal and non-blocking queries the runtime makes.
+    // Only the terminal and non-blocking queries the runtime makes, and the transfers
+    // of granted hardware opened before confinement (`devices`): GPIO values on a
+    // line request, SMBus on an I2C descriptor already bound to its address. Never
+    // the requests that open lines or rebind an address.
+    use crate::sandbox::devices::{gpio, i2c};
     let ioctls = [
         libc::TCGETS as u32,
         libc::FIONBIO as u32,
         libc::FIOCLEX as u32,
         libc::FIONCLEX as u32,
         libc::FIONREAD as u32,
+        gpio::GET_VALUES,
+        gpio::SET_VALUES,
+        i2c::I2C_SMBUS,
     ];
     let mut body = vec![stmt(BPF_LD_W_ABS, arg_lo(1))];
     for (i, cmd) in ioctls.iter().enumerate() {
@@ -814,6 +821,21 @@ mod tests {
             decide(libc::SYS_ioctl, [2, libc::TIOCSTI, 0, 0, 0, 0]),
             eperm
         );
+        {
+            use crate::sandbox::devices::{gpio, i2c};
+            for cmd in [gpio::GET_VALUES, gpio::SET_VALUES, i2c::I2C_SMBUS] {
+                let cmd = u64::from(cmd);
+                assert_eq!(decide(libc::SYS_ioctl, [5, cmd, 0, 0, 0, 0]), RET_ALLOW);
+            }
+            for cmd in [
+                gpio::GET_LINE,
+                i2c::I2C_SLAVE,
+                0x0706, /* I2C_SLAVE_FORCE */
+            ] {
+                let cmd = u64::from(cmd);
+                assert_eq!(decide(libc::SYS_ioctl, [5, cmd, 0, 0, 0, 0]), eperm);
+            }
+        }
         assert_eq!(
             decide(libc::SYS_prctl, [libc::PR_SET_NAME as u64, 0, 0, 0, 0, 0]),
             RET_ALLOW

@@ -34,8 +34,8 @@ pub struct GuestOptions {
     /// Capture stdout/stderr as log records (workers) instead of passing them through
     /// to kilnd's own (`kilnd run`).
     pub capture_stdio: bool,
-    /// The serial ports granted to the module, opened before confinement.
-    pub serial: Vec<crate::sandbox::serial::Port>,
+    /// The hardware granted to the module, opened before confinement.
+    pub devices: crate::sandbox::devices::Devices,
 }
 
 pub struct Guest {
@@ -94,19 +94,18 @@ impl std::fmt::Display for Steps {
 /// at load, naming the capability and the grant that would allow it.
 fn check_capabilities(
     module: &wasmer::Module,
-    serial: &[crate::sandbox::serial::Port],
+    devices: &crate::sandbox::devices::Devices,
 ) -> Result<(), String> {
-    let Some(import) = module.imports().find(|i| {
-        i.module() == abi::MODULE
-            && kiln_protocol::capability::needed_by(i.name()) == Some("serial")
-    }) else {
-        return Ok(());
-    };
-    if serial.is_empty() {
-        return Err(format!(
-            "imports `kiln`.`{}`, but it is not granted the `serial` capability (kilnd.toml: [[serial]] with this module in `modules`)",
-            import.name()
-        ));
+    for import in module.imports().filter(|i| i.module() == abi::MODULE) {
+        let Some(capability) = kiln_protocol::capability::needed_by(import.name()) else {
+            continue;
+        };
+        if !devices.has(capability) {
+            return Err(format!(
+                "imports `kiln`.`{}`, but it is not granted the `{capability}` capability (kilnd.toml: [[{capability}]] with this module in `modules`)",
+                import.name()
+            ));
+        }
     }
     Ok(())
 }
@@ -119,7 +118,7 @@ impl Guest {
         let fail = |why: String| Failure::new(Code::LoadFailed, format!("module `{name}` {why}"));
         let mut steps = Steps::start();
         wasi::check_imports(&name, &loaded.module)?;
-        check_capabilities(&loaded.module, &opts.serial).map_err(&fail)?;
+        check_capabilities(&loaded.module, &opts.devices).map_err(&fail)?;
         check_reactor_exports(&loaded.module).map_err(&fail)?;
         let mut store = Store::new(loaded.engine.clone());
         let module = loaded.module;
@@ -168,7 +167,7 @@ impl Guest {
         #[cfg(feature = "wasi")]
         let _guard = tokio.as_ref().map(|t| t.enter());
         let mut kiln_env = KilnEnv::new(opts.config, opts.emit.clone());
-        kiln_env.ports = opts.serial;
+        kiln_env.devices = opts.devices;
         let kiln = FunctionEnv::new(&mut store, kiln_env);
         for ((ns, name), ext) in crate::sandbox::abi::imports(&mut store, &kiln).into_iter() {
             imports.define(&ns, &name, ext);

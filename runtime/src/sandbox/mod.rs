@@ -6,12 +6,12 @@ pub mod capture;
 pub mod confine;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod devices;
 #[cfg(feature = "test-hooks")]
 pub mod escape;
 pub mod guest;
 pub mod limits;
 pub mod load;
-pub mod serial;
 pub mod wasi;
 pub mod worker;
 pub mod zygote;

@@ -23,10 +23,10 @@ use kiln_protocol::worker::{
 use crate::exit::{Code, Failure};
 use crate::sandbox::abi::Emit;
 use crate::sandbox::confine::{self, Policy, Report};
+use crate::sandbox::devices::Devices;
 use crate::sandbox::guest::{Guest, GuestOptions};
 use crate::sandbox::limits;
 use crate::sandbox::load::{load_bytes, read_bounded, MAX_LOCAL_ARTIFACT};
-use crate::sandbox::serial;
 use crate::sandbox::wasi::{DirMapping, WasiOptions};
 
 /// How long a record may wait in the worker's buffer before it is flushed to the
@@ -118,20 +118,9 @@ pub fn serve() -> i32 {
     };
     // Read before confinement, which leaves the worker only the module's dirs.
     let artifact = read_bounded(Path::new(&spec.artifact), MAX_LOCAL_ARTIFACT);
-    // The granted serial ports too: confinement leaves the worker these descriptors,
-    // not the device directory.
-    let ports: Result<Vec<serial::Port>, String> = spec
-        .serial
-        .iter()
-        .map(|p| {
-            serial::open(p).map_err(|e| {
-                format!(
-                    "cannot open serial port `{}` (`{}`, granted in kilnd.toml): {e}",
-                    p.name, p.path
-                )
-            })
-        })
-        .collect();
+    // The granted hardware too: confinement leaves the worker these descriptors, not
+    // the device files.
+    let devices = Devices::open(&spec.grants);
     #[cfg(feature = "test-hooks")]
     let parent = std::os::unix::process::parent_id();
     let policy = Policy {
@@ -156,7 +145,7 @@ pub fn serve() -> i32 {
     let code = serve_with(
         input,
         *spec,
-        (artifact, ports),
+        (artifact, devices),
         (confined, confine_us),
         &emit,
     );
@@ -168,7 +157,7 @@ pub fn serve() -> i32 {
 fn serve_with(
     mut input: BufReader<io::StdinLock<'static>>,
     spec: StartSpec,
-    artifact: (io::Result<Vec<u8>>, Result<Vec<serial::Port>, String>),
+    artifact: (io::Result<Vec<u8>>, Result<Devices, String>),
     confined: (Report, u64),
     emit: &Emit,
 ) -> i32 {
@@ -222,12 +211,12 @@ fn serve_with(
 
 fn start(
     spec: StartSpec,
-    (artifact, ports): (io::Result<Vec<u8>>, Result<Vec<serial::Port>, String>),
+    (artifact, devices): (io::Result<Vec<u8>>, Result<Devices, String>),
     (confined, confine_us): (Report, u64),
     emit: &Emit,
 ) -> Result<Guest, Stop> {
     let load_failed = |code: u8, message: String| Stop::LoadFailed { code, message };
-    let ports = ports.map_err(|why| load_failed(Code::LoadFailed as u8, why))?;
+    let devices = devices.map_err(|why| load_failed(Code::LoadFailed as u8, why))?;
     let file = spec.artifact.as_str();
     let bytes = artifact.map_err(|e| {
         load_failed(
@@ -280,7 +269,7 @@ fn start(
         fuel,
         emit: emit.clone(),
         capture_stdio: true,
-        serial: ports,
+        devices,
     };
     let mut guest =
         Guest::instantiate(loaded, opts).map_err(|f| load_failed(f.code as u8, f.message))?;

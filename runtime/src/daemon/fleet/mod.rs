@@ -678,7 +678,7 @@ impl Executor {
                         .map(|k| vec![k.to_text()])
                         .unwrap_or_else(|| self.trust.keys().map(PublicKey::to_text).collect()),
                     // Hardware is the device's to grant: kilnd.toml's, added by serve.
-                    serial: Vec::new(),
+                    grants: Default::default(),
                 }
             })
             .collect()

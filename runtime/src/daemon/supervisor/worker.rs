@@ -57,7 +57,7 @@ pub(super) fn run_worker(
             .map(|d| (d.host.display().to_string(), d.guest.clone()))
             .collect(),
         expect: plan.expect.clone(),
-        serial: plan.serial.clone(),
+        grants: plan.grants.clone(),
     };
     // The Start frame goes with the spawn: a forked worker finds it waiting in its
     // pipe and starts loading while the zygote is still answering.
