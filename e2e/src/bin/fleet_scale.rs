@@ -615,6 +615,15 @@ fn main() {
             ),
         ),
     );
+    let group = fleet.kiln(&["devices", "--group", "lab", "--where", "tag=none"]);
+    push_row(
+        &mut rows,
+        (
+            format!("`kiln devices --group lab --where tag=none` of {n} (none match)"),
+            format!("{} (exit {})", secs(group.wall), group.code),
+        ),
+    );
+    dashboard(&fleet, &root, n, &mut rows);
     let gc = fleet.ok(&["gc"]);
     push_row(&mut rows, ("`kiln gc`".into(), secs(gc.wall)));
     if let Brokers::Nats { cluster, .. } = &brokers {
@@ -667,6 +676,66 @@ fn main() {
 }
 
 /// A release crashing on a tenth of the devices, halted by its 1% allowance.
+/// `kiln dashboard` over the whole fleet in a real browser (chromium, headless): the
+/// time from navigation until every device's row is on the page, the page's own
+/// first render, the latency of a live update, and the dashboard's memory.
+fn dashboard(fleet: &Fleet, root: &Path, n: usize, rows: &mut Vec<(String, String)>) {
+    let port = kiln_e2e::free_port();
+    let mut child = Command::new(&fleet.kiln)
+        .current_dir(fleet.dir.path())
+        .args(["dashboard", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--broker", &fleet.broker, "--root", path_str(root)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "kiln dashboard did not listen");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Every retained status in before the page opens.
+    std::thread::sleep(Duration::from_secs(5));
+    let browser = kiln_e2e::browser::Browser::start();
+    let opened = Instant::now();
+    browser.goto(&format!("http://127.0.0.1:{port}/"));
+    browser.wait_for(
+        Duration::from_secs(600),
+        "every row",
+        &format!("return document.querySelectorAll('#devices tr').length === {n};"),
+    );
+    let loaded = opened.elapsed();
+    let first = browser.eval("return window.kiln.firstRenderMs;");
+    let before = browser
+        .eval("return window.kiln.updates;")
+        .as_u64()
+        .unwrap_or(0);
+    browser.wait_for(
+        Duration::from_secs(120),
+        "live updates",
+        &format!("return window.kiln.updates > {before} + 5;"),
+    );
+    let latency = browser.eval("return window.kiln.lastUpdateLatencyMs;");
+    let (pss, hwm) = (pss_kib(child.id()).unwrap_or(0), vm_hwm_kib(child.id()));
+    push_row(
+        rows,
+        (
+            format!("`kiln dashboard` with {n} devices in chromium: every row on the page / the page's first render / a live update's latency"),
+            format!("{} / {first} ms / {latency} ms", secs(loaded)),
+        ),
+    );
+    push_row(
+        rows,
+        (
+            "`kiln dashboard`: PSS / peak RSS".into(),
+            format!("{} / {}", mib(pss), mib(hwm)),
+        ),
+    );
+    drop(browser);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 fn halted_rollout(
     fleet: &Fleet,
     app: &Path,
