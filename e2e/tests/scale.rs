@@ -100,13 +100,19 @@ pub(crate) fn wait_for(limit: Duration, what: &str, mut check: impl FnMut() -> b
 /// The rollout status once it contains `needle`.
 #[track_caller]
 pub(crate) fn wait_status(fleet: &Fleet, needle: &str) -> String {
-    let mut last = String::new();
-    wait_for(Duration::from_secs(60), needle, || {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
         // No record yet is not an error here.
-        last = fleet.kiln(&["rollout", "status", "--group", "lab"]).stdout;
-        last.contains(needle)
-    });
-    last
+        let last = fleet.kiln(&["rollout", "status", "--group", "lab"]);
+        if last.stdout.contains(needle) {
+            return last.stdout;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after 60 s waiting for `{needle}` in the rollout status; the last:\n{last}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 #[test]
@@ -118,7 +124,9 @@ fn a_hundred_devices_take_growing_waves_and_the_policy_halts_pauses_aborts_and_r
 
     // v3 crashes on a fifth of the devices. A rollout in flight holds the group: a
     // second operator's is refused, naming it; a pause stops the driver after the
-    // wave; an abort gives the wave back, and devices not reached never get v3.
+    // wave; an abort gives the wave back, and devices not reached never get v3. The
+    // health window (so wave 1) is long enough that both operators' commands land in
+    // wave 1 on a loaded machine: a pause heard after wave 1 ended holds wave 2.
     let app3 = fleet.app(3, "fleet.key");
     let first = spawn_kiln(
         &fleet,
@@ -138,7 +146,7 @@ fn a_hundred_devices_take_growing_waves_and_the_policy_halts_pauses_aborts_and_r
             "--max-total-failures",
             "50%",
             "--health-window-ms",
-            "4000",
+            "15000",
         ],
     );
     wait_status(&fleet, "running wave 1");

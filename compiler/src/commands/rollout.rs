@@ -621,6 +621,7 @@ impl ControlArgs {
                 if !matches!(phase, Phase::Running { .. }) {
                     return Err(refuse("only a running rollout pauses"));
                 }
+                driver.clears = false;
                 driver.apply(Input::Pause { by: me })?;
                 eprintln!("rollout {} paused: no new wave starts; `kiln rollout resume --group {}` goes on", driver.record.id, driver.record.group);
                 driver.session.disconnect();
@@ -630,6 +631,8 @@ impl ControlArgs {
                 if !phase.is_active() {
                     return Err(refuse("nothing to abort"));
                 }
+                // A running driver may be writing too: it clears what is stale.
+                driver.clears = !matches!(phase, Phase::Running { .. });
                 driver.abort(&me)
             }
             Word::Resume { take_over } => {

@@ -45,13 +45,18 @@ impl Incomplete for OpenError {
 }
 
 /// Publishes `published` with its head on `head` and each part on `part(sha256)`: the
-/// parts not in `held` (the part topics the broker holds) first, then the head, then
-/// clears the held parts the head does not name. Returns the part topics it names.
+/// parts not in `held` (the part topics the broker holds) first, then the head, then,
+/// if `clear`, clears the held parts the head does not name. Returns the part topics
+/// it names.
+///
+/// Clearing is for a document's one writer at a time: a second writer's head that
+/// lands meanwhile may name a part this one clears. A rollout's record has its driver
+/// clear and the operators' pause and abort not (see `Driver::clears`).
 pub fn publish(
     session: &mut Session,
     head: &str,
     part: impl Fn(&[u8; 32]) -> String,
-    held: &BTreeSet<String>,
+    (held, clear): (&BTreeSet<String>, bool),
     published: Published,
 ) -> Result<BTreeSet<String>> {
     let named: BTreeSet<String> = published.parts.iter().map(|(sha, _)| part(sha)).collect();
@@ -63,6 +68,7 @@ pub fn publish(
         .collect();
     let stale: Vec<(String, Vec<u8>)> = held
         .difference(&named)
+        .filter(|_| clear)
         .map(|t| (t.clone(), Vec::new()))
         .collect();
     for step in [new_parts, vec![(head.to_string(), published.head)], stale] {

@@ -56,7 +56,7 @@ pub fn publish_registry(
         .filter(|t| topics.parse_registry_part(t).is_some())
         .collect();
     let part = |sha: &[u8; 32]| topics.registry_part(sha);
-    crate::fleet::parts::publish(session, &topics.registry(), part, &held, signed)
+    crate::fleet::parts::publish(session, &topics.registry(), part, (&held, true), signed)
         .map_err(Error::Broker)?;
     Ok(())
 }

@@ -54,6 +54,11 @@ pub struct Driver<'a> {
     /// The driver the record named when this one took the rollout up (resume,
     /// retry): its writes still in flight are not a take-over.
     pub took_from: Option<String>,
+    /// Whether its writes clear the record's parts its head no longer names: a
+    /// driver's do; an operator's pause or abort beside a running driver must not,
+    /// or the driver's next head could name a part it cleared. The driver writes
+    /// again after any other writer's head, so what it leaves is whole.
+    pub clears: bool,
 }
 
 impl<'a> Driver<'a> {
@@ -81,6 +86,7 @@ impl<'a> Driver<'a> {
             held: None,
             last_head: Vec::new(),
             took_from: None,
+            clears: true,
         }
     }
 
@@ -113,9 +119,14 @@ impl<'a> Driver<'a> {
         let head = sealed.head.clone();
         let (topics, group) = (&self.topics, &self.record.group);
         let part = |sha: &[u8; 32]| topics.rollout_part(group, sha);
-        let named =
-            crate::fleet::parts::publish(&mut self.session, &self.topic, part, &held, sealed)
-                .map_err(unavailable)?;
+        let named = crate::fleet::parts::publish(
+            &mut self.session,
+            &self.topic,
+            part,
+            (&held, self.clears),
+            sealed,
+        )
+        .map_err(unavailable)?;
         self.held = Some(named);
         self.last_head = head;
         self.last_persist = Instant::now();
@@ -444,6 +455,13 @@ impl<'a> Driver<'a> {
                     }
                     if let Ok(heard) = heard {
                         self.heed(heard)?;
+                    }
+                    // Another writer's parts and this driver's may have crossed (a
+                    // head naming a part the other cleared): written again, whole,
+                    // over what the broker read just now holds.
+                    if matches!(self.record.phase, Phase::Running { .. }) {
+                        self.held = None;
+                        self.persist()?;
                     }
                 }
             } else {
