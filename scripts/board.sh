@@ -4,10 +4,11 @@
 # and the device provisioned from its boot partition, and scenarios run against it
 # from the host with `kiln` (e2e/tests/board.rs).
 #
-#   scripts/board.sh [--arch A] [--short] [--cuts N] [--seed S] [--image-only] [--no-build]
+#   scripts/board.sh [--arch A] [--short] [--test NAME] [--cuts N] [--seed S] [--image-only] [--no-build]
 #
 #   --arch A      arm64 (default: Debian 12) or riscv64 (Debian 13, booted by OpenSBI)
 #   --short       one boot, one update, one power cut (what .ci/run runs)
+#   --test NAME   only the scenarios whose name contains NAME (e.g. gpio)
 #   --cuts N      power cuts in the power-cut scenario (default 100, riscv64 10; --short: 1)
 #   --seed S      the seed that places the cuts (default 20261206)
 #   --image-only  build (or find) the cached image and stop
@@ -33,11 +34,13 @@ cuts=""
 seed=20261206
 image_only=0
 build=1
-usage() { sed -n '7,14p' "$0" | sed 's/^# *//' >&2; exit 2; }
+only=""
+usage() { sed -n '7,15p' "$0" | sed 's/^# *//' >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --arch) [ $# -ge 2 ] || usage; arch="$2"; shift 2 ;;
     --short) short=1; shift ;;
+    --test) [ $# -ge 2 ] || usage; only="$2"; shift 2 ;;
     --cuts) [ $# -ge 2 ] || usage; cuts="$2"; shift 2 ;;
     --seed) [ $# -ge 2 ] || usage; seed="$2"; shift 2 ;;
     --image-only) image_only=1; shift ;;
@@ -159,7 +162,12 @@ deb=$(find "$CARGO_TARGET_DIR/packages" -maxdepth 1 -name "kilnd_*_$arch.deb" 2>
 [ -n "$deb" ] || die 5 "no $arch .deb in $CARGO_TARGET_DIR/packages: run scripts/build.sh && scripts/package.sh"
 
 export KILN_BOARD_IMAGE="$image" KILN_BOARD_DEB="$deb" KILN_BOARD_CUTS="$cuts" KILN_BOARD_SEED="$seed"
+# gpio-sim and i2c-stub for the hardware scenario (arm64): Debian's kernel lacks them.
+if [ "$arch" = arm64 ] && [ "$short" = 0 ]; then
+  KILN_BOARD_MODULES=$(scripts/board-modules.sh "$image") || die 3 "the kernel's GPIO and I2C simulators could not be built"
+  export KILN_BOARD_MODULES
+fi
 # The full run skips the short test: each of its steps is part of a longer scenario.
-args=(board:: -- --ignored --test-threads=1 --nocapture --skip board::short)
+args=("board::$only" -- --ignored --test-threads=1 --nocapture --skip board::short)
 [ "$short" = 1 ] && args=(board::short -- --ignored --nocapture)
 exec cargo test --locked -p kiln-e2e --test e2e "${args[@]}"
