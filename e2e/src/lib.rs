@@ -9,6 +9,7 @@ pub mod board;
 pub mod browser;
 pub mod mosquitto;
 pub mod nats;
+pub mod nginx;
 pub mod procfs;
 pub mod rng;
 pub mod sim;

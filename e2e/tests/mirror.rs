@@ -13,8 +13,7 @@
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,8 +24,9 @@ use kiln_compiler::commands::push::PushCommand;
 use kiln_protocol::fleet::{EventKind, SignedDesired, Topics, DEFAULT_PREFIX};
 
 use crate::fleet::{retained, wait_online, Watch};
-use crate::util::{eventually, path_str, shared, FleetDevice};
+use crate::util::{path_str, shared, FleetDevice};
 use kiln_e2e::mosquitto::{Broker, Pki};
+use kiln_e2e::nginx::Nginx;
 
 /// A TCP proxy in front of the broker for one device, counting the bytes each way.
 struct Counting {
@@ -83,130 +83,6 @@ fn pump(from: &TcpStream, to: &TcpStream, count: Arc<AtomicU64>) {
     });
 }
 
-/// Debian's nginx on a free loopback port with a config and prefix of its own (no
-/// system config), serving `root` over TLS with the PKI's server certificate.
-struct Nginx {
-    dir: tempfile::TempDir,
-    port: u16,
-    root: PathBuf,
-    /// The server certificate and key.
-    tls: [PathBuf; 2],
-    child: Option<Child>,
-}
-
-impl Nginx {
-    fn start(pki: &Pki, root: &Path) -> Self {
-        let mut nginx = Self {
-            dir: tempfile::tempdir().unwrap(),
-            port: kiln_e2e::free_port(),
-            root: root.to_path_buf(),
-            tls: [pki.server_cert.clone(), pki.server_key.clone()],
-            child: None,
-        };
-        nginx.run(false);
-        nginx
-    }
-
-    fn url(&self) -> String {
-        format!("https://127.0.0.1:{}/fleet", self.port)
-    }
-
-    /// (Re)starts it; `swapped`: a misconfigured mirror that serves chunk 1's file for
-    /// every chunk 0 (the right length, the wrong bytes).
-    fn run(&mut self, swapped: bool) {
-        self.stop();
-        let d = self.dir.path();
-        let swap = match swapped {
-            true => format!(
-                "location ~ \"^/fleet/artifacts/([0-9a-f]{{64}})/0$\" {{ alias {}/artifacts/$1/1; }}",
-                path_str(&self.root)
-            ),
-            false => String::new(),
-        };
-        let conf = format!(
-            r#"user root;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log;
-events {{ worker_connections 64; }}
-http {{
-    log_format mirror '$request_uri $status $body_bytes_sent';
-    access_log {d}/access.log mirror;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    default_type application/octet-stream;
-    server {{
-        listen 127.0.0.1:{port} ssl;
-        ssl_certificate {cert};
-        ssl_certificate_key {key};
-        {swap}
-        location /fleet/ {{ alias {root}/; }}
-    }}
-}}
-"#,
-            d = path_str(d),
-            port = self.port,
-            cert = path_str(&self.tls[0]),
-            key = path_str(&self.tls[1]),
-            root = path_str(&self.root),
-        );
-        std::fs::write(d.join("nginx.conf"), conf).unwrap();
-        let child = Command::new("/usr/sbin/nginx")
-            .args([
-                "-p",
-                path_str(d),
-                "-e",
-                &format!("{}/error.log", path_str(d)),
-            ])
-            .args(["-c", &format!("{}/nginx.conf", path_str(d))])
-            .args(["-g", "daemon off;"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nginx (scripts/setup.sh installs nginx-light)");
-        self.child = Some(child);
-        let port = self.port;
-        eventually(
-            Duration::from_secs(20),
-            || TcpStream::connect(("127.0.0.1", port)).is_ok(),
-            || format!("nginx did not listen: {}", self.log("error.log")),
-        );
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SIGQUIT: a graceful stop, the workers with it.
-            let _ = Command::new("kill")
-                .args(["-QUIT", &child.id().to_string()])
-                .status();
-            let _ = child.wait();
-        }
-    }
-
-    fn log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
-    }
-
-    /// Body bytes nginx sent so far, as its access log says, and the lines.
-    fn sent(&self) -> (u64, usize) {
-        let log = self.log("access.log");
-        let bytes = log
-            .lines()
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum();
-        (bytes, log.lines().count())
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 struct Phase {
     name: &'static str,
     /// Per device: bytes the broker sent it, and bytes it sent the broker (its
@@ -225,7 +101,7 @@ fn a_full_update_comes_from_the_https_mirror_and_a_bad_or_dead_mirror_falls_back
     let served = tempfile::tempdir().unwrap();
     let mirror_dir = served.path().join("kiln");
     std::fs::create_dir_all(&mirror_dir).unwrap();
-    let mut nginx = Nginx::start(pki, &mirror_dir);
+    let mut nginx = Nginx::start(Some(pki), &mirror_dir);
 
     // A native device and an aarch64 one under qemu-user, as in transfers.rs.
     let targets = [

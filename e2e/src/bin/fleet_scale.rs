@@ -36,6 +36,10 @@ struct Args {
     /// them killed in the middle of the rollout
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=9))]
     brokers: u8,
+    /// The first push's artifacts from an HTTP mirror (Debian's nginx) instead of the
+    /// broker: `kiln push --mirror-dir --mirror-url` (a rollout fetches from the broker)
+    #[arg(long)]
+    mirror: bool,
 }
 
 /// The broker side: one mosquitto, or a nats-server cluster.
@@ -411,6 +415,21 @@ fn main() {
     fleet.ok(&["keygen", "-o", "fleet.key", "--fleet", "scale"]);
     let apps: Vec<PathBuf> = (1..=3).map(|v| fleet.app(v)).collect();
     let root = fleet.dir.path().join("fleet.root");
+    let mirror_dir = fleet.dir.path().join("mirror");
+    let nginx = args.mirror.then(|| {
+        std::fs::create_dir_all(&mirror_dir).unwrap();
+        kiln_e2e::nginx::Nginx::start(None, &mirror_dir)
+    });
+    let mirror_args: Vec<String> = match &nginx {
+        Some(nginx) => vec![
+            "--mirror-dir".into(),
+            path_str(&mirror_dir).into(),
+            "--mirror-url".into(),
+            nginx.url(),
+        ],
+        None => Vec::new(),
+    };
+    let mirror_args: Vec<&str> = mirror_args.iter().map(String::as_str).collect();
     eprintln!("fleet-scale: starting {n} simulated devices");
     let sim = Sim::start(&fleet.broker, &root, n, &["3:10"]);
     let mut rows: Vec<(String, String)> = Vec::new();
@@ -448,6 +467,8 @@ fn main() {
         "fleet.key",
     ];
     push.extend(quick);
+    push.extend(&mirror_args);
+    let served = nginx.as_ref().map_or(0, |n| n.sent().0);
     let pushed = fleet.ok(&push);
     wait_running(&fleet, 1, n, Duration::from_secs(600));
     let committed = started.elapsed();
@@ -475,6 +496,19 @@ fn main() {
             traffic(&s0, &s1, n),
         ),
     );
+    if let Some(nginx) = &nginx {
+        let (sent, requests) = nginx.sent();
+        push_row(
+            &mut rows,
+            (
+                "the mirror (nginx, HTTP): body bytes sent per device, one group update".into(),
+                format!(
+                    "{:.0} B ({requests} requests in all)",
+                    (sent - served) as f64 / n as f64
+                ),
+            ),
+        );
+    }
 
     // `kiln rollout APP` to group lab in waves of 1, 10, 100 and the rest.
     let rollout = |app: &Path, policy: &[&str]| {
