@@ -42,12 +42,13 @@ have dpkg-deb || packages+=(dpkg)
   && [ -e /usr/lib/llvm-19/lib/clang/19/lib/wasi/libclang_rt.builtins-wasm32.a ]; } \
   || packages+=(clang-19 lld-19 wasi-libc libclang-rt-19-dev-wasm32)
 # The boards (scripts/board.sh): full-system qemu for aarch64 and riscv64 (with
-# OpenSBI), mmdebstrap and qemu-user-static to build their Debian images, the FAT
-# tools for the boot partition, and ssh to reach them.
+# OpenSBI), mmdebstrap and qemu-user-static to build their Debian images (mmdebstrap
+# needs arch-test, only a recommendation of its package, to build a foreign
+# architecture's), the FAT tools for the boot partition, and ssh to reach them.
 { have qemu-system-aarch64 && have qemu-system-riscv64 && have qemu-aarch64-static \
-  && have qemu-riscv64-static && have mmdebstrap && have mkfs.vfat \
+  && have qemu-riscv64-static && have mmdebstrap && have arch-test && have mkfs.vfat \
   && have mcopy && have ssh && have mkfs.ext4; } \
-  || packages+=(qemu-system-arm qemu-system-misc qemu-user-static mmdebstrap dosfstools mtools openssh-client e2fsprogs)
+  || packages+=(qemu-system-arm qemu-system-misc qemu-user-static mmdebstrap arch-test dosfstools mtools openssh-client e2fsprogs)
 # The dashboard's browser test: headless Chromium driven over WebDriver.
 { have chromium && have chromedriver; } || packages+=(chromium chromium-driver)
 # Beyond one broker: a 3-node nats-server cluster (its MQTT side) and nginx serving
