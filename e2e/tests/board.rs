@@ -682,9 +682,10 @@ fn figures_on_the_emulated_board() {
 /// chip (`gpio-sim`, configured through configfs) and an I2C EEPROM (`i2c-stub` at
 /// 0x50) on the arm64 board (both built for its kernel by scripts/board-modules.sh), granted in kilnd.toml to the C panel module
 /// (examples/c/panel.c) and opened by its worker before it confines itself. A button
-/// pressed on the simulated chip (a pull-up on an input line) lights the matching
-/// LED (an output line the test reads back), the EEPROM keeps what the module wrote
-/// across its restarts, and no system call of the worker is refused.
+/// pressed on the simulated chip (a pull-up on an input line) reaches the module as an
+/// edge and lights the matching LED (an output line the test reads back), `kiln send`
+/// lights the other, the EEPROM keeps what the module wrote across its restarts, and
+/// no system call of the worker is refused.
 #[test]
 #[ignore = "needs the board image: scripts/board.sh"]
 fn gpio_and_i2c_reach_the_module_granted_them() {
@@ -721,7 +722,7 @@ fn gpio_and_i2c_reach_the_module_granted_them() {
         "set -e; chown kiln /dev/{chip} /dev/{bus}; mkdir -p /etc/systemd/system/kilnd.service.d; \
          printf '[Service]\\nPrivateDevices=no\\nDevicePolicy=closed\\nDeviceAllow=/dev/{chip} rw\\nDeviceAllow=/dev/{bus} rw\\n' \
            > /etc/systemd/system/kilnd.service.d/hardware.conf; \
-         printf '\\n[[gpio]]\\nname = \"buttons\"\\nchip = \"/dev/{chip}\"\\nlines = [0, 1]\\ndirection = \"input\"\\nmodules = [\"panel\"]\\n\\n[[gpio]]\\nname = \"leds\"\\nchip = \"/dev/{chip}\"\\nlines = [2, 3]\\ndirection = \"output\"\\nmodules = [\"panel\"]\\n\\n[[i2c]]\\nname = \"eeprom\"\\nbus = \"/dev/{bus}\"\\naddress = 0x50\\nmodules = [\"panel\"]\\n' \
+         printf '\\n[[gpio]]\\nname = \"buttons\"\\nchip = \"/dev/{chip}\"\\nlines = [0, 1]\\ndirection = \"input\"\\nedges = \"both\"\\nmodules = [\"panel\"]\\n\\n[[gpio]]\\nname = \"leds\"\\nchip = \"/dev/{chip}\"\\nlines = [2, 3]\\ndirection = \"output\"\\nmodules = [\"panel\"]\\n\\n[[i2c]]\\nname = \"eeprom\"\\nbus = \"/dev/{bus}\"\\naddress = 0x50\\nmodules = [\"panel\"]\\n' \
            >> /etc/kiln/kilnd.toml; \
          systemctl daemon-reload; systemctl restart kilnd"
     ));
@@ -755,12 +756,16 @@ fn gpio_and_i2c_reach_the_module_granted_them() {
         lab.board.sh(&format!("cat {sim}/sim_gpio2/value")).trim(),
         "0"
     );
-    // Button 0 pressed: LED 0 (line 2) lights.
+    // Button 0 pressed: LED 0 (line 2) lights, and the press reached the module as
+    // an edge (a message on gpio/buttons).
     lab.board
         .sh(&format!("echo pull-up > {sim}/sim_gpio0/pull"));
     eventually(
         LIMIT,
-        || last()["buttons"] == 1 && last()["leds"] == 1,
+        || {
+            let r = last();
+            r["buttons"] == 1 && r["leds"] == 1 && r["edges"].as_u64() >= Some(1)
+        },
         || format!("{:?}", records()),
     );
     eventually(
@@ -771,6 +776,29 @@ fn gpio_and_i2c_reach_the_module_granted_them() {
     assert_eq!(
         lab.board.sh(&format!("cat {sim}/sim_gpio3/value")).trim(),
         "0"
+    );
+    // The fleet lights LED 1 (line 3) with a command, signed and answered.
+    let sent = lab.fleet.kiln(&[
+        "send",
+        "--device",
+        &lab.id,
+        "--module",
+        "panel",
+        "--topic",
+        "leds",
+        "--data",
+        "2",
+        "--sign",
+        "fleet.key",
+        "--timeout",
+        "60s",
+    ]);
+    assert_eq!(sent.code, Some(0), "{sent}");
+    assert!(sent.stdout.contains("status 0: leds=2"), "{sent}");
+    eventually(
+        Duration::from_secs(30),
+        || lab.board.sh(&format!("cat {sim}/sim_gpio3/value")).trim() == "1",
+        || lab.board.sh(&format!("grep . {sim}/sim_gpio*/value")),
     );
     // The EEPROM keeps the boot count across a restart of the module's worker.
     lab.board.sh("systemctl restart kilnd");

@@ -204,3 +204,55 @@ fn gpio_and_i2c_grants_are_refused_or_named_when_missing() {
         "{missing}"
     );
 }
+
+fn temps(records: &[Value], module: &str) -> Vec<String> {
+    of(records, module, "telemetry")
+        .iter()
+        .filter(|r| r["stream"] == "temp")
+        .map(|r| r["text"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The `file` capability on every target: the C module `examples/c/iio.c` reads an
+/// IIO-style temperature attribute granted as `temp` (here a file the test rewrites,
+/// as the kernel would update the attribute) and publishes each value it reads; a
+/// module granted nothing is refused at load naming the capability.
+#[test]
+fn a_granted_file_is_read_as_it_is_now_on_every_target() {
+    for target in DEVICES {
+        let s = shared();
+        let iio = s.artifact("c/iio.wasm", target);
+        let dir = tempfile::tempdir().unwrap();
+        let attribute = dir.path().join("in_temp_input");
+        std::fs::write(&attribute, "23456\n").unwrap();
+        let mut config = format!(
+            "[[file]]\nname = \"temp\"\npath = {:?}\nmodules = [\"iio\"]\n",
+            attribute.to_string_lossy()
+        );
+        config += &module_entry("iio", &iio, "tick_ms = 50\ntimeout_ms = 20000\n");
+        config += &module_entry("ungranted", &iio, "tick_ms = 50\n");
+        let mut serve = Serve::start(&Device::new(target), &config);
+        serve.wait_until(Duration::from_secs(120), |r| {
+            temps(r, "iio").iter().any(|t| t == r#"{"mC":23456}"#)
+        });
+        std::fs::write(&attribute, "-1250\n").unwrap();
+        let records = serve.wait_until(Duration::from_secs(60), |r| {
+            temps(r, "iio").iter().any(|t| t == r#"{"mC":-1250}"#)
+                && !of(r, "ungranted", "stopped").is_empty()
+        });
+        let why = of(&records, "ungranted", "stopped")[0]["why"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            why.contains("imports `kiln`.`file_open`")
+                && why.contains("not granted the `file` capability"),
+            "{target}: {why}"
+        );
+        assert!(
+            temps(&records, "iio").iter().all(|t| !t.contains("error")),
+            "{target}: {:?}",
+            temps(&records, "iio")
+        );
+    }
+}

@@ -4,20 +4,27 @@
  * at one I2C address as `eeprom`, to this module). At start it writes its boot count
  * to the EEPROM (register 0x10, one byte: read, add one, write back) and a 4-byte
  * marker to registers 0x00-0x03 (one I2C block write). Each tick it lights each LED
- * while its button is pressed, reads the marker back, and publishes on `panel`:
+ * while its button is pressed, or while the fleet's `leds` command holds it on (`kiln
+ * send ... --topic leds --data 2`: a mask, answered `leds=2`), reads the marker back,
+ * and publishes on `panel`:
  *
- *   {"buttons":1,"leds":1,"boots":3,"marker":"4b494c4e"}
+ *   {"buttons":1,"leds":3,"held":2,"edges":4,"boots":3,"marker":"4b494c4e"}
+ *
+ * `edges` counts the button edges kilnd delivered (the grant's `edges = "both"`: each
+ * arrives in kiln_on_message on topic `gpio/buttons` before the next tick).
  *
  * Errors from the devices are published too ({"error":"..."}), so a wiring fault is
  * visible in the fleet's telemetry, and the tick goes on. Built by
  * scripts/c-examples.sh.
  */
 #include <stdint.h>
+#include <stdio.h>
+#include <string.h>
 
 #include "kiln.h"
 
 static int32_t buttons = -1, leds = -1, eeprom = -1;
-static int32_t boots;
+static int32_t boots, held, edges;
 static const uint8_t MARKER[4] = {'K', 'I', 'L', 'N'};
 
 static int32_t open_all(void) {
@@ -50,13 +57,34 @@ int32_t kiln_init(void) {
     return 0;
 }
 
+int32_t kiln_on_message(int32_t len) {
+    char topic[80], data[16];
+    if (kiln_message_topic(topic, sizeof topic) < 0) return 1;
+    if (!strcmp(topic, "gpio/buttons")) {
+        edges++;
+        return 0;
+    }
+    if (strcmp(topic, "command/leds")) return 0;
+    if (len < 1 || len >= (int32_t)sizeof data) return 2;
+    int32_t n = kiln_message_read(data, sizeof data - 1);
+    if (n < 1) return 2;
+    data[n] = '\0';
+    if (data[0] < '0' || data[0] > '3' || data[1]) return 2;
+    held = data[0] - '0';
+    char answer[16];
+    int w = snprintf(answer, sizeof answer, "leds=%d", (int)held);
+    kiln_reply(answer, (size_t)w);
+    return 0;
+}
+
 int32_t kiln_tick(void) {
     int32_t pressed = kiln_gpio_read(buttons);
     if (pressed < 0) {
         kiln_publishf("panel", "{\"error\":\"buttons: %s\"}", kiln_strerror(pressed));
         return 0;
     }
-    int32_t r = kiln_gpio_write(leds, (uint16_t)pressed, 0x3);
+    int32_t lit = pressed | held;
+    int32_t r = kiln_gpio_write(leds, (uint16_t)lit, 0x3);
     if (r < 0) {
         kiln_publishf("panel", "{\"error\":\"leds: %s\"}", kiln_strerror(r));
         return 0;
@@ -67,8 +95,10 @@ int32_t kiln_tick(void) {
         kiln_publishf("panel", "{\"error\":\"eeprom: %s\"}", kiln_strerror(r < 0 ? r : KILN_E_IO));
         return 0;
     }
-    kiln_publishf("panel", "{\"buttons\":%d,\"leds\":%d,\"boots\":%d,\"marker\":\"%02x%02x%02x%02x\"}",
-                  (int)pressed, (int)pressed, (int)boots, marker[0], marker[1], marker[2],
-                  marker[3]);
+    kiln_publishf("panel",
+                  "{\"buttons\":%d,\"leds\":%d,\"held\":%d,\"edges\":%d,\"boots\":%d,"
+                  "\"marker\":\"%02x%02x%02x%02x\"}",
+                  (int)pressed, (int)lit, (int)held, (int)edges, (int)boots, marker[0], marker[1],
+                  marker[2], marker[3]);
     return 0;
 }

@@ -599,12 +599,17 @@ fn main() -> std::io::Result<()> {
                     name: "relays".into(),
                     chip: "/dev/gpiochip0".into(),
                     lines: vec![0, 3],
-                    output: true,
+                    output: false,
+                    edges: kiln_protocol::capability::Edges::Both,
                 }],
                 i2c: vec![kiln_protocol::capability::I2cDevice {
                     name: "eeprom".into(),
                     bus: "/dev/i2c-1".into(),
                     address: 0x50,
+                }],
+                files: vec![kiln_protocol::capability::ReadFile {
+                    name: "temp".into(),
+                    path: "/sys/bus/iio/devices/iio:device0/in_temp_input".into(),
                 }],
             },
         }))),

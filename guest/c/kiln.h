@@ -139,6 +139,8 @@ KILN_IMPORT(i2c_read)
 int32_t kiln_abi_i2c_read(int32_t device, int32_t reg, void *buf, int32_t len);
 KILN_IMPORT(i2c_write)
 int32_t kiln_abi_i2c_write(int32_t device, int32_t reg, const void *data, int32_t len);
+KILN_IMPORT(file_open) int32_t kiln_abi_file_open(const void *name, int32_t len);
+KILN_IMPORT(file_read) int32_t kiln_abi_file_read(int32_t file, void *buf, int32_t len);
 
 /* ---- Typed wrappers ------------------------------------------------------------- */
 
@@ -295,6 +297,25 @@ static inline int32_t kiln_i2c_read(int32_t device, uint8_t reg, void *buf, size
 static inline int32_t kiln_i2c_write(int32_t device, uint8_t reg, const void *data,
                                      size_t len) {
     return kiln_abi_i2c_write(device, reg, data, kiln__len(len));
+}
+
+/* Edges of GPIO inputs granted with `edges` in kilnd.toml arrive in kiln_on_message
+ * before the next tick, on topic "gpio/NAME", as {"line":0,"edge":"rising","ns":123}
+ * (line: the input's place in the grant). */
+
+/* ---- Read-only files (the `file` capability) --------------------------------------
+ * A file kilnd.toml grants this module ([[file]]), such as an IIO sensor's attribute
+ * under /sys: each read returns it as it is now, from its start. */
+
+/* A handle to the file granted under `name`. Errors: KILN_E_DENIED. */
+static inline int32_t kiln_file_open(const char *name) {
+    return kiln_abi_file_open(name, kiln__len(kiln__strlen(name)));
+}
+
+/* The file from its start into `buf`, at most `cap` (and 4096) bytes; returns the
+ * count. Errors: KILN_E_INVALID, KILN_E_IO, KILN_E_OUT_OF_BOUNDS. */
+static inline int32_t kiln_file_read(int32_t file, void *buf, size_t cap) {
+    return kiln_abi_file_read(file, buf, kiln__len(cap));
 }
 
 /* Nanoseconds since the worker started; never goes backwards. */

@@ -48,6 +48,8 @@ mod sys {
         pub fn i2c_open(name: *const u8, len: i32) -> i32;
         pub fn i2c_read(device: i32, reg: i32, ptr: *mut u8, len: i32) -> i32;
         pub fn i2c_write(device: i32, reg: i32, ptr: *const u8, len: i32) -> i32;
+        pub fn file_open(name: *const u8, len: i32) -> i32;
+        pub fn file_read(file: i32, ptr: *mut u8, len: i32) -> i32;
     }
 }
 
@@ -279,8 +281,30 @@ impl I2c {
     }
 }
 
-/// A message routed to this module: `topic` is `module/stream` of its sender, or
-/// `command/<topic>` for a command from the fleet (`kiln send`).
+/// A file kilnd.toml grants this module read-only (`[[file]]`), such as an IIO
+/// sensor's attribute under `/sys`: each read is the file as it is now.
+#[derive(Debug)]
+pub struct GrantedFile(i32);
+
+impl GrantedFile {
+    /// The file granted under `name`; `Error::Denied` if there is none.
+    pub fn open(name: &str) -> Result<Self, Error> {
+        // SAFETY: pointer and length of a live str.
+        let handle = unsafe { sys::file_open(name.as_ptr(), name.len() as i32) };
+        Error::check(handle).map(GrantedFile)
+    }
+
+    /// The file from its start, at most `buf.len()` (and 4096) bytes.
+    pub fn read(&self, buf: &mut [u8]) -> Result<usize, Error> {
+        // SAFETY: the host writes at most `buf.len()` bytes into `buf`.
+        let n = unsafe { sys::file_read(self.0, buf.as_mut_ptr(), buf.len() as i32) };
+        Error::check(n).map(|n| n as usize)
+    }
+}
+
+/// A message routed to this module: `topic` is `module/stream` of its sender,
+/// `command/<topic>` for a command from the fleet (`kiln send`), or `gpio/<name>` for
+/// an edge on its GPIO inputs (`{"line":0,"edge":"rising","ns":123}`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     pub topic: String,

@@ -24,6 +24,8 @@
 //! | `i2c_open` | `(name_ptr, name_len) -> i32` | a handle to the I2C device granted under `name`; `DENIED` if none is |
 //! | `i2c_read` | `(handle, reg, ptr, len) -> i32` | reads `len` bytes from register `reg` (1: SMBus read byte data; 2 to [`crate::capability::MAX_I2C_IO`]: I2C block read), returns count |
 //! | `i2c_write` | `(handle, reg, ptr, len) -> i32` | writes `len` bytes to register `reg` (1: SMBus write byte data; more: I2C block write), returns count |
+//! | `file_open` | `(name_ptr, name_len) -> i32` | a handle to the read-only file granted under `name`; `DENIED` if none is |
+//! | `file_read` | `(handle, ptr, len) -> i32` | the file read again from its start, at most `len` (and [`crate::capability::MAX_FILE_READ`]) bytes; returns count |
 //! | `reply` | `(ptr, len) -> i32` | within `kiln_on_message` for a command: its reply, at most [`MAX_REPLY`] bytes (the last call counts); `NO_MESSAGE` otherwise |
 //! | `monotonic_ns` | `() -> i64` | nanoseconds since the worker started, never goes back |
 //! | `wall_ns` | `() -> i64` | nanoseconds since the Unix epoch (the device's clock) |
@@ -32,7 +34,7 @@
 //! |---|---|---|
 //! | `kiln_init` | `() -> i32` | once after instantiation; non-zero fails the start |
 //! | `kiln_tick` | `() -> i32` | every tick interval; non-zero is reported as a failed tick |
-//! | `kiln_on_message` | `(len: i32) -> i32` | for each message routed to the module |
+//! | `kiln_on_message` | `(len: i32) -> i32` | for each message routed to the module, each command from the fleet (`command/<topic>`), and each edge of its GPIO inputs (`gpio/<name>`, before the next tick) |
 //! | `kiln_self_test` | `() -> i32` | optional, once after `kiln_init`; non-zero fails the start (and an update's health check) |
 //!
 //! A module with `_start` is a WASI command instead: it runs once, its stdout and stderr
@@ -65,6 +67,8 @@ pub const IMPORTS: &[(&str, &[ValType], &[ValType])] = &[
     ("i2c_open", &[I32, I32], &[I32]),
     ("i2c_read", &[I32, I32, I32, I32], &[I32]),
     ("i2c_write", &[I32, I32, I32, I32], &[I32]),
+    ("file_open", &[I32, I32], &[I32]),
+    ("file_read", &[I32, I32, I32], &[I32]),
 ];
 
 /// Reactor exports the daemon calls, with their signatures.

@@ -13,7 +13,9 @@
 //!   chip's;
 //! - `i2c`: one device (one 7-bit address) on an I2C bus, spoken to with SMBus
 //!   register reads and writes; the worker keeps a descriptor bound to that address
-//!   and cannot change it.
+//!   and cannot change it;
+//! - `file`: one file opened read-only (an IIO sensor's or another driver's attribute
+//!   under `/sys`), read again from its start on each call.
 
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +40,10 @@ pub const MAX_GPIO_LINES: usize = 16;
 pub const I2C_IMPORTS: &[&str] = &["i2c_open", "i2c_read", "i2c_write"];
 /// Bytes one `i2c_read` or `i2c_write` moves at most (SMBus's I2C block).
 pub const MAX_I2C_IO: usize = 32;
+/// The `kiln` imports of the file capability.
+pub const FILE_IMPORTS: &[&str] = &["file_open", "file_read"];
+/// Bytes one `file_read` returns at most.
+pub const MAX_FILE_READ: usize = 4096;
 /// Grants of one kind one module may hold.
 pub const MAX_GRANTS: usize = 8;
 
@@ -49,6 +55,8 @@ pub fn needed_by(import: &str) -> Option<&'static str> {
         Some("gpio")
     } else if I2C_IMPORTS.contains(&import) {
         Some("i2c")
+    } else if FILE_IMPORTS.contains(&import) {
+        Some("file")
     } else {
         None
     }
@@ -60,6 +68,7 @@ pub struct Grants {
     pub serial: Vec<SerialPort>,
     pub gpio: Vec<GpioLines>,
     pub i2c: Vec<I2cDevice>,
+    pub files: Vec<ReadFile>,
 }
 
 impl Grants {
@@ -69,6 +78,7 @@ impl Grants {
             "serial" => !self.serial.is_empty(),
             "gpio" => !self.gpio.is_empty(),
             "i2c" => !self.i2c.is_empty(),
+            "file" => !self.files.is_empty(),
             _ => false,
         }
     }
@@ -85,6 +95,53 @@ pub struct GpioLines {
     pub lines: Vec<u32>,
     /// Outputs (driven by `gpio_write`, starting low) or inputs (read only).
     pub output: bool,
+    /// For inputs: the edges delivered to the module as messages on `gpio/NAME`.
+    pub edges: Edges,
+}
+
+/// Which edges of input lines the kernel reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Edges {
+    #[default]
+    None,
+    Rising,
+    Falling,
+    Both,
+}
+
+impl std::str::FromStr for Edges {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "none" => Edges::None,
+            "rising" => Edges::Rising,
+            "falling" => Edges::Falling,
+            "both" => Edges::Both,
+            _ => {
+                return Err(format!(
+                    "edges `{s}` is not one of none, rising, falling, both"
+                ))
+            }
+        })
+    }
+}
+
+/// A file granted to a module read-only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadFile {
+    /// What the module opens it by (`file_open("temp")`).
+    pub name: String,
+    pub path: String,
+}
+
+impl ReadFile {
+    /// Its name and path, checked.
+    pub fn check(&self) -> Result<(), String> {
+        crate::names::check(crate::names::Kind::Stream, &self.name)
+            .map_err(|e| format!("file name: {e}"))?;
+        absolute("file", &self.name, &self.path)
+    }
 }
 
 impl GpioLines {
@@ -103,6 +160,12 @@ impl GpioLines {
         let mut seen = std::collections::BTreeSet::new();
         if let Some(twice) = self.lines.iter().find(|l| !seen.insert(**l)) {
             return Err(format!("gpio `{}`: line {twice} is named twice", self.name));
+        }
+        if self.output && self.edges != Edges::None {
+            return Err(format!(
+                "gpio `{}`: edges are reported for inputs, not outputs",
+                self.name
+            ));
         }
         Ok(())
     }
@@ -288,8 +351,24 @@ mod tests {
             chip: "/dev/gpiochip0".into(),
             lines: vec![0, 3],
             output: true,
+            edges: Edges::None,
         };
         assert_eq!(lines.check(), Ok(()));
+        assert_eq!("both".parse::<Edges>(), Ok(Edges::Both));
+        assert!("up".parse::<Edges>().unwrap_err().contains("not one of"));
+        let temp = ReadFile {
+            name: "temp".into(),
+            path: "/sys/bus/iio/devices/iio:device0/in_temp_input".into(),
+        };
+        assert_eq!(temp.check(), Ok(()));
+        assert!(ReadFile {
+            path: "in_temp_input".into(),
+            ..temp.clone()
+        }
+        .check()
+        .unwrap_err()
+        .contains("absolute"));
+        assert_eq!(needed_by("file_read"), Some("file"));
         let bad = |f: fn(&mut GpioLines)| {
             let mut l = lines.clone();
             f(&mut l);
@@ -299,6 +378,7 @@ mod tests {
         assert!(bad(|l| l.lines.clear()).contains("0 lines"));
         assert!(bad(|l| l.lines = (0..17).collect()).contains("17 lines"));
         assert!(bad(|l| l.lines = vec![1, 2, 1]).contains("line 1 is named twice"));
+        assert!(bad(|l| l.edges = Edges::Both).contains("not outputs"));
         assert!(bad(|l| l.name = String::new()).contains("gpio name"));
         let eeprom = I2cDevice {
             name: "eeprom".into(),

@@ -73,6 +73,9 @@ pub struct Config {
     /// I2C devices, likewise.
     #[serde(default)]
     pub i2c: Vec<I2cConfig>,
+    /// Files granted read-only (sensor attributes under /sys), likewise.
+    #[serde(default)]
+    pub file: Vec<FileConfig>,
     /// The hardware granted to each module, by its name (filled by `load`).
     #[serde(skip)]
     pub grants: Grants,
@@ -104,6 +107,19 @@ pub struct GpioConfig {
     pub lines: Vec<u32>,
     /// `input` or `output`.
     pub direction: Direction,
+    /// For inputs: `none` (the default), `rising`, `falling` or `both`, delivered
+    /// to the module as messages on `gpio/NAME`.
+    #[serde(default = "defaults::edges")]
+    pub edges: String,
+    pub modules: Vec<String>,
+}
+
+/// A file in kilnd.toml granted read-only to modules.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub name: String,
+    pub path: PathBuf,
     pub modules: Vec<String>,
 }
 
@@ -129,9 +145,10 @@ pub struct I2cConfig {
 /// The hardware each module is granted, by module name.
 pub type Grants = BTreeMap<String, kiln_protocol::capability::Grants>;
 
-/// Checks the `[[serial]]`, `[[gpio]]` and `[[i2c]]` grants and who they go to.
+/// Checks the `[[serial]]`, `[[gpio]]`, `[[i2c]]` and `[[file]]` grants and who they
+/// go to.
 fn grants(config: &Config, base: &Path) -> Result<Grants, String> {
-    use kiln_protocol::capability::{GpioLines, I2cDevice, SerialPort};
+    use kiln_protocol::capability::{GpioLines, I2cDevice, ReadFile, SerialPort};
     let (mut grants, mut seen) = (Grants::new(), BTreeSet::new());
     let path = |p: &Path| base.join(p).to_string_lossy().into_owned();
     for s in &config.serial {
@@ -162,6 +179,10 @@ fn grants(config: &Config, base: &Path) -> Result<Grants, String> {
             chip: path(&c.chip),
             lines: c.lines.clone(),
             output: c.direction == Direction::Output,
+            edges: c
+                .edges
+                .parse()
+                .map_err(|e| format!("[[gpio]] `{}`: {e}", c.name))?,
         };
         lines.check().map_err(|e| format!("[[gpio]] {e}"))?;
         grant(&mut grants, &mut seen, ("gpio", &c.name), &c.modules, |g| {
@@ -179,6 +200,17 @@ fn grants(config: &Config, base: &Path) -> Result<Grants, String> {
         grant(&mut grants, &mut seen, ("i2c", &c.name), &c.modules, |g| {
             g.i2c.push(device.clone());
             g.i2c.len()
+        })?;
+    }
+    for c in &config.file {
+        let file = ReadFile {
+            name: c.name.clone(),
+            path: path(&c.path),
+        };
+        file.check().map_err(|e| format!("[[file]] {e}"))?;
+        grant(&mut grants, &mut seen, ("file", &c.name), &c.modules, |g| {
+            g.files.push(file.clone());
+            g.files.len()
         })?;
     }
     Ok(grants)
@@ -420,6 +452,9 @@ mod defaults {
     }
     pub fn framing() -> String {
         "8N1".into()
+    }
+    pub fn edges() -> String {
+        "none".into()
     }
 }
 
@@ -805,7 +840,8 @@ restart = { backoff_ms = 100, max_crashes = 3 }
         let base = "trust = [\"k.pub\"]\n[[module]]\nartifact = \"pump.kiln\"\n";
         let (config, _) = load_config(&format!(
             "{base}[[gpio]]\nname = \"relays\"\nchip = \"/dev/gpiochip0\"\nlines = [0, 3]\ndirection = \"output\"\nmodules = [\"pump\"]\n\
-             [[gpio]]\nname = \"buttons\"\nchip = \"/dev/gpiochip1\"\nlines = [7]\ndirection = \"input\"\nmodules = [\"pump\"]\n\
+             [[gpio]]\nname = \"buttons\"\nchip = \"/dev/gpiochip1\"\nlines = [7]\ndirection = \"input\"\nedges = \"both\"\nmodules = [\"pump\"]\n\
+             [[file]]\nname = \"temp\"\npath = \"/sys/bus/iio/devices/iio:device0/in_temp_input\"\nmodules = [\"pump\"]\n\
              [[i2c]]\nname = \"eeprom\"\nbus = \"/dev/i2c-1\"\naddress = 0x50\nmodules = [\"pump\"]\n"
         ))
         .unwrap();
@@ -816,6 +852,8 @@ restart = { backoff_ms = 100, max_crashes = 3 }
             (&[0, 3][..], true)
         );
         assert!(!g.gpio[1].output);
+        assert_eq!(g.gpio[1].edges, kiln_protocol::capability::Edges::Both);
+        assert_eq!(g.files[0].name, "temp");
         assert_eq!(
             (g.i2c[0].bus.as_str(), g.i2c[0].address),
             ("/dev/i2c-1", 0x50)
@@ -831,6 +869,10 @@ restart = { backoff_ms = 100, max_crashes = 3 }
             refused(&format!("{gpio}lines = [1]\ndirection = \"sideways\"\n"))
                 .contains("unknown variant `sideways`")
         );
+        assert!(refused(&format!(
+            "{gpio}lines = [1]\ndirection = \"output\"\nedges = \"rising\"\n"
+        ))
+        .contains("not outputs"));
         assert!(refused(&format!(
             "{gpio}lines = [1]\ndirection = \"input\"\n{gpio}lines = [2]\ndirection = \"input\"\n"
         ))

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use kiln_protocol::abi::{self, Level, Status, MAX_LOG, MAX_PUBLISH, MAX_STREAM};
-use kiln_protocol::capability::{MAX_I2C_IO, MAX_SERIAL_IO};
+use kiln_protocol::capability::{MAX_FILE_READ, MAX_I2C_IO, MAX_SERIAL_IO};
 use kiln_protocol::names::{self, Kind};
 use kiln_protocol::worker::{LogSource, Reply};
 use wasmer::{AsStoreMut, Exports, Function, FunctionEnv, FunctionEnvMut, Imports, Memory, Store};
@@ -106,6 +106,14 @@ pub fn imports(store: &mut Store, env: &FunctionEnv<KilnEnv>) -> Imports {
     ns.insert(
         "i2c_write",
         Function::new_typed_with_env(store, env, i2c_write),
+    );
+    ns.insert(
+        "file_open",
+        Function::new_typed_with_env(store, env, file_open),
+    );
+    ns.insert(
+        "file_read",
+        Function::new_typed_with_env(store, env, file_read),
     );
     let mut imports = Imports::new();
     imports.register_namespace(abi::MODULE, ns);
@@ -255,6 +263,32 @@ fn gpio_write(ctx: FunctionEnvMut<'_, KilnEnv>, handle: i32, values: i32, mask: 
 fn i2c_open(ctx: FunctionEnvMut<'_, KilnEnv>, ptr: i32, len: i32) -> i32 {
     let names = ctx.data().devices.i2c.iter().map(|d| d.name.as_str());
     open_named(&ctx, ptr, len, names)
+}
+
+/// A handle to the file granted under `name`.
+fn file_open(ctx: FunctionEnvMut<'_, KilnEnv>, ptr: i32, len: i32) -> i32 {
+    let names = ctx.data().devices.files.iter().map(|f| f.name.as_str());
+    open_named(&ctx, ptr, len, names)
+}
+
+/// The file read again from its start into the module's memory, at most `len` bytes.
+fn file_read(mut ctx: FunctionEnvMut<'_, KilnEnv>, handle: i32, ptr: i32, len: i32) -> i32 {
+    let n = usize::try_from(len).unwrap_or(0).min(MAX_FILE_READ);
+    if !fits(&ctx, ptr, n) {
+        return Status::OutOfBounds as i32;
+    }
+    let mut buf = vec![0u8; n];
+    let got = match usize::try_from(handle)
+        .ok()
+        .and_then(|h| ctx.data().devices.files.get(h))
+    {
+        Some(file) => file.read(&mut buf),
+        None => return Status::Invalid as i32,
+    };
+    match got {
+        Ok(got) => write(&mut ctx, ptr, got as i32, &buf[..got]),
+        Err(_) => Status::Io as i32,
+    }
 }
 
 /// The register a module names: 0 to 255.

@@ -268,6 +268,19 @@ impl Guest {
     }
 
     /// Delivers a message through `kiln_on_message`.
+    /// A tick, after the edges of the module's GPIO inputs queued since the last one,
+    /// each delivered to `kiln_on_message` as a message on `gpio/NAME` (a module
+    /// without it only polls).
+    pub fn tick(&mut self) -> Result<Done, Stop> {
+        if self.exports(abi::ON_MESSAGE) {
+            let edges = self.kiln.as_ref(&self.store).devices.edge_messages();
+            for (topic, data) in edges {
+                self.deliver(topic, data)?;
+            }
+        }
+        self.call(abi::TICK, &[])
+    }
+
     pub fn deliver(&mut self, topic: String, data: Vec<u8>) -> Result<Done, Stop> {
         let len = data.len() as i32;
         self.kiln.as_mut(&mut self.store).message = Some((topic, data));

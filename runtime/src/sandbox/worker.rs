@@ -181,7 +181,7 @@ fn serve_with(
             }
         };
         let result = match request {
-            Request::Tick => guest.call(abi::TICK, &[]),
+            Request::Tick => guest.tick(),
             Request::Message { topic, data } => guest.deliver(topic, data),
             Request::Run => match guest.run_start() {
                 Ok(done) => {

@@ -2,8 +2,10 @@
 //! worker before it confines itself: confinement then leaves it these descriptors and
 //! not the device files, and its syscall filter lets through only the few `ioctl`s
 //! each kind needs afterwards (`confine::filter`). A handle the module holds is an
-//! index into one of these lists.
+//! index into one of these lists. GPIO inputs' edges become messages to the module,
+//! delivered before its next tick (`edge_messages`).
 
+pub mod file;
 pub mod gpio;
 pub mod i2c;
 pub mod serial;
@@ -16,6 +18,7 @@ pub struct Devices {
     pub serial: Vec<serial::Port>,
     pub gpio: Vec<gpio::Lines>,
     pub i2c: Vec<i2c::Device>,
+    pub files: Vec<file::Granted>,
 }
 
 impl Devices {
@@ -41,6 +44,11 @@ impl Devices {
                 .iter()
                 .map(|d| i2c::open(d).map_err(|e| granted("i2c device", &d.name, &d.bus, e)))
                 .collect::<Result<_, _>>()?,
+            files: grants
+                .files
+                .iter()
+                .map(|f| file::open(f).map_err(|e| granted("file", &f.name, &f.path, e)))
+                .collect::<Result<_, _>>()?,
         })
     }
 
@@ -50,7 +58,27 @@ impl Devices {
             "serial" => !self.serial.is_empty(),
             "gpio" => !self.gpio.is_empty(),
             "i2c" => !self.i2c.is_empty(),
+            "file" => !self.files.is_empty(),
             _ => false,
         }
+    }
+
+    /// The GPIO inputs' edges queued since the last call, as the messages the module
+    /// gets: topic `gpio/NAME`, `{"line":0,"edge":"rising","ns":123}`. An input whose
+    /// edges cannot be read is reported as a message too (`"error"`), once a call.
+    pub fn edge_messages(&self) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        for lines in self.gpio.iter().filter(|l| l.edges) {
+            let topic = format!("gpio/{}", lines.name);
+            match lines.edges() {
+                Ok(edges) => out.extend(edges.into_iter().map(|e| {
+                    let edge = if e.rising { "rising" } else { "falling" };
+                    let text = format!(r#"{{"line":{},"edge":"{edge}","ns":{}}}"#, e.line, e.ns);
+                    (topic.clone(), text.into_bytes())
+                })),
+                Err(e) => out.push((topic, format!(r#"{{"error":"{e}"}}"#).into_bytes())),
+            }
+        }
+        out
     }
 }
