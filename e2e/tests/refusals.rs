@@ -187,9 +187,10 @@ fn another_wasmer_version_or_a_newer_abi_is_refused() {
     let abi = write(
         dir.path(),
         "abi.kiln",
-        &resealed(|m| m.engine.kiln_abi += 1),
+        &resealed(|m| m.engine.kiln_abi = kiln_protocol::KILN_ABI_VERSION + 1),
     );
-    refused(&device, &abi, 87, &["kiln ABI 2"]);
+    let newer = format!("kiln ABI {}", kiln_protocol::KILN_ABI_VERSION + 1);
+    refused(&device, &abi, 87, &[&newer]);
 }
 
 #[test]

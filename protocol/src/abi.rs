@@ -1,5 +1,6 @@
-//! The kiln host ABI, version 1: what a module may import from module `kiln` and what a
-//! reactor module exports for the daemon to drive. This file is the reference; the
+//! The kiln host ABI, version 2: what a module may import from module `kiln` and what a
+//! reactor module exports for the daemon to drive (version 2 added the imports in
+//! [`SINCE_V2`]; an artifact records the version its imports need, [`needed`]). This file is the reference; the
 //! book's page `docs/src/abi.md` documents the same names.
 //!
 //! Pointers and lengths are `i32` offsets into the module's exported `memory`. Functions
@@ -70,6 +71,36 @@ pub const IMPORTS: &[(&str, &[ValType], &[ValType])] = &[
     ("file_open", &[I32, I32], &[I32]),
     ("file_read", &[I32, I32, I32], &[I32]),
 ];
+
+/// The imports ABI version 2 added (each import not named here is version 1's).
+pub const SINCE_V2: &[&str] = &[
+    "reply",
+    "serial_open",
+    "serial_read",
+    "serial_write",
+    "gpio_open",
+    "gpio_read",
+    "gpio_write",
+    "i2c_open",
+    "i2c_read",
+    "i2c_write",
+    "file_open",
+    "file_read",
+];
+
+/// The ABI version a module importing `imports` (module, name) needs: what `kiln
+/// compile` writes into its artifact, so a kilnd of an older ABI refuses it before it
+/// loads a byte of it, naming both versions.
+pub fn needed<'a>(imports: impl IntoIterator<Item = (&'a str, &'a str)>) -> u32 {
+    let v2 = imports
+        .into_iter()
+        .any(|(module, name)| module == MODULE && SINCE_V2.contains(&name));
+    if v2 {
+        2
+    } else {
+        1
+    }
+}
 
 /// Reactor exports the daemon calls, with their signatures.
 pub const INIT: &str = "kiln_init";
@@ -148,5 +179,29 @@ impl Level {
             Self::Debug => "debug",
             Self::Trace => "trace",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_artifact_needs_the_abi_of_its_newest_import() {
+        assert_eq!(needed([]), 1);
+        assert_eq!(
+            needed([(MODULE, "publish"), ("wasi_snapshot_preview1", "fd_write")]),
+            1
+        );
+        assert_eq!(needed([(MODULE, "publish"), (MODULE, "gpio_read")]), 2);
+        // Another module's import of the same name is not the kiln ABI's.
+        assert_eq!(needed([("env", "reply")]), 1);
+        for name in SINCE_V2 {
+            assert!(
+                IMPORTS.iter().any(|(n, ..)| n == name),
+                "{name} is not an import"
+            );
+        }
+        assert!(needed([(MODULE, "file_read")]) <= crate::KILN_ABI_VERSION);
     }
 }

@@ -45,6 +45,7 @@ pub mod trust;
 pub mod worker;
 
 /// Version of the `kiln` host ABI (import module `kiln`) this build implements.
-/// An artifact declares the ABI it was built against; a device runs it if its own
-/// ABI is at least that.
-pub const KILN_ABI_VERSION: u32 = 1;
+/// An artifact declares the ABI its imports need ([`abi::needed`]); a device runs it
+/// if its own ABI is at least that. Version 2 added commands' `reply` and the hardware
+/// capabilities (`serial_*`, `gpio_*`, `i2c_*`, `file_*`).
+pub const KILN_ABI_VERSION: u32 = 2;

@@ -8,7 +8,6 @@ use kiln_protocol::keys::SecretKey;
 use kiln_protocol::manifest::{
     ArtifactTarget, CompileSettings, Digest, EngineInfo, Import, ImportKind, Manifest,
 };
-use kiln_protocol::KILN_ABI_VERSION;
 use std::ptr::NonNull;
 
 use wasmer::sys::vm::{
@@ -128,6 +127,14 @@ pub fn compile_with_progress(
         .map_err(|e| AotError::Serialize(e.to_string()))?;
     let compile_time = started.elapsed();
 
+    let imports: Vec<Import> = module
+        .imports()
+        .map(|i| Import {
+            module: i.module().to_string(),
+            name: i.name().to_string(),
+            kind: kind_of(i.ty()),
+        })
+        .collect();
     let manifest = Manifest {
         name: opts.name.clone(),
         version: opts.version,
@@ -138,19 +145,15 @@ pub fn compile_with_progress(
         },
         engine: EngineInfo {
             wasmer: WASMER_VERSION.into(),
-            kiln_abi: KILN_ABI_VERSION,
+            // The oldest ABI its imports allow, so older devices still run it.
+            kiln_abi: kiln_protocol::abi::needed(
+                imports.iter().map(|i| (i.module.as_str(), i.name.as_str())),
+            ),
         },
         source: Digest::of(&wasm),
         payload: Digest::of(&payload),
         settings: opts.settings.clone(),
-        imports: module
-            .imports()
-            .map(|i| Import {
-                module: i.module().to_string(),
-                name: i.name().to_string(),
-                kind: kind_of(i.ty()),
-            })
-            .collect(),
+        imports,
         exports: module
             .exports()
             .functions()

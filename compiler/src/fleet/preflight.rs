@@ -165,6 +165,17 @@ pub fn check(
                     device: s.device.clone(),
                     why: why.to_string(),
                 });
+            } else if let Some(m) = manifests
+                .iter()
+                .find(|m| m.target.triple == f.triple && m.engine.kiln_abi > f.kiln_abi)
+            {
+                out.push(Refusal::NoArtifact {
+                    device: s.device.clone(),
+                    why: format!(
+                        "its kilnd has kiln ABI {}, and the module's imports need {} (update kilnd first)",
+                        f.kiln_abi, m.engine.kiln_abi
+                    ),
+                });
             }
         }
         if module.allow_downgrade {
@@ -299,5 +310,23 @@ mod tests {
         let mut down = m.clone();
         down.allow_downgrade = true;
         assert!(verdict(&check(&lab, &down, &[], &fleet), true).is_none());
+    }
+
+    #[test]
+    fn a_device_whose_kilnd_has_an_older_abi_than_the_module_needs_is_named() {
+        let fleet = [seen("dev-01", "x86_64-unknown-linux-gnu", &["lab"], None)];
+        let lab = Scope::Group("lab".into());
+        let m = module(2, "x86_64-unknown-linux-gnu");
+        let mut manifest = Manifest::example(b"x");
+        manifest.target.triple = "x86_64-unknown-linux-gnu".into();
+        manifest.engine.kiln_abi = 2;
+        let refusals = check(&lab, &m, &[&manifest], &fleet);
+        assert!(
+            matches!(&refusals[..], [Refusal::NoArtifact { device, why }]
+                if device == "dev-01" && why.contains("kiln ABI 1") && why.contains("need 2")),
+            "{refusals:?}"
+        );
+        manifest.engine.kiln_abi = 1;
+        assert!(check(&lab, &m, &[&manifest], &fleet).is_empty());
     }
 }
