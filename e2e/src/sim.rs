@@ -50,7 +50,10 @@ impl Sim {
             .arg(root)
             .arg("--data")
             .arg(data.path())
-            .args(["--devices", &n.to_string(), "--telemetry-ms", "2000"]);
+            .args(["--devices", &n.to_string()]);
+        if !extra.contains(&"--telemetry-ms") {
+            cmd.args(["--telemetry-ms", "2000"]);
+        }
         for c in crash {
             cmd.args(["--crash", c]);
         }
@@ -58,9 +61,11 @@ impl Sim {
             cmd.args(["--model", m]);
         }
         cmd.args(extra);
+        // Its stderr is kept beside the devices' data, for a start that fails.
+        let stderr = data.path().join("kilnd-sim.stderr");
         let mut child = cmd
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
             .expect("start kilnd-sim");
         let mut line = String::new();
@@ -73,7 +78,12 @@ impl Sim {
             .rev()
             .nth(1)
             .and_then(|m| m.parse().ok())
-            .unwrap_or_else(|| panic!("kilnd-sim: {line}"));
+            .unwrap_or_else(|| {
+                let said = std::fs::read_to_string(&stderr).unwrap_or_default();
+                let lines: Vec<&str> = said.lines().collect();
+                let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+                panic!("kilnd-sim did not start: {line}{tail}")
+            });
         Sim {
             child,
             connect_ms,
