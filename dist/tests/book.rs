@@ -96,6 +96,7 @@ const OTHER_TOOLS: &[(&str, &str)] = &[
     ("--build", "scripts/wasi-testsuite.sh"),
     ("--devices", "scripts/soak.sh, scripts/fleet-scale.sh"),
     ("--brokers", "scripts/fleet-scale.sh"),
+    ("--telemetry-ms", "scripts/fleet-scale.sh, kilnd-sim"),
     ("--model", "kilnd-sim: a module's behaviour per version"),
     (
         "--crash",
