@@ -29,7 +29,10 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(signers, vec![key.public().id()]);
     assert_eq!(opened.check(), Ok(()));
     let again = opened.sign(&[&key]).expect("an opened command signs");
-    assert_eq!(command::open(&again, &root.release).map(|c| c.0).as_ref(), Ok(&opened));
+    assert_eq!(
+        command::open(&again, &root.release).map(|c| c.0).as_ref(),
+        Ok(&opened)
+    );
     // Whatever device and clock: once at most.
     let groups = vec!["g".to_string()];
     let device = Device {
