@@ -215,6 +215,11 @@ fn open_named<'n>(
         .map_or(Status::Denied as i32, |i| i as i32)
 }
 
+/// The grant a module's handle names in `list` (its index), if it names one.
+fn granted<T>(list: &[T], handle: i32) -> Option<&T> {
+    usize::try_from(handle).ok().and_then(|h| list.get(h))
+}
+
 /// A handle to the serial port granted under `name`.
 fn serial_open(ctx: FunctionEnvMut<'_, KilnEnv>, ptr: i32, len: i32) -> i32 {
     let names = ctx.data().devices.serial.iter().map(|p| p.name.as_str());
@@ -230,10 +235,7 @@ fn gpio_open(ctx: FunctionEnvMut<'_, KilnEnv>, ptr: i32, len: i32) -> i32 {
 /// The lines' values, bit `i` for the grant's `i`th line (at most 16 lines, so the
 /// result is never negative).
 fn gpio_read(ctx: FunctionEnvMut<'_, KilnEnv>, handle: i32) -> i32 {
-    let Some(lines) = usize::try_from(handle)
-        .ok()
-        .and_then(|h| ctx.data().devices.gpio.get(h))
-    else {
+    let Some(lines) = granted(&ctx.data().devices.gpio, handle) else {
         return Status::Invalid as i32;
     };
     match lines.read() {
@@ -244,10 +246,7 @@ fn gpio_read(ctx: FunctionEnvMut<'_, KilnEnv>, handle: i32) -> i32 {
 
 /// Drives the output lines whose bit is set in `mask` to their bit in `values`.
 fn gpio_write(ctx: FunctionEnvMut<'_, KilnEnv>, handle: i32, values: i32, mask: i32) -> i32 {
-    let Some(lines) = usize::try_from(handle)
-        .ok()
-        .and_then(|h| ctx.data().devices.gpio.get(h))
-    else {
+    let Some(lines) = granted(&ctx.data().devices.gpio, handle) else {
         return Status::Invalid as i32;
     };
     if !lines.output {
@@ -278,10 +277,7 @@ fn file_read(mut ctx: FunctionEnvMut<'_, KilnEnv>, handle: i32, ptr: i32, len: i
         return Status::OutOfBounds as i32;
     }
     let mut buf = vec![0u8; n];
-    let got = match usize::try_from(handle)
-        .ok()
-        .and_then(|h| ctx.data().devices.files.get(h))
-    {
+    let got = match granted(&ctx.data().devices.files, handle) {
         Some(file) => file.read(&mut buf),
         None => return Status::Invalid as i32,
     };
@@ -316,10 +312,7 @@ fn i2c_read(
         return Status::OutOfBounds as i32;
     }
     let mut buf = [0u8; MAX_I2C_IO];
-    let got = match usize::try_from(handle)
-        .ok()
-        .and_then(|h| ctx.data().devices.i2c.get(h))
-    {
+    let got = match granted(&ctx.data().devices.i2c, handle) {
         Some(device) => device.read(reg, &mut buf[..n]),
         None => return Status::Invalid as i32,
     };
@@ -341,10 +334,7 @@ fn i2c_write(ctx: FunctionEnvMut<'_, KilnEnv>, handle: i32, reg: i32, ptr: i32, 
     if data.is_empty() {
         return Status::Invalid as i32;
     }
-    match usize::try_from(handle)
-        .ok()
-        .and_then(|h| ctx.data().devices.i2c.get(h))
-    {
+    match granted(&ctx.data().devices.i2c, handle) {
         Some(device) => match device.write(reg, &data) {
             Ok(n) => n as i32,
             Err(_) => Status::Io as i32,
