@@ -347,12 +347,19 @@ impl Session {
                         bail!(self.refusal(which));
                     }
                     sent = true;
-                    // Delivered at the QoS of the read (a QoS 0 marker would overtake a
-                    // QoS 1 snapshot held back by the broker's window), published at
-                    // QoS 1 so the broker has it.
+                    // Published at the QoS of the read. At QoS 1 (a filter already
+                    // subscribed live), a QoS 0 marker would overtake a snapshot held
+                    // back by the broker's window. At QoS 0 the marker needs no store:
+                    // on nats-server a QoS 1 publish is a JetStream write, and at
+                    // 10,000 devices on a cluster those timed out and the node closed
+                    // kiln's session (docs/src/measurements/cluster-2026-12-06.md).
+                    // A QoS 0 marker the broker drops ends the read after 10 s of
+                    // silence, with an error, never with a short snapshot.
                     self.client
-                        .publish(&sync, QoS::AtLeastOnce, false, nonce.clone())
+                        .publish(&sync, qos, false, nonce.clone())
                         .map_err(|e| anyhow!("cannot publish to `{sync}`: {e}"))?;
+                    // No PUBACK comes for a QoS 0 publish.
+                    acked = qos == QoS::AtMostOnce;
                 }
                 Ok(Ok(Event::Incoming(Packet::PubAck(_)))) if sent => {
                     acked = true;
