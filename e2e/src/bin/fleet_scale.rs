@@ -523,6 +523,11 @@ fn main() {
     );
     if let Some(nginx) = &nginx {
         let (sent, requests) = nginx.sent();
+        // A run that says it measured the mirror must have used it.
+        assert!(
+            requests > 0,
+            "--mirror: nginx served no request; the devices took the update from the broker"
+        );
         push_row(
             &mut rows,
             (

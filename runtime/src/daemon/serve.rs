@@ -500,7 +500,7 @@ fn with_mirrors(
     }
     let (jobs, queue) = mpsc::channel();
     std::thread::spawn(move || fleet::mirror::serve(queue, to_agent, tls));
-    agent.with_mirrors(mirrors, jobs)
+    agent.with_mirrors(mirrors, Box::new(move |job| jobs.send(job).is_ok()))
 }
 
 /// The keys local modules are verified with, as text for the workers: the `trust`

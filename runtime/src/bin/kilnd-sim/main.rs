@@ -17,9 +17,11 @@
 //! fleet agent, which signs it and publishes it on `devices/{id}/health` as kilnd does:
 //! what a rollout's health gates judge.
 //!
-//! No device has a thread of its own (kilnd gives its link, agent and pipeline one
-//! each): the links are polled on one tokio runtime and the agents and pipelines
-//! turned by a few shard threads (`shard.rs`), so 10,000 devices fit in one process.
+//! No device has a thread of its own (kilnd gives its link, agent, pipeline and
+//! mirror fetches one each): the links are polled on one tokio runtime, the agents
+//! and pipelines turned by a few shard threads (`shard.rs`), and the devices' mirror
+//! fetches (kilnd's own HTTP client) run on a pool of `MIRROR_THREADS`, so 10,000
+//! devices fit in one process.
 
 mod shard;
 mod workers;
@@ -150,6 +152,10 @@ fn main() {
             tx
         })
         .collect();
+    #[cfg(feature = "mirror")]
+    let mirrors = mirror_pool(MIRROR_THREADS);
+    #[cfg(not(feature = "mirror"))]
+    let mirrors = ();
     let pause = Duration::from_secs(1) / args.connect_rate.max(1);
     for i in 0..args.devices {
         let name = format!("{}{i:04}", args.name);
@@ -163,6 +169,7 @@ fn main() {
             riscv,
             (&connected, &models),
             place,
+            &mirrors,
         );
         match started {
             Ok((device, looping)) => {
@@ -195,6 +202,47 @@ fn main() {
     }
 }
 
+/// Threads that fetch every device's chunks from mirrors (kilnd: one a device).
+#[cfg(feature = "mirror")]
+const MIRROR_THREADS: usize = 4;
+
+/// A mirror fetch, and where its answer goes: the device's shard and its place there.
+#[cfg(feature = "mirror")]
+type Mirrors = Sender<(Sender<(u32, Msg)>, u32, fleet::MirrorJob)>;
+#[cfg(not(feature = "mirror"))]
+type Mirrors = ();
+
+/// The pool of `threads` that fetch from mirrors with kilnd's own client, each job
+/// answered to its device's agent as kilnd's fetching thread answers it.
+#[cfg(feature = "mirror")]
+fn mirror_pool(threads: usize) -> Mirrors {
+    let (tx, rx) = mpsc::channel::<(Sender<(u32, Msg)>, u32, fleet::MirrorJob)>();
+    let rx = Arc::new(Mutex::new(rx));
+    for n in 0..threads {
+        let rx = rx.clone();
+        std::thread::Builder::new()
+            .name(format!("mirror-{n}"))
+            .spawn(move || {
+                let mut client = fleet::mirror::Client::new(fleet::mirror::tls_config(None));
+                loop {
+                    let next = lock(&rx).recv();
+                    let Ok((shard, at, job)) = next else {
+                        return;
+                    };
+                    let result = client.get(&job);
+                    let answer = AgentIn::Mirror {
+                        key: job.key,
+                        part: job.part,
+                        result,
+                    };
+                    let _ = shard.send((at, Msg::Agent(answer)));
+                }
+            })
+            .expect("a mirror thread starts");
+    }
+    tx
+}
+
 fn spread(brokers: &str, i: usize) -> String {
     let list: Vec<&str> = brokers.split(',').collect();
     let first = i % list.len();
@@ -215,6 +263,7 @@ fn start(
     riscv: bool,
     (connected, models): (&Arc<AtomicUsize>, &Arc<Vec<Model>>),
     place: (Sender<(u32, Msg)>, u32),
+    #[cfg_attr(not(feature = "mirror"), allow(unused_variables))] mirrors: &Mirrors,
 ) -> Result<(Device, link::LinkLoop), String> {
     let data_dir = args.data.join(name);
     std::fs::create_dir_all(&data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
@@ -260,6 +309,8 @@ fn start(
             let _ = to_pipeline.send((at, Msg::Telemetry(TelemetryIn::Delivered)));
         },
     )?;
+    #[cfg(feature = "mirror")]
+    let place_of_mirror = place.clone();
     let workers = Arc::new(Mutex::new(Workers::new(
         name,
         args.crash.clone(),
@@ -279,6 +330,16 @@ fn start(
         link.clone(),
         facts,
     );
+    // The mirrors its desired states name, as a kilnd with no `mirror` of its own.
+    #[cfg(feature = "mirror")]
+    let driver = {
+        let (shard, at) = place_of_mirror;
+        let pool = mirrors.clone();
+        driver.with_mirrors(
+            fleet::agent::Mirrors::FromState,
+            Box::new(move |job| pool.send((shard.clone(), at, job)).is_ok()),
+        )
+    };
     let sampled = workers.clone();
     let pipeline = Pipeline::open(
         TelemetryConfig::default(),

@@ -14,7 +14,7 @@ mod tests;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
 use kiln_protocol::artifact::Envelope;
@@ -61,6 +61,11 @@ pub enum AgentIn {
 /// Hands a verified command to its module's supervisor, which answers through
 /// `AgentIn::Answer`; `Err` says at once why it cannot be delivered.
 pub type DeliverFn = Box<dyn Fn(Box<kiln_protocol::command::Command>) -> Result<(), String> + Send>;
+
+/// Hands a `MirrorJob` to whatever fetches (kilnd: a thread of the device's own;
+/// kilnd-sim: a pool shared by its devices), which answers it with an
+/// `AgentIn::Mirror`; false if nothing fetches any more.
+pub type MirrorFn = Box<dyn Fn(MirrorJob) -> bool + Send>;
 
 /// A request for a mirror, handed to the thread that fetches (feature `mirror`).
 pub struct MirrorJob {
@@ -215,7 +220,7 @@ pub struct Driver {
     offline: Vec<u8>,
     fault: Option<String>,
     /// The thread that fetches from mirrors, if this device uses them.
-    mirror: Option<Sender<MirrorJob>>,
+    mirror: Option<MirrorFn>,
     /// Where commands go, if this device runs modules that take them.
     deliver: Option<DeliverFn>,
     /// When the agent was last given the clock.
@@ -317,7 +322,7 @@ fn fault_point() -> Option<String> {
 impl Driver {
     /// Fetches transfers from mirrors as `mirrors` says, through `fetcher`, which
     /// answers each `MirrorJob` with an `AgentIn::Mirror`.
-    pub fn with_mirrors(mut self, mirrors: agent::Mirrors, fetcher: Sender<MirrorJob>) -> Self {
+    pub fn with_mirrors(mut self, mirrors: agent::Mirrors, fetcher: MirrorFn) -> Self {
         self.agent.set_mirrors(mirrors);
         self.mirror = Some(fetcher);
         self
@@ -469,8 +474,7 @@ impl Driver {
                     max,
                     exact,
                 };
-                let sent = self.mirror.as_ref().map(|m| m.send(job));
-                if !matches!(sent, Some(Ok(()))) {
+                if !self.mirror.as_ref().is_some_and(|fetch| fetch(job)) {
                     let result = Err("this kilnd fetches from no mirror".into());
                     return Some(Input::Mirror { key, part, result });
                 }
