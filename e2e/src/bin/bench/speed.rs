@@ -1,5 +1,6 @@
-//! Execution speed: five workloads (examples/workloads), one Rust source built natively
-//! and for wasm32-wasip1. Each workload times its own kernel, so start-up and
+//! Execution speed: seven workloads (examples/workloads), one Rust source built natively
+//! and for wasm32-wasip1: five an edge module might run, and two the field publishes
+//! figures for, CoreMark 1.0 (its crates.io Rust port) and fib(40). Each workload times its own kernel, so start-up and
 //! compilation are left out and only execution is compared. Peers run the same .wasm
 //! where they install (x86_64): wasmtime from PyPI (precompiled, like kiln), Node.js's
 //! WASI (V8), and wasmi, an interpreter, as the floor.
@@ -13,7 +14,9 @@ use crate::start::native_program;
 use crate::target::Target;
 use crate::{first_line, median, table};
 
-pub const WORKLOADS: [&str; 5] = ["json", "sha256", "regex", "deflate", "nbody"];
+pub const WORKLOADS: [&str; 7] = [
+    "json", "sha256", "regex", "deflate", "nbody", "coremark", "fib",
+];
 
 #[derive(Clone, Copy)]
 pub enum Peer {
@@ -68,7 +71,7 @@ impl Peer {
 
     /// Does what loading needs ahead of time (wasmtime: precompile); false if the peer
     /// is not installed.
-    fn prepare(self, wasm: &Path) -> bool {
+    pub fn prepare(self, wasm: &Path) -> bool {
         match self {
             Peer::Wasmtime => python()
                 .arg(repo().join("e2e/peers/wasmtime_run.py"))
@@ -111,6 +114,8 @@ pub fn print(rows: &[Vec<String>], runs: usize) {
         "`--bounds-checks` the same module compiled with explicit memory bounds checks instead",
         "of the 8 GiB reservation. Ratios are over native. Peers run the same .wasm where they",
         "install: wasmtime (precompiled, PyPI), Node.js (V8, node:wasi), wasmi (an interpreter).",
+        "`coremark` is CoreMark 1.0's performance run (crates.io's Rust port, 6,000 iterations,",
+        "its CRCs checked), `fib` a naively recursive fib(40).",
         "Under qemu-user both sides are emulated, so only the ratios mean something there.",
     ] {
         report!("{line}");
