@@ -83,6 +83,8 @@ const OTHER_TOOLS: &[(&str, &str)] = &[
     ("--runs", "scripts/bench.sh"),
     ("--targets", "scripts/bench.sh, scripts/package.sh"),
     ("--module-mb", "scripts/bench.sh"),
+    ("--no-page", "scripts/bench.sh"),
+    ("--mirror", "scripts/fleet-scale.sh"),
     ("--minutes", "scripts/soak.sh"),
     ("--short", "scripts/board.sh"),
     ("--arch", "scripts/board.sh"),
