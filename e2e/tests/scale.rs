@@ -234,6 +234,11 @@ fn a_hundred_devices_take_growing_waves_and_the_policy_halts_pauses_aborts_and_r
 
 /// Every device of `n` enrolls in group `lab` and takes v1 from a push to it.
 fn devices_enroll_and_run_v1(fleet: &Fleet, n: usize) {
+    devices_enroll_and_run_v1_with(fleet, n, &[]);
+}
+
+/// [`devices_enroll_and_run_v1`], the push given `more` arguments.
+fn devices_enroll_and_run_v1_with(fleet: &Fleet, n: usize, more: &[&str]) {
     wait_for(Duration::from_secs(30), &format!("{n} devices"), || {
         devices(fleet).len() == n
     });
@@ -254,6 +259,7 @@ fn devices_enroll_and_run_v1(fleet: &Fleet, n: usize) {
         "fleet.key",
     ];
     push.extend(QUICK);
+    push.extend(more);
     fleet.kiln(&push).ok("push v1 to the group");
     wait_for(Duration::from_secs(60), "every device runs v1", || {
         running(fleet).iter().all(|(_, v)| *v == Some(1))
@@ -288,6 +294,31 @@ fn a_hundred_devices_on_aedes_take_a_push_and_growing_waves_and_send_telemetry()
     assert!(
         crate::topologies::first_batch(&broker, "sim-0042").is_some(),
         "no telemetry batch from sim-0042"
+    );
+}
+
+/// kilnd-sim's devices fetch a full update from an HTTP mirror (Debian's nginx) as
+/// kilnd does, with kilnd's own client: what `scripts/fleet-scale.sh --mirror`
+/// measures at 10,000.
+#[test]
+fn a_hundred_devices_take_a_full_update_from_an_http_mirror() {
+    let broker = Broker::start();
+    let fleet = Fleet::new(&broker, "mirror");
+    let dir = fleet.dir.path().join("mirror");
+    std::fs::create_dir_all(&dir).unwrap();
+    let nginx = kiln_e2e::nginx::Nginx::start(None, &dir);
+    let _sim = sim(&fleet, 100, &[]);
+    let url = nginx.url();
+    devices_enroll_and_run_v1_with(
+        &fleet,
+        100,
+        &["--mirror-dir", path_str(&dir), "--mirror-url", &url],
+    );
+    // Each device's chunk list and chunks, from nginx.
+    let (sent, requests) = nginx.sent();
+    assert!(
+        requests >= 200 && sent >= 100 * 50_000,
+        "nginx served {requests} requests, {sent} bytes"
     );
 }
 
