@@ -216,7 +216,7 @@ type Mirrors = ();
 /// answered to its device's agent as kilnd's fetching thread answers it.
 #[cfg(feature = "mirror")]
 fn mirror_pool(threads: usize) -> Mirrors {
-    let (tx, rx) = mpsc::channel::<(Sender<(u32, Msg)>, u32, fleet::MirrorJob)>();
+    let (tx, rx): (Mirrors, _) = mpsc::channel();
     let rx = Arc::new(Mutex::new(rx));
     for n in 0..threads {
         let rx = rx.clone();
@@ -229,13 +229,7 @@ fn mirror_pool(threads: usize) -> Mirrors {
                     let Ok((shard, at, job)) = next else {
                         return;
                     };
-                    let result = client.get(&job);
-                    let answer = AgentIn::Mirror {
-                        key: job.key,
-                        part: job.part,
-                        result,
-                    };
-                    let _ = shard.send((at, Msg::Agent(answer)));
+                    let _ = shard.send((at, Msg::Agent(client.answer(job))));
                 }
             })
             .expect("a mirror thread starts");

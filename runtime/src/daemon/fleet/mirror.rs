@@ -68,13 +68,7 @@ pub fn serve(
 ) {
     let mut client = Client::new(tls);
     for job in jobs {
-        let result = client.get(&job);
-        let answer = AgentIn::Mirror {
-            key: job.key,
-            part: job.part,
-            result,
-        };
-        if to_agent.send(answer).is_err() {
+        if to_agent.send(client.answer(job)).is_err() {
             return;
         }
     }
@@ -111,6 +105,16 @@ fn failed(why: impl Into<String>) -> Failed {
 impl Client {
     pub fn new(tls: Result<Arc<rustls::ClientConfig>, String>) -> Self {
         Self { tls, conn: None }
+    }
+
+    /// The job done, as the agent takes its answer.
+    pub fn answer(&mut self, job: Job) -> AgentIn {
+        let result = self.get(&job);
+        AgentIn::Mirror {
+            key: job.key,
+            part: job.part,
+            result,
+        }
     }
 
     /// The job's bytes from the first of its mirrors that gives them; the error names
