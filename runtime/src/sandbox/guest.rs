@@ -267,7 +267,6 @@ impl Guest {
         }
     }
 
-    /// Delivers a message through `kiln_on_message`.
     /// A tick, after the edges of the module's GPIO inputs queued since the last one,
     /// each delivered to `kiln_on_message` as a message on `gpio/NAME` (a module
     /// without it only polls).
@@ -281,6 +280,7 @@ impl Guest {
         self.call(abi::TICK, &[])
     }
 
+    /// Delivers a message through `kiln_on_message`.
     pub fn deliver(&mut self, topic: String, data: Vec<u8>) -> Result<Done, Stop> {
         let len = data.len() as i32;
         self.kiln.as_mut(&mut self.store).message = Some((topic, data));

@@ -1,9 +1,10 @@
 //! Execution speed: seven workloads (examples/workloads), one Rust source built natively
 //! and for wasm32-wasip1: five an edge module might run, and two the field publishes
-//! figures for, CoreMark 1.0 (its crates.io Rust port) and fib(40). Each workload times its own kernel, so start-up and
-//! compilation are left out and only execution is compared. Peers run the same .wasm
-//! where they install (x86_64): wasmtime from PyPI (precompiled, like kiln), Node.js's
-//! WASI (V8), and wasmi, an interpreter, as the floor.
+//! figures for, CoreMark 1.0 (its crates.io Rust port) and fib(40). Each workload
+//! times its own kernel, so start-up and compilation are left out and only execution
+//! is compared. Peers run the same .wasm where they install (x86_64): wasmtime from
+//! PyPI (precompiled, like kiln), Node.js's WASI (V8), and wasmi, an interpreter, as
+//! the floor.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -184,8 +184,10 @@ impl Lines {
         };
         let mut events = [empty; 16];
         while out.len() < MAX_EDGES {
-            let size = std::mem::size_of_val(&events);
-            // SAFETY: reads whole events into a buffer of `size` bytes it owns.
+            // No more than the cap takes: an edge read is an edge delivered.
+            let want = events.len().min(MAX_EDGES - out.len());
+            let size = want * std::mem::size_of::<LineEvent>();
+            // SAFETY: reads whole events into the first `want` of `events`, which it owns.
             let n =
                 unsafe { libc::read(self.request.as_raw_fd(), events.as_mut_ptr().cast(), size) };
             if n < 0 {
@@ -205,11 +207,10 @@ impl Lines {
                     });
                 }
             }
-            if got < events.len() {
+            if got < want {
                 break;
             }
         }
-        out.truncate(MAX_EDGES);
         Ok(out)
     }
 

@@ -76,7 +76,10 @@ impl Devices {
                     let text = format!(r#"{{"line":{},"edge":"{edge}","ns":{}}}"#, e.line, e.ns);
                     (topic.clone(), text.into_bytes())
                 })),
-                Err(e) => out.push((topic, format!(r#"{{"error":"{e}"}}"#).into_bytes())),
+                Err(e) => {
+                    let text = serde_json::json!({ "error": e.to_string() }).to_string();
+                    out.push((topic, text.into_bytes()));
+                }
             }
         }
         out
