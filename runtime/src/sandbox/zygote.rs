@@ -244,6 +244,7 @@ extern "C" fn on_sigchld(_: libc::c_int) {
 /// Serves `kilnd serve` on the socket at fd 0 until it hangs up; returns the exit code.
 pub fn serve() -> i32 {
     crate::sandbox::worker::die_with_parent();
+    crate::sandbox::confine::share_namespaces();
     let sock: RawFd = 0;
     let mut pipe = [0 as RawFd; 2];
     // SAFETY: pipe2 fills the two-element array; sigaction gets a zeroed struct with
