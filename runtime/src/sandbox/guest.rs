@@ -17,6 +17,8 @@ use wasmer_wasix::{WasiError, WasiFunctionEnv};
 use crate::exit::{Code, Failure};
 use crate::sandbox::abi::{Emit, KilnEnv};
 #[cfg(feature = "wasi")]
+use crate::sandbox::capture::wasi_file::{PassThrough, Stdio};
+#[cfg(feature = "wasi")]
 use crate::sandbox::capture::LineCapture;
 use crate::sandbox::load::Loaded;
 use crate::sandbox::wasi::{self, WasiOptions};
@@ -150,6 +152,9 @@ impl Guest {
             builder.set_engine(loaded.engine.clone());
             if opts.capture_stdio {
                 captures = capture_stdio(&mut builder, &opts.emit);
+            } else {
+                builder.set_stdout(Box::new(Stdio(PassThrough::STDOUT)));
+                builder.set_stderr(Box::new(Stdio(PassThrough::STDERR)));
             }
             let env = builder
                 .finalize(&mut store)
@@ -425,8 +430,8 @@ fn capture_stdio(builder: &mut wasmer_wasix::WasiEnvBuilder, emit: &Emit) -> Vec
             })
         }));
         match source {
-            LogSource::Stderr => builder.set_stderr(Box::new(capture.clone())),
-            _ => builder.set_stdout(Box::new(capture.clone())),
+            LogSource::Stderr => builder.set_stderr(Box::new(Stdio(capture.clone()))),
+            _ => builder.set_stdout(Box::new(Stdio(capture.clone()))),
         }
         captures.push(capture);
     }
