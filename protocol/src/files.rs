@@ -16,9 +16,11 @@ use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
-/// What [`read_bounded`] reserves before the bytes arrive: a file that claims to be
-/// large costs only what it delivers.
-const FIRST_READ: u64 = 64 * 1024;
+/// The most [`read_bounded`] reserves before the bytes arrive. A regular file
+/// delivers its size (a sparse one as zeros), so up to this much is reserved once
+/// rather than grown by doubling (each step a copy; a worker reads its artifact on
+/// every start); past it, a file that shrinks while read costs only what it delivers.
+const FIRST_READ: u64 = 16 * 1024 * 1024;
 
 /// The largest artifact a device reads from its own disk: `kilnd run FILE`, a module
 /// configured by path, a slot the update agent wrote. Bounded so that a corrupt or
@@ -55,7 +57,9 @@ pub fn read_bounded(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
             format!("`{}` is {what}, not a regular file", path.display()),
         ));
     }
-    let mut bytes = Vec::with_capacity(meta.len().min(limit).min(FIRST_READ) as usize);
+    // One byte more than the size, so the read that finds the end needs no growth.
+    let mut bytes =
+        Vec::with_capacity((meta.len().min(limit).min(FIRST_READ) as usize).saturating_add(1));
     file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > limit {
         return Err(io::Error::new(
