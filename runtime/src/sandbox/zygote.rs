@@ -4,6 +4,11 @@
 //! start (the dynamic loader, relocations, process set-up) and shares the zygote's
 //! pages with every worker until one writes to them.
 //!
+//! What every worker would do first and the same way (the CPU feature probes, the
+//! signature verifier's code and tables paged in) the zygote does once, when it has
+//! forked its first worker and has nothing else to do ([`crate::sandbox::load::warm`]),
+//! so later workers inherit it.
+//!
 //! Isolation is unchanged: each worker is its own process, and it verifies and loads
 //! its artifact itself, right before deserializing it, exactly as an exec'd worker
 //! does ([`crate::sandbox::worker::serve`]). The zygote holds no secret to inherit: it
@@ -241,6 +246,14 @@ extern "C" fn on_sigchld(_: libc::c_int) {
     }
 }
 
+/// When the zygote runs [`crate::sandbox::load::warm`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Warm {
+    AfterFirstFork,
+    WhenIdle,
+    Done,
+}
+
 /// Serves `kilnd serve` on the socket at fd 0 until it hangs up; returns the exit code.
 pub fn serve() -> i32 {
     crate::sandbox::worker::die_with_parent();
@@ -266,6 +279,10 @@ pub fn serve() -> i32 {
         libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
     }
     let mut children: BTreeSet<u32> = BTreeSet::new();
+    // The warm-up waits for the first worker to be forked and then for a moment with
+    // nothing to do: no start waits for it (`kilnd serve` asks for the first workers
+    // while the zygote is still starting), and every worker after the first inherits it.
+    let mut warm = Warm::AfterFirstFork;
     loop {
         let mut polled = [
             libc::pollfd {
@@ -279,8 +296,13 @@ pub fn serve() -> i32 {
                 revents: 0,
             },
         ];
+        let wait = if warm == Warm::WhenIdle { 0 } else { -1 };
         // SAFETY: poll on two valid pollfds; EINTR (a SIGCHLD) just turns the loop.
-        unsafe { libc::poll(polled.as_mut_ptr(), 2, -1) };
+        if unsafe { libc::poll(polled.as_mut_ptr(), 2, wait) } == 0 && warm == Warm::WhenIdle {
+            crate::sandbox::load::warm();
+            warm = Warm::Done;
+            continue;
+        }
         if polled[1].revents != 0 {
             let mut drain = [0u8; 64];
             // SAFETY: a non-blocking read into a local buffer.
@@ -307,6 +329,9 @@ pub fn serve() -> i32 {
                 let reply = match fork_worker(pipe, &fds) {
                     Ok(pid) => {
                         children.insert(pid);
+                        if warm == Warm::AfterFirstFork {
+                            warm = Warm::WhenIdle;
+                        }
                         Msg {
                             id: msg.id,
                             ..Msg::new(SPAWNED, pid)
