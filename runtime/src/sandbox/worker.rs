@@ -43,12 +43,19 @@ struct Replies {
 }
 
 impl Replies {
-    fn start() -> Arc<Self> {
-        let replies = Arc::new(Self {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
             out: Mutex::new((BufWriter::with_capacity(64 * 1024, io::stdout()), false)),
             dirty: Condvar::new(),
-        });
-        let flusher = replies.clone();
+        })
+    }
+
+    /// Starts the thread that flushes records within [`RECORD_DELAY`]. The worker
+    /// starts it once it has sent `Ready`, while the supervisor reads that, so its
+    /// start is not part of the module's; a record written before waits in the
+    /// buffer for the next reply that is not one (`Ready` itself) or for this thread.
+    fn start_flusher(self: &Arc<Self>) {
+        let flusher = self.clone();
         std::thread::spawn(move || loop {
             let mut out = flusher.lock();
             while !out.1 {
@@ -58,7 +65,6 @@ impl Replies {
             std::thread::sleep(RECORD_DELAY);
             flusher.flush();
         });
-        replies
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (BufWriter<io::Stdout>, bool)> {
@@ -137,7 +143,7 @@ pub fn serve() -> i32 {
     let confined = confine::confine(&policy);
     let confine_us = confining.elapsed().as_micros() as u64;
     // Threads only from here on: each inherits the confinement.
-    let replies = Replies::start();
+    let replies = Replies::new();
     let sender = replies.clone();
     let emit: Emit = Arc::new(move |reply| sender.send(reply));
     #[cfg(feature = "test-hooks")]
@@ -148,6 +154,7 @@ pub fn serve() -> i32 {
         (artifact, devices),
         (confined, confine_us),
         &emit,
+        || replies.start_flusher(),
     );
     // What the module said last (its stdout's last line at finish) goes out too.
     replies.flush();
@@ -160,9 +167,13 @@ fn serve_with(
     artifact: (io::Result<Vec<u8>>, Result<Devices, String>),
     confined: (Report, u64),
     emit: &Emit,
+    ready: impl FnOnce(),
 ) -> i32 {
     let mut guest = match start(spec, artifact, confined, emit) {
-        Ok(guest) => guest,
+        Ok(guest) => {
+            ready();
+            guest
+        }
         Err(stop) => {
             emit(Reply::Fatal(stop));
             return 1;
@@ -287,17 +298,8 @@ fn start(
             return Err(Stop::SelfTestFailed(done.status));
         }
     }
-    // Every layer, on or off, in kilnd's log (the journal under systemd), next to the
-    // supervisor's `started` record for the same pid.
-    tracing::info!(
-        module = %manifest.name,
-        pid = std::process::id(),
-        confinement = %confined.summary(),
-        confine_us,
-        "worker confined"
-    );
     emit(Reply::Ready(Ready {
-        name: manifest.name,
+        name: manifest.name.clone(),
         version: manifest.version,
         command,
         ticks: !command && guest.exports(abi::TICK),
@@ -307,6 +309,16 @@ fn start(
         init_us: started.elapsed().as_micros() as u64,
         memory_pages: guest.memory_pages(),
     }));
+    // Every layer, on or off, in kilnd's log (the journal under systemd), next to the
+    // supervisor's `started` record for the same pid; written once `Ready` is on its
+    // way, so the formatting is not part of the start.
+    tracing::info!(
+        module = %manifest.name,
+        pid = std::process::id(),
+        confinement = %confined.summary(),
+        confine_us,
+        "worker confined"
+    );
     Ok(guest)
 }
 
