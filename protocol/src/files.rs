@@ -32,6 +32,51 @@ pub const MAX_LOCAL_ARTIFACT: u64 = 1024 * 1024 * 1024;
 /// socket or a directory is refused before a byte is read; a file that is, or grows,
 /// past `limit` is refused after `limit + 1` bytes.
 pub fn read_bounded(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    let (file, len) = open_regular(path)?;
+    // One byte more than the size, so the read that finds the end needs no growth.
+    let mut bytes = Vec::with_capacity((len.min(limit).min(FIRST_READ) as usize).saturating_add(1));
+    file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large(path, limit));
+    }
+    Ok(bytes)
+}
+
+/// The sha256 of the regular file at `path`, read in blocks: what a file's bytes
+/// need when only their digest is kept (nothing the size of the file is held). Refused
+/// as [`read_bounded`] refuses it.
+pub fn sha256_bounded(path: &Path, limit: u64) -> io::Result<[u8; 32]> {
+    use sha2::{Digest, Sha256};
+    let (file, _) = open_regular(path)?;
+    let mut input = file.take(limit.saturating_add(1));
+    let mut hash = Sha256::new();
+    let mut block = [0u8; 16 * 1024];
+    let mut read = 0u64;
+    loop {
+        let n = match input.read(&mut block) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        read += n as u64;
+        hash.update(&block[..n]);
+    }
+    if read > limit {
+        return Err(too_large(path, limit));
+    }
+    Ok(hash.finalize().into())
+}
+
+fn too_large(path: &Path, limit: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("`{}` is larger than {limit} bytes", path.display()),
+    )
+}
+
+/// `path` opened for reading if it is a regular file, with the size it has now.
+fn open_regular(path: &Path) -> io::Result<(std::fs::File, u64)> {
     // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer. It
     // changes nothing for a regular file. O_NOCTTY: a terminal never becomes ours.
     let file = OpenOptions::new()
@@ -57,22 +102,25 @@ pub fn read_bounded(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
             format!("`{}` is {what}, not a regular file", path.display()),
         ));
     }
-    // One byte more than the size, so the read that finds the end needs no growth.
-    let mut bytes =
-        Vec::with_capacity((meta.len().min(limit).min(FIRST_READ) as usize).saturating_add(1));
-    file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > limit {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("`{}` is larger than {limit} bytes", path.display()),
-        ));
-    }
-    Ok(bytes)
+    Ok((file, meta.len()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_files_digest_is_its_bytes_digest_and_one_past_the_limit_is_refused() {
+        use sha2::{Digest, Sha256};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let bytes: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let want: [u8; 32] = Sha256::digest(&bytes).into();
+        assert_eq!(sha256_bounded(&path, 100_000).unwrap(), want);
+        assert!(sha256_bounded(&path, 99_999).is_err());
+        assert!(sha256_bounded(dir.path(), 10).is_err());
+    }
 
     #[test]
     fn a_file_within_the_limit_is_read_whole_and_one_past_it_is_refused() {

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kiln_protocol::manifest::{parse_byte_size, parse_memory_size, Digest};
+use kiln_protocol::manifest::{parse_byte_size, parse_memory_size};
 use kiln_protocol::names::{self, Kind};
 use serde::Deserialize;
 
@@ -604,9 +604,11 @@ impl Config {
             plans.push(ModulePlan {
                 name,
                 artifact: resolve(&m.artifact),
-                artifact_digest: std::fs::read(resolve(&m.artifact))
-                    .ok()
-                    .map(|b| Digest::of(&b).sha256),
+                artifact_digest: kiln_protocol::files::sha256_bounded(
+                    &resolve(&m.artifact),
+                    kiln_protocol::files::MAX_LOCAL_ARTIFACT,
+                )
+                .ok(),
                 expect: None,
                 config: config_bytes,
                 memory_pages,
