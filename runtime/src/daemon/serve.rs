@@ -145,7 +145,7 @@ pub fn serve(config_path: &Path) -> Result<i32, Failure> {
             period.maybe_send(&modules, &m.agent);
         }
         let (record, slot) = match records.recv_timeout(turn) {
-            Ok(queued) => queued,
+            Ok(queued) => *queued,
             Err(RecvTimeoutError::Timeout) => {
                 // With a broker, the device waits for desired state until stopped.
                 let stopped = mqtt.is_none() || STOPPED.load(Ordering::SeqCst);
@@ -347,7 +347,9 @@ fn send_shedding(
     slot: Option<Slot>,
 ) {
     let bytes = payload_len(&record.body);
-    if let Err(TrySendError::Full(_)) = telemetry.try_send(TelemetryIn::Record(record, slot)) {
+    if let Err(TrySendError::Full(_)) =
+        telemetry.try_send(TelemetryIn::Record(Box::new(record), slot))
+    {
         shed.full(bytes);
         return;
     }
@@ -360,7 +362,7 @@ fn send_shedding(
         body: Body::Discarded(count),
     };
     if telemetry
-        .try_send(TelemetryIn::Record(record, None))
+        .try_send(TelemetryIn::Record(Box::new(record), None))
         .is_ok()
     {
         tracing::warn!(

@@ -204,7 +204,10 @@ impl Workers {
             }
         }
         self.book.observe(&record);
-        self.send(Msg::Telemetry(TelemetryIn::Record(record.clone(), None)));
+        self.send(Msg::Telemetry(TelemetryIn::Record(
+            Box::new(record.clone()),
+            None,
+        )));
         // As a worker's would, the record reaches the agent a moment later (the agent
         // is in the middle of `apply` now).
         let when = Instant::now() + Duration::from_millis(50);
@@ -351,7 +354,7 @@ impl Workers {
                 },
             };
             self.book.observe(&record);
-            self.send(Msg::Telemetry(TelemetryIn::Record(record, None)));
+            self.send(Msg::Telemetry(TelemetryIn::Record(Box::new(record), None)));
         }
     }
 

@@ -38,8 +38,9 @@ use crate::daemon::supervisor::Slot;
 use spool::{Entry, Spool};
 
 pub enum TelemetryIn {
-    /// A record, holding its module's share of the queues until it is here.
-    Record(Record, Option<Slot>),
+    /// A record, holding its module's share of the queues until it is here. Boxed,
+    /// as in the records queue: a bounded queue's buffer is allocated whole.
+    Record(Box<Record>, Option<Slot>),
     /// The link put deliveries in the shared [`Deliveries`] list.
     Delivered,
     /// Seal what is open, give in-flight batches a moment, then answer and end.
@@ -170,7 +171,7 @@ impl Pipeline {
     /// published. A `Finish` is for [`Pipeline::run`] only.
     pub fn turn(&mut self, input: Option<TelemetryIn>) {
         match input {
-            Some(TelemetryIn::Record(r, _slot)) => self.push(r),
+            Some(TelemetryIn::Record(r, _slot)) => self.push(*r),
             Some(TelemetryIn::Delivered | TelemetryIn::Finish(_)) | None => {}
         }
         self.take_deliveries();
@@ -380,7 +381,7 @@ impl Pipeline {
     fn finish(&mut self, rx: &Receiver<TelemetryIn>) {
         while let Ok(input) = rx.try_recv() {
             match input {
-                TelemetryIn::Record(r, _slot) => self.push(r),
+                TelemetryIn::Record(r, _slot) => self.push(*r),
                 TelemetryIn::Delivered | TelemetryIn::Finish(_) => {}
             }
         }
