@@ -4,10 +4,11 @@
 //! start (the dynamic loader, relocations, process set-up) and shares the zygote's
 //! pages with every worker until one writes to them.
 //!
-//! What every worker would do first and the same way (the CPU feature probes, the
-//! signature verifier's code and tables paged in) the zygote does once, when it has
-//! forked its first worker and has nothing else to do ([`crate::sandbox::load::warm`]),
-//! so later workers inherit it.
+//! What every worker would do first and the same way the zygote does once, so the
+//! workers it forks inherit it: their network and IPC namespaces when it starts
+//! ([`crate::sandbox::confine::share_namespaces`]), and the CPU feature probes and the
+//! signature verifier's code and tables once it has forked its first worker and has
+//! had nothing to do for a moment ([`crate::sandbox::load::warm`]).
 //!
 //! Isolation is unchanged: each worker is its own process, and it verifies and loads
 //! its artifact itself, right before deserializing it, exactly as an exec'd worker
@@ -246,6 +247,11 @@ extern "C" fn on_sigchld(_: libc::c_int) {
     }
 }
 
+/// How long the zygote waits with nothing to do before it warms up: past the burst of
+/// starts at boot, which its work would slow (a small device's cores are shared with
+/// `kilnd serve` and the starting workers).
+const IDLE_MS: i32 = 50;
+
 /// When the zygote runs [`crate::sandbox::load::warm`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Warm {
@@ -279,9 +285,9 @@ pub fn serve() -> i32 {
         libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
     }
     let mut children: BTreeSet<u32> = BTreeSet::new();
-    // The warm-up waits for the first worker to be forked and then for a moment with
-    // nothing to do: no start waits for it (`kilnd serve` asks for the first workers
-    // while the zygote is still starting), and every worker after the first inherits it.
+    // The warm-up waits for the first worker to be forked and then for [`IDLE_MS`]
+    // with nothing to do: no start waits for it (`kilnd serve` asks for the first
+    // workers while the zygote is still starting), and every worker after inherits it.
     let mut warm = Warm::AfterFirstFork;
     loop {
         let mut polled = [
@@ -296,7 +302,7 @@ pub fn serve() -> i32 {
                 revents: 0,
             },
         ];
-        let wait = if warm == Warm::WhenIdle { 0 } else { -1 };
+        let wait = if warm == Warm::WhenIdle { IDLE_MS } else { -1 };
         // SAFETY: poll on two valid pollfds; EINTR (a SIGCHLD) just turns the loop.
         if unsafe { libc::poll(polled.as_mut_ptr(), 2, wait) } == 0 && warm == Warm::WhenIdle {
             crate::sandbox::load::warm();
