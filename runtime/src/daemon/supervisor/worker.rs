@@ -2,9 +2,10 @@
 //! driving its calls (ticks, messages, `_start`) to their deadlines, and why it ended.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::{self, BufReader, BufWriter, Read};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use kiln_protocol::telemetry::{self, Body};
@@ -20,11 +21,6 @@ use crate::daemon::procfs;
 use crate::daemon::spawn::{Ended, Exit, Process, Workers};
 use crate::sandbox::capture::bound_line;
 use kiln_protocol::command::Outcome;
-
-/// Frames read from a worker and not yet handled. When it is full the reader thread
-/// stops reading, the pipe fills, and the worker blocks in its next `publish`: the
-/// backpressure lands on that module alone. Frames are at most `worker::MAX_FRAME`.
-pub(super) const FRAME_QUEUE: usize = 8;
 
 /// One worker's life, from spawn to death; returns why it ended and its peak RSS.
 pub(super) fn run_worker(
@@ -198,37 +194,67 @@ pub(super) fn run_worker(
     (stop, peak)
 }
 
+/// A worker's stdout, read by the supervisor's own thread while a call runs: each read
+/// waits in poll(2) until bytes come, the pipe closes or the call's deadline passes
+/// (`TimedOut`). Between calls nobody reads, so a module that writes more than the
+/// pipe holds blocks in its own `publish`: the backpressure lands on it alone.
+struct Replies {
+    stdout: File,
+    deadline: Option<Instant>,
+}
+
+impl Read for Replies {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(deadline) = self.deadline {
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                // Rounded up: a wait never ends just short of the deadline and spins.
+                let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+                let mut fd = libc::pollfd {
+                    fd: self.stdout.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: poll on one valid pollfd.
+                match unsafe { libc::poll(&mut fd, 1, ms) } {
+                    // Readable, hung up or failed: the read says which.
+                    1.. => break,
+                    0 => return Err(io::ErrorKind::TimedOut.into()),
+                    _ => {
+                        let e = io::Error::last_os_error();
+                        if e.kind() != io::ErrorKind::Interrupted {
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+        }
+        self.stdout.read(buf)
+    }
+}
+
 /// The supervisor's end of one worker's pipes.
 pub(super) struct Worker<'a> {
     /// The reply the module gave to the command being delivered.
     answer: Option<Vec<u8>>,
     stdin: Option<BufWriter<File>>,
-    frames: Receiver<Result<Reply, String>>,
+    /// Workers write their records in batches (see `sandbox::worker`).
+    replies: BufReader<Replies>,
     process: &'a Process,
 }
 
 impl<'a> Worker<'a> {
     fn attach(stdin: File, stdout: File, process: &'a Process) -> Self {
-        let (tx, frames) = mpsc::sync_channel(FRAME_QUEUE);
-        std::thread::spawn(move || {
-            // Workers write their records in batches (see `sandbox::worker`).
-            let mut input = BufReader::with_capacity(64 * 1024, stdout);
-            loop {
-                let frame = match read_frame_within::<FromWorker>(&mut input, MAX_REPLY) {
-                    Ok(Some(FromWorker::V1(reply))) => Ok(reply),
-                    Ok(None) => return,
-                    Err(e) => Err(e.to_string()),
-                };
-                let broken = frame.is_err();
-                if tx.send(frame).is_err() || broken {
-                    return;
-                }
-            }
-        });
         Self {
             answer: None,
             stdin: Some(BufWriter::new(stdin)),
-            frames,
+            replies: BufReader::with_capacity(
+                64 * 1024,
+                Replies {
+                    stdout,
+                    deadline: None,
+                },
+            ),
             process,
         }
     }
@@ -253,30 +279,23 @@ impl<'a> Worker<'a> {
         reporter: &Reporter,
     ) -> Result<Reply, Stop> {
         reporter.call_started(deadline, limit);
+        self.replies.get_mut().deadline = deadline;
         loop {
-            let frame = match deadline {
-                Some(d) => match self
-                    .frames
-                    .recv_timeout(d.saturating_duration_since(Instant::now()))
-                {
-                    Ok(frame) => frame,
-                    Err(RecvTimeoutError::Timeout) => {
-                        self.process.kill();
-                        return Err(Stop::Watchdog {
-                            call: call.into(),
-                            limit_ms: limit.map_or(0, |l| l.as_millis() as u64),
-                        });
-                    }
-                    Err(RecvTimeoutError::Disconnected) => {
-                        return Err(self.gone("the worker closed its pipe".into()))
-                    }
-                },
-                None => self
-                    .frames
-                    .recv()
-                    .map_err(|_| self.gone("the worker closed its pipe".into()))?,
+            let frame = match read_frame_within::<FromWorker>(&mut self.replies, MAX_REPLY) {
+                Ok(Some(FromWorker::V1(reply))) => reply,
+                Ok(None) => return Err(self.gone("the worker closed its pipe".into())),
+                // Past the deadline; a frame cut off by it does not matter, the worker
+                // is killed.
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    self.process.kill();
+                    return Err(Stop::Watchdog {
+                        call: call.into(),
+                        limit_ms: limit.map_or(0, |l| l.as_millis() as u64),
+                    });
+                }
+                Err(e) => return Err(Stop::Lost(format!("broken frame from the worker: {e}"))),
             };
-            match frame.map_err(|e| Stop::Lost(format!("broken frame from the worker: {e}")))? {
+            match frame {
                 Reply::Telemetry { stream, data } => {
                     let checked = check(Body::Telemetry { stream, data });
                     reporter.checked(checked);
