@@ -411,3 +411,64 @@ pub(super) fn signal_name(signal: i32) -> &'static str {
         _ => "signal",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_protocol::worker::write_frame;
+    use std::io::Write;
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    fn pipe() -> (File, File) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills the two-element array with descriptors we then own.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both descriptors were just created and are owned by nobody else.
+        unsafe {
+            (
+                File::from(OwnedFd::from_raw_fd(fds[0])),
+                File::from(OwnedFd::from_raw_fd(fds[1])),
+            )
+        }
+    }
+
+    /// Replies already in the pipe are read at once; with none, a read ends at the
+    /// deadline (the supervisor's watchdog) rather than blocking; a closed pipe ends.
+    #[test]
+    fn replies_are_read_until_the_deadline_and_then_time_out() {
+        let (read, mut write) = pipe();
+        let mut replies = BufReader::new(Replies {
+            stdout: read,
+            deadline: Some(Instant::now() + Duration::from_secs(5)),
+        });
+        let mut frames = Vec::new();
+        for n in 1..=2 {
+            let done = Done {
+                status: n,
+                elapsed_us: 0,
+                fuel_used: None,
+                memory_pages: 1,
+            };
+            write_frame(&mut frames, &FromWorker::V1(Reply::Done(done))).unwrap();
+        }
+        write.write_all(&frames).unwrap();
+        for n in 1..=2 {
+            let Some(FromWorker::V1(Reply::Done(done))) =
+                read_frame_within::<FromWorker>(&mut replies, MAX_REPLY).unwrap()
+            else {
+                panic!("a Done frame");
+            };
+            assert_eq!(done.status, n);
+        }
+        let started = Instant::now();
+        replies.get_mut().deadline = Some(started + Duration::from_millis(50));
+        let err = read_frame_within::<FromWorker>(&mut replies, MAX_REPLY).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        drop(write);
+        replies.get_mut().deadline = Some(Instant::now() + Duration::from_secs(5));
+        assert!(read_frame_within::<FromWorker>(&mut replies, MAX_REPLY)
+            .unwrap()
+            .is_none());
+    }
+}
