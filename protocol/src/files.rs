@@ -48,20 +48,8 @@ pub fn read_bounded(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
 pub fn sha256_bounded(path: &Path, limit: u64) -> io::Result<[u8; 32]> {
     use sha2::{Digest, Sha256};
     let (file, _) = open_regular(path)?;
-    let mut input = file.take(limit.saturating_add(1));
     let mut hash = Sha256::new();
-    let mut block = [0u8; 16 * 1024];
-    let mut read = 0u64;
-    loop {
-        let n = match input.read(&mut block) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        read += n as u64;
-        hash.update(&block[..n]);
-    }
+    let read = io::copy(&mut file.take(limit.saturating_add(1)), &mut hash)?;
     if read > limit {
         return Err(too_large(path, limit));
     }

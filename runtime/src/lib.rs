@@ -29,4 +29,5 @@ pub mod daemon;
 pub mod exit;
 pub mod host;
 pub mod log;
+pub mod poll;
 pub mod sandbox;

@@ -187,13 +187,7 @@ pub mod wasi_file {
                     // A non-blocking stdout (a shell's pty may be one): wait until the
                     // reader drains it.
                     io::ErrorKind::WouldBlock => {
-                        let mut fd = libc::pollfd {
-                            fd: self.0,
-                            events: libc::POLLOUT,
-                            revents: 0,
-                        };
-                        // SAFETY: poll on one valid pollfd.
-                        unsafe { libc::poll(&mut fd, 1, -1) };
+                        crate::poll::ready(self.0, libc::POLLOUT, -1)?;
                     }
                     _ => return Err(e),
                 }

@@ -142,9 +142,7 @@ pub fn load_artifact(
     Ok(loaded)
 }
 
-/// Verifies `bytes` completely, then deserializes the verified payload into the
-/// engine `engine_for` returns for the verified manifest.
-/// Does once, in the zygote before its first fork, what every worker's load would
+/// Does once, in the zygote after its first fork, what every worker's load would
 /// otherwise do first: the CPU feature probes of sha2, curve25519 and wasmer (`cpuid`
 /// traps to the hypervisor on a VM), and the verifier's code and tables paged in. A
 /// forked worker inherits all of it, and its verify step is what the signature costs.
@@ -169,6 +167,8 @@ pub fn warm() {
     debug_assert!(verified, "RFC 8032 test 1 must verify");
 }
 
+/// Verifies `bytes` completely, then deserializes the verified payload into the
+/// engine `engine_for` returns for the verified manifest.
 pub fn load_bytes(
     bytes: &[u8],
     trust: &TrustedKeys,

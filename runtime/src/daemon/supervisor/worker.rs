@@ -198,35 +198,19 @@ pub(super) fn run_worker(
 /// waits in poll(2) until bytes come, the pipe closes or the call's deadline passes
 /// (`TimedOut`). Between calls nobody reads, so a module that writes more than the
 /// pipe holds blocks in its own `publish`: the backpressure lands on it alone.
-struct Replies {
+struct ReplyPipe {
     stdout: File,
     deadline: Option<Instant>,
 }
 
-impl Read for Replies {
+impl Read for ReplyPipe {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if let Some(deadline) = self.deadline {
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                // Rounded up: a wait never ends just short of the deadline and spins.
-                let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-                let mut fd = libc::pollfd {
-                    fd: self.stdout.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: poll on one valid pollfd.
-                match unsafe { libc::poll(&mut fd, 1, ms) } {
-                    // Readable, hung up or failed: the read says which.
-                    1.. => break,
-                    0 => return Err(io::ErrorKind::TimedOut.into()),
-                    _ => {
-                        let e = io::Error::last_os_error();
-                        if e.kind() != io::ErrorKind::Interrupted {
-                            return Err(e);
-                        }
-                    }
-                }
+            let left = deadline.saturating_duration_since(Instant::now());
+            // Rounded up: a wait never ends just short of the deadline and spins.
+            let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+            if !crate::poll::ready(self.stdout.as_raw_fd(), libc::POLLIN, ms)? {
+                return Err(io::ErrorKind::TimedOut.into());
             }
         }
         self.stdout.read(buf)
@@ -239,7 +223,7 @@ pub(super) struct Worker<'a> {
     answer: Option<Vec<u8>>,
     stdin: Option<BufWriter<File>>,
     /// Workers write their records in batches (see `sandbox::worker`).
-    replies: BufReader<Replies>,
+    replies: BufReader<ReplyPipe>,
     process: &'a Process,
 }
 
@@ -250,7 +234,7 @@ impl<'a> Worker<'a> {
             stdin: Some(BufWriter::new(stdin)),
             replies: BufReader::with_capacity(
                 64 * 1024,
-                Replies {
+                ReplyPipe {
                     stdout,
                     deadline: None,
                 },
@@ -437,7 +421,7 @@ mod tests {
     #[test]
     fn replies_are_read_until_the_deadline_and_then_time_out() {
         let (read, mut write) = pipe();
-        let mut replies = BufReader::new(Replies {
+        let mut replies = BufReader::new(ReplyPipe {
             stdout: read,
             deadline: Some(Instant::now() + Duration::from_secs(5)),
         });

@@ -92,23 +92,8 @@ fn configure(file: &File, baud: u32, framing: Framing) -> io::Result<()> {
 impl Port {
     /// Waits at most `wait_ms` until the port is ready for `events`.
     fn ready(&self, events: libc::c_short, wait_ms: u32) -> io::Result<bool> {
-        let mut fds = [libc::pollfd {
-            fd: self.file.as_raw_fd(),
-            events,
-            revents: 0,
-        }];
         let wait = wait_ms.min(MAX_SERIAL_WAIT_MS) as libc::c_int;
-        loop {
-            // SAFETY: one valid pollfd, its count, a bounded wait.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, wait) };
-            if n >= 0 {
-                return Ok(n > 0);
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
+        crate::poll::ready(self.file.as_raw_fd(), events, wait)
     }
 
     /// What came within `wait_ms` (nothing: an empty read).
