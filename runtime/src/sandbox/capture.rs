@@ -132,137 +132,53 @@ fn text_within(raw: &[u8], room: usize) -> (String, usize) {
     (text, used)
 }
 
-/// The module's stdout and stderr are files of its WASI environment that write into a
-/// [`Sink`]: whole lines into log records ([`LineCapture`], workers) or straight to
-/// kilnd's own stdout and stderr ([`PassThrough`], `kilnd run`).
-#[cfg(feature = "wasi")]
-pub mod wasi_file {
-    use std::io::{self, SeekFrom};
-    use std::os::fd::RawFd;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
+/// Where a module's output goes, synchronously, in the thread that wrote it: whole
+/// lines into log records ([`LineCapture`], workers) or straight to kilnd's own stdout
+/// and stderr ([`PassThrough`], `kilnd run`).
+pub trait Sink: Send + Sync + 'static {
+    fn write_all(&self, buf: &[u8]) -> std::io::Result<()>;
+}
 
-    use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
-    use wasmer_wasix::virtual_fs::{self, VirtualFile};
-
-    use super::LineCapture;
-
-    /// Where a module's output goes, synchronously, in the thread that wrote it.
-    pub trait Sink: std::fmt::Debug + Send + Sync + Unpin + 'static {
-        fn write_all(&self, buf: &[u8]) -> io::Result<()>;
+impl Sink for LineCapture {
+    fn write_all(&self, buf: &[u8]) -> std::io::Result<()> {
+        self.push(buf);
+        Ok(())
     }
+}
 
-    impl Sink for LineCapture {
-        fn write_all(&self, buf: &[u8]) -> io::Result<()> {
-            self.push(buf);
-            Ok(())
-        }
-    }
+/// kilnd's own stdout or stderr, written with write(2) as the module writes: as a
+/// native program's output, in order across the two.
+#[derive(Debug, Clone, Copy)]
+pub struct PassThrough(std::os::fd::RawFd);
 
-    /// kilnd's own stdout or stderr, written with write(2) as the module writes: as a
-    /// native program's output, in order across the two, and without the tokio
-    /// blocking thread that wasix's default starts for each (two threads more for a
-    /// hello world).
-    #[derive(Debug, Clone, Copy)]
-    pub struct PassThrough(RawFd);
+impl PassThrough {
+    pub const STDOUT: Self = Self(1);
+    pub const STDERR: Self = Self(2);
+}
 
-    impl PassThrough {
-        pub const STDOUT: Self = Self(1);
-        pub const STDERR: Self = Self(2);
-    }
-
-    impl Sink for PassThrough {
-        fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
-            while !buf.is_empty() {
-                // SAFETY: write(2) from a live slice to a descriptor kilnd holds open
-                // for its whole life.
-                let n = unsafe { libc::write(self.0, buf.as_ptr().cast(), buf.len()) };
-                if n >= 0 {
-                    buf = &buf[n as usize..];
-                    continue;
-                }
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::Interrupted => {}
-                    // A non-blocking stdout (a shell's pty may be one): wait until the
-                    // reader drains it.
-                    io::ErrorKind::WouldBlock => {
-                        crate::poll::ready(self.0, libc::POLLOUT, -1)?;
-                    }
-                    _ => return Err(e),
-                }
+impl Sink for PassThrough {
+    fn write_all(&self, mut buf: &[u8]) -> std::io::Result<()> {
+        use std::io;
+        while !buf.is_empty() {
+            // SAFETY: write(2) from a live slice to a descriptor kilnd holds open for
+            // its whole life.
+            let n = unsafe { libc::write(self.0, buf.as_ptr().cast(), buf.len()) };
+            if n >= 0 {
+                buf = &buf[n as usize..];
+                continue;
             }
-            Ok(())
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                // A non-blocking stdout (a shell's pty may be one): wait until the
+                // reader drains it.
+                io::ErrorKind::WouldBlock => {
+                    crate::poll::ready(self.0, libc::POLLOUT, -1)?;
+                }
+                _ => return Err(e),
+            }
         }
-    }
-
-    /// A module's stdout or stderr, writing into `S`.
-    #[derive(Debug)]
-    pub struct Stdio<S>(pub S);
-
-    impl<S: Sink> AsyncWrite for Stdio<S> {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            Poll::Ready(self.0.write_all(buf).map(|()| buf.len()))
-        }
-        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    impl<S: Sink> AsyncRead for Stdio<S> {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-            _buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    impl<S: Sink> AsyncSeek for Stdio<S> {
-        fn start_seek(self: Pin<&mut Self>, _position: SeekFrom) -> io::Result<()> {
-            Err(io::ErrorKind::Unsupported.into())
-        }
-        fn poll_complete(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
-            Poll::Ready(Ok(0))
-        }
-    }
-
-    impl<S: Sink> VirtualFile for Stdio<S> {
-        fn last_accessed(&self) -> u64 {
-            0
-        }
-        fn last_modified(&self) -> u64 {
-            0
-        }
-        fn created_time(&self) -> u64 {
-            0
-        }
-        fn size(&self) -> u64 {
-            0
-        }
-        fn set_len(&mut self, _new_size: u64) -> virtual_fs::Result<()> {
-            Err(virtual_fs::FsError::PermissionDenied)
-        }
-        fn unlink(&mut self) -> virtual_fs::Result<()> {
-            Ok(())
-        }
-        fn poll_read_ready(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-            Poll::Ready(Ok(0))
-        }
-        fn poll_write_ready(
-            self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-        ) -> Poll<io::Result<usize>> {
-            Poll::Ready(Ok(8192))
-        }
+        Ok(())
     }
 }
 

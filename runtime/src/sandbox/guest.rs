@@ -9,15 +9,9 @@ use kiln_protocol::worker::{Done, Stop};
 #[cfg(feature = "wasi")]
 use kiln_protocol::worker::{LogSource, Reply};
 use wasmer::{Function, FunctionEnv, Imports, Instance, Store, Type, Value};
-#[cfg(feature = "wasi")]
-use wasmer_wasix::wasmer_wasix_types::wasi::{Errno, ExitCode};
-#[cfg(feature = "wasi")]
-use wasmer_wasix::{WasiError, WasiFunctionEnv};
 
 use crate::exit::{Code, Failure};
 use crate::sandbox::abi::{Emit, KilnEnv};
-#[cfg(feature = "wasi")]
-use crate::sandbox::capture::wasi_file::{PassThrough, Stdio};
 #[cfg(feature = "wasi")]
 use crate::sandbox::capture::LineCapture;
 use crate::sandbox::load::Loaded;
@@ -44,16 +38,10 @@ pub struct Guest {
     pub name: String,
     store: Store,
     instance: Instance,
-    #[cfg(feature = "wasi")]
-    wasi: Option<WasiFunctionEnv>,
     kiln: FunctionEnv<KilnEnv>,
     fuel: Option<u64>,
     #[cfg(feature = "wasi")]
     captures: Vec<LineCapture>,
-    // wasix does its file and timer I/O on a tokio runtime; one worker is plenty.
-    // None when the module imports no WASI.
-    #[cfg(feature = "wasi")]
-    tokio: Option<tokio::runtime::Runtime>,
     /// Where instantiation spent its time, step by step.
     pub steps: Steps,
 }
@@ -133,44 +121,26 @@ impl Guest {
             let _ = (&opts.wasi, opts.capture_stdio);
             Imports::new()
         };
-        // A module that imports no WASI gets none: no I/O runtime, no WASI environment
-        // (together most of an instantiation after the memory itself).
+        // A module that imports no WASI gets none: no file table, no stdio.
         #[cfg(feature = "wasi")]
         let mut captures = Vec::new();
         #[cfg(feature = "wasi")]
-        let (tokio, wasi_env, mut imports) = if uses_wasi {
-            let tokio = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .map_err(|e| {
-                    Failure::new(Code::Internal, format!("cannot start the I/O runtime: {e}"))
-                })?;
-            let _guard = tokio.enter();
-            steps.mark("io runtime");
-            let (mut builder, preopens) = wasi::builder(&name, &opts.wasi, tokio.handle())?;
-            builder.set_engine(loaded.engine.clone());
-            if opts.capture_stdio {
-                captures = capture_stdio(&mut builder, &opts.emit);
+        let (wasi_env, mut imports) = if uses_wasi {
+            let stdio = if opts.capture_stdio {
+                let (stdio, lines) = capture_stdio(&opts.emit);
+                captures = lines;
+                stdio
             } else {
-                builder.set_stdout(Box::new(Stdio(PassThrough::STDOUT)));
-                builder.set_stderr(Box::new(Stdio(PassThrough::STDERR)));
-            }
-            let env = builder
-                .finalize(&mut store)
-                .map_err(|e| fail(format!("cannot set up WASI: {e}")))?;
+                wasi::Stdio::PassThrough
+            };
+            let env = wasi::WasiEnv::new(&name, &opts.wasi, stdio)?;
+            let env = FunctionEnv::new(&mut store, env);
+            let imports = wasi::imports(&mut store, &env);
             steps.mark("wasi env");
-            let mut imports = env
-                .import_object_for_all_wasi_versions(&mut store, &module)
-                .map_err(|e| fail(format!("cannot set up WASI: {e}")))?;
-            let wasip1 = !wasmer_wasix::is_wasix_module(&module);
-            wasi::adapt(&mut store, &mut imports, &env, preopens, wasip1);
-            (Some(tokio), Some(env), imports)
+            (Some(env), imports)
         } else {
-            (None, None, Imports::new())
+            (None, Imports::new())
         };
-        #[cfg(feature = "wasi")]
-        let _guard = tokio.as_ref().map(|t| t.enter());
         let mut kiln_env = KilnEnv::new(opts.config, opts.emit.clone());
         kiln_env.devices = opts.devices;
         let kiln = FunctionEnv::new(&mut store, kiln_env);
@@ -185,25 +155,17 @@ impl Guest {
             crate::sandbox::abi::bind_memory(&mut store, &kiln, memory.clone());
         }
         #[cfg(feature = "wasi")]
-        let mut wasi_env = wasi_env;
-        #[cfg(feature = "wasi")]
-        if let Some(env) = wasi_env.as_mut() {
-            env.initialize(&mut store, instance.clone())
-                .map_err(|e| fail(format!("cannot set up WASI: {e}")))?;
-            steps.mark("wasi init");
+        if let (Some(env), Ok(memory)) = (&wasi_env, instance.exports.get_memory("memory")) {
+            env.as_mut(&mut store).memory = Some(memory.clone());
         }
         let mut guest = Self {
             name: name.clone(),
             store,
             instance,
-            #[cfg(feature = "wasi")]
-            wasi: wasi_env,
             kiln,
             fuel: opts.fuel,
             #[cfg(feature = "wasi")]
             captures,
-            #[cfg(feature = "wasi")]
-            tokio,
             steps,
         };
         if guest.instance.exports.get_function("_initialize").is_ok() {
@@ -228,8 +190,6 @@ impl Guest {
 
     /// Calls a reactor export, with the fuel reset to the per-call budget first.
     pub fn call(&mut self, export: &str, args: &[Value]) -> Result<Done, Stop> {
-        #[cfg(feature = "wasi")]
-        let _guard = self.tokio.as_ref().map(|t| t.enter());
         let func: Function = self
             .instance
             .exports
@@ -298,19 +258,11 @@ impl Guest {
     #[cfg(not(feature = "wasi"))]
     pub fn finish(self, _exit_code: Option<i32>) {}
 
-    /// Flushes captured output and closes the module's files and stdio.
+    /// Flushes captured output; the module's files close with its store.
     #[cfg(feature = "wasi")]
-    pub fn finish(mut self, exit_code: Option<i32>) {
+    pub fn finish(self, _exit_code: Option<i32>) {
         for capture in &self.captures {
             capture.flush_partial();
-        }
-        let _guard = self.tokio.as_ref().map(|t| t.enter());
-        if let Some(env) = self.wasi.take() {
-            let code = match exit_code {
-                Some(code) => ExitCode::from(code as u16),
-                None => ExitCode::from(Errno::Noexec),
-            };
-            env.on_exit(&mut self.store, Some(code));
         }
     }
 
@@ -361,12 +313,8 @@ impl Guest {
             message: wasi::trap_message(&err),
         };
         #[cfg(feature = "wasi")]
-        match err.downcast::<WasiError>() {
-            Ok(WasiError::Exit(code)) => Stop::Exited(code.raw()),
-            Ok(other) => Stop::Trap {
-                call: export.into(),
-                message: other.to_string(),
-            },
+        match err.downcast::<wasi::Exit>() {
+            Ok(wasi::Exit(code)) => Stop::Exited(code),
             Err(rt) => Stop::Trap {
                 call: export.into(),
                 message: wasi::trap_message(&rt),
@@ -414,28 +362,27 @@ fn check_reactor_exports(module: &wasmer::Module) -> Result<(), String> {
 
 /// Routes the module's stdout and stderr into log records, line by line.
 #[cfg(feature = "wasi")]
-fn capture_stdio(builder: &mut wasmer_wasix::WasiEnvBuilder, emit: &Emit) -> Vec<LineCapture> {
-    let mut captures = Vec::new();
-    for source in [LogSource::Stdout, LogSource::Stderr] {
+fn capture_stdio(emit: &Emit) -> (wasi::Stdio, Vec<LineCapture>) {
+    let line = |source: LogSource| {
         let emit = emit.clone();
         let level = match source {
             LogSource::Stderr => abi::Level::Warn,
             _ => abi::Level::Info,
         };
-        let capture = LineCapture::new(std::sync::Arc::new(move |line| {
+        LineCapture::new(std::sync::Arc::new(move |line| {
             emit(Reply::Log {
                 level,
                 source,
                 line,
             })
-        }));
-        match source {
-            LogSource::Stderr => builder.set_stderr(Box::new(Stdio(capture.clone()))),
-            _ => builder.set_stdout(Box::new(Stdio(capture.clone()))),
-        }
-        captures.push(capture);
-    }
-    captures
+        }))
+    };
+    let (stdout, stderr) = (line(LogSource::Stdout), line(LogSource::Stderr));
+    let stdio = wasi::Stdio::Capture {
+        stdout: std::sync::Arc::new(stdout.clone()),
+        stderr: std::sync::Arc::new(stderr.clone()),
+    };
+    (stdio, vec![stdout, stderr])
 }
 
 /// Runs a command module to completion in this process (`kilnd run`); with

@@ -1,34 +1,28 @@
-//! The WASI side of a module's sandbox (wasmer-wasix, feature `wasi`): the given args
-//! and env only, the given host directories only, mounted over an empty in-memory
-//! root. Also what a module may import at all, with or without WASI.
-
-#[cfg(feature = "wasi")]
-use std::path::Path;
-#[cfg(feature = "wasi")]
-use std::sync::Arc;
+//! The WASI side of a module's sandbox (feature `wasi`): WASI preview 1
+//! (`wasi_snapshot_preview1`) implemented by kilnd on wasmer's imports. A module gets
+//! the given args and env only, and the given host directories only, each preopened
+//! at its guest path as wasmtime's `--dir HOST::GUEST` does. Also what a module may
+//! import at all, with or without WASI.
+//!
+//! - `types`: preview 1's numbers and layouts;
+//! - `table`: the module's fds and their rights (pure);
+//! - `host`: the host's `*at` calls, and the walk that keeps every path beneath its
+//!   directory;
+//! - `calls`: the functions themselves.
 
 use kiln_protocol::abi;
-#[cfg(feature = "wasi")]
-use std::sync::RwLock;
 use wasmer::Module;
-#[cfg(feature = "wasi")]
-use wasmer_wasix::fs::{InodeGuard, InodeVal, Kind, WasiFs, WasiInodes, VIRTUAL_ROOT_FD};
-#[cfg(feature = "wasi")]
-use wasmer_wasix::virtual_fs::{mount_fs::MountFileSystem, RootFileSystemBuilder};
-#[cfg(feature = "wasi")]
-use wasmer_wasix::{WasiEnv, WasiEnvBuilder, ALL_RIGHTS};
 
 use crate::exit::{Code, Failure};
 
 #[cfg(feature = "wasi")]
-mod adapt;
+mod calls;
 #[cfg(feature = "wasi")]
-mod hostfs;
+mod host;
 #[cfg(feature = "wasi")]
-pub mod paths;
-
+mod table;
 #[cfg(feature = "wasi")]
-pub use adapt::{adapt, Preopens};
+pub mod types;
 
 pub use kiln_protocol::dirs::DirMapping;
 
@@ -39,148 +33,163 @@ pub struct WasiOptions {
     pub dirs: Vec<DirMapping>,
 }
 
-/// A WASI environment for module `name`: only the given args, env and directories.
-/// `kilnd run` and the workers of `kilnd serve` both set WASI up here.
+/// The import module of WASI preview 1.
+pub const PREVIEW1: &str = "wasi_snapshot_preview1";
+
+/// A module's WASI state: its fds, args and environment, and its memory once
+/// instantiated.
 #[cfg(feature = "wasi")]
-pub fn builder(
-    name: &str,
-    opts: &WasiOptions,
-    handle: &tokio::runtime::Handle,
-) -> Result<(WasiEnvBuilder, Preopens), Failure> {
-    let mut builder = WasiEnv::builder(name)
-        .args(opts.args.iter())
-        .envs(opts.env.iter().cloned());
-    builder.set_mount_fs(sandbox(&opts.dirs, handle)?);
-    // WASI libcs resolve absolute paths through the preopen named "/", and relative
-    // ones (older libcs) through ".": both are the sandbox's root.
-    builder
-        .add_preopen_dir("/")
-        .and_then(|()| {
-            builder.add_preopen_build(|p| {
-                p.directory("/")
-                    .alias(".")
-                    .read(true)
-                    .write(true)
-                    .create(true)
-            })
+pub struct WasiEnv {
+    table: table::Table,
+    /// Each NUL-terminated.
+    args: Vec<Vec<u8>>,
+    env: Vec<Vec<u8>>,
+    pub memory: Option<wasmer::Memory>,
+    /// Reused for the bytes of each read and write.
+    scratch: Vec<u8>,
+}
+
+/// Where a module's standard streams go.
+#[cfg(feature = "wasi")]
+pub enum Stdio {
+    /// kilnd's own stdin, stdout and stderr (`kilnd run`).
+    PassThrough,
+    /// An empty stdin; stdout and stderr into these sinks (workers: log records).
+    Capture {
+        stdout: std::sync::Arc<dyn crate::sandbox::capture::Sink>,
+        stderr: std::sync::Arc<dyn crate::sandbox::capture::Sink>,
+    },
+}
+
+/// `proc_exit`'s code, carried out of the module's call as the error of a trap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit(pub i32);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exited with code {}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+#[cfg(feature = "wasi")]
+impl WasiEnv {
+    /// The WASI state of module `name` (its `argv[0]`): stdio as `stdio` says, then
+    /// the mapped directories from fd 3 on, the one mapped at `/` first.
+    pub fn new(name: &str, opts: &WasiOptions, stdio: Stdio) -> Result<Self, Failure> {
+        use crate::sandbox::capture::PassThrough;
+        use std::sync::Arc;
+        use table::{Entry, Kind};
+        use types::{filetype, rights};
+
+        let mut table = table::Table::default();
+        let (stdin, stdout, stderr, types) = match stdio {
+            Stdio::PassThrough => (
+                true,
+                Arc::new(PassThrough::STDOUT) as Arc<dyn crate::sandbox::capture::Sink>,
+                Arc::new(PassThrough::STDERR) as Arc<dyn crate::sandbox::capture::Sink>,
+                [calls::stdio_type(1), calls::stdio_type(2)],
+            ),
+            // Log records are lines, as on a terminal: wasi-libc line-buffers a
+            // character device, so a C module's lines arrive as it prints them.
+            Stdio::Capture { stdout, stderr } => (
+                false,
+                stdout,
+                stderr,
+                [filetype::CHARACTER_DEVICE, filetype::CHARACTER_DEVICE],
+            ),
+        };
+        table.put(0, Entry::new(Kind::Stdin { host: stdin }, rights::STDIO, 0));
+        for (fd, sink, filetype) in [(1, stdout, types[0]), (2, stderr, types[1])] {
+            table.put(
+                fd,
+                Entry::new(Kind::Output { sink, filetype }, rights::STDIO, 0),
+            );
+        }
+        let mut dirs: Vec<&DirMapping> = opts.dirs.iter().collect();
+        dirs.sort_by_key(|d| !d.is_root());
+        for (i, dir) in dirs.iter().enumerate() {
+            let fail = |why: String| {
+                Failure::new(
+                    Code::NoInput,
+                    format!("cannot map directory `{}`: {why}", dir.host.display()),
+                )
+            };
+            if let Some(twice) = dirs[..i].iter().find(|d| d.guest == dir.guest) {
+                return Err(fail(format!(
+                    "`{}` is mapped at `{}` too",
+                    twice.host.display(),
+                    dir.guest
+                )));
+            }
+            let path = dir.host.canonicalize().map_err(|e| fail(e.to_string()))?;
+            let fd = host::openat(
+                libc::AT_FDCWD,
+                path.as_os_str().as_encoded_bytes(),
+                libc::O_RDONLY | libc::O_DIRECTORY,
+                0,
+            )
+            .map_err(|e| {
+                fail(match e {
+                    types::Errno::NOTDIR => "not a directory".into(),
+                    e => format!("cannot open it (WASI errno {})", e.0),
+                })
+            })?;
+            let mut entry = Entry::new(
+                Kind::Dir { fd, listing: None },
+                rights::DIRECTORY,
+                rights::ALL,
+            );
+            entry.preopen = Some(dir.guest.clone());
+            table.put(3 + i as u32, entry);
+        }
+        let cstring = |s: String| {
+            let mut b = s.into_bytes();
+            b.push(0);
+            b
+        };
+        Ok(Self {
+            table,
+            args: std::iter::once(name.to_string())
+                .chain(opts.args.iter().cloned())
+                .map(cstring)
+                .collect(),
+            env: opts
+                .env
+                .iter()
+                .map(|(k, v)| cstring(format!("{k}={v}")))
+                .collect(),
+            memory: None,
+            scratch: Vec::new(),
         })
-        .map_err(|e| Failure::new(Code::Internal, format!("cannot set up the sandbox: {e}")))?;
-    let preopens = Preopens::default();
-    let table = preopens.clone();
-    let builder = builder.setup_fs(Box::new(move |inodes, fs| {
-        preopens_first(inodes, fs, &table)
-    }));
-    Ok((builder, preopens))
+    }
 }
 
-/// wasix puts its own virtual root at fd 3, named `/` like a preopen, ahead of the
-/// real preopens, and resolves fd 3 and every absolute path through it. That root holds
-/// only the preopens themselves: nothing can be created in it (`EACCES`) or opened for
-/// writing in it (`EPERM`). Programs that take the first preopen named `/` as the root
-/// (the WASI testsuite, users of wasmtime's `--dir HOST::/`) got that root. So kilnd
-/// makes the sandbox's `/` directory the root: it becomes wasix's root inode (`/..` is
-/// `/` again, as in POSIX), it takes fd 3, and the other preopens follow without a gap
-/// (libcs stop at the first fd that is not a preopen), each with a directory's rights
-/// and every right to inherit, as wasmtime's preopens.
-///
-/// Each preopen gets an inode of its own that wasix does not mark as preopened: wasix
-/// will not close such an fd or renumber over it, which WASI allows. kilnd answers
-/// `fd_prestat_get` itself from `table` instead (`adapt`).
+/// The `wasi_snapshot_preview1` import namespace bound to `env`.
 #[cfg(feature = "wasi")]
-fn preopens_first(inodes: &WasiInodes, fs: &mut WasiFs, table: &Preopens) -> Result<(), String> {
-    let poisoned = "the WASI file table is poisoned";
-    let root_fd = VIRTUAL_ROOT_FD;
-    let preopens = fs.preopen_fds.get_mut().map_err(|_| poisoned)?;
-    let fds = fs.fd_map.get_mut().map_err(|_| poisoned)?;
-    match fds
-        .get(root_fd)
-        .map(|fd| matches!(*fd.inode.read(), Kind::Root { .. }))
-    {
-        Some(true) => {}
-        _ => return Err(format!("fd {root_fd} is not wasix's virtual root")),
-    }
-    let ours: Vec<u32> = preopens
-        .iter()
-        .copied()
-        .filter(|&fd| fd != root_fd)
-        .collect();
-    if ours.iter().any(|&fd| fd < root_fd) {
-        return Err(format!("a preopen below fd {root_fd}: {ours:?}"));
-    }
-    fds.remove(root_fd);
-    let mut moved = Vec::with_capacity(ours.len());
-    for have in ours {
-        let mut fd = fds
-            .remove(have)
-            .ok_or_else(|| format!("preopen fd {have} is not open"))?;
-        fd.inode = unmarked(inodes, &fd.inode)?;
-        fd.inner.rights = adapt::DIRECTORY_RIGHTS;
-        fd.inner.rights_inheriting = ALL_RIGHTS;
-        moved.push(fd);
-    }
-    let root = moved
-        .first()
-        .map(|fd| fd.inode.clone())
-        .ok_or("no preopen for `/`")?;
-    if !matches!(*root.read(), Kind::Dir { ref path, .. } if path.as_path() == Path::new("/")) {
-        return Err("the first preopen is not the directory `/`".into());
-    }
-    for fd in &moved {
-        if let Kind::Dir { parent, .. } = &mut *fd.inode.write() {
-            *parent = root.downgrade();
-        }
-    }
-    fs.root_inode = root;
-    let mut renumbered = Vec::with_capacity(moved.len());
-    let mut names = table.lock().map_err(|_| poisoned)?;
-    for (want, fd) in (root_fd..).zip(moved) {
-        let name = fd.inode.name.read().map_err(|_| poisoned)?.to_string();
-        names.insert(want, name);
-        if !fds.insert(true, want, fd) {
-            return Err(format!("fd {want} is taken"));
-        }
-        renumbered.push(want);
-    }
-    *preopens = renumbered;
-    Ok(())
-}
-
-/// A copy of preopen inode `old` that wasix does not mark as preopened.
-#[cfg(feature = "wasi")]
-fn unmarked(inodes: &WasiInodes, old: &InodeGuard) -> Result<InodeGuard, String> {
-    let poisoned = "the WASI inode table is poisoned";
-    let kind = match &*old.read() {
-        Kind::Dir {
-            parent,
-            path,
-            entries,
-        } => Kind::Dir {
-            parent: parent.clone(),
-            path: path.clone(),
-            entries: entries.clone(),
-        },
-        other => return Err(format!("a preopen is not a directory: {other:?}")),
-    };
-    Ok(inodes.add_inode_val(InodeVal {
-        stat: RwLock::new(*old.stat.read().map_err(|_| poisoned)?),
-        is_preopened: false,
-        name: RwLock::new(old.name.read().map_err(|_| poisoned)?.clone()),
-        kind: RwLock::new(kind),
-    }))
+pub fn imports(store: &mut wasmer::Store, env: &wasmer::FunctionEnv<WasiEnv>) -> wasmer::Imports {
+    let mut imports = wasmer::Imports::new();
+    imports.register_namespace(PREVIEW1, calls::exports(store, env));
+    imports
 }
 
 /// Import modules this kilnd provides.
 #[cfg(feature = "wasi")]
-pub const PROVIDED: &[&str] = &[
-    abi::MODULE,
-    "wasi_snapshot_preview1",
-    "wasi_unstable",
-    "wasix_32v1",
-    "wasix_64v1",
-];
+pub const PROVIDED: &[&str] = &[abi::MODULE, PREVIEW1];
 /// Import modules this kilnd provides: the lean build has no WASI.
 #[cfg(not(feature = "wasi"))]
 pub const PROVIDED: &[&str] = &[abi::MODULE];
+
+#[cfg(feature = "wasi")]
+fn provides(module: &str, name: &str) -> bool {
+    module == PREVIEW1 && calls::NAMES.contains(&name)
+}
+
+#[cfg(not(feature = "wasi"))]
+fn provides(_module: &str, _name: &str) -> bool {
+    false
+}
 
 /// At most this many missing imports are named in the error.
 const NAMED: usize = 4;
@@ -191,7 +200,7 @@ pub fn check_imports(name: &str, module: &Module) -> Result<(), Failure> {
         if i.module() == abi::MODULE {
             !abi::IMPORTS.iter().any(|(f, ..)| *f == i.name())
         } else {
-            !PROVIDED.contains(&i.module())
+            !provides(i.module(), i.name())
         }
     };
     if let Some(i) = module
@@ -232,71 +241,6 @@ pub fn check_imports(name: &str, module: &Module) -> Result<(), Failure> {
             PROVIDED.join(", ")
         ),
     ))
-}
-
-/// The module's whole file system: the host directory mapped at `/` if there is one,
-/// else an empty in-memory root with `/dev/null` and friends; and the other mapped
-/// host directories mounted in it. Nothing else of the host is visible.
-#[cfg(feature = "wasi")]
-fn sandbox(
-    dirs: &[DirMapping],
-    handle: &tokio::runtime::Handle,
-) -> Result<MountFileSystem, Failure> {
-    let guests: Vec<&str> = dirs.iter().map(|d| d.guest.as_str()).collect();
-    let host_fs = |dir: &DirMapping| {
-        let fail = |why: String| {
-            Failure::new(
-                Code::NoInput,
-                format!("cannot map directory `{}`: {why}", dir.host.display()),
-            )
-        };
-        if let Some(twice) = dirs
-            .iter()
-            .find(|d| !std::ptr::eq(*d, dir) && d.guest == dir.guest)
-        {
-            return Err(fail(format!(
-                "`{}` is mapped at `{}` too",
-                twice.host.display(),
-                dir.guest
-            )));
-        }
-        let host = dir.host.canonicalize().map_err(|e| fail(e.to_string()))?;
-        if !host.is_dir() {
-            return Err(fail("not a directory".into()));
-        }
-        hostfs::HostDir::new(handle.clone(), host)
-            .map(Arc::new)
-            .map_err(|e| fail(e.to_string()))
-    };
-    // Mapped at `/`, a host directory is the root itself, as with wasmtime's
-    // `--dir HOST::/`: no in-memory `/dev` or `/tmp` is laid over it.
-    let root = match dirs.iter().find(|d| d.is_root()) {
-        Some(dir) => {
-            let root = MountFileSystem::new();
-            root.mount(Path::new("/"), host_fs(dir)?).map_err(|e| {
-                Failure::new(
-                    Code::Internal,
-                    format!("cannot mount `{}` at `/`: {e}", dir.host.display()),
-                )
-            })?;
-            root
-        }
-        None => RootFileSystemBuilder::default().build_ext(&guests),
-    };
-    for dir in dirs.iter().filter(|d| !d.is_root()) {
-        root.mount(Path::new(&dir.guest), host_fs(dir)?)
-            .map_err(|e| {
-                Failure::new(
-                    Code::NoInput,
-                    format!(
-                        "cannot map directory `{}` at `{}`: {e}",
-                        dir.host.display(),
-                        dir.guest
-                    ),
-                )
-            })?;
-    }
-    Ok(root)
 }
 
 /// A trap in kilnd's words: wasmer's trap code when it has one, else its message.
