@@ -65,8 +65,10 @@ pub fn render(report: &str, command: &str) -> Result<Page, String> {
         }
         let line = match line.strip_prefix("### ") {
             Some(title) if !fence => {
-                // `Metering: compute.wat (...), median of 3` is listed as `Metering`
+                // `Metering: compute.wat (...), median of 3` is listed as `Metering`,
+                // `kilnd size (stripped release: ...)` as `kilnd size`
                 let short = title.split(':').next().unwrap_or(title);
+                let short = short.split(" (").next().unwrap_or(short);
                 sections.push(short.split(", ").next().unwrap_or(short).to_string());
                 format!("## {title}")
             }

@@ -742,17 +742,9 @@ fn path_open(
     if fdflags & (fdflags::SYNC | fdflags::RSYNC) != 0 {
         flags |= libc::O_SYNC;
     }
-    let name = if directory {
-        r.name.clone()
-    } else {
-        host_name(&r)
-    };
-    let opened = match host::openat(r.parent.fd(), &name, flags, 0o666) {
-        // O_NOFOLLOW on a symlink without SYMLINK_FOLLOW: LOOP, or NOTDIR with
-        // O_DIRECTORY, as Linux says.
-        Err(e) => return Err(e),
-        Ok(f) => f,
-    };
+    // O_NOFOLLOW on a symlink without SYMLINK_FOLLOW: LOOP, or NOTDIR with
+    // O_DIRECTORY, as Linux says.
+    let opened = host::openat(r.parent.fd(), &r.name, flags, 0o666)?;
     let st = host::fstat(opened.as_raw_fd())?;
     let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
     let (base, inheriting) = opened_rights(dir_inheriting, base, inheriting, is_dir);

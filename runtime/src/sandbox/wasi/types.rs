@@ -306,12 +306,14 @@ fn nanos(sec: i64, nsec: i64) -> u64 {
 }
 
 impl Filestat {
+    // nlink_t is u64 on x86_64 and u32 on aarch64 and riscv64.
+    #[allow(clippy::useless_conversion)]
     pub fn of(st: &libc::stat) -> Self {
         Self {
             dev: st.st_dev,
             ino: st.st_ino,
             filetype: filetype::of_mode(st.st_mode),
-            nlink: st.st_nlink as u64,
+            nlink: u64::from(st.st_nlink),
             size: st.st_size as u64,
             atim: nanos(st.st_atime, st.st_atime_nsec),
             mtim: nanos(st.st_mtime, st.st_mtime_nsec),
