@@ -151,7 +151,7 @@ impl Replay<'_> {
     ) -> Result<(), String> {
         // A module that fails to load or link must not leave its predecessor current.
         self.current = None;
-        let loaded = load_bytes(artifact, self.trust, None, |_| self.engine.clone())
+        let loaded = load_bytes(artifact.to_vec(), self.trust, None, |_| self.engine.clone())
             .map_err(|f| f.message)?;
         let mut imports = Imports::new();
         for import in loaded.module.imports() {

@@ -243,7 +243,7 @@ fn start(
         .map_err(|e| load_failed(Code::Untrusted as u8, format!("bad trusted key: {e}")))?;
     let trust = TrustedKeys::new(keys);
     let limits = spec.limits;
-    let loaded = load_bytes(&bytes, &trust, spec.expect.as_ref(), |manifest| {
+    let loaded = load_bytes(bytes, &trust, spec.expect.as_ref(), |manifest| {
         limits::engine(
             limits
                 .memory_pages
@@ -252,7 +252,6 @@ fn start(
         )
     })
     .map_err(|f| load_failed(f.code as u8, format!("artifact `{file}`: {}", f.message)))?;
-    drop(bytes);
     let manifest = loaded.manifest.clone();
     let fuel =
         admit(&manifest, limits.fuel_per_call).map_err(|f| load_failed(f.code as u8, f.message))?;
