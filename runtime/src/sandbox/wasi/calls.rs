@@ -129,33 +129,29 @@ fn environ_sizes_get(ctx: &mut Ctx, count: i32, size: i32) -> R {
 fn clock_res_get(ctx: &mut Ctx, id: i32, out: i32) -> R {
     parts!(ctx => _env, mem);
     let clock = clock::host(id as u32).ok_or(Errno::INVAL)?;
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a timespec to write into.
-    if unsafe { libc::clock_getres(clock, &mut ts) } != 0 {
-        return Err(Errno::last());
-    }
-    mem.put_u64(out as u32, timespec_ns(&ts).max(1))
+    mem.put_u64(out as u32, clock_ns(libc::clock_getres, clock)?.max(1))
 }
 
 fn now(clock: libc::clockid_t) -> Result<u64, Errno> {
+    clock_ns(libc::clock_gettime, clock)
+}
+
+/// `clock_gettime` or `clock_getres` of `clock`, in nanoseconds.
+fn clock_ns(
+    call: unsafe extern "C" fn(libc::clockid_t, *mut libc::timespec) -> libc::c_int,
+    clock: libc::clockid_t,
+) -> Result<u64, Errno> {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: a timespec to write into.
-    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+    if unsafe { call(clock, &mut ts) } != 0 {
         return Err(Errno::last());
     }
-    Ok(timespec_ns(&ts))
-}
-
-fn timespec_ns(ts: &libc::timespec) -> u64 {
-    (ts.tv_sec as u64)
+    Ok((ts.tv_sec as u64)
         .saturating_mul(1_000_000_000)
-        .saturating_add(ts.tv_nsec as u64)
+        .saturating_add(ts.tv_nsec as u64))
 }
 
 fn clock_time_get(ctx: &mut Ctx, id: i32, _precision: i64, out: i32) -> R {
@@ -408,24 +404,36 @@ fn fd_allocate(ctx: &mut Ctx, fd: i32, _offset: i64, _len: i64) -> R {
 }
 
 fn fd_sync(ctx: &mut Ctx, fd: i32) -> R {
-    let f = host_fd(ctx.data().table.with(fd, rights::FD_SYNC)?, Errno::INVAL)?;
-    // SAFETY: fsync of a descriptor we hold.
-    if unsafe { libc::fsync(f) } != 0 {
+    sync(ctx, fd, rights::FD_SYNC, libc::fsync)
+}
+
+fn fd_datasync(ctx: &mut Ctx, fd: i32) -> R {
+    sync(ctx, fd, rights::FD_DATASYNC, libc::fdatasync)
+}
+
+/// fsync(2) or fdatasync(2) of `fd`, which needs the right `need`.
+fn sync(
+    ctx: &mut Ctx,
+    fd: i32,
+    need: u64,
+    call: unsafe extern "C" fn(libc::c_int) -> libc::c_int,
+) -> R {
+    let f = host_fd(ctx.data().table.with(fd, need)?, Errno::INVAL)?;
+    // SAFETY: a sync of a descriptor we hold.
+    if unsafe { call(f) } != 0 {
         return Err(Errno::last());
     }
     Ok(())
 }
 
-fn fd_datasync(ctx: &mut Ctx, fd: i32) -> R {
-    let f = host_fd(
-        ctx.data().table.with(fd, rights::FD_DATASYNC)?,
-        Errno::INVAL,
-    )?;
-    // SAFETY: fdatasync of a descriptor we hold.
-    if unsafe { libc::fdatasync(f) } != 0 {
+/// lseek(2) of a descriptor we hold; the new offset.
+fn seek(f: RawFd, offset: i64, how: libc::c_int) -> Result<u64, Errno> {
+    // SAFETY: lseek of a descriptor we hold.
+    let pos = unsafe { libc::lseek(f, offset, how) };
+    if pos < 0 {
         return Err(Errno::last());
     }
-    Ok(())
+    Ok(pos as u64)
 }
 
 fn fd_seek(ctx: &mut Ctx, fd: i32, offset: i64, whence: i32, out: i32) -> R {
@@ -442,63 +450,35 @@ fn fd_seek(ctx: &mut Ctx, fd: i32, offset: i64, whence: i32, out: i32) -> R {
         w if w == i32::from(whence::END) => libc::SEEK_END,
         _ => return Err(Errno::INVAL),
     };
-    // SAFETY: lseek of a descriptor we hold.
-    let pos = unsafe { libc::lseek(f, offset, how) };
-    if pos < 0 {
-        return Err(Errno::last());
-    }
-    mem.put_u64(out as u32, pos as u64)
+    mem.put_u64(out as u32, seek(f, offset, how)?)
 }
 
 fn fd_tell(ctx: &mut Ctx, fd: i32, out: i32) -> R {
     parts!(ctx => env, mem);
     let f = file_fd(env.table.with(fd, rights::FD_TELL)?)?;
-    // SAFETY: lseek of a descriptor we hold.
-    let pos = unsafe { libc::lseek(f, 0, libc::SEEK_CUR) };
-    if pos < 0 {
-        return Err(Errno::last());
-    }
-    mem.put_u64(out as u32, pos as u64)
+    mem.put_u64(out as u32, seek(f, 0, libc::SEEK_CUR)?)
 }
 
-/// read(2) or pread(2) into `buf`, retried on EINTR.
+/// read(2) or pread(2) into `buf`.
 fn host_read(fd: RawFd, buf: &mut [u8], at: Option<i64>) -> Result<usize, Errno> {
-    loop {
-        // SAFETY: buf is writable for its length.
-        let n = unsafe {
-            match at {
-                Some(off) => libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), off),
-                None => libc::read(fd, buf.as_mut_ptr().cast(), buf.len()),
-            }
-        };
-        if n >= 0 {
-            return Ok(n as usize);
+    // SAFETY: buf is writable for its length.
+    host::retry(|| unsafe {
+        match at {
+            Some(off) => libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), off),
+            None => libc::read(fd, buf.as_mut_ptr().cast(), buf.len()),
         }
-        let e = Errno::last();
-        if e != Errno::INTR {
-            return Err(e);
-        }
-    }
+    })
 }
 
-/// write(2) or pwrite(2) of `buf`, retried on EINTR; may write less.
+/// write(2) or pwrite(2) of `buf`; may write less.
 fn host_write(fd: RawFd, buf: &[u8], at: Option<i64>) -> Result<usize, Errno> {
-    loop {
-        // SAFETY: buf is readable for its length.
-        let n = unsafe {
-            match at {
-                Some(off) => libc::pwrite(fd, buf.as_ptr().cast(), buf.len(), off),
-                None => libc::write(fd, buf.as_ptr().cast(), buf.len()),
-            }
-        };
-        if n >= 0 {
-            return Ok(n as usize);
+    // SAFETY: buf is readable for its length.
+    host::retry(|| unsafe {
+        match at {
+            Some(off) => libc::pwrite(fd, buf.as_ptr().cast(), buf.len(), off),
+            None => libc::write(fd, buf.as_ptr().cast(), buf.len()),
         }
-        let e = Errno::last();
-        if e != Errno::INTR {
-            return Err(e);
-        }
-    }
+    })
 }
 
 fn read_into(
@@ -986,8 +966,7 @@ fn poll_oneoff(ctx: &mut Ctx, subs: i32, events: i32, n: i32, out: i32) -> R {
             (Kind::File(f), false) => {
                 let f = f.as_raw_fd();
                 let size = host::fstat(f).map(|st| st.st_size as u64).unwrap_or(0);
-                // SAFETY: lseek of a descriptor we hold.
-                let pos = unsafe { libc::lseek(f, 0, libc::SEEK_CUR) }.max(0) as u64;
+                let pos = seek(f, 0, libc::SEEK_CUR).unwrap_or(0);
                 fired.push(event(
                     sub.userdata,
                     Errno::SUCCESS,

@@ -37,21 +37,29 @@ fn cstr(name: &[u8]) -> Result<CString> {
     CString::new(name).map_err(|_| Errno::INVAL)
 }
 
-/// openat(2), the new descriptor close-on-exec.
-pub fn openat(dir: RawFd, name: &[u8], flags: libc::c_int, mode: u32) -> Result<OwnedFd> {
-    let name = cstr(name)?;
+/// A libc call whose negative result means errno, made again while it is EINTR.
+pub fn retry(mut call: impl FnMut() -> isize) -> Result<usize> {
     loop {
-        // SAFETY: a NUL-terminated name; the result is a new descriptor we own.
-        let fd = unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC, mode) };
-        if fd >= 0 {
-            // SAFETY: openat returned a fresh descriptor.
-            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        let n = call();
+        if n >= 0 {
+            return Ok(n as usize);
         }
         let e = Errno::last();
         if e != Errno::INTR {
             return Err(e);
         }
     }
+}
+
+/// openat(2), the new descriptor close-on-exec.
+pub fn openat(dir: RawFd, name: &[u8], flags: libc::c_int, mode: u32) -> Result<OwnedFd> {
+    let name = cstr(name)?;
+    // SAFETY: a NUL-terminated name.
+    let fd = retry(|| unsafe {
+        libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC, mode) as isize
+    })?;
+    // SAFETY: openat returned a fresh descriptor, which we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// fstatat(2); `follow` follows a symlink named by `name`.
