@@ -490,6 +490,7 @@ fn read_into(
     at: Option<i64>,
 ) -> Result<u32, Errno> {
     let need = match at {
+        Some(off) if off < 0 => return Err(Errno::INVAL),
         Some(_) => rights::FD_READ | rights::FD_SEEK,
         None => rights::FD_READ,
     };
@@ -531,6 +532,7 @@ fn write_from(
     at: Option<i64>,
 ) -> Result<u32, Errno> {
     let need = match at {
+        Some(off) if off < 0 => return Err(Errno::INVAL),
         Some(_) => rights::FD_WRITE | rights::FD_SEEK,
         None => rights::FD_WRITE,
     };
@@ -576,9 +578,6 @@ fn fd_read(ctx: &mut Ctx, fd: i32, iovs: i32, n: i32, out: i32) -> R {
 
 fn fd_pread(ctx: &mut Ctx, fd: i32, iovs: i32, n: i32, offset: i64, out: i32) -> R {
     parts!(ctx => env, mem);
-    if offset < 0 {
-        return Err(Errno::INVAL);
-    }
     let got = read_into(env, &mem, fd, iovs, n, Some(offset))?;
     mem.put_u32(out as u32, got)
 }
@@ -591,9 +590,6 @@ fn fd_write(ctx: &mut Ctx, fd: i32, iovs: i32, n: i32, out: i32) -> R {
 
 fn fd_pwrite(ctx: &mut Ctx, fd: i32, iovs: i32, n: i32, offset: i64, out: i32) -> R {
     parts!(ctx => env, mem);
-    if offset < 0 {
-        return Err(Errno::INVAL);
-    }
     let done = write_from(env, &mem, fd, iovs, n, Some(offset))?;
     mem.put_u32(out as u32, done)
 }
@@ -994,7 +990,7 @@ fn poll_oneoff(ctx: &mut Ctx, subs: i32, events: i32, n: i32, out: i32) -> R {
     if fired.is_empty() {
         let waited = match (stdin_wait.is_empty(), soonest) {
             (true, Some(d)) => {
-                sleep(d);
+                std::thread::sleep(d);
                 Some(d)
             }
             (true, None) => return Err(Errno::INVAL),
@@ -1029,11 +1025,6 @@ fn poll_oneoff(ctx: &mut Ctx, subs: i32, events: i32, n: i32, out: i32) -> R {
         mem.write(events as u32 + (i * EVENT_SIZE) as u32, e)?;
     }
     mem.put_u32(out as u32, fired.len() as u32)
-}
-
-/// Sleeps `d`, whole, through signals.
-fn sleep(d: Duration) {
-    std::thread::sleep(d);
 }
 
 /// No socket is ever open in a module: an open fd is not one, a closed one is `BADF`.
