@@ -84,7 +84,6 @@ pub(super) fn run_worker(
     let stop = (|| -> Result<(), Stop> {
         let ready = worker.await_ready(plan.start_timeout, reporter)?;
         counters.memory_pages.store(ready.memory_pages, Relaxed);
-        let rss_kib = procfs::rss_kib(process.pid);
         if ready.command {
             let done = worker.call(Request::Run, "_start", plan.run_timeout, reporter)?;
             counters.called(&done);
@@ -97,13 +96,16 @@ pub(super) fn run_worker(
         } else {
             None
         };
+        // The start ends with the first tick; the resident memory is read after it,
+        // off the worker's start.
+        let start_us = spawned.elapsed().as_micros() as u64;
         report(started(
             attempt,
             process.pid,
             &ready,
-            spawned.elapsed().as_micros() as u64,
+            start_us,
             first_tick.as_ref(),
-            rss_kib,
+            procfs::rss_kib(process.pid),
         ));
         if let Some(done) = first_tick.filter(|d| d.status != 0) {
             report(Body::TickFailed {
