@@ -8,6 +8,18 @@ pub fn parent_of(pid: u32) -> Option<u32> {
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The live children of `pid`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| parent_of(*child) == Some(pid))
+        .collect()
+}
+
 /// A field of `/proc/PID/smaps_rollup` in KiB: `Pss` (private pages plus a share of
 /// the shared ones, the figure that adds up across processes) or `Private_Dirty`.
 pub fn rollup_kib(pid: u32, field: &str) -> Option<u64> {

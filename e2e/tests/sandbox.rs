@@ -8,7 +8,7 @@ use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kiln_e2e::procfs::parent_of;
+use kiln_e2e::procfs::{children_of, parent_of};
 use serde_json::Value;
 
 use crate::util::{path_str, shared, Device};
@@ -530,6 +530,35 @@ fn workers_are_forked_by_a_zygote_and_a_lost_zygote_is_replaced() {
     assert_ne!(second, zygote);
     assert_eq!(parent_of(second), Some(serve.child.id()));
     assert!(serve.explain().contains("the zygote has ended"));
+}
+
+/// Once idle, the zygote keeps one worker forked ahead of need, a spare: the next start
+/// is handed to it (a restart gets the spare's pid, so no fork is on its way), and a
+/// new spare follows.
+#[test]
+fn an_idle_zygote_keeps_a_spare_that_the_next_start_becomes() {
+    let (mut serve, records) = restarting_sensor();
+    let worker = of(&records, "sensor", "started")[0]["pid"]
+        .as_u64()
+        .unwrap() as u32;
+    let zygote = parent_of(worker).unwrap();
+    let other_child = |than: u32| {
+        wait_for(Duration::from_secs(10), || {
+            children_of(zygote).into_iter().find(|p| *p != than)
+        })
+    };
+    let spare = other_child(worker).expect("the zygote forks a spare once idle");
+    kill("KILL", worker.into());
+    let records = serve.wait_until(Duration::from_secs(30), |r| {
+        of(r, "sensor", "started").len() == 2
+    });
+    assert_eq!(
+        of(&records, "sensor", "started")[1]["pid"].as_u64(),
+        Some(u64::from(spare)),
+        "the restart is the spare; {}",
+        serve.explain()
+    );
+    assert!(other_child(spare).is_some(), "a new spare follows");
 }
 
 /// The issue-29 reproduction: a zygote restarted by a module's spawn died with that

@@ -77,7 +77,10 @@ mod tests {
         let (rss, status) = (rss_kib(me).unwrap(), own_rss_kib().unwrap());
         assert!(rss > 0);
         // The same figure as status's VmRSS, give or take what moved in between.
-        assert!(rss.abs_diff(status) < 4096, "statm {rss} KiB, status {status} KiB");
+        assert!(
+            rss.abs_diff(status) < 4096,
+            "statm {rss} KiB, status {status} KiB"
+        );
         // Burn a little CPU so the count is not zero at coarse tick rates.
         let mut x = 0u64;
         let start = std::time::Instant::now();

@@ -50,10 +50,11 @@ impl Replies {
         })
     }
 
-    /// Starts the thread that flushes records within [`RECORD_DELAY`]. The worker
-    /// starts it once it has sent `Ready`, while the supervisor reads that, so its
-    /// start is not part of the module's; a record written before waits in the
-    /// buffer for the next reply that is not one (`Ready` itself) or for this thread.
+    /// Starts the thread that flushes records within [`RECORD_DELAY`]. A reactor's
+    /// worker starts it once its first call has been answered, so that spawning it is
+    /// not part of the start (the supervisor asks for the first tick as soon as `Ready`
+    /// comes); a command's, before `_start` runs. A record written before waits in the
+    /// buffer for the next reply that is not one (that first answer) or for this thread.
     fn start_flusher(self: &Arc<Self>) {
         let flusher = self.clone();
         std::thread::spawn(move || loop {
@@ -169,16 +170,18 @@ fn serve_with(
     emit: &Emit,
     ready: impl FnOnce(),
 ) -> i32 {
-    let mut guest = match start(spec, artifact, confined, emit) {
-        Ok(guest) => {
-            ready();
-            guest
-        }
+    let (mut guest, log_confined) = match start(spec, artifact, confined, emit) {
+        Ok(started) => started,
         Err(stop) => {
             emit(Reply::Fatal(stop));
             return 1;
         }
     };
+    // What the worker does once it has started but not on the way to its first answer.
+    let mut after_start = Some(move || {
+        ready();
+        log_confined();
+    });
     loop {
         let request = match read_frame::<ToWorker>(&mut input) {
             Ok(Some(ToWorker::V1(request))) => request,
@@ -194,19 +197,29 @@ fn serve_with(
         let result = match request {
             Request::Tick => guest.tick(),
             Request::Message { topic, data } => guest.deliver(topic, data),
-            Request::Run => match guest.run_start() {
-                Ok(done) => {
-                    let status = done.status;
-                    emit(Reply::Done(done));
-                    guest.finish(Some(status));
-                    return 0;
+            Request::Run => {
+                if let Some(f) = after_start.take() {
+                    f();
                 }
-                Err(stop) => Err(stop),
-            },
+                match guest.run_start() {
+                    Ok(done) => {
+                        let status = done.status;
+                        emit(Reply::Done(done));
+                        guest.finish(Some(status));
+                        return 0;
+                    }
+                    Err(stop) => Err(stop),
+                }
+            }
             Request::Start(_) => Err(Stop::Lost("a second Start frame".into())),
         };
         match result {
-            Ok(done) => emit(Reply::Done(done)),
+            Ok(done) => {
+                emit(Reply::Done(done));
+                if let Some(f) = after_start.take() {
+                    f();
+                }
+            }
             Err(stop) => {
                 let code = match &stop {
                     Stop::Exited(code) => Some(*code),
@@ -225,7 +238,7 @@ fn start(
     (artifact, devices): (io::Result<Vec<u8>>, Result<Devices, String>),
     (confined, confine_us): (Report, u64),
     emit: &Emit,
-) -> Result<Guest, Stop> {
+) -> Result<(Guest, impl FnOnce()), Stop> {
     let load_failed = |code: u8, message: String| Stop::LoadFailed { code, message };
     let devices = devices.map_err(|why| load_failed(Code::LoadFailed as u8, why))?;
     let file = spec.artifact.as_str();
@@ -309,16 +322,19 @@ fn start(
         memory_pages: guest.memory_pages(),
     }));
     // Every layer, on or off, in kilnd's log (the journal under systemd), next to the
-    // supervisor's `started` record for the same pid; written once `Ready` is on its
-    // way, so the formatting is not part of the start.
-    tracing::info!(
-        module = %manifest.name,
-        pid = std::process::id(),
-        confinement = %confined.summary(),
-        confine_us,
-        "worker confined"
-    );
-    Ok(guest)
+    // supervisor's `started` record for the same pid; written after the first answer,
+    // so the formatting is not part of the start.
+    let module = manifest.name.clone();
+    let log_confined = move || {
+        tracing::info!(
+            module = %module,
+            pid = std::process::id(),
+            confinement = %confined.summary(),
+            confine_us,
+            "worker confined"
+        )
+    };
+    Ok((guest, log_confined))
 }
 
 /// A worker must never outlive its supervisor, even when it is stuck in guest code.

@@ -10,6 +10,13 @@
 //! signature verifier's code and tables once it has forked its first worker and has
 //! had nothing to do for a moment ([`crate::sandbox::load::warm`]).
 //!
+//! Once idle, it also forks one worker ahead of need, a *spare*: a child that waits on
+//! a socket of its own for the two pipe ends of the next spawn request, and then
+//! starts as a worker forked at that moment would. The fork (a copy of the zygote's
+//! page tables and the child's first copied pages) is then off the next start, which
+//! matters most for a restart after a crash. The spare shares all its pages with the
+//! zygote until it is handed a request; one spare is kept at a time.
+//!
 //! Isolation is unchanged: each worker is its own process, and it verifies and loads
 //! its artifact itself, right before deserializing it, exactly as an exec'd worker
 //! does ([`crate::sandbox::worker::serve`]). The zygote holds no secret to inherit: it
@@ -260,6 +267,13 @@ enum Warm {
     Done,
 }
 
+/// A worker forked ahead of its request, waiting on `sock` for the request's two pipe
+/// ends ([`fork_spare`]).
+struct Spare {
+    pid: u32,
+    sock: OwnedFd,
+}
+
 /// Serves `kilnd serve` on the socket at fd 0 until it hangs up; returns the exit code.
 pub fn serve() -> i32 {
     crate::sandbox::worker::die_with_parent();
@@ -289,6 +303,10 @@ pub fn serve() -> i32 {
     // with nothing to do: no start waits for it (`kilnd serve` asks for the first
     // workers while the zygote is still starting), and every worker after inherits it.
     let mut warm = Warm::AfterFirstFork;
+    // A spare is forked once the zygote has been idle for IDLE_MS after a start (the
+    // warm-up first, so the spare inherits it).
+    let mut spare: Option<Spare> = None;
+    let mut spare_due = false;
     loop {
         let mut polled = [
             libc::pollfd {
@@ -302,11 +320,20 @@ pub fn serve() -> i32 {
                 revents: 0,
             },
         ];
-        let wait = if warm == Warm::WhenIdle { IDLE_MS } else { -1 };
+        let idle_work = warm == Warm::WhenIdle || spare_due;
+        let wait = if idle_work { IDLE_MS } else { -1 };
         // SAFETY: poll on two valid pollfds; EINTR (a SIGCHLD) just turns the loop.
-        if unsafe { libc::poll(polled.as_mut_ptr(), 2, wait) } == 0 && warm == Warm::WhenIdle {
-            crate::sandbox::load::warm();
-            warm = Warm::Done;
+        if unsafe { libc::poll(polled.as_mut_ptr(), 2, wait) } == 0 && idle_work {
+            if warm == Warm::WhenIdle {
+                crate::sandbox::load::warm();
+                warm = Warm::Done;
+            } else {
+                spare_due = false;
+                match fork_spare(pipe) {
+                    Ok(forked) => spare = Some(forked),
+                    Err(e) => tracing::warn!(error = %e, "zygote: cannot fork a spare worker"),
+                }
+            }
             continue;
         }
         if polled[1].revents != 0 {
@@ -315,7 +342,7 @@ pub fn serve() -> i32 {
             while unsafe { libc::read(pipe[0], drain.as_mut_ptr().cast(), drain.len()) } > 0 {}
         }
         // Reap on every turn: a SIGCHLD may have come between the poll and the drain.
-        if reap(sock, &mut children).is_err() {
+        if reap(sock, &mut children, &mut spare).is_err() {
             return 0;
         }
         if polled[0].revents == 0 {
@@ -332,7 +359,12 @@ pub fn serve() -> i32 {
         };
         match msg.kind {
             SPAWN if fds.len() == 2 => {
-                let reply = match fork_worker(pipe, &fds) {
+                let started = match spare.take() {
+                    Some(spare) => hand_over(spare, &fds).or_else(|_| fork_worker(pipe, &fds)),
+                    None => fork_worker(pipe, &fds),
+                };
+                spare_due = true;
+                let reply = match started {
                     Ok(pid) => {
                         children.insert(pid);
                         if warm == Warm::AfterFirstFork {
@@ -367,8 +399,9 @@ pub fn serve() -> i32 {
     }
 }
 
-/// Reaps every worker that has ended and reports each.
-fn reap(sock: RawFd, children: &mut BTreeSet<u32>) -> io::Result<()> {
+/// Reaps every worker that has ended and reports each; a spare that ended before it
+/// was handed a request is nobody's worker, so it is only forgotten.
+fn reap(sock: RawFd, children: &mut BTreeSet<u32>, spare: &mut Option<Spare>) -> io::Result<()> {
     loop {
         let mut status = 0;
         // SAFETY: an all-zero rusage is a valid value for wait4 to fill in.
@@ -377,6 +410,10 @@ fn reap(sock: RawFd, children: &mut BTreeSet<u32>) -> io::Result<()> {
         let pid = unsafe { libc::wait4(-1, &mut status, libc::WNOHANG, &mut usage) };
         if pid <= 0 {
             return Ok(());
+        }
+        if spare.as_ref().is_some_and(|s| s.pid == pid as u32) {
+            *spare = None;
+            continue;
         }
         children.remove(&(pid as u32));
         let msg = Msg {
@@ -395,6 +432,65 @@ pub fn cpu_us(usage: &libc::rusage) -> u64 {
     us(usage.ru_utime) + us(usage.ru_stime)
 }
 
+/// Hands a spawn request's pipe ends to the spare; returns the spare's pid, now the
+/// request's worker. An error (the spare died) leaves the request to a fresh fork.
+fn hand_over(spare: Spare, fds: &[OwnedFd]) -> io::Result<u32> {
+    let raw = [fds[0].as_raw_fd(), fds[1].as_raw_fd()];
+    send(spare.sock.as_raw_fd(), &Msg::new(SPAWN, 0), &raw).inspect_err(|_| {
+        // SAFETY: the spare is our own child, not yet reaped (reaping clears it first).
+        unsafe { libc::kill(spare.pid as libc::pid_t, libc::SIGKILL) };
+    })?;
+    Ok(spare.pid)
+}
+
+/// Forks a spare: a child that waits for the pipe ends of the next spawn request on a
+/// socket of its own, then becomes that request's worker. It holds nothing of the
+/// zygote's but its pages: the socket to `kilnd serve` and the SIGCHLD pipe are closed
+/// in it, and it dies with the zygote, or when the zygote closes its socket.
+fn fork_spare(pipe: [RawFd; 2]) -> io::Result<Spare> {
+    let mut pair = [0 as RawFd; 2];
+    // SAFETY: socketpair fills the two-element array.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            pair.as_mut_ptr(),
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned here alone.
+    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+    // SAFETY: as in `fork_worker`: the zygote is single-threaded, and the child only
+    // rearranges descriptors before it waits and then becomes an ordinary worker.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => unsafe {
+            let mut dfl: libc::sigaction = std::mem::zeroed();
+            dfl.sa_sigaction = libc::SIG_DFL;
+            libc::sigaction(libc::SIGCHLD, &dfl, std::ptr::null_mut());
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            libc::close(pipe[0]);
+            libc::close(pipe[1]);
+            libc::close(0);
+            drop(ours);
+            let fds = match recv(theirs.as_raw_fd()) {
+                Ok(Some((msg, fds))) if msg.kind == SPAWN && fds.len() == 2 => fds,
+                // The zygote closed the socket, or is gone: nothing to start.
+                _ => libc::_exit(0),
+            };
+            drop(theirs);
+            become_worker(fds[0].as_raw_fd(), fds[1].as_raw_fd())
+        },
+        pid => Ok(Spare {
+            pid: pid as u32,
+            sock: ours,
+        }),
+    }
+}
+
 /// Forks a worker whose stdin and stdout are `fds`; returns its pid.
 fn fork_worker(pipe: [RawFd; 2], fds: &[OwnedFd]) -> io::Result<u32> {
     let (stdin, stdout) = (fds[0].as_raw_fd(), fds[1].as_raw_fd());
@@ -409,16 +505,39 @@ fn fork_worker(pipe: [RawFd; 2], fds: &[OwnedFd]) -> io::Result<u32> {
             libc::sigaction(libc::SIGCHLD, &dfl, std::ptr::null_mut());
             libc::close(pipe[0]);
             libc::close(pipe[1]);
-            // The socket was on fd 0: the worker's stdin replaces it.
-            if libc::dup2(stdin, 0) < 0 || libc::dup2(stdout, 1) < 0 {
-                libc::_exit(2);
-            }
-            libc::close(stdin);
-            libc::close(stdout);
-            std::process::exit(crate::sandbox::worker::serve());
+            become_worker(stdin, stdout)
         },
         pid => Ok(pid as u32),
     }
+}
+
+/// In a forked child: puts the request's pipe ends on stdin and stdout (the socket to
+/// `kilnd serve` was on fd 0) and runs the worker to its end.
+///
+/// # Safety
+/// Only in a child the zygote forked, with `stdin` and `stdout` open in it.
+unsafe fn become_worker(stdin: RawFd, stdout: RawFd) -> ! {
+    // SAFETY: descriptor calls on descriptors open in this process (the caller's
+    // promise); nothing else in the process holds them.
+    unsafe {
+        // A descriptor received into a spare may already be 0 or 1 (the lowest free
+        // numbers): moved off 0 first, and each left alone where it already is.
+        let stdout = if stdout == 0 {
+            libc::dup(stdout)
+        } else {
+            stdout
+        };
+        for (fd, target) in [(stdin, 0), (stdout, 1)] {
+            if fd == target {
+                continue;
+            }
+            if fd < 0 || libc::dup2(fd, target) < 0 {
+                libc::_exit(2);
+            }
+            libc::close(fd);
+        }
+    }
+    std::process::exit(crate::sandbox::worker::serve())
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use kiln_e2e::{path_str, target_dir};
 use serde_json::Value;
 
-use kiln_e2e::procfs::{parent_of, pss_kib, rollup_kib};
+use kiln_e2e::procfs::{children_of, parent_of, pss_kib, rollup_kib};
 
 use crate::target::{rss_kib, Target};
 use crate::{median, table};
@@ -61,13 +61,15 @@ fn print_device(rows: &[Vec<String>], runs: usize) {
     report!("`kilnd serve` with sensor-filter (Rust, WASI) and two small kiln-ABI reactors");
     report!("(`fixtures/counter.wat`), 1.5 s after they started: PSS of each process from");
     report!("`/proc/PID/smaps_rollup`, and a small reactor's worker's Private_Dirty. Workers are");
-    report!("forked by the zygote and share its pages until they write to them.\n");
+    report!("forked by the zygote and share its pages until they write to them; the zygote's");
+    report!("spare is the worker it keeps forked ahead of the next start.\n");
     table(
         &[
             "target",
             "mode",
             "serve",
             "zygote",
+            "spare",
             "sensor-filter",
             "reactor 1",
             "reactor 2",
@@ -103,9 +105,16 @@ fn device_memory(target: &Target, runs: usize) -> Vec<String> {
         std::thread::sleep(Duration::from_millis(1500));
         let zygote = parent_of(pids["r1"] as u32).unwrap_or(0) as u64;
         let kib = |pid: u64| pss_kib(pid as u32).unwrap_or(0) as f64 / 1024.0;
+        // The zygote's spare (a worker forked ahead of the next start) is the device's too.
+        let spare: f64 = children_of(zygote as u32)
+            .into_iter()
+            .filter(|pid| !pids.values().any(|w| *w == u64::from(*pid)))
+            .map(|pid| kib(pid.into()))
+            .sum();
         let row = vec![
             kib(child.id() as u64),
             kib(zygote),
+            spare,
             kib(pids["sensor"]),
             kib(pids["r1"]),
             kib(pids["r2"]),
@@ -117,14 +126,14 @@ fn device_memory(target: &Target, runs: usize) -> Vec<String> {
     }
     let col = |i: usize| median(samples.iter().map(|r| r[i]));
     let mut row = vec![target.name.clone(), target.mode().into()];
-    for i in 0..5 {
+    for i in 0..6 {
         row.push(format!("{:.1} MiB", col(i)));
     }
     row.push(format!(
         "{:.1} MiB",
-        median(samples.iter().map(|r| r[..5].iter().sum::<f64>()))
+        median(samples.iter().map(|r| r[..6].iter().sum::<f64>()))
     ));
-    row.push(format!("{:.2} MiB", col(5)));
+    row.push(format!("{:.2} MiB", col(6)));
     row
 }
 
