@@ -11,7 +11,7 @@ use crate::table;
 use crate::target::Target;
 
 pub fn print(rows: &[Vec<String>]) {
-    report!("\n### kilnd size (stripped release: opt-level s, fat LTO, panic=abort)\n");
+    report!("\n### kilnd size (stripped release: opt-level z with wasmer and rkyv at s and the crypto at 3, fat LTO, panic=abort)\n");
     report!("`full` is the default build: WASI (kilnd's own preview 1), fleet updates and telemetry over");
     report!("MQTT, and TLS (rustls with ring). `no TLS` refuses mqtts:// brokers. `lean` has");
     report!("everything but WASI: it runs kiln-ABI reactors and refuses WASI modules.\n");
