@@ -295,24 +295,7 @@ struct Ends {
 
 impl Zygote {
     fn start(command: &WorkerCommand) -> std::io::Result<Arc<Self>> {
-        let mut pair = [0 as RawFd; 2];
-        // SAFETY: socketpair fills the two-element array with new descriptors.
-        if unsafe {
-            libc::socketpair(
-                libc::AF_UNIX,
-                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-                0,
-                pair.as_mut_ptr(),
-            )
-        } != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: both descriptors were just created and are owned by nobody else.
-        let (ours, theirs) = unsafe {
-            use std::os::fd::FromRawFd;
-            (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1]))
-        };
+        let (ours, theirs) = zygote::socket_pair()?;
         let child = command
             .command("zygote")
             .stdin(Stdio::from(theirs))

@@ -443,13 +443,11 @@ fn hand_over(spare: Spare, fds: &[OwnedFd]) -> io::Result<u32> {
     Ok(spare.pid)
 }
 
-/// Forks a spare: a child that waits for the pipe ends of the next spawn request on a
-/// socket of its own, then becomes that request's worker. It holds nothing of the
-/// zygote's but its pages: the socket to `kilnd serve` and the SIGCHLD pipe are closed
-/// in it, and it dies with the zygote, or when the zygote closes its socket.
-fn fork_spare(pipe: [RawFd; 2]) -> io::Result<Spare> {
+/// A connected pair of `SOCK_SEQPACKET` sockets (close-on-exec), as the zygote talks:
+/// to `kilnd serve`, and to its spare.
+pub fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut pair = [0 as RawFd; 2];
-    // SAFETY: socketpair fills the two-element array.
+    // SAFETY: socketpair fills the two-element array with new descriptors.
     if unsafe {
         libc::socketpair(
             libc::AF_UNIX,
@@ -461,19 +459,23 @@ fn fork_spare(pipe: [RawFd; 2]) -> io::Result<Spare> {
     {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: both descriptors were just created and are owned here alone.
-    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) })
+}
+
+/// Forks a spare: a child that waits for the pipe ends of the next spawn request on a
+/// socket of its own, then becomes that request's worker. It holds nothing of the
+/// zygote's but its pages: the socket to `kilnd serve` and the SIGCHLD pipe are closed
+/// in it, and it dies with the zygote, or when the zygote closes its socket.
+fn fork_spare(pipe: [RawFd; 2]) -> io::Result<Spare> {
+    let (ours, theirs) = socket_pair()?;
     // SAFETY: as in `fork_worker`: the zygote is single-threaded, and the child only
     // rearranges descriptors before it waits and then becomes an ordinary worker.
     match unsafe { libc::fork() } {
         -1 => Err(io::Error::last_os_error()),
         0 => unsafe {
-            let mut dfl: libc::sigaction = std::mem::zeroed();
-            dfl.sa_sigaction = libc::SIG_DFL;
-            libc::sigaction(libc::SIGCHLD, &dfl, std::ptr::null_mut());
+            leave_zygote(pipe);
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            libc::close(pipe[0]);
-            libc::close(pipe[1]);
             libc::close(0);
             drop(ours);
             let fds = match recv(theirs.as_raw_fd()) {
@@ -500,14 +502,26 @@ fn fork_worker(pipe: [RawFd; 2], fds: &[OwnedFd]) -> io::Result<u32> {
     match unsafe { libc::fork() } {
         -1 => Err(io::Error::last_os_error()),
         0 => unsafe {
-            let mut dfl: libc::sigaction = std::mem::zeroed();
-            dfl.sa_sigaction = libc::SIG_DFL;
-            libc::sigaction(libc::SIGCHLD, &dfl, std::ptr::null_mut());
-            libc::close(pipe[0]);
-            libc::close(pipe[1]);
+            leave_zygote(pipe);
             become_worker(stdin, stdout)
         },
         pid => Ok(pid as u32),
+    }
+}
+
+/// In a forked child: what was the zygote's alone, its SIGCHLD handler and the pipe
+/// that handler writes to, is dropped.
+///
+/// # Safety
+/// Only in a child the zygote forked, where `pipe` is the SIGCHLD pipe.
+unsafe fn leave_zygote(pipe: [RawFd; 2]) {
+    // SAFETY: a zeroed sigaction with SIG_DFL; closing this process's copies of the pipe.
+    unsafe {
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        libc::sigaction(libc::SIGCHLD, &dfl, std::ptr::null_mut());
+        libc::close(pipe[0]);
+        libc::close(pipe[1]);
     }
 }
 
