@@ -437,8 +437,12 @@ pub fn cpu_us(usage: &libc::rusage) -> u64 {
 fn hand_over(spare: Spare, fds: &[OwnedFd]) -> io::Result<u32> {
     let raw = [fds[0].as_raw_fd(), fds[1].as_raw_fd()];
     send(spare.sock.as_raw_fd(), &Msg::new(SPAWN, 0), &raw).inspect_err(|_| {
-        // SAFETY: the spare is our own child, not yet reaped (reaping clears it first).
-        unsafe { libc::kill(spare.pid as libc::pid_t, libc::SIGKILL) };
+        // SAFETY: the spare is our own child, not yet reaped (reaping clears it first);
+        // it is reaped here, so `kilnd serve` never hears of a pid it never asked for.
+        unsafe {
+            libc::kill(spare.pid as libc::pid_t, libc::SIGKILL);
+            libc::waitpid(spare.pid as libc::pid_t, std::ptr::null_mut(), 0);
+        }
     })?;
     Ok(spare.pid)
 }
