@@ -289,8 +289,61 @@ struct Ends {
     spawns: Spawns,
     /// Workers forked for a request that had given up: killed, and their end unwanted.
     orphans: std::collections::HashSet<u32>,
+    /// The zygote's spare, waiting on this socket for the next start's pipe ends.
+    spare: Option<(u32, OwnedFd)>,
     /// The socket reached its end: the zygote is gone, and its workers with it.
     gone: bool,
+}
+
+impl Ends {
+    /// What the zygote said, booked; returns the pid of a worker that is nobody's and
+    /// must be killed. Pure, for [`tests`].
+    fn heard(&mut self, msg: Msg, mut fds: Vec<OwnedFd>) -> Option<u32> {
+        match msg.kind {
+            zygote::EXITED => {
+                let ended = Ended {
+                    exit: Some(Exit::of(msg.a as i32)),
+                    peak_rss_kib: Some(msg.b),
+                    cpu_us: msg.c,
+                };
+                // A spare that ended before it was handed a start was nobody's worker.
+                if self.spare.as_ref().is_some_and(|(pid, _)| *pid == msg.pid) {
+                    self.spare = None;
+                } else if !self.orphans.remove(&msg.pid) {
+                    self.by_pid.insert(msg.pid, ended);
+                }
+                None
+            }
+            zygote::SPARE if fds.len() == 1 => {
+                // One spare at a time: one replaced (the zygote never does that) ends when
+                // its socket closes, and its end is nobody's.
+                if let Some((old, _)) = self.spare.replace((msg.pid, fds.remove(0))) {
+                    self.orphans.insert(old);
+                }
+                None
+            }
+            _ => {
+                let orphan = self.spawns.answer(msg);
+                if let Some(pid) = orphan {
+                    self.orphans.insert(pid);
+                }
+                orphan
+            }
+        }
+    }
+
+    /// The spare, for a start; `None` if there is none.
+    fn take_spare(&mut self) -> Option<(u32, OwnedFd)> {
+        self.spare.take()
+    }
+
+    /// A spare taken for a start was gone before it could be handed it: its end is
+    /// nobody's, whether the zygote reported it already or does so later.
+    fn spare_gone(&mut self, pid: u32) {
+        if self.by_pid.remove(&pid).is_none() {
+            self.orphans.insert(pid);
+        }
+    }
 }
 
 impl Zygote {
@@ -311,24 +364,11 @@ impl Zygote {
         let reader = zygote.clone();
         std::thread::spawn(move || {
             let sock = reader.sock.as_raw_fd();
-            while let Ok(Some((msg, _))) = zygote::recv(sock) {
-                if msg.kind == zygote::EXITED {
-                    let ended = Ended {
-                        exit: Some(Exit::of(msg.a as i32)),
-                        peak_rss_kib: Some(msg.b),
-                        cpu_us: msg.c,
-                    };
-                    let mut ends = reader.ends();
-                    if !ends.orphans.remove(&msg.pid) {
-                        ends.by_pid.insert(msg.pid, ended);
-                    }
-                } else {
-                    let orphan = reader.ends().spawns.answer(msg);
-                    if let Some(pid) = orphan {
-                        tracing::warn!(pid, "a worker forked after its spawn gave up; killing it");
-                        reader.ends().orphans.insert(pid);
-                        reader.kill(pid);
-                    }
+            while let Ok(Some((msg, fds))) = zygote::recv(sock) {
+                let orphan = reader.ends().heard(msg, fds);
+                if let Some(pid) = orphan {
+                    tracing::warn!(pid, "a worker forked after its spawn gave up; killing it");
+                    reader.kill(pid);
                 }
                 reader.changed.notify_all();
             }
@@ -358,6 +398,43 @@ impl Zygote {
         }
         // The worker reads requests from to_worker's read end and writes replies to
         // from_worker's write end.
+        let fds = [to_worker.0.as_raw_fd(), from_worker.1.as_raw_fd()];
+        let pid = match self.hand_to_spare(&fds) {
+            Some(pid) => pid,
+            None => self.fork(&fds)?,
+        };
+        let process = Process {
+            pid,
+            pipes: None,
+            origin: Origin::Forked(self.clone()),
+        };
+        if !early {
+            if let Err(e) = requests.write_all(first) {
+                process.kill();
+                return Err(e);
+            }
+        }
+        Ok(Process {
+            pipes: Some((requests, File::from(from_worker.0))),
+            ..process
+        })
+    }
+
+    /// Hands a start's pipe ends to the zygote's spare, if one waits, and returns its
+    /// pid; the zygote hears of it after, off the start.
+    fn hand_to_spare(&self, fds: &[RawFd; 2]) -> Option<u32> {
+        let (pid, sock) = self.ends().take_spare()?;
+        if zygote::send(sock.as_raw_fd(), &Msg::new(zygote::SPAWN, 0), fds).is_err() {
+            // Its end of the socket closed: the spare is gone.
+            self.ends().spare_gone(pid);
+            return None;
+        }
+        let _ = zygote::send(self.sock.as_raw_fd(), &Msg::new(zygote::USED, pid), &[]);
+        Some(pid)
+    }
+
+    /// Asks the zygote to fork a worker on the pipe ends `fds`; returns its pid.
+    fn fork(&self, fds: &[RawFd; 2]) -> std::io::Result<u32> {
         let id = self.ends().spawns.begin();
         let sent = zygote::send(
             self.sock.as_raw_fd(),
@@ -365,7 +442,7 @@ impl Zygote {
                 id,
                 ..Msg::new(zygote::SPAWN, 0)
             },
-            &[to_worker.0.as_raw_fd(), from_worker.1.as_raw_fd()],
+            fds,
         );
         if let Err(e) = sent {
             self.give_up(id);
@@ -373,23 +450,7 @@ impl Zygote {
         }
         let answer = self.answer(id, Instant::now() + SPAWN_ANSWER)?;
         match answer.kind {
-            zygote::SPAWNED => {
-                let process = Process {
-                    pid: answer.pid,
-                    pipes: None,
-                    origin: Origin::Forked(self.clone()),
-                };
-                if !early {
-                    if let Err(e) = requests.write_all(first) {
-                        process.kill();
-                        return Err(e);
-                    }
-                }
-                Ok(Process {
-                    pipes: Some((requests, File::from(from_worker.0))),
-                    ..process
-                })
-            }
+            zygote::SPAWNED => Ok(answer.pid),
             _ => Err(std::io::Error::from_raw_os_error(answer.a as i32)),
         }
     }
@@ -479,4 +540,86 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
         use std::os::fd::FromRawFd;
         (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::zygote::{EXITED, SPARE, SPAWNED};
+
+    fn fd() -> OwnedFd {
+        OwnedFd::from(tempfile::tempfile().unwrap())
+    }
+
+    fn exited(pid: u32) -> Msg {
+        Msg::new(EXITED, pid)
+    }
+
+    /// A spare that ends before it is handed a start is nobody's worker: its end is
+    /// not kept for anyone to wait on, and it is no longer offered.
+    #[test]
+    fn a_spare_that_ends_unused_is_forgotten() {
+        let mut ends = Ends::default();
+        assert_eq!(ends.heard(Msg::new(SPARE, 7), vec![fd()]), None);
+        assert_eq!(ends.heard(exited(7), vec![]), None);
+        assert!(ends.take_spare().is_none());
+        assert!(ends.by_pid.is_empty() && ends.orphans.is_empty());
+    }
+
+    /// Once handed a start, the spare is a worker: its end is kept for its supervisor.
+    #[test]
+    fn a_spare_handed_a_start_is_waited_for_like_any_worker() {
+        let mut ends = Ends::default();
+        ends.heard(Msg::new(SPARE, 7), vec![fd()]);
+        assert_eq!(ends.take_spare().map(|(pid, _)| pid), Some(7));
+        ends.heard(exited(7), vec![]);
+        assert!(ends.by_pid.contains_key(&7));
+    }
+
+    /// A spare found gone at the handover leaves nothing behind, whichever comes first:
+    /// the zygote's report of its end, or the failed handover.
+    #[test]
+    fn a_spare_gone_at_the_handover_leaves_no_end_behind() {
+        for reported_first in [false, true] {
+            let mut ends = Ends::default();
+            ends.heard(Msg::new(SPARE, 7), vec![fd()]);
+            let (pid, _) = ends.take_spare().unwrap();
+            if reported_first {
+                ends.heard(exited(pid), vec![]);
+                ends.spare_gone(pid);
+            } else {
+                ends.spare_gone(pid);
+                ends.heard(exited(pid), vec![]);
+            }
+            assert!(ends.by_pid.is_empty(), "reported first: {reported_first}");
+            assert!(ends.orphans.is_empty(), "reported first: {reported_first}");
+        }
+    }
+
+    /// A second spare replaces the first, whose end is then nobody's.
+    #[test]
+    fn a_replaced_spare_is_an_orphan() {
+        let mut ends = Ends::default();
+        ends.heard(Msg::new(SPARE, 7), vec![fd()]);
+        ends.heard(Msg::new(SPARE, 8), vec![fd()]);
+        ends.heard(exited(7), vec![]);
+        assert!(ends.by_pid.is_empty() && ends.orphans.is_empty());
+        assert_eq!(ends.take_spare().map(|(pid, _)| pid), Some(8));
+    }
+
+    /// A SPARE without its socket is not a spare; an answer nobody waits for names a
+    /// worker to kill.
+    #[test]
+    fn malformed_and_unwanted_messages_offer_nothing() {
+        let mut ends = Ends::default();
+        ends.heard(Msg::new(SPARE, 7), vec![]);
+        assert!(ends.take_spare().is_none());
+        let stray = Msg {
+            id: 99,
+            ..Msg::new(SPAWNED, 12)
+        };
+        assert_eq!(ends.heard(stray, vec![]), Some(12));
+        ends.heard(exited(12), vec![]);
+        assert!(ends.by_pid.is_empty() && ends.orphans.is_empty());
+    }
 }

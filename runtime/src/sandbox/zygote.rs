@@ -11,11 +11,14 @@
 //! had nothing to do for a moment ([`crate::sandbox::load::warm`]).
 //!
 //! Once idle, it also forks one worker ahead of need, a *spare*: a child that waits on
-//! a socket of its own for the two pipe ends of the next spawn request, and then
-//! starts as a worker forked at that moment would. The fork (a copy of the zygote's
-//! page tables and the child's first copied pages) is then off the next start, which
-//! matters most for a restart after a crash. The spare shares all its pages with the
-//! zygote until it is handed a request; one spare is kept at a time.
+//! a socket of its own for the two pipe ends of the next start, and then starts as a
+//! worker forked at that moment would. The zygote hands the other end of that socket
+//! to `kilnd serve` (`SPARE`), which gives the next start's pipe ends to the spare
+//! directly and then tells the zygote (`USED`): one process woken on the way to a
+//! start instead of two, and no fork (a copy of the zygote's page tables and the
+//! child's first copied pages) on it either. That matters most for a restart after a
+//! crash. The spare shares all its pages with the zygote until it is handed a
+//! request; one spare is kept at a time, and it is the zygote's child like any worker.
 //!
 //! Isolation is unchanged: each worker is its own process, and it verifies and loads
 //! its artifact itself, right before deserializing it, exactly as an exec'd worker
@@ -61,6 +64,11 @@ pub const SPAWNED: u32 = 3;
 pub const FAILED: u32 = 4;
 /// zygote -> serve: worker `pid` ended: wait status `a`, peak RSS `b` KiB, CPU `c` µs.
 pub const EXITED: u32 = 5;
+/// zygote -> serve: spare `pid` waits for a start's two pipe ends (a `SPAWN` message)
+/// on the socket attached.
+pub const SPARE: u32 = 6;
+/// serve -> zygote: spare `pid` was handed a start and is a worker now.
+pub const USED: u32 = 7;
 
 const MSG_LEN: usize = 40;
 
@@ -267,13 +275,6 @@ enum Warm {
     Done,
 }
 
-/// A worker forked ahead of its request, waiting on `sock` for the request's two pipe
-/// ends ([`fork_spare`]).
-struct Spare {
-    pid: u32,
-    sock: OwnedFd,
-}
-
 /// Serves `kilnd serve` on the socket at fd 0 until it hangs up; returns the exit code.
 pub fn serve() -> i32 {
     crate::sandbox::worker::die_with_parent();
@@ -304,8 +305,9 @@ pub fn serve() -> i32 {
     // workers while the zygote is still starting), and every worker after inherits it.
     let mut warm = Warm::AfterFirstFork;
     // A spare is forked once the zygote has been idle for IDLE_MS after a start (the
-    // warm-up first, so the spare inherits it).
-    let mut spare: Option<Spare> = None;
+    // warm-up first, so the spare inherits it) and handed to `kilnd serve`; this is its
+    // pid until serve says it used it, or it ends.
+    let mut spare: Option<u32> = None;
     let mut spare_due = false;
     loop {
         let mut polled = [
@@ -330,7 +332,13 @@ pub fn serve() -> i32 {
             } else {
                 spare_due = false;
                 match fork_spare(pipe) {
-                    Ok(forked) => spare = Some(forked),
+                    Ok((pid, serves_end)) => {
+                        children.insert(pid);
+                        spare = Some(pid);
+                        if send(sock, &Msg::new(SPARE, pid), &[serves_end.as_raw_fd()]).is_err() {
+                            return 0;
+                        }
+                    }
                     Err(e) => tracing::warn!(error = %e, "zygote: cannot fork a spare worker"),
                 }
             }
@@ -359,11 +367,8 @@ pub fn serve() -> i32 {
         };
         match msg.kind {
             SPAWN if fds.len() == 2 => {
-                let started = match spare.take() {
-                    Some(spare) => hand_over(spare, &fds).or_else(|_| fork_worker(pipe, &fds)),
-                    None => fork_worker(pipe, &fds),
-                };
-                spare_due = true;
+                let started = fork_worker(pipe, &fds);
+                spare_due = spare.is_none();
                 let reply = match started {
                     Ok(pid) => {
                         children.insert(pid);
@@ -391,6 +396,11 @@ pub fn serve() -> i32 {
                 unsafe { libc::kill(msg.pid as libc::pid_t, libc::SIGKILL) };
             }
             KILL => {}
+            USED if spare == Some(msg.pid) => {
+                spare = None;
+                spare_due = true;
+            }
+            USED => {}
             other => {
                 tracing::error!(kind = other, fds = fds.len(), "zygote: unexpected message");
                 return 2;
@@ -399,9 +409,9 @@ pub fn serve() -> i32 {
     }
 }
 
-/// Reaps every worker that has ended and reports each; a spare that ended before it
-/// was handed a request is nobody's worker, so it is only forgotten.
-fn reap(sock: RawFd, children: &mut BTreeSet<u32>, spare: &mut Option<Spare>) -> io::Result<()> {
+/// Reaps every worker that has ended and reports each, the spare too: `kilnd serve`
+/// drops it then, or it was a worker already.
+fn reap(sock: RawFd, children: &mut BTreeSet<u32>, spare: &mut Option<u32>) -> io::Result<()> {
     loop {
         let mut status = 0;
         // SAFETY: an all-zero rusage is a valid value for wait4 to fill in.
@@ -411,9 +421,8 @@ fn reap(sock: RawFd, children: &mut BTreeSet<u32>, spare: &mut Option<Spare>) ->
         if pid <= 0 {
             return Ok(());
         }
-        if spare.as_ref().is_some_and(|s| s.pid == pid as u32) {
+        if *spare == Some(pid as u32) {
             *spare = None;
-            continue;
         }
         children.remove(&(pid as u32));
         let msg = Msg {
@@ -430,21 +439,6 @@ fn reap(sock: RawFd, children: &mut BTreeSet<u32>, spare: &mut Option<Spare>) ->
 pub fn cpu_us(usage: &libc::rusage) -> u64 {
     let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
     us(usage.ru_utime) + us(usage.ru_stime)
-}
-
-/// Hands a spawn request's pipe ends to the spare; returns the spare's pid, now the
-/// request's worker. An error (the spare died) leaves the request to a fresh fork.
-fn hand_over(spare: Spare, fds: &[OwnedFd]) -> io::Result<u32> {
-    let raw = [fds[0].as_raw_fd(), fds[1].as_raw_fd()];
-    send(spare.sock.as_raw_fd(), &Msg::new(SPAWN, 0), &raw).inspect_err(|_| {
-        // SAFETY: the spare is our own child, not yet reaped (reaping clears it first);
-        // it is reaped here, so `kilnd serve` never hears of a pid it never asked for.
-        unsafe {
-            libc::kill(spare.pid as libc::pid_t, libc::SIGKILL);
-            libc::waitpid(spare.pid as libc::pid_t, std::ptr::null_mut(), 0);
-        }
-    })?;
-    Ok(spare.pid)
 }
 
 /// A connected pair of `SOCK_SEQPACKET` sockets (close-on-exec), as the zygote talks:
@@ -467,11 +461,12 @@ pub fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) })
 }
 
-/// Forks a spare: a child that waits for the pipe ends of the next spawn request on a
-/// socket of its own, then becomes that request's worker. It holds nothing of the
-/// zygote's but its pages: the socket to `kilnd serve` and the SIGCHLD pipe are closed
-/// in it, and it dies with the zygote, or when the zygote closes its socket.
-fn fork_spare(pipe: [RawFd; 2]) -> io::Result<Spare> {
+/// Forks a spare: a child that waits for the pipe ends of the next start on a socket
+/// of its own, then becomes that start's worker; returns its pid and the socket's
+/// other end, for `kilnd serve`. It holds nothing of the zygote's but its pages: the
+/// socket to `kilnd serve` and the SIGCHLD pipe are closed in it, and it dies with the
+/// zygote, or when `kilnd serve` closes the other end.
+fn fork_spare(pipe: [RawFd; 2]) -> io::Result<(u32, OwnedFd)> {
     let (ours, theirs) = socket_pair()?;
     // SAFETY: as in `fork_worker`: the zygote is single-threaded, and the child only
     // rearranges descriptors before it waits and then becomes an ordinary worker.
@@ -484,16 +479,13 @@ fn fork_spare(pipe: [RawFd; 2]) -> io::Result<Spare> {
             drop(ours);
             let fds = match recv(theirs.as_raw_fd()) {
                 Ok(Some((msg, fds))) if msg.kind == SPAWN && fds.len() == 2 => fds,
-                // The zygote closed the socket, or is gone: nothing to start.
+                // `kilnd serve` closed the socket, or is gone: nothing to start.
                 _ => libc::_exit(0),
             };
             drop(theirs);
             become_worker(fds[0].as_raw_fd(), fds[1].as_raw_fd())
         },
-        pid => Ok(Spare {
-            pid: pid as u32,
-            sock: ours,
-        }),
+        pid => Ok((pid as u32, ours)),
     }
 }
 
