@@ -588,6 +588,7 @@ fn main() -> std::io::Result<()> {
             env: vec![("RUST_LOG".into(), "info".into())],
             dirs: vec![("/var/lib/kilnd/data/sensor".into(), "/data".into())],
             expect: None,
+            first_tick: true,
             grants: kiln_protocol::capability::Grants {
                 serial: vec![kiln_protocol::capability::SerialPort {
                     name: "gps".into(),

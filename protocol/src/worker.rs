@@ -63,6 +63,10 @@ pub struct StartSpec {
     /// The hardware granted to the module (serial ports, GPIO lines, I2C devices):
     /// opened before the worker confines itself (`crate::capability`).
     pub grants: crate::capability::Grants,
+    /// A reactor with `kiln_tick` ticks once right after its `Ready`, without a `Tick`
+    /// request, and the tick's `Done` follows: a start that ends with the first tick
+    /// (as `kilnd serve`'s do) is then one round trip between the processes shorter.
+    pub first_tick: bool,
 }
 
 /// The artifact a worker must find at `StartSpec::artifact`.

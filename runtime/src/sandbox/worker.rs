@@ -149,9 +149,10 @@ pub fn serve() -> i32 {
     let emit: Emit = Arc::new(move |reply| sender.send(reply));
     #[cfg(feature = "test-hooks")]
     crate::sandbox::escape::attempt_if_asked(parent, &confined, &emit);
+    let first_tick = spec.first_tick;
     let code = serve_with(
         input,
-        *spec,
+        (*spec, first_tick),
         (artifact, devices),
         (confined, confine_us),
         &emit,
@@ -164,13 +165,13 @@ pub fn serve() -> i32 {
 
 fn serve_with(
     mut input: BufReader<io::StdinLock<'static>>,
-    spec: StartSpec,
+    (spec, first_tick): (StartSpec, bool),
     artifact: (io::Result<Vec<u8>>, Result<Devices, String>),
     confined: (Report, u64),
     emit: &Emit,
     ready: impl FnOnce(),
 ) -> i32 {
-    let (mut guest, log_confined) = match start(spec, artifact, confined, emit) {
+    let (mut guest, ticks, log_confined) = match start(spec, artifact, confined, emit) {
         Ok(started) => started,
         Err(stop) => {
             emit(Reply::Fatal(stop));
@@ -182,8 +183,13 @@ fn serve_with(
         ready();
         log_confined();
     });
+    // The first tick, when the supervisor asked for it with the Start frame.
+    let mut queued = (first_tick && ticks).then_some(Request::Tick);
     loop {
-        let request = match read_frame::<ToWorker>(&mut input) {
+        let request = match queued
+            .take()
+            .map_or_else(|| read_frame(&mut input), |r| Ok(Some(ToWorker::V1(r))))
+        {
             Ok(Some(ToWorker::V1(request))) => request,
             Ok(None) => {
                 guest.finish(Some(0));
@@ -238,7 +244,7 @@ fn start(
     (artifact, devices): (io::Result<Vec<u8>>, Result<Devices, String>),
     (confined, confine_us): (Report, u64),
     emit: &Emit,
-) -> Result<(Guest, impl FnOnce()), Stop> {
+) -> Result<(Guest, bool, impl FnOnce()), Stop> {
     let load_failed = |code: u8, message: String| Stop::LoadFailed { code, message };
     let devices = devices.map_err(|why| load_failed(Code::LoadFailed as u8, why))?;
     let file = spec.artifact.as_str();
@@ -310,11 +316,12 @@ fn start(
             return Err(Stop::SelfTestFailed(done.status));
         }
     }
+    let ticks = !command && guest.exports(abi::TICK);
     emit(Reply::Ready(Ready {
         name: manifest.name.clone(),
         version: manifest.version,
         command,
-        ticks: !command && guest.exports(abi::TICK),
+        ticks,
         verify_us,
         deserialize_us,
         instantiate_us,
@@ -334,7 +341,7 @@ fn start(
             "worker confined"
         )
     };
-    Ok((guest, log_confined))
+    Ok((guest, ticks, log_confined))
 }
 
 /// A worker must never outlive its supervisor, even when it is stuck in guest code.

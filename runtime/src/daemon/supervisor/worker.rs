@@ -54,6 +54,7 @@ pub(super) fn run_worker(
             .collect(),
         expect: plan.expect.clone(),
         grants: plan.grants.clone(),
+        first_tick: true,
     };
     // The Start frame goes with the spawn: a forked worker finds it waiting in its
     // pipe and starts loading while the zygote is still answering.
@@ -89,8 +90,9 @@ pub(super) fn run_worker(
             counters.called(&done);
             return Err(Stop::Exited(done.status));
         }
+        // The worker ticks once right after Ready by itself (`first_tick` above).
         let first_tick = if ready.ticks {
-            let done = worker.call(Request::Tick, "kiln_tick", Some(plan.timeout), reporter)?;
+            let done = worker.await_done("kiln_tick", Some(plan.timeout), reporter)?;
             counters.called(&done);
             Some(done)
         } else {
@@ -324,6 +326,16 @@ impl<'a> Worker<'a> {
         reporter: &Reporter,
     ) -> Result<Done, Stop> {
         self.send(request)?;
+        self.await_done(call, limit, reporter)
+    }
+
+    /// The `Done` of a call the worker is making, within `limit` from now.
+    fn await_done(
+        &mut self,
+        call: &str,
+        limit: Option<Duration>,
+        reporter: &Reporter,
+    ) -> Result<Done, Stop> {
         let deadline = limit.map(|l| Instant::now() + l);
         match self.next(deadline, call, limit, reporter)? {
             Reply::Done(done) => Ok(done),
