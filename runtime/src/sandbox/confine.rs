@@ -429,6 +429,7 @@ const RET_ERRNO: u32 = 0x0005_0000;
 const RET_KILL_PROCESS: u32 = 0x8000_0000;
 const OFF_NR: u32 = 0;
 const OFF_ARCH: u32 = 4;
+const OFF_IP: u32 = 8;
 /// The low 32 bits of argument `i` (all three targets are little-endian).
 const fn arg_lo(i: u32) -> u32 {
     16 + 8 * i
@@ -667,6 +668,11 @@ fn search(nrs: &[u32]) -> Vec<libc::sock_filter> {
 pub fn filter(pid: u32) -> Vec<libc::sock_filter> {
     let deny = RET_ERRNO | libc::EPERM as u32;
     let mut p = vec![
+        // A load the kernel's syscall cache cannot fold, first, so that installing the
+        // filter does not run it for every syscall number of both ABIs (to find those it
+        // always allows, which would then skip it): that run was about 25 µs of every
+        // worker's start on x86_64, and skipping it costs each later syscall about 20 ns.
+        stmt(BPF_LD_W_ABS, OFF_IP),
         stmt(BPF_LD_W_ABS, OFF_ARCH),
         // Another architecture's syscalls (x86_64's x32 and i386 entry points are
         // other numbers, or another arch value): kill.
@@ -896,6 +902,16 @@ mod tests {
                 "syscall {nr}"
             );
         }
+    }
+
+    /// The kernel's cache of always-allowed syscalls emulates a new filter for every
+    /// syscall number and gives up at the first load of anything but the number or the
+    /// architecture: the filter starts with one, so installing it skips that work.
+    #[test]
+    fn the_filter_starts_with_a_load_the_syscall_cache_cannot_fold() {
+        let p = filter(4242);
+        assert_eq!((p[0].code, p[0].k), (BPF_LD_W_ABS, OFF_IP));
+        assert_eq!((p[1].code, p[1].k), (BPF_LD_W_ABS, OFF_ARCH));
     }
 
     #[test]
