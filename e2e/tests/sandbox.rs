@@ -486,16 +486,19 @@ fn a_worker_killed_from_outside_is_reported_and_restarted_while_the_supervisor_l
     }
 }
 
+/// The sensor's first worker and the zygote that forked it.
+fn first_worker_and_zygote(records: &[Value]) -> (u32, u32) {
+    let worker = of(records, "sensor", "started")[0]["pid"].as_u64().unwrap() as u32;
+    (worker, parent_of(worker).unwrap())
+}
+
 /// Workers are forked by `kilnd zygote`, a child of `kilnd serve` that reads no
 /// config; a zygote that dies takes its workers with it, and kilnd starts a new one
 /// and restarts them through it.
 #[test]
 fn workers_are_forked_by_a_zygote_and_a_lost_zygote_is_replaced() {
     let (mut serve, records) = restarting_sensor();
-    let worker = of(&records, "sensor", "started")[0]["pid"]
-        .as_u64()
-        .unwrap() as u32;
-    let zygote = parent_of(worker).unwrap();
+    let (_, zygote) = first_worker_and_zygote(&records);
     assert_eq!(
         parent_of(zygote),
         Some(serve.child.id()),
@@ -538,10 +541,7 @@ fn workers_are_forked_by_a_zygote_and_a_lost_zygote_is_replaced() {
 #[test]
 fn an_idle_zygote_keeps_a_spare_that_the_next_start_becomes() {
     let (mut serve, records) = restarting_sensor();
-    let worker = of(&records, "sensor", "started")[0]["pid"]
-        .as_u64()
-        .unwrap() as u32;
-    let zygote = parent_of(worker).unwrap();
+    let (worker, zygote) = first_worker_and_zygote(&records);
     let other_child = |than: u32| {
         wait_for(Duration::from_secs(10), || {
             children_of(zygote).into_iter().find(|p| *p != than)

@@ -332,11 +332,6 @@ impl Ends {
         }
     }
 
-    /// The spare, for a start; `None` if there is none.
-    fn take_spare(&mut self) -> Option<(u32, OwnedFd)> {
-        self.spare.take()
-    }
-
     /// A spare taken for a start was gone before it could be handed it: its end is
     /// nobody's, whether the zygote reported it already or does so later.
     fn spare_gone(&mut self, pid: u32) {
@@ -423,7 +418,7 @@ impl Zygote {
     /// Hands a start's pipe ends to the zygote's spare, if one waits, and returns its
     /// pid; the zygote hears of it after, off the start.
     fn hand_to_spare(&self, fds: &[RawFd; 2]) -> Option<u32> {
-        let (pid, sock) = self.ends().take_spare()?;
+        let (pid, sock) = self.ends().spare.take()?;
         if zygote::send(sock.as_raw_fd(), &Msg::new(zygote::SPAWN, 0), fds).is_err() {
             // Its end of the socket closed: the spare is gone.
             self.ends().spare_gone(pid);
@@ -562,7 +557,7 @@ mod tests {
         let mut ends = Ends::default();
         assert_eq!(ends.heard(Msg::new(SPARE, 7), vec![fd()]), None);
         assert_eq!(ends.heard(exited(7), vec![]), None);
-        assert!(ends.take_spare().is_none());
+        assert!(ends.spare.take().is_none());
         assert!(ends.by_pid.is_empty() && ends.orphans.is_empty());
     }
 
@@ -571,7 +566,7 @@ mod tests {
     fn a_spare_handed_a_start_is_waited_for_like_any_worker() {
         let mut ends = Ends::default();
         ends.heard(Msg::new(SPARE, 7), vec![fd()]);
-        assert_eq!(ends.take_spare().map(|(pid, _)| pid), Some(7));
+        assert_eq!(ends.spare.take().map(|(pid, _)| pid), Some(7));
         ends.heard(exited(7), vec![]);
         assert!(ends.by_pid.contains_key(&7));
     }
@@ -583,7 +578,7 @@ mod tests {
         for reported_first in [false, true] {
             let mut ends = Ends::default();
             ends.heard(Msg::new(SPARE, 7), vec![fd()]);
-            let (pid, _) = ends.take_spare().unwrap();
+            let (pid, _) = ends.spare.take().unwrap();
             if reported_first {
                 ends.heard(exited(pid), vec![]);
                 ends.spare_gone(pid);
@@ -604,7 +599,7 @@ mod tests {
         ends.heard(Msg::new(SPARE, 8), vec![fd()]);
         ends.heard(exited(7), vec![]);
         assert!(ends.by_pid.is_empty() && ends.orphans.is_empty());
-        assert_eq!(ends.take_spare().map(|(pid, _)| pid), Some(8));
+        assert_eq!(ends.spare.take().map(|(pid, _)| pid), Some(8));
     }
 
     /// A SPARE without its socket is not a spare; an answer nobody waits for names a
@@ -613,7 +608,7 @@ mod tests {
     fn malformed_and_unwanted_messages_offer_nothing() {
         let mut ends = Ends::default();
         ends.heard(Msg::new(SPARE, 7), vec![]);
-        assert!(ends.take_spare().is_none());
+        assert!(ends.spare.take().is_none());
         let stray = Msg {
             id: 99,
             ..Msg::new(SPAWNED, 12)

@@ -149,10 +149,9 @@ pub fn serve() -> i32 {
     let emit: Emit = Arc::new(move |reply| sender.send(reply));
     #[cfg(feature = "test-hooks")]
     crate::sandbox::escape::attempt_if_asked(parent, &confined, &emit);
-    let first_tick = spec.first_tick;
     let code = serve_with(
         input,
-        (*spec, first_tick),
+        *spec,
         (artifact, devices),
         (confined, confine_us),
         &emit,
@@ -165,12 +164,13 @@ pub fn serve() -> i32 {
 
 fn serve_with(
     mut input: BufReader<io::StdinLock<'static>>,
-    (spec, first_tick): (StartSpec, bool),
+    spec: StartSpec,
     artifact: (io::Result<Vec<u8>>, Result<Devices, String>),
     confined: (Report, u64),
     emit: &Emit,
     ready: impl FnOnce(),
 ) -> i32 {
+    let first_tick = spec.first_tick;
     let (mut guest, ticks, log_confined) = match start(spec, artifact, confined, emit) {
         Ok(started) => started,
         Err(stop) => {
