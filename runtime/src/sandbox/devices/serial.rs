@@ -53,6 +53,16 @@ fn speed(baud: u32) -> io::Result<libc::speed_t> {
     })
 }
 
+/// Both directions at one speed, as glibc's `cfsetispeed`/`cfsetospeed` set them on
+/// Linux (a test compares): the speed's code in `CBAUD` of `c_cflag` and in
+/// `c_ispeed`/`c_ospeed`. Set here because the libc crate binds those two functions to
+/// versioned glibc symbols, which the static kilnd cannot link.
+fn set_speed(t: &mut libc::termios, speed: libc::speed_t) {
+    t.c_cflag = (t.c_cflag & !libc::CBAUD) | speed;
+    t.c_ispeed = speed;
+    t.c_ospeed = speed;
+}
+
 fn configure(file: &File, baud: u32, framing: Framing) -> io::Result<()> {
     let fd = file.as_raw_fd();
     // SAFETY: termios is plain data filled by tcgetattr before it is read; fd is open.
@@ -63,8 +73,7 @@ fn configure(file: &File, baud: u32, framing: Framing) -> io::Result<()> {
         }
         libc::cfmakeraw(&mut t);
         let s = speed(baud)?;
-        libc::cfsetispeed(&mut t, s);
-        libc::cfsetospeed(&mut t, s);
+        set_speed(&mut t, s);
         t.c_cflag &= !(libc::CSIZE | libc::PARENB | libc::PARODD | libc::CSTOPB | libc::CRTSCTS);
         t.c_cflag |= libc::CREAD | libc::CLOCAL;
         t.c_cflag |= if framing.data_bits == 7 {
@@ -146,6 +155,33 @@ mod tests {
                 .to_string_lossy()
                 .into_owned();
             (std::os::fd::FromRawFd::from_raw_fd(master), path)
+        }
+    }
+
+    #[test]
+    fn set_speed_sets_what_glibcs_cfsetispeed_and_cfsetospeed_set() {
+        for baud in [1200, 9600, 38400, 57600, 115200, 230400, 921600] {
+            let code = speed(baud).expect("a supported baud");
+            // SAFETY: termios is plain data; both start from the same raw-mode bytes.
+            let (ours, glibcs) = unsafe {
+                let mut t: libc::termios = std::mem::zeroed();
+                libc::cfmakeraw(&mut t);
+                t.c_cflag |= libc::B2400;
+                let mut glibcs = t;
+                libc::cfsetispeed(&mut glibcs, code);
+                libc::cfsetospeed(&mut glibcs, code);
+                set_speed(&mut t, code);
+                (t, glibcs)
+            };
+            assert_eq!(ours.c_cflag, glibcs.c_cflag, "c_cflag at {baud}");
+            assert_eq!(ours.c_iflag, glibcs.c_iflag, "c_iflag at {baud}");
+            assert_eq!(ours.c_ispeed, glibcs.c_ispeed, "c_ispeed at {baud}");
+            assert_eq!(ours.c_ospeed, glibcs.c_ospeed, "c_ospeed at {baud}");
+            // SAFETY: reads two fields of a filled termios.
+            unsafe {
+                assert_eq!(libc::cfgetispeed(&ours), code);
+                assert_eq!(libc::cfgetospeed(&ours), code);
+            }
         }
     }
 
