@@ -19,8 +19,7 @@ case "$triple" in
   x86_64-*) nm="nm" ;;
   *) echo "bloat: unknown triple \`$triple\`" >&2; exit 2 ;;
 esac
-CARGO_PROFILE_RELEASE_STRIP=false cargo build --locked --quiet -p kiln-runtime --release \
-  --target "$triple" "$@"
+CARGO_PROFILE_RELEASE_STRIP=false scripts/kilnd-build.sh "$triple" "$@"
 bin="$CARGO_TARGET_DIR/$triple/release/kilnd"
 stripped=$(mktemp)
 trap 'rm -f "$stripped"' EXIT

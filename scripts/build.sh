@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what is missing (scripts/setup.sh), then builds everything the demo and the
 # tests use, each profile once, into one target dir:
-#   - kilnd for every device triple, each in its own cargo invocation (-p kiln-runtime
-#     alone, so feature unification can never link the host's compiler into it): the
+#   - kilnd for every device triple, each by scripts/kilnd-build.sh (-p kiln-runtime
+#     alone, so feature unification can never link the host's compiler into it;
+#     static-pie where glibc allows): the
 #     shipped build as `kilnd`, and the tests' build with the test-only features
 #     (conformance replayer, crash points) as `kilnd-test`. Both share every
 #     dependency; only kiln-runtime itself is compiled twice. For aarch64 also the
@@ -40,7 +41,7 @@ if [ "$demo" = 1 ]; then
   for triple in aarch64-unknown-linux-gnu riscv64gc-unknown-linux-gnu; do
     step=$((step + 1))
     echo "build: [$step/3] kilnd for $triple (cold: about 7 minutes; warm: seconds)"
-    cargo build --locked --quiet -p kiln-runtime --release --target "$triple"
+    scripts/kilnd-build.sh "$triple"
   done
   echo "build: [3/3] example modules for wasm32-wasip1 (cold: about a minute)"
   for example in hello sensor-filter; do
@@ -55,17 +56,15 @@ for triple in x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu riscv64gc-unkno
   # The lean kilnd (no WASI), built and tested on one emulated target: each lean build
   # is one more wasmer build (see e2e's LEAN_DEVICES).
   if [ "$triple" = aarch64-unknown-linux-gnu ]; then
-    cargo build --locked --quiet -p kiln-runtime --release --target "$triple" \
-      --no-default-features --features tls
+    scripts/kilnd-build.sh "$triple" --no-default-features --features tls
     keep kilnd-lean
   fi
   # The simulated fleet (kilnd-sim) runs on the build machine only.
   sim=(--bin kilnd)
   [ "$triple" = x86_64-unknown-linux-gnu ] && sim=()
-  cargo build --locked --quiet -p kiln-runtime --release --target "$triple" \
-    --features conformance,test-hooks "${sim[@]}"
+  scripts/kilnd-build.sh "$triple" --features conformance,test-hooks "${sim[@]}"
   keep kilnd-test
-  cargo build --locked --quiet -p kiln-runtime --release --target "$triple"
+  scripts/kilnd-build.sh "$triple"
 done
 echo "build: kiln (host)"
 cargo build --locked --quiet -p kiln-compiler

@@ -22,7 +22,7 @@ if [ "$build" = 1 ]; then
   rustup target add "${triples[@]}"
   for triple in "${triples[@]}"; do
     echo "musl: kilnd for $triple"
-    cargo build --locked --quiet -p kiln-runtime --release --target "$triple"
+    scripts/kilnd-build.sh "$triple"
   done
 fi
 

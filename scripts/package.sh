@@ -131,14 +131,19 @@ for arch in "${arches[@]}"; do
     gzip -9 -n >"$root/usr/share/doc/kilnd/changelog.gz"
   chmod 0644 "$root"/usr/share/man/man1/*.gz "$root/usr/share/doc/kilnd/changelog.gz"
 
-  # Depends: the newest glibc and libgcc_s symbol versions the binary uses, read
-  # from its dynamic symbol table (GLIBC_2.34 -> libc6 (>= 2.34)).
-  symbols=$(objdump -T "$bin")
-  glibc=$(grep -o 'GLIBC_[0-9][0-9.]*' <<<"$symbols" | sed 's/GLIBC_//' | sort -Vu | tail -n1)
-  gcc=$(grep -o 'GCC_[0-9][0-9.]*' <<<"$symbols" | sed 's/GCC_//' | sort -Vu | tail -n1 |
-    cut -d. -f1-2)
-  [ -n "$glibc" ] || die 5 "$bin has no GLIBC symbol versions: not a glibc build?"
-  depends="libc6 (>= $glibc)${gcc:+, libgcc-s1 (>= $gcc)}"
+  # Depends: for a dynamically linked kilnd (riscv64), the newest glibc and libgcc_s
+  # symbol versions it uses, read from its dynamic symbol table (GLIBC_2.34 -> libc6
+  # (>= 2.34)). A static kilnd (x86_64, aarch64: scripts/kilnd-build.sh) has no
+  # program interpreter and needs no library, so its package depends on none.
+  depends=""
+  if readelf -lW "$bin" | grep -q 'Requesting program interpreter'; then
+    symbols=$(objdump -T "$bin")
+    glibc=$(grep -o 'GLIBC_[0-9][0-9.]*' <<<"$symbols" | sed 's/GLIBC_//' | sort -Vu | tail -n1)
+    gcc=$(grep -o 'GCC_[0-9][0-9.]*' <<<"$symbols" | sed 's/GCC_//' | sort -Vu | tail -n1 |
+      cut -d. -f1-2)
+    [ -n "$glibc" ] || die 5 "$bin has no GLIBC symbol versions: not a glibc build?"
+    depends="libc6 (>= $glibc)${gcc:+, libgcc-s1 (>= $gcc)}"
+  fi
 
   install -d -m 0755 "$root/DEBIAN"
   # Installed-Size as dpkg-gencontrol counts it: KiB per file, rounded up, plus one
@@ -146,8 +151,10 @@ for arch in "${arches[@]}"; do
   installed=$(cd "$root" && find . -path ./DEBIAN -prune -o \( -type f -printf '%s\n' \) \
     -o \( -type d -printf '1024\n' \) |
     awk '{ kib += int(($1 + 1023) / 1024) } END { print kib }')
-  sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@DEPENDS@/$depends/" \
-    -e "s/@INSTALLED_SIZE@/$installed/" dist/debian/control.in >"$root/DEBIAN/control"
+  if [ -n "$depends" ]; then drop_depends=(); else drop_depends=(-e '/^Depends: @DEPENDS@$/d'); fi
+  sed "${drop_depends[@]}" -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" \
+    -e "s/@DEPENDS@/$depends/" -e "s/@INSTALLED_SIZE@/$installed/" dist/debian/control.in \
+    >"$root/DEBIAN/control"
   install -m 0644 dist/debian/conffiles "$root/DEBIAN/conffiles"
   for script in postinst prerm postrm; do
     install -m 0755 "dist/debian/$script" "$root/DEBIAN/$script"
@@ -160,5 +167,5 @@ for arch in "${arches[@]}"; do
   dpkg-deb --build --root-owner-group -Zxz "$root" "$deb.tmp" >/dev/null
   mv "$deb.tmp" "$deb"
   printf 'package: %-40s %9s bytes, installed %s KiB, Depends: %s\n' \
-    "$deb" "$(stat -c %s "$deb")" "$installed" "$depends"
+    "$deb" "$(stat -c %s "$deb")" "$installed" "${depends:-(none: static)}"
 done

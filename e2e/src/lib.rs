@@ -7,6 +7,7 @@
 pub mod bench_page;
 pub mod board;
 pub mod browser;
+pub mod elf;
 pub mod mosquitto;
 pub mod nats;
 pub mod nginx;

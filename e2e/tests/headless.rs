@@ -54,6 +54,41 @@ fn kilnd_binaries_contain_no_compiler_code() {
     }
 }
 
+/// scripts/kilnd-build.sh links kilnd as a static-pie where glibc allows (x86_64,
+/// aarch64): no dynamic loader at its starts, and still at a random address. riscv64
+/// stays dynamically linked (Debian's riscv64 glibc has no static-pie start file).
+/// The tests' kilnd is linked like the shipped one, so they run what ships.
+#[test]
+fn kilnd_is_a_static_pie_where_glibc_allows_and_always_position_independent() {
+    use kiln_e2e::elf::{has_interpreter, is_position_independent};
+    for device in DEVICES {
+        let target = profile(device);
+        let static_pie = device != "riscv64-linux";
+        let lean = kiln_e2e::LEAN_DEVICES
+            .contains(&device)
+            .then(|| kiln_e2e::lean_kilnd_path(&target));
+        let builds = [kiln_e2e::shipped_kilnd_path(&target), kilnd_path(&target)];
+        for path in builds.iter().chain(&lean) {
+            assert!(
+                is_position_independent(path),
+                "{} is not position-independent",
+                path.display()
+            );
+            assert_eq!(
+                has_interpreter(path),
+                !static_pie,
+                "{}: {}",
+                path.display(),
+                if static_pie {
+                    "a dynamic loader, where kilnd should be static"
+                } else {
+                    "no dynamic loader on riscv64"
+                }
+            );
+        }
+    }
+}
+
 /// The shipped build enables no test feature, has no conformance replayer, and a
 /// `KILN_FAULT` in its environment changes nothing.
 #[test]

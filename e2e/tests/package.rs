@@ -204,7 +204,7 @@ fn every_package_carries_the_shipped_kilnd_of_its_triple_byte_for_byte() {
 }
 
 #[test]
-fn control_names_the_architecture_version_conffile_and_the_glibc_the_binary_needs() {
+fn control_names_the_architecture_version_conffile_and_the_glibc_a_dynamic_binary_needs() {
     let host_libc = Run::new(cmd("dpkg-query", &["-W", "-f=${Version}", "libc6"]))
         .ok("dpkg-query must know the host's libc6")
         .stdout;
@@ -235,32 +235,36 @@ fn control_names_the_architecture_version_conffile_and_the_glibc_the_binary_need
             "{arch}: wrong conffiles"
         );
 
-        // Depends names the newest GLIBC_ symbol version the binary links against: not
-        // lower (it would install where it cannot run), and no newer than Debian 12's.
-        let symbols = Run::new(cmd(
-            "objdump",
-            &["-T", path_str(&shipped_kilnd_path(&profile(device)))],
-        ))
-        .ok("objdump -T must read kilnd's dynamic symbols")
-        .stdout;
-        let needed = symbols
-            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
-            .filter_map(|w| w.strip_prefix("GLIBC_"))
-            .filter(|v| v.starts_with(|c: char| c.is_ascii_digit()))
-            .max_by(|a, b| version_cmp(a, b))
-            .expect("kilnd has GLIBC_ symbol versions");
+        // A static kilnd (x86_64, aarch64) depends on no library. A dynamic one
+        // (riscv64): Depends names the newest GLIBC_ symbol version the binary links
+        // against: not lower (it would install where it cannot run), and no newer than
+        // Debian 12's.
+        let shipped = shipped_kilnd_path(&profile(device));
         let depends = field(&deb, "Depends");
-        assert!(
-            depends.contains(&format!("libc6 (>= {needed})")),
-            "{arch}: Depends `{depends}` must ask for the glibc {needed} kilnd links against"
-        );
-        Run::new(cmd(
-            "dpkg",
-            &["--compare-versions", needed, "le", &host_libc],
-        ))
-        .ok(&format!(
-            "{arch}: kilnd needs glibc {needed}, newer than this Debian's {host_libc}"
-        ));
+        if !kiln_e2e::elf::has_interpreter(&shipped) {
+            assert_eq!(depends, "", "{arch}: a static kilnd depends on nothing");
+        } else {
+            let symbols = Run::new(cmd("objdump", &["-T", path_str(&shipped)]))
+                .ok("objdump -T must read kilnd's dynamic symbols")
+                .stdout;
+            let needed = symbols
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+                .filter_map(|w| w.strip_prefix("GLIBC_"))
+                .filter(|v| v.starts_with(|c: char| c.is_ascii_digit()))
+                .max_by(|a, b| version_cmp(a, b))
+                .expect("kilnd has GLIBC_ symbol versions");
+            assert!(
+                depends.contains(&format!("libc6 (>= {needed})")),
+                "{arch}: Depends `{depends}` must ask for the glibc {needed} kilnd links against"
+            );
+            Run::new(cmd(
+                "dpkg",
+                &["--compare-versions", needed, "le", &host_libc],
+            ))
+            .ok(&format!(
+                "{arch}: kilnd needs glibc {needed}, newer than this Debian's {host_libc}"
+            ));
+        }
 
         // Installed-Size (KiB) is at least what the files weigh.
         let installed: u64 = field(&deb, "Installed-Size").parse().unwrap();
