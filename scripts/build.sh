@@ -3,7 +3,7 @@
 # tests use, each profile once, into one target dir:
 #   - kilnd for every device triple, each by scripts/kilnd-build.sh (-p kiln-runtime
 #     alone, so feature unification can never link the host's compiler into it;
-#     static-pie where glibc allows): the
+#     static-pie where glibc allows, but the lean build): the
 #     shipped build as `kilnd`, and the tests' build with the test-only features
 #     (conformance replayer, crash points) as `kilnd-test`. Both share every
 #     dependency; only kiln-runtime itself is compiled twice. For aarch64 also the
@@ -56,14 +56,16 @@ for triple in x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu riscv64gc-unkno
   # The lean kilnd (no WASI), built and tested on one emulated target: each lean build
   # is one more wasmer build (see e2e's LEAN_DEVICES).
   if [ "$triple" = aarch64-unknown-linux-gnu ]; then
-    scripts/kilnd-build.sh "$triple" --no-default-features --features tls
+    scripts/kilnd-build.sh "$triple" --dynamic --no-default-features --features tls
     keep kilnd-lean
   fi
-  # The simulated fleet (kilnd-sim) runs on the build machine only.
-  sim=(--bin kilnd)
-  [ "$triple" = x86_64-unknown-linux-gnu ] && sim=()
-  scripts/kilnd-build.sh "$triple" --features conformance,test-hooks "${sim[@]}"
+  scripts/kilnd-build.sh "$triple" --features conformance,test-hooks
   keep kilnd-test
+  # The simulated fleet (kilnd-sim) runs on the build machine only, and never ships.
+  if [ "$triple" = x86_64-unknown-linux-gnu ]; then
+    cargo build --locked --quiet -p kiln-runtime --release --target "$triple" \
+      --features conformance,test-hooks --bin kilnd-sim
+  fi
   scripts/kilnd-build.sh "$triple"
 done
 echo "build: kiln (host)"
