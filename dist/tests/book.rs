@@ -79,6 +79,7 @@ const OTHER_TOOLS: &[(&str, &str)] = &[
     ),
     ("--ultra", "zstd's command line, measured against"),
     ("--long", "zstd's command line, measured against"),
+    ("--dynamic", "scripts/kilnd-build.sh: the lean kilnd"),
     ("--only", "scripts/bench.sh"),
     ("--runs", "scripts/bench.sh"),
     ("--targets", "scripts/bench.sh, scripts/package.sh"),
