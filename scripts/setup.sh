@@ -23,7 +23,10 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 
 packages=()
 have aarch64-linux-gnu-gcc || packages+=(gcc-aarch64-linux-gnu)
-[ -e /usr/aarch64-linux-gnu/lib/libc.so.6 ] || packages+=(libc6-dev-arm64-cross)
+# The static-pie kilnd (scripts/kilnd-build.sh) links glibc's libc.a and rcrt1.o, which
+# only the -dev packages carry.
+[ -e /usr/aarch64-linux-gnu/lib/rcrt1.o ] || packages+=(libc6-dev-arm64-cross)
+[ -e /usr/lib/x86_64-linux-gnu/rcrt1.o ] || packages+=(libc6-dev)
 have riscv64-linux-gnu-gcc || packages+=(gcc-riscv64-linux-gnu)
 [ -e /usr/riscv64-linux-gnu/lib/libc.so.6 ] || packages+=(libc6-dev-riscv64-cross)
 { have qemu-aarch64 && have qemu-riscv64 && have qemu-x86_64; } || packages+=(qemu-user)

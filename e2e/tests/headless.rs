@@ -67,12 +67,12 @@ fn kilnd_is_a_static_pie_where_glibc_allows_and_always_position_independent() {
         let static_pie = device != "riscv64-linux";
         let lean = kiln_e2e::LEAN_DEVICES
             .contains(&device)
-            .then(|| (kiln_e2e::lean_kilnd_path(&target), false));
+            .then(|| (kiln_e2e::lean_kilnd_path(&target), false)); // built for size
         let builds = [
             (kiln_e2e::shipped_kilnd_path(&target), static_pie),
             (kilnd_path(&target), static_pie),
         ];
-        for (path, static_pie) in builds.iter().chain(&lean) {
+        for (path, expect_static) in builds.iter().chain(&lean) {
             assert!(
                 is_position_independent(path),
                 "{} is not position-independent",
@@ -80,10 +80,10 @@ fn kilnd_is_a_static_pie_where_glibc_allows_and_always_position_independent() {
             );
             assert_eq!(
                 has_interpreter(path),
-                !*static_pie,
+                !*expect_static,
                 "{}: {}",
                 path.display(),
-                if *static_pie {
+                if *expect_static {
                     "a dynamic loader, where kilnd should be static"
                 } else {
                     "no dynamic loader for a dynamic build"
